@@ -3,6 +3,7 @@
 
 use crate::attr::{self, Attrs, Place};
 use crate::diagnostics::Errors;
+use syn::ext::IdentExt as _;
 use syn::{Attribute, Data, DeriveInput, Error, Fields, Ident, Result, Type};
 
 /// A derive input that has the shape of an event type.
@@ -195,7 +196,7 @@ impl Struct<'_> {
         self.attrs
             .event_type
             .as_ref()
-            .map_or_else(|| self.ident.to_string(), syn::LitStr::value)
+            .map_or_else(|| self.ident.unraw().to_string(), syn::LitStr::value)
     }
 }
 
@@ -205,6 +206,6 @@ impl Variant<'_> {
         self.attrs
             .event_type
             .as_ref()
-            .map_or_else(|| self.ident.to_string(), syn::LitStr::value)
+            .map_or_else(|| self.ident.unraw().to_string(), syn::LitStr::value)
     }
 }

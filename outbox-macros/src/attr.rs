@@ -1,7 +1,6 @@
 //! Parsing of `#[outbox(...)]` attributes into typed values, with spanned errors.
 
-use proc_macro2::Span;
-use syn::spanned::Spanned as _;
+use syn::ext::IdentExt as _;
 use syn::{Attribute, Error, Expr, ExprLit, Ident, Lit, LitInt, LitStr, Result, UnOp};
 
 /// Where an `#[outbox(...)]` attribute is written; decides which keys are allowed.
@@ -260,30 +259,40 @@ fn string_value(name: &str, expr: &Expr) -> Result<LitStr> {
 fn field_name(name: &str, expr: &Expr) -> Result<FieldName> {
     let lit = string_value(name, expr)?;
     let text = lit.value();
-    let ident = syn::parse_str::<Ident>(&text)
-        .map(|ident| Ident::new(&ident.to_string(), lit.span()))
-        .map_err(|_| {
-            Error::new(
-                lit.span(),
-                format!("`{text}` is not a field name; expected e.g. `{name} = \"account_id\"`"),
-            )
-        })?;
+    let bare = text.strip_prefix("r#").unwrap_or(&text);
+    let not_a_field = || {
+        Error::new(
+            lit.span(),
+            format!("`{text}` is not a field name; expected e.g. `{name} = \"account_id\"`"),
+        )
+    };
+    let ident = if syn::parse_str::<Ident>(bare).is_ok() {
+        Ident::new(bare, lit.span())
+    } else if syn::parse::Parser::parse_str(Ident::parse_any, bare).is_ok()
+        && !matches!(bare, "self" | "Self" | "super" | "crate" | "_")
+    {
+        // A keyword such as `type`: the field is written `r#type`.
+        Ident::new_raw(bare, lit.span())
+    } else {
+        return Err(not_a_field());
+    };
     Ok(FieldName { ident, lit })
 }
 
 fn schema_version(expr: &Expr) -> Result<SchemaVersion> {
-    let too_small = |span: Span| Error::new(span, "`schema_version` must be at least 1");
     match expr {
         Expr::Lit(ExprLit {
             lit: Lit::Int(lit), ..
         }) => {
             let value = parse_i32(lit)?;
             if value < 1 {
-                return Err(too_small(lit.span()));
+                return Err(Error::new(lit.span(), "`schema_version` must be at least 1"));
             }
             Ok(SchemaVersion { value })
         }
-        Expr::Unary(unary) if matches!(unary.op, UnOp::Neg(_)) => Err(too_small(expr.span())),
+        Expr::Unary(unary) if matches!(unary.op, UnOp::Neg(_)) => {
+            Err(Error::new_spanned(expr, "`schema_version` must be at least 1"))
+        }
         _ => Err(Error::new_spanned(
             expr,
             "expected an integer literal, e.g. `schema_version = 2`",

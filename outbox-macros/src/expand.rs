@@ -4,6 +4,7 @@ use crate::ast::{Enum, Field, Input, Shape, Struct, Variant};
 use crate::resolve::Access;
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
+use syn::ext::IdentExt as _;
 use syn::spanned::Spanned as _;
 use syn::{DeriveInput, Ident, LitStr, Result};
 
@@ -62,7 +63,8 @@ fn expand_struct(input: &Struct<'_>) -> Result<TokenStream> {
         }
     });
     // Spanned at the type's name, so a missing `Serialize` / `Deserialize` derive is reported there.
-    let to_value = quote_spanned!(ident.span()=> ::outbox_core::__private::serde_json::to_value);
+    let to_value =
+        quote_spanned!(ident.span()=> ::outbox_core::__private::serde_json::to_value(self));
     let from_slice =
         quote_spanned!(ident.span()=> ::outbox_core::__private::serde_json::from_slice::<Self>);
     let payload_error = payload_error(ident);
@@ -92,7 +94,7 @@ fn expand_struct(input: &Struct<'_>) -> Result<TokenStream> {
                 ::outbox_core::__private::serde_json::Value,
                 ::outbox_core::__private::serde_json::Error,
             > {
-                #to_value(self)
+                #to_value
             }
         }
 
@@ -401,7 +403,7 @@ fn field_declaration(field: &Field<'_>) -> TokenStream {
 }
 
 fn payload_error(ident: &Ident) -> TokenStream {
-    let target = ident.to_string();
+    let target = ident.unraw().to_string();
     quote! {
         |source| ::outbox_core::DecodeError::Payload {
             event_type: ::std::borrow::ToOwned::to_owned(event_type),
@@ -412,7 +414,7 @@ fn payload_error(ident: &Ident) -> TokenStream {
 }
 
 fn unknown_event_type(ident: &Ident) -> TokenStream {
-    let target = ident.to_string();
+    let target = ident.unraw().to_string();
     quote! {
         ::core::result::Result::Err(::outbox_core::DecodeError::UnknownEventType {
             event_type: ::std::borrow::ToOwned::to_owned(event_type),

@@ -108,9 +108,9 @@ impl<'a> Variant<'a> {
                 self.ident.span(),
                 format!(
                     "variant `{}` has no field `{}`, which the enum's #[outbox({} = {:?})] \
-                     names; add it, or mark another field with #[outbox({1})]",
+                     names; add it, or mark another field with #[outbox({2})]",
                     self.ident,
-                    inherited.ident,
+                    inherited.ident.unraw(),
                     role.key(),
                     inherited.lit.value(),
                 ),
@@ -136,7 +136,7 @@ fn find<'f, 'a>(
         let field = by_name(fields, &named.ident).ok_or_else(|| {
             Error::new(
                 named.lit.span(),
-                format!("`{owner}` has no field `{}`", named.ident),
+                format!("`{owner}` has no field `{}`", named.ident.unraw()),
             )
         })?;
         if let Some((_, marker)) = first {
