@@ -130,7 +130,10 @@ fn parse_one(attr: &Attribute, place: Place, out: &mut Attrs) -> Result<()> {
             "aggregate_type" | "event_type" | "topic" => {
                 let lit = string_value(&name, &meta.value()?.parse()?)?;
                 if lit.value().is_empty() {
-                    return Err(Error::new(lit.span(), format!("`{name}` must not be empty")));
+                    return Err(Error::new(
+                        lit.span(),
+                        format!("`{name}` must not be empty"),
+                    ));
                 }
                 let slot = match name.as_str() {
                     "aggregate_type" => &mut out.aggregate_type,
@@ -286,13 +289,17 @@ fn schema_version(expr: &Expr) -> Result<SchemaVersion> {
         }) => {
             let value = parse_i32(lit)?;
             if value < 1 {
-                return Err(Error::new(lit.span(), "`schema_version` must be at least 1"));
+                return Err(Error::new(
+                    lit.span(),
+                    "`schema_version` must be at least 1",
+                ));
             }
             Ok(SchemaVersion { value })
         }
-        Expr::Unary(unary) if matches!(unary.op, UnOp::Neg(_)) => {
-            Err(Error::new_spanned(expr, "`schema_version` must be at least 1"))
-        }
+        Expr::Unary(unary) if matches!(unary.op, UnOp::Neg(_)) => Err(Error::new_spanned(
+            expr,
+            "`schema_version` must be at least 1",
+        )),
         _ => Err(Error::new_spanned(
             expr,
             "expected an integer literal, e.g. `schema_version = 2`",

@@ -57,6 +57,8 @@ fn expand_struct(input: &Struct<'_>) -> Result<TokenStream> {
         let member = field.ident;
         let value = sequence_from_field(field, quote!(&self.#member));
         quote! {
+            // `From<i64> for i64` is a no-op for `i64` fields.
+            #[allow(clippy::useless_conversion)]
             fn aggregate_sequence(&self) -> ::core::option::Option<i64> {
                 ::core::option::Option::Some(#value)
             }
@@ -200,6 +202,8 @@ fn expand_enum(input: &Enum<'_>) -> Result<TokenStream> {
         .collect::<Result<Vec<_>>>()?;
     let sequence = any_sequence.then(|| {
         quote! {
+            // `From<i64> for i64` is a no-op for `i64` fields.
+            #[allow(clippy::useless_conversion)]
             fn aggregate_sequence(&self) -> ::core::option::Option<i64> {
                 match self {
                     #(#sequence_arms)*

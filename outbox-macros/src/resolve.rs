@@ -50,13 +50,23 @@ const MISSING_ID: &str = "missing aggregate id: mark a field with #[outbox(aggre
 impl<'a> Struct<'a> {
     /// The field holding the aggregate id.
     pub(crate) fn aggregate_id(&self) -> Result<&Field<'a>> {
-        find(self.ident, &self.fields, self.attrs.aggregate_id_field.as_ref(), Role::AggregateId)?
-            .ok_or_else(|| Error::new(self.ident.span(), MISSING_ID))
+        find(
+            self.ident,
+            &self.fields,
+            self.attrs.aggregate_id_field.as_ref(),
+            Role::AggregateId,
+        )?
+        .ok_or_else(|| Error::new(self.ident.span(), MISSING_ID))
     }
 
     /// The field holding the aggregate sequence, if any.
     pub(crate) fn sequence(&self) -> Result<Option<&Field<'a>>> {
-        find(self.ident, &self.fields, self.attrs.sequence_field.as_ref(), Role::Sequence)
+        find(
+            self.ident,
+            &self.fields,
+            self.attrs.sequence_field.as_ref(),
+            Role::Sequence,
+        )
     }
 }
 
@@ -167,9 +177,11 @@ fn find<'f, 'a>(
 }
 
 fn by_name<'f, 'a>(fields: &'f [Field<'a>], name: &Ident) -> Option<&'f Field<'a>> {
-    fields
-        .iter()
-        .find(|field| field.ident.is_some_and(|ident| ident.unraw() == name.unraw()))
+    fields.iter().find(|field| {
+        field
+            .ident
+            .is_some_and(|ident| ident.unraw() == name.unraw())
+    })
 }
 
 fn field_name(field: &Field<'_>) -> String {

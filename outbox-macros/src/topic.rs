@@ -54,6 +54,10 @@ mod tests {
         assert!(check("orders v1").unwrap_err().contains("character ' '"));
         assert!(check("orders/v1").unwrap_err().contains("character '/'"));
         assert!(check("café").unwrap_err().contains("character 'é'"));
-        assert!(check(&"x".repeat(250)).unwrap_err().contains("250 characters"));
+        assert!(
+            check(&"x".repeat(250))
+                .unwrap_err()
+                .contains("250 characters")
+        );
     }
 }

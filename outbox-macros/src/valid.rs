@@ -71,9 +71,9 @@ fn check_container(attrs: &Attrs, ident: &Ident, errors: &mut Errors) {
 }
 
 fn check_topic(topic: Option<&LitStr>, errors: &mut Errors) {
-    if let Some(lit) = topic {
-        if let Err(message) = topic::check(&lit.value()) {
-            errors.push(Error::new(lit.span(), message));
-        }
+    if let Some(lit) = topic
+        && let Err(message) = topic::check(&lit.value())
+    {
+        errors.push(Error::new(lit.span(), message));
     }
 }

@@ -1,5 +1,9 @@
 #[derive(outbox_core::OutboxEvent)]
-#[outbox(aggregate_type = "account", aggregate_id = "account_id", event_type = "AccountEvent")]
+#[outbox(
+    aggregate_type = "account",
+    aggregate_id = "account_id",
+    event_type = "AccountEvent"
+)]
 enum AccountEvent {
     Opened { account_id: u64 },
 }

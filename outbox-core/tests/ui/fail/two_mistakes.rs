@@ -3,7 +3,9 @@
 #[outbox(aggregate_type = "account", aggregate_id = "account_id")]
 enum AccountEvent {
     #[outbox(schema_version = -1)]
-    Opened { account_id: u64 },
+    Opened {
+        account_id: u64,
+    },
     Closed,
 }
 

@@ -5,7 +5,9 @@ enum AccountEvent {
         #[outbox(aggregate_id)]
         account_id: u64,
     },
-    Closed { account_id: u64 },
+    Closed {
+        account_id: u64,
+    },
 }
 
 fn main() {}

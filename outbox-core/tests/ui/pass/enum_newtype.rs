@@ -16,7 +16,11 @@ struct Closed {
 }
 
 #[derive(OutboxEvent)]
-#[outbox(aggregate_type = "account", aggregate_id = "account_id", sequence = "version")]
+#[outbox(
+    aggregate_type = "account",
+    aggregate_id = "account_id",
+    sequence = "version"
+)]
 pub enum AccountEvent {
     Opened(Opened),
     #[outbox(aggregate_id = "id")]
@@ -24,7 +28,10 @@ pub enum AccountEvent {
 }
 
 fn closed() -> Closed {
-    Closed { id: String::new(), version: 0 }
+    Closed {
+        id: String::new(),
+        version: 0,
+    }
 }
 
 fn main() {

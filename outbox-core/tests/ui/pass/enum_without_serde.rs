@@ -4,11 +4,20 @@
 use outbox_core::{DecodeEvent, OutboxEvent};
 
 #[derive(OutboxEvent)]
-#[outbox(aggregate_type = "account", aggregate_id = "account_id", topic = "accounts")]
+#[outbox(
+    aggregate_type = "account",
+    aggregate_id = "account_id",
+    topic = "accounts"
+)]
 enum AccountEvent {
-    Opened { account_id: u64, email: String },
+    Opened {
+        account_id: u64,
+        email: String,
+    },
     #[outbox(event_type = "AccountClosed", schema_version = 2, topic = "closed")]
-    Closed { account_id: u64 },
+    Closed {
+        account_id: u64,
+    },
     #[outbox(aggregate_id = "id")]
     Renamed {
         id: u64,
@@ -18,7 +27,10 @@ enum AccountEvent {
 }
 
 fn main() {
-    let event = AccountEvent::Opened { account_id: 1, email: String::new() };
+    let event = AccountEvent::Opened {
+        account_id: 1,
+        email: String::new(),
+    };
     assert_eq!(event.event_type(), "Opened");
     assert!(AccountEvent::accepts("AccountClosed"));
     let _ = AccountEvent::decode("Renamed", b"{}");

@@ -4,7 +4,11 @@ mod events {
     use serde::{Deserialize, Serialize};
 
     #[derive(Serialize, Deserialize, outbox_core::OutboxEvent)]
-    #[outbox(aggregate_type = "account", event_type = "AccountOpened", topic = "accounts.v1-x_y")]
+    #[outbox(
+        aggregate_type = "account",
+        event_type = "AccountOpened",
+        topic = "accounts.v1-x_y"
+    )]
     #[outbox(schema_version = 3, aggregate_id = "r#type", sequence = "version")]
     pub struct Opened {
         pub r#type: String,
