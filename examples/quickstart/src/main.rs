@@ -94,7 +94,7 @@ async fn main() -> Result<()> {
     committed.insert(
         outbox
             .publish(
-                &mut *tx,
+                &mut tx,
                 &CartEvent::CartCreated {
                     cart_id,
                     version: 1,
@@ -116,7 +116,7 @@ async fn main() -> Result<()> {
             sku: sku.into(),
             quantity: 1,
         };
-        committed.insert(outbox.publish(&mut *tx, &event).await?);
+        committed.insert(outbox.publish(&mut tx, &event).await?);
         tx.commit().await?;
     }
     let mut tx = pool.begin().await?;
@@ -126,7 +126,7 @@ async fn main() -> Result<()> {
         sku: "ghost".into(),
         quantity: 9,
     };
-    let rolled_back = outbox.publish(&mut *tx, &ghost).await?;
+    let rolled_back = outbox.publish(&mut tx, &ghost).await?;
     tx.rollback().await?; // never published
     println!(
         "wrote {} events in committed transactions, 1 rolled back",
