@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use outbox_core::{OutboxTable, WriteMode};
 
+pub mod load;
+
 use crate::route::{RouteSettings, Router};
 use crate::sink::kafka::KafkaSettings;
 use crate::source::polling::RowAcknowledgement;

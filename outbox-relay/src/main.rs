@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use clap::Parser;
 use outbox_core::OutboxTable;
-use outbox_relay::cli::{Cli, Command, LogFormat};
+use outbox_relay::cli::{Cli, Command, ConfigAction, LogFormat};
 use outbox_relay::config::{RelayConfig, redact_url};
 use outbox_relay::{Relay, RelayError};
 use sqlx::ConnectOptions;
@@ -47,20 +47,43 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn try_main(cli: Cli) -> i32 {
-    match cli.command {
-        Some(Command::Migrate(args)) => {
-            let mut config = RelayConfig::default();
-            if let Some(url) = args.db.database_url {
-                config.database_url = outbox_relay::config::Secret::new(url);
-            }
-            if let Some(t) = args.db.table {
-                config.table = t;
-            }
-            migrate(&config).await
+    let (settings, action) = match cli.command {
+        Some(Command::Run(s)) => (*s, Action::Run),
+        Some(Command::Migrate(s)) => (*s, Action::Migrate),
+        Some(Command::Config {
+            action: ConfigAction::Validate(s),
+        }) => (*s, Action::Validate),
+        Some(Command::Config {
+            action: ConfigAction::Print(s),
+        }) => (*s, Action::Print),
+        None => (cli.settings, Action::Run),
+    };
+    let config = match settings.load() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return 2;
         }
-        Some(Command::Run(args)) => run(&args).await,
-        None => run(&cli.run).await,
+    };
+    match action {
+        Action::Run => run(config).await,
+        Action::Migrate => migrate(&config).await,
+        Action::Validate => {
+            println!("configuration is valid");
+            0
+        }
+        Action::Print => {
+            print!("{}", outbox_relay::config::load::render_redacted(&config));
+            0
+        }
     }
+}
+
+enum Action {
+    Run,
+    Migrate,
+    Validate,
+    Print,
 }
 
 async fn migrate(config: &RelayConfig) -> i32 {
@@ -102,12 +125,7 @@ async fn migrate(config: &RelayConfig) -> i32 {
     }
 }
 
-async fn run(args: &outbox_relay::cli::RunArgs) -> i32 {
-    let mut config = RelayConfig::default();
-    if let Err(e) = args.apply(&mut config) {
-        tracing::error!("{e}");
-        return 2;
-    }
+async fn run(config: RelayConfig) -> i32 {
     let shutdown_timeout = config.shutdown_timeout;
     let relay = match Relay::new(config) {
         Ok(r) => r,

@@ -515,7 +515,7 @@ async fn bad_settings_fail_fast_with_a_clear_error_and_a_non_zero_exit() -> Resu
         &["--source", "kafka"],
         &[],
         2,
-        "unknown source `kafka`",
+        "invalid setting `source`: unknown variant: found `kafka`",
     )
     .await?;
     expect_failure(
