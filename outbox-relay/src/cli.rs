@@ -40,13 +40,154 @@ pub enum LogFormat {
 pub enum Command {
     /// Relay events until SIGTERM/SIGINT (the default).
     Run(Box<Settings>),
-    /// Create or upgrade the outbox table, then exit.
+    /// Create or upgrade the outbox table (and its parked-events table), then exit.
     Migrate(Box<Settings>),
+    /// Pending events, oldest pending age, last published event, parked events, slot lag.
+    Status {
+        /// Print JSON (the same document as the admin endpoint /status).
+        #[arg(long)]
+        json: bool,
+        /// Settings.
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+    /// Kafka topics the relay publishes to.
+    Topics {
+        /// What to do.
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Re-publish events still in the table, with their original ids and order.
+    Replay {
+        /// Which events.
+        #[command(flatten)]
+        filter: ReplayArgs,
+        /// Settings.
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+    /// Events parked because they can never be published (and those held behind them).
+    Parked {
+        /// What to do.
+        #[command(subcommand)]
+        action: ParkedAction,
+    },
+    /// Logical-replication slots.
+    Slot {
+        /// What to do.
+        #[command(subcommand)]
+        action: SlotAction,
+    },
     /// Check or show the effective configuration.
     Config {
         /// What to do with it.
         #[command(subcommand)]
         action: ConfigAction,
+    },
+}
+
+/// `topics` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TopicsAction {
+    /// Create the routed topics (from the table's aggregate and event types, the fixed routes and
+    /// the dead-letter topic) and any given with --topic; existing topics are left alone.
+    Ensure {
+        /// Another topic to create (repeatable).
+        #[arg(long = "add", value_name = "TOPIC")]
+        topics: Vec<String>,
+        /// Partitions of each new topic.
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        /// Replication factor of each new topic.
+        #[arg(long, default_value_t = 3)]
+        replication_factor: i32,
+        /// Topic config `key=value` (repeatable), e.g. min.insync.replicas=2.
+        #[arg(long = "topic-config")]
+        topic_configs: Vec<String>,
+        /// Settings.
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+}
+
+/// Filters of `replay`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ReplayArgs {
+    /// Events created at or after this time (RFC 3339, or a duration ago such as 2h).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Events created before this time (RFC 3339, or a duration ago).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Events with an id at or after this one.
+    #[arg(long)]
+    pub from_id: Option<uuid::Uuid>,
+    /// Events with an id at or before this one.
+    #[arg(long)]
+    pub to_id: Option<uuid::Uuid>,
+    /// Only this event type (repeatable).
+    #[arg(long = "type")]
+    pub event_types: Vec<String>,
+    /// Only this aggregate type.
+    #[arg(long)]
+    pub aggregate_type: Option<String>,
+}
+
+/// `parked` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ParkedAction {
+    /// List parked events in replay order.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Settings.
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+    /// Publish parked events (whole aggregates, in order) and unblock their aggregates.
+    Retry {
+        /// Event ids (their aggregates are retried).
+        ids: Vec<uuid::Uuid>,
+        /// Every parked event.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Settings (e.g. a raised --kafka-property message.max.bytes=…).
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+    /// Delete parked events without publishing them.
+    Drop {
+        /// Event ids.
+        ids: Vec<uuid::Uuid>,
+        /// Every parked event.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Settings.
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+}
+
+/// `slot` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SlotAction {
+    /// List the server's replication slots with their lag and WAL status.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Settings.
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+    /// Drop an inactive replication slot.
+    Drop {
+        /// The slot's name.
+        name: String,
+        /// Settings.
+        #[command(flatten)]
+        settings: Box<Settings>,
     },
 }
 
@@ -234,5 +375,15 @@ impl Settings {
             tracing::warn!("{w}");
         }
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }

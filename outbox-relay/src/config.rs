@@ -144,6 +144,8 @@ pub struct RelayConfig {
     /// How long start-up waits for PostgreSQL.
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
+    /// Topic on which parked (poison) events are announced, if any.
+    pub dead_letter_topic: Option<String>,
     /// Routing.
     pub route: RouteSettings,
     /// The Kafka producer.
@@ -167,6 +169,7 @@ impl Default for RelayConfig {
             standby_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            dead_letter_topic: None,
             route: RouteSettings::default(),
             kafka: KafkaSettings::default(),
             logical: LogicalSettings::default(),
@@ -226,6 +229,10 @@ impl RelayConfig {
             ));
         }
         Router::new(&self.route).map_err(|e| ConfigError::new("route.topic", e.to_string()))?;
+        if let Some(topic) = &self.dead_letter_topic {
+            outbox_core::validate_topic(topic)
+                .map_err(|reason| ConfigError::new("dead_letter_topic", reason))?;
+        }
         self.kafka
             .client_config()
             .map_err(|e| ConfigError::new("kafka", e.to_string()))?;

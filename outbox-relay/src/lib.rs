@@ -14,12 +14,15 @@
 
 pub mod ack;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod leader;
+pub mod park;
 pub mod relay;
 pub mod route;
 pub mod sink;
 pub mod source;
+pub mod status;
 
 pub use config::{RelayConfig, SourceKind};
 pub use relay::{Relay, RelayError, RelayStats};

@@ -30,11 +30,12 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
-use crate::ack::delivered_prefix;
+use crate::ack::handled_prefix;
 use crate::config::{ConfigError, RelayConfig, SourceKind, redact_url};
 use crate::leader::Leadership;
-use crate::route::{RouteError, Router};
-use crate::sink::kafka::{KafkaSink, SinkError};
+use crate::park::ParkRequest;
+use crate::route::{OutboundRecord, RouteError, Router};
+use crate::sink::kafka::{KafkaSink, Outcome, SinkError};
 use crate::source::polling::{PollingSettings, PollingSource, RowAcknowledgement, purge_published};
 use crate::source::{Source, SourceError};
 
@@ -85,6 +86,8 @@ pub struct RelayStats {
     pub published: AtomicU64,
     /// Records that failed to be delivered (and were retried).
     pub failed: AtomicU64,
+    /// Events parked (poison events and the events held behind them).
+    pub parked: AtomicU64,
     /// Completed rounds.
     pub batches: AtomicU64,
     /// Unix time in milliseconds of the last acknowledged event, 0 before the first.
@@ -276,14 +279,90 @@ impl Relay {
                 }
                 continue;
             }
-            let records = batch
+            let mut blocked = source.blocked_aggregates().await?;
+            // Plan: each event is either sent, or parked (poison, or held behind one).
+            let mut plan: Vec<Plan> = Vec::with_capacity(batch.len());
+            let mut records = Vec::with_capacity(batch.len());
+            for e in &batch {
+                let key = (e.event.aggregate_type.clone(), e.event.aggregate_id.clone());
+                if let Some(&first) = blocked.get(&key) {
+                    plan.push(Plan::Park(Box::new(ParkRequest {
+                        event: e.event.clone(),
+                        reason: format!("held behind parked event {first} of the same aggregate"),
+                        blocked_by: Some(first),
+                    })));
+                    continue;
+                }
+                match self.router.route(&e.event) {
+                    Ok(record) => {
+                        plan.push(Plan::Send(records.len()));
+                        records.push(record);
+                    }
+                    Err(error) => {
+                        blocked.insert(key, e.event.id);
+                        plan.push(Plan::Park(Box::new(ParkRequest {
+                            event: e.event.clone(),
+                            reason: error.reason,
+                            blocked_by: None,
+                        })));
+                    }
+                }
+            }
+            let sent = sink.send_batch(&records).await;
+            // Per event, in batch order: what happened.
+            let outcomes: Vec<Outcome> = plan
                 .iter()
-                .map(|e| self.router.route(&e.event))
-                .collect::<Result<Vec<_>, _>>()?;
-            let outcomes = sink.send_batch(&records).await;
-            let delivered = delivered_prefix(&outcomes);
-            if delivered > 0 {
-                source.acknowledge(&batch[..delivered]).await?;
+                .map(|p| match p {
+                    Plan::Send(i) => sent[*i].clone(),
+                    Plan::Park(_) => Outcome::Held { behind: usize::MAX },
+                })
+                .collect();
+            let handled = handled_prefix(&outcomes);
+            let mut parks = Vec::new();
+            for (i, (p, e)) in plan.iter().zip(&batch).enumerate().take(handled) {
+                match (p, &outcomes[i]) {
+                    (Plan::Park(request), _) => parks.push((**request).clone()),
+                    (Plan::Send(_), Outcome::Rejected(error)) => parks.push(ParkRequest {
+                        event: e.event.clone(),
+                        reason: format!("Kafka refused the record for good: {error}"),
+                        blocked_by: None,
+                    }),
+                    (Plan::Send(_), Outcome::Held { behind }) => {
+                        let first = plan
+                            .iter()
+                            .position(|q| matches!(q, Plan::Send(j) if j == behind))
+                            .map(|k| batch[k].event.id);
+                        parks.push(ParkRequest {
+                            event: e.event.clone(),
+                            reason: "held behind a rejected event of the same aggregate".into(),
+                            blocked_by: first,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            if !parks.is_empty() {
+                for p in parks.iter().filter(|p| p.blocked_by.is_none()) {
+                    tracing::error!(
+                        event_id = %p.event.id,
+                        event_type = %p.event.event_type,
+                        aggregate_type = %p.event.aggregate_type,
+                        reason = %p.reason,
+                        "event parked: it cannot be published; its aggregate is held until it is retried or dropped (outbox-relay parked list)"
+                    );
+                }
+                source.park(&parks).await?;
+                self.stats
+                    .parked
+                    .fetch_add(parks.len() as u64, Ordering::Relaxed);
+                self.notify_dead_letters(sink, &parks).await;
+            }
+            if handled > 0 {
+                source.acknowledge(&batch[..handled]).await?;
+                let delivered = outcomes[..handled]
+                    .iter()
+                    .filter(|o| matches!(o, Outcome::Delivered(_)))
+                    .count();
                 self.stats
                     .published
                     .fetch_add(delivered as u64, Ordering::Relaxed);
@@ -293,29 +372,28 @@ impl Relay {
             }
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
             if tracing::enabled!(tracing::Level::DEBUG) {
-                for (e, o) in batch.iter().zip(&outcomes).take(delivered) {
-                    if let Ok(d) = o {
+                for (e, o) in batch.iter().zip(&outcomes).take(handled) {
+                    if let Outcome::Delivered(d) = o {
                         tracing::debug!(event_id = %e.event.id, event_type = %e.event.event_type,
                             partition = d.partition, offset = d.offset, "published");
                     }
                 }
             }
-            if delivered < batch.len() {
-                let failed = &batch[delivered];
-                let error = outcomes[delivered]
-                    .as_ref()
-                    .err()
-                    .map(|e| e.to_string())
-                    .unwrap_or_default();
+            if handled < batch.len() {
+                let failed = &batch[handled];
+                let error = match &outcomes[handled] {
+                    Outcome::Failed(e) => e.to_string(),
+                    _ => String::new(),
+                };
                 self.stats
                     .failed
-                    .fetch_add((batch.len() - delivered) as u64, Ordering::Relaxed);
+                    .fetch_add((batch.len() - handled) as u64, Ordering::Relaxed);
                 tracing::warn!(
                     event_id = %failed.event.id,
                     event_type = %failed.event.event_type,
                     %error,
-                    acknowledged = delivered,
-                    dropped = batch.len() - delivered,
+                    acknowledged = handled,
+                    dropped = batch.len() - handled,
                     "delivery failed: recreating the producer and resuming from the first unacknowledged event"
                 );
                 source.rewind().await?;
@@ -323,6 +401,43 @@ impl Relay {
                 backoff.wait(shutdown).await;
             } else {
                 backoff.reset();
+            }
+        }
+    }
+
+    /// Announces newly parked poison events on the dead-letter topic, when one is configured.
+    /// The events are already durably parked; a failure here is only logged.
+    async fn notify_dead_letters(&self, sink: &KafkaSink, parks: &[ParkRequest]) {
+        let Some(topic) = &self.config.dead_letter_topic else {
+            return;
+        };
+        let records: Vec<OutboundRecord> = parks
+            .iter()
+            .map(|p| OutboundRecord {
+                topic: topic.clone(),
+                key: p.event.aggregate_id.clone(),
+                payload: Some(
+                    serde_json::json!({
+                        "id": p.event.id,
+                        "aggregatetype": p.event.aggregate_type,
+                        "aggregateid": p.event.aggregate_id,
+                        "type": p.event.event_type,
+                        "reason": p.reason,
+                        "blocked_by": p.blocked_by,
+                    })
+                    .to_string(),
+                ),
+                headers: vec![
+                    ("id".into(), p.event.id.to_string().into_bytes()),
+                    ("eventType".into(), p.event.event_type.clone().into_bytes()),
+                    ("outbox-park-reason".into(), p.reason.clone().into_bytes()),
+                ],
+                timestamp_ms: None,
+            })
+            .collect();
+        for outcome in sink.send_batch(&records).await {
+            if !matches!(outcome, Outcome::Delivered(_)) {
+                tracing::warn!(topic = %topic, ?outcome, "could not announce a parked event on the dead-letter topic");
             }
         }
     }
@@ -357,6 +472,14 @@ impl Relay {
             }
         }))
     }
+}
+
+/// What the relay does with one event of a batch.
+enum Plan {
+    /// Produce the record at this index of the batch's records.
+    Send(usize),
+    /// Park it without sending.
+    Park(Box<ParkRequest>),
 }
 
 /// Exponential backoff between retries, 200 ms doubling to 30 s, cut short by shutdown.

@@ -565,7 +565,11 @@ async fn migrate_command_creates_the_table_and_is_idempotent() -> Result<()> {
     )
     .fetch_one(&db.pool)
     .await?;
-    assert_eq!(n, 1);
+    assert_eq!(
+        n,
+        i64::from(outbox_core::SCHEMA_VERSION),
+        "each version recorded once"
+    );
     let cols: Vec<String> = sqlx::query_scalar(
         "SELECT column_name::text FROM information_schema.columns
          WHERE table_schema = 'relay' AND table_name = 'events' ORDER BY ordinal_position",

@@ -16,7 +16,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::future::join_all;
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -143,6 +142,40 @@ pub struct KafkaSink {
     producer: FutureProducer,
 }
 
+/// What became of one record of a batch.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Kafka acknowledged it.
+    Delivered(Delivered),
+    /// Kafka (or the client) refused it for good: it must be parked, not retried.
+    Rejected(KafkaError),
+    /// Not sent because an earlier record of the same topic and key (the record at index
+    /// `behind`) was rejected: it must be parked behind that one.
+    Held {
+        /// Index in the batch of the rejected record.
+        behind: usize,
+    },
+    /// A transient failure (timeout, broker unavailable, …): retry from here.
+    Failed(KafkaError),
+}
+
+/// Whether Kafka will never accept this record as it is (its size, its topic or the
+/// producer's permissions), as opposed to a transient condition.
+pub fn is_permanent(error: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidTopic
+                | C::TopicAuthorizationFailed
+                | C::InvalidRecord
+                | C::PolicyViolation
+        )
+    )
+}
+
 /// Where a record landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivered {
@@ -201,13 +234,31 @@ impl KafkaSink {
 
     /// Produces `records` in order and waits for every outcome; the result has one entry per
     /// record, in the same order.
-    pub async fn send_batch(
-        &self,
-        records: &[OutboundRecord],
-    ) -> Vec<Result<Delivered, KafkaError>> {
-        let mut pending = Vec::with_capacity(records.len());
-        let mut failed_from: Option<(usize, KafkaError)> = None;
+    ///
+    /// A record refused for good when it is enqueued (e.g. larger than `message.max.bytes`) is
+    /// [`Outcome::Rejected`] and the later records with the same topic and key are not sent at
+    /// all ([`Outcome::Held`]), so an aggregate never overtakes its own poison event. After a
+    /// transient enqueue failure nothing further is sent.
+    pub async fn send_batch(&self, records: &[OutboundRecord]) -> Vec<Outcome> {
+        enum Slot {
+            Sent(rdkafka::producer::DeliveryFuture),
+            Done(Outcome),
+        }
+        let mut slots: Vec<Slot> = Vec::with_capacity(records.len());
+        let mut poisoned: Vec<(&str, &str, usize)> = Vec::new();
+        let mut stopped: Option<KafkaError> = None;
         for (i, r) in records.iter().enumerate() {
+            if let Some(error) = &stopped {
+                slots.push(Slot::Done(Outcome::Failed(error.clone())));
+                continue;
+            }
+            if let Some(&(_, _, behind)) = poisoned
+                .iter()
+                .find(|(t, k, _)| *t == r.topic && *k == r.key)
+            {
+                slots.push(Slot::Done(Outcome::Held { behind }));
+                continue;
+            }
             let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
             for (name, value) in &r.headers {
                 headers = headers.insert(Header {
@@ -225,39 +276,40 @@ impl KafkaSink {
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        pending.push(delivery);
+                        slots.push(Slot::Sent(delivery));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         record = back;
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
+                    Err((error, _)) if is_permanent(&error) => {
+                        poisoned.push((&r.topic, &r.key, i));
+                        slots.push(Slot::Done(Outcome::Rejected(error)));
+                        break;
+                    }
                     Err((error, _)) => {
-                        failed_from = Some((i, error));
+                        slots.push(Slot::Done(Outcome::Failed(error.clone())));
+                        stopped = Some(error);
                         break;
                     }
                 }
             }
-            if failed_from.is_some() {
-                break;
-            }
         }
-        let mut out: Vec<Result<Delivered, KafkaError>> = join_all(pending)
-            .await
-            .into_iter()
-            .map(|r| match r {
-                Ok(Ok(d)) => Ok(Delivered {
-                    partition: d.partition,
-                    offset: d.offset,
-                }),
-                Ok(Err((error, _))) => Err(error),
-                Err(_canceled) => Err(KafkaError::Canceled),
-            })
-            .collect();
-        if let Some((i, error)) = failed_from {
-            // Records from the first one that could not be enqueued were never sent.
-            out.push(Err(error.clone()));
-            out.extend((i + 1..records.len()).map(|_| Err(error.clone())));
+        let mut out = Vec::with_capacity(slots.len());
+        for slot in slots {
+            out.push(match slot {
+                Slot::Done(o) => o,
+                Slot::Sent(delivery) => match delivery.await {
+                    Ok(Ok(d)) => Outcome::Delivered(Delivered {
+                        partition: d.partition,
+                        offset: d.offset,
+                    }),
+                    Ok(Err((error, _))) if is_permanent(&error) => Outcome::Rejected(error),
+                    Ok(Err((error, _))) => Outcome::Failed(error),
+                    Err(_canceled) => Outcome::Failed(KafkaError::Canceled),
+                },
+            });
         }
         out
     }
