@@ -144,6 +144,9 @@ pub struct RelayConfig {
     /// How long start-up waits for PostgreSQL.
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
+    /// Address of the admin HTTP endpoint (`/healthz`, `/readyz`, `/metrics`, `/status`);
+    /// off when unset.
+    pub admin_addr: Option<std::net::SocketAddr>,
     /// Topic on which parked (poison) events are announced, if any.
     pub dead_letter_topic: Option<String>,
     /// Routing.
@@ -169,6 +172,7 @@ impl Default for RelayConfig {
             standby_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            admin_addr: None,
             dead_letter_topic: None,
             route: RouteSettings::default(),
             kafka: KafkaSettings::default(),

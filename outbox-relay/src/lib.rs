@@ -13,10 +13,12 @@
 //! same event id (header `id`) so consumers can drop them; failures are reported, never skipped.
 
 pub mod ack;
+pub mod admin;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod leader;
+pub mod metrics;
 pub mod park;
 pub mod relay;
 pub mod route;

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ack::handled_prefix;
 use crate::config::{ConfigError, RelayConfig, SourceKind, redact_url};
 use crate::leader::Leadership;
+use crate::metrics::{Histogram, LATENCY_BUCKETS};
 use crate::park::ParkRequest;
 use crate::route::{OutboundRecord, RouteError, Router};
 use crate::sink::kafka::{KafkaSink, Outcome, SinkError};
@@ -80,8 +81,10 @@ impl RelayError {
 }
 
 /// Counters the relay keeps while it runs (read by status and metrics).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RelayStats {
+    /// Events taken from the source.
+    pub read: AtomicU64,
     /// Events Kafka acknowledged and the source recorded.
     pub published: AtomicU64,
     /// Records that failed to be delivered (and were retried).
@@ -94,6 +97,35 @@ pub struct RelayStats {
     pub last_published_ms: AtomicI64,
     /// Whether this instance holds the leader lock.
     pub active: AtomicBool,
+    /// Whether the source is open.
+    pub source_running: AtomicBool,
+    /// Whether the producer reached Kafka (start-up check, then each round's outcome).
+    pub kafka_connected: AtomicBool,
+    /// Records in the producer's queue after the last round.
+    pub producer_queue: AtomicI64,
+    /// Batch produce time.
+    pub publish_duration: Histogram,
+    /// Event creation → Kafka acknowledgement.
+    pub commit_to_ack: Histogram,
+}
+
+impl Default for RelayStats {
+    fn default() -> Self {
+        Self {
+            read: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            parked: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            last_published_ms: AtomicI64::new(0),
+            active: AtomicBool::new(false),
+            source_running: AtomicBool::new(false),
+            kafka_connected: AtomicBool::new(false),
+            producer_queue: AtomicI64::new(0),
+            publish_duration: Histogram::new(LATENCY_BUCKETS),
+            commit_to_ack: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
 }
 
 /// A configured relay. See the [module docs](self).
@@ -177,7 +209,25 @@ impl Relay {
     /// Runs until `shutdown` is cancelled (then drains the batch in flight, acknowledges it and
     /// returns `Ok`) or until a failure that retrying cannot fix.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RelayError> {
+        if let Some(addr) = self.config.admin_addr {
+            crate::admin::serve(
+                addr,
+                Arc::new(self.config.clone()),
+                self.table.clone(),
+                &self.options,
+                self.stats.clone(),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(|e| {
+                RelayError::Config(ConfigError::new(
+                    "admin_addr",
+                    format!("cannot listen on {addr}: {e}"),
+                ))
+            })?;
+        }
         let mut sink = self.preflight().await?;
+        self.stats.kafka_connected.store(true, Ordering::Relaxed);
         tracing::info!(
             source = ?self.config.source,
             table = %self.table,
@@ -209,11 +259,13 @@ impl Relay {
             self.stats.active.store(true, Ordering::Relaxed);
             let outcome = match self.open_source(leader).await {
                 Ok(mut source) => {
+                    self.stats.source_running.store(true, Ordering::Relaxed);
                     self.pump(source.as_mut(), &mut sink, &shutdown, &mut backoff)
                         .await
                 }
                 Err(e) => Err(RelayError::Source(e)),
             };
+            self.stats.source_running.store(false, Ordering::Relaxed);
             self.stats.active.store(false, Ordering::Relaxed);
             match outcome {
                 Ok(()) => break Ok(()),
@@ -279,6 +331,9 @@ impl Relay {
                 }
                 continue;
             }
+            self.stats
+                .read
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
             let mut blocked = source.blocked_aggregates().await?;
             // Plan: each event is either sent, or parked (poison, or held behind one).
             let mut plan: Vec<Plan> = Vec::with_capacity(batch.len());
@@ -308,7 +363,16 @@ impl Relay {
                     }
                 }
             }
+            let started = std::time::Instant::now();
             let sent = sink.send_batch(&records).await;
+            if !records.is_empty() {
+                self.stats
+                    .publish_duration
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            self.stats
+                .producer_queue
+                .store(i64::from(sink.in_flight()), Ordering::Relaxed);
             // Per event, in batch order: what happened.
             let outcomes: Vec<Outcome> = plan
                 .iter()
@@ -366,9 +430,17 @@ impl Relay {
                 self.stats
                     .published
                     .fetch_add(delivered as u64, Ordering::Relaxed);
+                let now = chrono::Utc::now();
                 self.stats
                     .last_published_ms
-                    .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+                    .store(now.timestamp_millis(), Ordering::Relaxed);
+                for (e, o) in batch.iter().zip(&outcomes).take(handled) {
+                    if let (Outcome::Delivered(_), Some(created)) = (o, e.event.created_at) {
+                        self.stats
+                            .commit_to_ack
+                            .observe((now - created).num_microseconds().unwrap_or(0) as f64 / 1e6);
+                    }
+                }
             }
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
             if tracing::enabled!(tracing::Level::DEBUG) {
@@ -396,10 +468,12 @@ impl Relay {
                     dropped = batch.len() - handled,
                     "delivery failed: recreating the producer and resuming from the first unacknowledged event"
                 );
+                self.stats.kafka_connected.store(false, Ordering::Relaxed);
                 source.rewind().await?;
                 sink.recreate()?;
                 backoff.wait(shutdown).await;
             } else {
+                self.stats.kafka_connected.store(true, Ordering::Relaxed);
                 backoff.reset();
             }
         }

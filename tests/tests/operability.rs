@@ -313,3 +313,126 @@ async fn config_validate_names_the_bad_key_and_print_redacts_secrets() -> Result
     assert!(printed.contains("<redacted>"), "{printed}");
     Ok(())
 }
+
+/// A minimal HTTP/1.1 GET (the tests need no HTTP client dependency).
+async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+fn admin_addr(log: &str) -> Option<String> {
+    log.lines()
+        .find(|l| l.contains("admin endpoint listening"))
+        .and_then(|l| l.split("addr=").nth(1))
+        .map(|a| {
+            a.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .trim_matches('"')
+                .to_owned()
+        })
+}
+
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_answer_and_the_counters_move_while_events_flow() -> Result<()> {
+    let db = TestDb::create("op_admin").await?;
+    db.migrate().await?;
+    let env = [("OUTBOX_ADMIN_ADDR", "127.0.0.1:0"), ("RUST_LOG", "info")];
+    let active = RelayProcess::start(&db, &["--log-format", "pretty"], &env).await?;
+    active.wait_for_log("this relay is active", LONG).await?;
+    let standby = RelayProcess::start(&db, &[], &env).await?;
+    standby.wait_for_log("standing by", LONG).await?;
+    let clean = |s: String| {
+        s.replace("\u{1b}[3m", "")
+            .replace("\u{1b}[0m", "")
+            .replace("\u{1b}[2m", "")
+    };
+    let addr = admin_addr(&clean(active.log())).expect("admin address logged");
+    let standby_addr = admin_addr(&clean(standby.log())).expect("admin address logged");
+
+    assert_eq!(http_get(&addr, "/healthz").await?.0, 200);
+    let (code, body) = http_get(&addr, "/readyz").await?;
+    assert_eq!((code, body.trim()), (200, "ready (active)"));
+    let (code, body) = http_get(&standby_addr, "/readyz").await?;
+    assert_eq!(
+        (code, body.trim()),
+        (200, "ready (standby)"),
+        "a standby is ready: it is doing its job"
+    );
+
+    let (_, before) = http_get(&addr, "/metrics").await?;
+    assert_eq!(
+        metric(&before, "outbox_relay_events_published_total"),
+        Some(0.0),
+        "{before}"
+    );
+    assert_eq!(metric(&before, "outbox_relay_leader"), Some(1.0));
+    let agg_type = unique("adm");
+    for i in 0..20 {
+        write(
+            &db,
+            vec![NewEvent::new(&agg_type, format!("k{}", i % 4), "E", None)],
+        )
+        .await?;
+    }
+    wait_drained(&db.pool, LONG).await?;
+    let (code, after) = http_get(&addr, "/metrics").await?;
+    assert_eq!(code, 200);
+    assert_eq!(
+        metric(&after, "outbox_relay_events_published_total"),
+        Some(20.0),
+        "{after}"
+    );
+    assert_eq!(metric(&after, "outbox_relay_events_read_total"), Some(20.0));
+    assert_eq!(
+        metric(&after, "outbox_relay_commit_to_ack_seconds_count"),
+        Some(20.0)
+    );
+    assert_eq!(metric(&after, "outbox_relay_pending_events"), Some(0.0));
+    assert_eq!(metric(&after, "outbox_relay_database_up"), Some(1.0));
+    assert!(metric(&after, "outbox_relay_seconds_since_last_event").is_some());
+    assert!(
+        !after.contains("k0") && !after.contains(&agg_type),
+        "no aggregate ids or types as labels"
+    );
+    let (_, standby_metrics) = http_get(&standby_addr, "/metrics").await?;
+    assert_eq!(metric(&standby_metrics, "outbox_relay_leader"), Some(0.0));
+
+    let (code, body) = http_get(&addr, "/status").await?;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(status["role"], "active");
+    assert_eq!(status["pending_events"], 0);
+    assert_eq!(status["leader_present"], true);
+
+    let (code, log) = active.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    standby.wait_for_log("this relay is active", LONG).await?;
+    let (code, _) = standby.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0);
+    Ok(())
+}

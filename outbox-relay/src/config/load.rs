@@ -34,6 +34,7 @@ const ALIASES: &[(&str, &str)] = &[
     ("heartbeat_interval", "logical.heartbeat_interval"),
     ("status_interval", "logical.status_interval"),
     ("message_prefix", "logical.message_prefix"),
+    ("admin_addr", "admin_addr"),
 ];
 
 /// Keys that hold maps of free-form entries.
@@ -343,6 +344,8 @@ mod tests {
                 ("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "env:9092"),
                 ("OUTBOX_KAFKA__PROPERTIES__COMPRESSION_TYPE", "lz4"),
                 ("OUTBOX_LOGICAL__SLOT", "env_slot"),
+                ("OUTBOX_ADMIN_ADDR", "127.0.0.1:9187"),
+                ("OUTBOX_DEAD_LETTER_TOPIC", "parked.events"),
                 ("PATH", "/bin"),
             ]),
             &[("batch_size".into(), "30".into())],
@@ -360,6 +363,8 @@ mod tests {
         assert_eq!(c.kafka.properties["compression.type"], "lz4");
         assert_eq!(c.route.routes["AccountClosed"], "closures");
         assert_eq!(c.logical.slot, "env_slot");
+        assert_eq!(c.admin_addr, Some("127.0.0.1:9187".parse().unwrap()));
+        assert_eq!(c.dead_letter_topic.as_deref(), Some("parked.events"));
         assert_eq!(
             c.retention,
             RelayConfig::default().retention,
