@@ -16,7 +16,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use std::sync::{Arc, Mutex};
+
 use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -76,13 +80,15 @@ pub enum SinkError {
     #[error("could not create the Kafka producer: {0}")]
     Create(#[source] KafkaError),
     /// The cluster did not answer within the connect timeout.
-    #[error("Kafka at `{servers}` is unreachable: {error}")]
+    #[error("Kafka at `{servers}` is unreachable: {error}{cause}")]
     Unreachable {
         /// The bootstrap servers.
         servers: String,
         /// The client's error.
         #[source]
         error: KafkaError,
+        /// What librdkafka last reported (TLS, SASL, name resolution…), if anything.
+        cause: String,
     },
 }
 
@@ -132,14 +138,65 @@ impl KafkaSettings {
             cfg.set(key, value);
         }
         cfg.set("enable.idempotence", "true").set("acks", "all");
+        // librdkafka's own warnings and errors reach the client context (and the logs); its
+        // default follows the `log` crate's level, which is off under `tracing`.
+        cfg.set_log_level(RDKafkaLogLevel::Warning);
         Ok(cfg)
+    }
+}
+
+/// The producer's client context: forwards librdkafka's logs to `tracing` and remembers the
+/// last broker-level error, so "unreachable" can say why (TLS handshake, SASL, DNS…).
+#[derive(Clone, Default)]
+pub struct SinkContext {
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+impl SinkContext {
+    /// The last error librdkafka reported, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    fn remember(&self, text: String) {
+        if let Ok(mut slot) = self.last_error.lock() {
+            *slot = Some(text);
+        }
+    }
+}
+
+impl ClientContext for SinkContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                self.remember(format!("{fac}: {message}"));
+                tracing::error!(target: "librdkafka", "{fac}: {message}");
+            }
+            RDKafkaLogLevel::Warning => {
+                self.remember(format!("{fac}: {message}"));
+                tracing::warn!(target: "librdkafka", "{fac}: {message}");
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", "{fac}: {message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{fac}: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.remember(format!("{error}: {reason}"));
+        tracing::warn!(target: "librdkafka", "{error}: {reason}");
     }
 }
 
 /// An idempotent Kafka producer with per-record outcomes. See the [module docs](self).
 pub struct KafkaSink {
     settings: KafkaSettings,
-    producer: FutureProducer,
+    producer: FutureProducer<SinkContext>,
+    context: SinkContext,
 }
 
 /// What became of one record of a batch.
@@ -188,11 +245,16 @@ pub struct Delivered {
 impl KafkaSink {
     /// Creates the producer (no connection is made yet; see [`KafkaSink::check_connection`]).
     pub fn new(settings: KafkaSettings) -> Result<Self, SinkError> {
+        let context = SinkContext::default();
         let producer = settings
             .client_config()?
-            .create()
+            .create_with_context(context.clone())
             .map_err(SinkError::Create)?;
-        Ok(Self { settings, producer })
+        Ok(Self {
+            settings,
+            producer,
+            context,
+        })
     }
 
     /// Fetches cluster metadata to prove the brokers are reachable (and the credentials work).
@@ -200,12 +262,20 @@ impl KafkaSink {
         let producer = self.producer.clone();
         let timeout = self.settings.connect_timeout;
         let servers = self.settings.bootstrap_servers.clone();
+        let context = self.context.clone();
         tokio::task::spawn_blocking(move || {
             producer
                 .client()
                 .fetch_metadata(None, timeout)
                 .map(|_| ())
-                .map_err(|error| SinkError::Unreachable { servers, error })
+                .map_err(|error| SinkError::Unreachable {
+                    servers,
+                    error,
+                    cause: context
+                        .last_error()
+                        .map(|c| format!(" (last client error: {c})"))
+                        .unwrap_or_default(),
+                })
         })
         .await
         .unwrap_or_else(|join| {
@@ -222,13 +292,13 @@ impl KafkaSink {
         self.producer = self
             .settings
             .client_config()?
-            .create()
+            .create_with_context(self.context.clone())
             .map_err(SinkError::Create)?;
         Ok(())
     }
 
     /// The underlying producer (for metrics and the `topics` commands).
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &FutureProducer<SinkContext> {
         &self.producer
     }
 
