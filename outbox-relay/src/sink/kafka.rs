@@ -80,15 +80,12 @@ pub enum SinkError {
     #[error("could not create the Kafka producer: {0}")]
     Create(#[source] KafkaError),
     /// The cluster did not answer within the connect timeout.
-    #[error("Kafka at `{servers}` is unreachable: {error}{cause}")]
+    #[error("Kafka at `{servers}` is unreachable: {detail}")]
     Unreachable {
         /// The bootstrap servers.
         servers: String,
-        /// The client's error.
-        #[source]
-        error: KafkaError,
-        /// What librdkafka last reported (TLS, SASL, name resolution…), if anything.
-        cause: String,
+        /// The client's error and what librdkafka last reported (TLS, SASL, name resolution…).
+        detail: String,
     },
 }
 
@@ -270,11 +267,10 @@ impl KafkaSink {
                 .map(|_| ())
                 .map_err(|error| SinkError::Unreachable {
                     servers,
-                    error,
-                    cause: context
-                        .last_error()
-                        .map(|c| format!(" (last client error: {c})"))
-                        .unwrap_or_default(),
+                    detail: match context.last_error() {
+                        Some(cause) => format!("{error} (last client error: {cause})"),
+                        None => error.to_string(),
+                    },
                 })
         })
         .await
