@@ -23,10 +23,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +41,21 @@ pub enum HandlerFailurePolicy {
     Stop,
     /// Park the record with the handler's error as the reason and go on.
     Park,
+}
+
+/// How an [`InboxConsumer`] gets its partitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PartitionAssignment {
+    /// Join the consumer group (`subscribe`): the group coordinator spreads the partitions over
+    /// the group's instances and rebalances when instances come and go. Use this to scale out.
+    #[default]
+    Subscribe,
+    /// Take every partition of the topics (`assign`), starting at the group's committed offsets
+    /// (or the earliest offset). No group membership, no join or rebalance delays; offsets are
+    /// still committed under the group id. For a single instance per group: two instances would
+    /// both apply every record — harmless to the state (the inbox dedupes) but wasted work.
+    /// Partitions added to a topic later are picked up only on restart.
+    AllPartitions,
 }
 
 /// Settings of an [`InboxConsumer`].
@@ -61,6 +76,8 @@ pub struct ConsumerConfig {
     pub retry_backoff: Duration,
     /// What happens when the attempts are used up by handler errors.
     pub on_handler_failure: HandlerFailurePolicy,
+    /// Group subscription or all partitions.
+    pub assignment: PartitionAssignment,
 }
 
 impl ConsumerConfig {
@@ -79,6 +96,7 @@ impl ConsumerConfig {
             handler_attempts: 5,
             retry_backoff: Duration::from_millis(100),
             on_handler_failure: HandlerFailurePolicy::Stop,
+            assignment: PartitionAssignment::Subscribe,
         }
     }
 }
@@ -240,7 +258,15 @@ where
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
         let consumer = self.client()?;
         let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
+        match self.config.assignment {
+            PartitionAssignment::Subscribe => consumer.subscribe(&topics)?,
+            PartitionAssignment::AllPartitions => {
+                let Some(assignment) = self.all_partitions(&consumer, &shutdown).await? else {
+                    return Ok(());
+                };
+                consumer.assign(&assignment)?;
+            }
+        }
         tracing::info!(group = %self.config.group_id, topics = ?topics, inbox = %self.inbox.table(), "consumer started");
         let result = self.consume(&consumer, &shutdown).await;
         match consumer.commit_consumer_state(CommitMode::Sync) {
@@ -252,6 +278,52 @@ where
         }
         tracing::info!(group = %self.config.group_id, stats = ?self.stats.snapshot(), "consumer stopped");
         result
+    }
+
+    /// Every partition of the topics at the group's committed offsets; waits for topics that do
+    /// not exist yet. `None` when shut down while waiting.
+    async fn all_partitions(
+        &self,
+        consumer: &StreamConsumer,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<TopicPartitionList>, ConsumerError> {
+        let mut tpl = TopicPartitionList::new();
+        let mut waited = 0_u32;
+        for topic in &self.config.topics {
+            loop {
+                // A short blocking metadata call, at start-up only.
+                let partitions = match consumer.fetch_metadata(Some(topic), Duration::from_secs(5))
+                {
+                    Ok(md) => md
+                        .topics()
+                        .first()
+                        .map(|t| t.partitions().len())
+                        .unwrap_or(0),
+                    Err(e) => {
+                        tracing::debug!(%topic, error = %e, "metadata request failed");
+                        0
+                    }
+                };
+                if partitions > 0 {
+                    for p in 0..partitions {
+                        let p = i32::try_from(p).map_err(|_| {
+                            ConsumerError::Config(format!("topic {topic} has too many partitions"))
+                        })?;
+                        tpl.add_partition_offset(topic, p, Offset::Stored)?;
+                    }
+                    break;
+                }
+                if waited % 20 == 0 {
+                    tracing::warn!(%topic, "waiting for the topic to exist");
+                }
+                waited += 1;
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(None),
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+        Ok(Some(tpl))
     }
 
     async fn consume(

@@ -10,7 +10,8 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use outbox_core::consumer::{
-    ConsumerConfig, ConsumerStats, HandlerFailurePolicy, InboxConsumer, StatsSnapshot,
+    ConsumerConfig, ConsumerStats, HandlerFailurePolicy, InboxConsumer, PartitionAssignment,
+    StatsSnapshot,
 };
 use outbox_core::{Inbox, InboxTable, MalformedPolicy};
 use sqlx::PgPool;
@@ -133,6 +134,8 @@ impl Projector {
             // A handler error here means an event the model cannot place (e.g. its account is
             // unknown): park it with the reason rather than stall the partition forever.
             c.on_handler_failure = HandlerFailurePolicy::Park;
+            // One projector instance per group: take every partition, no group join delays.
+            c.assignment = PartitionAssignment::AllPartitions;
             c
         };
         let query = InboxConsumer::new(
