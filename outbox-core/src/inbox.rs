@@ -507,7 +507,11 @@ pub struct Inbox {
 }
 
 impl Inbox {
-    /// An inbox in `table` for the consumer called `consumer` (e.g. the Kafka group id).
+    /// An inbox in `table` for the consumer called `consumer`.
+    ///
+    /// The name identifies the *state* the inbox protects (one per read model or downstream
+    /// table), not the Kafka group: keep it stable when the group id changes, or a replay through a
+    /// new group would not be recognised as duplicates.
     pub fn new(table: InboxTable, consumer: impl Into<String>) -> Result<Self, InboxError> {
         let consumer = consumer.into();
         if consumer.is_empty() || consumer.len() > 255 {

@@ -22,6 +22,12 @@ use tokio_util::sync::CancellationToken;
 use crate::legacy::{self, LegacyList};
 use crate::read_model::{self, ReadModelProjection};
 
+/// The query model's name in its inbox. It names the state the inbox protects, so it stays the
+/// same when the Kafka group changes (a new group, or reset offsets, replays records that the
+/// inbox must still recognise).
+pub const QUERY_CONSUMER: &str = "account-query";
+/// The legacy list's name in its inbox.
+pub const LEGACY_CONSUMER: &str = "legacy-app";
 /// Default consumer group of the query model.
 pub const QUERY_GROUP: &str = "account-query";
 /// Default consumer group of the legacy list.
@@ -112,9 +118,9 @@ impl Projector {
     pub async fn start(config: ProjectorConfig) -> Result<Self> {
         let query_pool = pool(&config.query_database_url).await?;
         let legacy_pool = pool(&config.legacy_database_url).await?;
-        let query_inbox = Inbox::new(InboxTable::parse(read_model::INBOX)?, &config.query_group)?
+        let query_inbox = Inbox::new(InboxTable::parse(read_model::INBOX)?, QUERY_CONSUMER)?
             .with_malformed_policy(config.on_malformed);
-        let legacy_inbox = Inbox::new(InboxTable::parse(legacy::INBOX)?, &config.legacy_group)?
+        let legacy_inbox = Inbox::new(InboxTable::parse(legacy::INBOX)?, LEGACY_CONSUMER)?
             .with_malformed_policy(config.on_malformed)
             .ignoring_unknown_event_types(true);
         {
