@@ -313,7 +313,7 @@ where
                     }
                     break;
                 }
-                if waited % 20 == 0 {
+                if waited.is_multiple_of(20) {
                     tracing::warn!(%topic, "waiting for the topic to exist");
                 }
                 waited += 1;

@@ -161,9 +161,9 @@ impl Projector {
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let token = shutdown.clone();
-        tasks.spawn(async move { Ok(query.run(token).await.context("query model consumer")?) });
+        tasks.spawn(async move { query.run(token).await.context("query model consumer") });
         let token = shutdown.clone();
-        tasks.spawn(async move { Ok(legacy.run(token).await.context("legacy list consumer")?) });
+        tasks.spawn(async move { legacy.run(token).await.context("legacy list consumer") });
         let mut addr = None;
         if let Some(listen) = config.listen {
             let listener = tokio::net::TcpListener::bind(listen)

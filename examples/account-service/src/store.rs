@@ -134,7 +134,7 @@ impl Accounts {
                 other?;
             }
         }
-        self.outbox.publish(&mut *tx, &event).await?;
+        self.outbox.publish(&mut tx, &event).await?;
         tx.commit().await?;
         tracing::info!(account_id = %id, "account opened");
         Ok(account)
@@ -175,7 +175,7 @@ impl Accounts {
                 other?;
             }
         }
-        self.outbox.publish(&mut *tx, &event).await?;
+        self.outbox.publish(&mut tx, &event).await?;
         tx.commit().await?;
         tracing::info!(account_id = %id, version = after.version, event = event.event_type(), "command accepted");
         Ok(after)
