@@ -490,7 +490,9 @@ async fn the_annotated_relay_toml_in_the_operations_guide_is_valid_and_names_eve
     // admin_addr and dead_letter_topic have no default, so known_keys may not list them.
     let unknown: Vec<&String> = documented
         .iter()
-        .filter(|k| !known.contains(*k) && !["admin_addr", "dead_letter_topic"].contains(&k.as_str()))
+        .filter(|k| {
+            !known.contains(*k) && !["admin_addr", "dead_letter_topic"].contains(&k.as_str())
+        })
         .collect();
     assert!(unknown.is_empty(), "not settings: {unknown:?}");
     Ok(())
@@ -541,7 +543,10 @@ async fn the_kubernetes_example_config_loads_with_its_secret_files_and_fits_the_
     let config = dir.join("relay.toml");
     std::fs::write(&config, &toml)?;
     let db_secret = dir.join("database-url");
-    std::fs::write(&db_secret, "postgres://account_relay:db-s3cret@db:5432/accounts\n")?;
+    std::fs::write(
+        &db_secret,
+        "postgres://account_relay:db-s3cret@db:5432/accounts\n",
+    )?;
     let sasl_secret = dir.join("kafka-sasl-password");
     std::fs::write(&sasl_secret, "sasl-s3cret")?;
     let (code, out, err) = relay_cli(
@@ -565,7 +570,8 @@ async fn the_kubernetes_example_config_loads_with_its_secret_files_and_fits_the_
         "the SASL password file was not picked up:\n{out}"
     );
     assert!(
-        out.contains("database_url = \"<redacted>\"") && out.contains("admin_addr = \"0.0.0.0:9187\""),
+        out.contains("database_url = \"<redacted>\"")
+            && out.contains("admin_addr = \"0.0.0.0:9187\""),
         "{out}"
     );
     assert!(
