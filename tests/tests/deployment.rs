@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use futures::FutureExt;
 use outbox_core::{NewEvent, Outbox};
 use outbox_tests::*;
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
@@ -122,8 +123,11 @@ async fn the_documented_least_privilege_polling_role_relays_everything_and_can_d
         .replace("account_relay", &role)
         .replace("CHANGE_ME", &password)
         .replace("DATABASE accounts", &format!("DATABASE \"{}\"", db.name));
-    let result = least_privilege_scenario(&db, &role, &password, &sql).await;
-    // Roles are server-wide: remove it whatever happened.
+    // Roles are server-wide: remove it whatever happened, failed assertions included.
+    let result =
+        std::panic::AssertUnwindSafe(least_privilege_scenario(&db, &role, &password, &sql))
+            .catch_unwind()
+            .await;
     let cleanup = async {
         let mut conn = db.connect().await?;
         sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1")
@@ -141,7 +145,10 @@ async fn the_documented_least_privilege_polling_role_relays_everything_and_can_d
         anyhow::Ok(())
     }
     .await;
-    result?;
+    match result {
+        Ok(outcome) => outcome?,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
     cleanup.context("dropping the test role")
 }
 
