@@ -431,9 +431,11 @@ impl Relay {
                     .published
                     .fetch_add(delivered as u64, Ordering::Relaxed);
                 let now = chrono::Utc::now();
-                self.stats
-                    .last_published_ms
-                    .store(now.timestamp_millis(), Ordering::Relaxed);
+                if delivered > 0 {
+                    self.stats
+                        .last_published_ms
+                        .store(now.timestamp_millis(), Ordering::Relaxed);
+                }
                 for (e, o) in batch.iter().zip(&outcomes).take(handled) {
                     if let (Outcome::Delivered(_), Some(created)) = (o, e.event.created_at) {
                         self.stats
