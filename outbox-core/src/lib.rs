@@ -1,12 +1,70 @@
 //! # outbox-core
 //!
 //! Write domain events into a transactional outbox table **in the same PostgreSQL transaction** as
-//! the business data they describe; `outbox-relay` publishes the committed events to Kafka.
-#![doc = "(crate docs are completed below)"]
+//! the business data they describe; the `outbox-relay` process publishes the committed events to
+//! Kafka. No dual write: an event is published if and only if its transaction commits.
+//!
+//! ```no_run
+//! use outbox_core::{Outbox, OutboxEvent};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize, OutboxEvent)]
+//! #[outbox(aggregate_type = "account")]
+//! struct AccountOpened {
+//!     #[outbox(aggregate_id)]
+//!     account_id: uuid::Uuid,
+//!     email: String,
+//! }
+//!
+//! # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! let outbox = Outbox::default(); // table `outbox`, Debezium-compatible
+//! outbox.migrate(&mut *pool.acquire().await?).await?;
+//!
+//! let mut tx = pool.begin().await?;
+//! let account_id = uuid::Uuid::now_v7();
+//! sqlx::query("INSERT INTO accounts (id, email) VALUES ($1, $2)")
+//!     .bind(account_id)
+//!     .bind("ada@example.com")
+//!     .execute(&mut *tx)
+//!     .await?;
+//! outbox
+//!     .publish(&mut *tx, &AccountOpened { account_id, email: "ada@example.com".into() })
+//!     .await?;
+//! tx.commit().await?; // the account and its event, or neither
+//! # Ok(()) }
+//! ```
+//!
+//! ## The table
+//!
+//! The default table `outbox` has Debezium's outbox-router columns — `id uuid`, `aggregatetype`,
+//! `aggregateid`, `type`, `payload jsonb` — so a team can switch between this relay and Debezium's
+//! `EventRouter` without a migration. The extra columns (`seq`, `created_at`,
+//! `tracingspancontext`, `headers`, `schema_version`, `topic`, `aggregate_seq`, `published_at`)
+//! all have defaults: a row inserted by plain SQL with only the five Debezium columns is relayed
+//! correctly. [`migrate()`] creates the table or upgrades an existing Debezium table in place.
+//!
+//! ## Write modes
+//!
+//! See [`WriteMode`]: `table` (default; works with the polling and the logical-replication relay),
+//! `insert_delete` and `logical_message` (logical-replication relay only; the table never grows).
 
+mod error;
 mod event;
+mod migrate;
+mod stored;
+mod table;
+mod topic;
+mod trace;
+mod write;
 
-pub use event::{DecodeEvent, DecodeError, OutboxEvent};
+pub use error::{Error, IdentifierError, Result};
+pub use event::{DecodeError, DecodeEvent, OutboxEvent};
+pub use migrate::{MigrationReport, SCHEMA_VERSION, migrate, schema_version};
+pub use stored::{MalformedEvent, StoredEvent, parse_headers, parse_timestamptz};
+pub use table::{Identifier, OutboxTable};
+pub use topic::{MAX_TOPIC_LEN, validate_topic};
+pub use trace::is_valid_traceparent;
+pub use write::{DEFAULT_MESSAGE_PREFIX, NewEvent, Outbox, TraceContextProvider, WriteMode};
 
 #[cfg(feature = "derive")]
 pub use outbox_macros::OutboxEvent;

@@ -1,0 +1,67 @@
+//! Errors of the write path and the schema management.
+
+/// Everything that can go wrong while writing to, or managing, the outbox.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configured identifier (schema, table, channel, prefix) is not acceptable.
+    #[error(transparent)]
+    Identifier(#[from] IdentifierError),
+    /// The event could not be serialized to JSON.
+    #[error("event `{event_type}` could not be serialized to JSON: {source}")]
+    Serialize {
+        /// The event type being written.
+        event_type: String,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The event is not valid for the outbox (empty aggregate id, overlong names, bad trace context…).
+    #[error("invalid event `{event_type}`: {reason}")]
+    InvalidEvent {
+        /// The event type being written.
+        event_type: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The serialized payload is larger than the configured write-time limit.
+    #[error("payload of event `{event_type}` is {size} bytes, over the configured limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The event type being written.
+        event_type: String,
+        /// The payload's size in bytes.
+        size: usize,
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+    /// The database refused a statement.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The outbox schema in the database is newer than this library knows.
+    #[error(
+        "outbox table {table} is at schema version {found}, newer than this library's {known}: upgrade outbox-core"
+    )]
+    SchemaTooNew {
+        /// The qualified table name.
+        table: String,
+        /// The version recorded in the database.
+        found: i32,
+        /// The newest version this library knows.
+        known: i32,
+    },
+}
+
+/// A configured SQL identifier was rejected before any SQL was built with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} `{value}`: {reason}")]
+pub struct IdentifierError {
+    /// Which setting it was (e.g. "table name").
+    pub what: &'static str,
+    /// The rejected value (identifiers are not secrets).
+    pub value: String,
+    /// Why it was rejected.
+    pub reason: &'static str,
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,292 @@
+//! An outbox event as the relay reads it back: from a table row, a pgoutput tuple or a logical
+//! decoding message.
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+/// A committed outbox event, read back for publishing.
+///
+/// Whatever the source (polling, pgoutput row, logical message), the relay sees the same fields,
+/// named after the table's columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// `id`: the event id, sent as the `id` header; consumers dedupe on it.
+    pub id: Uuid,
+    /// `aggregatetype`: routes the event (default topic `outbox.event.<aggregatetype>`).
+    pub aggregate_type: String,
+    /// `aggregateid`: the Kafka record key.
+    pub aggregate_id: String,
+    /// `type`: the event type name.
+    pub event_type: String,
+    /// `payload` as JSON text (PostgreSQL's rendering of the `jsonb`), `None` for SQL NULL.
+    pub payload: Option<String>,
+    /// `seq`: the table's insertion sequence (absent for logical messages).
+    pub seq: Option<i64>,
+    /// `created_at`: when the event was written.
+    pub created_at: Option<DateTime<Utc>>,
+    /// `tracingspancontext`: a W3C `traceparent` captured at write time.
+    pub traceparent: Option<String>,
+    /// `headers`: extra Kafka headers, in name order.
+    pub headers: Vec<(String, String)>,
+    /// `schema_version`: the payload schema version.
+    pub schema_version: i32,
+    /// `topic`: a per-event topic override.
+    pub topic: Option<String>,
+    /// `aggregate_seq`: the event's position in its aggregate's stream, if the writer set one.
+    pub aggregate_seq: Option<i64>,
+}
+
+/// A row or message that cannot be turned into a [`StoredEvent`]: it is reported with this reason,
+/// never silently skipped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed outbox event{}: {reason}", id.map(|i| format!(" {i}")).unwrap_or_default())]
+pub struct MalformedEvent {
+    /// The event id, when it could be read.
+    pub id: Option<Uuid>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl MalformedEvent {
+    fn new(id: Option<Uuid>, reason: impl Into<String>) -> Self {
+        Self {
+            id,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Parses the `headers` column's JSON text into name/value pairs (non-string values keep their
+/// JSON text).
+pub fn parse_headers(json: &str) -> Result<Vec<(String, String)>, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("headers are not JSON: {e}"))?;
+    match value {
+        serde_json::Value::Null => Ok(Vec::new()),
+        serde_json::Value::Object(map) => Ok(map
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect()),
+        _ => Err("headers must be a JSON object".to_owned()),
+    }
+}
+
+/// Parses a `timestamptz` in PostgreSQL's text output (`2026-11-22 10:00:00.123456+00`).
+pub fn parse_timestamptz(text: &str) -> Option<DateTime<Utc>> {
+    for fmt in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%#z", "%+"] {
+        if let Ok(t) = DateTime::parse_from_str(text, fmt) {
+            return Some(t.with_timezone(&Utc));
+        }
+    }
+    None
+}
+
+impl StoredEvent {
+    /// Builds an event from `(column name, text value)` pairs, as pgoutput sends an inserted row
+    /// in text format. Unknown columns are ignored; the five Debezium columns are required.
+    pub fn from_text_columns<'a>(
+        columns: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+    ) -> Result<Self, MalformedEvent> {
+        let mut id = None;
+        let (mut aggregate_type, mut aggregate_id, mut event_type) = (None, None, None);
+        let mut ev = StoredEvent {
+            id: Uuid::nil(),
+            aggregate_type: String::new(),
+            aggregate_id: String::new(),
+            event_type: String::new(),
+            payload: None,
+            seq: None,
+            created_at: None,
+            traceparent: None,
+            headers: Vec::new(),
+            schema_version: 1,
+            topic: None,
+            aggregate_seq: None,
+        };
+        let mut errors = Vec::new();
+        for (name, value) in columns {
+            match (name, value) {
+                ("id", Some(v)) => match Uuid::parse_str(v) {
+                    Ok(u) => id = Some(u),
+                    Err(_) => errors.push(format!("id `{v}` is not a uuid")),
+                },
+                ("aggregatetype", v) => aggregate_type = v.map(str::to_owned),
+                ("aggregateid", v) => aggregate_id = v.map(str::to_owned),
+                ("type", v) => event_type = v.map(str::to_owned),
+                ("payload", v) => ev.payload = v.map(str::to_owned),
+                ("seq", Some(v)) => ev.seq = v.parse().ok(),
+                ("created_at", Some(v)) => ev.created_at = parse_timestamptz(v),
+                ("tracingspancontext", v) => ev.traceparent = v.map(str::to_owned),
+                ("headers", Some(v)) => match parse_headers(v) {
+                    Ok(h) => ev.headers = h,
+                    Err(e) => errors.push(e),
+                },
+                ("schema_version", Some(v)) => match v.parse() {
+                    Ok(n) => ev.schema_version = n,
+                    Err(_) => errors.push(format!("schema_version `{v}` is not an integer")),
+                },
+                ("topic", v) => ev.topic = v.map(str::to_owned),
+                ("aggregate_seq", Some(v)) => ev.aggregate_seq = v.parse().ok(),
+                _ => {}
+            }
+        }
+        let Some(id) = id else {
+            return Err(MalformedEvent::new(None, "column `id` is missing or null"));
+        };
+        ev.id = id;
+        for (field, value, slot) in [
+            ("aggregatetype", aggregate_type, &mut ev.aggregate_type),
+            ("aggregateid", aggregate_id, &mut ev.aggregate_id),
+            ("type", event_type, &mut ev.event_type),
+        ] {
+            match value {
+                Some(v) => *slot = v,
+                None => errors.push(format!("column `{field}` is missing or null")),
+            }
+        }
+        if errors.is_empty() {
+            Ok(ev)
+        } else {
+            Err(MalformedEvent::new(Some(id), errors.join("; ")))
+        }
+    }
+
+    /// Builds an event from the content of a logical decoding message written in the
+    /// `logical_message` write mode (see [`crate::WriteMode::LogicalMessage`]).
+    pub fn from_logical_message(content: &[u8]) -> Result<Self, MalformedEvent> {
+        #[derive(Deserialize)]
+        struct Message<'a> {
+            id: Uuid,
+            aggregatetype: String,
+            aggregateid: String,
+            #[serde(rename = "type")]
+            event_type: String,
+            #[serde(borrow)]
+            payload: Option<&'a RawValue>,
+            #[serde(default)]
+            tracingspancontext: Option<String>,
+            #[serde(default)]
+            headers: Option<serde_json::Map<String, serde_json::Value>>,
+            #[serde(default)]
+            schema_version: Option<i32>,
+            #[serde(default)]
+            topic: Option<String>,
+            #[serde(default)]
+            aggregate_seq: Option<i64>,
+            #[serde(default)]
+            created_at: Option<DateTime<Utc>>,
+        }
+        let m: Message<'_> = serde_json::from_slice(content).map_err(|e| {
+            MalformedEvent::new(None, format!("logical message is not an outbox event: {e}"))
+        })?;
+        Ok(StoredEvent {
+            id: m.id,
+            aggregate_type: m.aggregatetype,
+            aggregate_id: m.aggregateid,
+            event_type: m.event_type,
+            payload: m
+                .payload
+                .map(|p| p.get().to_owned())
+                .filter(|p| p != "null"),
+            seq: None,
+            created_at: m.created_at,
+            traceparent: m.tracingspancontext,
+            headers: m
+                .headers
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| match v {
+                    serde_json::Value::String(s) => (k, s),
+                    other => (k, other.to_string()),
+                })
+                .collect(),
+            schema_version: m.schema_version.unwrap_or(1),
+            topic: m.topic,
+            aggregate_seq: m.aggregate_seq,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn five_debezium_columns_are_enough() {
+        let ev = StoredEvent::from_text_columns([
+            ("id", Some("0192f0c4-7f3a-7cc1-8f4e-4a3f6f0b6b01")),
+            ("aggregatetype", Some("account")),
+            ("aggregateid", Some("42")),
+            ("type", Some("AccountOpened")),
+            ("payload", Some(r#"{"a": 1}"#)),
+        ])
+        .unwrap();
+        assert_eq!(ev.aggregate_type, "account");
+        assert_eq!(ev.payload.as_deref(), Some(r#"{"a": 1}"#));
+        assert_eq!(ev.schema_version, 1);
+        assert!(ev.headers.is_empty());
+    }
+
+    #[test]
+    fn all_columns_are_decoded() {
+        let ev = StoredEvent::from_text_columns([
+            ("id", Some("0192f0c4-7f3a-7cc1-8f4e-4a3f6f0b6b01")),
+            ("aggregatetype", Some("account")),
+            ("aggregateid", Some("42")),
+            ("type", Some("AccountOpened")),
+            ("payload", None),
+            ("seq", Some("17")),
+            ("created_at", Some("2026-11-22 10:00:00.123456+00")),
+            ("headers", Some(r#"{"tenant": "t1", "n": 3}"#)),
+            ("schema_version", Some("2")),
+            ("topic", Some("accounts")),
+            ("aggregate_seq", Some("5")),
+        ])
+        .unwrap();
+        assert_eq!(ev.seq, Some(17));
+        assert_eq!(
+            ev.created_at.unwrap().to_rfc3339(),
+            "2026-11-22T10:00:00.123456+00:00"
+        );
+        assert_eq!(
+            ev.headers,
+            vec![("n".into(), "3".into()), ("tenant".into(), "t1".into())]
+        );
+        assert_eq!(ev.schema_version, 2);
+        assert_eq!(ev.topic.as_deref(), Some("accounts"));
+        assert_eq!(ev.aggregate_seq, Some(5));
+    }
+
+    #[test]
+    fn malformed_rows_say_why() {
+        let e = StoredEvent::from_text_columns([("id", Some("nope"))]).unwrap_err();
+        assert!(e.reason.contains("id"), "{e}");
+        let e = StoredEvent::from_text_columns([
+            ("id", Some("0192f0c4-7f3a-7cc1-8f4e-4a3f6f0b6b01")),
+            ("aggregatetype", Some("account")),
+            ("type", Some("X")),
+            ("headers", Some("[1]")),
+        ])
+        .unwrap_err();
+        assert!(e.id.is_some());
+        assert!(e.reason.contains("aggregateid"), "{e}");
+        assert!(e.reason.contains("headers must be a JSON object"), "{e}");
+    }
+
+    #[test]
+    fn logical_message_round_trip() {
+        let ev = StoredEvent::from_logical_message(
+            br#"{"id":"0192f0c4-7f3a-7cc1-8f4e-4a3f6f0b6b01","aggregatetype":"a","aggregateid":"1","type":"T","payload":{"x": [1, 2]},"headers":{"h":"v"},"schema_version":3}"#,
+        )
+        .unwrap();
+        assert_eq!(ev.payload.as_deref(), Some(r#"{"x": [1, 2]}"#));
+        assert_eq!(ev.headers, vec![("h".into(), "v".into())]);
+        assert_eq!(ev.schema_version, 3);
+        assert!(StoredEvent::from_logical_message(b"{}").is_err());
+    }
+}

@@ -1,0 +1,496 @@
+//! Writing events inside the caller's transaction.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, PgConnection};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::event::OutboxEvent;
+use crate::table::OutboxTable;
+use crate::trace::is_valid_traceparent;
+
+/// How events are written, and so how the relay must read them.
+///
+/// | mode | what is written | table grows | relay source |
+/// |---|---|---|---|
+/// | [`Table`](WriteMode::Table) | a row per event, kept until published | until published (then per the relay's acknowledge policy) | polling or logical |
+/// | [`InsertDelete`](WriteMode::InsertDelete) | a row inserted and deleted in the same transaction | never | logical only |
+/// | [`LogicalMessage`](WriteMode::LogicalMessage) | `pg_logical_emit_message(true, prefix, event)` | no table needed | logical only |
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum WriteMode {
+    /// Rows stay in the table until the relay has published them. Works with both relay sources,
+    /// and is the only mode from which a lost replication slot can be recovered without loss.
+    #[default]
+    Table,
+    /// Insert then delete in the same transaction (Debezium's `remove-after-insert`): the WAL
+    /// carries the insert, the table never grows. Requires the logical-replication source.
+    InsertDelete,
+    /// A transactional logical decoding message per event: no table at all. Requires the
+    /// logical-replication source with `messages` enabled.
+    LogicalMessage,
+}
+
+impl WriteMode {
+    /// Parses `table`, `insert_delete` or `logical_message`.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "table" => Some(Self::Table),
+            "insert_delete" => Some(Self::InsertDelete),
+            "logical_message" => Some(Self::LogicalMessage),
+            _ => None,
+        }
+    }
+
+    /// The configuration name of the mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Table => "table",
+            Self::InsertDelete => "insert_delete",
+            Self::LogicalMessage => "logical_message",
+        }
+    }
+}
+
+impl fmt::Display for WriteMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The default prefix of logical decoding messages written in [`WriteMode::LogicalMessage`].
+pub const DEFAULT_MESSAGE_PREFIX: &str = "outbox";
+
+/// An event ready to be written: the envelope around a payload. Build one from a typed event with
+/// [`NewEvent::from_event`], or by hand with [`NewEvent::new`] when the event is dynamic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    id: Option<Uuid>,
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    payload: Option<Value>,
+    headers: BTreeMap<String, String>,
+    traceparent: Option<String>,
+    schema_version: i32,
+    topic: Option<String>,
+    aggregate_seq: Option<i64>,
+}
+
+impl NewEvent {
+    /// An event with the four routing fields and a JSON payload (`None` publishes a null value).
+    pub fn new(
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        payload: Option<Value>,
+    ) -> Self {
+        Self {
+            id: None,
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: event_type.into(),
+            payload,
+            headers: BTreeMap::new(),
+            traceparent: None,
+            schema_version: 1,
+            topic: None,
+            aggregate_seq: None,
+        }
+    }
+
+    /// The envelope of a typed event, with its payload serialized.
+    pub fn from_event<E: OutboxEvent + ?Sized>(event: &E) -> Result<Self> {
+        let payload = event.to_payload().map_err(|source| Error::Serialize {
+            event_type: event.event_type().to_owned(),
+            source,
+        })?;
+        let mut new = Self::new(
+            event.aggregate_type(),
+            event.aggregate_id(),
+            event.event_type(),
+            Some(payload),
+        );
+        new.schema_version = event.schema_version();
+        new.topic = event.topic().map(str::to_owned);
+        new.aggregate_seq = event.aggregate_sequence();
+        Ok(new)
+    }
+
+    /// Uses this event id instead of a fresh time-ordered UUIDv7 (e.g. a client-supplied
+    /// idempotency key). A duplicate id fails the insert, and so the caller's transaction.
+    pub fn with_id(mut self, id: Uuid) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// Adds a Kafka header published with the event.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets the W3C `traceparent` of the operation that produced the event; it travels to Kafka
+    /// as the `traceparent` header. Must be well-formed, or the write fails.
+    pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> Self {
+        self.traceparent = Some(traceparent.into());
+        self
+    }
+
+    /// Sets the payload schema version (default 1).
+    pub fn with_schema_version(mut self, version: i32) -> Self {
+        self.schema_version = version;
+        self
+    }
+
+    /// Sends the event to this topic instead of the relay's routed topic.
+    pub fn with_topic(mut self, topic: impl Into<String>) -> Self {
+        self.topic = Some(topic.into());
+        self
+    }
+
+    /// Records the event's position in its aggregate's stream.
+    pub fn with_aggregate_seq(mut self, seq: i64) -> Self {
+        self.aggregate_seq = Some(seq);
+        self
+    }
+
+    /// The event type.
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    fn invalid(&self, reason: impl Into<String>) -> Error {
+        Error::InvalidEvent {
+            event_type: self.event_type.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (what, value) in [
+            ("aggregate type", &self.aggregate_type),
+            ("aggregate id", &self.aggregate_id),
+            ("event type", &self.event_type),
+        ] {
+            if value.is_empty() {
+                return Err(self.invalid(format!("{what} is empty")));
+            }
+            if value.len() > 255 {
+                return Err(self.invalid(format!("{what} is longer than 255 bytes")));
+            }
+        }
+        if let Some(tp) = &self.traceparent
+            && !is_valid_traceparent(tp)
+        {
+            return Err(self.invalid(format!("`{tp}` is not a W3C traceparent")));
+        }
+        if let Some(topic) = &self.topic
+            && let Err(reason) = crate::topic::validate_topic(topic)
+        {
+            return Err(self.invalid(format!("topic `{topic}`: {reason}")));
+        }
+        if self.schema_version < 1 {
+            return Err(self.invalid("schema version must be at least 1"));
+        }
+        for name in self.headers.keys() {
+            if name.is_empty() {
+                return Err(self.invalid("a header name is empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Captures the current trace context (a W3C `traceparent`) when an event is written.
+pub type TraceContextProvider = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// The write side of the outbox: where and how events are written.
+///
+/// Cheap to clone; build one at start-up and share it. Every write goes through the connection
+/// the caller passes — normally its open transaction (`&mut *tx`) — so the events commit or roll
+/// back with the business data. That is the whole guarantee of the pattern: **no event without its
+/// state change, no state change without its event**.
+#[derive(Clone)]
+pub struct Outbox {
+    table: OutboxTable,
+    mode: WriteMode,
+    message_prefix: String,
+    max_payload_bytes: Option<usize>,
+    trace_context: Option<TraceContextProvider>,
+}
+
+impl fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outbox")
+            .field("table", &self.table)
+            .field("mode", &self.mode)
+            .field("message_prefix", &self.message_prefix)
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("trace_context", &self.trace_context.is_some())
+            .finish()
+    }
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Self::new(OutboxTable::default())
+    }
+}
+
+impl Outbox {
+    /// An outbox writing rows to `table` ([`WriteMode::Table`]).
+    pub fn new(table: OutboxTable) -> Self {
+        Self {
+            table,
+            mode: WriteMode::Table,
+            message_prefix: DEFAULT_MESSAGE_PREFIX.to_owned(),
+            max_payload_bytes: None,
+            trace_context: None,
+        }
+    }
+
+    /// Selects the write mode (see [`WriteMode`]); the relay must be configured to match.
+    pub fn with_write_mode(mut self, mode: WriteMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The prefix of logical decoding messages in [`WriteMode::LogicalMessage`] (default
+    /// `outbox`); validated like an identifier.
+    pub fn with_message_prefix(mut self, prefix: &str) -> Result<Self> {
+        crate::table::Identifier::parse("logical message prefix", prefix)?;
+        self.message_prefix = prefix.to_owned();
+        Ok(self)
+    }
+
+    /// Refuses, at write time, payloads whose JSON is longer than `bytes` — set it a little below
+    /// the broker's `message.max.bytes` so an event that Kafka would reject never commits.
+    pub fn with_max_payload_bytes(mut self, bytes: usize) -> Self {
+        self.max_payload_bytes = Some(bytes);
+        self
+    }
+
+    /// Captures the current trace context into every event that has none, e.g. from
+    /// OpenTelemetry's current span.
+    pub fn with_trace_context(
+        mut self,
+        provider: impl Fn() -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.trace_context = Some(Arc::new(provider));
+        self
+    }
+
+    /// The table this outbox writes to.
+    pub fn table(&self) -> &OutboxTable {
+        &self.table
+    }
+
+    /// The write mode.
+    pub fn write_mode(&self) -> WriteMode {
+        self.mode
+    }
+
+    /// Creates or upgrades the outbox table (see [`crate::migrate()`]). Not needed in
+    /// [`WriteMode::LogicalMessage`].
+    pub async fn migrate(&self, conn: &mut PgConnection) -> Result<crate::MigrationReport> {
+        crate::migrate::migrate(conn, &self.table).await
+    }
+
+    /// Writes one typed event through `conn` (pass your transaction as `&mut *tx`) and returns its
+    /// event id. The event is published if and only if that transaction commits.
+    pub async fn publish<E: OutboxEvent + ?Sized>(
+        &self,
+        conn: &mut PgConnection,
+        event: &E,
+    ) -> Result<Uuid> {
+        let ids = self
+            .publish_new(conn, vec![NewEvent::from_event(event)?])
+            .await?;
+        Ok(ids[0])
+    }
+
+    /// Writes several typed events in one statement, in order; returns their ids in the same order.
+    /// Events of one aggregate are published in this order.
+    pub async fn publish_all<'e, E, I>(&self, conn: &mut PgConnection, events: I) -> Result<Vec<Uuid>>
+    where
+        E: OutboxEvent + ?Sized + 'e,
+        I: IntoIterator<Item = &'e E>,
+    {
+        let events = events
+            .into_iter()
+            .map(NewEvent::from_event)
+            .collect::<Result<Vec<_>>>()?;
+        self.publish_new(conn, events).await
+    }
+
+    /// Writes prepared envelopes in one statement, in order; returns their ids in the same order.
+    pub async fn publish_new(
+        &self,
+        conn: &mut PgConnection,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<Uuid>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = self.prepare(events)?;
+        match self.mode {
+            WriteMode::Table => self.insert(conn, &batch).await?,
+            WriteMode::InsertDelete => {
+                self.insert(conn, &batch).await?;
+                sqlx::query(AssertSqlSafe(format!(
+                    "DELETE FROM {} WHERE id = ANY($1)",
+                    self.table.qualified()
+                )))
+                .bind(&batch.ids)
+                .execute(&mut *conn)
+                .await?;
+            }
+            WriteMode::LogicalMessage => self.emit_messages(conn, &batch).await?,
+        }
+        Ok(batch.ids)
+    }
+
+    fn prepare(&self, events: Vec<NewEvent>) -> Result<Batch> {
+        let mut b = Batch::with_capacity(events.len());
+        let ambient = self.trace_context.as_ref().and_then(|f| f());
+        for mut ev in events {
+            if ev.traceparent.is_none() {
+                ev.traceparent = ambient
+                    .clone()
+                    .filter(|tp| is_valid_traceparent(tp));
+            }
+            ev.validate()?;
+            let payload = ev
+                .payload
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|source| Error::Serialize {
+                    event_type: ev.event_type.clone(),
+                    source,
+                })?;
+            if let (Some(limit), Some(p)) = (self.max_payload_bytes, &payload)
+                && p.len() > limit
+            {
+                return Err(Error::PayloadTooLarge {
+                    event_type: ev.event_type.clone(),
+                    size: p.len(),
+                    limit,
+                });
+            }
+            b.ids.push(ev.id.unwrap_or_else(Uuid::now_v7));
+            b.headers.push(
+                serde_json::to_string(&ev.headers).expect("string map serializes to JSON"),
+            );
+            b.aggregate_types.push(ev.aggregate_type);
+            b.aggregate_ids.push(ev.aggregate_id);
+            b.event_types.push(ev.event_type);
+            b.payloads.push(payload);
+            b.traceparents.push(ev.traceparent);
+            b.schema_versions.push(ev.schema_version);
+            b.topics.push(ev.topic);
+            b.aggregate_seqs.push(ev.aggregate_seq);
+        }
+        Ok(b)
+    }
+
+    async fn insert(&self, conn: &mut PgConnection, b: &Batch) -> Result<()> {
+        // One round trip for the whole batch; WITH ORDINALITY keeps the caller's order, which
+        // becomes the `seq` order and so the publish order.
+        let sql = format!(
+            "INSERT INTO {} (id, aggregatetype, aggregateid, type, payload, tracingspancontext,
+                             headers, schema_version, topic, aggregate_seq)
+             SELECT id, aggregatetype, aggregateid, type, payload::jsonb, tracingspancontext,
+                    headers::jsonb, schema_version, topic, aggregate_seq
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::int4[], $9::text[], $10::int8[])
+                  WITH ORDINALITY AS e(id, aggregatetype, aggregateid, type, payload,
+                                       tracingspancontext, headers, schema_version, topic,
+                                       aggregate_seq, ord)
+             ORDER BY ord",
+            self.table.qualified()
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(&b.ids)
+            .bind(&b.aggregate_types)
+            .bind(&b.aggregate_ids)
+            .bind(&b.event_types)
+            .bind(&b.payloads)
+            .bind(&b.traceparents)
+            .bind(&b.headers)
+            .bind(&b.schema_versions)
+            .bind(&b.topics)
+            .bind(&b.aggregate_seqs)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn emit_messages(&self, conn: &mut PgConnection, b: &Batch) -> Result<()> {
+        // The message carries the same fields as a row, under the same names; the payload is
+        // rendered by PostgreSQL's jsonb output like a table row's.
+        sqlx::query(
+            "SELECT pg_logical_emit_message(true, $1, json_build_object(
+                 'id', id, 'aggregatetype', aggregatetype, 'aggregateid', aggregateid,
+                 'type', type, 'payload', payload::jsonb, 'tracingspancontext', tracingspancontext,
+                 'headers', headers::jsonb, 'schema_version', schema_version, 'topic', topic,
+                 'aggregate_seq', aggregate_seq, 'created_at', now())::text)
+             FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::int4[], $10::text[], $11::int8[])
+                  WITH ORDINALITY AS e(id, aggregatetype, aggregateid, type, payload,
+                                       tracingspancontext, headers, schema_version, topic,
+                                       aggregate_seq, ord)
+             ORDER BY ord",
+        )
+        .bind(&self.message_prefix)
+        .bind(&b.ids)
+        .bind(&b.aggregate_types)
+        .bind(&b.aggregate_ids)
+        .bind(&b.event_types)
+        .bind(&b.payloads)
+        .bind(&b.traceparents)
+        .bind(&b.headers)
+        .bind(&b.schema_versions)
+        .bind(&b.topics)
+        .bind(&b.aggregate_seqs)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Column arrays of a prepared batch.
+#[derive(Default)]
+struct Batch {
+    ids: Vec<Uuid>,
+    aggregate_types: Vec<String>,
+    aggregate_ids: Vec<String>,
+    event_types: Vec<String>,
+    payloads: Vec<Option<String>>,
+    traceparents: Vec<Option<String>>,
+    headers: Vec<String>,
+    schema_versions: Vec<i32>,
+    topics: Vec<Option<String>>,
+    aggregate_seqs: Vec<Option<i64>>,
+}
+
+impl Batch {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            ids: Vec::with_capacity(n),
+            aggregate_types: Vec::with_capacity(n),
+            aggregate_ids: Vec::with_capacity(n),
+            event_types: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+            traceparents: Vec::with_capacity(n),
+            headers: Vec::with_capacity(n),
+            schema_versions: Vec::with_capacity(n),
+            topics: Vec::with_capacity(n),
+            aggregate_seqs: Vec::with_capacity(n),
+        }
+    }
+}
