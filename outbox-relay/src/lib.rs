@@ -1,1 +1,2 @@
-//! stub
+//! stub (temporary wiring on feat/logical until main lands the relay skeleton)
+pub mod source;

@@ -72,6 +72,20 @@ impl SlotName {
     }
 }
 
+impl Default for SlotName {
+    /// `outbox_slot`.
+    fn default() -> Self {
+        Self("outbox_slot".to_owned())
+    }
+}
+
+impl Default for PublicationName {
+    /// `outbox_pub`.
+    fn default() -> Self {
+        Self("outbox_pub".to_owned())
+    }
+}
+
 impl PublicationName {
     /// Validate a publication name.
     pub fn parse(value: &str) -> Result<Self, NameError> {

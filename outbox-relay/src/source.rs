@@ -1,0 +1,99 @@
+//! Where committed events come from, and the delivery contract every source honours.
+//!
+//! A [`Source`] hands the relay committed events in publish order and is told which of them Kafka
+//! has acknowledged. The contract, for every implementation:
+//!
+//! - **Committed only.** An event is returned only after its transaction committed; nothing from a
+//!   rolled-back transaction is ever returned.
+//! - **Per-aggregate order.** Events of one aggregate are returned in commit order.
+//! - **No loss.** An event stays due until [`Source::acknowledge`] has made its acknowledgement
+//!   durable; after a crash or [`Source::rewind`], every unacknowledged event is returned again.
+//! - **Acknowledgement is a prefix.** The relay acknowledges only a contiguous prefix of what it
+//!   received (see [`crate::ack`]); a source may rely on that.
+//!
+//! Duplicates follow from this contract and are bounded by what was in flight at a crash: the
+//! relay guarantees at-least-once delivery and every record carries its stable event id.
+
+pub mod logical;
+
+use async_trait::async_trait;
+use outbox_core::StoredEvent;
+use tokio_util::sync::CancellationToken;
+
+/// An event handed to the relay, with what the source needs to acknowledge it later.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceEvent {
+    /// The committed event.
+    pub event: StoredEvent,
+    /// Where it sits in the source's stream; opaque to the relay.
+    pub position: Position,
+}
+
+/// A source-specific position, carried from [`Source::next_batch`] to [`Source::acknowledge`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// A row of the outbox table (polling source); acknowledged by its event id.
+    Row,
+    /// A change in the write-ahead log (logical-replication source).
+    Wal {
+        /// LSN of the commit of the event's transaction.
+        commit_lsn: u64,
+        /// LSN just past the commit record: what may be confirmed to the slot once the whole
+        /// transaction is acknowledged.
+        end_lsn: u64,
+        /// Whether this is the last event of its transaction.
+        last_in_transaction: bool,
+    },
+}
+
+/// A failure of a source.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The database could not be reached or refused a statement; retrying may help.
+    #[error("database error in the {source_name} source: {error}")]
+    Database {
+        /// `polling` or `logical`.
+        source_name: &'static str,
+        /// The underlying error.
+        #[source]
+        error: sqlx::Error,
+    },
+    /// A problem that retrying cannot fix (a lost replication slot, a missing table, a
+    /// misconfiguration): the relay stops and says so.
+    #[error("{0}")]
+    Fatal(String),
+    /// A transient problem other than a database error (e.g. the replication stream ended).
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl SourceError {
+    /// Whether retrying after a pause may succeed.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, SourceError::Fatal(_))
+    }
+}
+
+/// A stream of committed outbox events. See the [module docs](self) for the delivery contract.
+#[async_trait]
+pub trait Source: Send {
+    /// `polling` or `logical`, for logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Waits for committed events and returns between 1 and `max` of them in publish order, or
+    /// an empty batch once `shutdown` is cancelled.
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<SourceEvent>, SourceError>;
+
+    /// Makes durable that `delivered` — a contiguous prefix, in order, of the events returned
+    /// since the last acknowledge or rewind — has been acknowledged by Kafka.
+    async fn acknowledge(&mut self, delivered: &[SourceEvent]) -> Result<(), SourceError>;
+
+    /// Forgets every event returned but not acknowledged: the next [`Source::next_batch`]
+    /// resumes from the durable position and returns them again.
+    async fn rewind(&mut self) -> Result<(), SourceError>;
+}
