@@ -25,7 +25,9 @@ pub enum Error {
         reason: String,
     },
     /// The serialized payload is larger than the configured write-time limit.
-    #[error("payload of event `{event_type}` is {size} bytes, over the configured limit of {limit} bytes")]
+    #[error(
+        "payload of event `{event_type}` is {size} bytes, over the configured limit of {limit} bytes"
+    )]
     PayloadTooLarge {
         /// The event type being written.
         event_type: String,

@@ -155,7 +155,13 @@ impl OutboxTable {
         for byte in purpose
             .bytes()
             .chain([0])
-            .chain(self.schema.as_ref().map(|s| s.as_str()).unwrap_or("").bytes())
+            .chain(
+                self.schema
+                    .as_ref()
+                    .map(|s| s.as_str())
+                    .unwrap_or("")
+                    .bytes(),
+            )
             .chain([0])
             .chain(self.name.as_str().bytes())
         {
@@ -184,7 +190,10 @@ mod tests {
         let t = OutboxTable::new(Some("billing"), "outbox_events").unwrap();
         assert_eq!(t.qualified(), "\"billing\".\"outbox_events\"");
         assert_eq!(OutboxTable::default().qualified(), "\"outbox\"");
-        assert_eq!(OutboxTable::parse("a.b").unwrap().qualified(), "\"a\".\"b\"");
+        assert_eq!(
+            OutboxTable::parse("a.b").unwrap().qualified(),
+            "\"a\".\"b\""
+        );
     }
 
     #[test]

@@ -10,7 +10,9 @@ pub fn is_valid_traceparent(value: &str) -> bool {
         return false;
     }
     let hex = |s: &str, n: usize| {
-        s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
     let (version, trace_id, span_id, flags) = (parts[0], parts[1], parts[2], parts[3]);
     hex(version, 2)

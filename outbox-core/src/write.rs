@@ -315,7 +315,11 @@ impl Outbox {
 
     /// Writes several typed events in one statement, in order; returns their ids in the same order.
     /// Events of one aggregate are published in this order.
-    pub async fn publish_all<'e, E, I>(&self, conn: &mut PgConnection, events: I) -> Result<Vec<Uuid>>
+    pub async fn publish_all<'e, E, I>(
+        &self,
+        conn: &mut PgConnection,
+        events: I,
+    ) -> Result<Vec<Uuid>>
     where
         E: OutboxEvent + ?Sized + 'e,
         I: IntoIterator<Item = &'e E>,
@@ -359,9 +363,7 @@ impl Outbox {
         let ambient = self.trace_context.as_ref().and_then(|f| f());
         for mut ev in events {
             if ev.traceparent.is_none() {
-                ev.traceparent = ambient
-                    .clone()
-                    .filter(|tp| is_valid_traceparent(tp));
+                ev.traceparent = ambient.clone().filter(|tp| is_valid_traceparent(tp));
             }
             ev.validate()?;
             let payload = ev
@@ -383,9 +385,8 @@ impl Outbox {
                 });
             }
             b.ids.push(ev.id.unwrap_or_else(Uuid::now_v7));
-            b.headers.push(
-                serde_json::to_string(&ev.headers).expect("string map serializes to JSON"),
-            );
+            b.headers
+                .push(serde_json::to_string(&ev.headers).expect("string map serializes to JSON"));
             b.aggregate_types.push(ev.aggregate_type);
             b.aggregate_ids.push(ev.aggregate_id);
             b.event_types.push(ev.event_type);

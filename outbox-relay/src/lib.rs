@@ -1,2 +1,25 @@
-//! stub (temporary wiring on feat/logical until main lands the relay skeleton)
+//! # outbox-relay
+//!
+//! Publishes committed outbox events from PostgreSQL to Kafka — by polling the outbox table or by
+//! tailing it through logical replication — with an idempotent producer, acknowledging the source
+//! only for the contiguous prefix of events Kafka has acknowledged.
+//!
+//! Data flows one way: [`source`] → [`route`] → [`sink`] → [`ack`] → source position. The
+//! [`relay`] module runs that loop; the `outbox-relay` binary wraps it in a CLI ([`cli`]).
+//!
+//! Guarantees: every committed event is published at least once; nothing from a rolled-back
+//! transaction is ever published; events of one aggregate reach their partition in commit order;
+//! duplicates happen only after a failure, are bounded by the unacknowledged batch, and carry the
+//! same event id (header `id`) so consumers can drop them; failures are reported, never skipped.
+
+pub mod ack;
+pub mod cli;
+pub mod config;
+pub mod leader;
+pub mod relay;
+pub mod route;
+pub mod sink;
 pub mod source;
+
+pub use config::{RelayConfig, SourceKind};
+pub use relay::{Relay, RelayError, RelayStats};

@@ -15,6 +15,7 @@
 //! relay guarantees at-least-once delivery and every record carries its stable event id.
 
 pub mod logical;
+pub mod polling;
 
 use async_trait::async_trait;
 use outbox_core::StoredEvent;

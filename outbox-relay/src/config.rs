@@ -1,0 +1,380 @@
+//! The relay's typed configuration.
+//!
+//! Every setting has a default that works against a local PostgreSQL and Kafka; the binary fills
+//! it from flags and `OUTBOX_*` environment variables ([`crate::cli`]). Validation happens once,
+//! before any connection is made, and every error names the setting.
+
+use std::fmt;
+use std::time::Duration;
+
+use outbox_core::{OutboxTable, WriteMode};
+
+use crate::route::{RouteSettings, Router};
+use crate::sink::kafka::KafkaSettings;
+use crate::source::polling::RowAcknowledgement;
+
+/// A secret string (a database URL with a password, a SASL password): never printed.
+#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it is used, never to log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// A database URL with its password replaced by `***`, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Which source reads the outbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// Poll the table for unpublished rows (LISTEN/NOTIFY wake-ups).
+    #[default]
+    Polling,
+    /// Stream the table's inserts (or logical messages) from a replication slot (pgoutput).
+    Logical,
+}
+
+impl SourceKind {
+    /// Parses `polling` or `logical`.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "polling" => Some(Self::Polling),
+            "logical" => Some(Self::Logical),
+            _ => None,
+        }
+    }
+}
+
+/// Settings of the logical-replication source.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogicalSettings {
+    /// Replication slot name (`[a-z0-9_]`, at most 63 bytes).
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// How often an idle relay emits a heartbeat so the slot keeps advancing.
+    #[serde(with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// How often the relay reports its confirmed position to the server.
+    #[serde(with = "duration")]
+    pub status_interval: Duration,
+    /// Logical decoding message prefix of the `logical_message` write mode.
+    pub message_prefix: String,
+}
+
+impl Default for LogicalSettings {
+    fn default() -> Self {
+        Self {
+            slot: "outbox_relay".to_owned(),
+            publication: "outbox_relay".to_owned(),
+            heartbeat_interval: Duration::from_secs(10),
+            status_interval: Duration::from_secs(10),
+            message_prefix: outbox_core::DEFAULT_MESSAGE_PREFIX.to_owned(),
+        }
+    }
+}
+
+/// The whole relay configuration.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// PostgreSQL URL (`sslmode` and the other libpq URL parameters are honoured). Secret.
+    pub database_url: Secret,
+    /// `polling` or `logical`.
+    pub source: SourceKind,
+    /// The outbox table, `table` or `schema.table`.
+    pub table: String,
+    /// How services write events; must match their `outbox-core` setting.
+    #[serde(with = "write_mode")]
+    pub write_mode: WriteMode,
+    /// Most events per claim/produce/acknowledge round.
+    pub batch_size: usize,
+    /// Longest wait between polls when no notification arrives (polling source).
+    #[serde(with = "duration")]
+    pub poll_interval: Duration,
+    /// Whether the polling source listens for insert notifications.
+    pub listen: bool,
+    /// What happens to a published row in the `table` write mode.
+    pub acknowledgement: RowAcknowledgement,
+    /// How long marked rows are kept before they are purged (`0s` keeps them forever).
+    #[serde(with = "duration")]
+    pub retention: Duration,
+    /// How often a standby checks whether it can become active.
+    #[serde(with = "duration")]
+    pub standby_interval: Duration,
+    /// How long a stopping relay may take to drain before it exits anyway.
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
+    /// How long start-up waits for PostgreSQL.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Routing.
+    pub route: RouteSettings,
+    /// The Kafka producer.
+    pub kafka: KafkaSettings,
+    /// The logical-replication source.
+    pub logical: LogicalSettings,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            database_url: Secret::new("postgres://postgres@localhost:5432/postgres"),
+            source: SourceKind::Polling,
+            table: OutboxTable::DEFAULT_NAME.to_owned(),
+            write_mode: WriteMode::Table,
+            batch_size: 1000,
+            poll_interval: Duration::from_secs(1),
+            listen: true,
+            acknowledgement: RowAcknowledgement::Mark,
+            retention: Duration::from_secs(24 * 3600),
+            standby_interval: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            route: RouteSettings::default(),
+            kafka: KafkaSettings::default(),
+            logical: LogicalSettings::default(),
+        }
+    }
+}
+
+/// A configuration error: the setting and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid setting `{key}`: {reason}")]
+pub struct ConfigError {
+    /// The setting's name (as in the config file; flags and variables map to it).
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl ConfigError {
+    /// An error for `key`.
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Checks every setting that can be checked without connecting; returns the parsed table.
+    pub fn validate(&self) -> Result<OutboxTable, ConfigError> {
+        let table = OutboxTable::parse(&self.table)
+            .map_err(|e| ConfigError::new("table", e.to_string()))?;
+        if !self.database_url.expose().starts_with("postgres://")
+            && !self.database_url.expose().starts_with("postgresql://")
+        {
+            return Err(ConfigError::new(
+                "database_url",
+                format!(
+                    "`{}` is not a postgres:// URL",
+                    redact_url(self.database_url.expose())
+                ),
+            ));
+        }
+        if self.batch_size == 0 || self.batch_size > 100_000 {
+            return Err(ConfigError::new(
+                "batch_size",
+                "must be between 1 and 100000",
+            ));
+        }
+        if self.source == SourceKind::Polling && self.write_mode != WriteMode::Table {
+            return Err(ConfigError::new(
+                "write_mode",
+                format!(
+                    "`{}` leaves nothing in the table to poll: use source = \"logical\"",
+                    self.write_mode
+                ),
+            ));
+        }
+        Router::new(&self.route).map_err(|e| ConfigError::new("route.topic", e.to_string()))?;
+        self.kafka
+            .client_config()
+            .map_err(|e| ConfigError::new("kafka", e.to_string()))?;
+        let slot_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        if !slot_ok(&self.logical.slot) {
+            return Err(ConfigError::new(
+                "logical.slot",
+                format!(
+                    "`{}`: slot names are 1 to 63 characters of a-z, 0-9 and _",
+                    self.logical.slot
+                ),
+            ));
+        }
+        outbox_core::Identifier::parse("publication name", &self.logical.publication)
+            .map_err(|e| ConfigError::new("logical.publication", e.to_string()))?;
+        outbox_core::Identifier::parse("message prefix", &self.logical.message_prefix)
+            .map_err(|e| ConfigError::new("logical.message_prefix", e.to_string()))?;
+        Ok(table)
+    }
+}
+
+/// Durations written as `500ms`, `30s`, `5m`, `24h`, `7d` (a bare number is seconds).
+pub mod duration {
+    use std::time::Duration;
+
+    /// Parses a duration like `500ms`, `30s`, `5m`, `24h`, `7d`.
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let n: f64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a duration (e.g. 500ms, 30s, 5m, 24h)"))?;
+        let secs = match unit.trim() {
+            "ms" => n / 1000.0,
+            "" | "s" => n,
+            "m" | "min" => n * 60.0,
+            "h" => n * 3600.0,
+            "d" => n * 86400.0,
+            other => return Err(format!("unknown duration unit `{other}` in `{text}`")),
+        };
+        if !secs.is_finite() || secs < 0.0 {
+            return Err(format!("`{text}` is not a valid duration"));
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+
+    /// Formats a duration in the largest unit that keeps it exact.
+    pub fn format(d: &Duration) -> String {
+        let ms = d.as_millis();
+        if ms % 86_400_000 == 0 && ms > 0 {
+            format!("{}d", ms / 86_400_000)
+        } else if ms % 3_600_000 == 0 && ms > 0 {
+            format!("{}h", ms / 3_600_000)
+        } else if ms % 60_000 == 0 && ms > 0 {
+            format!("{}m", ms / 60_000)
+        } else if ms % 1000 == 0 {
+            format!("{}s", ms / 1000)
+        } else {
+            format!("{ms}ms")
+        }
+    }
+
+    pub(crate) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(d))
+    }
+
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Duration, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+mod write_mode {
+    use outbox_core::WriteMode;
+
+    pub(crate) fn serialize<S: serde::Serializer>(m: &WriteMode, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(m.as_str())
+    }
+
+    pub(crate) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<WriteMode, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        WriteMode::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown write mode `{text}` (table, insert_delete, logical_message)"
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            duration::parse("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(duration::parse("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(duration::parse("24h").unwrap(), Duration::from_secs(86400));
+        assert!(duration::parse("5 parsecs").is_err());
+        assert_eq!(duration::format(&Duration::from_secs(86400)), "1d");
+        assert_eq!(duration::format(&Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+        let c = RelayConfig {
+            database_url: Secret::new("postgres://a:s3cret@h/d"),
+            ..Default::default()
+        };
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let mut c = RelayConfig::default();
+        c.table = "x; drop table y".into();
+        assert_eq!(c.validate().unwrap_err().key, "table");
+        let mut c = RelayConfig::default();
+        c.write_mode = WriteMode::InsertDelete;
+        assert_eq!(c.validate().unwrap_err().key, "write_mode");
+        let mut c = RelayConfig::default();
+        c.route.topic = "bad/{aggregatetype}".into();
+        assert_eq!(c.validate().unwrap_err().key, "route.topic");
+        let mut c = RelayConfig::default();
+        c.kafka
+            .properties
+            .insert("enable.idempotence".into(), "false".into());
+        assert_eq!(c.validate().unwrap_err().key, "kafka");
+        let mut c = RelayConfig::default();
+        c.logical.slot = "Bad-Slot".into();
+        assert_eq!(c.validate().unwrap_err().key, "logical.slot");
+        assert!(RelayConfig::default().validate().is_ok());
+    }
+}

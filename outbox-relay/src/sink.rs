@@ -1,0 +1,3 @@
+//! Where events go: Kafka.
+
+pub mod kafka;

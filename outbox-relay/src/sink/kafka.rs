@@ -1,0 +1,269 @@
+//! The Kafka sink: an idempotent rdkafka producer.
+//!
+//! Guarantees it gives the relay:
+//! - `enable.idempotence=true` and `acks=all` always (configuration that would weaken them is
+//!   refused): the broker deduplicates the producer's own retries, and a record is acknowledged
+//!   only once all in-sync replicas have it.
+//! - Records of one batch are enqueued in order; with idempotence librdkafka keeps per-partition
+//!   order across its internal retries, so an aggregate's records (one key, one partition) land
+//!   in order.
+//! - Each record's outcome is reported individually; the relay acknowledges only the contiguous
+//!   prefix of successes ([`crate::ack`]) and, after any failure, drops the producer and
+//!   [`KafkaSink::recreate`]s it rather than retrying one record out of order.
+//! - Keys are partitioned with `murmur2_random`, the Java client's partitioner, so a key lands on
+//!   the same partition as it would from Debezium/Kafka Connect.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::route::OutboundRecord;
+
+/// Producer settings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// How long a record may take to be acknowledged before it counts as failed
+    /// (`delivery.timeout.ms`).
+    #[serde(with = "crate::config::duration")]
+    pub delivery_timeout: Duration,
+    /// How long start-up waits for the cluster's metadata before reporting it unreachable.
+    #[serde(with = "crate::config::duration")]
+    pub connect_timeout: Duration,
+    /// Any other librdkafka producer property (TLS, SASL, `linger.ms`, `compression.type`, …).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "localhost:9092".to_owned(),
+            delivery_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// Property names whose values are secrets: never printed or logged.
+pub const SECRET_PROPERTIES: &[&str] = &[
+    "sasl.password",
+    "ssl.key.password",
+    "ssl.keystore.password",
+    "ssl.key.pem",
+    "sasl.oauthbearer.client.secret",
+];
+
+/// A producer problem.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// The configuration is refused before any connection is made.
+    #[error("invalid Kafka setting `{key}`: {reason}")]
+    Config {
+        /// The property name.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// librdkafka refused to create the producer.
+    #[error("could not create the Kafka producer: {0}")]
+    Create(#[source] KafkaError),
+    /// The cluster did not answer within the connect timeout.
+    #[error("Kafka at `{servers}` is unreachable: {error}")]
+    Unreachable {
+        /// The bootstrap servers.
+        servers: String,
+        /// The client's error.
+        #[source]
+        error: KafkaError,
+    },
+}
+
+impl KafkaSettings {
+    /// The librdkafka configuration: defaults, then user properties, then the guarantees this
+    /// relay depends on (refusing user properties that contradict them).
+    pub fn client_config(&self) -> Result<ClientConfig, SinkError> {
+        if self.bootstrap_servers.trim().is_empty() {
+            return Err(SinkError::Config {
+                key: "bootstrap.servers".into(),
+                reason: "must not be empty".into(),
+            });
+        }
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.bootstrap_servers)
+            .set("client.id", "outbox-relay")
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "500000")
+            .set("partitioner", "murmur2_random")
+            .set(
+                "delivery.timeout.ms",
+                self.delivery_timeout.as_millis().to_string(),
+            );
+        for (key, value) in &self.properties {
+            let refused = match key.as_str() {
+                "enable.idempotence" if value != "true" => Some("the relay requires idempotence"),
+                "acks" | "request.required.acks" if !matches!(value.as_str(), "all" | "-1") => {
+                    Some("the relay requires acks=all")
+                }
+                "max.in.flight.requests.per.connection" | "max.in.flight"
+                    if value.parse::<u32>().map(|n| n > 5).unwrap_or(true) =>
+                {
+                    Some("idempotent ordering needs at most 5 in-flight requests")
+                }
+                "enable.gapless.guarantee" | "bootstrap.servers" => {
+                    Some("set it through its own setting")
+                }
+                _ => None,
+            };
+            if let Some(reason) = refused {
+                return Err(SinkError::Config {
+                    key: key.clone(),
+                    reason: reason.into(),
+                });
+            }
+            cfg.set(key, value);
+        }
+        cfg.set("enable.idempotence", "true").set("acks", "all");
+        Ok(cfg)
+    }
+}
+
+/// An idempotent Kafka producer with per-record outcomes. See the [module docs](self).
+pub struct KafkaSink {
+    settings: KafkaSettings,
+    producer: FutureProducer,
+}
+
+/// Where a record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// The partition.
+    pub partition: i32,
+    /// The offset.
+    pub offset: i64,
+}
+
+impl KafkaSink {
+    /// Creates the producer (no connection is made yet; see [`KafkaSink::check_connection`]).
+    pub fn new(settings: KafkaSettings) -> Result<Self, SinkError> {
+        let producer = settings
+            .client_config()?
+            .create()
+            .map_err(SinkError::Create)?;
+        Ok(Self { settings, producer })
+    }
+
+    /// Fetches cluster metadata to prove the brokers are reachable (and the credentials work).
+    pub async fn check_connection(&self) -> Result<(), SinkError> {
+        let producer = self.producer.clone();
+        let timeout = self.settings.connect_timeout;
+        let servers = self.settings.bootstrap_servers.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|_| ())
+                .map_err(|error| SinkError::Unreachable { servers, error })
+        })
+        .await
+        .unwrap_or_else(|join| {
+            Err(SinkError::Config {
+                key: "bootstrap.servers".into(),
+                reason: format!("metadata check panicked: {join}"),
+            })
+        })
+    }
+
+    /// Replaces the producer with a fresh one: drops whatever the old one still had queued, so
+    /// nothing it held can be delivered out of order after the relay resumes.
+    pub fn recreate(&mut self) -> Result<(), SinkError> {
+        self.producer = self
+            .settings
+            .client_config()?
+            .create()
+            .map_err(SinkError::Create)?;
+        Ok(())
+    }
+
+    /// The underlying producer (for metrics and the `topics` commands).
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// Produces `records` in order and waits for every outcome; the result has one entry per
+    /// record, in the same order.
+    pub async fn send_batch(
+        &self,
+        records: &[OutboundRecord],
+    ) -> Vec<Result<Delivered, KafkaError>> {
+        let mut pending = Vec::with_capacity(records.len());
+        let mut failed_from: Option<(usize, KafkaError)> = None;
+        for (i, r) in records.iter().enumerate() {
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+            for (name, value) in &r.headers {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+            let mut record = FutureRecord::to(&r.topic).key(&r.key).headers(headers);
+            if let Some(p) = &r.payload {
+                record = record.payload(p);
+            }
+            if let Some(ts) = r.timestamp_ms {
+                record = record.timestamp(ts);
+            }
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err((error, _)) => {
+                        failed_from = Some((i, error));
+                        break;
+                    }
+                }
+            }
+            if failed_from.is_some() {
+                break;
+            }
+        }
+        let mut out: Vec<Result<Delivered, KafkaError>> = join_all(pending)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(Ok(d)) => Ok(Delivered {
+                    partition: d.partition,
+                    offset: d.offset,
+                }),
+                Ok(Err((error, _))) => Err(error),
+                Err(_canceled) => Err(KafkaError::Canceled),
+            })
+            .collect();
+        if let Some((i, error)) = failed_from {
+            // Records from the first one that could not be enqueued were never sent.
+            out.push(Err(error.clone()));
+            out.extend((i + 1..records.len()).map(|_| Err(error.clone())));
+        }
+        out
+    }
+
+    /// Number of records queued in the producer and not yet acknowledged.
+    pub fn in_flight(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+}
