@@ -70,7 +70,10 @@ use uuid::Uuid;
 pub use pgoutput::{DecodeError, Lsn};
 pub use slot::{NameError, PublicationName, SlotName, SlotStatus};
 
+use super::polling::{RowAcknowledgement, acknowledge_rows};
 use super::{Position, Source, SourceError, SourceEvent};
+use crate::config::RelayConfig;
+use crate::leader::Leadership;
 use pgoutput::{PgOutputMessage, Relation};
 use slot::ResolvedTable;
 use stream::{ReplicationTarget, Session};
@@ -182,6 +185,8 @@ pub struct LogicalConfig {
     pub slot_check_interval: Duration,
     /// Recreate a lost slot and re-publish from the table (`table` mode only; default true).
     pub recover_lost_slot: bool,
+    /// What acknowledging does to a row in `table` mode (mark `published_at`, or delete).
+    pub acknowledgement: RowAcknowledgement,
 }
 
 impl LogicalConfig {
@@ -199,7 +204,22 @@ impl LogicalConfig {
             status_interval: Duration::from_secs(1),
             slot_check_interval: Duration::from_secs(30),
             recover_lost_slot: true,
+            acknowledgement: RowAcknowledgement::Mark,
         }
+    }
+
+    /// The logical source's settings from the relay configuration (`logical.*` keys).
+    pub fn from_relay(config: &RelayConfig, table: OutboxTable) -> Result<Self, LogicalError> {
+        let mut cfg = Self::new(config.database_url.expose(), table, config.write_mode);
+        cfg.slot = SlotName::parse(&config.logical.slot)
+            .map_err(|e| LogicalError::Config(format!("logical.slot: {e}")))?;
+        cfg.publication = PublicationName::parse(&config.logical.publication)
+            .map_err(|e| LogicalError::Config(format!("logical.publication: {e}")))?;
+        cfg.message_prefix = config.logical.message_prefix.clone();
+        cfg.heartbeat_interval = config.logical.heartbeat_interval;
+        cfg.status_interval = config.logical.status_interval;
+        cfg.acknowledgement = config.acknowledgement;
+        Ok(cfg)
     }
 }
 
@@ -259,6 +279,9 @@ struct InFlight {
 pub struct LogicalSource {
     cfg: LogicalConfig,
     pool: PgPool,
+    /// The leader lock's session: rows are acknowledged on it, so a relay that lost leadership
+    /// cannot mark anything.
+    leader: Option<Leadership>,
     target: ReplicationTarget,
     table: Option<ResolvedTable>,
     heartbeat_prefix: String,
@@ -299,6 +322,11 @@ impl LogicalSource {
     /// re-publish unpublished rows when a `table`-mode slot is new or was lost, and start streaming
     /// from the slot's confirmed position.
     pub async fn connect(cfg: LogicalConfig) -> Result<Self, LogicalError> {
+        Self::open(cfg, None).await
+    }
+
+    /// Like [`LogicalSource::connect`], acknowledging rows through the leader lock's session.
+    pub async fn open(cfg: LogicalConfig, leader: Option<Leadership>) -> Result<Self, LogicalError> {
         let target = ReplicationTarget::from_url(&cfg.database_url)?;
         let pool = PgPoolOptions::new()
             .max_connections(2)
@@ -322,6 +350,7 @@ impl LogicalSource {
             next_slot_check: now + cfg.slot_check_interval,
             cfg,
             pool,
+            leader,
             target,
             table,
             session: None,
@@ -503,15 +532,27 @@ impl LogicalSource {
     }
 
     async fn start_session(&mut self) -> Result<(), LogicalError> {
-        let session = Session::start(
-            &self.target,
-            &self.cfg.slot,
-            &self.cfg.publication,
-            self.confirmed,
-            self.cfg.status_interval,
-            "outbox-relay",
-        )
-        .await?;
+        let mut attempt = 0;
+        let session = loop {
+            match Session::start(
+                &self.target,
+                &self.cfg.slot,
+                &self.cfg.publication,
+                self.confirmed,
+                self.cfg.status_interval,
+                "outbox-relay",
+            )
+            .await
+            {
+                Ok(s) => break s,
+                // The walsender of a session we just closed may hold the slot for a moment.
+                Err(LogicalError::SlotInUse(_)) if attempt < 30 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         self.metrics.sessions.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .confirmed_lsn
@@ -536,6 +577,15 @@ impl LogicalSource {
             self.backfill().await?;
         }
         self.start_session().await
+    }
+
+    fn restartable(&self, e: &LogicalError) -> bool {
+        match e {
+            LogicalError::SlotLost { .. } => {
+                self.cfg.write_mode == WriteMode::Table && self.cfg.recover_lost_slot
+            }
+            e => e.is_retryable(),
+        }
     }
 
     fn idle(&self) -> bool {
@@ -774,10 +824,24 @@ impl LogicalSource {
         if self.session.is_none() {
             self.restart().await?;
         }
+        // The relay calls next_batch only once everything returned before was acknowledged or
+        // rewound, so a broken session can be replaced here without losing anything: one
+        // in-place restart per call (a lost slot is detected and, in table mode, recovered by
+        // it), then errors go to the relay.
+        let mut restarted = false;
         while self.ready.is_empty() {
-            if self.step(shutdown).await? {
-                self.close().await?;
-                return Ok(Vec::new());
+            match self.step(shutdown).await {
+                Ok(true) => {
+                    self.close().await?;
+                    return Ok(Vec::new());
+                }
+                Ok(false) => {}
+                Err(e) if !restarted && self.inflight.is_empty() && self.restartable(&e) => {
+                    tracing::warn!(error = %e, "replication session failed; restarting from the confirmed position");
+                    restarted = true;
+                    self.restart().await?;
+                }
+                Err(e) => return Err(e),
             }
         }
         // Take whatever else is already buffered, without waiting.
@@ -786,7 +850,11 @@ impl LogicalSource {
             match tokio::time::timeout(Duration::ZERO, session.recv()).await {
                 Ok(Ok(Some(ev))) => self.handle(ev)?,
                 Ok(Ok(None)) | Err(_) => break,
-                Ok(Err(e)) => return Err(stream::classify(&self.cfg.slot, e)),
+                // Keep what is complete; the error shows again on the next call.
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "replication session failed after a batch was read");
+                    break;
+                }
             }
         }
         let n = max.max(1).min(self.ready.len());
@@ -818,11 +886,28 @@ impl LogicalSource {
             }
         }
         // table mode: mark rows published BEFORE the LSN is confirmed.
-        if self.cfg.write_mode == WriteMode::Table
-            && let Some(t) = &self.table
-        {
+        if self.cfg.write_mode == WriteMode::Table {
             let ids: Vec<Uuid> = delivered.iter().map(|d| d.event.id).collect();
-            mark_published(&self.pool, &t.qualified, &ids).await?;
+            let result = match self.leader.as_mut() {
+                Some(l) => {
+                    acknowledge_rows(l.connection(), &self.cfg.table, self.cfg.acknowledgement, &ids)
+                        .await
+                }
+                None => {
+                    let mut conn = self.pool.acquire().await.map_err(|source| {
+                        LogicalError::Database {
+                            context: "acquiring a connection to acknowledge rows",
+                            source,
+                        }
+                    })?;
+                    acknowledge_rows(&mut conn, &self.cfg.table, self.cfg.acknowledgement, &ids)
+                        .await
+                }
+            };
+            result.map_err(|source| LogicalError::Database {
+                context: "acknowledging rows in the outbox table",
+                source,
+            })?;
         }
         let mut new_confirm = None;
         for _ in 0..delivered.len() {
@@ -875,21 +960,6 @@ async fn create_marker(pool: &PgPool, marker: &SlotName) -> Result<(), LogicalEr
     }
 }
 
-/// Mark acknowledged rows published (`table` mode).
-async fn mark_published(pool: &PgPool, qualified: &str, ids: &[Uuid]) -> Result<(), LogicalError> {
-    let sql = format!(
-        "UPDATE {qualified} SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL"
-    );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(ids)
-        .execute(pool)
-        .await
-        .map_err(|source| LogicalError::Database {
-            context: "marking rows published",
-            source,
-        })?;
-    Ok(())
-}
 
 #[async_trait]
 impl Source for LogicalSource {
