@@ -857,13 +857,18 @@ impl LogicalSource {
                 }
             }
         }
+        Ok(self.take_batch(max))
+    }
+
+    /// Move up to `max` ready events to the in-flight window and return them.
+    fn take_batch(&mut self, max: usize) -> Vec<SourceEvent> {
         let n = max.max(1).min(self.ready.len());
         let batch: Vec<SourceEvent> = self.ready.drain(..n).collect();
         self.inflight.extend(batch.iter().map(|e| InFlight {
             id: e.event.id,
             position: e.position,
         }));
-        Ok(batch)
+        batch
     }
 
     async fn acknowledge_inner(&mut self, delivered: &[SourceEvent]) -> Result<(), LogicalError> {
@@ -1003,6 +1008,204 @@ impl Source for LogicalSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pgoutput::tests::{Buf, relation_msg};
+    use pgwire_replication::Lsn as WLsn;
+
+    fn source(mode: WriteMode) -> LogicalSource {
+        let url = "postgres://nobody@127.0.0.1:1/none";
+        let now = Instant::now();
+        LogicalSource {
+            cfg: LogicalConfig::new(url, OutboxTable::default(), mode),
+            pool: PgPoolOptions::new().connect_lazy(url).unwrap(),
+            leader: None,
+            target: ReplicationTarget::from_url(url).unwrap(),
+            table: Some(ResolvedTable {
+                schema: "public".into(),
+                name: "outbox".into(),
+                qualified: "\"public\".\"outbox\"".into(),
+            }),
+            heartbeat_prefix: "outbox-heartbeat".into(),
+            session: None,
+            relations: HashMap::new(),
+            open: None,
+            ready: VecDeque::new(),
+            inflight: VecDeque::new(),
+            confirmed: Lsn(100),
+            backfill_due: false,
+            next_heartbeat: now,
+            next_slot_check: now,
+            stopped: false,
+            metrics: Arc::default(),
+        }
+    }
+
+    fn xlog(data: Vec<u8>) -> ReplicationEvent {
+        ReplicationEvent::XLogData {
+            wal_start: WLsn::ZERO,
+            wal_end: WLsn::ZERO,
+            server_time_micros: 0,
+            data: data.into(),
+        }
+    }
+
+    fn insert(rel: u32, id: &str, agg: &str) -> ReplicationEvent {
+        xlog(
+            Buf::tag(b'I')
+                .i32(rel as i32)
+                .u8(b'N')
+                .i16(5)
+                .text(id)
+                .text("order")
+                .text(agg)
+                .text("Created")
+                .u8(b'n')
+                .0,
+        )
+    }
+
+    fn begin(lsn: u64) -> ReplicationEvent {
+        ReplicationEvent::Begin {
+            final_lsn: WLsn::from_u64(lsn),
+            xid: 1,
+            commit_time_micros: 0,
+        }
+    }
+
+    fn commit(lsn: u64, end: u64) -> ReplicationEvent {
+        ReplicationEvent::Commit {
+            lsn: WLsn::from_u64(lsn),
+            end_lsn: WLsn::from_u64(end),
+            commit_time_micros: 0,
+        }
+    }
+
+    fn keepalive(lsn: u64) -> ReplicationEvent {
+        ReplicationEvent::KeepAlive {
+            wal_end: WLsn::from_u64(lsn),
+            reply_requested: true,
+            server_time_micros: 0,
+        }
+    }
+
+    const ID1: &str = "00000000-0000-0000-0000-000000000001";
+    const ID2: &str = "00000000-0000-0000-0000-000000000002";
+    const ID3: &str = "00000000-0000-0000-0000-000000000003";
+
+    #[tokio::test]
+    async fn confirmation_never_passes_the_acknowledged_prefix() {
+        let mut s = source(WriteMode::InsertDelete);
+        let cols = ["id", "aggregatetype", "aggregateid", "type", "payload"];
+        s.handle(begin(200)).unwrap();
+        s.handle(xlog(relation_msg(7, "public", "outbox", &cols))).unwrap();
+        s.handle(insert(7, ID1, "a")).unwrap();
+        // A delete of the insert_delete trick is ignored.
+        s.handle(xlog(Buf::tag(b'D').i32(7).u8(b'K').i16(1).text(ID1).0))
+            .unwrap();
+        s.handle(insert(7, ID2, "a")).unwrap();
+        // A keepalive inside an open transaction never confirms.
+        s.handle(keepalive(5000)).unwrap();
+        assert_eq!(s.confirmed, Lsn(100));
+        assert!(s.ready.is_empty(), "nothing is returned before the commit");
+        s.handle(commit(200, 210)).unwrap();
+        s.handle(begin(300)).unwrap();
+        s.handle(insert(7, ID3, "b")).unwrap();
+        s.handle(commit(300, 310)).unwrap();
+        // Received but not acknowledged: keepalives must not confirm.
+        s.handle(keepalive(400)).unwrap();
+        assert_eq!(s.confirmed, Lsn(100));
+
+        let batch = s.take_batch(10);
+        assert_eq!(batch.len(), 3);
+        assert_eq!(
+            batch[0].position,
+            Position::Wal {
+                commit_lsn: 200,
+                end_lsn: 210,
+                last_in_transaction: false
+            }
+        );
+        assert_eq!(
+            batch[1].position,
+            Position::Wal {
+                commit_lsn: 200,
+                end_lsn: 210,
+                last_in_transaction: true
+            }
+        );
+        s.handle(keepalive(400)).unwrap();
+        assert_eq!(s.confirmed, Lsn(100), "in flight: keepalive must not confirm");
+        s.acknowledge_inner(&batch[..1]).await.unwrap();
+        assert_eq!(s.confirmed, Lsn(100), "half a transaction confirms nothing");
+        s.acknowledge_inner(&batch[1..2]).await.unwrap();
+        assert_eq!(s.confirmed, Lsn(210));
+        s.handle(keepalive(400)).unwrap();
+        assert_eq!(s.confirmed, Lsn(210), "tx 2 still in flight");
+        s.acknowledge_inner(&batch[2..]).await.unwrap();
+        assert_eq!(s.confirmed, Lsn(310));
+        // Now idle: a keepalive or heartbeat may be confirmed.
+        s.handle(keepalive(400)).unwrap();
+        assert_eq!(s.confirmed, Lsn(400));
+        s.handle(ReplicationEvent::Message {
+            transactional: false,
+            lsn: WLsn::from_u64(450),
+            prefix: "outbox-heartbeat".into(),
+            content: Vec::new().into(),
+        })
+        .unwrap();
+        assert_eq!(s.confirmed, Lsn(450));
+        // An empty transaction while idle is confirmable at once.
+        s.handle(begin(500)).unwrap();
+        s.handle(commit(500, 510)).unwrap();
+        assert_eq!(s.confirmed, Lsn(510));
+        // Never backwards.
+        s.handle(keepalive(10)).unwrap();
+        assert_eq!(s.confirmed, Lsn(510));
+    }
+
+    #[tokio::test]
+    async fn acknowledging_out_of_order_or_too_much_is_refused() {
+        let mut s = source(WriteMode::InsertDelete);
+        let cols = ["id", "aggregatetype", "aggregateid", "type", "payload"];
+        s.handle(xlog(relation_msg(7, "public", "outbox", &cols))).unwrap();
+        s.handle(begin(200)).unwrap();
+        s.handle(insert(7, ID1, "a")).unwrap();
+        s.handle(insert(7, ID2, "a")).unwrap();
+        s.handle(commit(200, 210)).unwrap();
+        let batch = s.take_batch(10);
+        assert!(s.acknowledge_inner(&batch[1..]).await.is_err());
+        let mut more = batch.clone();
+        more.push(batch[0].clone());
+        assert!(s.acknowledge_inner(&more).await.is_err());
+        assert_eq!(s.confirmed, Lsn(100));
+    }
+
+    #[tokio::test]
+    async fn messages_and_other_tables() {
+        let mut s = source(WriteMode::LogicalMessage);
+        s.table = None;
+        let content = format!(
+            r#"{{"id":"{ID1}","aggregatetype":"order","aggregateid":"1","type":"Created","payload":{{"a":1}}}}"#
+        );
+        s.handle(begin(200)).unwrap();
+        // insert into some other table is ignored
+        s.handle(xlog(relation_msg(9, "public", "accounts", &["id"])))
+            .unwrap();
+        s.handle(xlog(Buf::tag(b'I').i32(9).u8(b'N').i16(1).text("x").0))
+            .unwrap();
+        for (prefix, transactional) in [("outbox", true), ("other", true), ("outbox", false)] {
+            s.handle(ReplicationEvent::Message {
+                transactional,
+                lsn: WLsn::from_u64(205),
+                prefix: prefix.into(),
+                content: content.clone().into_bytes().into(),
+            })
+            .unwrap();
+        }
+        s.handle(commit(200, 210)).unwrap();
+        let batch = s.take_batch(10);
+        assert_eq!(batch.len(), 1, "only the transactional message with our prefix");
+        assert_eq!(batch[0].event.payload.as_deref(), Some(r#"{"a":1}"#));
+    }
 
     #[test]
     fn default_names_are_valid_and_marker_fits() {
