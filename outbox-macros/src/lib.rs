@@ -1,8 +1,19 @@
-//! `#[derive(OutboxEvent)]` (placeholder until the derive lands).
-use proc_macro::TokenStream;
+#![doc = include_str!("guide.md")]
 
-/// Derives `OutboxEvent` (placeholder).
-#[proc_macro_derive(OutboxEvent, attributes(outbox))]
-pub fn derive_outbox_event(_input: TokenStream) -> TokenStream {
-    TokenStream::new()
+mod ast;
+mod attr;
+mod diagnostics;
+mod expand;
+mod resolve;
+mod topic;
+mod valid;
+
+use proc_macro::TokenStream;
+use syn::{DeriveInput, parse_macro_input};
+
+#[doc = include_str!("guide.md")]
+#[proc_macro_derive(OutboxEvent, attributes(outbox, serde))]
+pub fn derive_outbox_event(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand::derive(&input).into()
 }

@@ -1,0 +1,9 @@
+#[derive(serde::Serialize, serde::Deserialize, outbox_core::OutboxEvent)]
+#[outbox(aggregate_type = "account", aggregate_id = "account_id")]
+struct AccountOpened {
+    account_id: u64,
+    #[outbox(aggregate_id)]
+    customer_id: u64,
+}
+
+fn main() {}

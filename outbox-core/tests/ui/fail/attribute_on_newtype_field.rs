@@ -1,0 +1,7 @@
+#[derive(outbox_core::OutboxEvent)]
+#[outbox(aggregate_type = "account")]
+enum AccountEvent {
+    Opened(#[outbox(aggregate_id)] u64),
+}
+
+fn main() {}

@@ -1,0 +1,8 @@
+#[derive(outbox_core::OutboxEvent)]
+#[outbox(aggregate_type = "account", aggregate_id = "account_id")]
+enum AccountEvent {
+    Opened { account_id: u64 },
+    Closed,
+}
+
+fn main() {}

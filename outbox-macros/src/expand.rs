@@ -1,0 +1,473 @@
+//! Code generation: `impl OutboxEvent` and `impl DecodeEvent` for a validated [`Input`].
+
+use crate::ast::{Enum, Field, Input, Shape, Struct, Variant};
+use crate::resolve::Access;
+use proc_macro2::TokenStream;
+use quote::{format_ident, quote, quote_spanned};
+use syn::ext::IdentExt as _;
+use syn::spanned::Spanned as _;
+use syn::{DeriveInput, Ident, LitStr, Result};
+
+/// The derive's output for `node`: both impls, or the compile errors plus placeholder impls
+/// (so that the errors are not followed by "trait not implemented" noise at every use).
+pub(crate) fn derive(node: &DeriveInput) -> TokenStream {
+    match try_expand(node) {
+        Ok(tokens) => tokens,
+        Err(error) => {
+            let errors = error.to_compile_error();
+            let fallback = fallback(node);
+            quote! {
+                #errors
+                #fallback
+            }
+        }
+    }
+}
+
+fn try_expand(node: &DeriveInput) -> Result<TokenStream> {
+    let input = Input::from_syn(node)?;
+    input.validate()?;
+    match &input {
+        Input::Struct(input) => expand_struct(input),
+        Input::Enum(input) => expand_enum(input),
+    }
+}
+
+fn expand_struct(input: &Struct<'_>) -> Result<TokenStream> {
+    let ident = input.ident;
+    let aggregate_type = &input.attrs.aggregate_type;
+    let aggregate_id = input.aggregate_id()?.ident;
+    let event_type = input.event_type();
+    let schema_version = input.attrs.schema_version.as_ref().map(|version| {
+        let value = version.value;
+        quote! {
+            fn schema_version(&self) -> i32 {
+                #value
+            }
+        }
+    });
+    let topic = input.attrs.topic.as_ref().map(|topic| {
+        quote! {
+            fn topic(&self) -> ::core::option::Option<&str> {
+                ::core::option::Option::Some(#topic)
+            }
+        }
+    });
+    let sequence = input.sequence()?.map(|field| {
+        let member = field.ident;
+        let value = sequence_from_field(field, quote!(&self.#member));
+        quote! {
+            // `From<i64> for i64` is a no-op for `i64` fields.
+            #[allow(clippy::useless_conversion)]
+            fn aggregate_sequence(&self) -> ::core::option::Option<i64> {
+                ::core::option::Option::Some(#value)
+            }
+        }
+    });
+    // Spanned at the type's name, so a missing `Serialize` / `Deserialize` derive is reported there.
+    let to_value =
+        quote_spanned!(ident.span()=> ::outbox_core::__private::serde_json::to_value(self));
+    let from_slice =
+        quote_spanned!(ident.span()=> ::outbox_core::__private::serde_json::from_slice::<Self>);
+    let payload_error = payload_error(ident);
+    let unknown_event_type = unknown_event_type(ident);
+    Ok(quote! {
+        #[automatically_derived]
+        impl ::outbox_core::OutboxEvent for #ident {
+            fn aggregate_type(&self) -> &str {
+                #aggregate_type
+            }
+
+            fn aggregate_id(&self) -> ::std::string::String {
+                ::std::string::ToString::to_string(&self.#aggregate_id)
+            }
+
+            fn event_type(&self) -> &str {
+                #event_type
+            }
+
+            #schema_version
+            #topic
+            #sequence
+
+            fn to_payload(
+                &self,
+            ) -> ::core::result::Result<
+                ::outbox_core::__private::serde_json::Value,
+                ::outbox_core::__private::serde_json::Error,
+            > {
+                #to_value
+            }
+        }
+
+        #[automatically_derived]
+        impl ::outbox_core::DecodeEvent for #ident {
+            fn accepts(event_type: &str) -> bool {
+                event_type == #event_type
+            }
+
+            fn decode(
+                event_type: &str,
+                payload: &[u8],
+            ) -> ::core::result::Result<Self, ::outbox_core::DecodeError> {
+                if event_type != #event_type {
+                    return #unknown_event_type;
+                }
+                #from_slice(payload).map_err(#payload_error)
+            }
+        }
+    })
+}
+
+fn expand_enum(input: &Enum<'_>) -> Result<TokenStream> {
+    let ident = input.ident;
+    let aggregate_type = &input.attrs.aggregate_type;
+    let variants = &input.variants;
+
+    let aggregate_id_arms = variants
+        .iter()
+        .map(|variant| {
+            let (pattern, value) = bind(variant, variant.aggregate_id(input)?);
+            Ok(quote! {
+                #pattern => ::std::string::ToString::to_string(#value),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    let event_types: Vec<String> = variants.iter().map(Variant::event_type).collect();
+    let any_variant = variants.iter().map(|variant| {
+        let variant = variant.ident;
+        quote!(Self::#variant { .. })
+    });
+    let event_type_arms = any_variant
+        .clone()
+        .zip(&event_types)
+        .map(|(pattern, event_type)| quote!(#pattern => #event_type,));
+
+    let schema_version = (input.attrs.schema_version.is_some()
+        || variants.iter().any(|v| v.attrs.schema_version.is_some()))
+    .then(|| {
+        let arms = any_variant.clone().zip(variants).map(|(pattern, variant)| {
+            let version = variant
+                .attrs
+                .schema_version
+                .as_ref()
+                .or(input.attrs.schema_version.as_ref())
+                .map_or(1, |version| version.value);
+            quote!(#pattern => #version,)
+        });
+        quote! {
+            fn schema_version(&self) -> i32 {
+                match self {
+                    #(#arms)*
+                }
+            }
+        }
+    });
+
+    let topic = (input.attrs.topic.is_some() || variants.iter().any(|v| v.attrs.topic.is_some()))
+        .then(|| {
+            let arms = any_variant.clone().zip(variants).map(|(pattern, variant)| {
+                let topic = variant.attrs.topic.as_ref().or(input.attrs.topic.as_ref());
+                let topic = option(topic.map(|topic| quote!(#topic)));
+                quote!(#pattern => #topic,)
+            });
+            quote! {
+                fn topic(&self) -> ::core::option::Option<&str> {
+                    match self {
+                        #(#arms)*
+                    }
+                }
+            }
+        });
+
+    let mut any_sequence = false;
+    let sequence_arms = any_variant
+        .clone()
+        .zip(variants)
+        .map(|(unbound, variant)| {
+            Ok(match variant.sequence(input)? {
+                Some(access) => {
+                    any_sequence = true;
+                    let value = match access {
+                        Access::Field(field) => sequence_from_field(field, quote!(__outbox_field)),
+                        Access::Inner(member) => sequence_from_inner(member),
+                    };
+                    let (pattern, _) = bind(variant, access);
+                    quote!(#pattern => ::core::option::Option::Some(#value),)
+                }
+                None => quote!(#unbound => ::core::option::Option::None,),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let sequence = any_sequence.then(|| {
+        quote! {
+            // `From<i64> for i64` is a no-op for `i64` fields.
+            #[allow(clippy::useless_conversion)]
+            fn aggregate_sequence(&self) -> ::core::option::Option<i64> {
+                match self {
+                    #(#sequence_arms)*
+                }
+            }
+        }
+    });
+
+    let payload_mirror = payload_mirror(input);
+    let decode_helpers = variants.iter().map(decode_helper);
+    let decode_arms = variants
+        .iter()
+        .zip(&event_types)
+        .map(|(variant, event_type)| {
+            let helper = decode_helper_ident(variant);
+            let variant_ident = variant.ident;
+            let construct = match &variant.shape {
+                Shape::Struct(fields) => {
+                    let members = fields.iter().map(|field| field.ident);
+                    let members2 = members.clone();
+                    quote!(Self::#variant_ident { #(#members: __outbox_payload.#members2),* })
+                }
+                Shape::Newtype(_) => quote!(Self::#variant_ident(__outbox_payload.0)),
+            };
+            let payload_error = payload_error(ident);
+            quote! {
+                #event_type => {
+                    let __outbox_payload: #helper =
+                        ::outbox_core::__private::serde_json::from_slice(payload)
+                            .map_err(#payload_error)?;
+                    ::core::result::Result::Ok(#construct)
+                }
+            }
+        });
+    let unknown_event_type = unknown_event_type(ident);
+
+    Ok(quote! {
+        #[doc(hidden)]
+        const _: () = {
+            #payload_mirror
+            #(#decode_helpers)*
+
+            #[automatically_derived]
+            impl ::outbox_core::OutboxEvent for #ident {
+                fn aggregate_type(&self) -> &str {
+                    #aggregate_type
+                }
+
+                fn aggregate_id(&self) -> ::std::string::String {
+                    match self {
+                        #(#aggregate_id_arms)*
+                    }
+                }
+
+                fn event_type(&self) -> &str {
+                    match self {
+                        #(#event_type_arms)*
+                    }
+                }
+
+                #schema_version
+                #topic
+                #sequence
+
+                fn to_payload(
+                    &self,
+                ) -> ::core::result::Result<
+                    ::outbox_core::__private::serde_json::Value,
+                    ::outbox_core::__private::serde_json::Error,
+                > {
+                    __OutboxPayload::serialize(
+                        self,
+                        ::outbox_core::__private::serde_json::value::Serializer,
+                    )
+                }
+            }
+
+            #[automatically_derived]
+            impl ::outbox_core::DecodeEvent for #ident {
+                fn accepts(event_type: &str) -> bool {
+                    ::core::matches!(event_type, #(#event_types)|*)
+                }
+
+                fn decode(
+                    event_type: &str,
+                    payload: &[u8],
+                ) -> ::core::result::Result<Self, ::outbox_core::DecodeError> {
+                    match event_type {
+                        #(#decode_arms)*
+                        _ => #unknown_event_type,
+                    }
+                }
+            }
+        };
+    })
+}
+
+/// A pattern for `variant` that binds `__outbox_field` to the value `access` points at (the
+/// field itself, or the newtype's inner value), and the expression that borrows that value.
+fn bind(variant: &Variant<'_>, access: Access<'_>) -> (TokenStream, TokenStream) {
+    let ident = variant.ident;
+    match access {
+        Access::Field(field) => {
+            let member = field.ident;
+            (
+                quote!(Self::#ident { #member: __outbox_field, .. }),
+                quote!(__outbox_field),
+            )
+        }
+        Access::Inner(member) => (
+            quote!(Self::#ident(__outbox_field)),
+            quote!(&__outbox_field.#member),
+        ),
+    }
+}
+
+/// `i64` from a sequence field of known type, borrowed by `place`; a type without
+/// `From<T> for i64` is reported at the field's type.
+fn sequence_from_field(field: &Field<'_>, place: TokenStream) -> TokenStream {
+    let ty = field.ty;
+    quote_spanned! {ty.span()=>
+        <i64 as ::core::convert::From<#ty>>::from(::core::clone::Clone::clone(#place))
+    }
+}
+
+/// `i64` from the sequence field `member` of a newtype variant's inner value.
+fn sequence_from_inner(member: &Ident) -> TokenStream {
+    quote_spanned! {member.span()=>
+        ::core::convert::Into::<i64>::into(::core::clone::Clone::clone(&__outbox_field.#member))
+    }
+}
+
+fn option(value: Option<TokenStream>) -> TokenStream {
+    match value {
+        Some(value) => quote!(::core::option::Option::Some(#value)),
+        None => quote!(::core::option::Option::None),
+    }
+}
+
+/// A copy of the enum, with the fields' `#[serde]` attributes, whose remote `Serialize` derive
+/// writes each variant untagged: a struct variant as the object of its fields, a newtype variant
+/// as its inner value. The user's enum itself needs no serde derive.
+fn payload_mirror(input: &Enum<'_>) -> TokenStream {
+    let remote = LitStr::new(&input.ident.to_string(), input.ident.span());
+    let variants = input.variants.iter().map(|variant| {
+        let ident = variant.ident;
+        match &variant.shape {
+            Shape::Struct(fields) => {
+                let fields = fields.iter().map(field_declaration);
+                quote!(#ident { #(#fields),* })
+            }
+            Shape::Newtype(field) => {
+                let field = field_declaration(field);
+                quote!(#ident(#field))
+            }
+        }
+    });
+    quote! {
+        #[derive(::outbox_core::__private::serde::Serialize)]
+        #[serde(crate = "::outbox_core::__private::serde", remote = #remote, untagged)]
+        #[allow(dead_code)]
+        enum __OutboxPayload {
+            #(#variants,)*
+        }
+    }
+}
+
+/// A struct with the variant's fields (and their `#[serde]` attributes) that its payload is
+/// deserialized into before the variant is built.
+fn decode_helper(variant: &Variant<'_>) -> TokenStream {
+    let helper = decode_helper_ident(variant);
+    let body = match &variant.shape {
+        Shape::Struct(fields) => {
+            let fields = fields.iter().map(field_declaration);
+            quote!({ #(#fields),* })
+        }
+        Shape::Newtype(field) => {
+            let field = field_declaration(field);
+            quote!((#field);)
+        }
+    };
+    quote! {
+        #[derive(::outbox_core::__private::serde::Deserialize)]
+        #[serde(crate = "::outbox_core::__private::serde")]
+        #[allow(non_camel_case_types)]
+        struct #helper #body
+    }
+}
+
+fn decode_helper_ident(variant: &Variant<'_>) -> Ident {
+    format_ident!("__OutboxDecode{}", variant.ident)
+}
+
+fn field_declaration(field: &Field<'_>) -> TokenStream {
+    let attrs = &field.serde_attrs;
+    let ty = field.ty;
+    match field.ident {
+        Some(ident) => quote!(#(#attrs)* #ident: #ty),
+        None => quote!(#(#attrs)* #ty),
+    }
+}
+
+fn payload_error(ident: &Ident) -> TokenStream {
+    let target = ident.unraw().to_string();
+    quote! {
+        |source| ::outbox_core::DecodeError::Payload {
+            event_type: ::std::borrow::ToOwned::to_owned(event_type),
+            target: #target,
+            source,
+        }
+    }
+}
+
+fn unknown_event_type(ident: &Ident) -> TokenStream {
+    let target = ident.unraw().to_string();
+    quote! {
+        ::core::result::Result::Err(::outbox_core::DecodeError::UnknownEventType {
+            event_type: ::std::borrow::ToOwned::to_owned(event_type),
+            target: #target,
+        })
+    }
+}
+
+/// Impls with the right signatures and no behavior, emitted next to compile errors.
+fn fallback(node: &DeriveInput) -> TokenStream {
+    let ident = &node.ident;
+    let (impl_generics, ty_generics, where_clause) = node.generics.split_for_impl();
+    quote! {
+        #[automatically_derived]
+        impl #impl_generics ::outbox_core::OutboxEvent for #ident #ty_generics #where_clause {
+            fn aggregate_type(&self) -> &str {
+                ::core::unreachable!()
+            }
+
+            fn aggregate_id(&self) -> ::std::string::String {
+                ::core::unreachable!()
+            }
+
+            fn event_type(&self) -> &str {
+                ::core::unreachable!()
+            }
+
+            fn to_payload(
+                &self,
+            ) -> ::core::result::Result<
+                ::outbox_core::__private::serde_json::Value,
+                ::outbox_core::__private::serde_json::Error,
+            > {
+                ::core::unreachable!()
+            }
+        }
+
+        #[automatically_derived]
+        impl #impl_generics ::outbox_core::DecodeEvent for #ident #ty_generics #where_clause {
+            fn accepts(_: &str) -> bool {
+                ::core::unreachable!()
+            }
+
+            fn decode(
+                _: &str,
+                _: &[u8],
+            ) -> ::core::result::Result<Self, ::outbox_core::DecodeError> {
+                ::core::unreachable!()
+            }
+        }
+    }
+}

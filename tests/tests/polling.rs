@@ -1,0 +1,641 @@
+//! End-to-end tests of the polling relay against a real PostgreSQL and a real Kafka-protocol
+//! broker: every committed event once, none from rolled-back transactions, per-aggregate order,
+//! late commits, restarts, standby takeover and failing fast on bad settings.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use outbox_core::{NewEvent, Outbox};
+use outbox_tests::*;
+use rand::RngExt;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const QUIET: Duration = Duration::from_millis(1500);
+const LONG: Duration = Duration::from_secs(60);
+
+/// Creates the aggregates table the writers lock to serialise writes per aggregate.
+async fn create_accounts(pool: &PgPool, n: usize) -> Result<Vec<String>> {
+    sqlx::query("CREATE TABLE accounts (id text PRIMARY KEY, version bigint NOT NULL DEFAULT 0)")
+        .execute(pool)
+        .await?;
+    let ids: Vec<String> = (0..n).map(|i| format!("acct-{i}")).collect();
+    sqlx::query("INSERT INTO accounts (id) SELECT unnest($1::text[])")
+        .bind(&ids)
+        .execute(pool)
+        .await?;
+    Ok(ids)
+}
+
+/// One business transaction: lock the aggregate, bump its version once per event, write the
+/// events, maybe linger (so commits interleave out of `seq` order), then commit or roll back.
+async fn business_tx(
+    pool: &PgPool,
+    outbox: &Outbox,
+    aggregate_type: &str,
+    account: &str,
+    events: usize,
+    linger: Duration,
+    commit: bool,
+    ledger: &std::sync::Mutex<Ledger>,
+) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    let version: i64 = sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1 FOR UPDATE")
+        .bind(account)
+        .fetch_one(&mut *tx)
+        .await?;
+    let batch: Vec<NewEvent> = (1..=events as i64)
+        .map(|i| {
+            NewEvent::new(
+                aggregate_type,
+                account,
+                "BalanceChanged",
+                Some(serde_json::json!({ "version": version + i, "note": "x".repeat(50) })),
+            )
+            .with_aggregate_seq(version + i)
+        })
+        .collect();
+    let ids = outbox.publish_new(&mut tx, batch).await?;
+    sqlx::query("UPDATE accounts SET version = $2 WHERE id = $1")
+        .bind(account)
+        .bind(version + events as i64)
+        .execute(&mut *tx)
+        .await?;
+    if !linger.is_zero() {
+        tokio::time::sleep(linger).await;
+    }
+    if commit {
+        tx.commit().await?;
+        ledger.lock().unwrap().committed.extend(ids);
+    } else {
+        tx.rollback().await?;
+        ledger.lock().unwrap().rolled_back.extend(ids);
+    }
+    Ok(())
+}
+
+/// Runs `writers` concurrent writers, each doing `txs` transactions on random accounts.
+async fn run_writers(
+    pool: &PgPool,
+    aggregate_type: &str,
+    accounts: &[String],
+    writers: usize,
+    txs: usize,
+    ledger: std::sync::Arc<std::sync::Mutex<Ledger>>,
+) -> Result<()> {
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let pool = pool.clone();
+        let accounts = accounts.to_vec();
+        let ledger = ledger.clone();
+        let aggregate_type = aggregate_type.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let outbox = Outbox::default();
+            for _ in 0..txs {
+                let (account, events, linger, commit) = {
+                    let mut rng = rand::rng();
+                    (
+                        accounts[rng.random_range(0..accounts.len())].clone(),
+                        rng.random_range(1..=3),
+                        Duration::from_millis(rng.random_range(0..6)),
+                        rng.random_range(0..10) != 0,
+                    )
+                };
+                business_tx(
+                    &pool,
+                    &outbox,
+                    &aggregate_type,
+                    &account,
+                    events,
+                    linger,
+                    commit,
+                    &ledger,
+                )
+                .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+fn assert_exact(v: &Verdict, ledger: &Ledger) {
+    assert_eq!(v.lost, 0, "lost events: {v:?}");
+    assert_eq!(v.phantom, 0, "phantom events: {v:?}");
+    assert_eq!(v.inversions, 0, "per-aggregate order inversions: {v:?}");
+    assert_eq!(v.duplicates, 0, "duplicates without a fault: {v:?}");
+    assert_eq!(v.records, ledger.committed.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_with_late_commits_and_rollbacks_deliver_every_committed_event_once_in_order()
+-> Result<()> {
+    let db = TestDb::create("poll_concurrent").await?;
+    db.migrate().await?;
+    let accounts = create_accounts(&db.pool, 12).await?;
+    let aggregate_type = unique("acct");
+    let topic = format!("outbox.event.{aggregate_type}");
+    create_topic(&topic, 3).await?;
+    let relay = InProcessRelay::start(relay_config(&db))?;
+    let ledger = std::sync::Arc::new(std::sync::Mutex::new(Ledger::default()));
+
+    // A long-open transaction takes its seq first and commits after everything else.
+    let held = {
+        let pool = db.pool.clone();
+        let ledger = ledger.clone();
+        let aggregate_type = aggregate_type.clone();
+        sqlx::query("INSERT INTO accounts (id) VALUES ('acct-long-open')")
+            .execute(&db.pool)
+            .await?;
+        tokio::spawn(async move {
+            business_tx(
+                &pool,
+                &Outbox::default(),
+                &aggregate_type,
+                "acct-long-open",
+                2,
+                Duration::from_secs(3),
+                true,
+                &ledger,
+            )
+            .await
+        })
+    };
+    run_writers(&db.pool, &aggregate_type, &accounts, 8, 40, ledger.clone()).await?;
+    held.await??;
+
+    wait_drained(&db.pool, LONG).await?;
+    let ledger = ledger.lock().unwrap().clone();
+    assert!(
+        ledger.committed.len() > 300,
+        "workload too small: {}",
+        ledger.committed.len()
+    );
+    assert!(!ledger.rolled_back.is_empty(), "workload had no rollbacks");
+    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    relay.stop().await?;
+    let v = Verdict::check(&ledger, &records);
+    assert_exact(&v, &ledger);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lower_seq_committing_after_a_higher_one_is_still_published() -> Result<()> {
+    let db = TestDb::create("poll_late").await?;
+    db.migrate().await?;
+    let aggregate_type = unique("late");
+    let topic = format!("outbox.event.{aggregate_type}");
+    let relay = InProcessRelay::start(relay_config(&db))?;
+    let outbox = Outbox::default();
+
+    // T1 inserts first (lower seq) and stays open.
+    let mut t1 = db.pool.begin().await?;
+    let low = outbox
+        .publish_new(
+            &mut t1,
+            vec![NewEvent::new(&aggregate_type, "a", "Low", None)],
+        )
+        .await?[0];
+    // T2 inserts later (higher seq) and commits first.
+    let mut t2 = db.pool.begin().await?;
+    let high = outbox
+        .publish_new(
+            &mut t2,
+            vec![NewEvent::new(&aggregate_type, "b", "High", None)],
+        )
+        .await?[0];
+    t2.commit().await?;
+    // Wait until the relay has published T2's event: a cursor relay would now be past T1's seq.
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let published: Option<bool> =
+            sqlx::query_scalar("SELECT published_at IS NOT NULL FROM outbox WHERE id = $1")
+                .bind(high)
+                .fetch_optional(&db.pool)
+                .await?;
+        if published == Some(true) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "T2's event never published"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let low_seq: i64 = sqlx::query_scalar("SELECT seq FROM outbox WHERE id = $1")
+        .bind(low)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or(-1);
+    assert_eq!(
+        low_seq, -1,
+        "T1's row must not be visible before it commits"
+    );
+    t1.commit().await?;
+    wait_drained(&db.pool, LONG).await?;
+    let records = consume(&[&topic], 2, QUIET, LONG).await?;
+    relay.stop().await?;
+    let ids: Vec<Uuid> = records.iter().map(|r| r.event_id()).collect();
+    assert!(
+        ids.contains(&low),
+        "the late-committing lower-seq event was skipped"
+    );
+    assert!(ids.contains(&high));
+    assert_eq!(ids.len(), 2, "{records:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_sql_five_column_row_is_relayed_with_debezium_routing() -> Result<()> {
+    let db = TestDb::create("poll_plain").await?;
+    db.migrate().await?;
+    let aggregate_type = unique("Order");
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload)
+         VALUES ($1, $2, 'order-7', 'OrderCreated', '{\"total\":10,\"currency\":\"EUR\",\"lines\":[1,2]}')",
+    )
+    .bind(id)
+    .bind(&aggregate_type)
+    .execute(&db.pool)
+    .await?;
+    let relay = InProcessRelay::start(relay_config(&db))?;
+    let topic = format!("outbox.event.{aggregate_type}");
+    let records = consume(&[&topic], 1, QUIET, LONG).await?;
+    relay.stop().await?;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!(
+        r.topic, topic,
+        "Debezium topic outbox.event.<aggregatetype>, case kept"
+    );
+    assert_eq!(r.key.as_deref(), Some("order-7"), "key = aggregateid");
+    // The value is the jsonb text exactly as PostgreSQL renders it, like Debezium's router.
+    let rendered: String = sqlx::query_scalar("SELECT payload::text FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(r.value.as_deref(), Some(rendered.as_str()));
+    assert_eq!(
+        rendered,
+        r#"{"lines": [1, 2], "total": 10, "currency": "EUR"}"#
+    );
+    assert_eq!(
+        r.header("id"),
+        Some(id.to_string().as_str()),
+        "header id = event id"
+    );
+    assert_eq!(r.header("eventType"), Some("OrderCreated"));
+    assert_eq!(r.header("ce_type"), Some("OrderCreated"));
+    assert_eq!(r.header("ce_id"), Some(id.to_string().as_str()));
+    assert_eq!(r.header("ce_subject"), Some("order-7"));
+    assert_eq!(r.header("ce_specversion"), Some("1.0"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("schemaVersion"), Some("1"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_templates_and_per_type_routes_apply_and_trace_context_travels() -> Result<()> {
+    let db = TestDb::create("poll_routes").await?;
+    db.migrate().await?;
+    let prefix = unique("svc");
+    let mut config = relay_config(&db);
+    config.route.topic = format!("{prefix}.{{aggregatetype}}.{{type}}");
+    config
+        .route
+        .routes
+        .insert("AccountClosed".into(), format!("{prefix}.closures"));
+    let relay = InProcessRelay::start(config)?;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let outbox = Outbox::default().with_trace_context(move || Some(tp.to_owned()));
+    let mut tx = db.pool.begin().await?;
+    outbox
+        .publish_new(
+            &mut tx,
+            vec![
+                NewEvent::new(
+                    "account",
+                    "1",
+                    "AccountOpened",
+                    Some(serde_json::json!({"a": 1})),
+                )
+                .with_header("tenant", "t-9"),
+                NewEvent::new("account", "1", "AccountClosed", None),
+                NewEvent::new("account", "1", "Pinned", None)
+                    .with_topic(format!("{prefix}.pinned")),
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    let opened = consume(
+        &[&format!("{prefix}.account.AccountOpened")],
+        1,
+        QUIET,
+        LONG,
+    )
+    .await?;
+    let closed = consume(&[&format!("{prefix}.closures")], 1, QUIET, LONG).await?;
+    let pinned = consume(&[&format!("{prefix}.pinned")], 1, QUIET, LONG).await?;
+    relay.stop().await?;
+    assert_eq!((opened.len(), closed.len(), pinned.len()), (1, 1, 1));
+    assert_eq!(opened[0].header("traceparent"), Some(tp));
+    assert_eq!(opened[0].header("tenant"), Some("t-9"));
+    assert_eq!(closed[0].value, None, "a NULL payload is a null value");
+    assert_eq!(closed[0].key.as_deref(), Some("1"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() -> Result<()> {
+    let db = TestDb::create("poll_restart").await?;
+    db.migrate().await?;
+    let accounts = create_accounts(&db.pool, 10).await?;
+    let aggregate_type = unique("rst");
+    let topic = format!("outbox.event.{aggregate_type}");
+    create_topic(&topic, 2).await?;
+    let ledger = std::sync::Arc::new(std::sync::Mutex::new(Ledger::default()));
+
+    let relay = RelayProcess::start(&db, &["--batch-size", "50"], &[]).await?;
+    relay.wait_for_log("this relay is active", LONG).await?;
+    let writers = {
+        let pool = db.pool.clone();
+        let ledger = ledger.clone();
+        let aggregate_type = aggregate_type.clone();
+        tokio::spawn(
+            async move { run_writers(&pool, &aggregate_type, &accounts, 4, 150, ledger).await },
+        )
+    };
+    // Stop the relay while events are flowing, then start a new one.
+    let deadline = std::time::Instant::now() + LONG;
+    while ledger.lock().unwrap().committed.len() < 200 {
+        assert!(std::time::Instant::now() < deadline, "writers stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "graceful stop must exit 0; log:\n{log}");
+    assert!(log.contains("relay stopped"), "{log}");
+    let relay = RelayProcess::start(&db, &["--batch-size", "50"], &[]).await?;
+    writers.await??;
+    wait_drained(&db.pool, LONG).await?;
+    let ledger = ledger.lock().unwrap().clone();
+    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    let v = Verdict::check(&ledger, &records);
+    assert_exact(&v, &ledger);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_relay_waits_and_takes_over_when_the_active_one_is_killed() -> Result<()> {
+    let db = TestDb::create("poll_standby").await?;
+    db.migrate().await?;
+    let accounts = create_accounts(&db.pool, 5).await?;
+    let aggregate_type = unique("ha");
+    let topic = format!("outbox.event.{aggregate_type}");
+    create_topic(&topic, 1).await?;
+    let ledger = std::sync::Arc::new(std::sync::Mutex::new(Ledger::default()));
+
+    let first = RelayProcess::start(&db, &[], &[]).await?;
+    first.wait_for_log("this relay is active", LONG).await?;
+    let second = RelayProcess::start(&db, &[], &[]).await?;
+    second.wait_for_log("standing by", LONG).await?;
+    run_writers(&db.pool, &aggregate_type, &accounts, 2, 30, ledger.clone()).await?;
+    wait_drained(&db.pool, LONG).await?;
+    assert!(
+        !second.log().contains("this relay is active"),
+        "the standby became active while the first relay was alive:\n{}",
+        second.log()
+    );
+
+    let log = first.kill9().await?;
+    assert!(log.contains("this relay is active"));
+    second
+        .wait_for_log("this relay is active", Duration::from_secs(20))
+        .await?;
+    run_writers(&db.pool, &aggregate_type, &accounts, 2, 30, ledger.clone()).await?;
+    wait_drained(&db.pool, LONG).await?;
+    let ledger = ledger.lock().unwrap().clone();
+    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    let (code, log) = second.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    let v = Verdict::check(&ledger, &records);
+    // The first relay was killed while idle (everything acknowledged), so nothing repeats.
+    assert_exact(&v, &ledger);
+    Ok(())
+}
+
+async fn expect_failure(
+    db: &TestDb,
+    args: &[&str],
+    env: &[(&str, &str)],
+    code: i32,
+    needle: &str,
+) -> Result<()> {
+    let relay = RelayProcess::start(db, args, env).await?;
+    let (got, log) = relay.wait_exit(Duration::from_secs(40)).await?;
+    assert_eq!(
+        got, code,
+        "args {args:?} env {env:?}: wrong exit code; log:\n{log}"
+    );
+    assert!(
+        log.contains(needle),
+        "args {args:?} env {env:?}: log lacks `{needle}`:\n{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_settings_fail_fast_with_a_clear_error_and_a_non_zero_exit() -> Result<()> {
+    let db = TestDb::create("poll_bad").await?;
+    // No migration yet: the relay must say so.
+    expect_failure(&db, &[], &[], 1, "run `outbox-relay migrate` first").await?;
+    db.migrate().await?;
+    // Unreachable database (nothing listens on port 1); the password must not be printed.
+    expect_failure(
+        &db,
+        &["--connect-timeout", "3s"],
+        &[(
+            "OUTBOX_DATABASE_URL",
+            "postgres://relay:hunter2@127.0.0.1:1/app",
+        )],
+        1,
+        "cannot connect to PostgreSQL at postgres://relay:***@127.0.0.1:1/app",
+    )
+    .await?;
+    let relay = RelayProcess::start(
+        &db,
+        &["--connect-timeout", "3s"],
+        &[(
+            "OUTBOX_DATABASE_URL",
+            "postgres://relay:hunter2@127.0.0.1:1/app",
+        )],
+    )
+    .await?;
+    let (_, log) = relay.wait_exit(Duration::from_secs(40)).await?;
+    assert!(!log.contains("hunter2"), "a secret was logged:\n{log}");
+    // Unreachable broker.
+    expect_failure(
+        &db,
+        &[
+            "--connect-timeout",
+            "2s",
+            "--kafka-bootstrap-servers",
+            "127.0.0.1:1",
+        ],
+        &[],
+        1,
+        "Kafka at `127.0.0.1:1` is unreachable",
+    )
+    .await?;
+    // Invalid topic template, unknown placeholder, unknown source, weakened producer.
+    expect_failure(
+        &db,
+        &["--topic", "events/{aggregatetype}"],
+        &[],
+        2,
+        "invalid setting `route.topic`",
+    )
+    .await?;
+    expect_failure(
+        &db,
+        &["--topic", "events.{tenant}"],
+        &[],
+        2,
+        "unknown placeholder `{tenant}`",
+    )
+    .await?;
+    expect_failure(
+        &db,
+        &["--source", "kafka"],
+        &[],
+        2,
+        "unknown source `kafka`",
+    )
+    .await?;
+    expect_failure(
+        &db,
+        &["--kafka-property", "enable.idempotence=false"],
+        &[],
+        2,
+        "the relay requires idempotence",
+    )
+    .await?;
+    expect_failure(
+        &db,
+        &["--table", "outbox;drop table x"],
+        &[],
+        2,
+        "invalid setting `table`",
+    )
+    .await?;
+    expect_failure(
+        &db,
+        &["--write-mode", "insert_delete"],
+        &[],
+        2,
+        "use source = \"logical\"",
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_command_creates_the_table_and_is_idempotent() -> Result<()> {
+    let db = TestDb::create("poll_migrate").await?;
+    for _ in 0..2 {
+        let out = tokio::process::Command::new(relay_binary())
+            .args(["migrate", "--table", "relay.events"])
+            .env("OUTBOX_DATABASE_URL", &db.url)
+            .output()
+            .await?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM relay._outbox_migrations WHERE table_name = 'events'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(n, 1);
+    let cols: Vec<String> = sqlx::query_scalar(
+        "SELECT column_name::text FROM information_schema.columns
+         WHERE table_schema = 'relay' AND table_name = 'events' ORDER BY ordinal_position",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(
+        &cols[..5],
+        ["id", "aggregatetype", "aggregateid", "type", "payload"]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_failure_recreates_the_producer_and_resumes_in_order() -> Result<()> {
+    use rdkafka::mocking::MockCluster;
+    let db = TestDb::create("poll_fault").await?;
+    db.migrate().await?;
+    let mock = MockCluster::new(1)?;
+    let topic = unique("fault");
+    mock.create_topic(&topic, 2, 1)?;
+    let mut config = relay_config(&db);
+    config.kafka.bootstrap_servers = mock.bootstrap_servers();
+    config.kafka.delivery_timeout = Duration::from_millis(1500);
+    config.route.topic = topic.clone();
+    config.batch_size = 20;
+    let relay = InProcessRelay::start(config)?;
+    let outbox = Outbox::default();
+    let mut ledger = Ledger::default();
+    let write = async |from: i64, to: i64, ledger: &mut Ledger| -> Result<()> {
+        for seq in from..to {
+            let mut tx = db.pool.begin().await?;
+            let ids = outbox
+                .publish_new(
+                    &mut tx,
+                    vec![
+                        NewEvent::new("acct", format!("a{}", seq % 3), "E", None)
+                            .with_aggregate_seq(seq),
+                    ],
+                )
+                .await?;
+            tx.commit().await?;
+            ledger.committed.extend(ids);
+        }
+        Ok(())
+    };
+    write(0, 30, &mut ledger).await?;
+    wait_drained(&db.pool, LONG).await?;
+    // The broker goes away: deliveries time out, the relay must drop its window and retry.
+    mock.broker_down(1)?;
+    write(30, 90, &mut ledger).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        unpublished(&db.pool).await? > 0,
+        "nothing can be published while the broker is down"
+    );
+    mock.broker_up(1)?;
+    wait_drained(&db.pool, LONG).await?;
+    let records = consume_from(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        ledger.committed.len(),
+        QUIET,
+        LONG,
+    )
+    .await?;
+    relay.stop().await?;
+    let v = Verdict::check(&ledger, &records);
+    assert_eq!((v.lost, v.phantom, v.inversions), (0, 0, 0), "{v:?}");
+    // The mock cluster does not deduplicate idempotent retries without a transactional id;
+    // duplicates are bounded by what was in flight.
+    assert!(v.duplicates <= 60, "{v:?}");
+    Ok(())
+}
