@@ -237,7 +237,7 @@ async fn logical_dropped_slot_is_reported_and_recovered_without_loss_in_table_mo
     wait_drained(&db.pool, LONG).await?;
 
     // Phase 2: relay stopped, events written, slot dropped, relay started again.
-    relay.kill9().await?;
+    let log1 = relay.kill9().await?;
     run_writers(&db.pool, WriteMode::Table, &aggregate_type, &accounts, 2, 10, ledger.clone()).await?;
     for _ in 0..100 {
         if sqlx::query("SELECT pg_drop_replication_slot($1)")
@@ -258,8 +258,13 @@ async fn logical_dropped_slot_is_reported_and_recovered_without_loss_in_table_mo
     relay.terminate(Duration::from_secs(20)).await?;
     let v = Verdict::check(&ledger, &records);
     println!("dropped slot recovery: {v:?}");
+    if v.inversions > 0 {
+        explain_inversions(&records);
+        println!("{log1}\n----\n{log}");
+    }
     assert_safe(&v);
     assert!(log.contains("re-publishing unpublished rows"), "{log}");
+    assert!(log.contains("rows were published before"), "{log}");
     drop_slots(&db.pool, &slot).await?;
     Ok(())
 }

@@ -312,6 +312,21 @@ impl std::fmt::Debug for LogicalSource {
     }
 }
 
+/// Slots this process has streamed from: a slot missing later was lost, not never created, even
+/// when the relay reopened the source in between.
+fn known_slots() -> &'static std::sync::Mutex<std::collections::HashSet<String>> {
+    static KNOWN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    KNOWN.get_or_init(Default::default)
+}
+
+fn slot_was_known(slot: &SlotName) -> bool {
+    known_slots()
+        .lock()
+        .map(|k| k.contains(slot.as_str()))
+        .unwrap_or(false)
+}
+
 fn marker_slot(slot: &SlotName) -> SlotName {
     let base: String = slot.as_str().chars().take(60).collect();
     SlotName::parse(&format!("{base}_bf")).unwrap_or_else(|_| slot.clone())
@@ -417,7 +432,7 @@ impl LogicalSource {
             }
             other => {
                 let lost = other.is_some();
-                if lost || !at_start {
+                if lost || !at_start || slot_was_known(&slot) {
                     let detail = if lost {
                         "wal_status = 'lost': the WAL it needed was removed (max_slot_wal_keep_size exceeded?)"
                     } else {
@@ -439,6 +454,10 @@ impl LogicalSource {
                     if lost {
                         slot::drop_slot(&self.pool, &slot).await?;
                     }
+                } else if table_mode && self.table_has_published_rows().await? {
+                    tracing::warn!(slot = %slot, "replication slot does not exist although rows were published before: \
+                        it was dropped or lost while no relay ran (or the polling source was used); creating it and \
+                        re-publishing every unpublished row");
                 } else {
                     tracing::info!(slot = %slot, "replication slot does not exist; creating it");
                 }
@@ -463,14 +482,30 @@ impl LogicalSource {
         }
     }
 
+    async fn table_has_published_rows(&self) -> Result<bool, LogicalError> {
+        let Some(t) = &self.table else { return Ok(false) };
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE published_at IS NOT NULL)",
+            t.qualified
+        );
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|source| LogicalError::Database {
+                context: "looking for published rows",
+                source,
+            })
+    }
+
     /// Queue every unpublished row of the table as a [`Position::Row`] event (seq order).
     async fn backfill(&mut self) -> Result<(), LogicalError> {
         let Some(t) = &self.table else { return Ok(()) };
         let sql = format!(
-            "SELECT id::text, aggregatetype::text, aggregateid::text, type::text, payload::text, \
-                    seq::text, created_at::text, tracingspancontext::text, headers::text, \
-                    schema_version::text, topic::text, aggregate_seq::text \
-             FROM {} WHERE published_at IS NULL ORDER BY seq",
+            // `ORDER BY o.seq`: the bigint column, not the text output column of the same name.
+            "SELECT o.id::text, o.aggregatetype::text, o.aggregateid::text, o.type::text, \
+                    o.payload::text, o.seq::text, o.created_at::text, o.tracingspancontext::text, \
+                    o.headers::text, o.schema_version::text, o.topic::text, o.aggregate_seq::text \
+             FROM {} o WHERE o.published_at IS NULL ORDER BY o.seq",
             t.qualified
         );
         let rows: Vec<sqlx::postgres::PgRow> = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -518,7 +553,11 @@ impl LogicalSource {
         }
         self.backfill_due = true;
         self.metrics.rows_backfilled.fetch_add(n, Ordering::Relaxed);
-        tracing::warn!(rows = n, "re-publishing unpublished rows from the outbox table (duplicates of streamed rows are possible and carry the same event id)");
+        if n > 0 {
+            tracing::warn!(rows = n, "re-publishing unpublished rows from the outbox table (duplicates of streamed rows are possible and carry the same event id)");
+        } else {
+            tracing::info!("re-publishing unpublished rows from the outbox table: none");
+        }
         if n == 0 {
             self.finish_backfill().await?;
         }
@@ -554,6 +593,9 @@ impl LogicalSource {
             }
         };
         self.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut k) = known_slots().lock() {
+            k.insert(self.cfg.slot.as_str().to_owned());
+        }
         self.metrics
             .confirmed_lsn
             .store(self.confirmed.0, Ordering::Relaxed);
@@ -571,12 +613,23 @@ impl LogicalSource {
         self.open = None;
         self.ready.clear();
         self.inflight.clear();
-        self.prepare_slot(false).await?;
-        if self.backfill_due && self.ready.is_empty() {
-            // Re-publication interrupted by the rewind: redo it (duplicates only).
-            self.backfill().await?;
+        let mut attempts = 0;
+        loop {
+            self.prepare_slot(false).await?;
+            if self.backfill_due && self.ready.is_empty() {
+                // Re-publication interrupted by the rewind: redo it (duplicates only).
+                self.backfill().await?;
+            }
+            match self.start_session().await {
+                // The slot vanished between the check and START_REPLICATION: check again
+                // (recovers in table mode, fails loudly otherwise).
+                Err(LogicalError::SlotLost { .. }) if attempts < 3 => {
+                    attempts += 1;
+                    self.ready.clear();
+                }
+                other => return other,
+            }
         }
-        self.start_session().await
     }
 
     fn restartable(&self, e: &LogicalError) -> bool {
@@ -864,6 +917,11 @@ impl LogicalSource {
     fn take_batch(&mut self, max: usize) -> Vec<SourceEvent> {
         let n = max.max(1).min(self.ready.len());
         let batch: Vec<SourceEvent> = self.ready.drain(..n).collect();
+        if tracing::enabled!(tracing::Level::TRACE) {
+            for e in &batch {
+                tracing::trace!(event_id = %e.event.id, aggregate_seq = ?e.event.aggregate_seq, position = ?e.position, "returned");
+            }
+        }
         self.inflight.extend(batch.iter().map(|e| InFlight {
             id: e.event.id,
             position: e.position,
@@ -980,6 +1038,7 @@ impl Source for LogicalSource {
         match self.next_batch_inner(max, shutdown).await {
             Ok(b) => Ok(b),
             Err(e) => {
+                let recoverable = matches!(e, LogicalError::SlotLost { .. }) && self.restartable(&e);
                 if matches!(e, LogicalError::SlotLost { .. }) {
                     tracing::error!("{e}");
                 }
@@ -987,6 +1046,10 @@ impl Source for LogicalSource {
                 // rewind) starts a new one from the confirmed position.
                 if let Some(s) = self.session.take() {
                     s.stop().await;
+                }
+                if recoverable {
+                    // Table mode: the relay reopens the source, which recovers from the table.
+                    return Err(SourceError::Transient(e.to_string()));
                 }
                 Err(e.into())
             }

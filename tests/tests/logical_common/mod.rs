@@ -258,3 +258,35 @@ pub fn assert_safe(v: &Verdict) {
     assert_eq!(v.phantom, 0, "phantom events: {v:?}");
     assert_eq!(v.inversions, 0, "per-aggregate order inversions: {v:?}");
 }
+
+/// Prints, for each aggregate with a first sighting below its high mark, its records in offset
+/// order (diagnostics for a failed order check).
+pub fn explain_inversions(records: &[Consumed]) {
+    use std::collections::{HashMap, HashSet};
+    let mut sorted: Vec<&Consumed> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.topic.clone(), r.partition, r.offset));
+    let mut by_key: HashMap<String, Vec<&Consumed>> = HashMap::new();
+    for r in sorted {
+        by_key.entry(r.key.clone().unwrap_or_default()).or_default().push(r);
+    }
+    for (key, rs) in by_key {
+        let mut seen = HashSet::new();
+        let mut high = i64::MIN;
+        let mut bad = false;
+        for r in &rs {
+            let seq = r.header("outbox-aggregate-seq").and_then(|s| s.parse::<i64>().ok()).unwrap_or(-1);
+            let first = seen.insert(r.event_id());
+            if seq < high && first {
+                bad = true;
+            }
+            high = high.max(seq);
+        }
+        if bad {
+            let line: Vec<String> = rs
+                .iter()
+                .map(|r| format!("{}@{}", r.header("outbox-aggregate-seq").unwrap_or("?"), r.offset))
+                .collect();
+            println!("inversion in {key}: {}", line.join(" "));
+        }
+    }
+}
