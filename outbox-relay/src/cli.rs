@@ -127,6 +127,9 @@ pub struct RunArgs {
     /// Idle heartbeat interval (logical source), e.g. 10s.
     #[arg(long, env = "OUTBOX_HEARTBEAT_INTERVAL", value_parser = duration::parse)]
     pub heartbeat_interval: Option<Duration>,
+    /// How often the confirmed position is reported to the server (logical source), e.g. 1s.
+    #[arg(long, env = "OUTBOX_STATUS_INTERVAL", value_parser = duration::parse)]
+    pub status_interval: Option<Duration>,
 }
 
 fn key_value(key: &str, item: &str) -> Result<(String, String), ConfigError> {
@@ -207,6 +210,9 @@ impl RunArgs {
         }
         if let Some(v) = &self.publication {
             config.logical.publication = v.clone();
+        }
+        if let Some(v) = self.status_interval {
+            config.logical.status_interval = v;
         }
         if let Some(v) = self.heartbeat_interval {
             config.logical.heartbeat_interval = v;

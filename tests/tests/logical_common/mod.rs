@@ -290,3 +290,104 @@ pub fn explain_inversions(records: &[Consumed]) {
         }
     }
 }
+
+/// A throwaway PostgreSQL cluster (for settings the shared one must not have, or for a server
+/// with no other activity). Stopped and deleted on drop.
+pub struct TempCluster {
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+fn as_postgres(bin: &std::path::Path, args: &[&str]) -> Result<std::process::Output> {
+    let root = std::process::Command::new("id").arg("-u").output()?.stdout == b"0\n";
+    let out = if root {
+        std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin)
+            .args(args)
+            .output()?
+    } else {
+        std::process::Command::new(bin).args(args).output()?
+    };
+    Ok(out)
+}
+
+impl TempCluster {
+    /// initdb + start with `wal_level` (and `extra` lines appended to postgresql.conf).
+    pub fn start(wal_level: &str, extra: &str) -> Result<Self> {
+        let bin = std::path::PathBuf::from(
+            std::env::var("OUTBOX_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
+        );
+        let dir = std::env::temp_dir().join(unique("outbox-logical-pg"));
+        std::fs::create_dir_all(&dir)?;
+        let _ = std::process::Command::new("chown").arg("postgres").arg(&dir).status();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let data = dir.join("data");
+        let out = as_postgres(
+            &bin.join("initdb"),
+            &["-D", data.to_str().context("path")?, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+        )?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
+             wal_level = {wal_level}\nmax_wal_senders = 10\nmax_replication_slots = 10\n\
+             fsync = off\nsynchronous_commit = on\n{extra}\n",
+            dir.display()
+        );
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))?
+            .write_all(conf.as_bytes())?;
+        let log = dir.join("server.log");
+        let out = as_postgres(
+            &bin.join("pg_ctl"),
+            &["-D", data.to_str().context("path")?, "-l", log.to_str().context("path")?, "-w", "-t", "60", "start"],
+        )?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl start failed: {} {}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Ok(Self { dir, bin, port })
+    }
+
+    /// URL of database `db` as the `postgres` superuser.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A [`TestDb`] handle on the cluster's `postgres` database.
+    pub async fn test_db(&self) -> Result<TestDb> {
+        let url = self.url("postgres");
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await?;
+        Ok(TestDb {
+            url,
+            name: "postgres".into(),
+            pool,
+        })
+    }
+}
+
+impl Drop for TempCluster {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = as_postgres(
+            &self.bin.join("pg_ctl"),
+            &["-D", &data.to_string_lossy(), "-m", "immediate", "-w", "stop"],
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
