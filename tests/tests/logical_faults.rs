@@ -214,3 +214,79 @@ async fn logical_wal_level_replica_and_missing_privilege_give_clear_errors() -> 
     assert!(err.to_string().contains("REPLICATION"), "{err}");
     Ok(())
 }
+
+/// The ack rule at the source: while an event is returned but not acknowledged, neither the
+/// replication client's status updates, nor its replies to the server's reply-requested
+/// keepalives (every second here), nor the source's own keepalive/heartbeat handling confirm the
+/// slot past it — even though unrelated writes move the server's WAL far ahead. Once it is
+/// acknowledged, the slot moves past it (and past the idle WAL after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logical_keepalives_never_confirm_past_unacknowledged_events() -> Result<()> {
+    use outbox_core::{NewEvent, Outbox};
+    use outbox_relay::source::logical::SlotName;
+    use outbox_relay::source::{Position, Source};
+    use tokio_util::sync::CancellationToken;
+
+    let cluster = TempCluster::start("logical", "wal_sender_timeout = '2s'")?;
+    let db = cluster.test_db().await?;
+    db.migrate().await?;
+    sqlx::query("CREATE TABLE noise (id bigserial PRIMARY KEY, v text)")
+        .execute(&db.pool)
+        .await?;
+    let slot = unique("lslot");
+    let mut cfg = LogicalConfig::new(db.url.clone(), OutboxTable::default(), WriteMode::Table);
+    cfg.slot = SlotName::parse(&slot)?;
+    cfg.status_interval = Duration::from_millis(100);
+    cfg.heartbeat_interval = Duration::from_millis(200);
+    let mut src = LogicalSource::connect(cfg).await?;
+    let token = CancellationToken::new();
+
+    let mut tx = db.pool.begin().await?;
+    let id = Outbox::default()
+        .publish_new(&mut tx, vec![NewEvent::new("order", "o-1", "Created", None)])
+        .await?[0];
+    tx.commit().await?;
+    let batch = src.next_batch(10, &token).await?;
+    assert_eq!(batch.len(), 1);
+    assert_eq!(batch[0].event.id, id);
+    let Position::Wal { end_lsn, .. } = batch[0].position else {
+        panic!("not a WAL position: {:?}", batch[0].position)
+    };
+
+    // Unacknowledged: push the WAL ahead and let keepalives flow for a few seconds.
+    let noise_until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < noise_until {
+        sqlx::query("INSERT INTO noise (v) SELECT repeat('n', 200) FROM generate_series(1, 50)")
+            .execute(&db.pool)
+            .await?;
+        // Let the source handle keepalives/heartbeat timers too (nothing of ours arrives).
+        let r = tokio::time::timeout(Duration::from_millis(100), src.next_batch(10, &token)).await;
+        assert!(r.is_err(), "nothing new may be returned: {r:?}");
+        let confirmed = confirmed_flush(&db.pool, &slot).await?.unwrap_or(0);
+        assert!(
+            confirmed < end_lsn,
+            "slot confirmed {confirmed:#x} past the unacknowledged transaction ending at {end_lsn:#x}"
+        );
+    }
+    let wal = current_wal(&db.pool).await?;
+    assert!(wal > end_lsn + 100_000, "the WAL did not move ahead: {wal:#x}");
+
+    src.acknowledge(&batch).await?;
+    wait_confirmed(&db.pool, &slot, end_lsn, Duration::from_secs(10)).await?;
+    // Idle now: keepalives and heartbeats may confirm the WAL that follows.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let _ = tokio::time::timeout(Duration::from_millis(200), src.next_batch(10, &token)).await;
+        let confirmed = confirmed_flush(&db.pool, &slot).await?.unwrap_or(0);
+        if confirmed >= wal {
+            break;
+        }
+        assert!(Instant::now() < deadline, "idle slot never caught up: {confirmed:#x} < {wal:#x}");
+    }
+    let marked: bool = sqlx::query_scalar("SELECT published_at IS NOT NULL FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await?;
+    assert!(marked, "table mode: the acknowledged row must be marked published");
+    Ok(())
+}
