@@ -111,7 +111,11 @@ async fn logical_insert_delete_leaves_the_table_empty_and_delivers_everything() 
     assert!(ledger.committed.len() > 100);
     let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
     relay.stop().await?;
-    assert_eq!(counts(&db.pool).await?, 0, "insert_delete must leave the table empty");
+    assert_eq!(
+        counts(&db.pool).await?,
+        0,
+        "insert_delete must leave the table empty"
+    );
     let v = Verdict::check(&ledger, &records);
     assert_safe(&v);
     assert_eq!(v.duplicates, 0, "{v:?}");
@@ -155,7 +159,10 @@ async fn logical_message_mode_delivers_with_no_table() -> Result<()> {
     assert_eq!(v.duplicates, 0, "{v:?}");
     // Payload and key arrive as written.
     let r = &records[0];
-    assert!(r.value.as_deref().unwrap_or("").contains("version"), "{r:?}");
+    assert!(
+        r.value.as_deref().unwrap_or("").contains("version"),
+        "{r:?}"
+    );
     assert!(r.key.as_deref().unwrap_or("").starts_with("acct-"));
     drop_slots(&db.pool, &slot).await?;
     Ok(())
@@ -184,7 +191,9 @@ async fn logical_backlog_drain_throughput() -> Result<()> {
            COMMIT;
          END LOOP; END $$"
         .replace("AGG", &aggregate_type);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(bulk)).execute(&db.pool).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(bulk))
+        .execute(&db.pool)
+        .await?;
     let end = current_wal(&db.pool).await?;
     let started = Instant::now();
     let relay = InProcessRelay::start(logical_config(&db, WriteMode::InsertDelete, &slot))?;
@@ -222,12 +231,26 @@ async fn logical_dropped_slot_is_reported_and_recovered_without_loss_in_table_mo
 
     // Phase 1: events flow, then the slot is dropped under the running relay while writers
     // keep writing.
-    run_writers(&db.pool, WriteMode::Table, &aggregate_type, &accounts, 3, 10, ledger.clone()).await?;
+    run_writers(
+        &db.pool,
+        WriteMode::Table,
+        &aggregate_type,
+        &accounts,
+        3,
+        10,
+        ledger.clone(),
+    )
+    .await?;
     let writers = {
-        let (pool, ledger, at, acc) = (db.pool.clone(), ledger.clone(), aggregate_type.clone(), accounts.clone());
-        tokio::spawn(async move {
-            run_writers(&pool, WriteMode::Table, &at, &acc, 3, 30, ledger).await
-        })
+        let (pool, ledger, at, acc) = (
+            db.pool.clone(),
+            ledger.clone(),
+            aggregate_type.clone(),
+            accounts.clone(),
+        );
+        tokio::spawn(
+            async move { run_writers(&pool, WriteMode::Table, &at, &acc, 3, 30, ledger).await },
+        )
     };
     kill_and_drop_slot(&db.pool, &slot).await?;
     writers.await??;
@@ -238,7 +261,16 @@ async fn logical_dropped_slot_is_reported_and_recovered_without_loss_in_table_mo
 
     // Phase 2: relay stopped, events written, slot dropped, relay started again.
     let log1 = relay.kill9().await?;
-    run_writers(&db.pool, WriteMode::Table, &aggregate_type, &accounts, 2, 10, ledger.clone()).await?;
+    run_writers(
+        &db.pool,
+        WriteMode::Table,
+        &aggregate_type,
+        &accounts,
+        2,
+        10,
+        ledger.clone(),
+    )
+    .await?;
     for _ in 0..100 {
         if sqlx::query("SELECT pg_drop_replication_slot($1)")
             .bind(&slot)

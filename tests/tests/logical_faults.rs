@@ -23,7 +23,11 @@ fn background_writers(
     ledger: Arc<Mutex<Ledger>>,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<Result<()>> {
-    let (pool, at, acc) = (db.pool.clone(), aggregate_type.to_owned(), accounts.to_vec());
+    let (pool, at, acc) = (
+        db.pool.clone(),
+        aggregate_type.to_owned(),
+        accounts.to_vec(),
+    );
     tokio::spawn(async move {
         while !stop.load(Ordering::Relaxed) {
             run_writers(&pool, mode, &at, &acc, 3, 5, ledger.clone()).await?;
@@ -56,7 +60,14 @@ async fn logical_sigkill_mid_stream_then_restart_loses_nothing() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut relay = RelayProcess::start(&db, &[], &env).await?;
     wait_slot_active(&db.pool, &slot, LONG).await?;
-    let writers = background_writers(&db, WriteMode::InsertDelete, &aggregate_type, &accounts, ledger.clone(), stop.clone());
+    let writers = background_writers(
+        &db,
+        WriteMode::InsertDelete,
+        &aggregate_type,
+        &accounts,
+        ledger.clone(),
+        stop.clone(),
+    );
     let mut kills = 0;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -108,7 +119,14 @@ async fn logical_graceful_restart_produces_no_duplicates() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut relay = RelayProcess::start(&db, &[], &env).await?;
     wait_slot_active(&db.pool, &slot, LONG).await?;
-    let writers = background_writers(&db, WriteMode::InsertDelete, &aggregate_type, &accounts, ledger.clone(), stop.clone());
+    let writers = background_writers(
+        &db,
+        WriteMode::InsertDelete,
+        &aggregate_type,
+        &accounts,
+        ledger.clone(),
+        stop.clone(),
+    );
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
@@ -125,7 +143,10 @@ async fn logical_graceful_restart_produces_no_duplicates() -> Result<()> {
     println!("graceful restarts x2: {v:?}");
     assert!(ledger.committed.len() > 100, "workload too small");
     assert_safe(&v);
-    assert_eq!(v.duplicates, 0, "a graceful restart must not duplicate: {v:?}");
+    assert_eq!(
+        v.duplicates, 0,
+        "a graceful restart must not duplicate: {v:?}"
+    );
     drop_slots(&db.pool, &slot).await?;
     Ok(())
 }
@@ -164,8 +185,13 @@ async fn logical_idle_database_heartbeats_advance_the_slot() -> Result<()> {
     let end = confirmed_flush(&db.pool, &slot).await?.unwrap_or(0);
     let lag = current_wal(&db.pool).await?.saturating_sub(end);
     relay.stop().await?;
-    println!("heartbeats on: confirmed_flush moved {moves} times, {start:#x} -> {end:#x}, lag {lag} bytes");
-    assert!(moves >= 4, "confirmed_flush_lsn did not keep moving on an idle database ({moves})");
+    println!(
+        "heartbeats on: confirmed_flush moved {moves} times, {start:#x} -> {end:#x}, lag {lag} bytes"
+    );
+    assert!(
+        moves >= 4,
+        "confirmed_flush_lsn did not keep moving on an idle database ({moves})"
+    );
     assert!(lag < 64 * 1024, "slot lag on an idle database: {lag} bytes");
 
     // Control: heartbeats off (1 h) on the same idle server.
@@ -176,7 +202,10 @@ async fn logical_idle_database_heartbeats_advance_the_slot() -> Result<()> {
     let moves_off = confirmed_moves(&db.pool, &slot, Duration::from_secs(3)).await?;
     relay.stop().await?;
     println!("heartbeats off: confirmed_flush moved {moves_off} times");
-    assert!(moves_off <= 1, "without heartbeats the slot moved anyway: the test cannot tell");
+    assert!(
+        moves_off <= 1,
+        "without heartbeats the slot moved anyway: the test cannot tell"
+    );
     Ok(())
 }
 
@@ -185,12 +214,23 @@ async fn logical_idle_database_heartbeats_advance_the_slot() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logical_wal_level_replica_and_missing_privilege_give_clear_errors() -> Result<()> {
     let replica = TempCluster::start("replica", "")?;
-    let cfg = LogicalConfig::new(replica.url("postgres"), OutboxTable::default(), WriteMode::LogicalMessage);
-    let err = LogicalSource::connect(cfg).await.expect_err("wal_level=replica must be refused");
+    let cfg = LogicalConfig::new(
+        replica.url("postgres"),
+        OutboxTable::default(),
+        WriteMode::LogicalMessage,
+    );
+    let err = LogicalSource::connect(cfg)
+        .await
+        .expect_err("wal_level=replica must be refused");
     assert!(matches!(err, LogicalError::WalLevel { .. }), "{err:?}");
     assert!(!err.is_retryable());
     let text = err.to_string();
-    assert!(text.contains("wal_level") && text.contains("'replica'") && text.contains("wal_level = logical"), "{text}");
+    assert!(
+        text.contains("wal_level")
+            && text.contains("'replica'")
+            && text.contains("wal_level = logical"),
+        "{text}"
+    );
 
     let db = replica.test_db().await?;
     let slot = unique("lslot");
@@ -203,13 +243,17 @@ async fn logical_wal_level_replica_and_missing_privilege_give_clear_errors() -> 
 
     let logical = TempCluster::start("logical", "")?;
     let db = logical.test_db().await?;
-    sqlx::query("CREATE ROLE app LOGIN").execute(&db.pool).await?;
+    sqlx::query("CREATE ROLE app LOGIN")
+        .execute(&db.pool)
+        .await?;
     let cfg = LogicalConfig::new(
         format!("postgres://app@127.0.0.1:{}/postgres", logical.port),
         OutboxTable::default(),
         WriteMode::LogicalMessage,
     );
-    let err = LogicalSource::connect(cfg).await.expect_err("a role without REPLICATION must be refused");
+    let err = LogicalSource::connect(cfg)
+        .await
+        .expect_err("a role without REPLICATION must be refused");
     assert!(matches!(err, LogicalError::Privilege { .. }), "{err:?}");
     assert!(err.to_string().contains("REPLICATION"), "{err}");
     Ok(())
@@ -243,7 +287,10 @@ async fn logical_keepalives_never_confirm_past_unacknowledged_events() -> Result
 
     let mut tx = db.pool.begin().await?;
     let id = Outbox::default()
-        .publish_new(&mut tx, vec![NewEvent::new("order", "o-1", "Created", None)])
+        .publish_new(
+            &mut tx,
+            vec![NewEvent::new("order", "o-1", "Created", None)],
+        )
         .await?[0];
     tx.commit().await?;
     let batch = src.next_batch(10, &token).await?;
@@ -269,7 +316,10 @@ async fn logical_keepalives_never_confirm_past_unacknowledged_events() -> Result
         );
     }
     let wal = current_wal(&db.pool).await?;
-    assert!(wal > end_lsn + 100_000, "the WAL did not move ahead: {wal:#x}");
+    assert!(
+        wal > end_lsn + 100_000,
+        "the WAL did not move ahead: {wal:#x}"
+    );
 
     src.acknowledge(&batch).await?;
     wait_confirmed(&db.pool, &slot, end_lsn, Duration::from_secs(10)).await?;
@@ -281,12 +331,19 @@ async fn logical_keepalives_never_confirm_past_unacknowledged_events() -> Result
         if confirmed >= wal {
             break;
         }
-        assert!(Instant::now() < deadline, "idle slot never caught up: {confirmed:#x} < {wal:#x}");
+        assert!(
+            Instant::now() < deadline,
+            "idle slot never caught up: {confirmed:#x} < {wal:#x}"
+        );
     }
-    let marked: bool = sqlx::query_scalar("SELECT published_at IS NOT NULL FROM outbox WHERE id = $1")
-        .bind(id)
-        .fetch_one(&db.pool)
-        .await?;
-    assert!(marked, "table mode: the acknowledged row must be marked published");
+    let marked: bool =
+        sqlx::query_scalar("SELECT published_at IS NOT NULL FROM outbox WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await?;
+    assert!(
+        marked,
+        "table mode: the acknowledged row must be marked published"
+    );
     Ok(())
 }

@@ -141,7 +141,9 @@ impl LogicalError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            LogicalError::SlotInUse(_) | LogicalError::Database { .. } | LogicalError::Replication(_)
+            LogicalError::SlotInUse(_)
+                | LogicalError::Database { .. }
+                | LogicalError::Replication(_)
         )
     }
 }
@@ -222,7 +224,6 @@ impl LogicalConfig {
         Ok(cfg)
     }
 }
-
 
 /// Live figures of the logical source, for metrics and health endpoints.
 #[derive(Debug, Default)]
@@ -341,7 +342,10 @@ impl LogicalSource {
     }
 
     /// Like [`LogicalSource::connect`], acknowledging rows through the leader lock's session.
-    pub async fn open(cfg: LogicalConfig, leader: Option<Leadership>) -> Result<Self, LogicalError> {
+    pub async fn open(
+        cfg: LogicalConfig,
+        leader: Option<Leadership>,
+    ) -> Result<Self, LogicalError> {
         let target = ReplicationTarget::from_url(&cfg.database_url)?;
         let pool = PgPoolOptions::new()
             .max_connections(2)
@@ -423,7 +427,10 @@ impl LogicalSource {
             Some(s) if !s.is_lost() => {
                 slot::verify_slot(&self.pool, &slot, &s).await?;
                 self.metrics.record_status(&s);
-                self.confirmed = s.confirmed_flush_lsn.unwrap_or(Lsn::ZERO).max(self.confirmed);
+                self.confirmed = s
+                    .confirmed_flush_lsn
+                    .unwrap_or(Lsn::ZERO)
+                    .max(self.confirmed);
                 if marker_exists {
                     tracing::warn!(slot = %slot, "a previous re-publication from the table was interrupted; re-publishing unpublished rows again");
                     self.backfill().await?;
@@ -464,7 +471,7 @@ impl LogicalSource {
                 if table_mode && !marker_exists {
                     // Durable "re-publication pending" marker: created before the new slot, dropped
                     // once every re-published row is acknowledged.
-                    let _ = create_marker(&self.pool, &marker).await?;
+                    create_marker(&self.pool, &marker).await?;
                 }
                 let created = match slot::create_slot(&self.pool, &slot).await? {
                     Some(lsn) => lsn,
@@ -483,7 +490,9 @@ impl LogicalSource {
     }
 
     async fn table_has_published_rows(&self) -> Result<bool, LogicalError> {
-        let Some(t) = &self.table else { return Ok(false) };
+        let Some(t) = &self.table else {
+            return Ok(false);
+        };
         let sql = format!(
             "SELECT EXISTS (SELECT 1 FROM {} WHERE published_at IS NOT NULL)",
             t.qualified
@@ -539,7 +548,10 @@ impl LogicalSource {
                     source,
                 })?);
             }
-            let pairs = COLS.iter().copied().zip(values.iter().map(|v| v.as_deref()));
+            let pairs = COLS
+                .iter()
+                .copied()
+                .zip(values.iter().map(|v| v.as_deref()));
             match StoredEvent::from_text_columns(pairs) {
                 Ok(event) => {
                     self.ready.push_back(SourceEvent {
@@ -548,13 +560,18 @@ impl LogicalSource {
                     });
                     n += 1;
                 }
-                Err(e) => tracing::error!("outbox row cannot be published and stays unpublished: {e}"),
+                Err(e) => {
+                    tracing::error!("outbox row cannot be published and stays unpublished: {e}")
+                }
             }
         }
         self.backfill_due = true;
         self.metrics.rows_backfilled.fetch_add(n, Ordering::Relaxed);
         if n > 0 {
-            tracing::warn!(rows = n, "re-publishing unpublished rows from the outbox table (duplicates of streamed rows are possible and carry the same event id)");
+            tracing::warn!(
+                rows = n,
+                "re-publishing unpublished rows from the outbox table (duplicates of streamed rows are possible and carry the same event id)"
+            );
         } else {
             tracing::info!("re-publishing unpublished rows from the outbox table: none");
         }
@@ -676,13 +693,9 @@ impl LogicalSource {
                     events: Vec::new(),
                 });
             }
-            ReplicationEvent::Commit {
-                lsn, end_lsn, ..
-            } => {
+            ReplicationEvent::Commit { lsn, end_lsn, .. } => {
                 let Some(tx) = self.open.take() else {
-                    return Err(LogicalError::Replication(
-                        "Commit without Begin".into(),
-                    ));
+                    return Err(LogicalError::Replication("Commit without Begin".into()));
                 };
                 let commit_lsn = Lsn(lsn.as_u64());
                 let end_lsn = Lsn(end_lsn.as_u64());
@@ -730,18 +743,25 @@ impl LogicalSource {
                         Ok(ev) => ev,
                         Err(e) => {
                             // Cannot be published; reported, and in table mode it stays unpublished.
-                            tracing::error!("outbox row in the WAL cannot be published, skipped: {e}");
+                            tracing::error!(
+                                "outbox row in the WAL cannot be published, skipped: {e}"
+                            );
                             return Ok(());
                         }
                     };
                     let Some(tx) = self.open.as_mut() else {
-                        return Err(LogicalError::Replication("Insert outside a transaction".into()));
+                        return Err(LogicalError::Replication(
+                            "Insert outside a transaction".into(),
+                        ));
                     };
                     tx.events.push(event);
                 }
                 PgOutputMessage::Update { relation_id }
                 | PgOutputMessage::Delete { relation_id } => {
-                    tracing::debug!(relation_id, "ignoring update/delete (publication marks or insert_delete)");
+                    tracing::debug!(
+                        relation_id,
+                        "ignoring update/delete (publication marks or insert_delete)"
+                    );
                 }
                 PgOutputMessage::Truncate { .. } => tracing::debug!("ignoring truncate"),
                 PgOutputMessage::Message {
@@ -899,7 +919,9 @@ impl LogicalSource {
         }
         // Take whatever else is already buffered, without waiting.
         while self.ready.len() < max && !shutdown.is_cancelled() {
-            let Some(session) = self.session.as_mut() else { break };
+            let Some(session) = self.session.as_mut() else {
+                break;
+            };
             match tokio::time::timeout(Duration::ZERO, session.recv()).await {
                 Ok(Ok(Some(ev))) => self.handle(ev)?,
                 Ok(Ok(None)) | Err(_) => break,
@@ -953,16 +975,23 @@ impl LogicalSource {
             let ids: Vec<Uuid> = delivered.iter().map(|d| d.event.id).collect();
             let result = match self.leader.as_mut() {
                 Some(l) => {
-                    acknowledge_rows(l.connection(), &self.cfg.table, self.cfg.acknowledgement, &ids)
-                        .await
+                    acknowledge_rows(
+                        l.connection(),
+                        &self.cfg.table,
+                        self.cfg.acknowledgement,
+                        &ids,
+                    )
+                    .await
                 }
                 None => {
-                    let mut conn = self.pool.acquire().await.map_err(|source| {
-                        LogicalError::Database {
-                            context: "acquiring a connection to acknowledge rows",
-                            source,
-                        }
-                    })?;
+                    let mut conn =
+                        self.pool
+                            .acquire()
+                            .await
+                            .map_err(|source| LogicalError::Database {
+                                context: "acquiring a connection to acknowledge rows",
+                                source,
+                            })?;
                     acknowledge_rows(&mut conn, &self.cfg.table, self.cfg.acknowledgement, &ids)
                         .await
                 }
@@ -1023,7 +1052,6 @@ async fn create_marker(pool: &PgPool, marker: &SlotName) -> Result<(), LogicalEr
     }
 }
 
-
 #[async_trait]
 impl Source for LogicalSource {
     fn name(&self) -> &'static str {
@@ -1038,7 +1066,8 @@ impl Source for LogicalSource {
         match self.next_batch_inner(max, shutdown).await {
             Ok(b) => Ok(b),
             Err(e) => {
-                let recoverable = matches!(e, LogicalError::SlotLost { .. }) && self.restartable(&e);
+                let recoverable =
+                    matches!(e, LogicalError::SlotLost { .. }) && self.restartable(&e);
                 if matches!(e, LogicalError::SlotLost { .. }) {
                     tracing::error!("{e}");
                 }
@@ -1159,7 +1188,8 @@ mod tests {
         let mut s = source(WriteMode::InsertDelete);
         let cols = ["id", "aggregatetype", "aggregateid", "type", "payload"];
         s.handle(begin(200)).unwrap();
-        s.handle(xlog(relation_msg(7, "public", "outbox", &cols))).unwrap();
+        s.handle(xlog(relation_msg(7, "public", "outbox", &cols)))
+            .unwrap();
         s.handle(insert(7, ID1, "a")).unwrap();
         // A delete of the insert_delete trick is ignored.
         s.handle(xlog(Buf::tag(b'D').i32(7).u8(b'K').i16(1).text(ID1).0))
@@ -1196,7 +1226,11 @@ mod tests {
             }
         );
         s.handle(keepalive(400)).unwrap();
-        assert_eq!(s.confirmed, Lsn(100), "in flight: keepalive must not confirm");
+        assert_eq!(
+            s.confirmed,
+            Lsn(100),
+            "in flight: keepalive must not confirm"
+        );
         s.acknowledge_inner(&batch[..1]).await.unwrap();
         assert_eq!(s.confirmed, Lsn(100), "half a transaction confirms nothing");
         s.acknowledge_inner(&batch[1..2]).await.unwrap();
@@ -1229,7 +1263,8 @@ mod tests {
     async fn acknowledging_out_of_order_or_too_much_is_refused() {
         let mut s = source(WriteMode::InsertDelete);
         let cols = ["id", "aggregatetype", "aggregateid", "type", "payload"];
-        s.handle(xlog(relation_msg(7, "public", "outbox", &cols))).unwrap();
+        s.handle(xlog(relation_msg(7, "public", "outbox", &cols)))
+            .unwrap();
         s.handle(begin(200)).unwrap();
         s.handle(insert(7, ID1, "a")).unwrap();
         s.handle(insert(7, ID2, "a")).unwrap();
@@ -1266,7 +1301,11 @@ mod tests {
         }
         s.handle(commit(200, 210)).unwrap();
         let batch = s.take_batch(10);
-        assert_eq!(batch.len(), 1, "only the transactional message with our prefix");
+        assert_eq!(
+            batch.len(),
+            1,
+            "only the transactional message with our prefix"
+        );
         assert_eq!(batch[0].event.payload.as_deref(), Some(r#"{"a":1}"#));
     }
 
@@ -1276,9 +1315,6 @@ mod tests {
         assert!(PublicationName::parse("outbox_pub").is_ok());
         let long = SlotName::parse(&"s".repeat(63)).unwrap();
         assert_eq!(marker_slot(&long).as_str().len(), 63);
-        assert_eq!(
-            marker_slot(&SlotName::parse("a").unwrap()).as_str(),
-            "a_bf"
-        );
+        assert_eq!(marker_slot(&SlotName::parse("a").unwrap()).as_str(), "a_bf");
     }
 }

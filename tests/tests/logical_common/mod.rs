@@ -267,14 +267,20 @@ pub fn explain_inversions(records: &[Consumed]) {
     sorted.sort_by_key(|r| (r.topic.clone(), r.partition, r.offset));
     let mut by_key: HashMap<String, Vec<&Consumed>> = HashMap::new();
     for r in sorted {
-        by_key.entry(r.key.clone().unwrap_or_default()).or_default().push(r);
+        by_key
+            .entry(r.key.clone().unwrap_or_default())
+            .or_default()
+            .push(r);
     }
     for (key, rs) in by_key {
         let mut seen = HashSet::new();
         let mut high = i64::MIN;
         let mut bad = false;
         for r in &rs {
-            let seq = r.header("outbox-aggregate-seq").and_then(|s| s.parse::<i64>().ok()).unwrap_or(-1);
+            let seq = r
+                .header("outbox-aggregate-seq")
+                .and_then(|s| s.parse::<i64>().ok())
+                .unwrap_or(-1);
             let first = seen.insert(r.event_id());
             if seq < high && first {
                 bad = true;
@@ -284,7 +290,13 @@ pub fn explain_inversions(records: &[Consumed]) {
         if bad {
             let line: Vec<String> = rs
                 .iter()
-                .map(|r| format!("{}@{}", r.header("outbox-aggregate-seq").unwrap_or("?"), r.offset))
+                .map(|r| {
+                    format!(
+                        "{}@{}",
+                        r.header("outbox-aggregate-seq").unwrap_or("?"),
+                        r.offset
+                    )
+                })
                 .collect();
             println!("inversion in {key}: {}", line.join(" "));
         }
@@ -322,7 +334,10 @@ impl TempCluster {
         );
         let dir = std::env::temp_dir().join(unique("outbox-logical-pg"));
         std::fs::create_dir_all(&dir)?;
-        let _ = std::process::Command::new("chown").arg("postgres").arg(&dir).status();
+        let _ = std::process::Command::new("chown")
+            .arg("postgres")
+            .arg(&dir)
+            .status();
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
             l.local_addr()?.port()
@@ -330,7 +345,16 @@ impl TempCluster {
         let data = dir.join("data");
         let out = as_postgres(
             &bin.join("initdb"),
-            &["-D", data.to_str().context("path")?, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+            &[
+                "-D",
+                data.to_str().context("path")?,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
         )?;
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -349,7 +373,16 @@ impl TempCluster {
         let log = dir.join("server.log");
         let out = as_postgres(
             &bin.join("pg_ctl"),
-            &["-D", data.to_str().context("path")?, "-l", log.to_str().context("path")?, "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                data.to_str().context("path")?,
+                "-l",
+                log.to_str().context("path")?,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
         )?;
         if !out.status.success() {
             bail!(
@@ -386,7 +419,14 @@ impl Drop for TempCluster {
         let data = self.dir.join("data");
         let _ = as_postgres(
             &self.bin.join("pg_ctl"),
-            &["-D", &data.to_string_lossy(), "-m", "immediate", "-w", "stop"],
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
         );
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -330,7 +330,9 @@ pub fn decode(buf: &[u8]) -> Result<PgOutputMessage, DecodeError> {
             let relation_id = r.u32()?;
             match r.u8()? {
                 b'N' => {}
-                other => return Err(r.err(format!("expected 'N' before new tuple, got 0x{other:02x}"))),
+                other => {
+                    return Err(r.err(format!("expected 'N' before new tuple, got 0x{other:02x}")));
+                }
             }
             PgOutputMessage::Insert {
                 relation_id,
@@ -360,7 +362,8 @@ pub fn decode(buf: &[u8]) -> Result<PgOutputMessage, DecodeError> {
         }
         b'T' => {
             let n = r.i32()?;
-            let n = usize::try_from(n).map_err(|_| r.err(format!("negative relation count {n}")))?;
+            let n =
+                usize::try_from(n).map_err(|_| r.err(format!("negative relation count {n}")))?;
             r.u8()?;
             let mut relation_ids = Vec::with_capacity(n.min(4096));
             for _ in 0..n {
@@ -507,7 +510,12 @@ pub(crate) mod tests {
 
     #[test]
     fn relation_and_insert_with_nulls() {
-        let r = relation_msg(16384, "public", "outbox", &["id", "aggregatetype", "payload"]);
+        let r = relation_msg(
+            16384,
+            "public",
+            "outbox",
+            &["id", "aggregatetype", "payload"],
+        );
         let PgOutputMessage::Relation(rel) = decode(&r).unwrap() else {
             panic!("not a relation")
         };
@@ -640,7 +648,13 @@ pub(crate) mod tests {
         let i = Buf::tag(b'I').i32(1).u8(b'N').i16(1).u8(b't').i32(-5).0;
         assert!(decode(&i).is_err());
         // huge text length
-        let i = Buf::tag(b'I').i32(1).u8(b'N').i16(1).u8(b't').i32(i32::MAX).0;
+        let i = Buf::tag(b'I')
+            .i32(1)
+            .u8(b'N')
+            .i16(1)
+            .u8(b't')
+            .i32(i32::MAX)
+            .0;
         assert!(decode(&i).is_err());
         // unknown value kind
         let i = Buf::tag(b'I').i32(1).u8(b'N').i16(1).u8(b'z').0;

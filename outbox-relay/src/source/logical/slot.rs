@@ -51,7 +51,9 @@ fn check_name(what: &'static str, value: &str, first_digit_ok: bool) -> Result<(
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     {
-        return Err(err("only lower-case ASCII letters, digits and `_` are allowed"));
+        return Err(err(
+            "only lower-case ASCII letters, digits and `_` are allowed",
+        ));
     }
     if !first_digit_ok && value.as_bytes()[0].is_ascii_digit() {
         return Err(err("must not start with a digit"));
@@ -151,7 +153,9 @@ pub async fn preflight(pool: &PgPool) -> Result<(), LogicalError> {
     let replication: bool = row
         .try_get("rolreplication")
         .map_err(db_err("reading rolreplication"))?;
-    let superuser: bool = row.try_get("rolsuper").map_err(db_err("reading rolsuper"))?;
+    let superuser: bool = row
+        .try_get("rolsuper")
+        .map_err(db_err("reading rolsuper"))?;
     if !replication && !superuser {
         return Err(LogicalError::Privilege {
             role,
@@ -227,7 +231,10 @@ pub async fn ensure_publication(
                 name.quoted(),
                 t.qualified
             ),
-            None => format!("CREATE PUBLICATION {} WITH (publish = 'insert')", name.quoted()),
+            None => format!(
+                "CREATE PUBLICATION {} WITH (publish = 'insert')",
+                name.quoted()
+            ),
         };
         match sqlx::query(AssertSqlSafe(sql)).execute(pool).await {
             Ok(_) => {
@@ -251,7 +258,9 @@ pub async fn ensure_publication(
         }
     };
 
-    let all_tables: bool = row.try_get("puballtables").map_err(db_err("puballtables"))?;
+    let all_tables: bool = row
+        .try_get("puballtables")
+        .map_err(db_err("puballtables"))?;
     let ins: bool = row.try_get("pubinsert").map_err(db_err("pubinsert"))?;
     let upd: bool = row.try_get("pubupdate").map_err(db_err("pubupdate"))?;
     let del: bool = row.try_get("pubdelete").map_err(db_err("pubdelete"))?;
@@ -277,17 +286,17 @@ pub async fn ensure_publication(
     .fetch_all(pool)
     .await
     .map_err(db_err("reading pg_publication_tables"))?;
-    if let Some(t) = table {
-        if !tables.iter().any(|(s, n)| s == &t.schema && n == &t.name) {
-            return Err(LogicalError::Publication(format!(
-                "publication {name} exists but does not include the outbox table {}.{}; \
-                 run ALTER PUBLICATION {} ADD TABLE {} or configure another publication name",
-                t.schema,
-                t.name,
-                name.quoted(),
-                t.qualified
-            )));
-        }
+    if let Some(t) = table
+        && !tables.iter().any(|(s, n)| s == &t.schema && n == &t.name)
+    {
+        return Err(LogicalError::Publication(format!(
+            "publication {name} exists but does not include the outbox table {}.{}; \
+             run ALTER PUBLICATION {} ADD TABLE {} or configure another publication name",
+            t.schema,
+            t.name,
+            name.quoted(),
+            t.qualified
+        )));
     }
     let others: Vec<String> = tables
         .iter()
@@ -345,7 +354,10 @@ impl SlotStatus {
 }
 
 /// Read the slot's status; `None` when it does not exist.
-pub async fn slot_status(pool: &PgPool, slot: &SlotName) -> Result<Option<SlotStatus>, LogicalError> {
+pub async fn slot_status(
+    pool: &PgPool,
+    slot: &SlotName,
+) -> Result<Option<SlotStatus>, LogicalError> {
     let row = sqlx::query(
         "SELECT plugin::text, slot_type::text, database::text, active, active_pid, wal_status, \
                 confirmed_flush_lsn::text AS confirmed, restart_lsn::text AS restart, \
@@ -374,7 +386,9 @@ pub async fn slot_status(pool: &PgPool, slot: &SlotName) -> Result<Option<SlotSt
         restart_lsn: lsn("restart")?,
         lag_bytes: row.try_get("lag").map_err(db_err("lag"))?,
         retained_bytes: row.try_get("retained").map_err(db_err("retained"))?,
-        safe_wal_size: row.try_get("safe_wal_size").map_err(db_err("safe_wal_size"))?,
+        safe_wal_size: row
+            .try_get("safe_wal_size")
+            .map_err(db_err("safe_wal_size"))?,
     }))
 }
 
@@ -470,7 +484,9 @@ pub async fn drop_slot(pool: &PgPool, slot: &SlotName) -> Result<(), LogicalErro
         match res {
             Ok(_) => return Ok(()),
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42704") => return Ok(()),
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55006") && attempt < 49 => {
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("55006") && attempt < 49 =>
+            {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
             Err(e) => return Err(db_err("dropping the lost replication slot")(e)),
@@ -511,13 +527,12 @@ pub async fn advance_slot(pool: &PgPool, slot: &SlotName, lsn: Lsn) -> Result<()
 /// Write a non-transactional logical decoding message `<prefix>-heartbeat` so an idle database
 /// still produces WAL the slot can be confirmed past. Returns the message's LSN.
 pub async fn emit_heartbeat(pool: &PgPool, prefix: &str) -> Result<Lsn, LogicalError> {
-    let text: String = sqlx::query_scalar(
-        "SELECT pg_logical_emit_message(false, $1, ''::text)::text",
-    )
-    .bind(heartbeat_prefix(prefix))
-    .fetch_one(pool)
-    .await
-    .map_err(db_err("emitting a heartbeat message"))?;
+    let text: String =
+        sqlx::query_scalar("SELECT pg_logical_emit_message(false, $1, ''::text)::text")
+            .bind(heartbeat_prefix(prefix))
+            .fetch_one(pool)
+            .await
+            .map_err(db_err("emitting a heartbeat message"))?;
     Lsn::parse(&text)
         .ok_or_else(|| LogicalError::Slot(format!("heartbeat returned an unparsable LSN {text:?}")))
 }
@@ -551,7 +566,10 @@ mod tests {
 
     #[test]
     fn publication_names_are_quoted_and_strict() {
-        assert_eq!(PublicationName::parse("outbox_pub").unwrap().quoted(), "\"outbox_pub\"");
+        assert_eq!(
+            PublicationName::parse("outbox_pub").unwrap().quoted(),
+            "\"outbox_pub\""
+        );
         for bad in ["", "1pub", "Pub", "p\"ub", "p,ub", "p'ub", &"p".repeat(64)] {
             assert!(PublicationName::parse(bad).is_err(), "{bad}");
         }

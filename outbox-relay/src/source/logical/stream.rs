@@ -47,12 +47,14 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;
@@ -122,7 +124,8 @@ pub(crate) fn classify(slot: &SlotName, e: PgWireError) -> LogicalError {
                 }
             } else if msg.contains("is active for PID") {
                 LogicalError::SlotInUse(msg.clone())
-            } else if msg.contains("permission denied") || msg.contains("must be superuser or replication role")
+            } else if msg.contains("permission denied")
+                || msg.contains("must be superuser or replication role")
             {
                 LogicalError::Privilege {
                     role: "current role".into(),
@@ -138,9 +141,9 @@ pub(crate) fn classify(slot: &SlotName, e: PgWireError) -> LogicalError {
                 LogicalError::Replication(text)
             }
         }
-        PgWireError::Auth(_) | PgWireError::Tls(_) => LogicalError::Config(format!(
-            "replication connection refused: {text}"
-        )),
+        PgWireError::Auth(_) | PgWireError::Tls(_) => {
+            LogicalError::Config(format!("replication connection refused: {text}"))
+        }
         _ => LogicalError::Replication(text),
     }
 }
@@ -215,9 +218,16 @@ mod tests {
             Some("p@ss")
         );
         assert_eq!(url_password("postgres://u@h/db"), None);
+        assert_eq!(
+            url_password("postgres://u:%é%4@h/db").as_deref(),
+            Some("%é%4")
+        );
         assert_eq!(url_password("postgres://h/db"), None);
         let t = ReplicationTarget::from_url("postgres://alice:s3cret@127.0.0.1:6543/app").unwrap();
-        assert_eq!((t.port, t.user.as_str(), t.database.as_str()), (6543, "alice", "app"));
+        assert_eq!(
+            (t.port, t.user.as_str(), t.database.as_str()),
+            (6543, "alice", "app")
+        );
         assert!(!format!("{t:?}").contains("s3cret"));
     }
 }
