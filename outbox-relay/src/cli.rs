@@ -37,7 +37,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Relay events until SIGTERM/SIGINT (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Create or upgrade the outbox table, then exit.
     Migrate(MigrateArgs),
 }

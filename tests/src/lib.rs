@@ -85,6 +85,14 @@ fn docker_services() -> Result<Services> {
 
 #[cfg(feature = "docker")]
 fn docker_services() -> Result<Services> {
+    // The blocking runner must not run on a tokio worker thread.
+    std::thread::spawn(start_containers)
+        .join()
+        .map_err(|_| anyhow::anyhow!("starting containers panicked"))?
+}
+
+#[cfg(feature = "docker")]
+fn start_containers() -> Result<Services> {
     use testcontainers::core::{IntoContainerPort, WaitFor};
     use testcontainers::runners::SyncRunner;
     use testcontainers::{GenericImage, ImageExt};

@@ -29,6 +29,7 @@ async fn create_accounts(pool: &PgPool, n: usize) -> Result<Vec<String>> {
 
 /// One business transaction: lock the aggregate, bump its version once per event, write the
 /// events, maybe linger (so commits interleave out of `seq` order), then commit or roll back.
+#[allow(clippy::too_many_arguments)] // a test helper: every knob of one business transaction
 async fn business_tx(
     pool: &PgPool,
     outbox: &Outbox,
@@ -637,5 +638,71 @@ async fn a_delivery_failure_recreates_the_producer_and_resumes_in_order() -> Res
     // The mock cluster does not deduplicate idempotent retries without a transactional id;
     // duplicates are bounded by what was in flight.
     assert!(v.duplicates <= 60, "{v:?}");
+    Ok(())
+}
+
+/// A typed event, as a service would declare it.
+#[derive(
+    Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, outbox_core::OutboxEvent,
+)]
+#[outbox(
+    aggregate_type = "typed_account",
+    aggregate_id = "account_id",
+    sequence = "version"
+)]
+enum AccountEvent {
+    Opened {
+        account_id: Uuid,
+        version: i64,
+        email: String,
+    },
+    #[outbox(event_type = "EmailChanged", schema_version = 2)]
+    ChangedEmail {
+        account_id: Uuid,
+        version: i64,
+        email: String,
+    },
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_derived_event_written_in_a_transaction_arrives_and_decodes_back() -> Result<()> {
+    use outbox_core::DecodeEvent;
+    let db = TestDb::create("poll_typed").await?;
+    db.migrate().await?;
+    let prefix = unique("typed");
+    let mut config = relay_config(&db);
+    config.route.topic = format!("{prefix}.{{aggregatetype}}");
+    let relay = InProcessRelay::start(config)?;
+    let account_id = Uuid::now_v7();
+    let events = vec![
+        AccountEvent::Opened {
+            account_id,
+            version: 1,
+            email: "a@example.com".into(),
+        },
+        AccountEvent::ChangedEmail {
+            account_id,
+            version: 2,
+            email: "b@example.com".into(),
+        },
+    ];
+    let mut tx = db.pool.begin().await?;
+    let ids = Outbox::default().publish_all(&mut tx, &events).await?;
+    tx.commit().await?;
+    let records = consume(&[&format!("{prefix}.typed_account")], 2, QUIET, LONG).await?;
+    relay.stop().await?;
+    assert_eq!(records.len(), 2);
+    for ((record, id), event) in records.iter().zip(&ids).zip(&events) {
+        assert_eq!(record.event_id(), *id);
+        assert_eq!(record.key.as_deref(), Some(account_id.to_string().as_str()));
+        let decoded = AccountEvent::decode(
+            record.header("eventType").unwrap(),
+            record.value.as_deref().unwrap().as_bytes(),
+        )?;
+        assert_eq!(&decoded, event);
+    }
+    assert_eq!(records[1].header("eventType"), Some("EmailChanged"));
+    assert_eq!(records[1].header("schemaVersion"), Some("2"));
+    assert_eq!(records[1].header("outbox-aggregate-seq"), Some("2"));
     Ok(())
 }

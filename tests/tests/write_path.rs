@@ -1,0 +1,281 @@
+//! The write side against a real PostgreSQL: events commit and roll back with the business
+//! transaction, batches keep their order, guards refuse bad events before anything is written,
+//! migrations upgrade a Debezium table in place, and the three write modes write what the relay
+//! expects.
+
+use anyhow::Result;
+use outbox_core::{Error, NewEvent, Outbox, OutboxTable, WriteMode};
+use outbox_tests::*;
+use uuid::Uuid;
+
+async fn count(db: &TestDb) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&db.pool)
+        .await?)
+}
+
+#[tokio::test]
+async fn events_commit_and_roll_back_with_the_transaction() -> Result<()> {
+    let db = TestDb::create("write_tx").await?;
+    db.migrate().await?;
+    let outbox = Outbox::default();
+    let mut tx = db.pool.begin().await?;
+    let id = outbox
+        .publish_new(&mut tx, vec![NewEvent::new("a", "1", "Gone", None)])
+        .await?[0];
+    tx.rollback().await?;
+    assert_eq!(count(&db).await?, 0);
+
+    let mut tx = db.pool.begin().await?;
+    let ids = outbox
+        .publish_new(&mut tx, vec![NewEvent::new("a", "1", "Kept", None)])
+        .await?;
+    tx.commit().await?;
+    assert_eq!(count(&db).await?, 1);
+    assert_ne!(ids[0], id);
+    assert_eq!(
+        ids[0].get_version_num(),
+        7,
+        "event ids are time-ordered UUIDv7"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_batch_keeps_its_order_and_every_envelope_field() -> Result<()> {
+    let db = TestDb::create("write_batch").await?;
+    db.migrate().await?;
+    let outbox = Outbox::default();
+    let fixed = Uuid::new_v4();
+    let events: Vec<NewEvent> = (0..50)
+        .map(|i| {
+            NewEvent::new(
+                "acct",
+                "7",
+                format!("E{i}"),
+                Some(serde_json::json!({ "i": i })),
+            )
+        })
+        .chain([NewEvent::new("acct", "7", "Last", None)
+            .with_id(fixed)
+            .with_header("tenant", "t1")
+            .with_schema_version(3)
+            .with_topic("custom.topic")
+            .with_aggregate_seq(99)
+            .with_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")])
+        .collect();
+    let mut tx = db.pool.begin().await?;
+    let ids = outbox.publish_new(&mut tx, events).await?;
+    tx.commit().await?;
+    assert_eq!(ids.len(), 51);
+    assert_eq!(ids[50], fixed);
+    let in_seq_order: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM outbox ORDER BY seq")
+        .fetch_all(&db.pool)
+        .await?;
+    assert_eq!(in_seq_order, ids, "seq order is the caller's order");
+    let row: (
+        serde_json::Value,
+        i32,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+        Option<serde_json::Value>,
+    ) = sqlx::query_as(
+        "SELECT headers, schema_version, topic, aggregate_seq, tracingspancontext, payload
+             FROM outbox WHERE id = $1",
+    )
+    .bind(fixed)
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(row.0, serde_json::json!({ "tenant": "t1" }));
+    assert_eq!(
+        (row.1, row.2.as_deref(), row.3),
+        (3, Some("custom.topic"), Some(99))
+    );
+    assert!(row.4.unwrap().starts_with("00-4bf92f"));
+    assert_eq!(row.5, None, "a None payload is SQL NULL");
+    Ok(())
+}
+
+#[tokio::test]
+async fn guards_refuse_bad_events_before_writing_anything() -> Result<()> {
+    let db = TestDb::create("write_guard").await?;
+    db.migrate().await?;
+    let outbox = Outbox::default().with_max_payload_bytes(100);
+    let mut tx = db.pool.begin().await?;
+    let big = NewEvent::new(
+        "a",
+        "1",
+        "Big",
+        Some(serde_json::json!({ "x": "y".repeat(200) })),
+    );
+    match outbox
+        .publish_new(&mut tx, vec![NewEvent::new("a", "1", "Ok", None), big])
+        .await
+    {
+        Err(Error::PayloadTooLarge {
+            size, limit: 100, ..
+        }) => assert!(size > 200),
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    for (bad, needle) in [
+        (NewEvent::new("a", "", "T", None), "aggregate id is empty"),
+        (
+            NewEvent::new("a", "1", "T", None).with_traceparent("nope"),
+            "not a W3C traceparent",
+        ),
+        (
+            NewEvent::new("a", "1", "T", None).with_topic("a/b"),
+            "topic `a/b`",
+        ),
+        (
+            NewEvent::new("a", "1", "T", None).with_schema_version(0),
+            "schema version",
+        ),
+    ] {
+        let e = outbox.publish_new(&mut tx, vec![bad]).await.unwrap_err();
+        assert!(e.to_string().contains(needle), "{e}");
+    }
+    // The transaction is still usable: guards fail before any SQL.
+    outbox
+        .publish_new(&mut tx, vec![NewEvent::new("a", "1", "Fine", None)])
+        .await?;
+    tx.commit().await?;
+    assert_eq!(count(&db).await?, 1);
+
+    // A duplicate event id fails the insert (and so the caller's transaction).
+    let id = Uuid::new_v4();
+    let mut tx = db.pool.begin().await?;
+    outbox
+        .publish_new(
+            &mut tx,
+            vec![NewEvent::new("a", "1", "A", None).with_id(id)],
+        )
+        .await?;
+    tx.commit().await?;
+    let mut tx = db.pool.begin().await?;
+    let e = outbox
+        .publish_new(
+            &mut tx,
+            vec![NewEvent::new("a", "1", "A", None).with_id(id)],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Database(_)), "{e}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn migrate_upgrades_an_existing_debezium_table_in_place_and_runs_once_under_concurrency()
+-> Result<()> {
+    let db = TestDb::create("write_migrate").await?;
+    sqlx::query(
+        "CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype varchar(255) NOT NULL,
+         aggregateid varchar(255) NOT NULL, type varchar(255) NOT NULL, payload jsonb)",
+    )
+    .execute(&db.pool)
+    .await?;
+    let old = Uuid::new_v4();
+    sqlx::query("INSERT INTO outbox VALUES ($1, 'order', '1', 'Created', '{}')")
+        .bind(old)
+        .execute(&db.pool)
+        .await?;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let url = db.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await?;
+            outbox_core::migrate(&mut conn, &OutboxTable::default()).await
+        }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        applied += t.await??.applied.len();
+    }
+    assert_eq!(applied, 1, "exactly one caller applies version 1");
+    let (seq, headers, published): (
+        Option<i64>,
+        serde_json::Value,
+        Option<chrono::DateTime<chrono::Utc>>,
+    ) = sqlx::query_as("SELECT seq, headers, published_at FROM outbox WHERE id = $1")
+        .bind(old)
+        .fetch_one(&db.pool)
+        .await?;
+    assert!(seq.is_some(), "existing rows get a seq");
+    assert_eq!(headers, serde_json::json!({}));
+    assert_eq!(published, None, "existing rows are still due");
+
+    // A table migrated by a newer library is refused, not touched.
+    sqlx::query("INSERT INTO _outbox_migrations (table_name, version, description) VALUES ('outbox', 99, 'future')")
+        .execute(&db.pool)
+        .await?;
+    let e = outbox_core::migrate(&mut *db.pool.acquire().await?, &OutboxTable::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::SchemaTooNew { found: 99, .. }), "{e}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn write_modes_write_what_the_logical_relay_reads() -> Result<()> {
+    let db = TestDb::create("write_modes").await?;
+    db.migrate().await?;
+    // A test_decoding slot shows exactly what reaches the WAL.
+    let slot = unique("wm");
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'test_decoding')")
+        .bind(&slot)
+        .execute(&db.pool)
+        .await?;
+
+    let id_del = Outbox::default()
+        .with_write_mode(WriteMode::InsertDelete)
+        .publish_new(
+            &mut *db.pool.acquire().await?,
+            vec![NewEvent::new("a", "1", "ViaInsertDelete", None)],
+        )
+        .await?[0];
+    assert_eq!(count(&db).await?, 0, "insert_delete leaves the table empty");
+
+    let id_msg = Outbox::default()
+        .with_write_mode(WriteMode::LogicalMessage)
+        .with_message_prefix("outbox")?
+        .publish_new(
+            &mut *db.pool.acquire().await?,
+            vec![NewEvent::new(
+                "a",
+                "1",
+                "ViaMessage",
+                Some(serde_json::json!({"k": [1, 2]})),
+            )],
+        )
+        .await?[0];
+    assert_eq!(count(&db).await?, 0, "logical_message writes no row");
+
+    let changes: Vec<String> =
+        sqlx::query_scalar("SELECT data FROM pg_logical_slot_get_changes($1, NULL, NULL)")
+            .bind(&slot)
+            .fetch_all(&db.pool)
+            .await?;
+    let all = changes.join("\n");
+    assert!(
+        all.contains(&format!("id[uuid]:'{id_del}'")),
+        "the insert is in the WAL:\n{all}"
+    );
+    assert!(all.contains("table public.outbox: DELETE"), "{all}");
+    let message = changes
+        .iter()
+        .find(|c| c.contains("prefix: outbox"))
+        .unwrap_or_else(|| panic!("no logical message in:\n{all}"));
+    assert!(message.contains("transactional: 1"), "{message}");
+    assert!(message.contains(&id_msg.to_string()), "{message}");
+    let content = message.split_once("content:").unwrap().1.trim();
+    let ev = outbox_core::StoredEvent::from_logical_message(content.as_bytes())?;
+    assert_eq!(ev.id, id_msg);
+    assert_eq!(ev.event_type, "ViaMessage");
+    assert_eq!(ev.payload.as_deref(), Some(r#"{"k": [1, 2]}"#));
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(&slot)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
