@@ -347,3 +347,101 @@ async fn logical_keepalives_never_confirm_past_unacknowledged_events() -> Result
     );
     Ok(())
 }
+
+/// Publication and slot: created when missing, reused when present, and an existing one that
+/// cannot work (publication without the outbox table, slot with another plugin) is refused with
+/// an error that says what is wrong; an existing publication that also publishes updates and
+/// deletes is accepted (they are ignored). Names are validated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_publication_and_slot_are_created_reused_and_checked() -> Result<()> {
+    use outbox_relay::source::Source;
+    use outbox_relay::source::logical::{PublicationName, SlotName};
+
+    let db = TestDb::create("logical_checks").await?;
+    db.migrate().await?;
+    let slot = unique("lslot");
+    let cfg = |slot: &str, publication: &str| -> Result<LogicalConfig> {
+        let mut c = LogicalConfig::new(db.url.clone(), OutboxTable::default(), WriteMode::Table);
+        c.slot = SlotName::parse(slot)?;
+        c.publication = PublicationName::parse(publication)?;
+        Ok(c)
+    };
+    let slots = |pool: sqlx::PgPool, name: String| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(name)
+        .fetch_one(&pool)
+        .await
+    };
+
+    // A publication for another table: refused, and no slot is created.
+    sqlx::query("CREATE TABLE other (id int PRIMARY KEY)")
+        .execute(&db.pool)
+        .await?;
+    sqlx::query("CREATE PUBLICATION p_wrong FOR TABLE other")
+        .execute(&db.pool)
+        .await?;
+    let err = LogicalSource::connect(cfg(&slot, "p_wrong")?)
+        .await
+        .expect_err("wrong publication");
+    assert!(matches!(err, LogicalError::Publication(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("does not include the outbox table"),
+        "{err}"
+    );
+    assert_eq!(slots(db.pool.clone(), slot.clone()).await?, 0);
+
+    // Missing: both created (publish = 'insert', pgoutput).
+    let mut src = LogicalSource::connect(cfg(&slot, "p_new")?).await?;
+    let (ins, upd, del): (bool, bool, bool) = sqlx::query_as(
+        "SELECT pubinsert, pubupdate, pubdelete FROM pg_publication WHERE pubname = 'p_new'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!((ins, upd, del), (true, false, false));
+    let plugin: String =
+        sqlx::query_scalar("SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(&slot)
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(plugin, "pgoutput");
+    src.rewind().await?;
+    src.close().await?;
+    drop(src);
+
+    // Present: reused (same slot, position kept), also with a publication that publishes
+    // updates and deletes too.
+    sqlx::query("CREATE PUBLICATION p_all FOR TABLE outbox")
+        .execute(&db.pool)
+        .await?;
+    let before = confirmed_flush(&db.pool, &slot).await?;
+    let mut src = LogicalSource::connect(cfg(&slot, "p_all")?).await?;
+    assert_eq!(slots(db.pool.clone(), slot.clone()).await?, 1);
+    assert!(confirmed_flush(&db.pool, &slot).await? >= before);
+    src.close().await?;
+    drop(src);
+
+    // A slot of another plugin under our name: refused, naming the plugin.
+    let foreign = unique("lslot");
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'test_decoding')")
+        .bind(&foreign)
+        .execute(&db.pool)
+        .await?;
+    let err = LogicalSource::connect(cfg(&foreign, "p_new")?)
+        .await
+        .expect_err("foreign slot");
+    assert!(matches!(err, LogicalError::Slot(_)), "{err:?}");
+    assert!(err.to_string().contains("test_decoding"), "{err}");
+    assert!(!err.is_retryable());
+
+    // Names: PostgreSQL's slot rule, and nothing that could escape quoting.
+    assert!(SlotName::parse("Bad-Slot").is_err());
+    assert!(SlotName::parse("x'; DROP TABLE outbox; --").is_err());
+    assert!(PublicationName::parse("p\"; DROP TABLE outbox; --").is_err());
+
+    drop_slots(&db.pool, &slot).await?;
+    drop_slots(&db.pool, &foreign).await?;
+    Ok(())
+}
