@@ -445,3 +445,131 @@ async fn logical_publication_and_slot_are_created_reused_and_checked() -> Result
     drop_slots(&db.pool, &foreign).await?;
     Ok(())
 }
+
+/// Forces `wal_status = 'lost'` (max_slot_wal_keep_size exceeded while the relay is down):
+/// in `table` mode the relay reports it loudly and recovers every unpublished event from the
+/// table; in `insert_delete` mode (nothing to recover from) it exits non-zero saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logical_invalidated_slot_is_reported_and_recovered_in_table_mode() -> Result<()> {
+    use outbox_core::{NewEvent, Outbox};
+
+    let cluster = TempCluster::start(
+        "logical",
+        "max_slot_wal_keep_size = '1MB'\nmax_wal_size = '64MB'\nmin_wal_size = '32MB'",
+    )?;
+    let db = cluster.test_db().await?;
+    db.migrate().await?;
+    sqlx::query("CREATE TABLE noise (id bigserial PRIMARY KEY, v text)")
+        .execute(&db.pool)
+        .await?;
+    let aggregate_type = unique("acct");
+    let topic = format!("outbox.event.{aggregate_type}");
+    create_topic(&topic, 1).await?;
+    let slot = unique("lslot");
+    let env = logical_env(WriteMode::Table, &slot);
+    let env = env_refs(&env);
+    let mut ledger = Ledger::default();
+    let outbox = Outbox::default();
+    let mut write = async |n: usize, ledger: &mut Ledger| -> Result<()> {
+        for i in 0..n {
+            let mut tx = db.pool.begin().await?;
+            let ids = outbox
+                .publish_new(
+                    &mut tx,
+                    vec![NewEvent::new(
+                        &aggregate_type,
+                        format!("a{}", i % 3),
+                        "E",
+                        None,
+                    )],
+                )
+                .await?;
+            tx.commit().await?;
+            ledger.committed.extend(ids);
+        }
+        Ok(())
+    };
+
+    let relay = RelayProcess::start(&db, &[], &env).await?;
+    wait_slot_active(&db.pool, &slot, LONG).await?;
+    write(20, &mut ledger).await?;
+    wait_drained(&db.pool, LONG).await?;
+    let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
+    assert_eq!(code, 0, "{log}");
+
+    // Relay down: events committed, then enough WAL to invalidate the slot.
+    write(30, &mut ledger).await?;
+    for _ in 0..6 {
+        sqlx::query("INSERT INTO noise (v) SELECT repeat('n', 1000) FROM generate_series(1, 3000)")
+            .execute(&db.pool)
+            .await?;
+        sqlx::query("SELECT pg_switch_wal()")
+            .execute(&db.pool)
+            .await?;
+        sqlx::query("CHECKPOINT").execute(&db.pool).await?;
+    }
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(&slot)
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(
+        status.as_deref(),
+        Some("lost"),
+        "the slot was not invalidated"
+    );
+
+    let relay = RelayProcess::start(&db, &[], &env).await?;
+    relay
+        .wait_for_log("REPLICATION SLOT LOST", Duration::from_secs(30))
+        .await?;
+    wait_drained(&db.pool, LONG).await?;
+    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
+    assert_eq!(code, 0, "{log}");
+    let v = Verdict::check(&ledger, &records);
+    println!("invalidated slot, table mode: {v:?}");
+    assert_safe(&v);
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(&slot)
+            .fetch_one(&db.pool)
+            .await?;
+    assert_ne!(
+        status.as_deref(),
+        Some("lost"),
+        "the slot was not recreated"
+    );
+
+    // insert_delete: the same loss cannot be recovered; the relay must say so and stop.
+    let relay = RelayProcess::start(
+        &db,
+        &[],
+        &env_refs(&logical_env(WriteMode::InsertDelete, &slot)),
+    )
+    .await?;
+    wait_slot_active(&db.pool, &slot, LONG).await?;
+    relay.terminate(Duration::from_secs(20)).await?;
+    for _ in 0..6 {
+        sqlx::query("INSERT INTO noise (v) SELECT repeat('n', 1000) FROM generate_series(1, 3000)")
+            .execute(&db.pool)
+            .await?;
+        sqlx::query("SELECT pg_switch_wal()")
+            .execute(&db.pool)
+            .await?;
+        sqlx::query("CHECKPOINT").execute(&db.pool).await?;
+    }
+    let relay = RelayProcess::start(
+        &db,
+        &[],
+        &env_refs(&logical_env(WriteMode::InsertDelete, &slot)),
+    )
+    .await?;
+    let (code, log) = relay.wait_exit(Duration::from_secs(30)).await?;
+    assert_ne!(code, 0, "{log}");
+    assert!(
+        log.contains("LOST") && log.contains("no table to recover from"),
+        "{log}"
+    );
+    Ok(())
+}
