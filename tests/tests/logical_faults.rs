@@ -184,6 +184,20 @@ async fn logical_idle_database_heartbeats_advance_the_slot() -> Result<()> {
     let moves = confirmed_moves(&db.pool, &slot, Duration::from_secs(4)).await?;
     let end = confirmed_flush(&db.pool, &slot).await?.unwrap_or(0);
     let lag = current_wal(&db.pool).await?.saturating_sub(end);
+    // The source's live metrics (for the relay's health/metrics endpoints).
+    let m = outbox_relay::source::logical::metrics_for(&slot).expect("metrics registered");
+    let heartbeats = m.heartbeats.load(Ordering::Relaxed);
+    assert!(heartbeats >= 4, "heartbeats written: {heartbeats}");
+    assert_eq!(
+        m.wal_status.load(Ordering::Relaxed),
+        1,
+        "wal_status should read 'reserved'"
+    );
+    assert!(
+        m.slot_lag_bytes.load(Ordering::Relaxed) >= 0,
+        "slot lag not measured"
+    );
+    assert!(m.confirmed_lsn.load(Ordering::Relaxed) >= end);
     relay.stop().await?;
     println!(
         "heartbeats on: confirmed_flush moved {moves} times, {start:#x} -> {end:#x}, lag {lag} bytes"

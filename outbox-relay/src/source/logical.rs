@@ -38,6 +38,18 @@
 //!   In `insert_delete` and `logical_message` modes there is nothing to recover from: a lost slot
 //!   is a fatal error that names the slot and the reason.
 //!
+//! # Limits (documented decisions)
+//!
+//! - A transaction's events are buffered until its `Commit` (its end LSN is part of every event's
+//!   position), so one huge transaction is held in memory once.
+//! - A re-publication reads all unpublished rows at once (`fetch_all`); after a very long outage
+//!   with a lost slot that is the whole backlog.
+//! - Between two standby status updates (`status_interval`) an acknowledged position lives only
+//!   in the relay: a crash repeats at most that interval's events (the SIGKILL test measures it).
+//! - Publication and slot names are `[a-z0-9_]` (publication names must not start with a digit):
+//!   `publication_names` in `START_REPLICATION` folds unquoted names to lower case, so anything
+//!   else could silently name another publication.
+//!
 //! # Write modes
 //!
 //! Inserts into the outbox table and transactional logical messages with the configured prefix
@@ -265,6 +277,26 @@ impl LogicalMetrics {
     }
 }
 
+/// The live metrics of the logical source streaming from `slot` in this process, if one was
+/// opened: for health and metrics endpoints, which outlive the source (the relay reopens it after
+/// a retryable failure; every instance for the same slot shares one [`LogicalMetrics`]).
+pub fn metrics_for(slot: &str) -> Option<Arc<LogicalMetrics>> {
+    metrics_registry().lock().ok()?.get(slot).cloned()
+}
+
+fn metrics_registry() -> &'static std::sync::Mutex<HashMap<String, Arc<LogicalMetrics>>> {
+    static REGISTRY: std::sync::OnceLock<std::sync::Mutex<HashMap<String, Arc<LogicalMetrics>>>> =
+        std::sync::OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+fn shared_metrics(slot: &SlotName) -> Arc<LogicalMetrics> {
+    match metrics_registry().lock() {
+        Ok(mut r) => Arc::clone(r.entry(slot.as_str().to_owned()).or_default()),
+        Err(_) => Arc::default(),
+    }
+}
+
 struct OpenTx {
     commit_lsn: Lsn,
     events: Vec<StoredEvent>,
@@ -363,6 +395,7 @@ impl LogicalSource {
         };
         slot::ensure_publication(&pool, &cfg.publication, table.as_ref()).await?;
         let now = Instant::now();
+        let metrics = shared_metrics(&cfg.slot);
         let mut me = Self {
             heartbeat_prefix: slot::heartbeat_prefix(&cfg.message_prefix),
             next_heartbeat: now + cfg.heartbeat_interval,
@@ -380,7 +413,7 @@ impl LogicalSource {
             confirmed: Lsn::ZERO,
             backfill_due: false,
             stopped: false,
-            metrics: Arc::new(LogicalMetrics::default()),
+            metrics,
         };
         me.prepare_slot(true).await?;
         me.start_session().await?;
@@ -844,6 +877,8 @@ impl LogicalSource {
             match slot::slot_status(&self.pool, &self.cfg.slot).await? {
                 Some(s) if !s.is_lost() => {
                     self.metrics.record_status(&s);
+                    tracing::debug!(slot = %self.cfg.slot, lag_bytes = ?s.lag_bytes, retained_bytes = ?s.retained_bytes,
+                        wal_status = ?s.wal_status, safe_wal_size = ?s.safe_wal_size, "replication slot status");
                     if s.wal_status.as_deref() == Some("unreserved") {
                         tracing::warn!(slot = %self.cfg.slot, lag_bytes = ?s.lag_bytes, safe_wal_size = ?s.safe_wal_size, "replication slot is about to be invalidated (wal_status = unreserved)");
                     }
