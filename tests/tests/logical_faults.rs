@@ -484,7 +484,7 @@ async fn logical_invalidated_slot_is_reported_and_recovered_in_table_mode() -> R
     let env = env_refs(&env);
     let mut ledger = Ledger::default();
     let outbox = Outbox::default();
-    let mut write = async |n: usize, ledger: &mut Ledger| -> Result<()> {
+    let write = async |n: usize, ledger: &mut Ledger| -> Result<()> {
         for i in 0..n {
             let mut tx = db.pool.begin().await?;
             let ids = outbox
