@@ -643,6 +643,9 @@ impl LogicalSource {
             }
         };
         self.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+        if let Ok(Some(status)) = slot::slot_status(&self.pool, &self.cfg.slot).await {
+            self.metrics.record_status(&status);
+        }
         if let Ok(mut k) = known_slots().lock() {
             k.insert(self.cfg.slot.as_str().to_owned());
         }
