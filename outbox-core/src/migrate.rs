@@ -17,14 +17,54 @@ struct Step {
     sql: fn(&OutboxTable) -> Vec<String>,
 }
 
-const STEPS: &[Step] = &[Step {
-    version: 1,
-    description: "create the outbox table (Debezium-compatible columns plus relay columns)",
-    sql: v1,
-}];
+const STEPS: &[Step] = &[
+    Step {
+        version: 1,
+        description: "create the outbox table (Debezium-compatible columns plus relay columns)",
+        sql: v1,
+    },
+    Step {
+        version: 2,
+        description: "create the parked-events table (poison events and the events held behind them)",
+        sql: v2,
+    },
+];
 
 /// The newest schema version this library creates.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
+
+fn v2(t: &OutboxTable) -> Vec<String> {
+    let parked = t.parked_qualified();
+    vec![
+        // A parked event keeps every column of its outbox row, plus why it was parked. Events of
+        // the same aggregate that arrive after a poison event are parked behind it (`blocked_by`)
+        // so the aggregate's order survives; `park_seq` is the order to replay them in.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {parked} (
+                id                 uuid         PRIMARY KEY,
+                aggregatetype      varchar(255) NOT NULL,
+                aggregateid        varchar(255) NOT NULL,
+                type               varchar(255) NOT NULL,
+                payload            jsonb,
+                seq                bigint,
+                created_at         timestamptz,
+                tracingspancontext varchar(512),
+                headers            jsonb        NOT NULL DEFAULT '{{}}'::jsonb,
+                schema_version     integer      NOT NULL DEFAULT 1,
+                topic              varchar(249),
+                aggregate_seq      bigint,
+                park_seq           bigint       GENERATED ALWAYS AS IDENTITY,
+                reason             text         NOT NULL,
+                blocked_by         uuid,
+                parked_at          timestamptz  NOT NULL DEFAULT now()
+            )"
+        ),
+        format!(
+            "CREATE INDEX IF NOT EXISTS {} ON {parked} (aggregatetype, aggregateid, park_seq)",
+            t.derived_unqualified("parked_aggregate_idx")
+        ),
+    ]
+}
 
 fn v1(t: &OutboxTable) -> Vec<String> {
     let table = t.qualified();

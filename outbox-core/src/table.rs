@@ -140,6 +140,12 @@ impl OutboxTable {
         }
     }
 
+    /// The quoted name of the table holding parked (poison) events: `<table>_parked`, in the
+    /// same schema.
+    pub fn parked_qualified(&self) -> String {
+        self.derived("parked")
+    }
+
     /// The LISTEN/NOTIFY channel the insert trigger notifies and the polling relay listens on.
     pub fn notify_channel(&self) -> String {
         match &self.schema {

@@ -1,29 +1,51 @@
 //! The one place that decides what may be acknowledged to the source.
 //!
 //! Kafka acknowledges records individually and, after a failure, possibly out of order. The source
-//! may learn only about the **contiguous prefix** of a batch whose records were all acknowledged:
-//! acknowledging a later success past an earlier failure would, after the rewind that follows,
-//! publish the failed event after its successor and break per-aggregate order (or lose it, for
-//! a cursor-based source).
+//! may learn only about the **contiguous prefix** of a batch whose events were all handled —
+//! delivered, or durably parked ([`crate::park`]): acknowledging a later success past an earlier
+//! transient failure would, after the rewind that follows, publish the failed event after its
+//! successor and break per-aggregate order (or lose it, for a cursor- or LSN-based source).
 
-/// The length of the leading run of successes in `outcomes`.
-pub fn delivered_prefix<T, E>(outcomes: &[Result<T, E>]) -> usize {
-    outcomes.iter().take_while(|r| r.is_ok()).count()
+use crate::sink::kafka::Outcome;
+
+/// The length of the leading run of handled events: everything before the first transient
+/// failure.
+pub fn handled_prefix(outcomes: &[Outcome]) -> usize {
+    outcomes
+        .iter()
+        .take_while(|o| !matches!(o, Outcome::Failed(_)))
+        .count()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::delivered_prefix;
+    use super::handled_prefix;
+    use crate::sink::kafka::{Delivered, Outcome};
+    use rdkafka::error::KafkaError;
+
+    fn ok() -> Outcome {
+        Outcome::Delivered(Delivered {
+            partition: 0,
+            offset: 0,
+        })
+    }
+
+    fn failed() -> Outcome {
+        Outcome::Failed(KafkaError::Canceled)
+    }
 
     #[test]
-    fn stops_at_the_first_failure() {
-        let r: Vec<Result<u8, ()>> = vec![Ok(1), Ok(2), Err(()), Ok(4)];
-        assert_eq!(delivered_prefix(&r), 2);
-        let r: Vec<Result<u8, ()>> = vec![Err(()), Ok(2)];
-        assert_eq!(delivered_prefix(&r), 0);
-        let r: Vec<Result<u8, ()>> = vec![Ok(1), Ok(2)];
-        assert_eq!(delivered_prefix(&r), 2);
-        let r: Vec<Result<u8, ()>> = vec![];
-        assert_eq!(delivered_prefix(&r), 0);
+    fn stops_at_the_first_transient_failure() {
+        assert_eq!(handled_prefix(&[ok(), ok(), failed(), ok()]), 2);
+        assert_eq!(handled_prefix(&[failed(), ok()]), 0);
+        assert_eq!(handled_prefix(&[ok(), ok()]), 2);
+        assert_eq!(handled_prefix(&[]), 0);
+    }
+
+    #[test]
+    fn parked_events_count_as_handled() {
+        let rejected = Outcome::Rejected(KafkaError::Canceled);
+        let held = Outcome::Held { behind: 1 };
+        assert_eq!(handled_prefix(&[ok(), rejected, held, ok(), failed()]), 4);
     }
 }

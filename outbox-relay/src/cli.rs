@@ -1,13 +1,15 @@
-//! The command line: `outbox-relay run` (default) and `outbox-relay migrate`.
+//! The command line, in the manner of `sqlx-cli`: `run` (the default), `migrate`, `config …`.
 //!
-//! Every flag can also be set with the environment variable shown in `--help`.
+//! Settings come from defaults < a TOML file (`--config` / `OUTBOX_CONFIG`) < `OUTBOX_*`
+//! environment variables < flags (see [`crate::config::load`]). Every flag below also shows the
+//! variable that sets it; `--set key=value` reaches any key.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{ConfigError, RelayConfig, Secret, SourceKind, duration};
-use crate::source::polling::RowAcknowledgement;
+use crate::config::{ConfigError, duration};
 
 /// Relay committed outbox events from PostgreSQL to Kafka.
 #[derive(Debug, Parser)]
@@ -21,7 +23,7 @@ pub struct Cli {
     pub command: Option<Command>,
     /// Settings for the default `run` command.
     #[command(flatten)]
-    pub run: RunArgs,
+    pub settings: Settings,
 }
 
 /// Log output format.
@@ -37,97 +39,242 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Relay events until SIGTERM/SIGINT (the default).
-    Run(Box<RunArgs>),
-    /// Create or upgrade the outbox table, then exit.
-    Migrate(MigrateArgs),
+    Run(Box<Settings>),
+    /// Create or upgrade the outbox table (and its parked-events table), then exit.
+    Migrate(Box<Settings>),
+    /// Pending events, oldest pending age, last published event, parked events, slot lag.
+    Status {
+        /// Print JSON (the same document as the admin endpoint /status).
+        #[arg(long)]
+        json: bool,
+        /// Settings.
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+    /// Kafka topics the relay publishes to.
+    Topics {
+        /// What to do.
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Re-publish events still in the table, with their original ids and order.
+    Replay {
+        /// Which events.
+        #[command(flatten)]
+        filter: ReplayArgs,
+        /// Settings.
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+    /// Events parked because they can never be published (and those held behind them).
+    Parked {
+        /// What to do.
+        #[command(subcommand)]
+        action: ParkedAction,
+    },
+    /// Logical-replication slots.
+    Slot {
+        /// What to do.
+        #[command(subcommand)]
+        action: SlotAction,
+    },
+    /// Check or show the effective configuration.
+    Config {
+        /// What to do with it.
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
 }
 
-/// Connection settings shared by every command.
-#[derive(Debug, Clone, Args)]
-pub struct DatabaseArgs {
-    /// PostgreSQL URL, e.g. postgres://relay:secret@db:5432/app?sslmode=verify-full.
-    #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
-    /// The outbox table, `table` or `schema.table`.
-    #[arg(long, env = "OUTBOX_TABLE")]
-    pub table: Option<String>,
+/// `topics` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TopicsAction {
+    /// Create the routed topics (from the table's aggregate and event types, the fixed routes and
+    /// the dead-letter topic) and any given with --topic; existing topics are left alone.
+    Ensure {
+        /// Another topic to create (repeatable).
+        #[arg(long = "add", value_name = "TOPIC")]
+        topics: Vec<String>,
+        /// Partitions of each new topic.
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        /// Replication factor of each new topic.
+        #[arg(long, default_value_t = 3)]
+        replication_factor: i32,
+        /// Topic config `key=value` (repeatable), e.g. min.insync.replicas=2.
+        #[arg(long = "topic-config")]
+        topic_configs: Vec<String>,
+        /// Settings.
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
 }
 
-/// Settings of `migrate`.
-#[derive(Debug, Clone, Args)]
-pub struct MigrateArgs {
-    /// Database and table.
-    #[command(flatten)]
-    pub db: DatabaseArgs,
-}
-
-/// Settings of `run`.
+/// Filters of `replay`.
 #[derive(Debug, Clone, Default, Args)]
-pub struct RunArgs {
-    /// PostgreSQL URL, e.g. postgres://relay:secret@db:5432/app?sslmode=verify-full.
+pub struct ReplayArgs {
+    /// Events created at or after this time (RFC 3339, or a duration ago such as 2h).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Events created before this time (RFC 3339, or a duration ago).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Events with an id at or after this one.
+    #[arg(long)]
+    pub from_id: Option<uuid::Uuid>,
+    /// Events with an id at or before this one.
+    #[arg(long)]
+    pub to_id: Option<uuid::Uuid>,
+    /// Only this event type (repeatable).
+    #[arg(long = "type")]
+    pub event_types: Vec<String>,
+    /// Only this aggregate type.
+    #[arg(long)]
+    pub aggregate_type: Option<String>,
+}
+
+/// `parked` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ParkedAction {
+    /// List parked events in replay order.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Settings.
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+    /// Publish parked events (whole aggregates, in order) and unblock their aggregates.
+    Retry {
+        /// Event ids (their aggregates are retried).
+        ids: Vec<uuid::Uuid>,
+        /// Every parked event.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Settings (e.g. a raised --kafka-property message.max.bytes=…).
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+    /// Delete parked events without publishing them.
+    Drop {
+        /// Event ids.
+        ids: Vec<uuid::Uuid>,
+        /// Every parked event.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// Settings.
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+}
+
+/// `slot` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SlotAction {
+    /// List the server's replication slots with their lag and WAL status.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Settings.
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+    /// Drop an inactive replication slot.
+    Drop {
+        /// The slot's name.
+        name: String,
+        /// Settings.
+        #[command(flatten)]
+        settings: Box<Settings>,
+    },
+}
+
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Load and validate the configuration; exit 2 naming the bad key when it is invalid.
+    Validate(Box<Settings>),
+    /// Print the effective configuration as TOML, secrets redacted.
+    Print(Box<Settings>),
+}
+
+/// Every setting that has its own flag, plus `--config` and `--set`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Settings {
+    /// TOML configuration file.
+    #[arg(long = "config", env = "OUTBOX_CONFIG")]
+    pub config_file: Option<PathBuf>,
+    /// Set any configuration key, e.g. `--set kafka.delivery_timeout=10s` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// PostgreSQL URL, e.g. postgres://relay:secret@db:5432/app?sslmode=verify-full
+    /// [key: database_url; also OUTBOX_DATABASE_URL_FILE].
     #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// The outbox table, `table` or `schema.table`.
+    /// The outbox table, `table` or `schema.table` [key: table].
     #[arg(long, env = "OUTBOX_TABLE")]
     pub table: Option<String>,
-    /// Kafka bootstrap servers, e.g. broker1:9092,broker2:9092.
+    /// Kafka bootstrap servers, e.g. broker1:9092,broker2:9092 [key: kafka.bootstrap_servers].
     #[arg(long, env = "OUTBOX_KAFKA_BOOTSTRAP_SERVERS")]
     pub kafka_bootstrap_servers: Option<String>,
     /// Extra librdkafka producer property, `key=value` (repeatable; comma-separated in the
-    /// variable). Idempotence and acks=all cannot be turned off.
+    /// variable) [key: kafka.properties.*]. Idempotence and acks=all cannot be turned off.
     #[arg(
         long = "kafka-property",
         env = "OUTBOX_KAFKA_PROPERTIES",
         value_delimiter = ','
     )]
     pub kafka_properties: Vec<String>,
-    /// Where events are read from: polling or logical.
+    /// Where events are read from: polling or logical [key: source].
     #[arg(long, env = "OUTBOX_SOURCE")]
     pub source: Option<String>,
-    /// How services write events: table, insert_delete or logical_message.
+    /// How services write events: table, insert_delete or logical_message [key: write_mode].
     #[arg(long, env = "OUTBOX_WRITE_MODE")]
     pub write_mode: Option<String>,
-    /// Topic template; placeholders {aggregatetype} and {type}.
+    /// Topic template; placeholders {aggregatetype} and {type} [key: route.topic].
     #[arg(long, env = "OUTBOX_TOPIC")]
     pub topic: Option<String>,
     /// Per-event-type topic, `EventType=topic-template` (repeatable; comma-separated in the
-    /// variable).
+    /// variable) [key: route.routes.*].
     #[arg(long = "route", env = "OUTBOX_ROUTES", value_delimiter = ',')]
     pub routes: Vec<String>,
-    /// Turn CloudEvents binary-mode headers off or on.
+    /// CloudEvents attributes on (true) or off (false) [key: route.cloudevents].
     #[arg(long, env = "OUTBOX_CLOUDEVENTS")]
     pub cloudevents: Option<bool>,
-    /// Most events per round.
+    /// Most events per round [key: batch_size].
     #[arg(long, env = "OUTBOX_BATCH_SIZE")]
     pub batch_size: Option<usize>,
-    /// Longest wait between polls, e.g. 1s.
+    /// Longest wait between polls, e.g. 1s [key: poll_interval].
     #[arg(long, env = "OUTBOX_POLL_INTERVAL", value_parser = duration::parse)]
     pub poll_interval: Option<Duration>,
-    /// What to do with a published row: mark or delete.
+    /// What to do with a published row: mark or delete [key: acknowledgement].
     #[arg(long, env = "OUTBOX_ACKNOWLEDGEMENT")]
     pub acknowledgement: Option<String>,
-    /// How long marked rows are kept, e.g. 24h (0s keeps them).
+    /// How long marked rows are kept, e.g. 24h; 0s keeps them [key: retention].
     #[arg(long, env = "OUTBOX_RETENTION", value_parser = duration::parse)]
     pub retention: Option<Duration>,
-    /// How long to drain on SIGTERM before exiting anyway, e.g. 30s.
+    /// How long to drain on SIGTERM before exiting anyway, e.g. 30s [key: shutdown_timeout].
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", value_parser = duration::parse)]
     pub shutdown_timeout: Option<Duration>,
-    /// How often a standby checks whether it can take over, e.g. 1s.
+    /// How often a standby checks whether it can take over, e.g. 1s [key: standby_interval].
     #[arg(long, env = "OUTBOX_STANDBY_INTERVAL", value_parser = duration::parse)]
     pub standby_interval: Option<Duration>,
-    /// How long start-up waits for PostgreSQL and Kafka, e.g. 10s.
+    /// How long start-up waits for PostgreSQL and Kafka, e.g. 10s [key: connect_timeout].
     #[arg(long, env = "OUTBOX_CONNECT_TIMEOUT", value_parser = duration::parse)]
     pub connect_timeout: Option<Duration>,
-    /// Replication slot (logical source).
+    /// Replication slot (logical source) [key: logical.slot].
     #[arg(long, env = "OUTBOX_SLOT")]
     pub slot: Option<String>,
-    /// Publication (logical source).
+    /// Publication (logical source) [key: logical.publication].
     #[arg(long, env = "OUTBOX_PUBLICATION")]
     pub publication: Option<String>,
-    /// Idle heartbeat interval (logical source), e.g. 10s.
+    /// Idle heartbeat interval (logical source), e.g. 10s [key: logical.heartbeat_interval].
     #[arg(long, env = "OUTBOX_HEARTBEAT_INTERVAL", value_parser = duration::parse)]
     pub heartbeat_interval: Option<Duration>,
-    /// How often the confirmed position is reported to the server (logical source), e.g. 1s.
+    /// How often the confirmed position is reported to the server (logical source), e.g. 1s
+    /// [key: logical.status_interval].
     #[arg(long, env = "OUTBOX_STATUS_INTERVAL", value_parser = duration::parse)]
     pub status_interval: Option<Duration>,
 }
@@ -139,84 +286,104 @@ fn key_value(key: &str, item: &str) -> Result<(String, String), ConfigError> {
         .ok_or_else(|| ConfigError::new(key, format!("`{item}` is not key=value")))
 }
 
-impl RunArgs {
-    /// Applies the flags and variables that were given on top of `config`.
-    pub fn apply(&self, config: &mut RelayConfig) -> Result<(), ConfigError> {
+impl Settings {
+    /// The settings given as flags (or their variables), as `key=value` pairs for the
+    /// highest-precedence configuration layer.
+    pub fn pairs(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut put = |k: &str, v: String| out.push((k.to_owned(), v));
+        let d = |d: &Duration| duration::format(d);
         if let Some(v) = &self.database_url {
-            config.database_url = Secret::new(v.clone());
+            put("database_url", v.clone());
         }
         if let Some(v) = &self.table {
-            config.table = v.clone();
+            put("table", v.clone());
         }
         if let Some(v) = &self.kafka_bootstrap_servers {
-            config.kafka.bootstrap_servers = v.clone();
+            put("kafka.bootstrap_servers", v.clone());
         }
         for item in &self.kafka_properties {
             let (k, v) = key_value("kafka.properties", item)?;
-            config.kafka.properties.insert(k, v);
+            put(&format!("kafka.properties.{k}"), v);
         }
         if let Some(v) = &self.source {
-            config.source = SourceKind::parse(v).ok_or_else(|| {
-                ConfigError::new("source", format!("unknown source `{v}` (polling, logical)"))
-            })?;
+            put("source", v.clone());
         }
         if let Some(v) = &self.write_mode {
-            config.write_mode = outbox_core::WriteMode::parse(v).ok_or_else(|| {
-                ConfigError::new(
-                    "write_mode",
-                    format!("unknown write mode `{v}` (table, insert_delete, logical_message)"),
-                )
-            })?;
+            put("write_mode", v.clone());
         }
         if let Some(v) = &self.topic {
-            config.route.topic = v.clone();
+            put("route.topic", v.clone());
         }
         for item in &self.routes {
             let (k, v) = key_value("route.routes", item)?;
-            config.route.routes.insert(k, v);
+            put(&format!("route.routes.{k}"), v);
         }
         if let Some(v) = self.cloudevents {
-            config.route.cloudevents = v;
+            put("route.cloudevents", v.to_string());
         }
         if let Some(v) = self.batch_size {
-            config.batch_size = v;
+            put("batch_size", v.to_string());
         }
-        if let Some(v) = self.poll_interval {
-            config.poll_interval = v;
+        if let Some(v) = &self.poll_interval {
+            put("poll_interval", d(v));
         }
         if let Some(v) = &self.acknowledgement {
-            config.acknowledgement = RowAcknowledgement::parse(v).ok_or_else(|| {
-                ConfigError::new(
-                    "acknowledgement",
-                    format!("unknown acknowledgement `{v}` (mark, delete)"),
-                )
-            })?;
+            put("acknowledgement", v.clone());
         }
-        if let Some(v) = self.retention {
-            config.retention = v;
+        if let Some(v) = &self.retention {
+            put("retention", d(v));
         }
-        if let Some(v) = self.shutdown_timeout {
-            config.shutdown_timeout = v;
+        if let Some(v) = &self.shutdown_timeout {
+            put("shutdown_timeout", d(v));
         }
-        if let Some(v) = self.standby_interval {
-            config.standby_interval = v;
+        if let Some(v) = &self.standby_interval {
+            put("standby_interval", d(v));
         }
-        if let Some(v) = self.connect_timeout {
-            config.connect_timeout = v;
-            config.kafka.connect_timeout = v;
+        if let Some(v) = &self.connect_timeout {
+            put("connect_timeout", d(v));
+            put("kafka.connect_timeout", d(v));
         }
         if let Some(v) = &self.slot {
-            config.logical.slot = v.clone();
+            put("logical.slot", v.clone());
         }
         if let Some(v) = &self.publication {
-            config.logical.publication = v.clone();
+            put("logical.publication", v.clone());
         }
-        if let Some(v) = self.status_interval {
-            config.logical.status_interval = v;
+        if let Some(v) = &self.heartbeat_interval {
+            put("logical.heartbeat_interval", d(v));
         }
-        if let Some(v) = self.heartbeat_interval {
-            config.logical.heartbeat_interval = v;
+        if let Some(v) = &self.status_interval {
+            put("logical.status_interval", d(v));
         }
-        Ok(())
+        for item in &self.set {
+            let (k, v) = key_value("--set", item)?;
+            out.push((k, v));
+        }
+        Ok(out)
+    }
+
+    /// Loads the configuration these settings describe, on top of the file and the process
+    /// environment; ignored variables are logged as warnings.
+    pub fn load(&self) -> Result<crate::RelayConfig, ConfigError> {
+        let (config, sources) = crate::config::load::load(
+            self.config_file.as_deref(),
+            std::env::vars(),
+            &self.pairs()?,
+        )?;
+        for w in &sources.warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use outbox_core::{OutboxTable, WriteMode};
 
+pub mod load;
+
 use crate::route::{RouteSettings, Router};
 use crate::sink::kafka::KafkaSettings;
 use crate::source::polling::RowAcknowledgement;
@@ -142,6 +144,11 @@ pub struct RelayConfig {
     /// How long start-up waits for PostgreSQL.
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
+    /// Address of the admin HTTP endpoint (`/healthz`, `/readyz`, `/metrics`, `/status`);
+    /// off when unset.
+    pub admin_addr: Option<std::net::SocketAddr>,
+    /// Topic on which parked (poison) events are announced, if any.
+    pub dead_letter_topic: Option<String>,
     /// Routing.
     pub route: RouteSettings,
     /// The Kafka producer.
@@ -165,6 +172,8 @@ impl Default for RelayConfig {
             standby_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            admin_addr: None,
+            dead_letter_topic: None,
             route: RouteSettings::default(),
             kafka: KafkaSettings::default(),
             logical: LogicalSettings::default(),
@@ -224,6 +233,10 @@ impl RelayConfig {
             ));
         }
         Router::new(&self.route).map_err(|e| ConfigError::new("route.topic", e.to_string()))?;
+        if let Some(topic) = &self.dead_letter_topic {
+            outbox_core::validate_topic(topic)
+                .map_err(|reason| ConfigError::new("dead_letter_topic", reason))?;
+        }
         self.kafka
             .client_config()
             .map_err(|e| ConfigError::new("kafka", e.to_string()))?;

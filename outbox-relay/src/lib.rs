@@ -13,13 +13,18 @@
 //! same event id (header `id`) so consumers can drop them; failures are reported, never skipped.
 
 pub mod ack;
+pub mod admin;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod leader;
+pub mod metrics;
+pub mod park;
 pub mod relay;
 pub mod route;
 pub mod sink;
 pub mod source;
+pub mod status;
 
 pub use config::{RelayConfig, SourceKind};
 pub use relay::{Relay, RelayError, RelayStats};

@@ -3,15 +3,11 @@
 //! timed out).
 
 use std::process::ExitCode;
-use std::str::FromStr;
 
 use clap::Parser;
-use outbox_core::OutboxTable;
-use outbox_relay::cli::{Cli, Command, LogFormat};
-use outbox_relay::config::{RelayConfig, redact_url};
+use outbox_relay::cli::{Cli, Command, ConfigAction, LogFormat};
+use outbox_relay::config::RelayConfig;
 use outbox_relay::{Relay, RelayError};
-use sqlx::ConnectOptions;
-use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -47,67 +43,148 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn try_main(cli: Cli) -> i32 {
-    match cli.command {
-        Some(Command::Migrate(args)) => {
-            let mut config = RelayConfig::default();
-            if let Some(url) = args.db.database_url {
-                config.database_url = outbox_relay::config::Secret::new(url);
-            }
-            if let Some(t) = args.db.table {
-                config.table = t;
-            }
-            migrate(&config).await
-        }
-        Some(Command::Run(args)) => run(&args).await,
-        None => run(&cli.run).await,
-    }
-}
+    use outbox_relay::cli::{ParkedAction, SlotAction, TopicsAction};
+    use outbox_relay::commands as cmd;
 
-async fn migrate(config: &RelayConfig) -> i32 {
-    let table = match OutboxTable::parse(&config.table) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!("invalid setting `table`: {e}");
-            return 2;
+    let (settings, action) = match cli.command {
+        None => (Box::new(cli.settings), Action::Run),
+        Some(Command::Run(s)) => (s, Action::Run),
+        Some(Command::Migrate(s)) => (s, Action::Migrate),
+        Some(Command::Status { json, settings }) => (settings, Action::Status(json)),
+        Some(Command::Topics {
+            action:
+                TopicsAction::Ensure {
+                    topics,
+                    partitions,
+                    replication_factor,
+                    topic_configs,
+                    settings,
+                },
+        }) => {
+            let mut configs = Vec::new();
+            for c in topic_configs {
+                match c.split_once('=') {
+                    Some((k, v)) => configs.push((k.to_owned(), v.to_owned())),
+                    None => {
+                        tracing::error!("--topic-config `{c}` is not key=value");
+                        return 2;
+                    }
+                }
+            }
+            let spec = cmd::TopicSpec {
+                topics,
+                partitions,
+                replication: replication_factor,
+                configs,
+            };
+            (settings, Action::Topics(spec))
         }
-    };
-    let url = config.database_url.expose();
-    let options = match PgConnectOptions::from_str(url) {
-        Ok(o) => o,
-        Err(e) => {
-            tracing::error!("invalid setting `database_url` ({}): {e}", redact_url(url));
-            return 2;
+        Some(Command::Replay { filter, settings }) => {
+            let parse = |t: &Option<String>| t.as_deref().map(cmd::parse_time).transpose();
+            match (parse(&filter.from), parse(&filter.to)) {
+                (Ok(from), Ok(to)) => (
+                    settings,
+                    Action::Replay(cmd::ReplayFilter {
+                        from,
+                        to,
+                        from_id: filter.from_id,
+                        to_id: filter.to_id,
+                        event_types: filter.event_types,
+                        aggregate_type: filter.aggregate_type,
+                    }),
+                ),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!("{e}");
+                    return 2;
+                }
+            }
         }
+        Some(Command::Parked { action }) => match action {
+            ParkedAction::List { json, settings } => (settings, Action::ParkedList(json)),
+            ParkedAction::Retry { ids, all, settings } => match selection(ids, all) {
+                Some(sel) => (settings, Action::ParkedRetry(sel)),
+                None => return 2,
+            },
+            ParkedAction::Drop { ids, all, settings } => match selection(ids, all) {
+                Some(sel) => (settings, Action::ParkedDrop(sel)),
+                None => return 2,
+            },
+        },
+        Some(Command::Slot { action }) => match action {
+            SlotAction::List { json, settings } => (settings, Action::SlotList(json)),
+            SlotAction::Drop { name, settings } => (settings, Action::SlotDrop(name)),
+        },
+        Some(Command::Config {
+            action: ConfigAction::Validate(s),
+        }) => (s, Action::Validate),
+        Some(Command::Config {
+            action: ConfigAction::Print(s),
+        }) => (s, Action::Print),
     };
-    let mut conn = match options.connect().await {
+    let config = match settings.load() {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!("cannot connect to PostgreSQL at {}: {e}", redact_url(url));
-            return 1;
+            tracing::error!("{e}");
+            return 2;
         }
     };
-    match outbox_core::migrate(&mut conn, &table).await {
-        Ok(report) if report.applied.is_empty() => {
-            tracing::info!(table = %table, version = report.version, "outbox table already up to date");
-            0
+    let result = match action {
+        Action::Run => return run(config).await,
+        Action::Migrate => cmd::migrate(&config).await,
+        Action::Status(json) => cmd::status(&config, json).await,
+        Action::Topics(spec) => cmd::topics_ensure(&config, &spec).await,
+        Action::Replay(filter) => cmd::replay(&config, &filter).await.map(drop),
+        Action::ParkedList(json) => cmd::parked_list(&config, json).await,
+        Action::ParkedRetry(sel) => cmd::parked_retry(&config, &sel).await.map(drop),
+        Action::ParkedDrop(sel) => cmd::parked_drop(&config, &sel).await.map(drop),
+        Action::SlotList(json) => cmd::slot_list(&config, json).await,
+        Action::SlotDrop(name) => cmd::slot_drop(&config, &name).await,
+        Action::Validate => {
+            println!("configuration is valid");
+            Ok(())
         }
-        Ok(report) => {
-            tracing::info!(table = %table, applied = ?report.applied, "outbox table migrated");
-            0
+        Action::Print => {
+            print!("{}", outbox_relay::config::load::render_redacted(&config));
+            Ok(())
         }
+    };
+    match result {
+        Ok(()) => 0,
         Err(e) => {
-            tracing::error!(table = %table, "migration failed: {e}");
-            1
+            tracing::error!("{e}");
+            e.code
         }
     }
 }
 
-async fn run(args: &outbox_relay::cli::RunArgs) -> i32 {
-    let mut config = RelayConfig::default();
-    if let Err(e) = args.apply(&mut config) {
-        tracing::error!("{e}");
-        return 2;
+fn selection(ids: Vec<uuid::Uuid>, all: bool) -> Option<outbox_relay::commands::Selection> {
+    use outbox_relay::commands::Selection;
+    match (all, ids.is_empty()) {
+        (true, _) => Some(Selection::All),
+        (false, false) => Some(Selection::Ids(ids)),
+        (false, true) => {
+            tracing::error!("name the parked event ids, or pass --all");
+            None
+        }
     }
+}
+
+enum Action {
+    Run,
+    Migrate,
+    Status(bool),
+    Topics(outbox_relay::commands::TopicSpec),
+    Replay(outbox_relay::commands::ReplayFilter),
+    ParkedList(bool),
+    ParkedRetry(outbox_relay::commands::Selection),
+    ParkedDrop(outbox_relay::commands::Selection),
+    SlotList(bool),
+    SlotDrop(String),
+    Validate,
+    Print,
+}
+
+async fn run(config: RelayConfig) -> i32 {
     let shutdown_timeout = config.shutdown_timeout;
     let relay = match Relay::new(config) {
         Ok(r) => r,

@@ -30,11 +30,13 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
 
-use crate::ack::delivered_prefix;
+use crate::ack::handled_prefix;
 use crate::config::{ConfigError, RelayConfig, SourceKind, redact_url};
 use crate::leader::Leadership;
-use crate::route::{RouteError, Router};
-use crate::sink::kafka::{KafkaSink, SinkError};
+use crate::metrics::{Histogram, LATENCY_BUCKETS};
+use crate::park::ParkRequest;
+use crate::route::{OutboundRecord, RouteError, Router};
+use crate::sink::kafka::{KafkaSink, Outcome, SinkError};
 use crate::source::polling::{PollingSettings, PollingSource, RowAcknowledgement, purge_published};
 use crate::source::{Source, SourceError};
 
@@ -79,18 +81,51 @@ impl RelayError {
 }
 
 /// Counters the relay keeps while it runs (read by status and metrics).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RelayStats {
+    /// Events taken from the source.
+    pub read: AtomicU64,
     /// Events Kafka acknowledged and the source recorded.
     pub published: AtomicU64,
     /// Records that failed to be delivered (and were retried).
     pub failed: AtomicU64,
+    /// Events parked (poison events and the events held behind them).
+    pub parked: AtomicU64,
     /// Completed rounds.
     pub batches: AtomicU64,
     /// Unix time in milliseconds of the last acknowledged event, 0 before the first.
     pub last_published_ms: AtomicI64,
     /// Whether this instance holds the leader lock.
     pub active: AtomicBool,
+    /// Whether the source is open.
+    pub source_running: AtomicBool,
+    /// Whether the producer reached Kafka (start-up check, then each round's outcome).
+    pub kafka_connected: AtomicBool,
+    /// Records in the producer's queue after the last round.
+    pub producer_queue: AtomicI64,
+    /// Batch produce time.
+    pub publish_duration: Histogram,
+    /// Event creation → Kafka acknowledgement.
+    pub commit_to_ack: Histogram,
+}
+
+impl Default for RelayStats {
+    fn default() -> Self {
+        Self {
+            read: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            parked: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            last_published_ms: AtomicI64::new(0),
+            active: AtomicBool::new(false),
+            source_running: AtomicBool::new(false),
+            kafka_connected: AtomicBool::new(false),
+            producer_queue: AtomicI64::new(0),
+            publish_duration: Histogram::new(LATENCY_BUCKETS),
+            commit_to_ack: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
 }
 
 /// A configured relay. See the [module docs](self).
@@ -174,7 +209,25 @@ impl Relay {
     /// Runs until `shutdown` is cancelled (then drains the batch in flight, acknowledges it and
     /// returns `Ok`) or until a failure that retrying cannot fix.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RelayError> {
+        if let Some(addr) = self.config.admin_addr {
+            crate::admin::serve(
+                addr,
+                Arc::new(self.config.clone()),
+                self.table.clone(),
+                &self.options,
+                self.stats.clone(),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(|e| {
+                RelayError::Config(ConfigError::new(
+                    "admin_addr",
+                    format!("cannot listen on {addr}: {e}"),
+                ))
+            })?;
+        }
         let mut sink = self.preflight().await?;
+        self.stats.kafka_connected.store(true, Ordering::Relaxed);
         tracing::info!(
             source = ?self.config.source,
             table = %self.table,
@@ -206,11 +259,13 @@ impl Relay {
             self.stats.active.store(true, Ordering::Relaxed);
             let outcome = match self.open_source(leader).await {
                 Ok(mut source) => {
+                    self.stats.source_running.store(true, Ordering::Relaxed);
                     self.pump(source.as_mut(), &mut sink, &shutdown, &mut backoff)
                         .await
                 }
                 Err(e) => Err(RelayError::Source(e)),
             };
+            self.stats.source_running.store(false, Ordering::Relaxed);
             self.stats.active.store(false, Ordering::Relaxed);
             match outcome {
                 Ok(()) => break Ok(()),
@@ -277,53 +332,187 @@ impl Relay {
                 }
                 continue;
             }
-            let records = batch
+            self.stats
+                .read
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            let mut blocked = source.blocked_aggregates().await?;
+            // Plan: each event is either sent, or parked (poison, or held behind one).
+            let mut plan: Vec<Plan> = Vec::with_capacity(batch.len());
+            let mut records = Vec::with_capacity(batch.len());
+            for e in &batch {
+                let key = (e.event.aggregate_type.clone(), e.event.aggregate_id.clone());
+                if let Some(&first) = blocked.get(&key) {
+                    plan.push(Plan::Park(Box::new(ParkRequest {
+                        event: e.event.clone(),
+                        reason: format!("held behind parked event {first} of the same aggregate"),
+                        blocked_by: Some(first),
+                    })));
+                    continue;
+                }
+                match self.router.route(&e.event) {
+                    Ok(record) => {
+                        plan.push(Plan::Send(records.len()));
+                        records.push(record);
+                    }
+                    Err(error) => {
+                        blocked.insert(key, e.event.id);
+                        plan.push(Plan::Park(Box::new(ParkRequest {
+                            event: e.event.clone(),
+                            reason: error.reason,
+                            blocked_by: None,
+                        })));
+                    }
+                }
+            }
+            let started = std::time::Instant::now();
+            let sent = sink.send_batch(&records).await;
+            if !records.is_empty() {
+                self.stats
+                    .publish_duration
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            self.stats
+                .producer_queue
+                .store(i64::from(sink.in_flight()), Ordering::Relaxed);
+            // Per event, in batch order: what happened.
+            let outcomes: Vec<Outcome> = plan
                 .iter()
-                .map(|e| self.router.route(&e.event))
-                .collect::<Result<Vec<_>, _>>()?;
-            let outcomes = sink.send_batch(&records).await;
-            let delivered = delivered_prefix(&outcomes);
-            if delivered > 0 {
-                source.acknowledge(&batch[..delivered]).await?;
+                .map(|p| match p {
+                    Plan::Send(i) => sent[*i].clone(),
+                    Plan::Park(_) => Outcome::Held { behind: usize::MAX },
+                })
+                .collect();
+            let handled = handled_prefix(&outcomes);
+            let mut parks = Vec::new();
+            for (i, (p, e)) in plan.iter().zip(&batch).enumerate().take(handled) {
+                match (p, &outcomes[i]) {
+                    (Plan::Park(request), _) => parks.push((**request).clone()),
+                    (Plan::Send(_), Outcome::Rejected(error)) => parks.push(ParkRequest {
+                        event: e.event.clone(),
+                        reason: format!("Kafka refused the record for good: {error}"),
+                        blocked_by: None,
+                    }),
+                    (Plan::Send(_), Outcome::Held { behind }) => {
+                        let first = plan
+                            .iter()
+                            .position(|q| matches!(q, Plan::Send(j) if j == behind))
+                            .map(|k| batch[k].event.id);
+                        parks.push(ParkRequest {
+                            event: e.event.clone(),
+                            reason: "held behind a rejected event of the same aggregate".into(),
+                            blocked_by: first,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            if !parks.is_empty() {
+                for p in parks.iter().filter(|p| p.blocked_by.is_none()) {
+                    tracing::error!(
+                        event_id = %p.event.id,
+                        event_type = %p.event.event_type,
+                        aggregate_type = %p.event.aggregate_type,
+                        reason = %p.reason,
+                        "event parked: it cannot be published; its aggregate is held until it is retried or dropped (outbox-relay parked list)"
+                    );
+                }
+                source.park(&parks).await?;
+                self.stats
+                    .parked
+                    .fetch_add(parks.len() as u64, Ordering::Relaxed);
+                self.notify_dead_letters(sink, &parks).await;
+            }
+            if handled > 0 {
+                source.acknowledge(&batch[..handled]).await?;
+                let delivered = outcomes[..handled]
+                    .iter()
+                    .filter(|o| matches!(o, Outcome::Delivered(_)))
+                    .count();
                 self.stats
                     .published
                     .fetch_add(delivered as u64, Ordering::Relaxed);
+                let now = chrono::Utc::now();
                 self.stats
                     .last_published_ms
-                    .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+                    .store(now.timestamp_millis(), Ordering::Relaxed);
+                for (e, o) in batch.iter().zip(&outcomes).take(handled) {
+                    if let (Outcome::Delivered(_), Some(created)) = (o, e.event.created_at) {
+                        self.stats
+                            .commit_to_ack
+                            .observe((now - created).num_microseconds().unwrap_or(0) as f64 / 1e6);
+                    }
+                }
             }
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
             if tracing::enabled!(tracing::Level::DEBUG) {
-                for (e, o) in batch.iter().zip(&outcomes).take(delivered) {
-                    if let Ok(d) = o {
+                for (e, o) in batch.iter().zip(&outcomes).take(handled) {
+                    if let Outcome::Delivered(d) = o {
                         tracing::debug!(event_id = %e.event.id, event_type = %e.event.event_type,
                             partition = d.partition, offset = d.offset, "published");
                     }
                 }
             }
-            if delivered < batch.len() {
-                let failed = &batch[delivered];
-                let error = outcomes[delivered]
-                    .as_ref()
-                    .err()
-                    .map(|e| e.to_string())
-                    .unwrap_or_default();
+            if handled < batch.len() {
+                let failed = &batch[handled];
+                let error = match &outcomes[handled] {
+                    Outcome::Failed(e) => e.to_string(),
+                    _ => String::new(),
+                };
                 self.stats
                     .failed
-                    .fetch_add((batch.len() - delivered) as u64, Ordering::Relaxed);
+                    .fetch_add((batch.len() - handled) as u64, Ordering::Relaxed);
                 tracing::warn!(
                     event_id = %failed.event.id,
                     event_type = %failed.event.event_type,
                     %error,
-                    acknowledged = delivered,
-                    dropped = batch.len() - delivered,
+                    acknowledged = handled,
+                    dropped = batch.len() - handled,
                     "delivery failed: recreating the producer and resuming from the first unacknowledged event"
                 );
+                self.stats.kafka_connected.store(false, Ordering::Relaxed);
                 source.rewind().await?;
                 sink.recreate()?;
                 backoff.wait(shutdown).await;
             } else {
+                self.stats.kafka_connected.store(true, Ordering::Relaxed);
                 backoff.reset();
+            }
+        }
+    }
+
+    /// Announces newly parked poison events on the dead-letter topic, when one is configured.
+    /// The events are already durably parked; a failure here is only logged.
+    async fn notify_dead_letters(&self, sink: &KafkaSink, parks: &[ParkRequest]) {
+        let Some(topic) = &self.config.dead_letter_topic else {
+            return;
+        };
+        let records: Vec<OutboundRecord> = parks
+            .iter()
+            .map(|p| OutboundRecord {
+                topic: topic.clone(),
+                key: p.event.aggregate_id.clone(),
+                payload: Some(
+                    serde_json::json!({
+                        "id": p.event.id,
+                        "aggregatetype": p.event.aggregate_type,
+                        "aggregateid": p.event.aggregate_id,
+                        "type": p.event.event_type,
+                        "reason": p.reason,
+                        "blocked_by": p.blocked_by,
+                    })
+                    .to_string(),
+                ),
+                headers: vec![
+                    ("id".into(), p.event.id.to_string().into_bytes()),
+                    ("eventType".into(), p.event.event_type.clone().into_bytes()),
+                    ("outbox-park-reason".into(), p.reason.clone().into_bytes()),
+                ],
+                timestamp_ms: None,
+            })
+            .collect();
+        for outcome in sink.send_batch(&records).await {
+            if !matches!(outcome, Outcome::Delivered(_)) {
+                tracing::warn!(topic = %topic, ?outcome, "could not announce a parked event on the dead-letter topic");
             }
         }
     }
@@ -358,6 +547,14 @@ impl Relay {
             }
         }))
     }
+}
+
+/// What the relay does with one event of a batch.
+enum Plan {
+    /// Produce the record at this index of the batch's records.
+    Send(usize),
+    /// Park it without sending.
+    Park(Box<ParkRequest>),
 }
 
 /// Exponential backoff between retries, 200 ms doubling to 30 s, cut short by shutdown.

@@ -160,8 +160,23 @@ pub struct RouteSettings {
     pub routes: BTreeMap<String, String>,
     /// Whether to add CloudEvents binary-mode headers (`ce_*`, `content-type`).
     pub cloudevents: bool,
+    /// `binary` (attributes in `ce_*` headers, value = payload) or `structured` (value = a
+    /// CloudEvents JSON envelope with the payload in `data`).
+    pub cloudevents_mode: CloudEventsMode,
     /// The CloudEvents `source` attribute; `{aggregatetype}` is replaced.
     pub cloudevents_source: String,
+}
+
+/// How CloudEvents attributes travel (CloudEvents Kafka protocol binding).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloudEventsMode {
+    /// `ce_*` headers; the value stays the bare payload (Debezium-compatible).
+    #[default]
+    Binary,
+    /// The value is `{"specversion": "1.0", "id": …, "data": <payload>}` with content type
+    /// `application/cloudevents+json`.
+    Structured,
 }
 
 impl Default for RouteSettings {
@@ -170,6 +185,7 @@ impl Default for RouteSettings {
             topic: DEFAULT_TOPIC_TEMPLATE.to_owned(),
             routes: BTreeMap::new(),
             cloudevents: true,
+            cloudevents_mode: CloudEventsMode::Binary,
             cloudevents_source: "/outbox/{aggregatetype}".to_owned(),
         }
     }
@@ -197,6 +213,7 @@ pub struct Router {
     template: TopicTemplate,
     routes: HashMap<String, TopicTemplate>,
     cloudevents: bool,
+    cloudevents_mode: CloudEventsMode,
     cloudevents_source: String,
 }
 
@@ -219,6 +236,7 @@ impl Router {
             template: TopicTemplate::parse(&settings.topic)?,
             routes,
             cloudevents: settings.cloudevents,
+            cloudevents_mode: settings.cloudevents_mode,
             cloudevents_source: settings.cloudevents_source.clone(),
         })
     }
@@ -257,25 +275,54 @@ impl Router {
         if let Some(seq) = event.aggregate_seq {
             headers.push(("outbox-aggregate-seq".into(), seq.to_string().into_bytes()));
         }
-        if self.cloudevents {
-            headers.push(("ce_specversion".into(), b"1.0".to_vec()));
-            headers.push(("ce_id".into(), id.into_bytes()));
-            headers.push((
-                "ce_source".into(),
-                self.cloudevents_source
-                    .replace("{aggregatetype}", &event.aggregate_type)
-                    .into_bytes(),
-            ));
-            headers.push(("ce_type".into(), event.event_type.clone().into_bytes()));
-            headers.push(("ce_subject".into(), event.aggregate_id.clone().into_bytes()));
-            if let Some(t) = event.created_at {
+        let source = self
+            .cloudevents_source
+            .replace("{aggregatetype}", &event.aggregate_type);
+        let time = event
+            .created_at
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+        let mut payload = event.payload.clone();
+        match (self.cloudevents, self.cloudevents_mode) {
+            (false, _) => {}
+            (true, CloudEventsMode::Binary) => {
+                headers.push(("ce_specversion".into(), b"1.0".to_vec()));
+                headers.push(("ce_id".into(), id.into_bytes()));
+                headers.push(("ce_source".into(), source.into_bytes()));
+                headers.push(("ce_type".into(), event.event_type.clone().into_bytes()));
+                headers.push(("ce_subject".into(), event.aggregate_id.clone().into_bytes()));
+                if let Some(t) = time {
+                    headers.push(("ce_time".into(), t.into_bytes()));
+                }
+                headers.push(("content-type".into(), b"application/json".to_vec()));
+            }
+            (true, CloudEventsMode::Structured) => {
+                let mut envelope = serde_json::Map::new();
+                envelope.insert("specversion".into(), "1.0".into());
+                envelope.insert("id".into(), id.into());
+                envelope.insert("source".into(), source.into());
+                envelope.insert("type".into(), event.event_type.clone().into());
+                envelope.insert("subject".into(), event.aggregate_id.clone().into());
+                if let Some(t) = time {
+                    envelope.insert("time".into(), t.into());
+                }
+                envelope.insert("datacontenttype".into(), "application/json".into());
+                let data = match &event.payload {
+                    // The payload is JSON text from PostgreSQL; embed it as is.
+                    Some(p) => serde_json::from_str::<Box<serde_json::value::RawValue>>(p)
+                        .map(|raw| serde_json::to_value(raw).unwrap_or(serde_json::Value::Null))
+                        .map_err(|e| RouteError {
+                            id: event.id,
+                            reason: format!("payload is not valid JSON: {e}"),
+                        })?,
+                    None => serde_json::Value::Null,
+                };
+                envelope.insert("data".into(), data);
+                payload = Some(serde_json::Value::Object(envelope).to_string());
                 headers.push((
-                    "ce_time".into(),
-                    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-                        .into_bytes(),
+                    "content-type".into(),
+                    b"application/cloudevents+json".to_vec(),
                 ));
             }
-            headers.push(("content-type".into(), b"application/json".to_vec()));
         }
         for (name, value) in &event.headers {
             if RESERVED_HEADERS.contains(&name.as_str()) {
@@ -287,7 +334,7 @@ impl Router {
         Ok(OutboundRecord {
             topic,
             key: event.aggregate_id.clone(),
-            payload: event.payload.clone(),
+            payload,
             headers,
             timestamp_ms: event.created_at.map(|t| t.timestamp_millis()),
         })
@@ -335,6 +382,28 @@ mod tests {
         assert_eq!(h("ce_subject"), vec!["42"]);
         assert_eq!(h("outbox-aggregate-seq"), vec!["3"]);
         assert_eq!(h("tenant"), vec!["t1"]);
+    }
+
+    #[test]
+    fn structured_cloudevents_wrap_the_payload() {
+        let mut s = RouteSettings::default();
+        s.cloudevents_mode = CloudEventsMode::Structured;
+        let rec = Router::new(&s)
+            .unwrap()
+            .route(&event("acct", "Opened"))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(rec.payload.as_deref().unwrap()).unwrap();
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["type"], "Opened");
+        assert_eq!(v["subject"], "42");
+        assert_eq!(v["source"], "/outbox/acct");
+        assert_eq!(v["data"], serde_json::json!({"a": 1}));
+        assert!(
+            rec.headers
+                .iter()
+                .any(|(k, v)| k == "content-type" && v == b"application/cloudevents+json")
+        );
+        assert!(!rec.headers.iter().any(|(k, _)| k == "ce_type"));
     }
 
     #[test]

@@ -473,29 +473,37 @@ pub fn relay_config(db: &TestDb) -> RelayConfig {
     c
 }
 
-/// The path of the `outbox-relay` binary next to the test executable, built on first use if
-/// it is missing.
+/// The `outbox-relay` binary: `$RELAY_BIN` when set (scripts/test.sh builds it first),
+/// otherwise the one next to the test executable, (re)built once per test process so a test
+/// never runs a stale relay.
 pub fn relay_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("RELAY_BIN") {
+            return PathBuf::from(bin);
+        }
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/<test>-<hash> → target/<profile>/outbox-relay
         let profile_dir = exe
             .parent()
             .and_then(|p| p.parent())
             .expect("target/<profile> directory");
-        let bin = profile_dir.join("outbox-relay");
-        if !bin.exists() {
-            let release = profile_dir.file_name().and_then(|n| n.to_str()) == Some("release");
-            let mut cmd = std::process::Command::new(env!("CARGO"));
-            cmd.args(["build", "-p", "outbox-relay", "--bin", "outbox-relay"]);
-            if release {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("running cargo build for outbox-relay");
-            assert!(status.success(), "building outbox-relay failed");
+        let release = profile_dir.file_name().and_then(|n| n.to_str()) == Some("release");
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "outbox-relay",
+            "--bin",
+            "outbox-relay",
+        ]);
+        if release {
+            cmd.arg("--release");
         }
-        bin
+        let status = cmd.status().expect("running cargo build for outbox-relay");
+        assert!(status.success(), "building outbox-relay failed");
+        profile_dir.join("outbox-relay")
     })
     .clone()
 }

@@ -515,7 +515,7 @@ async fn bad_settings_fail_fast_with_a_clear_error_and_a_non_zero_exit() -> Resu
         &["--source", "kafka"],
         &[],
         2,
-        "unknown source `kafka`",
+        "invalid setting `source`: unknown variant: found `kafka`",
     )
     .await?;
     expect_failure(
@@ -526,6 +526,36 @@ async fn bad_settings_fail_fast_with_a_clear_error_and_a_non_zero_exit() -> Resu
         "the relay requires idempotence",
     )
     .await?;
+    // TLS and SASL misconfiguration: a clear error, no secret in the log.
+    expect_failure(
+        &db,
+        &[
+            "--kafka-property",
+            "security.protocol=ssl,ssl.ca.location=/nonexistent/ca.pem",
+        ],
+        &[],
+        1,
+        "ssl.ca.location",
+    )
+    .await?;
+    let sasl = RelayProcess::start(
+        &db,
+        &[
+            "--connect-timeout",
+            "3s",
+            "--kafka-property",
+            "security.protocol=sasl_plaintext,sasl.mechanism=SCRAM-SHA-256,sasl.username=relay,sasl.password=hunter2",
+        ],
+        &[],
+    )
+    .await?;
+    let (code, log) = sasl.wait_exit(Duration::from_secs(40)).await?;
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("is unreachable"), "{log}");
+    assert!(
+        !log.contains("hunter2"),
+        "a SASL password was logged:\n{log}"
+    );
     expect_failure(
         &db,
         &["--table", "outbox;drop table x"],
@@ -565,7 +595,11 @@ async fn migrate_command_creates_the_table_and_is_idempotent() -> Result<()> {
     )
     .fetch_one(&db.pool)
     .await?;
-    assert_eq!(n, 1);
+    assert_eq!(
+        n,
+        i64::from(outbox_core::SCHEMA_VERSION),
+        "each version recorded once"
+    );
     let cols: Vec<String> = sqlx::query_scalar(
         "SELECT column_name::text FROM information_schema.columns
          WHERE table_schema = 'relay' AND table_name = 'events' ORDER BY ordinal_position",

@@ -16,8 +16,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::future::join_all;
+use std::sync::{Arc, Mutex};
+
 use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -77,13 +80,15 @@ pub enum SinkError {
     #[error("could not create the Kafka producer: {0}")]
     Create(#[source] KafkaError),
     /// The cluster did not answer within the connect timeout.
-    #[error("Kafka at `{servers}` is unreachable: {error}")]
+    #[error("Kafka at `{servers}` is unreachable: {error}{cause}")]
     Unreachable {
         /// The bootstrap servers.
         servers: String,
         /// The client's error.
         #[source]
         error: KafkaError,
+        /// What librdkafka last reported (TLS, SASL, name resolution…), if anything.
+        cause: String,
     },
 }
 
@@ -133,14 +138,99 @@ impl KafkaSettings {
             cfg.set(key, value);
         }
         cfg.set("enable.idempotence", "true").set("acks", "all");
+        // librdkafka's own warnings and errors reach the client context (and the logs); its
+        // default follows the `log` crate's level, which is off under `tracing`.
+        cfg.set_log_level(RDKafkaLogLevel::Warning);
         Ok(cfg)
+    }
+}
+
+/// The producer's client context: forwards librdkafka's logs to `tracing` and remembers the
+/// last broker-level error, so "unreachable" can say why (TLS handshake, SASL, DNS…).
+#[derive(Clone, Default)]
+pub struct SinkContext {
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+impl SinkContext {
+    /// The last error librdkafka reported, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    fn remember(&self, text: String) {
+        if let Ok(mut slot) = self.last_error.lock() {
+            *slot = Some(text);
+        }
+    }
+}
+
+impl ClientContext for SinkContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                self.remember(format!("{fac}: {message}"));
+                tracing::error!(target: "librdkafka", "{fac}: {message}");
+            }
+            RDKafkaLogLevel::Warning => {
+                self.remember(format!("{fac}: {message}"));
+                tracing::warn!(target: "librdkafka", "{fac}: {message}");
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", "{fac}: {message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", "{fac}: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.remember(format!("{error}: {reason}"));
+        tracing::warn!(target: "librdkafka", "{error}: {reason}");
     }
 }
 
 /// An idempotent Kafka producer with per-record outcomes. See the [module docs](self).
 pub struct KafkaSink {
     settings: KafkaSettings,
-    producer: FutureProducer,
+    producer: FutureProducer<SinkContext>,
+    context: SinkContext,
+}
+
+/// What became of one record of a batch.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Kafka acknowledged it.
+    Delivered(Delivered),
+    /// Kafka (or the client) refused it for good: it must be parked, not retried.
+    Rejected(KafkaError),
+    /// Not sent because an earlier record of the same topic and key (the record at index
+    /// `behind`) was rejected: it must be parked behind that one.
+    Held {
+        /// Index in the batch of the rejected record.
+        behind: usize,
+    },
+    /// A transient failure (timeout, broker unavailable, …): retry from here.
+    Failed(KafkaError),
+}
+
+/// Whether Kafka will never accept this record as it is (its size, its topic or the
+/// producer's permissions), as opposed to a transient condition.
+pub fn is_permanent(error: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidTopic
+                | C::TopicAuthorizationFailed
+                | C::InvalidRecord
+                | C::PolicyViolation
+        )
+    )
 }
 
 /// Where a record landed.
@@ -155,11 +245,16 @@ pub struct Delivered {
 impl KafkaSink {
     /// Creates the producer (no connection is made yet; see [`KafkaSink::check_connection`]).
     pub fn new(settings: KafkaSettings) -> Result<Self, SinkError> {
+        let context = SinkContext::default();
         let producer = settings
             .client_config()?
-            .create()
+            .create_with_context(context.clone())
             .map_err(SinkError::Create)?;
-        Ok(Self { settings, producer })
+        Ok(Self {
+            settings,
+            producer,
+            context,
+        })
     }
 
     /// Fetches cluster metadata to prove the brokers are reachable (and the credentials work).
@@ -167,12 +262,20 @@ impl KafkaSink {
         let producer = self.producer.clone();
         let timeout = self.settings.connect_timeout;
         let servers = self.settings.bootstrap_servers.clone();
+        let context = self.context.clone();
         tokio::task::spawn_blocking(move || {
             producer
                 .client()
                 .fetch_metadata(None, timeout)
                 .map(|_| ())
-                .map_err(|error| SinkError::Unreachable { servers, error })
+                .map_err(|error| SinkError::Unreachable {
+                    servers,
+                    error,
+                    cause: context
+                        .last_error()
+                        .map(|c| format!(" (last client error: {c})"))
+                        .unwrap_or_default(),
+                })
         })
         .await
         .unwrap_or_else(|join| {
@@ -189,25 +292,43 @@ impl KafkaSink {
         self.producer = self
             .settings
             .client_config()?
-            .create()
+            .create_with_context(self.context.clone())
             .map_err(SinkError::Create)?;
         Ok(())
     }
 
     /// The underlying producer (for metrics and the `topics` commands).
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &FutureProducer<SinkContext> {
         &self.producer
     }
 
     /// Produces `records` in order and waits for every outcome; the result has one entry per
     /// record, in the same order.
-    pub async fn send_batch(
-        &self,
-        records: &[OutboundRecord],
-    ) -> Vec<Result<Delivered, KafkaError>> {
-        let mut pending = Vec::with_capacity(records.len());
-        let mut failed_from: Option<(usize, KafkaError)> = None;
+    ///
+    /// A record refused for good when it is enqueued (e.g. larger than `message.max.bytes`) is
+    /// [`Outcome::Rejected`] and the later records with the same topic and key are not sent at
+    /// all ([`Outcome::Held`]), so an aggregate never overtakes its own poison event. After a
+    /// transient enqueue failure nothing further is sent.
+    pub async fn send_batch(&self, records: &[OutboundRecord]) -> Vec<Outcome> {
+        enum Slot {
+            Sent(rdkafka::producer::DeliveryFuture),
+            Done(Outcome),
+        }
+        let mut slots: Vec<Slot> = Vec::with_capacity(records.len());
+        let mut poisoned: Vec<(&str, &str, usize)> = Vec::new();
+        let mut stopped: Option<KafkaError> = None;
         for (i, r) in records.iter().enumerate() {
+            if let Some(error) = &stopped {
+                slots.push(Slot::Done(Outcome::Failed(error.clone())));
+                continue;
+            }
+            if let Some(&(_, _, behind)) = poisoned
+                .iter()
+                .find(|(t, k, _)| *t == r.topic && *k == r.key)
+            {
+                slots.push(Slot::Done(Outcome::Held { behind }));
+                continue;
+            }
             let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
             for (name, value) in &r.headers {
                 headers = headers.insert(Header {
@@ -225,39 +346,40 @@ impl KafkaSink {
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        pending.push(delivery);
+                        slots.push(Slot::Sent(delivery));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         record = back;
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
+                    Err((error, _)) if is_permanent(&error) => {
+                        poisoned.push((&r.topic, &r.key, i));
+                        slots.push(Slot::Done(Outcome::Rejected(error)));
+                        break;
+                    }
                     Err((error, _)) => {
-                        failed_from = Some((i, error));
+                        slots.push(Slot::Done(Outcome::Failed(error.clone())));
+                        stopped = Some(error);
                         break;
                     }
                 }
             }
-            if failed_from.is_some() {
-                break;
-            }
         }
-        let mut out: Vec<Result<Delivered, KafkaError>> = join_all(pending)
-            .await
-            .into_iter()
-            .map(|r| match r {
-                Ok(Ok(d)) => Ok(Delivered {
-                    partition: d.partition,
-                    offset: d.offset,
-                }),
-                Ok(Err((error, _))) => Err(error),
-                Err(_canceled) => Err(KafkaError::Canceled),
-            })
-            .collect();
-        if let Some((i, error)) = failed_from {
-            // Records from the first one that could not be enqueued were never sent.
-            out.push(Err(error.clone()));
-            out.extend((i + 1..records.len()).map(|_| Err(error.clone())));
+        let mut out = Vec::with_capacity(slots.len());
+        for slot in slots {
+            out.push(match slot {
+                Slot::Done(o) => o,
+                Slot::Sent(delivery) => match delivery.await {
+                    Ok(Ok(d)) => Outcome::Delivered(Delivered {
+                        partition: d.partition,
+                        offset: d.offset,
+                    }),
+                    Ok(Err((error, _))) if is_permanent(&error) => Outcome::Rejected(error),
+                    Ok(Err((error, _))) => Outcome::Failed(error),
+                    Err(_canceled) => Outcome::Failed(KafkaError::Canceled),
+                },
+            });
         }
         out
     }

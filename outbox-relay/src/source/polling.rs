@@ -31,7 +31,10 @@ use sqlx::{AssertSqlSafe, PgConnection, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use std::collections::HashMap;
+
 use crate::leader::Leadership;
+use crate::park::{AggregateKey, ParkRequest};
 use crate::source::{Position, Source, SourceError, SourceEvent};
 
 /// What the relay does to a row once Kafka acknowledged its event.
@@ -290,5 +293,23 @@ impl Source for PollingSource {
     async fn rewind(&mut self) -> Result<(), SourceError> {
         // No cursor: unacknowledged rows are still unpublished and come back in the next batch.
         Ok(())
+    }
+
+    async fn park(&mut self, requests: &[ParkRequest]) -> Result<(), SourceError> {
+        crate::park::park(self.leader.connection(), &self.settings.table, requests)
+            .await
+            .map_err(|error| SourceError::Database {
+                source_name: "polling",
+                error,
+            })
+    }
+
+    async fn blocked_aggregates(&mut self) -> Result<HashMap<AggregateKey, Uuid>, SourceError> {
+        crate::park::blocked_aggregates(self.leader.connection(), &self.settings.table)
+            .await
+            .map_err(|error| SourceError::Database {
+                source_name: "polling",
+                error,
+            })
     }
 }

@@ -1,0 +1,284 @@
+//! The admin HTTP endpoint, on its own address (`admin_addr`, `OUTBOX_ADMIN_ADDR`):
+//!
+//! | path | answers |
+//! |---|---|
+//! | `/healthz` | 200 while the process runs its loop (liveness) |
+//! | `/readyz` | 200 when the database answers, the producer reached Kafka, and this instance is either streaming or a standby waiting for the leader lock; 503 with the reason otherwise |
+//! | `/metrics` | Prometheus text format |
+//! | `/status` | the JSON of `outbox-relay status --json`, plus this instance's role |
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use outbox_core::OutboxTable;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+use crate::metrics::sample;
+use crate::relay::RelayStats;
+use crate::status::OutboxStatus;
+
+#[derive(Clone)]
+struct AdminState {
+    config: Arc<RelayConfig>,
+    table: OutboxTable,
+    pool: PgPool,
+    stats: Arc<RelayStats>,
+}
+
+/// Binds the admin endpoint and serves it until `shutdown`; returns the bound address (useful
+/// with port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    config: Arc<RelayConfig>,
+    table: OutboxTable,
+    options: &PgConnectOptions,
+    stats: Arc<RelayStats>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy_with(options.clone());
+    let state = AdminState {
+        config,
+        table,
+        pool,
+        stats,
+    };
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "admin endpoint listening");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+    Ok(bound)
+}
+
+async fn read_status(state: &AdminState) -> Result<OutboxStatus, String> {
+    let fut = async {
+        let mut conn = state.pool.acquire().await.map_err(|e| e.to_string())?;
+        crate::status::read(&mut conn, &state.config, &state.table)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(3), fut)
+        .await
+        .map_err(|_| "database did not answer within 3 s".to_owned())?
+}
+
+fn role(stats: &RelayStats) -> &'static str {
+    if stats.active.load(Ordering::Relaxed) {
+        "active"
+    } else {
+        "standby"
+    }
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let db = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(&state.pool),
+    )
+    .await;
+    let mut problems = Vec::new();
+    if !matches!(db, Ok(Ok(_))) {
+        problems.push("database unreachable");
+    }
+    if !state.stats.kafka_connected.load(Ordering::Relaxed) {
+        problems.push("producer not connected to Kafka");
+    }
+    if state.stats.active.load(Ordering::Relaxed)
+        && !state.stats.source_running.load(Ordering::Relaxed)
+    {
+        problems.push("source not running");
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, format!("ready ({})\n", role(&state.stats))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", problems.join(", ")),
+        )
+            .into_response()
+    }
+}
+
+async fn status(State(state): State<AdminState>) -> Response {
+    match read_status(&state).await {
+        Ok(s) => {
+            let mut v = serde_json::to_value(&s).unwrap_or_default();
+            v["role"] = role(&state.stats).into();
+            v["published_by_this_instance"] = state.stats.published.load(Ordering::Relaxed).into();
+            axum::Json(v).into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let s = &state.stats;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let flag = |a: &std::sync::atomic::AtomicBool| f64::from(u8::from(a.load(Ordering::Relaxed)));
+    let mut out = String::with_capacity(4096);
+    sample(
+        &mut out,
+        "outbox_relay_events_read_total",
+        "counter",
+        "Events taken from the source.",
+        load(&s.read),
+    );
+    sample(
+        &mut out,
+        "outbox_relay_events_published_total",
+        "counter",
+        "Events acknowledged by Kafka and recorded at the source.",
+        load(&s.published),
+    );
+    sample(
+        &mut out,
+        "outbox_relay_events_failed_total",
+        "counter",
+        "Events whose delivery failed transiently (they are retried).",
+        load(&s.failed),
+    );
+    sample(
+        &mut out,
+        "outbox_relay_events_parked_total",
+        "counter",
+        "Events parked as unpublishable or held behind one.",
+        load(&s.parked),
+    );
+    sample(
+        &mut out,
+        "outbox_relay_batches_total",
+        "counter",
+        "Claim-produce-acknowledge rounds.",
+        load(&s.batches),
+    );
+    s.publish_duration.render(
+        &mut out,
+        "outbox_relay_publish_duration_seconds",
+        "Time from producing a batch to Kafka's last acknowledgement.",
+    );
+    s.commit_to_ack.render(
+        &mut out,
+        "outbox_relay_commit_to_ack_seconds",
+        "Time from the event's creation to Kafka's acknowledgement.",
+    );
+    let last = s.last_published_ms.load(Ordering::Relaxed);
+    if last > 0 {
+        let since = (chrono::Utc::now().timestamp_millis() - last).max(0) as f64 / 1000.0;
+        sample(
+            &mut out,
+            "outbox_relay_seconds_since_last_event",
+            "gauge",
+            "Seconds since this instance last published an event.",
+            since,
+        );
+    }
+    sample(
+        &mut out,
+        "outbox_relay_leader",
+        "gauge",
+        "1 while this instance holds the leader lock.",
+        flag(&s.active),
+    );
+    sample(
+        &mut out,
+        "outbox_relay_source_connected",
+        "gauge",
+        "1 while the source is open.",
+        flag(&s.source_running),
+    );
+    sample(
+        &mut out,
+        "outbox_relay_kafka_connected",
+        "gauge",
+        "1 while the producer reaches Kafka.",
+        flag(&s.kafka_connected),
+    );
+    sample(
+        &mut out,
+        "outbox_relay_producer_queue_messages",
+        "gauge",
+        "Records queued in the producer, not yet acknowledged.",
+        s.producer_queue.load(Ordering::Relaxed) as f64,
+    );
+    match read_status(&state).await {
+        Ok(st) => {
+            sample(
+                &mut out,
+                "outbox_relay_database_up",
+                "gauge",
+                "1 when the database answered this scrape.",
+                1.0,
+            );
+            sample(
+                &mut out,
+                "outbox_relay_pending_events",
+                "gauge",
+                "Unpublished events in the outbox table.",
+                st.pending_events as f64,
+            );
+            sample(
+                &mut out,
+                "outbox_relay_oldest_pending_age_seconds",
+                "gauge",
+                "Age of the oldest unpublished event.",
+                st.oldest_pending_age_seconds.unwrap_or(0.0),
+            );
+            sample(
+                &mut out,
+                "outbox_relay_parked_events",
+                "gauge",
+                "Events currently parked.",
+                st.parked_events as f64,
+            );
+            if let Some(slot) = st.slot {
+                sample(
+                    &mut out,
+                    "outbox_relay_slot_lag_bytes",
+                    "gauge",
+                    "WAL bytes between the server's position and the slot's confirmed flush LSN.",
+                    slot.lag_bytes.unwrap_or(0) as f64,
+                );
+                sample(
+                    &mut out,
+                    "outbox_relay_slot_lost",
+                    "gauge",
+                    "1 when the slot's wal_status is lost.",
+                    f64::from(u8::from(slot.wal_status.as_deref() == Some("lost"))),
+                );
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "metrics scrape could not read the outbox status");
+            sample(
+                &mut out,
+                "outbox_relay_database_up",
+                "gauge",
+                "1 when the database answered this scrape.",
+                0.0,
+            );
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,590 @@
+//! The one-shot commands of the CLI: `migrate`, `status`, `topics ensure`, `replay`,
+//! `parked list|retry|drop`, `slot list|drop`. Each connects, does its work, prints a result and
+//! returns the process exit code.
+
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use outbox_core::{OutboxTable, StoredEvent};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{AssertSqlSafe, ConnectOptions, PgConnection};
+use uuid::Uuid;
+
+use crate::config::{RelayConfig, redact_url};
+use crate::park;
+use crate::route::Router;
+use crate::sink::kafka::{KafkaSink, Outcome};
+use crate::source::polling::{EVENT_COLUMNS, event_from_row};
+
+/// A command failure: what to print and the exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CommandError {
+    /// What went wrong.
+    pub message: String,
+    /// 1 for runtime failures, 2 for bad arguments.
+    pub code: i32,
+}
+
+impl CommandError {
+    fn runtime(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: 1,
+        }
+    }
+
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: 2,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, CommandError>;
+
+fn db_err(context: &str) -> impl Fn(sqlx::Error) -> CommandError + '_ {
+    move |e| CommandError::runtime(format!("{context}: {e}"))
+}
+
+/// Connects to the configured database.
+pub async fn connect(config: &RelayConfig) -> Result<(PgConnection, OutboxTable)> {
+    let table = config
+        .validate()
+        .map_err(|e| CommandError::usage(e.to_string()))?;
+    let url = config.database_url.expose();
+    let options = PgConnectOptions::from_str(url).map_err(|e| {
+        CommandError::usage(format!(
+            "invalid setting `database_url` ({}): {e}",
+            redact_url(url)
+        ))
+    })?;
+    let conn = tokio::time::timeout(config.connect_timeout, options.connect())
+        .await
+        .map_err(|_| {
+            CommandError::runtime(format!(
+                "cannot connect to PostgreSQL at {}: no answer",
+                redact_url(url)
+            ))
+        })?
+        .map_err(|e| {
+            CommandError::runtime(format!(
+                "cannot connect to PostgreSQL at {}: {e}",
+                redact_url(url)
+            ))
+        })?;
+    Ok((conn, table))
+}
+
+/// `migrate`: creates or upgrades the outbox table (and its parked-events table).
+pub async fn migrate(config: &RelayConfig) -> Result<()> {
+    let (mut conn, table) = connect(config).await?;
+    let report = outbox_core::migrate(&mut conn, &table)
+        .await
+        .map_err(|e| CommandError::runtime(format!("migration of {table} failed: {e}")))?;
+    if report.applied.is_empty() {
+        tracing::info!(table = %table, version = report.version, "outbox table already up to date");
+    } else {
+        tracing::info!(table = %table, applied = ?report.applied, "outbox table migrated");
+    }
+    Ok(())
+}
+
+/// `status`: pending events, oldest pending age, last published event, parked events, slot.
+pub async fn status(config: &RelayConfig, json: bool) -> Result<()> {
+    let (mut conn, table) = connect(config).await?;
+    let s = crate::status::read(&mut conn, config, &table)
+        .await
+        .map_err(db_err("reading the outbox status"))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&s).expect("status serializes")
+        );
+        return Ok(());
+    }
+    println!("outbox table      {}", s.table);
+    println!("source            {}", s.source);
+    println!(
+        "active relay      {}",
+        if s.leader_present { "yes" } else { "none" }
+    );
+    println!("pending events    {}", s.pending_events);
+    if let Some(age) = s.oldest_pending_age_seconds {
+        println!("oldest pending    {age:.1} s");
+    }
+    if let Some(l) = &s.last_published {
+        println!(
+            "last published    {} {} at {}",
+            l.id, l.event_type, l.published_at
+        );
+    }
+    println!("parked events     {}", s.parked_events);
+    if let Some(slot) = &s.slot {
+        println!(
+            "slot              {} active={} wal_status={} lag={} bytes",
+            slot.name,
+            slot.active,
+            slot.wal_status.as_deref().unwrap_or("?"),
+            slot.lag_bytes.unwrap_or(0)
+        );
+    }
+    Ok(())
+}
+
+/// Settings of `topics ensure`.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    /// Extra topics to create besides the routed ones.
+    pub topics: Vec<String>,
+    /// Partitions of each new topic.
+    pub partitions: i32,
+    /// Replication factor of each new topic.
+    pub replication: i32,
+    /// Topic configs (`cleanup.policy=compact`, …).
+    pub configs: Vec<(String, String)>,
+}
+
+/// `topics ensure`: creates the topics the relay routes to (from the aggregate and event types
+/// in the table, the fixed routes and the dead-letter topic) plus any given ones.
+pub async fn topics_ensure(config: &RelayConfig, spec: &TopicSpec) -> Result<()> {
+    let (mut conn, table) = connect(config).await?;
+    let router = Router::new(&config.route).map_err(|e| CommandError::usage(e.to_string()))?;
+    let mut topics: BTreeSet<String> = spec.topics.iter().cloned().collect();
+    if config.write_mode == outbox_core::WriteMode::Table {
+        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT DISTINCT aggregatetype::text, type::text, topic::text FROM {}",
+            table.qualified()
+        )))
+        .fetch_all(&mut conn)
+        .await
+        .map_err(db_err("reading routed event types"))?;
+        for (aggregate_type, event_type, topic) in rows {
+            let probe = probe_event(&aggregate_type, &event_type, topic);
+            match router.topic_for(&probe) {
+                Ok(t) => {
+                    topics.insert(t);
+                }
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+    }
+    for template in config.route.routes.values() {
+        if !template.contains('{') {
+            topics.insert(template.clone());
+        }
+    }
+    if let Some(dlq) = &config.dead_letter_topic {
+        topics.insert(dlq.clone());
+    }
+    for t in &topics {
+        outbox_core::validate_topic(t)
+            .map_err(|reason| CommandError::usage(format!("topic `{t}`: {reason}")))?;
+    }
+    if topics.is_empty() {
+        println!("no topics to create");
+        return Ok(());
+    }
+    let admin: AdminClient<DefaultClientContext> = config
+        .kafka
+        .client_config()
+        .map_err(|e| CommandError::usage(e.to_string()))?
+        .create()
+        .map_err(|e| CommandError::runtime(format!("cannot create a Kafka admin client: {e}")))?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            let mut n = NewTopic::new(
+                t,
+                spec.partitions,
+                TopicReplication::Fixed(spec.replication),
+            );
+            for (k, v) in &spec.configs {
+                n = n.set(k, v);
+            }
+            n
+        })
+        .collect();
+    let results = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(config.kafka.connect_timeout)),
+        )
+        .await
+        .map_err(|e| CommandError::runtime(format!("creating topics failed: {e}")))?;
+    let mut failed = false;
+    for r in results {
+        match r {
+            Ok(t) => println!("created  {t}"),
+            Err((t, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                println!("exists   {t}")
+            }
+            Err((t, e)) => {
+                failed = true;
+                println!("FAILED   {t}: {e}");
+            }
+        }
+    }
+    if failed {
+        return Err(CommandError::runtime("some topics could not be created"));
+    }
+    Ok(())
+}
+
+fn probe_event(aggregate_type: &str, event_type: &str, topic: Option<String>) -> StoredEvent {
+    StoredEvent {
+        id: Uuid::nil(),
+        aggregate_type: aggregate_type.to_owned(),
+        aggregate_id: String::new(),
+        event_type: event_type.to_owned(),
+        payload: None,
+        seq: None,
+        created_at: None,
+        traceparent: None,
+        headers: Vec::new(),
+        schema_version: 1,
+        topic,
+        aggregate_seq: None,
+    }
+}
+
+/// Which events `replay` re-publishes.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayFilter {
+    /// Created at or after.
+    pub from: Option<DateTime<Utc>>,
+    /// Created before.
+    pub to: Option<DateTime<Utc>>,
+    /// Event id at or after (UUIDv7 ids are time-ordered).
+    pub from_id: Option<Uuid>,
+    /// Event id at or before.
+    pub to_id: Option<Uuid>,
+    /// Only these event types.
+    pub event_types: Vec<String>,
+    /// Only this aggregate type.
+    pub aggregate_type: Option<String>,
+}
+
+/// `replay`: re-publishes events still in the table (rows are kept with the `mark`
+/// acknowledgement for `retention`), in their original order and with their original event ids,
+/// so consumers that dedupe by id are unaffected. Returns how many were published.
+pub async fn replay(config: &RelayConfig, filter: &ReplayFilter) -> Result<u64> {
+    let (mut conn, table) = connect(config).await?;
+    if filter.from.is_none()
+        && filter.to.is_none()
+        && filter.from_id.is_none()
+        && filter.to_id.is_none()
+        && filter.event_types.is_empty()
+        && filter.aggregate_type.is_none()
+    {
+        return Err(CommandError::usage(
+            "replay needs a range or a filter (--from/--to, --from-id/--to-id, --type, --aggregate-type)",
+        ));
+    }
+    let router = Router::new(&config.route).map_err(|e| CommandError::usage(e.to_string()))?;
+    let sink =
+        KafkaSink::new(config.kafka.clone()).map_err(|e| CommandError::usage(e.to_string()))?;
+    sink.check_connection()
+        .await
+        .map_err(|e| CommandError::runtime(e.to_string()))?;
+    let where_sql = "($1::timestamptz IS NULL OR created_at >= $1)
+        AND ($2::timestamptz IS NULL OR created_at < $2)
+        AND ($3::uuid IS NULL OR id >= $3) AND ($4::uuid IS NULL OR id <= $4)
+        AND (cardinality($5::text[]) = 0 OR type = ANY($5))
+        AND ($6::text IS NULL OR aggregatetype = $6)";
+    let total: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {} WHERE {where_sql}",
+        table.qualified()
+    )))
+    .bind(filter.from)
+    .bind(filter.to)
+    .bind(filter.from_id)
+    .bind(filter.to_id)
+    .bind(&filter.event_types)
+    .bind(&filter.aggregate_type)
+    .fetch_one(&mut conn)
+    .await
+    .map_err(db_err("counting events to replay"))?;
+    let progress = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events {eta}")
+                .expect("static template"),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let mut after: i64 = i64::MIN;
+    let mut published = 0u64;
+    loop {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM {} WHERE {where_sql} AND seq > $7 ORDER BY seq LIMIT 1000",
+            table.qualified()
+        )))
+        .bind(filter.from)
+        .bind(filter.to)
+        .bind(filter.from_id)
+        .bind(filter.to_id)
+        .bind(&filter.event_types)
+        .bind(&filter.aggregate_type)
+        .bind(after)
+        .fetch_all(&mut conn)
+        .await
+        .map_err(db_err("reading events to replay"))?;
+        if rows.is_empty() {
+            break;
+        }
+        let events = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| CommandError::runtime(e.to_string()))?;
+        after = events.last().and_then(|e| e.seq).unwrap_or(after);
+        let records = events
+            .iter()
+            .map(|e| router.route(e))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| CommandError::runtime(e.to_string()))?;
+        for (e, outcome) in events.iter().zip(sink.send_batch(&records).await) {
+            if !matches!(outcome, Outcome::Delivered(_)) {
+                return Err(CommandError::runtime(format!(
+                    "replay stopped at event {} after {published} events: {outcome:?}",
+                    e.id
+                )));
+            }
+            published += 1;
+        }
+        if let Some(bar) = &progress {
+            bar.set_position(published);
+        }
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    println!("replayed {published} events");
+    Ok(published)
+}
+
+/// `parked list`.
+pub async fn parked_list(config: &RelayConfig, json: bool) -> Result<()> {
+    let (mut conn, table) = connect(config).await?;
+    let events = park::list(&mut conn, &table)
+        .await
+        .map_err(db_err("listing parked events"))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&events).expect("serializes")
+        );
+        return Ok(());
+    }
+    if events.is_empty() {
+        println!("no parked events");
+    }
+    for e in events {
+        println!(
+            "{}  {}/{}  {}  {} bytes  {}{}",
+            e.id,
+            e.aggregate_type,
+            e.aggregate_id,
+            e.event_type,
+            e.payload_bytes,
+            e.reason,
+            e.blocked_by
+                .map(|b| format!(" (behind {b})"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// Which parked events a command applies to.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    /// Every parked event.
+    All,
+    /// These events (a retry takes their whole aggregates).
+    Ids(Vec<Uuid>),
+}
+
+/// `parked retry`: publishes the selected aggregates' parked events in their original order,
+/// then removes them, unblocking the aggregates. Stops an aggregate at its first event that still
+/// cannot be published and reports it.
+pub async fn parked_retry(config: &RelayConfig, selection: &Selection) -> Result<u64> {
+    let (mut conn, table) = connect(config).await?;
+    let router = Router::new(&config.route).map_err(|e| CommandError::usage(e.to_string()))?;
+    let sink =
+        KafkaSink::new(config.kafka.clone()).map_err(|e| CommandError::usage(e.to_string()))?;
+    sink.check_connection()
+        .await
+        .map_err(|e| CommandError::runtime(e.to_string()))?;
+    let aggregates: BTreeSet<park::AggregateKey> = match selection {
+        Selection::All => park::blocked_aggregates(&mut conn, &table)
+            .await
+            .map_err(db_err("listing parked events"))?
+            .into_keys()
+            .collect(),
+        Selection::Ids(ids) => {
+            let mut set = BTreeSet::new();
+            for id in ids {
+                match park::aggregate_of(&mut conn, &table, *id)
+                    .await
+                    .map_err(db_err("finding a parked event"))?
+                {
+                    Some(a) => {
+                        set.insert(a);
+                    }
+                    None => return Err(CommandError::usage(format!("event {id} is not parked"))),
+                }
+            }
+            set
+        }
+    };
+    let mut published = 0u64;
+    let mut stuck = Vec::new();
+    for aggregate in aggregates {
+        // The relay may park further events of the aggregate while we retry: repeat until none
+        // are left, so the aggregate is unblocked with nothing behind.
+        for _ in 0..10 {
+            let events = park::events_of(&mut conn, &table, &aggregate)
+                .await
+                .map_err(db_err("reading parked events"))?;
+            if events.is_empty() {
+                break;
+            }
+            let mut done = Vec::new();
+            let mut blocked = None;
+            for e in &events {
+                let outcome = match router.route(e) {
+                    Ok(record) => sink
+                        .send_batch(std::slice::from_ref(&record))
+                        .await
+                        .remove(0),
+                    Err(err) => {
+                        blocked = Some(format!("{}: {}", e.id, err.reason));
+                        break;
+                    }
+                };
+                match outcome {
+                    Outcome::Delivered(_) => done.push(e.id),
+                    other => {
+                        blocked = Some(format!("{}: {other:?}", e.id));
+                        break;
+                    }
+                }
+            }
+            published += done.len() as u64;
+            park::remove(&mut conn, &table, &done)
+                .await
+                .map_err(db_err("removing republished events"))?;
+            if let Some(why) = blocked {
+                stuck.push(format!("{}/{} stuck at {why}", aggregate.0, aggregate.1));
+                break;
+            }
+        }
+    }
+    println!("republished {published} parked events");
+    if !stuck.is_empty() {
+        return Err(CommandError::runtime(format!(
+            "some parked events still cannot be published: {}",
+            stuck.join("; ")
+        )));
+    }
+    Ok(published)
+}
+
+/// `parked drop`: deletes parked events without publishing them.
+pub async fn parked_drop(config: &RelayConfig, selection: &Selection) -> Result<u64> {
+    let (mut conn, table) = connect(config).await?;
+    let n = match selection {
+        Selection::All => sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM {}",
+            table.parked_qualified()
+        )))
+        .execute(&mut conn)
+        .await
+        .map_err(db_err("dropping parked events"))?
+        .rows_affected(),
+        Selection::Ids(ids) => park::remove(&mut conn, &table, ids)
+            .await
+            .map_err(db_err("dropping parked events"))?,
+    };
+    println!("dropped {n} parked events");
+    Ok(n)
+}
+
+/// `slot list`.
+pub async fn slot_list(config: &RelayConfig, json: bool) -> Result<()> {
+    let (mut conn, _) = connect(config).await?;
+    let slots = crate::status::slots(&mut conn)
+        .await
+        .map_err(db_err("listing replication slots"))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&slots).expect("serializes")
+        );
+        return Ok(());
+    }
+    if slots.is_empty() {
+        println!("no replication slots");
+    }
+    for s in slots {
+        println!(
+            "{}  plugin={}  database={}  active={}  wal_status={}  confirmed_flush_lsn={}  lag={} bytes",
+            s.name,
+            s.plugin.as_deref().unwrap_or("-"),
+            s.database.as_deref().unwrap_or("-"),
+            s.active,
+            s.wal_status.as_deref().unwrap_or("-"),
+            s.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+            s.lag_bytes.unwrap_or(0)
+        );
+    }
+    Ok(())
+}
+
+/// `slot drop NAME`: drops an inactive replication slot (the relay then starts from a new one;
+/// in the `table` write mode it first re-publishes what is still unpublished).
+pub async fn slot_drop(config: &RelayConfig, name: &str) -> Result<()> {
+    let (mut conn, _) = connect(config).await?;
+    let active: Option<bool> =
+        sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(name)
+            .fetch_optional(&mut conn)
+            .await
+            .map_err(db_err("looking up the slot"))?;
+    match active {
+        None => Err(CommandError::usage(format!("no replication slot `{name}`"))),
+        Some(true) => Err(CommandError::runtime(format!(
+            "slot `{name}` is in use by a running relay: stop it first"
+        ))),
+        Some(false) => {
+            sqlx::query("SELECT pg_drop_replication_slot($1)")
+                .bind(name)
+                .execute(&mut conn)
+                .await
+                .map_err(db_err("dropping the slot"))?;
+            println!("dropped replication slot {name}");
+            Ok(())
+        }
+    }
+}
+
+/// Parses a time for `--from`/`--to`: RFC 3339, or a duration ago (`15m`, `2h`).
+pub fn parse_time(text: &str) -> std::result::Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let ago: Duration = crate::config::duration::parse(text).map_err(|_| {
+        format!("`{text}` is neither an RFC 3339 time nor a duration ago (e.g. 2h)")
+    })?;
+    Ok(Utc::now() - chrono::Duration::from_std(ago).map_err(|e| e.to_string())?)
+}
