@@ -86,6 +86,7 @@ use super::polling::{RowAcknowledgement, acknowledge_rows};
 use super::{Position, Source, SourceError, SourceEvent};
 use crate::config::RelayConfig;
 use crate::leader::Leadership;
+use crate::park::{AggregateKey, ParkRequest};
 use pgoutput::{PgOutputMessage, Relation};
 use slot::ResolvedTable;
 use stream::{ReplicationTarget, Session};
@@ -332,6 +333,8 @@ pub struct LogicalSource {
     next_heartbeat: Instant,
     next_slot_check: Instant,
     stopped: bool,
+    /// `<table>_parked` is known to exist.
+    parked_table: bool,
     metrics: Arc<LogicalMetrics>,
 }
 
@@ -413,6 +416,7 @@ impl LogicalSource {
             confirmed: Lsn::ZERO,
             backfill_due: false,
             stopped: false,
+            parked_table: false,
             metrics,
         };
         me.prepare_slot(true).await?;
@@ -1133,6 +1137,73 @@ impl Source for LogicalSource {
         }
         Ok(self.restart().await?)
     }
+
+    /// Parks events in the table's `<table>_parked` table (created by the migrations, also in
+    /// `logical_message` mode), through the leader's session. Called before `acknowledge` covers
+    /// them, so the slot is confirmed past a poison event only once it is durably parked.
+    async fn park(&mut self, requests: &[ParkRequest]) -> Result<(), SourceError> {
+        if requests.is_empty() {
+            return Ok(());
+        }
+        if !self.parked_table_exists().await? {
+            return Err(SourceError::Fatal(format!(
+                "cannot park {} event(s): the parked-events table {} does not exist; \
+                 run `outbox-relay migrate` (also needed in logical_message mode)",
+                requests.len(),
+                self.cfg.table.parked_qualified()
+            )));
+        }
+        let table = self.cfg.table.clone();
+        let result = match self.leader.as_mut() {
+            Some(l) => crate::park::park(l.connection(), &table, requests).await,
+            None => match self.pool.acquire().await {
+                Ok(mut conn) => crate::park::park(&mut conn, &table, requests).await,
+                Err(e) => Err(e),
+            },
+        };
+        result.map_err(|error| SourceError::Database {
+            source_name: "logical",
+            error,
+        })
+    }
+
+    /// The aggregates with parked events (none when the parked-events table does not exist).
+    async fn blocked_aggregates(&mut self) -> Result<HashMap<AggregateKey, Uuid>, SourceError> {
+        if !self.parked_table_exists().await? {
+            return Ok(HashMap::new());
+        }
+        let table = self.cfg.table.clone();
+        let result = match self.leader.as_mut() {
+            Some(l) => crate::park::blocked_aggregates(l.connection(), &table).await,
+            None => match self.pool.acquire().await {
+                Ok(mut conn) => crate::park::blocked_aggregates(&mut conn, &table).await,
+                Err(e) => Err(e),
+            },
+        };
+        result.map_err(|error| SourceError::Database {
+            source_name: "logical",
+            error,
+        })
+    }
+}
+
+impl LogicalSource {
+    /// Whether `<table>_parked` exists; a positive answer is remembered.
+    async fn parked_table_exists(&mut self) -> Result<bool, SourceError> {
+        if self.parked_table {
+            return Ok(true);
+        }
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(self.cfg.table.parked_qualified())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|error| SourceError::Database {
+                source_name: "logical",
+                error,
+            })?;
+        self.parked_table = exists;
+        Ok(exists)
+    }
 }
 
 #[cfg(test)]
@@ -1165,6 +1236,7 @@ mod tests {
             next_heartbeat: now,
             next_slot_check: now,
             stopped: false,
+            parked_table: false,
             metrics: Arc::default(),
         }
     }
