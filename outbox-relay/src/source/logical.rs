@@ -28,12 +28,13 @@
 //! - **Loud slot failures.** The slot is checked at start and every `slot_check_interval`
 //!   (`wal_status`, lag). A missing or `lost` slot is an error-level event. In `table` mode it is
 //!   recovered without loss: a durable marker slot `<slot>_bf` is created, then a new logical slot
-//!   (its consistent point C), then every row still unpublished in the table is re-published
-//!   ([`Position::Row`]) before streaming from C. Rows committed before C are only in the table;
-//!   rows committed after C are both in the table and in the stream and are published twice
-//!   (bounded, detectable duplicates) — never lost. The marker slot is dropped once every
-//!   re-published row is acknowledged, so a crash during recovery repeats the re-publication on
-//!   the next start. The same procedure runs the first time a slot is created in `table` mode, so
+//!   over the replication protocol with an exported snapshot (consistent point C); the rows
+//!   still unpublished are read *in that snapshot* — exactly those committed before C — and
+//!   re-published ([`Position::Row`]) before streaming from C, which carries everything committed
+//!   after C. Nothing is lost and, on this path, nothing is published twice. The marker slot is
+//!   dropped once every re-published row is acknowledged; a crash or rewind before that repeats
+//!   the re-publication without the snapshot (rows committed after C then also arrive through the
+//!   stream: bounded duplicates with the same event id, never a loss). The same procedure runs the first time a slot is created in `table` mode, so
 //!   rows written before the slot existed (e.g. by the polling source) are published too.
 //!   In `insert_delete` and `logical_message` modes there is nothing to recover from: a lost slot
 //!   is a fatal error that names the slot and the reason.
@@ -470,7 +471,7 @@ impl LogicalSource {
                     .max(self.confirmed);
                 if marker_exists {
                     tracing::warn!(slot = %slot, "a previous re-publication from the table was interrupted; re-publishing unpublished rows again");
-                    self.backfill().await?;
+                    self.backfill(None).await?;
                 }
                 Ok(())
             }
@@ -510,17 +511,25 @@ impl LogicalSource {
                     // once every re-published row is acknowledged.
                     create_marker(&self.pool, &marker).await?;
                 }
-                let created = match slot::create_slot(&self.pool, &slot).await? {
-                    Some(lsn) => lsn,
-                    None => {
-                        // Created concurrently by another instance: use it as found.
-                        return Box::pin(self.prepare_slot(at_start)).await;
-                    }
+                // Created over the replication protocol with an exported snapshot, so the rows
+                // re-published are exactly those committed before the slot's consistent point:
+                // everything later is streamed, nothing is published twice.
+                let created = stream::create_slot_exporting(
+                    &self.target,
+                    &slot,
+                    &self.cfg.publication,
+                    "outbox-relay",
+                )
+                .await?;
+                let Some(exported) = created else {
+                    // Created concurrently by another instance: use it as found.
+                    return Box::pin(self.prepare_slot(at_start)).await;
                 };
-                self.confirmed = created;
+                self.confirmed = exported.consistent_point;
                 if table_mode {
-                    self.backfill().await?;
+                    self.backfill(Some(&exported.snapshot)).await?;
                 }
+                drop(exported);
                 Ok(())
             }
         }
@@ -543,8 +552,9 @@ impl LogicalSource {
             })
     }
 
-    /// Queue every unpublished row of the table as a [`Position::Row`] event (seq order).
-    async fn backfill(&mut self) -> Result<(), LogicalError> {
+    /// Queue every unpublished row of the table as a [`Position::Row`] event (seq order), read in
+    /// the exported `snapshot` of a just-created slot when given.
+    async fn backfill(&mut self, snapshot: Option<&str>) -> Result<(), LogicalError> {
         let Some(t) = &self.table else { return Ok(()) };
         let sql = format!(
             // `ORDER BY o.seq`: the bigint column, not the text output column of the same name.
@@ -554,13 +564,27 @@ impl LogicalSource {
              FROM {} o WHERE o.published_at IS NULL ORDER BY o.seq",
             t.qualified
         );
-        let rows: Vec<sqlx::postgres::PgRow> = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&self.pool)
+        let db = |source| LogicalError::Database {
+            context: "re-publishing unpublished rows",
+            source,
+        };
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        if let Some(name) = snapshot {
+            // `name` was validated (hex digits and `-`) when the slot was created.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT '{name}'"
+            )))
+            .execute(&mut *conn)
             .await
-            .map_err(|source| LogicalError::Database {
-                context: "re-publishing unpublished rows",
-                source,
-            })?;
+            .map_err(db)?;
+        }
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&mut *conn)
+            .await;
+        if snapshot.is_some() {
+            let _ = sqlx::raw_sql("COMMIT").execute(&mut *conn).await;
+        }
+        let rows: Vec<sqlx::postgres::PgRow> = rows.map_err(db)?;
         const COLS: [&str; 12] = [
             "id",
             "aggregatetype",
@@ -607,7 +631,8 @@ impl LogicalSource {
         if n > 0 {
             tracing::warn!(
                 rows = n,
-                "re-publishing unpublished rows from the outbox table (duplicates of streamed rows are possible and carry the same event id)"
+                consistent_snapshot = snapshot.is_some(),
+                "re-publishing unpublished rows from the outbox table"
             );
         } else {
             tracing::info!("re-publishing unpublished rows from the outbox table: none");
@@ -675,7 +700,7 @@ impl LogicalSource {
             self.prepare_slot(false).await?;
             if self.backfill_due && self.ready.is_empty() {
                 // Re-publication interrupted by the rewind: redo it (duplicates only).
-                self.backfill().await?;
+                self.backfill(None).await?;
             }
             match self.start_session().await {
                 // The slot vanished between the check and START_REPLICATION: check again

@@ -243,6 +243,8 @@ pub async fn kill_and_drop_slot(pool: &PgPool, slot: &str) -> Result<()> {
             .await
         {
             Ok(_) => return Ok(()),
+            // Gone already: killing the session that was (re)creating it dropped it.
+            Err(e) if e.to_string().contains("does not exist") => return Ok(()),
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!("drop raced with the relay: {e}");
                 tokio::time::sleep(Duration::from_millis(5)).await;

@@ -148,6 +148,77 @@ pub(crate) fn classify(slot: &SlotName, e: PgWireError) -> LogicalError {
     }
 }
 
+/// A slot just created over the replication protocol with `EXPORT_SNAPSHOT`: while this value
+/// lives (its session stays idle), `snapshot` can be imported with `SET TRANSACTION SNAPSHOT`, and
+/// a transaction doing so sees exactly what was committed before the slot's consistent point —
+/// no more, no less. Dropping it ends the session and the snapshot.
+pub(crate) struct ExportedSlot {
+    _client: ReplicationClient,
+    /// The consistent point: the slot streams every transaction committing after it.
+    pub(crate) consistent_point: Lsn,
+    /// The exported snapshot's name (validated: hex digits and `-`).
+    pub(crate) snapshot: String,
+}
+
+/// Create `slot` (pgoutput) with an exported snapshot. `Ok(None)`: it already exists.
+pub(crate) async fn create_slot_exporting(
+    target: &ReplicationTarget,
+    slot: &SlotName,
+    publication: &PublicationName,
+    application_name: &str,
+) -> Result<Option<ExportedSlot>, LogicalError> {
+    let cfg = ReplicationConfig::new(
+        target.host.clone(),
+        target.user.clone(),
+        target.password.clone(),
+        target.database.clone(),
+        slot.as_str(),
+        publication.as_str(),
+    )
+    .with_port(target.port)
+    .with_tls(target.tls.clone())
+    .with_application_name(application_name);
+    let mut client = ReplicationClient::connect_gated(cfg)
+        .await
+        .map_err(|e| classify(slot, e))?;
+    // The pre-PostgreSQL-15 spelling, still accepted by 15+.
+    let rows = match client
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput EXPORT_SNAPSHOT"
+        ))
+        .await
+    {
+        Ok(rows) => rows,
+        Err(PgWireError::Server(msg)) if msg.contains("already exists") => return Ok(None),
+        Err(e) => return Err(classify(slot, e)),
+    };
+    let text = |row: &pgwire_replication::QueryRow, i: usize| -> Option<String> {
+        row.get(i)?
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    let row = rows
+        .first()
+        .ok_or_else(|| LogicalError::Slot("CREATE_REPLICATION_SLOT returned no row".into()))?;
+    let consistent_point = text(row, 1)
+        .as_deref()
+        .and_then(Lsn::parse)
+        .ok_or_else(|| {
+            LogicalError::Slot("CREATE_REPLICATION_SLOT returned no consistent point".into())
+        })?;
+    let snapshot = text(row, 2)
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+        .ok_or_else(|| {
+            LogicalError::Slot("CREATE_REPLICATION_SLOT exported no usable snapshot".into())
+        })?;
+    tracing::info!(slot = %slot, consistent_point = %consistent_point, "created logical replication slot (pgoutput) with an exported snapshot");
+    Ok(Some(ExportedSlot {
+        _client: client,
+        consistent_point,
+        snapshot,
+    }))
+}
+
 /// A running replication session.
 pub(crate) struct Session {
     client: ReplicationClient,
