@@ -122,6 +122,8 @@ pub(crate) fn classify(slot: &SlotName, e: PgWireError) -> LogicalError {
                     slot: slot.to_string(),
                     detail: msg.clone(),
                 }
+            } else if msg.contains("all replication slots are in use") {
+                LogicalError::Slot(format!("{msg} (raise max_replication_slots)"))
             } else if msg.contains("is active for PID") {
                 LogicalError::SlotInUse(msg.clone())
             } else if msg.contains("permission denied")
