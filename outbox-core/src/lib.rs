@@ -43,13 +43,23 @@
 //! all have defaults: a row inserted by plain SQL with only the five Debezium columns is relayed
 //! correctly. [`migrate()`] creates the table or upgrades an existing Debezium table in place.
 //!
+//! ## The consumer side
+//!
+//! [`Inbox`] decodes relayed records back into their event types ([`DecodeEvent`]) and applies
+//! each event once, in the same transaction as the consumer's own state change; see [`inbox`].
+//! With the `kafka` feature, [`consumer::InboxConsumer`] drives it from an rdkafka consumer and
+//! commits offsets after the database commit.
+//!
 //! ## Write modes
 //!
 //! See [`WriteMode`]: `table` (default; works with the polling and the logical-replication relay),
 //! `insert_delete` and `logical_message` (logical-replication relay only; the table never grows).
 
+#[cfg(feature = "kafka")]
+pub mod consumer;
 mod error;
 mod event;
+pub mod inbox;
 mod migrate;
 mod stored;
 mod table;
@@ -59,6 +69,10 @@ mod write;
 
 pub use error::{Error, IdentifierError, Result};
 pub use event::{DecodeError, DecodeEvent, OutboxEvent};
+pub use inbox::{
+    Delivered, EventHandler, EventMetadata, HandlerError, Inbox, InboxError, InboxTable,
+    IncomingRecord, MalformedPolicy, SequenceCheck,
+};
 pub use migrate::{MigrationReport, SCHEMA_VERSION, migrate, schema_version};
 pub use stored::{MalformedEvent, StoredEvent, parse_headers, parse_timestamptz};
 pub use table::{Identifier, OutboxTable};

@@ -29,6 +29,8 @@ use uuid::Uuid;
 
 pub use outbox_relay::{Relay, RelayConfig};
 
+pub mod demo;
+
 /// Where the services are.
 #[derive(Debug, Clone)]
 pub struct Services {
