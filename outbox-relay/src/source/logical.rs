@@ -1015,6 +1015,19 @@ impl LogicalSource {
             id: e.event.id,
             position: e.position,
         }));
+        if crate::faults::mutant("confirm_on_receipt") {
+            // Broken on purpose: confirm what was merely received, before Kafka has it.
+            if let Some(end) = batch.iter().rev().find_map(|e| match e.position {
+                Position::Wal {
+                    end_lsn,
+                    last_in_transaction: true,
+                    ..
+                } => Some(end_lsn),
+                _ => None,
+            }) {
+                self.confirm(Lsn(end));
+            }
+        }
         batch
     }
 
@@ -1150,6 +1163,32 @@ impl Source for LogicalSource {
                 Err(e.into())
             }
         }
+    }
+
+    /// Whatever complete transactions are already buffered, without waiting; lets the relay
+    /// produce the next batch while earlier ones are in flight.
+    async fn poll_batch(&mut self, max: usize) -> Result<Vec<SourceEvent>, SourceError> {
+        if self.stopped {
+            return Ok(Vec::new());
+        }
+        while self.ready.len() < max {
+            let Some(session) = self.session.as_mut() else {
+                break;
+            };
+            match tokio::time::timeout(Duration::ZERO, session.recv()).await {
+                Ok(Ok(Some(ev))) => self.handle(ev)?,
+                Ok(Ok(None)) | Err(_) => break,
+                // The error shows again on the next blocking call.
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "replication session failed while polling");
+                    break;
+                }
+            }
+        }
+        if self.ready.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.take_batch(max))
     }
 
     async fn acknowledge(&mut self, delivered: &[SourceEvent]) -> Result<(), SourceError> {

@@ -332,7 +332,8 @@ impl TempCluster {
     /// initdb + start with `wal_level` (and `extra` lines appended to postgresql.conf).
     pub fn start(wal_level: &str, extra: &str) -> Result<Self> {
         let bin = std::path::PathBuf::from(
-            std::env::var("OUTBOX_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
+            std::env::var("SERVICES_PG_BIN")
+                .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
         );
         let dir = std::env::temp_dir().join(unique("outbox-logical-pg"));
         std::fs::create_dir_all(&dir)?;
