@@ -1165,31 +1165,9 @@ impl Source for LogicalSource {
         }
     }
 
-    /// Whatever complete transactions are already buffered, without waiting; lets the relay
-    /// produce the next batch while earlier ones are in flight.
-    async fn poll_batch(&mut self, max: usize) -> Result<Vec<SourceEvent>, SourceError> {
-        if self.stopped {
-            return Ok(Vec::new());
-        }
-        while self.ready.len() < max {
-            let Some(session) = self.session.as_mut() else {
-                break;
-            };
-            match tokio::time::timeout(Duration::ZERO, session.recv()).await {
-                Ok(Ok(Some(ev))) => self.handle(ev)?,
-                Ok(Ok(None)) | Err(_) => break,
-                // The error shows again on the next blocking call.
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "replication session failed while polling");
-                    break;
-                }
-            }
-        }
-        if self.ready.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(self.take_batch(max))
-    }
+    // `poll_batch` keeps the trait's default (no pipelining): with batches produced ahead, two
+    // heavily loaded runs of the insert_delete end-to-end tests stalled short of the last events,
+    // and the cause is not understood yet. One batch in flight is the verified behaviour.
 
     async fn acknowledge(&mut self, delivered: &[SourceEvent]) -> Result<(), SourceError> {
         Ok(self.acknowledge_inner(delivered).await?)
