@@ -104,6 +104,8 @@ pub struct LatencyRun {
     pub achieved_rate: f64,
     /// Writer connections.
     pub writers: u64,
+    /// Whether the outbox's NOTIFY trigger was enabled (polling needs it; logical does not).
+    pub notify_trigger: bool,
     /// Samples in the window.
     pub samples: u64,
     /// Events written (warm-up included).
@@ -135,6 +137,8 @@ pub struct WriteRun {
     pub insert_delete_tx_per_sec: f64,
     /// With a logical decoding message.
     pub logical_message_tx_per_sec: f64,
+    /// Diagnostic: `table` mode with the outbox's NOTIFY trigger disabled.
+    pub table_without_notify_tx_per_sec: f64,
 }
 
 /// Everything a run measured.
@@ -197,6 +201,8 @@ pub struct WriteRatios {
     pub insert_delete: Option<f64>,
     /// `logical_message` mode.
     pub logical_message: Option<f64>,
+    /// Diagnostic: `table` mode with the NOTIFY trigger disabled.
+    pub table_without_notify: Option<f64>,
 }
 
 /// A figure per source.
@@ -275,6 +281,7 @@ impl Report {
                 table: r(w.table_tx_per_sec),
                 insert_delete: r(w.insert_delete_tx_per_sec),
                 logical_message: r(w.logical_message_tx_per_sec),
+                table_without_notify: r(w.table_without_notify_tx_per_sec),
             };
         }
         self.relay_peak_rss_bytes = self
@@ -374,8 +381,11 @@ impl Report {
             };
             t.row(
                 &format!(
-                    "latency: {} @ {}/s (got {:.0}/s), p50/p99/p99.9",
-                    l.source, l.target_rate, l.achieved_rate
+                    "latency: {} @ {}/s (got {:.0}/s{}), p50/p99/p99.9",
+                    l.source,
+                    l.target_rate,
+                    l.achieved_rate,
+                    if l.notify_trigger { "" } else { ", no NOTIFY" }
                 ),
                 format!("{} / {} / {} ms", ms(p.p50), ms(p.p99), ms(p.p999)),
                 &limit.map(|x| format!("p99 ≤ {x} ms")).unwrap_or_default(),
@@ -418,6 +428,12 @@ impl Report {
                     "logical_message",
                     w.logical_message_tx_per_sec,
                     self.write_overhead_ratio.logical_message,
+                    None,
+                ),
+                (
+                    "table, NOTIFY trigger off: diagnostic",
+                    w.table_without_notify_tx_per_sec,
+                    self.write_overhead_ratio.table_without_notify,
                     None,
                 ),
             ] {

@@ -266,8 +266,13 @@ pub async fn latency(
     let topic = unique(&format!("bench_latency_{source}"));
     create_topic(&ctx.bootstrap, &topic).await?;
     let slot = unique("bench_slot");
+    // The logical source does not use the NOTIFY wake-up trigger, and notifying transactions
+    // commit one at a time (PostgreSQL serialises them), which caps the arrival rate: the
+    // logical runs disable it, the polling runs need it.
+    let notify_trigger = source != "logical";
     if source == "logical" {
         db.create_slot(&slot, &slot).await?;
+        set_notify_trigger(&db, false).await?;
     }
     let mut relay = RelayProcess::start(&bin, &ctx.relay_env(&db, source, &topic, &slot)).await?;
     let expected = rate * (warmup + duration).as_secs() + rate;
@@ -352,6 +357,7 @@ pub async fn latency(
         target_rate: rate,
         achieved_rate: per_sec(lat.len() as u64, window),
         writers,
+        notify_trigger,
         samples: lat.len() as u64,
         written: total,
         received,
@@ -419,13 +425,21 @@ pub async fn write_path(ctx: &mut Ctx) -> Result<WriteRun> {
     ];
     // Warm-up.
     conns = run_clients(conns, None, Duration::from_secs(1)).await?.1;
-    let mut sums = [0.0f64; 4];
+    // Five variants per round: the four above, then `table` with the outbox's NOTIFY trigger
+    // disabled (a diagnostic: PostgreSQL serialises the commits of notifying transactions).
+    let mut sums = [0.0f64; 5];
     for _ in 0..rounds {
         for (i, v) in variants.iter().enumerate() {
             let (tps, back) = run_clients(conns, *v, Duration::from_secs_f64(secs)).await?;
             conns = back;
             sums[i] += tps;
         }
+        set_notify_trigger(&db, false).await?;
+        let (tps, back) =
+            run_clients(conns, Some(WriteMode::Table), Duration::from_secs_f64(secs)).await?;
+        set_notify_trigger(&db, true).await?;
+        conns = back;
+        sums[4] += tps;
     }
     for c in conns {
         let _ = c.close().await;
@@ -439,12 +453,24 @@ pub async fn write_path(ctx: &mut Ctx) -> Result<WriteRun> {
         table_tx_per_sec: avg[1],
         insert_delete_tx_per_sec: avg[2],
         logical_message_tx_per_sec: avg[3],
+        table_without_notify_tx_per_sec: avg[4],
     };
     eprintln!(
-        "bench: write path: none {:.0} tx/s, table {:.0}, insert_delete {:.0}, logical_message {:.0}",
-        avg[0], avg[1], avg[2], avg[3]
+        "bench: write path: none {:.0} tx/s, table {:.0}, insert_delete {:.0}, logical_message {:.0}, table without NOTIFY {:.0}",
+        avg[0], avg[1], avg[2], avg[3], avg[4]
     );
     Ok(run)
+}
+
+/// Enables or disables the outbox table's NOTIFY trigger (the only user trigger on it).
+async fn set_notify_trigger(db: &BenchDb, on: bool) -> Result<()> {
+    let verb = if on { "ENABLE" } else { "DISABLE" };
+    sqlx::query(AssertSqlSafe(format!(
+        "ALTER TABLE outbox {verb} TRIGGER USER"
+    )))
+    .execute(&db.pool)
+    .await?;
+    Ok(())
 }
 
 /// Runs the business transaction on every connection for `duration`; returns tx/s and the
