@@ -490,6 +490,10 @@ pub fn relay_binary() -> PathBuf {
             .parent()
             .and_then(|p| p.parent())
             .expect("target/<profile> directory");
+        let bin = profile_dir.join("outbox-relay");
+        if is_fresh(&bin) {
+            return bin;
+        }
         let release = profile_dir.file_name().and_then(|n| n.to_str()) == Some("release");
         let mut cmd = std::process::Command::new(env!("CARGO"));
         cmd.args([
@@ -508,6 +512,43 @@ pub fn relay_binary() -> PathBuf {
         profile_dir.join("outbox-relay")
     })
     .clone()
+}
+
+/// Whether `bin` exists and is newer than every source file it is built from (building it
+/// with `-p outbox-relay` resolves features differently from the test build, so it is only
+/// rebuilt when it is really stale).
+fn is_fresh(bin: &std::path::Path) -> bool {
+    fn newest(dir: &std::path::Path, acc: &mut std::time::SystemTime) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                newest(&p, acc);
+            } else if let Ok(m) = e.metadata().and_then(|m| m.modified()) {
+                *acc = (*acc).max(m);
+            }
+        }
+    }
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut latest = std::time::SystemTime::UNIX_EPOCH;
+    for dir in ["outbox-relay/src", "outbox-core/src", "outbox-macros/src"] {
+        newest(&root.join(dir), &mut latest);
+    }
+    for file in [
+        "Cargo.lock",
+        "outbox-relay/Cargo.toml",
+        "outbox-core/Cargo.toml",
+    ] {
+        if let Ok(m) = std::fs::metadata(root.join(file)).and_then(|m| m.modified()) {
+            latest = latest.max(m);
+        }
+    }
+    built >= latest
 }
 
 /// A relay running as a separate `outbox-relay` process.

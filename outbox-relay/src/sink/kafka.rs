@@ -196,6 +196,47 @@ pub struct KafkaSink {
     context: SinkContext,
 }
 
+/// A batch handed to the producer, whose outcomes are not all known yet.
+pub struct Pending {
+    slots: Vec<Slot>,
+}
+
+enum Slot {
+    Sent(rdkafka::producer::DeliveryFuture),
+    Done(Outcome),
+}
+
+impl Pending {
+    /// Records that were refused for good at enqueue time (and so are known already), by index.
+    pub fn rejected_now(&self) -> impl Iterator<Item = usize> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s, Slot::Done(Outcome::Rejected(_))))
+            .map(|(i, _)| i)
+    }
+
+    /// Waits for Kafka's verdict on every record; one outcome per record, in order.
+    pub async fn wait(self) -> Vec<Outcome> {
+        let mut out = Vec::with_capacity(self.slots.len());
+        for slot in self.slots {
+            out.push(match slot {
+                Slot::Done(o) => o,
+                Slot::Sent(delivery) => match delivery.await {
+                    Ok(Ok(d)) => Outcome::Delivered(Delivered {
+                        partition: d.partition,
+                        offset: d.offset,
+                    }),
+                    Ok(Err((error, _))) if is_permanent(&error) => Outcome::Rejected(error),
+                    Ok(Err((error, _))) => Outcome::Failed(error),
+                    Err(_canceled) => Outcome::Failed(KafkaError::Canceled),
+                },
+            });
+        }
+        out
+    }
+}
+
 /// What became of one record of a batch.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -299,17 +340,19 @@ impl KafkaSink {
     }
 
     /// Produces `records` in order and waits for every outcome; the result has one entry per
-    /// record, in the same order.
+    /// record, in the same order. Equivalent to [`KafkaSink::enqueue`] then [`Pending::wait`].
+    pub async fn send_batch(&self, records: &[OutboundRecord]) -> Vec<Outcome> {
+        self.enqueue(records).await.wait().await
+    }
+
+    /// Hands `records` to the producer in order without waiting for Kafka, so several batches
+    /// can be in flight; [`Pending::wait`] then yields one outcome per record.
     ///
     /// A record refused for good when it is enqueued (e.g. larger than `message.max.bytes`) is
     /// [`Outcome::Rejected`] and the later records with the same topic and key are not sent at
     /// all ([`Outcome::Held`]), so an aggregate never overtakes its own poison event. After a
     /// transient enqueue failure nothing further is sent.
-    pub async fn send_batch(&self, records: &[OutboundRecord]) -> Vec<Outcome> {
-        enum Slot {
-            Sent(rdkafka::producer::DeliveryFuture),
-            Done(Outcome),
-        }
+    pub async fn enqueue(&self, records: &[OutboundRecord]) -> Pending {
         let mut slots: Vec<Slot> = Vec::with_capacity(records.len());
         let mut poisoned: Vec<(&str, &str, usize)> = Vec::new();
         let mut stopped: Option<KafkaError> = None;
@@ -362,22 +405,7 @@ impl KafkaSink {
                 }
             }
         }
-        let mut out = Vec::with_capacity(slots.len());
-        for slot in slots {
-            out.push(match slot {
-                Slot::Done(o) => o,
-                Slot::Sent(delivery) => match delivery.await {
-                    Ok(Ok(d)) => Outcome::Delivered(Delivered {
-                        partition: d.partition,
-                        offset: d.offset,
-                    }),
-                    Ok(Err((error, _))) if is_permanent(&error) => Outcome::Rejected(error),
-                    Ok(Err((error, _))) => Outcome::Failed(error),
-                    Err(_canceled) => Outcome::Failed(KafkaError::Canceled),
-                },
-            });
-        }
-        out
+        Pending { slots }
     }
 
     /// Number of records queued in the producer and not yet acknowledged.

@@ -1,0 +1,636 @@
+//! What the packaging and the operator documentation promise, checked against a real relay:
+//!
+//! - the least-privilege role of `docs/postgres.md` is enough to relay (and to park, purge, and
+//!   run the read-only commands), and not more than that;
+//! - every `outbox_relay_*` metric the alert rules in `deploy/prometheus/alerts.yaml` use is one
+//!   the relay exports;
+//! - the annotated `relay.toml` of `docs/operations.md` is valid and names every setting, and the
+//!   Kubernetes example's configuration loads with its secret files;
+//! - a database URL demanding TLS from a server without it fails loudly, without the password.
+//!
+//! The documents are read at test time, so editing them without keeping them true fails here.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use futures::FutureExt;
+use outbox_core::{NewEvent, Outbox};
+use outbox_tests::*;
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use uuid::Uuid;
+
+const QUIET: Duration = Duration::from_millis(1500);
+const LONG: Duration = Duration::from_secs(60);
+
+/// A file of the repository, by its path from the workspace root.
+fn repo_file(path: &str) -> Result<String> {
+    let full: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+    std::fs::read_to_string(&full).with_context(|| format!("reading {}", full.display()))
+}
+
+/// The body of the fenced code block (```lang) that follows the line `<!-- marker -->`.
+fn marked_block(doc: &str, marker: &str, lang: &str) -> Result<String> {
+    let tag = format!("<!-- {marker} -->");
+    let after = doc
+        .split_once(&tag)
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("no `{tag}` marker"))?;
+    let fence = format!("```{lang}\n");
+    let start = after
+        .find(&fence)
+        .with_context(|| format!("no ```{lang} block after `{tag}`"))?;
+    ensure!(
+        after[..start].trim().is_empty(),
+        "the ```{lang} block must directly follow `{tag}`"
+    );
+    let body = &after[start + fence.len()..];
+    let end = body.find("\n```").context("unterminated code block")?;
+    Ok(body[..=end].to_owned())
+}
+
+/// `url` with its user and password replaced.
+fn with_credentials(url: &str, user: &str, password: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    format!("{scheme}://{user}:{password}@{host}{path}")
+}
+
+async fn write(db: &TestDb, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
+    let mut tx = db.pool.begin().await?;
+    let ids = Outbox::default().publish_new(&mut tx, events).await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// Runs the relay binary with `args` and only the given environment.
+async fn relay_cli(args: &[&str], env: &[(&str, &str)]) -> Result<(i32, String, String)> {
+    let mut cmd = tokio::process::Command::new(relay_binary());
+    cmd.args(args).env_clear().env("RUST_LOG", "info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().await?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The SQLSTATE of a failed statement, or why it did not fail.
+fn sqlstate<T>(result: Result<T, sqlx::Error>) -> String {
+    match result {
+        Ok(_) => "it succeeded".to_owned(),
+        Err(e) => e
+            .as_database_error()
+            .and_then(|d| d.code().map(|c| c.into_owned()))
+            .unwrap_or_else(|| format!("not a database error: {e}")),
+    }
+}
+
+/// Statements the documented relay role must not be able to run.
+const FORBIDDEN: &[&str] = &[
+    "SELECT * FROM accounts",
+    "INSERT INTO outbox (aggregatetype, aggregateid, type) VALUES ('forged', '1', 'Forged')",
+    "UPDATE outbox SET payload = '{\"forged\": true}'",
+    "TRUNCATE outbox",
+    "UPDATE outbox_parked SET reason = 'rewritten'",
+    "INSERT INTO _outbox_migrations (table_name, version, description) VALUES ('outbox', 99, 'x')",
+    "CREATE TABLE public.relay_was_here (i int)",
+    "ALTER TABLE outbox ADD COLUMN relay_was_here int",
+    "SELECT pg_create_logical_replication_slot('relay_was_here', 'pgoutput')",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_least_privilege_polling_role_relays_everything_and_can_do_nothing_more()
+-> Result<()> {
+    let doc = repo_file("docs/postgres.md")?;
+    let block = marked_block(&doc, "least-privilege-polling", "sql")?;
+    for placeholder in ["account_relay", "CHANGE_ME", "DATABASE accounts"] {
+        ensure!(
+            block.contains(placeholder),
+            "docs/postgres.md's role block no longer uses `{placeholder}`:\n{block}"
+        );
+    }
+    let db = TestDb::create("dep_role").await?;
+    let role = unique("relay_role");
+    let password = unique("pw");
+    let sql = block
+        .replace("account_relay", &role)
+        .replace("CHANGE_ME", &password)
+        .replace("DATABASE accounts", &format!("DATABASE \"{}\"", db.name));
+    // Roles are server-wide: remove it whatever happened, failed assertions included.
+    let result =
+        std::panic::AssertUnwindSafe(least_privilege_scenario(&db, &role, &password, &sql))
+            .catch_unwind()
+            .await;
+    let cleanup = async {
+        let mut conn = db.connect().await?;
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1")
+            .bind(&role)
+            .execute(&mut conn)
+            .await?;
+        sqlx::query(AssertSqlSafe(format!("DROP OWNED BY \"{role}\"")))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+        let mut admin = PgConnection::connect(&services().admin_url).await?;
+        sqlx::query(AssertSqlSafe(format!("DROP ROLE IF EXISTS \"{role}\"")))
+            .execute(&mut admin)
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    match result {
+        Ok(outcome) => outcome?,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+    cleanup.context("dropping the test role")
+}
+
+async fn least_privilege_scenario(
+    db: &TestDb,
+    role: &str,
+    password: &str,
+    grants: &str,
+) -> Result<()> {
+    // The owner migrates, as docs/postgres.md describes, and the service has a table of its own.
+    let (code, _, err) = relay_cli(&["migrate"], &[("OUTBOX_DATABASE_URL", &db.url)]).await?;
+    assert_eq!(code, 0, "migrate as the owner: {err}");
+    sqlx::raw_sql(
+        "CREATE TABLE accounts (id text PRIMARY KEY, email text);
+         INSERT INTO accounts VALUES ('1', 'secret@example.com');",
+    )
+    .execute(&db.pool)
+    .await?;
+    sqlx::raw_sql(AssertSqlSafe(grants.to_owned()))
+        .execute(&db.pool)
+        .await
+        .with_context(|| format!("running the documented grants:\n{grants}"))?;
+    let role_url = with_credentials(&db.url, role, password);
+
+    // The relay, as that role: marks published rows, purges them after a (short) retention, and
+    // parks an event whose topic name is illegal.
+    let agg_type = unique("lp");
+    let topic = format!("outbox.event.{agg_type}");
+    let relay = RelayProcess::start(
+        db,
+        &[],
+        &[
+            ("OUTBOX_DATABASE_URL", role_url.as_str()),
+            ("OUTBOX_RETENTION", "1s"),
+        ],
+    )
+    .await?;
+    relay.wait_for_log("this relay is active", LONG).await?;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.extend(
+            write(
+                db,
+                vec![
+                    NewEvent::new(&agg_type, format!("a{}", i % 3), "Changed", None)
+                        .with_aggregate_seq(i / 3),
+                ],
+            )
+            .await?,
+        );
+    }
+    let poison = write(db, vec![NewEvent::new("orders/eu", "p1", "Created", None)]).await?[0];
+    wait_drained(&db.pool, LONG)
+        .await
+        .with_context(|| format!("relay log:\n{}", relay.log()))?;
+
+    let records = consume(&[&topic], ids.len(), QUIET, LONG).await?;
+    let ledger = Ledger {
+        committed: ids.iter().copied().collect(),
+        ..Default::default()
+    };
+    let verdict = Verdict::check(&ledger, &records);
+    assert_eq!(verdict.lost, 0, "{verdict:?}");
+    assert_eq!(verdict.phantom, 0, "{verdict:?}");
+    assert_eq!(verdict.inversions, 0, "{verdict:?}");
+
+    let parked: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM outbox_parked")
+        .fetch_all(&db.pool)
+        .await?;
+    assert_eq!(parked, vec![poison], "the role can park an event");
+    // Published rows are purged after the retention: the DELETE grant works.
+    let deadline = Instant::now() + LONG;
+    loop {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&db.pool)
+            .await?;
+        if left == 0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{left} published rows never purged; relay log:\n{}",
+            relay.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The operator commands that only read or resolve work with the same role.
+    let env = [
+        ("OUTBOX_DATABASE_URL", role_url.as_str()),
+        ("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", &services().bootstrap),
+    ];
+    let (code, out, err) = relay_cli(&["status", "--json"], &env).await?;
+    assert_eq!(code, 0, "status as the relay role: {err}");
+    let status: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(status["parked_events"], 1, "{out}");
+    assert_eq!(status["leader_present"], true, "{out}");
+    let (code, out, err) = relay_cli(&["parked", "drop", &poison.to_string()], &env).await?;
+    assert_eq!(code, 0, "parked drop as the relay role: {out}{err}");
+
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        !log.contains("permission denied"),
+        "the relay hit a missing grant:\n{log}"
+    );
+
+    // Nothing more than that.
+    let mut conn = PgConnection::connect(&role_url).await?;
+    for statement in FORBIDDEN {
+        let code = sqlstate(
+            sqlx::query(AssertSqlSafe(*statement))
+                .execute(&mut conn)
+                .await,
+        );
+        assert_eq!(
+            code, "42501",
+            "the relay role must not be allowed to run `{statement}`, but: {code}"
+        );
+    }
+    // What docs/postgres.md says about heartbeats: pg_logical_emit_message needs no extra grant.
+    sqlx::query("SELECT pg_logical_emit_message(false, 'outbox-deployment-test', '')")
+        .execute(&mut conn)
+        .await
+        .context("docs/postgres.md says any role may call pg_logical_emit_message")?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// The admin address the relay logged (`--log-format json`).
+fn admin_addr_from_json_log(log: &str) -> Option<String> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "admin endpoint listening")
+        .and_then(|v| v["fields"]["addr"].as_str().map(str::to_owned))
+}
+
+/// A minimal HTTP/1.1 GET (no HTTP client dependency).
+async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Every `outbox_relay_*` name in `text` (expressions and annotations alike).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("outbox_relay_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        // `outbox_relay_*` in prose is not a name.
+        if !name.ends_with('_') {
+            names.insert(name.to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// Whether the scrape has a sample of `name` (and, for a histogram series, the histogram), or
+/// `name` is a histogram the scrape declares.
+fn exported(scrape: &str, name: &str) -> bool {
+    if scrape.contains(&format!("# TYPE {name} histogram\n")) {
+        return true;
+    }
+    let has_sample = scrape.lines().any(|l| {
+        l.strip_prefix(name)
+            .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+    });
+    let histogram_ok = ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s))
+        .is_none_or(|base| scrape.contains(&format!("# TYPE {base} histogram\n")));
+    has_sample && histogram_ok
+}
+
+/// Metrics a relay exports only when it reads from a replication slot.
+const LOGICAL_ONLY: &[&str] = &["outbox_relay_slot_lag_bytes", "outbox_relay_slot_lost"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_alert_rules_use_is_exported_by_the_relay() -> Result<()> {
+    let rules = repo_file("deploy/prometheus/alerts.yaml")?;
+    let wanted = metric_names(&rules);
+    for must in [
+        "outbox_relay_commit_to_ack_seconds_bucket",
+        "outbox_relay_oldest_pending_age_seconds",
+        "outbox_relay_leader",
+        "outbox_relay_parked_events",
+        "outbox_relay_slot_lost",
+    ] {
+        ensure!(
+            wanted.contains(must),
+            "alerts.yaml no longer uses {must}: {wanted:?}"
+        );
+    }
+
+    // A polling relay that has published something (so every polling metric has a value).
+    let db = TestDb::create("dep_metrics").await?;
+    db.migrate().await?;
+    let relay = RelayProcess::start(
+        &db,
+        &["--log-format", "json"],
+        &[("OUTBOX_ADMIN_ADDR", "127.0.0.1:0")],
+    )
+    .await?;
+    relay.wait_for_log("this relay is active", LONG).await?;
+    let addr = admin_addr_from_json_log(&relay.log()).context("admin address not logged")?;
+    write(&db, vec![NewEvent::new(unique("met"), "1", "Made", None)]).await?;
+    wait_drained(&db.pool, LONG).await?;
+    let (code, scrape) = http_get(&addr, "/metrics").await?;
+    assert_eq!(code, 200, "{scrape}");
+    let (code, _) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0);
+
+    let mut missing: Vec<&String> = wanted.iter().filter(|n| !exported(&scrape, n)).collect();
+    let logical: Vec<&String> = missing
+        .iter()
+        .copied()
+        .filter(|n| LOGICAL_ONLY.contains(&n.as_str()))
+        .collect();
+    missing.retain(|n| !LOGICAL_ONLY.contains(&n.as_str()));
+    assert!(
+        missing.is_empty(),
+        "alerts.yaml uses metrics the relay does not export: {missing:?}\nscrape:\n{scrape}"
+    );
+    if !logical.is_empty() {
+        check_logical_metrics(&logical).await?;
+    }
+    Ok(())
+}
+
+/// Scrapes a relay reading from a replication slot for the slot metrics.
+async fn check_logical_metrics(names: &[&String]) -> Result<()> {
+    let db = TestDb::create("dep_slot").await?;
+    db.migrate().await?;
+    let slot = unique("dep_slot");
+    let relay = RelayProcess::start(
+        &db,
+        &["--log-format", "json", "--source", "logical"],
+        &[("OUTBOX_ADMIN_ADDR", "127.0.0.1:0"), ("OUTBOX_SLOT", &slot)],
+    )
+    .await?;
+    let deadline = Instant::now() + LONG;
+    let outcome = loop {
+        let log = relay.log();
+        if log.contains("not available in this build") {
+            // The logical source has not landed in this build; nothing exports these yet.
+            eprintln!("logical source unavailable: not checking {names:?}");
+            break Ok(());
+        }
+        if let Some(addr) = admin_addr_from_json_log(&log)
+            && let Ok((200, scrape)) = http_get(&addr, "/metrics").await
+            && names.iter().all(|n| exported(&scrape, n))
+        {
+            break Ok(());
+        }
+        if Instant::now() > deadline {
+            break Err(anyhow::anyhow!(
+                "a logical-source relay never exported {names:?}; log:\n{log}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let _ = relay.terminate(Duration::from_secs(30)).await;
+    let mut conn = db.connect().await?;
+    sqlx::query(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(&slot)
+    .execute(&mut conn)
+    .await?;
+    outcome
+}
+
+/// The `key = value` keys of a TOML document, dotted with their table; entries of the map
+/// tables become `table.*`.
+fn toml_keys(text: &str) -> BTreeSet<String> {
+    const MAPS: &[&str] = &["kafka.properties", "route.routes"];
+    let mut section = String::new();
+    let mut keys = BTreeSet::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().to_owned();
+            continue;
+        }
+        let Some((key, _)) = line.split_once('=') else {
+            continue;
+        };
+        let key = key.trim().trim_matches('"');
+        keys.insert(match (section.as_str(), MAPS.contains(&section.as_str())) {
+            ("", _) => key.to_owned(),
+            (s, true) => format!("{s}.*"),
+            (s, false) => format!("{s}.{key}"),
+        });
+    }
+    keys
+}
+
+#[tokio::test]
+async fn the_annotated_relay_toml_in_the_operations_guide_is_valid_and_names_every_setting()
+-> Result<()> {
+    let doc = repo_file("docs/operations.md")?;
+    let example = marked_block(&doc, "relay-toml-example", "toml")?;
+    let dir = std::env::temp_dir().join(unique("dep_cfg"));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("relay.toml");
+    std::fs::write(&file, &example)?;
+    let (code, out, err) = relay_cli(
+        &["config", "validate", "--config", file.to_str().unwrap()],
+        &[],
+    )
+    .await?;
+    assert_eq!(code, 0, "docs/operations.md's relay.toml is invalid: {err}");
+    assert!(out.contains("configuration is valid"), "{out}");
+
+    let documented = toml_keys(&example);
+    let known = outbox_relay::config::load::known_keys();
+    let undocumented: Vec<&String> = known.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "settings missing from docs/operations.md's relay.toml: {undocumented:?}"
+    );
+    // admin_addr and dead_letter_topic have no default, so known_keys may not list them.
+    let unknown: Vec<&String> = documented
+        .iter()
+        .filter(|k| {
+            !known.contains(*k) && !["admin_addr", "dead_letter_topic"].contains(&k.as_str())
+        })
+        .collect();
+    assert!(unknown.is_empty(), "not settings: {unknown:?}");
+    Ok(())
+}
+
+/// The `relay.toml: |` block scalar of the Kubernetes example's ConfigMap.
+fn configmap_toml(manifest: &str) -> Result<String> {
+    let mut lines = manifest
+        .lines()
+        .skip_while(|l| l.trim() != "relay.toml: |")
+        .skip(1)
+        .peekable();
+    let first = lines.peek().context("no `relay.toml: |` in the manifest")?;
+    let indent = first.len() - first.trim_start().len();
+    let mut out = String::new();
+    for line in lines {
+        if !line.trim().is_empty() && line.len() - line.trim_start().len() < indent {
+            break;
+        }
+        out.push_str(line.get(indent..).unwrap_or(""));
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// The first integer after `key:` in `text`.
+fn yaml_number(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .and_then(|r| r.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn the_kubernetes_example_config_loads_with_its_secret_files_and_fits_the_grace_period()
+-> Result<()> {
+    let manifest = repo_file("deploy/kubernetes/account-service.yaml")?;
+    let toml = configmap_toml(&manifest)?;
+    for var in [
+        "OUTBOX_CONFIG",
+        "OUTBOX_DATABASE_URL_FILE",
+        "OUTBOX_KAFKA__PROPERTIES__SASL_PASSWORD_FILE",
+        "restartPolicy: Always",
+    ] {
+        ensure!(manifest.contains(var), "the manifest no longer uses {var}");
+    }
+    let dir = std::env::temp_dir().join(unique("dep_k8s"));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("relay.toml");
+    std::fs::write(&config, &toml)?;
+    let db_secret = dir.join("database-url");
+    std::fs::write(
+        &db_secret,
+        "postgres://account_relay:db-s3cret@db:5432/accounts\n",
+    )?;
+    let sasl_secret = dir.join("kafka-sasl-password");
+    std::fs::write(&sasl_secret, "sasl-s3cret")?;
+    let (code, out, err) = relay_cli(
+        &["config", "print"],
+        &[
+            ("OUTBOX_CONFIG", config.to_str().unwrap()),
+            ("OUTBOX_DATABASE_URL_FILE", db_secret.to_str().unwrap()),
+            (
+                "OUTBOX_KAFKA__PROPERTIES__SASL_PASSWORD_FILE",
+                sasl_secret.to_str().unwrap(),
+            ),
+            ("OUTBOX_ADMIN_ADDR", "0.0.0.0:9187"),
+            ("OUTBOX_LOG_FORMAT", "json"),
+        ],
+    )
+    .await?;
+    assert_eq!(code, 0, "the ConfigMap's relay.toml does not load: {err}");
+    assert!(!err.contains("ignoring"), "unrecognised variables: {err}");
+    assert!(
+        out.contains("\"sasl.password\" = \"<redacted>\""),
+        "the SASL password file was not picked up:\n{out}"
+    );
+    assert!(
+        out.contains("database_url = \"<redacted>\"")
+            && out.contains("admin_addr = \"0.0.0.0:9187\""),
+        "{out}"
+    );
+    assert!(
+        !out.contains("s3cret") && !err.contains("s3cret"),
+        "a secret was printed:\n{out}{err}"
+    );
+
+    let timeout = toml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("shutdown_timeout = "))
+        .map(|v| outbox_relay::config::duration::parse(v.trim_matches('"')))
+        .context("the ConfigMap sets no shutdown_timeout")?
+        .map_err(anyhow::Error::msg)?;
+    let grace = yaml_number(&manifest, "terminationGracePeriodSeconds:")
+        .context("no terminationGracePeriodSeconds")?;
+    assert!(
+        Duration::from_secs(grace) > timeout,
+        "terminationGracePeriodSeconds ({grace}s) must exceed shutdown_timeout ({timeout:?})"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_that_demands_tls_from_a_server_without_it_fails_loudly_and_keeps_the_password()
+-> Result<()> {
+    let db = TestDb::create("dep_tls").await?;
+    db.migrate().await?;
+    let ssl: String = sqlx::query_scalar("SHOW ssl").fetch_one(&db.pool).await?;
+    if ssl != "off" {
+        bail!("this test needs a PostgreSQL server without TLS (ssl = {ssl})");
+    }
+    let password = unique("pw");
+    let user = sqlx::query_scalar::<_, String>("SELECT current_user::text")
+        .fetch_one(&db.pool)
+        .await?;
+    for mode in ["require", "verify-full"] {
+        let url = format!(
+            "{}?sslmode={mode}",
+            with_credentials(&db.url, &user, &password)
+        );
+        let relay = RelayProcess::start(&db, &["--database-url", &url], &[]).await?;
+        let (code, log) = relay.wait_exit(LONG).await?;
+        assert_eq!(code, 1, "sslmode={mode}: a runtime failure, exit 1:\n{log}");
+        let lower = log.to_lowercase();
+        assert!(
+            lower.contains("tls") || lower.contains("ssl"),
+            "sslmode={mode}: the error must name TLS/SSL:\n{log}"
+        );
+        assert!(
+            !log.contains(&password),
+            "sslmode={mode}: the password was printed:\n{log}"
+        );
+    }
+    Ok(())
+}
