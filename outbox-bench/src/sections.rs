@@ -64,10 +64,11 @@ fn per_sec(n: u64, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
-/// The relay's claim query (`source/polling.rs`), column for column.
+/// The relay's claim query (`source/polling.rs`), column for column; `$2` holds the `seq` of
+/// rows in flight (none here: the ceiling loop is sequential).
 const CLAIM_SQL: &str = "SELECT id, aggregatetype, aggregateid, type, payload::text AS payload, seq, \
      created_at, tracingspancontext, headers::text AS headers, schema_version, topic, aggregate_seq \
-     FROM \"outbox\" WHERE published_at IS NULL ORDER BY seq LIMIT $1";
+     FROM \"outbox\" WHERE published_at IS NULL AND seq <> ALL($2) ORDER BY seq LIMIT $1";
 
 /// The relay's acknowledgement in `mark` mode.
 const MARK_SQL: &str = "UPDATE \"outbox\" SET published_at = clock_timestamp() \
@@ -134,6 +135,7 @@ pub async fn ceilings(ctx: &mut Ctx) -> Result<Ceilings> {
         let t0 = Instant::now();
         let rows = sqlx::query(AssertSqlSafe(CLAIM_SQL))
             .bind(1000i64)
+            .bind(Vec::<i64>::new())
             .fetch_all(&mut conn)
             .await?;
         let mut ids = Vec::with_capacity(rows.len());
