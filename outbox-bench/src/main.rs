@@ -202,6 +202,7 @@ async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
         }
     }
     report.duration_seconds = started.elapsed().as_secs_f64();
+    report.machine.load_average_at_end = report::load_average();
     report.summarise();
     println!("{}", report.table());
     if !failures.is_empty() {

@@ -12,7 +12,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 /// The `outbox-relay` binary of the same profile as this benchmark: `$RELAY_BIN` when set,
-/// otherwise `target/<profile>/outbox-relay`, built (or confirmed fresh) with cargo first.
+/// otherwise `<target>/<profile>/outbox-relay` next to this executable, built with cargo into
+/// that same target directory when it is missing or older than this executable (which is
+/// relinked whenever the relay library changes).
 pub fn binary(repo: &Path) -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("RELAY_BIN") {
         return Ok(PathBuf::from(bin));
@@ -22,24 +24,35 @@ pub fn binary(repo: &Path) -> Result<PathBuf> {
         .parent()
         .context("the benchmark executable has no directory")?
         .to_owned();
+    let target_dir = dir.parent().context("no target directory")?.to_owned();
     let release = dir.file_name().and_then(|n| n.to_str()) == Some("release");
     let bin = dir.join("outbox-relay");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(b), Some(e)) = (modified(&bin), modified(&exe))
+        && b >= e
+    {
+        return Ok(bin);
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
-    cmd.current_dir(repo).args([
-        "build",
-        "--quiet",
-        "-p",
-        "outbox-relay",
-        "--bin",
-        "outbox-relay",
-    ]);
+    cmd.current_dir(repo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "outbox-relay",
+            "--bin",
+            "outbox-relay",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir);
     if release {
         cmd.arg("--release");
     }
     eprintln!(
-        "bench: building outbox-relay ({} profile)",
-        if release { "release" } else { "dev" }
+        "bench: building outbox-relay ({} profile) in {}",
+        if release { "release" } else { "dev" },
+        target_dir.display()
     );
     match cmd.status() {
         Ok(s) if s.success() => {}

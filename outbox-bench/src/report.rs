@@ -223,6 +223,9 @@ pub struct Machine {
     pub cpu_model: String,
     /// 1-minute load average when the run started.
     pub load_average_at_start: f64,
+    /// 1-minute load average when the run ended (other work on the machine skews every figure;
+    /// the ratios to the ceilings measured in the same run less so).
+    pub load_average_at_end: f64,
 }
 
 impl Machine {
@@ -240,6 +243,7 @@ impl Machine {
                 .map(|(_, m)| m.trim().to_owned())
                 .unwrap_or_default(),
             load_average_at_start: load_average(),
+            load_average_at_end: 0.0,
         }
     }
 }
@@ -477,7 +481,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "outbox-bench: {} events, {}-byte payloads, {} aggregates, {} partitions, {} run, {} profile, {} CPUs ({}), load {:.2} at start, {:.0} s",
+            "outbox-bench: {} events, {}-byte payloads, {} aggregates, {} partitions, {} run, {} profile, {} CPUs ({}), load {:.2} at start, {:.2} at end, {:.0} s",
             self.events,
             crate::db::PAYLOAD_BYTES,
             crate::db::AGGREGATES,
@@ -487,6 +491,7 @@ impl Report {
             self.machine.cpus,
             self.machine.cpu_model,
             self.machine.load_average_at_start,
+            self.machine.load_average_at_end,
             self.duration_seconds,
         );
         out.push_str(&t.render());
