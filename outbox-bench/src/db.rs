@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool};
+use sqlx::{Acquire, AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool};
 
 /// Event types the backlog cycles through.
 pub const EVENT_TYPES: &[&str] = &[
@@ -141,8 +141,9 @@ impl BenchDb {
         )
     }
 
-    /// Inserts `n` events server-side in transactions of `per_tx` rows; returns the time taken.
-    pub async fn fill_backlog(&self, n: u64, per_tx: u64) -> Result<Duration> {
+    /// Inserts `n` events server-side in transactions of `per_tx` rows (deleting them again in
+    /// the same transaction when `insert_delete`); returns the time taken.
+    pub async fn fill_backlog(&self, n: u64, per_tx: u64, insert_delete: bool) -> Result<Duration> {
         let pad = payload_padding(&self.pool).await?;
         let sql = format!(
             "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload)
@@ -159,12 +160,17 @@ impl BenchDb {
         let mut next = 0u64;
         while next < n {
             let end = (next + per_tx).min(n) - 1;
+            let mut tx = conn.begin().await?;
             sqlx::query(AssertSqlSafe(sql.as_str()))
                 .bind(next as i64)
                 .bind(end as i64)
-                .execute(&mut *conn)
+                .execute(&mut *tx)
                 .await
                 .context("filling the backlog")?;
+            if insert_delete {
+                sqlx::query("DELETE FROM outbox").execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
             next = end + 1;
         }
         Ok(started.elapsed())

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
+use outbox_core::WriteMode;
 
 use report::{Machine, Report};
 use sections::Ctx;
@@ -172,10 +173,16 @@ async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
         }
     }
     if wants(Section::Drain) {
-        for s in &sources {
-            match sections::drain(ctx, s.name()).await {
+        let mut runs: Vec<(Source, WriteMode)> =
+            sources.iter().map(|s| (*s, WriteMode::Table)).collect();
+        if !ctx.quick && sources.contains(&Source::Logical) {
+            // Diagnostic: the logical source without the row marking of `table` mode.
+            runs.push((Source::Logical, WriteMode::InsertDelete));
+        }
+        for (s, mode) in runs {
+            match sections::drain(ctx, s.name(), mode).await {
                 Ok(d) => report.drain_runs.push(d),
-                Err(e) => record(&format!("drain ({})", s.name()), e),
+                Err(e) => record(&format!("drain ({}, {mode})", s.name()), e),
             }
         }
     }

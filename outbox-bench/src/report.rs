@@ -32,6 +32,8 @@ pub struct Ceilings {
 pub struct DrainRun {
     /// `polling` or `logical`.
     pub source: String,
+    /// `table` (the figure) or `insert_delete` (diagnostic).
+    pub write_mode: String,
     /// Backlog size.
     pub events: u64,
     /// From `relay started` to the last Kafka acknowledgement.
@@ -259,7 +261,7 @@ pub fn load_average() -> f64 {
 impl Report {
     /// Fills the summary fields from the detailed runs.
     pub fn summarise(&mut self) {
-        for d in &self.drain_runs {
+        for d in self.drain_runs.iter().filter(|d| d.write_mode == "table") {
             let (rate, cpu) = match d.source.as_str() {
                 "polling" => (
                     &mut self.drain.polling_events_per_sec,
@@ -363,7 +365,16 @@ impl Report {
         }
         for d in &self.drain_runs {
             t.row(
-                &format!("  {}: batches / mean size / produce share", d.source),
+                &format!(
+                    "  {}{}: {:.0} ev/s; batches / mean size / produce share",
+                    d.source,
+                    if d.write_mode == "table" {
+                        String::new()
+                    } else {
+                        format!(" ({}, diagnostic)", d.write_mode)
+                    },
+                    d.events_per_sec
+                ),
                 format!(
                     "{:.0} / {:.0} / {:.0}%",
                     d.batches,

@@ -94,7 +94,7 @@ pub async fn ceilings(ctx: &mut Ctx) -> Result<Ceilings> {
     let db = BenchDb::create(&ctx.admin_url, "ceiling", &ctx.registry).await?;
     let slot = unique("bench_slot");
     db.create_slot(&slot, &slot).await?;
-    let fill = db.fill_backlog(n, 1000).await?;
+    let fill = db.fill_backlog(n, 1000, false).await?;
     out.fill_seconds = Some(fill.as_secs_f64());
     let endpos = db.current_lsn().await?;
 
@@ -175,10 +175,17 @@ pub async fn ceilings(ctx: &mut Ctx) -> Result<Ceilings> {
 }
 
 /// Backlog drain: `events` pre-committed events, then the relay until Kafka acknowledged all.
-pub async fn drain(ctx: &mut Ctx, source: &str) -> Result<DrainRun> {
+/// `write_mode` is `table` (the figure) or `insert_delete` (a diagnostic of the logical source
+/// without the per-batch row marking: nothing stays in the table).
+pub async fn drain(ctx: &mut Ctx, source: &str, write_mode: WriteMode) -> Result<DrainRun> {
     let n = ctx.events;
     let bin = ctx.relay_bin()?;
-    eprintln!("bench: drain ({source}): filling {n} events");
+    let label = match write_mode {
+        WriteMode::Table => source.to_owned(),
+        other => format!("{source}, {other}"),
+    };
+    let source_label = label.as_str();
+    eprintln!("bench: drain ({source_label}): filling {n} events");
     let db = BenchDb::create(&ctx.admin_url, &format!("drain_{source}"), &ctx.registry).await?;
     let topic = unique(&format!("bench_drain_{source}"));
     create_topic(&ctx.bootstrap, &topic).await?;
@@ -187,13 +194,17 @@ pub async fn drain(ctx: &mut Ctx, source: &str) -> Result<DrainRun> {
         // The slot must exist before the rows, or the relay would re-publish them from the table.
         db.create_slot(&slot, &slot).await?;
     }
-    let fill = db.fill_backlog(n, 1000).await?;
+    let fill = db
+        .fill_backlog(n, 1000, write_mode == WriteMode::InsertDelete)
+        .await?;
     eprintln!(
-        "bench: drain ({source}): filled in {:.2} s; starting the relay",
+        "bench: drain ({source_label}): filled in {:.2} s; starting the relay",
         fill.as_secs_f64()
     );
-    let mut relay = RelayProcess::start(&bin, &ctx.relay_env(&db, source, &topic, &slot)).await?;
-    eprintln!("bench: drain ({source}): relay pid {}", relay.pid());
+    let mut env = ctx.relay_env(&db, source, &topic, &slot);
+    env.push(("OUTBOX_WRITE_MODE", write_mode.as_str().to_owned()));
+    let mut relay = RelayProcess::start(&bin, &env).await?;
+    eprintln!("bench: drain ({source_label}): relay pid {}", relay.pid());
     let cpu0 = relay.cpu()?;
     let started = relay.started;
     let deadline = Instant::now() + Duration::from_secs(60 + n / 1000);
@@ -210,7 +221,7 @@ pub async fn drain(ctx: &mut Ctx, source: &str) -> Result<DrainRun> {
         }
         if Instant::now() > deadline {
             bail!(
-                "drain ({source}): {} of {n} published before the deadline; log:\n{}",
+                "drain ({source_label}): {} of {n} published before the deadline; log:\n{}",
                 m.get("outbox_relay_events_published_total"),
                 relay.log_tail()
             );
@@ -226,6 +237,7 @@ pub async fn drain(ctx: &mut Ctx, source: &str) -> Result<DrainRun> {
     db.drop().await?;
     let run = DrainRun {
         source: source.to_owned(),
+        write_mode: write_mode.as_str().to_owned(),
         events: n,
         seconds: elapsed.as_secs_f64(),
         events_per_sec: per_sec(n, elapsed),
@@ -241,7 +253,7 @@ pub async fn drain(ctx: &mut Ctx, source: &str) -> Result<DrainRun> {
         unpublished_after: unpublished,
     };
     eprintln!(
-        "bench: drain ({source}): {:.0} events/s ({:.2} s), produce {:.0}% of the time",
+        "bench: drain ({source_label}): {:.0} events/s ({:.2} s), produce {:.0}% of the time",
         run.events_per_sec,
         run.seconds,
         run.produce_share * 100.0
@@ -489,7 +501,7 @@ async fn run_clients(
     for (c, mut conn) in conns.into_iter().enumerate() {
         let outbox = outbox.clone();
         tasks.push(tokio::spawn(async move {
-            let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ ((c as u64 + 1) * 0x2545_f491_4f6c_dd1d));
+            let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
             let mut done = 0u64;
             while Instant::now() < end {
                 let id = (rng.next() % AGGREGATES) as i32;
