@@ -1,0 +1,232 @@
+//! `outbox-bench`: measures, in one run and side by side, the machine's ceilings (raw producer,
+//! raw source reads), the relay's backlog drain per source, commit → Kafka latency at fixed
+//! arrival rates, the write-path cost of the outbox in a business transaction, and the relay's
+//! CPU and memory.
+//!
+//! ```text
+//! cargo run --release --bin outbox-bench -- [--quick] [--json FILE] [--events N] [--only SECTION]
+//! ```
+//!
+//! PostgreSQL and the broker come from `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS`; when either
+//! is unset, private ones are started with `scripts/services.sh` in `.services/bench` and stopped
+//! at the end. Every section works in its own database and topics, all dropped afterwards. The
+//! relay runs as a separate `outbox-relay` process of the same build profile. See BENCHMARKS.md.
+
+mod db;
+mod kafka;
+mod relay;
+mod report;
+mod sections;
+mod services;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use outbox_core::WriteMode;
+
+use report::{Machine, Report};
+use sections::Ctx;
+
+/// Benchmark of the outbox relay against this machine's own ceilings.
+#[derive(Debug, Parser)]
+#[command(name = "outbox-bench", version)]
+struct Args {
+    /// Smaller backlog, fewer rates, shorter runs (under two minutes in release).
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Backlog size for the ceilings and the drains (default 200000, quick 50000).
+    #[arg(long, value_name = "N")]
+    events: Option<u64>,
+    /// Run only these sections (repeatable).
+    #[arg(long, value_enum, value_name = "SECTION")]
+    only: Vec<Section>,
+    /// Run the relay sections only for these sources (repeatable; default both).
+    #[arg(long, value_enum, value_name = "SOURCE")]
+    source: Vec<Source>,
+}
+
+/// A part of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Section {
+    /// Raw producer, pg_recvlogical, polling claim + mark.
+    Ceilings,
+    /// Backlog drain per source (also CPU and RSS).
+    Drain,
+    /// Commit → consumer latency at fixed arrival rates.
+    Latency,
+    /// Business transaction with and without the outbox write.
+    Write,
+}
+
+/// A relay source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Source {
+    /// The polling source.
+    Polling,
+    /// The logical-replication source.
+    Logical,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::Polling => "polling",
+            Source::Logical => "logical",
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outbox-bench: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the crate lives in the workspace")
+        .to_owned();
+    let mut services = match services::Services::acquire(&repo) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("outbox-bench: services: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut ctx = Ctx {
+        admin_url: services.admin_url.clone(),
+        bootstrap: services.bootstrap.clone(),
+        pg_bin: services.pg_bin.clone(),
+        registry: db::Registry::default(),
+        relay_bin: None,
+        repo,
+        events: args
+            .events
+            .unwrap_or(if args.quick { 50_000 } else { 200_000 }),
+        quick: args.quick,
+    };
+    let code = runtime.block_on(async {
+        let outcome = tokio::select! {
+            r = run(&args, &mut ctx) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        };
+        ctx.registry.drop_all(&ctx.admin_url).await;
+        match outcome {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("outbox-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    if services.owned() {
+        services.release();
+    }
+    code
+}
+
+/// Runs the selected sections; returns whether all of them succeeded.
+async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
+    let started = Instant::now();
+    let wants = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    let sources: Vec<Source> = if args.source.is_empty() {
+        vec![Source::Polling, Source::Logical]
+    } else {
+        args.source.clone()
+    };
+    let mut report = Report {
+        events: ctx.events,
+        quick: ctx.quick,
+        machine: Machine::read(),
+        profile: if cfg!(debug_assertions) {
+            "dev"
+        } else {
+            "release"
+        },
+        ..Default::default()
+    };
+    let mut failures: Vec<String> = Vec::new();
+    let mut record = |what: &str, e: anyhow::Error| {
+        eprintln!("bench: {what} FAILED: {e:#}");
+        failures.push(format!("{what}: {e:#}"));
+    };
+
+    if wants(Section::Ceilings) {
+        match sections::ceilings(ctx).await {
+            Ok(c) => report.ceilings = c,
+            Err(e) => record("ceilings", e),
+        }
+    }
+    if wants(Section::Drain) {
+        let mut runs: Vec<(Source, WriteMode)> =
+            sources.iter().map(|s| (*s, WriteMode::Table)).collect();
+        if !ctx.quick && sources.contains(&Source::Logical) {
+            // Diagnostic: the logical source without the row marking of `table` mode.
+            runs.push((Source::Logical, WriteMode::InsertDelete));
+        }
+        for (s, mode) in runs {
+            match sections::drain(ctx, s.name(), mode).await {
+                Ok(d) => report.drain_runs.push(d),
+                Err(e) => record(&format!("drain ({}, {mode})", s.name()), e),
+            }
+        }
+    }
+    if wants(Section::Latency) {
+        let rates: &[u64] = if ctx.quick { &[1000] } else { &[1000, 10_000] };
+        let (warmup, duration) = if ctx.quick {
+            (Duration::from_secs(1), Duration::from_secs(3))
+        } else {
+            (Duration::from_secs(2), Duration::from_secs(10))
+        };
+        for s in &sources {
+            for &rate in rates {
+                match sections::latency(ctx, s.name(), rate, warmup, duration).await {
+                    Ok(l) => report.latency_runs.push(l),
+                    Err(e) => record(&format!("latency ({}, {rate}/s)", s.name()), e),
+                }
+            }
+        }
+    }
+    if wants(Section::Write) {
+        match sections::write_path(ctx).await {
+            Ok(w) => report.write_path = Some(w),
+            Err(e) => record("write path", e),
+        }
+    }
+    report.duration_seconds = started.elapsed().as_secs_f64();
+    report.machine.load_average_at_end = report::load_average();
+    report.summarise();
+    println!("{}", report.table());
+    if !failures.is_empty() {
+        println!("failed sections:");
+        for f in &failures {
+            println!("  {}", f.lines().next().unwrap_or_default());
+        }
+    }
+    if let Some(path) = &args.json {
+        let mut doc = serde_json::to_value(&report)?;
+        doc["failures"] = serde_json::to_value(&failures)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    Ok(failures.is_empty())
+}

@@ -1,0 +1,577 @@
+//! Results: the JSON document and the readable table.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+/// Ceilings measured afresh on this machine.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Ceilings {
+    /// Raw rdkafka producer, relay settings, relay-shaped records.
+    pub producer_events_per_sec: Option<f64>,
+    /// `pg_recvlogical` draining the backlog from a pgoutput slot.
+    pub logical_source_rows_per_sec: Option<f64>,
+    /// The relay's claim query + mark statement over the backlog, nothing produced.
+    pub polling_source_rows_per_sec: Option<f64>,
+    /// Producer run time.
+    pub producer_seconds: Option<f64>,
+    /// `pg_recvlogical` run time.
+    pub logical_source_seconds: Option<f64>,
+    /// Polling loop run time.
+    pub polling_source_seconds: Option<f64>,
+    /// Mean claim time (query + decode) per batch of 1000.
+    pub polling_claim_ms_per_batch: Option<f64>,
+    /// Mean mark (UPDATE) time per batch of 1000.
+    pub polling_mark_ms_per_batch: Option<f64>,
+    /// Time to insert the backlog server-side.
+    pub fill_seconds: Option<f64>,
+}
+
+/// One backlog drain by the relay process.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrainRun {
+    /// `polling` or `logical`.
+    pub source: String,
+    /// `table` (the figure) or `insert_delete` (diagnostic).
+    pub write_mode: String,
+    /// Backlog size.
+    pub events: u64,
+    /// From `relay started` to the last Kafka acknowledgement.
+    pub seconds: f64,
+    /// Events per second.
+    pub events_per_sec: f64,
+    /// Time to fill the backlog.
+    pub fill_seconds: f64,
+    /// Relay CPU (user + system) during the drain.
+    pub relay_cpu_seconds: f64,
+    /// Relay CPU per 100k events.
+    pub relay_cpu_seconds_per_100k: f64,
+    /// CPU seconds per wall second (2.0 = both cores).
+    pub relay_cpu_utilisation: f64,
+    /// Peak RSS of the relay process.
+    pub relay_peak_rss_bytes: u64,
+    /// Claim-produce-acknowledge rounds.
+    pub batches: f64,
+    /// Events per round.
+    pub mean_batch: f64,
+    /// Sum of the relay's `publish_duration` (produce → last ack of each batch).
+    pub produce_seconds: f64,
+    /// `produce_seconds` / drain time: the share of the loop spent waiting on Kafka.
+    pub produce_share: f64,
+    /// Rows still unpublished afterwards (0 expected).
+    pub unpublished_after: i64,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: Option<f64>,
+    /// 99th percentile.
+    pub p99: Option<f64>,
+    /// 99.9th percentile.
+    pub p999: Option<f64>,
+    /// Largest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+impl Percentiles {
+    /// Percentiles of sorted microsecond samples, in milliseconds.
+    pub fn of(sorted_us: &[i64]) -> Self {
+        let q = |q: f64| {
+            if sorted_us.is_empty() {
+                return None;
+            }
+            let rank = ((q * sorted_us.len() as f64).ceil() as usize).clamp(1, sorted_us.len());
+            Some(sorted_us[rank - 1] as f64 / 1e3)
+        };
+        Self {
+            p50: q(0.5),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: sorted_us.last().map(|v| *v as f64 / 1e3),
+        }
+    }
+}
+
+/// One latency run.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyRun {
+    /// `polling` or `logical`.
+    pub source: String,
+    /// Requested events per second.
+    pub target_rate: u64,
+    /// Events per second actually committed in the measurement window.
+    pub achieved_rate: f64,
+    /// Writer connections.
+    pub writers: u64,
+    /// Whether the outbox's NOTIFY trigger was enabled (polling needs it; logical does not).
+    pub notify_trigger: bool,
+    /// Samples in the window.
+    pub samples: u64,
+    /// Events written (warm-up included).
+    pub written: u64,
+    /// Records the consumer received.
+    pub received: u64,
+    /// Row `created_at` → consumer receive.
+    pub commit_to_consumer_ms: Percentiles,
+    /// The relay's commit→ack histogram over the window, interpolated inside its buckets.
+    pub commit_to_ack_ms_from_histogram: Percentiles,
+    /// Relay CPU per 100k events at this rate.
+    pub relay_cpu_seconds_per_100k: Option<f64>,
+    /// Peak RSS of the relay process.
+    pub relay_peak_rss_bytes: u64,
+}
+
+/// The write-path measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct WriteRun {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Seconds measured per variant.
+    pub seconds_per_variant: f64,
+    /// Business transaction alone.
+    pub baseline_tx_per_sec: f64,
+    /// With an outbox row.
+    pub table_tx_per_sec: f64,
+    /// With an inserted-and-deleted outbox row.
+    pub insert_delete_tx_per_sec: f64,
+    /// With a logical decoding message.
+    pub logical_message_tx_per_sec: f64,
+    /// Diagnostic: `table` mode with the outbox's NOTIFY trigger disabled.
+    pub table_without_notify_tx_per_sec: f64,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Report {
+    /// Ceilings.
+    pub ceilings: Ceilings,
+    /// Drain throughput per source.
+    pub drain: DrainSummary,
+    /// Latency at 1k events/s per source (commit → consumer).
+    pub latency_ms: LatencySummary,
+    /// Business-transaction throughput with the outbox write ÷ without.
+    pub write_overhead_ratio: WriteRatios,
+    /// Largest relay peak RSS over all relay processes of the run.
+    pub relay_peak_rss_bytes: Option<u64>,
+    /// Relay CPU seconds per 100k events, per source, during the drain.
+    pub relay_cpu_seconds_per_100k: SourcePair,
+    /// Backlog size.
+    pub events: u64,
+    /// Quick mode.
+    pub quick: bool,
+    /// Details of each drain.
+    pub drain_runs: Vec<DrainRun>,
+    /// Details of each latency run.
+    pub latency_runs: Vec<LatencyRun>,
+    /// Write-path details.
+    pub write_path: Option<WriteRun>,
+    /// The machine.
+    pub machine: Machine,
+    /// Wall time of the whole run.
+    pub duration_seconds: f64,
+    /// The build profile of the benchmark (and so of the relay it ran).
+    pub profile: &'static str,
+}
+
+/// Drain figures.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct DrainSummary {
+    /// Polling source.
+    pub polling_events_per_sec: Option<f64>,
+    /// Logical source.
+    pub logical_events_per_sec: Option<f64>,
+}
+
+/// Latency figures.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct LatencySummary {
+    /// Polling source (NOTIFY wake-ups).
+    pub polling: Percentiles,
+    /// Logical source.
+    pub logical: Percentiles,
+}
+
+/// Write-path ratios.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct WriteRatios {
+    /// `table` mode.
+    pub table: Option<f64>,
+    /// `insert_delete` mode.
+    pub insert_delete: Option<f64>,
+    /// `logical_message` mode.
+    pub logical_message: Option<f64>,
+    /// Diagnostic: `table` mode with the NOTIFY trigger disabled.
+    pub table_without_notify: Option<f64>,
+}
+
+/// A figure per source.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct SourcePair {
+    /// Polling source.
+    pub polling: Option<f64>,
+    /// Logical source.
+    pub logical: Option<f64>,
+}
+
+/// The machine the run was on.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Machine {
+    /// Online CPUs.
+    pub cpus: usize,
+    /// CPU model.
+    pub cpu_model: String,
+    /// 1-minute load average when the run started.
+    pub load_average_at_start: f64,
+    /// 1-minute load average when the run ended (other work on the machine skews every figure;
+    /// the ratios to the ceilings measured in the same run less so).
+    pub load_average_at_end: f64,
+}
+
+impl Machine {
+    /// Reads `/proc`.
+    pub fn read() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        Self {
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            cpu_model: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+                .unwrap_or_default(),
+            load_average_at_start: load_average(),
+            load_average_at_end: 0.0,
+        }
+    }
+}
+
+/// The 1-minute load average.
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+impl Report {
+    /// Fills the summary fields from the detailed runs.
+    pub fn summarise(&mut self) {
+        for d in self.drain_runs.iter().filter(|d| d.write_mode == "table") {
+            let (rate, cpu) = match d.source.as_str() {
+                "polling" => (
+                    &mut self.drain.polling_events_per_sec,
+                    &mut self.relay_cpu_seconds_per_100k.polling,
+                ),
+                _ => (
+                    &mut self.drain.logical_events_per_sec,
+                    &mut self.relay_cpu_seconds_per_100k.logical,
+                ),
+            };
+            *rate = Some(d.events_per_sec);
+            *cpu = Some(d.relay_cpu_seconds_per_100k);
+        }
+        for l in self.latency_runs.iter().filter(|l| l.target_rate == 1000) {
+            match l.source.as_str() {
+                "polling" => self.latency_ms.polling = l.commit_to_consumer_ms,
+                _ => self.latency_ms.logical = l.commit_to_consumer_ms,
+            }
+        }
+        if let Some(w) = &self.write_path {
+            let r = |x: f64| Some(x / w.baseline_tx_per_sec.max(1e-9));
+            self.write_overhead_ratio = WriteRatios {
+                table: r(w.table_tx_per_sec),
+                insert_delete: r(w.insert_delete_tx_per_sec),
+                logical_message: r(w.logical_message_tx_per_sec),
+                table_without_notify: r(w.table_without_notify_tx_per_sec),
+            };
+        }
+        self.relay_peak_rss_bytes = self
+            .drain_runs
+            .iter()
+            .map(|d| d.relay_peak_rss_bytes)
+            .chain(self.latency_runs.iter().map(|l| l.relay_peak_rss_bytes))
+            .max();
+    }
+
+    /// The readable table.
+    pub fn table(&self) -> String {
+        let mut t = Table::default();
+        let c = &self.ceilings;
+        let producer = c.producer_events_per_sec;
+        t.row(
+            "ceiling: raw producer (relay settings)",
+            rate(producer, "ev/s"),
+            "",
+            "",
+            "",
+        );
+        t.row(
+            "ceiling: logical source (pg_recvlogical)",
+            rate(c.logical_source_rows_per_sec, "rows/s"),
+            "",
+            "",
+            "",
+        );
+        t.row(
+            "ceiling: polling source (claim + mark)",
+            rate(c.polling_source_rows_per_sec, "rows/s"),
+            "",
+            "",
+            "",
+        );
+        if let (Some(cl), Some(mk)) = (c.polling_claim_ms_per_batch, c.polling_mark_ms_per_batch) {
+            t.row(
+                "  per batch of 1000: claim / mark",
+                format!("{cl:.1} / {mk:.1} ms"),
+                "",
+                "",
+                "",
+            );
+        }
+        for (source, value, min, ceiling) in [
+            (
+                "polling",
+                self.drain.polling_events_per_sec,
+                50_000.0,
+                c.polling_source_rows_per_sec,
+            ),
+            (
+                "logical",
+                self.drain.logical_events_per_sec,
+                100_000.0,
+                c.logical_source_rows_per_sec,
+            ),
+        ] {
+            let lower = match (ceiling, producer) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let ratio = value.zip(lower).map(|(v, l)| v / l);
+            let verdict = value.map(|v| verdict(v >= min && ratio.is_none_or(|r| r >= 0.5)));
+            t.row(
+                &format!("drain: {source}"),
+                rate(value, "ev/s"),
+                &format!("≥ {}k/s, ≥ 0.5× ceiling", min / 1000.0),
+                &ratio
+                    .map(|r| format!("{r:.2}× lower ceiling"))
+                    .unwrap_or_default(),
+                &verdict.unwrap_or_default(),
+            );
+        }
+        for d in &self.drain_runs {
+            t.row(
+                &format!(
+                    "  {}{}: {:.0} ev/s; batches / mean size / produce share",
+                    d.source,
+                    if d.write_mode == "table" {
+                        String::new()
+                    } else {
+                        format!(" ({}, diagnostic)", d.write_mode)
+                    },
+                    d.events_per_sec
+                ),
+                format!(
+                    "{:.0} / {:.0} / {:.0}%",
+                    d.batches,
+                    d.mean_batch,
+                    d.produce_share * 100.0
+                ),
+                "",
+                "",
+                "",
+            );
+        }
+        for l in &self.latency_runs {
+            let p = &l.commit_to_consumer_ms;
+            let h = &l.commit_to_ack_ms_from_histogram;
+            let limit = match (l.source.as_str(), l.target_rate) {
+                ("logical", 1000) => Some(20.0),
+                ("polling", 1000) => Some(50.0),
+                _ => None,
+            };
+            t.row(
+                &format!(
+                    "latency: {} @ {}/s (got {:.0}/s{}), p50/p99/p99.9",
+                    l.source,
+                    l.target_rate,
+                    l.achieved_rate,
+                    if l.notify_trigger { "" } else { ", no NOTIFY" }
+                ),
+                format!("{} / {} / {} ms", ms(p.p50), ms(p.p99), ms(p.p999)),
+                &limit.map(|x| format!("p99 ≤ {x} ms")).unwrap_or_default(),
+                "",
+                &limit
+                    .zip(p.p99)
+                    .map(|(x, v)| verdict(v <= x))
+                    .unwrap_or_default(),
+            );
+            t.row(
+                "  relay commit→ack histogram (interpolated)",
+                format!("{} / {} / {} ms", ms(h.p50), ms(h.p99), ms(h.p999)),
+                "",
+                "",
+                "",
+            );
+        }
+        if let Some(w) = &self.write_path {
+            t.row(
+                &format!("write path: {} clients, no outbox", w.clients),
+                format!("{:.0} tx/s", w.baseline_tx_per_sec),
+                "",
+                "",
+                "",
+            );
+            for (mode, tps, ratio, target) in [
+                (
+                    "table",
+                    w.table_tx_per_sec,
+                    self.write_overhead_ratio.table,
+                    Some(0.85),
+                ),
+                (
+                    "insert_delete",
+                    w.insert_delete_tx_per_sec,
+                    self.write_overhead_ratio.insert_delete,
+                    None,
+                ),
+                (
+                    "logical_message",
+                    w.logical_message_tx_per_sec,
+                    self.write_overhead_ratio.logical_message,
+                    None,
+                ),
+                (
+                    "table, NOTIFY trigger off: diagnostic",
+                    w.table_without_notify_tx_per_sec,
+                    self.write_overhead_ratio.table_without_notify,
+                    None,
+                ),
+            ] {
+                t.row(
+                    &format!("write path: + outbox ({mode})"),
+                    format!("{tps:.0} tx/s"),
+                    &target.map(|x| format!("ratio ≥ {x}")).unwrap_or_default(),
+                    &ratio
+                        .map(|r| format!("{r:.3}× baseline"))
+                        .unwrap_or_default(),
+                    &target
+                        .zip(ratio)
+                        .map(|(x, r)| verdict(r >= x))
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        for (source, v) in [
+            ("polling", self.relay_cpu_seconds_per_100k.polling),
+            ("logical", self.relay_cpu_seconds_per_100k.logical),
+        ] {
+            if let Some(v) = v {
+                t.row(
+                    &format!("resources: relay CPU per 100k events ({source} drain)"),
+                    format!("{v:.2} s"),
+                    "",
+                    "",
+                    "",
+                );
+            }
+        }
+        if let Some(rss) = self.relay_peak_rss_bytes {
+            t.row(
+                "resources: relay peak RSS (largest of all runs)",
+                format!("{:.1} MB", rss as f64 / 1048576.0),
+                "≤ 64 MB",
+                "",
+                &verdict(rss <= 64 * 1048576),
+            );
+        }
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "outbox-bench: {} events, {}-byte payloads, {} aggregates, {} partitions, {} run, {} profile, {} CPUs ({}), load {:.2} at start, {:.2} at end, {:.0} s",
+            self.events,
+            crate::db::PAYLOAD_BYTES,
+            crate::db::AGGREGATES,
+            crate::kafka::PARTITIONS,
+            if self.quick { "quick" } else { "full" },
+            self.profile,
+            self.machine.cpus,
+            self.machine.cpu_model,
+            self.machine.load_average_at_start,
+            self.machine.load_average_at_end,
+            self.duration_seconds,
+        );
+        out.push_str(&t.render());
+        out
+    }
+}
+
+fn verdict(ok: bool) -> String {
+    if ok { "met" } else { "MISSED" }.to_owned()
+}
+
+fn rate(v: Option<f64>, unit: &str) -> String {
+    match v {
+        Some(v) => format!("{} {unit}", thousands(v)),
+        None => "-".into(),
+    }
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
+}
+
+fn thousands(v: f64) -> String {
+    let s = format!("{:.0}", v);
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+#[derive(Default)]
+struct Table {
+    rows: Vec<[String; 5]>,
+}
+
+impl Table {
+    fn row(&mut self, figure: &str, value: String, target: &str, ratio: &str, verdict: &str) {
+        self.rows.push([
+            figure.to_owned(),
+            value,
+            target.to_owned(),
+            ratio.to_owned(),
+            verdict.to_owned(),
+        ]);
+    }
+
+    fn render(&self) -> String {
+        let header = ["figure", "value", "target", "vs ceiling", "verdict"].map(str::to_owned);
+        let all: Vec<&[String; 5]> = std::iter::once(&header).chain(&self.rows).collect();
+        let widths: Vec<usize> = (0..5)
+            .map(|i| all.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for (n, r) in all.iter().enumerate() {
+            let line: Vec<String> = r
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
+                .collect();
+            let _ = writeln!(out, "{}", line.join("  ").trim_end());
+            if n == 0 {
+                let total: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+                let _ = writeln!(out, "{}", "-".repeat(total));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,553 @@
+//! The measurements: ceilings, backlog drain, latency at a fixed arrival rate, write-path cost.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use outbox_core::{NewEvent, Outbox, WriteMode};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
+
+use crate::db::{AGGREGATES, BenchDb, EVENT_TYPES, Registry, payload_json, unique};
+use crate::kafka::{LatencyConsumer, create_topic, producer_ceiling};
+use crate::relay::{RelayProcess, histogram_quantile};
+use crate::report::{Ceilings, DrainRun, LatencyRun, Percentiles, WriteRun};
+
+/// What every section needs.
+pub struct Ctx {
+    /// URL of the server's `postgres` database.
+    pub admin_url: String,
+    /// Kafka bootstrap servers.
+    pub bootstrap: String,
+    /// Directory of `pg_recvlogical`.
+    pub pg_bin: Option<PathBuf>,
+    /// Databases to drop at the end.
+    pub registry: Registry,
+    /// The relay binary (built on first use).
+    pub relay_bin: Option<PathBuf>,
+    /// The repository root.
+    pub repo: PathBuf,
+    /// Backlog size.
+    pub events: u64,
+    /// Quick mode.
+    pub quick: bool,
+}
+
+impl Ctx {
+    fn relay_bin(&mut self) -> Result<PathBuf> {
+        if self.relay_bin.is_none() {
+            self.relay_bin = Some(crate::relay::binary(&self.repo)?);
+        }
+        Ok(self.relay_bin.clone().expect("set above"))
+    }
+
+    fn relay_env(
+        &self,
+        db: &BenchDb,
+        source: &str,
+        topic: &str,
+        slot: &str,
+    ) -> Vec<(&'static str, String)> {
+        vec![
+            ("OUTBOX_DATABASE_URL", db.url.clone()),
+            ("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", self.bootstrap.clone()),
+            ("OUTBOX_SOURCE", source.to_owned()),
+            ("OUTBOX_TOPIC", topic.to_owned()),
+            ("OUTBOX_SLOT", slot.to_owned()),
+            ("OUTBOX_PUBLICATION", slot.to_owned()),
+        ]
+    }
+}
+
+fn per_sec(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}
+
+/// The relay's claim query (`source/polling.rs`), column for column; `$2` holds the `seq` of
+/// rows in flight (none here: the ceiling loop is sequential).
+const CLAIM_SQL: &str = "SELECT id, aggregatetype, aggregateid, type, payload::text AS payload, seq, \
+     created_at, tracingspancontext, headers::text AS headers, schema_version, topic, aggregate_seq \
+     FROM \"outbox\" WHERE published_at IS NULL AND seq <> ALL($2) ORDER BY seq LIMIT $1";
+
+/// The relay's acknowledgement in `mark` mode.
+const MARK_SQL: &str = "UPDATE \"outbox\" SET published_at = clock_timestamp() \
+     WHERE id = ANY($1) AND published_at IS NULL";
+
+/// Ceilings: the raw producer, `pg_recvlogical` over a backlog, the polling claim-and-mark loop
+/// over the same backlog with nothing produced.
+pub async fn ceilings(ctx: &mut Ctx) -> Result<Ceilings> {
+    let n = ctx.events;
+    let mut out = Ceilings::default();
+
+    eprintln!("bench: ceiling: raw producer, {n} records");
+    let topic = unique("bench_ceiling_producer");
+    create_topic(&ctx.bootstrap, &topic).await?;
+    let bootstrap = ctx.bootstrap.clone();
+    let t = topic.clone();
+    let elapsed =
+        tokio::task::spawn_blocking(move || producer_ceiling(&bootstrap, &t, n)).await??;
+    out.producer_events_per_sec = Some(per_sec(n, elapsed));
+    out.producer_seconds = Some(elapsed.as_secs_f64());
+
+    eprintln!("bench: ceiling: source reads over a backlog of {n}");
+    let db = BenchDb::create(&ctx.admin_url, "ceiling", &ctx.registry).await?;
+    let slot = unique("bench_slot");
+    db.create_slot(&slot, &slot).await?;
+    let fill = db.fill_backlog(n, 1000, false).await?;
+    out.fill_seconds = Some(fill.as_secs_f64());
+    let endpos = db.current_lsn().await?;
+
+    match &ctx.pg_bin {
+        Some(bin) => {
+            let started = Instant::now();
+            let mut child = tokio::process::Command::new(bin.join("pg_recvlogical"))
+                .args(["-d", &db.url, "--slot", &slot, "--start", "--no-loop"])
+                .args(["--endpos", &endpos, "-f", "/dev/null"])
+                .args(["-o", "proto_version=1", "-o"])
+                .arg(format!("publication_names={slot}"))
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting pg_recvlogical")?;
+            let status = tokio::time::timeout(Duration::from_secs(120), child.wait())
+                .await
+                .context("pg_recvlogical did not reach the end position within 120 s")??;
+            let elapsed = started.elapsed();
+            if !status.success() {
+                bail!("pg_recvlogical failed: {status}");
+            }
+            out.logical_source_rows_per_sec = Some(per_sec(n, elapsed));
+            out.logical_source_seconds = Some(elapsed.as_secs_f64());
+        }
+        None => eprintln!("bench: warning: pg_recvlogical not found; no logical source ceiling"),
+    }
+
+    // The polling loop, exactly the relay's statements, one batch of 1000 at a time.
+    let mut conn = db.connect().await?;
+    let mut claim = Duration::ZERO;
+    let mut mark = Duration::ZERO;
+    let mut rows_total = 0u64;
+    let mut batches = 0u64;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(300);
+    while Instant::now() < deadline && batches <= n / 1000 + 10 {
+        let t0 = Instant::now();
+        let rows = sqlx::query(AssertSqlSafe(CLAIM_SQL))
+            .bind(1000i64)
+            .bind(Vec::<i64>::new())
+            .fetch_all(&mut conn)
+            .await?;
+        let mut ids = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // Decode every column, as the relay does.
+            ids.push(row.try_get::<uuid::Uuid, _>("id")?);
+            let _: String = row.try_get("aggregatetype")?;
+            let _: String = row.try_get("aggregateid")?;
+            let _: String = row.try_get("type")?;
+            let _: Option<String> = row.try_get("payload")?;
+            let _: i64 = row.try_get("seq")?;
+            let _: Option<chrono::DateTime<chrono::Utc>> = row.try_get("created_at")?;
+            let _: Option<String> = row.try_get("tracingspancontext")?;
+            let _: Option<String> = row.try_get("headers")?;
+        }
+        let t1 = Instant::now();
+        claim += t1 - t0;
+        if ids.is_empty() {
+            break;
+        }
+        sqlx::query(MARK_SQL).bind(&ids).execute(&mut conn).await?;
+        mark += t1.elapsed();
+        rows_total += ids.len() as u64;
+        batches += 1;
+    }
+    let elapsed = started.elapsed();
+    let _ = conn.close().await;
+    if rows_total != n {
+        bail!("polling ceiling read {rows_total} of {n} rows");
+    }
+    out.polling_source_rows_per_sec = Some(per_sec(n, elapsed));
+    out.polling_source_seconds = Some(elapsed.as_secs_f64());
+    out.polling_claim_ms_per_batch = Some(claim.as_secs_f64() * 1e3 / batches.max(1) as f64);
+    out.polling_mark_ms_per_batch = Some(mark.as_secs_f64() * 1e3 / batches.max(1) as f64);
+    db.drop().await?;
+    Ok(out)
+}
+
+/// Backlog drain: `events` pre-committed events, then the relay until Kafka acknowledged all.
+/// `write_mode` is `table` (the figure) or `insert_delete` (a diagnostic of the logical source
+/// without the per-batch row marking: nothing stays in the table).
+pub async fn drain(ctx: &mut Ctx, source: &str, write_mode: WriteMode) -> Result<DrainRun> {
+    let n = ctx.events;
+    let bin = ctx.relay_bin()?;
+    let label = match write_mode {
+        WriteMode::Table => source.to_owned(),
+        other => format!("{source}, {other}"),
+    };
+    let source_label = label.as_str();
+    eprintln!("bench: drain ({source_label}): filling {n} events");
+    let db = BenchDb::create(&ctx.admin_url, &format!("drain_{source}"), &ctx.registry).await?;
+    let topic = unique(&format!("bench_drain_{source}"));
+    create_topic(&ctx.bootstrap, &topic).await?;
+    let slot = unique("bench_slot");
+    if source == "logical" {
+        // The slot must exist before the rows, or the relay would re-publish them from the table.
+        db.create_slot(&slot, &slot).await?;
+    }
+    let fill = db
+        .fill_backlog(n, 1000, write_mode == WriteMode::InsertDelete)
+        .await?;
+    eprintln!(
+        "bench: drain ({source_label}): filled in {:.2} s; starting the relay",
+        fill.as_secs_f64()
+    );
+    let mut env = ctx.relay_env(&db, source, &topic, &slot);
+    env.push(("OUTBOX_WRITE_MODE", write_mode.as_str().to_owned()));
+    let mut relay = RelayProcess::start(&bin, &env).await?;
+    eprintln!("bench: drain ({source_label}): relay pid {}", relay.pid());
+    let cpu0 = relay.cpu()?;
+    let started = relay.started;
+    let deadline = Instant::now() + Duration::from_secs(60 + n / 1000);
+    let (end, m) = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        relay.check_alive()?;
+        let asked = Instant::now();
+        let m = relay.metrics().await?;
+        if m.get("outbox_relay_events_published_total") >= n as f64 {
+            // The relay's own timestamp of its last acknowledgement, to the millisecond.
+            let since =
+                Duration::from_secs_f64(m.get("outbox_relay_seconds_since_last_event").max(0.0));
+            break (asked.checked_sub(since).unwrap_or(asked).max(started), m);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "drain ({source_label}): {} of {n} published before the deadline; log:\n{}",
+                m.get("outbox_relay_events_published_total"),
+                relay.log_tail()
+            );
+        }
+    };
+    let cpu = relay.cpu()?.saturating_sub(cpu0);
+    let peak = relay.peak_rss()?;
+    let elapsed = end - started;
+    let unpublished = db.unpublished().await?;
+    let batches = m.get("outbox_relay_batches_total");
+    let publish_sum = m.get("outbox_relay_publish_duration_seconds_sum");
+    relay.stop().await?;
+    db.drop().await?;
+    let run = DrainRun {
+        source: source.to_owned(),
+        write_mode: write_mode.as_str().to_owned(),
+        events: n,
+        seconds: elapsed.as_secs_f64(),
+        events_per_sec: per_sec(n, elapsed),
+        fill_seconds: fill.as_secs_f64(),
+        relay_cpu_seconds: cpu.as_secs_f64(),
+        relay_cpu_seconds_per_100k: cpu.as_secs_f64() * 1e5 / n as f64,
+        relay_cpu_utilisation: cpu.as_secs_f64() / elapsed.as_secs_f64().max(1e-9),
+        relay_peak_rss_bytes: peak,
+        batches,
+        mean_batch: n as f64 / batches.max(1.0),
+        produce_seconds: publish_sum,
+        produce_share: publish_sum / elapsed.as_secs_f64().max(1e-9),
+        unpublished_after: unpublished,
+    };
+    eprintln!(
+        "bench: drain ({source_label}): {:.0} events/s ({:.2} s), produce {:.0}% of the time",
+        run.events_per_sec,
+        run.seconds,
+        run.produce_share * 100.0
+    );
+    Ok(run)
+}
+
+/// Latency at a fixed arrival rate: single-row autocommit inserts paced by timers; a consumer
+/// reads the topic and reports receive time − `ce_time` (= the row's `created_at`).
+pub async fn latency(
+    ctx: &mut Ctx,
+    source: &str,
+    rate: u64,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<LatencyRun> {
+    let bin = ctx.relay_bin()?;
+    eprintln!(
+        "bench: latency ({source}, {rate}/s): {:.0} s warm-up + {:.0} s",
+        warmup.as_secs_f64(),
+        duration.as_secs_f64()
+    );
+    let db = BenchDb::create(&ctx.admin_url, &format!("latency_{source}"), &ctx.registry).await?;
+    let topic = unique(&format!("bench_latency_{source}"));
+    create_topic(&ctx.bootstrap, &topic).await?;
+    let slot = unique("bench_slot");
+    // The logical source does not use the NOTIFY wake-up trigger, and notifying transactions
+    // commit one at a time (PostgreSQL serialises them), which caps the arrival rate: the
+    // logical runs disable it, the polling runs need it.
+    let notify_trigger = source != "logical";
+    if source == "logical" {
+        db.create_slot(&slot, &slot).await?;
+        set_notify_trigger(&db, false).await?;
+    }
+    let mut relay = RelayProcess::start(&bin, &ctx.relay_env(&db, source, &topic, &slot)).await?;
+    let expected = rate * (warmup + duration).as_secs() + rate;
+    let consumer = LatencyConsumer::start(&ctx.bootstrap, &topic, (expected * 2) as usize)?;
+    // Let the consumer connect and the relay open its source.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let writers = rate.div_ceil(250).clamp(2, 16);
+    let period = Duration::from_secs_f64(writers as f64 / rate as f64);
+    let begin = Instant::now();
+    let end = begin + warmup + duration;
+    let written = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let mut conn = db.connect().await?;
+        let written = written.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + period.mul_f64(w as f64 / writers as f64),
+                period,
+            );
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut i = w;
+            while Instant::now() < end {
+                tick.tick().await;
+                let account = format!("acct-{}", i % AGGREGATES);
+                sqlx::query(
+                    "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload)
+                     VALUES ($1, 'account', $2, $3, $4::jsonb)",
+                )
+                .bind(uuid::Uuid::now_v7())
+                .bind(&account)
+                .bind(EVENT_TYPES[(i % 4) as usize])
+                .bind(payload_json(&account, i).to_string())
+                .execute(&mut conn)
+                .await?;
+                written.fetch_add(1, Ordering::Relaxed);
+                i += writers;
+            }
+            let _ = conn.close().await;
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep_until((begin + warmup).into()).await;
+    let window_start = chrono::Utc::now().timestamp_micros();
+    let m0 = relay.metrics().await?;
+    let cpu0 = relay.cpu()?;
+    let published0 = m0.get("outbox_relay_events_published_total");
+    tokio::time::sleep_until(end.into()).await;
+    let window_end = chrono::Utc::now().timestamp_micros();
+    for t in tasks {
+        t.await??;
+    }
+    let total = written.load(Ordering::Relaxed);
+    // Wait for the stragglers (bounded).
+    let settle = Instant::now() + Duration::from_secs(30);
+    while consumer.received() < total && Instant::now() < settle {
+        relay.check_alive()?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m1 = relay.metrics().await?;
+    let cpu = relay.cpu()?.saturating_sub(cpu0);
+    let peak = relay.peak_rss()?;
+    let published = m1.get("outbox_relay_events_published_total") - published0;
+    let received = consumer.received();
+    let seen = consumer.finish()?;
+    relay.stop().await?;
+    db.drop().await?;
+
+    let mut lat: Vec<i64> = seen
+        .iter()
+        .filter(|s| s.created_us >= window_start && s.created_us < window_end)
+        .map(|s| s.received_us - s.created_us)
+        .collect();
+    lat.sort_unstable();
+    let window = Duration::from_micros((window_end - window_start).max(1) as u64);
+    let hist = "outbox_relay_commit_to_ack_seconds";
+    let (b0, b1) = (m0.buckets(hist), m1.buckets(hist));
+    let ack = |q| histogram_quantile(&b0, &b1, q).map(|s| s * 1e3);
+    let run = LatencyRun {
+        source: source.to_owned(),
+        target_rate: rate,
+        achieved_rate: per_sec(lat.len() as u64, window),
+        writers,
+        notify_trigger,
+        samples: lat.len() as u64,
+        written: total,
+        received,
+        commit_to_consumer_ms: Percentiles::of(&lat),
+        commit_to_ack_ms_from_histogram: Percentiles {
+            p50: ack(0.5),
+            p99: ack(0.99),
+            p999: ack(0.999),
+            max: None,
+        },
+        relay_cpu_seconds_per_100k: if published > 0.0 {
+            Some(cpu.as_secs_f64() * 1e5 / published)
+        } else {
+            None
+        },
+        relay_peak_rss_bytes: peak,
+    };
+    if received < total {
+        eprintln!(
+            "bench: warning: latency ({source}, {rate}/s): {received} of {total} events arrived"
+        );
+    }
+    eprintln!(
+        "bench: latency ({source}, {rate}/s): achieved {:.0}/s, p50 {} p99 {} p99.9 {} ms",
+        run.achieved_rate,
+        fmt_opt(run.commit_to_consumer_ms.p50),
+        fmt_opt(run.commit_to_consumer_ms.p99),
+        fmt_opt(run.commit_to_consumer_ms.p999)
+    );
+    Ok(run)
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
+}
+
+/// Write-path cost: K clients running a business transaction (update one account row) with and
+/// without the outbox write, for each write mode; transactions per second.
+pub async fn write_path(ctx: &mut Ctx) -> Result<WriteRun> {
+    let clients = 8;
+    let (secs, rounds) = if ctx.quick { (2.0, 1) } else { (5.0, 2) };
+    eprintln!("bench: write path: {clients} clients, {rounds} round(s) of {secs:.0} s per variant");
+    let db = BenchDb::create(&ctx.admin_url, "write", &ctx.registry).await?;
+    sqlx::query(
+        "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL DEFAULT 0,
+                                version bigint NOT NULL DEFAULT 0)",
+    )
+    .execute(&db.pool)
+    .await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO accounts (id) SELECT g FROM generate_series(0, {}) g",
+        AGGREGATES - 1
+    )))
+    .execute(&db.pool)
+    .await?;
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(db.connect().await?);
+    }
+    let variants: [Option<WriteMode>; 4] = [
+        None,
+        Some(WriteMode::Table),
+        Some(WriteMode::InsertDelete),
+        Some(WriteMode::LogicalMessage),
+    ];
+    // Warm-up.
+    conns = run_clients(conns, None, Duration::from_secs(1)).await?.1;
+    // Five variants per round: the four above, then `table` with the outbox's NOTIFY trigger
+    // disabled (a diagnostic: PostgreSQL serialises the commits of notifying transactions).
+    let mut sums = [0.0f64; 5];
+    for _ in 0..rounds {
+        for (i, v) in variants.iter().enumerate() {
+            let (tps, back) = run_clients(conns, *v, Duration::from_secs_f64(secs)).await?;
+            conns = back;
+            sums[i] += tps;
+        }
+        set_notify_trigger(&db, false).await?;
+        let (tps, back) =
+            run_clients(conns, Some(WriteMode::Table), Duration::from_secs_f64(secs)).await?;
+        set_notify_trigger(&db, true).await?;
+        conns = back;
+        sums[4] += tps;
+    }
+    for c in conns {
+        let _ = c.close().await;
+    }
+    db.drop().await?;
+    let avg = sums.map(|s| s / rounds as f64);
+    let run = WriteRun {
+        clients,
+        seconds_per_variant: secs * rounds as f64,
+        baseline_tx_per_sec: avg[0],
+        table_tx_per_sec: avg[1],
+        insert_delete_tx_per_sec: avg[2],
+        logical_message_tx_per_sec: avg[3],
+        table_without_notify_tx_per_sec: avg[4],
+    };
+    eprintln!(
+        "bench: write path: none {:.0} tx/s, table {:.0}, insert_delete {:.0}, logical_message {:.0}, table without NOTIFY {:.0}",
+        avg[0], avg[1], avg[2], avg[3], avg[4]
+    );
+    Ok(run)
+}
+
+/// Enables or disables the outbox table's NOTIFY trigger (the only user trigger on it).
+async fn set_notify_trigger(db: &BenchDb, on: bool) -> Result<()> {
+    let verb = if on { "ENABLE" } else { "DISABLE" };
+    sqlx::query(AssertSqlSafe(format!(
+        "ALTER TABLE outbox {verb} TRIGGER USER"
+    )))
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+/// Runs the business transaction on every connection for `duration`; returns tx/s and the
+/// connections.
+async fn run_clients(
+    conns: Vec<PgConnection>,
+    mode: Option<WriteMode>,
+    duration: Duration,
+) -> Result<(f64, Vec<PgConnection>)> {
+    let outbox = mode.map(|m| Outbox::default().with_write_mode(m));
+    let started = Instant::now();
+    let end = started + duration;
+    let mut tasks = Vec::new();
+    for (c, mut conn) in conns.into_iter().enumerate() {
+        let outbox = outbox.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+            let mut done = 0u64;
+            while Instant::now() < end {
+                let id = (rng.next() % AGGREGATES) as i32;
+                let mut tx = conn.begin().await?;
+                sqlx::query(
+                    "UPDATE accounts SET balance = balance + 1, version = version + 1 WHERE id = $1",
+                )
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                if let Some(outbox) = &outbox {
+                    let account = format!("acct-{id}");
+                    let payload = payload_json(&account, done);
+                    outbox
+                        .publish_new(
+                            &mut tx,
+                            vec![NewEvent::new("account", account, "FundsDeposited", Some(payload))],
+                        )
+                        .await?;
+                }
+                tx.commit().await?;
+                done += 1;
+            }
+            anyhow::Ok((done, conn))
+        }));
+    }
+    let mut total = 0;
+    let mut back = Vec::new();
+    for t in tasks {
+        let (done, conn) = t.await??;
+        total += done;
+        back.push(conn);
+    }
+    Ok((per_sec(total, started.elapsed()), back))
+}
+
+/// A tiny PRNG (no dependency, `Send`).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}

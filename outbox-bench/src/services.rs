@@ -1,0 +1,138 @@
+//! PostgreSQL and the broker: taken from the environment, or started privately with
+//! `scripts/services.sh` in `<repo>/.services/bench` and stopped again at the end.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Where the services are, and whether this process owns them.
+#[derive(Debug)]
+pub struct Services {
+    /// URL of the server's `postgres` database (used to create per-section databases).
+    pub admin_url: String,
+    /// Kafka bootstrap servers.
+    pub bootstrap: String,
+    /// Directory of the PostgreSQL client binaries (`pg_recvlogical`), when known.
+    pub pg_bin: Option<PathBuf>,
+    /// The repository root (for `scripts/services.sh`).
+    repo: PathBuf,
+    /// `SERVICES_DIR` of the services this process started, if it started them.
+    owned: Option<PathBuf>,
+}
+
+impl Services {
+    /// Uses `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS` when both are set; otherwise starts
+    /// private services with `SERVICES_DIR=<repo>/.services/bench`.
+    pub fn acquire(repo: &Path) -> Result<Self> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        if let (Some(admin_url), Some(bootstrap)) =
+            (env("DATABASE_URL"), env("KAFKA_BOOTSTRAP_SERVERS"))
+        {
+            eprintln!("bench: using DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS from the environment");
+            return Ok(Self {
+                admin_url,
+                bootstrap,
+                pg_bin: env("SERVICES_PG_BIN")
+                    .map(PathBuf::from)
+                    .or_else(find_pg_bin),
+                repo: repo.to_owned(),
+                owned: None,
+            });
+        }
+        let dir = repo.join(".services").join("bench");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        eprintln!(
+            "bench: starting private services (SERVICES_DIR={})",
+            dir.display()
+        );
+        let mut services = Self {
+            admin_url: String::new(),
+            bootstrap: String::new(),
+            pg_bin: None,
+            repo: repo.to_owned(),
+            // Owned from here on: a failed start is still torn down.
+            owned: Some(dir.clone()),
+        };
+        let status = Command::new(repo.join("scripts").join("services.sh"))
+            .arg("up")
+            .env("SERVICES_DIR", &dir)
+            .status()
+            .context("running scripts/services.sh up")?;
+        if !status.success() {
+            bail!("scripts/services.sh up failed ({status})");
+        }
+        let vars = parse_env_file(&dir.join("env"))?;
+        let get = |k: &str| {
+            vars.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .with_context(|| format!("{k} missing from {}/env", dir.display()))
+        };
+        services.admin_url = get("DATABASE_URL")?;
+        services.bootstrap = get("KAFKA_BOOTSTRAP_SERVERS")?;
+        services.pg_bin = get("SERVICES_PG_BIN").ok().map(PathBuf::from);
+        Ok(services)
+    }
+
+    /// Whether this process started the services (and so stops them).
+    pub fn owned(&self) -> bool {
+        self.owned.is_some()
+    }
+
+    /// Stops the services this process started (only those: `SERVICES_DIR` is always ours).
+    pub fn release(&mut self) {
+        if let Some(dir) = self.owned.take() {
+            eprintln!("bench: stopping private services");
+            let status = Command::new(self.repo.join("scripts").join("services.sh"))
+                .arg("down")
+                .env("SERVICES_DIR", &dir)
+                .status();
+            if !matches!(status, Ok(s) if s.success()) {
+                eprintln!(
+                    "bench: warning: `SERVICES_DIR={} scripts/services.sh down` failed: {status:?}",
+                    dir.display()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Reads `export NAME=value` lines.
+fn parse_env_file(path: &Path) -> Result<Vec<(String, String)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let l = l.strip_prefix("export ").unwrap_or(l);
+            let (k, v) = l.split_once('=')?;
+            Some((
+                k.trim().to_owned(),
+                v.trim().trim_matches(['"', '\'']).to_owned(),
+            ))
+        })
+        .collect())
+}
+
+/// The newest `/usr/lib/postgresql/<v>/bin` holding `pg_recvlogical`.
+fn find_pg_bin() -> Option<PathBuf> {
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("pg_recvlogical").exists().then_some((v, bin))
+        })
+        .collect();
+    dirs.sort();
+    dirs.pop().map(|(_, d)| d)
+}
