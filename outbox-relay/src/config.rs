@@ -125,6 +125,10 @@ pub struct RelayConfig {
     pub write_mode: WriteMode,
     /// Most events per claim/produce/acknowledge round.
     pub batch_size: usize,
+    /// How many batches may be produced ahead while the oldest awaits Kafka's verdict (1 turns
+    /// pipelining off). After a delivery failure everything in flight is produced again, so
+    /// this bounds the duplicates a failure can cause: `batch_size × max_in_flight_batches`.
+    pub max_in_flight_batches: usize,
     /// Longest wait between polls when no notification arrives (polling source).
     #[serde(with = "duration")]
     pub poll_interval: Duration,
@@ -165,6 +169,7 @@ impl Default for RelayConfig {
             table: OutboxTable::DEFAULT_NAME.to_owned(),
             write_mode: WriteMode::Table,
             batch_size: 1000,
+            max_in_flight_batches: 3,
             poll_interval: Duration::from_secs(1),
             listen: true,
             acknowledgement: RowAcknowledgement::Mark,
@@ -221,6 +226,12 @@ impl RelayConfig {
             return Err(ConfigError::new(
                 "batch_size",
                 "must be between 1 and 100000",
+            ));
+        }
+        if self.max_in_flight_batches == 0 || self.max_in_flight_batches > 64 {
+            return Err(ConfigError::new(
+                "max_in_flight_batches",
+                "must be between 1 and 64",
             ));
         }
         if self.source == SourceKind::Polling && self.write_mode != WriteMode::Table {

@@ -17,6 +17,7 @@ pub mod admin;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod faults;
 pub mod leader;
 pub mod metrics;
 pub mod park;

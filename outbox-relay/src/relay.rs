@@ -20,6 +20,7 @@
 //! # }
 //! ```
 
+use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -29,16 +30,18 @@ use outbox_core::{OutboxTable, WriteMode};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::ack::handled_prefix;
 use crate::config::{ConfigError, RelayConfig, SourceKind, redact_url};
+use crate::faults::{failpoint, mutant};
 use crate::leader::Leadership;
 use crate::metrics::{Histogram, LATENCY_BUCKETS};
-use crate::park::ParkRequest;
+use crate::park::{AggregateKey, ParkRequest};
 use crate::route::{OutboundRecord, RouteError, Router};
-use crate::sink::kafka::{KafkaSink, Outcome, SinkError};
+use crate::sink::kafka::{KafkaSink, Outcome, Pending, SinkError};
 use crate::source::polling::{PollingSettings, PollingSource, RowAcknowledgement, purge_published};
-use crate::source::{Source, SourceError};
+use crate::source::{Source, SourceError, SourceEvent};
 
 /// Why the relay stopped (other than a requested shutdown).
 #[derive(Debug, thiserror::Error)]
@@ -315,7 +318,9 @@ impl Relay {
         }
     }
 
-    /// Rounds of claim → produce → acknowledge until shutdown or an error.
+    /// Rounds of claim → produce → acknowledge until shutdown or an error, with up to
+    /// `max_in_flight_batches` batches produced ahead while the oldest awaits Kafka's verdict.
+    /// Batches are always completed, parked and acknowledged in the order they were claimed.
     async fn pump(
         &self,
         source: &mut dyn Source,
@@ -323,48 +328,70 @@ impl Relay {
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
     ) -> Result<(), RelayError> {
+        let max_in_flight = self.config.max_in_flight_batches.max(1);
+        let mut window: VecDeque<InFlight> = VecDeque::with_capacity(max_in_flight);
+        // Aggregates blocked by an event parked in a batch still in flight (not in the table
+        // yet); cleared whenever the window drains.
+        let mut local_blocked: HashMap<AggregateKey, Uuid> = HashMap::new();
         loop {
-            let batch = source.next_batch(self.config.batch_size, shutdown).await?;
-            if batch.is_empty() {
+            // Fill the window: wait for events only when nothing is in flight.
+            while window.len() < max_in_flight {
+                let batch = if window.is_empty() {
+                    local_blocked.clear();
+                    source.next_batch(self.config.batch_size, shutdown).await?
+                } else {
+                    source.poll_batch(self.config.batch_size).await?
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                failpoint("before_produce");
+                self.stats
+                    .read
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let mut blocked = source.blocked_aggregates().await?;
+                blocked.extend(local_blocked.iter().map(|(k, v)| (k.clone(), *v)));
+                let (plan, records) = self.plan(&batch, &mut blocked);
+                let started = std::time::Instant::now();
+                let pending = sink.enqueue(&records).await;
+                // Enqueue-time rejections block their aggregate for the batches that follow.
+                for i in pending.rejected_now() {
+                    if let Some(k) = plan
+                        .iter()
+                        .position(|p| matches!(p, Plan::Send(j) if *j == i))
+                    {
+                        let e = &batch[k].event;
+                        blocked.insert((e.aggregate_type.clone(), e.aggregate_id.clone()), e.id);
+                    }
+                }
+                for (key, first) in blocked {
+                    local_blocked.entry(key).or_insert(first);
+                }
+                if mutant("ack_before_kafka") {
+                    source.acknowledge(&batch).await?;
+                }
+                window.push_back(InFlight {
+                    batch,
+                    plan,
+                    records,
+                    pending,
+                    started,
+                });
+            }
+            let Some(InFlight {
+                batch,
+                plan,
+                records,
+                pending,
+                started,
+            }) = window.pop_front()
+            else {
                 if shutdown.is_cancelled() {
                     return Ok(());
                 }
                 continue;
-            }
-            self.stats
-                .read
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            let mut blocked = source.blocked_aggregates().await?;
-            // Plan: each event is either sent, or parked (poison, or held behind one).
-            let mut plan: Vec<Plan> = Vec::with_capacity(batch.len());
-            let mut records = Vec::with_capacity(batch.len());
-            for e in &batch {
-                let key = (e.event.aggregate_type.clone(), e.event.aggregate_id.clone());
-                if let Some(&first) = blocked.get(&key) {
-                    plan.push(Plan::Park(Box::new(ParkRequest {
-                        event: e.event.clone(),
-                        reason: format!("held behind parked event {first} of the same aggregate"),
-                        blocked_by: Some(first),
-                    })));
-                    continue;
-                }
-                match self.router.route(&e.event) {
-                    Ok(record) => {
-                        plan.push(Plan::Send(records.len()));
-                        records.push(record);
-                    }
-                    Err(error) => {
-                        blocked.insert(key, e.event.id);
-                        plan.push(Plan::Park(Box::new(ParkRequest {
-                            event: e.event.clone(),
-                            reason: error.reason,
-                            blocked_by: None,
-                        })));
-                    }
-                }
-            }
-            let started = std::time::Instant::now();
-            let sent = sink.send_batch(&records).await;
+            };
+            let mut sent = pending.wait().await;
             if !records.is_empty() {
                 self.stats
                     .publish_duration
@@ -373,6 +400,23 @@ impl Relay {
             self.stats
                 .producer_queue
                 .store(i64::from(sink.in_flight()), Ordering::Relaxed);
+            if mutant("retry_failed_only") {
+                // Broken on purpose: re-send just the failed records, out of order, and go on.
+                for _ in 0..50 {
+                    let failed: Vec<usize> = (0..sent.len())
+                        .filter(|i| matches!(sent[*i], Outcome::Failed(_)))
+                        .collect();
+                    if failed.is_empty() {
+                        break;
+                    }
+                    backoff.wait(shutdown).await;
+                    sink.recreate()?;
+                    let retry: Vec<_> = failed.iter().map(|i| records[*i].clone()).collect();
+                    for (i, o) in failed.into_iter().zip(sink.send_batch(&retry).await) {
+                        sent[i] = o;
+                    }
+                }
+            }
             // Per event, in batch order: what happened.
             let outcomes: Vec<Outcome> = plan
                 .iter()
@@ -381,30 +425,9 @@ impl Relay {
                     Plan::Park(_) => Outcome::Held { behind: usize::MAX },
                 })
                 .collect();
+            failpoint("after_kafka_ack");
             let handled = handled_prefix(&outcomes);
-            let mut parks = Vec::new();
-            for (i, (p, e)) in plan.iter().zip(&batch).enumerate().take(handled) {
-                match (p, &outcomes[i]) {
-                    (Plan::Park(request), _) => parks.push((**request).clone()),
-                    (Plan::Send(_), Outcome::Rejected(error)) => parks.push(ParkRequest {
-                        event: e.event.clone(),
-                        reason: format!("Kafka refused the record for good: {error}"),
-                        blocked_by: None,
-                    }),
-                    (Plan::Send(_), Outcome::Held { behind }) => {
-                        let first = plan
-                            .iter()
-                            .position(|q| matches!(q, Plan::Send(j) if j == behind))
-                            .map(|k| batch[k].event.id);
-                        parks.push(ParkRequest {
-                            event: e.event.clone(),
-                            reason: "held behind a rejected event of the same aggregate".into(),
-                            blocked_by: first,
-                        });
-                    }
-                    _ => {}
-                }
-            }
+            let parks = parks_in(&plan, &outcomes, &batch, handled);
             if !parks.is_empty() {
                 for p in parks.iter().filter(|p| p.blocked_by.is_none()) {
                     tracing::error!(
@@ -422,7 +445,10 @@ impl Relay {
                 self.notify_dead_letters(sink, &parks).await;
             }
             if handled > 0 {
-                source.acknowledge(&batch[..handled]).await?;
+                if !mutant("ack_before_kafka") {
+                    source.acknowledge(&batch[..handled]).await?;
+                }
+                failpoint("after_source_ack");
                 let delivered = outcomes[..handled]
                     .iter()
                     .filter(|o| matches!(o, Outcome::Delivered(_)))
@@ -459,18 +485,22 @@ impl Relay {
                     Outcome::Failed(e) => e.to_string(),
                     _ => String::new(),
                 };
+                let dropped =
+                    batch.len() - handled + window.iter().map(|w| w.batch.len()).sum::<usize>();
                 self.stats
                     .failed
-                    .fetch_add((batch.len() - handled) as u64, Ordering::Relaxed);
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
                 tracing::warn!(
                     event_id = %failed.event.id,
                     event_type = %failed.event.event_type,
                     %error,
                     acknowledged = handled,
-                    dropped = batch.len() - handled,
-                    "delivery failed: recreating the producer and resuming from the first unacknowledged event"
+                    dropped,
+                    "delivery failed: dropping the in-flight window, recreating the producer and resuming from the first unacknowledged event"
                 );
                 self.stats.kafka_connected.store(false, Ordering::Relaxed);
+                window.clear();
+                local_blocked.clear();
                 source.rewind().await?;
                 sink.recreate()?;
                 backoff.wait(shutdown).await;
@@ -479,6 +509,43 @@ impl Relay {
                 backoff.reset();
             }
         }
+    }
+
+    /// Decides, for each event of a batch, whether it is sent or parked (poison, or held behind
+    /// a parked event of its aggregate); returns the plan and the records to send.
+    fn plan(
+        &self,
+        batch: &[SourceEvent],
+        blocked: &mut HashMap<AggregateKey, Uuid>,
+    ) -> (Vec<Plan>, Vec<OutboundRecord>) {
+        let mut plan: Vec<Plan> = Vec::with_capacity(batch.len());
+        let mut records = Vec::with_capacity(batch.len());
+        for e in batch {
+            let key = (e.event.aggregate_type.clone(), e.event.aggregate_id.clone());
+            if let Some(&first) = blocked.get(&key) {
+                plan.push(Plan::Park(Box::new(ParkRequest {
+                    event: e.event.clone(),
+                    reason: format!("held behind parked event {first} of the same aggregate"),
+                    blocked_by: Some(first),
+                })));
+                continue;
+            }
+            match self.router.route(&e.event) {
+                Ok(record) => {
+                    plan.push(Plan::Send(records.len()));
+                    records.push(record);
+                }
+                Err(error) => {
+                    blocked.insert(key, e.event.id);
+                    plan.push(Plan::Park(Box::new(ParkRequest {
+                        event: e.event.clone(),
+                        reason: error.reason,
+                        blocked_by: None,
+                    })));
+                }
+            }
+        }
+        (plan, records)
     }
 
     /// Announces newly parked poison events on the dead-letter topic, when one is configured.
@@ -548,6 +615,49 @@ impl Relay {
             }
         }))
     }
+}
+
+/// A batch handed to the producer whose outcomes are still awaited.
+struct InFlight {
+    batch: Vec<SourceEvent>,
+    plan: Vec<Plan>,
+    records: Vec<OutboundRecord>,
+    pending: Pending,
+    started: std::time::Instant,
+}
+
+/// The events of a handled prefix that must be parked: planned parks, records Kafka refused
+/// for good, and records held behind a refused one.
+fn parks_in(
+    plan: &[Plan],
+    outcomes: &[Outcome],
+    batch: &[SourceEvent],
+    handled: usize,
+) -> Vec<ParkRequest> {
+    let mut parks = Vec::new();
+    for (i, (p, e)) in plan.iter().zip(batch).enumerate().take(handled) {
+        match (p, &outcomes[i]) {
+            (Plan::Park(request), _) => parks.push((**request).clone()),
+            (Plan::Send(_), Outcome::Rejected(error)) => parks.push(ParkRequest {
+                event: e.event.clone(),
+                reason: format!("Kafka refused the record for good: {error}"),
+                blocked_by: None,
+            }),
+            (Plan::Send(_), Outcome::Held { behind }) => {
+                let first = plan
+                    .iter()
+                    .position(|q| matches!(q, Plan::Send(j) if j == behind))
+                    .map(|k| batch[k].event.id);
+                parks.push(ParkRequest {
+                    event: e.event.clone(),
+                    reason: "held behind a rejected event of the same aggregate".into(),
+                    blocked_by: first,
+                });
+            }
+            _ => {}
+        }
+    }
+    parks
 }
 
 /// What the relay does with one event of a batch.

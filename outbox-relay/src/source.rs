@@ -94,6 +94,14 @@ pub trait Source: Send {
         shutdown: &CancellationToken,
     ) -> Result<Vec<SourceEvent>, SourceError>;
 
+    /// Returns up to `max` further committed events that are available right now, without
+    /// waiting (an empty batch when there are none), while earlier batches are still
+    /// unacknowledged. Sources that cannot do that keep the default, which turns pipelining off.
+    async fn poll_batch(&mut self, max: usize) -> Result<Vec<SourceEvent>, SourceError> {
+        let _ = max;
+        Ok(Vec::new())
+    }
+
     /// Makes durable that `delivered` — a contiguous prefix, in order, of the events returned
     /// since the last acknowledge or rewind — has been acknowledged by Kafka.
     async fn acknowledge(&mut self, delivered: &[SourceEvent]) -> Result<(), SourceError>;

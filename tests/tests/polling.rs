@@ -140,7 +140,12 @@ async fn concurrent_writers_with_late_commits_and_rollbacks_deliver_every_commit
     let aggregate_type = unique("acct");
     let topic = format!("outbox.event.{aggregate_type}");
     create_topic(&topic, 3).await?;
-    let relay = InProcessRelay::start(relay_config(&db))?;
+    // Small batches, several in flight: late commits must be claimed while earlier batches are
+    // still being produced.
+    let mut config = relay_config(&db);
+    config.batch_size = 25;
+    config.max_in_flight_batches = 4;
+    let relay = InProcessRelay::start(config)?;
     let ledger = std::sync::Arc::new(std::sync::Mutex::new(Ledger::default()));
 
     // A long-open transaction takes its seq first and commits after everything else.

@@ -31,7 +31,7 @@ use sqlx::{AssertSqlSafe, PgConnection, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use crate::leader::Leadership;
 use crate::park::{AggregateKey, ParkRequest};
@@ -166,6 +166,11 @@ pub struct PollingSource {
     leader: Leadership,
     listener: Option<PgListener>,
     claim_sql: String,
+    /// `seq` of every row returned and not yet acknowledged, in order: excluded from further
+    /// claims while earlier batches are in flight.
+    in_flight: VecDeque<i64>,
+    /// Highest `seq` ever claimed (used only by the deliberately broken `cursor` mutant).
+    highest_claimed: i64,
 }
 
 impl PollingSource {
@@ -198,35 +203,55 @@ impl PollingSource {
         } else {
             None
         };
+        // Rows in flight are excluded by value, not by a cursor: a row with a lower `seq` that
+        // commits late is still claimed by the next batch.
         let claim_sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM {} WHERE published_at IS NULL ORDER BY seq LIMIT $1",
-            settings.table.qualified()
+            "SELECT {EVENT_COLUMNS} FROM {} WHERE published_at IS NULL AND seq <> ALL($2) {} \
+             ORDER BY seq LIMIT $1",
+            settings.table.qualified(),
+            if crate::faults::mutant("cursor") {
+                "AND seq > $3"
+            } else {
+                "AND $3::int8 IS NOT NULL"
+            }
         );
         Ok(Self {
             settings,
             leader,
             listener,
             claim_sql,
+            in_flight: VecDeque::new(),
+            highest_claimed: 0,
         })
     }
 
     async fn claim(&mut self, max: usize) -> Result<Vec<SourceEvent>, SourceError> {
+        let in_flight: Vec<i64> = self.in_flight.iter().copied().collect();
         let rows = sqlx::query(AssertSqlSafe(self.claim_sql.as_str()))
             .bind(max as i64)
+            .bind(&in_flight)
+            .bind(self.highest_claimed)
             .fetch_all(self.leader.connection())
             .await
             .map_err(|error| SourceError::Database {
                 source_name: "polling",
                 error,
             })?;
-        rows.iter()
+        let batch = rows
+            .iter()
             .map(|row| {
                 Ok(SourceEvent {
                     event: event_from_row(row)?,
                     position: Position::Row,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, SourceError>>()?;
+        for e in &batch {
+            let seq = e.event.seq.unwrap_or_default();
+            self.in_flight.push_back(seq);
+            self.highest_claimed = self.highest_claimed.max(seq);
+        }
+        Ok(batch)
     }
 
     async fn wait_for_wakeup(&mut self, shutdown: &CancellationToken) {
@@ -274,6 +299,10 @@ impl Source for PollingSource {
         }
     }
 
+    async fn poll_batch(&mut self, max: usize) -> Result<Vec<SourceEvent>, SourceError> {
+        self.claim(max).await
+    }
+
     async fn acknowledge(&mut self, delivered: &[SourceEvent]) -> Result<(), SourceError> {
         let ids: Vec<Uuid> = delivered.iter().map(|e| e.event.id).collect();
         acknowledge_rows(
@@ -287,11 +316,15 @@ impl Source for PollingSource {
             source_name: "polling",
             error,
         })?;
+        let done: std::collections::HashSet<i64> =
+            delivered.iter().filter_map(|e| e.event.seq).collect();
+        self.in_flight.retain(|seq| !done.contains(seq));
         Ok(())
     }
 
     async fn rewind(&mut self) -> Result<(), SourceError> {
         // No cursor: unacknowledged rows are still unpublished and come back in the next batch.
+        self.in_flight.clear();
         Ok(())
     }
 

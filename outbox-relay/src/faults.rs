@@ -1,0 +1,60 @@
+//! Test-only fault hooks, compiled in only with the `failpoints` and `mutants` features (the
+//! fault-injection suite builds the relay with them; a normal build has neither, and these
+//! functions are then constant no-ops).
+//!
+//! - **Failpoints** (`failpoints` feature): `OUTBOX_FAILPOINT=<name>[:<n>]` aborts the process —
+//!   no cleanup, like `kill -9` — the n-th time (default the first) it passes the named point:
+//!   `before_produce`, `after_kafka_ack`, `after_source_ack`.
+//! - **Mutants** (`mutants` feature): `OUTBOX_MUTANT=<name>` turns on one deliberately broken
+//!   behaviour, so the fault suite can prove its checker catches it: `cursor`,
+//!   `ack_before_kafka`, `confirm_on_receipt`, `retry_failed_only`.
+
+/// Passes the failpoint `name`; aborts the process when it is armed and due.
+#[cfg(feature = "failpoints")]
+pub fn failpoint(name: &str) {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let armed = ARMED.get_or_init(|| {
+        let spec = std::env::var("OUTBOX_FAILPOINT").ok()?;
+        Some(match spec.split_once(':') {
+            Some((n, count)) => (n.to_owned(), count.parse().unwrap_or(1)),
+            None => (spec, 1),
+        })
+    });
+    if let Some((armed, due)) = armed
+        && armed == name
+        && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *due
+    {
+        eprintln!("outbox-relay: failpoint `{name}` reached: aborting");
+        std::process::abort();
+    }
+}
+
+/// Passes the failpoint `name` (failpoints are compiled out).
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn failpoint(_name: &str) {}
+
+/// Whether the deliberately broken behaviour `name` is on.
+#[cfg(feature = "mutants")]
+pub fn mutant(name: &str) -> bool {
+    use std::sync::OnceLock;
+    static ACTIVE: OnceLock<Option<String>> = OnceLock::new();
+    let active = ACTIVE.get_or_init(|| {
+        let m = std::env::var("OUTBOX_MUTANT").ok();
+        if let Some(m) = &m {
+            tracing::warn!(mutant = %m, "THIS RELAY IS A DELIBERATELY BROKEN TEST BUILD");
+        }
+        m
+    });
+    active.as_deref() == Some(name)
+}
+
+/// Whether the deliberately broken behaviour `name` is on (mutants are compiled out).
+#[cfg(not(feature = "mutants"))]
+#[inline(always)]
+pub fn mutant(_name: &str) -> bool {
+    false
+}
