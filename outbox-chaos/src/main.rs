@@ -255,7 +255,7 @@ async fn session(cli: &Cli, env: &env::Env, bins: &relay::Binaries) -> Result<Re
         quick: cli.quick,
         seed: cli.seed,
         batch_size: 50,
-        in_flight: 2,
+        in_flight: 3,
         partitions: 3,
     };
     let mut report = Report {

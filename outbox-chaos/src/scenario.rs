@@ -225,7 +225,6 @@ struct Run<'a> {
     env: &'a Env,
     settings: &'a Settings,
     scenario: &'a Scenario,
-    source: SourceMode,
     bin: PathBuf,
     db: Arc<RunDb>,
     topic: String,
@@ -307,6 +306,7 @@ impl<'a> Run<'a> {
             kv("OUTBOX_POLL_INTERVAL", "200ms"),
             kv("OUTBOX_STANDBY_INTERVAL", "200ms"),
             kv("OUTBOX_BATCH_SIZE", settings.batch_size.to_string()),
+            kv("OUTBOX_MAX_IN_FLIGHT_BATCHES", settings.in_flight.to_string()),
             kv("OUTBOX_STATUS_INTERVAL", "250ms"),
             kv("OUTBOX_HEARTBEAT_INTERVAL", "2s"),
             kv("OUTBOX_SHUTDOWN_TIMEOUT", "20s"),
@@ -322,7 +322,6 @@ impl<'a> Run<'a> {
             env,
             settings,
             scenario,
-            source,
             bin: bin.to_path_buf(),
             db,
             topic,
@@ -362,8 +361,9 @@ impl<'a> Run<'a> {
         if let Some(code) = exited {
             let log = self.relay.as_ref().map(|r| r.log()).unwrap_or_default();
             let last: Vec<&str> = log.lines().rev().take(3).collect();
+            let name = self.relay.as_ref().map(|r| r.name.clone()).unwrap_or_default();
             self.result.notes.push(format!(
-                "the relay exited on its own with code {code} (restarted): {}",
+                "relay {name} exited on its own with code {code} (restarted): {}",
                 last.into_iter().rev().collect::<Vec<_>>().join(" | ")
             ));
             self.start_relay(&[]).await?;
