@@ -244,7 +244,8 @@ async fn chaos(cli: Cli) -> Result<()> {
         eprintln!("chaos: figures written to {}", path.display());
     }
     if !failed.is_empty() {
-        bail!("failed: {}", failed.join(", "));
+        eprintln!("chaos: FAILED: {}", failed.join(", "));
+        std::process::exit(1);
     }
     Ok(())
 }

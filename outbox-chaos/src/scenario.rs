@@ -544,6 +544,7 @@ impl<'a> Run<'a> {
                 while self.result.faults < faults && !writers.is_finished() {
                     let g = self.gap(500, 1200);
                     pause(g).await;
+                    self.live.mark();
                     let mock = self.mock.as_mut().context("mock broker")?;
                     match self.scenario.fault {
                         Fault::BrokerDown => {
@@ -568,7 +569,6 @@ impl<'a> Run<'a> {
                         }
                     }
                     self.result.faults += 1;
-                    self.live.mark();
                     self.recovered().await?;
                 }
             }
@@ -581,6 +581,7 @@ impl<'a> Run<'a> {
                     pause(g).await;
                     let active = self.relay.as_mut().context("relay")?;
                     active.signal("STOP").await?;
+                    self.live.mark();
                     pause(300).await;
                     let leads = |r: &Option<RelayProc>| {
                         r.as_ref()
@@ -599,7 +600,6 @@ impl<'a> Run<'a> {
                     }
                     // The new leader works for a while; then the old one wakes up.
                     pause(1500).await;
-                    self.live.mark();
                     let active = self.relay.as_mut().context("relay")?;
                     active.signal("CONT").await?;
                     self.result.faults += 1;
@@ -904,6 +904,28 @@ impl<'a> Run<'a> {
         self.result.unidentified = bad.len();
         self.result.verdict = Verdict::check(&ledger, &good);
         self.result.committed = ledger.committed.len();
+        if self.result.verdict.lost > 0 {
+            let read: HashSet<uuid::Uuid> = good.iter().map(|r| r.event_id()).collect();
+            let lost: Vec<uuid::Uuid> = ledger
+                .committed
+                .iter()
+                .filter(|id| !read.contains(id))
+                .copied()
+                .collect();
+            let rows: Vec<(uuid::Uuid, String, i64, Option<i64>, bool)> = sqlx::query_as(
+                "SELECT id, aggregateid, seq, aggregate_seq, published_at IS NOT NULL FROM outbox
+                 WHERE id = ANY($1) ORDER BY seq LIMIT 8",
+            )
+            .bind(&lost)
+            .fetch_all(&self.db.pool)
+            .await
+            .unwrap_or_default();
+            for (id, agg, seq, aseq, published) in rows {
+                self.result.failures.push(format!(
+                    "lost {id}: aggregate {agg:?} seq {seq} aggregate_seq {aseq:?} marked published: {published}"
+                ));
+            }
+        }
         self.result.rolled_back = ledger.rolled_back.len();
         if !expected_parked.is_empty() {
             let parked = self.db.parked().await?;
