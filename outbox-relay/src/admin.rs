@@ -222,6 +222,52 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         "Records queued in the producer, not yet acknowledged.",
         s.producer_queue.load(Ordering::Relaxed) as f64,
     );
+    if state.config.source == crate::config::SourceKind::Logical
+        && let Some(m) = crate::source::logical::metrics_for(&state.config.logical.slot)
+    {
+        sample(
+            &mut out,
+            "outbox_relay_logical_events_streamed_total",
+            "counter",
+            "Events decoded from the replication stream.",
+            load(&m.events_streamed),
+        );
+        sample(
+            &mut out,
+            "outbox_relay_logical_heartbeats_total",
+            "counter",
+            "Idle heartbeats written so the slot keeps advancing.",
+            load(&m.heartbeats),
+        );
+        sample(
+            &mut out,
+            "outbox_relay_logical_slot_recoveries_total",
+            "counter",
+            "Lost replication slots recovered from the table.",
+            load(&m.slot_recoveries),
+        );
+        sample(
+            &mut out,
+            "outbox_relay_logical_rows_backfilled_total",
+            "counter",
+            "Rows re-published from the table while recovering a slot.",
+            load(&m.rows_backfilled),
+        );
+        sample(
+            &mut out,
+            "outbox_relay_logical_sessions_total",
+            "counter",
+            "Replication sessions started.",
+            load(&m.sessions),
+        );
+        sample(
+            &mut out,
+            "outbox_relay_logical_confirmed_lsn",
+            "gauge",
+            "The last LSN confirmed to the replication slot.",
+            load(&m.confirmed_lsn),
+        );
+    }
     match read_status(&state).await {
         Ok(st) => {
             sample(

@@ -104,7 +104,7 @@ impl Default for LogicalSettings {
             slot: "outbox_relay".to_owned(),
             publication: "outbox_relay".to_owned(),
             heartbeat_interval: Duration::from_secs(10),
-            status_interval: Duration::from_secs(10),
+            status_interval: Duration::from_secs(1),
             message_prefix: outbox_core::DEFAULT_MESSAGE_PREFIX.to_owned(),
         }
     }
@@ -266,8 +266,20 @@ impl RelayConfig {
                 ),
             ));
         }
-        outbox_core::Identifier::parse("publication name", &self.logical.publication)
-            .map_err(|e| ConfigError::new("logical.publication", e.to_string()))?;
+        if !slot_ok(&self.logical.publication)
+            || self
+                .logical
+                .publication
+                .starts_with(|c: char| c.is_ascii_digit())
+        {
+            return Err(ConfigError::new(
+                "logical.publication",
+                format!(
+                    "`{}`: publication names are 1 to 63 characters of a-z, 0-9 and _, not starting with a digit",
+                    self.logical.publication
+                ),
+            ));
+        }
         outbox_core::Identifier::parse("message prefix", &self.logical.message_prefix)
             .map_err(|e| ConfigError::new("logical.message_prefix", e.to_string()))?;
         Ok(table)

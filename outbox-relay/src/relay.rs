@@ -311,10 +311,11 @@ impl Relay {
                 )
                 .await?,
             )),
-            // LOGICAL: the logical-replication source is wired here.
-            SourceKind::Logical => Err(SourceError::Fatal(
-                "the logical-replication source is not available in this build".into(),
-            )),
+            SourceKind::Logical => {
+                use crate::source::logical::{LogicalConfig, LogicalSource};
+                let cfg = LogicalConfig::from_relay(&self.config, self.table.clone())?;
+                Ok(Box::new(LogicalSource::open(cfg, Some(leader)).await?))
+            }
         }
     }
 

@@ -14,6 +14,7 @@
 //! Duplicates follow from this contract and are bounded by what was in flight at a crash: the
 //! relay guarantees at-least-once delivery and every record carries its stable event id.
 
+pub mod logical;
 pub mod polling;
 
 use std::collections::HashMap;

@@ -1,0 +1,1472 @@
+//! The logical-replication source (`--source logical`): committed outbox events decoded from the
+//! WAL through the built-in `pgoutput` plugin, one publication and one replication slot.
+//!
+//! # Guarantees
+//!
+//! - **Committed only, in commit order.** `pgoutput` (protocol 1, no streaming of in-progress
+//!   transactions) sends a transaction only after its commit, and transactions in WAL commit order;
+//!   within a transaction, events keep WAL order. A transaction is buffered until its `Commit`
+//!   arrives, then all its events are returned, each carrying the transaction's commit and end LSN
+//!   ([`Position::Wal`]).
+//! - **Rows decoded from the WAL.** Inserted rows come from the `Insert` tuple itself (text format),
+//!   never from a re-read of the table.
+//! - **The slot only advances over what Kafka acknowledged.** [`Source::acknowledge`] receives the
+//!   contiguous acknowledged prefix; the confirmed LSN becomes the end LSN of the last transaction
+//!   entirely inside it. In `table` mode the rows are marked published *before* that LSN is
+//!   confirmed. The replication client reports exactly that confirmed LSN in every standby status
+//!   update, including replies to server keepalives (see [`stream`]); when nothing is pending
+//!   (no open, buffered or unacknowledged event) a keepalive's or heartbeat's position may be
+//!   confirmed, because nothing unacknowledged precedes it.
+//! - **Crash safety.** After a crash the server resumes from the slot's `confirmed_flush_lsn`: at
+//!   worst the events acknowledged after the last status update are sent again (bounded
+//!   duplicates, detectable by event id), never fewer. On graceful shutdown (the `shutdown` token
+//!   passed to [`Source::next_batch`]) the confirmed LSN is made durable on the slot
+//!   (`pg_replication_slot_advance`) so a clean restart produces no duplicates.
+//! - **Idle heartbeats.** When nothing is in flight for `heartbeat_interval`, a non-transactional
+//!   `pg_logical_emit_message(false, '<prefix>-heartbeat', '')` is written so the slot keeps
+//!   advancing on an idle database and does not pin WAL.
+//! - **Loud slot failures.** The slot is checked at start and every `slot_check_interval`
+//!   (`wal_status`, lag). A missing or `lost` slot is an error-level event. In `table` mode it is
+//!   recovered without loss: a durable marker slot `<slot>_bf` is created, then a new logical slot
+//!   over the replication protocol with an exported snapshot (consistent point C); the rows
+//!   still unpublished are read *in that snapshot* — exactly those committed before C — and
+//!   re-published ([`Position::Row`]) before streaming from C, which carries everything committed
+//!   after C. Nothing is lost and, on this path, nothing is published twice. The marker slot is
+//!   dropped once every re-published row is acknowledged; a crash or rewind before that repeats
+//!   the re-publication without the snapshot (rows committed after C then also arrive through the
+//!   stream: bounded duplicates with the same event id, never a loss). The same procedure runs the first time a slot is created in `table` mode, so
+//!   rows written before the slot existed (e.g. by the polling source) are published too.
+//!   In `insert_delete` and `logical_message` modes there is nothing to recover from: a lost slot
+//!   is a fatal error that names the slot and the reason.
+//!
+//! # Limits (documented decisions)
+//!
+//! - A transaction's events are buffered until its `Commit` (its end LSN is part of every event's
+//!   position), so one huge transaction is held in memory once.
+//! - A re-publication reads all unpublished rows at once (`fetch_all`); after a very long outage
+//!   with a lost slot that is the whole backlog.
+//! - Between two standby status updates (`status_interval`) an acknowledged position lives only
+//!   in the relay: a crash repeats at most that interval's events (the SIGKILL test measures it).
+//! - Publication and slot names are `[a-z0-9_]` (publication names must not start with a digit):
+//!   `publication_names` in `START_REPLICATION` folds unquoted names to lower case, so anything
+//!   else could silently name another publication.
+//!
+//! # Write modes
+//!
+//! Inserts into the outbox table and transactional logical messages with the configured prefix
+//! are both accepted whatever the mode; the mode decides what must exist and what acknowledging
+//! does: `table` (the table must be in the publication; acknowledged rows get `published_at`),
+//! `insert_delete` (the WAL insert is the event; the delete in the same transaction is ignored),
+//! `logical_message` (no table needed; the publication may be empty). Updates, deletes and
+//! truncates are ignored (logged at debug). A *non-transactional* message with the event prefix
+//! is refused with an error log: it is written even when its transaction rolls back, so
+//! publishing it could publish a phantom.
+
+pub mod pgoutput;
+pub mod slot;
+mod stream;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use outbox_core::{OutboxTable, StoredEvent, WriteMode};
+use pgwire_replication::ReplicationEvent;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use pgoutput::{DecodeError, Lsn};
+pub use slot::{NameError, PublicationName, SlotName, SlotStatus};
+
+use super::polling::{RowAcknowledgement, acknowledge_rows};
+use super::{Position, Source, SourceError, SourceEvent};
+use crate::config::RelayConfig;
+use crate::leader::Leadership;
+use crate::park::{AggregateKey, ParkRequest};
+use pgoutput::{PgOutputMessage, Relation};
+use slot::ResolvedTable;
+use stream::{ReplicationTarget, Session};
+
+/// A failure of the logical source, classified: see [`LogicalError::is_retryable`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogicalError {
+    /// Invalid configuration (URL, names, missing table). Fatal.
+    #[error("logical source configuration: {0}")]
+    Config(String),
+    /// The server is not configured for logical decoding. Fatal.
+    #[error(
+        "PostgreSQL wal_level is '{actual}', but the logical source needs wal_level = logical \
+         (set wal_level = logical in postgresql.conf and restart PostgreSQL)"
+    )]
+    WalLevel {
+        /// The current setting (or the server's message).
+        actual: String,
+    },
+    /// The role lacks a needed privilege. Fatal.
+    #[error("role {role} lacks {missing}")]
+    Privilege {
+        /// The role.
+        role: String,
+        /// What is missing.
+        missing: String,
+    },
+    /// The publication is unusable. Fatal.
+    #[error("publication: {0}")]
+    Publication(String),
+    /// The slot is unusable (wrong plugin, database, type, or cannot be created). Fatal.
+    #[error("replication slot: {0}")]
+    Slot(String),
+    /// The slot was dropped or invalidated. Fatal unless recovered (table mode).
+    #[error("replication slot {slot} is LOST: {detail}")]
+    SlotLost {
+        /// Slot name.
+        slot: String,
+        /// What happened.
+        detail: String,
+    },
+    /// Another session streams from the slot (e.g. another relay instance). Retryable.
+    #[error("replication slot in use: {0}")]
+    SlotInUse(String),
+    /// A SQL statement failed. Retryable.
+    #[error("database error while {context}: {source}")]
+    Database {
+        /// What was being done.
+        context: &'static str,
+        /// The error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The replication stream failed or ended. Retryable.
+    #[error("replication stream: {0}")]
+    Replication(String),
+    /// The stream carried a message that cannot be decoded. Fatal.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+impl LogicalError {
+    /// Whether retrying (after a pause, with a new session) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            LogicalError::SlotInUse(_)
+                | LogicalError::Database { .. }
+                | LogicalError::Replication(_)
+        )
+    }
+}
+
+impl From<LogicalError> for SourceError {
+    fn from(e: LogicalError) -> Self {
+        match e {
+            LogicalError::Database { source, context } => {
+                tracing::debug!("logical source database error while {context}");
+                SourceError::Database {
+                    source_name: "logical",
+                    error: source,
+                }
+            }
+            e if e.is_retryable() => SourceError::Transient(e.to_string()),
+            e => SourceError::Fatal(e.to_string()),
+        }
+    }
+}
+
+/// Settings of the logical source.
+#[derive(Debug, Clone)]
+pub struct LogicalConfig {
+    /// PostgreSQL URL (used for the SQL pool and the replication connection).
+    pub database_url: String,
+    /// The outbox table (ignored in `logical_message` mode).
+    pub table: OutboxTable,
+    /// How services write events.
+    pub write_mode: WriteMode,
+    /// Replication slot name.
+    pub slot: SlotName,
+    /// Publication name.
+    pub publication: PublicationName,
+    /// Prefix of logical-message events; heartbeats use `<prefix>-heartbeat`.
+    pub message_prefix: String,
+    /// Heartbeat after this much idle time (default 10 s).
+    pub heartbeat_interval: Duration,
+    /// Standby status update cadence (default 1 s).
+    pub status_interval: Duration,
+    /// How often the slot's health is checked (default 30 s).
+    pub slot_check_interval: Duration,
+    /// Recreate a lost slot and re-publish from the table (`table` mode only; default true).
+    pub recover_lost_slot: bool,
+    /// What acknowledging does to a row in `table` mode (mark `published_at`, or delete).
+    pub acknowledgement: RowAcknowledgement,
+}
+
+impl LogicalConfig {
+    /// Defaults: slot `outbox_slot`, publication `outbox_pub`, prefix `outbox`, heartbeat 10 s,
+    /// status 1 s, slot check 30 s, lost-slot recovery on.
+    pub fn new(database_url: impl Into<String>, table: OutboxTable, write_mode: WriteMode) -> Self {
+        Self {
+            database_url: database_url.into(),
+            table,
+            write_mode,
+            slot: SlotName::default(),
+            publication: PublicationName::default(),
+            message_prefix: outbox_core::DEFAULT_MESSAGE_PREFIX.to_owned(),
+            heartbeat_interval: Duration::from_secs(10),
+            status_interval: Duration::from_secs(1),
+            slot_check_interval: Duration::from_secs(30),
+            recover_lost_slot: true,
+            acknowledgement: RowAcknowledgement::Mark,
+        }
+    }
+
+    /// The logical source's settings from the relay configuration (`logical.*` keys).
+    pub fn from_relay(config: &RelayConfig, table: OutboxTable) -> Result<Self, LogicalError> {
+        let mut cfg = Self::new(config.database_url.expose(), table, config.write_mode);
+        cfg.slot = SlotName::parse(&config.logical.slot)
+            .map_err(|e| LogicalError::Config(format!("logical.slot: {e}")))?;
+        cfg.publication = PublicationName::parse(&config.logical.publication)
+            .map_err(|e| LogicalError::Config(format!("logical.publication: {e}")))?;
+        cfg.message_prefix = config.logical.message_prefix.clone();
+        cfg.heartbeat_interval = config.logical.heartbeat_interval;
+        cfg.status_interval = config.logical.status_interval;
+        cfg.acknowledgement = config.acknowledgement;
+        Ok(cfg)
+    }
+}
+
+/// Live figures of the logical source, for metrics and health endpoints.
+#[derive(Debug, Default)]
+pub struct LogicalMetrics {
+    /// Last LSN confirmed to the slot (as u64).
+    pub confirmed_lsn: AtomicU64,
+    /// `pg_current_wal_lsn() - confirmed_flush_lsn` at the last slot check, bytes (-1 unknown).
+    pub slot_lag_bytes: AtomicI64,
+    /// Bytes of WAL the slot retains at the last check (-1 unknown).
+    pub slot_retained_bytes: AtomicI64,
+    /// `wal_status` at the last check: 0 unknown, 1 reserved, 2 extended, 3 unreserved, 4 lost.
+    pub wal_status: AtomicU64,
+    /// Events decoded from the stream.
+    pub events_streamed: AtomicU64,
+    /// Rows re-published from the table during slot creation/recovery.
+    pub rows_backfilled: AtomicU64,
+    /// Heartbeat messages written.
+    pub heartbeats: AtomicU64,
+    /// Lost slots recovered.
+    pub slot_recoveries: AtomicU64,
+    /// Replication sessions started.
+    pub sessions: AtomicU64,
+}
+
+impl LogicalMetrics {
+    fn record_status(&self, s: &SlotStatus) {
+        self.slot_lag_bytes
+            .store(s.lag_bytes.unwrap_or(-1), Ordering::Relaxed);
+        self.slot_retained_bytes
+            .store(s.retained_bytes.unwrap_or(-1), Ordering::Relaxed);
+        let code = match s.wal_status.as_deref() {
+            Some("reserved") => 1,
+            Some("extended") => 2,
+            Some("unreserved") => 3,
+            Some("lost") => 4,
+            _ => 0,
+        };
+        self.wal_status.store(code, Ordering::Relaxed);
+    }
+}
+
+/// The live metrics of the logical source streaming from `slot` in this process, if one was
+/// opened: for health and metrics endpoints, which outlive the source (the relay reopens it after
+/// a retryable failure; every instance for the same slot shares one [`LogicalMetrics`]).
+pub fn metrics_for(slot: &str) -> Option<Arc<LogicalMetrics>> {
+    metrics_registry().lock().ok()?.get(slot).cloned()
+}
+
+fn metrics_registry() -> &'static std::sync::Mutex<HashMap<String, Arc<LogicalMetrics>>> {
+    static REGISTRY: std::sync::OnceLock<std::sync::Mutex<HashMap<String, Arc<LogicalMetrics>>>> =
+        std::sync::OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+fn shared_metrics(slot: &SlotName) -> Arc<LogicalMetrics> {
+    match metrics_registry().lock() {
+        Ok(mut r) => Arc::clone(r.entry(slot.as_str().to_owned()).or_default()),
+        Err(_) => Arc::default(),
+    }
+}
+
+struct OpenTx {
+    commit_lsn: Lsn,
+    events: Vec<StoredEvent>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    id: Uuid,
+    position: Position,
+}
+
+/// The logical-replication [`Source`]. See the [module docs](self) for its guarantees.
+pub struct LogicalSource {
+    cfg: LogicalConfig,
+    pool: PgPool,
+    /// The leader lock's session: rows are acknowledged on it, so a relay that lost leadership
+    /// cannot mark anything.
+    leader: Option<Leadership>,
+    target: ReplicationTarget,
+    table: Option<ResolvedTable>,
+    heartbeat_prefix: String,
+    session: Option<Session>,
+    relations: HashMap<u32, Relation>,
+    open: Option<OpenTx>,
+    /// Decoded, complete transactions not yet returned.
+    ready: VecDeque<SourceEvent>,
+    /// Returned, not yet acknowledged (a prefix of these gets acknowledged).
+    inflight: VecDeque<InFlight>,
+    /// Highest LSN the relay may confirm; never past an unacknowledged transaction.
+    confirmed: Lsn,
+    /// A re-publication from the table is not fully acknowledged yet (marker slot exists).
+    backfill_due: bool,
+    next_heartbeat: Instant,
+    next_slot_check: Instant,
+    stopped: bool,
+    /// `<table>_parked` is known to exist.
+    parked_table: bool,
+    metrics: Arc<LogicalMetrics>,
+}
+
+impl std::fmt::Debug for LogicalSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogicalSource")
+            .field("slot", &self.cfg.slot)
+            .field("publication", &self.cfg.publication)
+            .field("confirmed", &self.confirmed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Slots this process has streamed from: a slot missing later was lost, not never created, even
+/// when the relay reopened the source in between.
+fn known_slots() -> &'static std::sync::Mutex<std::collections::HashSet<String>> {
+    static KNOWN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    KNOWN.get_or_init(Default::default)
+}
+
+fn slot_was_known(slot: &SlotName) -> bool {
+    known_slots()
+        .lock()
+        .map(|k| k.contains(slot.as_str()))
+        .unwrap_or(false)
+}
+
+fn marker_slot(slot: &SlotName) -> SlotName {
+    let base: String = slot.as_str().chars().take(60).collect();
+    SlotName::parse(&format!("{base}_bf")).unwrap_or_else(|_| slot.clone())
+}
+
+impl LogicalSource {
+    /// Check the server (`wal_level`, privileges), create or verify the publication and the slot,
+    /// re-publish unpublished rows when a `table`-mode slot is new or was lost, and start streaming
+    /// from the slot's confirmed position.
+    pub async fn connect(cfg: LogicalConfig) -> Result<Self, LogicalError> {
+        Self::open(cfg, None).await
+    }
+
+    /// Like [`LogicalSource::connect`], acknowledging rows through the leader lock's session.
+    pub async fn open(
+        cfg: LogicalConfig,
+        leader: Option<Leadership>,
+    ) -> Result<Self, LogicalError> {
+        let target = ReplicationTarget::from_url(&cfg.database_url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&cfg.database_url)
+            .await
+            .map_err(|source| LogicalError::Database {
+                context: "connecting to PostgreSQL",
+                source,
+            })?;
+        slot::preflight(&pool).await?;
+        let table = match cfg.write_mode {
+            WriteMode::LogicalMessage => None,
+            _ => Some(slot::resolve_table(&pool, &cfg.table.qualified()).await?),
+        };
+        slot::ensure_publication(&pool, &cfg.publication, table.as_ref()).await?;
+        let now = Instant::now();
+        let metrics = shared_metrics(&cfg.slot);
+        let mut me = Self {
+            heartbeat_prefix: slot::heartbeat_prefix(&cfg.message_prefix),
+            next_heartbeat: now + cfg.heartbeat_interval,
+            next_slot_check: now + cfg.slot_check_interval,
+            cfg,
+            pool,
+            leader,
+            target,
+            table,
+            session: None,
+            relations: HashMap::new(),
+            open: None,
+            ready: VecDeque::new(),
+            inflight: VecDeque::new(),
+            confirmed: Lsn::ZERO,
+            backfill_due: false,
+            stopped: false,
+            parked_table: false,
+            metrics,
+        };
+        me.prepare_slot(true).await?;
+        me.start_session().await?;
+        Ok(me)
+    }
+
+    /// Shared live metrics (slot lag, `wal_status`, counters).
+    pub fn metrics(&self) -> Arc<LogicalMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// The slot's current status from `pg_replication_slots` (`None`: missing).
+    pub async fn slot_status(&self) -> Result<Option<SlotStatus>, LogicalError> {
+        slot::slot_status(&self.pool, &self.cfg.slot).await
+    }
+
+    /// The LSN this source has confirmed (may be ahead of the slot until the next status update).
+    pub fn confirmed_lsn(&self) -> Lsn {
+        self.confirmed
+    }
+
+    /// Stop streaming and make the confirmed LSN durable on the slot. Events returned but not
+    /// acknowledged are streamed again by the next session. Idempotent.
+    pub async fn close(&mut self) -> Result<(), LogicalError> {
+        if let Some(s) = self.session.take() {
+            s.stop().await;
+        }
+        self.stopped = true;
+        if self.confirmed != Lsn::ZERO {
+            slot::advance_slot(&self.pool, &self.cfg.slot, self.confirmed).await?;
+        }
+        Ok(())
+    }
+
+    /// Make sure a usable slot exists; recover (table mode) or fail when it is missing or lost.
+    /// Sets `confirmed` to the slot's position.
+    async fn prepare_slot(&mut self, at_start: bool) -> Result<(), LogicalError> {
+        let slot = self.cfg.slot.clone();
+        let marker = marker_slot(&slot);
+        let status = slot::slot_status(&self.pool, &slot).await?;
+        let table_mode = self.cfg.write_mode == WriteMode::Table;
+        let marker_exists = table_mode && slot::slot_status(&self.pool, &marker).await?.is_some();
+        match status {
+            Some(s) if !s.is_lost() => {
+                slot::verify_slot(&self.pool, &slot, &s).await?;
+                self.metrics.record_status(&s);
+                self.confirmed = s
+                    .confirmed_flush_lsn
+                    .unwrap_or(Lsn::ZERO)
+                    .max(self.confirmed);
+                if marker_exists {
+                    tracing::warn!(slot = %slot, "a previous re-publication from the table was interrupted; re-publishing unpublished rows again");
+                    self.backfill(None).await?;
+                }
+                Ok(())
+            }
+            other => {
+                let lost = other.is_some();
+                if lost || !at_start || slot_was_known(&slot) {
+                    let detail = if lost {
+                        "wal_status = 'lost': the WAL it needed was removed (max_slot_wal_keep_size exceeded?)"
+                    } else {
+                        "the slot disappeared while the relay was using it (dropped?)"
+                    };
+                    tracing::error!(slot = %slot, "REPLICATION SLOT LOST: {detail}");
+                    if !(table_mode && self.cfg.recover_lost_slot) {
+                        return Err(LogicalError::SlotLost {
+                            slot: slot.to_string(),
+                            detail: format!(
+                                "{detail}; write mode {} has no table to recover from — events written \
+                                 since the slot's last confirmed position may be lost; drop the slot \
+                                 and restart to continue",
+                                self.cfg.write_mode
+                            ),
+                        });
+                    }
+                    self.metrics.slot_recoveries.fetch_add(1, Ordering::Relaxed);
+                    if lost {
+                        slot::drop_slot(&self.pool, &slot).await?;
+                    }
+                } else if table_mode && self.table_has_published_rows().await? {
+                    tracing::warn!(slot = %slot, "replication slot does not exist although rows were published before: \
+                        it was dropped or lost while no relay ran (or the polling source was used); creating it and \
+                        re-publishing every unpublished row");
+                } else {
+                    tracing::info!(slot = %slot, "replication slot does not exist; creating it");
+                }
+                if table_mode && !marker_exists {
+                    // Durable "re-publication pending" marker: created before the new slot, dropped
+                    // once every re-published row is acknowledged.
+                    create_marker(&self.pool, &marker).await?;
+                }
+                // Created over the replication protocol with an exported snapshot, so the rows
+                // re-published are exactly those committed before the slot's consistent point:
+                // everything later is streamed, nothing is published twice.
+                let created = stream::create_slot_exporting(
+                    &self.target,
+                    &slot,
+                    &self.cfg.publication,
+                    "outbox-relay",
+                )
+                .await?;
+                let Some(exported) = created else {
+                    // Created concurrently by another instance: use it as found.
+                    return Box::pin(self.prepare_slot(at_start)).await;
+                };
+                self.confirmed = exported.consistent_point;
+                if table_mode {
+                    self.backfill(Some(&exported.snapshot)).await?;
+                }
+                drop(exported);
+                Ok(())
+            }
+        }
+    }
+
+    async fn table_has_published_rows(&self) -> Result<bool, LogicalError> {
+        let Some(t) = &self.table else {
+            return Ok(false);
+        };
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE published_at IS NOT NULL)",
+            t.qualified
+        );
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|source| LogicalError::Database {
+                context: "looking for published rows",
+                source,
+            })
+    }
+
+    /// Queue every unpublished row of the table as a [`Position::Row`] event (seq order), read in
+    /// the exported `snapshot` of a just-created slot when given.
+    async fn backfill(&mut self, snapshot: Option<&str>) -> Result<(), LogicalError> {
+        let Some(t) = &self.table else { return Ok(()) };
+        let sql = format!(
+            // `ORDER BY o.seq`: the bigint column, not the text output column of the same name.
+            "SELECT o.id::text, o.aggregatetype::text, o.aggregateid::text, o.type::text, \
+                    o.payload::text, o.seq::text, o.created_at::text, o.tracingspancontext::text, \
+                    o.headers::text, o.schema_version::text, o.topic::text, o.aggregate_seq::text \
+             FROM {} o WHERE o.published_at IS NULL ORDER BY o.seq",
+            t.qualified
+        );
+        let db = |source| LogicalError::Database {
+            context: "re-publishing unpublished rows",
+            source,
+        };
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        if let Some(name) = snapshot {
+            // `name` was validated (hex digits and `-`) when the slot was created.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT '{name}'"
+            )))
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+        }
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&mut *conn)
+            .await;
+        if snapshot.is_some() {
+            let _ = sqlx::raw_sql("COMMIT").execute(&mut *conn).await;
+        }
+        let rows: Vec<sqlx::postgres::PgRow> = rows.map_err(db)?;
+        const COLS: [&str; 12] = [
+            "id",
+            "aggregatetype",
+            "aggregateid",
+            "type",
+            "payload",
+            "seq",
+            "created_at",
+            "tracingspancontext",
+            "headers",
+            "schema_version",
+            "topic",
+            "aggregate_seq",
+        ];
+        let mut n = 0u64;
+        for row in &rows {
+            use sqlx::Row;
+            let mut values: Vec<Option<String>> = Vec::with_capacity(COLS.len());
+            for i in 0..COLS.len() {
+                values.push(row.try_get(i).map_err(|source| LogicalError::Database {
+                    context: "reading an unpublished row",
+                    source,
+                })?);
+            }
+            let pairs = COLS
+                .iter()
+                .copied()
+                .zip(values.iter().map(|v| v.as_deref()));
+            match StoredEvent::from_text_columns(pairs) {
+                Ok(event) => {
+                    self.ready.push_back(SourceEvent {
+                        event,
+                        position: Position::Row,
+                    });
+                    n += 1;
+                }
+                Err(e) => {
+                    tracing::error!("outbox row cannot be published and stays unpublished: {e}")
+                }
+            }
+        }
+        self.backfill_due = true;
+        self.metrics.rows_backfilled.fetch_add(n, Ordering::Relaxed);
+        if n > 0 {
+            tracing::warn!(
+                rows = n,
+                consistent_snapshot = snapshot.is_some(),
+                "re-publishing unpublished rows from the outbox table"
+            );
+        } else {
+            tracing::info!("re-publishing unpublished rows from the outbox table: none");
+        }
+        if n == 0 {
+            self.finish_backfill().await?;
+        }
+        Ok(())
+    }
+
+    async fn finish_backfill(&mut self) -> Result<(), LogicalError> {
+        slot::drop_slot(&self.pool, &marker_slot(&self.cfg.slot)).await?;
+        self.backfill_due = false;
+        Ok(())
+    }
+
+    async fn start_session(&mut self) -> Result<(), LogicalError> {
+        let mut attempt = 0;
+        let session = loop {
+            match Session::start(
+                &self.target,
+                &self.cfg.slot,
+                &self.cfg.publication,
+                self.confirmed,
+                self.cfg.status_interval,
+                "outbox-relay",
+            )
+            .await
+            {
+                Ok(s) => break s,
+                // The walsender of a session we just closed may hold the slot for a moment.
+                Err(LogicalError::SlotInUse(_)) if attempt < 30 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        self.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+        if let Ok(Some(status)) = slot::slot_status(&self.pool, &self.cfg.slot).await {
+            self.metrics.record_status(&status);
+        }
+        if let Ok(mut k) = known_slots().lock() {
+            k.insert(self.cfg.slot.as_str().to_owned());
+        }
+        self.metrics
+            .confirmed_lsn
+            .store(self.confirmed.0, Ordering::Relaxed);
+        self.session = Some(session);
+        Ok(())
+    }
+
+    /// Drop everything not acknowledged and stream again from the confirmed position; recover or
+    /// fail loudly when the slot is gone.
+    async fn restart(&mut self) -> Result<(), LogicalError> {
+        if let Some(s) = self.session.take() {
+            s.stop().await;
+        }
+        self.relations.clear();
+        self.open = None;
+        self.ready.clear();
+        self.inflight.clear();
+        let mut attempts = 0;
+        loop {
+            self.prepare_slot(false).await?;
+            if self.backfill_due && self.ready.is_empty() {
+                // Re-publication interrupted by the rewind: redo it (duplicates only).
+                self.backfill(None).await?;
+            }
+            match self.start_session().await {
+                // The slot vanished between the check and START_REPLICATION: check again
+                // (recovers in table mode, fails loudly otherwise).
+                Err(LogicalError::SlotLost { .. }) if attempts < 3 => {
+                    attempts += 1;
+                    self.ready.clear();
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn restartable(&self, e: &LogicalError) -> bool {
+        match e {
+            LogicalError::SlotLost { .. } => {
+                self.cfg.write_mode == WriteMode::Table && self.cfg.recover_lost_slot
+            }
+            e => e.is_retryable(),
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.open.is_none() && self.ready.is_empty() && self.inflight.is_empty()
+    }
+
+    /// Raise the confirmed LSN (monotonic) and hand it to the replication client.
+    fn confirm(&mut self, lsn: Lsn) {
+        if lsn > self.confirmed {
+            self.confirmed = lsn;
+            self.metrics.confirmed_lsn.store(lsn.0, Ordering::Relaxed);
+            if let Some(s) = &self.session {
+                s.confirm(lsn);
+            }
+        }
+    }
+
+    fn is_our_table(&self, rel: &Relation) -> bool {
+        self.table
+            .as_ref()
+            .is_some_and(|t| t.schema == rel.namespace && t.name == rel.name)
+    }
+
+    /// Apply one replication event. Completed transactions land in `ready`.
+    fn handle(&mut self, ev: ReplicationEvent) -> Result<(), LogicalError> {
+        match ev {
+            ReplicationEvent::Begin { final_lsn, .. } => {
+                if self.open.is_some() {
+                    return Err(LogicalError::Replication(
+                        "Begin inside an open transaction".into(),
+                    ));
+                }
+                self.open = Some(OpenTx {
+                    commit_lsn: Lsn(final_lsn.as_u64()),
+                    events: Vec::new(),
+                });
+            }
+            ReplicationEvent::Commit { lsn, end_lsn, .. } => {
+                let Some(tx) = self.open.take() else {
+                    return Err(LogicalError::Replication("Commit without Begin".into()));
+                };
+                let commit_lsn = Lsn(lsn.as_u64());
+                let end_lsn = Lsn(end_lsn.as_u64());
+                if tx.commit_lsn != commit_lsn {
+                    tracing::debug!(begin = %tx.commit_lsn, commit = %commit_lsn, "commit LSN differs from Begin's final LSN");
+                }
+                let n = tx.events.len();
+                if n == 0 {
+                    // Nothing of ours in it: confirmable once nothing earlier is pending.
+                    if self.idle() {
+                        self.confirm(end_lsn);
+                    }
+                    return Ok(());
+                }
+                self.metrics
+                    .events_streamed
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                for (i, event) in tx.events.into_iter().enumerate() {
+                    self.ready.push_back(SourceEvent {
+                        event,
+                        position: Position::Wal {
+                            commit_lsn: commit_lsn.0,
+                            end_lsn: end_lsn.0,
+                            last_in_transaction: i + 1 == n,
+                        },
+                    });
+                }
+            }
+            ReplicationEvent::XLogData { data, .. } => match pgoutput::decode(&data)? {
+                PgOutputMessage::Relation(rel) => {
+                    self.relations.insert(rel.id, rel);
+                }
+                PgOutputMessage::Insert { relation_id, tuple } => {
+                    let Some(rel) = self.relations.get(&relation_id) else {
+                        return Err(LogicalError::Replication(format!(
+                            "Insert for unknown relation {relation_id}"
+                        )));
+                    };
+                    if !self.is_our_table(rel) {
+                        tracing::debug!(table = %rel.name, "ignoring insert into another table");
+                        return Ok(());
+                    }
+                    let named = rel.named_values(&tuple)?;
+                    let event = match StoredEvent::from_text_columns(named) {
+                        Ok(ev) => ev,
+                        Err(e) => {
+                            // Cannot be published; reported, and in table mode it stays unpublished.
+                            tracing::error!(
+                                "outbox row in the WAL cannot be published, skipped: {e}"
+                            );
+                            return Ok(());
+                        }
+                    };
+                    let Some(tx) = self.open.as_mut() else {
+                        return Err(LogicalError::Replication(
+                            "Insert outside a transaction".into(),
+                        ));
+                    };
+                    tx.events.push(event);
+                }
+                PgOutputMessage::Update { relation_id }
+                | PgOutputMessage::Delete { relation_id } => {
+                    tracing::debug!(
+                        relation_id,
+                        "ignoring update/delete (publication marks or insert_delete)"
+                    );
+                }
+                PgOutputMessage::Truncate { .. } => tracing::debug!("ignoring truncate"),
+                PgOutputMessage::Message {
+                    transactional,
+                    lsn,
+                    prefix,
+                    content,
+                } => self.handle_message(transactional, lsn, &prefix, &content)?,
+                PgOutputMessage::Begin { .. }
+                | PgOutputMessage::Commit { .. }
+                | PgOutputMessage::Origin
+                | PgOutputMessage::Type => {}
+            },
+            ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => self.handle_message(transactional, Lsn(lsn.as_u64()), &prefix, &content)?,
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                if self.idle() {
+                    self.confirm(Lsn(wal_end.as_u64()));
+                }
+            }
+            ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn handle_message(
+        &mut self,
+        transactional: bool,
+        lsn: Lsn,
+        prefix: &str,
+        content: &[u8],
+    ) -> Result<(), LogicalError> {
+        if prefix == self.heartbeat_prefix {
+            if !transactional && self.idle() {
+                self.confirm(lsn);
+            }
+            return Ok(());
+        }
+        if prefix != self.cfg.message_prefix {
+            tracing::debug!(prefix, "ignoring logical message with another prefix");
+            return Ok(());
+        }
+        if !transactional {
+            tracing::error!(%lsn, "refusing a NON-transactional outbox message: it is written even if its transaction rolls back; write events with pg_logical_emit_message(true, …)");
+            return Ok(());
+        }
+        let event = match StoredEvent::from_logical_message(content) {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::error!(%lsn, "logical outbox message cannot be published, skipped: {e}");
+                return Ok(());
+            }
+        };
+        match self.open.as_mut() {
+            Some(tx) => tx.events.push(event),
+            None => {
+                return Err(LogicalError::Replication(
+                    "transactional message outside a transaction".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn heartbeat_or_check(&mut self) -> Result<(), LogicalError> {
+        let now = Instant::now();
+        if now >= self.next_heartbeat {
+            self.next_heartbeat = now + self.cfg.heartbeat_interval;
+            if self.idle() {
+                slot::emit_heartbeat(&self.pool, &self.cfg.message_prefix).await?;
+                self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if now >= self.next_slot_check {
+            self.next_slot_check = now + self.cfg.slot_check_interval;
+            match slot::slot_status(&self.pool, &self.cfg.slot).await? {
+                Some(s) if !s.is_lost() => {
+                    self.metrics.record_status(&s);
+                    tracing::debug!(slot = %self.cfg.slot, lag_bytes = ?s.lag_bytes, retained_bytes = ?s.retained_bytes,
+                        wal_status = ?s.wal_status, safe_wal_size = ?s.safe_wal_size, "replication slot status");
+                    if s.wal_status.as_deref() == Some("unreserved") {
+                        tracing::warn!(slot = %self.cfg.slot, lag_bytes = ?s.lag_bytes, safe_wal_size = ?s.safe_wal_size, "replication slot is about to be invalidated (wal_status = unreserved)");
+                    }
+                }
+                Some(s) => {
+                    self.metrics.record_status(&s);
+                    return Err(LogicalError::SlotLost {
+                        slot: self.cfg.slot.to_string(),
+                        detail: "wal_status = 'lost'".into(),
+                    });
+                }
+                None => {
+                    return Err(LogicalError::SlotLost {
+                        slot: self.cfg.slot.to_string(),
+                        detail: "the slot no longer exists".into(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait for the next replication event (or a timer) and apply it.
+    async fn step(&mut self, shutdown: &CancellationToken) -> Result<bool, LogicalError> {
+        let deadline = self.next_heartbeat.min(self.next_slot_check);
+        let Some(session) = self.session.as_mut() else {
+            return Err(LogicalError::Replication("no replication session".into()));
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => Ok(true),
+            r = session.recv() => {
+                match r {
+                    Ok(Some(ev)) => self.handle(ev).map(|_| false),
+                    Ok(None) => Err(LogicalError::Replication("replication stream ended".into())),
+                    Err(e) => Err(stream::classify(&self.cfg.slot, e)),
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => self.heartbeat_or_check().await.map(|_| false),
+        }
+    }
+
+    async fn next_batch_inner(
+        &mut self,
+        max: usize,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<SourceEvent>, LogicalError> {
+        if self.stopped {
+            return Ok(Vec::new());
+        }
+        if self.session.is_none() {
+            self.restart().await?;
+        }
+        // The relay calls next_batch only once everything returned before was acknowledged or
+        // rewound, so a broken session can be replaced here without losing anything: one
+        // in-place restart per call (a lost slot is detected and, in table mode, recovered by
+        // it), then errors go to the relay.
+        let mut restarted = false;
+        while self.ready.is_empty() {
+            match self.step(shutdown).await {
+                Ok(true) => {
+                    self.close().await?;
+                    return Ok(Vec::new());
+                }
+                Ok(false) => {}
+                Err(e) if !restarted && self.inflight.is_empty() && self.restartable(&e) => {
+                    tracing::warn!(error = %e, "replication session failed; restarting from the confirmed position");
+                    restarted = true;
+                    self.restart().await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Take whatever else is already buffered, without waiting.
+        while self.ready.len() < max && !shutdown.is_cancelled() {
+            let Some(session) = self.session.as_mut() else {
+                break;
+            };
+            match tokio::time::timeout(Duration::ZERO, session.recv()).await {
+                Ok(Ok(Some(ev))) => self.handle(ev)?,
+                Ok(Ok(None)) | Err(_) => break,
+                // Keep what is complete; the error shows again on the next call.
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "replication session failed after a batch was read");
+                    break;
+                }
+            }
+        }
+        Ok(self.take_batch(max))
+    }
+
+    /// Move up to `max` ready events to the in-flight window and return them.
+    fn take_batch(&mut self, max: usize) -> Vec<SourceEvent> {
+        let n = max.max(1).min(self.ready.len());
+        let batch: Vec<SourceEvent> = self.ready.drain(..n).collect();
+        if tracing::enabled!(tracing::Level::TRACE) {
+            for e in &batch {
+                tracing::trace!(event_id = %e.event.id, aggregate_seq = ?e.event.aggregate_seq, position = ?e.position, "returned");
+            }
+        }
+        self.inflight.extend(batch.iter().map(|e| InFlight {
+            id: e.event.id,
+            position: e.position,
+        }));
+        if crate::faults::mutant("confirm_on_receipt") {
+            // Broken on purpose: confirm what was merely received, before Kafka has it.
+            if let Some(end) = batch.iter().rev().find_map(|e| match e.position {
+                Position::Wal {
+                    end_lsn,
+                    last_in_transaction: true,
+                    ..
+                } => Some(end_lsn),
+                _ => None,
+            }) {
+                self.confirm(Lsn(end));
+            }
+        }
+        batch
+    }
+
+    async fn acknowledge_inner(&mut self, delivered: &[SourceEvent]) -> Result<(), LogicalError> {
+        if delivered.is_empty() {
+            return Ok(());
+        }
+        if delivered.len() > self.inflight.len() {
+            return Err(LogicalError::Replication(format!(
+                "acknowledged {} events but only {} are in flight",
+                delivered.len(),
+                self.inflight.len()
+            )));
+        }
+        for (d, f) in delivered.iter().zip(self.inflight.iter()) {
+            if d.event.id != f.id {
+                return Err(LogicalError::Replication(format!(
+                    "acknowledged event {} is not the next one in flight ({})",
+                    d.event.id, f.id
+                )));
+            }
+        }
+        // table mode: mark rows published BEFORE the LSN is confirmed.
+        if self.cfg.write_mode == WriteMode::Table {
+            let ids: Vec<Uuid> = delivered.iter().map(|d| d.event.id).collect();
+            let result = match self.leader.as_mut() {
+                Some(l) => {
+                    acknowledge_rows(
+                        l.connection(),
+                        &self.cfg.table,
+                        self.cfg.acknowledgement,
+                        &ids,
+                    )
+                    .await
+                }
+                None => {
+                    let mut conn =
+                        self.pool
+                            .acquire()
+                            .await
+                            .map_err(|source| LogicalError::Database {
+                                context: "acquiring a connection to acknowledge rows",
+                                source,
+                            })?;
+                    acknowledge_rows(&mut conn, &self.cfg.table, self.cfg.acknowledgement, &ids)
+                        .await
+                }
+            };
+            result.map_err(|source| LogicalError::Database {
+                context: "acknowledging rows in the outbox table",
+                source,
+            })?;
+        }
+        let mut new_confirm = None;
+        for _ in 0..delivered.len() {
+            if let Some(f) = self.inflight.pop_front()
+                && let Position::Wal {
+                    end_lsn,
+                    last_in_transaction: true,
+                    ..
+                } = f.position
+            {
+                new_confirm = Some(Lsn(end_lsn));
+            }
+        }
+        if let Some(lsn) = new_confirm {
+            self.confirm(lsn);
+        }
+        if self.backfill_due
+            && !self
+                .inflight
+                .iter()
+                .any(|f| matches!(f.position, Position::Row))
+            && !self
+                .ready
+                .iter()
+                .any(|e| matches!(e.position, Position::Row))
+        {
+            self.finish_backfill().await?;
+        }
+        if self.stopped {
+            // Acknowledged after shutdown: make it durable right away.
+            slot::advance_slot(&self.pool, &self.cfg.slot, self.confirmed).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn create_marker(pool: &PgPool, marker: &SlotName) -> Result<(), LogicalError> {
+    // A physical slot that reserves no WAL: a durable, free flag.
+    let res = sqlx::query("SELECT pg_create_physical_replication_slot($1, false)")
+        .bind(marker.as_str())
+        .execute(pool)
+        .await;
+    match res {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42710") => Ok(()),
+        Err(source) => Err(LogicalError::Database {
+            context: "creating the re-publication marker slot",
+            source,
+        }),
+    }
+}
+
+#[async_trait]
+impl Source for LogicalSource {
+    fn name(&self) -> &'static str {
+        "logical"
+    }
+
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<SourceEvent>, SourceError> {
+        match self.next_batch_inner(max, shutdown).await {
+            Ok(b) => Ok(b),
+            Err(e) => {
+                let recoverable =
+                    matches!(e, LogicalError::SlotLost { .. }) && self.restartable(&e);
+                if matches!(e, LogicalError::SlotLost { .. }) {
+                    tracing::error!("{e}");
+                }
+                // The session is unusable after an error: the next call (after the relay's
+                // rewind) starts a new one from the confirmed position.
+                if let Some(s) = self.session.take() {
+                    s.stop().await;
+                }
+                if recoverable {
+                    // Table mode: the relay reopens the source, which recovers from the table.
+                    return Err(SourceError::Transient(e.to_string()));
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    // `poll_batch` keeps the trait's default (no pipelining): with batches produced ahead, two
+    // heavily loaded runs of the insert_delete end-to-end tests stalled short of the last events,
+    // and the cause is not understood yet. One batch in flight is the verified behaviour.
+
+    async fn acknowledge(&mut self, delivered: &[SourceEvent]) -> Result<(), SourceError> {
+        Ok(self.acknowledge_inner(delivered).await?)
+    }
+
+    async fn rewind(&mut self) -> Result<(), SourceError> {
+        if self.stopped {
+            return Ok(());
+        }
+        Ok(self.restart().await?)
+    }
+
+    /// Parks events in the table's `<table>_parked` table (created by the migrations, also in
+    /// `logical_message` mode), through the leader's session. Called before `acknowledge` covers
+    /// them, so the slot is confirmed past a poison event only once it is durably parked.
+    async fn park(&mut self, requests: &[ParkRequest]) -> Result<(), SourceError> {
+        if requests.is_empty() {
+            return Ok(());
+        }
+        if !self.parked_table_exists().await? {
+            return Err(SourceError::Fatal(format!(
+                "cannot park {} event(s): the parked-events table {} does not exist; \
+                 run `outbox-relay migrate` (also needed in logical_message mode)",
+                requests.len(),
+                self.cfg.table.parked_qualified()
+            )));
+        }
+        let table = self.cfg.table.clone();
+        let result = match self.leader.as_mut() {
+            Some(l) => crate::park::park(l.connection(), &table, requests).await,
+            None => match self.pool.acquire().await {
+                Ok(mut conn) => crate::park::park(&mut conn, &table, requests).await,
+                Err(e) => Err(e),
+            },
+        };
+        result.map_err(|error| SourceError::Database {
+            source_name: "logical",
+            error,
+        })
+    }
+
+    /// The aggregates with parked events (none when the parked-events table does not exist).
+    async fn blocked_aggregates(&mut self) -> Result<HashMap<AggregateKey, Uuid>, SourceError> {
+        if !self.parked_table_exists().await? {
+            return Ok(HashMap::new());
+        }
+        let table = self.cfg.table.clone();
+        let result = match self.leader.as_mut() {
+            Some(l) => crate::park::blocked_aggregates(l.connection(), &table).await,
+            None => match self.pool.acquire().await {
+                Ok(mut conn) => crate::park::blocked_aggregates(&mut conn, &table).await,
+                Err(e) => Err(e),
+            },
+        };
+        result.map_err(|error| SourceError::Database {
+            source_name: "logical",
+            error,
+        })
+    }
+}
+
+impl LogicalSource {
+    /// Whether `<table>_parked` exists; a positive answer is remembered.
+    async fn parked_table_exists(&mut self) -> Result<bool, SourceError> {
+        if self.parked_table {
+            return Ok(true);
+        }
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(self.cfg.table.parked_qualified())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|error| SourceError::Database {
+                source_name: "logical",
+                error,
+            })?;
+        self.parked_table = exists;
+        Ok(exists)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgoutput::tests::{Buf, relation_msg};
+    use pgwire_replication::Lsn as WLsn;
+
+    fn source(mode: WriteMode) -> LogicalSource {
+        let url = "postgres://nobody@127.0.0.1:1/none";
+        let now = Instant::now();
+        LogicalSource {
+            cfg: LogicalConfig::new(url, OutboxTable::default(), mode),
+            pool: PgPoolOptions::new().connect_lazy(url).unwrap(),
+            leader: None,
+            target: ReplicationTarget::from_url(url).unwrap(),
+            table: Some(ResolvedTable {
+                schema: "public".into(),
+                name: "outbox".into(),
+                qualified: "\"public\".\"outbox\"".into(),
+            }),
+            heartbeat_prefix: "outbox-heartbeat".into(),
+            session: None,
+            relations: HashMap::new(),
+            open: None,
+            ready: VecDeque::new(),
+            inflight: VecDeque::new(),
+            confirmed: Lsn(100),
+            backfill_due: false,
+            next_heartbeat: now,
+            next_slot_check: now,
+            stopped: false,
+            parked_table: false,
+            metrics: Arc::default(),
+        }
+    }
+
+    fn xlog(data: Vec<u8>) -> ReplicationEvent {
+        ReplicationEvent::XLogData {
+            wal_start: WLsn::ZERO,
+            wal_end: WLsn::ZERO,
+            server_time_micros: 0,
+            data: data.into(),
+        }
+    }
+
+    fn insert(rel: u32, id: &str, agg: &str) -> ReplicationEvent {
+        xlog(
+            Buf::tag(b'I')
+                .i32(rel as i32)
+                .u8(b'N')
+                .i16(5)
+                .text(id)
+                .text("order")
+                .text(agg)
+                .text("Created")
+                .u8(b'n')
+                .0,
+        )
+    }
+
+    fn begin(lsn: u64) -> ReplicationEvent {
+        ReplicationEvent::Begin {
+            final_lsn: WLsn::from_u64(lsn),
+            xid: 1,
+            commit_time_micros: 0,
+        }
+    }
+
+    fn commit(lsn: u64, end: u64) -> ReplicationEvent {
+        ReplicationEvent::Commit {
+            lsn: WLsn::from_u64(lsn),
+            end_lsn: WLsn::from_u64(end),
+            commit_time_micros: 0,
+        }
+    }
+
+    fn keepalive(lsn: u64) -> ReplicationEvent {
+        ReplicationEvent::KeepAlive {
+            wal_end: WLsn::from_u64(lsn),
+            reply_requested: true,
+            server_time_micros: 0,
+        }
+    }
+
+    const ID1: &str = "00000000-0000-0000-0000-000000000001";
+    const ID2: &str = "00000000-0000-0000-0000-000000000002";
+    const ID3: &str = "00000000-0000-0000-0000-000000000003";
+
+    #[tokio::test]
+    async fn confirmation_never_passes_the_acknowledged_prefix() {
+        let mut s = source(WriteMode::InsertDelete);
+        let cols = ["id", "aggregatetype", "aggregateid", "type", "payload"];
+        s.handle(begin(200)).unwrap();
+        s.handle(xlog(relation_msg(7, "public", "outbox", &cols)))
+            .unwrap();
+        s.handle(insert(7, ID1, "a")).unwrap();
+        // A delete of the insert_delete trick is ignored.
+        s.handle(xlog(Buf::tag(b'D').i32(7).u8(b'K').i16(1).text(ID1).0))
+            .unwrap();
+        s.handle(insert(7, ID2, "a")).unwrap();
+        // A keepalive inside an open transaction never confirms.
+        s.handle(keepalive(5000)).unwrap();
+        assert_eq!(s.confirmed, Lsn(100));
+        assert!(s.ready.is_empty(), "nothing is returned before the commit");
+        s.handle(commit(200, 210)).unwrap();
+        s.handle(begin(300)).unwrap();
+        s.handle(insert(7, ID3, "b")).unwrap();
+        s.handle(commit(300, 310)).unwrap();
+        // Received but not acknowledged: keepalives must not confirm.
+        s.handle(keepalive(400)).unwrap();
+        assert_eq!(s.confirmed, Lsn(100));
+
+        let batch = s.take_batch(10);
+        assert_eq!(batch.len(), 3);
+        assert_eq!(
+            batch[0].position,
+            Position::Wal {
+                commit_lsn: 200,
+                end_lsn: 210,
+                last_in_transaction: false
+            }
+        );
+        assert_eq!(
+            batch[1].position,
+            Position::Wal {
+                commit_lsn: 200,
+                end_lsn: 210,
+                last_in_transaction: true
+            }
+        );
+        s.handle(keepalive(400)).unwrap();
+        assert_eq!(
+            s.confirmed,
+            Lsn(100),
+            "in flight: keepalive must not confirm"
+        );
+        s.acknowledge_inner(&batch[..1]).await.unwrap();
+        assert_eq!(s.confirmed, Lsn(100), "half a transaction confirms nothing");
+        s.acknowledge_inner(&batch[1..2]).await.unwrap();
+        assert_eq!(s.confirmed, Lsn(210));
+        s.handle(keepalive(400)).unwrap();
+        assert_eq!(s.confirmed, Lsn(210), "tx 2 still in flight");
+        s.acknowledge_inner(&batch[2..]).await.unwrap();
+        assert_eq!(s.confirmed, Lsn(310));
+        // Now idle: a keepalive or heartbeat may be confirmed.
+        s.handle(keepalive(400)).unwrap();
+        assert_eq!(s.confirmed, Lsn(400));
+        s.handle(ReplicationEvent::Message {
+            transactional: false,
+            lsn: WLsn::from_u64(450),
+            prefix: "outbox-heartbeat".into(),
+            content: Vec::new().into(),
+        })
+        .unwrap();
+        assert_eq!(s.confirmed, Lsn(450));
+        // An empty transaction while idle is confirmable at once.
+        s.handle(begin(500)).unwrap();
+        s.handle(commit(500, 510)).unwrap();
+        assert_eq!(s.confirmed, Lsn(510));
+        // Never backwards.
+        s.handle(keepalive(10)).unwrap();
+        assert_eq!(s.confirmed, Lsn(510));
+    }
+
+    #[tokio::test]
+    async fn acknowledging_out_of_order_or_too_much_is_refused() {
+        let mut s = source(WriteMode::InsertDelete);
+        let cols = ["id", "aggregatetype", "aggregateid", "type", "payload"];
+        s.handle(xlog(relation_msg(7, "public", "outbox", &cols)))
+            .unwrap();
+        s.handle(begin(200)).unwrap();
+        s.handle(insert(7, ID1, "a")).unwrap();
+        s.handle(insert(7, ID2, "a")).unwrap();
+        s.handle(commit(200, 210)).unwrap();
+        let batch = s.take_batch(10);
+        assert!(s.acknowledge_inner(&batch[1..]).await.is_err());
+        let mut more = batch.clone();
+        more.push(batch[0].clone());
+        assert!(s.acknowledge_inner(&more).await.is_err());
+        assert_eq!(s.confirmed, Lsn(100));
+    }
+
+    #[tokio::test]
+    async fn messages_and_other_tables() {
+        let mut s = source(WriteMode::LogicalMessage);
+        s.table = None;
+        let content = format!(
+            r#"{{"id":"{ID1}","aggregatetype":"order","aggregateid":"1","type":"Created","payload":{{"a":1}}}}"#
+        );
+        s.handle(begin(200)).unwrap();
+        // insert into some other table is ignored
+        s.handle(xlog(relation_msg(9, "public", "accounts", &["id"])))
+            .unwrap();
+        s.handle(xlog(Buf::tag(b'I').i32(9).u8(b'N').i16(1).text("x").0))
+            .unwrap();
+        for (prefix, transactional) in [("outbox", true), ("other", true), ("outbox", false)] {
+            s.handle(ReplicationEvent::Message {
+                transactional,
+                lsn: WLsn::from_u64(205),
+                prefix: prefix.into(),
+                content: content.clone().into_bytes().into(),
+            })
+            .unwrap();
+        }
+        s.handle(commit(200, 210)).unwrap();
+        let batch = s.take_batch(10);
+        assert_eq!(
+            batch.len(),
+            1,
+            "only the transactional message with our prefix"
+        );
+        assert_eq!(batch[0].event.payload.as_deref(), Some(r#"{"a":1}"#));
+    }
+
+    #[test]
+    fn default_names_are_valid_and_marker_fits() {
+        assert!(SlotName::parse("outbox_slot").is_ok());
+        assert!(PublicationName::parse("outbox_pub").is_ok());
+        let long = SlotName::parse(&"s".repeat(63)).unwrap();
+        assert_eq!(marker_slot(&long).as_str().len(), 63);
+        assert_eq!(marker_slot(&SlotName::parse("a").unwrap()).as_str(), "a_bf");
+    }
+}

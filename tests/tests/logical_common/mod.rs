@@ -1,0 +1,436 @@
+//! Helpers shared by the `logical_*` end-to-end tests (included with `mod logical_common;`).
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use outbox_core::{NewEvent, Outbox, WriteMode};
+use outbox_relay::config::SourceKind;
+use outbox_tests::*;
+use rand::RngExt;
+use sqlx::PgPool;
+
+pub const QUIET: Duration = Duration::from_millis(1500);
+pub const LONG: Duration = Duration::from_secs(90);
+
+/// A relay configuration for the logical source on `db` with short intervals for tests.
+pub fn logical_config(db: &TestDb, mode: WriteMode, slot: &str) -> RelayConfig {
+    let mut c = relay_config(db);
+    c.source = SourceKind::Logical;
+    c.write_mode = mode;
+    c.logical.slot = slot.to_owned();
+    c.logical.publication = format!("{slot}_pub");
+    c.logical.heartbeat_interval = Duration::from_millis(500);
+    c.logical.status_interval = Duration::from_millis(200);
+    c
+}
+
+/// Environment for an `outbox-relay` process running the logical source.
+pub fn logical_env(mode: WriteMode, slot: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("OUTBOX_SOURCE", "logical".to_owned()),
+        ("OUTBOX_WRITE_MODE", mode.as_str().to_owned()),
+        ("OUTBOX_SLOT", slot.to_owned()),
+        ("OUTBOX_PUBLICATION", format!("{slot}_pub")),
+        ("OUTBOX_HEARTBEAT_INTERVAL", "500ms".to_owned()),
+    ]
+}
+
+/// Creates the aggregates table writers lock to serialise writes per aggregate.
+pub async fn create_accounts(pool: &PgPool, n: usize) -> Result<Vec<String>> {
+    sqlx::query("CREATE TABLE accounts (id text PRIMARY KEY, version bigint NOT NULL DEFAULT 0)")
+        .execute(pool)
+        .await?;
+    let ids: Vec<String> = (0..n).map(|i| format!("acct-{i}")).collect();
+    sqlx::query("INSERT INTO accounts (id) SELECT unnest($1::text[])")
+        .bind(&ids)
+        .execute(pool)
+        .await?;
+    Ok(ids)
+}
+
+/// One business transaction: lock the aggregate, write `events` events with consecutive
+/// per-aggregate sequence numbers, linger, then commit or roll back; recorded in `ledger`.
+#[allow(clippy::too_many_arguments)]
+pub async fn business_tx(
+    pool: &PgPool,
+    outbox: &Outbox,
+    aggregate_type: &str,
+    account: &str,
+    events: usize,
+    linger: Duration,
+    commit: bool,
+    ledger: &Mutex<Ledger>,
+) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    let version: i64 = sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1 FOR UPDATE")
+        .bind(account)
+        .fetch_one(&mut *tx)
+        .await?;
+    let batch: Vec<NewEvent> = (1..=events as i64)
+        .map(|i| {
+            NewEvent::new(
+                aggregate_type,
+                account,
+                "BalanceChanged",
+                Some(serde_json::json!({ "version": version + i, "note": "x".repeat(50) })),
+            )
+            .with_aggregate_seq(version + i)
+        })
+        .collect();
+    let ids = outbox.publish_new(&mut tx, batch).await?;
+    sqlx::query("UPDATE accounts SET version = $2 WHERE id = $1")
+        .bind(account)
+        .bind(version + events as i64)
+        .execute(&mut *tx)
+        .await?;
+    if !linger.is_zero() {
+        tokio::time::sleep(linger).await;
+    }
+    if commit {
+        tx.commit().await?;
+        ledger.lock().unwrap().committed.extend(ids);
+    } else {
+        tx.rollback().await?;
+        ledger.lock().unwrap().rolled_back.extend(ids);
+    }
+    Ok(())
+}
+
+/// `writers` concurrent writers, `txs` transactions each, random accounts, random lingering (so
+/// commits interleave out of insertion order), one in ten rolled back.
+pub async fn run_writers(
+    pool: &PgPool,
+    mode: WriteMode,
+    aggregate_type: &str,
+    accounts: &[String],
+    writers: usize,
+    txs: usize,
+    ledger: Arc<Mutex<Ledger>>,
+) -> Result<()> {
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let pool = pool.clone();
+        let accounts = accounts.to_vec();
+        let ledger = ledger.clone();
+        let aggregate_type = aggregate_type.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let outbox = Outbox::default().with_write_mode(mode);
+            for _ in 0..txs {
+                let (account, events, linger, commit) = {
+                    let mut rng = rand::rng();
+                    (
+                        accounts[rng.random_range(0..accounts.len())].clone(),
+                        rng.random_range(1..=3),
+                        Duration::from_millis(rng.random_range(0..6)),
+                        rng.random_range(0..10) != 0,
+                    )
+                };
+                business_tx(
+                    &pool,
+                    &outbox,
+                    &aggregate_type,
+                    &account,
+                    events,
+                    linger,
+                    commit,
+                    &ledger,
+                )
+                .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// The slot's `confirmed_flush_lsn` as a number (None: no such slot).
+pub async fn confirmed_flush(pool: &PgPool, slot: &str) -> Result<Option<u64>> {
+    let v: Option<Option<i64>> = sqlx::query_scalar(
+        "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_optional(pool)
+    .await?;
+    Ok(v.flatten().map(|x| x as u64))
+}
+
+/// The server's current WAL position as a number.
+pub async fn current_wal(pool: &PgPool) -> Result<u64> {
+    let v: i64 = sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8")
+        .fetch_one(pool)
+        .await?;
+    Ok(v as u64)
+}
+
+/// Waits until the slot exists and has confirmed at least `lsn`.
+pub async fn wait_confirmed(pool: &PgPool, slot: &str, lsn: u64, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let c = confirmed_flush(pool, slot).await?;
+        if c.is_some_and(|c| c >= lsn) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("slot {slot} never confirmed {lsn:#x} (at {c:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the slot exists and a session streams from it.
+pub async fn wait_slot_active(pool: &PgPool, slot: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let active: Option<bool> =
+            sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(slot)
+                .fetch_optional(pool)
+                .await?;
+        if active == Some(true) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("slot {slot} never became active");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Drops every slot of this test (and its marker) so the server is left clean.
+pub async fn drop_slots(pool: &PgPool, slot: &str) -> Result<()> {
+    for _ in 0..100 {
+        let r = sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name IN ($1, $1 || '_bf') AND NOT active",
+        )
+        .bind(slot)
+        .execute(pool)
+        .await;
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name IN ($1, $1 || '_bf')",
+        )
+        .bind(slot)
+        .fetch_one(pool)
+        .await?;
+        if r.is_ok() && left == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("could not drop slot {slot}")
+}
+
+/// Terminates the walsender streaming from `slot` and drops the slot (retrying until the drop
+/// wins the race against the relay's reconnect).
+pub async fn kill_and_drop_slot(pool: &PgPool, slot: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        sqlx::query(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE slot_name = $1 AND active_pid IS NOT NULL",
+        )
+        .bind(slot)
+        .execute(pool)
+        .await?;
+        match sqlx::query("SELECT pg_drop_replication_slot($1)")
+            .bind(slot)
+            .execute(pool)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            // Gone already: killing the session that was (re)creating it dropped it.
+            Err(e) if e.to_string().contains("does not exist") => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("drop raced with the relay: {e}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(e).context("dropping the slot"),
+        }
+    }
+}
+
+/// Asserts no loss, no phantoms, no per-aggregate inversions.
+pub fn assert_safe(v: &Verdict) {
+    assert_eq!(v.lost, 0, "lost events: {v:?}");
+    assert_eq!(v.phantom, 0, "phantom events: {v:?}");
+    assert_eq!(v.inversions, 0, "per-aggregate order inversions: {v:?}");
+}
+
+/// Prints, for each aggregate with a first sighting below its high mark, its records in offset
+/// order (diagnostics for a failed order check).
+pub fn explain_inversions(records: &[Consumed]) {
+    use std::collections::{HashMap, HashSet};
+    let mut sorted: Vec<&Consumed> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.topic.clone(), r.partition, r.offset));
+    let mut by_key: HashMap<String, Vec<&Consumed>> = HashMap::new();
+    for r in sorted {
+        by_key
+            .entry(r.key.clone().unwrap_or_default())
+            .or_default()
+            .push(r);
+    }
+    for (key, rs) in by_key {
+        let mut seen = HashSet::new();
+        let mut high = i64::MIN;
+        let mut bad = false;
+        for r in &rs {
+            let seq = r
+                .header("outbox-aggregate-seq")
+                .and_then(|s| s.parse::<i64>().ok())
+                .unwrap_or(-1);
+            let first = seen.insert(r.event_id());
+            if seq < high && first {
+                bad = true;
+            }
+            high = high.max(seq);
+        }
+        if bad {
+            let line: Vec<String> = rs
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}@{}",
+                        r.header("outbox-aggregate-seq").unwrap_or("?"),
+                        r.offset
+                    )
+                })
+                .collect();
+            println!("inversion in {key}: {}", line.join(" "));
+        }
+    }
+}
+
+/// A throwaway PostgreSQL cluster (for settings the shared one must not have, or for a server
+/// with no other activity). Stopped and deleted on drop.
+pub struct TempCluster {
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+fn as_postgres(bin: &std::path::Path, args: &[&str]) -> Result<std::process::Output> {
+    let root = std::process::Command::new("id").arg("-u").output()?.stdout == b"0\n";
+    let out = if root {
+        std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin)
+            .args(args)
+            .output()?
+    } else {
+        std::process::Command::new(bin).args(args).output()?
+    };
+    Ok(out)
+}
+
+impl TempCluster {
+    /// initdb + start with `wal_level` (and `extra` lines appended to postgresql.conf).
+    pub fn start(wal_level: &str, extra: &str) -> Result<Self> {
+        let bin = std::path::PathBuf::from(
+            std::env::var("SERVICES_PG_BIN")
+                .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
+        );
+        let dir = std::env::temp_dir().join(unique("outbox-logical-pg"));
+        std::fs::create_dir_all(&dir)?;
+        let _ = std::process::Command::new("chown")
+            .arg("postgres")
+            .arg(&dir)
+            .status();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let data = dir.join("data");
+        let out = as_postgres(
+            &bin.join("initdb"),
+            &[
+                "-D",
+                data.to_str().context("path")?,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
+             wal_level = {wal_level}\nmax_wal_senders = 10\nmax_replication_slots = 10\n\
+             fsync = off\nsynchronous_commit = on\n{extra}\n",
+            dir.display()
+        );
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))?
+            .write_all(conf.as_bytes())?;
+        let log = dir.join("server.log");
+        let out = as_postgres(
+            &bin.join("pg_ctl"),
+            &[
+                "-D",
+                data.to_str().context("path")?,
+                "-l",
+                log.to_str().context("path")?,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl start failed: {} {}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Ok(Self { dir, bin, port })
+    }
+
+    /// URL of database `db` as the `postgres` superuser.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A [`TestDb`] handle on the cluster's `postgres` database.
+    pub async fn test_db(&self) -> Result<TestDb> {
+        let url = self.url("postgres");
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await?;
+        Ok(TestDb {
+            url,
+            name: "postgres".into(),
+            pool,
+        })
+    }
+}
+
+impl Drop for TempCluster {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = as_postgres(
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
