@@ -31,7 +31,10 @@ use serde::Serialize;
 use crate::scenario::{SCENARIOS, Scenario, Settings, SourceMode};
 
 #[derive(Parser, Debug)]
-#[command(name = "outbox-chaos", about = "Fault-injection harness for the outbox relay")]
+#[command(
+    name = "outbox-chaos",
+    about = "Fault-injection harness for the outbox relay"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Sub>,
@@ -180,7 +183,10 @@ fn main() -> Result<()> {
                 println!("{:28} [{}] {}", s.name, sources.join(","), s.about);
             }
             for m in MUTANTS {
-                println!("mutant-{:21} caught by {:?} in {:?}", m.name, m.check, m.tries);
+                println!(
+                    "mutant-{:21} caught by {:?} in {:?}",
+                    m.name, m.check, m.tries
+                );
             }
             return Ok(());
         }
@@ -318,13 +324,20 @@ async fn scenario_runs(
     for k in 0..runs {
         let seed = settings.seed.wrapping_add(k as u64);
         let t = Instant::now();
-        eprint!("chaos: {:28} {:8} run {}/{} seed {seed} … ", sc.name, source.as_str(), k + 1, runs);
+        eprint!(
+            "chaos: {:28} {:8} run {}/{} seed {seed} … ",
+            sc.name,
+            source.as_str(),
+            k + 1,
+            runs
+        );
         let r = match scenario::run_once(env, settings, sc, source, bin, None, seed).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("setup failed: {e:#}");
                 rep.passed = false;
-                rep.notes.push(format!("run {} (seed {seed}): setup failed: {e:#}", k + 1));
+                rep.notes
+                    .push(format!("run {} (seed {seed}): setup failed: {e:#}", k + 1));
                 continue;
             }
         };
@@ -382,7 +395,11 @@ async fn mutant_run(
         };
         for k in 0..2u64 {
             let seed = settings.seed.wrapping_add(1000 + k);
-            eprint!("chaos: mutant {:20} in {name}/{} seed {seed} … ", m.name, source.as_str());
+            eprint!(
+                "chaos: mutant {:20} in {name}/{} seed {seed} … ",
+                m.name,
+                source.as_str()
+            );
             match scenario::run_once(env, settings, sc, source, bin, Some(m.name), seed).await {
                 Ok(r) => {
                     let v = &r.verdict;

@@ -96,7 +96,8 @@ impl MockBroker {
     /// Starts `<self exe> mock-broker --port-file F` and waits for its address.
     pub async fn start() -> Result<Self> {
         let exe = std::env::current_exe()?;
-        let port_file = std::env::temp_dir().join(format!("outbox-chaos-mock-{}", uuid::Uuid::new_v4()));
+        let port_file =
+            std::env::temp_dir().join(format!("outbox-chaos-mock-{}", uuid::Uuid::new_v4()));
         let mut child = Command::new(exe)
             .arg("mock-broker")
             .arg("--port-file")

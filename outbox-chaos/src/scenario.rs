@@ -103,42 +103,132 @@ impl Scenario {
 
 /// Every scenario, in run order.
 pub const SCENARIOS: &[Scenario] = &[
-    Scenario { name: "graceful-restart", fault: Fault::Graceful, sources: BOTH, no_duplicates: true,
-        about: "SIGTERM mid-stream and restart, repeatedly: drain, acknowledge, exit 0" },
-    Scenario { name: "late-commits", fault: Fault::None, sources: BOTH, no_duplicates: true,
-        about: "half the transactions linger before commit (commit order != seq order), two long-open transactions" },
-    Scenario { name: "rollbacks-huge-tx", fault: Fault::None, sources: BOTH, no_duplicates: true,
-        about: "30% rollbacks, one huge committed and one huge rolled-back transaction" },
-    Scenario { name: "failpoint-before-produce", fault: Fault::Failpoint("before_produce"), sources: BOTH, no_duplicates: false,
-        about: "abort after a batch is claimed, before anything is produced" },
-    Scenario { name: "failpoint-after-kafka-ack", fault: Fault::Failpoint("after_kafka_ack"), sources: BOTH, no_duplicates: false,
-        about: "abort after Kafka acknowledged a batch, before the source is acknowledged" },
-    Scenario { name: "failpoint-after-source-ack", fault: Fault::Failpoint("after_source_ack"), sources: BOTH, no_duplicates: false,
-        about: "abort right after the source acknowledgement" },
-    Scenario { name: "kill-loop", fault: Fault::KillLoop, sources: BOTH, no_duplicates: false,
-        about: "SIGKILL at random moments, restart" },
-    Scenario { name: "pg-immediate-restart", fault: Fault::PgImmediate, sources: BOTH, no_duplicates: false,
-        about: "pg_ctl stop -m immediate and start, under load (harness-owned cluster only)" },
-    Scenario { name: "terminate-backend", fault: Fault::TerminateBackend, sources: BOTH, no_duplicates: false,
-        about: "pg_terminate_backend of every relay session (leader lock, listener, walsender)" },
-    Scenario { name: "broker-down", fault: Fault::BrokerDown, sources: BOTH, no_duplicates: false,
-        about: "mock broker down longer than the delivery timeout, then up" },
-    Scenario { name: "broker-slow", fault: Fault::BrokerSlow, sources: BOTH, no_duplicates: false,
-        about: "mock broker with 400 ms added round-trip time" },
-    Scenario { name: "broker-retriable-errors", fault: Fault::BrokerRetriable, sources: BOTH, no_duplicates: false,
-        about: "produce answered with NOT_ENOUGH_REPLICAS / REQUEST_TIMED_OUT" },
-    Scenario { name: "broker-fatal-errors", fault: Fault::BrokerFatal, sources: BOTH, no_duplicates: false,
-        about: "produce answered with INVALID_PRODUCER_EPOCH (fatal for an idempotent producer)" },
-    Scenario { name: "two-relays-sigstop", fault: Fault::TwoRelaysStop, sources: BOTH, no_duplicates: false,
-        about: "active relay SIGSTOPped, its session cut (lease lost), standby takes over, old one resumed" },
-    Scenario { name: "slot-dropped", fault: Fault::SlotDropped, sources: LOGICAL, no_duplicates: false,
-        about: "the replication slot is dropped under a running relay" },
-    Scenario { name: "slot-invalidated", fault: Fault::SlotInvalidated, sources: LOGICAL, no_duplicates: false,
-        about: "the slot is invalidated by max_slot_wal_keep_size while the relay is stopped (harness-owned cluster only)" },
-    Scenario { name: "poison-events", fault: Fault::Poison, sources: BOTH, no_duplicates: true,
-        about: "an oversized and an unroutable event, each followed by a healthy event of the same aggregate" },
-    Scenario { name: "hostile", fault: Fault::Hostile, sources: BOTH, no_duplicates: true,
-        about: "hostile settings refused with exit 2/1 and no secret logged; hostile ids, types, headers, payloads relayed" },
+    Scenario {
+        name: "graceful-restart",
+        fault: Fault::Graceful,
+        sources: BOTH,
+        no_duplicates: true,
+        about: "SIGTERM mid-stream and restart, repeatedly: drain, acknowledge, exit 0",
+    },
+    Scenario {
+        name: "late-commits",
+        fault: Fault::None,
+        sources: BOTH,
+        no_duplicates: true,
+        about: "half the transactions linger before commit (commit order != seq order), two long-open transactions",
+    },
+    Scenario {
+        name: "rollbacks-huge-tx",
+        fault: Fault::None,
+        sources: BOTH,
+        no_duplicates: true,
+        about: "30% rollbacks, one huge committed and one huge rolled-back transaction",
+    },
+    Scenario {
+        name: "failpoint-before-produce",
+        fault: Fault::Failpoint("before_produce"),
+        sources: BOTH,
+        no_duplicates: false,
+        about: "abort after a batch is claimed, before anything is produced",
+    },
+    Scenario {
+        name: "failpoint-after-kafka-ack",
+        fault: Fault::Failpoint("after_kafka_ack"),
+        sources: BOTH,
+        no_duplicates: false,
+        about: "abort after Kafka acknowledged a batch, before the source is acknowledged",
+    },
+    Scenario {
+        name: "failpoint-after-source-ack",
+        fault: Fault::Failpoint("after_source_ack"),
+        sources: BOTH,
+        no_duplicates: false,
+        about: "abort right after the source acknowledgement",
+    },
+    Scenario {
+        name: "kill-loop",
+        fault: Fault::KillLoop,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "SIGKILL at random moments, restart",
+    },
+    Scenario {
+        name: "pg-immediate-restart",
+        fault: Fault::PgImmediate,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "pg_ctl stop -m immediate and start, under load (harness-owned cluster only)",
+    },
+    Scenario {
+        name: "terminate-backend",
+        fault: Fault::TerminateBackend,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "pg_terminate_backend of every relay session (leader lock, listener, walsender)",
+    },
+    Scenario {
+        name: "broker-down",
+        fault: Fault::BrokerDown,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "mock broker down longer than the delivery timeout, then up",
+    },
+    Scenario {
+        name: "broker-slow",
+        fault: Fault::BrokerSlow,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "mock broker with 400 ms added round-trip time",
+    },
+    Scenario {
+        name: "broker-retriable-errors",
+        fault: Fault::BrokerRetriable,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "produce answered with NOT_ENOUGH_REPLICAS / REQUEST_TIMED_OUT",
+    },
+    Scenario {
+        name: "broker-fatal-errors",
+        fault: Fault::BrokerFatal,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "produce answered with INVALID_PRODUCER_EPOCH (fatal for an idempotent producer)",
+    },
+    Scenario {
+        name: "two-relays-sigstop",
+        fault: Fault::TwoRelaysStop,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "active relay SIGSTOPped, its session cut (lease lost), standby takes over, old one resumed",
+    },
+    Scenario {
+        name: "slot-dropped",
+        fault: Fault::SlotDropped,
+        sources: LOGICAL,
+        no_duplicates: false,
+        about: "the replication slot is dropped under a running relay",
+    },
+    Scenario {
+        name: "slot-invalidated",
+        fault: Fault::SlotInvalidated,
+        sources: LOGICAL,
+        no_duplicates: false,
+        about: "the slot is invalidated by max_slot_wal_keep_size while the relay is stopped (harness-owned cluster only)",
+    },
+    Scenario {
+        name: "poison-events",
+        fault: Fault::Poison,
+        sources: BOTH,
+        no_duplicates: true,
+        about: "an oversized and an unroutable event, each followed by a healthy event of the same aggregate",
+    },
+    Scenario {
+        name: "hostile",
+        fault: Fault::Hostile,
+        sources: BOTH,
+        no_duplicates: true,
+        about: "hostile settings refused with exit 2/1 and no secret logged; hostile ids, types, headers, payloads relayed",
+    },
 ];
 
 /// Knobs of a whole chaos session.
@@ -306,7 +396,10 @@ impl<'a> Run<'a> {
             kv("OUTBOX_POLL_INTERVAL", "200ms"),
             kv("OUTBOX_STANDBY_INTERVAL", "200ms"),
             kv("OUTBOX_BATCH_SIZE", settings.batch_size.to_string()),
-            kv("OUTBOX_MAX_IN_FLIGHT_BATCHES", settings.in_flight.to_string()),
+            kv(
+                "OUTBOX_MAX_IN_FLIGHT_BATCHES",
+                settings.in_flight.to_string(),
+            ),
             kv("OUTBOX_STATUS_INTERVAL", "250ms"),
             kv("OUTBOX_HEARTBEAT_INTERVAL", "2s"),
             kv("OUTBOX_SHUTDOWN_TIMEOUT", "20s"),
@@ -361,7 +454,11 @@ impl<'a> Run<'a> {
         if let Some(code) = exited {
             let log = self.relay.as_ref().map(|r| r.log()).unwrap_or_default();
             let last: Vec<&str> = log.lines().rev().take(3).collect();
-            let name = self.relay.as_ref().map(|r| r.name.clone()).unwrap_or_default();
+            let name = self
+                .relay
+                .as_ref()
+                .map(|r| r.name.clone())
+                .unwrap_or_default();
             self.result.notes.push(format!(
                 "relay {name} exited on its own with code {code} (restarted): {}",
                 last.into_iter().rev().collect::<Vec<_>>().join(" | ")
@@ -454,7 +551,13 @@ impl<'a> Run<'a> {
                             Some(0) => {}
                             other => self.result.failures.push(format!(
                                 "graceful stop exited with {other:?}: {}",
-                                relay.log().lines().rev().take(2).collect::<Vec<_>>().join(" | ")
+                                relay
+                                    .log()
+                                    .lines()
+                                    .rev()
+                                    .take(2)
+                                    .collect::<Vec<_>>()
+                                    .join(" | ")
                             )),
                         }
                     } else {
@@ -509,7 +612,9 @@ impl<'a> Run<'a> {
             }
             Fault::PgImmediate => {
                 let Some(own) = self.env.own.clone() else {
-                    self.result.notes.push("skipped: the cluster is not the harness's own".into());
+                    self.result
+                        .notes
+                        .push("skipped: the cluster is not the harness's own".into());
                     return Ok(());
                 };
                 let faults = if quick { 2 } else { 3 };
@@ -536,10 +641,7 @@ impl<'a> Run<'a> {
                     }
                 }
             }
-            Fault::BrokerDown
-            | Fault::BrokerSlow
-            | Fault::BrokerRetriable
-            | Fault::BrokerFatal => {
+            Fault::BrokerDown | Fault::BrokerSlow | Fault::BrokerRetriable | Fault::BrokerFatal => {
                 let faults = if quick { 2 } else { 4 };
                 while self.result.faults < faults && !writers.is_finished() {
                     let g = self.gap(500, 1200);
@@ -622,7 +724,9 @@ impl<'a> Run<'a> {
             }
             Fault::SlotInvalidated => {
                 let Some(_own) = self.env.own.clone() else {
-                    self.result.notes.push("skipped: the cluster is not the harness's own".into());
+                    self.result
+                        .notes
+                        .push("skipped: the cluster is not the harness's own".into());
                     return Ok(());
                 };
                 pause(1000).await;
@@ -674,10 +778,14 @@ impl<'a> Run<'a> {
             .await?;
         let mut lost = false;
         for _ in 0..10 {
-            sqlx::query("INSERT INTO chaos_wal SELECT repeat('w', 1000) FROM generate_series(1, 20000)")
-                .execute(&mut conn)
+            sqlx::query(
+                "INSERT INTO chaos_wal SELECT repeat('w', 1000) FROM generate_series(1, 20000)",
+            )
+            .execute(&mut conn)
+            .await?;
+            sqlx::query("SELECT pg_switch_wal()")
+                .execute(&mut admin)
                 .await?;
-            sqlx::query("SELECT pg_switch_wal()").execute(&mut admin).await?;
             sqlx::query("CHECKPOINT").execute(&mut admin).await?;
             let status: Option<String> = sqlx::query_scalar(
                 "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
@@ -730,9 +838,9 @@ impl<'a> Run<'a> {
                 last = (n, Instant::now());
             }
             if last.1.elapsed() > stall || started.elapsed() > cap {
-                self.result
-                    .notes
-                    .push(format!("{n} rows still unacknowledged when the run stopped waiting"));
+                self.result.notes.push(format!(
+                    "{n} rows still unacknowledged when the run stopped waiting"
+                ));
                 return Ok(false);
             }
             pause(100).await;
@@ -811,17 +919,19 @@ impl<'a> Run<'a> {
                     .push(format!("{what}: the password appears in the relay's log"));
             }
         }
-        let accounts: Option<String> =
-            sqlx::query_scalar("SELECT to_regclass('accounts')::text")
-                .fetch_one(&self.db.pool)
-                .await?;
+        let accounts: Option<String> = sqlx::query_scalar("SELECT to_regclass('accounts')::text")
+            .fetch_one(&self.db.pool)
+            .await?;
         if accounts.is_none() {
             self.result
                 .failures
                 .push("the accounts table is gone: an identifier was injected".into());
         }
         // The run itself uses a URL with a password and debug logging: it must never be logged.
-        let url = self.db.url.replacen("postgres@", &format!("postgres:{secret}@"), 1);
+        let url = self
+            .db
+            .url
+            .replacen("postgres@", &format!("postgres:{secret}@"), 1);
         self.base_env.push(kv("OUTBOX_DATABASE_URL", url));
         self.base_env
             .push(kv("RUST_LOG", "debug,rdkafka=info,sqlx=debug"));
@@ -840,7 +950,12 @@ impl<'a> Run<'a> {
         {
             self.result.notes.push(format!(
                 "the relay did not become active: {}",
-                r.log().lines().rev().take(3).collect::<Vec<_>>().join(" | ")
+                r.log()
+                    .lines()
+                    .rev()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
             ));
         }
         let workload = self.settings.workload(self.scenario.fault);
@@ -857,9 +972,10 @@ impl<'a> Run<'a> {
         let at = self.aggregate_type.clone();
         let book = self.book.clone();
         let seed = self.rng.random();
-        let writers = tokio::spawn(async move {
-            workload::run_writers(&db, &at, &workload, seed, book).await
-        });
+        let writers =
+            tokio::spawn(
+                async move { workload::run_writers(&db, &at, &workload, seed, book).await },
+            );
         let fault_result = self.fault_loop(&writers).await;
         let writers_result = writers.await;
         fault_result?;
@@ -885,9 +1001,9 @@ impl<'a> Run<'a> {
             (b.ledger.clone(), b.expected_parked.clone(), b.tx_errors)
         };
         if tx_errors > 0 {
-            self.result
-                .notes
-                .push(format!("{tx_errors} writer transactions failed with an error (counted from their outcome)"));
+            self.result.notes.push(format!(
+                "{tx_errors} writer transactions failed with an error (counted from their outcome)"
+            ));
         }
         let records = outbox_tests::consume_from(
             &self.bootstrap,
@@ -938,17 +1054,19 @@ impl<'a> Run<'a> {
             }
             let stray: HashSet<_> = parked.difference(&expected_parked).collect();
             if !stray.is_empty() {
-                self.result.failures.push(format!(
-                    "{} healthy events were parked",
-                    stray.len()
-                ));
+                self.result
+                    .failures
+                    .push(format!("{} healthy events were parked", stray.len()));
             }
         }
         Ok(())
     }
 
     async fn teardown(mut self) -> RunResult {
-        for r in [self.relay.as_mut(), self.standby.as_mut()].into_iter().flatten() {
+        for r in [self.relay.as_mut(), self.standby.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             r.terminate(Duration::from_secs(10)).await;
         }
         let per_fault = self.live.finish();

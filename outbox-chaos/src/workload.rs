@@ -90,9 +90,11 @@ impl RunDb {
             let mut conn = pool.acquire().await?;
             outbox_core::migrate(&mut conn, &outbox_core::OutboxTable::default()).await?;
         }
-        sqlx::query("CREATE TABLE accounts (id text PRIMARY KEY, version bigint NOT NULL DEFAULT 0)")
-            .execute(&pool)
-            .await?;
+        sqlx::query(
+            "CREATE TABLE accounts (id text PRIMARY KEY, version bigint NOT NULL DEFAULT 0)",
+        )
+        .execute(&pool)
+        .await?;
         let ids: Vec<String> = (0..accounts).map(|i| format!("acct-{i}")).collect();
         sqlx::query("INSERT INTO accounts (id) SELECT unnest($1::text[])")
             .bind(&ids)
@@ -345,9 +347,18 @@ pub async fn run_writers(
         let book = book.clone();
         let at = aggregate_type.to_owned();
         tasks.push(tokio::spawn(async move {
-            if business_tx(&pool, &at, &account, 2, Duration::from_millis(ms), true, None, &book)
-                .await
-                .is_err()
+            if business_tx(
+                &pool,
+                &at,
+                &account,
+                2,
+                Duration::from_millis(ms),
+                true,
+                None,
+                &book,
+            )
+            .await
+            .is_err()
             {
                 book.lock().unwrap().tx_errors += 1;
             }
