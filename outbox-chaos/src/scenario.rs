@@ -310,6 +310,10 @@ pub struct RunResult {
     pub passed: bool,
 }
 
+/// A hostile setting: what it is, the variables, the exit code it must cause (any non-zero
+/// when `None`).
+type HostileCase = (&'static str, Vec<(String, String)>, Option<i32>);
+
 /// One run's moving parts.
 struct Run<'a> {
     env: &'a Env,
@@ -849,7 +853,7 @@ impl<'a> Run<'a> {
 
     async fn hostile_config(&mut self) -> Result<()> {
         let secret = "S3cr3t-Chaos-Pw";
-        let cases: Vec<(&str, Vec<(String, String)>, Option<i32>)> = vec![
+        let cases: Vec<HostileCase> = vec![
             (
                 "table name with SQL injection",
                 vec![kv("OUTBOX_TABLE", "outbox\"; DROP TABLE accounts; --")],
