@@ -1,0 +1,1134 @@
+//! The scenarios and the run loop: set up a database and a topic, start the relay, drive the
+//! writers while the scenario's faults are injected, wait for quiescence, read the topic back
+//! and compare with the ledger.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use outbox_tests::{Consumed, Verdict};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use sqlx::{Connection, PgConnection};
+
+use crate::env::{Env, pause};
+use crate::live::LiveReader;
+use crate::mock::MockBroker;
+use crate::relay::RelayProc;
+use crate::workload::{self, Book, RunDb, SharedBook, Workload};
+
+/// Which source the relay runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceMode {
+    /// `OUTBOX_SOURCE=polling`.
+    Polling,
+    /// `OUTBOX_SOURCE=logical`.
+    Logical,
+}
+
+impl SourceMode {
+    /// `polling` or `logical`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceMode::Polling => "polling",
+            SourceMode::Logical => "logical",
+        }
+    }
+}
+
+const BOTH: &[SourceMode] = &[SourceMode::Polling, SourceMode::Logical];
+const LOGICAL: &[SourceMode] = &[SourceMode::Logical];
+
+/// The fault a scenario injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// No fault: the workload itself is the test (late commits, rollbacks, huge transactions).
+    None,
+    /// SIGTERM and restart.
+    Graceful,
+    /// The relay aborts at a failpoint; restarted.
+    Failpoint(&'static str),
+    /// SIGKILL at random moments; restarted.
+    KillLoop,
+    /// `pg_ctl stop -m immediate`, then start.
+    PgImmediate,
+    /// `pg_terminate_backend` of the relay's sessions.
+    TerminateBackend,
+    /// Mock broker down, then up.
+    BrokerDown,
+    /// Mock broker with added round-trip time.
+    BrokerSlow,
+    /// Mock broker answering produce requests with retriable errors.
+    BrokerRetriable,
+    /// Mock broker answering produce requests with fatal errors.
+    BrokerFatal,
+    /// Two relays; the active one is SIGSTOPped past its lease (its session is cut) and resumed.
+    TwoRelaysStop,
+    /// The replication slot is dropped under the relay.
+    SlotDropped,
+    /// The replication slot is invalidated (`max_slot_wal_keep_size` exceeded).
+    SlotInvalidated,
+    /// Oversized and unroutable events among healthy ones.
+    Poison,
+    /// Hostile configuration (must be refused) and hostile row data (must be relayed).
+    Hostile,
+}
+
+/// A scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    /// Its name (`--scenario`).
+    pub name: &'static str,
+    /// What it injects.
+    pub fault: Fault,
+    /// The source modes it runs in.
+    pub sources: &'static [SourceMode],
+    /// Duplicates must be zero (no crash involved).
+    pub no_duplicates: bool,
+    /// What it shows, for the report.
+    pub about: &'static str,
+}
+
+impl Scenario {
+    /// Whether the broker is librdkafka's mock cluster (else Tansu).
+    pub fn mock(&self) -> bool {
+        matches!(
+            self.fault,
+            Fault::BrokerDown | Fault::BrokerSlow | Fault::BrokerRetriable | Fault::BrokerFatal
+        )
+    }
+}
+
+/// Every scenario, in run order.
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "graceful-restart",
+        fault: Fault::Graceful,
+        sources: BOTH,
+        no_duplicates: true,
+        about: "SIGTERM mid-stream and restart, repeatedly: drain, acknowledge, exit 0",
+    },
+    Scenario {
+        name: "late-commits",
+        fault: Fault::None,
+        sources: BOTH,
+        no_duplicates: true,
+        about: "half the transactions linger before commit (commit order != seq order), two long-open transactions",
+    },
+    Scenario {
+        name: "rollbacks-huge-tx",
+        fault: Fault::None,
+        sources: BOTH,
+        no_duplicates: true,
+        about: "30% rollbacks, one huge committed and one huge rolled-back transaction",
+    },
+    Scenario {
+        name: "failpoint-before-produce",
+        fault: Fault::Failpoint("before_produce"),
+        sources: BOTH,
+        no_duplicates: false,
+        about: "abort after a batch is claimed, before anything is produced",
+    },
+    Scenario {
+        name: "failpoint-after-kafka-ack",
+        fault: Fault::Failpoint("after_kafka_ack"),
+        sources: BOTH,
+        no_duplicates: false,
+        about: "abort after Kafka acknowledged a batch, before the source is acknowledged",
+    },
+    Scenario {
+        name: "failpoint-after-source-ack",
+        fault: Fault::Failpoint("after_source_ack"),
+        sources: BOTH,
+        no_duplicates: false,
+        about: "abort right after the source acknowledgement",
+    },
+    Scenario {
+        name: "kill-loop",
+        fault: Fault::KillLoop,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "SIGKILL at random moments, restart",
+    },
+    Scenario {
+        name: "pg-immediate-restart",
+        fault: Fault::PgImmediate,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "pg_ctl stop -m immediate and start, under load (harness-owned cluster only)",
+    },
+    Scenario {
+        name: "terminate-backend",
+        fault: Fault::TerminateBackend,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "pg_terminate_backend of every relay session (leader lock, listener, walsender)",
+    },
+    Scenario {
+        name: "broker-down",
+        fault: Fault::BrokerDown,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "mock broker down longer than the delivery timeout, then up",
+    },
+    Scenario {
+        name: "broker-slow",
+        fault: Fault::BrokerSlow,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "mock broker with 400 ms added round-trip time",
+    },
+    Scenario {
+        name: "broker-retriable-errors",
+        fault: Fault::BrokerRetriable,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "produce answered with NOT_ENOUGH_REPLICAS / REQUEST_TIMED_OUT",
+    },
+    Scenario {
+        name: "broker-fatal-errors",
+        fault: Fault::BrokerFatal,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "produce answered with INVALID_PRODUCER_EPOCH (fatal for an idempotent producer)",
+    },
+    Scenario {
+        name: "two-relays-sigstop",
+        fault: Fault::TwoRelaysStop,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "active relay SIGSTOPped, its session cut (lease lost), standby takes over, old one resumed",
+    },
+    Scenario {
+        name: "slot-dropped",
+        fault: Fault::SlotDropped,
+        sources: LOGICAL,
+        no_duplicates: false,
+        about: "the replication slot is dropped under a running relay",
+    },
+    Scenario {
+        name: "slot-invalidated",
+        fault: Fault::SlotInvalidated,
+        sources: LOGICAL,
+        no_duplicates: false,
+        about: "the slot is invalidated by max_slot_wal_keep_size while the relay is stopped (harness-owned cluster only)",
+    },
+    Scenario {
+        name: "poison-events",
+        fault: Fault::Poison,
+        sources: BOTH,
+        no_duplicates: true,
+        about: "an oversized and an unroutable event, each followed by a healthy event of the same aggregate",
+    },
+    Scenario {
+        name: "hostile",
+        fault: Fault::Hostile,
+        sources: BOTH,
+        no_duplicates: true,
+        about: "hostile settings refused with exit 2/1 and no secret logged; hostile ids, types, headers, payloads relayed",
+    },
+];
+
+/// Knobs of a whole chaos session.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Small workloads.
+    pub quick: bool,
+    /// Base seed; run k of a scenario uses `seed + k`.
+    pub seed: u64,
+    /// Relay batch size.
+    pub batch_size: usize,
+    /// Batches the relay keeps in flight (for the duplicate bound).
+    pub in_flight: usize,
+    /// Partitions of each run's topic.
+    pub partitions: i32,
+}
+
+impl Settings {
+    /// The unacknowledged window: at most this many events are re-sent after one crash.
+    pub fn window(&self, source: SourceMode) -> usize {
+        match source {
+            SourceMode::Polling => self.batch_size * self.in_flight,
+            // Between standby status updates an acknowledged position lives only in the relay:
+            // one more batch window may be re-streamed.
+            SourceMode::Logical => self.batch_size * (self.in_flight + 1),
+        }
+    }
+
+    fn workload(&self, fault: Fault) -> Workload {
+        let (writers, txs) = if self.quick { (4, 30) } else { (6, 120) };
+        let mut w = Workload {
+            writers,
+            txs,
+            accounts: 12,
+            max_events: 3,
+            rollback_pct: 10,
+            linger_pct: 20,
+            linger_max_ms: 40,
+            pace_ms: 30,
+            long_open_ms: vec![2500],
+            huge: Vec::new(),
+            hostile: false,
+        };
+        match fault {
+            Fault::None => {
+                w.linger_pct = 50;
+                w.linger_max_ms = 200;
+                w.long_open_ms = vec![2000, 4000];
+            }
+            Fault::Hostile => w.hostile = true,
+            _ => {}
+        }
+        w
+    }
+}
+
+/// What one run showed.
+#[derive(Debug, Default, Clone)]
+pub struct RunResult {
+    /// Committed events (ledger).
+    pub committed: usize,
+    /// Rolled-back events (ledger).
+    pub rolled_back: usize,
+    /// The comparison.
+    pub verdict: Verdict,
+    /// Records whose `id` header is missing or not a UUID (counted as phantoms).
+    pub unidentified: usize,
+    /// Faults injected.
+    pub faults: usize,
+    /// Duplicates attributed to each fault.
+    pub per_fault: Vec<usize>,
+    /// Recovery times after each fault, ms.
+    pub recovery_ms: Vec<f64>,
+    /// Problems that fail the run besides the figures.
+    pub failures: Vec<String>,
+    /// Observations.
+    pub notes: Vec<String>,
+    /// Whether the run passed.
+    pub passed: bool,
+}
+
+/// A hostile setting: what it is, the variables, the exit code it must cause (any non-zero
+/// when `None`).
+type HostileCase = (&'static str, Vec<(String, String)>, Option<i32>);
+
+/// One run's moving parts.
+struct Run<'a> {
+    env: &'a Env,
+    settings: &'a Settings,
+    scenario: &'a Scenario,
+    bin: PathBuf,
+    db: Arc<RunDb>,
+    topic: String,
+    aggregate_type: String,
+    bootstrap: String,
+    slot: String,
+    base_env: Vec<(String, String)>,
+    relay: Option<RelayProc>,
+    standby: Option<RelayProc>,
+    live: LiveReader,
+    book: SharedBook,
+    mock: Option<MockBroker>,
+    rng: StdRng,
+    result: RunResult,
+    probes: usize,
+}
+
+fn kv(k: &str, v: impl Into<String>) -> (String, String) {
+    (k.to_owned(), v.into())
+}
+
+/// Creates `topic` on Tansu.
+async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<()> {
+    use rdkafka::ClientConfig;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?
+    {
+        if let Err((t, e)) = r {
+            anyhow::bail!("creating topic {t}: {e}");
+        }
+    }
+    Ok(())
+}
+
+impl<'a> Run<'a> {
+    async fn setup(
+        env: &'a Env,
+        settings: &'a Settings,
+        scenario: &'a Scenario,
+        source: SourceMode,
+        bin: &Path,
+        mutant: Option<&str>,
+        seed: u64,
+    ) -> Result<Self> {
+        let tag = &outbox_tests::unique("c")[2..];
+        let db_name = format!("chaos_{}_{tag}", scenario.name.replace('-', "_"));
+        let db = Arc::new(RunDb::create(&env.admin_url, &db_name, 12).await?);
+        let aggregate_type = format!("chaos_{tag}");
+        let topic = format!("outbox.event.{aggregate_type}");
+        let mut mock = None;
+        let bootstrap = if scenario.mock() {
+            let mut m = MockBroker::start().await?;
+            m.command(&format!("topic {topic} {}", settings.partitions))
+                .await?;
+            let b = m.bootstrap.clone();
+            mock = Some(m);
+            b
+        } else {
+            create_topic(&env.tansu, &topic, settings.partitions).await?;
+            env.tansu.clone()
+        };
+        let slot = format!("chaos_{tag}");
+        let delivery_timeout = if scenario.mock() { "3s" } else { "10s" };
+        let mut base_env = vec![
+            kv("OUTBOX_DATABASE_URL", db.url.clone()),
+            kv("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", bootstrap.clone()),
+            kv("OUTBOX_SOURCE", source.as_str()),
+            kv("OUTBOX_SLOT", slot.clone()),
+            kv("OUTBOX_PUBLICATION", slot.clone()),
+            kv("OUTBOX_POLL_INTERVAL", "200ms"),
+            kv("OUTBOX_STANDBY_INTERVAL", "200ms"),
+            kv("OUTBOX_BATCH_SIZE", settings.batch_size.to_string()),
+            kv(
+                "OUTBOX_MAX_IN_FLIGHT_BATCHES",
+                settings.in_flight.to_string(),
+            ),
+            kv("OUTBOX_STATUS_INTERVAL", "250ms"),
+            kv("OUTBOX_HEARTBEAT_INTERVAL", "2s"),
+            kv("OUTBOX_SHUTDOWN_TIMEOUT", "20s"),
+            kv("OUTBOX_RETENTION", "0s"),
+            kv("OUTBOX_KAFKA__DELIVERY_TIMEOUT", delivery_timeout),
+            kv("RUST_LOG", "info,sqlx=warn,rdkafka=warn"),
+        ];
+        if let Some(m) = mutant {
+            base_env.push(kv("OUTBOX_MUTANT", m));
+        }
+        let live = LiveReader::start(&bootstrap, &topic, settings.partitions)?;
+        Ok(Self {
+            env,
+            settings,
+            scenario,
+            bin: bin.to_path_buf(),
+            db,
+            topic,
+            aggregate_type,
+            bootstrap,
+            slot,
+            base_env,
+            relay: None,
+            standby: None,
+            live,
+            book: Arc::new(Mutex::new(Book::default())),
+            mock,
+            rng: StdRng::seed_from_u64(seed),
+            result: RunResult::default(),
+            probes: 0,
+        })
+    }
+
+    fn spawn(&self, name: &str, extra: &[(String, String)]) -> Result<RelayProc> {
+        let mut env = self.base_env.clone();
+        env.extend_from_slice(extra);
+        RelayProc::start(&self.bin, name, &env)
+    }
+
+    async fn start_relay(&mut self, extra: &[(String, String)]) -> Result<()> {
+        let r = self.spawn("a", extra)?;
+        self.relay = Some(r);
+        Ok(())
+    }
+
+    /// Restarts the relay if it exited on its own (a supervisor would), noting it.
+    async fn supervise(&mut self) -> Result<()> {
+        let exited = match self.relay.as_mut() {
+            Some(r) => r.exit_code(),
+            None => return Ok(()),
+        };
+        if let Some(code) = exited {
+            let log = self.relay.as_ref().map(|r| r.log()).unwrap_or_default();
+            let last: Vec<&str> = log.lines().rev().take(3).collect();
+            let name = self
+                .relay
+                .as_ref()
+                .map(|r| r.name.clone())
+                .unwrap_or_default();
+            self.result.notes.push(format!(
+                "relay {name} exited on its own with code {code} (restarted): {}",
+                last.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            ));
+            self.start_relay(&[]).await?;
+        }
+        Ok(())
+    }
+
+    /// A fault has ended: measure the time until a fresh event is acknowledged.
+    async fn recovered(&mut self) -> Result<()> {
+        let started = Instant::now();
+        self.probes += 1;
+        let id = workload::probe(&self.db, &self.aggregate_type, self.probes, &self.book).await?;
+        let deadline = Duration::from_secs(if self.settings.quick { 30 } else { 60 });
+        loop {
+            if let Some(_d) =
+                workload::wait_published(&self.db, id, Duration::from_millis(500)).await
+            {
+                self.result
+                    .recovery_ms
+                    .push(started.elapsed().as_secs_f64() * 1000.0);
+                return Ok(());
+            }
+            self.supervise().await?;
+            if started.elapsed() > deadline {
+                self.result.failures.push(format!(
+                    "no recovery: a probe committed after fault {} was not acknowledged within {deadline:?}",
+                    self.result.faults
+                ));
+                return Ok(());
+            }
+        }
+    }
+
+    fn gap(&mut self, lo: u64, hi: u64) -> u64 {
+        self.rng.random_range(lo..=hi)
+    }
+
+    async fn terminate_relay_sessions(&self) -> Result<u64> {
+        let mut admin = PgConnection::connect(&self.env.admin_url).await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()
+               AND (application_name LIKE 'outbox-relay%' OR backend_type = 'walsender')",
+        )
+        .bind(&self.db.name)
+        .fetch_one(&mut admin)
+        .await?;
+        let _ = admin.close().await;
+        Ok(n as u64)
+    }
+
+    /// Cuts the sessions of the leader-lock holder and every walsender of the database.
+    async fn cut_leader(&self) -> Result<u64> {
+        let mut admin = PgConnection::connect(&self.env.admin_url).await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a
+             WHERE a.datname = $1 AND a.pid <> pg_backend_pid()
+               AND (a.backend_type = 'walsender'
+                    OR a.pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted))",
+        )
+        .bind(&self.db.name)
+        .fetch_one(&mut admin)
+        .await?;
+        let _ = admin.close().await;
+        Ok(n as u64)
+    }
+
+    async fn fault_loop(&mut self, writers: &tokio::task::JoinHandle<Result<()>>) -> Result<()> {
+        let quick = self.settings.quick;
+        let max_faults = if quick { 3 } else { 6 };
+        let quiet = Duration::from_millis(400);
+        let max_quiet = Duration::from_secs(3);
+        match self.scenario.fault {
+            Fault::None | Fault::Hostile => {}
+            Fault::Poison => {
+                pause(500).await;
+                let notes = workload::poison(&self.db, &self.aggregate_type, &self.book).await?;
+                self.result.failures.extend(notes);
+            }
+            Fault::Graceful | Fault::KillLoop => {
+                while self.result.faults < max_faults && !writers.is_finished() {
+                    let g = self.gap(400, 1500);
+                    pause(g).await;
+                    self.supervise().await?;
+                    let relay = self.relay.as_mut().context("relay")?;
+                    if self.scenario.fault == Fault::Graceful {
+                        match relay.terminate(Duration::from_secs(25)).await {
+                            Some(0) => {}
+                            other => self.result.failures.push(format!(
+                                "graceful stop exited with {other:?}: {}",
+                                relay
+                                    .log()
+                                    .lines()
+                                    .rev()
+                                    .take(2)
+                                    .collect::<Vec<_>>()
+                                    .join(" | ")
+                            )),
+                        }
+                    } else {
+                        relay.kill9().await;
+                    }
+                    self.result.faults += 1;
+                    self.live.mark_after_quiet(quiet, max_quiet).await;
+                    self.start_relay(&[]).await?;
+                    self.recovered().await?;
+                }
+            }
+            Fault::Failpoint(point) => {
+                let n = self.gap(1, 4);
+                if let Some(mut r) = self.relay.take() {
+                    r.kill9().await;
+                }
+                self.start_relay(&[kv("OUTBOX_FAILPOINT", format!("{point}:{n}"))])
+                    .await?;
+                let mut idle_since: Option<Instant> = None;
+                loop {
+                    pause(20).await;
+                    let relay = self.relay.as_mut().context("relay")?;
+                    if relay.exit_code().is_some() {
+                        self.result.faults += 1;
+                        idle_since = None;
+                        self.live.mark_after_quiet(quiet, max_quiet).await;
+                        if self.result.faults < max_faults {
+                            let n = self.gap(1, 4);
+                            self.start_relay(&[kv("OUTBOX_FAILPOINT", format!("{point}:{n}"))])
+                                .await?;
+                        } else {
+                            self.start_relay(&[]).await?;
+                            self.recovered().await?;
+                            break;
+                        }
+                    } else if writers.is_finished() {
+                        let since = *idle_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > Duration::from_secs(5) {
+                            // The point was not reached again: carry on without it.
+                            self.relay.as_mut().unwrap().kill9().await;
+                            self.start_relay(&[]).await?;
+                            self.recovered().await?;
+                            break;
+                        }
+                    }
+                }
+                if self.result.faults == 0 {
+                    self.result
+                        .failures
+                        .push(format!("the failpoint `{point}` never fired (built without the `failpoints` feature?)"));
+                }
+            }
+            Fault::PgImmediate => {
+                let Some(own) = self.env.own.clone() else {
+                    self.result
+                        .notes
+                        .push("skipped: the cluster is not the harness's own".into());
+                    return Ok(());
+                };
+                let faults = if quick { 2 } else { 3 };
+                while self.result.faults < faults && !writers.is_finished() {
+                    let g = self.gap(700, 1500);
+                    pause(g).await;
+                    own.stop_immediate()?;
+                    self.live.mark();
+                    pause(1000).await;
+                    own.start()?;
+                    self.result.faults += 1;
+                    self.recovered().await?;
+                }
+            }
+            Fault::TerminateBackend => {
+                while self.result.faults < max_faults + 1 && !writers.is_finished() {
+                    let g = self.gap(300, 1200);
+                    pause(g).await;
+                    let n = self.terminate_relay_sessions().await?;
+                    if n > 0 {
+                        self.result.faults += 1;
+                        self.live.mark();
+                        self.recovered().await?;
+                    }
+                }
+            }
+            Fault::BrokerDown | Fault::BrokerSlow | Fault::BrokerRetriable | Fault::BrokerFatal => {
+                let faults = if quick { 2 } else { 4 };
+                while self.result.faults < faults && !writers.is_finished() {
+                    let g = self.gap(500, 1200);
+                    pause(g).await;
+                    self.live.mark();
+                    let mock = self.mock.as_mut().context("mock broker")?;
+                    match self.scenario.fault {
+                        Fault::BrokerDown => {
+                            mock.command("down").await?;
+                            pause(4000).await;
+                            mock.command("up").await?;
+                        }
+                        Fault::BrokerSlow => {
+                            mock.command("rtt 400").await?;
+                            pause(3000).await;
+                            mock.command("rtt 0").await?;
+                        }
+                        Fault::BrokerRetriable => {
+                            mock.command("errors not_enough_replicas request_timed_out not_enough_replicas request_timed_out").await?;
+                            pause(2000).await;
+                            mock.command("clear").await?;
+                        }
+                        _ => {
+                            mock.command("errors invalid_producer_epoch").await?;
+                            pause(2000).await;
+                            mock.command("clear").await?;
+                        }
+                    }
+                    self.result.faults += 1;
+                    self.recovered().await?;
+                }
+            }
+            Fault::TwoRelaysStop => {
+                let standby = self.spawn("b", &[])?;
+                self.standby = Some(standby);
+                let faults = if quick { 1 } else { 2 };
+                while self.result.faults < faults && !writers.is_finished() {
+                    let g = self.gap(500, 1200);
+                    pause(g).await;
+                    let active = self.relay.as_mut().context("relay")?;
+                    active.signal("STOP").await?;
+                    self.live.mark();
+                    pause(300).await;
+                    let leads = |r: &Option<RelayProc>| {
+                        r.as_ref()
+                            .map(|r| r.log().matches("acquired the leader lock").count())
+                            .unwrap_or(0)
+                    };
+                    let before = leads(&self.standby);
+                    self.cut_leader().await?;
+                    let deadline = Instant::now() + Duration::from_secs(15);
+                    while leads(&self.standby) == before {
+                        if Instant::now() > deadline {
+                            self.result.failures.push("the standby never took over after the active relay's session was cut".into());
+                            break;
+                        }
+                        pause(25).await;
+                    }
+                    // The new leader works for a while; then the old one wakes up.
+                    pause(1500).await;
+                    let active = self.relay.as_mut().context("relay")?;
+                    active.signal("CONT").await?;
+                    self.result.faults += 1;
+                    pause(1500).await;
+                    std::mem::swap(&mut self.relay, &mut self.standby);
+                    self.recovered().await?;
+                }
+            }
+            Fault::SlotDropped => {
+                let faults = if quick { 1 } else { 2 };
+                while self.result.faults < faults && !writers.is_finished() {
+                    let g = self.gap(800, 1500);
+                    pause(g).await;
+                    if self.drop_slot().await? {
+                        self.result.faults += 1;
+                        self.live.mark();
+                        self.recovered().await?;
+                    }
+                }
+            }
+            Fault::SlotInvalidated => {
+                let Some(_own) = self.env.own.clone() else {
+                    self.result
+                        .notes
+                        .push("skipped: the cluster is not the harness's own".into());
+                    return Ok(());
+                };
+                pause(1000).await;
+                self.invalidate_slot().await?;
+                self.result.faults += 1;
+                self.live.mark();
+                self.recovered().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn drop_slot(&self) -> Result<bool> {
+        let mut admin = PgConnection::connect(&self.env.admin_url).await?;
+        for _ in 0..100 {
+            let _ = sqlx::query(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                 WHERE slot_name = $1 AND active_pid IS NOT NULL",
+            )
+            .bind(&self.slot)
+            .execute(&mut admin)
+            .await;
+            let r = sqlx::query("SELECT pg_drop_replication_slot($1)")
+                .bind(&self.slot)
+                .execute(&mut admin)
+                .await;
+            match r {
+                Ok(_) => return Ok(true),
+                Err(e) if e.to_string().contains("does not exist") => return Ok(false),
+                Err(_) => pause(5).await,
+            }
+        }
+        Ok(false)
+    }
+
+    async fn invalidate_slot(&mut self) -> Result<()> {
+        let relay = self.relay.as_mut().context("relay")?;
+        relay.signal("STOP").await?;
+        let mut admin = PgConnection::connect(&self.env.admin_url).await?;
+        sqlx::query("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+            .execute(&mut admin)
+            .await?;
+        sqlx::query("SELECT pg_reload_conf()")
+            .execute(&mut admin)
+            .await?;
+        let mut conn = PgConnection::connect(&self.db.url).await?;
+        sqlx::query("CREATE TABLE IF NOT EXISTS chaos_wal (x text)")
+            .execute(&mut conn)
+            .await?;
+        let mut lost = false;
+        for _ in 0..10 {
+            sqlx::query(
+                "INSERT INTO chaos_wal SELECT repeat('w', 1000) FROM generate_series(1, 20000)",
+            )
+            .execute(&mut conn)
+            .await?;
+            sqlx::query("SELECT pg_switch_wal()")
+                .execute(&mut admin)
+                .await?;
+            sqlx::query("CHECKPOINT").execute(&mut admin).await?;
+            let status: Option<String> = sqlx::query_scalar(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            )
+            .bind(&self.slot)
+            .fetch_optional(&mut admin)
+            .await?
+            .flatten();
+            if status.as_deref() == Some("lost") || status.is_none() {
+                lost = true;
+                break;
+            }
+        }
+        sqlx::query("ALTER SYSTEM RESET max_slot_wal_keep_size")
+            .execute(&mut admin)
+            .await?;
+        sqlx::query("SELECT pg_reload_conf()")
+            .execute(&mut admin)
+            .await?;
+        sqlx::query("TRUNCATE chaos_wal").execute(&mut conn).await?;
+        if !lost {
+            self.result
+                .failures
+                .push("could not invalidate the slot (wal_status never became `lost`)".into());
+        }
+        let relay = self.relay.as_mut().context("relay")?;
+        relay.signal("CONT").await?;
+        Ok(())
+    }
+
+    /// Waits until every committed row is acknowledged, or progress stops.
+    async fn quiesce(&mut self) -> Result<bool> {
+        let cap = Duration::from_secs(if self.settings.quick { 60 } else { 120 });
+        let stall = Duration::from_secs(10);
+        let started = Instant::now();
+        let mut last = (i64::MAX, Instant::now());
+        loop {
+            self.supervise().await?;
+            let n = match self.db.unpublished().await {
+                Ok(n) => n,
+                Err(_) => {
+                    pause(200).await;
+                    continue;
+                }
+            };
+            if n == 0 {
+                return Ok(true);
+            }
+            if n < last.0 {
+                last = (n, Instant::now());
+            }
+            if last.1.elapsed() > stall || started.elapsed() > cap {
+                self.result.notes.push(format!(
+                    "{n} rows still unacknowledged when the run stopped waiting"
+                ));
+                return Ok(false);
+            }
+            pause(100).await;
+        }
+    }
+
+    async fn hostile_config(&mut self) -> Result<()> {
+        let secret = "S3cr3t-Chaos-Pw";
+        let cases: Vec<HostileCase> = vec![
+            (
+                "table name with SQL injection",
+                vec![kv("OUTBOX_TABLE", "outbox\"; DROP TABLE accounts; --")],
+                Some(2),
+            ),
+            (
+                "illegal topic template",
+                vec![kv("OUTBOX_TOPIC", "bad topic/{aggregatetype}")],
+                Some(2),
+            ),
+            (
+                "slot name with injection",
+                vec![kv("OUTBOX_SLOT", "Bad-Slot; DROP")],
+                Some(2),
+            ),
+            (
+                "idempotence turned off",
+                vec![kv("OUTBOX_KAFKA__PROPERTIES__ENABLE_IDEMPOTENCE", "false")],
+                Some(2),
+            ),
+            (
+                "TLS against a plaintext broker, bogus CA",
+                vec![
+                    kv("OUTBOX_KAFKA__PROPERTIES__SECURITY_PROTOCOL", "ssl"),
+                    kv("OUTBOX_KAFKA__PROPERTIES__SSL_CA_LOCATION", "/etc/hostname"),
+                    kv("OUTBOX_KAFKA__CONNECT_TIMEOUT", "3s"),
+                ],
+                None,
+            ),
+            (
+                "unreachable database with a password",
+                vec![
+                    kv(
+                        "OUTBOX_DATABASE_URL",
+                        format!("postgres://postgres:{secret}@127.0.0.1:1/{}", self.db.name),
+                    ),
+                    kv("OUTBOX_CONNECT_TIMEOUT", "3s"),
+                    kv("RUST_LOG", "debug"),
+                ],
+                None,
+            ),
+        ];
+        for (what, extra, code) in cases {
+            let mut r = self.spawn("hostile", &extra)?;
+            let got = r.wait_exit(Duration::from_secs(30)).await;
+            let log = r.log();
+            match (got, code) {
+                (None, _) => {
+                    r.kill9().await;
+                    self.result
+                        .failures
+                        .push(format!("{what}: the relay did not exit within 30s"));
+                }
+                (Some(0), _) => self
+                    .result
+                    .failures
+                    .push(format!("{what}: the relay accepted it (exit 0)")),
+                (Some(c), Some(want)) if c != want => self
+                    .result
+                    .failures
+                    .push(format!("{what}: exit {c}, expected {want}")),
+                _ => {}
+            }
+            if log.contains(secret) {
+                self.result
+                    .failures
+                    .push(format!("{what}: the password appears in the relay's log"));
+            }
+        }
+        let accounts: Option<String> = sqlx::query_scalar("SELECT to_regclass('accounts')::text")
+            .fetch_one(&self.db.pool)
+            .await?;
+        if accounts.is_none() {
+            self.result
+                .failures
+                .push("the accounts table is gone: an identifier was injected".into());
+        }
+        // The run itself uses a URL with a password and debug logging: it must never be logged.
+        let url = self
+            .db
+            .url
+            .replacen("postgres@", &format!("postgres:{secret}@"), 1);
+        self.base_env.push(kv("OUTBOX_DATABASE_URL", url));
+        self.base_env
+            .push(kv("RUST_LOG", "debug,rdkafka=info,sqlx=debug"));
+        Ok(())
+    }
+
+    async fn execute(&mut self) -> Result<()> {
+        if self.scenario.fault == Fault::Hostile {
+            self.hostile_config().await?;
+        }
+        self.start_relay(&[]).await?;
+        if let Some(r) = self.relay.as_mut()
+            && !r
+                .wait_for_log("acquired the leader lock", Duration::from_secs(30))
+                .await
+        {
+            self.result.notes.push(format!(
+                "the relay did not become active: {}",
+                r.log()
+                    .lines()
+                    .rev()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            ));
+        }
+        let workload = self.settings.workload(self.scenario.fault);
+        let mut workload = workload;
+        if self.scenario.name == "rollbacks-huge-tx" {
+            workload.rollback_pct = 30;
+            workload.huge = if self.settings.quick {
+                vec![(2000, true), (1000, false)]
+            } else {
+                vec![(10_000, true), (5000, false)]
+            };
+        }
+        let db = self.db.clone();
+        let at = self.aggregate_type.clone();
+        let book = self.book.clone();
+        let seed = self.rng.random();
+        let writers =
+            tokio::spawn(
+                async move { workload::run_writers(&db, &at, &workload, seed, book).await },
+            );
+        let fault_result = self.fault_loop(&writers).await;
+        let writers_result = writers.await;
+        fault_result?;
+        writers_result.context("writers")??;
+        if self.scenario.fault == Fault::Hostile
+            && let Some(r) = self.relay.as_ref()
+            && r.log().contains("S3cr3t-Chaos-Pw")
+        {
+            self.result
+                .failures
+                .push("the database password appears in the running relay's debug log".into());
+        }
+        // Every faulted relay is back; wait for the backlog to drain.
+        if let Some(r) = self.relay.as_mut()
+            && r.exit_code().is_some()
+        {
+            self.supervise().await?;
+        }
+        let quiesced = self.quiesce().await?;
+        Book::resolve(&self.book, &self.db.pool).await?;
+        let (ledger, expected_parked, tx_errors) = {
+            let b = self.book.lock().unwrap();
+            (b.ledger.clone(), b.expected_parked.clone(), b.tx_errors)
+        };
+        if tx_errors > 0 {
+            self.result.notes.push(format!(
+                "{tx_errors} writer transactions failed with an error (counted from their outcome)"
+            ));
+        }
+        let records = outbox_tests::consume_from(
+            &self.bootstrap,
+            &[&self.topic],
+            ledger.committed.len(),
+            Duration::from_millis(if quiesced { 1500 } else { 3000 }),
+            Duration::from_secs(30),
+        )
+        .await?;
+        let (good, bad): (Vec<Consumed>, Vec<Consumed>) = records.into_iter().partition(|r| {
+            r.header("id")
+                .is_some_and(|id| uuid::Uuid::parse_str(id).is_ok())
+        });
+        self.result.unidentified = bad.len();
+        self.result.verdict = Verdict::check(&ledger, &good);
+        self.result.committed = ledger.committed.len();
+        if self.result.verdict.lost > 0 {
+            let read: HashSet<uuid::Uuid> = good.iter().map(|r| r.event_id()).collect();
+            let lost: Vec<uuid::Uuid> = ledger
+                .committed
+                .iter()
+                .filter(|id| !read.contains(id))
+                .copied()
+                .collect();
+            let rows: Vec<(uuid::Uuid, String, i64, Option<i64>, bool)> = sqlx::query_as(
+                "SELECT id, aggregateid, seq, aggregate_seq, published_at IS NOT NULL FROM outbox
+                 WHERE id = ANY($1) ORDER BY seq LIMIT 8",
+            )
+            .bind(&lost)
+            .fetch_all(&self.db.pool)
+            .await
+            .unwrap_or_default();
+            for (id, agg, seq, aseq, published) in rows {
+                self.result.failures.push(format!(
+                    "lost {id}: aggregate {agg:?} seq {seq} aggregate_seq {aseq:?} marked published: {published}"
+                ));
+            }
+        }
+        self.result.rolled_back = ledger.rolled_back.len();
+        if !expected_parked.is_empty() {
+            let parked = self.db.parked().await?;
+            let missing = expected_parked.difference(&parked).count();
+            if missing > 0 {
+                self.result.failures.push(format!(
+                    "{missing} of {} poison/held events are not in the parked table",
+                    expected_parked.len()
+                ));
+            }
+            let stray: HashSet<_> = parked.difference(&expected_parked).collect();
+            if !stray.is_empty() {
+                self.result
+                    .failures
+                    .push(format!("{} healthy events were parked", stray.len()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn teardown(mut self) -> RunResult {
+        for r in [self.relay.as_mut(), self.standby.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            r.terminate(Duration::from_secs(10)).await;
+        }
+        let per_fault = self.live.finish();
+        self.result.per_fault = per_fault;
+        drop(self.mock.take());
+        let db = Arc::try_unwrap(self.db).ok();
+        if let Some(db) = db
+            && let Err(e) = db.destroy(&self.env.admin_url).await
+        {
+            self.result.notes.push(format!("cleanup: {e}"));
+        }
+        self.result
+    }
+}
+
+/// Runs one scenario once in one source mode with `bin`; `mutant` names the broken behaviour
+/// turned on (mutant runs only).
+pub async fn run_once(
+    env: &Env,
+    settings: &Settings,
+    scenario: &Scenario,
+    source: SourceMode,
+    bin: &Path,
+    mutant: Option<&str>,
+    seed: u64,
+) -> Result<RunResult> {
+    let mut run = Run::setup(env, settings, scenario, source, bin, mutant, seed).await?;
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(if settings.quick { 240 } else { 600 }),
+        run.execute(),
+    )
+    .await;
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => run.result.failures.push(format!("harness error: {e:#}")),
+        Err(_) => run.result.failures.push("the run timed out".into()),
+    }
+    let mut result = run.teardown().await;
+    let v = &result.verdict;
+    let window = settings.window(source);
+    let max_per_fault = result.per_fault.iter().copied().max().unwrap_or(0);
+    let dup_ok = if scenario.no_duplicates {
+        v.duplicates == 0
+    } else {
+        v.duplicates <= window * result.faults.max(1) && max_per_fault <= window
+    };
+    if !dup_ok {
+        result.failures.push(format!(
+            "duplicates {} (max {max_per_fault} per fault over {} faults) exceed the bound ({})",
+            v.duplicates,
+            result.faults,
+            if scenario.no_duplicates { 0 } else { window }
+        ));
+    }
+    result.passed = v.lost == 0
+        && v.phantom == 0
+        && result.unidentified == 0
+        && v.inversions == 0
+        && result.failures.is_empty();
+    Ok(result)
+}
