@@ -144,6 +144,7 @@ const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "confirm_on_receipt",
         tries: &[
+            ("broker-down-kill", SourceMode::Logical),
             ("failpoint-before-produce", SourceMode::Logical),
             ("kill-loop", SourceMode::Logical),
         ],
