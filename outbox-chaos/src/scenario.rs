@@ -548,7 +548,7 @@ impl<'a> Run<'a> {
     async fn fault_loop(&mut self, writers: &tokio::task::JoinHandle<Result<()>>) -> Result<()> {
         let quick = self.settings.quick;
         let max_faults = if quick { 3 } else { 6 };
-        let quiet = Duration::from_millis(400);
+        let quiet = Duration::from_millis(800);
         let max_quiet = Duration::from_secs(3);
         match self.scenario.fault {
             Fault::None | Fault::Hostile => {}
