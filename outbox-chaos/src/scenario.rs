@@ -699,7 +699,7 @@ impl<'a> Run<'a> {
                         _ => {
                             // Alternately a fatal idempotence error and a non-retriable error of
                             // single Produce requests (later requests of the partition succeed).
-                            if self.result.faults % 2 == 0 {
+                            if self.result.faults.is_multiple_of(2) {
                                 mock.command("errors invalid_producer_epoch").await?;
                             } else {
                                 mock.command("errors unknown_server_error unknown_server_error")
