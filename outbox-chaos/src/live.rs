@@ -32,6 +32,8 @@ impl LiveReader {
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("topic.metadata.refresh.interval.ms", "1000")
+            // Short fetch long-polls, so that "quiet" at a fault marker means nothing is pending.
+            .set("fetch.wait.max.ms", "20")
             .create()?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {

@@ -59,6 +59,10 @@ struct Cli {
     /// Skip the mutant runs.
     #[arg(long)]
     no_mutants: bool,
+    /// Mutants known not to be caught yet (reported with `caught: false`, but not failing the
+    /// exit status); comma-separated. See RELIABILITY.md.
+    #[arg(long, value_delimiter = ',')]
+    known_uncaught: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -144,6 +148,7 @@ const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "confirm_on_receipt",
         tries: &[
+            ("broker-down-kill", SourceMode::Logical),
             ("failpoint-before-produce", SourceMode::Logical),
             ("kill-loop", SourceMode::Logical),
         ],
@@ -230,7 +235,7 @@ async fn chaos(cli: Cli) -> Result<()> {
             report
                 .mutants
                 .iter()
-                .filter(|m| !m.caught)
+                .filter(|m| !m.caught && !cli.known_uncaught.contains(&m.name))
                 .map(|m| format!("mutant {} not caught", m.name)),
         )
         .collect();

@@ -12,8 +12,8 @@
 //! | `clear`                 | forget injected Produce errors                                |
 //!
 //! Error names: `not_enough_replicas`, `request_timed_out` (retriable),
-//! `invalid_producer_epoch`, `cluster_authorization_failed`, `topic_authorization_failed`
-//! (fatal). The helper exits when its stdin closes.
+//! `invalid_producer_epoch`, `cluster_authorization_failed`, `topic_authorization_failed`,
+//! `unknown_server_error` (not retriable). The helper exits when its stdin closes.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -34,6 +34,7 @@ fn error_code(name: &str) -> Option<RDKafkaRespErr> {
         "invalid_producer_epoch" => RD_KAFKA_RESP_ERR_INVALID_PRODUCER_EPOCH,
         "cluster_authorization_failed" => RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED,
         "topic_authorization_failed" => RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        "unknown_server_error" => RD_KAFKA_RESP_ERR_UNKNOWN,
         _ => return None,
     })
 }

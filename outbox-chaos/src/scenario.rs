@@ -58,6 +58,8 @@ pub enum Fault {
     TerminateBackend,
     /// Mock broker down, then up.
     BrokerDown,
+    /// Mock broker down; the relay is SIGKILLed during the outage, restarted, broker up.
+    BrokerDownKill,
     /// Mock broker with added round-trip time.
     BrokerSlow,
     /// Mock broker answering produce requests with retriable errors.
@@ -96,7 +98,11 @@ impl Scenario {
     pub fn mock(&self) -> bool {
         matches!(
             self.fault,
-            Fault::BrokerDown | Fault::BrokerSlow | Fault::BrokerRetriable | Fault::BrokerFatal
+            Fault::BrokerDown
+                | Fault::BrokerDownKill
+                | Fault::BrokerSlow
+                | Fault::BrokerRetriable
+                | Fault::BrokerFatal
         )
     }
 }
@@ -174,6 +180,13 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "mock broker down longer than the delivery timeout, then up",
     },
     Scenario {
+        name: "broker-down-kill",
+        fault: Fault::BrokerDownKill,
+        sources: BOTH,
+        no_duplicates: false,
+        about: "mock broker down, relay SIGKILLed during the outage and restarted, broker up",
+    },
+    Scenario {
         name: "broker-slow",
         fault: Fault::BrokerSlow,
         sources: BOTH,
@@ -192,7 +205,7 @@ pub const SCENARIOS: &[Scenario] = &[
         fault: Fault::BrokerFatal,
         sources: BOTH,
         no_duplicates: false,
-        about: "produce answered with INVALID_PRODUCER_EPOCH (fatal for an idempotent producer)",
+        about: "produce answered with INVALID_PRODUCER_EPOCH (fatal for an idempotent producer), then UNKNOWN_SERVER_ERROR",
     },
     Scenario {
         name: "two-relays-sigstop",
@@ -535,7 +548,7 @@ impl<'a> Run<'a> {
     async fn fault_loop(&mut self, writers: &tokio::task::JoinHandle<Result<()>>) -> Result<()> {
         let quick = self.settings.quick;
         let max_faults = if quick { 3 } else { 6 };
-        let quiet = Duration::from_millis(400);
+        let quiet = Duration::from_millis(800);
         let max_quiet = Duration::from_secs(3);
         match self.scenario.fault {
             Fault::None | Fault::Hostile => {}
@@ -645,7 +658,11 @@ impl<'a> Run<'a> {
                     }
                 }
             }
-            Fault::BrokerDown | Fault::BrokerSlow | Fault::BrokerRetriable | Fault::BrokerFatal => {
+            Fault::BrokerDown
+            | Fault::BrokerDownKill
+            | Fault::BrokerSlow
+            | Fault::BrokerRetriable
+            | Fault::BrokerFatal => {
                 let faults = if quick { 2 } else { 4 };
                 while self.result.faults < faults && !writers.is_finished() {
                     let g = self.gap(500, 1200);
@@ -656,6 +673,17 @@ impl<'a> Run<'a> {
                         Fault::BrokerDown => {
                             mock.command("down").await?;
                             pause(4000).await;
+                            mock.command("up").await?;
+                        }
+                        Fault::BrokerDownKill => {
+                            mock.command("down").await?;
+                            pause(1500).await;
+                            if let Some(r) = self.relay.as_mut() {
+                                r.kill9().await;
+                            }
+                            self.start_relay(&[]).await?;
+                            pause(1000).await;
+                            let mock = self.mock.as_mut().context("mock broker")?;
                             mock.command("up").await?;
                         }
                         Fault::BrokerSlow => {
@@ -669,7 +697,14 @@ impl<'a> Run<'a> {
                             mock.command("clear").await?;
                         }
                         _ => {
-                            mock.command("errors invalid_producer_epoch").await?;
+                            // Alternately a fatal idempotence error and a non-retriable error of
+                            // single Produce requests (later requests of the partition succeed).
+                            if self.result.faults.is_multiple_of(2) {
+                                mock.command("errors invalid_producer_epoch").await?;
+                            } else {
+                                mock.command("errors unknown_server_error unknown_server_error")
+                                    .await?;
+                            }
                             pause(2000).await;
                             mock.command("clear").await?;
                         }
