@@ -68,11 +68,11 @@ fn per_sec(n: u64, d: Duration) -> f64 {
 /// rows in flight (none here: the ceiling loop is sequential).
 const CLAIM_SQL: &str = "SELECT id, aggregatetype, aggregateid, type, payload::text AS payload, seq, \
      created_at, tracingspancontext, headers::text AS headers, schema_version, topic, aggregate_seq \
-     FROM \"outbox\" WHERE published_at IS NULL AND seq <> ALL($2) ORDER BY seq LIMIT $1";
+     FROM \"outbox\" WHERE published_at IS NULL AND NOT (seq = ANY($2)) ORDER BY seq LIMIT $1";
 
-/// The relay's acknowledgement in `mark` mode.
+/// The relay's acknowledgement in `mark` mode (rows found by `seq`).
 const MARK_SQL: &str = "UPDATE \"outbox\" SET published_at = clock_timestamp() \
-     WHERE id = ANY($1) AND published_at IS NULL";
+     WHERE seq = ANY($1) AND published_at IS NULL";
 
 /// Ceilings: the raw producer, `pg_recvlogical` over a backlog, the polling claim-and-mark loop
 /// over the same backlog with nothing produced.
@@ -125,6 +125,15 @@ pub async fn ceilings(ctx: &mut Ctx) -> Result<Ceilings> {
 
     // The polling loop, exactly the relay's statements, one batch of 1000 at a time.
     let mut conn = db.connect().await?;
+    // As on the relay's leader session.
+    for setting in [
+        "SET plan_cache_mode = force_custom_plan",
+        "SET enable_sort = off",
+        "SET enable_bitmapscan = off",
+        "SET enable_seqscan = off",
+    ] {
+        sqlx::query(setting).execute(&mut conn).await?;
+    }
     let mut claim = Duration::ZERO;
     let mut mark = Duration::ZERO;
     let mut rows_total = 0u64;
@@ -141,12 +150,12 @@ pub async fn ceilings(ctx: &mut Ctx) -> Result<Ceilings> {
         let mut ids = Vec::with_capacity(rows.len());
         for row in &rows {
             // Decode every column, as the relay does.
-            ids.push(row.try_get::<uuid::Uuid, _>("id")?);
+            let _: uuid::Uuid = row.try_get("id")?;
+            ids.push(row.try_get::<i64, _>("seq")?);
             let _: String = row.try_get("aggregatetype")?;
             let _: String = row.try_get("aggregateid")?;
             let _: String = row.try_get("type")?;
             let _: Option<String> = row.try_get("payload")?;
-            let _: i64 = row.try_get("seq")?;
             let _: Option<chrono::DateTime<chrono::Utc>> = row.try_get("created_at")?;
             let _: Option<String> = row.try_get("tracingspancontext")?;
             let _: Option<String> = row.try_get("headers")?;
@@ -280,13 +289,13 @@ pub async fn latency(
     let topic = unique(&format!("bench_latency_{source}"));
     create_topic(&ctx.bootstrap, &topic).await?;
     let slot = unique("bench_slot");
-    // The logical source does not use the NOTIFY wake-up trigger, and notifying transactions
-    // commit one at a time (PostgreSQL serialises them), which caps the arrival rate: the
-    // logical runs disable it, the polling runs need it.
+    // The logical source does not use the NOTIFY wake-up, and notifying transactions commit
+    // one at a time (PostgreSQL serialises them), which caps the arrival rate: the logical runs
+    // switch it off for the database (`outbox.notify = off`), the polling runs keep it.
     let notify_trigger = source != "logical";
     if source == "logical" {
         db.create_slot(&slot, &slot).await?;
-        set_notify_trigger(&db, false).await?;
+        set_database_notify(&db, false).await?;
     }
     let mut relay = RelayProcess::start(&bin, &ctx.relay_env(&db, source, &topic, &slot)).await?;
     let expected = rate * (warmup + duration).as_secs() + rate;
@@ -431,29 +440,29 @@ pub async fn write_path(ctx: &mut Ctx) -> Result<WriteRun> {
     for _ in 0..clients {
         conns.push(db.connect().await?);
     }
-    let variants: [Option<WriteMode>; 4] = [
-        None,
-        Some(WriteMode::Table),
-        Some(WriteMode::InsertDelete),
-        Some(WriteMode::LogicalMessage),
+    // Five variants per round: no outbox, the three write modes with the NOTIFY wake-up
+    // switched off (`outbox.notify = off`: what a logical relay, or a polling relay without
+    // wake-ups, needs), then `table` with the wake-up on (the default, for polling relays:
+    // PostgreSQL serialises the commits of notifying transactions).
+    let variants: [(Option<WriteMode>, bool); 5] = [
+        (None, false),
+        (Some(WriteMode::Table), false),
+        (Some(WriteMode::InsertDelete), false),
+        (Some(WriteMode::LogicalMessage), false),
+        (Some(WriteMode::Table), true),
     ];
     // Warm-up.
     conns = run_clients(conns, None, Duration::from_secs(1)).await?.1;
-    // Five variants per round: the four above, then `table` with the outbox's NOTIFY trigger
-    // disabled (a diagnostic: PostgreSQL serialises the commits of notifying transactions).
     let mut sums = [0.0f64; 5];
     for _ in 0..rounds {
-        for (i, v) in variants.iter().enumerate() {
-            let (tps, back) = run_clients(conns, *v, Duration::from_secs_f64(secs)).await?;
+        for (i, (mode, notify)) in variants.iter().enumerate() {
+            for c in &mut conns {
+                set_session_notify(c, *notify).await?;
+            }
+            let (tps, back) = run_clients(conns, *mode, Duration::from_secs_f64(secs)).await?;
             conns = back;
             sums[i] += tps;
         }
-        set_notify_trigger(&db, false).await?;
-        let (tps, back) =
-            run_clients(conns, Some(WriteMode::Table), Duration::from_secs_f64(secs)).await?;
-        set_notify_trigger(&db, true).await?;
-        conns = back;
-        sums[4] += tps;
     }
     for c in conns {
         let _ = c.close().await;
@@ -467,22 +476,36 @@ pub async fn write_path(ctx: &mut Ctx) -> Result<WriteRun> {
         table_tx_per_sec: avg[1],
         insert_delete_tx_per_sec: avg[2],
         logical_message_tx_per_sec: avg[3],
-        table_without_notify_tx_per_sec: avg[4],
+        table_with_notify_tx_per_sec: avg[4],
     };
     eprintln!(
-        "bench: write path: none {:.0} tx/s, table {:.0}, insert_delete {:.0}, logical_message {:.0}, table without NOTIFY {:.0}",
+        "bench: write path: none {:.0} tx/s, table {:.0}, insert_delete {:.0}, logical_message {:.0}, table with NOTIFY {:.0}",
         avg[0], avg[1], avg[2], avg[3], avg[4]
     );
     Ok(run)
 }
 
-/// Enables or disables the outbox table's NOTIFY trigger (the only user trigger on it).
-async fn set_notify_trigger(db: &BenchDb, on: bool) -> Result<()> {
-    let verb = if on { "ENABLE" } else { "DISABLE" };
+/// Switches the outbox's NOTIFY wake-up on or off for the sessions opened on `db` from now on.
+async fn set_database_notify(db: &BenchDb, on: bool) -> Result<()> {
     sqlx::query(AssertSqlSafe(format!(
-        "ALTER TABLE outbox {verb} TRIGGER USER"
+        "ALTER DATABASE \"{}\" SET {} = {}",
+        db.name,
+        outbox_core::NOTIFY_SETTING,
+        if on { "on" } else { "off" }
     )))
     .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+/// Switches the outbox's NOTIFY wake-up on or off for one session.
+async fn set_session_notify(conn: &mut PgConnection, on: bool) -> Result<()> {
+    sqlx::query(AssertSqlSafe(format!(
+        "SET {} = {}",
+        outbox_core::NOTIFY_SETTING,
+        if on { "on" } else { "off" }
+    )))
+    .execute(conn)
     .await?;
     Ok(())
 }

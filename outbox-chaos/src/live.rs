@@ -66,6 +66,18 @@ impl LiveReader {
         })
     }
 
+    /// Whether a record with this id was read.
+    pub fn seen(&self, id: Uuid) -> bool {
+        self.ids.lock().unwrap().0.contains(&id)
+    }
+
+    /// How many of `ids` were not read yet.
+    pub fn missing(&self, ids: &HashSet<Uuid>) -> usize {
+        let g = self.ids.lock().unwrap();
+        let read: HashSet<&Uuid> = g.0.iter().collect();
+        ids.iter().filter(|id| !read.contains(id)).count()
+    }
+
     /// Records read so far.
     pub fn count(&self) -> usize {
         self.ids.lock().unwrap().0.len()

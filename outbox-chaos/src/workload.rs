@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use outbox_core::{NewEvent, Outbox};
+use outbox_core::{NewEvent, Outbox, WriteMode};
 use outbox_tests::Ledger;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -193,6 +193,8 @@ pub struct Workload {
     pub huge: Vec<(usize, bool)>,
     /// Hostile aggregate ids, event types, headers and payloads.
     pub hostile: bool,
+    /// How events are written (`table` or `insert_delete`).
+    pub write_mode: WriteMode,
 }
 
 const HOSTILE_IDS: &[&str] = &[
@@ -215,6 +217,7 @@ const HOSTILE_TYPES: &[&str] = &[
 #[allow(clippy::too_many_arguments)] // every knob of one business transaction
 pub async fn business_tx(
     pool: &PgPool,
+    mode: WriteMode,
     aggregate_type: &str,
     account: &str,
     events: usize,
@@ -223,7 +226,7 @@ pub async fn business_tx(
     hostile: Option<&mut StdRng>,
     book: &SharedBook,
 ) -> Result<()> {
-    let outbox = Outbox::default();
+    let outbox = Outbox::default().with_write_mode(mode);
     let mut tx = pool.begin().await?;
     let version: i64 = sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1 FOR UPDATE")
         .bind(account)
@@ -290,6 +293,7 @@ pub async fn business_tx(
 /// Writes a huge transaction of `events` events on a dedicated aggregate.
 pub async fn huge_tx(
     db: &RunDb,
+    mode: WriteMode,
     aggregate_type: &str,
     account: &str,
     events: usize,
@@ -297,7 +301,7 @@ pub async fn huge_tx(
     book: &SharedBook,
 ) -> Result<()> {
     db.add_account(account).await?;
-    let outbox = Outbox::default();
+    let outbox = Outbox::default().with_write_mode(mode);
     let mut tx = db.pool.begin().await?;
     let mut all = Vec::with_capacity(events);
     for chunk in (1..=events as i64).collect::<Vec<_>>().chunks(1000) {
@@ -340,6 +344,7 @@ pub async fn run_writers(
     book: SharedBook,
 ) -> Result<()> {
     let mut tasks = Vec::new();
+    let mode = w.write_mode;
     for (k, &ms) in w.long_open_ms.iter().enumerate() {
         let account = format!("long-open-{k}");
         db.add_account(&account).await?;
@@ -349,6 +354,7 @@ pub async fn run_writers(
         tasks.push(tokio::spawn(async move {
             if business_tx(
                 &pool,
+                mode,
                 &at,
                 &account,
                 2,
@@ -403,6 +409,7 @@ pub async fn run_writers(
                 let mut hrng = StdRng::seed_from_u64(rng.random());
                 let r = business_tx(
                     &pool,
+                    w.write_mode,
                     &at,
                     &account,
                     events,
@@ -427,7 +434,7 @@ pub async fn run_writers(
         let book = book.clone();
         let at = aggregate_type.to_owned();
         let account = format!("huge-{k}");
-        let r = huge_tx(db, &at, &account, events, commit, &book).await;
+        let r = huge_tx(db, w.write_mode, &at, &account, events, commit, &book).await;
         if r.is_err() {
             book.lock().unwrap().tx_errors += 1;
         }
@@ -439,8 +446,14 @@ pub async fn run_writers(
 }
 
 /// Commits one probe event on its own aggregate and returns its id.
-pub async fn probe(db: &RunDb, aggregate_type: &str, n: usize, book: &SharedBook) -> Result<Uuid> {
-    let outbox = Outbox::default();
+pub async fn probe(
+    db: &RunDb,
+    mode: WriteMode,
+    aggregate_type: &str,
+    n: usize,
+    book: &SharedBook,
+) -> Result<Uuid> {
+    let outbox = Outbox::default().with_write_mode(mode);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let attempt = async {

@@ -73,7 +73,7 @@ pub use inbox::{
     Delivered, EventHandler, EventMetadata, HandlerError, Inbox, InboxError, InboxTable,
     IncomingRecord, MalformedPolicy, SequenceCheck,
 };
-pub use migrate::{MigrationReport, SCHEMA_VERSION, migrate, schema_version};
+pub use migrate::{MigrationReport, NOTIFY_SETTING, SCHEMA_VERSION, migrate, schema_version};
 pub use stored::{MalformedEvent, StoredEvent, parse_headers, parse_timestamptz};
 pub use table::{Identifier, OutboxTable};
 pub use topic::{MAX_TOPIC_LEN, validate_topic};

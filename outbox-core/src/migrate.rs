@@ -28,10 +28,48 @@ const STEPS: &[Step] = &[
         description: "create the parked-events table (poison events and the events held behind them)",
         sql: v2,
     },
+    Step {
+        version: 3,
+        description: "make the NOTIFY wake-up switchable with the `outbox.notify` setting",
+        sql: v3,
+    },
 ];
 
 /// The newest schema version this library creates.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
+
+/// The PostgreSQL setting that switches the outbox table's NOTIFY wake-up off: `outbox.notify`.
+///
+/// PostgreSQL serialises the commits of all transactions that sent a notification (a cluster-wide
+/// lock held through the commit's WAL flush), so the wake-up caps how many outbox-writing
+/// transactions commit per second. With `outbox.notify = off` — per database
+/// (`ALTER DATABASE … SET outbox.notify = off`), per role, or per transaction (`SET LOCAL`) — the
+/// trigger sends nothing and writers commit in parallel; a polling relay then finds new events at
+/// its poll interval instead of at once. Any other value, or the setting unset, keeps the wake-up.
+/// The logical-replication source never needs the wake-up.
+pub const NOTIFY_SETTING: &str = "outbox.notify";
+
+fn notify_function(t: &OutboxTable, guarded: bool) -> String {
+    let notify_fn = t.derived("notify");
+    let channel = t.notify_channel();
+    let body = if guarded {
+        format!(
+            "IF current_setting('{NOTIFY_SETTING}', true) IS DISTINCT FROM 'off' THEN \
+                 PERFORM pg_notify('{channel}', ''); \
+             END IF; RETURN NULL;"
+        )
+    } else {
+        format!("PERFORM pg_notify('{channel}', ''); RETURN NULL;")
+    };
+    format!(
+        "CREATE OR REPLACE FUNCTION {notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN {body} END $$"
+    )
+}
+
+fn v3(t: &OutboxTable) -> Vec<String> {
+    vec![notify_function(t, true)]
+}
 
 fn v2(t: &OutboxTable) -> Vec<String> {
     let parked = t.parked_qualified();
@@ -69,7 +107,6 @@ fn v2(t: &OutboxTable) -> Vec<String> {
 fn v1(t: &OutboxTable) -> Vec<String> {
     let table = t.qualified();
     let notify_fn = t.derived("notify");
-    let channel = t.notify_channel();
     vec![
         // The first five columns are Debezium's outbox-router defaults. The others are added one by
         // one with defaults, so that an existing Debezium outbox table is upgraded in place and a
@@ -104,10 +141,7 @@ fn v1(t: &OutboxTable) -> Vec<String> {
             t.derived_unqualified("unpublished_idx")
         ),
         // Wake the polling relay at commit time; the poll interval stays as a fallback.
-        format!(
-            "CREATE OR REPLACE FUNCTION {notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN PERFORM pg_notify('{channel}', ''); RETURN NULL; END $$"
-        ),
+        notify_function(t, false),
         format!(
             "DROP TRIGGER IF EXISTS {} ON {table}",
             t.derived_unqualified("notify_trg")

@@ -400,6 +400,30 @@ impl Outbox {
     }
 
     async fn insert(&self, conn: &mut PgConnection, b: &Batch) -> Result<()> {
+        if b.ids.len() == 1 {
+            // The common case, one event per business transaction: plain parameters cost the
+            // server less than decoding ten arrays and sorting one row.
+            let sql = format!(
+                "INSERT INTO {} (id, aggregatetype, aggregateid, type, payload, tracingspancontext,
+                                 headers, schema_version, topic, aggregate_seq)
+                 VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7::text::jsonb, $8, $9, $10)",
+                self.table.qualified()
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(b.ids[0])
+                .bind(&b.aggregate_types[0])
+                .bind(&b.aggregate_ids[0])
+                .bind(&b.event_types[0])
+                .bind(&b.payloads[0])
+                .bind(&b.traceparents[0])
+                .bind(&b.headers[0])
+                .bind(b.schema_versions[0])
+                .bind(&b.topics[0])
+                .bind(b.aggregate_seqs[0])
+                .execute(&mut *conn)
+                .await?;
+            return Ok(());
+        }
         // One round trip for the whole batch; WITH ORDINALITY keeps the caller's order, which
         // becomes the `seq` order and so the publish order.
         let sql = format!(

@@ -3,7 +3,7 @@
 //! | path | answers |
 //! |---|---|
 //! | `/healthz` | 200 while the process runs its loop (liveness) |
-//! | `/readyz` | 200 when the database answers, the producer reached Kafka, and this instance is either streaming or a standby waiting for the leader lock; 503 with the reason otherwise |
+//! | `/readyz` | 200 when the database answers, the producer reached Kafka (its last deliveries succeeded and, while idle, the brokers answer a metadata request every second), and this instance is either streaming or a standby waiting for the leader lock; 503 with the reason otherwise |
 //! | `/metrics` | Prometheus text format |
 //! | `/status` | the JSON of `outbox-relay status --json`, plus this instance's role |
 
@@ -104,6 +104,8 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     }
     if !state.stats.kafka_connected.load(Ordering::Relaxed) {
         problems.push("producer not connected to Kafka");
+    } else if !state.stats.kafka_reachable.load(Ordering::Relaxed) {
+        problems.push("Kafka brokers do not answer");
     }
     if state.stats.active.load(Ordering::Relaxed)
         && !state.stats.source_running.load(Ordering::Relaxed)
@@ -203,6 +205,13 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     );
     sample(
         &mut out,
+        "outbox_relay_leader_lease_lost_total",
+        "counter",
+        "Times this instance lost its leader lease and stepped down.",
+        load(&s.lease_lost),
+    );
+    sample(
+        &mut out,
         "outbox_relay_source_connected",
         "gauge",
         "1 while the source is open.",
@@ -212,8 +221,10 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         &mut out,
         "outbox_relay_kafka_connected",
         "gauge",
-        "1 while the producer reaches Kafka.",
-        flag(&s.kafka_connected),
+        "1 while the producer reaches Kafka (last deliveries succeeded and, when idle, the brokers answer).",
+        f64::from(u8::from(
+            s.kafka_connected.load(Ordering::Relaxed) && s.kafka_reachable.load(Ordering::Relaxed),
+        )),
     );
     sample(
         &mut out,

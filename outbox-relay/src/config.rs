@@ -14,6 +14,7 @@ pub mod load;
 use crate::route::{RouteSettings, Router};
 use crate::sink::kafka::KafkaSettings;
 use crate::source::polling::RowAcknowledgement;
+use crate::telemetry::TelemetrySettings;
 
 /// A secret string (a database URL with a password, a SASL password): never printed.
 #[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
@@ -142,6 +143,12 @@ pub struct RelayConfig {
     /// How often a standby checks whether it can become active.
     #[serde(with = "duration")]
     pub standby_interval: Duration,
+    /// The active relay's lease ([`crate::leader`]): the server ends the lock session of a leader
+    /// that has been silent this long (a paused process), so a standby can take over; the leader
+    /// heartbeats every quarter of it and stops producing and acknowledging after three quarters
+    /// without a successful heartbeat.
+    #[serde(with = "duration")]
+    pub leader_lease: Duration,
     /// How long a stopping relay may take to drain before it exits anyway.
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
@@ -159,6 +166,8 @@ pub struct RelayConfig {
     pub kafka: KafkaSettings,
     /// The logical-replication source.
     pub logical: LogicalSettings,
+    /// OpenTelemetry producer spans ([`crate::telemetry`]).
+    pub telemetry: TelemetrySettings,
 }
 
 impl Default for RelayConfig {
@@ -175,6 +184,7 @@ impl Default for RelayConfig {
             acknowledgement: RowAcknowledgement::Mark,
             retention: Duration::from_secs(24 * 3600),
             standby_interval: Duration::from_secs(1),
+            leader_lease: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             admin_addr: None,
@@ -182,6 +192,7 @@ impl Default for RelayConfig {
             route: RouteSettings::default(),
             kafka: KafkaSettings::default(),
             logical: LogicalSettings::default(),
+            telemetry: TelemetrySettings::default(),
         }
     }
 }
@@ -234,6 +245,14 @@ impl RelayConfig {
                 "must be between 1 and 64",
             ));
         }
+        if self.leader_lease < Duration::from_secs(1)
+            || self.leader_lease > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::new(
+                "leader_lease",
+                "must be between 1s and 1h",
+            ));
+        }
         if self.source == SourceKind::Polling && self.write_mode != WriteMode::Table {
             return Err(ConfigError::new(
                 "write_mode",
@@ -282,6 +301,7 @@ impl RelayConfig {
         }
         outbox_core::Identifier::parse("message prefix", &self.logical.message_prefix)
             .map_err(|e| ConfigError::new("logical.message_prefix", e.to_string()))?;
+        self.telemetry.validate()?;
         Ok(table)
     }
 }
@@ -411,6 +431,9 @@ mod tests {
         let mut c = RelayConfig::default();
         c.logical.slot = "Bad-Slot".into();
         assert_eq!(c.validate().unwrap_err().key, "logical.slot");
+        let mut c = RelayConfig::default();
+        c.leader_lease = Duration::from_millis(500);
+        assert_eq!(c.validate().unwrap_err().key, "leader_lease");
         assert!(RelayConfig::default().validate().is_ok());
     }
 }

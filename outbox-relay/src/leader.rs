@@ -1,4 +1,5 @@
-//! One active relay per outbox table: a PostgreSQL advisory lock held by a dedicated session.
+//! One active relay per outbox table: a PostgreSQL advisory lock held by a dedicated session,
+//! with a lease that fences a paused leader.
 //!
 //! Two relays reading the same outbox would interleave and reorder an aggregate's events, so only
 //! the holder of the table's leader lock reads and acknowledges; other instances wait as standbys
@@ -6,29 +7,173 @@
 //! server releases a session's advisory locks when the session goes away).
 //!
 //! The polling source runs its claim and acknowledgement statements **on the lock-holding
-//! session itself**, so a relay that lost its session cannot acknowledge anything afterwards.
+//! session itself** (the logical source its row acknowledgements), so a relay that lost its
+//! session cannot acknowledge anything afterwards.
+//!
+//! # The lease: fencing a paused leader
+//!
+//! A process that is paused (SIGSTOP, a frozen container or VM, a debugger, a long GC-like stall)
+//! keeps its TCP connection, so its session — and the lock — would live forever and the standby
+//! would never take over. So the lock session runs with `idle_session_timeout` (and
+//! `idle_in_transaction_session_timeout`) set to `leader_lease`: the server terminates the session
+//! of a leader that stopped talking for that long, which releases the lock for a standby.
+//!
+//! The active relay keeps its session busy with a heartbeat every `leader_lease / 4` (a statement
+//! that also checks the lock is still held) and tracks the lease on the monotonic clock: the lease
+//! is good until **three quarters** of `leader_lease` after the last heartbeat that succeeded was
+//! *sent*. The server cannot end the session sooner than a full `leader_lease` after that
+//! heartbeat, so while the relay's own view says "held", no standby can hold the lock. The relay
+//! checks the lease ([`Lease::check`]) immediately before it hands a batch to the producer and
+//! before every acknowledgement; a failed heartbeat or an expired lease makes every later check
+//! fail. What the relay then does (purge the producer, step down to standby) is described in
+//! [`crate::relay`].
+//!
+//! PostgreSQL before 14 has no `idle_session_timeout`: the relay logs a warning and still stops
+//! itself when its lease expires, but the server does not end a paused leader's session, so the
+//! standby takes over only when that session really ends (safe, not available).
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
 
 use outbox_core::OutboxTable;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection};
+use tokio::sync::{Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
+
+/// The lease of the active relay, shared by the heartbeat and the relay's checks. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    state: Arc<LeaseState>,
+}
+
+#[derive(Debug)]
+struct LeaseState {
+    /// The lease as configured (the server-side idle timeout).
+    length: Duration,
+    /// Monotonic origin for `valid_until_ns`.
+    origin: Instant,
+    /// Nanoseconds after `origin` until which the lease holds.
+    valid_until_ns: AtomicU64,
+    /// Set once the lease is known to be lost (the heartbeat failed).
+    lost: AtomicBool,
+    reason: StdMutex<Option<String>>,
+}
+
+/// The active relay may no longer act as the leader.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("leader lease lost: {reason}")]
+pub struct LeaseLost {
+    /// Why: the heartbeat's error, or how long ago the lease ran out.
+    pub reason: String,
+}
+
+impl Lease {
+    /// A lease of `length` granted by a statement sent at `sent`.
+    pub fn new(length: Duration, sent: Instant) -> Self {
+        let lease = Self {
+            state: Arc::new(LeaseState {
+                length,
+                origin: sent,
+                valid_until_ns: AtomicU64::new(0),
+                lost: AtomicBool::new(false),
+                reason: StdMutex::new(None),
+            }),
+        };
+        lease.renew(sent);
+        lease
+    }
+
+    /// The part of the lease the relay uses: three quarters of it.
+    fn usable(&self) -> Duration {
+        self.state.length * 3 / 4
+    }
+
+    /// The heartbeat sent at `sent` succeeded: the lease holds until `sent` + ¾ lease.
+    pub fn renew(&self, sent: Instant) {
+        let until = sent.saturating_duration_since(self.state.origin) + self.usable();
+        self.state
+            .valid_until_ns
+            .fetch_max(until.as_nanos() as u64, Ordering::AcqRel);
+    }
+
+    /// Marks the lease lost for good.
+    pub fn lose(&self, reason: impl Into<String>) {
+        if let Ok(mut slot) = self.state.reason.lock()
+            && slot.is_none()
+        {
+            *slot = Some(reason.into());
+        }
+        self.state.lost.store(true, Ordering::Release);
+    }
+
+    /// How long the lease still holds (zero once lost or expired).
+    pub fn remaining(&self) -> Duration {
+        if self.state.lost.load(Ordering::Acquire) {
+            return Duration::ZERO;
+        }
+        let until = Duration::from_nanos(self.state.valid_until_ns.load(Ordering::Acquire));
+        until.saturating_sub(self.state.origin.elapsed())
+    }
+
+    /// `Ok` while this relay may still act as the leader: call it immediately before producing
+    /// and before acknowledging.
+    pub fn check(&self) -> Result<(), LeaseLost> {
+        if self.state.lost.load(Ordering::Acquire) {
+            let reason = self
+                .state
+                .reason
+                .lock()
+                .ok()
+                .and_then(|r| r.clone())
+                .unwrap_or_else(|| "the heartbeat failed".into());
+            return Err(LeaseLost { reason });
+        }
+        let until = Duration::from_nanos(self.state.valid_until_ns.load(Ordering::Acquire));
+        let now = self.state.origin.elapsed();
+        if now >= until {
+            return Err(LeaseLost {
+                reason: format!(
+                    "no successful heartbeat for {} ms (the lease is {} ms; the server may already have ended the lock session)",
+                    (now - until + self.usable()).as_millis(),
+                    self.state.length.as_millis()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
 
 /// The lock-holding session of the active relay.
 #[derive(Debug)]
 pub struct Leadership {
-    conn: PgConnection,
+    conn: Arc<Mutex<PgConnection>>,
     key: i64,
+    lease: Lease,
+    heartbeat: tokio::task::JoinHandle<()>,
 }
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+const HOLDS_LOCK: &str =
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+     AND pid = pg_backend_pid()
+     AND ((classid::bigint << 32) | objid::bigint) = $1)";
 
 impl Leadership {
     /// Waits until this process holds the leader lock of `table`, checking every
-    /// `standby_interval`. Returns `Ok(None)` when `shutdown` fires first.
+    /// `standby_interval`, then starts the lease of length `lease` (see the [module
+    /// docs](self)). Returns `Ok(None)` when `shutdown` fires first.
     pub async fn acquire(
         options: &PgConnectOptions,
         table: &OutboxTable,
         standby_interval: Duration,
+        lease: Duration,
         shutdown: &CancellationToken,
     ) -> Result<Option<Self>, sqlx::Error> {
         let key = table.lock_key("relay");
@@ -39,13 +184,51 @@ impl Leadership {
             .await?;
         let mut announced = false;
         loop {
+            let sent = Instant::now();
             let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                 .bind(key)
                 .fetch_one(&mut conn)
                 .await?;
             if got {
-                tracing::info!(table = %table, "acquired the leader lock: this relay is active");
-                return Ok(Some(Self { conn, key }));
+                let version: i32 =
+                    sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+                        .fetch_one(&mut conn)
+                        .await?;
+                let ms = format!("{}ms", lease.as_millis());
+                if version >= 140_000 {
+                    sqlx::query(
+                        "SELECT set_config('idle_session_timeout', $1, false),
+                                set_config('idle_in_transaction_session_timeout', $1, false)",
+                    )
+                    .bind(&ms)
+                    .execute(&mut conn)
+                    .await?;
+                } else {
+                    sqlx::query(
+                        "SELECT set_config('idle_in_transaction_session_timeout', $1, false)",
+                    )
+                    .bind(&ms)
+                    .execute(&mut conn)
+                    .await?;
+                    tracing::warn!(
+                        server_version = version,
+                        "PostgreSQL before 14 has no idle_session_timeout: a paused active relay stops itself when its lease expires, but its session keeps the leader lock until it really ends"
+                    );
+                }
+                let lease = Lease::new(lease, sent);
+                let conn = Arc::new(Mutex::new(conn));
+                let heartbeat = tokio::spawn(heartbeat(conn.clone(), key, lease.clone()));
+                tracing::info!(
+                    table = %table,
+                    lease_ms = lease.state.length.as_millis() as u64,
+                    "acquired the leader lock: this relay is active"
+                );
+                return Ok(Some(Self {
+                    conn,
+                    key,
+                    lease,
+                    heartbeat,
+                }));
             }
             if !announced {
                 tracing::info!(
@@ -61,20 +244,82 @@ impl Leadership {
         }
     }
 
-    /// Confirms that this session still holds the lock (fails when the session is gone).
-    pub async fn check(&mut self) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
-                 AND pid = pg_backend_pid()
-                 AND ((classid::bigint << 32) | objid::bigint) = $1)",
-        )
-        .bind(self.key)
-        .fetch_one(&mut self.conn)
-        .await
+    /// The lease of this leadership, to check before producing and acknowledging.
+    pub fn lease(&self) -> Lease {
+        self.lease.clone()
     }
 
-    /// The lock-holding session, for statements that must be fenced by leadership.
-    pub fn connection(&mut self) -> &mut PgConnection {
-        &mut self.conn
+    /// Confirms that this session still holds the lock (fails when the session is gone).
+    pub async fn check(&self) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(HOLDS_LOCK)
+            .bind(self.key)
+            .fetch_one(&mut *self.conn.lock().await)
+            .await
+    }
+
+    /// The lock-holding session, for statements that must be fenced by leadership
+    /// (`&mut *leader.connection().await`). Hold it only for the statements themselves: the
+    /// heartbeat waits for it.
+    pub async fn connection(&self) -> MutexGuard<'_, PgConnection> {
+        self.conn.lock().await
+    }
+}
+
+/// Keeps the lock session busy and the lease renewed until a heartbeat fails.
+async fn heartbeat(conn: Arc<Mutex<PgConnection>>, key: i64, lease: Lease) {
+    let every = (lease.state.length / 4).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(every).await;
+        let mut session = conn.lock().await;
+        let sent = Instant::now();
+        let answer = tokio::time::timeout(
+            lease.remaining().max(Duration::from_millis(1)),
+            sqlx::query_scalar::<_, bool>(HOLDS_LOCK)
+                .bind(key)
+                .fetch_one(&mut *session),
+        )
+        .await;
+        drop(session);
+        match answer {
+            Ok(Ok(true)) => lease.renew(sent),
+            Ok(Ok(false)) => {
+                lease.lose("this session no longer holds the leader lock");
+                return;
+            }
+            Ok(Err(e)) => {
+                lease.lose(format!("the heartbeat on the lock session failed: {e}"));
+                return;
+            }
+            Err(_) => {
+                lease.lose(
+                    "the heartbeat on the lock session got no answer before the lease ran out",
+                );
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_holds_for_three_quarters_of_its_length_after_the_last_renewal() {
+        let start = Instant::now() - Duration::from_millis(700);
+        let lease = Lease::new(Duration::from_secs(1), start);
+        assert!(lease.check().is_ok(), "700 ms < 750 ms");
+        let lease = Lease::new(Duration::from_secs(1), start - Duration::from_millis(100));
+        let e = lease.check().unwrap_err();
+        assert!(e.reason.contains("no successful heartbeat"), "{e}");
+        lease.renew(Instant::now());
+        assert!(lease.check().is_ok(), "renewed");
+        assert!(lease.remaining() > Duration::from_millis(700));
+        // Renewals never move the lease backwards.
+        lease.renew(start);
+        assert!(lease.check().is_ok());
+        lease.lose("the heartbeat on the lock session failed: gone");
+        assert_eq!(lease.remaining(), Duration::ZERO);
+        assert!(lease.check().unwrap_err().reason.contains("gone"));
     }
 }

@@ -26,6 +26,7 @@ pub mod route;
 pub mod sink;
 pub mod source;
 pub mod status;
+pub mod telemetry;
 
 pub use config::{RelayConfig, SourceKind};
 pub use relay::{Relay, RelayError, RelayStats};

@@ -185,6 +185,28 @@ enum Action {
 }
 
 async fn run(config: RelayConfig) -> i32 {
+    // The OTLP exporter's blocking HTTP client must be built and shut down off the runtime.
+    let settings = config.telemetry.clone();
+    let telemetry =
+        match std::thread::spawn(move || outbox_relay::telemetry::install(&settings)).join() {
+            Ok(Ok(guard)) => guard,
+            Ok(Err(e)) => {
+                tracing::error!("{e}");
+                return 2;
+            }
+            Err(_) => {
+                tracing::error!("setting up OpenTelemetry export panicked");
+                return 1;
+            }
+        };
+    let code = run_relay(config).await;
+    if let Some(guard) = telemetry {
+        let _ = std::thread::spawn(move || guard.shutdown()).join();
+    }
+    code
+}
+
+async fn run_relay(config: RelayConfig) -> i32 {
     let shutdown_timeout = config.shutdown_timeout;
     let relay = match Relay::new(config) {
         Ok(r) => r,

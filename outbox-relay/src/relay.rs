@@ -35,7 +35,7 @@ use uuid::Uuid;
 use crate::ack::handled_prefix;
 use crate::config::{ConfigError, RelayConfig, SourceKind, redact_url};
 use crate::faults::{failpoint, mutant};
-use crate::leader::Leadership;
+use crate::leader::{Leadership, Lease, LeaseLost};
 use crate::metrics::{Histogram, LATENCY_BUCKETS};
 use crate::park::{AggregateKey, ParkRequest};
 use crate::route::{OutboundRecord, RouteError, Router};
@@ -71,6 +71,10 @@ pub enum RelayError {
     /// An event cannot be routed (illegal topic name).
     #[error(transparent)]
     Route(#[from] RouteError),
+    /// This relay's leader lease ran out or its heartbeat failed ([`crate::leader`]); the relay
+    /// steps down to standby on its own, so [`Relay::run`] does not return it.
+    #[error(transparent)]
+    LeaseLost(#[from] LeaseLost),
 }
 
 impl RelayError {
@@ -100,10 +104,15 @@ pub struct RelayStats {
     pub last_published_ms: AtomicI64,
     /// Whether this instance holds the leader lock.
     pub active: AtomicBool,
+    /// Times this instance lost its leader lease and stepped down.
+    pub lease_lost: AtomicU64,
     /// Whether the source is open.
     pub source_running: AtomicBool,
     /// Whether the producer reached Kafka (start-up check, then each round's outcome).
     pub kafka_connected: AtomicBool,
+    /// Whether the brokers answered the last idle-time metadata request
+    /// ([`crate::sink::kafka::watch_brokers`]).
+    pub kafka_reachable: AtomicBool,
     /// Records in the producer's queue after the last round.
     pub producer_queue: AtomicI64,
     /// Batch produce time.
@@ -122,8 +131,10 @@ impl Default for RelayStats {
             batches: AtomicU64::new(0),
             last_published_ms: AtomicI64::new(0),
             active: AtomicBool::new(false),
+            lease_lost: AtomicU64::new(0),
             source_running: AtomicBool::new(false),
             kafka_connected: AtomicBool::new(false),
+            kafka_reachable: AtomicBool::new(true),
             producer_queue: AtomicI64::new(0),
             publish_duration: Histogram::new(LATENCY_BUCKETS),
             commit_to_ack: Histogram::new(LATENCY_BUCKETS),
@@ -204,7 +215,8 @@ impl Relay {
             }
         }
         let _ = conn.close().await;
-        let sink = KafkaSink::new(self.config.kafka.clone())?;
+        let sink = KafkaSink::new(self.config.kafka.clone())?
+            .with_producer_spans(self.config.telemetry.enabled);
         sink.check_connection().await?;
         Ok(sink)
     }
@@ -238,6 +250,11 @@ impl Relay {
             "relay started"
         );
         let purger = self.spawn_purger(shutdown.clone());
+        let broker_watch = crate::sink::kafka::watch_brokers(
+            &self.config.kafka,
+            self.stats.clone(),
+            shutdown.clone(),
+        )?;
         let mut backoff = Backoff::new();
         let result = loop {
             if shutdown.is_cancelled() {
@@ -247,6 +264,7 @@ impl Relay {
                 &self.options,
                 &self.table,
                 self.config.standby_interval,
+                self.config.leader_lease,
                 &shutdown,
             )
             .await
@@ -260,10 +278,11 @@ impl Relay {
                 }
             };
             self.stats.active.store(true, Ordering::Relaxed);
+            let lease = leader.lease();
             let outcome = match self.open_source(leader).await {
                 Ok(mut source) => {
                     self.stats.source_running.store(true, Ordering::Relaxed);
-                    self.pump(source.as_mut(), &mut sink, &shutdown, &mut backoff)
+                    self.pump(source.as_mut(), &mut sink, &shutdown, &mut backoff, &lease)
                         .await
                 }
                 Err(e) => Err(RelayError::Source(e)),
@@ -272,6 +291,11 @@ impl Relay {
             self.stats.active.store(false, Ordering::Relaxed);
             match outcome {
                 Ok(()) => break Ok(()),
+                // Whatever failed (often a statement on the session the server ended), a relay
+                // whose lease is gone steps down: nothing it still holds may reach Kafka.
+                Err(e) if lease.check().is_err() => {
+                    self.step_down(&mut sink, &lease, &e)?;
+                }
                 Err(RelayError::Source(e)) if e.is_retryable() => {
                     tracing::warn!(error = %e, "source interrupted; resuming from the last acknowledged position");
                     backoff.wait(&shutdown).await;
@@ -282,6 +306,7 @@ impl Relay {
         if let Some(p) = purger {
             p.abort();
         }
+        broker_watch.abort();
         match &result {
             Ok(()) => tracing::info!(
                 published = self.stats.published.load(Ordering::Relaxed),
@@ -290,6 +315,29 @@ impl Relay {
             Err(e) => tracing::error!(error = %e, "relay failed"),
         }
         result
+    }
+
+    /// After the lease was lost: drops every record still queued in the producer (purge, then a
+    /// fresh producer) and goes back to standby; the next leader resumes from the first
+    /// unacknowledged event.
+    fn step_down(
+        &self,
+        sink: &mut KafkaSink,
+        lease: &Lease,
+        cause: &RelayError,
+    ) -> Result<(), RelayError> {
+        let purged = sink.purge();
+        sink.recreate()?;
+        self.stats.lease_lost.fetch_add(1, Ordering::Relaxed);
+        self.stats.producer_queue.store(0, Ordering::Relaxed);
+        let reason = lease.check().err().map(|l| l.reason).unwrap_or_default();
+        tracing::error!(
+            %reason,
+            cause = %cause,
+            purged,
+            "leader lease lost: stepped down to standby without producing or acknowledging anything more; the active relay resumes from the first unacknowledged event"
+        );
+        Ok(())
     }
 
     fn router_template(&self) -> &str {
@@ -328,6 +376,7 @@ impl Relay {
         sink: &mut KafkaSink,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
+        lease: &Lease,
     ) -> Result<(), RelayError> {
         let max_in_flight = self.config.max_in_flight_batches.max(1);
         let mut window: VecDeque<InFlight> = VecDeque::with_capacity(max_in_flight);
@@ -354,6 +403,7 @@ impl Relay {
                 blocked.extend(local_blocked.iter().map(|(k, v)| (k.clone(), *v)));
                 let (plan, records) = self.plan(&batch, &mut blocked);
                 let started = std::time::Instant::now();
+                lease.check()?;
                 let pending = sink.enqueue(&records).await;
                 // Enqueue-time rejections block their aggregate for the batches that follow.
                 for i in pending.rejected_now() {
@@ -369,6 +419,7 @@ impl Relay {
                     local_blocked.entry(key).or_insert(first);
                 }
                 if mutant("ack_before_kafka") {
+                    lease.check()?;
                     source.acknowledge(&batch).await?;
                 }
                 window.push_back(InFlight {
@@ -388,6 +439,8 @@ impl Relay {
             }) = window.pop_front()
             else {
                 if shutdown.is_cancelled() {
+                    // Clean stop: every acknowledgement durable before the source closes.
+                    source.flush().await?;
                     return Ok(());
                 }
                 continue;
@@ -439,6 +492,7 @@ impl Relay {
                         "event parked: it cannot be published; its aggregate is held until it is retried or dropped (outbox-relay parked list)"
                     );
                 }
+                lease.check()?;
                 source.park(&parks).await?;
                 self.stats
                     .parked
@@ -447,6 +501,7 @@ impl Relay {
             }
             if handled > 0 {
                 if !mutant("ack_before_kafka") {
+                    lease.check()?;
                     source.acknowledge(&batch[..handled]).await?;
                 }
                 failpoint("after_source_ack");

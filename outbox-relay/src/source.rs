@@ -16,6 +16,7 @@
 
 pub mod logical;
 pub mod polling;
+pub mod row_marks;
 
 use std::collections::HashMap;
 
@@ -103,9 +104,17 @@ pub trait Source: Send {
         Ok(Vec::new())
     }
 
-    /// Makes durable that `delivered` — a contiguous prefix, in order, of the events returned
-    /// since the last acknowledge or rewind — has been acknowledged by Kafka.
+    /// Records that `delivered` — a contiguous prefix, in order, of the events returned since
+    /// the last acknowledge or rewind — has been acknowledged by Kafka. The record may become
+    /// durable in the background ([`row_marks`]); until it is, those events are neither returned
+    /// again nor counted as done (no slot confirmation past them), and a crash publishes them
+    /// again. [`Source::flush`] waits for it.
     async fn acknowledge(&mut self, delivered: &[SourceEvent]) -> Result<(), SourceError>;
+
+    /// Waits until every acknowledgement made so far is durable (before a clean stop).
+    async fn flush(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
 
     /// Forgets every event returned but not acknowledged: the next [`Source::next_batch`]
     /// resumes from the durable position and returns them again.

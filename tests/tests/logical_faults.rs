@@ -336,6 +336,8 @@ async fn logical_keepalives_never_confirm_past_unacknowledged_events() -> Result
     );
 
     src.acknowledge(&batch).await?;
+    // Table mode marks the row beside the pipeline; the LSN is confirmed once that is durable.
+    src.flush().await?;
     wait_confirmed(&db.pool, &slot, end_lsn, Duration::from_secs(10)).await?;
     // Idle now: keepalives and heartbeats may confirm the WAL that follows.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -585,5 +587,108 @@ async fn logical_invalidated_slot_is_reported_and_recovered_in_table_mode() -> R
         log.contains("LOST") && log.contains("no table to recover from"),
         "{log}"
     );
+    Ok(())
+}
+
+/// A relay killed while it creates the slot for the first time (creation waits for the
+/// transactions open at that moment) leaves a half-made slot that its walsender drops once it
+/// notices. The next relay must wait for that slot to be complete or gone and then create it
+/// itself — not call it lost and exit — and publish every event (table mode).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logical_relay_killed_during_first_slot_creation_recovers() -> Result<()> {
+    let db = TestDb::create("logical_slot_create_kill").await?;
+    db.migrate().await?;
+    let slot = unique("lslot");
+    let accounts = create_accounts(&db.pool, 5).await?;
+    let aggregate_type = unique("acct");
+    let topic = format!("outbox.event.{aggregate_type}");
+    create_topic(&topic, 3).await?;
+    let env = logical_env(WriteMode::Table, &slot);
+    let env = env_refs(&env);
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    // Rows written before any slot exists: re-published from the table.
+    run_writers(
+        &db.pool,
+        WriteMode::Table,
+        &aggregate_type,
+        &accounts,
+        2,
+        10,
+        ledger.clone(),
+    )
+    .await?;
+
+    // An open transaction with an xid holds the slot creation back.
+    let mut blocker_conn = db.connect().await?;
+    let mut blocker = sqlx::Connection::begin(&mut blocker_conn).await?;
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *blocker)
+        .await?;
+    let first = RelayProcess::start(&db, &[], &env).await?;
+    let deadline = Instant::now() + LONG;
+    loop {
+        let in_creation: Option<bool> = sqlx::query_scalar(
+            "SELECT confirmed_flush_lsn IS NULL FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&slot)
+        .fetch_optional(&db.pool)
+        .await?;
+        if in_creation == Some(true) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first relay never started creating the slot; log:\n{}",
+            first.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Frozen mid-creation: its walsender keeps the half-made slot while the next relay starts;
+    // its leader-lock session is cut so that the next relay becomes the leader.
+    first.signal("STOP").await?;
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks
+         WHERE locktype = 'advisory' AND granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .execute(&db.pool)
+    .await?;
+    let mut second = RelayProcess::start(&db, &[], &env).await?;
+    second
+        .wait_for_log("still being created", Duration::from_secs(30))
+        .await?;
+    first.kill9().await?;
+    // The creation goes on once the blocking transaction ends; the killed relay's walsender then
+    // either drops the half-made slot or completes it — the relay waiting must cope with both.
+    blocker.commit().await?;
+    wait_slot_active(&db.pool, &slot, LONG).await?;
+    run_writers(
+        &db.pool,
+        WriteMode::Table,
+        &aggregate_type,
+        &accounts,
+        2,
+        10,
+        ledger.clone(),
+    )
+    .await?;
+    let ledger = ledger.lock().unwrap().clone();
+    wait_drained(&db.pool, LONG).await?;
+    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    assert!(
+        second.child.try_wait()?.is_none(),
+        "the second relay exited; log:\n{}",
+        second.log()
+    );
+    let (code, log) = second.terminate(Duration::from_secs(20)).await?;
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        !log.contains("LOST"),
+        "a never-completed slot was called lost:\n{log}"
+    );
+    let v = Verdict::check(&ledger, &records);
+    println!("killed during slot creation: {v:?}");
+    assert_safe(&v);
+    drop_slots(&db.pool, &slot).await?;
     Ok(())
 }

@@ -314,49 +314,6 @@ async fn config_validate_names_the_bad_key_and_print_redacts_secrets() -> Result
     Ok(())
 }
 
-/// A minimal HTTP/1.1 GET (the tests need no HTTP client dependency).
-async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-fn admin_addr(log: &str) -> Option<String> {
-    log.lines()
-        .find(|l| l.contains("admin endpoint listening"))
-        .and_then(|l| l.split("addr=").nth(1))
-        .map(|a| {
-            a.split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .trim_matches('"')
-                .to_owned()
-        })
-}
-
-fn metric(body: &str, name: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_answer_and_the_counters_move_while_events_flow() -> Result<()> {
     let db = TestDb::create("op_admin").await?;
@@ -366,13 +323,8 @@ async fn admin_endpoints_answer_and_the_counters_move_while_events_flow() -> Res
     active.wait_for_log("this relay is active", LONG).await?;
     let standby = RelayProcess::start(&db, &[], &env).await?;
     standby.wait_for_log("standing by", LONG).await?;
-    let clean = |s: String| {
-        s.replace("\u{1b}[3m", "")
-            .replace("\u{1b}[0m", "")
-            .replace("\u{1b}[2m", "")
-    };
-    let addr = admin_addr(&clean(active.log())).expect("admin address logged");
-    let standby_addr = admin_addr(&clean(standby.log())).expect("admin address logged");
+    let addr = admin_addr(&active.log()).expect("admin address logged");
+    let standby_addr = admin_addr(&standby.log()).expect("admin address logged");
 
     assert_eq!(http_get(&addr, "/healthz").await?.0, 200);
     let (code, body) = http_get(&addr, "/readyz").await?;
@@ -434,5 +386,75 @@ async fn admin_endpoints_answer_and_the_counters_move_while_events_flow() -> Res
     standby.wait_for_log("this relay is active", LONG).await?;
     let (code, _) = standby.terminate(Duration::from_secs(30)).await?;
     assert_eq!(code, 0);
+    Ok(())
+}
+
+/// Polls `/readyz` until `want(status, body)` holds; returns how long it took.
+async fn until_readyz(
+    addr: &str,
+    want: impl Fn(u16, &str) -> bool,
+    timeout: Duration,
+) -> Result<Duration> {
+    let started = std::time::Instant::now();
+    loop {
+        let (code, body) = http_get(addr, "/readyz").await?;
+        if want(code, &body) {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "/readyz still answers {code} {body:?} after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_notices_a_broker_outage_while_idle_and_recovers_when_it_returns() -> Result<()> {
+    use rdkafka::mocking::MockCluster;
+    let db = TestDb::create("op_ready").await?;
+    db.migrate().await?;
+    let mock = MockCluster::new(1)?;
+    let topic = unique("ready");
+    mock.create_topic(&topic, 1, 1)?;
+    let relay = RelayProcess::start(
+        &db,
+        &["--log-format", "json"],
+        &[
+            ("OUTBOX_ADMIN_ADDR", "127.0.0.1:0"),
+            ("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", &mock.bootstrap_servers()),
+            ("OUTBOX_TOPIC", &topic),
+        ],
+    )
+    .await?;
+    relay.wait_for_log("this relay is active", LONG).await?;
+    let addr = admin_addr(&relay.log()).expect("admin address logged");
+    until_readyz(&addr, |c, b| c == 200 && b.trim() == "ready (active)", LONG).await?;
+
+    // No events flow: only the idle probe can notice the broker is gone.
+    mock.broker_down(1)?;
+    let noticed = until_readyz(
+        &addr,
+        |c, b| c == 503 && b.contains("Kafka brokers do not answer"),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let (_, scrape) = http_get(&addr, "/metrics").await?;
+    assert_eq!(metric(&scrape, "outbox_relay_kafka_connected"), Some(0.0));
+
+    mock.broker_up(1)?;
+    let recovered = until_readyz(&addr, |c, _| c == 200, Duration::from_secs(10)).await?;
+    eprintln!(
+        "not ready {noticed:?} after the broker went down, ready {recovered:?} after it came back"
+    );
+    // And it still publishes.
+    write(&db, vec![NewEvent::new("acct", "1", "Opened", None)]).await?;
+    wait_drained(&db.pool, LONG).await?;
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("Kafka brokers do not answer") && log.contains("Kafka brokers answer again"),
+        "{log}"
+    );
     Ok(())
 }

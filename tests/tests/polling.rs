@@ -5,123 +5,13 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use outbox_core::{NewEvent, Outbox};
+use outbox_core::{NewEvent, Outbox, WriteMode};
+use outbox_tests::writers::{business_tx, create_accounts, run_writers};
 use outbox_tests::*;
-use rand::RngExt;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 const QUIET: Duration = Duration::from_millis(1500);
 const LONG: Duration = Duration::from_secs(60);
-
-/// Creates the aggregates table the writers lock to serialise writes per aggregate.
-async fn create_accounts(pool: &PgPool, n: usize) -> Result<Vec<String>> {
-    sqlx::query("CREATE TABLE accounts (id text PRIMARY KEY, version bigint NOT NULL DEFAULT 0)")
-        .execute(pool)
-        .await?;
-    let ids: Vec<String> = (0..n).map(|i| format!("acct-{i}")).collect();
-    sqlx::query("INSERT INTO accounts (id) SELECT unnest($1::text[])")
-        .bind(&ids)
-        .execute(pool)
-        .await?;
-    Ok(ids)
-}
-
-/// One business transaction: lock the aggregate, bump its version once per event, write the
-/// events, maybe linger (so commits interleave out of `seq` order), then commit or roll back.
-#[allow(clippy::too_many_arguments)] // a test helper: every knob of one business transaction
-async fn business_tx(
-    pool: &PgPool,
-    outbox: &Outbox,
-    aggregate_type: &str,
-    account: &str,
-    events: usize,
-    linger: Duration,
-    commit: bool,
-    ledger: &std::sync::Mutex<Ledger>,
-) -> Result<()> {
-    let mut tx = pool.begin().await?;
-    let version: i64 = sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1 FOR UPDATE")
-        .bind(account)
-        .fetch_one(&mut *tx)
-        .await?;
-    let batch: Vec<NewEvent> = (1..=events as i64)
-        .map(|i| {
-            NewEvent::new(
-                aggregate_type,
-                account,
-                "BalanceChanged",
-                Some(serde_json::json!({ "version": version + i, "note": "x".repeat(50) })),
-            )
-            .with_aggregate_seq(version + i)
-        })
-        .collect();
-    let ids = outbox.publish_new(&mut tx, batch).await?;
-    sqlx::query("UPDATE accounts SET version = $2 WHERE id = $1")
-        .bind(account)
-        .bind(version + events as i64)
-        .execute(&mut *tx)
-        .await?;
-    if !linger.is_zero() {
-        tokio::time::sleep(linger).await;
-    }
-    if commit {
-        tx.commit().await?;
-        ledger.lock().unwrap().committed.extend(ids);
-    } else {
-        tx.rollback().await?;
-        ledger.lock().unwrap().rolled_back.extend(ids);
-    }
-    Ok(())
-}
-
-/// Runs `writers` concurrent writers, each doing `txs` transactions on random accounts.
-async fn run_writers(
-    pool: &PgPool,
-    aggregate_type: &str,
-    accounts: &[String],
-    writers: usize,
-    txs: usize,
-    ledger: std::sync::Arc<std::sync::Mutex<Ledger>>,
-) -> Result<()> {
-    let mut tasks = Vec::new();
-    for _ in 0..writers {
-        let pool = pool.clone();
-        let accounts = accounts.to_vec();
-        let ledger = ledger.clone();
-        let aggregate_type = aggregate_type.to_owned();
-        tasks.push(tokio::spawn(async move {
-            let outbox = Outbox::default();
-            for _ in 0..txs {
-                let (account, events, linger, commit) = {
-                    let mut rng = rand::rng();
-                    (
-                        accounts[rng.random_range(0..accounts.len())].clone(),
-                        rng.random_range(1..=3),
-                        Duration::from_millis(rng.random_range(0..6)),
-                        rng.random_range(0..10) != 0,
-                    )
-                };
-                business_tx(
-                    &pool,
-                    &outbox,
-                    &aggregate_type,
-                    &account,
-                    events,
-                    linger,
-                    commit,
-                    &ledger,
-                )
-                .await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(())
-}
 
 fn assert_exact(v: &Verdict, ledger: &Ledger) {
     assert_eq!(v.lost, 0, "lost events: {v:?}");
@@ -170,7 +60,16 @@ async fn concurrent_writers_with_late_commits_and_rollbacks_deliver_every_commit
             .await
         })
     };
-    run_writers(&db.pool, &aggregate_type, &accounts, 8, 40, ledger.clone()).await?;
+    run_writers(
+        &db.pool,
+        WriteMode::Table,
+        &aggregate_type,
+        &accounts,
+        8,
+        40,
+        ledger.clone(),
+    )
+    .await?;
     held.await??;
 
     wait_drained(&db.pool, LONG).await?;
@@ -371,9 +270,18 @@ async fn a_graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() ->
         let pool = db.pool.clone();
         let ledger = ledger.clone();
         let aggregate_type = aggregate_type.clone();
-        tokio::spawn(
-            async move { run_writers(&pool, &aggregate_type, &accounts, 4, 150, ledger).await },
-        )
+        tokio::spawn(async move {
+            run_writers(
+                &pool,
+                WriteMode::Table,
+                &aggregate_type,
+                &accounts,
+                4,
+                150,
+                ledger,
+            )
+            .await
+        })
     };
     // Stop the relay while events are flowing, then start a new one.
     let deadline = std::time::Instant::now() + LONG;
@@ -410,7 +318,16 @@ async fn a_standby_relay_waits_and_takes_over_when_the_active_one_is_killed() ->
     first.wait_for_log("this relay is active", LONG).await?;
     let second = RelayProcess::start(&db, &[], &[]).await?;
     second.wait_for_log("standing by", LONG).await?;
-    run_writers(&db.pool, &aggregate_type, &accounts, 2, 30, ledger.clone()).await?;
+    run_writers(
+        &db.pool,
+        WriteMode::Table,
+        &aggregate_type,
+        &accounts,
+        2,
+        30,
+        ledger.clone(),
+    )
+    .await?;
     wait_drained(&db.pool, LONG).await?;
     assert!(
         !second.log().contains("this relay is active"),
@@ -423,7 +340,16 @@ async fn a_standby_relay_waits_and_takes_over_when_the_active_one_is_killed() ->
     second
         .wait_for_log("this relay is active", Duration::from_secs(20))
         .await?;
-    run_writers(&db.pool, &aggregate_type, &accounts, 2, 30, ledger.clone()).await?;
+    run_writers(
+        &db.pool,
+        WriteMode::Table,
+        &aggregate_type,
+        &accounts,
+        2,
+        30,
+        ledger.clone(),
+    )
+    .await?;
     wait_drained(&db.pool, LONG).await?;
     let ledger = ledger.lock().unwrap().clone();
     let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;

@@ -192,7 +192,11 @@ async fn migrate_upgrades_an_existing_debezium_table_in_place_and_runs_once_unde
     for t in tasks {
         applied += t.await??.applied.len();
     }
-    assert_eq!(applied, 2, "each version is applied by exactly one caller");
+    assert_eq!(
+        applied,
+        outbox_core::SCHEMA_VERSION as usize,
+        "each version is applied by exactly one caller"
+    );
     let (seq, headers, published): (
         Option<i64>,
         serde_json::Value,
@@ -213,6 +217,91 @@ async fn migrate_upgrades_an_existing_debezium_table_in_place_and_runs_once_unde
         .await
         .unwrap_err();
     assert!(matches!(e, Error::SchemaTooNew { found: 99, .. }), "{e}");
+    Ok(())
+}
+
+/// Sends one marker notification and collects the empty-payload wake-ups received before it.
+/// Notifications arrive in commit order, so this counts exactly the wake-ups of the transactions
+/// that committed before the marker.
+async fn wake_ups_before_marker(
+    db: &TestDb,
+    listener: &mut sqlx::postgres::PgListener,
+    channel: &str,
+) -> Result<usize> {
+    sqlx::query("SELECT pg_notify($1, 'marker')")
+        .bind(channel)
+        .execute(&db.pool)
+        .await?;
+    let mut wake_ups = 0;
+    loop {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv()).await??;
+        match n.payload() {
+            "marker" => return Ok(wake_ups),
+            "" => wake_ups += 1,
+            other => anyhow::bail!("unexpected notification payload {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_notify_wake_up_is_on_by_default_and_switched_off_by_outbox_notify() -> Result<()> {
+    let db = TestDb::create("write_notify").await?;
+    db.migrate().await?;
+    let table = OutboxTable::default();
+    let channel = table.notify_channel();
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url).await?;
+    listener.listen(&channel).await?;
+    let outbox = Outbox::default();
+
+    // Default: every committed outbox write wakes the relay.
+    for _ in 0..2 {
+        let mut tx = db.pool.begin().await?;
+        outbox
+            .publish_new(&mut tx, vec![NewEvent::new("a", "1", "On", None)])
+            .await?;
+        tx.commit().await?;
+    }
+    assert_eq!(
+        wake_ups_before_marker(&db, &mut listener, &channel).await?,
+        2
+    );
+
+    // Per transaction.
+    let mut tx = db.pool.begin().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET LOCAL {} = off",
+        outbox_core::NOTIFY_SETTING
+    )))
+    .execute(&mut *tx)
+    .await?;
+    outbox
+        .publish_new(&mut tx, vec![NewEvent::new("a", "1", "Off", None)])
+        .await?;
+    tx.commit().await?;
+    assert_eq!(
+        wake_ups_before_marker(&db, &mut listener, &channel).await?,
+        0
+    );
+
+    // Per database: new sessions inherit the setting.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE \"{}\" SET {} = off",
+        db.name,
+        outbox_core::NOTIFY_SETTING
+    )))
+    .execute(&db.pool)
+    .await?;
+    let mut conn = db.connect().await?;
+    let mut tx = sqlx::Connection::begin(&mut conn).await?;
+    outbox
+        .publish_new(&mut tx, vec![NewEvent::new("a", "1", "OffDb", None)])
+        .await?;
+    tx.commit().await?;
+    assert_eq!(
+        wake_ups_before_marker(&db, &mut listener, &channel).await?,
+        0
+    );
+    assert_eq!(count(&db).await?, 4, "the events are written either way");
     Ok(())
 }
 

@@ -26,6 +26,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::route::OutboundRecord;
+use crate::telemetry::{ProducerSpans, RecordSpan};
 
 /// Producer settings.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -121,9 +122,10 @@ impl KafkaSettings {
                 {
                     Some("idempotent ordering needs at most 5 in-flight requests")
                 }
-                "enable.gapless.guarantee" | "bootstrap.servers" => {
-                    Some("set it through its own setting")
-                }
+                "enable.gapless.guarantee" if value != "true" => Some(
+                    "the relay requires it: a failed batch must not leave a gap that later batches of the partition fill",
+                ),
+                "bootstrap.servers" => Some("set it through its own setting"),
                 _ => None,
             };
             if let Some(reason) = refused {
@@ -134,7 +136,14 @@ impl KafkaSettings {
             }
             cfg.set(key, value);
         }
-        cfg.set("enable.idempotence", "true").set("acks", "all");
+        // Gap-less: when a Produce request fails for good while later requests of the same
+        // partition are in flight, the producer stops (a fatal error) instead of delivering the
+        // later records; the relay then re-sends from the failed record, in order. Without it the
+        // later records reach the topic first (per-aggregate order inversion; found by the fault
+        // suite's `broker-error-in-flight`).
+        cfg.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("enable.gapless.guarantee", "true");
         // librdkafka's own warnings and errors reach the client context (and the logs); its
         // default follows the `log` crate's level, which is off under `tracing`.
         cfg.set_log_level(RDKafkaLogLevel::Warning);
@@ -194,6 +203,7 @@ pub struct KafkaSink {
     settings: KafkaSettings,
     producer: FutureProducer<SinkContext>,
     context: SinkContext,
+    spans: ProducerSpans,
 }
 
 /// A batch handed to the producer, whose outcomes are not all known yet.
@@ -202,7 +212,7 @@ pub struct Pending {
 }
 
 enum Slot {
-    Sent(rdkafka::producer::DeliveryFuture),
+    Sent(rdkafka::producer::DeliveryFuture, Option<RecordSpan>),
     Done(Outcome),
 }
 
@@ -222,15 +232,21 @@ impl Pending {
         for slot in self.slots {
             out.push(match slot {
                 Slot::Done(o) => o,
-                Slot::Sent(delivery) => match delivery.await {
-                    Ok(Ok(d)) => Outcome::Delivered(Delivered {
-                        partition: d.partition,
-                        offset: d.offset,
-                    }),
-                    Ok(Err((error, _))) if is_permanent(&error) => Outcome::Rejected(error),
-                    Ok(Err((error, _))) => Outcome::Failed(error),
-                    Err(_canceled) => Outcome::Failed(KafkaError::Canceled),
-                },
+                Slot::Sent(delivery, span) => {
+                    let outcome = match delivery.await {
+                        Ok(Ok(d)) => Outcome::Delivered(Delivered {
+                            partition: d.partition,
+                            offset: d.offset,
+                        }),
+                        Ok(Err((error, _))) if is_permanent(&error) => Outcome::Rejected(error),
+                        Ok(Err((error, _))) => Outcome::Failed(error),
+                        Err(_canceled) => Outcome::Failed(KafkaError::Canceled),
+                    };
+                    if let Some(span) = span {
+                        span.end(&outcome);
+                    }
+                    outcome
+                }
             });
         }
         out
@@ -292,7 +308,15 @@ impl KafkaSink {
             settings,
             producer,
             context,
+            spans: ProducerSpans::default(),
         })
+    }
+
+    /// Turns producer spans on or off ([`crate::telemetry`]): with them on, every record gets a
+    /// `PRODUCER` span and carries that span's context as its `traceparent`.
+    pub fn with_producer_spans(mut self, enabled: bool) -> Self {
+        self.spans = ProducerSpans::new(enabled);
+        self
     }
 
     /// Fetches cluster metadata to prove the brokers are reachable (and the credentials work).
@@ -334,6 +358,16 @@ impl KafkaSink {
         Ok(())
     }
 
+    /// Drops every record queued in the producer or in flight to a broker, without waiting for
+    /// Kafka's answer (their delivery futures fail); returns how many there were. A record already
+    /// on the wire may still be written by the broker.
+    pub fn purge(&self) -> i32 {
+        let queued = self.producer.in_flight_count();
+        self.producer
+            .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+        queued
+    }
+
     /// The underlying producer (for metrics and the `topics` commands).
     pub fn producer(&self) -> &FutureProducer<SinkContext> {
         &self.producer
@@ -368,13 +402,40 @@ impl KafkaSink {
                 slots.push(Slot::Done(Outcome::Held { behind }));
                 continue;
             }
-            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+            let span = if self.spans.is_enabled() {
+                let header = |n: &str| {
+                    r.headers
+                        .iter()
+                        .find(|(k, _)| k == n)
+                        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+                };
+                self.spans
+                    .start(&r.topic, header("id"), header("traceparent"))
+            } else {
+                None
+            };
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 1);
+            let mut traceparent_sent = false;
             for (name, value) in &r.headers {
+                let value: &[u8] = match &span {
+                    Some(s) if name == "traceparent" => {
+                        traceparent_sent = true;
+                        s.traceparent().as_bytes()
+                    }
+                    _ => value,
+                };
                 headers = headers.insert(Header {
                     key: name,
                     value: Some(value),
                 });
             }
+            if let Some(s) = span.as_ref().filter(|_| !traceparent_sent) {
+                headers = headers.insert(Header {
+                    key: "traceparent",
+                    value: Some(s.traceparent().as_bytes()),
+                });
+            }
+            let mut span = span;
             let mut record = FutureRecord::to(&r.topic).key(&r.key).headers(headers);
             if let Some(p) = &r.payload {
                 record = record.payload(p);
@@ -385,7 +446,7 @@ impl KafkaSink {
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        slots.push(Slot::Sent(delivery));
+                        slots.push(Slot::Sent(delivery, span.take()));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -394,11 +455,19 @@ impl KafkaSink {
                     }
                     Err((error, _)) if is_permanent(&error) => {
                         poisoned.push((&r.topic, &r.key, i));
-                        slots.push(Slot::Done(Outcome::Rejected(error)));
+                        let outcome = Outcome::Rejected(error);
+                        if let Some(span) = span.take() {
+                            span.end(&outcome);
+                        }
+                        slots.push(Slot::Done(outcome));
                         break;
                     }
                     Err((error, _)) => {
-                        slots.push(Slot::Done(Outcome::Failed(error.clone())));
+                        let outcome = Outcome::Failed(error.clone());
+                        if let Some(span) = span.take() {
+                            span.end(&outcome);
+                        }
+                        slots.push(Slot::Done(outcome));
                         stopped = Some(error);
                         break;
                     }
@@ -412,4 +481,68 @@ impl KafkaSink {
     pub fn in_flight(&self) -> i32 {
         self.producer.in_flight_count()
     }
+}
+
+/// How often an idle relay asks the brokers for metadata, and how long it waits for an answer.
+pub const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// See [`BROKER_PROBE_INTERVAL`].
+pub const BROKER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Keeps [`crate::relay::RelayStats::kafka_reachable`] current while the relay is idle, so
+/// `/readyz` notices a broker outage (and the recovery) with no traffic: every
+/// [`BROKER_PROBE_INTERVAL`] without a published event, a metadata request on a client of its
+/// own (same bootstrap servers, TLS and SASL settings as the producer, never producing) must
+/// answer within [`BROKER_PROBE_TIMEOUT`]. While events are being published their acknowledgements
+/// are the evidence and no request is made. Stops when `shutdown` fires.
+pub fn watch_brokers(
+    settings: &KafkaSettings,
+    stats: Arc<crate::relay::RelayStats>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, SinkError> {
+    use std::sync::atomic::Ordering;
+    let mut config = settings.client_config()?;
+    // It only asks for metadata; librdkafka's own logs about it stay out of the relay's log.
+    config
+        .set("enable.idempotence", "false")
+        .set("enable.gapless.guarantee", "false")
+        .set("client.id", "outbox-relay-probe")
+        .set_log_level(RDKafkaLogLevel::Emerg);
+    let client: rdkafka::producer::BaseProducer = config.create().map_err(SinkError::Create)?;
+    let client = Arc::new(client);
+    let servers = settings.bootstrap_servers.clone();
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(BROKER_PROBE_INTERVAL) => {}
+            }
+            let last = stats.last_published_ms.load(Ordering::Relaxed);
+            let idle_ms = chrono::Utc::now().timestamp_millis() - last;
+            let answer = if last > 0 && idle_ms < BROKER_PROBE_INTERVAL.as_millis() as i64 {
+                Ok(())
+            } else {
+                let c = client.clone();
+                tokio::task::spawn_blocking(move || {
+                    c.client()
+                        .fetch_metadata(None, BROKER_PROBE_TIMEOUT)
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+            };
+            let was = stats
+                .kafka_reachable
+                .swap(answer.is_ok(), Ordering::Relaxed);
+            match (was, answer) {
+                (true, Err(error)) => tracing::warn!(
+                    servers = %servers,
+                    %error,
+                    "Kafka brokers do not answer: reporting not ready until they do"
+                ),
+                (false, Ok(())) => tracing::info!(servers = %servers, "Kafka brokers answer again"),
+                _ => {}
+            }
+        }
+    }))
 }

@@ -17,9 +17,12 @@
 //!   update, including replies to server keepalives (see [`stream`]); when nothing is pending
 //!   (no open, buffered or unacknowledged event) a keepalive's or heartbeat's position may be
 //!   confirmed, because nothing unacknowledged precedes it.
-//! - **Crash safety.** After a crash the server resumes from the slot's `confirmed_flush_lsn`: at
-//!   worst the events acknowledged after the last status update are sent again (bounded
-//!   duplicates, detectable by event id), never fewer. On graceful shutdown (the `shutdown` token
+//! - **Crash safety.** After a relay crash the server resumes from the slot's
+//!   `confirmed_flush_lsn`: the events in flight and those acknowledged after the last status
+//!   update are sent again (bounded duplicates, detectable by event id), never fewer. After a
+//!   PostgreSQL crash the slot is back at its last save to disk, which PostgreSQL makes only when
+//!   the slot's restart position or catalog xmin moves: everything acknowledged since is sent
+//!   again. On graceful shutdown (the `shutdown` token
 //!   passed to [`Source::next_batch`]) the confirmed LSN is made durable on the slot
 //!   (`pg_replication_slot_advance`) so a clean restart produces no duplicates.
 //! - **Idle heartbeats.** When nothing is in flight for `heartbeat_interval`, a non-transactional
@@ -46,7 +49,15 @@
 //! - A re-publication reads all unpublished rows at once (`fetch_all`); after a very long outage
 //!   with a lost slot that is the whole backlog.
 //! - Between two standby status updates (`status_interval`) an acknowledged position lives only
-//!   in the relay: a crash repeats at most that interval's events (the SIGKILL test measures it).
+//!   in the relay: a crash repeats that interval's acknowledged events on top of the events in
+//!   flight (the SIGKILL test measures it).
+//! - The relay does not carry its confirmed position over when it reopens the source (e.g. after
+//!   PostgreSQL restarted): it starts from the slot's position, which after a PostgreSQL crash
+//!   is the last one saved to disk. Starting from its own would save those duplicates, but is
+//!   only safe on the same WAL history (not after a failover to a standby that was behind).
+//! - A re-publication from the table interrupted by a crash or rewind is repeated without the
+//!   snapshot: rows committed after the slot's position are then published twice (from the
+//!   table and from the stream) — duplicates up to the unpublished backlog, not one window.
 //! - Publication and slot names are `[a-z0-9_]` (publication names must not start with a digit):
 //!   `publication_names` in `START_REPLICATION` folds unquoted names to lower case, so anything
 //!   else could silently name another publication.
@@ -83,7 +94,8 @@ use uuid::Uuid;
 pub use pgoutput::{DecodeError, Lsn};
 pub use slot::{NameError, PublicationName, SlotName, SlotStatus};
 
-use super::polling::{RowAcknowledgement, acknowledge_rows};
+use super::polling::RowAcknowledgement;
+use super::row_marks::{MarkError, RowMarks};
 use super::{Position, Source, SourceError, SourceEvent};
 use crate::config::RelayConfig;
 use crate::leader::Leadership;
@@ -159,6 +171,18 @@ impl LogicalError {
                 | LogicalError::Database { .. }
                 | LogicalError::Replication(_)
         )
+    }
+}
+
+impl From<MarkError> for LogicalError {
+    fn from(e: MarkError) -> Self {
+        match e {
+            MarkError::Database(source) => LogicalError::Database {
+                context: "acknowledging rows in the outbox table",
+                source,
+            },
+            other => LogicalError::Replication(other.to_string()),
+        }
     }
 }
 
@@ -314,8 +338,8 @@ struct InFlight {
 pub struct LogicalSource {
     cfg: LogicalConfig,
     pool: PgPool,
-    /// The leader lock's session: rows are acknowledged on it, so a relay that lost leadership
-    /// cannot mark anything.
+    /// The leader lock's session (parking, parked aggregates); its lease fences the row
+    /// acknowledgements, so a relay that lost leadership marks nothing more.
     leader: Option<Leadership>,
     target: ReplicationTarget,
     table: Option<ResolvedTable>,
@@ -337,6 +361,9 @@ pub struct LogicalSource {
     /// `<table>_parked` is known to exist.
     parked_table: bool,
     metrics: Arc<LogicalMetrics>,
+    /// `table` mode: row acknowledgements running beside the pipeline, each with the LSN it
+    /// lets the slot confirm once durable.
+    marks: Option<RowMarks<Option<Lsn>>>,
 }
 
 impl std::fmt::Debug for LogicalSource {
@@ -363,6 +390,9 @@ fn slot_was_known(slot: &SlotName) -> bool {
         .map(|k| k.contains(slot.as_str()))
         .unwrap_or(false)
 }
+
+/// How long a start waits for a slot that another session is still creating.
+const SLOT_CREATION_WAIT: Duration = Duration::from_secs(120);
 
 fn marker_slot(slot: &SlotName) -> SlotName {
     let base: String = slot.as_str().chars().take(60).collect();
@@ -398,6 +428,23 @@ impl LogicalSource {
             _ => Some(slot::resolve_table(&pool, &cfg.table.qualified()).await?),
         };
         slot::ensure_publication(&pool, &cfg.publication, table.as_ref()).await?;
+        let marks = if cfg.write_mode == WriteMode::Table {
+            let options: sqlx::postgres::PgConnectOptions =
+                cfg.database_url
+                    .parse()
+                    .map_err(|source| LogicalError::Database {
+                        context: "parsing the database URL",
+                        source,
+                    })?;
+            Some(RowMarks::new(
+                super::row_marks::pool(&options),
+                cfg.table.clone(),
+                cfg.acknowledgement,
+                leader.as_ref().map(Leadership::lease),
+            ))
+        } else {
+            None
+        };
         let now = Instant::now();
         let metrics = shared_metrics(&cfg.slot);
         let mut me = Self {
@@ -419,6 +466,7 @@ impl LogicalSource {
             stopped: false,
             parked_table: false,
             metrics,
+            marks,
         };
         me.prepare_slot(true).await?;
         me.start_session().await?;
@@ -447,6 +495,7 @@ impl LogicalSource {
             s.stop().await;
         }
         self.stopped = true;
+        self.release_marks(true).await?;
         if self.confirmed != Lsn::ZERO {
             slot::advance_slot(&self.pool, &self.cfg.slot, self.confirmed).await?;
         }
@@ -458,7 +507,7 @@ impl LogicalSource {
     async fn prepare_slot(&mut self, at_start: bool) -> Result<(), LogicalError> {
         let slot = self.cfg.slot.clone();
         let marker = marker_slot(&slot);
-        let status = slot::slot_status(&self.pool, &slot).await?;
+        let status = self.settled_slot_status(&slot).await?;
         let table_mode = self.cfg.write_mode == WriteMode::Table;
         let marker_exists = table_mode && slot::slot_status(&self.pool, &marker).await?.is_some();
         match status {
@@ -531,6 +580,41 @@ impl LogicalSource {
                 }
                 drop(exported);
                 Ok(())
+            }
+        }
+    }
+
+    /// The slot's status once it is not being created any more. A logical slot without a
+    /// confirmed position is still being created by some session — possibly by a relay that was
+    /// killed meanwhile, whose walsender drops the half-made slot once it notices. Such a slot
+    /// was never streamed from, so waiting for it to either appear for real or vanish (and then
+    /// creating it) loses nothing; calling it lost would fail the start for no reason.
+    async fn settled_slot_status(
+        &self,
+        slot: &SlotName,
+    ) -> Result<Option<SlotStatus>, LogicalError> {
+        let deadline = Instant::now() + SLOT_CREATION_WAIT;
+        let mut logged = false;
+        loop {
+            let status = slot::slot_status(&self.pool, slot).await?;
+            match &status {
+                Some(s) if s.slot_type == "logical" && s.confirmed_flush_lsn.is_none() => {
+                    if Instant::now() >= deadline {
+                        return Err(LogicalError::Slot(format!(
+                            "replication slot {slot} has been in creation for {SLOT_CREATION_WAIT:?} \
+                             (by backend pid {:?}; creation waits for transactions open at that \
+                             moment to finish): end that session or those transactions",
+                            s.active_pid
+                        )));
+                    }
+                    if !logged {
+                        logged = true;
+                        tracing::info!(slot = %slot, creator_pid = ?s.active_pid,
+                            "replication slot is still being created by another session (a relay killed while creating it?); waiting until it is complete or gone");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                _ => return Ok(status),
             }
         }
     }
@@ -691,6 +775,11 @@ impl LogicalSource {
         if let Some(s) = self.session.take() {
             s.stop().await;
         }
+        // Acknowledgements still running concern delivered rows: let them finish (and confirm
+        // their LSNs), so the new session does not stream those rows again.
+        if let Err(e) = self.release_marks(true).await {
+            tracing::warn!(error = %e, "acknowledgement failed during a restart; those events will be published again");
+        }
         self.relations.clear();
         self.open = None;
         self.ready.clear();
@@ -724,7 +813,27 @@ impl LogicalSource {
     }
 
     fn idle(&self) -> bool {
-        self.open.is_none() && self.ready.is_empty() && self.inflight.is_empty()
+        self.open.is_none()
+            && self.ready.is_empty()
+            && self.inflight.is_empty()
+            && self.marks.as_ref().is_none_or(RowMarks::is_empty)
+    }
+
+    /// Confirms the LSNs whose rows' acknowledgements are durable: those completed so far, or
+    /// (with `wait`) all of them.
+    async fn release_marks(&mut self, wait: bool) -> Result<(), LogicalError> {
+        let Some(marks) = self.marks.as_mut() else {
+            return Ok(());
+        };
+        let done = if wait {
+            marks.finish().await?
+        } else {
+            marks.completed().await?
+        };
+        for lsn in done.into_iter().flatten() {
+            self.confirm(lsn);
+        }
+        Ok(())
     }
 
     /// Raise the confirmed LSN (monotonic) and hand it to the replication client.
@@ -896,6 +1005,7 @@ impl LogicalSource {
     }
 
     async fn heartbeat_or_check(&mut self) -> Result<(), LogicalError> {
+        self.release_marks(false).await?;
         let now = Instant::now();
         if now >= self.next_heartbeat {
             self.next_heartbeat = now + self.cfg.heartbeat_interval;
@@ -939,9 +1049,19 @@ impl LogicalSource {
         let Some(session) = self.session.as_mut() else {
             return Err(LogicalError::Replication("no replication session".into()));
         };
+        let marks = self.marks.as_mut();
+        let marking = marks.as_ref().is_some_and(|m| !m.is_empty());
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => Ok(true),
+            // A row acknowledgement became durable: its LSN may be confirmed now, not only when
+            // the next event arrives.
+            done = async { marks.expect("marking").next_completed().await }, if marking => {
+                if let Some(lsn) = done? {
+                    self.confirm(lsn);
+                }
+                Ok(false)
+            }
             r = session.recv() => {
                 match r {
                     Ok(Some(ev)) => self.handle(ev).map(|_| false),
@@ -961,6 +1081,7 @@ impl LogicalSource {
         if self.stopped {
             return Ok(Vec::new());
         }
+        self.release_marks(false).await?;
         if self.session.is_none() {
             self.restart().await?;
         }
@@ -984,22 +1105,30 @@ impl LogicalSource {
                 Err(e) => return Err(e),
             }
         }
-        // Take whatever else is already buffered, without waiting.
-        while self.ready.len() < max && !shutdown.is_cancelled() {
+        if !shutdown.is_cancelled() {
+            self.read_buffered(max).await?;
+        }
+        Ok(self.take_batch(max))
+    }
+
+    /// Applies what the replication session has already received, without waiting, until `max`
+    /// events are ready. A session error is kept for the next blocking read: what is complete
+    /// stays usable.
+    async fn read_buffered(&mut self, max: usize) -> Result<(), LogicalError> {
+        while self.ready.len() < max {
             let Some(session) = self.session.as_mut() else {
                 break;
             };
             match tokio::time::timeout(Duration::ZERO, session.recv()).await {
                 Ok(Ok(Some(ev))) => self.handle(ev)?,
                 Ok(Ok(None)) | Err(_) => break,
-                // Keep what is complete; the error shows again on the next call.
                 Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "replication session failed after a batch was read");
+                    tracing::debug!(error = %e, "replication session failed after events were read");
                     break;
                 }
             }
         }
-        Ok(self.take_batch(max))
+        Ok(())
     }
 
     /// Move up to `max` ready events to the in-flight window and return them.
@@ -1050,37 +1179,6 @@ impl LogicalSource {
                 )));
             }
         }
-        // table mode: mark rows published BEFORE the LSN is confirmed.
-        if self.cfg.write_mode == WriteMode::Table {
-            let ids: Vec<Uuid> = delivered.iter().map(|d| d.event.id).collect();
-            let result = match self.leader.as_mut() {
-                Some(l) => {
-                    acknowledge_rows(
-                        l.connection(),
-                        &self.cfg.table,
-                        self.cfg.acknowledgement,
-                        &ids,
-                    )
-                    .await
-                }
-                None => {
-                    let mut conn =
-                        self.pool
-                            .acquire()
-                            .await
-                            .map_err(|source| LogicalError::Database {
-                                context: "acquiring a connection to acknowledge rows",
-                                source,
-                            })?;
-                    acknowledge_rows(&mut conn, &self.cfg.table, self.cfg.acknowledgement, &ids)
-                        .await
-                }
-            };
-            result.map_err(|source| LogicalError::Database {
-                context: "acknowledging rows in the outbox table",
-                source,
-            })?;
-        }
         let mut new_confirm = None;
         for _ in 0..delivered.len() {
             if let Some(f) = self.inflight.pop_front()
@@ -1093,8 +1191,22 @@ impl LogicalSource {
                 new_confirm = Some(Lsn(end_lsn));
             }
         }
-        if let Some(lsn) = new_confirm {
-            self.confirm(lsn);
+        match self.marks.as_mut() {
+            // table mode: the rows are marked published BEFORE the LSN is confirmed; the mark
+            // runs beside the pipeline and releases the LSN once it is durable.
+            Some(marks) => {
+                let done = marks
+                    .submit(delivered.iter().map(|d| &d.event), new_confirm)
+                    .await?;
+                for lsn in done.into_iter().flatten() {
+                    self.confirm(lsn);
+                }
+            }
+            None => {
+                if let Some(lsn) = new_confirm {
+                    self.confirm(lsn);
+                }
+            }
         }
         if self.backfill_due
             && !self
@@ -1106,9 +1218,12 @@ impl LogicalSource {
                 .iter()
                 .any(|e| matches!(e.position, Position::Row))
         {
+            // The marker slot goes only once every re-published row is durably marked.
+            self.release_marks(true).await?;
             self.finish_backfill().await?;
         }
         if self.stopped {
+            self.release_marks(true).await?;
             // Acknowledged after shutdown: make it durable right away.
             slot::advance_slot(&self.pool, &self.cfg.slot, self.confirmed).await?;
         }
@@ -1165,12 +1280,26 @@ impl Source for LogicalSource {
         }
     }
 
-    // `poll_batch` keeps the trait's default (no pipelining): with batches produced ahead, two
-    // heavily loaded runs of the insert_delete end-to-end tests stalled short of the last events,
-    // and the cause is not understood yet. One batch in flight is the verified behaviour.
+    /// Whatever complete transactions are already buffered, without waiting; lets the relay
+    /// produce the next batch while earlier ones are in flight.
+    async fn poll_batch(&mut self, max: usize) -> Result<Vec<SourceEvent>, SourceError> {
+        if self.stopped {
+            return Ok(Vec::new());
+        }
+        self.release_marks(false).await?;
+        self.read_buffered(max).await?;
+        if self.ready.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.take_batch(max))
+    }
 
     async fn acknowledge(&mut self, delivered: &[SourceEvent]) -> Result<(), SourceError> {
         Ok(self.acknowledge_inner(delivered).await?)
+    }
+
+    async fn flush(&mut self) -> Result<(), SourceError> {
+        Ok(self.release_marks(true).await?)
     }
 
     async fn rewind(&mut self) -> Result<(), SourceError> {
@@ -1197,7 +1326,7 @@ impl Source for LogicalSource {
         }
         let table = self.cfg.table.clone();
         let result = match self.leader.as_mut() {
-            Some(l) => crate::park::park(l.connection(), &table, requests).await,
+            Some(l) => crate::park::park(&mut *l.connection().await, &table, requests).await,
             None => match self.pool.acquire().await {
                 Ok(mut conn) => crate::park::park(&mut conn, &table, requests).await,
                 Err(e) => Err(e),
@@ -1216,7 +1345,7 @@ impl Source for LogicalSource {
         }
         let table = self.cfg.table.clone();
         let result = match self.leader.as_mut() {
-            Some(l) => crate::park::blocked_aggregates(l.connection(), &table).await,
+            Some(l) => crate::park::blocked_aggregates(&mut *l.connection().await, &table).await,
             None => match self.pool.acquire().await {
                 Ok(mut conn) => crate::park::blocked_aggregates(&mut conn, &table).await,
                 Err(e) => Err(e),
@@ -1279,6 +1408,7 @@ mod tests {
             next_slot_check: now,
             stopped: false,
             parked_table: false,
+            marks: None,
             metrics: Arc::default(),
         }
     }

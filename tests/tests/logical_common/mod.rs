@@ -1,14 +1,14 @@
 //! Helpers shared by the `logical_*` end-to-end tests (included with `mod logical_common;`).
 #![allow(dead_code)]
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use outbox_core::{NewEvent, Outbox, WriteMode};
+use outbox_core::WriteMode;
 use outbox_relay::config::SourceKind;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use outbox_tests::writers::{business_tx, create_accounts, run_writers};
 use outbox_tests::*;
-use rand::RngExt;
 use sqlx::PgPool;
 
 pub const QUIET: Duration = Duration::from_millis(1500);
@@ -35,117 +35,6 @@ pub fn logical_env(mode: WriteMode, slot: &str) -> Vec<(&'static str, String)> {
         ("OUTBOX_PUBLICATION", format!("{slot}_pub")),
         ("OUTBOX_HEARTBEAT_INTERVAL", "500ms".to_owned()),
     ]
-}
-
-/// Creates the aggregates table writers lock to serialise writes per aggregate.
-pub async fn create_accounts(pool: &PgPool, n: usize) -> Result<Vec<String>> {
-    sqlx::query("CREATE TABLE accounts (id text PRIMARY KEY, version bigint NOT NULL DEFAULT 0)")
-        .execute(pool)
-        .await?;
-    let ids: Vec<String> = (0..n).map(|i| format!("acct-{i}")).collect();
-    sqlx::query("INSERT INTO accounts (id) SELECT unnest($1::text[])")
-        .bind(&ids)
-        .execute(pool)
-        .await?;
-    Ok(ids)
-}
-
-/// One business transaction: lock the aggregate, write `events` events with consecutive
-/// per-aggregate sequence numbers, linger, then commit or roll back; recorded in `ledger`.
-#[allow(clippy::too_many_arguments)]
-pub async fn business_tx(
-    pool: &PgPool,
-    outbox: &Outbox,
-    aggregate_type: &str,
-    account: &str,
-    events: usize,
-    linger: Duration,
-    commit: bool,
-    ledger: &Mutex<Ledger>,
-) -> Result<()> {
-    let mut tx = pool.begin().await?;
-    let version: i64 = sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1 FOR UPDATE")
-        .bind(account)
-        .fetch_one(&mut *tx)
-        .await?;
-    let batch: Vec<NewEvent> = (1..=events as i64)
-        .map(|i| {
-            NewEvent::new(
-                aggregate_type,
-                account,
-                "BalanceChanged",
-                Some(serde_json::json!({ "version": version + i, "note": "x".repeat(50) })),
-            )
-            .with_aggregate_seq(version + i)
-        })
-        .collect();
-    let ids = outbox.publish_new(&mut tx, batch).await?;
-    sqlx::query("UPDATE accounts SET version = $2 WHERE id = $1")
-        .bind(account)
-        .bind(version + events as i64)
-        .execute(&mut *tx)
-        .await?;
-    if !linger.is_zero() {
-        tokio::time::sleep(linger).await;
-    }
-    if commit {
-        tx.commit().await?;
-        ledger.lock().unwrap().committed.extend(ids);
-    } else {
-        tx.rollback().await?;
-        ledger.lock().unwrap().rolled_back.extend(ids);
-    }
-    Ok(())
-}
-
-/// `writers` concurrent writers, `txs` transactions each, random accounts, random lingering (so
-/// commits interleave out of insertion order), one in ten rolled back.
-pub async fn run_writers(
-    pool: &PgPool,
-    mode: WriteMode,
-    aggregate_type: &str,
-    accounts: &[String],
-    writers: usize,
-    txs: usize,
-    ledger: Arc<Mutex<Ledger>>,
-) -> Result<()> {
-    let mut tasks = Vec::new();
-    for _ in 0..writers {
-        let pool = pool.clone();
-        let accounts = accounts.to_vec();
-        let ledger = ledger.clone();
-        let aggregate_type = aggregate_type.to_owned();
-        tasks.push(tokio::spawn(async move {
-            let outbox = Outbox::default().with_write_mode(mode);
-            for _ in 0..txs {
-                let (account, events, linger, commit) = {
-                    let mut rng = rand::rng();
-                    (
-                        accounts[rng.random_range(0..accounts.len())].clone(),
-                        rng.random_range(1..=3),
-                        Duration::from_millis(rng.random_range(0..6)),
-                        rng.random_range(0..10) != 0,
-                    )
-                };
-                business_tx(
-                    &pool,
-                    &outbox,
-                    &aggregate_type,
-                    &account,
-                    events,
-                    linger,
-                    commit,
-                    &ledger,
-                )
-                .await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(())
 }
 
 /// The slot's `confirmed_flush_lsn` as a number (None: no such slot).
@@ -182,15 +71,22 @@ pub async fn wait_confirmed(pool: &PgPool, slot: &str, lsn: u64, timeout: Durati
     }
 }
 
-/// Waits until the slot exists and a session streams from it.
+/// Waits until the slot exists, has found its consistent point and a session streams from it.
+///
+/// A slot is `active` while it is still being created, before its consistent point is known;
+/// transactions that commit before that point are never decoded. In `insert_delete` and
+/// `logical_message` modes nothing recovers them, so writers must not start before
+/// `confirmed_flush_lsn` is set (a test that only waited for `active` lost events that way).
 pub async fn wait_slot_active(pool: &PgPool, slot: &str, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let active: Option<bool> =
-            sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
-                .bind(slot)
-                .fetch_optional(pool)
-                .await?;
+        let active: Option<bool> = sqlx::query_scalar(
+            "SELECT active AND confirmed_flush_lsn IS NOT NULL FROM pg_replication_slots
+             WHERE slot_name = $1",
+        )
+        .bind(slot)
+        .fetch_optional(pool)
+        .await?;
         if active == Some(true) {
             return Ok(());
         }

@@ -1,0 +1,231 @@
+//! Row acknowledgements of the `table` write mode, run beside the relay's pipeline.
+//!
+//! Marking (or deleting) the rows of a delivered batch is the costliest statement of a drain: an
+//! UPDATE that cannot be HOT, with new index entries and a full-row WAL record per row. Only what
+//! comes *after* it depends on its result — the polling source must not claim those rows again,
+//! the logical source must not confirm an LSN past rows it has not marked — so the statement runs
+//! on a connection of its own while the relay claims, produces and awaits the next batches, and
+//! each dependant waits for its completion instead of the whole pipeline.
+//!
+//! Guarantees of [`RowMarks`]:
+//! - **Durable before released.** A submitted mark carries a tag (the `seq`s to stop excluding,
+//!   the LSN to confirm); the tag is handed back only after the mark committed.
+//! - **In order.** Tags come back in submission order, so an LSN is never confirmed ahead of an
+//!   earlier batch's rows.
+//! - **Bounded.** At most [`MAX_PENDING_ACKNOWLEDGEMENTS`] marks run at once; a further submit waits
+//!   for the oldest. After a crash, at most that many acknowledged batches are published again,
+//!   besides the batches in flight.
+//! - **Fenced.** With a lease, each statement runs only while the leader's lease holds.
+//! - **Failures are loud and lose nothing.** A failed mark is returned by the next call; the marks
+//!   still running are awaited first, and none of their tags is released, so those rows are
+//!   claimed or streamed again (duplicates with stable ids, never a loss).
+
+use std::collections::VecDeque;
+
+use outbox_core::{OutboxTable, StoredEvent};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::leader::{Lease, LeaseLost};
+use crate::source::SourceError;
+use crate::source::polling::{RowAcknowledgement, acknowledge_keys};
+
+/// How many batches' row acknowledgements may run at once, beside the batches in flight.
+pub const MAX_PENDING_ACKNOWLEDGEMENTS: usize = 2;
+
+/// A lazily connected pool for [`RowMarks`]: [`MAX_PENDING_ACKNOWLEDGEMENTS`] sessions, planned
+/// like the leader's session (`seq = ANY(…)` stays an index scan on a table without statistics).
+pub fn pool(options: &PgConnectOptions) -> PgPool {
+    let options = options
+        .clone()
+        .application_name("outbox-relay-ack")
+        .options([
+            ("plan_cache_mode", "force_custom_plan"),
+            ("enable_seqscan", "off"),
+            ("enable_bitmapscan", "off"),
+        ]);
+    PgPoolOptions::new()
+        .max_connections(MAX_PENDING_ACKNOWLEDGEMENTS as u32)
+        .connect_lazy_with(options)
+}
+
+/// Why a row acknowledgement failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MarkError {
+    /// The statement failed.
+    #[error("acknowledging rows in the outbox table: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The leader's lease ran out before the statement could run.
+    #[error("acknowledging rows in the outbox table: {0}")]
+    Lease(#[from] LeaseLost),
+    /// The background task ended without an answer (it panicked or was cancelled).
+    #[error("acknowledging rows in the outbox table: the background task failed: {0}")]
+    Task(String),
+}
+
+impl MarkError {
+    /// The same failure as a [`SourceError`] of `source_name`.
+    pub fn into_source_error(self, source_name: &'static str) -> SourceError {
+        match self {
+            MarkError::Database(error) => SourceError::Database { source_name, error },
+            other => SourceError::Transient(other.to_string()),
+        }
+    }
+}
+
+/// The keys of the rows to acknowledge: `seq` where known, the event id otherwise.
+#[derive(Debug, Default)]
+pub(crate) struct RowKeys {
+    pub(crate) seqs: Vec<i64>,
+    pub(crate) ids: Vec<Uuid>,
+}
+
+impl RowKeys {
+    pub(crate) fn of<'e>(events: impl IntoIterator<Item = &'e StoredEvent>) -> Self {
+        let mut keys = RowKeys::default();
+        for e in events {
+            match e.seq {
+                Some(seq) => keys.seqs.push(seq),
+                None => keys.ids.push(e.id),
+            }
+        }
+        keys
+    }
+}
+
+/// Row acknowledgements running in the background. See the [module docs](self).
+#[derive(Debug)]
+pub struct RowMarks<T> {
+    pool: PgPool,
+    table: OutboxTable,
+    how: RowAcknowledgement,
+    lease: Option<Lease>,
+    /// Running marks, oldest first: each task's verdict arrives on its channel.
+    pending: VecDeque<(oneshot::Receiver<Result<(), MarkError>>, T)>,
+}
+
+impl<T> RowMarks<T> {
+    /// Acknowledges rows of `table` over connections of `pool` (give it at least
+    /// [`MAX_PENDING_ACKNOWLEDGEMENTS`] connections), fenced by `lease` when one is given.
+    pub fn new(
+        pool: PgPool,
+        table: OutboxTable,
+        how: RowAcknowledgement,
+        lease: Option<Lease>,
+    ) -> Self {
+        Self {
+            pool,
+            table,
+            how,
+            lease,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Whether nothing is running.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Starts acknowledging the rows of `events`; `tag` comes back once they are durably
+    /// acknowledged. Returns the tags of marks that completed meanwhile (waiting for the oldest
+    /// when [`MAX_PENDING_ACKNOWLEDGEMENTS`] are running).
+    pub async fn submit<'e>(
+        &mut self,
+        events: impl IntoIterator<Item = &'e StoredEvent>,
+        tag: T,
+    ) -> Result<Vec<T>, MarkError> {
+        let mut done = Vec::new();
+        while self.pending.len() >= MAX_PENDING_ACKNOWLEDGEMENTS {
+            done.push(self.wait_oldest().await?);
+        }
+        let keys = RowKeys::of(events);
+        let (pool, table, how, lease) = (
+            self.pool.clone(),
+            self.table.clone(),
+            self.how,
+            self.lease.clone(),
+        );
+        let (verdict, receiver) = oneshot::channel();
+        tokio::spawn(async move {
+            let outcome = async {
+                let mut conn = pool.acquire().await?;
+                if let Some(lease) = &lease {
+                    lease.check()?;
+                }
+                acknowledge_keys(&mut conn, &table, how, &keys).await?;
+                Ok(())
+            }
+            .await;
+            let _ = verdict.send(outcome);
+        });
+        self.pending.push_back((receiver, tag));
+        done.extend(self.completed().await?);
+        Ok(done)
+    }
+
+    /// The tags of the marks that have completed, oldest first, without waiting for the others.
+    pub async fn completed(&mut self) -> Result<Vec<T>, MarkError> {
+        let mut done = Vec::new();
+        while let Some((receiver, _)) = self.pending.front_mut() {
+            let outcome = match receiver.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => break,
+                Ok(outcome) => outcome,
+                Err(oneshot::error::TryRecvError::Closed) => Err(ended()),
+            };
+            done.push(self.settle_oldest(outcome).await?);
+        }
+        Ok(done)
+    }
+
+    /// Waits until the oldest running mark completes and returns its tag; never returns while
+    /// nothing runs. Cancel-safe: dropped before completion, it changes nothing.
+    pub async fn next_completed(&mut self) -> Result<T, MarkError> {
+        let Some((receiver, _)) = self.pending.front_mut() else {
+            return std::future::pending().await;
+        };
+        let outcome = receiver.await.unwrap_or_else(|_| Err(ended()));
+        self.settle_oldest(outcome).await
+    }
+
+    /// Waits for every running mark; their tags, oldest first.
+    pub async fn finish(&mut self) -> Result<Vec<T>, MarkError> {
+        let mut done = Vec::new();
+        while !self.pending.is_empty() {
+            done.push(self.wait_oldest().await?);
+        }
+        Ok(done)
+    }
+
+    async fn wait_oldest(&mut self) -> Result<T, MarkError> {
+        let Some((receiver, _)) = self.pending.front_mut() else {
+            return Err(MarkError::Task("no acknowledgement is running".into()));
+        };
+        let outcome = receiver.await.unwrap_or_else(|_| Err(ended()));
+        self.settle_oldest(outcome).await
+    }
+
+    /// Removes the oldest mark, whose verdict is `outcome`.
+    async fn settle_oldest(&mut self, outcome: Result<(), MarkError>) -> Result<T, MarkError> {
+        let Some((_, tag)) = self.pending.pop_front() else {
+            return Err(MarkError::Task("no acknowledgement is running".into()));
+        };
+        match outcome {
+            Ok(()) => Ok(tag),
+            Err(e) => {
+                // Nothing keeps running behind a reported failure; the later marks' rows stay
+                // due (their tags are dropped), whatever their own outcome.
+                while let Some((receiver, _)) = self.pending.pop_front() {
+                    let _ = receiver.await;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+fn ended() -> MarkError {
+    MarkError::Task("it ended without a verdict".into())
+}

@@ -1,0 +1,124 @@
+//! Writers for end-to-end tests: business transactions that lock an aggregate row, write events
+//! with consecutive per-aggregate sequence numbers, linger so commits interleave out of `seq`
+//! order, and commit or roll back — each outcome recorded in a [`Ledger`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use outbox_core::{NewEvent, Outbox, WriteMode};
+use rand::RngExt;
+use sqlx::PgPool;
+
+use crate::Ledger;
+
+/// Creates the aggregates table writers lock to serialise writes per aggregate.
+pub async fn create_accounts(pool: &PgPool, n: usize) -> Result<Vec<String>> {
+    sqlx::query("CREATE TABLE accounts (id text PRIMARY KEY, version bigint NOT NULL DEFAULT 0)")
+        .execute(pool)
+        .await?;
+    let ids: Vec<String> = (0..n).map(|i| format!("acct-{i}")).collect();
+    sqlx::query("INSERT INTO accounts (id) SELECT unnest($1::text[])")
+        .bind(&ids)
+        .execute(pool)
+        .await?;
+    Ok(ids)
+}
+
+/// One business transaction: lock the aggregate, write `events` events with consecutive
+/// per-aggregate sequence numbers, linger, then commit or roll back; recorded in `ledger`.
+#[allow(clippy::too_many_arguments)]
+pub async fn business_tx(
+    pool: &PgPool,
+    outbox: &Outbox,
+    aggregate_type: &str,
+    account: &str,
+    events: usize,
+    linger: Duration,
+    commit: bool,
+    ledger: &Mutex<Ledger>,
+) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    let version: i64 = sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1 FOR UPDATE")
+        .bind(account)
+        .fetch_one(&mut *tx)
+        .await?;
+    let batch: Vec<NewEvent> = (1..=events as i64)
+        .map(|i| {
+            NewEvent::new(
+                aggregate_type,
+                account,
+                "BalanceChanged",
+                Some(serde_json::json!({ "version": version + i, "note": "x".repeat(50) })),
+            )
+            .with_aggregate_seq(version + i)
+        })
+        .collect();
+    let ids = outbox.publish_new(&mut tx, batch).await?;
+    sqlx::query("UPDATE accounts SET version = $2 WHERE id = $1")
+        .bind(account)
+        .bind(version + events as i64)
+        .execute(&mut *tx)
+        .await?;
+    if !linger.is_zero() {
+        tokio::time::sleep(linger).await;
+    }
+    if commit {
+        tx.commit().await?;
+        ledger.lock().unwrap().committed.extend(ids);
+    } else {
+        tx.rollback().await?;
+        ledger.lock().unwrap().rolled_back.extend(ids);
+    }
+    Ok(())
+}
+
+/// `writers` concurrent writers, `txs` transactions each, random accounts, random lingering (so
+/// commits interleave out of insertion order), one in ten rolled back.
+pub async fn run_writers(
+    pool: &PgPool,
+    mode: WriteMode,
+    aggregate_type: &str,
+    accounts: &[String],
+    writers: usize,
+    txs: usize,
+    ledger: Arc<Mutex<Ledger>>,
+) -> Result<()> {
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let pool = pool.clone();
+        let accounts = accounts.to_vec();
+        let ledger = ledger.clone();
+        let aggregate_type = aggregate_type.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let outbox = Outbox::default().with_write_mode(mode);
+            for _ in 0..txs {
+                let (account, events, linger, commit) = {
+                    let mut rng = rand::rng();
+                    (
+                        accounts[rng.random_range(0..accounts.len())].clone(),
+                        rng.random_range(1..=3),
+                        Duration::from_millis(rng.random_range(0..6)),
+                        rng.random_range(0..10) != 0,
+                    )
+                };
+                business_tx(
+                    &pool,
+                    &outbox,
+                    &aggregate_type,
+                    &account,
+                    events,
+                    linger,
+                    commit,
+                    &ledger,
+                )
+                .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
