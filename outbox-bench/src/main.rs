@@ -49,6 +49,19 @@ struct Args {
     /// Run the relay sections only for these sources (repeatable; default both).
     #[arg(long, value_enum, value_name = "SOURCE")]
     source: Vec<Source>,
+    /// Extra relay setting for every relay process, as its environment variable (repeatable):
+    /// `--relay-env OUTBOX_BATCH_SIZE=5000`, `--relay-env OUTBOX_KAFKA__PROPERTIES__LINGER_MS=1`.
+    #[arg(long, value_name = "NAME=VALUE", value_parser = parse_relay_env)]
+    relay_env: Vec<(String, String)>,
+}
+
+fn parse_relay_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if name.starts_with("OUTBOX_") => {
+            Ok((name.to_owned(), value.to_owned()))
+        }
+        _ => Err(format!("expected OUTBOX_NAME=VALUE, got `{s}`")),
+    }
 }
 
 /// A part of the benchmark.
@@ -117,6 +130,7 @@ fn main() -> ExitCode {
             .events
             .unwrap_or(if args.quick { 50_000 } else { 200_000 }),
         quick: args.quick,
+        relay_extra: args.relay_env.clone(),
     };
     let code = runtime.block_on(async {
         let outcome = tokio::select! {

@@ -88,7 +88,7 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Starts `outbox-relay --log-format json run` with these `OUTBOX_*` variables, and waits
     /// for its admin endpoint and its `relay started` line.
-    pub async fn start(bin: &Path, env: &[(&str, String)]) -> Result<Self> {
+    pub async fn start(bin: &Path, env: &[(String, String)]) -> Result<Self> {
         let mut cmd = Command::new(bin);
         cmd.args(["--log-format", "json", "run"])
             .env_clear()

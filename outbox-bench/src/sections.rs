@@ -32,6 +32,8 @@ pub struct Ctx {
     pub events: u64,
     /// Quick mode.
     pub quick: bool,
+    /// Extra `OUTBOX_*` variables for every relay process (`--relay-env`).
+    pub relay_extra: Vec<(String, String)>,
 }
 
 impl Ctx {
@@ -48,8 +50,8 @@ impl Ctx {
         source: &str,
         topic: &str,
         slot: &str,
-    ) -> Vec<(&'static str, String)> {
-        vec![
+    ) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = [
             ("OUTBOX_DATABASE_URL", db.url.clone()),
             ("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", self.bootstrap.clone()),
             ("OUTBOX_SOURCE", source.to_owned()),
@@ -57,6 +59,11 @@ impl Ctx {
             ("OUTBOX_SLOT", slot.to_owned()),
             ("OUTBOX_PUBLICATION", slot.to_owned()),
         ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        env.extend(self.relay_extra.iter().cloned());
+        env
     }
 }
 
@@ -211,7 +218,10 @@ pub async fn drain(ctx: &mut Ctx, source: &str, write_mode: WriteMode) -> Result
         fill.as_secs_f64()
     );
     let mut env = ctx.relay_env(&db, source, &topic, &slot);
-    env.push(("OUTBOX_WRITE_MODE", write_mode.as_str().to_owned()));
+    env.push((
+        "OUTBOX_WRITE_MODE".to_owned(),
+        write_mode.as_str().to_owned(),
+    ));
     let mut relay = RelayProcess::start(&bin, &env).await?;
     eprintln!("bench: drain ({source_label}): relay pid {}", relay.pid());
     let cpu0 = relay.cpu()?;

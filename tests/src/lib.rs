@@ -655,6 +655,20 @@ impl RelayProcess {
     }
 }
 
+/// The relay's log goes to the test's stderr when the handle is dropped: the test runner shows it
+/// only for a test that failed, which is when it is needed (also after an early `?` return).
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Ok(log) = self.log.lock() {
+            let pid = self
+                .child
+                .id()
+                .map_or("exited".to_owned(), |p| p.to_string());
+            eprintln!("---- relay process ({pid}) log ----\n{log}---- end of relay log ----");
+        }
+    }
+}
+
 /// Counts unpublished rows of the default outbox table.
 pub async fn unpublished(pool: &PgPool) -> Result<i64> {
     Ok(

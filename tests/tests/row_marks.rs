@@ -10,6 +10,7 @@ use outbox_relay::leader::Lease;
 use outbox_relay::source::polling::RowAcknowledgement;
 use outbox_relay::source::row_marks::{MAX_PENDING_ACKNOWLEDGEMENTS, RowMarks};
 use outbox_tests::*;
+use sqlx::Connection;
 use sqlx::postgres::PgPoolOptions;
 
 /// Writes `n` events and returns them as the relay reads them (`seq` included).
@@ -24,23 +25,25 @@ async fn write(db: &TestDb, n: usize) -> Result<Vec<StoredEvent>> {
         sqlx::query_as("SELECT id, seq FROM outbox WHERE published_at IS NULL ORDER BY seq")
             .fetch_all(&db.pool)
             .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, seq)| StoredEvent {
-            id,
-            seq: Some(seq),
-            aggregate_type: "acct".into(),
-            aggregate_id: String::new(),
-            event_type: "Touched".into(),
-            payload: None,
-            created_at: None,
-            traceparent: None,
-            headers: Vec::new(),
-            schema_version: 1,
-            topic: None,
-            aggregate_seq: None,
-        })
-        .collect())
+    Ok(rows.into_iter().map(|(id, seq)| stored(id, seq)).collect())
+}
+
+/// An event as the relay holds it; only `id` and `seq` matter to an acknowledgement.
+fn stored(id: uuid::Uuid, seq: i64) -> StoredEvent {
+    StoredEvent {
+        id,
+        seq: Some(seq),
+        aggregate_type: "acct".into(),
+        aggregate_id: String::new(),
+        event_type: "Touched".into(),
+        payload: None,
+        created_at: None,
+        traceparent: None,
+        headers: Vec::new(),
+        schema_version: 1,
+        topic: None,
+        aggregate_seq: None,
+    }
 }
 
 async fn marked(db: &TestDb, events: &[StoredEvent]) -> Result<i64> {
@@ -124,5 +127,49 @@ async fn a_failed_mark_is_reported_and_releases_nothing_after_it() -> Result<()>
         .expect_err("marking a dropped table fails");
     assert!(err.to_string().contains("outbox"), "{err}");
     assert!(marks.is_empty(), "nothing keeps running after a failure");
+    Ok(())
+}
+
+/// The logical source can receive a transaction before it is visible to other sessions (the
+/// commit record is flushed, and decodable, before the committing session publishes its
+/// visibility). An acknowledgement that arrives in that gap waits for the row instead of
+/// leaving it unpublished.
+#[tokio::test]
+async fn a_row_committed_after_its_acknowledgement_started_is_still_marked() -> Result<()> {
+    let db = TestDb::create("row_marks_late").await?;
+    db.migrate().await?;
+    let mut tx = db.pool.begin().await?;
+    let id = Outbox::default()
+        .publish_new(&mut tx, vec![NewEvent::new("acct", "1", "Late", None)])
+        .await?[0];
+    let seq: i64 = sqlx::query_scalar("SELECT seq FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let event = stored(id, seq);
+    let url = db.url.clone();
+    let marking = tokio::spawn(async move {
+        let mut conn = sqlx::PgConnection::connect(&url).await?;
+        outbox_relay::source::polling::acknowledge_rows(
+            &mut conn,
+            &OutboxTable::default(),
+            RowAcknowledgement::Mark,
+            [&event],
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.commit().await?;
+    let affected = marking.await??;
+    assert_eq!(
+        affected, 1,
+        "the late row was marked once it became visible"
+    );
+    let published: bool =
+        sqlx::query_scalar("SELECT published_at IS NOT NULL FROM outbox WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await?;
+    assert!(published);
     Ok(())
 }

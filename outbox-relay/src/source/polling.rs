@@ -77,7 +77,19 @@ pub async fn acknowledge_rows<'e>(
     acknowledge_keys(conn, table, how, &RowKeys::of(events)).await
 }
 
+/// How long an acknowledgement waits for rows it cannot see yet (see [`acknowledge_keys`]).
+const VISIBILITY_WAIT: Duration = Duration::from_secs(3);
+
 /// [`acknowledge_rows`] for rows already reduced to their keys.
+///
+/// A row the logical source received may not be visible yet: PostgreSQL flushes a commit record
+/// (which the walsender may then decode and send) *before* the committing session makes the
+/// transaction visible to others, and on a loaded machine that gap lasts milliseconds — long
+/// enough for the relay to produce the event and come back to mark it. A mark that found no row
+/// would leave it unpublished for good. So rows by `seq` that the statement did not reach are
+/// looked for again, with growing pauses, for up to [`VISIBILITY_WAIT`]; a row already marked
+/// (re-delivered after a failure) counts as found. In `delete` mode an already deleted row looks
+/// like a missing one, so re-delivered rows cost that wait once per batch.
 pub(crate) async fn acknowledge_keys(
     conn: &mut PgConnection,
     table: &OutboxTable,
@@ -86,23 +98,83 @@ pub(crate) async fn acknowledge_keys(
 ) -> Result<u64, sqlx::Error> {
     let t = table.qualified();
     let mut affected = 0;
-    for (column, empty) in [("seq", keys.seqs.is_empty()), ("id", keys.ids.is_empty())] {
-        if empty {
-            continue;
+    let mut due = keys.seqs.clone();
+    let deadline = std::time::Instant::now() + VISIBILITY_WAIT;
+    let mut pause = Duration::from_millis(2);
+    while !due.is_empty() {
+        let missing: Vec<i64> = match how {
+            RowAcknowledgement::Mark => {
+                let n = sqlx::query(AssertSqlSafe(format!(
+                    "UPDATE {t} SET published_at = clock_timestamp() WHERE seq = ANY($1) AND published_at IS NULL"
+                )))
+                .bind(&due)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                affected += n;
+                if n as usize == due.len() {
+                    Vec::new()
+                } else {
+                    sqlx::query_scalar(AssertSqlSafe(format!(
+                        "SELECT s FROM unnest($1::int8[]) AS s WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE seq = s)"
+                    )))
+                    .bind(&due)
+                    .fetch_all(&mut *conn)
+                    .await?
+                }
+            }
+            RowAcknowledgement::Delete => {
+                let deleted: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+                    "DELETE FROM {t} WHERE seq = ANY($1) RETURNING seq"
+                )))
+                .bind(&due)
+                .fetch_all(&mut *conn)
+                .await?;
+                affected += deleted.len() as u64;
+                if deleted.len() == due.len() {
+                    Vec::new()
+                } else {
+                    let deleted: std::collections::HashSet<i64> = deleted.into_iter().collect();
+                    due.iter()
+                        .copied()
+                        .filter(|s| !deleted.contains(s))
+                        .collect()
+                }
+            }
+        };
+        if missing.is_empty() {
+            break;
         }
+        if std::time::Instant::now() >= deadline {
+            match how {
+                RowAcknowledgement::Mark => tracing::warn!(
+                    rows = missing.len(),
+                    first_seq = missing[0],
+                    "acknowledged rows not found in the outbox table (deleted by someone else?)"
+                ),
+                RowAcknowledgement::Delete => tracing::debug!(
+                    rows = missing.len(),
+                    "acknowledged rows already deleted (re-delivered after a failure)"
+                ),
+            }
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+        due = missing;
+    }
+    if !keys.ids.is_empty() {
         let sql = match how {
             RowAcknowledgement::Mark => format!(
-                "UPDATE {t} SET published_at = clock_timestamp() WHERE {column} = ANY($1) AND published_at IS NULL"
+                "UPDATE {t} SET published_at = clock_timestamp() WHERE id = ANY($1) AND published_at IS NULL"
             ),
-            RowAcknowledgement::Delete => format!("DELETE FROM {t} WHERE {column} = ANY($1)"),
+            RowAcknowledgement::Delete => format!("DELETE FROM {t} WHERE id = ANY($1)"),
         };
-        let query = sqlx::query(AssertSqlSafe(sql));
-        let query = if column == "seq" {
-            query.bind(&keys.seqs)
-        } else {
-            query.bind(&keys.ids)
-        };
-        affected += query.execute(&mut *conn).await?.rows_affected();
+        affected += sqlx::query(AssertSqlSafe(sql))
+            .bind(&keys.ids)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
     }
     Ok(affected)
 }
