@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Result;
 use outbox_core::{NewEvent, Outbox, WriteMode};
 use rand::RngExt;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
 
 use crate::Ledger;
 
@@ -21,6 +22,44 @@ pub async fn create_accounts(pool: &PgPool, n: usize) -> Result<Vec<String>> {
     sqlx::query("INSERT INTO accounts (id) SELECT unnest($1::text[])")
         .bind(&ids)
         .execute(pool)
+        .await?;
+    Ok(ids)
+}
+
+/// The event a business transaction writes for its account's per-aggregate sequence number
+/// `seq`.
+pub fn balance_changed(aggregate_type: &str, account: &str, seq: i64) -> NewEvent {
+    NewEvent::new(
+        aggregate_type,
+        account,
+        "BalanceChanged",
+        Some(serde_json::json!({ "version": seq, "note": "x".repeat(50) })),
+    )
+}
+
+/// The body of a business transaction, in `tx`: locks `account`'s row, writes `events` events
+/// made by `event` for the account's next per-aggregate sequence numbers (each tagged with its
+/// number), and stores the account's new version. Returns the ids written; committing, rolling
+/// back and recording the outcome are the caller's.
+pub async fn write_account_events(
+    tx: &mut PgConnection,
+    outbox: &Outbox,
+    account: &str,
+    events: usize,
+    mut event: impl FnMut(i64) -> NewEvent,
+) -> Result<Vec<Uuid>> {
+    let version: i64 = sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1 FOR UPDATE")
+        .bind(account)
+        .fetch_one(&mut *tx)
+        .await?;
+    let batch: Vec<NewEvent> = (1..=events as i64)
+        .map(|i| event(version + i).with_aggregate_seq(version + i))
+        .collect();
+    let ids = outbox.publish_new(&mut *tx, batch).await?;
+    sqlx::query("UPDATE accounts SET version = $2 WHERE id = $1")
+        .bind(account)
+        .bind(version + events as i64)
+        .execute(&mut *tx)
         .await?;
     Ok(ids)
 }
@@ -39,27 +78,10 @@ pub async fn business_tx(
     ledger: &Mutex<Ledger>,
 ) -> Result<()> {
     let mut tx = pool.begin().await?;
-    let version: i64 = sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1 FOR UPDATE")
-        .bind(account)
-        .fetch_one(&mut *tx)
-        .await?;
-    let batch: Vec<NewEvent> = (1..=events as i64)
-        .map(|i| {
-            NewEvent::new(
-                aggregate_type,
-                account,
-                "BalanceChanged",
-                Some(serde_json::json!({ "version": version + i, "note": "x".repeat(50) })),
-            )
-            .with_aggregate_seq(version + i)
-        })
-        .collect();
-    let ids = outbox.publish_new(&mut tx, batch).await?;
-    sqlx::query("UPDATE accounts SET version = $2 WHERE id = $1")
-        .bind(account)
-        .bind(version + events as i64)
-        .execute(&mut *tx)
-        .await?;
+    let ids = write_account_events(&mut tx, outbox, account, events, |seq| {
+        balance_changed(aggregate_type, account, seq)
+    })
+    .await?;
     if !linger.is_zero() {
         tokio::time::sleep(linger).await;
     }
