@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use outbox_core::{NewEvent, Outbox, WriteMode};
 use outbox_tests::Ledger;
+use outbox_tests::writers::{balance_changed, write_account_events};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -228,49 +229,31 @@ pub async fn business_tx(
 ) -> Result<()> {
     let outbox = Outbox::default().with_write_mode(mode);
     let mut tx = pool.begin().await?;
-    let version: i64 = sqlx::query_scalar("SELECT version FROM accounts WHERE id = $1 FOR UPDATE")
-        .bind(account)
-        .fetch_one(&mut *tx)
-        .await?;
     let mut hostile = hostile;
-    let batch: Vec<NewEvent> = (1..=events as i64)
-        .map(|i| {
-            let seq = version + i;
-            match hostile.as_deref_mut() {
-                None => NewEvent::new(
-                    aggregate_type,
-                    account,
-                    "BalanceChanged",
-                    Some(serde_json::json!({ "version": seq, "note": "x".repeat(50) })),
-                ),
-                Some(rng) => {
-                    let t = HOSTILE_TYPES[rng.random_range(0..HOSTILE_TYPES.len())];
-                    let payload = match rng.random_range(0..4) {
-                        0 => None,
-                        1 => Some(serde_json::json!({"sql": "'); DROP TABLE outbox; --", "u": "ü🚀\u{202e}", "v": seq})),
-                        2 => {
-                            let mut v = serde_json::json!(seq);
-                            for _ in 0..40 {
-                                v = serde_json::json!([v]);
-                            }
-                            Some(v)
+    let ids = write_account_events(&mut tx, &outbox, account, events, |seq| {
+        match hostile.as_deref_mut() {
+            None => balance_changed(aggregate_type, account, seq),
+            Some(rng) => {
+                let t = HOSTILE_TYPES[rng.random_range(0..HOSTILE_TYPES.len())];
+                let payload = match rng.random_range(0..4) {
+                    0 => None,
+                    1 => Some(serde_json::json!({"sql": "'); DROP TABLE outbox; --", "u": "ü🚀\u{202e}", "v": seq})),
+                    2 => {
+                        let mut v = serde_json::json!(seq);
+                        for _ in 0..40 {
+                            v = serde_json::json!([v]);
                         }
-                        _ => Some(serde_json::json!({"big": "y".repeat(60_000), "v": seq})),
-                    };
-                    NewEvent::new(aggregate_type, account, t, payload)
-                        .with_header("x-hostile", "a\r\nInjected: 1")
-                        .with_header("x-unicode", "ü🚀")
-                }
+                        Some(v)
+                    }
+                    _ => Some(serde_json::json!({"big": "y".repeat(60_000), "v": seq})),
+                };
+                NewEvent::new(aggregate_type, account, t, payload)
+                    .with_header("x-hostile", "a\r\nInjected: 1")
+                    .with_header("x-unicode", "ü🚀")
             }
-            .with_aggregate_seq(seq)
-        })
-        .collect();
-    let ids = outbox.publish_new(&mut tx, batch).await?;
-    sqlx::query("UPDATE accounts SET version = $2 WHERE id = $1")
-        .bind(account)
-        .bind(version + events as i64)
-        .execute(&mut *tx)
-        .await?;
+        }
+    })
+    .await?;
     if !linger.is_zero() {
         tokio::time::sleep(linger).await;
     }

@@ -87,18 +87,29 @@ pub fn parse_timestamptz(text: &str) -> Option<DateTime<Utc>> {
 }
 
 impl StoredEvent {
-    /// Builds an event from `(column name, text value)` pairs, as pgoutput sends an inserted row
-    /// in text format. Unknown columns are ignored; the five Debezium columns are required.
-    pub fn from_text_columns<'a>(
-        columns: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
-    ) -> Result<Self, MalformedEvent> {
-        let mut id = None;
-        let (mut aggregate_type, mut aggregate_id, mut event_type) = (None, None, None);
-        let mut ev = StoredEvent {
-            id: Uuid::nil(),
-            aggregate_type: String::new(),
-            aggregate_id: String::new(),
-            event_type: String::new(),
+    /// An event with the four required fields and every other one at the table's default:
+    /// no payload, no `seq`, `created_at` or trace context, no headers, schema version 1, no
+    /// topic override and no aggregate sequence. Set the others with struct update syntax:
+    ///
+    /// ```
+    /// # use outbox_core::StoredEvent;
+    /// let event = StoredEvent {
+    ///     seq: Some(7),
+    ///     ..StoredEvent::new(uuid::Uuid::nil(), "account", "42", "AccountOpened")
+    /// };
+    /// assert_eq!(event.schema_version, 1);
+    /// ```
+    pub fn new(
+        id: Uuid,
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+    ) -> Self {
+        Self {
+            id,
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: event_type.into(),
             payload: None,
             seq: None,
             created_at: None,
@@ -107,7 +118,17 @@ impl StoredEvent {
             schema_version: 1,
             topic: None,
             aggregate_seq: None,
-        };
+        }
+    }
+
+    /// Builds an event from `(column name, text value)` pairs, as pgoutput sends an inserted row
+    /// in text format. Unknown columns are ignored; the five Debezium columns are required.
+    pub fn from_text_columns<'a>(
+        columns: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+    ) -> Result<Self, MalformedEvent> {
+        let mut id = None;
+        let (mut aggregate_type, mut aggregate_id, mut event_type) = (None, None, None);
+        let mut ev = StoredEvent::new(Uuid::nil(), "", "", "");
         let mut errors = Vec::new();
         for (name, value) in columns {
             match (name, value) {

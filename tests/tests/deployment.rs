@@ -607,11 +607,17 @@ async fn a_url_that_demands_tls_from_a_server_without_it_fails_loudly_and_keeps_
     Ok(())
 }
 
-/// Events of `agg_type` over four aggregates, each with its per-aggregate sequence.
-async fn write_round(db: &TestDb, agg_type: &str, round: i64, n: i64) -> Result<Vec<Uuid>> {
-    let mut ids = Vec::new();
+/// Events of `agg_type` over four aggregates, each with its per-aggregate sequence, committed
+/// one per transaction and recorded in `ledger`.
+async fn write_round(
+    db: &TestDb,
+    agg_type: &str,
+    round: i64,
+    n: i64,
+    ledger: &mut Ledger,
+) -> Result<()> {
     for i in 0..n {
-        ids.extend(
+        ledger.committed.extend(
             write(
                 db,
                 vec![
@@ -622,7 +628,66 @@ async fn write_round(db: &TestDb, agg_type: &str, round: i64, n: i64) -> Result<
             .await?,
         );
     }
-    Ok(ids)
+    Ok(())
+}
+
+/// Freezes the active relay `old` (SIGSTOP), writes round 2 and returns how long it took until
+/// it was published (by `standby`, whose log a timeout shows).
+async fn freeze_and_time_takeover(
+    db: &TestDb,
+    old: &RelayProcess,
+    standby: &RelayProcess,
+    agg_type: &str,
+    ledger: &mut Ledger,
+) -> Result<Duration> {
+    old.signal("STOP").await?;
+    let paused = Instant::now();
+    write_round(db, agg_type, 2, 20, ledger).await?;
+    wait_drained(&db.pool, LONG)
+        .await
+        .with_context(|| format!("standby log:\n{}", standby.log()))?;
+    Ok(paused.elapsed())
+}
+
+/// Thaws the frozen relay `old` (SIGCONT), waits until it reports its lease lost, then writes
+/// round 3 and waits until it is published.
+async fn thaw_until_lease_lost(
+    db: &TestDb,
+    old: &RelayProcess,
+    agg_type: &str,
+    ledger: &mut Ledger,
+) -> Result<()> {
+    old.signal("CONT").await?;
+    old.wait_for_log("leader lease lost", LONG).await?;
+    write_round(db, agg_type, 3, 20, ledger).await?;
+    wait_drained(&db.pool, LONG).await?;
+    Ok(())
+}
+
+/// Reads the three rounds back from `topic` and asserts every event arrived exactly once, in
+/// order (the old relay's log goes with a failure).
+async fn assert_every_event_once(topic: &str, ledger: &Ledger, old: &RelayProcess) -> Result<()> {
+    let records = consume(&[topic], 60, Duration::from_millis(1500), LONG).await?;
+    let verdict = Verdict::check(ledger, &records);
+    assert_eq!(
+        verdict,
+        Verdict {
+            records: 60,
+            ..Default::default()
+        },
+        "every event exactly once, in order; old relay log:\n{}",
+        old.log()
+    );
+    Ok(())
+}
+
+/// Stops both relays gracefully; each must exit 0.
+async fn terminate_both(old: RelayProcess, standby: RelayProcess) -> Result<()> {
+    let (code, log) = old.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    let (code, log) = standby.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    Ok(())
 }
 
 async fn scrape(addr: &str, name: &str) -> Result<f64> {
@@ -651,9 +716,7 @@ async fn a_paused_leader_is_fenced_by_its_lease_and_publishes_nothing_after_it_r
     let old_admin = admin_addr(&old.log()).context("admin address not logged")?;
 
     let mut ledger = Ledger::default();
-    ledger
-        .committed
-        .extend(write_round(&db, &agg_type, 1, 20).await?);
+    write_round(&db, &agg_type, 1, 20, &mut ledger).await?;
     wait_drained(&db.pool, LONG).await?;
     assert_eq!(
         scrape(&old_admin, "outbox_relay_events_published_total").await?,
@@ -661,15 +724,7 @@ async fn a_paused_leader_is_fenced_by_its_lease_and_publishes_nothing_after_it_r
     );
 
     // Freeze the active relay: its session stays open, but the server ends it after the lease.
-    old.signal("STOP").await?;
-    let paused = Instant::now();
-    ledger
-        .committed
-        .extend(write_round(&db, &agg_type, 2, 20).await?);
-    wait_drained(&db.pool, LONG)
-        .await
-        .with_context(|| format!("standby log:\n{}", standby.log()))?;
-    let takeover = paused.elapsed();
+    let takeover = freeze_and_time_takeover(&db, &old, &standby, &agg_type, &mut ledger).await?;
     assert!(
         takeover < lease + Duration::from_secs(5),
         "the standby took {takeover:?} to publish (lease {lease:?})"
@@ -681,12 +736,7 @@ async fn a_paused_leader_is_fenced_by_its_lease_and_publishes_nothing_after_it_r
     );
 
     // Thaw it: it must notice its lease is gone and step down, sending and recording nothing.
-    old.signal("CONT").await?;
-    old.wait_for_log("leader lease lost", LONG).await?;
-    ledger
-        .committed
-        .extend(write_round(&db, &agg_type, 3, 20).await?);
-    wait_drained(&db.pool, LONG).await?;
+    thaw_until_lease_lost(&db, &old, &agg_type, &mut ledger).await?;
     assert_eq!(
         scrape(&old_admin, "outbox_relay_events_published_total").await?,
         20.0,
@@ -699,17 +749,7 @@ async fn a_paused_leader_is_fenced_by_its_lease_and_publishes_nothing_after_it_r
     );
     assert_eq!(scrape(&old_admin, "outbox_relay_leader").await?, 0.0);
 
-    let records = consume(&[&topic], 60, Duration::from_millis(1500), LONG).await?;
-    let verdict = Verdict::check(&ledger, &records);
-    assert_eq!(
-        verdict,
-        Verdict {
-            records: 60,
-            ..Default::default()
-        },
-        "every event exactly once, in order; old relay log:\n{}",
-        old.log()
-    );
+    assert_every_event_once(&topic, &ledger, &old).await?;
 
     let old_log = old.log();
     let lost_at = old_log.find("leader lease lost").unwrap_or(0);
@@ -717,10 +757,7 @@ async fn a_paused_leader_is_fenced_by_its_lease_and_publishes_nothing_after_it_r
         old_log[lost_at..].contains("standing by"),
         "the resumed relay went back to standby:\n{old_log}"
     );
-    let (code, log) = old.terminate(Duration::from_secs(30)).await?;
-    assert_eq!(code, 0, "{log}");
-    let (code, log) = standby.terminate(Duration::from_secs(30)).await?;
-    assert_eq!(code, 0, "{log}");
+    terminate_both(old, standby).await?;
     Ok(())
 }
 
@@ -750,9 +787,7 @@ async fn a_paused_logical_leader_does_not_produce_what_it_received_while_frozen(
     let old = RelayProcess::start(&db, &args, &env).await?;
     old.wait_for_log("this relay is active", LONG).await?;
     let mut ledger = Ledger::default();
-    ledger
-        .committed
-        .extend(write_round(&db, &agg_type, 1, 20).await?);
+    write_round(&db, &agg_type, 1, 20, &mut ledger).await?;
     wait_drained(&db.pool, LONG)
         .await
         .with_context(|| format!("log:\n{}", old.log()))?;
@@ -788,48 +823,22 @@ async fn a_paused_logical_leader_does_not_produce_what_it_received_while_frozen(
     // Freeze the active relay, then commit events: its walsender streams them into the frozen
     // process's socket before the server gives up on it, so the old relay holds a batch it
     // received while it was still the leader.
-    old.signal("STOP").await?;
-    let paused = Instant::now();
-    ledger
-        .committed
-        .extend(write_round(&db, &agg_type, 2, 20).await?);
-    wait_drained(&db.pool, LONG)
-        .await
-        .with_context(|| format!("standby log:\n{}", standby.log()))?;
-    let takeover = paused.elapsed();
+    let takeover = freeze_and_time_takeover(&db, &old, &standby, &agg_type, &mut ledger).await?;
     assert!(
         takeover < lease + Duration::from_secs(10),
         "the standby took {takeover:?} to publish (lease {lease:?})"
     );
 
     // Thawed, it must refuse to produce that batch: its lease ran out while it was frozen.
-    old.signal("CONT").await?;
-    old.wait_for_log("leader lease lost", LONG).await?;
-    ledger
-        .committed
-        .extend(write_round(&db, &agg_type, 3, 20).await?);
-    wait_drained(&db.pool, LONG).await?;
+    thaw_until_lease_lost(&db, &old, &agg_type, &mut ledger).await?;
     assert_eq!(
         scrape(&old_admin, "outbox_relay_events_published_total").await?,
         20.0,
         "{}",
         old.log()
     );
-    let records = consume(&[&topic], 60, Duration::from_millis(1500), LONG).await?;
-    let verdict = Verdict::check(&ledger, &records);
-    assert_eq!(
-        verdict,
-        Verdict {
-            records: 60,
-            ..Default::default()
-        },
-        "every event exactly once, in order; old relay log:\n{}",
-        old.log()
-    );
-    let (code, log) = old.terminate(Duration::from_secs(30)).await?;
-    assert_eq!(code, 0, "{log}");
-    let (code, log) = standby.terminate(Duration::from_secs(30)).await?;
-    assert_eq!(code, 0, "{log}");
+    assert_every_event_once(&topic, &ledger, &old).await?;
+    terminate_both(old, standby).await?;
     // Slots are server-wide: remove this test's (and its recovery marker) once their
     // walsenders have gone.
     let deadline = Instant::now() + LONG;

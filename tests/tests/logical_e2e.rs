@@ -5,12 +5,11 @@
 
 mod logical_common;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use logical_common::*;
-use outbox_core::{Outbox, WriteMode};
+use outbox_core::WriteMode;
 use outbox_tests::*;
 
 async fn counts(pool: &sqlx::PgPool) -> Result<i64> {
@@ -27,52 +26,21 @@ async fn logical_table_mode_concurrent_out_of_order_commits_exactly_once_in_orde
     let db = TestDb::create("logical_conc").await?;
     db.migrate().await?;
     let slot = unique("lslot");
-    let accounts = create_accounts(&db.pool, 12).await?;
-    let aggregate_type = unique("acct");
-    let topic = format!("outbox.event.{aggregate_type}");
-    create_topic(&topic, 3).await?;
+    let work = Workload::create(&db, "acct", 12, 3).await?;
     let relay = InProcessRelay::start(logical_config(&db, WriteMode::Table, &slot))?;
     wait_slot_active(&db.pool, &slot, LONG).await?;
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
 
     // A long-open transaction inserts first and commits after everything else.
-    sqlx::query("INSERT INTO accounts (id) VALUES ('acct-long-open')")
-        .execute(&db.pool)
-        .await?;
-    let held = {
-        let (pool, ledger, at) = (db.pool.clone(), ledger.clone(), aggregate_type.clone());
-        tokio::spawn(async move {
-            business_tx(
-                &pool,
-                &Outbox::default(),
-                &at,
-                "acct-long-open",
-                2,
-                Duration::from_secs(3),
-                true,
-                &ledger,
-            )
-            .await
-        })
-    };
-    run_writers(
-        &db.pool,
-        WriteMode::Table,
-        &aggregate_type,
-        &accounts,
-        8,
-        40,
-        ledger.clone(),
-    )
-    .await?;
+    let held = work.spawn_long_open_tx(Duration::from_secs(3)).await?;
+    work.write(WriteMode::Table, 8, 40).await?;
     held.await??;
     let end = current_wal(&db.pool).await?;
 
     wait_drained(&db.pool, LONG).await?;
-    let ledger = ledger.lock().unwrap().clone();
+    let ledger = work.ledger();
     assert!(ledger.committed.len() > 300, "workload too small");
     assert!(!ledger.rolled_back.is_empty(), "workload had no rollbacks");
-    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    let records = work.consume(&ledger, QUIET, LONG).await?;
     // Everything acknowledged: the slot must have been confirmed past the last commit.
     wait_confirmed(&db.pool, &slot, end, Duration::from_secs(15)).await?;
     relay.stop().await?;
@@ -90,26 +58,13 @@ async fn logical_insert_delete_leaves_the_table_empty_and_delivers_everything() 
     let db = TestDb::create("logical_insdel").await?;
     db.migrate().await?;
     let slot = unique("lslot");
-    let accounts = create_accounts(&db.pool, 8).await?;
-    let aggregate_type = unique("acct");
-    let topic = format!("outbox.event.{aggregate_type}");
-    create_topic(&topic, 3).await?;
+    let work = Workload::create(&db, "acct", 8, 3).await?;
     let relay = InProcessRelay::start(logical_config(&db, WriteMode::InsertDelete, &slot))?;
     wait_slot_active(&db.pool, &slot, LONG).await?;
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
-    run_writers(
-        &db.pool,
-        WriteMode::InsertDelete,
-        &aggregate_type,
-        &accounts,
-        6,
-        30,
-        ledger.clone(),
-    )
-    .await?;
-    let ledger = ledger.lock().unwrap().clone();
+    work.write(WriteMode::InsertDelete, 6, 30).await?;
+    let ledger = work.ledger();
     assert!(ledger.committed.len() > 100);
-    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    let records = work.consume(&ledger, QUIET, LONG).await?;
     relay.stop().await?;
     assert_eq!(
         counts(&db.pool).await?,
@@ -129,26 +84,13 @@ async fn logical_insert_delete_leaves_the_table_empty_and_delivers_everything() 
 async fn logical_message_mode_delivers_with_no_table() -> Result<()> {
     let db = TestDb::create("logical_msg").await?;
     let slot = unique("lslot");
-    let accounts = create_accounts(&db.pool, 8).await?;
-    let aggregate_type = unique("acct");
-    let topic = format!("outbox.event.{aggregate_type}");
-    create_topic(&topic, 3).await?;
+    let work = Workload::create(&db, "acct", 8, 3).await?;
     let relay = InProcessRelay::start(logical_config(&db, WriteMode::LogicalMessage, &slot))?;
     wait_slot_active(&db.pool, &slot, LONG).await?;
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
-    run_writers(
-        &db.pool,
-        WriteMode::LogicalMessage,
-        &aggregate_type,
-        &accounts,
-        6,
-        30,
-        ledger.clone(),
-    )
-    .await?;
-    let ledger = ledger.lock().unwrap().clone();
+    work.write(WriteMode::LogicalMessage, 6, 30).await?;
+    let ledger = work.ledger();
     assert!(!ledger.rolled_back.is_empty());
-    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    let records = work.consume(&ledger, QUIET, LONG).await?;
     relay.stop().await?;
     let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('outbox')::text")
         .fetch_one(&db.pool)
@@ -220,42 +162,19 @@ async fn logical_dropped_slot_is_reported_and_recovered_without_loss_in_table_mo
     let db = TestDb::create("logical_lost").await?;
     db.migrate().await?;
     let slot = unique("lslot");
-    let accounts = create_accounts(&db.pool, 6).await?;
-    let aggregate_type = unique("acct");
-    let topic = format!("outbox.event.{aggregate_type}");
-    create_topic(&topic, 3).await?;
+    let work = Workload::create(&db, "acct", 6, 3).await?;
     let env = logical_env(WriteMode::Table, &slot);
-    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let env_ref = env_refs(&env);
     let relay = RelayProcess::start(&db, &[], &env_ref).await?;
     // Streaming, not just creating the slot (a slot being created also shows as active).
     relay
         .wait_for_log("replication stream started", LONG)
         .await?;
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
 
     // Phase 1: events flow, then the slot is dropped under the running relay while writers
     // keep writing.
-    run_writers(
-        &db.pool,
-        WriteMode::Table,
-        &aggregate_type,
-        &accounts,
-        3,
-        10,
-        ledger.clone(),
-    )
-    .await?;
-    let writers = {
-        let (pool, ledger, at, acc) = (
-            db.pool.clone(),
-            ledger.clone(),
-            aggregate_type.clone(),
-            accounts.clone(),
-        );
-        tokio::spawn(
-            async move { run_writers(&pool, WriteMode::Table, &at, &acc, 3, 30, ledger).await },
-        )
-    };
+    work.write(WriteMode::Table, 3, 10).await?;
+    let writers = work.spawn_writers(WriteMode::Table, 3, 30);
     kill_and_drop_slot(&db.pool, &slot).await?;
     writers.await??;
     relay
@@ -265,16 +184,7 @@ async fn logical_dropped_slot_is_reported_and_recovered_without_loss_in_table_mo
 
     // Phase 2: relay stopped, events written, slot dropped, relay started again.
     let log1 = relay.kill9().await?;
-    run_writers(
-        &db.pool,
-        WriteMode::Table,
-        &aggregate_type,
-        &accounts,
-        2,
-        10,
-        ledger.clone(),
-    )
-    .await?;
+    work.write(WriteMode::Table, 2, 10).await?;
     for _ in 0..100 {
         if sqlx::query("SELECT pg_drop_replication_slot($1)")
             .bind(&slot)
@@ -288,8 +198,8 @@ async fn logical_dropped_slot_is_reported_and_recovered_without_loss_in_table_mo
     }
     let relay = RelayProcess::start(&db, &[], &env_ref).await?;
     wait_drained(&db.pool, LONG).await?;
-    let ledger = ledger.lock().unwrap().clone();
-    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    let ledger = work.ledger();
+    let records = work.consume(&ledger, QUIET, LONG).await?;
     let log = relay.log();
     relay.terminate(Duration::from_secs(20)).await?;
     let v = Verdict::check(&ledger, &records);

@@ -4,8 +4,8 @@
 
 mod logical_common;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -14,31 +14,20 @@ use outbox_core::{OutboxTable, WriteMode};
 use outbox_relay::source::logical::{LogicalConfig, LogicalError, LogicalSource};
 use outbox_tests::*;
 
-/// Writers that keep committing (and sometimes rolling back) until `stop` is set.
+/// Writers of `work` that keep committing (and sometimes rolling back) until `stop` is set.
 fn background_writers(
-    db: &TestDb,
+    work: &Workload,
     mode: WriteMode,
-    aggregate_type: &str,
-    accounts: &[String],
-    ledger: Arc<Mutex<Ledger>>,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<Result<()>> {
-    let (pool, at, acc) = (
-        db.pool.clone(),
-        aggregate_type.to_owned(),
-        accounts.to_vec(),
-    );
+    let work = work.clone();
     tokio::spawn(async move {
         while !stop.load(Ordering::Relaxed) {
-            run_writers(&pool, mode, &at, &acc, 3, 5, ledger.clone()).await?;
+            work.write(mode, 3, 5).await?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(())
     })
-}
-
-fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
 /// SIGKILL of the relay process while events stream, three times, then a restart: nothing lost,
@@ -49,25 +38,14 @@ async fn logical_sigkill_mid_stream_then_restart_loses_nothing() -> Result<()> {
     let db = TestDb::create("logical_kill").await?;
     db.migrate().await?;
     let slot = unique("lslot");
-    let accounts = create_accounts(&db.pool, 10).await?;
-    let aggregate_type = unique("acct");
-    let topic = format!("outbox.event.{aggregate_type}");
-    create_topic(&topic, 3).await?;
+    let work = Workload::create(&db, "acct", 10, 3).await?;
     let mut env = logical_env(WriteMode::InsertDelete, &slot);
     env.push(("OUTBOX_STATUS_INTERVAL", "300ms".into()));
     let env = env_refs(&env);
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut relay = RelayProcess::start(&db, &[], &env).await?;
     wait_slot_active(&db.pool, &slot, LONG).await?;
-    let writers = background_writers(
-        &db,
-        WriteMode::InsertDelete,
-        &aggregate_type,
-        &accounts,
-        ledger.clone(),
-        stop.clone(),
-    );
+    let writers = background_writers(&work, WriteMode::InsertDelete, stop.clone());
     let mut kills = 0;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -79,8 +57,8 @@ async fn logical_sigkill_mid_stream_then_restart_loses_nothing() -> Result<()> {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, Ordering::Relaxed);
     writers.await??;
-    let ledger = ledger.lock().unwrap().clone();
-    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    let ledger = work.ledger();
+    let records = work.consume(&ledger, QUIET, LONG).await?;
     relay.terminate(Duration::from_secs(20)).await?;
     let v = Verdict::check(&ledger, &records);
     println!(
@@ -108,25 +86,14 @@ async fn logical_graceful_restart_produces_no_duplicates() -> Result<()> {
     let db = TestDb::create("logical_graceful").await?;
     db.migrate().await?;
     let slot = unique("lslot");
-    let accounts = create_accounts(&db.pool, 10).await?;
-    let aggregate_type = unique("acct");
-    let topic = format!("outbox.event.{aggregate_type}");
-    create_topic(&topic, 3).await?;
+    let work = Workload::create(&db, "acct", 10, 3).await?;
     let mut env = logical_env(WriteMode::InsertDelete, &slot);
     env.push(("OUTBOX_STATUS_INTERVAL", "60s".into()));
     let env = env_refs(&env);
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut relay = RelayProcess::start(&db, &[], &env).await?;
     wait_slot_active(&db.pool, &slot, LONG).await?;
-    let writers = background_writers(
-        &db,
-        WriteMode::InsertDelete,
-        &aggregate_type,
-        &accounts,
-        ledger.clone(),
-        stop.clone(),
-    );
+    let writers = background_writers(&work, WriteMode::InsertDelete, stop.clone());
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
@@ -136,8 +103,8 @@ async fn logical_graceful_restart_produces_no_duplicates() -> Result<()> {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     stop.store(true, Ordering::Relaxed);
     writers.await??;
-    let ledger = ledger.lock().unwrap().clone();
-    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    let ledger = work.ledger();
+    let records = work.consume(&ledger, QUIET, LONG).await?;
     relay.terminate(Duration::from_secs(20)).await?;
     let v = Verdict::check(&ledger, &records);
     println!("graceful restarts x2: {v:?}");
@@ -599,24 +566,11 @@ async fn logical_relay_killed_during_first_slot_creation_recovers() -> Result<()
     let db = TestDb::create("logical_slot_create_kill").await?;
     db.migrate().await?;
     let slot = unique("lslot");
-    let accounts = create_accounts(&db.pool, 5).await?;
-    let aggregate_type = unique("acct");
-    let topic = format!("outbox.event.{aggregate_type}");
-    create_topic(&topic, 3).await?;
+    let work = Workload::create(&db, "acct", 5, 3).await?;
     let env = logical_env(WriteMode::Table, &slot);
     let env = env_refs(&env);
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
     // Rows written before any slot exists: re-published from the table.
-    run_writers(
-        &db.pool,
-        WriteMode::Table,
-        &aggregate_type,
-        &accounts,
-        2,
-        10,
-        ledger.clone(),
-    )
-    .await?;
+    work.write(WriteMode::Table, 2, 10).await?;
 
     // An open transaction with an xid holds the slot creation back.
     let mut blocker_conn = db.connect().await?;
@@ -662,19 +616,10 @@ async fn logical_relay_killed_during_first_slot_creation_recovers() -> Result<()
     // either drops the half-made slot or completes it — the relay waiting must cope with both.
     blocker.commit().await?;
     wait_slot_active(&db.pool, &slot, LONG).await?;
-    run_writers(
-        &db.pool,
-        WriteMode::Table,
-        &aggregate_type,
-        &accounts,
-        2,
-        10,
-        ledger.clone(),
-    )
-    .await?;
-    let ledger = ledger.lock().unwrap().clone();
+    work.write(WriteMode::Table, 2, 10).await?;
+    let ledger = work.ledger();
     wait_drained(&db.pool, LONG).await?;
-    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    let records = work.consume(&ledger, QUIET, LONG).await?;
     assert!(
         second.child.try_wait()?.is_none(),
         "the second relay exited; log:\n{}",

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use outbox_core::{NewEvent, Outbox, WriteMode};
-use outbox_tests::writers::{business_tx, create_accounts, run_writers};
+use outbox_tests::writers::Workload;
 use outbox_tests::*;
 use uuid::Uuid;
 
@@ -26,61 +26,28 @@ async fn concurrent_writers_with_late_commits_and_rollbacks_deliver_every_commit
 -> Result<()> {
     let db = TestDb::create("poll_concurrent").await?;
     db.migrate().await?;
-    let accounts = create_accounts(&db.pool, 12).await?;
-    let aggregate_type = unique("acct");
-    let topic = format!("outbox.event.{aggregate_type}");
-    create_topic(&topic, 3).await?;
+    let work = Workload::create(&db, "acct", 12, 3).await?;
     // Small batches, several in flight: late commits must be claimed while earlier batches are
     // still being produced.
     let mut config = relay_config(&db);
     config.batch_size = 25;
     config.max_in_flight_batches = 4;
     let relay = InProcessRelay::start(config)?;
-    let ledger = std::sync::Arc::new(std::sync::Mutex::new(Ledger::default()));
 
     // A long-open transaction takes its seq first and commits after everything else.
-    let held = {
-        let pool = db.pool.clone();
-        let ledger = ledger.clone();
-        let aggregate_type = aggregate_type.clone();
-        sqlx::query("INSERT INTO accounts (id) VALUES ('acct-long-open')")
-            .execute(&db.pool)
-            .await?;
-        tokio::spawn(async move {
-            business_tx(
-                &pool,
-                &Outbox::default(),
-                &aggregate_type,
-                "acct-long-open",
-                2,
-                Duration::from_secs(3),
-                true,
-                &ledger,
-            )
-            .await
-        })
-    };
-    run_writers(
-        &db.pool,
-        WriteMode::Table,
-        &aggregate_type,
-        &accounts,
-        8,
-        40,
-        ledger.clone(),
-    )
-    .await?;
+    let held = work.spawn_long_open_tx(Duration::from_secs(3)).await?;
+    work.write(WriteMode::Table, 8, 40).await?;
     held.await??;
 
     wait_drained(&db.pool, LONG).await?;
-    let ledger = ledger.lock().unwrap().clone();
+    let ledger = work.ledger();
     assert!(
         ledger.committed.len() > 300,
         "workload too small: {}",
         ledger.committed.len()
     );
     assert!(!ledger.rolled_back.is_empty(), "workload had no rollbacks");
-    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    let records = work.consume(&ledger, QUIET, LONG).await?;
     relay.stop().await?;
     let v = Verdict::check(&ledger, &records);
     assert_exact(&v, &ledger);
@@ -258,34 +225,14 @@ async fn topic_templates_and_per_type_routes_apply_and_trace_context_travels() -
 async fn a_graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() -> Result<()> {
     let db = TestDb::create("poll_restart").await?;
     db.migrate().await?;
-    let accounts = create_accounts(&db.pool, 10).await?;
-    let aggregate_type = unique("rst");
-    let topic = format!("outbox.event.{aggregate_type}");
-    create_topic(&topic, 2).await?;
-    let ledger = std::sync::Arc::new(std::sync::Mutex::new(Ledger::default()));
+    let work = Workload::create(&db, "rst", 10, 2).await?;
 
     let relay = RelayProcess::start(&db, &["--batch-size", "50"], &[]).await?;
     relay.wait_for_log("this relay is active", LONG).await?;
-    let writers = {
-        let pool = db.pool.clone();
-        let ledger = ledger.clone();
-        let aggregate_type = aggregate_type.clone();
-        tokio::spawn(async move {
-            run_writers(
-                &pool,
-                WriteMode::Table,
-                &aggregate_type,
-                &accounts,
-                4,
-                150,
-                ledger,
-            )
-            .await
-        })
-    };
+    let writers = work.spawn_writers(WriteMode::Table, 4, 150);
     // Stop the relay while events are flowing, then start a new one.
     let deadline = std::time::Instant::now() + LONG;
-    while ledger.lock().unwrap().committed.len() < 200 {
+    while work.ledger.lock().unwrap().committed.len() < 200 {
         assert!(std::time::Instant::now() < deadline, "writers stalled");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -295,8 +242,8 @@ async fn a_graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() ->
     let relay = RelayProcess::start(&db, &["--batch-size", "50"], &[]).await?;
     writers.await??;
     wait_drained(&db.pool, LONG).await?;
-    let ledger = ledger.lock().unwrap().clone();
-    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    let ledger = work.ledger();
+    let records = work.consume(&ledger, QUIET, LONG).await?;
     let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
     assert_eq!(code, 0, "{log}");
     let v = Verdict::check(&ledger, &records);
@@ -308,26 +255,13 @@ async fn a_graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() ->
 async fn a_standby_relay_waits_and_takes_over_when_the_active_one_is_killed() -> Result<()> {
     let db = TestDb::create("poll_standby").await?;
     db.migrate().await?;
-    let accounts = create_accounts(&db.pool, 5).await?;
-    let aggregate_type = unique("ha");
-    let topic = format!("outbox.event.{aggregate_type}");
-    create_topic(&topic, 1).await?;
-    let ledger = std::sync::Arc::new(std::sync::Mutex::new(Ledger::default()));
+    let work = Workload::create(&db, "ha", 5, 1).await?;
 
     let first = RelayProcess::start(&db, &[], &[]).await?;
     first.wait_for_log("this relay is active", LONG).await?;
     let second = RelayProcess::start(&db, &[], &[]).await?;
     second.wait_for_log("standing by", LONG).await?;
-    run_writers(
-        &db.pool,
-        WriteMode::Table,
-        &aggregate_type,
-        &accounts,
-        2,
-        30,
-        ledger.clone(),
-    )
-    .await?;
+    work.write(WriteMode::Table, 2, 30).await?;
     wait_drained(&db.pool, LONG).await?;
     assert!(
         !second.log().contains("this relay is active"),
@@ -340,19 +274,10 @@ async fn a_standby_relay_waits_and_takes_over_when_the_active_one_is_killed() ->
     second
         .wait_for_log("this relay is active", Duration::from_secs(20))
         .await?;
-    run_writers(
-        &db.pool,
-        WriteMode::Table,
-        &aggregate_type,
-        &accounts,
-        2,
-        30,
-        ledger.clone(),
-    )
-    .await?;
+    work.write(WriteMode::Table, 2, 30).await?;
     wait_drained(&db.pool, LONG).await?;
-    let ledger = ledger.lock().unwrap().clone();
-    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    let ledger = work.ledger();
+    let records = work.consume(&ledger, QUIET, LONG).await?;
     let (code, log) = second.terminate(Duration::from_secs(30)).await?;
     assert_eq!(code, 0, "{log}");
     let v = Verdict::check(&ledger, &records);

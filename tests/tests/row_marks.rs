@@ -31,18 +31,8 @@ async fn write(db: &TestDb, n: usize) -> Result<Vec<StoredEvent>> {
 /// An event as the relay holds it; only `id` and `seq` matter to an acknowledgement.
 fn stored(id: uuid::Uuid, seq: i64) -> StoredEvent {
     StoredEvent {
-        id,
         seq: Some(seq),
-        aggregate_type: "acct".into(),
-        aggregate_id: String::new(),
-        event_type: "Touched".into(),
-        payload: None,
-        created_at: None,
-        traceparent: None,
-        headers: Vec::new(),
-        schema_version: 1,
-        topic: None,
-        aggregate_seq: None,
+        ..StoredEvent::new(id, "acct", "", "Touched")
     }
 }
 

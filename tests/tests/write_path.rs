@@ -243,6 +243,19 @@ async fn wake_ups_before_marker(
     }
 }
 
+/// Writes one event of type `event_type` (aggregate `a`/`1`) in `tx` and commits it.
+async fn commit_one_event(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    outbox: &Outbox,
+    event_type: &str,
+) -> Result<()> {
+    outbox
+        .publish_new(&mut tx, vec![NewEvent::new("a", "1", event_type, None)])
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_notify_wake_up_is_on_by_default_and_switched_off_by_outbox_notify() -> Result<()> {
     let db = TestDb::create("write_notify").await?;
@@ -255,11 +268,7 @@ async fn the_notify_wake_up_is_on_by_default_and_switched_off_by_outbox_notify()
 
     // Default: every committed outbox write wakes the relay.
     for _ in 0..2 {
-        let mut tx = db.pool.begin().await?;
-        outbox
-            .publish_new(&mut tx, vec![NewEvent::new("a", "1", "On", None)])
-            .await?;
-        tx.commit().await?;
+        commit_one_event(db.pool.begin().await?, &outbox, "On").await?;
     }
     assert_eq!(
         wake_ups_before_marker(&db, &mut listener, &channel).await?,
@@ -274,10 +283,7 @@ async fn the_notify_wake_up_is_on_by_default_and_switched_off_by_outbox_notify()
     )))
     .execute(&mut *tx)
     .await?;
-    outbox
-        .publish_new(&mut tx, vec![NewEvent::new("a", "1", "Off", None)])
-        .await?;
-    tx.commit().await?;
+    commit_one_event(tx, &outbox, "Off").await?;
     assert_eq!(
         wake_ups_before_marker(&db, &mut listener, &channel).await?,
         0
@@ -292,11 +298,7 @@ async fn the_notify_wake_up_is_on_by_default_and_switched_off_by_outbox_notify()
     .execute(&db.pool)
     .await?;
     let mut conn = db.connect().await?;
-    let mut tx = sqlx::Connection::begin(&mut conn).await?;
-    outbox
-        .publish_new(&mut tx, vec![NewEvent::new("a", "1", "OffDb", None)])
-        .await?;
-    tx.commit().await?;
+    commit_one_event(sqlx::Connection::begin(&mut conn).await?, &outbox, "OffDb").await?;
     assert_eq!(
         wake_ups_before_marker(&db, &mut listener, &channel).await?,
         0

@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use outbox_core::WriteMode;
 use outbox_relay::config::SourceKind;
-#[allow(unused_imports)] // each test binary uses a different subset
-pub use outbox_tests::writers::{business_tx, create_accounts, run_writers};
+pub use outbox_tests::writers::Workload;
 use outbox_tests::*;
 use sqlx::PgPool;
 
@@ -35,6 +34,11 @@ pub fn logical_env(mode: WriteMode, slot: &str) -> Vec<(&'static str, String)> {
         ("OUTBOX_PUBLICATION", format!("{slot}_pub")),
         ("OUTBOX_HEARTBEAT_INTERVAL", "500ms".to_owned()),
     ]
+}
+
+/// `env` as the borrowed pairs [`RelayProcess::start`] takes.
+pub fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
 /// The slot's `confirmed_flush_lsn` as a number (None: no such slot).
