@@ -132,6 +132,8 @@ fn header<'a>(key: &'a str, value: &'a [u8]) -> Header<'a, &'a [u8]> {
 /// One record seen by the latency consumer.
 #[derive(Debug, Clone, Copy)]
 pub struct Seen {
+    /// The event id (the `id` header).
+    pub id: Option<uuid::Uuid>,
     /// The event's `created_at` (the `ce_time` header), Unix microseconds.
     pub created_us: i64,
     /// When the consumer received it, Unix microseconds.
@@ -184,10 +186,18 @@ impl LatencyConsumer {
                         .and_then(|v| std::str::from_utf8(v).ok())
                         .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
                 });
+                let id = m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == "id")
+                        .and_then(|h| h.value)
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .and_then(|v| uuid::Uuid::parse_str(v).ok())
+                });
                 if let Some(t) = created
                     && seen.len() < limit
                 {
                     seen.push(Seen {
+                        id,
                         created_us: t.timestamp_micros(),
                         received_us,
                     });

@@ -116,6 +116,9 @@ pub struct LatencyRun {
     pub received: u64,
     /// Row `created_at` → consumer receive.
     pub commit_to_consumer_ms: Percentiles,
+    /// The writer's `COMMIT` returned → consumer receive: leaves out the transaction's own
+    /// duration (its WAL flush above all), which `created_at` (the transaction's start) includes.
+    pub commit_returned_to_consumer_ms: Percentiles,
     /// The relay's commit→ack histogram over the window, interpolated inside its buckets.
     pub commit_to_ack_ms_from_histogram: Percentiles,
     /// Relay CPU per 100k events at this rate.
@@ -409,6 +412,14 @@ impl Report {
                     .zip(p.p99)
                     .map(|(x, v)| verdict(v <= x))
                     .unwrap_or_default(),
+            );
+            let c = &l.commit_returned_to_consumer_ms;
+            t.row(
+                "  writer's COMMIT returned → consumer",
+                format!("{} / {} / {} ms", ms(c.p50), ms(c.p99), ms(c.p999)),
+                "",
+                "",
+                "",
             );
             t.row(
                 "  relay commit→ack histogram (interpolated)",

@@ -318,10 +318,14 @@ pub async fn latency(
     let begin = Instant::now();
     let end = begin + warmup + duration;
     let written = Arc::new(AtomicU64::new(0));
+    // Event id → when its COMMIT returned to the writer (Unix microseconds).
+    let committed: Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, i64>>> =
+        Arc::default();
     let mut tasks = Vec::new();
     for w in 0..writers {
         let mut conn = db.connect().await?;
         let written = written.clone();
+        let committed = committed.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval_at(
                 tokio::time::Instant::now() + period.mul_f64(w as f64 / writers as f64),
@@ -332,16 +336,22 @@ pub async fn latency(
             while Instant::now() < end {
                 tick.tick().await;
                 let account = format!("acct-{}", i % AGGREGATES);
+                let id = uuid::Uuid::now_v7();
                 sqlx::query(
                     "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload)
                      VALUES ($1, 'account', $2, $3, $4::jsonb)",
                 )
-                .bind(uuid::Uuid::now_v7())
+                .bind(id)
                 .bind(&account)
                 .bind(EVENT_TYPES[(i % 4) as usize])
                 .bind(payload_json(&account, i).to_string())
                 .execute(&mut conn)
                 .await?;
+                let returned = chrono::Utc::now().timestamp_micros();
+                committed
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("commit-time map poisoned"))?
+                    .insert(id, returned);
                 written.fetch_add(1, Ordering::Relaxed);
                 i += writers;
             }
@@ -381,6 +391,16 @@ pub async fn latency(
         .map(|s| s.received_us - s.created_us)
         .collect();
     lat.sort_unstable();
+    let mut after_commit: Vec<i64> = {
+        let committed = committed
+            .lock()
+            .map_err(|_| anyhow::anyhow!("commit-time map poisoned"))?;
+        seen.iter()
+            .filter(|s| s.created_us >= window_start && s.created_us < window_end)
+            .filter_map(|s| Some(s.received_us - committed.get(&s.id?)?))
+            .collect()
+    };
+    after_commit.sort_unstable();
     let window = Duration::from_micros((window_end - window_start).max(1) as u64);
     let hist = "outbox_relay_commit_to_ack_seconds";
     let (b0, b1) = (m0.buckets(hist), m1.buckets(hist));
@@ -395,6 +415,7 @@ pub async fn latency(
         written: total,
         received,
         commit_to_consumer_ms: Percentiles::of(&lat),
+        commit_returned_to_consumer_ms: Percentiles::of(&after_commit),
         commit_to_ack_ms_from_histogram: Percentiles {
             p50: ack(0.5),
             p99: ack(0.99),
