@@ -129,6 +129,15 @@ fn header<'a>(key: &'a str, value: &'a [u8]) -> Header<'a, &'a [u8]> {
     }
 }
 
+/// The value of header `key` of `m` as text, if present and UTF-8.
+fn text_header<'m>(m: &'m rdkafka::message::BorrowedMessage<'_>, key: &str) -> Option<&'m str> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == key)?
+        .value
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
 /// One record seen by the latency consumer.
 #[derive(Debug, Clone, Copy)]
 pub struct Seen {
@@ -179,20 +188,9 @@ impl LatencyConsumer {
                 };
                 let received_us = chrono::Utc::now().timestamp_micros();
                 let Ok(m) = result else { continue };
-                let created = m.headers().and_then(|h| {
-                    h.iter()
-                        .find(|h| h.key == "ce_time")
-                        .and_then(|h| h.value)
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                });
-                let id = m.headers().and_then(|h| {
-                    h.iter()
-                        .find(|h| h.key == "id")
-                        .and_then(|h| h.value)
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                        .and_then(|v| uuid::Uuid::parse_str(v).ok())
-                });
+                let created = text_header(&m, "ce_time")
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+                let id = text_header(&m, "id").and_then(|v| uuid::Uuid::parse_str(v).ok());
                 if let Some(t) = created
                     && seen.len() < limit
                 {
