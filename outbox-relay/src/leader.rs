@@ -6,9 +6,11 @@
 //! and take over as soon as the holder's session ends (graceful stop, crash or `kill -9`: the
 //! server releases a session's advisory locks when the session goes away).
 //!
-//! The polling source runs its claim and acknowledgement statements **on the lock-holding
-//! session itself** (the logical source its row acknowledgements), so a relay that lost its
-//! session cannot acknowledge anything afterwards.
+//! The polling source runs its claims **on the lock-holding session itself**, so a relay that
+//! lost its session cannot claim anything afterwards. Row acknowledgements (both sources, `table`
+//! mode) run beside the pipeline on connections of their own ([`crate::source::row_marks`]);
+//! each checks the lease right before its statement, so a relay whose lease is gone marks nothing
+//! more — and a mark only ever records rows that Kafka already acknowledged.
 //!
 //! # The lease: fencing a paused leader
 //!
