@@ -240,6 +240,16 @@ pub(crate) fn event_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredEvent,
     })
 }
 
+/// Planner settings of the sessions that run only the relay's own statements (the leader's, the
+/// row acknowledgements'): claims and marks by `seq = ANY(…)` planned per call, so the array is
+/// hashed, and kept ordered index scans even on a freshly filled table without statistics.
+pub(crate) const RELAY_PLANNER_SETTINGS: [(&str, &str); 4] = [
+    ("plan_cache_mode", "force_custom_plan"),
+    ("enable_sort", "off"),
+    ("enable_bitmapscan", "off"),
+    ("enable_seqscan", "off"),
+];
+
 /// Settings of the polling source.
 #[derive(Debug, Clone)]
 pub struct PollingSettings {
@@ -318,13 +328,8 @@ impl PollingSource {
         // and a freshly filled table without statistics made those custom plans a bitmap scan
         // plus a sort of the whole backlog (94 ms for 50k rows), so that shape is ruled out on
         // this session, which only runs the relay's own statements.
-        for setting in [
-            "SET plan_cache_mode = force_custom_plan",
-            "SET enable_sort = off",
-            "SET enable_bitmapscan = off",
-            "SET enable_seqscan = off",
-        ] {
-            sqlx::query(setting)
+        for (name, value) in RELAY_PLANNER_SETTINGS {
+            sqlx::query(AssertSqlSafe(format!("SET {name} = {value}")))
                 .execute(&mut *leader.connection().await)
                 .await
                 .map_err(|error| SourceError::Database {

@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use crate::leader::{Lease, LeaseLost};
 use crate::source::SourceError;
-use crate::source::polling::{RowAcknowledgement, acknowledge_keys};
+use crate::source::polling::{RELAY_PLANNER_SETTINGS, RowAcknowledgement, acknowledge_keys};
 
 /// How many batches' row acknowledgements may run at once, beside the batches in flight.
 pub const MAX_PENDING_ACKNOWLEDGEMENTS: usize = 2;
@@ -41,11 +41,7 @@ pub fn pool(options: &PgConnectOptions) -> PgPool {
     let options = options
         .clone()
         .application_name("outbox-relay-ack")
-        .options([
-            ("plan_cache_mode", "force_custom_plan"),
-            ("enable_seqscan", "off"),
-            ("enable_bitmapscan", "off"),
-        ]);
+        .options(RELAY_PLANNER_SETTINGS);
     PgPoolOptions::new()
         .max_connections(MAX_PENDING_ACKNOWLEDGEMENTS as u32)
         .connect_lazy_with(options)
@@ -139,7 +135,7 @@ impl<T> RowMarks<T> {
     ) -> Result<Vec<T>, MarkError> {
         let mut done = Vec::new();
         while self.pending.len() >= MAX_PENDING_ACKNOWLEDGEMENTS {
-            done.push(self.wait_oldest().await?);
+            done.push(self.next_completed().await?);
         }
         let keys = RowKeys::of(events);
         let (pool, table, how, lease) = (
@@ -194,17 +190,9 @@ impl<T> RowMarks<T> {
     pub async fn finish(&mut self) -> Result<Vec<T>, MarkError> {
         let mut done = Vec::new();
         while !self.pending.is_empty() {
-            done.push(self.wait_oldest().await?);
+            done.push(self.next_completed().await?);
         }
         Ok(done)
-    }
-
-    async fn wait_oldest(&mut self) -> Result<T, MarkError> {
-        let Some((receiver, _)) = self.pending.front_mut() else {
-            return Err(MarkError::Task("no acknowledgement is running".into()));
-        };
-        let outcome = receiver.await.unwrap_or_else(|_| Err(ended()));
-        self.settle_oldest(outcome).await
     }
 
     /// Removes the oldest mark, whose verdict is `outcome`.
