@@ -74,7 +74,10 @@ pub use inbox::{
     IncomingRecord, MalformedPolicy, SequenceCheck,
 };
 pub use migrate::{MigrationReport, NOTIFY_SETTING, SCHEMA_VERSION, migrate, schema_version};
-pub use stored::{MalformedEvent, StoredEvent, parse_headers, parse_timestamptz};
+pub use stored::{
+    MIN_SCHEMA_VERSION, MalformedEvent, StoredEvent, check_schema_version, parse_headers,
+    parse_timestamptz,
+};
 pub use table::{Identifier, OutboxTable};
 pub use topic::{MAX_TOPIC_LEN, validate_topic};
 pub use trace::is_valid_traceparent;

@@ -33,10 +33,15 @@ const STEPS: &[Step] = &[
         description: "make the NOTIFY wake-up switchable with the `outbox.notify` setting",
         sql: v3,
     },
+    Step {
+        version: 4,
+        description: "refuse malformed rows at write time (headers a JSON object, schema_version from 1)",
+        sql: v4,
+    },
 ];
 
 /// The newest schema version this library creates.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The PostgreSQL setting that switches the outbox table's NOTIFY wake-up off: `outbox.notify`.
 ///
@@ -65,6 +70,28 @@ fn notify_function(t: &OutboxTable, guarded: bool) -> String {
         "CREATE OR REPLACE FUNCTION {notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN {body} END $$"
     )
+}
+
+fn v4(t: &OutboxTable) -> Vec<String> {
+    let table = t.qualified();
+    // `NOT VALID`: new rows are checked at once, existing ones are left alone (no table scan
+    // under an exclusive lock); a malformed row already there is parked by the relay.
+    let check = |name: &str, expr: &str| {
+        format!(
+            "DO $$ BEGIN
+                 ALTER TABLE {table} ADD CONSTRAINT {} CHECK ({expr}) NOT VALID;
+             EXCEPTION WHEN duplicate_object THEN NULL;
+             END $$",
+            t.derived_unqualified(name)
+        )
+    };
+    vec![
+        check("headers_object", "jsonb_typeof(headers) = 'object'"),
+        check(
+            "schema_version_check",
+            &format!("schema_version >= {}", crate::MIN_SCHEMA_VERSION),
+        ),
+    ]
 }
 
 fn v3(t: &OutboxTable) -> Vec<String> {

@@ -39,7 +39,7 @@ pub struct StoredEvent {
 }
 
 /// A row or message that cannot be turned into a [`StoredEvent`]: it is reported with this reason,
-/// never silently skipped.
+/// never silently skipped. The relay parks it, with the reason, from [`MalformedEvent::salvaged`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed outbox event{}: {reason}", id.map(|i| format!(" {i}")).unwrap_or_default())]
 pub struct MalformedEvent {
@@ -47,14 +47,32 @@ pub struct MalformedEvent {
     pub id: Option<Uuid>,
     /// What is wrong.
     pub reason: String,
+    /// Every field that could be read, the others at their defaults (empty strings for the
+    /// required text columns, the nil uuid for an unreadable `id`): what gets parked.
+    pub salvaged: Box<StoredEvent>,
 }
 
 impl MalformedEvent {
-    fn new(id: Option<Uuid>, reason: impl Into<String>) -> Self {
+    fn new(salvaged: StoredEvent, id_read: bool, reason: impl Into<String>) -> Self {
         Self {
-            id,
+            id: id_read.then_some(salvaged.id),
             reason: reason.into(),
+            salvaged: Box::new(salvaged),
         }
+    }
+}
+
+/// The lowest valid `schema_version`: versions count from 1 (the column's default).
+pub const MIN_SCHEMA_VERSION: i32 = 1;
+
+/// Checks a `schema_version` value: versions count from [`MIN_SCHEMA_VERSION`].
+pub fn check_schema_version(version: i32) -> Result<i32, String> {
+    if version >= MIN_SCHEMA_VERSION {
+        Ok(version)
+    } else {
+        Err(format!(
+            "schema_version {version} is below {MIN_SCHEMA_VERSION} (versions count from 1)"
+        ))
     }
 }
 
@@ -148,7 +166,10 @@ impl StoredEvent {
                     Err(e) => errors.push(e),
                 },
                 ("schema_version", Some(v)) => match v.parse() {
-                    Ok(n) => ev.schema_version = n,
+                    Ok(n) => match check_schema_version(n) {
+                        Ok(n) => ev.schema_version = n,
+                        Err(e) => errors.push(e),
+                    },
                     Err(_) => errors.push(format!("schema_version `{v}` is not an integer")),
                 },
                 ("topic", v) => ev.topic = v.map(str::to_owned),
@@ -156,10 +177,15 @@ impl StoredEvent {
                 _ => {}
             }
         }
-        let Some(id) = id else {
-            return Err(MalformedEvent::new(None, "column `id` is missing or null"));
-        };
-        ev.id = id;
+        let id_read = id.is_some();
+        match id {
+            Some(id) => ev.id = id,
+            // Present but not a uuid was reported above.
+            None if !errors.iter().any(|e| e.starts_with("id ")) => {
+                errors.push("column `id` is missing or null".to_owned())
+            }
+            None => {}
+        }
         for (field, value, slot) in [
             ("aggregatetype", aggregate_type, &mut ev.aggregate_type),
             ("aggregateid", aggregate_id, &mut ev.aggregate_id),
@@ -173,7 +199,7 @@ impl StoredEvent {
         if errors.is_empty() {
             Ok(ev)
         } else {
-            Err(MalformedEvent::new(Some(id), errors.join("; ")))
+            Err(MalformedEvent::new(ev, id_read, errors.join("; ")))
         }
     }
 
@@ -203,8 +229,20 @@ impl StoredEvent {
             created_at: Option<DateTime<Utc>>,
         }
         let m: Message<'_> = serde_json::from_slice(content).map_err(|e| {
-            MalformedEvent::new(None, format!("logical message is not an outbox event: {e}"))
+            let (salvaged, id_read) = salvage_message(content);
+            MalformedEvent::new(
+                salvaged,
+                id_read,
+                format!("logical message is not an outbox event: {e}"),
+            )
         })?;
+        let schema_version = match check_schema_version(m.schema_version.unwrap_or(1)) {
+            Ok(v) => v,
+            Err(reason) => {
+                let (salvaged, id_read) = salvage_message(content);
+                return Err(MalformedEvent::new(salvaged, id_read, reason));
+            }
+        };
         Ok(StoredEvent {
             id: m.id,
             aggregate_type: m.aggregatetype,
@@ -226,11 +264,39 @@ impl StoredEvent {
                     other => (k, other.to_string()),
                 })
                 .collect(),
-            schema_version: m.schema_version.unwrap_or(1),
+            schema_version,
             topic: m.topic,
             aggregate_seq: m.aggregate_seq,
         })
     }
+}
+
+/// The fields of a malformed logical message that can still be read (for parking it), and
+/// whether its `id` was among them.
+fn salvage_message(content: &[u8]) -> (StoredEvent, bool) {
+    let value: serde_json::Value = serde_json::from_slice(content).unwrap_or_default();
+    let text = |field: &str| {
+        value
+            .get(field)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let id = value
+        .get("id")
+        .and_then(serde_json::Value::as_str)
+        .and_then(|s| Uuid::parse_str(s).ok());
+    let mut ev = StoredEvent::new(
+        id.unwrap_or_default(),
+        text("aggregatetype"),
+        text("aggregateid"),
+        text("type"),
+    );
+    ev.payload = value
+        .get("payload")
+        .filter(|p| !p.is_null())
+        .map(serde_json::Value::to_string);
+    (ev, id.is_some())
 }
 
 #[cfg(test)]
@@ -287,6 +353,8 @@ mod tests {
     fn malformed_rows_say_why() {
         let e = StoredEvent::from_text_columns([("id", Some("nope"))]).unwrap_err();
         assert!(e.reason.contains("id"), "{e}");
+        assert_eq!(e.id, None);
+        assert!(e.salvaged.id.is_nil());
         let e = StoredEvent::from_text_columns([
             ("id", Some("0192f0c4-7f3a-7cc1-8f4e-4a3f6f0b6b01")),
             ("aggregatetype", Some("account")),
@@ -297,6 +365,40 @@ mod tests {
         assert!(e.id.is_some());
         assert!(e.reason.contains("aggregateid"), "{e}");
         assert!(e.reason.contains("headers must be a JSON object"), "{e}");
+        // What could be read is kept for parking.
+        assert_eq!(e.salvaged.id, e.id.unwrap());
+        assert_eq!(e.salvaged.aggregate_type, "account");
+        assert_eq!(e.salvaged.event_type, "X");
+        let e = StoredEvent::from_text_columns([
+            ("id", Some("0192f0c4-7f3a-7cc1-8f4e-4a3f6f0b6b01")),
+            ("aggregatetype", Some("account")),
+            ("aggregateid", Some("1")),
+            ("type", Some("X")),
+            ("schema_version", Some("0")),
+        ])
+        .unwrap_err();
+        assert!(e.reason.contains("schema_version 0"), "{e}");
+    }
+
+    #[test]
+    fn malformed_messages_keep_what_can_be_read() {
+        let e = StoredEvent::from_logical_message(
+            br#"{"id":"0192f0c4-7f3a-7cc1-8f4e-4a3f6f0b6b01","aggregatetype":"a","aggregateid":"1","type":"T","payload":{"x":1},"headers":[1]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.id.map(|i| i.to_string()).as_deref(),
+            Some("0192f0c4-7f3a-7cc1-8f4e-4a3f6f0b6b01")
+        );
+        assert_eq!(e.salvaged.aggregate_id, "1");
+        assert_eq!(e.salvaged.payload.as_deref(), Some(r#"{"x":1}"#));
+        let e = StoredEvent::from_logical_message(b"not json").unwrap_err();
+        assert_eq!(e.id, None);
+        let e = StoredEvent::from_logical_message(
+            br#"{"id":"0192f0c4-7f3a-7cc1-8f4e-4a3f6f0b6b01","aggregatetype":"a","aggregateid":"1","type":"T","schema_version":-2}"#,
+        )
+        .unwrap_err();
+        assert!(e.reason.contains("schema_version -2"), "{e}");
     }
 
     #[test]

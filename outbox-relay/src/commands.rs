@@ -343,9 +343,16 @@ pub async fn replay(config: &RelayConfig, filter: &ReplayFilter) -> Result<u64> 
         }
         let events = rows
             .iter()
-            .map(event_from_row)
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| CommandError::runtime(e.to_string()))?;
+            .map(|row| {
+                event_from_row(row)
+                    .map_err(|e| CommandError::runtime(e.to_string()))?
+                    .map_err(|m| {
+                        CommandError::runtime(format!(
+                            "cannot replay: {m}; fix or delete the row and replay again"
+                        ))
+                    })
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         after = events.last().and_then(|e| e.seq).unwrap_or(after);
         let records = events
             .iter()

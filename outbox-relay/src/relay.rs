@@ -578,6 +578,16 @@ impl Relay {
         let mut records = Vec::with_capacity(batch.len());
         for e in batch {
             let key = (e.event.aggregate_type.clone(), e.event.aggregate_id.clone());
+            if let Some(defect) = &e.defect {
+                // Malformed: never published; parked like a poison event, its aggregate held.
+                blocked.entry(key).or_insert(e.event.id);
+                plan.push(Plan::Park(Box::new(ParkRequest {
+                    event: e.event.clone(),
+                    reason: defect.clone(),
+                    blocked_by: None,
+                })));
+                continue;
+            }
             if let Some(&first) = blocked.get(&key) {
                 plan.push(Plan::Park(Box::new(ParkRequest {
                     event: e.event.clone(),

@@ -34,6 +34,42 @@ pub struct SourceEvent {
     pub event: StoredEvent,
     /// Where it sits in the source's stream; opaque to the relay.
     pub position: Position,
+    /// Why this committed row or message is not a valid event (e.g. `headers` that are not a
+    /// JSON object), `None` for a valid one. `event` then holds what could be read. The relay
+    /// never publishes such an event: it parks it with this reason and holds its aggregate
+    /// behind it, like a poison event, so nothing is skipped and nothing stalls the others.
+    pub defect: Option<String>,
+}
+
+impl SourceEvent {
+    /// A valid event at `position`.
+    pub fn new(event: StoredEvent, position: Position) -> Self {
+        Self {
+            event,
+            position,
+            defect: None,
+        }
+    }
+
+    /// A committed row or message that could not be decoded: parked, never published.
+    pub fn malformed(malformed: outbox_core::MalformedEvent, position: Position) -> Self {
+        Self {
+            event: *malformed.salvaged,
+            position,
+            defect: Some(format!("malformed outbox event: {}", malformed.reason)),
+        }
+    }
+
+    /// A decoding result at `position`: valid or malformed.
+    pub fn decoded(
+        decoded: Result<StoredEvent, outbox_core::MalformedEvent>,
+        position: Position,
+    ) -> Self {
+        match decoded {
+            Ok(event) => Self::new(event, position),
+            Err(m) => Self::malformed(m, position),
+        }
+    }
 }
 
 /// A source-specific position, carried from [`Source::next_batch`] to [`Source::acknowledge`].

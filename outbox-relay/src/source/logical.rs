@@ -83,7 +83,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use outbox_core::{OutboxTable, StoredEvent, WriteMode};
+use outbox_core::{MalformedEvent, OutboxTable, StoredEvent, WriteMode};
 use pgwire_replication::ReplicationEvent;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -325,7 +325,8 @@ fn shared_metrics(slot: &SlotName) -> Arc<LogicalMetrics> {
 
 struct OpenTx {
     commit_lsn: Lsn,
-    events: Vec<StoredEvent>,
+    /// Decoded events, malformed ones included (the relay parks those).
+    events: Vec<Result<StoredEvent, MalformedEvent>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -393,6 +394,12 @@ fn slot_was_known(slot: &SlotName) -> bool {
 
 /// How long a start waits for a slot that another session is still creating.
 const SLOT_CREATION_WAIT: Duration = Duration::from_secs(120);
+
+/// The id a malformed logical message whose own id cannot be read is parked under: unique per
+/// message (its LSN) and recognisable (`6f7574626f780000-…`, "outbox" in hex).
+fn malformed_message_id(lsn: Lsn) -> Uuid {
+    Uuid::from_u64_pair(0x6f75_7462_6f78_0000, lsn.0)
+}
 
 fn marker_slot(slot: &SlotName) -> SlotName {
     let base: String = slot.as_str().chars().take(60).collect();
@@ -697,18 +704,12 @@ impl LogicalSource {
                 .iter()
                 .copied()
                 .zip(values.iter().map(|v| v.as_deref()));
-            match StoredEvent::from_text_columns(pairs) {
-                Ok(event) => {
-                    self.ready.push_back(SourceEvent {
-                        event,
-                        position: Position::Row,
-                    });
-                    n += 1;
-                }
-                Err(e) => {
-                    tracing::error!("outbox row cannot be published and stays unpublished: {e}")
-                }
-            }
+            // A malformed row is handed on too: the relay parks it with its reason.
+            self.ready.push_back(SourceEvent::decoded(
+                StoredEvent::from_text_columns(pairs),
+                Position::Row,
+            ));
+            n += 1;
         }
         self.backfill_due = true;
         self.metrics.rows_backfilled.fetch_add(n, Ordering::Relaxed);
@@ -888,14 +889,14 @@ impl LogicalSource {
                     .events_streamed
                     .fetch_add(n as u64, Ordering::Relaxed);
                 for (i, event) in tx.events.into_iter().enumerate() {
-                    self.ready.push_back(SourceEvent {
+                    self.ready.push_back(SourceEvent::decoded(
                         event,
-                        position: Position::Wal {
+                        Position::Wal {
                             commit_lsn: commit_lsn.0,
                             end_lsn: end_lsn.0,
                             last_in_transaction: i + 1 == n,
                         },
-                    });
+                    ));
                 }
             }
             ReplicationEvent::XLogData { data, .. } => match pgoutput::decode(&data)? {
@@ -913,16 +914,8 @@ impl LogicalSource {
                         return Ok(());
                     }
                     let named = rel.named_values(&tuple)?;
-                    let event = match StoredEvent::from_text_columns(named) {
-                        Ok(ev) => ev,
-                        Err(e) => {
-                            // Cannot be published; reported, and in table mode it stays unpublished.
-                            tracing::error!(
-                                "outbox row in the WAL cannot be published, skipped: {e}"
-                            );
-                            return Ok(());
-                        }
-                    };
+                    // A malformed row is handed on too: the relay parks it with its reason.
+                    let event = StoredEvent::from_text_columns(named);
                     let Some(tx) = self.open.as_mut() else {
                         return Err(LogicalError::Replication(
                             "Insert outside a transaction".into(),
@@ -986,13 +979,14 @@ impl LogicalSource {
             tracing::error!(%lsn, "refusing a NON-transactional outbox message: it is written even if its transaction rolls back; write events with pg_logical_emit_message(true, …)");
             return Ok(());
         }
-        let event = match StoredEvent::from_logical_message(content) {
-            Ok(ev) => ev,
-            Err(e) => {
-                tracing::error!(%lsn, "logical outbox message cannot be published, skipped: {e}");
-                return Ok(());
+        // A malformed message is handed on too: the relay parks it with its reason, under an
+        // id derived from its LSN when its own cannot be read.
+        let event = StoredEvent::from_logical_message(content).map_err(|mut m| {
+            if m.id.is_none() {
+                m.salvaged.id = malformed_message_id(lsn);
             }
-        };
+            m
+        });
         match self.open.as_mut() {
             Some(tx) => tx.events.push(event),
             None => {

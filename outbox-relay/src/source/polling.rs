@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use outbox_core::{OutboxTable, StoredEvent, parse_headers};
+use outbox_core::{MalformedEvent, OutboxTable, StoredEvent, check_schema_version, parse_headers};
 use sqlx::postgres::{PgConnectOptions, PgListener};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use tokio_util::sync::CancellationToken;
@@ -208,36 +208,71 @@ pub async fn purge_published(
 pub(crate) const EVENT_COLUMNS: &str = "id, aggregatetype, aggregateid, type, payload::text AS payload, seq, \
      created_at, tracingspancontext, headers::text AS headers, schema_version, topic, aggregate_seq";
 
-/// Turns a row selected with [`EVENT_COLUMNS`] into an event.
-pub(crate) fn event_from_row(row: &sqlx::postgres::PgRow) -> Result<StoredEvent, SourceError> {
-    let db = |error| SourceError::Database {
-        source_name: "polling",
-        error,
+/// Turns a row selected with [`EVENT_COLUMNS`] into an event. A row that is not a valid event
+/// (a column of an unexpected type, `headers` that are not a JSON object, a `schema_version`
+/// below 1) comes back as the inner `Err`, with what could be read, so the relay can park it; only
+/// an unreadable `id` or `seq` — the table itself is not an outbox table — is an error.
+pub(crate) fn event_from_row(
+    row: &sqlx::postgres::PgRow,
+) -> Result<Result<StoredEvent, MalformedEvent>, SourceError> {
+    let fatal = |column: &str, error: sqlx::Error| {
+        SourceError::Fatal(format!(
+            "cannot read column `{column}` of the outbox table: {error} (is it an outbox table? run `outbox-relay migrate`)"
+        ))
     };
-    let id: Uuid = row.try_get("id").map_err(db)?;
-    let headers: Option<String> = row.try_get("headers").map_err(db)?;
-    let headers = match headers {
-        Some(h) => parse_headers(&h).map_err(|reason| {
-            SourceError::Fatal(format!("outbox row {id} is malformed: {reason}"))
-        })?,
-        None => Vec::new(),
-    };
-    Ok(StoredEvent {
+    let id: Uuid = row.try_get("id").map_err(|e| fatal("id", e))?;
+    let seq: Option<i64> = row.try_get("seq").map_err(|e| fatal("seq", e))?;
+    let mut problems = Vec::new();
+    /// A column's value, or `None` with the problem noted.
+    fn get<'r, T>(
+        row: &'r sqlx::postgres::PgRow,
+        column: &str,
+        problems: &mut Vec<String>,
+    ) -> Option<T>
+    where
+        T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        match row.try_get(column) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                problems.push(format!("column `{column}`: {e}"));
+                None
+            }
+        }
+    }
+    let mut ev = StoredEvent::new(
         id,
-        aggregate_type: row.try_get("aggregatetype").map_err(db)?,
-        aggregate_id: row.try_get("aggregateid").map_err(db)?,
-        event_type: row.try_get("type").map_err(db)?,
-        payload: row.try_get("payload").map_err(db)?,
-        seq: row.try_get("seq").map_err(db)?,
-        created_at: row
-            .try_get::<Option<DateTime<Utc>>, _>("created_at")
-            .map_err(db)?,
-        traceparent: row.try_get("tracingspancontext").map_err(db)?,
-        headers,
-        schema_version: row.try_get("schema_version").map_err(db)?,
-        topic: row.try_get("topic").map_err(db)?,
-        aggregate_seq: row.try_get("aggregate_seq").map_err(db)?,
-    })
+        get::<String>(row, "aggregatetype", &mut problems).unwrap_or_default(),
+        get::<String>(row, "aggregateid", &mut problems).unwrap_or_default(),
+        get::<String>(row, "type", &mut problems).unwrap_or_default(),
+    );
+    ev.seq = seq;
+    ev.payload = get(row, "payload", &mut problems).flatten();
+    ev.created_at = get::<Option<DateTime<Utc>>>(row, "created_at", &mut problems).flatten();
+    ev.traceparent = get(row, "tracingspancontext", &mut problems).flatten();
+    if let Some(h) = get::<Option<String>>(row, "headers", &mut problems).flatten() {
+        match parse_headers(&h) {
+            Ok(h) => ev.headers = h,
+            Err(reason) => problems.push(reason),
+        }
+    }
+    if let Some(v) = get::<i32>(row, "schema_version", &mut problems) {
+        match check_schema_version(v) {
+            Ok(v) => ev.schema_version = v,
+            Err(reason) => problems.push(reason),
+        }
+    }
+    ev.topic = get(row, "topic", &mut problems).flatten();
+    ev.aggregate_seq = get(row, "aggregate_seq", &mut problems).flatten();
+    if problems.is_empty() {
+        Ok(Ok(ev))
+    } else {
+        Ok(Err(MalformedEvent {
+            id: Some(id),
+            reason: problems.join("; "),
+            salvaged: Box::new(ev),
+        }))
+    }
 }
 
 /// Planner settings of the sessions that run only the relay's own statements (the leader's, the
@@ -383,12 +418,7 @@ impl PollingSource {
             })?;
         let batch = rows
             .iter()
-            .map(|row| {
-                Ok(SourceEvent {
-                    event: event_from_row(row)?,
-                    position: Position::Row,
-                })
-            })
+            .map(|row| Ok(SourceEvent::decoded(event_from_row(row)?, Position::Row)))
             .collect::<Result<Vec<_>, SourceError>>()?;
         for e in &batch {
             let seq = e.event.seq.unwrap_or_default();

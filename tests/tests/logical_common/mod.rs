@@ -1,5 +1,5 @@
 //! Helpers shared by the `logical_*` end-to-end tests (included with `mod logical_common;`).
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::time::{Duration, Instant};
 
