@@ -11,6 +11,13 @@
 //! row's `topic` column (e.g. `#[outbox(topic = "…")]`), the topic template. Splitting one
 //! aggregate's events across topics gives up their relative order: Kafka orders records only
 //! within one partition of one topic.
+//!
+//! Topic reach: rows choose their topic (the `topic` column, template values), so a writer could
+//! make the relay publish anywhere its Kafka principal may write. Every routed topic must match
+//! `route.allowed_topics`; by default that is exactly what the template and the routes can
+//! render (`outbox.event.*` for the default template), so the `topic` column may only pick
+//! topics inside that range unless an operator widens it. Kafka's internal `__…` topics are
+//! refused unless a pattern names them literally. A refused event is parked with the reason.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -61,6 +68,86 @@ enum Part {
     Literal(String),
     AggregateType,
     EventType,
+}
+
+/// A pattern of `route.allowed_topics`: literal topic characters and `*`, which matches any run
+/// (possibly empty) of legal topic characters.
+///
+/// Guarantee: a topic matches only if it has every literal part, in order, with the first at its
+/// start and the last at its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPattern {
+    source: String,
+    /// The literal parts between the `*`s (`a.*.b` → `["a.", ".b"]`).
+    parts: Vec<String>,
+}
+
+impl TopicPattern {
+    /// Parses a pattern such as `outbox.event.*` or `accounts.v1`.
+    pub fn parse(pattern: &str) -> Result<Self, TemplateError> {
+        let err = |reason: String| TemplateError {
+            template: pattern.to_owned(),
+            reason: format!("allowed topic pattern: {reason}"),
+        };
+        if pattern.is_empty() {
+            return Err(err("must not be empty".to_owned()));
+        }
+        for literal in pattern.split('*').filter(|l| !l.is_empty()) {
+            // Literal parts with the topic rules (dots alone are fine inside a pattern).
+            validate_topic(&literal.replace('.', "x")).map_err(err)?;
+        }
+        Ok(Self {
+            source: pattern.to_owned(),
+            parts: pattern.split('*').map(str::to_owned).collect(),
+        })
+    }
+
+    /// The pattern covering every topic `template` can render: each placeholder becomes `*`.
+    pub fn of_template(template: &TopicTemplate) -> Self {
+        let source: String = template
+            .parts
+            .iter()
+            .map(|p| match p {
+                Part::Literal(s) => s.as_str(),
+                Part::AggregateType | Part::EventType => "*",
+            })
+            .collect();
+        Self {
+            parts: source.split('*').map(str::to_owned).collect(),
+            source,
+        }
+    }
+
+    /// Whether `topic` matches.
+    pub fn matches(&self, topic: &str) -> bool {
+        let (first, rest) = self
+            .parts
+            .split_first()
+            .expect("split yields one part at least");
+        let Some(mut tail) = topic.strip_prefix(first.as_str()) else {
+            return false;
+        };
+        let Some((last, middle)) = rest.split_last() else {
+            return tail.is_empty();
+        };
+        for part in middle {
+            match tail.find(part.as_str()) {
+                Some(at) => tail = &tail[at + part.len()..],
+                None => return false,
+            }
+        }
+        tail.ends_with(last.as_str())
+    }
+
+    /// Whether the pattern names Kafka-internal `__…` topics literally.
+    fn names_internal_topics(&self) -> bool {
+        self.parts[0].starts_with("__")
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
 }
 
 /// A parsed topic template: literal text with `{aggregatetype}` and `{type}` placeholders.
@@ -165,6 +252,34 @@ pub struct RouteSettings {
     pub cloudevents_mode: CloudEventsMode,
     /// The CloudEvents `source` attribute; `{aggregatetype}` is replaced.
     pub cloudevents_source: String,
+    /// Topic patterns (`*` = any run of topic characters) every routed topic must match; an
+    /// event routed elsewhere is parked. Empty (the default): what the template and the routes
+    /// can render. A list in files, comma-separated in the environment and flags.
+    #[serde(deserialize_with = "list_or_comma_separated")]
+    pub allowed_topics: Vec<String>,
+}
+
+/// A list of strings, from a list or from one comma-separated string (environment, flags).
+fn list_or_comma_separated<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(
+        match <Either as serde::Deserialize>::deserialize(deserializer)? {
+            Either::List(l) => l,
+            Either::Text(t) => t
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        },
+    )
 }
 
 /// How CloudEvents attributes travel (CloudEvents Kafka protocol binding).
@@ -187,6 +302,7 @@ impl Default for RouteSettings {
             cloudevents: true,
             cloudevents_mode: CloudEventsMode::Binary,
             cloudevents_source: "/outbox/{aggregatetype}".to_owned(),
+            allowed_topics: Vec::new(),
         }
     }
 }
@@ -215,6 +331,8 @@ pub struct Router {
     cloudevents: bool,
     cloudevents_mode: CloudEventsMode,
     cloudevents_source: String,
+    /// `route.allowed_topics`, or the template's and routes' own patterns.
+    allowed: Vec<TopicPattern>,
 }
 
 impl Router {
@@ -231,9 +349,23 @@ impl Router {
                         e
                     })
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<HashMap<String, TopicTemplate>, _>>()?;
+        let template = TopicTemplate::parse(&settings.topic)?;
+        let allowed = if settings.allowed_topics.is_empty() {
+            std::iter::once(&template)
+                .chain(routes.values())
+                .map(TopicPattern::of_template)
+                .collect()
+        } else {
+            settings
+                .allowed_topics
+                .iter()
+                .map(|p| TopicPattern::parse(p))
+                .collect::<Result<_, _>>()?
+        };
         Ok(Self {
-            template: TopicTemplate::parse(&settings.topic)?,
+            template,
+            allowed,
             routes,
             cloudevents: settings.cloudevents,
             cloudevents_mode: settings.cloudevents_mode,
@@ -255,7 +387,28 @@ impl Router {
             id: event.id,
             reason: format!("topic `{topic}` is not a legal Kafka topic name: {reason}"),
         })?;
+        if !self.allows(&topic) {
+            let allowed: Vec<&str> = self.allowed.iter().map(TopicPattern::as_str).collect();
+            return Err(RouteError {
+                id: event.id,
+                reason: format!(
+                    "topic `{topic}` is not allowed: it matches none of route.allowed_topics [{}]; \
+                     the event's `topic` column or values chose it — add a pattern to \
+                     route.allowed_topics if the topic is meant",
+                    allowed.join(", ")
+                ),
+            });
+        }
         Ok(topic)
+    }
+
+    /// Whether `topic` may be published to: it matches an allowed pattern, and a Kafka-internal
+    /// `__…` topic only through a pattern that names internal topics literally.
+    pub fn allows(&self, topic: &str) -> bool {
+        let internal = topic.starts_with("__");
+        self.allowed
+            .iter()
+            .any(|p| p.matches(topic) && (!internal || p.names_internal_topics()))
     }
 
     /// The record for an event.
@@ -411,6 +564,7 @@ mod tests {
         let mut s = RouteSettings::default();
         s.topic = "events.{aggregatetype}.{type}".into();
         s.routes.insert("Closed".into(), "closures".into());
+        s.allowed_topics = vec!["events.*".into(), "closures".into(), "fixed".into()];
         let r = Router::new(&s).unwrap();
         assert_eq!(
             r.topic_for(&event("acct", "Opened")).unwrap(),
@@ -439,6 +593,66 @@ mod tests {
         s.routes.insert("T".into(), "bad topic".into());
         let e = Router::new(&s).unwrap_err();
         assert!(e.reason.contains("`T`"), "{e}");
+    }
+
+    #[test]
+    fn topic_patterns_match_as_globs() {
+        let p = TopicPattern::parse("a.*.b*").unwrap();
+        assert!(p.matches("a.x.b"));
+        assert!(p.matches("a..b"));
+        assert!(p.matches("a.x.y.bz"));
+        assert!(!p.matches("a.x"));
+        assert!(!p.matches("za.x.b"));
+        let exact = TopicPattern::parse("accounts.v1").unwrap();
+        assert!(exact.matches("accounts.v1"));
+        assert!(!exact.matches("accounts.v10"));
+        assert!(TopicPattern::parse("").is_err());
+        assert!(TopicPattern::parse("a/b.*").is_err());
+        let t = TopicTemplate::parse("x.{aggregatetype}.{type}").unwrap();
+        assert_eq!(TopicPattern::of_template(&t).as_str(), "x.*.*");
+    }
+
+    #[test]
+    fn only_allowed_topics_are_routed() {
+        // Default: what the template and the routes render; the `topic` column stays inside.
+        let mut s = RouteSettings::default();
+        s.routes.insert("Closed".into(), "closures".into());
+        let r = Router::new(&s).unwrap();
+        assert!(r.topic_for(&event("acct", "Closed")).is_ok());
+        let mut e = event("acct", "Opened");
+        e.topic = Some("payments.commands".into());
+        let err = r.topic_for(&e).unwrap_err();
+        assert!(err.reason.contains("not allowed"), "{err}");
+        assert!(err.reason.contains("outbox.event.*, closures"), "{err}");
+        e.topic = Some("outbox.event.elsewhere".into());
+        assert!(r.topic_for(&e).is_ok());
+        // Kafka-internal topics only when named literally.
+        let mut s = RouteSettings::default();
+        s.topic = "{aggregatetype}".into();
+        let r = Router::new(&s).unwrap();
+        assert!(r.topic_for(&event("orders", "X")).is_ok());
+        assert!(r.topic_for(&event("__consumer_offsets", "X")).is_err());
+        // Configured: exactly those patterns.
+        let mut s = RouteSettings::default();
+        s.allowed_topics = vec!["outbox.event.*".into(), "accounts.v1".into()];
+        let r = Router::new(&s).unwrap();
+        let mut e = event("acct", "Opened");
+        e.topic = Some("accounts.v1".into());
+        assert!(r.topic_for(&e).is_ok());
+        e.topic = Some("accounts.v2".into());
+        assert!(r.topic_for(&e).is_err());
+        s.allowed_topics = vec!["bad topic".into()];
+        assert!(Router::new(&s).is_err());
+    }
+
+    #[test]
+    fn allowed_topics_from_a_comma_separated_string() {
+        let s: RouteSettings =
+            serde_json::from_value(serde_json::json!({"allowed_topics": "a.*, b"})).unwrap();
+        assert_eq!(s.allowed_topics, vec!["a.*".to_owned(), "b".to_owned()]);
+        let s: RouteSettings =
+            serde_json::from_value(serde_json::json!({"allowed_topics": ["a.*"]})).unwrap();
+        assert_eq!(s.allowed_topics, vec!["a.*".to_owned()]);
     }
 
     #[test]

@@ -171,7 +171,8 @@ async fn a_plain_sql_five_column_row_is_relayed_with_debezium_routing() -> Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn topic_templates_and_per_type_routes_apply_and_trace_context_travels() -> Result<()> {
+async fn topic_templates_and_per_type_routes_apply_and_trace_context_travels_within_allowed_topics()
+-> Result<()> {
     let db = TestDb::create("poll_routes").await?;
     db.migrate().await?;
     let prefix = unique("svc");
@@ -181,6 +182,8 @@ async fn topic_templates_and_per_type_routes_apply_and_trace_context_travels() -
         .route
         .routes
         .insert("AccountClosed".into(), format!("{prefix}.closures"));
+    // The `topic` column may pick only topics in the allow-list.
+    config.route.allowed_topics = vec![format!("{prefix}.*")];
     let relay = InProcessRelay::start(config)?;
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let outbox = Outbox::default().with_trace_context(move || Some(tp.to_owned()));
@@ -199,10 +202,24 @@ async fn topic_templates_and_per_type_routes_apply_and_trace_context_travels() -
                 NewEvent::new("account", "1", "AccountClosed", None),
                 NewEvent::new("account", "1", "Pinned", None)
                     .with_topic(format!("{prefix}.pinned")),
+                NewEvent::new("account", "2", "Injected", None).with_topic("payments.commands"),
             ],
         )
         .await?;
     tx.commit().await?;
+    wait_drained(&db.pool, LONG).await?;
+    let (parked_id, reason): (String, String) =
+        sqlx::query_as("SELECT aggregateid, reason FROM outbox_parked")
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(
+        parked_id, "2",
+        "only the event outside the allow-list is parked"
+    );
+    assert!(
+        reason.contains("`payments.commands` is not allowed"),
+        "{reason}"
+    );
     let opened = consume(
         &[&format!("{prefix}.account.AccountOpened")],
         1,

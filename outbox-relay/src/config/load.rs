@@ -29,6 +29,7 @@ const ALIASES: &[(&str, &str)] = &[
     ("topic", "route.topic"),
     ("cloudevents", "route.cloudevents"),
     ("cloudevents_mode", "route.cloudevents_mode"),
+    ("allowed_topics", "route.allowed_topics"),
     ("slot", "logical.slot"),
     ("publication", "logical.publication"),
     ("heartbeat_interval", "logical.heartbeat_interval"),
