@@ -38,10 +38,15 @@ const STEPS: &[Step] = &[
         description: "refuse malformed rows at write time (headers a JSON object, schema_version from 1)",
         sql: v4,
     },
+    Step {
+        version: 5,
+        description: "notify on a channel named after the table's resolved schema and name",
+        sql: v5,
+    },
 ];
 
 /// The newest schema version this library creates.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The PostgreSQL setting that switches the outbox table's NOTIFY wake-up off: `outbox.notify`.
 ///
@@ -70,6 +75,22 @@ fn notify_function(t: &OutboxTable, guarded: bool) -> String {
         "CREATE OR REPLACE FUNCTION {notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN {body} END $$"
     )
+}
+
+fn v5(t: &OutboxTable) -> Vec<String> {
+    // The channel comes from the table the trigger fires on, so it is the same whichever spelling
+    // (`outbox`, `public.outbox`) migrated it; the relay listens on
+    // `OutboxTable::notify_channel` of the resolved table, cut to 63 bytes alike.
+    let notify_fn = t.derived("notify");
+    vec![format!(
+        "CREATE OR REPLACE FUNCTION {notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF current_setting('{NOTIFY_SETTING}', true) IS DISTINCT FROM 'off' THEN
+                 PERFORM pg_notify(left('outbox_' || TG_TABLE_SCHEMA || '_' || TG_TABLE_NAME, 63), '');
+             END IF;
+             RETURN NULL;
+         END $$"
+    )]
 }
 
 fn v4(t: &OutboxTable) -> Vec<String> {

@@ -146,12 +146,49 @@ impl OutboxTable {
         self.derived("parked")
     }
 
-    /// The LISTEN/NOTIFY channel the insert trigger notifies and the polling relay listens on.
+    /// The LISTEN/NOTIFY channel the insert trigger notifies and the polling relay listens on:
+    /// `outbox_<schema>_<table>`, cut to PostgreSQL's 63-byte identifier limit. Call it on a
+    /// [resolved](Self::resolve) table: the trigger (migration 5) names the channel after the
+    /// schema the table really is in, whatever spelling configured it.
     pub fn notify_channel(&self) -> String {
-        match &self.schema {
+        let mut channel = match &self.schema {
             Some(s) => format!("outbox_{}_{}", s.as_str(), self.name.as_str()),
             None => format!("outbox_{}", self.name.as_str()),
+        };
+        // Identifiers are ASCII (validated), so bytes are characters.
+        channel.truncate(63);
+        channel
+    }
+
+    /// The same table with its schema spelled out as PostgreSQL resolves it on `conn` (through
+    /// the `search_path` when none was configured).
+    ///
+    /// Guarantee: every spelling of one table (`outbox`, `public.outbox`) resolves to the same
+    /// value, so the names derived from it — the relay's leader lock key, the NOTIFY channel —
+    /// agree between processes configured differently. A table that does not exist (yet, or in
+    /// `logical_message` mode) resolves into the schema `CREATE TABLE` would put it in
+    /// (`current_schema()`); with no usable schema the table is returned as it is.
+    pub async fn resolve(&self, conn: &mut sqlx::PgConnection) -> Result<Self, sqlx::Error> {
+        if self.schema.is_some() {
+            return Ok(self.clone());
         }
+        let schema: Option<String> = sqlx::query_scalar(
+            "SELECT coalesce(
+                 (SELECT n.nspname::text FROM pg_class c
+                  JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.oid = to_regclass($1)),
+                 current_schema()::text)",
+        )
+        .bind(self.qualified())
+        .fetch_one(conn)
+        .await?;
+        Ok(match schema.map(|s| Identifier::parse("schema name", &s)) {
+            Some(Ok(schema)) => Self {
+                schema: Some(schema),
+                name: self.name.clone(),
+            },
+            _ => self.clone(),
+        })
     }
 
     /// A 64-bit key for `pg_advisory_lock`, stable across processes, derived from the name.
@@ -217,6 +254,14 @@ mod tests {
             assert_eq!(e.what, "table name", "{bad}");
         }
         assert!(OutboxTable::parse("a.b.c").is_err());
+    }
+
+    #[test]
+    fn notify_channels_fit_the_identifier_limit() {
+        let t = OutboxTable::new(Some("public"), "outbox").unwrap();
+        assert_eq!(t.notify_channel(), "outbox_public_outbox");
+        let long = OutboxTable::new(Some(&"s".repeat(63)), &"t".repeat(63)).unwrap();
+        assert_eq!(long.notify_channel().len(), 63);
     }
 
     #[test]

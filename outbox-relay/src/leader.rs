@@ -162,6 +162,27 @@ impl Drop for Leadership {
     }
 }
 
+/// Takes the advisory lock `key` and, when given, `also`; holds neither unless both were free.
+async fn try_lock(
+    conn: &mut PgConnection,
+    key: i64,
+    also: Option<i64>,
+) -> Result<bool, sqlx::Error> {
+    let try_one = |k: i64| sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)").bind(k);
+    if !try_one(key).fetch_one(&mut *conn).await? {
+        return Ok(false);
+    }
+    let Some(also) = also else { return Ok(true) };
+    if try_one(also).fetch_one(&mut *conn).await? {
+        return Ok(true);
+    }
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
+    Ok(false)
+}
+
 const HOLDS_LOCK: &str =
     "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
      AND pid = pg_backend_pid()
@@ -178,19 +199,20 @@ impl Leadership {
         lease: Duration,
         shutdown: &CancellationToken,
     ) -> Result<Option<Self>, sqlx::Error> {
-        let key = table.lock_key("relay");
         let mut conn = options
             .clone()
             .application_name("outbox-relay")
             .connect()
             .await?;
+        // The key of the table as PostgreSQL resolves it, so `outbox` and `public.outbox`
+        // contend for one lock; while relays of earlier versions (which keyed the lock on the
+        // configured spelling) may still run, that key is taken too.
+        let key = table.resolve(&mut conn).await?.lock_key("relay");
+        let spelled = Some(table.lock_key("relay")).filter(|k| *k != key);
         let mut announced = false;
         loop {
             let sent = Instant::now();
-            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(key)
-                .fetch_one(&mut conn)
-                .await?;
+            let got = try_lock(&mut conn, key, spelled).await?;
             if got {
                 let version: i32 =
                     sqlx::query_scalar("SELECT current_setting('server_version_num')::int")

@@ -213,6 +213,14 @@ impl Relay {
                     if exists { "not migrated" } else { "missing" }
                 )));
             }
+            if let Some(v) = version.filter(|v| *v < outbox_core::SCHEMA_VERSION) {
+                tracing::warn!(
+                    table = %self.table,
+                    version = v,
+                    newest = outbox_core::SCHEMA_VERSION,
+                    "the outbox table's schema is older than this relay's: run `outbox-relay migrate` (until then wake-ups may not reach the relay and malformed rows are not refused at write time)"
+                );
+            }
         }
         let _ = conn.close().await;
         let sink = KafkaSink::new(self.config.kafka.clone())?

@@ -137,7 +137,7 @@ pub async fn read(
         .fetch_one(&mut *conn)
         .await?;
     }
-    let key = table.lock_key("relay");
+    let key = table.resolve(&mut *conn).await?.lock_key("relay");
     status.leader_present = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use outbox_core::{NewEvent, Outbox, WriteMode};
 use outbox_tests::writers::Workload;
 use outbox_tests::*;
@@ -276,7 +276,14 @@ async fn a_standby_relay_waits_and_takes_over_when_the_active_one_is_killed() ->
 
     let first = RelayProcess::start(&db, &[], &[]).await?;
     first.wait_for_log("this relay is active", LONG).await?;
-    let second = RelayProcess::start(&db, &[], &[]).await?;
+    // Another spelling of the same table contends for the same lock, and (with a poll interval
+    // far beyond this test) is woken by the same NOTIFY channel once active.
+    let second = RelayProcess::start(
+        &db,
+        &["--table", "public.outbox", "--poll-interval", "10m"],
+        &[],
+    )
+    .await?;
     second.wait_for_log("standing by", LONG).await?;
     work.write(WriteMode::Table, 2, 30).await?;
     wait_drained(&db.pool, LONG).await?;
@@ -292,7 +299,9 @@ async fn a_standby_relay_waits_and_takes_over_when_the_active_one_is_killed() ->
         .wait_for_log("this relay is active", Duration::from_secs(20))
         .await?;
     work.write(WriteMode::Table, 2, 30).await?;
-    wait_drained(&db.pool, LONG).await?;
+    wait_drained(&db.pool, Duration::from_secs(20))
+        .await
+        .context("the new active relay was not woken by the insert trigger's NOTIFY")?;
     let ledger = work.ledger();
     let records = work.consume(&ledger, QUIET, LONG).await?;
     let (code, log) = second.terminate(Duration::from_secs(30)).await?;

@@ -261,7 +261,11 @@ async fn the_notify_wake_up_is_on_by_default_and_switched_off_by_outbox_notify()
     let db = TestDb::create("write_notify").await?;
     db.migrate().await?;
     let table = OutboxTable::default();
-    let channel = table.notify_channel();
+    let channel = table
+        .resolve(&mut db.connect().await?)
+        .await?
+        .notify_channel();
+    assert_eq!(channel, "outbox_public_outbox");
     let mut listener = sqlx::postgres::PgListener::connect(&db.url).await?;
     listener.listen(&channel).await?;
     let outbox = Outbox::default();

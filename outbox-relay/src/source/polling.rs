@@ -333,8 +333,19 @@ impl PollingSource {
                         source_name: "polling",
                         error,
                     })?;
+            // The channel of the table as resolved on the leader's session: the trigger names it
+            // after the table it fires on, whatever spelling configured this relay.
+            let channel = settings
+                .table
+                .resolve(&mut *leader.connection().await)
+                .await
+                .map_err(|error| SourceError::Database {
+                    source_name: "polling",
+                    error,
+                })?
+                .notify_channel();
             listener
-                .listen(&settings.table.notify_channel())
+                .listen(&channel)
                 .await
                 .map_err(|error| SourceError::Database {
                     source_name: "polling",
