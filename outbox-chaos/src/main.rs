@@ -125,6 +125,8 @@ struct Mutant {
 enum Check {
     Lost,
     Inversions,
+    /// Events that had to be parked (held behind a poison event) were not.
+    Parking,
 }
 
 const MUTANTS: &[Mutant] = &[
@@ -150,6 +152,11 @@ const MUTANTS: &[Mutant] = &[
         name: "retry_failed_only",
         tries: &[("broker-error-in-flight", SourceMode::Polling)],
         check: Check::Inversions,
+    },
+    Mutant {
+        name: "park_without_blocking",
+        tries: &[("poison-events", SourceMode::Polling)],
+        check: Check::Parking,
     },
 ];
 
@@ -407,6 +414,10 @@ async fn mutant_run(
                     let fired = match m.check {
                         Check::Lost => v.lost > 0,
                         Check::Inversions => v.inversions > 0,
+                        Check::Parking => r
+                            .failures
+                            .iter()
+                            .any(|f| f.contains("poison/held events are not in the parked table")),
                     };
                     let line = format!(
                         "{name}/{}: lost {} phantom {} dup {} inversions {} passed {}",

@@ -484,29 +484,65 @@ pub async fn wait_published(db: &RunDb, id: Uuid, timeout: Duration) -> Option<D
 }
 
 /// Inserts poison events with plain SQL, each on its own aggregate followed by a healthy event
-/// of the same aggregate (held behind it): an oversized payload and an illegal topic. Returns
-/// the notes of inserts the table itself refused.
+/// of the same aggregate (held behind it): an oversized payload, an illegal topic, a legal topic
+/// outside the allowed ones, and malformed rows (`headers` not an object, `schema_version` 0) as
+/// rows written before the table's checks (migration 4) or past them. Returns the notes of
+/// inserts the table itself refused.
 pub async fn poison(db: &RunDb, aggregate_type: &str, book: &SharedBook) -> Result<Vec<String>> {
     let mut notes = Vec::new();
+    // Malformed rows can only be there if the checks are not: drop them, as on an older table.
+    sqlx::query(
+        "ALTER TABLE outbox DROP CONSTRAINT IF EXISTS outbox_headers_object, \
+         DROP CONSTRAINT IF EXISTS outbox_schema_version_check",
+    )
+    .execute(&db.pool)
+    .await?;
+    // (aggregate, payload, topic, headers, schema_version)
     let cases = [
         (
             "poison-size",
             "jsonb_build_object('blob', repeat('x', 1500000))",
             None,
+            "{}",
+            1,
         ),
-        ("poison-topic", "'{}'::jsonb", Some("bad topic!/..")),
+        (
+            "poison-topic",
+            "'{}'::jsonb",
+            Some("bad topic!/.."),
+            "{}",
+            1,
+        ),
+        (
+            "poison-reach",
+            "'{}'::jsonb",
+            Some("payments.commands"),
+            "{}",
+            1,
+        ),
+        (
+            "poison-headers",
+            "'{}'::jsonb",
+            None,
+            "[\"not an object\"]",
+            1,
+        ),
+        ("poison-version", "'{}'::jsonb", None, "{}", 0),
     ];
-    for (k, (aggregate, payload, topic)) in cases.iter().enumerate() {
+    for (k, (aggregate, payload, topic, headers, version)) in cases.iter().enumerate() {
         let poison_id = Uuid::new_v4();
         let sql = format!(
-            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, topic, aggregate_seq)
-             VALUES ($1, $2, $3, 'Poison', {payload}, $4, 1)"
+            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, topic, aggregate_seq,
+                                 headers, schema_version)
+             VALUES ($1, $2, $3, 'Poison', {payload}, $4, 1, $5::jsonb, $6)"
         );
         let r = sqlx::query(AssertSqlSafe(sql))
             .bind(poison_id)
             .bind(aggregate_type)
             .bind(format!("{aggregate}-{k}"))
             .bind(topic)
+            .bind(headers)
+            .bind(version)
             .execute(&db.pool)
             .await;
         if let Err(e) = r {

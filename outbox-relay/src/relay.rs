@@ -586,9 +586,13 @@ impl Relay {
         let mut records = Vec::with_capacity(batch.len());
         for e in batch {
             let key = (e.event.aggregate_type.clone(), e.event.aggregate_id.clone());
+            // Broken on purpose (mutant): park a poison event but let its aggregate flow on.
+            let hold = !mutant("park_without_blocking");
             if let Some(defect) = &e.defect {
                 // Malformed: never published; parked like a poison event, its aggregate held.
-                blocked.entry(key).or_insert(e.event.id);
+                if hold {
+                    blocked.entry(key).or_insert(e.event.id);
+                }
                 plan.push(Plan::Park(Box::new(ParkRequest {
                     event: e.event.clone(),
                     reason: defect.clone(),
@@ -610,7 +614,9 @@ impl Relay {
                     records.push(record);
                 }
                 Err(error) => {
-                    blocked.insert(key, e.event.id);
+                    if hold {
+                        blocked.insert(key, e.event.id);
+                    }
                     plan.push(Plan::Park(Box::new(ParkRequest {
                         event: e.event.clone(),
                         reason: error.reason,
