@@ -551,18 +551,37 @@ pub async fn slot_list(config: &RelayConfig, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `slot drop NAME`: drops an inactive replication slot (the relay then starts from a new one;
-/// in the `table` write mode it first re-publishes what is still unpublished).
+/// `slot drop NAME`: drops an inactive replication slot and forgets, in the relay state table
+/// (`outbox_relay_state`), that a relay streamed from it. The relay then starts from a new slot;
+/// in the `table` write mode it first re-publishes what is still unpublished, in the other modes
+/// events committed since the slot's confirmed position that were not published are never
+/// published. Also the way to accept a loss the relay refuses to start over (`SlotLost`): with
+/// the slot already gone, it only forgets it.
 pub async fn slot_drop(config: &RelayConfig, name: &str) -> Result<()> {
-    let (mut conn, _) = connect(config).await?;
+    use crate::source::logical::state;
+    let (mut conn, table) = connect(config).await?;
     let active: Option<bool> =
         sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
             .bind(name)
             .fetch_optional(&mut conn)
             .await
             .map_err(db_err("looking up the slot"))?;
+    let forget = async |conn: &mut PgConnection| {
+        state::forget(conn, &table, name)
+            .await
+            .map_err(|e| CommandError::runtime(e.to_string()))
+    };
     match active {
-        None => Err(CommandError::usage(format!("no replication slot `{name}`"))),
+        None => match forget(&mut conn).await? {
+            None => Err(CommandError::usage(format!("no replication slot `{name}`"))),
+            Some(lsn) => {
+                println!(
+                    "replication slot {name} does not exist; forgot that a relay streamed from it \
+                     (confirmed up to LSN {lsn}): the next start creates a new slot"
+                );
+                Ok(())
+            }
+        },
         Some(true) => Err(CommandError::runtime(format!(
             "slot `{name}` is in use by a running relay: stop it first"
         ))),
@@ -572,6 +591,7 @@ pub async fn slot_drop(config: &RelayConfig, name: &str) -> Result<()> {
                 .execute(&mut conn)
                 .await
                 .map_err(db_err("dropping the slot"))?;
+            forget(&mut conn).await?;
             println!("dropped replication slot {name}");
             Ok(())
         }

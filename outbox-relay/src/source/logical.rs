@@ -40,7 +40,15 @@
 //!   stream: bounded duplicates with the same event id, never a loss). The same procedure runs the first time a slot is created in `table` mode, so
 //!   rows written before the slot existed (e.g. by the polling source) are published too.
 //!   In `insert_delete` and `logical_message` modes there is nothing to recover from: a lost slot
-//!   is a fatal error that names the slot and the reason.
+//!   is a fatal error that names the slot, the reason, the position after which events may be
+//!   missing, and the operator's options.
+//! - **A lost slot is never mistaken for a first start.** The relay state table
+//!   ([`state`], `outbox_relay_state`) records every slot the relay created or streamed from,
+//!   with a confirmed position. A slot missing at start that has a record was lost (dropped,
+//!   invalidated, or absent on a promoted standby): recovered from the table in `table` mode, a
+//!   fatal [`LogicalError::SlotLost`] otherwise — on every start, also in a crash loop, until an
+//!   operator accepts the loss with `outbox-relay slot drop <slot>` (which deletes the record).
+//!   Only a slot with no record is created as a first start.
 //!
 //! # Limits (documented decisions)
 //!
@@ -75,6 +83,7 @@
 
 pub mod pgoutput;
 pub mod slot;
+pub mod state;
 mod stream;
 
 use std::collections::{HashMap, VecDeque};
@@ -353,6 +362,8 @@ pub struct LogicalSource {
     inflight: VecDeque<InFlight>,
     /// Highest LSN the relay may confirm; never past an unacknowledged transaction.
     confirmed: Lsn,
+    /// The position last written to the relay state table ([`state`]).
+    state_recorded: Lsn,
     /// A re-publication from the table is not fully acknowledged yet (marker slot exists).
     backfill_due: bool,
     next_heartbeat: Instant,
@@ -374,21 +385,6 @@ impl std::fmt::Debug for LogicalSource {
             .field("confirmed", &self.confirmed)
             .finish_non_exhaustive()
     }
-}
-
-/// Slots this process has streamed from: a slot missing later was lost, not never created, even
-/// when the relay reopened the source in between.
-fn known_slots() -> &'static std::sync::Mutex<std::collections::HashSet<String>> {
-    static KNOWN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
-        std::sync::OnceLock::new();
-    KNOWN.get_or_init(Default::default)
-}
-
-fn slot_was_known(slot: &SlotName) -> bool {
-    known_slots()
-        .lock()
-        .map(|k| k.contains(slot.as_str()))
-        .unwrap_or(false)
 }
 
 /// How long a start waits for a slot that another session is still creating.
@@ -428,6 +424,8 @@ impl LogicalSource {
             _ => Some(slot::resolve_table(&pool, &cfg.table.qualified()).await?),
         };
         slot::ensure_publication(&pool, &cfg.publication, table.as_ref()).await?;
+        // Before any slot is created: a role that cannot keep the durable record fails here.
+        state::ensure_table(&pool, &cfg.table).await?;
         let marks = if cfg.write_mode == WriteMode::Table {
             let options: sqlx::postgres::PgConnectOptions =
                 cfg.database_url
@@ -462,6 +460,7 @@ impl LogicalSource {
             ready: VecDeque::new(),
             inflight: VecDeque::new(),
             confirmed: Lsn::ZERO,
+            state_recorded: Lsn::ZERO,
             backfill_due: false,
             stopped: false,
             parked_table: false,
@@ -469,8 +468,20 @@ impl LogicalSource {
             marks,
         };
         me.prepare_slot(true).await?;
-        me.start_session().await?;
-        Ok(me)
+        let mut attempts = 0;
+        loop {
+            match me.start_session().await {
+                // The slot vanished between the check and START_REPLICATION: a loss (recovered
+                // in table mode, explained and fatal otherwise).
+                Err(LogicalError::SlotLost { .. }) if attempts < 3 => {
+                    attempts += 1;
+                    me.ready.clear();
+                    me.prepare_slot(false).await?;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(me),
+            }
+        }
     }
 
     /// Shared live metrics (slot lag, `wal_status`, counters).
@@ -498,12 +509,16 @@ impl LogicalSource {
         self.release_marks(true).await?;
         if self.confirmed != Lsn::ZERO {
             slot::advance_slot(&self.pool, &self.cfg.slot, self.confirmed).await?;
+            self.record_state().await?;
         }
         Ok(())
     }
 
     /// Make sure a usable slot exists; recover (table mode) or fail when it is missing or lost.
     /// Sets `confirmed` to the slot's position.
+    ///
+    /// A missing slot is a first start only when the relay state table has no record of it
+    /// ([`state`]); otherwise it was lost, whether the relay saw it go or not.
     async fn prepare_slot(&mut self, at_start: bool) -> Result<(), LogicalError> {
         let slot = self.cfg.slot.clone();
         let marker = marker_slot(&slot);
@@ -518,6 +533,8 @@ impl LogicalSource {
                     .confirmed_flush_lsn
                     .unwrap_or(Lsn::ZERO)
                     .max(self.confirmed);
+                // Also records a slot made by a relay that did not keep a state table yet.
+                self.record_state().await?;
                 if marker_exists {
                     tracing::warn!(slot = %slot, "a previous re-publication from the table was interrupted; re-publishing unpublished rows again");
                     self.backfill(None).await?;
@@ -525,35 +542,60 @@ impl LogicalSource {
                 Ok(())
             }
             other => {
-                let lost = other.is_some();
-                if lost || !at_start || slot_was_known(&slot) {
-                    let detail = if lost {
-                        "wal_status = 'lost': the WAL it needed was removed (max_slot_wal_keep_size exceeded?)"
-                    } else {
-                        "the slot disappeared while the relay was using it (dropped?)"
+                let lost_at = other.as_ref().map(|s| s.confirmed_flush_lsn);
+                let record = state::read(&self.pool, &self.cfg.table, &slot).await?;
+                if lost_at.is_some() || !at_start || record.is_some() {
+                    let state_table = state::state_table(&self.cfg.table);
+                    let (detail, since) = match (lost_at, &record) {
+                        (Some(at), _) => (
+                            "wal_status = 'lost': the WAL it needed was removed (max_slot_wal_keep_size exceeded?)".to_owned(),
+                            at.or(record.as_ref().map(|r| r.confirmed_lsn)),
+                        ),
+                        (None, _) if !at_start => (
+                            "the slot disappeared while the relay was using it (dropped?)".to_owned(),
+                            Some(self.confirmed),
+                        ),
+                        (None, Some(r)) => (
+                            format!(
+                                "the slot does not exist, but {state_table} records that a relay \
+                                 streamed from it, {}: it was dropped, invalidated and removed, or \
+                                 PostgreSQL failed over to a standby that does not have it",
+                                r.describe()
+                            ),
+                            Some(r.confirmed_lsn),
+                        ),
+                        (None, None) => unreachable!("guarded above"),
                     };
                     tracing::error!(slot = %slot, "REPLICATION SLOT LOST: {detail}");
                     if !(table_mode && self.cfg.recover_lost_slot) {
+                        let since = since
+                            .filter(|l| *l != Lsn::ZERO)
+                            .map(|l| format!("LSN {l}"))
+                            .unwrap_or_else(|| "the slot's last confirmed position".into());
                         return Err(LogicalError::SlotLost {
                             slot: slot.to_string(),
                             detail: format!(
-                                "{detail}; write mode {} has no table to recover from — events written \
-                                 since the slot's last confirmed position may be lost; drop the slot \
-                                 and restart to continue",
+                                "{detail}; write mode {} has no table to recover from — events \
+                                 committed after {since} that were not published yet are lost. \
+                                 The relay refuses to start until an operator decides: to accept the \
+                                 loss and continue from now, run `outbox-relay slot drop {slot}` \
+                                 (forgets the slot in {state_table}) and start the relay again; \
+                                 to avoid it, point the relay at the server that still has the slot",
                                 self.cfg.write_mode
                             ),
                         });
                     }
                     self.metrics.slot_recoveries.fetch_add(1, Ordering::Relaxed);
-                    if lost {
+                    if lost_at.is_some() {
                         slot::drop_slot(&self.pool, &slot).await?;
                     }
+                    tracing::warn!(slot = %slot, "recovering the lost slot: creating it and re-publishing every unpublished row from the outbox table");
                 } else if table_mode && self.table_has_published_rows().await? {
                     tracing::warn!(slot = %slot, "replication slot does not exist although rows were published before: \
                         it was dropped or lost while no relay ran (or the polling source was used); creating it and \
                         re-publishing every unpublished row");
                 } else {
-                    tracing::info!(slot = %slot, "replication slot does not exist; creating it");
+                    tracing::info!(slot = %slot, "replication slot does not exist and no relay streamed from it before; creating it");
                 }
                 if table_mode && !marker_exists {
                     // Durable "re-publication pending" marker: created before the new slot, dropped
@@ -575,6 +617,8 @@ impl LogicalSource {
                     return Box::pin(self.prepare_slot(at_start)).await;
                 };
                 self.confirmed = exported.consistent_point;
+                // Durable before anything is streamed: from now on a missing slot is a loss.
+                self.record_state().await?;
                 if table_mode {
                     self.backfill(Some(&exported.snapshot)).await?;
                 }
@@ -582,6 +626,20 @@ impl LogicalSource {
                 Ok(())
             }
         }
+    }
+
+    /// Writes the slot and the confirmed position to the relay state table.
+    async fn record_state(&mut self) -> Result<(), LogicalError> {
+        state::record(
+            &self.pool,
+            &self.cfg.table,
+            &self.cfg.slot,
+            self.cfg.write_mode.as_str(),
+            self.confirmed,
+        )
+        .await?;
+        self.state_recorded = self.confirmed;
+        Ok(())
     }
 
     /// The slot's status once it is not being created any more. A logical slot without a
@@ -759,9 +817,6 @@ impl LogicalSource {
         if let Ok(Some(status)) = slot::slot_status(&self.pool, &self.cfg.slot).await {
             self.metrics.record_status(&status);
         }
-        if let Ok(mut k) = known_slots().lock() {
-            k.insert(self.cfg.slot.as_str().to_owned());
-        }
         self.metrics
             .confirmed_lsn
             .store(self.confirmed.0, Ordering::Relaxed);
@@ -800,6 +855,22 @@ impl LogicalSource {
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// The full account of a lost slot the stream or a health check reported in a mode that
+    /// cannot recover from it (what may be lost since which position, the operator's options),
+    /// or `e` itself when the slot turns out to be usable.
+    async fn explain_loss(&mut self, e: LogicalError) -> LogicalError {
+        if self.restartable(&e) {
+            return e;
+        }
+        if let Some(s) = self.session.take() {
+            s.stop().await;
+        }
+        match self.prepare_slot(false).await {
+            Err(full @ LogicalError::SlotLost { .. }) => full,
+            _ => e,
         }
     }
 
@@ -1019,6 +1090,16 @@ impl LogicalSource {
             match slot::slot_status(&self.pool, &self.cfg.slot).await? {
                 Some(s) if !s.is_lost() => {
                     self.metrics.record_status(&s);
+                    if self.confirmed > self.state_recorded {
+                        state::update_confirmed(
+                            &self.pool,
+                            &self.cfg.table,
+                            &self.cfg.slot,
+                            self.confirmed,
+                        )
+                        .await?;
+                        self.state_recorded = self.confirmed;
+                    }
                     tracing::debug!(slot = %self.cfg.slot, lag_bytes = ?s.lag_bytes, retained_bytes = ?s.retained_bytes,
                         wal_status = ?s.wal_status, safe_wal_size = ?s.safe_wal_size, "replication slot status");
                     if s.wal_status.as_deref() == Some("unreserved") {
@@ -1102,6 +1183,7 @@ impl LogicalSource {
                     restarted = true;
                     self.restart().await?;
                 }
+                Err(e @ LogicalError::SlotLost { .. }) => return Err(self.explain_loss(e).await),
                 Err(e) => return Err(e),
             }
         }
@@ -1403,6 +1485,7 @@ mod tests {
             ready: VecDeque::new(),
             inflight: VecDeque::new(),
             confirmed: Lsn(100),
+            state_recorded: Lsn::ZERO,
             backfill_due: false,
             next_heartbeat: now,
             next_slot_check: now,
