@@ -124,6 +124,7 @@ struct Mutant {
 #[derive(Clone, Copy, Debug)]
 enum Check {
     Lost,
+    Phantom,
     Inversions,
 }
 
@@ -145,6 +146,11 @@ const MUTANTS: &[Mutant] = &[
         name: "confirm_on_receipt",
         tries: &[("broker-down-kill-insert-delete", SourceMode::Logical)],
         check: Check::Lost,
+    },
+    Mutant {
+        name: "accept_messages_any_mode",
+        tries: &[("message-injection", SourceMode::Logical)],
+        check: Check::Phantom,
     },
     Mutant {
         name: "retry_failed_only",
@@ -406,6 +412,7 @@ async fn mutant_run(
                     let v = &r.verdict;
                     let fired = match m.check {
                         Check::Lost => v.lost > 0,
+                        Check::Phantom => v.phantom > 0,
                         Check::Inversions => v.inversions > 0,
                     };
                     let line = format!(

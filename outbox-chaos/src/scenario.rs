@@ -77,6 +77,9 @@ pub enum Fault {
     SlotDropped,
     /// The replication slot is invalidated (`max_slot_wal_keep_size` exceeded).
     SlotInvalidated,
+    /// Transactional logical messages with the outbox prefix written by a role that is not a
+    /// writer, in a write mode where messages are not events: never to be published.
+    MessageInjection,
     /// Oversized and unroutable events among healthy ones.
     Poison,
     /// Hostile configuration (must be refused) and hostile row data (must be relayed).
@@ -270,6 +273,14 @@ pub const SCENARIOS: &[Scenario] = &[
         no_duplicates: false,
         write_mode: WriteMode::Table,
         about: "the slot is invalidated by max_slot_wal_keep_size while the relay is stopped (harness-owned cluster only)",
+    },
+    Scenario {
+        name: "message-injection",
+        fault: Fault::MessageInjection,
+        sources: LOGICAL,
+        no_duplicates: true,
+        write_mode: WriteMode::Table,
+        about: "another role emits outbox-prefixed pg_logical_emit_message events in table mode: none may be published (phantoms otherwise)",
     },
     Scenario {
         name: "poison-events",
@@ -1018,6 +1029,29 @@ impl<'a> Run<'a> {
                     }
                 }
             }
+            Fault::MessageInjection => {
+                // Messages written before the slot's consistent point are never streamed: a
+                // mutant would go unnoticed. Inject once the stream runs.
+                if let Some(r) = self.relay.as_mut()
+                    && !r
+                        .wait_for_log("replication stream started", Duration::from_secs(30))
+                        .await
+                {
+                    self.result
+                        .failures
+                        .push("the replication stream never started".into());
+                }
+                // A fixed number of rounds, with or without writers still running.
+                let faults = if quick { 2 } else { 4 };
+                while self.result.faults < faults {
+                    let g = self.gap(300, 900);
+                    pause(g).await;
+                    self.inject_messages(5).await?;
+                    self.result.faults += 1;
+                    self.mark();
+                    self.recovered().await?;
+                }
+            }
             Fault::SlotInvalidated => {
                 let Some(_own) = self.env.own.clone() else {
                     self.result
@@ -1032,6 +1066,29 @@ impl<'a> Run<'a> {
                 self.recovered().await?;
             }
         }
+        Ok(())
+    }
+
+    /// Writes `n` well-formed events for the run's topic as transactional logical messages with
+    /// the outbox prefix, as a role without any grant would: recorded as never committed, so
+    /// one on the topic is a phantom.
+    async fn inject_messages(&mut self, n: usize) -> Result<()> {
+        use outbox_core::{NewEvent, Outbox};
+        let injector = Outbox::default().with_write_mode(WriteMode::LogicalMessage);
+        let events = (0..n)
+            .map(|i| {
+                NewEvent::new(
+                    &self.aggregate_type,
+                    format!("intruder-{}-{i}", self.result.faults),
+                    "Injected",
+                    None,
+                )
+            })
+            .collect();
+        let mut tx = self.db.pool.begin().await?;
+        let ids = injector.publish_new(&mut tx, events).await?;
+        tx.commit().await?;
+        self.book.lock().unwrap().ledger.rolled_back.extend(ids);
         Ok(())
     }
 

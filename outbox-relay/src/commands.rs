@@ -102,10 +102,31 @@ pub async fn status(config: &RelayConfig, json: bool) -> Result<()> {
     let s = crate::status::read(&mut conn, config, &table)
         .await
         .map_err(db_err("reading the outbox status"))?;
+    // logical_message mode: can any role inject events through pg_logical_emit_message?
+    let emit_public = if config.source == crate::config::SourceKind::Logical
+        && config.write_mode == outbox_core::WriteMode::LogicalMessage
+    {
+        Some(
+            crate::source::logical::slot::emit_message_public_overloads(&mut conn)
+                .await
+                .map_err(db_err(
+                    "checking PUBLIC's EXECUTE on pg_logical_emit_message",
+                ))?,
+        )
+    } else {
+        None
+    };
     if json {
+        let mut value = serde_json::to_value(&s).expect("status serializes");
+        if let (Some(public), Some(map)) = (&emit_public, value.as_object_mut()) {
+            map.insert(
+                "emit_message_executable_by_public".into(),
+                serde_json::json!(public),
+            );
+        }
         println!(
             "{}",
-            serde_json::to_string_pretty(&s).expect("status serializes")
+            serde_json::to_string_pretty(&value).expect("status serializes")
         );
         return Ok(());
     }
@@ -134,6 +155,15 @@ pub async fn status(config: &RelayConfig, json: bool) -> Result<()> {
             slot.wal_status.as_deref().unwrap_or("?"),
             slot.lag_bytes.unwrap_or(0)
         );
+    }
+    match emit_public.as_deref() {
+        Some([]) => println!("emit_message      not executable by PUBLIC"),
+        Some(public) => println!(
+            "emit_message      WARNING: executable by PUBLIC ({}): any role can publish events; \
+             see docs/postgres.md",
+            public.join(", ")
+        ),
+        None => {}
     }
     Ok(())
 }

@@ -72,11 +72,18 @@
 //!
 //! # Write modes
 //!
-//! Inserts into the outbox table and transactional logical messages with the configured prefix
-//! are both accepted whatever the mode; the mode decides what must exist and what acknowledging
-//! does: `table` (the table must be in the publication; acknowledged rows get `published_at`),
-//! `insert_delete` (the WAL insert is the event; the delete in the same transaction is ignored),
-//! `logical_message` (no table needed; the publication may be empty). Updates, deletes and
+//! The mode decides where events come from, what must exist and what acknowledging does:
+//! `table` (inserts into the outbox table; the table must be in the publication; acknowledged
+//! rows get `published_at`), `insert_delete` (the WAL insert is the event; the delete in the same
+//! transaction is ignored), `logical_message` (transactional `pg_logical_emit_message` messages
+//! with the configured prefix; no table needed; the publication may be empty).
+//!
+//! **Logical messages are events only in `logical_message` mode.** `pg_logical_emit_message` is
+//! executable by PUBLIC by default, so in the other modes a message with the outbox prefix is
+//! someone's injection attempt or a misconfigured writer: it is ignored with a warning (at most
+//! one a minute, naming the LSN and the count) and never published. In `logical_message` mode
+//! the relay warns at start while PUBLIC can still execute it; docs/postgres.md gives the
+//! `REVOKE … FROM PUBLIC` and the grants that close it ([`slot::EMIT_MESSAGE_REVOKE`]). Updates, deletes and
 //! truncates are ignored (logged at debug). A *non-transactional* message with the event prefix
 //! is refused with an error log: it is written even when its transaction rolls back, so
 //! publishing it could publish a phantom.
@@ -291,6 +298,8 @@ pub struct LogicalMetrics {
     pub heartbeats: AtomicU64,
     /// Lost slots recovered.
     pub slot_recoveries: AtomicU64,
+    /// Outbox-prefixed logical messages ignored because the write mode is not `logical_message`.
+    pub messages_refused: AtomicU64,
     /// Replication sessions started.
     pub sessions: AtomicU64,
 }
@@ -364,6 +373,9 @@ pub struct LogicalSource {
     confirmed: Lsn,
     /// The position last written to the relay state table ([`state`]).
     state_recorded: Lsn,
+    /// When refused outbox-prefixed messages were last reported, and how many since.
+    last_refusal_warning: Option<Instant>,
+    refused_since_warning: u64,
     /// A re-publication from the table is not fully acknowledged yet (marker slot exists).
     backfill_due: bool,
     next_heartbeat: Instant,
@@ -386,6 +398,9 @@ impl std::fmt::Debug for LogicalSource {
             .finish_non_exhaustive()
     }
 }
+
+/// At most one warning per this interval about refused outbox-prefixed messages.
+const INJECTION_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How long a start waits for a slot that another session is still creating.
 const SLOT_CREATION_WAIT: Duration = Duration::from_secs(120);
@@ -426,6 +441,7 @@ impl LogicalSource {
         slot::ensure_publication(&pool, &cfg.publication, table.as_ref()).await?;
         // Before any slot is created: a role that cannot keep the durable record fails here.
         state::ensure_table(&pool, &cfg.table).await?;
+        slot::check_emit_message_privileges(&pool, cfg.write_mode).await?;
         let marks = if cfg.write_mode == WriteMode::Table {
             let options: sqlx::postgres::PgConnectOptions =
                 cfg.database_url
@@ -461,6 +477,8 @@ impl LogicalSource {
             inflight: VecDeque::new(),
             confirmed: Lsn::ZERO,
             state_recorded: Lsn::ZERO,
+            last_refusal_warning: None,
+            refused_since_warning: 0,
             backfill_due: false,
             stopped: false,
             parked_table: false,
@@ -1053,6 +1071,14 @@ impl LogicalSource {
             tracing::debug!(prefix, "ignoring logical message with another prefix");
             return Ok(());
         }
+        if self.cfg.write_mode != WriteMode::LogicalMessage
+            && !crate::faults::mutant("accept_messages_any_mode")
+        {
+            // Any role with EXECUTE on pg_logical_emit_message (PUBLIC by default) can write
+            // one: outside logical_message mode it is never an event.
+            self.refuse_message(lsn);
+            return Ok(());
+        }
         if !transactional {
             tracing::error!(%lsn, "refusing a NON-transactional outbox message: it is written even if its transaction rolls back; write events with pg_logical_emit_message(true, …)");
             return Ok(());
@@ -1073,6 +1099,32 @@ impl LogicalSource {
             }
         }
         Ok(())
+    }
+
+    /// Counts a refused outbox-prefixed message and warns, at most once per
+    /// [`INJECTION_WARN_INTERVAL`], with the LSN and the number refused since the last warning.
+    fn refuse_message(&mut self, lsn: Lsn) {
+        self.metrics
+            .messages_refused
+            .fetch_add(1, Ordering::Relaxed);
+        self.refused_since_warning += 1;
+        let now = Instant::now();
+        if self
+            .last_refusal_warning
+            .is_none_or(|t| now.duration_since(t) >= INJECTION_WARN_INTERVAL)
+        {
+            tracing::warn!(
+                %lsn,
+                refused = self.refused_since_warning,
+                write_mode = %self.cfg.write_mode,
+                prefix = %self.cfg.message_prefix,
+                "ignoring a logical decoding message with the outbox prefix: events are accepted \
+                 from pg_logical_emit_message only in the logical_message write mode (someone \
+                 emitted it by hand or a writer is misconfigured; it is never published)"
+            );
+            self.last_refusal_warning = Some(now);
+            self.refused_since_warning = 0;
+        }
     }
 
     async fn heartbeat_or_check(&mut self) -> Result<(), LogicalError> {
@@ -1486,6 +1538,8 @@ mod tests {
             inflight: VecDeque::new(),
             confirmed: Lsn(100),
             state_recorded: Lsn::ZERO,
+            last_refusal_warning: None,
+            refused_since_warning: 0,
             backfill_due: false,
             next_heartbeat: now,
             next_slot_check: now,
@@ -1672,6 +1726,48 @@ mod tests {
             "only the transactional message with our prefix"
         );
         assert_eq!(batch[0].event.payload.as_deref(), Some(r#"{"a":1}"#));
+    }
+
+    /// Outside `logical_message` mode an outbox-prefixed message is never an event (anyone with
+    /// EXECUTE on pg_logical_emit_message could write one); the transaction's real insert is.
+    #[tokio::test]
+    async fn messages_are_refused_outside_logical_message_mode() {
+        for mode in [WriteMode::Table, WriteMode::InsertDelete] {
+            let mut s = source(mode);
+            let cols = ["id", "aggregatetype", "aggregateid", "type", "payload"];
+            let content = format!(
+                r#"{{"id":"{ID2}","aggregatetype":"order","aggregateid":"1","type":"Injected","payload":{{}}}}"#
+            );
+            s.handle(xlog(relation_msg(7, "public", "outbox", &cols)))
+                .unwrap();
+            s.handle(begin(200)).unwrap();
+            s.handle(ReplicationEvent::Message {
+                transactional: true,
+                lsn: WLsn::from_u64(205),
+                prefix: "outbox".into(),
+                content: content.clone().into_bytes().into(),
+            })
+            .unwrap();
+            s.handle(insert(7, ID1, "a")).unwrap();
+            s.handle(commit(200, 210)).unwrap();
+            let batch = s.take_batch(10);
+            assert_eq!(batch.len(), 1, "{mode}");
+            assert_eq!(batch[0].event.id.to_string(), ID1);
+            assert_eq!(s.metrics.messages_refused.load(Ordering::Relaxed), 1);
+            // A transaction holding only an injected message confirms like an empty one.
+            s.acknowledge_inner(&batch).await.unwrap();
+            s.handle(begin(300)).unwrap();
+            s.handle(ReplicationEvent::Message {
+                transactional: true,
+                lsn: WLsn::from_u64(305),
+                prefix: "outbox".into(),
+                content: content.into_bytes().into(),
+            })
+            .unwrap();
+            s.handle(commit(300, 310)).unwrap();
+            assert!(s.ready.is_empty());
+            assert_eq!(s.confirmed, Lsn(310));
+        }
     }
 
     #[test]
