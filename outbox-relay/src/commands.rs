@@ -82,7 +82,8 @@ pub async fn connect(config: &RelayConfig) -> Result<(PgConnection, OutboxTable)
     Ok((conn, table))
 }
 
-/// `migrate`: creates or upgrades the outbox table (and its parked-events table).
+/// `migrate`: creates or upgrades the outbox table (and its parked-events table); with
+/// `--source logical`, also the relay state table `outbox_relay_state`.
 pub async fn migrate(config: &RelayConfig) -> Result<()> {
     let (mut conn, table) = connect(config).await?;
     let report = outbox_core::migrate(&mut conn, &table)
@@ -92,6 +93,13 @@ pub async fn migrate(config: &RelayConfig) -> Result<()> {
         tracing::info!(table = %table, version = report.version, "outbox table already up to date");
     } else {
         tracing::info!(table = %table, applied = ?report.applied, "outbox table migrated");
+    }
+    if config.source == crate::config::SourceKind::Logical {
+        // The logical source's memory of its slots, created here for relay roles that may not
+        // create tables (grant them SELECT, INSERT, UPDATE, DELETE on it).
+        crate::source::logical::state::ensure_table(&mut conn, &table)
+            .await
+            .map_err(|e| CommandError::runtime(e.to_string()))?;
     }
     Ok(())
 }
