@@ -373,6 +373,8 @@ pub struct LogicalSource {
     confirmed: Lsn,
     /// The position last written to the relay state table ([`state`]).
     state_recorded: Lsn,
+    /// The PostgreSQL instance the confirmed position was reached on ([`slot::instance`]).
+    instance: Option<String>,
     /// When refused outbox-prefixed messages were last reported, and how many since.
     last_refusal_warning: Option<Instant>,
     refused_since_warning: u64,
@@ -477,6 +479,7 @@ impl LogicalSource {
             inflight: VecDeque::new(),
             confirmed: Lsn::ZERO,
             state_recorded: Lsn::ZERO,
+            instance: None,
             last_refusal_warning: None,
             refused_since_warning: 0,
             backfill_due: false,
@@ -547,10 +550,23 @@ impl LogicalSource {
             Some(s) if !s.is_lost() => {
                 slot::verify_slot(&self.pool, &slot, &s).await?;
                 self.metrics.record_status(&s);
-                self.confirmed = s
-                    .confirmed_flush_lsn
-                    .unwrap_or(Lsn::ZERO)
-                    .max(self.confirmed);
+                let at_slot = s.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
+                // Our own position saves re-streaming what was acknowledged since the last status
+                // update, but an LSN names a transaction only within one WAL history: after a
+                // restart or failover of PostgreSQL (a promoted standby can reuse LSNs the old
+                // primary had used for other transactions) only the slot's position is safe.
+                let instance = slot::instance(&self.pool).await?;
+                let same_instance = self.instance.as_ref() == Some(&instance);
+                if !same_instance && self.confirmed > at_slot {
+                    tracing::warn!(slot = %slot, acknowledged = %self.confirmed, slot_position = %at_slot,
+                        "PostgreSQL restarted or failed over since the relay acknowledged its position: resuming from the slot's position (events acknowledged after it are published again)");
+                }
+                self.confirmed = if same_instance {
+                    at_slot.max(self.confirmed)
+                } else {
+                    at_slot
+                };
+                self.instance = Some(instance);
                 // Also records a slot made by a relay that did not keep a state table yet.
                 self.record_state().await?;
                 if marker_exists {
@@ -635,6 +651,7 @@ impl LogicalSource {
                     return Box::pin(self.prepare_slot(at_start)).await;
                 };
                 self.confirmed = exported.consistent_point;
+                self.instance = Some(slot::instance(&self.pool).await?);
                 // Durable before anything is streamed: from now on a missing slot is a loss.
                 self.record_state().await?;
                 if table_mode {
@@ -1538,6 +1555,7 @@ mod tests {
             inflight: VecDeque::new(),
             confirmed: Lsn(100),
             state_recorded: Lsn::ZERO,
+            instance: None,
             last_refusal_warning: None,
             refused_since_warning: 0,
             backfill_due: false,

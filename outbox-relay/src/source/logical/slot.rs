@@ -524,6 +524,19 @@ pub async fn advance_slot(pool: &PgPool, slot: &SlotName, lsn: Lsn) -> Result<()
     ))
 }
 
+/// Identifies the running PostgreSQL instance: its postmaster start time (and whether it is in
+/// recovery). Two equal values mean the same server process, hence one WAL history: a restart or
+/// a promoted standby gives another value.
+pub async fn instance(pool: &PgPool) -> Result<String, LogicalError> {
+    sqlx::query_scalar(
+        "SELECT concat_ws(' ', pg_postmaster_start_time()::text, pg_is_in_recovery()::text, \
+                coalesce(inet_server_addr()::text, 'local'), inet_server_port()::text)",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(db_err("identifying the PostgreSQL instance"))
+}
+
 /// Write a non-transactional logical decoding message `<prefix>-heartbeat` so an idle database
 /// still produces WAL the slot can be confirmed past. Returns the message's LSN.
 pub async fn emit_heartbeat(pool: &PgPool, prefix: &str) -> Result<Lsn, LogicalError> {
