@@ -168,3 +168,74 @@ async fn logical_lost_slot_in_table_mode_is_reported_and_recovered() -> Result<(
     drop_slots(&db.pool, &slot).await?;
     Ok(())
 }
+
+/// A least-privilege relay role (REPLICATION, no CREATE on the schema) cannot create the state
+/// table: the relay refuses to start and prints the statement. After the owner runs
+/// `outbox-relay migrate --source logical` and grants the documented rights, the same role
+/// streams and records its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logical_least_privilege_relay_uses_the_state_table_migrate_created() -> Result<()> {
+    let db = TestDb::create("logical_state_grants").await?;
+    db.migrate().await?;
+    let slot = unique("lslot");
+    let role = unique("relay");
+    for sql in [
+        format!("CREATE ROLE {role} LOGIN REPLICATION"),
+        format!("GRANT CONNECT ON DATABASE \"{}\" TO {role}", db.name),
+        format!("GRANT USAGE ON SCHEMA public TO {role}"),
+        format!("GRANT SELECT, DELETE ON public.outbox TO {role}"),
+        format!("GRANT UPDATE (published_at) ON public.outbox TO {role}"),
+        format!("GRANT SELECT, INSERT, DELETE ON public.outbox_parked TO {role}"),
+        format!("GRANT SELECT ON public._outbox_migrations TO {role}"),
+        format!("CREATE PUBLICATION {slot}_pub FOR TABLE public.outbox WITH (publish = 'insert')"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&db.pool)
+            .await?;
+    }
+    let work = Workload::create(&db, "acct", 2, 1).await?;
+    let relay_url = db
+        .url
+        .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let mut env = logical_env(WriteMode::InsertDelete, &slot);
+    env.push(("OUTBOX_DATABASE_URL", relay_url));
+    let env = env_refs(&env);
+
+    let relay = RelayProcess::start(&db, &[], &env).await?;
+    let (code, log) = relay.wait_exit(Duration::from_secs(30)).await?;
+    assert_ne!(code, 0, "{log}");
+    assert!(
+        log.contains("the right to create the relay's state table")
+            && log.contains("CREATE TABLE IF NOT EXISTS"),
+        "{log}"
+    );
+    assert!(!slot_exists(&db, &slot).await?, "no slot before the record");
+
+    let (code, out) = cli(&db, &["migrate"], &[("OUTBOX_SOURCE", "logical")]).await?;
+    assert_eq!(code, 0, "{out}");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON public.outbox_relay_state TO {role}"
+    )))
+    .execute(&db.pool)
+    .await?;
+
+    let relay = RelayProcess::start(&db, &[], &env).await?;
+    wait_slot_active(&db.pool, &slot, LONG).await?;
+    relay
+        .wait_for_log("replication stream started", LONG)
+        .await?;
+    work.write(WriteMode::InsertDelete, 1, 5).await?;
+    let ledger = work.ledger();
+    let records = work.consume(&ledger, QUIET, LONG).await?;
+    assert_safe(&Verdict::check(&ledger, &records));
+    let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
+    assert_eq!(code, 0, "{log}");
+    let recorded: Option<String> =
+        sqlx::query_scalar("SELECT write_mode FROM outbox_relay_state WHERE slot_name = $1")
+            .bind(&slot)
+            .fetch_optional(&db.pool)
+            .await?;
+    assert_eq!(recorded.as_deref(), Some("insert_delete"));
+    drop_slots(&db.pool, &slot).await?;
+    Ok(())
+}

@@ -442,7 +442,16 @@ impl LogicalSource {
         };
         slot::ensure_publication(&pool, &cfg.publication, table.as_ref()).await?;
         // Before any slot is created: a role that cannot keep the durable record fails here.
-        state::ensure_table(&pool, &cfg.table).await?;
+        {
+            let mut conn = pool
+                .acquire()
+                .await
+                .map_err(|source| LogicalError::Database {
+                    context: "connecting to PostgreSQL",
+                    source,
+                })?;
+            state::ensure_table(&mut conn, &cfg.table).await?;
+        }
         slot::check_emit_message_privileges(&pool, cfg.write_mode).await?;
         let marks = if cfg.write_mode == WriteMode::Table {
             let options: sqlx::postgres::PgConnectOptions =

@@ -112,13 +112,28 @@ fn is_code(e: &sqlx::Error, code: &str) -> bool {
 
 /// Create the state table when missing. A role without the right to create it gets a fatal
 /// [`LogicalError::Privilege`] naming the statement an administrator can run instead.
-pub async fn ensure_table<'c>(
-    conn: impl PgExecutor<'c>,
+///
+/// An existing table is left alone without trying to create it: `CREATE TABLE IF NOT EXISTS`
+/// needs `CREATE` on the schema even when the table exists, which a least-privilege relay role
+/// does not have once an administrator created the table for it.
+pub async fn ensure_table(
+    conn: &mut sqlx::PgConnection,
     table: &OutboxTable,
 ) -> Result<(), LogicalError> {
     let name = state_table(table);
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(&name)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_err("looking for the relay state table"))?;
+    if exists {
+        return Ok(());
+    }
     let sql = DDL.replace("{table}", &name);
-    match sqlx::query(AssertSqlSafe(sql.clone())).execute(conn).await {
+    match sqlx::query(AssertSqlSafe(sql.clone()))
+        .execute(&mut *conn)
+        .await
+    {
         Ok(_) => Ok(()),
         // A concurrent creation by another relay (pg_type unique violation) or already there.
         Err(e) if is_code(&e, "23505") || is_code(&e, "42P07") => Ok(()),
