@@ -142,3 +142,72 @@ async fn logical_failover_to_a_standby_without_the_slot_is_loud_or_recovered() -
     drop(standby_table);
     Ok(())
 }
+
+/// The position the relay acknowledged lives in its memory until the next status update. After
+/// PostgreSQL restarted (or failed over: a promoted standby can give the same LSN to another
+/// transaction) the source must resume from the slot's own position, not from that memory: here
+/// the acknowledged event is streamed again (a duplicate) instead of being skipped over, which on
+/// a diverged WAL history would skip other events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logical_source_resumes_from_the_slot_after_postgres_restarted() -> Result<()> {
+    use outbox_core::{NewEvent, Outbox, OutboxTable};
+    use outbox_relay::source::Source;
+    use outbox_relay::source::logical::{LogicalConfig, LogicalSource, SlotName};
+    use tokio_util::sync::CancellationToken;
+
+    let cluster = TempCluster::start("logical", "")?;
+    let db = cluster.test_db().await?;
+    db.migrate().await?;
+    let slot = unique("lslot");
+    let mut cfg = LogicalConfig::new(
+        db.url.clone(),
+        OutboxTable::default(),
+        WriteMode::InsertDelete,
+    );
+    cfg.slot = SlotName::parse(&slot)?;
+    // Nothing tells the server the acknowledged position during the test.
+    cfg.status_interval = Duration::from_secs(3600);
+    cfg.heartbeat_interval = Duration::from_secs(3600);
+    let mut src = LogicalSource::connect(cfg).await?;
+    let token = CancellationToken::new();
+    let outbox = Outbox::default().with_write_mode(WriteMode::InsertDelete);
+    let mut tx = db.pool.begin().await?;
+    let id = outbox
+        .publish_new(
+            &mut tx,
+            vec![NewEvent::new("order", "o-1", "Created", None)],
+        )
+        .await?[0];
+    tx.commit().await?;
+    let batch = src.next_batch(10, &token).await?;
+    assert_eq!(batch.len(), 1);
+    src.acknowledge(&batch).await?;
+    let at_slot = confirmed_flush(&db.pool, &slot).await?.unwrap_or(0);
+    assert!(
+        src.confirmed_lsn().0 > at_slot,
+        "the acknowledged position must still be ahead of the slot"
+    );
+
+    // PostgreSQL crashes and comes back: the slot is at its last save.
+    cluster.pg_ctl(&["-m", "immediate", "stop"])?;
+    cluster.pg_ctl(&["-t", "60", "start"])?;
+    let deadline = std::time::Instant::now() + LONG;
+    let again = loop {
+        match tokio::time::timeout(Duration::from_secs(10), src.next_batch(10, &token)).await {
+            Ok(Ok(b)) if !b.is_empty() => break b,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => println!("next_batch after the restart: {e}"),
+            Err(_) => bail!(
+                "the acknowledged event was not streamed again: the source resumed from its memory past the slot"
+            ),
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the source never streamed again");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(again[0].event.id, id);
+    src.acknowledge(&again).await?;
+    src.close().await?;
+    Ok(())
+}
