@@ -11,7 +11,7 @@
 //! |---------------------|-----------------------------------------------------------------------|
 //! | `slot_name`         | the replication slot (primary key; slot names are server-wide)        |
 //! | `write_mode`        | the write mode of the relay that last recorded it                     |
-//! | `confirmed_lsn`     | a position the slot was confirmed at (a lower bound of the slot's)     |
+//! | `confirmed_lsn`     | a position up to which every event was acknowledged by Kafka          |
 //! | `system_identifier` | `pg_control_system().system_identifier` when readable (else NULL)    |
 //! | `timeline`          | `pg_control_checkpoint().timeline_id` when readable (else NULL)      |
 //! | `created_at`, `updated_at` | when the row was first written and last updated                |
@@ -29,7 +29,8 @@
 //!   pointed at a promoted standby that lacks the slot sees the row and reports the loss.
 //! - `confirmed_lsn` only moves forward and is refreshed cheaply (at each slot health check and
 //!   at shutdown, not per keepalive): it tells the operator from which position on events may be
-//!   missing, never more than the slot itself confirmed.
+//!   missing. It is never past what Kafka acknowledged (it is the relay's confirmed position),
+//!   and may trail the slot's by up to one slot-check interval.
 //!
 //! # Where it lives
 //!
@@ -74,7 +75,8 @@ pub fn state_table(table: &OutboxTable) -> String {
 pub struct SlotRecord {
     /// The write mode of the relay that last recorded the slot.
     pub write_mode: String,
-    /// A position the slot was confirmed at (a lower bound of its last confirmed position).
+    /// A position up to which every event was acknowledged by Kafka (the relay's confirmed
+    /// position when it was last recorded; the slot's own may trail it by one status update).
     pub confirmed_lsn: Lsn,
     /// The PostgreSQL system identifier it was recorded on, when readable.
     pub system_identifier: Option<String>,
