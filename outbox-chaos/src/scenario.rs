@@ -440,6 +440,9 @@ impl Settings {
                 w.long_open_ms = vec![2000, 4000];
             }
             Fault::Hostile => w.hostile = true,
+            // The writers keep going through the loss, the restart loop and the acceptance, so
+            // that events committed after the new slot streams are checked too.
+            Fault::SlotDropped | Fault::SlotInvalidated => w.txs *= 3,
             _ => {}
         }
         w
@@ -1213,8 +1216,19 @@ impl<'a> Run<'a> {
             .iter()
             .copied()
             .collect();
-        // A probe committed now is read only after everything committed before it that the new
-        // slot streams; a second of slack for the other partitions.
+        // Events committed from now on must all arrive: a transaction of 50 (whatever the
+        // writers still do), then a probe, which is read only after everything committed before
+        // it that the new slot streams; a second of slack for the other partitions.
+        workload::huge_tx(
+            &self.db,
+            self.scenario.write_mode,
+            &self.aggregate_type,
+            &format!("after-loss-{}", self.result.faults),
+            50,
+            true,
+            &self.book,
+        )
+        .await?;
         self.recovered().await?;
         pause(1000).await;
         let accepted: Vec<uuid::Uuid> = before
