@@ -83,10 +83,11 @@
 //! someone's injection attempt or a misconfigured writer: it is ignored with a warning (at most
 //! one a minute, naming the LSN and the count) and never published. In `logical_message` mode
 //! the relay warns at start while PUBLIC can still execute it; docs/postgres.md gives the
-//! `REVOKE … FROM PUBLIC` and the grants that close it ([`slot::EMIT_MESSAGE_REVOKE`]). Updates, deletes and
-//! truncates are ignored (logged at debug). A *non-transactional* message with the event prefix
-//! is refused with an error log: it is written even when its transaction rolls back, so
-//! publishing it could publish a phantom.
+//! `REVOKE … FROM PUBLIC` and the grants that close it ([`slot::EMIT_MESSAGE_REVOKE`]).
+//!
+//! Updates, deletes and truncates are ignored (logged at debug). A *non-transactional* message
+//! with the event prefix is refused with an error log: it is written even when its transaction
+//! rolls back, so publishing it could publish a phantom.
 
 pub mod pgoutput;
 pub mod slot;
