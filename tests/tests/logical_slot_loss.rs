@@ -90,6 +90,19 @@ async fn logical_lost_slot_is_a_loud_exit_on_every_start_in_non_table_modes() ->
         assert_safe(&Verdict::check(&ledger, &records));
         let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
         assert_eq!(code, 0, "{log}");
+        // A graceful stop records the confirmed position it made durable on the slot.
+        let recorded: Option<i64> = sqlx::query_scalar(
+            "SELECT (confirmed_lsn - '0/0'::pg_lsn)::int8 FROM outbox_relay_state WHERE slot_name = $1",
+        )
+        .bind(&slot)
+        .fetch_optional(&db.pool)
+        .await?;
+        let at_slot = confirmed_flush(&db.pool, &slot).await?;
+        assert_eq!(
+            recorded.map(|l| l as u64),
+            at_slot,
+            "{mode}: the state row must hold the slot's position after a graceful stop"
+        );
 
         // Dropped while the relay is stopped; events committed meanwhile cannot be streamed.
         drop_slots(&db.pool, &slot).await?;
