@@ -77,6 +77,9 @@ pub enum Fault {
     SlotDropped,
     /// The replication slot is invalidated (`max_slot_wal_keep_size` exceeded).
     SlotInvalidated,
+    /// Transactional logical messages with the outbox prefix written by a role that is not a
+    /// writer, in a write mode where messages are not events: never to be published.
+    MessageInjection,
     /// Oversized and unroutable events among healthy ones.
     Poison,
     /// Hostile configuration (must be refused) and hostile row data (must be relayed).
@@ -264,12 +267,52 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "the replication slot is dropped under a running relay",
     },
     Scenario {
+        name: "slot-dropped-insert-delete",
+        fault: Fault::SlotDropped,
+        sources: LOGICAL,
+        no_duplicates: false,
+        write_mode: WriteMode::InsertDelete,
+        about: "slot dropped under the relay in insert_delete mode: loud exit on every restart, no slot re-created, until `slot drop` accepts the loss",
+    },
+    Scenario {
+        name: "slot-dropped-logical-message",
+        fault: Fault::SlotDropped,
+        sources: LOGICAL,
+        no_duplicates: false,
+        write_mode: WriteMode::LogicalMessage,
+        about: "slot dropped under the relay in logical_message mode: loud exit on every restart, no slot re-created, until `slot drop` accepts the loss",
+    },
+    Scenario {
         name: "slot-invalidated",
         fault: Fault::SlotInvalidated,
         sources: LOGICAL,
         no_duplicates: false,
         write_mode: WriteMode::Table,
         about: "the slot is invalidated by max_slot_wal_keep_size while the relay is stopped (harness-owned cluster only)",
+    },
+    Scenario {
+        name: "slot-invalidated-insert-delete",
+        fault: Fault::SlotInvalidated,
+        sources: LOGICAL,
+        no_duplicates: false,
+        write_mode: WriteMode::InsertDelete,
+        about: "slot invalidated in insert_delete mode: loud exit on every restart until `slot drop` accepts the loss (harness-owned cluster only)",
+    },
+    Scenario {
+        name: "slot-invalidated-logical-message",
+        fault: Fault::SlotInvalidated,
+        sources: LOGICAL,
+        no_duplicates: false,
+        write_mode: WriteMode::LogicalMessage,
+        about: "slot invalidated in logical_message mode: loud exit on every restart until `slot drop` accepts the loss (harness-owned cluster only)",
+    },
+    Scenario {
+        name: "message-injection",
+        fault: Fault::MessageInjection,
+        sources: LOGICAL,
+        no_duplicates: true,
+        write_mode: WriteMode::Table,
+        about: "another role emits outbox-prefixed pg_logical_emit_message events in table mode: none may be published (phantoms otherwise)",
     },
     Scenario {
         name: "poison-events",
@@ -397,6 +440,9 @@ impl Settings {
                 w.long_open_ms = vec![2000, 4000];
             }
             Fault::Hostile => w.hostile = true,
+            // The writers keep going through the loss, the restart loop and the acceptance, so
+            // that events committed after the new slot streams are checked too.
+            Fault::SlotDropped | Fault::SlotInvalidated => w.txs *= 3,
             _ => {}
         }
         w
@@ -427,6 +473,11 @@ pub struct RunResult {
     /// seen as a change of its restart position or catalog xmin (added to the logical source's
     /// bound: the slot rewinds to that save).
     pub since_slot_save: Vec<usize>,
+    /// Lost slots in `insert_delete`/`logical_message` modes: committed events never read that
+    /// were committed before the operator accepted the loss (`outbox-relay slot drop`) and the
+    /// new slot streamed — the documented, accepted loss; taken out of the ledger, so `lost`
+    /// counts only events the relay should have delivered.
+    pub accepted_loss: usize,
     /// Recovery times after each fault, ms.
     pub recovery_ms: Vec<f64>,
     /// Problems that fail the run besides the figures.
@@ -1014,8 +1065,31 @@ impl<'a> Run<'a> {
                     if self.drop_slot().await? {
                         self.result.faults += 1;
                         self.mark();
-                        self.recovered().await?;
+                        self.after_slot_loss().await?;
                     }
+                }
+            }
+            Fault::MessageInjection => {
+                // Messages written before the slot's consistent point are never streamed: a
+                // mutant would go unnoticed. Inject once the stream runs.
+                if let Some(r) = self.relay.as_mut()
+                    && !r
+                        .wait_for_log("replication stream started", Duration::from_secs(30))
+                        .await
+                {
+                    self.result
+                        .failures
+                        .push("the replication stream never started".into());
+                }
+                // A fixed number of rounds, with or without writers still running.
+                let faults = if quick { 2 } else { 4 };
+                while self.result.faults < faults {
+                    let g = self.gap(300, 900);
+                    pause(g).await;
+                    self.inject_messages(5).await?;
+                    self.result.faults += 1;
+                    self.mark();
+                    self.recovered().await?;
                 }
             }
             Fault::SlotInvalidated => {
@@ -1029,10 +1103,164 @@ impl<'a> Run<'a> {
                 self.invalidate_slot().await?;
                 self.result.faults += 1;
                 self.mark();
-                self.recovered().await?;
+                self.after_slot_loss().await?;
             }
         }
         Ok(())
+    }
+
+    /// Writes `n` well-formed events for the run's topic as transactional logical messages with
+    /// the outbox prefix, as a role without any grant would: recorded as never committed, so
+    /// one on the topic is a phantom.
+    async fn inject_messages(&mut self, n: usize) -> Result<()> {
+        use outbox_core::{NewEvent, Outbox};
+        let injector = Outbox::default().with_write_mode(WriteMode::LogicalMessage);
+        let events = (0..n)
+            .map(|i| {
+                NewEvent::new(
+                    &self.aggregate_type,
+                    format!("intruder-{}-{i}", self.result.faults),
+                    "Injected",
+                    None,
+                )
+            })
+            .collect();
+        let mut tx = self.db.pool.begin().await?;
+        let ids = injector.publish_new(&mut tx, events).await?;
+        tx.commit().await?;
+        self.book.lock().unwrap().ledger.rolled_back.extend(ids);
+        Ok(())
+    }
+
+    /// After the slot was lost. `table` mode: the relay recovers from the table on its own, and
+    /// keeps working through two graceful restarts (a restart loop must not lose or re-lose
+    /// anything). `insert_delete`/`logical_message`: the relay must exit non-zero naming the
+    /// loss, and so must each of three restarts (a supervisor's loop), without creating a slot;
+    /// then the operator accepts the loss (`outbox-relay slot drop`) and the relay streams from a
+    /// new slot. Committed events never read from before that point are the accepted loss.
+    async fn after_slot_loss(&mut self) -> Result<()> {
+        if self.scenario.write_mode == WriteMode::Table {
+            self.recovered().await?;
+            for _ in 0..2 {
+                let relay = self.relay.as_mut().context("relay")?;
+                match relay.terminate(Duration::from_secs(25)).await {
+                    Some(0) => {}
+                    other => self.result.failures.push(format!(
+                        "graceful restart after the slot loss exited with {other:?}"
+                    )),
+                }
+                self.start_relay(&[]).await?;
+                self.recovered().await?;
+            }
+            return Ok(());
+        }
+        let loud = |r: &mut RelayProc, code: Option<i32>| {
+            matches!(code, Some(c) if c != 0)
+                && r.logged("REPLICATION SLOT LOST")
+                && r.logged("outbox-relay slot drop")
+        };
+        let relay = self.relay.as_mut().context("relay")?;
+        let code = relay.wait_exit(Duration::from_secs(60)).await;
+        if !loud(relay, code) {
+            self.result.failures.push(format!(
+                "after the slot loss the relay did not exit loudly (exit {code:?}): it must never \
+                 continue from a new slot on its own"
+            ));
+            relay.kill9().await;
+        }
+        for attempt in 1..=3 {
+            self.start_relay(&[]).await?;
+            let relay = self.relay.as_mut().context("relay")?;
+            let code = relay.wait_exit(Duration::from_secs(30)).await;
+            if !loud(relay, code) {
+                self.result.failures.push(format!(
+                    "restart {attempt} after the slot loss did not exit loudly (exit {code:?})"
+                ));
+                relay.kill9().await;
+            }
+            if self.slot_usable().await? {
+                self.result.failures.push(format!(
+                    "restart {attempt} after the slot loss re-created a usable slot"
+                ));
+            }
+        }
+        // The operator accepts the loss.
+        let out = tokio::process::Command::new(&self.bin)
+            .args(["slot", "drop", &self.slot])
+            .env_clear()
+            .envs(self.base_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .await?;
+        if !out.status.success() {
+            self.result.failures.push(format!(
+                "`outbox-relay slot drop` failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        self.start_relay(&[]).await?;
+        if let Some(r) = self.relay.as_mut()
+            && !r
+                .wait_for_log("replication stream started", Duration::from_secs(30))
+                .await
+        {
+            self.result
+                .failures
+                .push("the relay did not stream again after the loss was accepted".into());
+        }
+        let before: Vec<uuid::Uuid> = self
+            .book
+            .lock()
+            .unwrap()
+            .ledger
+            .committed
+            .iter()
+            .copied()
+            .collect();
+        // Events committed from now on must all arrive: a transaction of 50 (whatever the
+        // writers still do), then a probe, which is read only after everything committed before
+        // it that the new slot streams; a second of slack for the other partitions.
+        workload::huge_tx(
+            &self.db,
+            self.scenario.write_mode,
+            &self.aggregate_type,
+            &format!("after-loss-{}", self.result.faults),
+            50,
+            true,
+            &self.book,
+        )
+        .await?;
+        self.recovered().await?;
+        pause(1000).await;
+        let accepted: Vec<uuid::Uuid> = before
+            .into_iter()
+            .filter(|id| !self.live.seen(*id))
+            .collect();
+        let mut book = self.book.lock().unwrap();
+        for id in &accepted {
+            book.ledger.committed.remove(id);
+        }
+        drop(book);
+        self.result.accepted_loss += accepted.len();
+        self.result.notes.push(format!(
+            "slot loss {}: {} committed events never read before the loss was accepted (expected: \
+             no table to recover them from)",
+            self.result.faults,
+            accepted.len()
+        ));
+        Ok(())
+    }
+
+    /// Whether the run's slot exists and is not invalidated.
+    async fn slot_usable(&self) -> Result<bool> {
+        let mut admin = PgConnection::connect(&self.env.admin_url).await?;
+        let usable: Option<bool> = sqlx::query_scalar(
+            "SELECT wal_status IS DISTINCT FROM 'lost' FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&self.slot)
+        .fetch_optional(&mut admin)
+        .await?;
+        let _ = admin.close().await;
+        Ok(usable == Some(true))
     }
 
     async fn drop_slot(&self) -> Result<bool> {

@@ -181,7 +181,8 @@ pub enum SlotAction {
         #[command(flatten)]
         settings: Box<Settings>,
     },
-    /// Drop an inactive replication slot.
+    /// Drop an inactive replication slot and forget it in `outbox_relay_state`; for a slot that
+    /// is already gone, only forget it (accepting its loss: the next start creates a new slot).
     Drop {
         /// The slot's name.
         name: String,

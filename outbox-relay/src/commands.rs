@@ -82,7 +82,8 @@ pub async fn connect(config: &RelayConfig) -> Result<(PgConnection, OutboxTable)
     Ok((conn, table))
 }
 
-/// `migrate`: creates or upgrades the outbox table (and its parked-events table).
+/// `migrate`: creates or upgrades the outbox table (and its parked-events table); with
+/// `--source logical`, also the relay state table `outbox_relay_state`.
 pub async fn migrate(config: &RelayConfig) -> Result<()> {
     let (mut conn, table) = connect(config).await?;
     let report = outbox_core::migrate(&mut conn, &table)
@@ -93,6 +94,13 @@ pub async fn migrate(config: &RelayConfig) -> Result<()> {
     } else {
         tracing::info!(table = %table, applied = ?report.applied, "outbox table migrated");
     }
+    if config.source == crate::config::SourceKind::Logical {
+        // The logical source's memory of its slots, created here for relay roles that may not
+        // create tables (grant them SELECT, INSERT, UPDATE, DELETE on it).
+        crate::source::logical::state::ensure_table(&mut conn, &table)
+            .await
+            .map_err(|e| CommandError::runtime(e.to_string()))?;
+    }
     Ok(())
 }
 
@@ -102,10 +110,31 @@ pub async fn status(config: &RelayConfig, json: bool) -> Result<()> {
     let s = crate::status::read(&mut conn, config, &table)
         .await
         .map_err(db_err("reading the outbox status"))?;
+    // logical_message mode: can any role inject events through pg_logical_emit_message?
+    let emit_public = if config.source == crate::config::SourceKind::Logical
+        && config.write_mode == outbox_core::WriteMode::LogicalMessage
+    {
+        Some(
+            crate::source::logical::slot::emit_message_public_overloads(&mut conn)
+                .await
+                .map_err(db_err(
+                    "checking PUBLIC's EXECUTE on pg_logical_emit_message",
+                ))?,
+        )
+    } else {
+        None
+    };
     if json {
+        let mut value = serde_json::to_value(&s).expect("status serializes");
+        if let (Some(public), Some(map)) = (&emit_public, value.as_object_mut()) {
+            map.insert(
+                "emit_message_executable_by_public".into(),
+                serde_json::json!(public),
+            );
+        }
         println!(
             "{}",
-            serde_json::to_string_pretty(&s).expect("status serializes")
+            serde_json::to_string_pretty(&value).expect("status serializes")
         );
         return Ok(());
     }
@@ -134,6 +163,15 @@ pub async fn status(config: &RelayConfig, json: bool) -> Result<()> {
             slot.wal_status.as_deref().unwrap_or("?"),
             slot.lag_bytes.unwrap_or(0)
         );
+    }
+    match emit_public.as_deref() {
+        Some([]) => println!("emit_message      not executable by PUBLIC"),
+        Some(public) => println!(
+            "emit_message      WARNING: executable by PUBLIC ({}): any role can publish events; \
+             see docs/postgres.md",
+            public.join(", ")
+        ),
+        None => {}
     }
     Ok(())
 }
@@ -558,18 +596,37 @@ pub async fn slot_list(config: &RelayConfig, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `slot drop NAME`: drops an inactive replication slot (the relay then starts from a new one;
-/// in the `table` write mode it first re-publishes what is still unpublished).
+/// `slot drop NAME`: drops an inactive replication slot and forgets, in the relay state table
+/// (`outbox_relay_state`), that a relay streamed from it. The relay then starts from a new slot;
+/// in the `table` write mode it first re-publishes what is still unpublished, in the other modes
+/// events committed since the slot's confirmed position that were not published are never
+/// published. Also the way to accept a loss the relay refuses to start over (`SlotLost`): with
+/// the slot already gone, it only forgets it.
 pub async fn slot_drop(config: &RelayConfig, name: &str) -> Result<()> {
-    let (mut conn, _) = connect(config).await?;
+    use crate::source::logical::state;
+    let (mut conn, table) = connect(config).await?;
     let active: Option<bool> =
         sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
             .bind(name)
             .fetch_optional(&mut conn)
             .await
             .map_err(db_err("looking up the slot"))?;
+    let forget = async |conn: &mut PgConnection| {
+        state::forget(conn, &table, name)
+            .await
+            .map_err(|e| CommandError::runtime(e.to_string()))
+    };
     match active {
-        None => Err(CommandError::usage(format!("no replication slot `{name}`"))),
+        None => match forget(&mut conn).await? {
+            None => Err(CommandError::usage(format!("no replication slot `{name}`"))),
+            Some(lsn) => {
+                println!(
+                    "replication slot {name} does not exist; forgot that a relay streamed from it \
+                     (confirmed up to LSN {lsn}): the next start creates a new slot"
+                );
+                Ok(())
+            }
+        },
         Some(true) => Err(CommandError::runtime(format!(
             "slot `{name}` is in use by a running relay: stop it first"
         ))),
@@ -579,6 +636,7 @@ pub async fn slot_drop(config: &RelayConfig, name: &str) -> Result<()> {
                 .execute(&mut conn)
                 .await
                 .map_err(db_err("dropping the slot"))?;
+            forget(&mut conn).await?;
             println!("dropped replication slot {name}");
             Ok(())
         }

@@ -191,3 +191,61 @@ async fn logical_backfill_parks_malformed_rows() -> Result<()> {
     relay.stop().await?;
     drop_slots(&db.pool, &slot).await
 }
+
+/// `logical_message` mode: a message that is not a valid event is parked — under its own id when
+/// it can be read, else under an id derived from its LSN — and later messages keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logical_message_mode_parks_malformed_messages() -> Result<()> {
+    let db = TestDb::create("malformed_msg").await?;
+    db.migrate().await?;
+    let agg_type = unique("malmsg");
+    let topic = format!("outbox.event.{agg_type}");
+    create_topic(&topic, 1).await?;
+    let slot = unique("mslot");
+    let relay = InProcessRelay::start(logical_config(&db, WriteMode::LogicalMessage, &slot))?;
+    wait_slot_active(&db.pool, &slot, LONG).await?;
+    let emit = |content: String| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query("SELECT pg_logical_emit_message(true, 'outbox', $1)")
+                .bind(content)
+                .execute(&pool)
+                .await
+        }
+    };
+    let message = |id: Uuid, aggregate: &str, headers: &str| {
+        format!(
+            r#"{{"id":"{id}","aggregatetype":"{agg_type}","aggregateid":"{aggregate}","type":"Changed","payload":{{"n":1}},"headers":{headers}}}"#
+        )
+    };
+    let good = Uuid::now_v7();
+    let bad_headers = Uuid::now_v7();
+    let later = Uuid::now_v7();
+    emit(message(good, "m1", "{}")).await?;
+    emit(message(bad_headers, "m2", "[1]")).await?;
+    emit("this is not JSON".to_owned()).await?;
+    emit(message(later, "m3", "{}")).await?;
+
+    let p = wait_parked(&db.pool, 2).await?;
+    ensure!(
+        p.get(&bad_headers)
+            .is_some_and(|x| x.reason.contains("malformed outbox event")),
+        "{p:?}"
+    );
+    let by_lsn: Vec<_> = p
+        .iter()
+        .filter(|(id, _)| id.to_string().starts_with("6f757462-6f78-0000-"))
+        .collect();
+    ensure!(
+        by_lsn.len() == 1 && by_lsn[0].1.reason.contains("not an outbox event"),
+        "the unreadable message is parked under an LSN-derived id: {p:?}"
+    );
+    let records = consume(&[&topic], 2, QUIET, LONG).await?;
+    let mut got: Vec<Uuid> = records.iter().map(Consumed::event_id).collect();
+    got.sort();
+    let mut want = vec![good, later];
+    want.sort();
+    ensure!(got == want, "published {got:?}, expected {want:?}");
+    relay.stop().await?;
+    drop_slots(&db.pool, &slot).await
+}

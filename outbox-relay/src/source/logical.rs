@@ -40,7 +40,15 @@
 //!   stream: bounded duplicates with the same event id, never a loss). The same procedure runs the first time a slot is created in `table` mode, so
 //!   rows written before the slot existed (e.g. by the polling source) are published too.
 //!   In `insert_delete` and `logical_message` modes there is nothing to recover from: a lost slot
-//!   is a fatal error that names the slot and the reason.
+//!   is a fatal error that names the slot, the reason, the position after which events may be
+//!   missing, and the operator's options.
+//! - **A lost slot is never mistaken for a first start.** The relay state table
+//!   ([`state`], `outbox_relay_state`) records every slot the relay created or streamed from,
+//!   with a confirmed position. A slot missing at start that has a record was lost (dropped,
+//!   invalidated, or absent on a promoted standby): recovered from the table in `table` mode, a
+//!   fatal [`LogicalError::SlotLost`] otherwise — on every start, also in a crash loop, until an
+//!   operator accepts the loss with `outbox-relay slot drop <slot>` (which deletes the record).
+//!   Only a slot with no record is created as a first start.
 //!
 //! # Limits (documented decisions)
 //!
@@ -64,17 +72,26 @@
 //!
 //! # Write modes
 //!
-//! Inserts into the outbox table and transactional logical messages with the configured prefix
-//! are both accepted whatever the mode; the mode decides what must exist and what acknowledging
-//! does: `table` (the table must be in the publication; acknowledged rows get `published_at`),
-//! `insert_delete` (the WAL insert is the event; the delete in the same transaction is ignored),
-//! `logical_message` (no table needed; the publication may be empty). Updates, deletes and
-//! truncates are ignored (logged at debug). A *non-transactional* message with the event prefix
-//! is refused with an error log: it is written even when its transaction rolls back, so
-//! publishing it could publish a phantom.
+//! The mode decides where events come from, what must exist and what acknowledging does:
+//! `table` (inserts into the outbox table; the table must be in the publication; acknowledged
+//! rows get `published_at`), `insert_delete` (the WAL insert is the event; the delete in the same
+//! transaction is ignored), `logical_message` (transactional `pg_logical_emit_message` messages
+//! with the configured prefix; no table needed; the publication may be empty).
+//!
+//! **Logical messages are events only in `logical_message` mode.** `pg_logical_emit_message` is
+//! executable by PUBLIC by default, so in the other modes a message with the outbox prefix is
+//! someone's injection attempt or a misconfigured writer: it is ignored with a warning (at most
+//! one a minute, naming the LSN and the count) and never published. In `logical_message` mode
+//! the relay warns at start while PUBLIC can still execute it; docs/postgres.md gives the
+//! `REVOKE … FROM PUBLIC` and the grants that close it ([`slot::EMIT_MESSAGE_REVOKE`]).
+//!
+//! Updates, deletes and truncates are ignored (logged at debug). A *non-transactional* message
+//! with the event prefix is refused with an error log: it is written even when its transaction
+//! rolls back, so publishing it could publish a phantom.
 
 pub mod pgoutput;
 pub mod slot;
+pub mod state;
 mod stream;
 
 use std::collections::{HashMap, VecDeque};
@@ -282,6 +299,8 @@ pub struct LogicalMetrics {
     pub heartbeats: AtomicU64,
     /// Lost slots recovered.
     pub slot_recoveries: AtomicU64,
+    /// Outbox-prefixed logical messages ignored because the write mode is not `logical_message`.
+    pub messages_refused: AtomicU64,
     /// Replication sessions started.
     pub sessions: AtomicU64,
 }
@@ -354,6 +373,13 @@ pub struct LogicalSource {
     inflight: VecDeque<InFlight>,
     /// Highest LSN the relay may confirm; never past an unacknowledged transaction.
     confirmed: Lsn,
+    /// The position last written to the relay state table ([`state`]).
+    state_recorded: Lsn,
+    /// The PostgreSQL instance the confirmed position was reached on ([`slot::instance`]).
+    instance: Option<String>,
+    /// When refused outbox-prefixed messages were last reported, and how many since.
+    last_refusal_warning: Option<Instant>,
+    refused_since_warning: u64,
     /// A re-publication from the table is not fully acknowledged yet (marker slot exists).
     backfill_due: bool,
     next_heartbeat: Instant,
@@ -377,20 +403,8 @@ impl std::fmt::Debug for LogicalSource {
     }
 }
 
-/// Slots this process has streamed from: a slot missing later was lost, not never created, even
-/// when the relay reopened the source in between.
-fn known_slots() -> &'static std::sync::Mutex<std::collections::HashSet<String>> {
-    static KNOWN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
-        std::sync::OnceLock::new();
-    KNOWN.get_or_init(Default::default)
-}
-
-fn slot_was_known(slot: &SlotName) -> bool {
-    known_slots()
-        .lock()
-        .map(|k| k.contains(slot.as_str()))
-        .unwrap_or(false)
-}
+/// At most one warning per this interval about refused outbox-prefixed messages.
+const INJECTION_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How long a start waits for a slot that another session is still creating.
 const SLOT_CREATION_WAIT: Duration = Duration::from_secs(120);
@@ -435,6 +449,18 @@ impl LogicalSource {
             _ => Some(slot::resolve_table(&pool, &cfg.table.qualified()).await?),
         };
         slot::ensure_publication(&pool, &cfg.publication, table.as_ref()).await?;
+        // Before any slot is created: a role that cannot keep the durable record fails here.
+        {
+            let mut conn = pool
+                .acquire()
+                .await
+                .map_err(|source| LogicalError::Database {
+                    context: "connecting to PostgreSQL",
+                    source,
+                })?;
+            state::ensure_table(&mut conn, &cfg.table).await?;
+        }
+        slot::check_emit_message_privileges(&pool, cfg.write_mode).await?;
         let marks = if cfg.write_mode == WriteMode::Table {
             let options: sqlx::postgres::PgConnectOptions =
                 cfg.database_url
@@ -469,6 +495,10 @@ impl LogicalSource {
             ready: VecDeque::new(),
             inflight: VecDeque::new(),
             confirmed: Lsn::ZERO,
+            state_recorded: Lsn::ZERO,
+            instance: None,
+            last_refusal_warning: None,
+            refused_since_warning: 0,
             backfill_due: false,
             stopped: false,
             parked_table: false,
@@ -476,8 +506,20 @@ impl LogicalSource {
             marks,
         };
         me.prepare_slot(true).await?;
-        me.start_session().await?;
-        Ok(me)
+        let mut attempts = 0;
+        loop {
+            match me.start_session().await {
+                // The slot vanished between the check and START_REPLICATION: a loss (recovered
+                // in table mode, explained and fatal otherwise).
+                Err(LogicalError::SlotLost { .. }) if attempts < 3 => {
+                    attempts += 1;
+                    me.ready.clear();
+                    me.prepare_slot(false).await?;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(me),
+            }
+        }
     }
 
     /// Shared live metrics (slot lag, `wal_status`, counters).
@@ -505,12 +547,16 @@ impl LogicalSource {
         self.release_marks(true).await?;
         if self.confirmed != Lsn::ZERO {
             slot::advance_slot(&self.pool, &self.cfg.slot, self.confirmed).await?;
+            self.record_state().await?;
         }
         Ok(())
     }
 
     /// Make sure a usable slot exists; recover (table mode) or fail when it is missing or lost.
     /// Sets `confirmed` to the slot's position.
+    ///
+    /// A missing slot is a first start only when the relay state table has no record of it
+    /// ([`state`]); otherwise it was lost, whether the relay saw it go or not.
     async fn prepare_slot(&mut self, at_start: bool) -> Result<(), LogicalError> {
         let slot = self.cfg.slot.clone();
         let marker = marker_slot(&slot);
@@ -521,10 +567,25 @@ impl LogicalSource {
             Some(s) if !s.is_lost() => {
                 slot::verify_slot(&self.pool, &slot, &s).await?;
                 self.metrics.record_status(&s);
-                self.confirmed = s
-                    .confirmed_flush_lsn
-                    .unwrap_or(Lsn::ZERO)
-                    .max(self.confirmed);
+                let at_slot = s.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
+                // Our own position saves re-streaming what was acknowledged since the last status
+                // update, but an LSN names a transaction only within one WAL history: after a
+                // restart or failover of PostgreSQL (a promoted standby can reuse LSNs the old
+                // primary had used for other transactions) only the slot's position is safe.
+                let instance = slot::instance(&self.pool).await?;
+                let same_instance = self.instance.as_ref() == Some(&instance);
+                if !same_instance && self.confirmed > at_slot {
+                    tracing::warn!(slot = %slot, acknowledged = %self.confirmed, slot_position = %at_slot,
+                        "PostgreSQL restarted or failed over since the relay acknowledged its position: resuming from the slot's position (events acknowledged after it are published again)");
+                }
+                self.confirmed = if same_instance {
+                    at_slot.max(self.confirmed)
+                } else {
+                    at_slot
+                };
+                self.instance = Some(instance);
+                // Also records a slot made by a relay that did not keep a state table yet.
+                self.record_state().await?;
                 if marker_exists {
                     tracing::warn!(slot = %slot, "a previous re-publication from the table was interrupted; re-publishing unpublished rows again");
                     self.backfill(None).await?;
@@ -532,35 +593,60 @@ impl LogicalSource {
                 Ok(())
             }
             other => {
-                let lost = other.is_some();
-                if lost || !at_start || slot_was_known(&slot) {
-                    let detail = if lost {
-                        "wal_status = 'lost': the WAL it needed was removed (max_slot_wal_keep_size exceeded?)"
-                    } else {
-                        "the slot disappeared while the relay was using it (dropped?)"
+                let lost_at = other.as_ref().map(|s| s.confirmed_flush_lsn);
+                let record = state::read(&self.pool, &self.cfg.table, &slot).await?;
+                if lost_at.is_some() || !at_start || record.is_some() {
+                    let state_table = state::state_table(&self.cfg.table);
+                    let (detail, since) = match (lost_at, &record) {
+                        (Some(at), _) => (
+                            "wal_status = 'lost': the WAL it needed was removed (max_slot_wal_keep_size exceeded?)".to_owned(),
+                            at.or(record.as_ref().map(|r| r.confirmed_lsn)),
+                        ),
+                        (None, _) if !at_start => (
+                            "the slot disappeared while the relay was using it (dropped?)".to_owned(),
+                            Some(self.confirmed),
+                        ),
+                        (None, Some(r)) => (
+                            format!(
+                                "the slot does not exist, but {state_table} records that a relay \
+                                 streamed from it, {}: it was dropped, invalidated and removed, or \
+                                 PostgreSQL failed over to a standby that does not have it",
+                                r.describe()
+                            ),
+                            Some(r.confirmed_lsn),
+                        ),
+                        (None, None) => unreachable!("guarded above"),
                     };
                     tracing::error!(slot = %slot, "REPLICATION SLOT LOST: {detail}");
                     if !(table_mode && self.cfg.recover_lost_slot) {
+                        let since = since
+                            .filter(|l| *l != Lsn::ZERO)
+                            .map(|l| format!("LSN {l}"))
+                            .unwrap_or_else(|| "the slot's last confirmed position".into());
                         return Err(LogicalError::SlotLost {
                             slot: slot.to_string(),
                             detail: format!(
-                                "{detail}; write mode {} has no table to recover from — events written \
-                                 since the slot's last confirmed position may be lost; drop the slot \
-                                 and restart to continue",
+                                "{detail}; write mode {} has no table to recover from — events \
+                                 committed after {since} that were not published yet are lost. \
+                                 The relay refuses to start until an operator decides: to accept the \
+                                 loss and continue from now, run `outbox-relay slot drop {slot}` \
+                                 (forgets the slot in {state_table}) and start the relay again; \
+                                 to avoid it, point the relay at the server that still has the slot",
                                 self.cfg.write_mode
                             ),
                         });
                     }
                     self.metrics.slot_recoveries.fetch_add(1, Ordering::Relaxed);
-                    if lost {
+                    if lost_at.is_some() {
                         slot::drop_slot(&self.pool, &slot).await?;
                     }
+                    tracing::warn!(slot = %slot, "recovering the lost slot: creating it and re-publishing every unpublished row from the outbox table");
                 } else if table_mode && self.table_has_published_rows().await? {
                     tracing::warn!(slot = %slot, "replication slot does not exist although rows were published before: \
                         it was dropped or lost while no relay ran (or the polling source was used); creating it and \
                         re-publishing every unpublished row");
                 } else {
-                    tracing::info!(slot = %slot, "replication slot does not exist; creating it");
+                    tracing::info!(slot = %slot, "replication slot does not exist and no relay streamed from it before; creating it");
                 }
                 if table_mode && !marker_exists {
                     // Durable "re-publication pending" marker: created before the new slot, dropped
@@ -582,6 +668,9 @@ impl LogicalSource {
                     return Box::pin(self.prepare_slot(at_start)).await;
                 };
                 self.confirmed = exported.consistent_point;
+                self.instance = Some(slot::instance(&self.pool).await?);
+                // Durable before anything is streamed: from now on a missing slot is a loss.
+                self.record_state().await?;
                 if table_mode {
                     self.backfill(Some(&exported.snapshot)).await?;
                 }
@@ -589,6 +678,20 @@ impl LogicalSource {
                 Ok(())
             }
         }
+    }
+
+    /// Writes the slot and the confirmed position to the relay state table.
+    async fn record_state(&mut self) -> Result<(), LogicalError> {
+        state::record(
+            &self.pool,
+            &self.cfg.table,
+            &self.cfg.slot,
+            self.cfg.write_mode.as_str(),
+            self.confirmed,
+        )
+        .await?;
+        self.state_recorded = self.confirmed;
+        Ok(())
     }
 
     /// The slot's status once it is not being created any more. A logical slot without a
@@ -760,9 +863,6 @@ impl LogicalSource {
         if let Ok(Some(status)) = slot::slot_status(&self.pool, &self.cfg.slot).await {
             self.metrics.record_status(&status);
         }
-        if let Ok(mut k) = known_slots().lock() {
-            k.insert(self.cfg.slot.as_str().to_owned());
-        }
         self.metrics
             .confirmed_lsn
             .store(self.confirmed.0, Ordering::Relaxed);
@@ -801,6 +901,22 @@ impl LogicalSource {
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// The full account of a lost slot the stream or a health check reported in a mode that
+    /// cannot recover from it (what may be lost since which position, the operator's options),
+    /// or `e` itself when the slot turns out to be usable.
+    async fn explain_loss(&mut self, e: LogicalError) -> LogicalError {
+        if self.restartable(&e) {
+            return e;
+        }
+        if let Some(s) = self.session.take() {
+            s.stop().await;
+        }
+        match self.prepare_slot(false).await {
+            Err(full @ LogicalError::SlotLost { .. }) => full,
+            _ => e,
         }
     }
 
@@ -975,6 +1091,14 @@ impl LogicalSource {
             tracing::debug!(prefix, "ignoring logical message with another prefix");
             return Ok(());
         }
+        if self.cfg.write_mode != WriteMode::LogicalMessage
+            && !crate::faults::mutant("accept_messages_any_mode")
+        {
+            // Any role with EXECUTE on pg_logical_emit_message (PUBLIC by default) can write
+            // one: outside logical_message mode it is never an event.
+            self.refuse_message(lsn);
+            return Ok(());
+        }
         if !transactional {
             tracing::error!(%lsn, "refusing a NON-transactional outbox message: it is written even if its transaction rolls back; write events with pg_logical_emit_message(true, …)");
             return Ok(());
@@ -998,6 +1122,32 @@ impl LogicalSource {
         Ok(())
     }
 
+    /// Counts a refused outbox-prefixed message and warns, at most once per
+    /// [`INJECTION_WARN_INTERVAL`], with the LSN and the number refused since the last warning.
+    fn refuse_message(&mut self, lsn: Lsn) {
+        self.metrics
+            .messages_refused
+            .fetch_add(1, Ordering::Relaxed);
+        self.refused_since_warning += 1;
+        let now = Instant::now();
+        if self
+            .last_refusal_warning
+            .is_none_or(|t| now.duration_since(t) >= INJECTION_WARN_INTERVAL)
+        {
+            tracing::warn!(
+                %lsn,
+                refused = self.refused_since_warning,
+                write_mode = %self.cfg.write_mode,
+                prefix = %self.cfg.message_prefix,
+                "ignoring a logical decoding message with the outbox prefix: events are accepted \
+                 from pg_logical_emit_message only in the logical_message write mode (someone \
+                 emitted it by hand or a writer is misconfigured; it is never published)"
+            );
+            self.last_refusal_warning = Some(now);
+            self.refused_since_warning = 0;
+        }
+    }
+
     async fn heartbeat_or_check(&mut self) -> Result<(), LogicalError> {
         self.release_marks(false).await?;
         let now = Instant::now();
@@ -1013,6 +1163,16 @@ impl LogicalSource {
             match slot::slot_status(&self.pool, &self.cfg.slot).await? {
                 Some(s) if !s.is_lost() => {
                     self.metrics.record_status(&s);
+                    if self.confirmed > self.state_recorded {
+                        state::update_confirmed(
+                            &self.pool,
+                            &self.cfg.table,
+                            &self.cfg.slot,
+                            self.confirmed,
+                        )
+                        .await?;
+                        self.state_recorded = self.confirmed;
+                    }
                     tracing::debug!(slot = %self.cfg.slot, lag_bytes = ?s.lag_bytes, retained_bytes = ?s.retained_bytes,
                         wal_status = ?s.wal_status, safe_wal_size = ?s.safe_wal_size, "replication slot status");
                     if s.wal_status.as_deref() == Some("unreserved") {
@@ -1096,6 +1256,7 @@ impl LogicalSource {
                     restarted = true;
                     self.restart().await?;
                 }
+                Err(e @ LogicalError::SlotLost { .. }) => return Err(self.explain_loss(e).await),
                 Err(e) => return Err(e),
             }
         }
@@ -1397,6 +1558,10 @@ mod tests {
             ready: VecDeque::new(),
             inflight: VecDeque::new(),
             confirmed: Lsn(100),
+            state_recorded: Lsn::ZERO,
+            instance: None,
+            last_refusal_warning: None,
+            refused_since_warning: 0,
             backfill_due: false,
             next_heartbeat: now,
             next_slot_check: now,
@@ -1583,6 +1748,48 @@ mod tests {
             "only the transactional message with our prefix"
         );
         assert_eq!(batch[0].event.payload.as_deref(), Some(r#"{"a":1}"#));
+    }
+
+    /// Outside `logical_message` mode an outbox-prefixed message is never an event (anyone with
+    /// EXECUTE on pg_logical_emit_message could write one); the transaction's real insert is.
+    #[tokio::test]
+    async fn messages_are_refused_outside_logical_message_mode() {
+        for mode in [WriteMode::Table, WriteMode::InsertDelete] {
+            let mut s = source(mode);
+            let cols = ["id", "aggregatetype", "aggregateid", "type", "payload"];
+            let content = format!(
+                r#"{{"id":"{ID2}","aggregatetype":"order","aggregateid":"1","type":"Injected","payload":{{}}}}"#
+            );
+            s.handle(xlog(relation_msg(7, "public", "outbox", &cols)))
+                .unwrap();
+            s.handle(begin(200)).unwrap();
+            s.handle(ReplicationEvent::Message {
+                transactional: true,
+                lsn: WLsn::from_u64(205),
+                prefix: "outbox".into(),
+                content: content.clone().into_bytes().into(),
+            })
+            .unwrap();
+            s.handle(insert(7, ID1, "a")).unwrap();
+            s.handle(commit(200, 210)).unwrap();
+            let batch = s.take_batch(10);
+            assert_eq!(batch.len(), 1, "{mode}");
+            assert_eq!(batch[0].event.id.to_string(), ID1);
+            assert_eq!(s.metrics.messages_refused.load(Ordering::Relaxed), 1);
+            // A transaction holding only an injected message confirms like an empty one.
+            s.acknowledge_inner(&batch).await.unwrap();
+            s.handle(begin(300)).unwrap();
+            s.handle(ReplicationEvent::Message {
+                transactional: true,
+                lsn: WLsn::from_u64(305),
+                prefix: "outbox".into(),
+                content: content.into_bytes().into(),
+            })
+            .unwrap();
+            s.handle(commit(300, 310)).unwrap();
+            assert!(s.ready.is_empty());
+            assert_eq!(s.confirmed, Lsn(310));
+        }
     }
 
     #[test]

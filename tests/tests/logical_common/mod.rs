@@ -302,6 +302,100 @@ impl TempCluster {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// A physical streaming standby of this cluster (`pg_basebackup -R`, asynchronous), started
+    /// on a port of its own. It carries every database and table of the primary, but no
+    /// replication slot (PostgreSQL 15 has no failover slots).
+    pub fn standby(&self) -> Result<TempCluster> {
+        let dir = std::env::temp_dir().join(unique("outbox-logical-standby"));
+        std::fs::create_dir_all(&dir)?;
+        let _ = std::process::Command::new("chown")
+            .arg("postgres")
+            .arg(&dir)
+            .status();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let data = dir.join("data");
+        let out = as_postgres(
+            &self.bin.join("pg_basebackup"),
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                data.to_str().context("path")?,
+                "-R",
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+                "--no-sync",
+            ],
+        )?;
+        if !out.status.success() {
+            bail!(
+                "pg_basebackup failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let conf = format!(
+            "port = {port}\nunix_socket_directories = '{}'\nhot_standby = on\n",
+            dir.display()
+        );
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))?
+            .write_all(conf.as_bytes())?;
+        let standby = TempCluster {
+            dir,
+            bin: self.bin.clone(),
+            port,
+        };
+        standby.pg_ctl(&["-t", "60", "start"])?;
+        Ok(standby)
+    }
+
+    /// `pg_ctl -D <data> -w <args…>` (with the server log in the cluster's directory).
+    pub fn pg_ctl(&self, args: &[&str]) -> Result<()> {
+        let data = self.dir.join("data");
+        let log = self.dir.join("server.log");
+        let mut all = vec![
+            "-D",
+            data.to_str().context("path")?,
+            "-l",
+            log.to_str().context("path")?,
+            "-w",
+        ];
+        all.extend_from_slice(args);
+        let out = as_postgres(&self.bin.join("pg_ctl"), &all)?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl {args:?} failed: {} {}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// A [`TestDb`] handle on the cluster's database `name`.
+    pub async fn db(&self, name: &str) -> Result<TestDb> {
+        let url = self.url(name);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await?;
+        Ok(TestDb {
+            url,
+            name: name.into(),
+            pool,
+        })
+    }
+
     /// A [`TestDb`] handle on the cluster's `postgres` database.
     pub async fn test_db(&self) -> Result<TestDb> {
         let url = self.url("postgres");
