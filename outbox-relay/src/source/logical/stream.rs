@@ -89,7 +89,7 @@ impl ReplicationTarget {
     /// | `disable` | plaintext |
     /// | `prefer` (sqlx's default) | TLS when the server offers it, else plaintext; certificate not verified |
     /// | `require` | TLS or fail; certificate not verified (as sqlx, even with `sslrootcert`) |
-    /// | `verify-ca` | TLS or fail; chain verified against `sslrootcert` (Mozilla roots when unset) |
+    /// | `verify-ca` | TLS or fail; chain verified against `sslrootcert` (Mozilla roots when unset); the host name is checked too (pgwire-replication 0.5.0 with current rustls: stricter than the pool, refused loudly) |
     /// | `verify-full` | as `verify-ca`, and the host name (or IP address) must match the certificate |
     /// | `allow` | refused: sqlx never upgrades it, libpq would; say `disable` or `prefer` |
     ///
@@ -212,10 +212,21 @@ pub(crate) fn classify(slot: &SlotName, e: PgWireError) -> LogicalError {
                 LogicalError::Replication(text)
             }
         }
-        PgWireError::Tls(_) => LogicalError::Config(format!(
-            "TLS on the replication connection failed: {text} (check `sslmode`, `sslrootcert`, \
-             `sslcert` and `sslkey` in database_url; the SQL connections use the same settings)"
-        )),
+        PgWireError::Tls(_) => {
+            // pgwire-replication 0.5.0 recognises only rustls' older `NotValidForName`, so under
+            // `verify-ca` a certificate naming another host is refused (stricter than the pool).
+            let name_hint = if text.contains("not valid for name") {
+                "; the replication connection checks the host name under `verify-ca` too: \
+                 connect by a name the server certificate carries"
+            } else {
+                ""
+            };
+            LogicalError::Config(format!(
+                "TLS on the replication connection failed: {text} (check `sslmode`, \
+                 `sslrootcert`, `sslcert` and `sslkey` in database_url; the SQL connections use \
+                 the same settings{name_hint})"
+            ))
+        }
         PgWireError::Auth(_) => {
             LogicalError::Config(format!("replication connection refused: {text}"))
         }
