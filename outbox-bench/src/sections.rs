@@ -720,7 +720,11 @@ async fn admin_load_drain(
                     break;
                 };
                 let (addr, token, failed) = (addr.clone(), token.clone(), failed.clone());
-                let path = if i % 2 == 0 { "/status" } else { "/metrics" };
+                let path = if i.is_multiple_of(2) {
+                    "/status"
+                } else {
+                    "/metrics"
+                };
                 tokio::spawn(async move {
                     if crate::relay::http_get_authorized(&addr, path, &token)
                         .await
