@@ -472,3 +472,54 @@ async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Respons
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_share_one_refresh_per_ttl() {
+        let cache = Arc::new(Cached::new(Duration::from_millis(300)));
+        let calls = Arc::new(AtomicU64::new(0));
+        let round = |cache: Arc<Cached<u64>>, calls: Arc<AtomicU64>| async move {
+            let tasks = (0..100).map(|_| {
+                let (cache, calls) = (cache.clone(), calls.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get(|| async {
+                            // A slow reading: every other caller arrives while it runs.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            calls.fetch_add(1, Ordering::Relaxed) + 1
+                        })
+                        .await
+                        .1
+                })
+            });
+            futures::future::join_all(tasks)
+                .await
+                .into_iter()
+                .map(|r| r.expect("task"))
+                .collect::<Vec<u64>>()
+        };
+        let first = round(cache.clone(), calls.clone()).await;
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            1,
+            "one refresh for 100 callers"
+        );
+        assert!(first.iter().all(|v| *v == 1), "all see that reading");
+        assert_eq!(cache.refreshes.load(Ordering::Relaxed), 1);
+        // Once the reading is older than the TTL, the next callers share one new refresh.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let second = round(cache.clone(), calls.clone()).await;
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+        assert!(second.iter().all(|v| *v == 2));
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abcdefghijklmnop", b"abcdefghijklmnop"));
+        assert!(!constant_time_eq(b"abcdefghijklmnop", b"abcdefghijklmnoq"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}
