@@ -6,7 +6,7 @@
 //! | `/healthz` | 200 while the process runs its loop (liveness); always open |
 //! | `/readyz` | 200 when the database answers, the producer reached Kafka (its last deliveries succeeded and, while idle, the brokers answer a metadata request every second), and this instance is either streaming or a standby waiting for the leader lock; 503 with the reason otherwise; always open |
 //! | `/metrics` | Prometheus text format; behind the token with `admin.metrics_auth` |
-//! | `/status` | the JSON of `outbox-relay status --json`, plus this instance's role; behind the token when `admin.token` is set |
+//! | `/status` | the JSON of `outbox-relay status --json`, plus this instance's `role`, `published_by_this_instance` and `status_age_seconds` (age of the shared reading); behind the token when `admin.token` is set |
 //!
 //! Guarantees:
 //! - **Bounded database load.** `/status` and `/metrics` share one reading of the outbox status,
