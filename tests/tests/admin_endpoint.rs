@@ -2,6 +2,9 @@
 //! (probes stay open), a bounded number of database readings whatever the request rate, and
 //! status queries that never scan the whole outbox table.
 
+#[allow(unused_imports)]
+mod logical_common;
+
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -120,24 +123,8 @@ async fn concurrent_requests_share_one_status_reading_per_interval() -> Result<(
     let (relay, addr) = start(&db, &[("OUTBOX_ADMIN__STATUS_REFRESH", "2s")]).await?;
 
     let started = Instant::now();
-    let mut served = 0;
-    // 6 waves of 50 concurrent requests (status and metrics mixed).
-    for wave in 0..6 {
-        let requests = (0..50).map(|i| {
-            let addr = addr.clone();
-            let path = if (i + wave) % 2 == 0 {
-                "/status"
-            } else {
-                "/metrics"
-            };
-            tokio::spawn(async move { get(&addr, path, None).await })
-        });
-        for r in futures::future::join_all(requests).await {
-            let (code, body) = r??;
-            assert_eq!(code, 200, "{body}");
-            served += 1;
-        }
-    }
+    request_waves(&addr, 6).await?;
+    let served = 300;
     let (_, scrape) = get(&addr, "/metrics", None).await?;
     let elapsed = started.elapsed();
     let readings = metric(&scrape, "outbox_relay_admin_status_queries_total")
@@ -150,6 +137,63 @@ async fn concurrent_requests_share_one_status_reading_per_interval() -> Result<(
     assert!(readings >= 1.0);
     let age = metric(&scrape, "outbox_relay_admin_status_age_seconds").expect("age exported");
     assert!(age <= refresh.as_secs_f64() + 3.5, "stale reading: {age}s");
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    Ok(())
+}
+
+/// `waves` waves of 50 concurrent requests (`/status` and `/metrics` mixed); the time they took.
+async fn request_waves(addr: &str, waves: usize) -> Result<Duration> {
+    let started = Instant::now();
+    for wave in 0..waves {
+        let requests = (0..50).map(|i| {
+            let addr = addr.to_owned();
+            let path = if (i + wave) % 2 == 0 {
+                "/status"
+            } else {
+                "/metrics"
+            };
+            tokio::spawn(async move { get(&addr, path, None).await })
+        });
+        for r in futures::future::join_all(requests).await {
+            let (code, body) = r??;
+            assert_eq!(code, 200, "{body}");
+        }
+    }
+    Ok(started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_database_sees_one_status_query_per_interval_in_pg_stat_statements() -> Result<()> {
+    // The server's own count, independent of the relay's counter.
+    let cluster = logical_common::TempCluster::start(
+        "logical",
+        "shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = all\n",
+    )?;
+    let db = cluster.test_db().await?;
+    db.migrate().await?;
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(&db.pool)
+        .await?;
+    let refresh = Duration::from_secs(2);
+    let (relay, addr) = start(&db, &[("OUTBOX_ADMIN__STATUS_REFRESH", "2s")]).await?;
+    sqlx::query("SELECT pg_stat_statements_reset()")
+        .execute(&db.pool)
+        .await?;
+    let elapsed = request_waves(&addr, 6).await?;
+    // The pending count of status.rs, before and after the fix (its text starts the same way).
+    let calls: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements
+         WHERE query LIKE 'SELECT count(*)%' AND query LIKE '%outbox%'
+           AND query LIKE '%WHERE published_at IS NULL%'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    let bound = 1 + (elapsed.as_secs_f64() / refresh.as_secs_f64()).ceil() as i64;
+    assert!(
+        (1..=bound).contains(&calls),
+        "300 admin requests in {elapsed:?} ran the status count {calls} times (expected 1 to {bound})"
+    );
     let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
     assert_eq!(code, 0, "{log}");
     Ok(())
