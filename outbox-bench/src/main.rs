@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! cargo run --release --bin outbox-bench -- [--quick] [--json FILE] [--events N] [--only SECTION]
+//!     [--admin-load]
 //! ```
 //!
 //! PostgreSQL and the broker come from `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS`; when either
@@ -53,6 +54,11 @@ struct Args {
     /// `--relay-env OUTBOX_BATCH_SIZE=5000`, `--relay-env OUTBOX_KAFKA__PROPERTIES__LINGER_MS=1`.
     #[arg(long, value_name = "NAME=VALUE", value_parser = parse_relay_env)]
     relay_env: Vec<(String, String)>,
+    /// Also run the admin-endpoint load section (not in the default set): the polling drain of a
+    /// 1M-row table (quick: 200k) quietly and under 200 requests/s to /status and /metrics for
+    /// at most 30 s, twice each (quick: once), alternating; prints both and their ratio.
+    #[arg(long)]
+    admin_load: bool,
 }
 
 fn parse_relay_env(s: &str) -> Result<(String, String), String> {
@@ -75,6 +81,8 @@ enum Section {
     Latency,
     /// Business transaction with and without the outbox write.
     Write,
+    /// The drain with and without load on the admin endpoint (also `--admin-load`).
+    AdminLoad,
 }
 
 /// A relay source.
@@ -157,7 +165,13 @@ fn main() -> ExitCode {
 /// Runs the selected sections; returns whether all of them succeeded.
 async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
     let started = Instant::now();
-    let wants = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    let wants = |s: Section| {
+        if s == Section::AdminLoad {
+            args.admin_load || args.only.contains(&s)
+        } else {
+            args.only.is_empty() || args.only.contains(&s)
+        }
+    };
     let sources: Vec<Source> = if args.source.is_empty() {
         vec![Source::Polling, Source::Logical]
     } else {
@@ -220,6 +234,17 @@ async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
         match sections::write_path(ctx).await {
             Ok(w) => report.write_path = Some(w),
             Err(e) => record("write path", e),
+        }
+    }
+    if wants(Section::AdminLoad) {
+        let (rows, repeats) = if ctx.quick {
+            (200_000, 1)
+        } else {
+            (1_000_000, 2)
+        };
+        match sections::admin_load(ctx, rows, 200, Duration::from_secs(30), repeats).await {
+            Ok(a) => report.admin_load = Some(a),
+            Err(e) => record("admin load", e),
         }
     }
     report.duration_seconds = started.elapsed().as_secs_f64();

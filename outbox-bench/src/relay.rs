@@ -360,12 +360,23 @@ pub fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -
 
 /// A raw HTTP/1.1 GET on loopback; returns the body of a 200 answer.
 pub async fn http_get(addr: &str, path: &str) -> Result<String> {
+    get_with_headers(addr, path, "").await
+}
+
+/// GET `path` with `Authorization: Bearer <token>`; the body, or an error unless 200.
+pub async fn http_get_authorized(addr: &str, path: &str, token: &str) -> Result<String> {
+    get_with_headers(addr, path, &format!("Authorization: Bearer {token}\r\n")).await
+}
+
+async fn get_with_headers(addr: &str, path: &str, headers: &str) -> Result<String> {
     let fut = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         stream
             .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
+                format!(
+                    "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n"
+                )
+                .as_bytes(),
             )
             .await?;
         let mut response = String::new();

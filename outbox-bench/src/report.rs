@@ -27,6 +27,39 @@ pub struct Ceilings {
     pub fill_seconds: Option<f64>,
 }
 
+/// The relay's drain with and without requests against its admin endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminLoadRun {
+    /// Rows in the outbox table, all pending at the start: the drained backlog.
+    pub rows: u64,
+    /// Requests per second sent to the admin endpoint (half `/status`, half `/metrics`).
+    pub rate: u64,
+    /// Longest load window per drain.
+    pub window_seconds: f64,
+    /// Quiet/loaded pairs run, alternating.
+    pub repeats: usize,
+    /// Drain rate of each quiet run.
+    pub quiet_events_per_sec: Vec<f64>,
+    /// Drain rate of each run under load.
+    pub loaded_events_per_sec: Vec<f64>,
+    /// Mean loaded drain ÷ mean quiet drain (≥ 0.95 is the target).
+    pub ratio: f64,
+    /// Requests sent during the loaded drains.
+    pub requests: u64,
+    /// Requests that failed or did not answer 200.
+    pub failed_requests: u64,
+    /// Requests per second actually sent.
+    pub achieved_rate: f64,
+    /// Database readings the relay took for those requests (its counter).
+    pub status_readings: f64,
+    /// Seconds of load, summed over the loaded drains.
+    pub load_seconds: f64,
+    /// Relay CPU seconds, summed over the quiet drains.
+    pub relay_cpu_seconds_quiet: f64,
+    /// Relay CPU seconds, summed over the loaded drains.
+    pub relay_cpu_seconds_loaded: f64,
+}
+
 /// One backlog drain by the relay process.
 #[derive(Debug, Clone, Serialize)]
 pub struct DrainRun {
@@ -171,6 +204,8 @@ pub struct Report {
     pub latency_runs: Vec<LatencyRun>,
     /// Write-path details.
     pub write_path: Option<WriteRun>,
+    /// The admin endpoint under load (`--admin-load`).
+    pub admin_load: Option<AdminLoadRun>,
     /// The machine.
     pub machine: Machine,
     /// Wall time of the whole run.
@@ -476,6 +511,26 @@ impl Report {
                         .unwrap_or_default(),
                 );
             }
+        }
+        if let Some(a) = &self.admin_load {
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+            t.row(
+                &format!("admin load: polling drain of {} rows, quiet", a.rows),
+                rate(Some(mean(&a.quiet_events_per_sec)), "ev/s"),
+                "",
+                "",
+                "",
+            );
+            t.row(
+                &format!(
+                    "admin load: same, {:.0} req/s /status+/metrics ({} requests, {} failed, {} readings)",
+                    a.achieved_rate, a.requests, a.failed_requests, a.status_readings
+                ),
+                rate(Some(mean(&a.loaded_events_per_sec)), "ev/s"),
+                "ratio ≥ 0.95",
+                &format!("{:.3}× quiet", a.ratio),
+                &verdict(a.ratio >= 0.95),
+            );
         }
         for (source, v) in [
             ("polling", self.relay_cpu_seconds_per_100k.polling),

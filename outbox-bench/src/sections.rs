@@ -12,7 +12,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 use crate::db::{AGGREGATES, BenchDb, EVENT_TYPES, Registry, payload_json, unique};
 use crate::kafka::{LatencyConsumer, create_topic, producer_ceiling};
 use crate::relay::{RelayProcess, histogram_quantile};
-use crate::report::{Ceilings, DrainRun, LatencyRun, Percentiles, WriteRun};
+use crate::report::{AdminLoadRun, Ceilings, DrainRun, LatencyRun, Percentiles, WriteRun};
 
 /// What every section needs.
 pub struct Ctx {
@@ -604,4 +604,181 @@ impl XorShift {
         self.0 = x;
         x
     }
+}
+
+/// One drain of the admin-load section, with or without requests against the admin endpoint.
+struct LoadedDrain {
+    seconds: f64,
+    relay_cpu_seconds: f64,
+    requests: u64,
+    failed_requests: u64,
+    load_seconds: f64,
+    status_readings: f64,
+}
+
+/// `--admin-load`: the relay drains a backlog of `rows` rows (the whole table, all pending: the
+/// worst case for the status queries) once quietly and once while a client sends `rate`
+/// requests/s to `/status` (with the bearer token) and `/metrics` for at most `window`; repeated
+/// `repeats` times, alternating. Requests are paced by a timer, bounded in number (`rate ×
+/// window`) and in flight (64), loopback only.
+pub async fn admin_load(
+    ctx: &mut Ctx,
+    rows: u64,
+    rate: u64,
+    window: Duration,
+    repeats: usize,
+) -> Result<AdminLoadRun> {
+    let bin = ctx.relay_bin()?;
+    let mut quiet = Vec::new();
+    let mut loaded = Vec::new();
+    for round in 0..repeats {
+        for with_load in [false, true] {
+            let d = admin_load_drain(ctx, &bin, rows, with_load.then_some((rate, window))).await?;
+            eprintln!(
+                "bench: admin load ({}/{repeats}, {}): drain {:.0} events/s ({:.2} s, relay CPU {:.2} s); {} requests ({} failed) over {:.1} s, {} status readings",
+                round + 1,
+                if with_load { "with load" } else { "quiet" },
+                rows as f64 / d.seconds,
+                d.seconds,
+                d.relay_cpu_seconds,
+                d.requests,
+                d.failed_requests,
+                d.load_seconds,
+                d.status_readings
+            );
+            if with_load {
+                loaded.push(d);
+            } else {
+                quiet.push(d);
+            }
+        }
+    }
+    let mean = |v: &[LoadedDrain]| {
+        v.iter().map(|d| rows as f64 / d.seconds).sum::<f64>() / v.len().max(1) as f64
+    };
+    let (q, l) = (mean(&quiet), mean(&loaded));
+    let requests: u64 = loaded.iter().map(|d| d.requests).sum();
+    let cpu = |v: &[LoadedDrain]| v.iter().map(|d| d.relay_cpu_seconds).sum::<f64>();
+    let load_seconds: f64 = loaded.iter().map(|d| d.load_seconds).sum();
+    Ok(AdminLoadRun {
+        rows,
+        rate,
+        window_seconds: window.as_secs_f64(),
+        repeats,
+        quiet_events_per_sec: quiet.iter().map(|d| rows as f64 / d.seconds).collect(),
+        loaded_events_per_sec: loaded.iter().map(|d| rows as f64 / d.seconds).collect(),
+        ratio: l / q.max(1e-9),
+        requests,
+        failed_requests: loaded.iter().map(|d| d.failed_requests).sum(),
+        achieved_rate: requests as f64 / load_seconds.max(1e-9),
+        status_readings: loaded.iter().map(|d| d.status_readings).sum(),
+        load_seconds,
+        relay_cpu_seconds_quiet: cpu(&quiet),
+        relay_cpu_seconds_loaded: cpu(&loaded),
+    })
+}
+
+async fn admin_load_drain(
+    ctx: &mut Ctx,
+    bin: &std::path::Path,
+    rows: u64,
+    load: Option<(u64, Duration)>,
+) -> Result<LoadedDrain> {
+    let db = BenchDb::create(&ctx.admin_url, "admin_load", &ctx.registry).await?;
+    let topic = unique("bench_admin_load");
+    create_topic(&ctx.bootstrap, &topic).await?;
+    db.fill_backlog(rows, 10_000, false).await?;
+    sqlx::query("VACUUM ANALYZE outbox")
+        .execute(&db.pool)
+        .await?;
+    let token = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let mut env = ctx.relay_env(&db, "polling", &topic, "unused_slot");
+    env.push(("OUTBOX_ADMIN__TOKEN".to_owned(), token.clone()));
+    let mut relay = RelayProcess::start(bin, &env).await?;
+    let started = relay.started;
+    let cpu0 = relay.cpu()?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let load_task = load.map(|(rate, window)| {
+        let (addr, stop, sent, failed) = (
+            relay.admin.clone(),
+            stop.clone(),
+            sent.clone(),
+            failed.clone(),
+        );
+        tokio::spawn(async move {
+            let began = Instant::now();
+            let limit = Arc::new(tokio::sync::Semaphore::new(64));
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let max = rate * window.as_secs();
+            let mut i = 0u64;
+            while i < max && began.elapsed() < window && !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let Ok(permit) = limit.clone().acquire_owned().await else {
+                    break;
+                };
+                let (addr, token, failed) = (addr.clone(), token.clone(), failed.clone());
+                let path = if i.is_multiple_of(2) {
+                    "/status"
+                } else {
+                    "/metrics"
+                };
+                tokio::spawn(async move {
+                    if crate::relay::http_get_authorized(&addr, path, &token)
+                        .await
+                        .is_err()
+                    {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(permit);
+                });
+                sent.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+            // Wait for the requests still in flight.
+            let _ = limit.acquire_many(64).await;
+            began.elapsed()
+        })
+    });
+    let deadline = Instant::now() + Duration::from_secs(120 + rows / 1000);
+    let end = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        relay.check_alive()?;
+        let asked = Instant::now();
+        let m = relay.metrics().await?;
+        if m.get("outbox_relay_events_published_total") >= rows as f64 {
+            let since =
+                Duration::from_secs_f64(m.get("outbox_relay_seconds_since_last_event").max(0.0));
+            break asked.checked_sub(since).unwrap_or(asked).max(started);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "admin load: {} of {rows} published before the deadline; log:\n{}",
+                m.get("outbox_relay_events_published_total"),
+                relay.log_tail()
+            );
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    let load_seconds = match load_task {
+        Some(t) => t.await?.as_secs_f64(),
+        None => 0.0,
+    };
+    let readings = relay
+        .metrics()
+        .await?
+        .get("outbox_relay_admin_status_queries_total");
+    let cpu = relay.cpu()?.saturating_sub(cpu0);
+    relay.stop().await?;
+    db.drop().await?;
+    Ok(LoadedDrain {
+        seconds: (end - started).as_secs_f64(),
+        relay_cpu_seconds: cpu.as_secs_f64(),
+        requests: sent.load(Ordering::Relaxed),
+        failed_requests: failed.load(Ordering::Relaxed),
+        load_seconds,
+        status_readings: readings,
+    })
 }

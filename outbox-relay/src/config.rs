@@ -16,7 +16,14 @@ use crate::sink::kafka::KafkaSettings;
 use crate::source::polling::RowAcknowledgement;
 use crate::telemetry::TelemetrySettings;
 
-/// A secret string (a database URL with a password, a SASL password): never printed.
+/// A secret string (a database URL with a password, a SASL password, the admin token): its
+/// `Debug` and `Serialize` print `<redacted>`, it has no `Display`, and the value is reachable
+/// only through [`Secret::expose`].
+///
+/// The one secret type of the relay. (`secrecy::SecretString` was considered: it offers the same
+/// guarantee plus zeroing on drop, but has no `PartialEq` and serializes only through an opt-in
+/// marker, while the configuration must be compared in tests and rendered redacted by
+/// `config print`; one small type keeps both without a new dependency.)
 #[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -45,18 +52,80 @@ impl serde::Serialize for Secret {
     }
 }
 
-/// A database URL with its password replaced by `***`, for messages.
+/// Whether a free-form setting name (a librdkafka passthrough property such as
+/// `sasl.password`, `sasl.oauthbearer.config`, `ssl.key.pem`, `ssl.keystore.password`, or any
+/// name containing `password`, `secret`, `token`, `credential`, `jaas` or `private`) holds a
+/// secret. Such values are replaced by `<redacted>` in `Debug`, `config print` and logs.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    const EXACT: &[&str] = &["sasl.oauthbearer.config", "ssl.key.pem"];
+    const PARTS: &[&str] = &[
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "credential",
+        "jaas",
+        "private",
+        "oauthbearer.config",
+    ];
+    EXACT.contains(&key.as_str()) || PARTS.iter().any(|p| key.contains(p))
+}
+
+/// A map of free-form settings for `Debug`: values of [secret keys](is_secret_key) are shown as
+/// `<redacted>`.
+pub struct RedactedMap<'a>(pub &'a std::collections::BTreeMap<String, String>);
+
+impl fmt::Debug for RedactedMap<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                let shown = if is_secret_key(k) { "<redacted>" } else { v };
+                (k, shown)
+            }))
+            .finish()
+    }
+}
+
+/// A database URL with its secrets replaced by `***`, for messages: the password of the
+/// `user:password@` part and the value of any `password`/`sslpassword` (or other
+/// [secret-named](is_secret_key)) query parameter.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match base.find("://") {
+        Some(scheme) => {
+            let rest = &base[scheme + 3..];
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            let authority = &rest[..authority_end];
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) => match userinfo.split_once(':') {
+                    Some((user, _)) => format!(
+                        "{}{user}:***@{host}{}",
+                        &base[..scheme + 3],
+                        &rest[authority_end..]
+                    ),
+                    None => base.to_owned(),
+                },
+                None => base.to_owned(),
             }
         }
-        _ => url.to_owned(),
+        None => base.to_owned(),
+    };
+    if let Some(query) = query {
+        out.push('?');
+        let params: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if is_secret_key(k) => format!("{k}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 /// Which source reads the outbox.
@@ -111,6 +180,33 @@ impl Default for LogicalSettings {
     }
 }
 
+/// Access control and caching of the admin endpoint ([`crate::admin`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Bearer token that `/status` (and `/metrics` with `metrics_auth`) require
+    /// (`Authorization: Bearer <token>`); `/healthz` and `/readyz` stay open for probes. Unset:
+    /// no authentication. Secret (`OUTBOX_ADMIN__TOKEN`, or `OUTBOX_ADMIN__TOKEN_FILE`).
+    pub token: Option<Secret>,
+    /// Whether `/metrics` requires the token too (default: no, so annotation-based Prometheus
+    /// scraping keeps working; its figures carry no ids, payloads or secrets).
+    pub metrics_auth: bool,
+    /// How long one reading of the outbox status serves `/status` and `/metrics`: the endpoint
+    /// queries the database at most once per this interval, whatever the request rate.
+    #[serde(with = "duration")]
+    pub status_refresh: Duration,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            token: None,
+            metrics_auth: false,
+            status_refresh: Duration::from_secs(5),
+        }
+    }
+}
+
 /// The whole relay configuration.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -158,6 +254,8 @@ pub struct RelayConfig {
     /// Address of the admin HTTP endpoint (`/healthz`, `/readyz`, `/metrics`, `/status`);
     /// off when unset.
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// Access control and caching of the admin endpoint.
+    pub admin: AdminSettings,
     /// Topic on which parked (poison) events are announced, if any.
     pub dead_letter_topic: Option<String>,
     /// Routing.
@@ -188,6 +286,7 @@ impl Default for RelayConfig {
             shutdown_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             admin_addr: None,
+            admin: AdminSettings::default(),
             dead_letter_topic: None,
             route: RouteSettings::default(),
             kafka: KafkaSettings::default(),
@@ -233,6 +332,7 @@ impl RelayConfig {
                 ),
             ));
         }
+        validate_database_url(self.database_url.expose())?;
         if self.batch_size == 0 || self.batch_size > 100_000 {
             return Err(ConfigError::new(
                 "batch_size",
@@ -302,8 +402,69 @@ impl RelayConfig {
         outbox_core::Identifier::parse("message prefix", &self.logical.message_prefix)
             .map_err(|e| ConfigError::new("logical.message_prefix", e.to_string()))?;
         self.telemetry.validate()?;
+        if let Some(token) = &self.admin.token
+            && token.expose().trim().len() < 16
+        {
+            return Err(ConfigError::new(
+                "admin.token",
+                "must be at least 16 characters (e.g. `openssl rand -hex 32`)",
+            ));
+        }
+        if self.admin.metrics_auth && self.admin.token.is_none() {
+            return Err(ConfigError::new(
+                "admin.metrics_auth",
+                "needs admin.token (OUTBOX_ADMIN__TOKEN or OUTBOX_ADMIN__TOKEN_FILE)",
+            ));
+        }
+        if self.admin.status_refresh < Duration::from_millis(100)
+            || self.admin.status_refresh > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::new(
+                "admin.status_refresh",
+                "must be between 100ms and 1h",
+            ));
+        }
         Ok(table)
     }
+}
+
+/// The checks on `database_url` that make the SQL pool and the replication connection equally
+/// protected: TLS modes and parameters that one of them could not honour are refused here,
+/// naming the fix, instead of silently weakening one connection.
+fn validate_database_url(url: &str) -> Result<(), ConfigError> {
+    use sqlx::ConnectOptions;
+    let err = |reason: String| ConfigError::new("database_url", reason);
+    if let Some((_, query)) = url.split_once('?') {
+        for key in query.split('&').filter_map(|p| p.split('=').next()) {
+            // sqlx would log an unknown parameter with its value: refuse secrets it ignores.
+            if is_secret_key(key) && key != "password" {
+                return Err(err(format!(
+                    "URL parameter `{key}` is not supported (an encrypted client key cannot be \
+                     used): give `sslkey` an unencrypted key file readable only by the relay"
+                )));
+            }
+        }
+    }
+    let opts: sqlx::postgres::PgConnectOptions = url
+        .parse()
+        .map_err(|e| err(format!("`{}`: {e}", redact_url(url))))?;
+    if matches!(opts.get_ssl_mode(), sqlx::postgres::PgSslMode::Allow) {
+        return Err(err(
+            "`sslmode=allow` is not supported (sqlx never upgrades it to TLS, libpq would): \
+             use `disable`, `prefer`, `require`, `verify-ca` or `verify-full`"
+                .into(),
+        ));
+    }
+    let resolved = opts.to_url_lossy();
+    let has = |name: &str| resolved.query_pairs().any(|(k, _)| k == name);
+    if has("sslcert") != has("sslkey") {
+        return Err(err(
+            "`sslcert` and `sslkey` go together (a client certificate needs its key; sqlx would \
+             silently send none): set both or neither"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Durations written as `500ms`, `30s`, `5m`, `24h`, `7d` (a bare number is seconds).
@@ -405,6 +566,48 @@ mod tests {
             "postgres://app:***@db:5432/x"
         );
         assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(
+            redact_url("postgres://app@db/x?sslmode=require&password=s3cret&sslpassword=k3y"),
+            "postgres://app@db/x?sslmode=require&password=***&sslpassword=***"
+        );
+        assert_eq!(
+            redact_url("postgres://app:p@ss@db/x?application_name=a@b"),
+            "postgres://app:***@db/x?application_name=a@b"
+        );
+        for key in [
+            "sasl.password",
+            "sasl.oauthbearer.config",
+            "sasl.oauthbearer.client.secret",
+            "ssl.key.pem",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "sasl.jaas.config",
+            "Some.Token",
+        ] {
+            assert!(is_secret_key(key), "{key}");
+        }
+        for key in [
+            "linger.ms",
+            "sasl.mechanism",
+            "ssl.ca.location",
+            "security.protocol",
+        ] {
+            assert!(!is_secret_key(key), "{key}");
+        }
+        let mut c = RelayConfig::default();
+        for (k, v) in [
+            ("sasl.password", "hunter2"),
+            ("sasl.oauthbearer.config", "principal=me token=t0ken"),
+            ("ssl.keystore.password", "k3ystore"),
+            ("linger.ms", "7"),
+        ] {
+            c.kafka.properties.insert(k.into(), v.into());
+        }
+        let debug = format!("{c:?}");
+        for secret in ["hunter2", "t0ken", "k3ystore"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+        assert!(debug.contains("\"linger.ms\": \"7\""), "{debug}");
         let c = RelayConfig {
             database_url: Secret::new("postgres://a:s3cret@h/d"),
             ..Default::default()
@@ -431,6 +634,19 @@ mod tests {
         let mut c = RelayConfig::default();
         c.logical.slot = "Bad-Slot".into();
         assert_eq!(c.validate().unwrap_err().key, "logical.slot");
+        for url in [
+            "postgres://u@h/d?sslmode=allow",
+            "postgres://u@h/d?sslmode=require&sslcert=/c.pem",
+            "postgres://u@h/d?sslmode=require&sslpassword=k3y",
+        ] {
+            let c = RelayConfig {
+                database_url: Secret::new(url),
+                ..Default::default()
+            };
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.key, "database_url", "{url}");
+            assert!(!e.to_string().contains("k3y"), "{e}");
+        }
         let mut c = RelayConfig::default();
         c.leader_lease = Duration::from_millis(500);
         assert_eq!(c.validate().unwrap_err().key, "leader_lease");

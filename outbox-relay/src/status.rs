@@ -17,9 +17,10 @@ pub struct OutboxStatus {
     pub source: String,
     /// Rows not yet published (`table` write mode).
     pub pending_events: i64,
-    /// Age in seconds of the oldest unpublished row.
+    /// Age in seconds of the oldest unpublished row (the first in `seq` order).
     pub oldest_pending_age_seconds: Option<f64>,
-    /// The most recently published event (mark acknowledgement only).
+    /// The most recently published event (mark acknowledgement only): the published row just
+    /// before the oldest pending one in `seq` order, or the newest row when nothing is pending.
     pub last_published: Option<LastPublished>,
     /// Parked events (poison events and those held behind them).
     pub parked_events: i64,
@@ -84,6 +85,31 @@ pub async fn slots(conn: &mut PgConnection) -> Result<Vec<SlotStatus>, sqlx::Err
         .collect()
 }
 
+/// The statements [`read`] runs on the outbox table (`table` write mode): the pending count,
+/// the oldest pending age and the last published event. Each is answered from the table's
+/// `seq` indexes (the unique one and the partial one on unpublished rows), never by a scan of
+/// the whole table: the count reads the partial index only (its cost grows with the backlog,
+/// not with the table), the oldest pending row is the first entry of the partial index, and the
+/// last published event is the row just below it in `seq` order (the newest row when nothing is
+/// pending). Public so that tests can `EXPLAIN` them.
+pub fn table_queries(table: &OutboxTable) -> [String; 3] {
+    let t = table.qualified();
+    [
+        format!("SELECT count(*) FROM {t} WHERE published_at IS NULL"),
+        format!(
+            "SELECT extract(epoch FROM now() - created_at)::float8 FROM {t}
+             WHERE published_at IS NULL ORDER BY seq LIMIT 1"
+        ),
+        format!(
+            "SELECT id, type, published_at FROM {t}
+             WHERE published_at IS NOT NULL
+               AND seq < coalesce((SELECT seq FROM {t} WHERE published_at IS NULL
+                                   ORDER BY seq LIMIT 1), 9223372036854775807)
+             ORDER BY seq DESC LIMIT 1"
+        ),
+    ]
+}
+
 /// Reads the status of the outbox configured in `config`.
 pub async fn read(
     conn: &mut PgConnection,
@@ -99,22 +125,17 @@ pub async fn read(
         ..Default::default()
     };
     if config.write_mode == WriteMode::Table {
-        let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
-             FROM {} WHERE published_at IS NULL",
-            table.qualified()
-        )))
-        .fetch_one(&mut *conn)
-        .await?;
-        status.pending_events = row.try_get(0)?;
-        status.oldest_pending_age_seconds = row.try_get(1)?;
-        let last = sqlx::query(AssertSqlSafe(format!(
-            "SELECT id, type, published_at FROM {} WHERE published_at IS NOT NULL
-             ORDER BY published_at DESC LIMIT 1",
-            table.qualified()
-        )))
-        .fetch_optional(&mut *conn)
-        .await?;
+        let [pending, oldest, last] = table_queries(table);
+        status.pending_events = sqlx::query_scalar(AssertSqlSafe(pending))
+            .fetch_one(&mut *conn)
+            .await?;
+        status.oldest_pending_age_seconds = sqlx::query_scalar(AssertSqlSafe(oldest))
+            .fetch_optional(&mut *conn)
+            .await?
+            .flatten();
+        let last = sqlx::query(AssertSqlSafe(last))
+            .fetch_optional(&mut *conn)
+            .await?;
         status.last_published = last
             .map(|r| {
                 Ok::<_, sqlx::Error>(LastPublished {

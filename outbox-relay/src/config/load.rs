@@ -295,7 +295,7 @@ fn from_figment(e: figment::Error, file: Option<&Path>) -> ConfigError {
 pub fn render_redacted(config: &RelayConfig) -> String {
     let mut shown = config.clone();
     for (key, value) in shown.kafka.properties.iter_mut() {
-        if crate::sink::kafka::SECRET_PROPERTIES.contains(&key.as_str()) {
+        if super::is_secret_key(key) {
             *value = "<redacted>".to_owned();
         }
     }

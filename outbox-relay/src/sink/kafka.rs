@@ -28,8 +28,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use crate::route::OutboundRecord;
 use crate::telemetry::{ProducerSpans, RecordSpan};
 
-/// Producer settings.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+/// Producer settings. `Debug` redacts secret properties ([`crate::config::is_secret_key`]).
+#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaSettings {
     /// `bootstrap.servers`.
@@ -56,14 +56,16 @@ impl Default for KafkaSettings {
     }
 }
 
-/// Property names whose values are secrets: never printed or logged.
-pub const SECRET_PROPERTIES: &[&str] = &[
-    "sasl.password",
-    "ssl.key.password",
-    "ssl.keystore.password",
-    "ssl.key.pem",
-    "sasl.oauthbearer.client.secret",
-];
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("properties", &crate::config::RedactedMap(&self.properties))
+            .finish()
+    }
+}
 
 /// A producer problem.
 #[derive(Debug, thiserror::Error)]

@@ -222,8 +222,8 @@ impl From<LogicalError> for SourceError {
 /// Settings of the logical source.
 #[derive(Debug, Clone)]
 pub struct LogicalConfig {
-    /// PostgreSQL URL (used for the SQL pool and the replication connection).
-    pub database_url: String,
+    /// PostgreSQL URL (used for the SQL pool and the replication connection). Secret.
+    pub database_url: crate::config::Secret,
     /// The outbox table (ignored in `logical_message` mode).
     pub table: OutboxTable,
     /// How services write events.
@@ -251,7 +251,7 @@ impl LogicalConfig {
     /// status 1 s, slot check 30 s, lost-slot recovery on.
     pub fn new(database_url: impl Into<String>, table: OutboxTable, write_mode: WriteMode) -> Self {
         Self {
-            database_url: database_url.into(),
+            database_url: crate::config::Secret::new(database_url),
             table,
             write_mode,
             slot: SlotName::default(),
@@ -433,11 +433,11 @@ impl LogicalSource {
         cfg: LogicalConfig,
         leader: Option<Leadership>,
     ) -> Result<Self, LogicalError> {
-        let target = ReplicationTarget::from_url(&cfg.database_url)?;
+        let target = ReplicationTarget::from_url(cfg.database_url.expose())?;
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(&cfg.database_url)
+            .connect(cfg.database_url.expose())
             .await
             .map_err(|source| LogicalError::Database {
                 context: "connecting to PostgreSQL",
@@ -462,13 +462,14 @@ impl LogicalSource {
         }
         slot::check_emit_message_privileges(&pool, cfg.write_mode).await?;
         let marks = if cfg.write_mode == WriteMode::Table {
-            let options: sqlx::postgres::PgConnectOptions =
-                cfg.database_url
-                    .parse()
-                    .map_err(|source| LogicalError::Database {
-                        context: "parsing the database URL",
-                        source,
-                    })?;
+            let options: sqlx::postgres::PgConnectOptions = cfg
+                .database_url
+                .expose()
+                .parse()
+                .map_err(|source| LogicalError::Database {
+                    context: "parsing the database URL",
+                    source,
+                })?;
             Some(RowMarks::new(
                 super::row_marks::pool(&options),
                 cfg.table.clone(),

@@ -10,9 +10,12 @@
 
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use pgwire_replication::{
-    PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
+    PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, SslMode, TlsConfig,
 };
+use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
 use super::LogicalError;
@@ -62,39 +65,105 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The password embedded in a `postgres://user:password@host/db` URL, if any.
-fn url_password(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
-    let authority = rest.split(['/', '?']).next()?;
-    let userinfo = authority.rsplit_once('@')?.0;
-    let (_, pw) = userinfo.split_once(':')?;
-    Some(percent_decode(pw))
+/// A certificate or key path as sqlx resolved it (`file: PATH` in its URL rendering); inline PEM
+/// (possible through `PGSSLROOTCERT` and friends) cannot be handed to the replication client.
+fn certificate_path(param: &str, value: &str) -> Result<PathBuf, LogicalError> {
+    match value.strip_prefix("file: ") {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => Err(LogicalError::Config(format!(
+            "database_url: `{param}` holds an inline PEM value; the replication connection needs \
+             a file path: write it to a file and pass `{param}=/path/to/file`"
+        ))),
+    }
 }
 
 impl ReplicationTarget {
-    /// Derive the replication connection from the same URL the relay's SQL pool uses
-    /// (host, port, user, database, password, `sslmode`; `PGPASSWORD` as fallback).
+    /// Derive the replication connection from the same URL the relay's SQL pool uses, with
+    /// everything sqlx resolves from it (URL parameters, then `PG*` variables, then `.pgpass`):
+    /// host, port, user, database, password (`user:password@` or `?password=`), and TLS.
+    ///
+    /// TLS follows sqlx's behaviour for the SQL pool, so both connections are equally protected:
+    ///
+    /// | `sslmode` | replication connection |
+    /// |---|---|
+    /// | `disable` | plaintext |
+    /// | `prefer` (sqlx's default) | TLS when the server offers it, else plaintext; certificate not verified |
+    /// | `require` | TLS or fail; certificate not verified (as sqlx, even with `sslrootcert`) |
+    /// | `verify-ca` | TLS or fail; chain verified against `sslrootcert` (Mozilla roots when unset); the host name is checked too (pgwire-replication 0.5.0 with current rustls: stricter than the pool, refused loudly) |
+    /// | `verify-full` | as `verify-ca`, and the host name (or IP address) must match the certificate |
+    /// | `allow` | refused: sqlx never upgrades it, libpq would; say `disable` or `prefer` |
+    ///
+    /// `sslcert` + `sslkey` present a client certificate on both connections (one without the
+    /// other is refused, where sqlx would silently send none).
     pub(crate) fn from_url(url: &str) -> Result<Self, LogicalError> {
-        let opts: PgConnectOptions = url
-            .parse()
-            .map_err(|e| LogicalError::Config(format!("invalid database URL: {e}")))?;
+        let opts: PgConnectOptions = url.parse().map_err(|e| {
+            LogicalError::Config(format!(
+                "invalid database URL `{}`: {e}",
+                crate::config::redact_url(url)
+            ))
+        })?;
         let host = match opts.get_socket() {
             Some(dir) => dir.to_string_lossy().into_owned(),
             None => opts.get_host().to_owned(),
         };
-        let tls = match opts.get_ssl_mode() {
-            PgSslMode::Disable | PgSslMode::Allow | PgSslMode::Prefer => TlsConfig::disabled(),
+        // sqlx's own rendering of what it will use (URL parameters over PG* variables, .pgpass
+        // applied): the only public way to read its password and certificate paths.
+        let resolved = opts.to_url_lossy();
+        let mut root_cert = None;
+        let mut client_cert = None;
+        let mut client_key = None;
+        for (key, value) in resolved.query_pairs() {
+            match &*key {
+                "sslrootcert" => root_cert = Some(certificate_path("sslrootcert", &value)?),
+                "sslcert" => client_cert = Some(certificate_path("sslcert", &value)?),
+                "sslkey" => client_key = Some(certificate_path("sslkey", &value)?),
+                _ => {}
+            }
+        }
+        let password = resolved.password().map(percent_decode).unwrap_or_default();
+        let mut tls = match opts.get_ssl_mode() {
+            PgSslMode::Disable => TlsConfig::disabled(),
+            PgSslMode::Allow => {
+                return Err(LogicalError::Config(
+                    "database_url: `sslmode=allow` is not supported (the SQL pool would never \
+                     use TLS with it, libpq would fall back to TLS): use `sslmode=disable`, \
+                     `prefer`, `require`, `verify-ca` or `verify-full`"
+                        .into(),
+                ));
+            }
+            PgSslMode::Prefer => TlsConfig {
+                mode: SslMode::Prefer,
+                ..TlsConfig::default()
+            },
             PgSslMode::Require => TlsConfig::require(),
-            PgSslMode::VerifyCa => TlsConfig::verify_ca(None),
-            PgSslMode::VerifyFull => TlsConfig::verify_full(None),
+            PgSslMode::VerifyCa => TlsConfig::verify_ca(root_cert),
+            PgSslMode::VerifyFull => {
+                let tls = TlsConfig::verify_full(root_cert);
+                // An IP literal is checked against the certificate's IP addresses (as libpq and
+                // the SQL pool do); the client refuses an IP without an explicit name to check.
+                if opts.get_socket().is_none() && host.parse::<std::net::IpAddr>().is_ok() {
+                    tls.with_sni_hostname(host.clone())
+                } else {
+                    tls
+                }
+            }
         };
+        match (client_cert, client_key) {
+            (Some(cert), Some(key)) => tls = tls.with_client_cert(cert, key),
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(LogicalError::Config(
+                    "database_url: `sslcert` and `sslkey` go together (a client certificate \
+                     needs its key): set both or neither"
+                        .into(),
+                ));
+            }
+        }
         Ok(Self {
             host,
             port: opts.get_port(),
             user: opts.get_username().to_owned(),
-            password: url_password(url)
-                .or_else(|| std::env::var("PGPASSWORD").ok())
-                .unwrap_or_default(),
+            password,
             database: opts
                 .get_database()
                 .map(str::to_owned)
@@ -143,7 +212,22 @@ pub(crate) fn classify(slot: &SlotName, e: PgWireError) -> LogicalError {
                 LogicalError::Replication(text)
             }
         }
-        PgWireError::Auth(_) | PgWireError::Tls(_) => {
+        PgWireError::Tls(_) => {
+            // pgwire-replication 0.5.0 recognises only rustls' older `NotValidForName`, so under
+            // `verify-ca` a certificate naming another host is refused (stricter than the pool).
+            let name_hint = if text.contains("not valid for name") {
+                "; the replication connection checks the host name under `verify-ca` too: \
+                 connect by a name the server certificate carries"
+            } else {
+                ""
+            };
+            LogicalError::Config(format!(
+                "TLS on the replication connection failed: {text} (check `sslmode`, \
+                 `sslrootcert`, `sslcert` and `sslkey` in database_url; the SQL connections use \
+                 the same settings{name_hint})"
+            ))
+        }
+        PgWireError::Auth(_) => {
             LogicalError::Config(format!("replication connection refused: {text}"))
         }
         _ => LogicalError::Replication(text),
@@ -286,21 +370,57 @@ mod tests {
 
     #[test]
     fn password_is_extracted_and_decoded() {
-        assert_eq!(
-            url_password("postgres://u:p%40ss@h:5/db").as_deref(),
-            Some("p@ss")
-        );
-        assert_eq!(url_password("postgres://u@h/db"), None);
-        assert_eq!(
-            url_password("postgres://u:%é%4@h/db").as_deref(),
-            Some("%é%4")
-        );
-        assert_eq!(url_password("postgres://h/db"), None);
+        let t = ReplicationTarget::from_url("postgres://u:p%40ss@h:5/db").unwrap();
+        assert_eq!(t.password, "p@ss");
         let t = ReplicationTarget::from_url("postgres://alice:s3cret@127.0.0.1:6543/app").unwrap();
         assert_eq!(
             (t.port, t.user.as_str(), t.database.as_str()),
             (6543, "alice", "app")
         );
         assert!(!format!("{t:?}").contains("s3cret"));
+        // `?password=` is honoured as sqlx honours it.
+        let t = ReplicationTarget::from_url("postgres://alice@h/app?password=p%26w").unwrap();
+        assert_eq!(t.password, "p&w");
+    }
+
+    #[test]
+    fn tls_parameters_map_as_for_the_sql_pool() {
+        let tls = |q: &str| ReplicationTarget::from_url(&format!("postgres://u@db.example/x?{q}"));
+        assert_eq!(tls("sslmode=disable").unwrap().tls.mode, SslMode::Disable);
+        assert_eq!(tls("sslmode=prefer").unwrap().tls.mode, SslMode::Prefer);
+        assert_eq!(tls("sslmode=require").unwrap().tls.mode, SslMode::Require);
+        let t = tls("sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c.pem&sslkey=/c.key")
+            .unwrap()
+            .tls;
+        assert_eq!(t.mode, SslMode::VerifyFull);
+        assert_eq!(
+            t.ca_pem_path.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        assert_eq!(
+            t.client_cert_pem_path.as_deref(),
+            Some(std::path::Path::new("/c.pem"))
+        );
+        assert_eq!(
+            t.client_key_pem_path.as_deref(),
+            Some(std::path::Path::new("/c.key"))
+        );
+        let t = tls("sslmode=verify-ca&sslrootcert=/ca.pem").unwrap().tls;
+        assert_eq!(t.mode, SslMode::VerifyCa);
+        assert_eq!(
+            t.ca_pem_path.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        let e = tls("sslmode=allow").unwrap_err().to_string();
+        assert!(e.contains("sslmode=allow"), "{e}");
+        let e = tls("sslmode=require&sslcert=/c.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`sslcert` and `sslkey` go together"), "{e}");
+        // verify-full against an IP literal checks the certificate's IP address.
+        let t = ReplicationTarget::from_url("postgres://u@127.0.0.1/x?sslmode=verify-full")
+            .unwrap()
+            .tls;
+        assert_eq!(t.sni_hostname.as_deref(), Some("127.0.0.1"));
     }
 }
