@@ -110,6 +110,11 @@ pub fn table_queries(table: &OutboxTable) -> [String; 3] {
     ]
 }
 
+/// The setting [`read`] runs [`table_queries`] under: with a large share of the table pending the
+/// planner would otherwise count by a (parallel) scan of the whole table, whose cost grows with
+/// the table rather than with the backlog.
+pub const STATUS_PLANNER_SETTING: &str = "SET LOCAL enable_seqscan = off";
+
 /// Reads the status of the outbox configured in `config`.
 pub async fn read(
     conn: &mut PgConnection,
@@ -126,16 +131,21 @@ pub async fn read(
     };
     if config.write_mode == WriteMode::Table {
         let [pending, oldest, last] = table_queries(table);
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::query(STATUS_PLANNER_SETTING)
+            .execute(&mut *tx)
+            .await?;
         status.pending_events = sqlx::query_scalar(AssertSqlSafe(pending))
-            .fetch_one(&mut *conn)
+            .fetch_one(&mut *tx)
             .await?;
         status.oldest_pending_age_seconds = sqlx::query_scalar(AssertSqlSafe(oldest))
-            .fetch_optional(&mut *conn)
+            .fetch_optional(&mut *tx)
             .await?
             .flatten();
         let last = sqlx::query(AssertSqlSafe(last))
-            .fetch_optional(&mut *conn)
+            .fetch_optional(&mut *tx)
             .await?;
+        tx.commit().await?;
         status.last_published = last
             .map(|r| {
                 Ok::<_, sqlx::Error>(LastPublished {

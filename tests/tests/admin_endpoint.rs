@@ -237,8 +237,24 @@ async fn status_queries_use_the_seq_indexes_not_a_scan_of_the_table() -> Result<
     .await?;
     assert!(before.contains("Seq Scan on outbox"), "{before}");
 
+    // Planned as the status reading runs them (no whole-table scan where an index can serve).
+    let plan_as_status = |sql: String| {
+        let pool = db.pool.clone();
+        async move {
+            let mut tx = pool.begin().await?;
+            sqlx::query(outbox_relay::status::STATUS_PLANNER_SETTING)
+                .execute(&mut *tx)
+                .await?;
+            let lines: Vec<String> =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+                    .fetch_all(&mut *tx)
+                    .await?;
+            anyhow::Ok(lines.join("\n"))
+        }
+    };
     for sql in outbox_relay::status::table_queries(&OutboxTable::default()) {
-        let p = plan(sql.clone()).await?;
+        let p = plan_as_status(sql.clone()).await?;
+        assert!(p.contains("Index"), "not index-backed:\n{sql}\n{p}");
         assert!(
             !p.contains("Seq Scan on outbox"),
             "a status query scans the whole table:\n{sql}\n{p}"
