@@ -2,7 +2,6 @@
 //! (probes stay open), a bounded number of database readings whatever the request rate, and
 //! status queries that never scan the whole outbox table.
 
-#[allow(unused_imports)]
 mod logical_common;
 
 use std::time::{Duration, Instant};

@@ -8,7 +8,6 @@
 //! stream; `pg_stat_ssl` then shows that every connection of the role, the walsender included,
 //! is encrypted.
 
-#[allow(unused_imports)]
 mod logical_common;
 
 use std::path::{Path, PathBuf};
