@@ -344,8 +344,30 @@ fn shared_metrics(slot: &SlotName) -> Arc<LogicalMetrics> {
 
 struct OpenTx {
     commit_lsn: Lsn,
-    /// Decoded events, malformed ones included (the relay parks those).
+    /// Decoded events not handed on yet, malformed ones included (the relay parks those).
     events: Vec<Result<StoredEvent, MalformedEvent>>,
+    /// Payload bytes of `events`.
+    bytes: usize,
+}
+
+/// A transaction is handed on in chunks once it holds more than this many events, or
+/// [`TX_CHUNK_BYTES`] of payload, before its commit arrives, so a huge transaction never sits in
+/// memory whole. That is safe: pgoutput (protocol 1, no `streaming`) sends a transaction only
+/// once it has committed, so every event between its Begin and Commit is committed already. The
+/// last event received is always held back for the Commit, to carry the LSN the slot may be
+/// confirmed to once the whole transaction is acknowledged; the chunks confirm nothing.
+const TX_CHUNK_EVENTS: usize = 1000;
+
+/// See [`TX_CHUNK_EVENTS`].
+const TX_CHUNK_BYTES: usize = 8 << 20;
+
+/// The payload bytes an event (or what was salvaged of a malformed one) holds.
+fn payload_bytes(event: &Result<StoredEvent, MalformedEvent>) -> usize {
+    let e = match event {
+        Ok(e) => e,
+        Err(m) => &m.salvaged,
+    };
+    e.payload.as_ref().map_or(0, String::len)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -983,6 +1005,7 @@ impl LogicalSource {
                 self.open = Some(OpenTx {
                     commit_lsn: Lsn(final_lsn.as_u64()),
                     events: Vec::new(),
+                    bytes: 0,
                 });
             }
             ReplicationEvent::Commit { lsn, end_lsn, .. } => {
@@ -995,6 +1018,7 @@ impl LogicalSource {
                     tracing::debug!(begin = %tx.commit_lsn, commit = %commit_lsn, "commit LSN differs from Begin's final LSN");
                 }
                 let n = tx.events.len();
+                // (A transaction handed on in chunks always keeps its last event for here.)
                 if n == 0 {
                     // Nothing of ours in it: confirmable once nothing earlier is pending.
                     if self.idle() {
@@ -1033,12 +1057,7 @@ impl LogicalSource {
                     let named = rel.named_values(&tuple)?;
                     // A malformed row is handed on too: the relay parks it with its reason.
                     let event = StoredEvent::from_text_columns(named);
-                    let Some(tx) = self.open.as_mut() else {
-                        return Err(LogicalError::Replication(
-                            "Insert outside a transaction".into(),
-                        ));
-                    };
-                    tx.events.push(event);
+                    self.push_open(event, "Insert outside a transaction")?;
                 }
                 PgOutputMessage::Update { relation_id }
                 | PgOutputMessage::Delete { relation_id } => {
@@ -1112,13 +1131,41 @@ impl LogicalSource {
             }
             m
         });
-        match self.open.as_mut() {
-            Some(tx) => tx.events.push(event),
-            None => {
-                return Err(LogicalError::Replication(
-                    "transactional message outside a transaction".into(),
-                ));
-            }
+        self.push_open(event, "transactional message outside a transaction")
+    }
+
+    /// Adds an event to the open transaction; hands a chunk on when the transaction has grown
+    /// past [`TX_CHUNK_EVENTS`] or [`TX_CHUNK_BYTES`] (see there why that is safe).
+    fn push_open(
+        &mut self,
+        event: Result<StoredEvent, MalformedEvent>,
+        outside: &'static str,
+    ) -> Result<(), LogicalError> {
+        let Some(tx) = self.open.as_mut() else {
+            return Err(LogicalError::Replication(outside.into()));
+        };
+        tx.bytes += payload_bytes(&event);
+        tx.events.push(event);
+        if tx.events.len() <= TX_CHUNK_EVENTS && tx.bytes <= TX_CHUNK_BYTES {
+            return Ok(());
+        }
+        let last = tx.events.pop().expect("an event was just added");
+        tx.bytes = payload_bytes(&last);
+        let chunk = std::mem::replace(&mut tx.events, vec![last]);
+        let commit_lsn = tx.commit_lsn.0;
+        self.metrics
+            .events_streamed
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        for event in chunk {
+            self.ready.push_back(SourceEvent::decoded(
+                event,
+                Position::Wal {
+                    commit_lsn,
+                    // Not known before the Commit, and never used: a chunk confirms nothing.
+                    end_lsn: 0,
+                    last_in_transaction: false,
+                },
+            ));
         }
         Ok(())
     }
@@ -1624,6 +1671,69 @@ mod tests {
     const ID1: &str = "00000000-0000-0000-0000-000000000001";
     const ID2: &str = "00000000-0000-0000-0000-000000000002";
     const ID3: &str = "00000000-0000-0000-0000-000000000003";
+
+    /// A transaction larger than a chunk is handed on before its commit arrives, and still
+    /// confirms its end LSN only once its last event is acknowledged.
+    #[tokio::test]
+    async fn a_large_transaction_is_handed_on_in_chunks_and_confirmed_at_its_end() {
+        let mut s = source(WriteMode::InsertDelete);
+        let cols = ["id", "aggregatetype", "aggregateid", "type", "payload"];
+        s.handle(begin(200)).unwrap();
+        s.handle(xlog(relation_msg(7, "public", "outbox", &cols)))
+            .unwrap();
+        let n = 2 * TX_CHUNK_EVENTS + 500;
+        let ids: Vec<String> = (0..n)
+            .map(|i| Uuid::from_u128(i as u128 + 1).to_string())
+            .collect();
+        for id in &ids {
+            s.handle(insert(7, id, "a")).unwrap();
+        }
+        let open = s.open.as_ref().map_or(0, |t| t.events.len());
+        assert!(
+            open <= TX_CHUNK_EVENTS,
+            "{open} events of the open transaction buffered"
+        );
+        assert_eq!(s.ready.len() + open, n);
+        assert!(
+            s.ready.iter().all(|e| matches!(
+                e.position,
+                Position::Wal {
+                    commit_lsn: 200,
+                    last_in_transaction: false,
+                    ..
+                }
+            )),
+            "chunks are never the end of their transaction"
+        );
+        let early = s.take_batch(n);
+        s.acknowledge_inner(&early).await.unwrap();
+        assert_eq!(
+            s.confirmed,
+            Lsn(100),
+            "an unfinished transaction confirms nothing"
+        );
+        s.handle(keepalive(5000)).unwrap();
+        assert_eq!(s.confirmed, Lsn(100), "nor does a keepalive inside it");
+        s.handle(commit(200, 210)).unwrap();
+        let rest = s.take_batch(n);
+        assert_eq!(early.len() + rest.len(), n);
+        let order: Vec<String> = early
+            .iter()
+            .chain(&rest)
+            .map(|e| e.event.id.to_string())
+            .collect();
+        assert_eq!(order, ids, "the transaction's order is kept");
+        assert_eq!(
+            rest.last().unwrap().position,
+            Position::Wal {
+                commit_lsn: 200,
+                end_lsn: 210,
+                last_in_transaction: true
+            }
+        );
+        s.acknowledge_inner(&rest).await.unwrap();
+        assert_eq!(s.confirmed, Lsn(210));
+    }
 
     #[tokio::test]
     async fn confirmation_never_passes_the_acknowledged_prefix() {
