@@ -282,8 +282,17 @@ impl Relay {
             let outcome = match self.open_source(leader).await {
                 Ok(mut source) => {
                     self.stats.source_running.store(true, Ordering::Relaxed);
-                    self.pump(source.as_mut(), &mut sink, &shutdown, &mut backoff, &lease)
-                        .await
+                    let outcome = self
+                        .pump(source.as_mut(), &mut sink, &shutdown, &mut backoff, &lease)
+                        .await;
+                    if outcome.is_err() {
+                        // The source (and with it the leader lock) is dropped at the end of this
+                        // block: first make sure nothing of the abandoned window can still reach
+                        // Kafka after another relay — or this one, after a rewind — resumes from
+                        // the durable position.
+                        self.fence_producer(&mut sink, &lease).await?;
+                    }
+                    outcome
                 }
                 Err(e) => Err(RelayError::Source(e)),
             };
@@ -326,6 +335,7 @@ impl Relay {
         lease: &Lease,
         cause: &RelayError,
     ) -> Result<(), RelayError> {
+        // `run` fenced the producer before the source and its lock went; nothing is left.
         let purged = sink.purge();
         sink.recreate()?;
         self.stats.lease_lost.fetch_add(1, Ordering::Relaxed);
@@ -337,6 +347,30 @@ impl Relay {
             purged,
             "leader lease lost: stepped down to standby without producing or acknowledging anything more; the active relay resumes from the first unacknowledged event"
         );
+        Ok(())
+    }
+
+    /// Called when the pump stopped on an error, while this relay still holds the source and
+    /// its leader lock: drops every record of the abandoned window still queued in the producer,
+    /// waits (at most while the lease holds, and never past the delivery timeout) for the
+    /// produce requests already on the wire to be answered, drops whatever is still unanswered
+    /// and replaces the producer. Only then may the lock go, so no standby that takes over —
+    /// and no rewound pipeline of this relay — is followed by a late copy of the old window.
+    async fn fence_producer(&self, sink: &mut KafkaSink, lease: &Lease) -> Result<(), RelayError> {
+        let wait = lease
+            .remaining()
+            .min(self.config.kafka.delivery_timeout)
+            .min(Duration::from_secs(5));
+        let fenced = sink.fence(wait).await;
+        sink.recreate()?;
+        self.stats.producer_queue.store(0, Ordering::Relaxed);
+        if fenced.held > 0 {
+            tracing::warn!(
+                held = fenced.held,
+                unanswered = fenced.unanswered,
+                "fenced the producer before releasing the source: its unsent records were dropped and are sent again from the durable position"
+            );
+        }
         Ok(())
     }
 

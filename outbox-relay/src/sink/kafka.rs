@@ -287,6 +287,15 @@ pub fn is_permanent(error: &KafkaError) -> bool {
     )
 }
 
+/// What [`KafkaSink::fence`] dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fenced {
+    /// Records the producer held when the fence began (queued, or on the wire).
+    pub held: i32,
+    /// Records still unanswered when the wait ended (dropped; a broker may still append them).
+    pub unanswered: i32,
+}
+
 /// Where a record landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivered {
@@ -366,6 +375,31 @@ impl KafkaSink {
         self.producer
             .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
         queued
+    }
+
+    /// Fences the producer before the relay lets go of its source: drops every record not yet
+    /// sent to a broker, then waits up to `wait` for the produce requests already on the wire
+    /// to be answered (so none of them is appended later, after another producer resumed from
+    /// the durable position), then drops whatever is still unanswered. The producer should be
+    /// [`KafkaSink::recreate`]d afterwards.
+    pub async fn fence(&self, wait: Duration) -> Fenced {
+        use rdkafka::producer::PurgeConfig;
+        let before = self.producer.in_flight_count();
+        self.producer.purge(PurgeConfig::default().queue());
+        let producer = self.producer.clone();
+        let unanswered = tokio::task::spawn_blocking(move || {
+            // Serves the delivery reports of the purged records and waits for the rest.
+            let _ = producer.flush(wait);
+            let left = producer.in_flight_count();
+            producer.purge(PurgeConfig::default().queue().inflight());
+            left
+        })
+        .await
+        .unwrap_or(0);
+        Fenced {
+            held: before,
+            unanswered,
+        }
     }
 
     /// The underlying producer (for metrics and the `topics` commands).
