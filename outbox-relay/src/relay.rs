@@ -41,7 +41,7 @@ use crate::park::{AggregateKey, ParkRequest};
 use crate::route::{OutboundRecord, RouteError, Router};
 use crate::sink::kafka::{KafkaSink, Outcome, Pending, SinkError};
 use crate::source::polling::{PollingSettings, PollingSource, RowAcknowledgement, purge_published};
-use crate::source::{Source, SourceError, SourceEvent};
+use crate::source::{Position, Source, SourceError, SourceEvent};
 
 /// Why the relay stopped (other than a requested shutdown).
 #[derive(Debug, thiserror::Error)]
@@ -404,6 +404,10 @@ impl Relay {
     /// Rounds of claim → produce → acknowledge until shutdown or an error, with up to
     /// `max_in_flight_batches` batches produced ahead while the oldest awaits Kafka's verdict.
     /// Batches are always completed, parked and acknowledged in the order they were claimed.
+    ///
+    /// On shutdown the pump stops claiming at once, waits for Kafka's verdict on the batches
+    /// already in flight, acknowledges them, flushes the source and returns: a graceful stop
+    /// under load re-sends nothing.
     async fn pump(
         &self,
         source: &mut dyn Source,
@@ -417,10 +421,23 @@ impl Relay {
         // Aggregates blocked by an event parked in a batch still in flight (not in the table
         // yet); cleared whenever the window drains.
         let mut local_blocked: HashMap<AggregateKey, Uuid> = HashMap::new();
+        // Whether the last event handed to the producer is not the last of its transaction.
+        let mut open_transaction = false;
         loop {
-            // Fill the window: wait for events only when nothing is in flight.
-            while window.len() < max_in_flight {
-                let batch = if window.is_empty() {
+            // Fill the window: wait for events only when nothing is in flight. Once shutdown is
+            // requested nothing more is read: only the batches already in flight are completed
+            // and acknowledged (under steady writes the window would otherwise never empty).
+            while window.len() < max_in_flight && (!shutdown.is_cancelled() || open_transaction) {
+                let batch = if shutdown.is_cancelled() {
+                    // Stopping, but the window ends inside a database transaction (logical
+                    // source): take the rest of that transaction only, so the slot can be
+                    // confirmed past it and the next start repeats none of it.
+                    let mut batch = source.poll_batch(self.config.batch_size).await?;
+                    if let Some(end) = batch.iter().position(ends_transaction) {
+                        batch.truncate(end + 1);
+                    }
+                    batch
+                } else if window.is_empty() {
                     local_blocked.clear();
                     source.next_batch(self.config.batch_size, shutdown).await?
                 } else {
@@ -429,6 +446,7 @@ impl Relay {
                 if batch.is_empty() {
                     break;
                 }
+                open_transaction = batch.last().is_some_and(|e| !ends_transaction(e));
                 failpoint("before_produce");
                 self.stats
                     .read
@@ -591,6 +609,7 @@ impl Relay {
                 self.stats.kafka_connected.store(false, Ordering::Relaxed);
                 window.clear();
                 local_blocked.clear();
+                open_transaction = false;
                 source.rewind().await?;
                 sink.recreate()?;
                 backoff.wait(shutdown).await;
@@ -705,6 +724,17 @@ impl Relay {
             }
         }))
     }
+}
+
+/// Whether `event` closes its database transaction (always, for a source without transactions).
+fn ends_transaction(event: &SourceEvent) -> bool {
+    !matches!(
+        event.position,
+        Position::Wal {
+            last_in_transaction: false,
+            ..
+        }
+    )
 }
 
 /// A batch handed to the producer whose outcomes are still awaited.

@@ -1298,8 +1298,14 @@ impl Source for LogicalSource {
         Ok(self.acknowledge_inner(delivered).await?)
     }
 
+    /// Called by the relay only before a clean stop: the acknowledgements are made durable
+    /// and the slot is confirmed up to them ([`LogicalSource::close`]), so the next start
+    /// streams nothing that was already published.
     async fn flush(&mut self) -> Result<(), SourceError> {
-        Ok(self.release_marks(true).await?)
+        if self.stopped {
+            return Ok(self.release_marks(true).await?);
+        }
+        Ok(self.close().await?)
     }
 
     async fn rewind(&mut self) -> Result<(), SourceError> {
