@@ -39,7 +39,9 @@ use crate::leader::{Leadership, Lease, LeaseLost};
 use crate::metrics::{Histogram, LATENCY_BUCKETS};
 use crate::park::{AggregateKey, ParkRequest};
 use crate::route::{OutboundRecord, RouteError, Router};
-use crate::sink::kafka::{KafkaSink, Outcome, Pending, SinkError};
+use crate::sink::kafka::{
+    ErrorClass, KafkaSink, Outcome, Pending, SinkError, UNLISTED_ERROR_ROUNDS, classify,
+};
 use crate::source::polling::{PollingSettings, PollingSource, RowAcknowledgement, purge_published};
 use crate::source::{Position, Source, SourceError, SourceEvent};
 
@@ -423,25 +425,36 @@ impl Relay {
         let mut local_blocked: HashMap<AggregateKey, Uuid> = HashMap::new();
         // Whether the last event handed to the producer is not the last of its transaction.
         let mut open_transaction = false;
+        // Events still to be sent one per round, alone: after a produce request was refused with
+        // a record-level error, to find the record at fault ([`ErrorClass::Record`]).
+        let mut isolate: usize = 0;
+        // Failed rounds in a row caused by an error the relay does not know, with nothing
+        // delivered in between ([`ErrorClass::Unlisted`]).
+        let mut unlisted_rounds: u32 = 0;
         loop {
+            let (limit, depth) = if isolate > 0 {
+                (1, 1)
+            } else {
+                (self.config.batch_size, max_in_flight)
+            };
             // Fill the window: wait for events only when nothing is in flight. Once shutdown is
             // requested nothing more is read: only the batches already in flight are completed
             // and acknowledged (under steady writes the window would otherwise never empty).
-            while window.len() < max_in_flight && (!shutdown.is_cancelled() || open_transaction) {
+            while window.len() < depth && (!shutdown.is_cancelled() || open_transaction) {
                 let batch = if shutdown.is_cancelled() {
                     // Stopping, but the window ends inside a database transaction (logical
                     // source): take the rest of that transaction only, so the slot can be
                     // confirmed past it and the next start repeats none of it.
-                    let mut batch = source.poll_batch(self.config.batch_size).await?;
+                    let mut batch = source.poll_batch(limit).await?;
                     if let Some(end) = batch.iter().position(ends_transaction) {
                         batch.truncate(end + 1);
                     }
                     batch
                 } else if window.is_empty() {
                     local_blocked.clear();
-                    source.next_batch(self.config.batch_size, shutdown).await?
+                    source.next_batch(limit, shutdown).await?
                 } else {
-                    source.poll_batch(self.config.batch_size).await?
+                    source.poll_batch(limit).await?
                 };
                 if batch.is_empty() {
                     break;
@@ -498,6 +511,14 @@ impl Relay {
                 continue;
             };
             let mut sent = pending.wait().await;
+            if isolate > 0 {
+                // Sent alone: a record-level refusal is this record's own.
+                for o in &mut sent {
+                    if let Outcome::Suspect(e) = o {
+                        *o = Outcome::Rejected(e.clone());
+                    }
+                }
+            }
             if !records.is_empty() {
                 self.stats
                     .publish_duration
@@ -587,33 +608,81 @@ impl Relay {
                     }
                 }
             }
+            if handled > 0 {
+                unlisted_rounds = 0;
+            }
             if handled < batch.len() {
                 let failed = &batch[handled];
                 let error = match &outcomes[handled] {
-                    Outcome::Failed(e) => e.to_string(),
-                    _ => String::new(),
+                    Outcome::Failed(e) | Outcome::Suspect(e) => Some(e.clone()),
+                    _ => None,
+                };
+                let class = match &outcomes[handled] {
+                    Outcome::Suspect(_) => ErrorClass::Record,
+                    _ => error.as_ref().map_or(ErrorClass::Retry, classify),
+                };
+                let topic = match &plan[handled] {
+                    Plan::Send(i) => records[*i].topic.as_str(),
+                    Plan::Park(_) => "",
                 };
                 let dropped =
                     batch.len() - handled + window.iter().map(|w| w.batch.len()).sum::<usize>();
+                if let Some(e) = &error {
+                    match class {
+                        ErrorClass::Stop(fix) => {
+                            return Err(SinkError::refused(topic, e, fix).into());
+                        }
+                        ErrorClass::Unlisted => {
+                            unlisted_rounds += 1;
+                            if unlisted_rounds >= UNLISTED_ERROR_ROUNDS {
+                                return Err(SinkError::refused(
+                                    topic,
+                                    e,
+                                    format!(
+                                        "the relay does not know this error as transient and it persisted over {unlisted_rounds} attempts with nothing delivered: look it up in the brokers' logs, fix the cause, then restart the relay"
+                                    ),
+                                )
+                                .into());
+                            }
+                        }
+                        ErrorClass::Record => isolate = dropped,
+                        ErrorClass::Retry => {}
+                    }
+                }
+                let error = error.map(|e| e.to_string()).unwrap_or_default();
                 self.stats
                     .failed
                     .fetch_add(dropped as u64, Ordering::Relaxed);
-                tracing::warn!(
-                    event_id = %failed.event.id,
-                    event_type = %failed.event.event_type,
-                    %error,
-                    acknowledged = handled,
-                    dropped,
-                    "delivery failed: dropping the in-flight window, recreating the producer and resuming from the first unacknowledged event"
-                );
-                self.stats.kafka_connected.store(false, Ordering::Relaxed);
+                if class == ErrorClass::Record {
+                    tracing::warn!(
+                        event_id = %failed.event.id,
+                        event_type = %failed.event.event_type,
+                        %error,
+                        acknowledged = handled,
+                        dropped,
+                        "a produce request was refused with a record-level error: sending the events from here one at a time to find the one at fault before parking anything"
+                    );
+                } else {
+                    tracing::warn!(
+                        event_id = %failed.event.id,
+                        event_type = %failed.event.event_type,
+                        %error,
+                        acknowledged = handled,
+                        dropped,
+                        "delivery failed: dropping the in-flight window, recreating the producer and resuming from the first unacknowledged event"
+                    );
+                    self.stats.kafka_connected.store(false, Ordering::Relaxed);
+                }
                 window.clear();
                 local_blocked.clear();
                 open_transaction = false;
                 source.rewind().await?;
                 sink.recreate()?;
-                backoff.wait(shutdown).await;
+                if class != ErrorClass::Record {
+                    backoff.wait(shutdown).await;
+                }
             } else {
+                isolate = isolate.saturating_sub(batch.len());
                 self.stats.kafka_connected.store(true, Ordering::Relaxed);
                 backoff.reset();
             }

@@ -308,3 +308,150 @@ async fn sigterm_under_sustained_load_exits_promptly_and_duplicates_nothing_logi
 {
     sigterm_under_load("logical").await
 }
+
+/// A relay on the polling source against a fresh mock cluster with one topic (1 partition).
+async fn mock_relay(
+    prefix: &str,
+    properties: &[(&str, &str)],
+) -> Result<(
+    TestDb,
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+    InProcessRelay,
+)> {
+    let db = TestDb::create(prefix).await?;
+    db.migrate().await?;
+    let mock = rdkafka::mocking::MockCluster::new(1)?;
+    let topic = unique(prefix);
+    mock.create_topic(&topic, 1, 1)?;
+    let mut config = relay_config(&db);
+    config.kafka.bootstrap_servers = mock.bootstrap_servers();
+    config.kafka.delivery_timeout = Duration::from_secs(20);
+    config.route.topic = topic.clone();
+    for (k, v) in properties {
+        config
+            .kafka
+            .properties
+            .insert((*k).to_owned(), (*v).to_owned());
+    }
+    let relay = InProcessRelay::start(config)?;
+    Ok((db, mock, topic, relay))
+}
+
+/// Rows in the default outbox table's park table.
+async fn parked(db: &TestDb) -> Result<i64> {
+    let table = outbox_core::OutboxTable::default().parked_qualified();
+    Ok(
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+            .fetch_one(&db.pool)
+            .await?,
+    )
+}
+
+/// Item 9 of issue 11: a broker refuses a whole produce request with MESSAGE_TOO_LARGE. The
+/// healthy records of that request must not be parked as poison: each is sent again alone and,
+/// as it passes alone, delivered in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_refused_as_too_large_parks_no_healthy_record() -> Result<()> {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let (db, mock, topic, relay) = mock_relay("pipe_batch", &[]).await?;
+    let mut ledger = Ledger::default();
+    publish(&db, &mut ledger, NewEvent::new("acct", "warm", "E", None)).await?;
+    wait_drained(&db.pool, LONG).await?;
+    // The next produce request (the whole batch below) is refused.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let mut tx = db.pool.begin().await?;
+    let events = (0..10)
+        .map(|i| NewEvent::new("acct", format!("a{}", i % 3), "E", None).with_aggregate_seq(i))
+        .collect();
+    ledger
+        .committed
+        .extend(Outbox::default().publish_new(&mut tx, events).await?);
+    tx.commit().await?;
+    wait_drained(&db.pool, LONG).await?;
+    let records = consume_from(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        ledger.committed.len(),
+        QUIET,
+        LONG,
+    )
+    .await?;
+    relay.stop().await?;
+    assert_eq!(parked(&db).await?, 0, "healthy records were parked");
+    let v = Verdict::check(&ledger, &records);
+    assert_eq!((v.lost, v.phantom, v.inversions), (0, 0, 0), "{v:?}");
+    Ok(())
+}
+
+/// Waits for an in-process relay to stop on its own and returns its error.
+async fn relay_error(relay: InProcessRelay) -> Result<String> {
+    let done = tokio::time::timeout(LONG, relay.task).await;
+    let Ok(result) = done else {
+        relay.shutdown.cancel();
+        anyhow::bail!("the relay kept retrying for {LONG:?} instead of stopping");
+    };
+    match result? {
+        Ok(()) => anyhow::bail!("the relay stopped without an error"),
+        Err(e) => Ok(e.to_string()),
+    }
+}
+
+/// Item 9 of issue 11: a topic that does not exist (auto-creation off) is not something retrying
+/// fixes. The relay stops with the error's name and the operator's fix instead of retrying
+/// forever while every aggregate stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missing_topic_stops_the_relay_loudly() -> Result<()> {
+    use rdkafka::types::RDKafkaRespErr;
+    let (db, mock, topic, relay) = mock_relay(
+        "pipe_notopic",
+        &[("topic.metadata.propagation.max.ms", "500")],
+    )
+    .await?;
+    let mut ledger = Ledger::default();
+    let missing = format!("{topic}.missing");
+    mock.topic_error(
+        &missing,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+    )?;
+    publish(
+        &db,
+        &mut ledger,
+        NewEvent::new("acct", "a", "E", None).with_topic(missing.clone()),
+    )
+    .await?;
+    let error = relay_error(relay).await?;
+    assert!(
+        error.contains("UNKNOWN_TOPIC") && error.contains(&missing),
+        "the error must name the problem and the topic: {error}"
+    );
+    assert!(error.contains("create the topic"), "and the fix: {error}");
+    assert_eq!(unpublished(&db.pool).await?, 1, "nothing was skipped");
+    Ok(())
+}
+
+/// Item 9 of issue 11: a permanent broker error this relay does not know (here INVALID_REQUEST on
+/// every produce request) is retried a few times and then stops the relay loudly, by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unknown_persistent_broker_error_stops_the_relay_by_name() -> Result<()> {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let (db, mock, _topic, relay) = mock_relay("pipe_unlisted", &[]).await?;
+    let mut ledger = Ledger::default();
+    publish(&db, &mut ledger, NewEvent::new("acct", "warm", "E", None)).await?;
+    wait_drained(&db.pool, LONG).await?;
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_REQUEST; 200],
+    );
+    publish(&db, &mut ledger, NewEvent::new("acct", "a", "E", None)).await?;
+    let error = relay_error(relay).await?;
+    assert!(
+        error.contains("INVALID_REQUEST") && error.contains("persisted"),
+        "the error must be named: {error}"
+    );
+    assert_eq!(unpublished(&db.pool).await?, 1, "nothing was skipped");
+    Ok(())
+}
