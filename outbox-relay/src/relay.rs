@@ -284,6 +284,9 @@ impl Relay {
             let outcome = match self.open_source(leader).await {
                 Ok(mut source) => {
                     self.stats.source_running.store(true, Ordering::Relaxed);
+                    source.limit_batch_bytes(
+                        self.config.max_in_flight_bytes / self.config.max_in_flight_batches.max(1),
+                    );
                     let outcome = self
                         .pump(source.as_mut(), &mut sink, &shutdown, &mut backoff, &lease)
                         .await;
@@ -440,7 +443,12 @@ impl Relay {
             // Fill the window: wait for events only when nothing is in flight. Once shutdown is
             // requested nothing more is read: only the batches already in flight are completed
             // and acknowledged (under steady writes the window would otherwise never empty).
-            while window.len() < depth && (!shutdown.is_cancelled() || open_transaction) {
+            while window.len() < depth
+                && (window.is_empty()
+                    || window.iter().map(|w| w.bytes).sum::<usize>()
+                        < self.config.max_in_flight_bytes)
+                && (!shutdown.is_cancelled() || open_transaction)
+            {
                 let batch = if shutdown.is_cancelled() {
                     // Stopping, but the window ends inside a database transaction (logical
                     // source): take the rest of that transaction only, so the slot can be
@@ -466,10 +474,31 @@ impl Relay {
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 let mut blocked = source.blocked_aggregates().await?;
                 blocked.extend(local_blocked.iter().map(|(k, v)| (k.clone(), *v)));
-                let (plan, records) = self.plan(&batch, &mut blocked);
+                let (plan, mut records) = self.plan(&batch, &mut blocked);
+                let bytes = batch
+                    .iter()
+                    .map(|e| e.event.payload.as_ref().map_or(0, String::len))
+                    .sum::<usize>();
+                // One copy of a payload in the relay: the record's. The event keeps only what
+                // acknowledging and parking need (a parked record gets its payload back from
+                // the record, see `parks_in`).
+                let mut batch = batch;
+                for (e, p) in batch.iter_mut().zip(&plan) {
+                    if matches!(p, Plan::Send(_)) {
+                        e.event.payload = None;
+                    }
+                }
                 let started = std::time::Instant::now();
                 lease.check()?;
                 let pending = sink.enqueue(&records).await;
+                // librdkafka copied what it accepted; the relay's copy is needed again only for
+                // records refused on the spot (parked with their payload), or when each record
+                // is sent alone (its verdict may park it).
+                if isolate == 0 && !mutant("retry_failed_only") {
+                    for i in pending.accepted() {
+                        records[i].payload = None;
+                    }
+                }
                 // Enqueue-time rejections block their aggregate for the batches that follow.
                 for i in pending.rejected_now() {
                     if let Some(k) = plan
@@ -493,6 +522,7 @@ impl Relay {
                     records,
                     pending,
                     started,
+                    bytes,
                 });
             }
             let Some(InFlight {
@@ -501,6 +531,7 @@ impl Relay {
                 records,
                 pending,
                 started,
+                ..
             }) = window.pop_front()
             else {
                 if shutdown.is_cancelled() {
@@ -554,7 +585,7 @@ impl Relay {
                 .collect();
             failpoint("after_kafka_ack");
             let handled = handled_prefix(&outcomes);
-            let parks = parks_in(&plan, &outcomes, &batch, handled);
+            let parks = parks_in(&plan, &outcomes, &batch, &records, handled);
             if !parks.is_empty() {
                 for p in parks.iter().filter(|p| p.blocked_by.is_none()) {
                     tracing::error!(
@@ -813,6 +844,8 @@ struct InFlight {
     records: Vec<OutboundRecord>,
     pending: Pending,
     started: std::time::Instant,
+    /// Payload bytes of the batch (for `max_in_flight_bytes`).
+    bytes: usize,
 }
 
 /// The events of a handled prefix that must be parked: planned parks, records Kafka refused
@@ -821,24 +854,33 @@ fn parks_in(
     plan: &[Plan],
     outcomes: &[Outcome],
     batch: &[SourceEvent],
+    records: &[OutboundRecord],
     handled: usize,
 ) -> Vec<ParkRequest> {
+    // The event of a sent record, with the payload the pump moved into the record.
+    let event_of = |e: &SourceEvent, record: usize| {
+        let mut event = e.event.clone();
+        if event.payload.is_none() {
+            event.payload = records.get(record).and_then(|r| r.payload.clone());
+        }
+        event
+    };
     let mut parks = Vec::new();
     for (i, (p, e)) in plan.iter().zip(batch).enumerate().take(handled) {
         match (p, &outcomes[i]) {
             (Plan::Park(request), _) => parks.push((**request).clone()),
-            (Plan::Send(_), Outcome::Rejected(error)) => parks.push(ParkRequest {
-                event: e.event.clone(),
+            (Plan::Send(j), Outcome::Rejected(error)) => parks.push(ParkRequest {
+                event: event_of(e, *j),
                 reason: format!("Kafka refused the record for good: {error}"),
                 blocked_by: None,
             }),
-            (Plan::Send(_), Outcome::Held { behind }) => {
+            (Plan::Send(j), Outcome::Held { behind }) => {
                 let first = plan
                     .iter()
-                    .position(|q| matches!(q, Plan::Send(j) if j == behind))
+                    .position(|q| matches!(q, Plan::Send(k) if k == behind))
                     .map(|k| batch[k].event.id);
                 parks.push(ParkRequest {
-                    event: e.event.clone(),
+                    event: event_of(e, *j),
                     reason: "held behind a rejected event of the same aggregate".into(),
                     blocked_by: first,
                 });

@@ -455,3 +455,53 @@ async fn an_unknown_persistent_broker_error_stops_the_relay_by_name() -> Result<
     assert_eq!(unpublished(&db.pool).await?, 1, "nothing was skipped");
     Ok(())
 }
+
+/// Item 8 of issue 11: the window and each claim are bounded by payload bytes, not only by
+/// count. With `max_in_flight_bytes` = 300 KB over 3 batches, a claim of 60 KB events takes two
+/// at a time (not the 1000 of `batch_size`), and an event larger than the whole bound is still
+/// published, alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_and_the_window_are_bounded_by_payload_bytes() -> Result<()> {
+    let db = TestDb::create("pipe_bytes").await?;
+    db.migrate().await?;
+    let topic = unique("bytes");
+    create_topic(&topic, 1).await?;
+    let mut config = relay_config(&db);
+    config.route.topic = topic.clone();
+    config.max_in_flight_batches = 3;
+    config.max_in_flight_bytes = 300_000;
+    let relay = outbox_relay::Relay::new(config)?;
+    let stats = relay.stats();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(relay.run(shutdown.clone()));
+
+    let mut ledger = Ledger::default();
+    let blob = |n: usize| Some(serde_json::json!({ "blob": "x".repeat(n) }));
+    let mut tx = db.pool.begin().await?;
+    let mut events: Vec<NewEvent> = (0..20)
+        .map(|i| NewEvent::new("acct", format!("a{}", i % 4), "E", blob(60_000)))
+        .collect();
+    events.push(NewEvent::new("acct", "big", "E", blob(400_000)));
+    ledger
+        .committed
+        .extend(Outbox::default().publish_new(&mut tx, events).await?);
+    tx.commit().await?;
+    wait_drained(&db.pool, LONG).await?;
+    let records = consume(&[&topic], ledger.committed.len(), QUIET, LONG).await?;
+    shutdown.cancel();
+    task.await??;
+    let v = Verdict::check(&ledger, &records);
+    assert_eq!((v.lost, v.phantom, v.duplicates), (0, 0, 0), "{v:?}");
+    let batches = stats.batches.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        batches >= 11,
+        "21 events of 60 KB+ under a 100 KB batch bound must take at least 11 batches, took {batches}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r.value.as_ref().is_some_and(|p| p.len() > 400_000)),
+        "the event larger than the bound was published"
+    );
+    Ok(())
+}

@@ -239,6 +239,16 @@ impl Pending {
             .map(|(i, _)| i)
     }
 
+    /// Records handed to the producer whose verdict is still to come, by index (the others
+    /// were refused, held or not sent at enqueue time).
+    pub fn accepted(&self) -> impl Iterator<Item = usize> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s, Slot::Sent(..)))
+            .map(|(i, _)| i)
+    }
+
     /// Waits for Kafka's verdict on every record; one outcome per record, in order.
     pub async fn wait(self) -> Vec<Outcome> {
         let mut out = Vec::with_capacity(self.slots.len());
