@@ -130,10 +130,11 @@ pub struct RelayConfig {
     /// pipelining off). After a delivery failure everything in flight is produced again, so
     /// this bounds the duplicates a failure can cause: `batch_size × max_in_flight_batches`.
     pub max_in_flight_batches: usize,
-    /// Most payload bytes in flight (default 64 MiB): the relay claims no further batch once the
-    /// payloads it holds reach this, and each batch is cut at
-    /// `max_in_flight_bytes / max_in_flight_batches` (the polling source cuts the claim itself).
-    /// A single event larger than that is still taken alone, so progress is guaranteed.
+    /// Most payload bytes in flight (default 64 MiB): each batch is cut at
+    /// `max_in_flight_bytes / (max_in_flight_batches + 1)` (the polling source cuts the claim
+    /// itself) and the relay claims another batch only while the window and that batch fit
+    /// within the bound. A single event larger than that is still taken alone, so progress is
+    /// guaranteed.
     pub max_in_flight_bytes: usize,
     /// Longest wait between polls when no notification arrives (polling source).
     #[serde(with = "duration")]

@@ -284,9 +284,7 @@ impl Relay {
             let outcome = match self.open_source(leader).await {
                 Ok(mut source) => {
                     self.stats.source_running.store(true, Ordering::Relaxed);
-                    source.limit_batch_bytes(
-                        self.config.max_in_flight_bytes / self.config.max_in_flight_batches.max(1),
-                    );
+                    source.limit_batch_bytes(self.batch_bytes());
                     let outcome = self
                         .pump(source.as_mut(), &mut sink, &shutdown, &mut backoff, &lease)
                         .await;
@@ -379,6 +377,13 @@ impl Relay {
         Ok(())
     }
 
+    /// The byte bound of one batch: an equal share of `max_in_flight_bytes` for each batch in
+    /// flight and one more for the batch being claimed, so the window and the claim being read
+    /// stay within the bound together.
+    fn batch_bytes(&self) -> usize {
+        (self.config.max_in_flight_bytes / (self.config.max_in_flight_batches.max(1) + 1)).max(1)
+    }
+
     fn router_template(&self) -> &str {
         &self.config.route.topic
     }
@@ -443,10 +448,11 @@ impl Relay {
             // Fill the window: wait for events only when nothing is in flight. Once shutdown is
             // requested nothing more is read: only the batches already in flight are completed
             // and acknowledged (under steady writes the window would otherwise never empty).
+            // By bytes: another batch only while one of up to `batch_bytes` still fits.
             while window.len() < depth
                 && (window.is_empty()
-                    || window.iter().map(|w| w.bytes).sum::<usize>()
-                        < self.config.max_in_flight_bytes)
+                    || window.iter().map(|w| w.bytes).sum::<usize>() + self.batch_bytes()
+                        <= self.config.max_in_flight_bytes)
                 && (!shutdown.is_cancelled() || open_transaction)
             {
                 let batch = if shutdown.is_cancelled() {

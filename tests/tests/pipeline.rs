@@ -457,9 +457,9 @@ async fn an_unknown_persistent_broker_error_stops_the_relay_by_name() -> Result<
 }
 
 /// Item 8 of issue 11: the window and each claim are bounded by payload bytes, not only by
-/// count. With `max_in_flight_bytes` = 300 KB over 3 batches, a claim of 60 KB events takes two
-/// at a time (not the 1000 of `batch_size`), and an event larger than the whole bound is still
-/// published, alone.
+/// count. With `max_in_flight_bytes` = 300 KB and 3 batches in flight (a batch share of 75 KB),
+/// a claim of 60 KB events takes two at a time (not the 1000 of `batch_size`), and an event larger
+/// than the whole bound is still published, alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn claims_and_the_window_are_bounded_by_payload_bytes() -> Result<()> {
     let db = TestDb::create("pipe_bytes").await?;

@@ -280,9 +280,9 @@ pub struct PollingSource {
     /// A claim stops before the row that would take its payloads past this
     /// ([`Source::limit_batch_bytes`]); the first row is always claimed.
     max_batch_bytes: i64,
-    /// Mean payload size of the last claim: the next claim asks the server for no more rows
-    /// than about twice the byte bound needs, so it does not render a thousand large payloads
-    /// to return two.
+    /// Mean payload size of the last claim: the next claim asks the server for about as many
+    /// rows as the byte bound admits, so it does not render a thousand large payloads to
+    /// return two.
     mean_payload: usize,
 }
 
@@ -389,7 +389,6 @@ impl PollingSource {
             0 => max,
             mean => max.min(
                 (usize::try_from(self.max_batch_bytes).unwrap_or(usize::MAX) / mean)
-                    .saturating_mul(2)
                     .saturating_add(1),
             ),
         };
