@@ -125,6 +125,9 @@ struct Mutant {
 enum Check {
     Lost,
     Inversions,
+    /// Events that had to be parked (poison, and the events of its aggregate behind it) were
+    /// not all in the parked table.
+    NotParked,
 }
 
 const MUTANTS: &[Mutant] = &[
@@ -145,6 +148,14 @@ const MUTANTS: &[Mutant] = &[
         name: "confirm_on_receipt",
         tries: &[("broker-down-kill-insert-delete", SourceMode::Logical)],
         check: Check::Lost,
+    },
+    Mutant {
+        name: "park_without_blocking",
+        tries: &[
+            ("poison-events", SourceMode::Polling),
+            ("poison-events", SourceMode::Logical),
+        ],
+        check: Check::NotParked,
     },
     Mutant {
         name: "retry_failed_only",
@@ -407,6 +418,10 @@ async fn mutant_run(
                     let fired = match m.check {
                         Check::Lost => v.lost > 0,
                         Check::Inversions => v.inversions > 0,
+                        Check::NotParked => r
+                            .failures
+                            .iter()
+                            .any(|f| f.contains("are not in the parked table")),
                     };
                     let line = format!(
                         "{name}/{}: lost {} phantom {} dup {} inversions {} passed {}",

@@ -7,7 +7,8 @@
 //!   `before_produce`, `after_kafka_ack`, `after_source_ack`.
 //! - **Mutants** (`mutants` feature): `OUTBOX_MUTANT=<name>` turns on one deliberately broken
 //!   behaviour, so the fault suite can prove its checker catches it: `cursor`,
-//!   `ack_before_kafka`, `confirm_on_receipt`, `retry_failed_only`.
+//!   `ack_before_kafka`, `confirm_on_receipt`, `retry_failed_only`, `park_without_blocking`
+//!   (a parked poison event does not hold back the later events of its aggregate).
 
 /// Passes the failpoint `name`; aborts the process when it is armed and due.
 #[cfg(feature = "failpoints")]

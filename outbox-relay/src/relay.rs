@@ -43,7 +43,7 @@ use crate::sink::kafka::{
     ErrorClass, KafkaSink, Outcome, Pending, SinkError, UNLISTED_ERROR_ROUNDS, classify,
 };
 use crate::source::polling::{PollingSettings, PollingSource, RowAcknowledgement, purge_published};
-use crate::source::{Position, Source, SourceError, SourceEvent};
+use crate::source::{Source, SourceError, SourceEvent};
 
 /// Why the relay stopped (other than a requested shutdown).
 #[derive(Debug, thiserror::Error)]
@@ -431,8 +431,6 @@ impl Relay {
         // Aggregates blocked by an event parked in a batch still in flight (not in the table
         // yet); cleared whenever the window drains.
         let mut local_blocked: HashMap<AggregateKey, Uuid> = HashMap::new();
-        // Whether the last event handed to the producer is not the last of its transaction.
-        let mut open_transaction = false;
         // Events still to be sent one per round, alone: after a produce request was refused with
         // a record-level error, to find the record at fault ([`ErrorClass::Record`]).
         let mut isolate: usize = 0;
@@ -445,26 +443,23 @@ impl Relay {
             } else {
                 (self.config.batch_size, max_in_flight)
             };
-            // Fill the window: wait for events only when nothing is in flight. Once shutdown is
-            // requested nothing more is read: only the batches already in flight are completed
-            // and acknowledged (under steady writes the window would otherwise never empty).
-            // By bytes: another batch only while one of up to `batch_bytes` still fits.
+            // Fill the window: wait for events only when nothing is in flight. By bytes: another
+            // batch only while one of up to `batch_bytes` still fits.
+            //
+            // Once shutdown is requested nothing new is read (under steady writes the window
+            // would otherwise never empty): the batches in flight are completed and
+            // acknowledged, and then the source is asked, with the cancelled token, only for
+            // what it already holds. The polling source holds nothing; the logical source hands
+            // over the events it has already decoded (the rest of a transaction, a
+            // re-publication from the table), so its slot can be confirmed past them and the
+            // next start repeats none of them.
             while window.len() < depth
                 && (window.is_empty()
                     || window.iter().map(|w| w.bytes).sum::<usize>() + self.batch_bytes()
                         <= self.config.max_in_flight_bytes)
-                && (!shutdown.is_cancelled() || open_transaction)
+                && (window.is_empty() || !shutdown.is_cancelled())
             {
-                let batch = if shutdown.is_cancelled() {
-                    // Stopping, but the window ends inside a database transaction (logical
-                    // source): take the rest of that transaction only, so the slot can be
-                    // confirmed past it and the next start repeats none of it.
-                    let mut batch = source.poll_batch(limit).await?;
-                    if let Some(end) = batch.iter().position(ends_transaction) {
-                        batch.truncate(end + 1);
-                    }
-                    batch
-                } else if window.is_empty() {
+                let batch = if window.is_empty() {
                     local_blocked.clear();
                     source.next_batch(limit, shutdown).await?
                 } else {
@@ -473,13 +468,16 @@ impl Relay {
                 if batch.is_empty() {
                     break;
                 }
-                open_transaction = batch.last().is_some_and(|e| !ends_transaction(e));
                 failpoint("before_produce");
                 self.stats
                     .read
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 let mut blocked = source.blocked_aggregates().await?;
                 blocked.extend(local_blocked.iter().map(|(k, v)| (k.clone(), *v)));
+                if mutant("park_without_blocking") {
+                    // Broken on purpose: a parked event does not hold its aggregate back.
+                    blocked.clear();
+                }
                 let (plan, mut records) = self.plan(&batch, &mut blocked);
                 let bytes = batch
                     .iter()
@@ -712,7 +710,6 @@ impl Relay {
                 }
                 window.clear();
                 local_blocked.clear();
-                open_transaction = false;
                 source.rewind().await?;
                 sink.recreate()?;
                 if class != ErrorClass::Record {
@@ -830,17 +827,6 @@ impl Relay {
             }
         }))
     }
-}
-
-/// Whether `event` closes its database transaction (always, for a source without transactions).
-fn ends_transaction(event: &SourceEvent) -> bool {
-    !matches!(
-        event.position,
-        Position::Wal {
-            last_in_transaction: false,
-            ..
-        }
-    )
 }
 
 /// A batch handed to the producer whose outcomes are still awaited.

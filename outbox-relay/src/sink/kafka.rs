@@ -607,6 +607,7 @@ impl KafkaSink {
             }
             if let Some(&(_, _, behind)) = poisoned
                 .iter()
+                .filter(|_| !crate::faults::mutant("park_without_blocking"))
                 .find(|(t, k, _)| *t == r.topic && *k == r.key)
             {
                 slots.push(Slot::Done(Outcome::Held { behind }));
