@@ -680,7 +680,15 @@ impl Relay {
                                 .into());
                             }
                         }
-                        ErrorClass::Record => isolate = dropped,
+                        ErrorClass::Record => {
+                            // One at a time: the suspects of this batch (the records of the
+                            // refused request). Later batches go back to normal batching.
+                            let last = outcomes
+                                .iter()
+                                .rposition(|o| matches!(o, Outcome::Suspect(_)))
+                                .unwrap_or(handled);
+                            isolate = last + 1 - handled;
+                        }
                         ErrorClass::Retry => {}
                     }
                 }

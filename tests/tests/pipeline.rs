@@ -505,3 +505,61 @@ async fn claims_and_the_window_are_bounded_by_payload_bytes() -> Result<()> {
     );
     Ok(())
 }
+
+/// Item 9 of issue 11: when a record of a refused request is refused again when sent alone, it
+/// alone is parked (with the later events of its aggregate held behind it); the other records of
+/// the request are delivered, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_record_refused_alone_is_parked() -> Result<()> {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let (db, mock, topic, relay) = mock_relay("pipe_alone", &[]).await?;
+    let mut ledger = Ledger::default();
+    publish(&db, &mut ledger, NewEvent::new("acct", "warm", "E", None)).await?;
+    wait_drained(&db.pool, LONG).await?;
+    // The batch's request is refused, then the first record, sent alone, is refused again.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 2],
+    );
+    let mut tx = db.pool.begin().await?;
+    let events = (0..9)
+        .map(|i| NewEvent::new("acct", format!("a{}", i % 3), "E", None).with_aggregate_seq(i))
+        .collect();
+    let ids = Outbox::default().publish_new(&mut tx, events).await?;
+    tx.commit().await?;
+    // a0's events (0, 3, 6) are parked: the first refused alone, the others held behind it.
+    for (i, id) in ids.iter().enumerate() {
+        if i % 3 != 0 {
+            ledger.committed.insert(*id);
+        }
+    }
+    wait_drained(&db.pool, LONG).await?;
+    let records = consume_from(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        ledger.committed.len(),
+        QUIET,
+        LONG,
+    )
+    .await?;
+    relay.stop().await?;
+    let v = Verdict::check(&ledger, &records);
+    assert_eq!((v.lost, v.phantom, v.inversions), (0, 0, 0), "{v:?}");
+    assert_eq!(
+        parked(&db).await?,
+        3,
+        "the refused event and the two held behind it"
+    );
+    let first: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT reason FROM {} WHERE id = $1",
+        outbox_core::OutboxTable::default().parked_qualified()
+    )))
+    .bind(ids[0])
+    .fetch_optional(&db.pool)
+    .await?;
+    assert!(
+        first.as_deref().is_some_and(|r| r.contains("too large")),
+        "the first event is parked for what it is: {first:?}"
+    );
+    Ok(())
+}
