@@ -1298,31 +1298,8 @@ impl Source for LogicalSource {
         Ok(self.acknowledge_inner(delivered).await?)
     }
 
-    /// Called by the relay only before a clean stop: the acknowledgements are made durable
-    /// and the slot is confirmed up to them ([`LogicalSource::close`]), so the next start
-    /// streams nothing that was already published.
     async fn flush(&mut self) -> Result<(), SourceError> {
-        if self.stopped {
-            self.release_marks(true).await?;
-        } else {
-            self.close().await?;
-        }
-        // A re-publication from the table with no row left to acknowledge is complete even when
-        // the relay stops before its first acknowledgement: its marker goes, or the next start
-        // would re-publish every unpublished row again, without a snapshot (duplicates).
-        if self.backfill_due
-            && !self
-                .inflight
-                .iter()
-                .any(|f| matches!(f.position, Position::Row))
-            && !self
-                .ready
-                .iter()
-                .any(|e| matches!(e.position, Position::Row))
-        {
-            self.finish_backfill().await?;
-        }
-        Ok(())
+        Ok(self.release_marks(true).await?)
     }
 
     async fn rewind(&mut self) -> Result<(), SourceError> {
