@@ -40,6 +40,9 @@ impl SourceMode {
     }
 }
 
+/// How long a graceful stop under load may take ([`Fault::RollingUnderLoad`]).
+const ROLLING_STOP_LIMIT: Duration = Duration::from_secs(2);
+
 const BOTH: &[SourceMode] = &[SourceMode::Polling, SourceMode::Logical];
 const LOGICAL: &[SourceMode] = &[SourceMode::Logical];
 
@@ -50,6 +53,9 @@ pub enum Fault {
     None,
     /// SIGTERM and restart.
     Graceful,
+    /// SIGTERM and restart while writers commit as fast as they can (the relay is behind): the
+    /// relay must stop within [`ROLLING_STOP_LIMIT`], exit 0 and re-send nothing.
+    RollingUnderLoad,
     /// The relay aborts at a failpoint; restarted.
     Failpoint(&'static str),
     /// SIGKILL at random moments; restarted.
@@ -129,6 +135,14 @@ pub const SCENARIOS: &[Scenario] = &[
         no_duplicates: true,
         write_mode: WriteMode::Table,
         about: "SIGTERM mid-stream and restart, repeatedly: drain, acknowledge, exit 0",
+    },
+    Scenario {
+        name: "rolling-restart-under-load",
+        fault: Fault::RollingUnderLoad,
+        sources: BOTH,
+        no_duplicates: true,
+        write_mode: WriteMode::Table,
+        about: "SIGTERM while unpaced writers keep the relay behind, restart, repeatedly: stop within 2 s, exit 0, no duplicates",
     },
     Scenario {
         name: "late-commits",
@@ -443,6 +457,18 @@ impl Settings {
             // The writers keep going through the loss, the restart loop and the acceptance, so
             // that events committed after the new slot streams are checked too.
             Fault::SlotDropped | Fault::SlotInvalidated => w.txs *= 3,
+            Fault::RollingUnderLoad => {
+                // As fast as the writers can commit, beside a backlog of 2,500-event
+                // transactions: the relay is behind when it is stopped. (A graceful stop of the
+                // logical source finishes the transaction it has begun: one far larger than
+                // these takes longer than ROLLING_STOP_LIMIT to finish.)
+                w.writers = if self.quick { 6 } else { 10 };
+                w.txs = if self.quick { 800 } else { 2500 };
+                w.huge = vec![(2_500, true); if self.quick { 8 } else { 24 }];
+                w.pace_ms = 0;
+                w.linger_pct = 5;
+                w.long_open_ms = Vec::new();
+            }
             _ => {}
         }
         w
@@ -834,14 +860,24 @@ impl<'a> Run<'a> {
                 let notes = workload::poison(&self.db, &self.aggregate_type, &self.book).await?;
                 self.result.failures.extend(notes);
             }
-            Fault::Graceful | Fault::KillLoop => {
+            Fault::Graceful | Fault::RollingUnderLoad | Fault::KillLoop => {
                 while self.result.faults < max_faults && !writers.is_finished() {
                     let g = self.gap(400, 1500);
                     pause(g).await;
                     self.supervise().await?;
                     let relay = self.relay.as_mut().context("relay")?;
-                    if self.scenario.fault == Fault::Graceful {
-                        match relay.terminate(Duration::from_secs(25)).await {
+                    if self.scenario.fault != Fault::KillLoop {
+                        let asked = std::time::Instant::now();
+                        let code = relay.terminate(Duration::from_secs(25)).await;
+                        let took = asked.elapsed();
+                        if self.scenario.fault == Fault::RollingUnderLoad
+                            && took > ROLLING_STOP_LIMIT
+                        {
+                            self.result.failures.push(format!(
+                                "a graceful stop under load took {took:?} (limit {ROLLING_STOP_LIMIT:?})"
+                            ));
+                        }
+                        match code {
                             Some(0) => {}
                             other => self.result.failures.push(format!(
                                 "graceful stop exited with {other:?}: {}",

@@ -8,12 +8,13 @@
 
 use crate::sink::kafka::Outcome;
 
-/// The length of the leading run of handled events: everything before the first transient
-/// failure.
+/// The length of the leading run of handled events: everything before the first failure, or the
+/// first record whose produce request was refused and that has not been tried alone yet
+/// ([`Outcome::Suspect`]).
 pub fn handled_prefix(outcomes: &[Outcome]) -> usize {
     outcomes
         .iter()
-        .take_while(|o| !matches!(o, Outcome::Failed(_)))
+        .take_while(|o| !matches!(o, Outcome::Failed(_) | Outcome::Suspect(_)))
         .count()
 }
 
@@ -40,6 +41,12 @@ mod tests {
         assert_eq!(handled_prefix(&[failed(), ok()]), 0);
         assert_eq!(handled_prefix(&[ok(), ok()]), 2);
         assert_eq!(handled_prefix(&[]), 0);
+    }
+
+    #[test]
+    fn a_suspect_record_is_not_handled_until_it_was_tried_alone() {
+        let suspect = Outcome::Suspect(KafkaError::Canceled);
+        assert_eq!(handled_prefix(&[ok(), suspect, ok()]), 1);
     }
 
     #[test]

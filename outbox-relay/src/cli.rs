@@ -247,6 +247,9 @@ pub struct Settings {
     /// Most events per round [key: batch_size].
     #[arg(long, env = "OUTBOX_BATCH_SIZE")]
     pub batch_size: Option<usize>,
+    /// Most payload bytes in flight, e.g. 67108864 [key: max_in_flight_bytes].
+    #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT_BYTES")]
+    pub max_in_flight_bytes: Option<usize>,
     /// Longest wait between polls, e.g. 1s [key: poll_interval].
     #[arg(long, env = "OUTBOX_POLL_INTERVAL", value_parser = duration::parse)]
     pub poll_interval: Option<Duration>,
@@ -325,6 +328,9 @@ impl Settings {
         }
         if let Some(v) = self.batch_size {
             put("batch_size", v.to_string());
+        }
+        if let Some(v) = self.max_in_flight_bytes {
+            put("max_in_flight_bytes", v.to_string());
         }
         if let Some(v) = &self.poll_interval {
             put("poll_interval", d(v));

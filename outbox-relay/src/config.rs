@@ -226,6 +226,12 @@ pub struct RelayConfig {
     /// pipelining off). After a delivery failure everything in flight is produced again, so
     /// this bounds the duplicates a failure can cause: `batch_size × max_in_flight_batches`.
     pub max_in_flight_batches: usize,
+    /// Most payload bytes in flight (default 64 MiB): each batch is cut at
+    /// `max_in_flight_bytes / (max_in_flight_batches + 1)` (the polling source cuts the claim
+    /// itself) and the relay claims another batch only while the window and that batch fit
+    /// within the bound. A single event larger than that is still taken alone, so progress is
+    /// guaranteed.
+    pub max_in_flight_bytes: usize,
     /// Longest wait between polls when no notification arrives (polling source).
     #[serde(with = "duration")]
     pub poll_interval: Duration,
@@ -277,6 +283,7 @@ impl Default for RelayConfig {
             write_mode: WriteMode::Table,
             batch_size: 1000,
             max_in_flight_batches: 3,
+            max_in_flight_bytes: 64 * 1024 * 1024,
             poll_interval: Duration::from_secs(1),
             listen: true,
             acknowledgement: RowAcknowledgement::Mark,
@@ -343,6 +350,12 @@ impl RelayConfig {
             return Err(ConfigError::new(
                 "max_in_flight_batches",
                 "must be between 1 and 64",
+            ));
+        }
+        if self.max_in_flight_bytes < 1024 {
+            return Err(ConfigError::new(
+                "max_in_flight_bytes",
+                "must be at least 1024 (bytes of event payload in flight)",
             ));
         }
         if self.leader_lease < Duration::from_secs(1)

@@ -8,8 +8,9 @@
 //! - **Mutants** (`mutants` feature): `OUTBOX_MUTANT=<name>` turns on one deliberately broken
 //!   behaviour, so the fault suite can prove its checker catches it: `cursor`,
 //!   `ack_before_kafka`, `confirm_on_receipt`, `retry_failed_only`, `park_without_blocking`
-//!   (a parked poison event does not hold its aggregate), `accept_messages_any_mode` (the logical
-//!   source publishes outbox-prefixed logical messages in every write mode).
+//!   (a parked poison event does not hold back the later events of its aggregate),
+//!   `accept_messages_any_mode` (the logical source publishes outbox-prefixed logical messages in
+//!   every write mode).
 
 /// Passes the failpoint `name`; aborts the process when it is armed and due.
 #[cfg(feature = "failpoints")]

@@ -39,7 +39,9 @@ use crate::leader::{Leadership, Lease, LeaseLost};
 use crate::metrics::{Histogram, LATENCY_BUCKETS};
 use crate::park::{AggregateKey, ParkRequest};
 use crate::route::{OutboundRecord, RouteError, Router};
-use crate::sink::kafka::{KafkaSink, Outcome, Pending, SinkError};
+use crate::sink::kafka::{
+    ErrorClass, KafkaSink, Outcome, Pending, SinkError, UNLISTED_ERROR_ROUNDS, classify,
+};
 use crate::source::polling::{PollingSettings, PollingSource, RowAcknowledgement, purge_published};
 use crate::source::{Source, SourceError, SourceEvent};
 
@@ -290,8 +292,18 @@ impl Relay {
             let outcome = match self.open_source(leader).await {
                 Ok(mut source) => {
                     self.stats.source_running.store(true, Ordering::Relaxed);
-                    self.pump(source.as_mut(), &mut sink, &shutdown, &mut backoff, &lease)
-                        .await
+                    source.limit_batch_bytes(self.batch_bytes());
+                    let outcome = self
+                        .pump(source.as_mut(), &mut sink, &shutdown, &mut backoff, &lease)
+                        .await;
+                    if outcome.is_err() {
+                        // The source (and with it the leader lock) is dropped at the end of this
+                        // block: first make sure nothing of the abandoned window can still reach
+                        // Kafka after another relay — or this one, after a rewind — resumes from
+                        // the durable position.
+                        self.fence_producer(&mut sink, &lease).await?;
+                    }
+                    outcome
                 }
                 Err(e) => Err(RelayError::Source(e)),
             };
@@ -334,6 +346,7 @@ impl Relay {
         lease: &Lease,
         cause: &RelayError,
     ) -> Result<(), RelayError> {
+        // `run` fenced the producer before the source and its lock went; nothing is left.
         let purged = sink.purge();
         sink.recreate()?;
         self.stats.lease_lost.fetch_add(1, Ordering::Relaxed);
@@ -346,6 +359,37 @@ impl Relay {
             "leader lease lost: stepped down to standby without producing or acknowledging anything more; the active relay resumes from the first unacknowledged event"
         );
         Ok(())
+    }
+
+    /// Called when the pump stopped on an error, while this relay still holds the source and
+    /// its leader lock: drops every record of the abandoned window still queued in the producer,
+    /// waits (at most while the lease holds, and never past the delivery timeout) for the
+    /// produce requests already on the wire to be answered, drops whatever is still unanswered
+    /// and replaces the producer. Only then may the lock go, so no standby that takes over —
+    /// and no rewound pipeline of this relay — is followed by a late copy of the old window.
+    async fn fence_producer(&self, sink: &mut KafkaSink, lease: &Lease) -> Result<(), RelayError> {
+        let wait = lease
+            .remaining()
+            .min(self.config.kafka.delivery_timeout)
+            .min(Duration::from_secs(5));
+        let fenced = sink.fence(wait).await;
+        sink.recreate()?;
+        self.stats.producer_queue.store(0, Ordering::Relaxed);
+        if fenced.held > 0 {
+            tracing::warn!(
+                held = fenced.held,
+                unanswered = fenced.unanswered,
+                "fenced the producer before releasing the source: its unsent records were dropped and are sent again from the durable position"
+            );
+        }
+        Ok(())
+    }
+
+    /// The byte bound of one batch: an equal share of `max_in_flight_bytes` for each batch in
+    /// flight and one more for the batch being claimed, so the window and the claim being read
+    /// stay within the bound together.
+    fn batch_bytes(&self) -> usize {
+        (self.config.max_in_flight_bytes / (self.config.max_in_flight_batches.max(1) + 1)).max(1)
     }
 
     fn router_template(&self) -> &str {
@@ -378,6 +422,10 @@ impl Relay {
     /// Rounds of claim → produce → acknowledge until shutdown or an error, with up to
     /// `max_in_flight_batches` batches produced ahead while the oldest awaits Kafka's verdict.
     /// Batches are always completed, parked and acknowledged in the order they were claimed.
+    ///
+    /// On shutdown the pump stops claiming at once, waits for Kafka's verdict on the batches
+    /// already in flight, acknowledges them, flushes the source and returns: a graceful stop
+    /// under load re-sends nothing.
     async fn pump(
         &self,
         source: &mut dyn Source,
@@ -391,14 +439,39 @@ impl Relay {
         // Aggregates blocked by an event parked in a batch still in flight (not in the table
         // yet); cleared whenever the window drains.
         let mut local_blocked: HashMap<AggregateKey, Uuid> = HashMap::new();
+        // Events still to be sent one per round, alone: after a produce request was refused with
+        // a record-level error, to find the record at fault ([`ErrorClass::Record`]).
+        let mut isolate: usize = 0;
+        // Failed rounds in a row caused by an error the relay does not know, with nothing
+        // delivered in between ([`ErrorClass::Unlisted`]).
+        let mut unlisted_rounds: u32 = 0;
         loop {
-            // Fill the window: wait for events only when nothing is in flight.
-            while window.len() < max_in_flight {
+            let (limit, depth) = if isolate > 0 {
+                (1, 1)
+            } else {
+                (self.config.batch_size, max_in_flight)
+            };
+            // Fill the window: wait for events only when nothing is in flight. By bytes: another
+            // batch only while one of up to `batch_bytes` still fits.
+            //
+            // Once shutdown is requested nothing new is read (under steady writes the window
+            // would otherwise never empty): the batches in flight are completed and
+            // acknowledged, and then the source is asked, with the cancelled token, only for
+            // what it already holds. The polling source holds nothing; the logical source hands
+            // over the events it has already decoded (the rest of a transaction, a
+            // re-publication from the table), so its slot can be confirmed past them and the
+            // next start repeats none of them.
+            while window.len() < depth
+                && (window.is_empty()
+                    || window.iter().map(|w| w.bytes).sum::<usize>() + self.batch_bytes()
+                        <= self.config.max_in_flight_bytes)
+                && (window.is_empty() || !shutdown.is_cancelled())
+            {
                 let batch = if window.is_empty() {
                     local_blocked.clear();
-                    source.next_batch(self.config.batch_size, shutdown).await?
+                    source.next_batch(limit, shutdown).await?
                 } else {
-                    source.poll_batch(self.config.batch_size).await?
+                    source.poll_batch(limit).await?
                 };
                 if batch.is_empty() {
                     break;
@@ -409,10 +482,35 @@ impl Relay {
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 let mut blocked = source.blocked_aggregates().await?;
                 blocked.extend(local_blocked.iter().map(|(k, v)| (k.clone(), *v)));
-                let (plan, records) = self.plan(&batch, &mut blocked);
+                if mutant("park_without_blocking") {
+                    // Broken on purpose: a parked event does not hold its aggregate back.
+                    blocked.clear();
+                }
+                let (plan, mut records) = self.plan(&batch, &mut blocked);
+                let bytes = batch
+                    .iter()
+                    .map(|e| e.event.payload.as_ref().map_or(0, String::len))
+                    .sum::<usize>();
+                // One copy of a payload in the relay: the record's. The event keeps only what
+                // acknowledging and parking need (a parked record gets its payload back from
+                // the record, see `parks_in`).
+                let mut batch = batch;
+                for (e, p) in batch.iter_mut().zip(&plan) {
+                    if matches!(p, Plan::Send(_)) {
+                        e.event.payload = None;
+                    }
+                }
                 let started = std::time::Instant::now();
                 lease.check()?;
                 let pending = sink.enqueue(&records).await;
+                // librdkafka copied what it accepted; the relay's copy is needed again only for
+                // records refused on the spot (parked with their payload), or when each record
+                // is sent alone (its verdict may park it).
+                if isolate == 0 && !mutant("retry_failed_only") {
+                    for i in pending.accepted() {
+                        records[i].payload = None;
+                    }
+                }
                 // Enqueue-time rejections block their aggregate for the batches that follow.
                 for i in pending.rejected_now() {
                     if let Some(k) = plan
@@ -436,6 +534,7 @@ impl Relay {
                     records,
                     pending,
                     started,
+                    bytes,
                 });
             }
             let Some(InFlight {
@@ -444,6 +543,7 @@ impl Relay {
                 records,
                 pending,
                 started,
+                ..
             }) = window.pop_front()
             else {
                 if shutdown.is_cancelled() {
@@ -454,6 +554,14 @@ impl Relay {
                 continue;
             };
             let mut sent = pending.wait().await;
+            if isolate > 0 {
+                // Sent alone: a record-level refusal is this record's own.
+                for o in &mut sent {
+                    if let Outcome::Suspect(e) = o {
+                        *o = Outcome::Rejected(e.clone());
+                    }
+                }
+            }
             if !records.is_empty() {
                 self.stats
                     .publish_duration
@@ -489,7 +597,7 @@ impl Relay {
                 .collect();
             failpoint("after_kafka_ack");
             let handled = handled_prefix(&outcomes);
-            let parks = parks_in(&plan, &outcomes, &batch, handled);
+            let parks = parks_in(&plan, &outcomes, &batch, &records, handled);
             if !parks.is_empty() {
                 for p in parks.iter().filter(|p| p.blocked_by.is_none()) {
                     tracing::error!(
@@ -543,32 +651,88 @@ impl Relay {
                     }
                 }
             }
+            if handled > 0 {
+                unlisted_rounds = 0;
+            }
             if handled < batch.len() {
                 let failed = &batch[handled];
                 let error = match &outcomes[handled] {
-                    Outcome::Failed(e) => e.to_string(),
-                    _ => String::new(),
+                    Outcome::Failed(e) | Outcome::Suspect(e) => Some(e.clone()),
+                    _ => None,
+                };
+                let class = match &outcomes[handled] {
+                    Outcome::Suspect(_) => ErrorClass::Record,
+                    _ => error.as_ref().map_or(ErrorClass::Retry, classify),
+                };
+                let topic = match &plan[handled] {
+                    Plan::Send(i) => records[*i].topic.as_str(),
+                    Plan::Park(_) => "",
                 };
                 let dropped =
                     batch.len() - handled + window.iter().map(|w| w.batch.len()).sum::<usize>();
+                if let Some(e) = &error {
+                    match class {
+                        ErrorClass::Stop(fix) => {
+                            return Err(SinkError::refused(topic, e, fix).into());
+                        }
+                        ErrorClass::Unlisted => {
+                            unlisted_rounds += 1;
+                            if unlisted_rounds >= UNLISTED_ERROR_ROUNDS {
+                                return Err(SinkError::refused(
+                                    topic,
+                                    e,
+                                    format!(
+                                        "the relay does not know this error as transient and it persisted over {unlisted_rounds} attempts with nothing delivered: look it up in the brokers' logs, fix the cause, then restart the relay"
+                                    ),
+                                )
+                                .into());
+                            }
+                        }
+                        ErrorClass::Record => {
+                            // One at a time: the suspects of this batch (the records of the
+                            // refused request). Later batches go back to normal batching.
+                            let last = outcomes
+                                .iter()
+                                .rposition(|o| matches!(o, Outcome::Suspect(_)))
+                                .unwrap_or(handled);
+                            isolate = last + 1 - handled;
+                        }
+                        ErrorClass::Retry => {}
+                    }
+                }
+                let error = error.map(|e| e.to_string()).unwrap_or_default();
                 self.stats
                     .failed
                     .fetch_add(dropped as u64, Ordering::Relaxed);
-                tracing::warn!(
-                    event_id = %failed.event.id,
-                    event_type = %failed.event.event_type,
-                    %error,
-                    acknowledged = handled,
-                    dropped,
-                    "delivery failed: dropping the in-flight window, recreating the producer and resuming from the first unacknowledged event"
-                );
-                self.stats.kafka_connected.store(false, Ordering::Relaxed);
+                if class == ErrorClass::Record {
+                    tracing::warn!(
+                        event_id = %failed.event.id,
+                        event_type = %failed.event.event_type,
+                        %error,
+                        acknowledged = handled,
+                        dropped,
+                        "a produce request was refused with a record-level error: sending the events from here one at a time to find the one at fault before parking anything"
+                    );
+                } else {
+                    tracing::warn!(
+                        event_id = %failed.event.id,
+                        event_type = %failed.event.event_type,
+                        %error,
+                        acknowledged = handled,
+                        dropped,
+                        "delivery failed: dropping the in-flight window, recreating the producer and resuming from the first unacknowledged event"
+                    );
+                    self.stats.kafka_connected.store(false, Ordering::Relaxed);
+                }
                 window.clear();
                 local_blocked.clear();
                 source.rewind().await?;
                 sink.recreate()?;
-                backoff.wait(shutdown).await;
+                if class != ErrorClass::Record {
+                    backoff.wait(shutdown).await;
+                }
             } else {
+                isolate = isolate.saturating_sub(batch.len());
                 self.stats.kafka_connected.store(true, Ordering::Relaxed);
                 backoff.reset();
             }
@@ -704,6 +868,8 @@ struct InFlight {
     records: Vec<OutboundRecord>,
     pending: Pending,
     started: std::time::Instant,
+    /// Payload bytes of the batch (for `max_in_flight_bytes`).
+    bytes: usize,
 }
 
 /// The events of a handled prefix that must be parked: planned parks, records Kafka refused
@@ -712,24 +878,33 @@ fn parks_in(
     plan: &[Plan],
     outcomes: &[Outcome],
     batch: &[SourceEvent],
+    records: &[OutboundRecord],
     handled: usize,
 ) -> Vec<ParkRequest> {
+    // The event of a sent record, with the payload the pump moved into the record.
+    let event_of = |e: &SourceEvent, record: usize| {
+        let mut event = e.event.clone();
+        if event.payload.is_none() {
+            event.payload = records.get(record).and_then(|r| r.payload.clone());
+        }
+        event
+    };
     let mut parks = Vec::new();
     for (i, (p, e)) in plan.iter().zip(batch).enumerate().take(handled) {
         match (p, &outcomes[i]) {
             (Plan::Park(request), _) => parks.push((**request).clone()),
-            (Plan::Send(_), Outcome::Rejected(error)) => parks.push(ParkRequest {
-                event: e.event.clone(),
+            (Plan::Send(j), Outcome::Rejected(error)) => parks.push(ParkRequest {
+                event: event_of(e, *j),
                 reason: format!("Kafka refused the record for good: {error}"),
                 blocked_by: None,
             }),
-            (Plan::Send(_), Outcome::Held { behind }) => {
+            (Plan::Send(j), Outcome::Held { behind }) => {
                 let first = plan
                     .iter()
-                    .position(|q| matches!(q, Plan::Send(j) if j == behind))
+                    .position(|q| matches!(q, Plan::Send(k) if k == behind))
                     .map(|k| batch[k].event.id);
                 parks.push(ParkRequest {
-                    event: e.event.clone(),
+                    event: event_of(e, *j),
                     reason: "held behind a rejected event of the same aggregate".into(),
                     blocked_by: first,
                 });

@@ -140,6 +140,13 @@ pub trait Source: Send {
         Ok(Vec::new())
     }
 
+    /// Asks the source to cut each batch once its payloads reach about `bytes` (always
+    /// returning at least one event). Called once, before the first batch; a source that cannot
+    /// cut by size keeps the default and the relay bounds its window by bytes on its own.
+    fn limit_batch_bytes(&mut self, bytes: usize) {
+        let _ = bytes;
+    }
+
     /// Records that `delivered` — a contiguous prefix, in order, of the events returned since
     /// the last acknowledge or rewind — has been acknowledged by Kafka. The record may become
     /// durable in the background ([`row_marks`]); until it is, those events are neither returned

@@ -270,7 +270,7 @@ impl RecordSpan {
                     ));
                     span.set_attribute(KeyValue::new("messaging.kafka.offset", d.offset));
                 }
-                Outcome::Rejected(e) | Outcome::Failed(e) => {
+                Outcome::Rejected(e) | Outcome::Suspect(e) | Outcome::Failed(e) => {
                     let kind = e
                         .rdkafka_error_code()
                         .map(|c| format!("{c:?}"))

@@ -82,6 +82,19 @@ pub enum SinkError {
     /// librdkafka refused to create the producer.
     #[error("could not create the Kafka producer: {0}")]
     Create(#[source] KafkaError),
+    /// Kafka refuses the relay's records in a way retrying cannot fix (permissions, a missing
+    /// topic, an error that persists): the relay stops and says what the operator must do.
+    #[error("Kafka refuses the records for topic `{topic}` with {name} ({detail}): {fix}")]
+    Refused {
+        /// The topic of the first refused record.
+        topic: String,
+        /// The Kafka protocol name of the error (e.g. `TOPIC_AUTHORIZATION_FAILED`).
+        name: String,
+        /// The client's description of the error.
+        detail: String,
+        /// What the operator must do about it.
+        fix: String,
+    },
     /// The cluster did not answer within the connect timeout.
     #[error("Kafka at `{servers}` is unreachable: {detail}")]
     Unreachable {
@@ -228,6 +241,16 @@ impl Pending {
             .map(|(i, _)| i)
     }
 
+    /// Records handed to the producer whose verdict is still to come, by index (the others
+    /// were refused, held or not sent at enqueue time).
+    pub fn accepted(&self) -> impl Iterator<Item = usize> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s, Slot::Sent(..)))
+            .map(|(i, _)| i)
+    }
+
     /// Waits for Kafka's verdict on every record; one outcome per record, in order.
     pub async fn wait(self) -> Vec<Outcome> {
         let mut out = Vec::with_capacity(self.slots.len());
@@ -240,7 +263,11 @@ impl Pending {
                             partition: d.partition,
                             offset: d.offset,
                         }),
-                        Ok(Err((error, _))) if is_permanent(&error) => Outcome::Rejected(error),
+                        // A broker answers per produce request, not per record: a record-level
+                        // error may belong to another record of the same request.
+                        Ok(Err((error, _))) if classify(&error) == ErrorClass::Record => {
+                            Outcome::Suspect(error)
+                        }
                         Ok(Err((error, _))) => Outcome::Failed(error),
                         Err(_canceled) => Outcome::Failed(KafkaError::Canceled),
                     };
@@ -268,25 +295,183 @@ pub enum Outcome {
         /// Index in the batch of the rejected record.
         behind: usize,
     },
-    /// A transient failure (timeout, broker unavailable, …): retry from here.
+    /// The produce request this record was part of failed with a record-level error
+    /// ([`ErrorClass::Record`]) that may concern another record of the request: the relay sends
+    /// it again alone before it decides (delivered, or [`Outcome::Rejected`] and parked).
+    Suspect(KafkaError),
+    /// A failure the window cannot get past (timeout, broker unavailable, a refusal that stops
+    /// the relay, …): see [`classify`] for what the relay does.
     Failed(KafkaError),
 }
 
-/// Whether Kafka will never accept this record as it is (its size, its topic or the
-/// producer's permissions), as opposed to a transient condition.
-pub fn is_permanent(error: &KafkaError) -> bool {
+/// What the relay does about a record Kafka did not accept. [`classify`] is the one place that
+/// decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Transient (brokers down or slow, leadership moving, the producer's own fatal state):
+    /// drop the in-flight window, recreate the producer and resume from the first
+    /// unacknowledged event after a backoff, for as long as it takes.
+    Retry,
+    /// Kafka refuses the record for what it is (its size, timestamp, contents or topic name).
+    /// Refused when it is enqueued, the verdict is the record's own and it is parked; from a
+    /// broker, the verdict covers a whole produce request, so the record is first sent again
+    /// alone and parked only if it fails alone.
+    Record,
+    /// Nothing can be published until an operator acts (permissions, a missing topic, a broker
+    /// that cannot take the relay's records): the relay stops with this fix.
+    Stop(&'static str),
+    /// An error this relay does not know: retried like [`ErrorClass::Retry`], but the relay
+    /// stops with the error's name once it persists for [`UNLISTED_ERROR_ROUNDS`] rounds in a
+    /// row with nothing delivered in between.
+    Unlisted,
+}
+
+/// How many failed rounds in a row an [`ErrorClass::Unlisted`] error may cause before the relay
+/// stops.
+pub const UNLISTED_ERROR_ROUNDS: u32 = 5;
+
+/// Classifies a producer error (at enqueue time or in a delivery report). See [`ErrorClass`].
+pub fn classify(error: &KafkaError) -> ErrorClass {
     use rdkafka::types::RDKafkaErrorCode as C;
-    matches!(
-        error.rdkafka_error_code(),
-        Some(
-            C::MessageSizeTooLarge
-                | C::InvalidMessageSize
-                | C::InvalidTopic
-                | C::TopicAuthorizationFailed
-                | C::InvalidRecord
-                | C::PolicyViolation
-        )
-    )
+    let Some(code) = error.rdkafka_error_code() else {
+        // The delivery future was dropped (the producer went away) or a client-side problem
+        // without a code: the window is retried.
+        return ErrorClass::Retry;
+    };
+    match code {
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::MessageBatchTooLarge
+        | C::InvalidRecord
+        | C::InvalidTimestamp
+        | C::InvalidMessage
+        | C::InvalidTopic
+        | C::PolicyViolation
+        | C::BadMessage
+        | C::KeySerialization
+        | C::ValueSerialization => ErrorClass::Record,
+        C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => ErrorClass::Stop(
+            "grant the relay's Kafka principal WRITE (and DESCRIBE) on the topic and IDEMPOTENT_WRITE on the cluster, then restart the relay",
+        ),
+        C::SaslAuthenticationFailed
+        | C::Authentication
+        | C::UnsupportedSASLMechanism
+        | C::IllegalSASLState => ErrorClass::Stop(
+            "fix the relay's Kafka credentials (kafka.properties sasl.* / ssl.*), then restart the relay",
+        ),
+        C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => ErrorClass::Stop(
+            "create the topic (outbox-relay topics create), enable auto.create.topics.enable on the brokers, or route the events to an existing topic; then restart the relay",
+        ),
+        C::UnsupportedVersion
+        | C::UnsupportedForMessageFormat
+        | C::UnsupportedCompressionType
+        | C::InvalidRequiredAcks
+        | C::InvalidConfig => ErrorClass::Stop(
+            "the brokers cannot take the relay's records as configured (message format, compression, acks=all with idempotence): check the broker version and the relay's kafka.properties",
+        ),
+        C::MessageTimedOut
+        | C::BrokerTransportFailure
+        | C::AllBrokersDown
+        | C::Resolve
+        | C::BrokerDestroy
+        | C::DestroyBroker
+        | C::Fail
+        | C::QueueFull
+        | C::TimedOutQueue
+        | C::OperationTimedOut
+        | C::Retry
+        | C::PurgeQueue
+        | C::PurgeInflight
+        | C::Fatal
+        | C::GaplessGuarantee
+        | C::Inconsistent
+        | C::ISRInsufficient
+        | C::SSL
+        | C::UnknownBroker
+        | C::InProgress
+        | C::PreviousInProgress
+        | C::LeaderNotAvailable
+        | C::NotLeaderForPartition
+        | C::RequestTimedOut
+        | C::BrokerNotAvailable
+        | C::ReplicaNotAvailable
+        | C::NetworkException
+        | C::NotEnoughReplicas
+        | C::NotEnoughReplicasAfterAppend
+        | C::NotController
+        | C::KafkaStorageError
+        | C::OutOfOrderSequenceNumber
+        | C::DuplicateSequenceNumber
+        | C::InvalidProducerEpoch
+        | C::UnknownProducerId
+        | C::ProducerFenced
+        | C::FencedLeaderEpoch
+        | C::UnknownLeaderEpoch
+        | C::PreferredLeaderNotAvailable
+        | C::EligibleLeadersNotAvailable
+        | C::ThrottlingQuotaExceeded
+        | C::ReassignmentInProgress
+        | C::CoordinatorLoadInProgress
+        | C::CoordinatorNotAvailable
+        | C::NotCoordinator
+        | C::ConcurrentTransactions => ErrorClass::Retry,
+        _ => ErrorClass::Unlisted,
+    }
+}
+
+/// Whether Kafka will never accept this record as it is: [`ErrorClass::Record`].
+pub fn is_permanent(error: &KafkaError) -> bool {
+    classify(error) == ErrorClass::Record
+}
+
+/// The Kafka protocol name of an error's code (`TOPIC_AUTHORIZATION_FAILED`), or its text when
+/// it has none.
+pub fn error_name(error: &KafkaError) -> String {
+    let Some(code) = error.rdkafka_error_code() else {
+        return error.to_string();
+    };
+    let camel = format!("{code:?}");
+    let mut name = String::with_capacity(camel.len() + 8);
+    if (code as i32) < 0 {
+        // librdkafka's own (local) errors are spelled with a leading underscore.
+        name.push('_');
+    }
+    let chars: Vec<char> = camel.chars().collect();
+    for (i, &c) in chars.iter().enumerate() {
+        // A word starts at an upper-case letter after a lower-case one, or at the last capital
+        // of an acronym followed by a lower-case letter (`SASLMechanism` → `SASL_MECHANISM`).
+        let boundary = i > 0
+            && c.is_ascii_uppercase()
+            && (chars[i - 1].is_ascii_lowercase()
+                || chars.get(i + 1).is_some_and(|n| n.is_ascii_lowercase()));
+        if boundary {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
+impl SinkError {
+    /// The loud stop for an error of class [`ErrorClass::Stop`] (or an unlisted error that
+    /// persisted), naming the error and the operator's fix.
+    pub fn refused(topic: &str, error: &KafkaError, fix: impl Into<String>) -> Self {
+        SinkError::Refused {
+            topic: topic.to_owned(),
+            name: error_name(error),
+            detail: error.to_string(),
+            fix: fix.into(),
+        }
+    }
+}
+
+/// What [`KafkaSink::fence`] dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fenced {
+    /// Records the producer held when the fence began (queued, or on the wire).
+    pub held: i32,
+    /// Records still unanswered when the wait ended (dropped; a broker may still append them).
+    pub unanswered: i32,
 }
 
 /// Where a record landed.
@@ -370,6 +555,31 @@ impl KafkaSink {
         queued
     }
 
+    /// Fences the producer before the relay lets go of its source: drops every record not yet
+    /// sent to a broker, then waits up to `wait` for the produce requests already on the wire
+    /// to be answered (so none of them is appended later, after another producer resumed from
+    /// the durable position), then drops whatever is still unanswered. The producer should be
+    /// [`KafkaSink::recreate`]d afterwards.
+    pub async fn fence(&self, wait: Duration) -> Fenced {
+        use rdkafka::producer::PurgeConfig;
+        let before = self.producer.in_flight_count();
+        self.producer.purge(PurgeConfig::default().queue());
+        let producer = self.producer.clone();
+        let unanswered = tokio::task::spawn_blocking(move || {
+            // Serves the delivery reports of the purged records and waits for the rest.
+            let _ = producer.flush(wait);
+            let left = producer.in_flight_count();
+            producer.purge(PurgeConfig::default().queue().inflight());
+            left
+        })
+        .await
+        .unwrap_or(0);
+        Fenced {
+            held: before,
+            unanswered,
+        }
+    }
+
     /// The underlying producer (for metrics and the `topics` commands).
     pub fn producer(&self) -> &FutureProducer<SinkContext> {
         &self.producer
@@ -399,6 +609,7 @@ impl KafkaSink {
             }
             if let Some(&(_, _, behind)) = poisoned
                 .iter()
+                .filter(|_| !crate::faults::mutant("park_without_blocking"))
                 .find(|(t, k, _)| *t == r.topic && *k == r.key)
             {
                 slots.push(Slot::Done(Outcome::Held { behind }));
@@ -547,4 +758,52 @@ pub fn watch_brokers(
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ErrorClass, classify, error_name};
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
+
+    fn delivery(code: C) -> KafkaError {
+        KafkaError::MessageProduction(code)
+    }
+
+    #[test]
+    fn errors_are_named_as_in_the_kafka_protocol() {
+        assert_eq!(
+            error_name(&delivery(C::TopicAuthorizationFailed)),
+            "TOPIC_AUTHORIZATION_FAILED"
+        );
+        assert_eq!(error_name(&delivery(C::UnknownTopic)), "_UNKNOWN_TOPIC");
+        assert_eq!(
+            error_name(&delivery(C::UnsupportedSASLMechanism)),
+            "UNSUPPORTED_SASL_MECHANISM"
+        );
+        assert_eq!(
+            error_name(&delivery(C::ISRInsufficient)),
+            "_ISR_INSUFFICIENT"
+        );
+    }
+
+    #[test]
+    fn one_place_decides_retry_park_or_stop() {
+        assert_eq!(
+            classify(&delivery(C::MessageSizeTooLarge)),
+            ErrorClass::Record
+        );
+        assert_eq!(classify(&delivery(C::InvalidTimestamp)), ErrorClass::Record);
+        assert_eq!(classify(&delivery(C::MessageTimedOut)), ErrorClass::Retry);
+        assert_eq!(classify(&delivery(C::NotEnoughReplicas)), ErrorClass::Retry);
+        assert_eq!(classify(&KafkaError::Canceled), ErrorClass::Retry);
+        assert!(matches!(
+            classify(&delivery(C::TopicAuthorizationFailed)),
+            ErrorClass::Stop(_)
+        ));
+        assert!(matches!(
+            classify(&delivery(C::UnknownTopicOrPartition)),
+            ErrorClass::Stop(_)
+        ));
+        assert_eq!(classify(&delivery(C::InvalidRequest)), ErrorClass::Unlisted);
+    }
 }

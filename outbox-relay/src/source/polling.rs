@@ -312,6 +312,13 @@ pub struct PollingSource {
     /// Acknowledgements running beside the pipeline; each releases its rows' `seq`s from
     /// `in_flight` once durable.
     marks: RowMarks<Vec<i64>>,
+    /// A claim stops before the row that would take its payloads past this
+    /// ([`Source::limit_batch_bytes`]); the first row is always claimed.
+    max_batch_bytes: i64,
+    /// Mean payload size of the last claim: the next claim asks the server for about as many
+    /// rows as the byte bound admits, so it does not render a thousand large payloads to
+    /// return two.
+    mean_payload: usize,
 }
 
 impl PollingSource {
@@ -357,9 +364,14 @@ impl PollingSource {
         };
         // Rows in flight are excluded by value, not by a cursor: a row with a lower `seq` that
         // commits late is still claimed by the next batch.
+        // The claim is cut by size too: of the first `$1` rows, those whose preceding payloads
+        // (in `seq` order) stay under `$4` bytes, so a backlog of large events is not read
+        // into memory a thousand at a time. The first row always qualifies.
         let claim_sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM {} WHERE published_at IS NULL AND NOT (seq = ANY($2)) {} \
-             ORDER BY seq LIMIT $1",
+            "SELECT * FROM (SELECT c.*, sum(coalesce(octet_length(c.payload), 0)) OVER (ORDER BY c.seq) \
+                 - coalesce(octet_length(c.payload), 0) AS bytes_before FROM ( \
+             SELECT {EVENT_COLUMNS} FROM {} WHERE published_at IS NULL AND NOT (seq = ANY($2)) {} \
+             ORDER BY seq LIMIT $1) c) b WHERE b.bytes_before < $4 ORDER BY b.seq",
             settings.table.qualified(),
             if crate::faults::mutant("cursor") {
                 "AND seq > $3"
@@ -397,6 +409,8 @@ impl PollingSource {
             in_flight: VecDeque::new(),
             highest_claimed: 0,
             marks,
+            max_batch_bytes: i64::MAX,
+            mean_payload: 0,
         })
     }
 
@@ -417,10 +431,18 @@ impl PollingSource {
             .map_err(|e| e.into_source_error("polling"))?;
         self.release(done);
         let in_flight: Vec<i64> = self.in_flight.iter().copied().collect();
+        let max = match self.mean_payload {
+            0 => max,
+            mean => max.min(
+                (usize::try_from(self.max_batch_bytes).unwrap_or(usize::MAX) / mean)
+                    .saturating_add(1),
+            ),
+        };
         let rows = sqlx::query(AssertSqlSafe(self.claim_sql.as_str()))
             .bind(max as i64)
             .bind(&in_flight)
             .bind(self.highest_claimed)
+            .bind(self.max_batch_bytes)
             .fetch_all(&mut *self.leader.connection().await)
             .await
             .map_err(|error| SourceError::Database {
@@ -431,6 +453,13 @@ impl PollingSource {
             .iter()
             .map(|row| Ok(SourceEvent::decoded(event_from_row(row)?, Position::Row)))
             .collect::<Result<Vec<_>, SourceError>>()?;
+        if !batch.is_empty() {
+            let bytes: usize = batch
+                .iter()
+                .map(|e| e.event.payload.as_ref().map_or(0, String::len))
+                .sum();
+            self.mean_payload = bytes / batch.len();
+        }
         for e in &batch {
             let seq = e.event.seq.unwrap_or_default();
             self.in_flight.push_back(seq);
@@ -486,6 +515,10 @@ impl Source for PollingSource {
 
     async fn poll_batch(&mut self, max: usize) -> Result<Vec<SourceEvent>, SourceError> {
         self.claim(max).await
+    }
+
+    fn limit_batch_bytes(&mut self, bytes: usize) {
+        self.max_batch_bytes = i64::try_from(bytes).unwrap_or(i64::MAX).max(1);
     }
 
     /// Starts marking (or deleting) the rows in the background ([`RowMarks`]); they stay
