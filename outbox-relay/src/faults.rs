@@ -10,7 +10,8 @@
 //!   `ack_before_kafka`, `confirm_on_receipt`, `retry_failed_only`, `park_without_blocking`
 //!   (a parked poison event does not hold back the later events of its aggregate),
 //!   `accept_messages_any_mode` (the logical source publishes outbox-prefixed logical messages in
-//!   every write mode).
+//!   every write mode), `skip_lease_check` (a relay past its lease keeps producing and
+//!   acknowledging).
 
 /// Passes the failpoint `name`; aborts the process when it is armed and due.
 #[cfg(feature = "failpoints")]
