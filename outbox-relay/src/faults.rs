@@ -10,8 +10,7 @@
 //!   `ack_before_kafka`, `confirm_on_receipt`, `retry_failed_only`, `park_without_blocking`
 //!   (a parked poison event does not hold back the later events of its aggregate),
 //!   `accept_messages_any_mode` (the logical source publishes outbox-prefixed logical messages in
-//!   every write mode), `skip_lease_check` (a relay past its lease keeps producing and
-//!   acknowledging).
+//!   every write mode).
 
 /// Passes the failpoint `name`; aborts the process when it is armed and due.
 #[cfg(feature = "failpoints")]

@@ -122,10 +122,6 @@ impl Lease {
     /// `Ok` while this relay may still act as the leader: call it immediately before producing
     /// and before acknowledging.
     pub fn check(&self) -> Result<(), LeaseLost> {
-        if crate::faults::mutant("skip_lease_check") {
-            // Broken on purpose: a relay whose lease ran out keeps producing and acknowledging.
-            return Ok(());
-        }
         if self.state.lost.load(Ordering::Acquire) {
             let reason = self
                 .state
