@@ -79,6 +79,10 @@ pub enum Fault {
     BrokerErrorInFlight,
     /// Two relays; the active one is SIGSTOPped past its lease (its session is cut) and resumed.
     TwoRelaysStop,
+    /// Two relays; the active one stops itself between reading a batch and producing it
+    /// (failpoint `before_produce:<n>:stop`), its session is cut, the standby takes over, and the
+    /// old one is resumed at once, well within its local lease.
+    PausedAtProduce,
     /// The replication slot is dropped under the relay.
     SlotDropped,
     /// The replication slot is invalidated (`max_slot_wal_keep_size` exceeded).
@@ -273,6 +277,14 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "active relay SIGSTOPped, its session cut (lease lost), standby takes over, old one resumed",
     },
     Scenario {
+        name: "leader-paused-at-produce",
+        fault: Fault::PausedAtProduce,
+        sources: BOTH,
+        no_duplicates: false,
+        write_mode: WriteMode::Table,
+        about: "active relay stopped between reading a batch and producing it, session cut, standby takes over, old one resumed within its local lease: it must produce nothing it held",
+    },
+    Scenario {
         name: "slot-dropped",
         fault: Fault::SlotDropped,
         sources: LOGICAL,
@@ -457,6 +469,8 @@ impl Settings {
             // The writers keep going through the loss, the restart loop and the acceptance, so
             // that events committed after the new slot streams are checked too.
             Fault::SlotDropped | Fault::SlotInvalidated => w.txs *= 3,
+            // Writers still running once the restarted relay is active and has paused itself.
+            Fault::PausedAtProduce => w.txs *= 4,
             Fault::RollingUnderLoad => {
                 // As fast as the writers can commit, beside a backlog of 2,500-event
                 // transactions: the relay is behind when it is stopped. (A graceful stop of the
@@ -1091,6 +1105,71 @@ impl<'a> Run<'a> {
                     pause(1500).await;
                     std::mem::swap(&mut self.relay, &mut self.standby);
                     self.recovered().await?;
+                }
+            }
+            Fault::PausedAtProduce => {
+                let faults = if quick { 1 } else { 2 };
+                let leads = |r: &Option<RelayProc>| {
+                    r.as_ref()
+                        .map(|r| r.log().matches("acquired the leader lock").count())
+                        .unwrap_or(0)
+                };
+                while self.result.faults < faults && !writers.is_finished() {
+                    // The active relay, restarted to stop itself at the n-th batch it produces
+                    // (a standby left from the previous round stopped first, so it is the one).
+                    if let Some(mut r) = self.standby.take() {
+                        r.terminate(Duration::from_secs(15)).await;
+                    }
+                    if let Some(mut r) = self.relay.take() {
+                        r.terminate(Duration::from_secs(15)).await;
+                    }
+                    let n = self.gap(2, 5);
+                    self.start_relay(&[kv("OUTBOX_FAILPOINT", format!("before_produce:{n}:stop"))])
+                        .await?;
+                    let active = self.relay.as_mut().context("relay")?;
+                    if !active
+                        .wait_for_log("this relay is active", Duration::from_secs(30))
+                        .await
+                    {
+                        self.result
+                            .failures
+                            .push("the restarted relay never became active".into());
+                        break;
+                    }
+                    self.standby = Some(self.spawn("b", &[])?);
+                    let active = self.relay.as_mut().context("relay")?;
+                    if !active
+                        .wait_for_log("reached: stopping", Duration::from_secs(30))
+                        .await
+                    {
+                        // Writers done before the n-th batch: nothing to pause at.
+                        break;
+                    }
+                    self.mark();
+                    let before = leads(&self.standby);
+                    self.cut_leader().await?;
+                    let deadline = Instant::now() + Duration::from_secs(15);
+                    while leads(&self.standby) == before {
+                        if Instant::now() > deadline {
+                            self.result
+                                .failures
+                                .push("the standby never took over from the paused relay".into());
+                            break;
+                        }
+                        pause(5).await;
+                    }
+                    // Resumed at once: its local lease still runs, the standby is just starting.
+                    let old = self.relay.as_mut().context("relay")?;
+                    old.signal("CONT").await?;
+                    self.result.faults += 1;
+                    pause(1500).await;
+                    std::mem::swap(&mut self.relay, &mut self.standby);
+                    self.recovered().await?;
+                }
+                if self.result.faults == 0 {
+                    self.result
+                        .notes
+                        .push("the failpoint was not reached before the writers finished".into());
                 }
             }
             Fault::SlotDropped => {

@@ -4,7 +4,8 @@
 //!
 //! - **Failpoints** (`failpoints` feature): `OUTBOX_FAILPOINT=<name>[:<n>]` aborts the process —
 //!   no cleanup, like `kill -9` — the n-th time (default the first) it passes the named point:
-//!   `before_produce`, `after_kafka_ack`, `after_source_ack`.
+//!   `before_produce`, `after_kafka_ack`, `after_source_ack`; `<name>:<n>:stop` stops it with
+//!   SIGSTOP there instead (a pause at an exact point).
 //! - **Mutants** (`mutants` feature): `OUTBOX_MUTANT=<name>` turns on one deliberately broken
 //!   behaviour, so the fault suite can prove its checker catches it: `cursor`,
 //!   `ack_before_kafka`, `confirm_on_receipt`, `retry_failed_only`, `park_without_blocking`
@@ -12,24 +13,33 @@
 //!   `accept_messages_any_mode` (the logical source publishes outbox-prefixed logical messages in
 //!   every write mode).
 
-/// Passes the failpoint `name`; aborts the process when it is armed and due.
+/// Passes the failpoint `name`; when it is armed and due, aborts the process — or, armed as
+/// `<name>:<n>:stop`, stops it with SIGSTOP (resumed by SIGCONT, it carries on from here).
 #[cfg(feature = "failpoints")]
 pub fn failpoint(name: &str) {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
-    static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static ARMED: OnceLock<Option<(String, u64, bool)>> = OnceLock::new();
     static HITS: AtomicU64 = AtomicU64::new(0);
     let armed = ARMED.get_or_init(|| {
         let spec = std::env::var("OUTBOX_FAILPOINT").ok()?;
-        Some(match spec.split_once(':') {
-            Some((n, count)) => (n.to_owned(), count.parse().unwrap_or(1)),
-            None => (spec, 1),
-        })
+        let mut parts = spec.split(':');
+        let point = parts.next()?.to_owned();
+        let due = parts.next().and_then(|n| n.parse().ok()).unwrap_or(1);
+        let stop = parts.next() == Some("stop");
+        Some((point, due, stop))
     });
-    if let Some((armed, due)) = armed
+    if let Some((armed, due, stop)) = armed
         && armed == name
         && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *due
     {
+        if *stop {
+            eprintln!("outbox-relay: failpoint `{name}` reached: stopping");
+            let _ = std::process::Command::new("kill")
+                .args(["-STOP", &std::process::id().to_string()])
+                .status();
+            return;
+        }
         eprintln!("outbox-relay: failpoint `{name}` reached: aborting");
         std::process::abort();
     }

@@ -61,7 +61,13 @@ struct LeaseState {
     /// Set once the lease is known to be lost (the heartbeat failed).
     lost: AtomicBool,
     reason: StdMutex<Option<String>>,
+    /// Asks the heartbeat to run now rather than at its next tick.
+    kick: tokio::sync::Notify,
 }
+
+/// A gap this long between reading a batch and producing it means the relay may have been
+/// paused (stopped, starved) meanwhile: see [`Lease::check_after`].
+const PAUSE_SUSPECT: Duration = Duration::from_millis(250);
 
 /// The active relay may no longer act as the leader.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,6 +87,7 @@ impl Lease {
                 valid_until_ns: AtomicU64::new(0),
                 lost: AtomicBool::new(false),
                 reason: StdMutex::new(None),
+                kick: tokio::sync::Notify::new(),
             }),
         };
         lease.renew(sent);
@@ -117,6 +124,36 @@ impl Lease {
         }
         let until = Duration::from_nanos(self.state.valid_until_ns.load(Ordering::Acquire));
         until.saturating_sub(self.state.origin.elapsed())
+    }
+
+    /// [`Lease::check`] for a batch read at `obtained`. When the relay may have been paused
+    /// since ([`PAUSE_SUSPECT`] or more ago), the local lease is not enough: a session ended while
+    /// the process was stopped — by an operator, a restart, a failover — frees the lock for a
+    /// standby at once, long before the local lease runs out. Then a heartbeat sent after
+    /// `obtained` must succeed first (one is requested at once), so a relay that lost its lock
+    /// while paused never produces what it had read.
+    pub async fn check_after(&self, obtained: Instant) -> Result<(), LeaseLost> {
+        self.check()?;
+        if obtained.elapsed() < PAUSE_SUSPECT {
+            return Ok(());
+        }
+        // Renewed by a heartbeat sent after `obtained` ⟺ valid until past `obtained` + ¾ lease.
+        let needed = (obtained.saturating_duration_since(self.state.origin) + self.usable())
+            .as_nanos() as u64;
+        let deadline = Instant::now() + self.state.length;
+        loop {
+            self.check()?;
+            if self.state.valid_until_ns.load(Ordering::Acquire) > needed {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(LeaseLost {
+                    reason: "no heartbeat confirmed the leader lock after a pause".into(),
+                });
+            }
+            self.state.kick.notify_one();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// `Ok` while this relay may still act as the leader: call it immediately before producing
@@ -293,7 +330,10 @@ impl Leadership {
 async fn heartbeat(conn: Arc<Mutex<PgConnection>>, key: i64, lease: Lease) {
     let every = (lease.state.length / 4).max(Duration::from_millis(50));
     loop {
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = lease.state.kick.notified() => {}
+        }
         let mut session = conn.lock().await;
         let sent = Instant::now();
         let answer = tokio::time::timeout(
@@ -327,6 +367,39 @@ async fn heartbeat(conn: Arc<Mutex<PgConnection>>, key: i64, lease: Lease) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn after_a_pause_only_a_newer_heartbeat_lets_the_relay_produce() {
+        // No pause: the local lease is enough.
+        let lease = Lease::new(Duration::from_secs(1), Instant::now());
+        assert!(lease.check_after(Instant::now()).await.is_ok());
+
+        // A pause since the read: a heartbeat sent after it must succeed first; it is asked for.
+        let read = Instant::now() - Duration::from_millis(300);
+        let lease = Lease::new(Duration::from_secs(1), read - Duration::from_millis(10));
+        let beat = lease.clone();
+        let heartbeat = tokio::spawn(async move {
+            beat.state.kick.notified().await;
+            beat.renew(Instant::now());
+        });
+        assert!(lease.check_after(read).await.is_ok());
+        heartbeat.await.unwrap();
+
+        // The heartbeat after the pause finds the session gone: the relay produces nothing.
+        let lease = Lease::new(Duration::from_secs(1), read - Duration::from_millis(10));
+        let beat = lease.clone();
+        let heartbeat = tokio::spawn(async move {
+            beat.state.kick.notified().await;
+            beat.lose("the heartbeat on the lock session failed: terminated");
+        });
+        let e = lease.check_after(read).await.unwrap_err();
+        assert!(e.reason.contains("terminated"), "{e}");
+        heartbeat.await.unwrap();
+
+        // No heartbeat at all: refused too (at the latest when the local lease runs out).
+        let lease = Lease::new(Duration::from_secs(1), read - Duration::from_millis(10));
+        assert!(lease.check_after(read).await.is_err());
+    }
 
     #[test]
     fn a_lease_holds_for_three_quarters_of_its_length_after_the_last_renewal() {

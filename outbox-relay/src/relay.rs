@@ -476,6 +476,7 @@ impl Relay {
                 if batch.is_empty() {
                     break;
                 }
+                let obtained = std::time::Instant::now();
                 failpoint("before_produce");
                 self.stats
                     .read
@@ -501,7 +502,9 @@ impl Relay {
                     }
                 }
                 let started = std::time::Instant::now();
-                lease.check()?;
+                // After a pause since the batch was read (a stopped process), only a heartbeat
+                // newer than the read proves the lock is still ours.
+                lease.check_after(obtained).await?;
                 let pending = sink.enqueue(&records).await;
                 // librdkafka copied what it accepted; the relay's copy is needed again only for
                 // records refused on the spot (parked with their payload), or when each record
