@@ -348,6 +348,9 @@ struct OpenTx {
     events: Vec<Result<StoredEvent, MalformedEvent>>,
     /// Payload bytes of `events`.
     bytes: usize,
+    /// Whether chunks of it were handed on already: a clean stop then reads on to its commit,
+    /// so the relay can finish it (see [`LogicalSource::finishing_a_transaction`]).
+    handed_on: bool,
 }
 
 /// A transaction is handed on in chunks once it holds more than this many events, or
@@ -1006,6 +1009,7 @@ impl LogicalSource {
                     commit_lsn: Lsn(final_lsn.as_u64()),
                     events: Vec::new(),
                     bytes: 0,
+                    handed_on: false,
                 });
             }
             ReplicationEvent::Commit { lsn, end_lsn, .. } => {
@@ -1134,6 +1138,14 @@ impl LogicalSource {
         self.push_open(event, "transactional message outside a transaction")
     }
 
+    /// Whether part of the transaction being received was handed on already. A clean stop then
+    /// reads on to its commit (it is committed and on its way: pgoutput sends only committed
+    /// transactions), so the relay finishes it and the slot is confirmed past it; stopping in
+    /// the middle would make the next start send the handed-on part again.
+    fn finishing_a_transaction(&self) -> bool {
+        self.open.as_ref().is_some_and(|t| t.handed_on)
+    }
+
     /// Adds an event to the open transaction; hands a chunk on when the transaction has grown
     /// past [`TX_CHUNK_EVENTS`] or [`TX_CHUNK_BYTES`] (see there why that is safe).
     fn push_open(
@@ -1149,6 +1161,7 @@ impl LogicalSource {
         if tx.events.len() <= TX_CHUNK_EVENTS && tx.bytes <= TX_CHUNK_BYTES {
             return Ok(());
         }
+        tx.handed_on = true;
         let last = tx.events.pop().expect("an event was just added");
         tx.bytes = payload_bytes(&last);
         let chunk = std::mem::replace(&mut tx.events, vec![last]);
@@ -1248,6 +1261,7 @@ impl LogicalSource {
     /// Wait for the next replication event (or a timer) and apply it.
     async fn step(&mut self, shutdown: &CancellationToken) -> Result<bool, LogicalError> {
         let deadline = self.next_heartbeat.min(self.next_slot_check);
+        let finishing = self.finishing_a_transaction();
         let Some(session) = self.session.as_mut() else {
             return Err(LogicalError::Replication("no replication session".into()));
         };
@@ -1255,7 +1269,7 @@ impl LogicalSource {
         let marking = marks.as_ref().is_some_and(|m| !m.is_empty());
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => Ok(true),
+            _ = shutdown.cancelled(), if !finishing => Ok(true),
             // A row acknowledgement became durable: its LSN may be confirmed now, not only when
             // the next event arrives.
             done = async { marks.expect("marking").next_completed().await }, if marking => {
