@@ -695,11 +695,24 @@ pub async fn wait_drained(pool: &PgPool, timeout: Duration) -> Result<()> {
 
 /// A minimal HTTP/1.1 GET (the tests need no HTTP client dependency): status and body.
 pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    http_get_with_token(addr, path, None).await
+}
+
+/// [`http_get`] with an optional bearer token (`Authorization: Bearer …`).
+pub async fn http_get_with_token(
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await?;
     let mut response = String::new();

@@ -12,33 +12,6 @@ use outbox_tests::*;
 
 const LONG: Duration = Duration::from_secs(60);
 
-/// GET with an optional bearer token: status and body.
-async fn get(addr: &str, path: &str, token: Option<&str>) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
 async fn start(db: &TestDb, env: &[(&str, &str)]) -> Result<(RelayProcess, String)> {
     let mut all = vec![("OUTBOX_ADMIN_ADDR", "127.0.0.1:0")];
     all.extend_from_slice(env);
@@ -55,30 +28,34 @@ async fn status_requires_the_bearer_token_while_probes_stay_open() -> Result<()>
     let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
     let (relay, addr) = start(&db, &[("OUTBOX_ADMIN__TOKEN", &token)]).await?;
 
-    assert_eq!(get(&addr, "/status", None).await?.0, 401, "no token");
     assert_eq!(
-        get(&addr, "/status", Some("wrong-token-of-some-length"))
+        http_get_with_token(&addr, "/status", None).await?.0,
+        401,
+        "no token"
+    );
+    assert_eq!(
+        http_get_with_token(&addr, "/status", Some("wrong-token-of-some-length"))
             .await?
             .0,
         401,
         "wrong token"
     );
-    let (code, body) = get(&addr, "/status", Some(&token)).await?;
+    let (code, body) = http_get_with_token(&addr, "/status", Some(&token)).await?;
     assert_eq!(code, 200, "{body}");
     let status: serde_json::Value = serde_json::from_str(&body)?;
     assert_eq!(status["role"], "active");
     assert_eq!(status["pending_events"], 0);
     assert_eq!(
-        get(&addr, "/healthz", None).await?.0,
+        http_get_with_token(&addr, "/healthz", None).await?.0,
         200,
         "liveness is open"
     );
     assert_eq!(
-        get(&addr, "/readyz", None).await?.0,
+        http_get_with_token(&addr, "/readyz", None).await?.0,
         200,
         "readiness is open"
     );
-    let (code, metrics) = get(&addr, "/metrics", None).await?;
+    let (code, metrics) = http_get_with_token(&addr, "/metrics", None).await?;
     assert_eq!(code, 200, "metrics stay open unless admin.metrics_auth");
     assert!(metric(&metrics, "outbox_relay_pending_events").is_some());
     let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
@@ -92,9 +69,14 @@ async fn status_requires_the_bearer_token_while_probes_stay_open() -> Result<()>
         ],
     )
     .await?;
-    assert_eq!(get(&addr, "/metrics", None).await?.0, 401);
-    assert_eq!(get(&addr, "/metrics", Some(&token)).await?.0, 200);
-    assert_eq!(get(&addr, "/readyz", None).await?.0, 200);
+    assert_eq!(http_get_with_token(&addr, "/metrics", None).await?.0, 401);
+    assert_eq!(
+        http_get_with_token(&addr, "/metrics", Some(&token))
+            .await?
+            .0,
+        200
+    );
+    assert_eq!(http_get_with_token(&addr, "/readyz", None).await?.0, 200);
     let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
     assert_eq!(code, 0, "{log}");
 
@@ -124,7 +106,7 @@ async fn concurrent_requests_share_one_status_reading_per_interval() -> Result<(
     let started = Instant::now();
     request_waves(&addr, 6).await?;
     let served = 300;
-    let (_, scrape) = get(&addr, "/metrics", None).await?;
+    let (_, scrape) = http_get_with_token(&addr, "/metrics", None).await?;
     let elapsed = started.elapsed();
     let readings = metric(&scrape, "outbox_relay_admin_status_queries_total")
         .expect("the readings counter is exported");
@@ -152,7 +134,7 @@ async fn request_waves(addr: &str, waves: usize) -> Result<Duration> {
             } else {
                 "/metrics"
             };
-            tokio::spawn(async move { get(&addr, path, None).await })
+            tokio::spawn(async move { http_get_with_token(&addr, path, None).await })
         });
         for r in futures::future::join_all(requests).await {
             let (code, body) = r??;

@@ -108,33 +108,6 @@ async fn relay_cli(args: &[&str], env: &[(&'static str, String)]) -> Result<(i32
     ))
 }
 
-/// GET with an optional bearer token: status and body.
-async fn get(addr: &str, path: &str, token: Option<&str>) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
 async fn run_with_secrets(source: &str) -> Result<()> {
     let secrets = Secrets::new();
     let db = TestDb::create(&format!("sec_{source}")).await?;
@@ -173,12 +146,12 @@ async fn run_with_secrets(source: &str) -> Result<()> {
     tx.commit().await?;
     wait_drained(&db.pool, LONG).await?;
 
-    let (code, _) = get(&addr, "/status", None).await?;
+    let (code, _) = http_get_with_token(&addr, "/status", None).await?;
     assert_eq!(code, 401, "/status without the token");
-    let (code, status) = get(&addr, "/status", Some(&secrets.admin_token)).await?;
+    let (code, status) = http_get_with_token(&addr, "/status", Some(&secrets.admin_token)).await?;
     assert_eq!(code, 200, "{status}");
     secrets.assert_absent("/status", &status);
-    let (code, metrics) = get(&addr, "/metrics", None).await?;
+    let (code, metrics) = http_get_with_token(&addr, "/metrics", None).await?;
     assert_eq!(code, 200);
     secrets.assert_absent("/metrics", &metrics);
 
