@@ -17,6 +17,7 @@
 mod env;
 mod live;
 mod mock;
+mod partition;
 mod relay;
 mod scenario;
 mod workload;
@@ -132,6 +133,8 @@ enum Check {
     /// Events that had to be parked (poison, and the events of its aggregate behind it) were
     /// not all in the parked table.
     NotParked,
+    /// A deposed leader produced records after it was resumed ([`scenario::ZOMBIE_PRODUCE`]).
+    ZombieProduce,
 }
 
 const MUTANTS: &[Mutant] = &[
@@ -165,6 +168,14 @@ const MUTANTS: &[Mutant] = &[
             ("poison-events", SourceMode::Logical),
         ],
         check: Check::NotParked,
+    },
+    Mutant {
+        name: "skip_lease_check",
+        tries: &[
+            ("leader-paused-at-produce", SourceMode::Polling),
+            ("leader-paused-at-produce", SourceMode::Logical),
+        ],
+        check: Check::ZombieProduce,
     },
     Mutant {
         name: "retry_failed_only",
@@ -435,6 +446,10 @@ async fn mutant_run(
                             .failures
                             .iter()
                             .any(|f| f.contains("are not in the parked table")),
+                        Check::ZombieProduce => r
+                            .failures
+                            .iter()
+                            .any(|f| f.contains(scenario::ZOMBIE_PRODUCE)),
                     };
                     let line = format!(
                         "{name}/{}: lost {} phantom {} dup {} inversions {} passed {}",

@@ -181,6 +181,11 @@ impl RelayProc {
         Ok(())
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// SIGKILL and reap.
     pub async fn kill9(&mut self) {
         if self.exit_code().is_none() {

@@ -18,6 +18,7 @@ use sqlx::{Connection, PgConnection};
 use crate::env::{Env, pause};
 use crate::live::LiveReader;
 use crate::mock::MockBroker;
+use crate::partition::Partition;
 use crate::relay::RelayProc;
 use crate::workload::{self, Book, RunDb, SharedBook, Workload};
 
@@ -39,6 +40,12 @@ impl SourceMode {
         }
     }
 }
+
+/// A pause the relay notices (its `PAUSE_SUSPECT` is 250 ms), with a margin.
+const PAUSE_NOTICED: Duration = Duration::from_millis(400);
+
+/// The failure a deposed leader's records produced after it resumed are reported with.
+pub const ZOMBIE_PRODUCE: &str = "produced after it was resumed";
 
 /// How long a graceful stop under load may take ([`Fault::RollingUnderLoad`]).
 const ROLLING_STOP_LIMIT: Duration = Duration::from_secs(2);
@@ -80,8 +87,11 @@ pub enum Fault {
     /// Two relays; the active one is SIGSTOPped past its lease (its session is cut) and resumed.
     TwoRelaysStop,
     /// Two relays; the active one stops itself between reading a batch and producing it
-    /// (failpoint `before_produce:<n>:stop`), its session is cut, the standby takes over, and the
-    /// old one is resumed at once, well within its local lease.
+    /// (failpoint `before_produce:<n>:stop`, after its last database call for that batch), is
+    /// partitioned from PostgreSQL ([`crate::partition`]), its sessions are ended on the server,
+    /// the standby takes over, and the old one is resumed at once, well within its local lease;
+    /// the partition heals 1.5 s later. Nothing it enqueues after the resume may reach the
+    /// topic: only the lease stops it.
     PausedAtProduce,
     /// The replication slot is dropped under the relay.
     SlotDropped,
@@ -282,7 +292,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
-        about: "active relay stopped between reading a batch and producing it, session cut, standby takes over, old one resumed within its local lease: it must produce nothing it held",
+        about: "active relay stopped between reading a batch and producing it, partitioned from PostgreSQL, its sessions ended, standby takes over, old one resumed within its local lease: it must produce nothing it held",
     },
     Scenario {
         name: "slot-dropped",
@@ -470,7 +480,9 @@ impl Settings {
             // that events committed after the new slot streams are checked too.
             Fault::SlotDropped | Fault::SlotInvalidated => w.txs *= 3,
             // Writers still running once the restarted relay is active and has paused itself.
-            Fault::PausedAtProduce => w.txs *= 4,
+            // The relay is restarted first (the logical one may take seconds to stream again):
+            // quick writers must outlast that to reach the failpoint.
+            Fault::PausedAtProduce => w.txs *= if self.quick { 12 } else { 4 },
             Fault::RollingUnderLoad => {
                 // As fast as the writers can commit, beside a backlog of 2,500-event
                 // transactions: the relay is behind when it is stopped. (A graceful stop of the
@@ -546,6 +558,12 @@ struct Run<'a> {
     bootstrap: String,
     slot: String,
     base_env: Vec<(String, String)>,
+    /// Relays stopped as leaders and resumed after a standby took over: their pid and the
+    /// wall-clock time (unix ms) just before they were resumed. Nothing they enqueue after that
+    /// may reach the topic ([`Fault::PausedAtProduce`]).
+    deposed: Vec<(u32, i64)>,
+    /// The forwarder a partitioned relay connects through; kept for the run.
+    partition: Option<Arc<Partition>>,
     relay: Option<RelayProc>,
     standby: Option<RelayProc>,
     live: LiveReader,
@@ -648,6 +666,10 @@ impl<'a> Run<'a> {
         if let Some(m) = mutant {
             base_env.push(kv("OUTBOX_MUTANT", m));
         }
+        if scenario.fault == Fault::PausedAtProduce {
+            // Each record names the process that enqueued it and when (failpoint builds only).
+            base_env.push(kv("OUTBOX_FAILPOINT_PROVENANCE", "1"));
+        }
         if scenario.fault == Fault::BrokerRetriable {
             // One Produce request in flight. When a request fails with a retriable error while a
             // later one of the same partition succeeds, librdkafka acknowledges the failed
@@ -669,6 +691,8 @@ impl<'a> Run<'a> {
             bootstrap,
             slot,
             base_env,
+            deposed: Vec::new(),
+            partition: None,
             relay: None,
             standby: None,
             live,
@@ -1109,6 +1133,8 @@ impl<'a> Run<'a> {
             }
             Fault::PausedAtProduce => {
                 let faults = if quick { 1 } else { 2 };
+                let partition = Arc::new(Partition::start(&self.db.url).await?);
+                self.partition = Some(Arc::clone(&partition));
                 let leads = |r: &Option<RelayProc>| {
                     r.as_ref()
                         .map(|r| r.log().matches("acquired the leader lock").count())
@@ -1124,8 +1150,11 @@ impl<'a> Run<'a> {
                         r.terminate(Duration::from_secs(15)).await;
                     }
                     let n = self.gap(2, 5);
-                    self.start_relay(&[kv("OUTBOX_FAILPOINT", format!("before_produce:{n}:stop"))])
-                        .await?;
+                    self.start_relay(&[
+                        kv("OUTBOX_FAILPOINT", format!("before_produce:{n}:stop")),
+                        kv("OUTBOX_DATABASE_URL", partition.url(&self.db.url)),
+                    ])
+                    .await?;
                     let active = self.relay.as_mut().context("relay")?;
                     if !active
                         .wait_for_log("this relay is active", Duration::from_secs(30))
@@ -1145,8 +1174,12 @@ impl<'a> Run<'a> {
                         // Writers done before the n-th batch: nothing to pause at.
                         break;
                     }
+                    let stopped_at = Instant::now();
                     self.mark();
                     let before = leads(&self.standby);
+                    // Partitioned from PostgreSQL, its sessions ended on the server: it cannot
+                    // see that it lost the lock, only its lease says so.
+                    partition.cut();
                     self.cut_leader().await?;
                     let deadline = Instant::now() + Duration::from_secs(15);
                     while leads(&self.standby) == before {
@@ -1159,10 +1192,21 @@ impl<'a> Run<'a> {
                         pause(5).await;
                     }
                     // Resumed at once: its local lease still runs, the standby is just starting.
+                    // (A pause shorter than the relay's pause detection is not looked for: a
+                    // standby taking over within it is the window RELIABILITY.md documents.)
+                    if let Some(rest) = PAUSE_NOTICED.checked_sub(stopped_at.elapsed()) {
+                        tokio::time::sleep(rest).await;
+                    }
                     let old = self.relay.as_mut().context("relay")?;
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)?
+                        .as_millis() as i64;
+                    self.deposed.push((old.pid(), now_ms));
                     old.signal("CONT").await?;
                     self.result.faults += 1;
                     pause(1500).await;
+                    // The partition heals: the old relay learns its sessions were ended.
+                    partition.heal();
                     std::mem::swap(&mut self.relay, &mut self.standby);
                     self.recovered().await?;
                 }
@@ -1679,6 +1723,9 @@ impl<'a> Run<'a> {
                 .is_some_and(|id| uuid::Uuid::parse_str(id).is_ok())
         });
         self.result.unidentified = bad.len();
+        if let Some(f) = zombie_records(&self.deposed, &good) {
+            self.result.failures.push(f);
+        }
         self.result.verdict = Verdict::check(&ledger, &good);
         self.result.committed = ledger.committed.len();
         if self.result.verdict.lost > 0 {
@@ -1858,9 +1905,77 @@ pub async fn run_once(
     Ok(result)
 }
 
+/// Records enqueued by a deposed leader after it was resumed (by the provenance header of a
+/// failpoint build): a relay that lost its lock while paused must produce nothing it held. What
+/// it had enqueued before the pause may still be delivered (the documented window); anything
+/// stamped after the resume is a fencing failure.
+fn zombie_records(deposed: &[(u32, i64)], records: &[Consumed]) -> Option<String> {
+    if deposed.is_empty() {
+        return None;
+    }
+    let late: Vec<(u32, usize)> = deposed
+        .iter()
+        .map(|&(pid, resumed_ms)| {
+            let n = records
+                .iter()
+                .filter_map(|r| r.header(outbox_relay::faults::PROVENANCE_HEADER))
+                .filter_map(|p| p.split_once(' '))
+                .filter(|(p, ms)| {
+                    p.parse() == Ok(pid) && ms.parse::<i64>().is_ok_and(|ms| ms >= resumed_ms)
+                })
+                .count();
+            (pid, n)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    (!late.is_empty()).then(|| {
+        let list: Vec<String> = late
+            .iter()
+            .map(|(pid, n)| format!("{n} by pid {pid}"))
+            .collect();
+        format!(
+            "records a deposed leader {ZOMBIE_PRODUCE} ({}): a relay that lost its lock while paused must produce nothing it held",
+            list.join(", ")
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::republished_without_snapshot;
+    use super::{republished_without_snapshot, zombie_records};
+    use outbox_relay::faults::PROVENANCE_HEADER;
+    use outbox_tests::Consumed;
+
+    fn record(provenance: Option<&str>) -> Consumed {
+        Consumed {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            value: None,
+            headers: provenance
+                .map(|p| (PROVENANCE_HEADER.to_owned(), p.to_owned()))
+                .into_iter()
+                .collect(),
+            timestamp_ms: None,
+        }
+    }
+
+    #[test]
+    fn only_records_the_deposed_relay_enqueued_after_its_resume_count() {
+        let records = [
+            record(Some("41 999")),  // before the resume
+            record(Some("41 1000")), // at it: counts
+            record(Some("41 1500")), // after it: counts
+            record(Some("42 5000")), // another process
+            record(Some("garbage")),
+            record(None),
+        ];
+        assert_eq!(zombie_records(&[], &records), None);
+        let f = zombie_records(&[(41, 1000)], &records).expect("two late records");
+        assert!(f.contains("2 by pid 41"), "{f}");
+        assert_eq!(zombie_records(&[(41, 2000)], &records), None);
+    }
 
     #[test]
     fn counts_only_rows_republished_without_a_snapshot() {

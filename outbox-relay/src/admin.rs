@@ -384,6 +384,13 @@ async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Respons
         );
         sample(
             &mut out,
+            "outbox_relay_logical_messages_refused_total",
+            "counter",
+            "Logical messages with the outbox prefix refused because the write mode is not logical_message (someone else emitting them?).",
+            load(&m.messages_refused),
+        );
+        sample(
+            &mut out,
             "outbox_relay_logical_sessions_total",
             "counter",
             "Replication sessions started.",

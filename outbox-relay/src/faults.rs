@@ -5,13 +5,16 @@
 //! - **Failpoints** (`failpoints` feature): `OUTBOX_FAILPOINT=<name>[:<n>]` aborts the process —
 //!   no cleanup, like `kill -9` — the n-th time (default the first) it passes the named point:
 //!   `before_produce`, `after_kafka_ack`, `after_source_ack`; `<name>:<n>:stop` stops it with
-//!   SIGSTOP there instead (a pause at an exact point).
+//!   SIGSTOP there instead (a pause at an exact point). With `OUTBOX_FAILPOINT_PROVENANCE` set,
+//!   every record also carries the header [`PROVENANCE_HEADER`] (`<pid> <unix ms>` of the
+//!   enqueue), so the suite can tell which process produced a record and when.
 //! - **Mutants** (`mutants` feature): `OUTBOX_MUTANT=<name>` turns on one deliberately broken
 //!   behaviour, so the fault suite can prove its checker catches it: `cursor`,
 //!   `ack_before_kafka`, `confirm_on_receipt`, `retry_failed_only`, `park_without_blocking`
 //!   (a parked poison event does not hold back the later events of its aggregate),
 //!   `accept_messages_any_mode` (the logical source publishes outbox-prefixed logical messages in
-//!   every write mode).
+//!   every write mode), `skip_lease_check` (a batch read before a pause is produced without
+//!   proving the leader lock is still held).
 
 /// Passes the failpoint `name`; when it is armed and due, aborts the process — or, armed as
 /// `<name>:<n>:stop`, stops it with SIGSTOP (resumed by SIGCONT, it carries on from here).
@@ -49,6 +52,32 @@ pub fn failpoint(name: &str) {
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub fn failpoint(_name: &str) {}
+
+/// The header naming the producing process and the enqueue time (see [`provenance`]).
+pub const PROVENANCE_HEADER: &str = "outbox-failpoint-provenance";
+
+/// `<pid> <unix ms>` for the record being enqueued now, when `OUTBOX_FAILPOINT_PROVENANCE` is set
+/// in a build with failpoints: lets the fault suite prove a deposed leader produced nothing after
+/// it resumed.
+#[cfg(feature = "failpoints")]
+pub fn provenance() -> Option<String> {
+    use std::sync::OnceLock;
+    static ON: OnceLock<bool> = OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var_os("OUTBOX_FAILPOINT_PROVENANCE").is_some()) {
+        return None;
+    }
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    Some(format!("{} {ms}", std::process::id()))
+}
+
+/// Provenance headers are compiled out without failpoints.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn provenance() -> Option<String> {
+    None
+}
 
 /// Whether the deliberately broken behaviour `name` is on.
 #[cfg(feature = "mutants")]

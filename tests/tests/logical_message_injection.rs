@@ -25,8 +25,10 @@ async fn logical_outbox_messages_are_never_published_outside_logical_message_mod
         db.migrate().await?;
         let slot = unique("lslot");
         let work = Workload::create(&db, "acct", 2, 1).await?;
-        let env = logical_env(mode, &slot);
-        let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
+        let owned = logical_env(mode, &slot);
+        let mut env = env_refs(&owned);
+        env.push(("OUTBOX_ADMIN_ADDR", "127.0.0.1:0"));
+        let relay = RelayProcess::start(&db, &[], &env).await?;
         wait_slot_active(&db.pool, &slot, LONG).await?;
         relay
             .wait_for_log("replication stream started", LONG)
@@ -75,6 +77,15 @@ async fn logical_outbox_messages_are_never_published_outside_logical_message_mod
                 QUIET,
             )
             .await?;
+        // Operators see refusals on /metrics too, not only in the log.
+        let addr = admin_addr(&relay.log()).expect("admin address logged");
+        let (_, metrics) = http_get(&addr, "/metrics").await?;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l == "outbox_relay_logical_messages_refused_total 1"),
+            "{mode}: one refused message counted\n{metrics}"
+        );
         let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
         assert_eq!(code, 0, "{log}");
         assert!(

@@ -648,6 +648,13 @@ impl KafkaSink {
                     value: Some(s.traceparent().as_bytes()),
                 });
             }
+            let provenance = crate::faults::provenance();
+            if let Some(p) = &provenance {
+                headers = headers.insert(Header {
+                    key: crate::faults::PROVENANCE_HEADER,
+                    value: Some(p.as_bytes()),
+                });
+            }
             let mut span = span;
             let mut record = FutureRecord::to(&r.topic).key(&r.key).headers(headers);
             if let Some(p) = &r.payload {
