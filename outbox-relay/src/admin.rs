@@ -384,6 +384,13 @@ async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Respons
         );
         sample(
             &mut out,
+            "outbox_relay_logical_backfill_pages_total",
+            "counter",
+            "Pages read from the table by re-publications (each at most one batch).",
+            load(&m.backfill_pages),
+        );
+        sample(
+            &mut out,
             "outbox_relay_logical_messages_refused_total",
             "counter",
             "Logical messages with the outbox prefix refused because the write mode is not logical_message (someone else emitting them?).",

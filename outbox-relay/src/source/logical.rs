@@ -34,8 +34,13 @@
 //!   over the replication protocol with an exported snapshot (consistent point C); the rows
 //!   still unpublished are read *in that snapshot* — exactly those committed before C — and
 //!   re-published ([`Position::Row`]) before streaming from C, which carries everything committed
-//!   after C. Nothing is lost and, on this path, nothing is published twice. The marker slot is
-//!   dropped once every re-published row is acknowledged; a crash or rewind before that repeats
+//!   after C. Nothing is lost and, on this path, nothing is published twice. The rows are read in
+//!   keyset pages (`seq` order) of at most a batch, by count and by bytes, each page only once the
+//!   previous one was handed on, in a `REPEATABLE READ` transaction of a connection of its own that
+//!   imported the snapshot before the session that exported it ends; the stream starts once the
+//!   table was read to the end, so a row re-published precedes every streamed event. The marker
+//!   slot is dropped once the table was read to the end and every re-published row is
+//!   acknowledged; a crash or rewind before that repeats
 //!   the re-publication without the snapshot (rows committed after C then also arrive through the
 //!   stream: bounded duplicates with the same event id, never a loss). The same procedure runs the first time a slot is created in `table` mode, so
 //!   rows written before the slot existed (e.g. by the polling source) are published too.
@@ -54,8 +59,11 @@
 //!
 //! - A transaction's events are buffered until its `Commit` (its end LSN is part of every event's
 //!   position), so one huge transaction is held in memory once.
-//! - A re-publication reads all unpublished rows at once (`fetch_all`); after a very long outage
-//!   with a lost slot that is the whole backlog.
+//! - A re-publication holds one page in memory, not the backlog, but its snapshot transaction
+//!   holds back the xmin horizon (VACUUM) while it runs, and the slot is not streamed from
+//!   meanwhile (WAL since the consistent point is retained).
+//! - The replication client buffers up to 128 messages ahead of the relay; the relay reads ahead
+//!   of its window only up to a batch's byte bound.
 //! - Between two standby status updates (`status_interval`) an acknowledged position lives only
 //!   in the relay: a crash repeats that interval's acknowledged events on top of the events in
 //!   flight (the SIGKILL test measures it).
@@ -295,6 +303,8 @@ pub struct LogicalMetrics {
     pub events_streamed: AtomicU64,
     /// Rows re-published from the table during slot creation/recovery.
     pub rows_backfilled: AtomicU64,
+    /// Pages read from the table by re-publications (each at most a batch, by count and bytes).
+    pub backfill_pages: AtomicU64,
     /// Heartbeat messages written.
     pub heartbeats: AtomicU64,
     /// Lost slots recovered.
@@ -373,6 +383,32 @@ fn payload_bytes(event: &Result<StoredEvent, MalformedEvent>) -> usize {
     e.payload.as_ref().map_or(0, String::len)
 }
 
+/// A page of a re-publication from the table holds at most this many payload bytes, whatever
+/// the batch byte bound (`max_in_flight_bytes` large, or no bound set): only one page is held
+/// in the source at a time.
+const PAGE_MAX_BYTES: usize = 8 << 20;
+
+/// A re-publication from the table in progress: unpublished rows read in keyset pages
+/// (`seq > after ORDER BY seq`), the next page only once the previous one was handed on.
+struct Republication {
+    /// A connection of its own: inside a `REPEATABLE READ` transaction that imported the new
+    /// slot's exported snapshot, or (without a snapshot) reading each page in a statement of its
+    /// own. Closed once the table was read to the end.
+    conn: Option<sqlx::PgConnection>,
+    /// Reads see exactly the rows committed before the slot's consistent point.
+    consistent: bool,
+    /// `seq` of the last row read.
+    after: i64,
+    /// The table was read to the end (an empty page came back).
+    done: bool,
+    /// Mean payload of the last page, to ask for fewer rows when payloads are large.
+    mean_payload: usize,
+    rows: u64,
+    pages: u64,
+    largest_page_rows: usize,
+    largest_page_bytes: usize,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
     id: Uuid,
@@ -407,6 +443,12 @@ pub struct LogicalSource {
     refused_since_warning: u64,
     /// A re-publication from the table is not fully acknowledged yet (marker slot exists).
     backfill_due: bool,
+    /// The re-publication being read page by page; streaming starts once it was read to the end.
+    republication: Option<Republication>,
+    /// No session on purpose: it starts once the re-publication was read to the end.
+    stream_deferred: bool,
+    /// Each batch is cut once its payloads reach this many bytes ([`Source::limit_batch_bytes`]).
+    batch_bytes: usize,
     next_heartbeat: Instant,
     next_slot_check: Instant,
     stopped: bool,
@@ -526,6 +568,9 @@ impl LogicalSource {
             last_refusal_warning: None,
             refused_since_warning: 0,
             backfill_due: false,
+            republication: None,
+            stream_deferred: false,
+            batch_bytes: usize::MAX,
             stopped: false,
             parked_table: false,
             metrics,
@@ -534,18 +579,30 @@ impl LogicalSource {
         me.prepare_slot(true).await?;
         let mut attempts = 0;
         loop {
+            if me.republishing() {
+                // Streaming starts once the table was read to the end (see `next_batch_inner`).
+                me.stream_deferred = true;
+                return Ok(me);
+            }
             match me.start_session().await {
                 // The slot vanished between the check and START_REPLICATION: a loss (recovered
                 // in table mode, explained and fatal otherwise).
                 Err(LogicalError::SlotLost { .. }) if attempts < 3 => {
                     attempts += 1;
                     me.ready.clear();
+                    me.republication = None;
                     me.prepare_slot(false).await?;
                 }
                 Err(e) => return Err(e),
                 Ok(()) => return Ok(me),
             }
         }
+    }
+
+    /// A re-publication from the table is still being read: nothing is streamed until it was
+    /// read to the end, so every row it re-publishes is handed on before any streamed event.
+    fn republishing(&self) -> bool {
+        self.republication.as_ref().is_some_and(|r| !r.done)
     }
 
     /// Shared live metrics (slot lag, `wal_status`, counters).
@@ -570,6 +627,9 @@ impl LogicalSource {
             s.stop().await;
         }
         self.stopped = true;
+        // Ends the snapshot transaction of a re-publication (the marker slot makes the next start
+        // re-publish again).
+        self.republication = None;
         self.release_marks(true).await?;
         if self.confirmed != Lsn::ZERO {
             slot::advance_slot(&self.pool, &self.cfg.slot, self.confirmed).await?;
@@ -772,39 +832,100 @@ impl LogicalSource {
             })
     }
 
-    /// Queue every unpublished row of the table as a [`Position::Row`] event (seq order), read in
-    /// the exported `snapshot` of a just-created slot when given.
+    /// Starts re-publishing every unpublished row of the table as [`Position::Row`] events (seq
+    /// order), read in the exported `snapshot` of a just-created slot when given. Only the
+    /// snapshot is imported here (while the session that exported it is still alive and idle):
+    /// the rows are read page by page as the relay asks for batches ([`Self::next_page`]).
     async fn backfill(&mut self, snapshot: Option<&str>) -> Result<(), LogicalError> {
-        let Some(t) = &self.table else { return Ok(()) };
-        let sql = format!(
-            // `ORDER BY o.seq`: the bigint column, not the text output column of the same name.
-            "SELECT o.id::text, o.aggregatetype::text, o.aggregateid::text, o.type::text, \
-                    o.payload::text, o.seq::text, o.created_at::text, o.tracingspancontext::text, \
-                    o.headers::text, o.schema_version::text, o.topic::text, o.aggregate_seq::text \
-             FROM {} o WHERE o.published_at IS NULL ORDER BY o.seq",
-            t.qualified
-        );
+        if self.table.is_none() {
+            return Ok(());
+        }
         let db = |source| LogicalError::Database {
-            context: "re-publishing unpublished rows",
+            context: "starting the re-publication of unpublished rows",
             source,
         };
-        let mut conn = self.pool.acquire().await.map_err(db)?;
+        let options: sqlx::postgres::PgConnectOptions =
+            self.cfg.database_url.expose().parse().map_err(db)?;
+        let mut conn = {
+            use sqlx::ConnectOptions;
+            options.connect().await.map_err(db)?
+        };
+        // The keyset read must be an ordered scan of the unpublished-rows index, never a sort of
+        // the whole backlog (see `RELAY_PLANNER_SETTINGS`).
+        for (name, value) in super::polling::RELAY_PLANNER_SETTINGS {
+            sqlx::query(sqlx::AssertSqlSafe(format!("SET {name} = {value}")))
+                .execute(&mut conn)
+                .await
+                .map_err(db)?;
+        }
         if let Some(name) = snapshot {
-            // `name` was validated (hex digits and `-`) when the slot was created.
+            // `name` was validated (hex digits and `-`) when the slot was created. The
+            // transaction stays open until the table was read to the end.
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT '{name}'"
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{name}'"
             )))
-            .execute(&mut *conn)
+            .execute(&mut conn)
             .await
             .map_err(db)?;
         }
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&mut *conn)
-            .await;
-        if snapshot.is_some() {
-            let _ = sqlx::raw_sql("COMMIT").execute(&mut *conn).await;
+        self.republication = Some(Republication {
+            conn: Some(conn),
+            consistent: snapshot.is_some(),
+            after: i64::MIN,
+            done: false,
+            mean_payload: 0,
+            rows: 0,
+            pages: 0,
+            largest_page_rows: 0,
+            largest_page_bytes: 0,
+        });
+        self.backfill_due = true;
+        tracing::warn!(
+            consistent_snapshot = snapshot.is_some(),
+            "re-publishing unpublished rows from the outbox table (page by page, before streaming)"
+        );
+        Ok(())
+    }
+
+    /// Reads the next page of the re-publication into `ready`: the rows after the last one read,
+    /// at most `max` of them and, past the first, only while their payloads stay under the batch
+    /// byte bound (at most [`PAGE_MAX_BYTES`]). An empty page ends the re-publication: its
+    /// transaction ends, and the marker slot goes once every row is acknowledged too.
+    async fn next_page(&mut self, max: usize) -> Result<(), LogicalError> {
+        let (Some(t), Some(r)) = (&self.table, self.republication.as_mut()) else {
+            return Ok(());
+        };
+        let Some(conn) = r.conn.as_mut() else {
+            return Ok(());
+        };
+        let bytes = self.batch_bytes.min(PAGE_MAX_BYTES);
+        let rows = match r.mean_payload {
+            0 => max,
+            mean => max.min(bytes / mean + 1),
         }
-        let rows: Vec<sqlx::postgres::PgRow> = rows.map_err(db)?;
+        .max(1);
+        let sql = format!(
+            // `o.seq` is the bigint column (`n`), not the text output column of the same name.
+            "SELECT * FROM (SELECT p.*, sum(coalesce(octet_length(p.payload), 0)) OVER (ORDER BY p.n) \
+                 - coalesce(octet_length(p.payload), 0) AS bytes_before FROM ( \
+             SELECT o.id::text, o.aggregatetype::text, o.aggregateid::text, o.type::text, \
+                    o.payload::text AS payload, o.seq::text, o.created_at::text, \
+                    o.tracingspancontext::text, o.headers::text, o.schema_version::text, \
+                    o.topic::text, o.aggregate_seq::text, o.seq AS n \
+             FROM {} o WHERE o.published_at IS NULL AND o.seq > $1 ORDER BY o.seq LIMIT $2) p) b \
+             WHERE b.bytes_before < $3 ORDER BY b.n",
+            t.qualified
+        );
+        let page: Vec<sqlx::postgres::PgRow> = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(r.after)
+            .bind(i64::try_from(rows).unwrap_or(i64::MAX))
+            .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|source| LogicalError::Database {
+                context: "re-publishing unpublished rows",
+                source,
+            })?;
         const COLS: [&str; 12] = [
             "id",
             "aggregatetype",
@@ -819,8 +940,8 @@ impl LogicalSource {
             "topic",
             "aggregate_seq",
         ];
-        let mut n = 0u64;
-        for row in &rows {
+        let mut page_bytes = 0;
+        for row in &page {
             use sqlx::Row;
             let mut values: Vec<Option<String>> = Vec::with_capacity(COLS.len());
             for i in 0..COLS.len() {
@@ -829,29 +950,69 @@ impl LogicalSource {
                     source,
                 })?);
             }
+            r.after = row
+                .try_get(COLS.len())
+                .map_err(|source| LogicalError::Database {
+                    context: "reading an unpublished row",
+                    source,
+                })?;
             let pairs = COLS
                 .iter()
                 .copied()
                 .zip(values.iter().map(|v| v.as_deref()));
             // A malformed row is handed on too: the relay parks it with its reason.
-            self.ready.push_back(SourceEvent::decoded(
-                StoredEvent::from_text_columns(pairs),
-                Position::Row,
-            ));
-            n += 1;
+            let event = SourceEvent::decoded(StoredEvent::from_text_columns(pairs), Position::Row);
+            page_bytes += event.event.payload.as_ref().map_or(0, String::len);
+            self.ready.push_back(event);
         }
-        self.backfill_due = true;
-        self.metrics.rows_backfilled.fetch_add(n, Ordering::Relaxed);
+        let n = page.len();
+        drop(page);
         if n > 0 {
-            tracing::warn!(
+            r.pages += 1;
+            r.rows += n as u64;
+            r.mean_payload = page_bytes / n;
+            r.largest_page_rows = r.largest_page_rows.max(n);
+            r.largest_page_bytes = r.largest_page_bytes.max(page_bytes);
+            self.metrics.backfill_pages.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .rows_backfilled
+                .fetch_add(n as u64, Ordering::Relaxed);
+            tracing::debug!(
                 rows = n,
-                consistent_snapshot = snapshot.is_some(),
-                "re-publishing unpublished rows from the outbox table"
+                bytes = page_bytes,
+                after_seq = r.after,
+                "re-publication page read"
             );
-        } else {
-            tracing::info!("re-publishing unpublished rows from the outbox table: none");
+            return Ok(());
         }
-        if n == 0 {
+        r.done = true;
+        if let Some(mut conn) = r.conn.take() {
+            if r.consistent {
+                let _ = sqlx::raw_sql("COMMIT").execute(&mut conn).await;
+            }
+            let _ = sqlx::Connection::close(conn).await;
+        }
+        tracing::info!(
+            rows = r.rows,
+            pages = r.pages,
+            largest_page_rows = r.largest_page_rows,
+            largest_page_bytes = r.largest_page_bytes,
+            consistent_snapshot = r.consistent,
+            "re-publication from the outbox table read to the end; streaming follows"
+        );
+        self.finish_backfill_if_complete().await
+    }
+
+    /// Drops the marker slot once the re-publication was read to the end AND every row it
+    /// re-published is durably acknowledged: an interruption before that repeats it.
+    async fn finish_backfill_if_complete(&mut self) -> Result<(), LogicalError> {
+        let row = |p: &Position| matches!(p, Position::Row);
+        if self.backfill_due
+            && self.republication.as_ref().is_some_and(|r| r.done)
+            && !self.inflight.iter().any(|f| row(&f.position))
+            && !self.ready.iter().any(|e| row(&e.position))
+        {
+            self.release_marks(true).await?;
             self.finish_backfill().await?;
         }
         Ok(())
@@ -860,6 +1021,7 @@ impl LogicalSource {
     async fn finish_backfill(&mut self) -> Result<(), LogicalError> {
         slot::drop_slot(&self.pool, &marker_slot(&self.cfg.slot)).await?;
         self.backfill_due = false;
+        self.republication = None;
         Ok(())
     }
 
@@ -911,12 +1073,19 @@ impl LogicalSource {
         self.open = None;
         self.ready.clear();
         self.inflight.clear();
+        self.republication = None;
+        self.stream_deferred = false;
         let mut attempts = 0;
         loop {
             self.prepare_slot(false).await?;
-            if self.backfill_due && self.ready.is_empty() {
+            if self.backfill_due && self.republication.is_none() {
                 // Re-publication interrupted by the rewind: redo it (duplicates only).
                 self.backfill(None).await?;
+            }
+            if self.republishing() {
+                // Streaming starts once the table was read to the end.
+                self.stream_deferred = true;
+                return Ok(());
             }
             match self.start_session().await {
                 // The slot vanished between the check and START_REPLICATION: check again
@@ -924,6 +1093,7 @@ impl LogicalSource {
                 Err(LogicalError::SlotLost { .. }) if attempts < 3 => {
                     attempts += 1;
                     self.ready.clear();
+                    self.republication = None;
                 }
                 other => return other,
             }
@@ -1298,8 +1468,33 @@ impl LogicalSource {
             return Ok(Vec::new());
         }
         self.release_marks(false).await?;
+        if self.republication.is_some() {
+            // Re-publication from the table: one page at a time, the next only once the previous
+            // one was handed on; nothing is streamed before the table was read to the end.
+            if self.ready.is_empty() && self.republishing() {
+                if shutdown.is_cancelled() {
+                    self.close().await?;
+                    return Ok(Vec::new());
+                }
+                self.next_page(max).await?;
+            }
+            if !self.ready.is_empty() {
+                return Ok(self.take_batch(max));
+            }
+        }
         if self.session.is_none() {
-            self.restart().await?;
+            if self.stream_deferred && shutdown.is_cancelled() {
+                self.close().await?;
+                return Ok(Vec::new());
+            }
+            if self.stream_deferred {
+                // The re-publication was read to the end (and everything returned is
+                // acknowledged: the relay calls next_batch only then): stream from the slot.
+                self.stream_deferred = false;
+                self.start_session().await?;
+            } else {
+                self.restart().await?;
+            }
         }
         // The relay calls next_batch only once everything returned before was acknowledged or
         // rewound, so a broken session can be replaced here without losing anything: one
@@ -1332,12 +1527,18 @@ impl LogicalSource {
     /// events are ready. A session error is kept for the next blocking read: what is complete
     /// stays usable.
     async fn read_buffered(&mut self, max: usize) -> Result<(), LogicalError> {
-        while self.ready.len() < max {
+        let size = |e: &SourceEvent| e.event.payload.as_ref().map_or(0, String::len);
+        let mut bytes: usize = self.ready.iter().map(size).sum();
+        while self.ready.len() < max && bytes < self.batch_bytes {
             let Some(session) = self.session.as_mut() else {
                 break;
             };
             match tokio::time::timeout(Duration::ZERO, session.recv()).await {
-                Ok(Ok(Some(ev))) => self.handle(ev)?,
+                Ok(Ok(Some(ev))) => {
+                    let before = self.ready.len();
+                    self.handle(ev)?;
+                    bytes += self.ready.range(before..).map(size).sum::<usize>();
+                }
                 Ok(Ok(None)) | Err(_) => break,
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "replication session failed after events were read");
@@ -1348,9 +1549,18 @@ impl LogicalSource {
         Ok(())
     }
 
-    /// Move up to `max` ready events to the in-flight window and return them.
+    /// Move up to `max` ready events to the in-flight window and return them, cut once their
+    /// payloads reach the batch byte bound (the first event always goes).
     fn take_batch(&mut self, max: usize) -> Vec<SourceEvent> {
-        let n = max.max(1).min(self.ready.len());
+        let mut n = 0;
+        let mut bytes = 0usize;
+        for e in self.ready.iter().take(max.max(1)) {
+            if n > 0 && bytes >= self.batch_bytes {
+                break;
+            }
+            bytes += e.event.payload.as_ref().map_or(0, String::len);
+            n += 1;
+        }
         let batch: Vec<SourceEvent> = self.ready.drain(..n).collect();
         if tracing::enabled!(tracing::Level::TRACE) {
             for e in &batch {
@@ -1425,20 +1635,9 @@ impl LogicalSource {
                 }
             }
         }
-        if self.backfill_due
-            && !self
-                .inflight
-                .iter()
-                .any(|f| matches!(f.position, Position::Row))
-            && !self
-                .ready
-                .iter()
-                .any(|e| matches!(e.position, Position::Row))
-        {
-            // The marker slot goes only once every re-published row is durably marked.
-            self.release_marks(true).await?;
-            self.finish_backfill().await?;
-        }
+        // The marker slot goes only once the table was read to the end and every re-published
+        // row is durably marked.
+        self.finish_backfill_if_complete().await?;
         if self.stopped {
             self.release_marks(true).await?;
             // Acknowledged after shutdown: make it durable right away.
@@ -1504,6 +1703,10 @@ impl Source for LogicalSource {
             return Ok(Vec::new());
         }
         self.release_marks(false).await?;
+        if self.ready.is_empty() && self.republishing() {
+            // The previous page was handed on (the relay bounds its window by bytes itself).
+            self.next_page(max).await?;
+        }
         self.read_buffered(max).await?;
         if self.ready.is_empty() {
             return Ok(Vec::new());
@@ -1513,6 +1716,12 @@ impl Source for LogicalSource {
 
     async fn acknowledge(&mut self, delivered: &[SourceEvent]) -> Result<(), SourceError> {
         Ok(self.acknowledge_inner(delivered).await?)
+    }
+
+    /// Batches, the pages of a re-publication and what is read ahead from the stream are cut at
+    /// `bytes` of payload.
+    fn limit_batch_bytes(&mut self, bytes: usize) {
+        self.batch_bytes = bytes.max(1);
     }
 
     async fn flush(&mut self) -> Result<(), SourceError> {
@@ -1625,6 +1834,9 @@ mod tests {
             last_refusal_warning: None,
             refused_since_warning: 0,
             backfill_due: false,
+            republication: None,
+            stream_deferred: false,
+            batch_bytes: usize::MAX,
             next_heartbeat: now,
             next_slot_check: now,
             stopped: false,
@@ -1685,6 +1897,65 @@ mod tests {
     const ID1: &str = "00000000-0000-0000-0000-000000000001";
     const ID2: &str = "00000000-0000-0000-0000-000000000002";
     const ID3: &str = "00000000-0000-0000-0000-000000000003";
+
+    /// Batches are cut at the byte bound set with `limit_batch_bytes`, not only at `max`: the
+    /// events whose preceding payloads stay under it go (the first one always, however large),
+    /// and order is kept across the cuts.
+    #[tokio::test]
+    async fn batches_are_cut_at_the_byte_bound() {
+        let mut s = source(WriteMode::InsertDelete);
+        let cols = ["id", "aggregatetype", "aggregateid", "type", "payload"];
+        s.handle(begin(200)).unwrap();
+        s.handle(xlog(relation_msg(7, "public", "outbox", &cols)))
+            .unwrap();
+        let blob = format!("\"{}\"", "x".repeat(998));
+        let big = format!("\"{}\"", "y".repeat(9_998));
+        let mut ids = Vec::new();
+        for i in 0..10u128 {
+            let id = Uuid::from_u128(i + 1).to_string();
+            let payload = if i == 5 { &big } else { &blob };
+            s.handle(xlog(
+                Buf::tag(b'I')
+                    .i32(7)
+                    .u8(b'N')
+                    .i16(5)
+                    .text(&id)
+                    .text("order")
+                    .text("a")
+                    .text("Created")
+                    .text(payload)
+                    .0,
+            ))
+            .unwrap();
+            ids.push(id);
+        }
+        s.handle(commit(200, 210)).unwrap();
+        assert_eq!(s.ready.len(), 10);
+        let sizes = |b: &[SourceEvent]| -> Vec<usize> {
+            b.iter()
+                .map(|e| e.event.payload.as_ref().map_or(0, String::len))
+                .collect()
+        };
+        // Without a bound only `max` cuts.
+        assert_eq!(s.take_batch(2).len(), 2);
+        s.limit_batch_bytes(2500);
+        let b = s.take_batch(100);
+        assert_eq!(sizes(&b), vec![1000; 3], "cut once 2500 bytes are reached");
+        let b = s.take_batch(100);
+        assert_eq!(
+            sizes(&b),
+            vec![10_000],
+            "a payload over the bound goes alone"
+        );
+        let b = s.take_batch(100);
+        assert_eq!(sizes(&b), vec![1000; 3]);
+        let b = s.take_batch(1);
+        assert_eq!(b.len(), 1, "`max` still cuts");
+        let b = s.take_batch(100);
+        assert_eq!(b.len(), 0);
+        let order: Vec<String> = s.inflight.iter().map(|f| f.id.to_string()).collect();
+        assert_eq!(order, ids, "order is kept across the cuts");
+    }
 
     /// A transaction larger than a chunk is handed on before its commit arrives, and still
     /// confirms its end LSN only once its last event is acknowledged.

@@ -305,6 +305,11 @@ pub(crate) async fn create_slot_exporting(
     }))
 }
 
+/// Replication messages the client buffers ahead of the relay. Each may carry a whole row (up to
+/// its payload), so the bound is kept small: 128 events of 100 KB are 12.5 MiB, where 16,384
+/// held up to 1.6 GB. The relay reads ahead of its window only up to a batch's byte bound.
+const STREAM_BUFFER_EVENTS: usize = 128;
+
 /// A running replication session.
 pub(crate) struct Session {
     client: ReplicationClient,
@@ -334,7 +339,7 @@ impl Session {
         .with_ack_lsn(pgwire_replication::Lsn::from_u64(start.0))
         .with_status_interval(status_interval)
         .with_wakeup_interval(status_interval.max(Duration::from_secs(1)))
-        .with_buffer_size(16 * 1024)
+        .with_buffer_size(STREAM_BUFFER_EVENTS)
         .with_application_name(application_name);
         let mut client = ReplicationClient::connect(cfg)
             .await
