@@ -391,9 +391,9 @@ const PAGE_MAX_BYTES: usize = 8 << 20;
 /// A re-publication from the table in progress: unpublished rows read in keyset pages
 /// (`seq > after ORDER BY seq`), the next page only once the previous one was handed on.
 struct Republication {
-    /// A connection of its own: inside a `REPEATABLE READ` transaction that imported the new
-    /// slot's exported snapshot, or (without a snapshot) reading each page in a statement of its
-    /// own. Closed once the table was read to the end.
+    /// A connection of its own, inside a `REPEATABLE READ` transaction that imported the new
+    /// slot's exported snapshot (or, without one, took its own at the start). Closed once the
+    /// table was read to the end.
     conn: Option<sqlx::PgConnection>,
     /// Reads see exactly the rows committed before the slot's consistent point.
     consistent: bool,
@@ -858,16 +858,29 @@ impl LogicalSource {
                 .await
                 .map_err(db)?;
         }
-        if let Some(name) = snapshot {
-            // `name` was validated (hex digits and `-`) when the slot was created. The
-            // transaction stays open until the table was read to the end.
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        // One transaction until the table was read to the end: every page reads the same rows —
+        // those committed before the slot's consistent point when the exported snapshot is
+        // imported (`name` was validated, hex digits and `-`, when the slot was created), else
+        // those committed before this start (rows committed later arrive through the stream
+        // only, as with a single read).
+        let begin = match snapshot {
+            Some(name) => format!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{name}'"
-            )))
+            ),
+            None => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".to_owned(),
+        };
+        sqlx::raw_sql(sqlx::AssertSqlSafe(begin))
             .execute(&mut conn)
             .await
             .map_err(db)?;
-        }
+        let Some(t) = &self.table else { return Ok(()) };
+        let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {} WHERE published_at IS NULL",
+            t.qualified
+        )))
+        .fetch_one(&mut conn)
+        .await
+        .map_err(db)?;
         self.republication = Some(Republication {
             conn: Some(conn),
             consistent: snapshot.is_some(),
@@ -880,7 +893,13 @@ impl LogicalSource {
             largest_page_bytes: 0,
         });
         self.backfill_due = true;
+        if rows == 0 {
+            tracing::info!("re-publishing unpublished rows from the outbox table: none");
+            // Nothing to read: ends the transaction and drops the marker slot.
+            return self.next_page(1).await;
+        }
         tracing::warn!(
+            rows,
             consistent_snapshot = snapshot.is_some(),
             "re-publishing unpublished rows from the outbox table (page by page, before streaming)"
         );
@@ -987,9 +1006,7 @@ impl LogicalSource {
         }
         r.done = true;
         if let Some(mut conn) = r.conn.take() {
-            if r.consistent {
-                let _ = sqlx::raw_sql("COMMIT").execute(&mut conn).await;
-            }
+            let _ = sqlx::raw_sql("COMMIT").execute(&mut conn).await;
             let _ = sqlx::Connection::close(conn).await;
         }
         tracing::info!(
