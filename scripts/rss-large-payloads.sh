@@ -15,8 +15,10 @@
 #   polling           rows written first, then the polling source drains them.
 #   logical-backfill  rows written first, then the logical source (table mode) starts: it creates
 #                     its slot and re-publishes every row from the table.
-#   logical-stream    the logical source starts first and streams from its slot; then the rows are
-#                     written (20 transactions of 1000 rows). drain_s includes writing them.
+#   logical-stream    the logical source starts once to create its slot and is stopped; the rows
+#                     are written (20 transactions of 1000 rows, kept in the WAL by the slot); then
+#                     the relay starts again and streams the backlog from the slot (the worst case
+#                     for what the replication client reads ahead).
 set -euo pipefail
 BIN=$1
 shift
@@ -63,13 +65,13 @@ if [ "$RSS_PATH" = logical-stream ]; then
     kill -0 $PID 2>/dev/null || { echo "the relay exited:"; cat "$LOG"; exit 1; }
     sleep 0.2
   done
-  START=$(date +%s.%N)
-  write_rows
-else
-  write_rows
-  START=$(date +%s.%N)
-  start_relay "$@"
+  kill -TERM $PID
+  wait $PID || { echo "the relay did not stop cleanly:"; cat "$LOG"; exit 1; }
+  PID=
 fi
+write_rows
+START=$(date +%s.%N)
+start_relay "$@"
 N=$(psql "$OUTBOX_DATABASE_URL" -Atc "SELECT count(*) FROM outbox")
 BYTES=$(psql "$OUTBOX_DATABASE_URL" -Atc "SELECT sum(octet_length(payload::text)) FROM outbox")
 while [ "$(psql "$OUTBOX_DATABASE_URL" -Atc "SELECT count(*) FROM outbox WHERE published_at IS NULL")" != 0 ]; do

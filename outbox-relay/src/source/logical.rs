@@ -837,9 +837,9 @@ impl LogicalSource {
     /// snapshot is imported here (while the session that exported it is still alive and idle):
     /// the rows are read page by page as the relay asks for batches ([`Self::next_page`]).
     async fn backfill(&mut self, snapshot: Option<&str>) -> Result<(), LogicalError> {
-        if self.table.is_none() {
+        let Some(table) = self.table.as_ref().map(|t| t.qualified.clone()) else {
             return Ok(());
-        }
+        };
         let db = |source| LogicalError::Database {
             context: "starting the re-publication of unpublished rows",
             source,
@@ -873,10 +873,8 @@ impl LogicalSource {
             .execute(&mut conn)
             .await
             .map_err(db)?;
-        let Some(t) = &self.table else { return Ok(()) };
         let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT count(*) FROM {} WHERE published_at IS NULL",
-            t.qualified
+            "SELECT count(*) FROM {table} WHERE published_at IS NULL"
         )))
         .fetch_one(&mut conn)
         .await
