@@ -371,8 +371,10 @@ struct OpenTx {
 /// confirmed to once the whole transaction is acknowledged; the chunks confirm nothing.
 const TX_CHUNK_EVENTS: usize = 1000;
 
-/// See [`TX_CHUNK_EVENTS`].
-const TX_CHUNK_BYTES: usize = 8 << 20;
+/// See [`TX_CHUNK_EVENTS`]. Small, because what a transaction holds before a chunk is handed on
+/// (and the rest of the last chunk, left in `ready` after a batch was cut at its byte bound) is
+/// memory outside the relay's window bound.
+const TX_CHUNK_BYTES: usize = 1 << 20;
 
 /// The payload bytes an event (or what was salvaged of a malformed one) holds.
 fn payload_bytes(event: &Result<StoredEvent, MalformedEvent>) -> usize {
