@@ -644,6 +644,14 @@ mod tests {
             .properties
             .insert("enable.idempotence".into(), "false".into());
         assert_eq!(c.validate().unwrap_err().key, "kafka");
+        // The relay times deliveries out itself, for the whole produce queue at once.
+        for key in ["delivery.timeout.ms", "message.timeout.ms"] {
+            let mut c = RelayConfig::default();
+            c.kafka.properties.insert(key.into(), "5000".into());
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.key, "kafka", "{key}");
+            assert!(e.to_string().contains("kafka.delivery_timeout"), "{e}");
+        }
         let mut c = RelayConfig::default();
         c.logical.slot = "Bad-Slot".into();
         assert_eq!(c.validate().unwrap_err().key, "logical.slot");

@@ -164,11 +164,30 @@ async fn logical_republication_is_paged_and_precedes_the_stream() -> Result<()> 
 }
 
 /// A relay killed (SIGKILL) in the middle of a re-publication leaves the marker slot behind; the
-/// next start re-publishes what is still unpublished (plain reads, paged too) and every row
+/// next start creates the slot again with a fresh snapshot and re-publishes what is still
+/// unpublished (paged too), including the events committed while no relay ran, and every row
 /// reaches Kafka. The marker stays while any row is unpublished and goes at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_interrupted_republication_is_redone_without_loss() -> Result<()> {
-    let db = TestDb::create("logical_repub_killed").await?;
+    interrupted_republication("logical_repub_killed", Stop::Kill).await
+}
+
+/// A relay stopped gracefully in the middle of a re-publication, with events committed before it
+/// starts again: the next start publishes every event exactly once — the rows committed since
+/// the old slot's position come from the table in the new snapshot, not from the stream too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logical_republication_stopped_gracefully_resumes_without_duplicates() -> Result<()> {
+    interrupted_republication("logical_repub_stopped", Stop::Graceful).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stop {
+    Kill,
+    Graceful,
+}
+
+async fn interrupted_republication(name: &str, stop: Stop) -> Result<()> {
+    let db = TestDb::create(name).await?;
     db.migrate().await?;
     let slot = unique("rslot");
     let work = Workload::create(&db, "repubk", 8, 1).await?;
@@ -176,7 +195,7 @@ async fn logical_interrupted_republication_is_redone_without_loss() -> Result<()
     insert_backlog(&work, per_account, 100).await?;
     let rows = 8 * per_account;
 
-    // Small batches, one in flight: the first run takes long enough to be killed half-way.
+    // Small batches, one in flight: the first run takes long enough to be stopped half-way.
     let mut env = logical_env(WriteMode::Table, &slot);
     env.extend([
         ("OUTBOX_LOG_FORMAT", "json".to_owned()),
@@ -193,17 +212,28 @@ async fn logical_interrupted_republication_is_redone_without_loss() -> Result<()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let log = relay.kill9().await?;
+    let log = match stop {
+        Stop::Kill => relay.kill9().await?,
+        Stop::Graceful => {
+            let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
+            assert_eq!(code, 0, "{log}");
+            log
+        }
+    };
     let done = published(&db).await?;
-    eprintln!("killed after {done} of {rows} rows were published");
+    eprintln!("{stop:?} after {done} of {rows} rows were published");
     ensure!(
         done < rows && read_to_end(&log, 0).is_none(),
-        "the relay was to be killed in the middle of the re-publication ({done} of {rows} published)"
+        "the relay was to be stopped in the middle of the re-publication ({done} of {rows} published)"
     );
     assert!(
         marker_exists(&db, &slot).await?,
         "an interrupted re-publication must leave its marker slot"
     );
+    // Committed after the old slot's position, while no relay runs.
+    work.write(WriteMode::Table, 2, 20).await?;
+    let added = work.ledger.lock().unwrap().committed.len() - rows as usize;
+    ensure!(added > 0, "the writers committed nothing");
 
     env.retain(|(k, _)| *k != "OUTBOX_BATCH_SIZE" && *k != "OUTBOX_MAX_IN_FLIGHT_BATCHES");
     env.push(("OUTBOX_BATCH_SIZE", "500".to_owned()));
@@ -231,11 +261,20 @@ async fn logical_interrupted_republication_is_redone_without_loss() -> Result<()
     assert_eq!(code, 0, "{log}");
     let v = Verdict::check(&ledger, &records);
     assert_safe(&v);
+    if stop == Stop::Graceful {
+        assert_eq!(
+            v.duplicates, 0,
+            "a graceful stop must not make the next start publish anything twice: {v:?}"
+        );
+    }
     let end = read_to_end(&log, 0).context("the redone re-publication never reported its end")?;
-    assert_eq!(end["consistent_snapshot"], false, "{end}");
+    assert_eq!(
+        end["consistent_snapshot"], true,
+        "redone in the snapshot of a slot created again: {end}"
+    );
     assert!(
-        field(&end, "rows")? >= (rows - done) as u64,
-        "every row still unpublished is re-published: {end}"
+        field(&end, "rows")? >= (rows - done) as u64 + added as u64,
+        "every row still unpublished is re-published, with those committed meanwhile: {end}"
     );
     assert!(field(&end, "largest_page_rows")? <= 500, "{end}");
     assert!(field(&end, "pages")? >= (rows - done) as u64 / 500, "{end}");

@@ -565,3 +565,74 @@ async fn only_the_record_refused_alone_is_parked() -> Result<()> {
     );
     Ok(())
 }
+
+/// A record that times out must not let a later record of its partition through. The broker is
+/// down while two batches for one key are enqueued 800 ms apart, and comes back after the first
+/// batch's deadline but before the second's: the second must fail with the first (with
+/// librdkafka's per-record timeout it was delivered, ahead of the first batch's re-send: a
+/// per-aggregate inversion of first sightings). Re-sent in order, the partition then holds every
+/// record first seen in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_batch_lets_no_later_batch_of_its_partition_through() -> Result<()> {
+    use outbox_relay::route::OutboundRecord;
+    use outbox_relay::sink::kafka::{KafkaSettings, KafkaSink, Outcome};
+    use rdkafka::mocking::MockCluster;
+    let mock = MockCluster::new(1)?;
+    let topic = unique("gap");
+    mock.create_topic(&topic, 1, 1)?;
+    let mut settings = KafkaSettings {
+        bootstrap_servers: mock.bootstrap_servers(),
+        delivery_timeout: Duration::from_millis(1500),
+        ..KafkaSettings::default()
+    };
+    // Reconnect at once when the broker is back, so the second batch has the time to go out.
+    for key in ["reconnect.backoff.ms", "reconnect.backoff.max.ms"] {
+        settings.properties.insert(key.into(), "50".into());
+    }
+    let record = |n: usize| OutboundRecord {
+        topic: topic.clone(),
+        key: "aggregate".into(),
+        payload: Some(n.to_string()),
+        headers: Vec::new(),
+        timestamp_ms: None,
+    };
+    let delivered = |o: &Outcome| matches!(o, Outcome::Delivered(_));
+    let mut sink = KafkaSink::new(settings)?;
+    let warm = sink.send_batch(&[record(0)]).await;
+    assert!(warm.iter().all(delivered), "{warm:?}");
+
+    mock.broker_down(1)?;
+    let first = sink.enqueue(&[record(1), record(2)]).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let second = sink.enqueue(&[record(3), record(4)]).await;
+    let first = first.wait().await;
+    assert!(!first.iter().any(delivered), "{first:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    mock.broker_up(1)?;
+    let second = second.wait().await;
+    assert!(
+        !second.iter().any(delivered),
+        "a later batch of the partition was delivered after an earlier one timed out: {second:?}"
+    );
+
+    // What the relay does next: a fresh producer re-sends from the first unacknowledged record.
+    sink.recreate()?;
+    let resent = sink
+        .send_batch(&(1..=4).map(record).collect::<Vec<_>>())
+        .await;
+    assert!(resent.iter().all(delivered), "{resent:?}");
+    let read = consume_from(&mock.bootstrap_servers(), &[&topic], 5, QUIET, LONG).await?;
+    let mut first_seen: Vec<usize> = Vec::new();
+    for r in &read {
+        let n: usize = r.value.as_deref().unwrap_or_default().parse()?;
+        if !first_seen.contains(&n) {
+            first_seen.push(n);
+        }
+    }
+    assert_eq!(
+        first_seen,
+        vec![0, 1, 2, 3, 4],
+        "first sightings out of order"
+    );
+    Ok(())
+}

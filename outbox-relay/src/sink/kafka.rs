@@ -34,8 +34,10 @@ use crate::telemetry::{ProducerSpans, RecordSpan};
 pub struct KafkaSettings {
     /// `bootstrap.servers`.
     pub bootstrap_servers: String,
-    /// How long a record may take to be acknowledged before it counts as failed
-    /// (`delivery.timeout.ms`).
+    /// How long a record may take to be acknowledged before it counts as failed. The relay
+    /// enforces it itself, for a whole produce queue at once (see [`Pending::wait`]);
+    /// librdkafka's own `delivery.timeout.ms` is infinite, because librdkafka times records out
+    /// one by one and a later record of the same partition could then still be delivered.
     #[serde(with = "crate::config::duration")]
     pub delivery_timeout: Duration,
     /// How long start-up waits for the cluster's metadata before reporting it unreachable.
@@ -122,10 +124,8 @@ impl KafkaSettings {
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.messages", "500000")
             .set("partitioner", "murmur2_random")
-            .set(
-                "delivery.timeout.ms",
-                self.delivery_timeout.as_millis().to_string(),
-            );
+            // Infinite: the relay times deliveries out itself ([`Pending::wait`]).
+            .set("delivery.timeout.ms", "0");
         for (key, value) in &self.properties {
             let refused = match key.as_str() {
                 "enable.idempotence" if value != "true" => Some("the relay requires idempotence"),
@@ -141,6 +141,9 @@ impl KafkaSettings {
                     "the relay requires it: a failed batch must not leave a gap that later batches of the partition fill",
                 ),
                 "bootstrap.servers" => Some("set it through its own setting"),
+                "delivery.timeout.ms" | "message.timeout.ms" => Some(
+                    "set kafka.delivery_timeout instead: the relay times out a whole produce queue at once, so a timed-out record never lets a later record of its partition through",
+                ),
                 _ => None,
             };
             if let Some(reason) = refused {
@@ -224,7 +227,15 @@ pub struct KafkaSink {
 /// A batch handed to the producer, whose outcomes are not all known yet.
 pub struct Pending {
     slots: Vec<Slot>,
+    /// When the batch's records count as timed out (enqueue time + `delivery_timeout`).
+    deadline: tokio::time::Instant,
+    /// The producer the records were handed to, to drop its queue when the deadline passes.
+    producer: FutureProducer<SinkContext>,
 }
+
+/// How long a timed-out record's produce request, already sent to a broker, may still be
+/// answered before it is dropped as well (it may then still be written: a duplicate at most).
+const IN_FLIGHT_GRACE: Duration = Duration::from_secs(1);
 
 enum Slot {
     Sent(rdkafka::producer::DeliveryFuture, Option<RecordSpan>),
@@ -252,17 +263,38 @@ impl Pending {
     }
 
     /// Waits for Kafka's verdict on every record; one outcome per record, in order.
+    ///
+    /// A record not acknowledged by the batch's deadline is [`Outcome::Failed`] with
+    /// `MessageTimedOut`, and so is every record the producer holds that is not yet part of a
+    /// produce request, whichever batch it belongs to: they are all dropped at once (one purge,
+    /// atomic per partition), so the records that still reach a partition after a timeout are
+    /// always a prefix of what was enqueued for it. librdkafka's own per-record timeout cannot
+    /// promise that: a later record, enqueued a few milliseconds after one that timed out, could
+    /// be delivered when the broker came back in between, ahead of the re-sent earlier one.
     pub async fn wait(self) -> Vec<Outcome> {
-        let mut out = Vec::with_capacity(self.slots.len());
-        for slot in self.slots {
+        let Pending {
+            slots,
+            deadline,
+            producer,
+        } = self;
+        let mut out = Vec::with_capacity(slots.len());
+        for slot in slots {
             out.push(match slot {
                 Slot::Done(o) => o,
-                Slot::Sent(delivery, span) => {
-                    let outcome = match delivery.await {
+                Slot::Sent(mut delivery, span) => {
+                    let (result, timed_out) =
+                        match tokio::time::timeout_at(deadline, &mut delivery).await {
+                            Ok(result) => (result, false),
+                            Err(_) => (expire(&producer, &mut delivery).await, true),
+                        };
+                    let outcome = match result {
                         Ok(Ok(d)) => Outcome::Delivered(Delivered {
                             partition: d.partition,
                             offset: d.offset,
                         }),
+                        Ok(Err((error, _))) if timed_out && is_purged(&error) => Outcome::Failed(
+                            KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+                        ),
                         // A broker answers per produce request, not per record: a record-level
                         // error may belong to another record of the same request.
                         Ok(Err((error, _))) if classify(&error) == ErrorClass::Record => {
@@ -280,6 +312,32 @@ impl Pending {
         }
         out
     }
+}
+
+type DeliveryResult = <rdkafka::producer::DeliveryFuture as std::future::Future>::Output;
+
+/// The deadline of a record passed: drops every record the producer holds that is not yet in a
+/// produce request (so nothing later of any partition is sent), gives the requests already on
+/// the wire [`IN_FLIGHT_GRACE`] to be answered, drops them too, and returns the record's verdict.
+async fn expire(
+    producer: &FutureProducer<SinkContext>,
+    delivery: &mut rdkafka::producer::DeliveryFuture,
+) -> DeliveryResult {
+    use rdkafka::producer::PurgeConfig;
+    producer.purge(PurgeConfig::default().queue());
+    if let Ok(result) = tokio::time::timeout(IN_FLIGHT_GRACE, &mut *delivery).await {
+        return result;
+    }
+    producer.purge(PurgeConfig::default().queue().inflight());
+    delivery.await
+}
+
+/// Whether a delivery failed because the relay dropped the record from the producer.
+fn is_purged(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+    )
 }
 
 /// What became of one record of a batch.
@@ -599,6 +657,7 @@ impl KafkaSink {
     /// all ([`Outcome::Held`]), so an aggregate never overtakes its own poison event. After a
     /// transient enqueue failure nothing further is sent.
     pub async fn enqueue(&self, records: &[OutboundRecord]) -> Pending {
+        let deadline = tokio::time::Instant::now() + self.settings.delivery_timeout;
         let mut slots: Vec<Slot> = Vec::with_capacity(records.len());
         let mut poisoned: Vec<(&str, &str, usize)> = Vec::new();
         let mut stopped: Option<KafkaError> = None;
@@ -694,7 +753,11 @@ impl KafkaSink {
                 }
             }
         }
-        Pending { slots }
+        Pending {
+            slots,
+            deadline,
+            producer: self.producer.clone(),
+        }
     }
 
     /// Number of records queued in the producer and not yet acknowledged.

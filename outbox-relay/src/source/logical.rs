@@ -40,9 +40,10 @@
 //!   imported the snapshot before the session that exported it ends; the stream starts once the
 //!   table was read to the end, so a row re-published precedes every streamed event. The marker
 //!   slot is dropped once the table was read to the end and every re-published row is
-//!   acknowledged; a crash or rewind before that repeats
-//!   the re-publication without the snapshot (rows committed after C then also arrive through the
-//!   stream: bounded duplicates with the same event id, never a loss). The same procedure runs the first time a slot is created in `table` mode, so
+//!   acknowledged; a stop, crash or rewind before that drops the slot, creates it again with a
+//!   fresh snapshot and re-publishes the rows still unpublished in it (duplicates only for rows
+//!   delivered but not yet marked published when a crash came). The same procedure runs the
+//!   first time a slot is created in `table` mode, so
 //!   rows written before the slot existed (e.g. by the polling source) are published too.
 //!   In `insert_delete` and `logical_message` modes there is nothing to recover from: a lost slot
 //!   is a fatal error that names the slot, the reason, the position after which events may be
@@ -71,9 +72,8 @@
 //!   PostgreSQL restarted): it starts from the slot's position, which after a PostgreSQL crash
 //!   is the last one saved to disk. Starting from its own would save those duplicates, but is
 //!   only safe on the same WAL history (not after a failover to a standby that was behind).
-//! - A re-publication from the table interrupted by a crash or rewind is repeated without the
-//!   snapshot: rows committed after the slot's position are then published twice (from the
-//!   table and from the stream) — duplicates up to the unpublished backlog, not one window.
+//! - A re-publication from the table interrupted by a stop, crash or rewind starts again from
+//!   the first unpublished row (in a fresh snapshot), not from the page it had reached.
 //! - Publication and slot names are `[a-z0-9_]` (publication names must not start with a digit):
 //!   `publication_names` in `START_REPLICATION` folds unquoted names to lower case, so anything
 //!   else could silently name another publication.
@@ -652,6 +652,16 @@ impl LogicalSource {
         let table_mode = self.cfg.write_mode == WriteMode::Table;
         let marker_exists = table_mode && slot::slot_status(&self.pool, &marker).await?.is_some();
         match status {
+            // A re-publication from the table is pending: the table holds every event the slot
+            // would carry, so the slot is created again with a fresh exported snapshot and the
+            // unpublished rows are read in it. Resuming the old slot instead would stream the
+            // rows committed since its position on top of re-publishing them.
+            Some(s) if !s.is_lost() && marker_exists => {
+                tracing::warn!(slot = %slot, "a previous re-publication from the table was interrupted: \
+                    creating the slot again with a fresh snapshot and re-publishing the unpublished rows in it");
+                slot::drop_slot(&self.pool, &slot).await?;
+                self.create_slot(at_start, marker_exists).await
+            }
             Some(s) if !s.is_lost() => {
                 slot::verify_slot(&self.pool, &slot, &s).await?;
                 self.metrics.record_status(&s);
@@ -674,16 +684,20 @@ impl LogicalSource {
                 self.instance = Some(instance);
                 // Also records a slot made by a relay that did not keep a state table yet.
                 self.record_state().await?;
-                if marker_exists {
-                    tracing::warn!(slot = %slot, "a previous re-publication from the table was interrupted; re-publishing unpublished rows again");
-                    self.backfill(None).await?;
-                }
                 Ok(())
             }
             other => {
                 let lost_at = other.as_ref().map(|s| s.confirmed_flush_lsn);
                 let record = state::read(&self.pool, &self.cfg.table, &slot).await?;
-                if lost_at.is_some() || !at_start || record.is_some() {
+                if marker_exists {
+                    // Nothing streamed is lost: the pending re-publication reads every
+                    // unpublished row of the table in the new slot's snapshot.
+                    tracing::warn!(slot = %slot, "a previous re-publication from the table was interrupted and the slot is gone too: \
+                        creating it and re-publishing every unpublished row");
+                    if lost_at.is_some() {
+                        slot::drop_slot(&self.pool, &slot).await?;
+                    }
+                } else if lost_at.is_some() || !at_start || record.is_some() {
                     let state_table = state::state_table(&self.cfg.table);
                     let (detail, since) = match (lost_at, &record) {
                         (Some(at), _) => (
@@ -736,36 +750,50 @@ impl LogicalSource {
                 } else {
                     tracing::info!(slot = %slot, "replication slot does not exist and no relay streamed from it before; creating it");
                 }
-                if table_mode && !marker_exists {
-                    // Durable "re-publication pending" marker: created before the new slot, dropped
-                    // once every re-published row is acknowledged.
-                    create_marker(&self.pool, &marker).await?;
-                }
-                // Created over the replication protocol with an exported snapshot, so the rows
-                // re-published are exactly those committed before the slot's consistent point:
-                // everything later is streamed, nothing is published twice.
-                let created = stream::create_slot_exporting(
-                    &self.target,
-                    &slot,
-                    &self.cfg.publication,
-                    "outbox-relay",
-                )
-                .await?;
-                let Some(exported) = created else {
-                    // Created concurrently by another instance: use it as found.
-                    return Box::pin(self.prepare_slot(at_start)).await;
-                };
-                self.confirmed = exported.consistent_point;
-                self.instance = Some(slot::instance(&self.pool).await?);
-                // Durable before anything is streamed: from now on a missing slot is a loss.
-                self.record_state().await?;
-                if table_mode {
-                    self.backfill(Some(&exported.snapshot)).await?;
-                }
-                drop(exported);
-                Ok(())
+                self.create_slot(at_start, marker_exists).await
             }
         }
+    }
+
+    /// Creates the slot over the replication protocol with an exported snapshot and, in `table`
+    /// mode, starts re-publishing the unpublished rows in that snapshot (the marker slot, created
+    /// first, keeps the re-publication pending until every row is acknowledged).
+    async fn create_slot(
+        &mut self,
+        at_start: bool,
+        marker_exists: bool,
+    ) -> Result<(), LogicalError> {
+        let slot = self.cfg.slot.clone();
+        let marker = marker_slot(&slot);
+        let table_mode = self.cfg.write_mode == WriteMode::Table;
+        if table_mode && !marker_exists {
+            // Durable "re-publication pending" marker: created before the new slot, dropped
+            // once every re-published row is acknowledged.
+            create_marker(&self.pool, &marker).await?;
+        }
+        // Created over the replication protocol with an exported snapshot, so the rows
+        // re-published are exactly those committed before the slot's consistent point:
+        // everything later is streamed, nothing is published twice.
+        let created = stream::create_slot_exporting(
+            &self.target,
+            &slot,
+            &self.cfg.publication,
+            "outbox-relay",
+        )
+        .await?;
+        let Some(exported) = created else {
+            // Created concurrently by another instance: use it as found.
+            return Box::pin(self.prepare_slot(at_start)).await;
+        };
+        self.confirmed = exported.consistent_point;
+        self.instance = Some(slot::instance(&self.pool).await?);
+        // Durable before anything is streamed: from now on a missing slot is a loss.
+        self.record_state().await?;
+        if table_mode {
+            self.backfill(Some(&exported.snapshot)).await?;
+        }
+        drop(exported);
+        Ok(())
     }
 
     /// Writes the slot and the confirmed position to the relay state table.
@@ -1095,10 +1123,8 @@ impl LogicalSource {
         let mut attempts = 0;
         loop {
             self.prepare_slot(false).await?;
-            if self.backfill_due && self.republication.is_none() {
-                // Re-publication interrupted by the rewind: redo it (duplicates only).
-                self.backfill(None).await?;
-            }
+            // A re-publication interrupted by the rewind starts again in a fresh snapshot of a
+            // slot created again (`prepare_slot`, the marker slot still exists).
             if self.republishing() {
                 // Streaming starts once the table was read to the end.
                 self.stream_deferred = true;
