@@ -51,7 +51,7 @@ async fn status_requires_the_bearer_token_while_probes_stay_open() -> Result<()>
         "liveness is open"
     );
     assert_eq!(
-        http_get_with_token(&addr, "/readyz", None).await?.0,
+        wait_for_status(&addr, "/readyz", 200, LONG).await?,
         200,
         "readiness is open"
     );
@@ -76,7 +76,7 @@ async fn status_requires_the_bearer_token_while_probes_stay_open() -> Result<()>
             .0,
         200
     );
-    assert_eq!(http_get_with_token(&addr, "/readyz", None).await?.0, 200);
+    assert_eq!(wait_for_status(&addr, "/readyz", 200, LONG).await?, 200);
     let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
     assert_eq!(code, 0, "{log}");
 

@@ -214,9 +214,7 @@ async fn least_privilege_scenario(
         ..Default::default()
     };
     let verdict = Verdict::check(&ledger, &records);
-    assert_eq!(verdict.lost, 0, "{verdict:?}");
-    assert_eq!(verdict.phantom, 0, "{verdict:?}");
-    assert_eq!(verdict.inversions, 0, "{verdict:?}");
+    verdict.assert_safe();
 
     let parked: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM outbox_parked")
         .fetch_all(&db.pool)
@@ -386,11 +384,6 @@ async fn check_logical_metrics(names: &[&String]) -> Result<()> {
     let deadline = Instant::now() + LONG;
     let outcome = loop {
         let log = relay.log();
-        if log.contains("not available in this build") {
-            // The logical source has not landed in this build; nothing exports these yet.
-            eprintln!("logical source unavailable: not checking {names:?}");
-            break Ok(());
-        }
         if let Some(addr) = admin_addr(&log)
             && let Ok((200, scrape)) = http_get(&addr, "/metrics").await
             && names.iter().all(|n| exported(&scrape, n))

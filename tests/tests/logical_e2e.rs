@@ -45,7 +45,7 @@ async fn logical_table_mode_concurrent_out_of_order_commits_exactly_once_in_orde
     wait_confirmed(&db.pool, &slot, end, Duration::from_secs(15)).await?;
     relay.stop().await?;
     let v = Verdict::check(&ledger, &records);
-    assert_safe(&v);
+    v.assert_safe();
     assert_eq!(v.duplicates, 0, "duplicates without a fault: {v:?}");
     assert_eq!(v.records, ledger.committed.len());
     drop_slots(&db.pool, &slot).await?;
@@ -72,7 +72,7 @@ async fn logical_insert_delete_leaves_the_table_empty_and_delivers_everything() 
         "insert_delete must leave the table empty"
     );
     let v = Verdict::check(&ledger, &records);
-    assert_safe(&v);
+    v.assert_safe();
     assert_eq!(v.duplicates, 0, "{v:?}");
     drop_slots(&db.pool, &slot).await?;
     Ok(())
@@ -97,7 +97,7 @@ async fn logical_message_mode_delivers_with_no_table() -> Result<()> {
         .await?;
     assert_eq!(table, None, "logical_message mode needs no table");
     let v = Verdict::check(&ledger, &records);
-    assert_safe(&v);
+    v.assert_safe();
     assert_eq!(v.duplicates, 0, "{v:?}");
     // Payload and key arrive as written.
     let r = &records[0];
@@ -208,7 +208,7 @@ async fn logical_dropped_slot_is_reported_and_recovered_without_loss_in_table_mo
         explain_inversions(&records);
         println!("{log1}\n----\n{log}");
     }
-    assert_safe(&v);
+    v.assert_safe();
     assert!(log.contains("re-publishing unpublished rows"), "{log}");
     // The relay state table remembers the slot: its absence is reported as a loss.
     assert!(log.contains("REPLICATION SLOT LOST"), "{log}");

@@ -81,7 +81,7 @@ async fn logical_failover_to_a_standby_without_the_slot_is_loud_or_recovered() -
     id_work.write(WriteMode::InsertDelete, 2, 5).await?;
     let published = id_work.ledger();
     let records = id_work.consume(&published, QUIET, LONG).await?;
-    assert_safe(&Verdict::check(&published, &records));
+    Verdict::check(&published, &records).assert_safe();
     let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
     assert_eq!(code, 0, "{log}");
 
@@ -137,7 +137,7 @@ async fn logical_failover_to_a_standby_without_the_slot_is_loud_or_recovered() -
     assert!(log.contains("REPLICATION SLOT LOST"), "{log}");
     let v = Verdict::check(&ledger, &records);
     println!("failover, table mode: {v:?}");
-    assert_safe(&v);
+    v.assert_safe();
     drop(standby_id);
     drop(standby_table);
     Ok(())

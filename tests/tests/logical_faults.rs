@@ -68,7 +68,7 @@ async fn logical_sigkill_mid_stream_then_restart_loses_nothing() -> Result<()> {
         v.duplicates as f64 / kills as f64
     );
     assert!(ledger.committed.len() > 200, "workload too small");
-    assert_safe(&v);
+    v.assert_safe();
     // Bounded: at most what a relay acknowledged in the ~status interval before each kill, far
     // below everything that was written.
     assert!(
@@ -109,7 +109,7 @@ async fn logical_graceful_restart_produces_no_duplicates() -> Result<()> {
     let v = Verdict::check(&ledger, &records);
     println!("graceful restarts x2: {v:?}");
     assert!(ledger.committed.len() > 100, "workload too small");
-    assert_safe(&v);
+    v.assert_safe();
     assert_eq!(
         v.duplicates, 0,
         "a graceful restart must not duplicate: {v:?}"
@@ -512,7 +512,7 @@ async fn logical_invalidated_slot_is_reported_and_recovered_in_table_mode() -> R
     assert_eq!(code, 0, "{log}");
     let v = Verdict::check(&ledger, &records);
     println!("invalidated slot, table mode: {v:?}");
-    assert_safe(&v);
+    v.assert_safe();
     let status: Option<String> =
         sqlx::query_scalar("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1")
             .bind(&slot)
@@ -633,7 +633,7 @@ async fn logical_relay_killed_during_first_slot_creation_recovers() -> Result<()
     );
     let v = Verdict::check(&ledger, &records);
     println!("killed during slot creation: {v:?}");
-    assert_safe(&v);
+    v.assert_safe();
     drop_slots(&db.pool, &slot).await?;
     Ok(())
 }

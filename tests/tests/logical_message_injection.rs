@@ -65,7 +65,7 @@ async fn logical_outbox_messages_are_never_published_outside_logical_message_mod
         let ledger = work.ledger();
         let records = work.consume(&ledger, QUIET, LONG).await?;
         let v = Verdict::check(&ledger, &records);
-        assert_safe(&v);
+        v.assert_safe();
         assert!(
             !records.iter().any(|r| injected.contains(&r.event_id())),
             "{mode}: an injected logical message was published"

@@ -139,7 +139,7 @@ async fn logical_republication_is_paged_and_precedes_the_stream() -> Result<()> 
     if v.inversions > 0 {
         explain_inversions(&records);
     }
-    assert_safe(&v);
+    v.assert_safe();
     assert_eq!(
         v.duplicates, 0,
         "the snapshot path publishes nothing twice: {v:?}"
@@ -260,7 +260,7 @@ async fn interrupted_republication(name: &str, stop: Stop) -> Result<()> {
     let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
     assert_eq!(code, 0, "{log}");
     let v = Verdict::check(&ledger, &records);
-    assert_safe(&v);
+    v.assert_safe();
     if stop == Stop::Graceful {
         assert_eq!(
             v.duplicates, 0,

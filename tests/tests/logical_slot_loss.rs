@@ -87,7 +87,7 @@ async fn logical_lost_slot_is_a_loud_exit_on_every_start_in_non_table_modes() ->
         work.write(mode, 2, 5).await?;
         let ledger = work.ledger();
         let records = work.consume(&ledger, QUIET, LONG).await?;
-        assert_safe(&Verdict::check(&ledger, &records));
+        Verdict::check(&ledger, &records).assert_safe();
         let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
         assert_eq!(code, 0, "{log}");
         // A graceful stop records the confirmed position it made durable on the slot.
@@ -169,7 +169,7 @@ async fn logical_lost_slot_in_table_mode_is_reported_and_recovered() -> Result<(
         let records = work.consume(&ledger, QUIET, LONG).await?;
         let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
         assert_eq!(code, 0, "{log}");
-        assert_safe(&Verdict::check(&ledger, &records));
+        Verdict::check(&ledger, &records).assert_safe();
         if round == 0 {
             assert!(log.contains("REPLICATION SLOT LOST"), "{log}");
             assert!(log.contains("outbox_relay_state"), "{log}");
@@ -240,7 +240,7 @@ async fn logical_least_privilege_relay_uses_the_state_table_migrate_created() ->
     work.write(WriteMode::InsertDelete, 1, 5).await?;
     let ledger = work.ledger();
     let records = work.consume(&ledger, QUIET, LONG).await?;
-    assert_safe(&Verdict::check(&ledger, &records));
+    Verdict::check(&ledger, &records).assert_safe();
     let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
     assert_eq!(code, 0, "{log}");
     let recorded: Option<String> =

@@ -154,13 +154,6 @@ pub async fn kill_and_drop_slot(pool: &PgPool, slot: &str) -> Result<()> {
     }
 }
 
-/// Asserts no loss, no phantoms, no per-aggregate inversions.
-pub fn assert_safe(v: &Verdict) {
-    assert_eq!(v.lost, 0, "lost events: {v:?}");
-    assert_eq!(v.phantom, 0, "phantom events: {v:?}");
-    assert_eq!(v.inversions, 0, "per-aggregate order inversions: {v:?}");
-}
-
 /// Prints, for each aggregate with a first sighting below its high mark, its records in offset
 /// order (diagnostics for a failed order check).
 pub fn explain_inversions(records: &[Consumed]) {
