@@ -26,5 +26,5 @@ pub use broker::{Consumed, consume, consume_from, create_topic, create_topic_on}
 pub use database::{TestDb, replace_database, unique, unpublished, wait_drained};
 pub use in_process::{InProcessRelay, relay_config};
 pub use ledger::{Ledger, Verdict};
-pub use relay_process::{RelayProcess, relay_binary};
+pub use relay_process::{CliOutput, RelayProcess, relay_binary, relay_cli, relay_cli_on};
 pub use services::{Services, init_logging, services};

@@ -151,6 +151,53 @@ fn is_fresh(bin: &Path) -> bool {
     built >= latest
 }
 
+/// What a one-shot `outbox-relay` command printed, and how it exited.
+#[derive(Debug, Clone)]
+pub struct CliOutput {
+    /// The exit code (-1 when a signal ended it).
+    pub code: i32,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Standard output followed by standard error.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `outbox-relay <args>` to completion with nothing in its environment but `env`.
+pub async fn relay_cli(args: &[&str], env: &[(&str, &str)]) -> Result<CliOutput> {
+    let out = Command::new(relay_binary())
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .context("running outbox-relay")?;
+    Ok(CliOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// [`relay_cli`] against `db` and the test broker (`OUTBOX_DATABASE_URL`,
+/// `OUTBOX_KAFKA_BOOTSTRAP_SERVERS`, `RUST_LOG=info`), with `env` on top.
+pub async fn relay_cli_on(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> Result<CliOutput> {
+    let bootstrap = services().bootstrap;
+    let mut all = vec![
+        ("OUTBOX_DATABASE_URL", db.url.as_str()),
+        ("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", bootstrap.as_str()),
+        ("RUST_LOG", "info"),
+    ];
+    all.extend_from_slice(env);
+    relay_cli(args, &all).await
+}
+
 /// The command that runs `bin` with `args` and an empty environment but `PATH` (the caller adds
 /// the rest), stdin and stdout closed, stderr piped for the log, killed when its handle drops.
 pub fn relay_command(bin: &Path, args: &[&str]) -> Command {

@@ -71,17 +71,10 @@ async fn write(db: &TestDb, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
 
 /// Runs the relay binary with `args` and only the given environment.
 async fn relay_cli(args: &[&str], env: &[(&str, &str)]) -> Result<(i32, String, String)> {
-    let mut cmd = tokio::process::Command::new(relay_binary());
-    cmd.args(args).env_clear().env("RUST_LOG", "info");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().await?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    let mut all = vec![("RUST_LOG", "info")];
+    all.extend_from_slice(env);
+    let out = outbox_tests::relay_cli(args, &all).await?;
+    Ok((out.code, out.stdout, out.stderr))
 }
 
 /// The SQLSTATE of a failed statement, or why it did not fail.

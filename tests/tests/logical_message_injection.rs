@@ -100,20 +100,15 @@ async fn logical_outbox_messages_are_never_published_outside_logical_message_mod
 /// Runs `outbox-relay status` in logical_message mode.
 async fn status(db: &TestDb, slot: &str) -> Result<String> {
     let env = logical_env(WriteMode::LogicalMessage, slot);
-    let out = tokio::process::Command::new(relay_binary())
-        .arg("status")
-        .env_clear()
-        .env("OUTBOX_DATABASE_URL", &db.url)
-        .env("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", services().bootstrap)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .await?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let bootstrap = services().bootstrap;
+    let mut all = vec![
+        ("OUTBOX_DATABASE_URL", db.url.as_str()),
+        ("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", bootstrap.as_str()),
+    ];
+    all.extend(env.iter().map(|(k, v)| (*k, v.as_str())));
+    let out = relay_cli(&["status"], &all).await?;
+    let text = out.text();
+    assert_eq!(out.code, 0, "{text}");
     Ok(text)
 }
 

@@ -15,23 +15,8 @@ use outbox_tests::*;
 
 /// Runs an `outbox-relay` one-shot command against `db` with `env`.
 async fn cli(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> Result<(i32, String)> {
-    let out = tokio::process::Command::new(relay_binary())
-        .args(args)
-        .env_clear()
-        .env("OUTBOX_DATABASE_URL", &db.url)
-        .env("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", services().bootstrap)
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .output()
-        .await?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    ))
+    let out = relay_cli_on(db, args, env).await?;
+    Ok((out.code, out.text()))
 }
 
 async fn slot_exists(db: &TestDb, slot: &str) -> Result<bool> {

@@ -29,19 +29,8 @@ fn ev(agg_type: &str, agg: &str, seq: i64, bytes: usize) -> NewEvent {
 }
 
 async fn cli(db: &TestDb, args: &[&str]) -> Result<(i32, String, String)> {
-    let out = tokio::process::Command::new(relay_binary())
-        .args(args)
-        .env_clear()
-        .env("OUTBOX_DATABASE_URL", &db.url)
-        .env("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", services().bootstrap)
-        .env("RUST_LOG", "info")
-        .output()
-        .await?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    let out = relay_cli_on(db, args, &[]).await?;
+    Ok((out.code, out.stdout, out.stderr))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
