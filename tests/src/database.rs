@@ -96,6 +96,13 @@ impl TestDb {
         Ok(Self { url, name, pool })
     }
 
+    /// [`TestDb::create`], then the default outbox table in it.
+    pub async fn migrated(prefix: &str) -> Result<Self> {
+        let db = Self::create(prefix).await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
     /// Creates the default outbox table in it.
     pub async fn migrate(&self) -> Result<()> {
         migrate_outbox(&self.pool).await

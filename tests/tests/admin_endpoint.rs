@@ -23,8 +23,7 @@ async fn start(db: &TestDb, env: &[(&str, &str)]) -> Result<(RelayProcess, Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_requires_the_bearer_token_while_probes_stay_open() -> Result<()> {
-    let db = TestDb::create("adm_auth").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("adm_auth").await?;
     let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
     let (relay, addr) = start(&db, &[("OUTBOX_ADMIN__TOKEN", &token)]).await?;
 
@@ -98,8 +97,7 @@ async fn status_requires_the_bearer_token_while_probes_stay_open() -> Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_share_one_status_reading_per_interval() -> Result<()> {
-    let db = TestDb::create("adm_cache").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("adm_cache").await?;
     let refresh = Duration::from_secs(2);
     let (relay, addr) = start(&db, &[("OUTBOX_ADMIN__STATUS_REFRESH", "2s")]).await?;
 
@@ -182,8 +180,7 @@ async fn the_database_sees_one_status_query_per_interval_in_pg_stat_statements()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_queries_use_the_seq_indexes_not_a_scan_of_the_table() -> Result<()> {
-    let db = TestDb::create("adm_index").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("adm_index").await?;
     // 300k rows, the first 250k published: a realistic marked table with a backlog.
     sqlx::query(
         "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload)

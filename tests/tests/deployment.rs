@@ -329,8 +329,7 @@ async fn every_metric_the_alert_rules_use_is_exported_by_the_relay() -> Result<(
     }
 
     // A polling relay that has published something (so every polling metric has a value).
-    let db = TestDb::create("dep_metrics").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("dep_metrics").await?;
     let relay = RelayProcess::start(
         &db,
         &["--log-format", "json"],
@@ -365,8 +364,7 @@ async fn every_metric_the_alert_rules_use_is_exported_by_the_relay() -> Result<(
 
 /// Scrapes a relay reading from a replication slot for the slot metrics.
 async fn check_logical_metrics(names: &[&String]) -> Result<()> {
-    let db = TestDb::create("dep_slot").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("dep_slot").await?;
     let slot = unique("dep_slot");
     let relay = RelayProcess::start(
         &db,
@@ -562,8 +560,7 @@ async fn the_kubernetes_example_config_loads_with_its_secret_files_and_fits_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_url_that_demands_tls_from_a_server_without_it_fails_loudly_and_keeps_the_password()
 -> Result<()> {
-    let db = TestDb::create("dep_tls").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("dep_tls").await?;
     let ssl: String = sqlx::query_scalar("SHOW ssl").fetch_one(&db.pool).await?;
     if ssl != "off" {
         bail!("this test needs a PostgreSQL server without TLS (ssl = {ssl})");
@@ -686,8 +683,7 @@ async fn scrape(addr: &str, name: &str) -> Result<f64> {
 async fn a_paused_leader_is_fenced_by_its_lease_and_publishes_nothing_after_it_resumes()
 -> Result<()> {
     let lease = Duration::from_secs(3);
-    let db = TestDb::create("dep_zombie").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("dep_zombie").await?;
     let agg_type = unique("zombie");
     let topic = format!("outbox.event.{agg_type}");
     create_topic(&topic, 2).await?;
@@ -750,8 +746,7 @@ async fn a_paused_leader_is_fenced_by_its_lease_and_publishes_nothing_after_it_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_logical_leader_does_not_produce_what_it_received_while_frozen() -> Result<()> {
     let lease = Duration::from_secs(3);
-    let db = TestDb::create("dep_zombie_lr").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("dep_zombie_lr").await?;
     // A frozen relay's walsender must let go of the slot within about the lease too (the
     // operations guide recommends the same on the relay's role).
     sqlx::query(AssertSqlSafe(format!(

@@ -73,11 +73,7 @@ async fn logical_failover_to_a_standby_without_the_slot_is_loud_or_recovered() -
     let table_env = env_refs(&table_env);
 
     // The relays run on the primary, publish, and stop.
-    let relay = RelayProcess::start(&id_db, &[], &id_env).await?;
-    wait_slot_active(&id_db.pool, &id_slot, LONG).await?;
-    relay
-        .wait_for_log("replication stream started", LONG)
-        .await?;
+    let relay = start_streaming(&id_db, &id_slot, &id_env).await?;
     id_work.write(WriteMode::InsertDelete, 2, 5).await?;
     let published = id_work.ledger();
     let records = id_work.consume(&published, QUIET, LONG).await?;

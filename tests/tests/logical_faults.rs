@@ -35,8 +35,7 @@ fn background_writers(
 /// acknowledged but not yet confirmed to the slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_sigkill_mid_stream_then_restart_loses_nothing() -> Result<()> {
-    let db = TestDb::create("logical_kill").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_kill").await?;
     let slot = unique("lslot");
     let work = Workload::create(&db, "acct", 10, 3).await?;
     let mut env = logical_env(WriteMode::InsertDelete, &slot);
@@ -83,8 +82,7 @@ async fn logical_sigkill_mid_stream_then_restart_loses_nothing() -> Result<()> {
 /// far longer than the test (the confirmed position is made durable at shutdown), no loss.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_graceful_restart_produces_no_duplicates() -> Result<()> {
-    let db = TestDb::create("logical_graceful").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_graceful").await?;
     let slot = unique("lslot");
     let work = Workload::create(&db, "acct", 10, 3).await?;
     let mut env = logical_env(WriteMode::InsertDelete, &slot);
@@ -340,8 +338,7 @@ async fn logical_publication_and_slot_are_created_reused_and_checked() -> Result
     use outbox_relay::source::Source;
     use outbox_relay::source::logical::{PublicationName, SlotName};
 
-    let db = TestDb::create("logical_checks").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_checks").await?;
     let slot = unique("lslot");
     let cfg = |slot: &str, publication: &str| -> Result<LogicalConfig> {
         let mut c = LogicalConfig::new(db.url.clone(), OutboxTable::default(), WriteMode::Table);
@@ -563,8 +560,7 @@ async fn logical_invalidated_slot_is_reported_and_recovered_in_table_mode() -> R
 /// itself — not call it lost and exit — and publish every event (table mode).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_relay_killed_during_first_slot_creation_recovers() -> Result<()> {
-    let db = TestDb::create("logical_slot_create_kill").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_slot_create_kill").await?;
     let slot = unique("lslot");
     let work = Workload::create(&db, "acct", 5, 3).await?;
     let env = logical_env(WriteMode::Table, &slot);

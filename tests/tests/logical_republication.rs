@@ -97,8 +97,7 @@ async fn published(db: &TestDb) -> Result<i64> {
 /// (the snapshot path), no per-aggregate inversion; the marker slot is gone at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_republication_is_paged_and_precedes_the_stream() -> Result<()> {
-    let db = TestDb::create("logical_repub_paged").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_repub_paged").await?;
     let slot = unique("rslot");
     let work = Workload::create(&db, "repub", 8, 1).await?;
     let (per_account, payload) = (200, 2000);
@@ -187,8 +186,7 @@ enum Stop {
 }
 
 async fn interrupted_republication(name: &str, stop: Stop) -> Result<()> {
-    let db = TestDb::create(name).await?;
-    db.migrate().await?;
+    let db = TestDb::migrated(name).await?;
     let slot = unique("rslot");
     let work = Workload::create(&db, "repubk", 8, 1).await?;
     let per_account = 2500;

@@ -100,11 +100,7 @@ async fn logical_lost_slot_is_a_loud_exit_on_every_start_in_non_table_modes() ->
         let (code, out) = cli(&db, &["slot", "drop", &slot], &env).await?;
         assert_eq!(code, 0, "{out}");
         assert!(out.contains("forgot"), "{out}");
-        let relay = RelayProcess::start(&db, &[], &env).await?;
-        wait_slot_active(&db.pool, &slot, LONG).await?;
-        relay
-            .wait_for_log("replication stream started", LONG)
-            .await?;
+        let relay = start_streaming(&db, &slot, &env).await?;
 
         // Dropped while the relay runs: it exits non-zero, and so does every restart.
         kill_and_drop_slot(&db.pool, &slot).await?;
@@ -133,8 +129,7 @@ async fn logical_lost_slot_is_a_loud_exit_on_every_start_in_non_table_modes() ->
 /// running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_lost_slot_in_table_mode_is_reported_and_recovered() -> Result<()> {
-    let db = TestDb::create("logical_slot_loss_table").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_slot_loss_table").await?;
     let slot = unique("lslot");
     let work = Workload::create(&db, "acct", 4, 1).await?;
     let env = logical_env(WriteMode::Table, &slot);
@@ -173,8 +168,7 @@ async fn logical_lost_slot_in_table_mode_is_reported_and_recovered() -> Result<(
 /// streams and records its slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_least_privilege_relay_uses_the_state_table_migrate_created() -> Result<()> {
-    let db = TestDb::create("logical_state_grants").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_state_grants").await?;
     let slot = unique("lslot");
     let role = unique("relay");
     for sql in [
@@ -217,11 +211,7 @@ async fn logical_least_privilege_relay_uses_the_state_table_migrate_created() ->
     .execute(&db.pool)
     .await?;
 
-    let relay = RelayProcess::start(&db, &[], &env).await?;
-    wait_slot_active(&db.pool, &slot, LONG).await?;
-    relay
-        .wait_for_log("replication stream started", LONG)
-        .await?;
+    let relay = start_streaming(&db, &slot, &env).await?;
     work.write(WriteMode::InsertDelete, 1, 5).await?;
     let ledger = work.ledger();
     let records = work.consume(&ledger, QUIET, LONG).await?;

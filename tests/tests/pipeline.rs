@@ -50,8 +50,7 @@ async fn wait_sequence(db: &TestDb, name: &str, n: i64) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_source_error_drops_the_producers_window_before_the_relay_resumes() -> Result<()> {
     use rdkafka::mocking::MockCluster;
-    let db = TestDb::create("pipe_fence").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("pipe_fence").await?;
     let mock = MockCluster::new(1)?;
     let topic = unique("fence");
     mock.create_topic(&topic, 1, 1)?;
@@ -224,8 +223,7 @@ async fn write_backlog(
 /// from the broker, counted by event id).
 async fn sigterm_under_load(source: &str) -> Result<()> {
     use outbox_core::WriteMode;
-    let db = TestDb::create(&format!("pipe_term_{source}")).await?;
-    db.migrate().await?;
+    let db = TestDb::migrated(&format!("pipe_term_{source}")).await?;
     let work = logical_common::Workload::create(&db, "term", 1, 3).await?;
     let slot = unique("termslot");
     let env = match source {
@@ -319,8 +317,7 @@ async fn mock_relay(
     String,
     InProcessRelay,
 )> {
-    let db = TestDb::create(prefix).await?;
-    db.migrate().await?;
+    let db = TestDb::migrated(prefix).await?;
     let mock = rdkafka::mocking::MockCluster::new(1)?;
     let topic = unique(prefix);
     mock.create_topic(&topic, 1, 1)?;
@@ -464,8 +461,7 @@ async fn an_unknown_persistent_broker_error_stops_the_relay_by_name() -> Result<
 /// than the whole bound is still published, alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn claims_and_the_window_are_bounded_by_payload_bytes() -> Result<()> {
-    let db = TestDb::create("pipe_bytes").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("pipe_bytes").await?;
     let topic = unique("bytes");
     create_topic(&topic, 1).await?;
     let mut config = relay_config(&db);

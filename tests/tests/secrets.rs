@@ -102,8 +102,7 @@ async fn relay_cli(args: &[&str], env: &[(&'static str, String)]) -> Result<(i32
 
 async fn run_with_secrets(source: &str) -> Result<()> {
     let secrets = Secrets::new();
-    let db = TestDb::create(&format!("sec_{source}")).await?;
-    db.migrate().await?;
+    let db = TestDb::migrated(&format!("sec_{source}")).await?;
     let dir = std::env::temp_dir().join(unique("outbox-secrets"));
     std::fs::create_dir_all(&dir)?;
     let token_file = dir.join("admin-token");

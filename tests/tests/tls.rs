@@ -359,8 +359,7 @@ async fn a_wrong_ca_or_a_server_without_tls_fails_loudly_never_plaintext() -> Re
     }
 
     // sslmode=require against the shared server, which has no TLS: an error, not plaintext.
-    let plain = TestDb::create("tls_require").await?;
-    plain.migrate().await?;
+    let plain = TestDb::migrated("tls_require").await?;
     let sep = if plain.url.contains('?') { '&' } else { '?' };
     for source in ["logical", "polling"] {
         let slot = unique("tls_req");

@@ -75,12 +75,27 @@ pub async fn wait_confirmed(pool: &PgPool, slot: &str, lsn: u64, timeout: Durati
     }
 }
 
+/// Starts a relay process on `db` with `env` and returns it once its slot `slot` is active and
+/// its replication stream has started.
+pub async fn start_streaming(
+    db: &TestDb,
+    slot: &str,
+    env: &[(&str, &str)],
+) -> Result<RelayProcess> {
+    let relay = RelayProcess::start(db, &[], env).await?;
+    wait_slot_active(&db.pool, slot, LONG).await?;
+    relay
+        .wait_for_log("replication stream started", LONG)
+        .await?;
+    Ok(relay)
+}
+
 /// Waits until the slot exists, has found its consistent point and a session streams from it.
 ///
 /// A slot is `active` while it is still being created, before its consistent point is known;
 /// transactions that commit before that point are never decoded. In `insert_delete` and
 /// `logical_message` modes nothing recovers them, so writers must not start before
-/// `confirmed_flush_lsn` is set (a test that only waited for `active` lost events that way).
+/// `confirmed_flush_lsn` is set.
 pub async fn wait_slot_active(pool: &PgPool, slot: &str, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -228,16 +243,7 @@ impl TempCluster {
             std::env::var("SERVICES_PG_BIN")
                 .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
         );
-        let dir = std::env::temp_dir().join(unique("outbox-logical-pg"));
-        std::fs::create_dir_all(&dir)?;
-        let _ = std::process::Command::new("chown")
-            .arg("postgres")
-            .arg(&dir)
-            .status();
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            l.local_addr()?.port()
-        };
+        let (dir, port) = cluster_dir("outbox-logical-pg")?;
         let data = dir.join("data");
         let out = as_postgres(
             &bin.join("initdb"),
@@ -299,16 +305,7 @@ impl TempCluster {
     /// on a port of its own. It carries every database and table of the primary, but no
     /// replication slot (PostgreSQL 15 has no failover slots).
     pub fn standby(&self) -> Result<TempCluster> {
-        let dir = std::env::temp_dir().join(unique("outbox-logical-standby"));
-        std::fs::create_dir_all(&dir)?;
-        let _ = std::process::Command::new("chown")
-            .arg("postgres")
-            .arg(&dir)
-            .status();
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            l.local_addr()?.port()
-        };
+        let (dir, port) = cluster_dir("outbox-logical-standby")?;
         let data = dir.join("data");
         let out = as_postgres(
             &self.bin.join("pg_basebackup"),
@@ -420,4 +417,19 @@ impl Drop for TempCluster {
         );
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A fresh directory for a private cluster (owned by `postgres`, for `initdb` run as that user
+/// when the tests run as root) and a free port for it.
+fn cluster_dir(prefix: &str) -> Result<(std::path::PathBuf, u16)> {
+    let dir = std::env::temp_dir().join(unique(prefix));
+    std::fs::create_dir_all(&dir)?;
+    let _ = std::process::Command::new("chown")
+        .arg("postgres")
+        .arg(&dir)
+        .status();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    Ok((dir, port))
 }
