@@ -160,7 +160,7 @@ async fn the_database_sees_one_status_query_per_interval_in_pg_stat_statements()
         .execute(&db.pool)
         .await?;
     let elapsed = request_waves(&addr, 6).await?;
-    // The pending count of status.rs, before and after the fix (its text starts the same way).
+    // The status page's count of pending events, whatever else its statement says.
     let calls: i64 = sqlx::query_scalar(
         "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements
          WHERE query LIKE 'SELECT count(*)%' AND query LIKE '%outbox%'

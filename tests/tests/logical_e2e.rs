@@ -213,7 +213,7 @@ async fn logical_dropped_slot_is_reported_and_recovered_without_loss_in_table_mo
 }
 
 /// The source alone (no Kafka): 100k committed inserts read, decoded and acknowledged, timed
-/// (printed; compare with `pg_recvlogical` on the same machine, ~200k rows/s per TESTING.md).
+/// (printed; compare with `pg_recvlogical` on the same machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_source_only_throughput() -> Result<()> {
     use outbox_core::OutboxTable;

@@ -36,15 +36,6 @@ async fn wait_caught_up(primary: &TestDb, standby: &TestDb) -> Result<()> {
     }
 }
 
-async fn slot_exists(db: &TestDb, slot: &str) -> Result<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-    )
-    .bind(slot)
-    .fetch_one(&db.pool)
-    .await?)
-}
-
 /// A relay on the primary publishes (one database in `insert_delete` mode, one in `table`
 /// mode) and stops; more events are committed and reach the asynchronous standby; the primary
 /// dies and the standby is promoted. On the promoted standby: the `insert_delete` relay exits

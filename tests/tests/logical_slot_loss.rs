@@ -19,15 +19,6 @@ async fn cli(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> Result<(i32, S
     Ok((out.code, out.text()))
 }
 
-async fn slot_exists(db: &TestDb, slot: &str) -> Result<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-    )
-    .bind(slot)
-    .fetch_one(&db.pool)
-    .await?)
-}
-
 /// Starts a relay that must refuse to start: exits non-zero within 30 s naming the lost slot
 /// and `outbox-relay slot drop`, and leaves no slot behind.
 async fn assert_refuses(db: &TestDb, slot: &str, env: &[(&str, &str)], what: &str) -> Result<()> {

@@ -1,7 +1,6 @@
 //! Malformed outbox rows and messages — written by plain SQL or by an older writer, so no derive
 //! checked them — are parked with their reason in both sources, and hold only their own
-//! aggregate: the relay neither stops (polling used to exit on every start) nor skips them
-//! (the logical source used to log and confirm past them).
+//! aggregate: the relay neither stops nor skips them.
 
 mod logical_common;
 

@@ -433,3 +433,13 @@ fn cluster_dir(prefix: &str) -> Result<(std::path::PathBuf, u16)> {
         .port();
     Ok((dir, port))
 }
+
+/// Whether the replication slot `slot` exists on `db`'s server.
+pub async fn slot_exists(db: &TestDb, slot: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+    )
+    .bind(slot)
+    .fetch_one(&db.pool)
+    .await?)
+}
