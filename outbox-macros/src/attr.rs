@@ -21,14 +21,7 @@ pub(crate) enum Place {
 impl Place {
     fn keys(self) -> &'static [&'static str] {
         match self {
-            Place::Struct => &[
-                "aggregate_type",
-                "event_type",
-                "topic",
-                "schema_version",
-                "aggregate_id",
-                "sequence",
-            ],
+            Place::Struct => ALL_KEYS,
             Place::Enum => &[
                 "aggregate_type",
                 "topic",
@@ -180,6 +173,7 @@ fn parse_one(attr: &Attribute, place: Place, out: &mut Attrs) -> Result<()> {
     })
 }
 
+/// Every key `#[outbox(...)]` knows; a struct takes all of them.
 const ALL_KEYS: &[&str] = &[
     "aggregate_type",
     "event_type",

@@ -72,7 +72,7 @@ fn expand_struct(input: &Struct<'_>) -> Result<TokenStream> {
     let payload_error = payload_error(ident);
     let unknown_event_type = unknown_event_type(ident);
     let outbox_event = outbox_event_impl(
-        ident,
+        quote!(::outbox_core::OutboxEvent for #ident),
         EventMethods {
             aggregate_type: quote!(#aggregate_type),
             aggregate_id: quote!(::std::string::ToString::to_string(&self.#aggregate_id)),
@@ -113,8 +113,8 @@ struct EventMethods {
     to_payload: TokenStream,
 }
 
-/// `impl OutboxEvent for #ident` with these method bodies.
-fn outbox_event_impl(ident: &Ident, methods: EventMethods) -> TokenStream {
+/// `impl #header` (`OutboxEvent for` the type, with any generics) with these method bodies.
+fn outbox_event_impl(header: TokenStream, methods: EventMethods) -> TokenStream {
     let EventMethods {
         aggregate_type,
         aggregate_id,
@@ -124,7 +124,7 @@ fn outbox_event_impl(ident: &Ident, methods: EventMethods) -> TokenStream {
     } = methods;
     quote! {
         #[automatically_derived]
-        impl ::outbox_core::OutboxEvent for #ident {
+        impl #header {
             fn aggregate_type(&self) -> &str {
                 #aggregate_type
             }
@@ -272,7 +272,7 @@ fn expand_enum(input: &Enum<'_>) -> Result<TokenStream> {
         });
     let unknown_event_type = unknown_event_type(ident);
     let outbox_event = outbox_event_impl(
-        ident,
+        quote!(::outbox_core::OutboxEvent for #ident),
         EventMethods {
             aggregate_type: quote!(#aggregate_type),
             aggregate_id: quote!(match self { #(#aggregate_id_arms)* }),
@@ -445,30 +445,19 @@ fn unknown_event_type(ident: &Ident) -> TokenStream {
 fn fallback(node: &DeriveInput) -> TokenStream {
     let ident = &node.ident;
     let (impl_generics, ty_generics, where_clause) = node.generics.split_for_impl();
+    let unreachable = quote!(::core::unreachable!());
+    let outbox_event = outbox_event_impl(
+        quote!(#impl_generics ::outbox_core::OutboxEvent for #ident #ty_generics #where_clause),
+        EventMethods {
+            aggregate_type: unreachable.clone(),
+            aggregate_id: unreachable.clone(),
+            event_type: unreachable.clone(),
+            optional: TokenStream::new(),
+            to_payload: unreachable,
+        },
+    );
     quote! {
-        #[automatically_derived]
-        impl #impl_generics ::outbox_core::OutboxEvent for #ident #ty_generics #where_clause {
-            fn aggregate_type(&self) -> &str {
-                ::core::unreachable!()
-            }
-
-            fn aggregate_id(&self) -> ::std::string::String {
-                ::core::unreachable!()
-            }
-
-            fn event_type(&self) -> &str {
-                ::core::unreachable!()
-            }
-
-            fn to_payload(
-                &self,
-            ) -> ::core::result::Result<
-                ::outbox_core::__private::serde_json::Value,
-                ::outbox_core::__private::serde_json::Error,
-            > {
-                ::core::unreachable!()
-            }
-        }
+        #outbox_event
 
         #[automatically_derived]
         impl #impl_generics ::outbox_core::DecodeEvent for #ident #ty_generics #where_clause {

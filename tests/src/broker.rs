@@ -13,6 +13,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
 use crate::database::unique;
+use crate::ledger::Ledger;
 use crate::services::services;
 
 /// Creates `topic` with `partitions` partitions (replication 1) on the test broker.
@@ -98,6 +99,17 @@ pub async fn consume_from(
         consume_blocking(&bootstrap, &topics, at_least, quiet, timeout)
     })
     .await?
+}
+
+/// [`consume_from`] until at least as many records as `ledger` has committed events were read.
+pub async fn consume_committed(
+    bootstrap: &str,
+    topics: &[&str],
+    ledger: &Ledger,
+    quiet: Duration,
+    timeout: Duration,
+) -> Result<Vec<Consumed>> {
+    consume_from(bootstrap, topics, ledger.committed.len(), quiet, timeout).await
 }
 
 fn consume_blocking(

@@ -22,7 +22,9 @@ pub mod services;
 pub mod writers;
 
 pub use admin::{admin_addr, http_get, http_get_with_token, metric, wait_for_status};
-pub use broker::{Consumed, consume, consume_from, create_topic, create_topic_on};
+pub use broker::{
+    Consumed, consume, consume_committed, consume_from, create_topic, create_topic_on,
+};
 pub use database::{TestDb, replace_database, unique, unpublished, wait_drained};
 pub use in_process::{InProcessRelay, relay_config};
 pub use ledger::{Ledger, Verdict};

@@ -216,19 +216,13 @@ async fn logical_dropped_slot_is_reported_and_recovered_without_loss_in_table_mo
 /// (printed; compare with `pg_recvlogical` on the same machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_source_only_throughput() -> Result<()> {
-    use outbox_core::OutboxTable;
     use outbox_relay::source::Source;
-    use outbox_relay::source::logical::{LogicalConfig, LogicalSource, SlotName};
+    use outbox_relay::source::logical::LogicalSource;
     use tokio_util::sync::CancellationToken;
 
     let db = TestDb::migrated("logical_src_tput").await?;
     let slot = unique("lslot");
-    let mut cfg = LogicalConfig::new(
-        db.url.clone(),
-        OutboxTable::default(),
-        WriteMode::InsertDelete,
-    );
-    cfg.slot = SlotName::parse(&slot)?;
+    let mut cfg = source_config(&db, WriteMode::InsertDelete, &slot)?;
     let mut src = LogicalSource::connect(cfg.clone()).await?;
     src.close().await?;
     drop(src);

@@ -137,21 +137,16 @@ async fn logical_failover_to_a_standby_without_the_slot_is_loud_or_recovered() -
 /// a diverged WAL history would skip other events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_source_resumes_from_the_slot_after_postgres_restarted() -> Result<()> {
-    use outbox_core::{NewEvent, Outbox, OutboxTable};
+    use outbox_core::{NewEvent, Outbox};
     use outbox_relay::source::Source;
-    use outbox_relay::source::logical::{LogicalConfig, LogicalSource, SlotName};
+    use outbox_relay::source::logical::LogicalSource;
     use tokio_util::sync::CancellationToken;
 
     let cluster = TempCluster::start("logical", "")?;
     let db = cluster.test_db().await?;
     db.migrate().await?;
     let slot = unique("lslot");
-    let mut cfg = LogicalConfig::new(
-        db.url.clone(),
-        OutboxTable::default(),
-        WriteMode::InsertDelete,
-    );
-    cfg.slot = SlotName::parse(&slot)?;
+    let mut cfg = source_config(&db, WriteMode::InsertDelete, &slot)?;
     // Nothing tells the server the acknowledged position during the test.
     cfg.status_interval = Duration::from_secs(3600);
     cfg.heartbeat_interval = Duration::from_secs(3600);

@@ -246,7 +246,6 @@ async fn logical_wal_level_replica_and_missing_privilege_give_clear_errors() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_keepalives_never_confirm_past_unacknowledged_events() -> Result<()> {
     use outbox_core::{NewEvent, Outbox};
-    use outbox_relay::source::logical::SlotName;
     use outbox_relay::source::{Position, Source};
     use tokio_util::sync::CancellationToken;
 
@@ -257,8 +256,7 @@ async fn logical_keepalives_never_confirm_past_unacknowledged_events() -> Result
         .execute(&db.pool)
         .await?;
     let slot = unique("lslot");
-    let mut cfg = LogicalConfig::new(db.url.clone(), OutboxTable::default(), WriteMode::Table);
-    cfg.slot = SlotName::parse(&slot)?;
+    let mut cfg = source_config(&db, WriteMode::Table, &slot)?;
     cfg.status_interval = Duration::from_millis(100);
     cfg.heartbeat_interval = Duration::from_millis(200);
     let mut src = LogicalSource::connect(cfg).await?;
@@ -341,8 +339,7 @@ async fn logical_publication_and_slot_are_created_reused_and_checked() -> Result
     let db = TestDb::migrated("logical_checks").await?;
     let slot = unique("lslot");
     let cfg = |slot: &str, publication: &str| -> Result<LogicalConfig> {
-        let mut c = LogicalConfig::new(db.url.clone(), OutboxTable::default(), WriteMode::Table);
-        c.slot = SlotName::parse(slot)?;
+        let mut c = source_config(&db, WriteMode::Table, slot)?;
         c.publication = PublicationName::parse(publication)?;
         Ok(c)
     };

@@ -120,14 +120,8 @@ async fn a_source_error_drops_the_producers_window_before_the_relay_resumes() ->
     .await?;
     mock.broker_up(1)?;
     wait_drained(&db.pool, LONG).await?;
-    let records = consume_from(
-        &mock.bootstrap_servers(),
-        &[&topic],
-        ledger.committed.len(),
-        QUIET,
-        LONG,
-    )
-    .await?;
+    let records =
+        consume_committed(&mock.bootstrap_servers(), &[&topic], &ledger, QUIET, LONG).await?;
     relay.stop().await?;
     let v = Verdict::check(&ledger, &records);
     v.assert_safe();
@@ -376,14 +370,8 @@ async fn a_batch_refused_as_too_large_parks_no_healthy_record() -> Result<()> {
         .extend(Outbox::default().publish_new(&mut tx, events).await?);
     tx.commit().await?;
     wait_drained(&db.pool, LONG).await?;
-    let records = consume_from(
-        &mock.bootstrap_servers(),
-        &[&topic],
-        ledger.committed.len(),
-        QUIET,
-        LONG,
-    )
-    .await?;
+    let records =
+        consume_committed(&mock.bootstrap_servers(), &[&topic], &ledger, QUIET, LONG).await?;
     relay.stop().await?;
     assert_eq!(parked(&db).await?, 0, "healthy records were parked");
     let v = Verdict::check(&ledger, &records);
@@ -533,14 +521,8 @@ async fn only_the_record_refused_alone_is_parked() -> Result<()> {
         }
     }
     wait_drained(&db.pool, LONG).await?;
-    let records = consume_from(
-        &mock.bootstrap_servers(),
-        &[&topic],
-        ledger.committed.len(),
-        QUIET,
-        LONG,
-    )
-    .await?;
+    let records =
+        consume_committed(&mock.bootstrap_servers(), &[&topic], &ledger, QUIET, LONG).await?;
     relay.stop().await?;
     let v = Verdict::check(&ledger, &records);
     v.assert_safe();

@@ -521,14 +521,8 @@ async fn a_delivery_failure_recreates_the_producer_and_resumes_in_order() -> Res
     );
     mock.broker_up(1)?;
     wait_drained(&db.pool, LONG).await?;
-    let records = consume_from(
-        &mock.bootstrap_servers(),
-        &[&topic],
-        ledger.committed.len(),
-        QUIET,
-        LONG,
-    )
-    .await?;
+    let records =
+        consume_committed(&mock.bootstrap_servers(), &[&topic], &ledger, QUIET, LONG).await?;
     relay.stop().await?;
     let v = Verdict::check(&ledger, &records);
     v.assert_safe();

@@ -443,3 +443,18 @@ pub async fn slot_exists(db: &TestDb, slot: &str) -> Result<bool> {
     .fetch_one(&db.pool)
     .await?)
 }
+
+/// A logical source configuration for `db`'s default outbox table in `mode`, on the slot `slot`.
+pub fn source_config(
+    db: &TestDb,
+    mode: WriteMode,
+    slot: &str,
+) -> Result<outbox_relay::source::logical::LogicalConfig> {
+    let mut cfg = outbox_relay::source::logical::LogicalConfig::new(
+        db.url.clone(),
+        outbox_core::OutboxTable::default(),
+        mode,
+    );
+    cfg.slot = outbox_relay::source::logical::SlotName::parse(slot)?;
+    Ok(cfg)
+}
