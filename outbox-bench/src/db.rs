@@ -5,8 +5,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+pub use outbox_tests::database::unique;
+use outbox_tests::database::{create_database, drop_database, migrate_outbox};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Acquire, AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool};
+use sqlx::{Acquire, AssertSqlSafe, ConnectOptions, PgConnection, PgPool};
 
 /// Event types the backlog cycles through.
 pub const EVENT_TYPES: &[&str] = &[
@@ -60,37 +62,17 @@ pub struct BenchDb {
     registry: Registry,
 }
 
-/// A short random suffix.
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..10]
-    )
-}
-
 impl BenchDb {
     /// Creates `bench_<section>_<random>` with the outbox table migrated.
     pub async fn create(admin_url: &str, section: &str, registry: &Registry) -> Result<Self> {
         let name = unique(&format!("bench_{section}"));
-        let mut admin = PgConnection::connect(admin_url)
-            .await
-            .context("connecting to PostgreSQL")?;
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&mut admin)
-            .await
-            .with_context(|| format!("creating database {name}"))?;
+        let url = create_database(admin_url, &name).await?;
         registry.add(&name);
-        let _ = admin.close().await;
-        let url = replace_database(admin_url, &name);
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .connect_with(PgConnectOptions::from_str(&url)?)
             .await?;
-        let mut conn = pool.acquire().await?;
-        outbox_core::migrate(&mut conn, &outbox_core::OutboxTable::default())
-            .await
-            .context("migrating the outbox table")?;
-        drop(conn);
+        migrate_outbox(&pool).await?;
         Ok(Self {
             name,
             url,
@@ -218,51 +200,4 @@ pub fn payload_json(account: &str, seq: u64) -> serde_json::Value {
     let len = v.to_string().len();
     v["note"] = "x".repeat(PAYLOAD_BYTES.saturating_sub(len)).into();
     v
-}
-
-async fn drop_database(admin_url: &str, name: &str) -> Result<()> {
-    let mut admin = PgConnection::connect(admin_url).await?;
-    // Slots belong to a database and keep it from being dropped; wait for their sessions to end.
-    for _ in 0..50 {
-        let active: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_replication_slots WHERE database = $1 AND active",
-        )
-        .bind(name)
-        .fetch_one(&mut admin)
-        .await?;
-        if active == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    sqlx::query(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-         WHERE database = $1 AND NOT active",
-    )
-    .bind(name)
-    .execute(&mut admin)
-    .await?;
-    sqlx::query(AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await?;
-    let _ = admin.close().await;
-    Ok(())
-}
-
-/// `url` with its database replaced by `name`.
-pub fn replace_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let base = match base.rfind('/') {
-        Some(i) if i > base.find("://").map(|s| s + 2).unwrap_or(0) => &base[..i],
-        _ => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{name}?{q}"),
-        None => format!("{base}/{name}"),
-    }
 }

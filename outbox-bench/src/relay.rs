@@ -3,13 +3,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, Command};
+use outbox_tests::relay_process::{RelayBuild, RelayChild, relay_command};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The `outbox-relay` binary of the same profile as this benchmark: `$RELAY_BIN` when set,
 /// otherwise `<target>/<profile>/outbox-relay` next to this executable, built with cargo into
@@ -33,35 +32,27 @@ pub fn binary(repo: &Path) -> Result<PathBuf> {
     {
         return Ok(bin);
     }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.current_dir(repo)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "outbox-relay",
-            "--bin",
-            "outbox-relay",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir);
-    if release {
-        cmd.arg("--release");
-    }
+    let build = RelayBuild {
+        repo: Some(repo.to_owned()),
+        release,
+        quiet: true,
+        target_dir: Some(target_dir.clone()),
+        ..RelayBuild::default()
+    };
     eprintln!(
         "bench: building outbox-relay ({} profile) in {}",
         if release { "release" } else { "dev" },
         target_dir.display()
     );
-    match cmd.status() {
-        Ok(s) if s.success() => {}
-        other if bin.exists() => {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    match build.run(&cargo) {
+        Ok(()) => {}
+        Err(e) if bin.exists() => {
             eprintln!(
-                "bench: warning: cargo build of outbox-relay failed ({other:?}); using the existing binary"
+                "bench: warning: cargo build of outbox-relay failed ({e:#}); using the existing binary"
             );
         }
-        other => bail!("building outbox-relay failed: {other:?}"),
+        Err(e) => return Err(e),
     }
     Ok(bin)
 }
@@ -74,10 +65,33 @@ struct LogState {
     tail: VecDeque<String>,
 }
 
+impl LogState {
+    /// Takes in one JSON log line read at `now`: the admin address, the start time, the tail.
+    fn observe(&mut self, line: String, now: Instant) {
+        let parsed: Option<serde_json::Value> = serde_json::from_str(&line).ok();
+        let fields = parsed.as_ref().and_then(|v| v.get("fields"));
+        let message = fields
+            .and_then(|f| f.get("message"))
+            .and_then(|m| m.as_str())
+            .unwrap_or_default();
+        if message == "admin endpoint listening" {
+            self.admin = fields
+                .and_then(|f| f.get("addr"))
+                .and_then(|a| a.as_str())
+                .map(str::to_owned);
+        } else if message == "relay started" {
+            self.started = Some(now);
+        }
+        if self.tail.len() >= 200 {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line);
+    }
+}
+
 /// A running relay process.
 pub struct RelayProcess {
-    child: Child,
-    pid: u32,
+    child: RelayChild,
     state: Arc<Mutex<LogState>>,
     /// The admin endpoint's address.
     pub admin: String,
@@ -89,51 +103,16 @@ impl RelayProcess {
     /// Starts `outbox-relay --log-format json run` with these `OUTBOX_*` variables, and waits
     /// for its admin endpoint and its `relay started` line.
     pub async fn start(bin: &Path, env: &[(String, String)]) -> Result<Self> {
-        let mut cmd = Command::new(bin);
-        cmd.args(["--log-format", "json", "run"])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info,sqlx=warn,rdkafka=warn")
+        let mut cmd = relay_command(bin, &["--log-format", "json", "run"]);
+        cmd.env("RUST_LOG", "info,sqlx=warn,rdkafka=warn")
             .env("OUTBOX_ADMIN_ADDR", "127.0.0.1:0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let pid = child.id().context("relay exited at once")?;
+            .envs(env.iter().map(|(k, v)| (k, v)));
         let state = Arc::new(Mutex::new(LogState::default()));
-        let stderr = child.stderr.take().context("relay stderr")?;
         let sink = state.clone();
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let now = Instant::now();
-                let parsed: Option<serde_json::Value> = serde_json::from_str(&line).ok();
-                let fields = parsed.as_ref().and_then(|v| v.get("fields"));
-                let message = fields
-                    .and_then(|f| f.get("message"))
-                    .and_then(|m| m.as_str())
-                    .unwrap_or_default();
-                let mut s = sink.lock().expect("log state");
-                if message == "admin endpoint listening" {
-                    s.admin = fields
-                        .and_then(|f| f.get("addr"))
-                        .and_then(|a| a.as_str())
-                        .map(str::to_owned);
-                } else if message == "relay started" {
-                    s.started = Some(now);
-                }
-                if s.tail.len() >= 200 {
-                    s.tail.pop_front();
-                }
-                s.tail.push_back(line);
-            }
-        });
+        let mut child = RelayChild::spawn(cmd, move |line| {
+            let read_at = Instant::now();
+            sink.lock().expect("log state").observe(line, read_at);
+        })?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             {
@@ -143,7 +122,6 @@ impl RelayProcess {
                     drop(s);
                     return Ok(Self {
                         child,
-                        pid,
                         state,
                         admin,
                         started,
@@ -187,12 +165,12 @@ impl RelayProcess {
 
     /// User + system CPU time so far.
     pub fn cpu(&self) -> Result<Duration> {
-        cpu_time(self.pid)
+        cpu_time(self.child.pid())
     }
 
     /// Peak resident set size (`VmHWM`), bytes.
     pub fn peak_rss(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.pid()))?;
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -204,18 +182,14 @@ impl RelayProcess {
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.child.pid()
     }
 
     /// SIGTERM, then waits (SIGKILL after 30 s).
     pub async fn stop(mut self) -> Result<()> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status()
-            .await;
-        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
-            Ok(status) => {
-                let status = status?;
+        let _ = self.child.signal("TERM").await;
+        match self.child.wait_timeout(Duration::from_secs(30)).await? {
+            Some(status) => {
                 if !status.success() {
                     eprintln!(
                         "bench: warning: the relay exited with {status}; log:\n{}",
@@ -223,9 +197,9 @@ impl RelayProcess {
                     );
                 }
             }
-            Err(_) => {
+            None => {
                 eprintln!("bench: warning: the relay did not stop within 30 s; killing it");
-                self.child.kill().await?;
+                self.child.kill9().await?;
             }
         }
         Ok(())

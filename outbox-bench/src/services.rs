@@ -2,9 +2,9 @@
 //! `scripts/services.sh` in `<repo>/.services/bench` and stopped again at the end.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use outbox_tests::services::ServicesScript;
 
 /// Where the services are, and whether this process owns them.
 #[derive(Debug)]
@@ -40,11 +40,10 @@ impl Services {
                 owned: None,
             });
         }
-        let dir = repo.join(".services").join("bench");
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let script = ServicesScript::new(repo, &repo.join(".services").join("bench"));
         eprintln!(
             "bench: starting private services (SERVICES_DIR={})",
-            dir.display()
+            script.dir().display()
         );
         let mut services = Self {
             admin_url: String::new(),
@@ -52,22 +51,13 @@ impl Services {
             pg_bin: None,
             repo: repo.to_owned(),
             // Owned from here on: a failed start is still torn down.
-            owned: Some(dir.clone()),
+            owned: Some(script.dir().to_owned()),
         };
-        let status = Command::new(repo.join("scripts").join("services.sh"))
-            .arg("up")
-            .env("SERVICES_DIR", &dir)
-            .status()
-            .context("running scripts/services.sh up")?;
-        if !status.success() {
-            bail!("scripts/services.sh up failed ({status})");
-        }
-        let vars = parse_env_file(&dir.join("env"))?;
+        let vars = script.up()?;
         let get = |k: &str| {
-            vars.iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.clone())
-                .with_context(|| format!("{k} missing from {}/env", dir.display()))
+            vars.get(k)
+                .cloned()
+                .with_context(|| format!("{k} missing from {}/env", script.dir().display()))
         };
         services.admin_url = get("DATABASE_URL")?;
         services.bootstrap = get("KAFKA_BOOTSTRAP_SERVERS")?;
@@ -84,10 +74,7 @@ impl Services {
     pub fn release(&mut self) {
         if let Some(dir) = self.owned.take() {
             eprintln!("bench: stopping private services");
-            let status = Command::new(self.repo.join("scripts").join("services.sh"))
-                .arg("down")
-                .env("SERVICES_DIR", &dir)
-                .status();
+            let status = ServicesScript::new(&self.repo, &dir).down();
             if !matches!(status, Ok(s) if s.success()) {
                 eprintln!(
                     "bench: warning: `SERVICES_DIR={} scripts/services.sh down` failed: {status:?}",
@@ -102,24 +89,6 @@ impl Drop for Services {
     fn drop(&mut self) {
         self.release();
     }
-}
-
-/// Reads `export NAME=value` lines.
-fn parse_env_file(path: &Path) -> Result<Vec<(String, String)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let l = l.strip_prefix("export ").unwrap_or(l);
-            let (k, v) = l.split_once('=')?;
-            Some((
-                k.trim().to_owned(),
-                v.trim().trim_matches(['"', '\'']).to_owned(),
-            ))
-        })
-        .collect())
 }
 
 /// The newest `/usr/lib/postgresql/<v>/bin` holding `pg_recvlogical`.

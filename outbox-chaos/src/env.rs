@@ -3,12 +3,12 @@
 //! `SERVICES_DIR=<repo>/.services/chaos scripts/services.sh up` (and stopped with the same
 //! `SERVICES_DIR` at the end). Only a cluster the harness started itself may be stopped.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use outbox_tests::services::ServicesScript;
 
 /// A PostgreSQL cluster the harness started itself (and may therefore stop and restart).
 #[derive(Debug, Clone)]
@@ -51,33 +51,23 @@ impl Env {
                 own: None,
             });
         }
-        let dir = repo.join(".services").join("chaos");
+        let script = ServicesScript::new(repo, &repo.join(".services").join("chaos"));
         eprintln!(
             "chaos: starting private services: SERVICES_DIR={} scripts/services.sh up",
-            dir.display()
+            script.dir().display()
         );
-        let status = Command::new(repo.join("scripts/services.sh"))
-            .arg("up")
-            .env("SERVICES_DIR", &dir)
-            .env_remove("DATABASE_URL")
-            .env_remove("KAFKA_BOOTSTRAP_SERVERS")
-            .status()
-            .context("running scripts/services.sh up")?;
-        if !status.success() {
-            bail!("scripts/services.sh up failed");
-        }
-        let vars = read_env_file(&dir.join("env"))?;
+        let vars = script.up()?;
         let get = |k: &str| {
             vars.get(k)
                 .cloned()
-                .with_context(|| format!("{k} missing from {}/env", dir.display()))
+                .with_context(|| format!("{k} missing from {}/env", script.dir().display()))
         };
         Ok(Self {
             repo: repo.to_path_buf(),
             admin_url: get("DATABASE_URL")?,
             tansu: get("KAFKA_BOOTSTRAP_SERVERS")?,
             own: Some(OwnCluster {
-                services_dir: dir.clone(),
+                services_dir: script.dir().to_owned(),
                 pgdata: PathBuf::from(get("SERVICES_PGDATA")?),
                 pg_bin: PathBuf::from(get("SERVICES_PG_BIN")?),
             }),
@@ -91,23 +81,9 @@ impl Env {
                 "chaos: stopping private services: SERVICES_DIR={} scripts/services.sh down",
                 own.services_dir.display()
             );
-            let _ = Command::new(self.repo.join("scripts/services.sh"))
-                .arg("down")
-                .env("SERVICES_DIR", &own.services_dir)
-                .status();
+            let _ = ServicesScript::new(&self.repo, &own.services_dir).down();
         }
     }
-}
-
-fn read_env_file(path: &Path) -> Result<HashMap<String, String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("export "))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect())
 }
 
 fn is_root() -> bool {

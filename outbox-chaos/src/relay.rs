@@ -2,13 +2,10 @@
 //! process that the harness can SIGTERM, SIGKILL, SIGSTOP and SIGCONT.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use tokio::io::AsyncBufReadExt;
-use tokio::process::{Child, Command};
+use anyhow::Result;
+use outbox_tests::relay_process::{CapturedLog, RelayBuild, RelayChild, relay_command};
 
 /// The two relay builds the harness uses.
 #[derive(Debug, Clone)]
@@ -28,39 +25,23 @@ fn target_dir(repo: &Path) -> PathBuf {
 }
 
 fn cargo_build(repo: &Path, features: &str, target: &Path) -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let args = [
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "outbox-relay",
-        "--bin",
-        "outbox-relay",
-        "--features",
-        features,
-        "--target-dir",
-    ];
-    eprintln!(
-        "chaos: building the relay: {cargo} {} {}",
-        args.join(" "),
-        target.display()
-    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let build = RelayBuild {
+        repo: Some(repo.to_owned()),
+        release: true,
+        locked: true,
+        features: Some(features.to_owned()),
+        target_dir: Some(target.to_owned()),
+        ..RelayBuild::default()
+    };
+    eprintln!("chaos: building the relay: {:?}", build.command(&cargo));
     let started = Instant::now();
-    let status = std::process::Command::new(&cargo)
-        .current_dir(repo)
-        .args(args)
-        .arg(target)
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("building outbox-relay with features `{features}` failed");
-    }
+    build.run(&cargo)?;
     eprintln!(
         "chaos: relay build ({features}) done in {:.1}s",
         started.elapsed().as_secs_f64()
     );
-    Ok(target.join("release").join("outbox-relay"))
+    Ok(build.binary_in(target))
 }
 
 impl Binaries {
@@ -87,60 +68,33 @@ impl Binaries {
 
 /// A relay process.
 pub struct RelayProc {
-    child: Child,
-    pid: u32,
-    log: Arc<Mutex<String>>,
+    child: RelayChild,
+    log: CapturedLog,
     /// A name for messages (`a`, `b`).
     pub name: String,
-    exited: Option<i32>,
 }
 
 impl RelayProc {
     /// Starts `bin run` with exactly `env` (plus `PATH`).
     pub fn start(bin: &Path, name: &str, env: &[(String, String)]) -> Result<Self> {
-        let mut cmd = Command::new(bin);
-        cmd.arg("run")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        let pid = child.id().context("relay pid")?;
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().context("piped stderr")?;
-        let sink = log.clone();
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let mut cmd = relay_command(bin, &["run"]);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        let (child, log) = RelayChild::spawn_logged(cmd)?;
         Ok(Self {
             child,
-            pid,
             log,
             name: name.to_owned(),
-            exited: None,
         })
     }
 
     /// The collected stderr.
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.log.text()
     }
 
     /// Whether the log contains `needle` yet.
     pub fn logged(&self, needle: &str) -> bool {
-        self.log.lock().unwrap().contains(needle)
+        self.log.contains(needle)
     }
 
     /// Waits until the log contains `needle` (or the process exits, or `timeout`).
@@ -160,37 +114,23 @@ impl RelayProc {
 
     /// The exit code if it has exited (-1 when killed by a signal).
     pub fn exit_code(&mut self) -> Option<i32> {
-        if self.exited.is_none()
-            && let Ok(Some(status)) = self.child.try_wait()
-        {
-            self.exited = Some(status.code().unwrap_or(-1));
-        }
-        self.exited
+        self.child.exit_code()
     }
 
     /// Sends a signal through `kill(1)`.
     pub async fn signal(&self, signal: &str) -> Result<()> {
-        let status = Command::new("kill")
-            .args([format!("-{signal}"), self.pid.to_string()])
-            .stderr(Stdio::null())
-            .status()
-            .await?;
-        if !status.success() {
-            bail!("kill -{signal} {} failed", self.pid);
-        }
-        Ok(())
+        self.child.signal(signal).await
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.child.pid()
     }
 
     /// SIGKILL and reap.
     pub async fn kill9(&mut self) {
         if self.exit_code().is_none() {
-            let _ = self.signal("KILL").await;
-            let _ = self.child.wait().await;
+            let _ = self.child.kill9().await;
         }
         self.exit_code();
     }
@@ -202,12 +142,9 @@ impl RelayProc {
         }
         let _ = self.signal("CONT").await;
         let _ = self.signal("TERM").await;
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(Ok(status)) => {
-                self.exited = Some(status.code().unwrap_or(-1));
-                self.exited
-            }
-            _ => {
+        match self.wait_exit(timeout).await {
+            Some(code) => Some(code),
+            None => {
                 self.kill9().await;
                 None
             }
@@ -216,14 +153,8 @@ impl RelayProc {
 
     /// Waits for the process to exit on its own.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        if let Some(code) = self.exit_code() {
-            return Some(code);
-        }
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(Ok(status)) => {
-                self.exited = Some(status.code().unwrap_or(-1));
-                self.exited
-            }
+        match self.child.wait_timeout(timeout).await {
+            Ok(Some(status)) => Some(status.code().unwrap_or(-1)),
             _ => None,
         }
     }

@@ -587,28 +587,6 @@ fn kv(k: &str, v: impl Into<String>) -> (String, String) {
     (k.to_owned(), v.into())
 }
 
-/// Creates `topic` on Tansu.
-async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<()> {
-    use rdkafka::ClientConfig;
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
-    for r in admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await?
-    {
-        if let Err((t, e)) = r {
-            anyhow::bail!("creating topic {t}: {e}");
-        }
-    }
-    Ok(())
-}
-
 impl<'a> Run<'a> {
     async fn setup(
         env: &'a Env,
@@ -633,7 +611,7 @@ impl<'a> Run<'a> {
             mock = Some(m);
             b
         } else {
-            create_topic(&env.tansu, &topic, settings.partitions).await?;
+            outbox_tests::create_topic_on(&env.tansu, &topic, settings.partitions).await?;
             env.tansu.clone()
         };
         let slot = format!("chaos_{tag}");

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use outbox_core::{NewEvent, Outbox, WriteMode};
 use outbox_tests::Ledger;
-use outbox_tests::writers::{balance_changed, write_account_events};
+use outbox_tests::database::{create_database, migrate_outbox};
+use outbox_tests::writers::{balance_changed, create_accounts, write_account_events};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -76,31 +77,14 @@ pub struct RunDb {
 impl RunDb {
     /// Creates the database, the outbox table and the aggregates table.
     pub async fn create(admin_url: &str, name: &str, accounts: usize) -> Result<Self> {
-        let mut admin = PgConnection::connect(admin_url).await?;
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&mut admin)
-            .await?;
-        let _ = admin.close().await;
-        let url = outbox_tests::replace_database(admin_url, name);
+        let url = create_database(admin_url, name).await?;
         let pool = PgPoolOptions::new()
             .max_connections(24)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(PgConnectOptions::from_str(&url)?.application_name("chaos-writer"))
             .await?;
-        {
-            let mut conn = pool.acquire().await?;
-            outbox_core::migrate(&mut conn, &outbox_core::OutboxTable::default()).await?;
-        }
-        sqlx::query(
-            "CREATE TABLE accounts (id text PRIMARY KEY, version bigint NOT NULL DEFAULT 0)",
-        )
-        .execute(&pool)
-        .await?;
-        let ids: Vec<String> = (0..accounts).map(|i| format!("acct-{i}")).collect();
-        sqlx::query("INSERT INTO accounts (id) SELECT unnest($1::text[])")
-            .bind(&ids)
-            .execute(&pool)
-            .await?;
+        migrate_outbox(&pool).await?;
+        create_accounts(&pool, accounts).await?;
         Ok(Self {
             name: name.to_owned(),
             url,

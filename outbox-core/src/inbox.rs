@@ -43,7 +43,7 @@ use uuid::Uuid;
 
 use crate::error::IdentifierError;
 use crate::event::{DecodeError, DecodeEvent};
-use crate::migrate::MigrationReport;
+use crate::migrate::{MigrationReport, begin_migration};
 use crate::table::{Identifier, OutboxTable};
 
 /// The newest inbox schema version this library creates.
@@ -555,37 +555,15 @@ impl Inbox {
     pub async fn migrate(&self, conn: &mut PgConnection) -> Result<MigrationReport, InboxError> {
         let t = &self.table;
         let mut tx = conn.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(t.lock_key())
-            .execute(&mut *tx)
-            .await?;
-        if let Some(schema) = &t.schema {
-            sqlx::query(AssertSqlSafe(format!(
-                "CREATE SCHEMA IF NOT EXISTS {}",
-                schema.quoted()
-            )))
-            .execute(&mut *tx)
-            .await?;
-        }
         let history = t.history();
-        sqlx::query(AssertSqlSafe(format!(
-            "CREATE TABLE IF NOT EXISTS {history} (
-                table_name  text        NOT NULL,
-                version     integer     NOT NULL,
-                description text        NOT NULL,
-                applied_at  timestamptz NOT NULL DEFAULT now(),
-                PRIMARY KEY (table_name, version)
-            )"
-        )))
-        .execute(&mut *tx)
+        let current = begin_migration(
+            &mut tx,
+            t.lock_key(),
+            t.schema.as_ref(),
+            &history,
+            t.name.as_str(),
+        )
         .await?;
-        let current: Option<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT max(version) FROM {history} WHERE table_name = $1"
-        )))
-        .bind(t.name.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
-        let current = current.unwrap_or(0);
         if current > INBOX_SCHEMA_VERSION {
             return Err(InboxError::SchemaTooNew {
                 table: t.to_string(),

@@ -8,7 +8,7 @@
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 use crate::error::{Error, Result};
-use crate::table::OutboxTable;
+use crate::table::{Identifier, OutboxTable};
 
 /// One migration step of the outbox schema.
 struct Step {
@@ -217,18 +217,21 @@ fn history_table(table: &OutboxTable) -> String {
     }
 }
 
-/// Creates the outbox table or upgrades it to [`SCHEMA_VERSION`].
-///
-/// Guarantee: idempotent and safe to call concurrently from many processes; each step is applied
-/// exactly once, all of a run in one transaction (a failure leaves the previous version intact).
-/// Fails with [`Error::SchemaTooNew`] rather than touching a table migrated by a newer version.
-pub async fn migrate(conn: &mut PgConnection, table: &OutboxTable) -> Result<MigrationReport> {
-    let mut tx = conn.begin().await?;
+/// Opens a migration run in `tx`: takes the transaction-scoped advisory lock `lock_key` (so that
+/// concurrent runs apply each step once), creates `schema` and the history table `history` when
+/// missing, and returns the highest version recorded there for `table_name` (0 when none).
+pub(crate) async fn begin_migration(
+    tx: &mut PgConnection,
+    lock_key: i64,
+    schema: Option<&Identifier>,
+    history: &str,
+    table_name: &str,
+) -> std::result::Result<i32, sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(table.lock_key("migrate"))
+        .bind(lock_key)
         .execute(&mut *tx)
         .await?;
-    if let Some(schema) = table.schema() {
+    if let Some(schema) = schema {
         sqlx::query(AssertSqlSafe(format!(
             "CREATE SCHEMA IF NOT EXISTS {}",
             schema.quoted()
@@ -236,7 +239,6 @@ pub async fn migrate(conn: &mut PgConnection, table: &OutboxTable) -> Result<Mig
         .execute(&mut *tx)
         .await?;
     }
-    let history = history_table(table);
     sqlx::query(AssertSqlSafe(format!(
         "CREATE TABLE IF NOT EXISTS {history} (
             table_name  text        NOT NULL,
@@ -251,10 +253,28 @@ pub async fn migrate(conn: &mut PgConnection, table: &OutboxTable) -> Result<Mig
     let current: Option<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT max(version) FROM {history} WHERE table_name = $1"
     )))
-    .bind(table.name().as_str())
+    .bind(table_name)
     .fetch_one(&mut *tx)
     .await?;
-    let current = current.unwrap_or(0);
+    Ok(current.unwrap_or(0))
+}
+
+/// Creates the outbox table or upgrades it to [`SCHEMA_VERSION`].
+///
+/// Guarantee: idempotent and safe to call concurrently from many processes; each step is applied
+/// exactly once, all of a run in one transaction (a failure leaves the previous version intact).
+/// Fails with [`Error::SchemaTooNew`] rather than touching a table migrated by a newer version.
+pub async fn migrate(conn: &mut PgConnection, table: &OutboxTable) -> Result<MigrationReport> {
+    let mut tx = conn.begin().await?;
+    let history = history_table(table);
+    let current = begin_migration(
+        &mut tx,
+        table.lock_key("migrate"),
+        table.schema(),
+        &history,
+        table.name().as_str(),
+    )
+    .await?;
     if current > SCHEMA_VERSION {
         return Err(Error::SchemaTooNew {
             table: table.to_string(),

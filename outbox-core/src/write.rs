@@ -5,7 +5,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use serde_json::Value;
-use sqlx::{AssertSqlSafe, PgConnection};
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{AssertSqlSafe, PgConnection, Postgres};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -431,25 +433,11 @@ impl Outbox {
                              headers, schema_version, topic, aggregate_seq)
              SELECT id, aggregatetype, aggregateid, type, payload::jsonb, tracingspancontext,
                     headers::jsonb, schema_version, topic, aggregate_seq
-             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::text[], $8::int4[], $9::text[], $10::int8[])
-                  WITH ORDINALITY AS e(id, aggregatetype, aggregateid, type, payload,
-                                       tracingspancontext, headers, schema_version, topic,
-                                       aggregate_seq, ord)
-             ORDER BY ord",
-            self.table.qualified()
+             {}",
+            self.table.qualified(),
+            Batch::unnest(1)
         );
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(&b.ids)
-            .bind(&b.aggregate_types)
-            .bind(&b.aggregate_ids)
-            .bind(&b.event_types)
-            .bind(&b.payloads)
-            .bind(&b.traceparents)
-            .bind(&b.headers)
-            .bind(&b.schema_versions)
-            .bind(&b.topics)
-            .bind(&b.aggregate_seqs)
+        b.bind_columns(sqlx::query(AssertSqlSafe(sql)))
             .execute(&mut *conn)
             .await?;
         Ok(())
@@ -458,32 +446,18 @@ impl Outbox {
     async fn emit_messages(&self, conn: &mut PgConnection, b: &Batch) -> Result<()> {
         // The message carries the same fields as a row, under the same names; the payload is
         // rendered by PostgreSQL's jsonb output like a table row's.
-        sqlx::query(
+        let sql = format!(
             "SELECT pg_logical_emit_message(true, $1, json_build_object(
                  'id', id, 'aggregatetype', aggregatetype, 'aggregateid', aggregateid,
                  'type', type, 'payload', payload::jsonb, 'tracingspancontext', tracingspancontext,
                  'headers', headers::jsonb, 'schema_version', schema_version, 'topic', topic,
                  'aggregate_seq', aggregate_seq, 'created_at', now())::text)
-             FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                         $8::text[], $9::int4[], $10::text[], $11::int8[])
-                  WITH ORDINALITY AS e(id, aggregatetype, aggregateid, type, payload,
-                                       tracingspancontext, headers, schema_version, topic,
-                                       aggregate_seq, ord)
-             ORDER BY ord",
-        )
-        .bind(&self.message_prefix)
-        .bind(&b.ids)
-        .bind(&b.aggregate_types)
-        .bind(&b.aggregate_ids)
-        .bind(&b.event_types)
-        .bind(&b.payloads)
-        .bind(&b.traceparents)
-        .bind(&b.headers)
-        .bind(&b.schema_versions)
-        .bind(&b.topics)
-        .bind(&b.aggregate_seqs)
-        .execute(&mut *conn)
-        .await?;
+             {}",
+            Batch::unnest(2)
+        );
+        b.bind_columns(sqlx::query(AssertSqlSafe(sql)).bind(&self.message_prefix))
+            .execute(&mut *conn)
+            .await?;
         Ok(())
     }
 }
@@ -504,6 +478,46 @@ struct Batch {
 }
 
 impl Batch {
+    /// The `FROM` clause that turns the ten column arrays, bound as parameters `$first` to
+    /// `$first + 9` by [`Batch::bind_columns`], into rows `e(...)` in the caller's order.
+    fn unnest(first: usize) -> String {
+        let types = [
+            "uuid", "text", "text", "text", "text", "text", "text", "int4", "text", "int8",
+        ];
+        let params: Vec<String> = types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("${}::{t}[]", first + i))
+            .collect();
+        format!(
+            "FROM UNNEST({})
+                  WITH ORDINALITY AS e(id, aggregatetype, aggregateid, type, payload,
+                                       tracingspancontext, headers, schema_version, topic,
+                                       aggregate_seq, ord)
+             ORDER BY ord",
+            params.join(", ")
+        )
+    }
+
+    /// Binds the ten column arrays after the parameters `query` already has, in the order
+    /// [`Batch::unnest`] expects them.
+    fn bind_columns<'q>(
+        &self,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Query<'q, Postgres, PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.aggregate_types)
+            .bind(&self.aggregate_ids)
+            .bind(&self.event_types)
+            .bind(&self.payloads)
+            .bind(&self.traceparents)
+            .bind(&self.headers)
+            .bind(&self.schema_versions)
+            .bind(&self.topics)
+            .bind(&self.aggregate_seqs)
+    }
+
     fn with_capacity(n: usize) -> Self {
         Self {
             ids: Vec::with_capacity(n),

@@ -21,14 +21,7 @@ pub(crate) enum Place {
 impl Place {
     fn keys(self) -> &'static [&'static str] {
         match self {
-            Place::Struct => &[
-                "aggregate_type",
-                "event_type",
-                "topic",
-                "schema_version",
-                "aggregate_id",
-                "sequence",
-            ],
+            Place::Struct => ALL_KEYS,
             Place::Enum => &[
                 "aggregate_type",
                 "topic",
@@ -140,17 +133,11 @@ fn parse_one(attr: &Attribute, place: Place, out: &mut Attrs) -> Result<()> {
                     "event_type" => &mut out.event_type,
                     _ => &mut out.topic,
                 };
-                if slot.is_some() {
-                    return Err(duplicate());
-                }
-                *slot = Some(lit);
+                set_once(slot, lit, duplicate)?;
             }
             "schema_version" => {
                 let version = schema_version(&meta.value()?.parse()?)?;
-                if out.schema_version.is_some() {
-                    return Err(duplicate());
-                }
-                out.schema_version = Some(version);
+                set_once(&mut out.schema_version, version, duplicate)?;
             }
             "aggregate_id" | "sequence" if place == Place::Field => {
                 if meta.input.peek(syn::Token![=]) {
@@ -163,10 +150,7 @@ fn parse_one(attr: &Attribute, place: Place, out: &mut Attrs) -> Result<()> {
                 } else {
                     &mut out.sequence_marker
                 };
-                if slot.is_some() {
-                    return Err(duplicate());
-                }
-                *slot = Some(key.clone());
+                set_once(slot, key.clone(), duplicate)?;
             }
             "aggregate_id" | "sequence" => {
                 if !meta.input.peek(syn::Token![=]) {
@@ -181,10 +165,7 @@ fn parse_one(attr: &Attribute, place: Place, out: &mut Attrs) -> Result<()> {
                 } else {
                     &mut out.sequence_field
                 };
-                if slot.is_some() {
-                    return Err(duplicate());
-                }
-                *slot = Some(field);
+                set_once(slot, field, duplicate)?;
             }
             _ => unreachable!("every key in Place::keys is handled"),
         }
@@ -192,6 +173,7 @@ fn parse_one(attr: &Attribute, place: Place, out: &mut Attrs) -> Result<()> {
     })
 }
 
+/// Every key `#[outbox(...)]` knows; a struct takes all of them.
 const ALL_KEYS: &[&str] = &[
     "aggregate_type",
     "event_type",
@@ -200,6 +182,15 @@ const ALL_KEYS: &[&str] = &[
     "aggregate_id",
     "sequence",
 ];
+
+/// Stores `value` in `slot`; an attribute given twice is the error `duplicate` makes.
+fn set_once<T>(slot: &mut Option<T>, value: T, duplicate: impl FnOnce() -> Error) -> Result<()> {
+    if slot.is_some() {
+        return Err(duplicate());
+    }
+    *slot = Some(value);
+    Ok(())
+}
 
 fn misplaced_key_message(place: Place, name: &str) -> String {
     if !ALL_KEYS.contains(&name) {

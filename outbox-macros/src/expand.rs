@@ -71,34 +71,18 @@ fn expand_struct(input: &Struct<'_>) -> Result<TokenStream> {
         quote_spanned!(ident.span()=> ::outbox_core::__private::serde_json::from_slice::<Self>);
     let payload_error = payload_error(ident);
     let unknown_event_type = unknown_event_type(ident);
+    let outbox_event = outbox_event_impl(
+        quote!(::outbox_core::OutboxEvent for #ident),
+        EventMethods {
+            aggregate_type: quote!(#aggregate_type),
+            aggregate_id: quote!(::std::string::ToString::to_string(&self.#aggregate_id)),
+            event_type: quote!(#event_type),
+            optional: quote!(#schema_version #topic #sequence),
+            to_payload: to_value,
+        },
+    );
     Ok(quote! {
-        #[automatically_derived]
-        impl ::outbox_core::OutboxEvent for #ident {
-            fn aggregate_type(&self) -> &str {
-                #aggregate_type
-            }
-
-            fn aggregate_id(&self) -> ::std::string::String {
-                ::std::string::ToString::to_string(&self.#aggregate_id)
-            }
-
-            fn event_type(&self) -> &str {
-                #event_type
-            }
-
-            #schema_version
-            #topic
-            #sequence
-
-            fn to_payload(
-                &self,
-            ) -> ::core::result::Result<
-                ::outbox_core::__private::serde_json::Value,
-                ::outbox_core::__private::serde_json::Error,
-            > {
-                #to_value
-            }
-        }
+        #outbox_event
 
         #[automatically_derived]
         impl ::outbox_core::DecodeEvent for #ident {
@@ -117,6 +101,54 @@ fn expand_struct(input: &Struct<'_>) -> Result<TokenStream> {
             }
         }
     })
+}
+
+/// The bodies of the `impl OutboxEvent` methods: what a struct and an enum generate differently.
+struct EventMethods {
+    aggregate_type: TokenStream,
+    aggregate_id: TokenStream,
+    event_type: TokenStream,
+    /// `schema_version`, `topic` and `aggregate_sequence`, each only when declared.
+    optional: TokenStream,
+    to_payload: TokenStream,
+}
+
+/// `impl #header` (`OutboxEvent for` the type, with any generics) with these method bodies.
+fn outbox_event_impl(header: TokenStream, methods: EventMethods) -> TokenStream {
+    let EventMethods {
+        aggregate_type,
+        aggregate_id,
+        event_type,
+        optional,
+        to_payload,
+    } = methods;
+    quote! {
+        #[automatically_derived]
+        impl #header {
+            fn aggregate_type(&self) -> &str {
+                #aggregate_type
+            }
+
+            fn aggregate_id(&self) -> ::std::string::String {
+                #aggregate_id
+            }
+
+            fn event_type(&self) -> &str {
+                #event_type
+            }
+
+            #optional
+
+            fn to_payload(
+                &self,
+            ) -> ::core::result::Result<
+                ::outbox_core::__private::serde_json::Value,
+                ::outbox_core::__private::serde_json::Error,
+            > {
+                #to_payload
+            }
+        }
+    }
 }
 
 fn expand_enum(input: &Enum<'_>) -> Result<TokenStream> {
@@ -239,6 +271,21 @@ fn expand_enum(input: &Enum<'_>) -> Result<TokenStream> {
             }
         });
     let unknown_event_type = unknown_event_type(ident);
+    let outbox_event = outbox_event_impl(
+        quote!(::outbox_core::OutboxEvent for #ident),
+        EventMethods {
+            aggregate_type: quote!(#aggregate_type),
+            aggregate_id: quote!(match self { #(#aggregate_id_arms)* }),
+            event_type: quote!(match self { #(#event_type_arms)* }),
+            optional: quote!(#schema_version #topic #sequence),
+            to_payload: quote! {
+                __OutboxPayload::serialize(
+                    self,
+                    ::outbox_core::__private::serde_json::value::Serializer,
+                )
+            },
+        },
+    );
 
     Ok(quote! {
         #[doc(hidden)]
@@ -246,40 +293,7 @@ fn expand_enum(input: &Enum<'_>) -> Result<TokenStream> {
             #payload_mirror
             #(#decode_helpers)*
 
-            #[automatically_derived]
-            impl ::outbox_core::OutboxEvent for #ident {
-                fn aggregate_type(&self) -> &str {
-                    #aggregate_type
-                }
-
-                fn aggregate_id(&self) -> ::std::string::String {
-                    match self {
-                        #(#aggregate_id_arms)*
-                    }
-                }
-
-                fn event_type(&self) -> &str {
-                    match self {
-                        #(#event_type_arms)*
-                    }
-                }
-
-                #schema_version
-                #topic
-                #sequence
-
-                fn to_payload(
-                    &self,
-                ) -> ::core::result::Result<
-                    ::outbox_core::__private::serde_json::Value,
-                    ::outbox_core::__private::serde_json::Error,
-                > {
-                    __OutboxPayload::serialize(
-                        self,
-                        ::outbox_core::__private::serde_json::value::Serializer,
-                    )
-                }
-            }
+            #outbox_event
 
             #[automatically_derived]
             impl ::outbox_core::DecodeEvent for #ident {
@@ -431,30 +445,19 @@ fn unknown_event_type(ident: &Ident) -> TokenStream {
 fn fallback(node: &DeriveInput) -> TokenStream {
     let ident = &node.ident;
     let (impl_generics, ty_generics, where_clause) = node.generics.split_for_impl();
+    let unreachable = quote!(::core::unreachable!());
+    let outbox_event = outbox_event_impl(
+        quote!(#impl_generics ::outbox_core::OutboxEvent for #ident #ty_generics #where_clause),
+        EventMethods {
+            aggregate_type: unreachable.clone(),
+            aggregate_id: unreachable.clone(),
+            event_type: unreachable.clone(),
+            optional: TokenStream::new(),
+            to_payload: unreachable,
+        },
+    );
     quote! {
-        #[automatically_derived]
-        impl #impl_generics ::outbox_core::OutboxEvent for #ident #ty_generics #where_clause {
-            fn aggregate_type(&self) -> &str {
-                ::core::unreachable!()
-            }
-
-            fn aggregate_id(&self) -> ::std::string::String {
-                ::core::unreachable!()
-            }
-
-            fn event_type(&self) -> &str {
-                ::core::unreachable!()
-            }
-
-            fn to_payload(
-                &self,
-            ) -> ::core::result::Result<
-                ::outbox_core::__private::serde_json::Value,
-                ::outbox_core::__private::serde_json::Error,
-            > {
-                ::core::unreachable!()
-            }
-        }
+        #outbox_event
 
         #[automatically_derived]
         impl #impl_generics ::outbox_core::DecodeEvent for #ident #ty_generics #where_clause {

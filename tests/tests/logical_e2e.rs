@@ -23,8 +23,7 @@ async fn counts(pool: &sqlx::PgPool) -> Result<i64> {
 /// order; rows are marked published and the slot is confirmed past the last commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_table_mode_concurrent_out_of_order_commits_exactly_once_in_order() -> Result<()> {
-    let db = TestDb::create("logical_conc").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_conc").await?;
     let slot = unique("lslot");
     let work = Workload::create(&db, "acct", 12, 3).await?;
     let relay = InProcessRelay::start(logical_config(&db, WriteMode::Table, &slot))?;
@@ -45,7 +44,7 @@ async fn logical_table_mode_concurrent_out_of_order_commits_exactly_once_in_orde
     wait_confirmed(&db.pool, &slot, end, Duration::from_secs(15)).await?;
     relay.stop().await?;
     let v = Verdict::check(&ledger, &records);
-    assert_safe(&v);
+    v.assert_safe();
     assert_eq!(v.duplicates, 0, "duplicates without a fault: {v:?}");
     assert_eq!(v.records, ledger.committed.len());
     drop_slots(&db.pool, &slot).await?;
@@ -55,8 +54,7 @@ async fn logical_table_mode_concurrent_out_of_order_commits_exactly_once_in_orde
 /// `insert_delete`: the table stays empty, every committed event arrives once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_insert_delete_leaves_the_table_empty_and_delivers_everything() -> Result<()> {
-    let db = TestDb::create("logical_insdel").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_insdel").await?;
     let slot = unique("lslot");
     let work = Workload::create(&db, "acct", 8, 3).await?;
     let relay = InProcessRelay::start(logical_config(&db, WriteMode::InsertDelete, &slot))?;
@@ -72,7 +70,7 @@ async fn logical_insert_delete_leaves_the_table_empty_and_delivers_everything() 
         "insert_delete must leave the table empty"
     );
     let v = Verdict::check(&ledger, &records);
-    assert_safe(&v);
+    v.assert_safe();
     assert_eq!(v.duplicates, 0, "{v:?}");
     drop_slots(&db.pool, &slot).await?;
     Ok(())
@@ -97,7 +95,7 @@ async fn logical_message_mode_delivers_with_no_table() -> Result<()> {
         .await?;
     assert_eq!(table, None, "logical_message mode needs no table");
     let v = Verdict::check(&ledger, &records);
-    assert_safe(&v);
+    v.assert_safe();
     assert_eq!(v.duplicates, 0, "{v:?}");
     // Payload and key arrive as written.
     let r = &records[0];
@@ -113,8 +111,7 @@ async fn logical_message_mode_delivers_with_no_table() -> Result<()> {
 /// A backlog drained by the logical source, timed (printed; run with `--nocapture`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_backlog_drain_throughput() -> Result<()> {
-    let db = TestDb::create("logical_tput").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_tput").await?;
     let slot = unique("lslot");
     let aggregate_type = unique("bulk");
     let topic = format!("outbox.event.{aggregate_type}");
@@ -159,8 +156,7 @@ async fn logical_backlog_drain_throughput() -> Result<()> {
 /// same with the relay stopped while events are written and the slot dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_dropped_slot_is_reported_and_recovered_without_loss_in_table_mode() -> Result<()> {
-    let db = TestDb::create("logical_lost").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_lost").await?;
     let slot = unique("lslot");
     let work = Workload::create(&db, "acct", 6, 3).await?;
     let env = logical_env(WriteMode::Table, &slot);
@@ -208,7 +204,7 @@ async fn logical_dropped_slot_is_reported_and_recovered_without_loss_in_table_mo
         explain_inversions(&records);
         println!("{log1}\n----\n{log}");
     }
-    assert_safe(&v);
+    v.assert_safe();
     assert!(log.contains("re-publishing unpublished rows"), "{log}");
     // The relay state table remembers the slot: its absence is reported as a loss.
     assert!(log.contains("REPLICATION SLOT LOST"), "{log}");
@@ -217,23 +213,16 @@ async fn logical_dropped_slot_is_reported_and_recovered_without_loss_in_table_mo
 }
 
 /// The source alone (no Kafka): 100k committed inserts read, decoded and acknowledged, timed
-/// (printed; compare with `pg_recvlogical` on the same machine, ~200k rows/s per TESTING.md).
+/// (printed; compare with `pg_recvlogical` on the same machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_source_only_throughput() -> Result<()> {
-    use outbox_core::OutboxTable;
     use outbox_relay::source::Source;
-    use outbox_relay::source::logical::{LogicalConfig, LogicalSource, SlotName};
+    use outbox_relay::source::logical::LogicalSource;
     use tokio_util::sync::CancellationToken;
 
-    let db = TestDb::create("logical_src_tput").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_src_tput").await?;
     let slot = unique("lslot");
-    let mut cfg = LogicalConfig::new(
-        db.url.clone(),
-        OutboxTable::default(),
-        WriteMode::InsertDelete,
-    );
-    cfg.slot = SlotName::parse(&slot)?;
+    let mut cfg = source_config(&db, WriteMode::InsertDelete, &slot)?;
     let mut src = LogicalSource::connect(cfg.clone()).await?;
     src.close().await?;
     drop(src);

@@ -36,15 +36,6 @@ async fn wait_caught_up(primary: &TestDb, standby: &TestDb) -> Result<()> {
     }
 }
 
-async fn slot_exists(db: &TestDb, slot: &str) -> Result<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-    )
-    .bind(slot)
-    .fetch_one(&db.pool)
-    .await?)
-}
-
 /// A relay on the primary publishes (one database in `insert_delete` mode, one in `table`
 /// mode) and stops; more events are committed and reach the asynchronous standby; the primary
 /// dies and the standby is promoted. On the promoted standby: the `insert_delete` relay exits
@@ -73,15 +64,11 @@ async fn logical_failover_to_a_standby_without_the_slot_is_loud_or_recovered() -
     let table_env = env_refs(&table_env);
 
     // The relays run on the primary, publish, and stop.
-    let relay = RelayProcess::start(&id_db, &[], &id_env).await?;
-    wait_slot_active(&id_db.pool, &id_slot, LONG).await?;
-    relay
-        .wait_for_log("replication stream started", LONG)
-        .await?;
+    let relay = start_streaming(&id_db, &id_slot, &id_env).await?;
     id_work.write(WriteMode::InsertDelete, 2, 5).await?;
     let published = id_work.ledger();
     let records = id_work.consume(&published, QUIET, LONG).await?;
-    assert_safe(&Verdict::check(&published, &records));
+    Verdict::check(&published, &records).assert_safe();
     let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
     assert_eq!(code, 0, "{log}");
 
@@ -137,7 +124,7 @@ async fn logical_failover_to_a_standby_without_the_slot_is_loud_or_recovered() -
     assert!(log.contains("REPLICATION SLOT LOST"), "{log}");
     let v = Verdict::check(&ledger, &records);
     println!("failover, table mode: {v:?}");
-    assert_safe(&v);
+    v.assert_safe();
     drop(standby_id);
     drop(standby_table);
     Ok(())
@@ -150,21 +137,16 @@ async fn logical_failover_to_a_standby_without_the_slot_is_loud_or_recovered() -
 /// a diverged WAL history would skip other events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_source_resumes_from_the_slot_after_postgres_restarted() -> Result<()> {
-    use outbox_core::{NewEvent, Outbox, OutboxTable};
+    use outbox_core::{NewEvent, Outbox};
     use outbox_relay::source::Source;
-    use outbox_relay::source::logical::{LogicalConfig, LogicalSource, SlotName};
+    use outbox_relay::source::logical::LogicalSource;
     use tokio_util::sync::CancellationToken;
 
     let cluster = TempCluster::start("logical", "")?;
     let db = cluster.test_db().await?;
     db.migrate().await?;
     let slot = unique("lslot");
-    let mut cfg = LogicalConfig::new(
-        db.url.clone(),
-        OutboxTable::default(),
-        WriteMode::InsertDelete,
-    );
-    cfg.slot = SlotName::parse(&slot)?;
+    let mut cfg = source_config(&db, WriteMode::InsertDelete, &slot)?;
     // Nothing tells the server the acknowledged position during the test.
     cfg.status_interval = Duration::from_secs(3600);
     cfg.heartbeat_interval = Duration::from_secs(3600);

@@ -35,8 +35,7 @@ fn background_writers(
 /// acknowledged but not yet confirmed to the slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_sigkill_mid_stream_then_restart_loses_nothing() -> Result<()> {
-    let db = TestDb::create("logical_kill").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_kill").await?;
     let slot = unique("lslot");
     let work = Workload::create(&db, "acct", 10, 3).await?;
     let mut env = logical_env(WriteMode::InsertDelete, &slot);
@@ -68,7 +67,7 @@ async fn logical_sigkill_mid_stream_then_restart_loses_nothing() -> Result<()> {
         v.duplicates as f64 / kills as f64
     );
     assert!(ledger.committed.len() > 200, "workload too small");
-    assert_safe(&v);
+    v.assert_safe();
     // Bounded: at most what a relay acknowledged in the ~status interval before each kill, far
     // below everything that was written.
     assert!(
@@ -83,8 +82,7 @@ async fn logical_sigkill_mid_stream_then_restart_loses_nothing() -> Result<()> {
 /// far longer than the test (the confirmed position is made durable at shutdown), no loss.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_graceful_restart_produces_no_duplicates() -> Result<()> {
-    let db = TestDb::create("logical_graceful").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_graceful").await?;
     let slot = unique("lslot");
     let work = Workload::create(&db, "acct", 10, 3).await?;
     let mut env = logical_env(WriteMode::InsertDelete, &slot);
@@ -109,7 +107,7 @@ async fn logical_graceful_restart_produces_no_duplicates() -> Result<()> {
     let v = Verdict::check(&ledger, &records);
     println!("graceful restarts x2: {v:?}");
     assert!(ledger.committed.len() > 100, "workload too small");
-    assert_safe(&v);
+    v.assert_safe();
     assert_eq!(
         v.duplicates, 0,
         "a graceful restart must not duplicate: {v:?}"
@@ -248,7 +246,6 @@ async fn logical_wal_level_replica_and_missing_privilege_give_clear_errors() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_keepalives_never_confirm_past_unacknowledged_events() -> Result<()> {
     use outbox_core::{NewEvent, Outbox};
-    use outbox_relay::source::logical::SlotName;
     use outbox_relay::source::{Position, Source};
     use tokio_util::sync::CancellationToken;
 
@@ -259,8 +256,7 @@ async fn logical_keepalives_never_confirm_past_unacknowledged_events() -> Result
         .execute(&db.pool)
         .await?;
     let slot = unique("lslot");
-    let mut cfg = LogicalConfig::new(db.url.clone(), OutboxTable::default(), WriteMode::Table);
-    cfg.slot = SlotName::parse(&slot)?;
+    let mut cfg = source_config(&db, WriteMode::Table, &slot)?;
     cfg.status_interval = Duration::from_millis(100);
     cfg.heartbeat_interval = Duration::from_millis(200);
     let mut src = LogicalSource::connect(cfg).await?;
@@ -340,12 +336,10 @@ async fn logical_publication_and_slot_are_created_reused_and_checked() -> Result
     use outbox_relay::source::Source;
     use outbox_relay::source::logical::{PublicationName, SlotName};
 
-    let db = TestDb::create("logical_checks").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_checks").await?;
     let slot = unique("lslot");
     let cfg = |slot: &str, publication: &str| -> Result<LogicalConfig> {
-        let mut c = LogicalConfig::new(db.url.clone(), OutboxTable::default(), WriteMode::Table);
-        c.slot = SlotName::parse(slot)?;
+        let mut c = source_config(&db, WriteMode::Table, slot)?;
         c.publication = PublicationName::parse(publication)?;
         Ok(c)
     };
@@ -512,7 +506,7 @@ async fn logical_invalidated_slot_is_reported_and_recovered_in_table_mode() -> R
     assert_eq!(code, 0, "{log}");
     let v = Verdict::check(&ledger, &records);
     println!("invalidated slot, table mode: {v:?}");
-    assert_safe(&v);
+    v.assert_safe();
     let status: Option<String> =
         sqlx::query_scalar("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1")
             .bind(&slot)
@@ -563,8 +557,7 @@ async fn logical_invalidated_slot_is_reported_and_recovered_in_table_mode() -> R
 /// itself — not call it lost and exit — and publish every event (table mode).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_relay_killed_during_first_slot_creation_recovers() -> Result<()> {
-    let db = TestDb::create("logical_slot_create_kill").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_slot_create_kill").await?;
     let slot = unique("lslot");
     let work = Workload::create(&db, "acct", 5, 3).await?;
     let env = logical_env(WriteMode::Table, &slot);
@@ -633,7 +626,7 @@ async fn logical_relay_killed_during_first_slot_creation_recovers() -> Result<()
     );
     let v = Verdict::check(&ledger, &records);
     println!("killed during slot creation: {v:?}");
-    assert_safe(&v);
+    v.assert_safe();
     drop_slots(&db.pool, &slot).await?;
     Ok(())
 }

@@ -21,18 +21,13 @@ const PUBLIC_WARNING: &str = "pg_logical_emit_message is executable by PUBLIC";
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_outbox_messages_are_never_published_outside_logical_message_mode() -> Result<()> {
     for mode in [WriteMode::Table, WriteMode::InsertDelete] {
-        let db = TestDb::create("logical_inject").await?;
-        db.migrate().await?;
+        let db = TestDb::migrated("logical_inject").await?;
         let slot = unique("lslot");
         let work = Workload::create(&db, "acct", 2, 1).await?;
         let owned = logical_env(mode, &slot);
         let mut env = env_refs(&owned);
         env.push(("OUTBOX_ADMIN_ADDR", "127.0.0.1:0"));
-        let relay = RelayProcess::start(&db, &[], &env).await?;
-        wait_slot_active(&db.pool, &slot, LONG).await?;
-        relay
-            .wait_for_log("replication stream started", LONG)
-            .await?;
+        let relay = start_streaming(&db, &slot, &env).await?;
 
         // An unprivileged role emits a well-formed event message for the workload's topic.
         let role = unique("intruder");
@@ -65,7 +60,7 @@ async fn logical_outbox_messages_are_never_published_outside_logical_message_mod
         let ledger = work.ledger();
         let records = work.consume(&ledger, QUIET, LONG).await?;
         let v = Verdict::check(&ledger, &records);
-        assert_safe(&v);
+        v.assert_safe();
         assert!(
             !records.iter().any(|r| injected.contains(&r.event_id())),
             "{mode}: an injected logical message was published"
@@ -100,20 +95,15 @@ async fn logical_outbox_messages_are_never_published_outside_logical_message_mod
 /// Runs `outbox-relay status` in logical_message mode.
 async fn status(db: &TestDb, slot: &str) -> Result<String> {
     let env = logical_env(WriteMode::LogicalMessage, slot);
-    let out = tokio::process::Command::new(relay_binary())
-        .arg("status")
-        .env_clear()
-        .env("OUTBOX_DATABASE_URL", &db.url)
-        .env("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", services().bootstrap)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .await?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let bootstrap = services().bootstrap;
+    let mut all = vec![
+        ("OUTBOX_DATABASE_URL", db.url.as_str()),
+        ("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", bootstrap.as_str()),
+    ];
+    all.extend(env.iter().map(|(k, v)| (*k, v.as_str())));
+    let out = relay_cli(&["status"], &all).await?;
+    let text = out.text();
+    assert_eq!(out.code, 0, "{text}");
     Ok(text)
 }
 
@@ -123,8 +113,7 @@ async fn status(db: &TestDb, slot: &str) -> Result<String> {
 /// heartbeats need EXECUTE) still runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_message_mode_warns_while_public_can_emit_messages() -> Result<()> {
-    let db = TestDb::create("logical_emit_grant").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_emit_grant").await?;
     let slot = unique("lslot");
     let work = Workload::create(&db, "acct", 2, 1).await?;
     let env = logical_env(WriteMode::LogicalMessage, &slot);
@@ -152,11 +141,7 @@ async fn logical_message_mode_warns_while_public_can_emit_messages() -> Result<(
             .execute(&db.pool)
             .await?;
     }
-    let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
-    wait_slot_active(&db.pool, &slot, LONG).await?;
-    relay
-        .wait_for_log("replication stream started", LONG)
-        .await?;
+    let relay = start_streaming(&db, &slot, &env_refs(&env)).await?;
     // The granted writer still writes events; an ungranted role cannot.
     let writer_url = db
         .url

@@ -97,8 +97,7 @@ async fn published(db: &TestDb) -> Result<i64> {
 /// (the snapshot path), no per-aggregate inversion; the marker slot is gone at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_republication_is_paged_and_precedes_the_stream() -> Result<()> {
-    let db = TestDb::create("logical_repub_paged").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_repub_paged").await?;
     let slot = unique("rslot");
     let work = Workload::create(&db, "repub", 8, 1).await?;
     let (per_account, payload) = (200, 2000);
@@ -139,7 +138,7 @@ async fn logical_republication_is_paged_and_precedes_the_stream() -> Result<()> 
     if v.inversions > 0 {
         explain_inversions(&records);
     }
-    assert_safe(&v);
+    v.assert_safe();
     assert_eq!(
         v.duplicates, 0,
         "the snapshot path publishes nothing twice: {v:?}"
@@ -187,8 +186,7 @@ enum Stop {
 }
 
 async fn interrupted_republication(name: &str, stop: Stop) -> Result<()> {
-    let db = TestDb::create(name).await?;
-    db.migrate().await?;
+    let db = TestDb::migrated(name).await?;
     let slot = unique("rslot");
     let work = Workload::create(&db, "repubk", 8, 1).await?;
     let per_account = 2500;
@@ -260,7 +258,7 @@ async fn interrupted_republication(name: &str, stop: Stop) -> Result<()> {
     let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
     assert_eq!(code, 0, "{log}");
     let v = Verdict::check(&ledger, &records);
-    assert_safe(&v);
+    v.assert_safe();
     if stop == Stop::Graceful {
         assert_eq!(
             v.duplicates, 0,

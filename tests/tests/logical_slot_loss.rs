@@ -15,32 +15,8 @@ use outbox_tests::*;
 
 /// Runs an `outbox-relay` one-shot command against `db` with `env`.
 async fn cli(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> Result<(i32, String)> {
-    let out = tokio::process::Command::new(relay_binary())
-        .args(args)
-        .env_clear()
-        .env("OUTBOX_DATABASE_URL", &db.url)
-        .env("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", services().bootstrap)
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .output()
-        .await?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    ))
-}
-
-async fn slot_exists(db: &TestDb, slot: &str) -> Result<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-    )
-    .bind(slot)
-    .fetch_one(&db.pool)
-    .await?)
+    let out = relay_cli_on(db, args, env).await?;
+    Ok((out.code, out.text()))
 }
 
 /// Starts a relay that must refuse to start: exits non-zero within 30 s naming the lost slot
@@ -87,7 +63,7 @@ async fn logical_lost_slot_is_a_loud_exit_on_every_start_in_non_table_modes() ->
         work.write(mode, 2, 5).await?;
         let ledger = work.ledger();
         let records = work.consume(&ledger, QUIET, LONG).await?;
-        assert_safe(&Verdict::check(&ledger, &records));
+        Verdict::check(&ledger, &records).assert_safe();
         let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
         assert_eq!(code, 0, "{log}");
         // A graceful stop records the confirmed position it made durable on the slot.
@@ -115,11 +91,7 @@ async fn logical_lost_slot_is_a_loud_exit_on_every_start_in_non_table_modes() ->
         let (code, out) = cli(&db, &["slot", "drop", &slot], &env).await?;
         assert_eq!(code, 0, "{out}");
         assert!(out.contains("forgot"), "{out}");
-        let relay = RelayProcess::start(&db, &[], &env).await?;
-        wait_slot_active(&db.pool, &slot, LONG).await?;
-        relay
-            .wait_for_log("replication stream started", LONG)
-            .await?;
+        let relay = start_streaming(&db, &slot, &env).await?;
 
         // Dropped while the relay runs: it exits non-zero, and so does every restart.
         kill_and_drop_slot(&db.pool, &slot).await?;
@@ -148,8 +120,7 @@ async fn logical_lost_slot_is_a_loud_exit_on_every_start_in_non_table_modes() ->
 /// running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_lost_slot_in_table_mode_is_reported_and_recovered() -> Result<()> {
-    let db = TestDb::create("logical_slot_loss_table").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_slot_loss_table").await?;
     let slot = unique("lslot");
     let work = Workload::create(&db, "acct", 4, 1).await?;
     let env = logical_env(WriteMode::Table, &slot);
@@ -169,7 +140,7 @@ async fn logical_lost_slot_in_table_mode_is_reported_and_recovered() -> Result<(
         let records = work.consume(&ledger, QUIET, LONG).await?;
         let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
         assert_eq!(code, 0, "{log}");
-        assert_safe(&Verdict::check(&ledger, &records));
+        Verdict::check(&ledger, &records).assert_safe();
         if round == 0 {
             assert!(log.contains("REPLICATION SLOT LOST"), "{log}");
             assert!(log.contains("outbox_relay_state"), "{log}");
@@ -188,8 +159,7 @@ async fn logical_lost_slot_in_table_mode_is_reported_and_recovered() -> Result<(
 /// streams and records its slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_least_privilege_relay_uses_the_state_table_migrate_created() -> Result<()> {
-    let db = TestDb::create("logical_state_grants").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("logical_state_grants").await?;
     let slot = unique("lslot");
     let role = unique("relay");
     for sql in [
@@ -232,15 +202,11 @@ async fn logical_least_privilege_relay_uses_the_state_table_migrate_created() ->
     .execute(&db.pool)
     .await?;
 
-    let relay = RelayProcess::start(&db, &[], &env).await?;
-    wait_slot_active(&db.pool, &slot, LONG).await?;
-    relay
-        .wait_for_log("replication stream started", LONG)
-        .await?;
+    let relay = start_streaming(&db, &slot, &env).await?;
     work.write(WriteMode::InsertDelete, 1, 5).await?;
     let ledger = work.ledger();
     let records = work.consume(&ledger, QUIET, LONG).await?;
-    assert_safe(&Verdict::check(&ledger, &records));
+    Verdict::check(&ledger, &records).assert_safe();
     let (code, log) = relay.terminate(Duration::from_secs(20)).await?;
     assert_eq!(code, 0, "{log}");
     let recorded: Option<String> =

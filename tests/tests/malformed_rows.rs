@@ -1,7 +1,6 @@
 //! Malformed outbox rows and messages — written by plain SQL or by an older writer, so no derive
 //! checked them — are parked with their reason in both sources, and hold only their own
-//! aggregate: the relay neither stops (polling used to exit on every start) nor skips them
-//! (the logical source used to log and confirm past them).
+//! aggregate: the relay neither stops nor skips them.
 
 mod logical_common;
 
@@ -144,8 +143,7 @@ async fn malformed_rows_are_parked(db: &TestDb, relay: InProcessRelay) -> Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn polling_parks_malformed_rows_and_keeps_relaying() -> Result<()> {
-    let db = TestDb::create("malformed_poll").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("malformed_poll").await?;
     checks_refuse_then_drop(&db.pool).await?;
     let relay = InProcessRelay::start(relay_config(&db))?;
     malformed_rows_are_parked(&db, relay).await
@@ -153,8 +151,7 @@ async fn polling_parks_malformed_rows_and_keeps_relaying() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_parks_malformed_rows_and_keeps_relaying() -> Result<()> {
-    let db = TestDb::create("malformed_logical").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("malformed_logical").await?;
     checks_refuse_then_drop(&db.pool).await?;
     let slot = unique("mslot");
     let relay = InProcessRelay::start(logical_config(&db, WriteMode::Table, &slot))?;
@@ -167,8 +164,7 @@ async fn logical_parks_malformed_rows_and_keeps_relaying() -> Result<()> {
 /// ones among them are parked too, not skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_backfill_parks_malformed_rows() -> Result<()> {
-    let db = TestDb::create("malformed_backfill").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("malformed_backfill").await?;
     checks_refuse_then_drop(&db.pool).await?;
     let agg_type = unique("malbf");
     let topic = format!("outbox.event.{agg_type}");
@@ -196,8 +192,7 @@ async fn logical_backfill_parks_malformed_rows() -> Result<()> {
 /// it can be read, else under an id derived from its LSN — and later messages keep flowing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logical_message_mode_parks_malformed_messages() -> Result<()> {
-    let db = TestDb::create("malformed_msg").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("malformed_msg").await?;
     let agg_type = unique("malmsg");
     let topic = format!("outbox.event.{agg_type}");
     create_topic(&topic, 1).await?;

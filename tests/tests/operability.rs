@@ -29,26 +29,14 @@ fn ev(agg_type: &str, agg: &str, seq: i64, bytes: usize) -> NewEvent {
 }
 
 async fn cli(db: &TestDb, args: &[&str]) -> Result<(i32, String, String)> {
-    let out = tokio::process::Command::new(relay_binary())
-        .args(args)
-        .env_clear()
-        .env("OUTBOX_DATABASE_URL", &db.url)
-        .env("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", services().bootstrap)
-        .env("RUST_LOG", "info")
-        .output()
-        .await?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    let out = relay_cli_on(db, args, &[]).await?;
+    Ok((out.code, out.stdout, out.stderr))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_events_are_parked_per_aggregate_while_others_flow_and_replay_in_order_after_a_fix()
 -> Result<()> {
-    let db = TestDb::create("op_park").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("op_park").await?;
     let agg_type = unique("park");
     let topic = format!("outbox.event.{agg_type}");
     create_topic(&topic, 2).await?;
@@ -174,8 +162,7 @@ async fn poison_events_are_parked_per_aggregate_while_others_flow_and_replay_in_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_republishes_a_range_with_the_original_ids_and_status_reports_the_backlog()
 -> Result<()> {
-    let db = TestDb::create("op_replay").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("op_replay").await?;
     let agg_type = unique("rp");
     let topic = format!("outbox.event.{agg_type}");
     let mut ids = Vec::new();
@@ -224,8 +211,7 @@ async fn replay_republishes_a_range_with_the_original_ids_and_status_reports_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_ensure_creates_the_routed_topics() -> Result<()> {
-    let db = TestDb::create("op_topics").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("op_topics").await?;
     let agg_type = unique("tp");
     write(&db, vec![NewEvent::new(&agg_type, "1", "X", None)]).await?;
     let dlq = unique("dlq");
@@ -267,13 +253,13 @@ async fn config_validate_names_the_bad_key_and_print_redacts_secrets() -> Result
         &bad,
         "batch_size = 10\n[kafka]\ndelivery_timeout = \"soon\"\n",
     )?;
-    let out = tokio::process::Command::new(relay_binary())
-        .args(["config", "validate", "--config", bad.to_str().unwrap()])
-        .env_clear()
-        .output()
-        .await?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let out = relay_cli(
+        &["config", "validate", "--config", bad.to_str().unwrap()],
+        &[],
+    )
+    .await?;
+    let err = &out.stderr;
+    assert_eq!(out.code, 2, "{err}");
     assert!(err.contains("kafka.delivery_timeout"), "{err}");
     assert!(err.contains("relay.toml"), "{err}");
 
@@ -284,26 +270,23 @@ async fn config_validate_names_the_bad_key_and_print_redacts_secrets() -> Result
     )?;
     let secret = dir.join("db-url");
     std::fs::write(&secret, "postgres://relay:s3cr3t@db/app")?;
-    let out = tokio::process::Command::new(relay_binary())
-        .args([
+    let out = relay_cli(
+        &[
             "config",
             "print",
             "--config",
             good.to_str().unwrap(),
             "--batch-size",
             "77",
-        ])
-        .env_clear()
-        .env("OUTBOX_DATABASE_URL_FILE", &secret)
-        .env("OUTBOX_RETENTION", "2h")
-        .output()
-        .await?;
-    let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        ],
+        &[
+            ("OUTBOX_DATABASE_URL_FILE", secret.to_str().unwrap()),
+            ("OUTBOX_RETENTION", "2h"),
+        ],
+    )
+    .await?;
+    let printed = &out.stdout;
+    assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(printed.contains("batch_size = 77"), "{printed}");
     assert!(printed.contains("retention = \"2h\""), "{printed}");
     assert!(
@@ -316,8 +299,7 @@ async fn config_validate_names_the_bad_key_and_print_redacts_secrets() -> Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_answer_and_the_counters_move_while_events_flow() -> Result<()> {
-    let db = TestDb::create("op_admin").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("op_admin").await?;
     let env = [("OUTBOX_ADMIN_ADDR", "127.0.0.1:0"), ("RUST_LOG", "info")];
     let active = RelayProcess::start(&db, &["--log-format", "pretty"], &env).await?;
     active.wait_for_log("this relay is active", LONG).await?;
@@ -412,8 +394,7 @@ async fn until_readyz(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_notices_a_broker_outage_while_idle_and_recovers_when_it_returns() -> Result<()> {
     use rdkafka::mocking::MockCluster;
-    let db = TestDb::create("op_ready").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("op_ready").await?;
     let mock = MockCluster::new(1)?;
     let topic = unique("ready");
     mock.create_topic(&topic, 1, 1)?;

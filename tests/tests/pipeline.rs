@@ -20,6 +20,15 @@ async fn publish(db: &TestDb, ledger: &mut Ledger, event: NewEvent) -> Result<uu
     Ok(ids[0])
 }
 
+/// A ledger holding one event the relay has already published: the relay's producer is connected
+/// and its first batch is behind it.
+async fn warmed_up(db: &TestDb) -> Result<Ledger> {
+    let mut ledger = Ledger::default();
+    publish(db, &mut ledger, NewEvent::new("acct", "warm", "E", None)).await?;
+    wait_drained(&db.pool, LONG).await?;
+    Ok(ledger)
+}
+
 /// Waits until the sequence `name` has been advanced at least `n` times.
 async fn wait_sequence(db: &TestDb, name: &str, n: i64) -> Result<()> {
     let deadline = std::time::Instant::now() + LONG;
@@ -40,7 +49,7 @@ async fn wait_sequence(db: &TestDb, name: &str, n: i64) -> Result<()> {
     }
 }
 
-/// Item 13 of issue 11: a retryable source error ends the pump while later batches of the window
+/// A retryable source error ends the pump while later batches of the window
 /// are still queued in the producer. The relay gives up its source (and its leader lock) and
 /// resumes from the durable position; the abandoned copies must not be delivered as well.
 ///
@@ -50,8 +59,7 @@ async fn wait_sequence(db: &TestDb, name: &str, n: i64) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_source_error_drops_the_producers_window_before_the_relay_resumes() -> Result<()> {
     use rdkafka::mocking::MockCluster;
-    let db = TestDb::create("pipe_fence").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("pipe_fence").await?;
     let mock = MockCluster::new(1)?;
     let topic = unique("fence");
     mock.create_topic(&topic, 1, 1)?;
@@ -67,9 +75,7 @@ async fn a_source_error_drops_the_producers_window_before_the_relay_resumes() ->
     config.max_in_flight_batches = 4;
     let relay = InProcessRelay::start(config)?;
 
-    let mut ledger = Ledger::default();
-    publish(&db, &mut ledger, NewEvent::new("acct", "warm", "E", None)).await?;
-    wait_drained(&db.pool, LONG).await?;
+    let mut ledger = warmed_up(&db).await?;
 
     let parked = outbox_core::OutboxTable::default().parked_qualified();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -114,17 +120,11 @@ async fn a_source_error_drops_the_producers_window_before_the_relay_resumes() ->
     .await?;
     mock.broker_up(1)?;
     wait_drained(&db.pool, LONG).await?;
-    let records = consume_from(
-        &mock.bootstrap_servers(),
-        &[&topic],
-        ledger.committed.len(),
-        QUIET,
-        LONG,
-    )
-    .await?;
+    let records =
+        consume_committed(&mock.bootstrap_servers(), &[&topic], &ledger, QUIET, LONG).await?;
     relay.stop().await?;
     let v = Verdict::check(&ledger, &records);
-    assert_eq!((v.lost, v.phantom, v.inversions), (0, 0, 0), "{v:?}");
+    v.assert_safe();
     assert_eq!(
         v.duplicates, 0,
         "copies of an abandoned window were delivered after the relay resumed: {v:?}"
@@ -189,8 +189,8 @@ async fn steady_writers(
 }
 
 /// Events written before the relay starts in the SIGTERM tests: a relay catching up, as after a
-/// deploy, keeps its whole window busy (the old pump refilled it after SIGTERM until the backlog
-/// was gone).
+/// deploy, keeps its whole window busy, so a pump that refilled it after SIGTERM would run until
+/// the backlog was gone.
 const BACKLOG: usize = 60_000;
 
 /// Writes [`BACKLOG`] events in transactions of 1000 over 50 aggregates of its own.
@@ -218,14 +218,13 @@ async fn write_backlog(
     Ok(())
 }
 
-/// Item 7 of issue 11: SIGTERM while the relay works through a backlog and writers keep adding
+/// SIGTERM while the relay works through a backlog and writers keep adding
 /// ~2k events/s. The relay must stop reading at once, finish only what is in flight, acknowledge
 /// it and exit 0 within 2 s; the next relay then publishes every event exactly once (read back
 /// from the broker, counted by event id).
 async fn sigterm_under_load(source: &str) -> Result<()> {
     use outbox_core::WriteMode;
-    let db = TestDb::create(&format!("pipe_term_{source}")).await?;
-    db.migrate().await?;
+    let db = TestDb::migrated(&format!("pipe_term_{source}")).await?;
     let work = logical_common::Workload::create(&db, "term", 1, 3).await?;
     let slot = unique("termslot");
     let env = match source {
@@ -289,7 +288,7 @@ async fn sigterm_under_load(source: &str) -> Result<()> {
         logical_common::drop_slots(&db.pool, &slot).await?;
     }
     let v = Verdict::check(&ledger, &records);
-    assert_eq!((v.lost, v.phantom, v.inversions), (0, 0, 0), "{v:?}");
+    v.assert_safe();
     assert_eq!(
         v.duplicates, 0,
         "a graceful restart under load re-sent events: {v:?}"
@@ -319,8 +318,7 @@ async fn mock_relay(
     String,
     InProcessRelay,
 )> {
-    let db = TestDb::create(prefix).await?;
-    db.migrate().await?;
+    let db = TestDb::migrated(prefix).await?;
     let mock = rdkafka::mocking::MockCluster::new(1)?;
     let topic = unique(prefix);
     mock.create_topic(&topic, 1, 1)?;
@@ -350,16 +348,14 @@ async fn parked(db: &TestDb) -> Result<i64> {
     )
 }
 
-/// Item 9 of issue 11: a broker refuses a whole produce request with MESSAGE_TOO_LARGE. The
+/// A broker refuses a whole produce request with MESSAGE_TOO_LARGE. The
 /// healthy records of that request must not be parked as poison: each is sent again alone and,
 /// as it passes alone, delivered in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_refused_as_too_large_parks_no_healthy_record() -> Result<()> {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let (db, mock, topic, relay) = mock_relay("pipe_batch", &[]).await?;
-    let mut ledger = Ledger::default();
-    publish(&db, &mut ledger, NewEvent::new("acct", "warm", "E", None)).await?;
-    wait_drained(&db.pool, LONG).await?;
+    let mut ledger = warmed_up(&db).await?;
     // The next produce request (the whole batch below) is refused.
     mock.request_errors(
         RDKafkaApiKey::Produce,
@@ -374,18 +370,12 @@ async fn a_batch_refused_as_too_large_parks_no_healthy_record() -> Result<()> {
         .extend(Outbox::default().publish_new(&mut tx, events).await?);
     tx.commit().await?;
     wait_drained(&db.pool, LONG).await?;
-    let records = consume_from(
-        &mock.bootstrap_servers(),
-        &[&topic],
-        ledger.committed.len(),
-        QUIET,
-        LONG,
-    )
-    .await?;
+    let records =
+        consume_committed(&mock.bootstrap_servers(), &[&topic], &ledger, QUIET, LONG).await?;
     relay.stop().await?;
     assert_eq!(parked(&db).await?, 0, "healthy records were parked");
     let v = Verdict::check(&ledger, &records);
-    assert_eq!((v.lost, v.phantom, v.inversions), (0, 0, 0), "{v:?}");
+    v.assert_safe();
     Ok(())
 }
 
@@ -402,7 +392,7 @@ async fn relay_error(relay: InProcessRelay) -> Result<String> {
     }
 }
 
-/// Item 9 of issue 11: a topic that does not exist (auto-creation off) is not something retrying
+/// A topic that does not exist (auto-creation off) is not something retrying
 /// fixes. The relay stops with the error's name and the operator's fix instead of retrying
 /// forever while every aggregate stalls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -435,15 +425,13 @@ async fn a_missing_topic_stops_the_relay_loudly() -> Result<()> {
     Ok(())
 }
 
-/// Item 9 of issue 11: a permanent broker error this relay does not know (here INVALID_REQUEST on
+/// A permanent broker error this relay does not know (here INVALID_REQUEST on
 /// every produce request) is retried a few times and then stops the relay loudly, by name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unknown_persistent_broker_error_stops_the_relay_by_name() -> Result<()> {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let (db, mock, _topic, relay) = mock_relay("pipe_unlisted", &[]).await?;
-    let mut ledger = Ledger::default();
-    publish(&db, &mut ledger, NewEvent::new("acct", "warm", "E", None)).await?;
-    wait_drained(&db.pool, LONG).await?;
+    let mut ledger = warmed_up(&db).await?;
     mock.request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_REQUEST; 200],
@@ -458,14 +446,13 @@ async fn an_unknown_persistent_broker_error_stops_the_relay_by_name() -> Result<
     Ok(())
 }
 
-/// Item 8 of issue 11: the window and each claim are bounded by payload bytes, not only by
+/// The window and each claim are bounded by payload bytes, not only by
 /// count. With `max_in_flight_bytes` = 300 KB and 3 batches in flight (a batch share of 75 KB),
 /// a claim of 60 KB events takes two at a time (not the 1000 of `batch_size`), and an event larger
 /// than the whole bound is still published, alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn claims_and_the_window_are_bounded_by_payload_bytes() -> Result<()> {
-    let db = TestDb::create("pipe_bytes").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("pipe_bytes").await?;
     let topic = unique("bytes");
     create_topic(&topic, 1).await?;
     let mut config = relay_config(&db);
@@ -508,16 +495,14 @@ async fn claims_and_the_window_are_bounded_by_payload_bytes() -> Result<()> {
     Ok(())
 }
 
-/// Item 9 of issue 11: when a record of a refused request is refused again when sent alone, it
+/// When a record of a refused request is refused again when sent alone, it
 /// alone is parked (with the later events of its aggregate held behind it); the other records of
 /// the request are delivered, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn only_the_record_refused_alone_is_parked() -> Result<()> {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let (db, mock, topic, relay) = mock_relay("pipe_alone", &[]).await?;
-    let mut ledger = Ledger::default();
-    publish(&db, &mut ledger, NewEvent::new("acct", "warm", "E", None)).await?;
-    wait_drained(&db.pool, LONG).await?;
+    let mut ledger = warmed_up(&db).await?;
     // The batch's request is refused, then the first record, sent alone, is refused again.
     mock.request_errors(
         RDKafkaApiKey::Produce,
@@ -536,17 +521,11 @@ async fn only_the_record_refused_alone_is_parked() -> Result<()> {
         }
     }
     wait_drained(&db.pool, LONG).await?;
-    let records = consume_from(
-        &mock.bootstrap_servers(),
-        &[&topic],
-        ledger.committed.len(),
-        QUIET,
-        LONG,
-    )
-    .await?;
+    let records =
+        consume_committed(&mock.bootstrap_servers(), &[&topic], &ledger, QUIET, LONG).await?;
     relay.stop().await?;
     let v = Verdict::check(&ledger, &records);
-    assert_eq!((v.lost, v.phantom, v.inversions), (0, 0, 0), "{v:?}");
+    v.assert_safe();
     assert_eq!(
         parked(&db).await?,
         3,

@@ -13,19 +13,10 @@ use uuid::Uuid;
 const QUIET: Duration = Duration::from_millis(1500);
 const LONG: Duration = Duration::from_secs(60);
 
-fn assert_exact(v: &Verdict, ledger: &Ledger) {
-    assert_eq!(v.lost, 0, "lost events: {v:?}");
-    assert_eq!(v.phantom, 0, "phantom events: {v:?}");
-    assert_eq!(v.inversions, 0, "per-aggregate order inversions: {v:?}");
-    assert_eq!(v.duplicates, 0, "duplicates without a fault: {v:?}");
-    assert_eq!(v.records, ledger.committed.len());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers_with_late_commits_and_rollbacks_deliver_every_committed_event_once_in_order()
 -> Result<()> {
-    let db = TestDb::create("poll_concurrent").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("poll_concurrent").await?;
     let work = Workload::create(&db, "acct", 12, 3).await?;
     // Small batches, several in flight: late commits must be claimed while earlier batches are
     // still being produced.
@@ -50,14 +41,13 @@ async fn concurrent_writers_with_late_commits_and_rollbacks_deliver_every_commit
     let records = work.consume(&ledger, QUIET, LONG).await?;
     relay.stop().await?;
     let v = Verdict::check(&ledger, &records);
-    assert_exact(&v, &ledger);
+    v.assert_exactly_once(&ledger);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lower_seq_committing_after_a_higher_one_is_still_published() -> Result<()> {
-    let db = TestDb::create("poll_late").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("poll_late").await?;
     let aggregate_type = unique("late");
     let topic = format!("outbox.event.{aggregate_type}");
     let relay = InProcessRelay::start(relay_config(&db))?;
@@ -122,8 +112,7 @@ async fn a_lower_seq_committing_after_a_higher_one_is_still_published() -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_sql_five_column_row_is_relayed_with_debezium_routing() -> Result<()> {
-    let db = TestDb::create("poll_plain").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("poll_plain").await?;
     let aggregate_type = unique("Order");
     let id = Uuid::new_v4();
     sqlx::query(
@@ -173,8 +162,7 @@ async fn a_plain_sql_five_column_row_is_relayed_with_debezium_routing() -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topic_templates_and_per_type_routes_apply_and_trace_context_travels_within_allowed_topics()
 -> Result<()> {
-    let db = TestDb::create("poll_routes").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("poll_routes").await?;
     let prefix = unique("svc");
     let mut config = relay_config(&db);
     config.route.topic = format!("{prefix}.{{aggregatetype}}.{{type}}");
@@ -240,8 +228,7 @@ async fn topic_templates_and_per_type_routes_apply_and_trace_context_travels_wit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() -> Result<()> {
-    let db = TestDb::create("poll_restart").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("poll_restart").await?;
     let work = Workload::create(&db, "rst", 10, 2).await?;
 
     let relay = RelayProcess::start(&db, &["--batch-size", "50"], &[]).await?;
@@ -264,14 +251,13 @@ async fn a_graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() ->
     let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
     assert_eq!(code, 0, "{log}");
     let v = Verdict::check(&ledger, &records);
-    assert_exact(&v, &ledger);
+    v.assert_exactly_once(&ledger);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_relay_waits_and_takes_over_when_the_active_one_is_killed() -> Result<()> {
-    let db = TestDb::create("poll_standby").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("poll_standby").await?;
     let work = Workload::create(&db, "ha", 5, 1).await?;
 
     let first = RelayProcess::start(&db, &[], &[]).await?;
@@ -308,7 +294,7 @@ async fn a_standby_relay_waits_and_takes_over_when_the_active_one_is_killed() ->
     assert_eq!(code, 0, "{log}");
     let v = Verdict::check(&ledger, &records);
     // The first relay was killed while idle (everything acknowledged), so nothing repeats.
-    assert_exact(&v, &ledger);
+    v.assert_exactly_once(&ledger);
     Ok(())
 }
 
@@ -461,16 +447,12 @@ async fn bad_settings_fail_fast_with_a_clear_error_and_a_non_zero_exit() -> Resu
 async fn migrate_command_creates_the_table_and_is_idempotent() -> Result<()> {
     let db = TestDb::create("poll_migrate").await?;
     for _ in 0..2 {
-        let out = tokio::process::Command::new(relay_binary())
-            .args(["migrate", "--table", "relay.events"])
-            .env("OUTBOX_DATABASE_URL", &db.url)
-            .output()
-            .await?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = relay_cli(
+            &["migrate", "--table", "relay.events"],
+            &[("OUTBOX_DATABASE_URL", &db.url)],
+        )
+        .await?;
+        assert_eq!(out.code, 0, "{}", out.stderr);
     }
     let n: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM relay._outbox_migrations WHERE table_name = 'events'",
@@ -498,8 +480,7 @@ async fn migrate_command_creates_the_table_and_is_idempotent() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_failure_recreates_the_producer_and_resumes_in_order() -> Result<()> {
     use rdkafka::mocking::MockCluster;
-    let db = TestDb::create("poll_fault").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("poll_fault").await?;
     let mock = MockCluster::new(1)?;
     let topic = unique("fault");
     mock.create_topic(&topic, 2, 1)?;
@@ -540,17 +521,11 @@ async fn a_delivery_failure_recreates_the_producer_and_resumes_in_order() -> Res
     );
     mock.broker_up(1)?;
     wait_drained(&db.pool, LONG).await?;
-    let records = consume_from(
-        &mock.bootstrap_servers(),
-        &[&topic],
-        ledger.committed.len(),
-        QUIET,
-        LONG,
-    )
-    .await?;
+    let records =
+        consume_committed(&mock.bootstrap_servers(), &[&topic], &ledger, QUIET, LONG).await?;
     relay.stop().await?;
     let v = Verdict::check(&ledger, &records);
-    assert_eq!((v.lost, v.phantom, v.inversions), (0, 0, 0), "{v:?}");
+    v.assert_safe();
     // The mock cluster does not deduplicate idempotent retries without a transactional id;
     // duplicates are bounded by what was in flight.
     assert!(v.duplicates <= 60, "{v:?}");
@@ -583,8 +558,7 @@ enum AccountEvent {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_derived_event_written_in_a_transaction_arrives_and_decodes_back() -> Result<()> {
     use outbox_core::DecodeEvent;
-    let db = TestDb::create("poll_typed").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("poll_typed").await?;
     let prefix = unique("typed");
     let mut config = relay_config(&db);
     config.route.topic = format!("{prefix}.{{aggregatetype}}");

@@ -60,8 +60,7 @@ fn row_marks(db: &TestDb, lease: Option<Lease>) -> Result<RowMarks<usize>> {
 
 #[tokio::test]
 async fn tags_come_back_in_order_once_their_rows_are_marked() -> Result<()> {
-    let db = TestDb::create("row_marks").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("row_marks").await?;
     let events = write(&db, 500).await?;
     let batches: Vec<&[StoredEvent]> = events.chunks(50).collect();
     let mut marks = row_marks(&db, None)?;
@@ -83,8 +82,7 @@ async fn tags_come_back_in_order_once_their_rows_are_marked() -> Result<()> {
 
 #[tokio::test]
 async fn a_failed_mark_is_reported_and_releases_nothing_after_it() -> Result<()> {
-    let db = TestDb::create("row_marks_fail").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("row_marks_fail").await?;
     let events = write(&db, 20).await?;
     // The lease ran out: the mark must not run, and must say why.
     let lease = Lease::new(Duration::from_secs(10), std::time::Instant::now());
@@ -126,8 +124,7 @@ async fn a_failed_mark_is_reported_and_releases_nothing_after_it() -> Result<()>
 /// leaving it unpublished.
 #[tokio::test]
 async fn a_row_committed_after_its_acknowledgement_started_is_still_marked() -> Result<()> {
-    let db = TestDb::create("row_marks_late").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("row_marks_late").await?;
     let mut tx = db.pool.begin().await?;
     let id = Outbox::default()
         .publish_new(&mut tx, vec![NewEvent::new("acct", "1", "Late", None)])

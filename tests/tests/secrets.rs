@@ -89,29 +89,20 @@ fn secret_env(secrets: &Secrets, url: &str, token_file: &str) -> Vec<(&'static s
 }
 
 async fn relay_cli(args: &[&str], env: &[(&'static str, String)]) -> Result<(i32, String)> {
-    let mut cmd = tokio::process::Command::new(relay_binary());
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", services().bootstrap);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().await?;
-    Ok((
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    ))
+    let path = std::env::var("PATH").unwrap_or_default();
+    let bootstrap = services().bootstrap;
+    let mut all = vec![
+        ("PATH", path.as_str()),
+        ("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", bootstrap.as_str()),
+    ];
+    all.extend(env.iter().map(|(k, v)| (*k, v.as_str())));
+    let out = outbox_tests::relay_cli(args, &all).await?;
+    Ok((out.code, out.text()))
 }
 
 async fn run_with_secrets(source: &str) -> Result<()> {
     let secrets = Secrets::new();
-    let db = TestDb::create(&format!("sec_{source}")).await?;
-    db.migrate().await?;
+    let db = TestDb::migrated(&format!("sec_{source}")).await?;
     let dir = std::env::temp_dir().join(unique("outbox-secrets"));
     std::fs::create_dir_all(&dir)?;
     let token_file = dir.join("admin-token");

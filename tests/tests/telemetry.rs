@@ -51,8 +51,7 @@ async fn every_published_event_gets_one_producer_span_parented_to_its_write_time
         .build();
     opentelemetry::global::set_tracer_provider(provider.clone());
 
-    let db = TestDb::create("otel").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("otel").await?;
     let agg_type = unique("otel");
     let topic = format!("outbox.event.{agg_type}");
     create_topic(&topic, 2).await?;

@@ -36,26 +36,46 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// `openssl req <kind>` with a new unencrypted EC P-256 key written to `key`, the request or
+/// certificate written to `out`, for `subject`, plus `extra` arguments.
+fn request_with_new_key(
+    dir: &Path,
+    kind: &str,
+    [key, out, subject]: [&str; 3],
+    extra: &[&str],
+) -> Result<()> {
+    let mut args = vec![
+        "req",
+        kind,
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        out,
+        "-subj",
+        subject,
+    ];
+    args.extend_from_slice(extra);
+    openssl(dir, &args)
+}
+
 /// A CA (`<name>-ca.crt`/`.key`) with an EC P-256 key.
 fn make_ca(dir: &Path, name: &str) -> Result<()> {
-    openssl(
+    request_with_new_key(
         dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
+        "-x509",
+        [
             &format!("{name}-ca.key"),
-            "-out",
             &format!("{name}-ca.crt"),
+            &format!("/CN=outbox test {name} CA"),
+        ],
+        &[
             "-days",
             "2",
-            "-subj",
-            &format!("/CN=outbox test {name} CA"),
             "-addext",
             "basicConstraints=critical,CA:TRUE",
             "-addext",
@@ -66,23 +86,15 @@ fn make_ca(dir: &Path, name: &str) -> Result<()> {
 
 /// A certificate `<name>.crt` (key `<name>.key`, PKCS#8) for `cn`, signed by the `ca` CA.
 fn make_cert(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) -> Result<()> {
-    openssl(
+    request_with_new_key(
         dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
+        "-new",
+        [
             &format!("{name}.key"),
-            "-out",
             &format!("{name}.csr"),
-            "-subj",
             &format!("/CN={cn}"),
         ],
+        &[],
     )?;
     std::fs::write(dir.join(format!("{name}.ext")), ext)?;
     openssl(
@@ -359,8 +371,7 @@ async fn a_wrong_ca_or_a_server_without_tls_fails_loudly_never_plaintext() -> Re
     }
 
     // sslmode=require against the shared server, which has no TLS: an error, not plaintext.
-    let plain = TestDb::create("tls_require").await?;
-    plain.migrate().await?;
+    let plain = TestDb::migrated("tls_require").await?;
     let sep = if plain.url.contains('?') { '&' } else { '?' };
     for source in ["logical", "polling"] {
         let slot = unique("tls_req");

@@ -16,8 +16,7 @@ async fn count(db: &TestDb) -> Result<i64> {
 
 #[tokio::test]
 async fn events_commit_and_roll_back_with_the_transaction() -> Result<()> {
-    let db = TestDb::create("write_tx").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("write_tx").await?;
     let outbox = Outbox::default();
     let mut tx = db.pool.begin().await?;
     let id = outbox
@@ -43,8 +42,7 @@ async fn events_commit_and_roll_back_with_the_transaction() -> Result<()> {
 
 #[tokio::test]
 async fn a_batch_keeps_its_order_and_every_envelope_field() -> Result<()> {
-    let db = TestDb::create("write_batch").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("write_batch").await?;
     let outbox = Outbox::default();
     let fixed = Uuid::new_v4();
     let events: Vec<NewEvent> = (0..50)
@@ -99,8 +97,7 @@ async fn a_batch_keeps_its_order_and_every_envelope_field() -> Result<()> {
 
 #[tokio::test]
 async fn guards_refuse_bad_events_before_writing_anything() -> Result<()> {
-    let db = TestDb::create("write_guard").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("write_guard").await?;
     let outbox = Outbox::default().with_max_payload_bytes(100);
     let mut tx = db.pool.begin().await?;
     let big = NewEvent::new(
@@ -258,8 +255,7 @@ async fn commit_one_event(
 
 #[tokio::test]
 async fn the_notify_wake_up_is_on_by_default_and_switched_off_by_outbox_notify() -> Result<()> {
-    let db = TestDb::create("write_notify").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("write_notify").await?;
     let table = OutboxTable::default();
     let channel = table
         .resolve(&mut db.connect().await?)
@@ -313,8 +309,7 @@ async fn the_notify_wake_up_is_on_by_default_and_switched_off_by_outbox_notify()
 
 #[tokio::test]
 async fn write_modes_write_what_the_logical_relay_reads() -> Result<()> {
-    let db = TestDb::create("write_modes").await?;
-    db.migrate().await?;
+    let db = TestDb::migrated("write_modes").await?;
     // A test_decoding slot shows exactly what reaches the WAL.
     let slot = unique("wm");
     sqlx::query("SELECT pg_create_logical_replication_slot($1, 'test_decoding')")

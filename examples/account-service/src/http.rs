@@ -132,14 +132,8 @@ async fn deactivate(
     Path(id): Path<Uuid>,
     Json(body): Json<Reason>,
 ) -> Reply {
-    run(
-        &accounts,
-        id,
-        Command::Deactivate {
-            reason: body.reason,
-        },
-    )
-    .await
+    let reason = body.reason;
+    run(&accounts, id, Command::Deactivate { reason }).await
 }
 
 async fn change_email(
@@ -155,12 +149,6 @@ async fn close(
     Path(id): Path<Uuid>,
     Json(body): Json<Reason>,
 ) -> Reply {
-    run(
-        &accounts,
-        id,
-        Command::Close {
-            reason: body.reason,
-        },
-    )
-    .await
+    let reason = body.reason;
+    run(&accounts, id, Command::Close { reason }).await
 }

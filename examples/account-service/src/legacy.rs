@@ -41,19 +41,16 @@ pub enum LegacyAccountEvent {
 
 /// Creates the legacy tables (idempotent).
 pub async fn migrate(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("CREATE SCHEMA IF NOT EXISTS legacy")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS legacy.account_flags (
+    crate::create_schema(
+        conn,
+        "legacy",
+        &["CREATE TABLE IF NOT EXISTS legacy.account_flags (
             account_id uuid        PRIMARY KEY,
             enabled    boolean     NOT NULL,
             changed_at timestamptz NOT NULL DEFAULT now()
-        )",
+        )"],
     )
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    .await
 }
 
 /// The legacy list: every account that is not closed, and whether it is enabled.

@@ -23,6 +23,47 @@ pub mod read_model;
 pub mod scenario;
 pub mod store;
 
+/// Runs `main` to completion on a new multi-threaded runtime as the binary `name`: success when
+/// it returns `Ok`; failure, with the error chain logged, when it fails or the runtime cannot
+/// start.
+pub fn run_main(
+    name: &str,
+    main: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{name} failed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Creates the schema `schema` and runs the `CREATE ... IF NOT EXISTS` statements `tables` in
+/// order: idempotent, like each statement.
+pub(crate) async fn create_schema(
+    conn: &mut sqlx::PgConnection,
+    schema: &str,
+    tables: &[&'static str],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    for table in tables {
+        sqlx::query(*table).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 /// Installs a `tracing` subscriber for the example binaries (`RUST_LOG`, default `info`).
 pub fn init_logging(default: &str) {
     let _ = tracing_subscriber::fmt()

@@ -14,11 +14,10 @@ pub const INBOX: &str = "query.inbox";
 
 /// Creates the read model's tables (idempotent).
 pub async fn migrate(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("CREATE SCHEMA IF NOT EXISTS query")
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS query.accounts (
+    crate::create_schema(
+        conn,
+        "query",
+        &["CREATE TABLE IF NOT EXISTS query.accounts (
             id              uuid        PRIMARY KEY,
             owner           text        NOT NULL,
             email           text        NOT NULL,
@@ -28,11 +27,9 @@ pub async fn migrate(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
             email_changes   integer     NOT NULL DEFAULT 0,
             last_event_id   uuid        NOT NULL,
             updated_at      timestamptz NOT NULL DEFAULT now()
-        )",
+        )"],
     )
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    .await
 }
 
 /// One row of the read model.
@@ -78,6 +75,32 @@ pub async fn load(pool: &PgPool) -> Result<Vec<AccountView>, sqlx::Error> {
     .collect()
 }
 
+/// Sets `set` (whose value is `$2`, bound to `value`) on the row of account `id`, with the event's
+/// `version` and id, and counts the event as applied; returns the rows changed (0 when the
+/// account is not in the read model).
+async fn apply_change(
+    conn: &mut PgConnection,
+    set: &str,
+    id: Uuid,
+    value: &str,
+    version: i64,
+    event_id: Uuid,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE query.accounts
+         SET {set}, version = $3, events_applied = events_applied + 1,
+             last_event_id = $4, updated_at = now()
+         WHERE id = $1"
+    )))
+    .bind(id)
+    .bind(value)
+    .bind(version)
+    .bind(event_id)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected())
+}
+
 /// Applies account events to `query.accounts`. Deliberately not idempotent on its own
 /// (`events_applied = events_applied + 1`): the inbox is what keeps redeliveries out.
 #[derive(Debug, Clone, Copy, Default)]
@@ -107,19 +130,10 @@ impl EventHandler<AccountEvent> for ReadModelProjection {
             .execute(&mut *conn)
             .await?
             .rows_affected(),
-            AccountEvent::AccountEmailChanged { email, .. } => sqlx::query(
-                "UPDATE query.accounts
-                 SET email = $2, version = $3, events_applied = events_applied + 1,
-                     email_changes = email_changes + 1, last_event_id = $4, updated_at = now()
-                 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(email)
-            .bind(version)
-            .bind(event_id)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected(),
+            AccountEvent::AccountEmailChanged { email, .. } => {
+                let set = "email = $2, email_changes = email_changes + 1";
+                apply_change(conn, set, id, email, version, event_id).await?
+            }
             AccountEvent::AccountActivated { .. }
             | AccountEvent::AccountDeactivated { .. }
             | AccountEvent::AccountClosed { .. } => {
@@ -128,19 +142,7 @@ impl EventHandler<AccountEvent> for ReadModelProjection {
                     AccountEvent::AccountDeactivated { .. } => "inactive",
                     _ => "closed",
                 };
-                sqlx::query(
-                    "UPDATE query.accounts
-                     SET status = $2, version = $3, events_applied = events_applied + 1,
-                         last_event_id = $4, updated_at = now()
-                     WHERE id = $1",
-                )
-                .bind(id)
-                .bind(status)
-                .bind(version)
-                .bind(event_id)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected()
+                apply_change(conn, "status = $2", id, status, version, event_id).await?
             }
         };
         if changed == 0 {

@@ -41,20 +41,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     account_service::init_logging("info");
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("account-projector: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("account-projector failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    account_service::run_main("account-projector", run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
