@@ -25,8 +25,10 @@ pub mod relay;
 pub mod route;
 pub mod sink;
 pub mod source;
+pub mod stats;
 pub mod status;
 pub mod telemetry;
 
 pub use config::{RelayConfig, SourceKind};
-pub use relay::{Relay, RelayError, RelayStats};
+pub use relay::{Relay, RelayError};
+pub use stats::RelayStats;

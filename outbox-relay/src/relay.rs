@@ -23,7 +23,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use outbox_core::{OutboxTable, WriteMode};
@@ -36,7 +36,6 @@ use crate::ack::handled_prefix;
 use crate::config::{ConfigError, RelayConfig, SourceKind, redact_url};
 use crate::faults::{failpoint, mutant};
 use crate::leader::{Leadership, Lease, LeaseLost};
-use crate::metrics::{Histogram, LATENCY_BUCKETS};
 use crate::park::{AggregateKey, ParkRequest};
 use crate::route::{OutboundRecord, RouteError, Router};
 use crate::sink::kafka::{
@@ -44,6 +43,7 @@ use crate::sink::kafka::{
 };
 use crate::source::polling::{PollingSettings, PollingSource, RowAcknowledgement, purge_published};
 use crate::source::{Source, SourceError, SourceEvent};
+use crate::stats::RelayStats;
 
 /// Why the relay stopped (other than a requested shutdown).
 #[derive(Debug, thiserror::Error)]
@@ -85,61 +85,6 @@ impl RelayError {
         match self {
             RelayError::Config(_) => 2,
             _ => 1,
-        }
-    }
-}
-
-/// Counters the relay keeps while it runs (read by status and metrics).
-#[derive(Debug)]
-pub struct RelayStats {
-    /// Events taken from the source.
-    pub read: AtomicU64,
-    /// Events Kafka acknowledged and the source recorded.
-    pub published: AtomicU64,
-    /// Records that failed to be delivered (and were retried).
-    pub failed: AtomicU64,
-    /// Events parked (poison events and the events held behind them).
-    pub parked: AtomicU64,
-    /// Completed rounds.
-    pub batches: AtomicU64,
-    /// Unix time in milliseconds of the last acknowledged event, 0 before the first.
-    pub last_published_ms: AtomicI64,
-    /// Whether this instance holds the leader lock.
-    pub active: AtomicBool,
-    /// Times this instance lost its leader lease and stepped down.
-    pub lease_lost: AtomicU64,
-    /// Whether the source is open.
-    pub source_running: AtomicBool,
-    /// Whether the producer reached Kafka (start-up check, then each round's outcome).
-    pub kafka_connected: AtomicBool,
-    /// Whether the brokers answered the last idle-time metadata request
-    /// ([`crate::sink::kafka::watch_brokers`]).
-    pub kafka_reachable: AtomicBool,
-    /// Records in the producer's queue after the last round.
-    pub producer_queue: AtomicI64,
-    /// Batch produce time.
-    pub publish_duration: Histogram,
-    /// Event creation → Kafka acknowledgement.
-    pub commit_to_ack: Histogram,
-}
-
-impl Default for RelayStats {
-    fn default() -> Self {
-        Self {
-            read: AtomicU64::new(0),
-            published: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            parked: AtomicU64::new(0),
-            batches: AtomicU64::new(0),
-            last_published_ms: AtomicI64::new(0),
-            active: AtomicBool::new(false),
-            lease_lost: AtomicU64::new(0),
-            source_running: AtomicBool::new(false),
-            kafka_connected: AtomicBool::new(false),
-            kafka_reachable: AtomicBool::new(true),
-            producer_queue: AtomicI64::new(0),
-            publish_duration: Histogram::new(LATENCY_BUCKETS),
-            commit_to_ack: Histogram::new(LATENCY_BUCKETS),
         }
     }
 }
@@ -414,7 +359,9 @@ impl Relay {
             SourceKind::Logical => {
                 use crate::source::logical::{LogicalConfig, LogicalSource};
                 let cfg = LogicalConfig::from_relay(&self.config, self.table.clone())?;
-                Ok(Box::new(LogicalSource::open(cfg, Some(leader)).await?))
+                Ok(Box::new(
+                    LogicalSource::open(cfg, Some(leader), self.stats.logical.clone()).await?,
+                ))
             }
         }
     }

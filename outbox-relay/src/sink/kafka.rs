@@ -771,7 +771,7 @@ pub const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// See [`BROKER_PROBE_INTERVAL`].
 pub const BROKER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Keeps [`crate::relay::RelayStats::kafka_reachable`] current while the relay is idle, so
+/// Keeps [`crate::stats::RelayStats::kafka_reachable`] current while the relay is idle, so
 /// `/readyz` notices a broker outage (and the recovery) with no traffic: every
 /// [`BROKER_PROBE_INTERVAL`] without a published event, a metadata request on a client of its
 /// own (same bootstrap servers, TLS and SASL settings as the producer, never producing) must
@@ -779,7 +779,7 @@ pub const BROKER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// are the evidence and no request is made. Stops when `shutdown` fires.
 pub fn watch_brokers(
     settings: &KafkaSettings,
-    stats: Arc<crate::relay::RelayStats>,
+    stats: Arc<crate::stats::RelayStats>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, SinkError> {
     use std::sync::atomic::Ordering;
