@@ -38,9 +38,8 @@ use crate::faults::{failpoint, mutant};
 use crate::leader::{Leadership, Lease, LeaseLost};
 use crate::park::{AggregateKey, ParkRequest};
 use crate::route::{OutboundRecord, RouteError, Router};
-use crate::sink::kafka::{
-    ErrorClass, KafkaSink, Outcome, Pending, SinkError, UNLISTED_ERROR_ROUNDS, classify,
-};
+use crate::sink::kafka::{KafkaSink, Outcome, Pending, SinkError, classify};
+use crate::sink::{ErrorClass, UNLISTED_ERROR_ROUNDS};
 use crate::source::polling::{PollingSettings, PollingSource, RowAcknowledgement, purge_published};
 use crate::source::{Source, SourceError, SourceEvent};
 use crate::stats::RelayStats;

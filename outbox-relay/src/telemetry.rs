@@ -30,6 +30,8 @@
 //! Sampling is the SDK's default, parent-based: an unsampled write-time context gives an
 //! unsampled producer span.
 
+use crate::sink::{DeliveryError, Outcome};
+
 /// The `[telemetry]` settings.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -255,10 +257,9 @@ impl RecordSpan {
     }
 
     /// Ends the span with Kafka's verdict.
-    pub fn end(self, outcome: &crate::sink::kafka::Outcome) {
+    pub fn end<E: DeliveryError>(self, outcome: &Outcome<E>) {
         #[cfg(feature = "otel")]
         {
-            use crate::sink::kafka::Outcome;
             use opentelemetry::KeyValue;
             use opentelemetry::trace::{Span as _, Status};
             let mut span = self.span;
@@ -271,11 +272,7 @@ impl RecordSpan {
                     span.set_attribute(KeyValue::new("messaging.kafka.offset", d.offset));
                 }
                 Outcome::Rejected(e) | Outcome::Suspect(e) | Outcome::Failed(e) => {
-                    let kind = e
-                        .rdkafka_error_code()
-                        .map(|c| format!("{c:?}"))
-                        .unwrap_or_else(|| "_OTHER".to_owned());
-                    span.set_attribute(KeyValue::new("error.type", kind));
+                    span.set_attribute(KeyValue::new("error.type", e.kind()));
                     span.set_status(Status::error(e.to_string()));
                 }
                 Outcome::Held { .. } => {

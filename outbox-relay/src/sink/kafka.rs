@@ -26,6 +26,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::route::OutboundRecord;
+use crate::sink::{Delivered, DeliveryError, ErrorClass};
 use crate::telemetry::{ProducerSpans, RecordSpan};
 
 /// Producer settings. `Debug` redacts secret properties ([`crate::config::is_secret_key`]).
@@ -340,53 +341,17 @@ fn is_purged(error: &KafkaError) -> bool {
     )
 }
 
-/// What became of one record of a batch.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    /// Kafka acknowledged it.
-    Delivered(Delivered),
-    /// Kafka (or the client) refused it for good: it must be parked, not retried.
-    Rejected(KafkaError),
-    /// Not sent because an earlier record of the same topic and key (the record at index
-    /// `behind`) was rejected: it must be parked behind that one.
-    Held {
-        /// Index in the batch of the rejected record.
-        behind: usize,
-    },
-    /// The produce request this record was part of failed with a record-level error
-    /// ([`ErrorClass::Record`]) that may concern another record of the request: the relay sends
-    /// it again alone before it decides (delivered, or [`Outcome::Rejected`] and parked).
-    Suspect(KafkaError),
-    /// A failure the window cannot get past (timeout, broker unavailable, a refusal that stops
-    /// the relay, …): see [`classify`] for what the relay does.
-    Failed(KafkaError),
-}
+/// What became of one record produced to Kafka ([`crate::sink::Outcome`] with the client's
+/// error).
+pub type Outcome = crate::sink::Outcome<KafkaError>;
 
-/// What the relay does about a record Kafka did not accept. [`classify`] is the one place that
-/// decides it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// Transient (brokers down or slow, leadership moving, the producer's own fatal state):
-    /// drop the in-flight window, recreate the producer and resume from the first
-    /// unacknowledged event after a backoff, for as long as it takes.
-    Retry,
-    /// Kafka refuses the record for what it is (its size, timestamp, contents or topic name).
-    /// Refused when it is enqueued, the verdict is the record's own and it is parked; from a
-    /// broker, the verdict covers a whole produce request, so the record is first sent again
-    /// alone and parked only if it fails alone.
-    Record,
-    /// Nothing can be published until an operator acts (permissions, a missing topic, a broker
-    /// that cannot take the relay's records): the relay stops with this fix.
-    Stop(&'static str),
-    /// An error this relay does not know: retried like [`ErrorClass::Retry`], but the relay
-    /// stops with the error's name once it persists for [`UNLISTED_ERROR_ROUNDS`] rounds in a
-    /// row with nothing delivered in between.
-    Unlisted,
+impl DeliveryError for KafkaError {
+    fn kind(&self) -> String {
+        self.rdkafka_error_code()
+            .map(|c| format!("{c:?}"))
+            .unwrap_or_else(|| "_OTHER".to_owned())
+    }
 }
-
-/// How many failed rounds in a row an [`ErrorClass::Unlisted`] error may cause before the relay
-/// stops.
-pub const UNLISTED_ERROR_ROUNDS: u32 = 5;
 
 /// Classifies a producer error (at enqueue time or in a delivery report). See [`ErrorClass`].
 pub fn classify(error: &KafkaError) -> ErrorClass {
@@ -530,15 +495,6 @@ pub struct Fenced {
     pub held: i32,
     /// Records still unanswered when the wait ended (dropped; a broker may still append them).
     pub unanswered: i32,
-}
-
-/// Where a record landed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Delivered {
-    /// The partition.
-    pub partition: i32,
-    /// The offset.
-    pub offset: i64,
 }
 
 impl KafkaSink {
@@ -832,7 +788,8 @@ pub fn watch_brokers(
 
 #[cfg(test)]
 mod tests {
-    use super::{ErrorClass, classify, error_name};
+    use super::{classify, error_name};
+    use crate::sink::ErrorClass;
     use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
 
     fn delivery(code: C) -> KafkaError {
