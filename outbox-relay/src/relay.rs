@@ -33,14 +33,14 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::ack::handled_prefix;
-use crate::config::{ConfigError, RelayConfig, SourceKind, redact_url};
+use crate::config::{ConfigError, RelayConfig, RowAcknowledgement, SourceKind, redact_url};
 use crate::faults::{failpoint, mutant};
 use crate::leader::{Leadership, Lease, LeaseLost};
 use crate::park::{AggregateKey, ParkRequest};
 use crate::route::{OutboundRecord, RouteError, Router};
 use crate::sink::kafka::{KafkaSink, Outcome, Pending, SinkError, classify};
 use crate::sink::{ErrorClass, UNLISTED_ERROR_ROUNDS};
-use crate::source::polling::{PollingSettings, PollingSource, RowAcknowledgement, purge_published};
+use crate::source::polling::{PollingSettings, PollingSource, purge_published};
 use crate::source::{Source, SourceError, SourceEvent};
 use crate::stats::RelayStats;
 

@@ -13,7 +13,6 @@
 //! - Keys are partitioned with `murmur2_random`, the Java client's partitioner, so a key lands on
 //!   the same partition as it would from Debezium/Kafka Connect.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use std::sync::{Arc, Mutex};
@@ -25,50 +24,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
+use crate::config::{KafkaPropertyError, KafkaSettings};
 use crate::route::OutboundRecord;
 use crate::sink::{Delivered, DeliveryError, ErrorClass};
 use crate::telemetry::{ProducerSpans, RecordSpan};
-
-/// Producer settings. `Debug` redacts secret properties ([`crate::config::is_secret_key`]).
-#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct KafkaSettings {
-    /// `bootstrap.servers`.
-    pub bootstrap_servers: String,
-    /// How long a record may take to be acknowledged before it counts as failed. The relay
-    /// enforces it itself, for a whole produce queue at once (see [`Pending::wait`]);
-    /// librdkafka's own `delivery.timeout.ms` is infinite, because librdkafka times records out
-    /// one by one and a later record of the same partition could then still be delivered.
-    #[serde(with = "crate::config::duration")]
-    pub delivery_timeout: Duration,
-    /// How long start-up waits for the cluster's metadata before reporting it unreachable.
-    #[serde(with = "crate::config::duration")]
-    pub connect_timeout: Duration,
-    /// Any other librdkafka producer property (TLS, SASL, `linger.ms`, `compression.type`, …).
-    pub properties: BTreeMap<String, String>,
-}
-
-impl Default for KafkaSettings {
-    fn default() -> Self {
-        Self {
-            bootstrap_servers: "localhost:9092".to_owned(),
-            delivery_timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(10),
-            properties: BTreeMap::new(),
-        }
-    }
-}
-
-impl std::fmt::Debug for KafkaSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaSettings")
-            .field("bootstrap_servers", &self.bootstrap_servers)
-            .field("delivery_timeout", &self.delivery_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("properties", &crate::config::RedactedMap(&self.properties))
-            .finish()
-    }
-}
 
 /// A producer problem.
 #[derive(Debug, thiserror::Error)]
@@ -108,16 +67,20 @@ pub enum SinkError {
     },
 }
 
+impl From<KafkaPropertyError> for SinkError {
+    fn from(e: KafkaPropertyError) -> Self {
+        SinkError::Config {
+            key: e.key,
+            reason: e.reason,
+        }
+    }
+}
+
 impl KafkaSettings {
     /// The librdkafka configuration: defaults, then user properties, then the guarantees this
     /// relay depends on (refusing user properties that contradict them).
     pub fn client_config(&self) -> Result<ClientConfig, SinkError> {
-        if self.bootstrap_servers.trim().is_empty() {
-            return Err(SinkError::Config {
-                key: "bootstrap.servers".into(),
-                reason: "must not be empty".into(),
-            });
-        }
+        self.check()?;
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.bootstrap_servers)
             .set("client.id", "outbox-relay")
@@ -128,31 +91,6 @@ impl KafkaSettings {
             // Infinite: the relay times deliveries out itself ([`Pending::wait`]).
             .set("delivery.timeout.ms", "0");
         for (key, value) in &self.properties {
-            let refused = match key.as_str() {
-                "enable.idempotence" if value != "true" => Some("the relay requires idempotence"),
-                "acks" | "request.required.acks" if !matches!(value.as_str(), "all" | "-1") => {
-                    Some("the relay requires acks=all")
-                }
-                "max.in.flight.requests.per.connection" | "max.in.flight"
-                    if value.parse::<u32>().map(|n| n > 5).unwrap_or(true) =>
-                {
-                    Some("idempotent ordering needs at most 5 in-flight requests")
-                }
-                "enable.gapless.guarantee" if value != "true" => Some(
-                    "the relay requires it: a failed batch must not leave a gap that later batches of the partition fill",
-                ),
-                "bootstrap.servers" => Some("set it through its own setting"),
-                "delivery.timeout.ms" | "message.timeout.ms" => Some(
-                    "set kafka.delivery_timeout instead: the relay times out a whole produce queue at once, so a timed-out record never lets a later record of its partition through",
-                ),
-                _ => None,
-            };
-            if let Some(reason) = refused {
-                return Err(SinkError::Config {
-                    key: key.clone(),
-                    reason: reason.into(),
-                });
-            }
             cfg.set(key, value);
         }
         // Gap-less: when a Produce request fails for good while later requests of the same

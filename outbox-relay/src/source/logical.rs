@@ -119,10 +119,9 @@ use uuid::Uuid;
 pub use pgoutput::{DecodeError, Lsn};
 pub use slot::{NameError, PublicationName, SlotName, SlotStatus};
 
-use super::polling::RowAcknowledgement;
 use super::row_marks::{MarkError, RowMarks};
 use super::{Position, Source, SourceError, SourceEvent};
-use crate::config::RelayConfig;
+use crate::config::{RelayConfig, RowAcknowledgement};
 use crate::leader::Leadership;
 use crate::park::{AggregateKey, ParkRequest};
 use crate::stats::LogicalMetrics;
@@ -821,7 +820,7 @@ impl LogicalSource {
         };
         // The keyset read must be an ordered scan of the unpublished-rows index, never a sort of
         // the whole backlog (see `RELAY_PLANNER_SETTINGS`).
-        for (name, value) in super::polling::RELAY_PLANNER_SETTINGS {
+        for (name, value) in super::row_marks::RELAY_PLANNER_SETTINGS {
             sqlx::query(sqlx::AssertSqlSafe(format!("SET {name} = {value}")))
                 .execute(&mut conn)
                 .await
