@@ -289,7 +289,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod settings_tests {
+mod span_tests {
     use super::*;
 
     #[test]
