@@ -38,8 +38,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
-use crate::metrics::sample;
-use crate::relay::RelayStats;
+use crate::metrics::{histogram, sample};
+use crate::stats::RelayStats;
 use crate::status::OutboxStatus;
 
 /// One reading of the outbox status and when it was taken.
@@ -293,15 +293,17 @@ async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Respons
         "Claim-produce-acknowledge rounds.",
         load(&s.batches),
     );
-    s.publish_duration.render(
+    histogram(
         &mut out,
         "outbox_relay_publish_duration_seconds",
         "Time from producing a batch to Kafka's last acknowledgement.",
+        &s.publish_duration,
     );
-    s.commit_to_ack.render(
+    histogram(
         &mut out,
         "outbox_relay_commit_to_ack_seconds",
         "Time from the event's creation to Kafka's acknowledgement.",
+        &s.commit_to_ack,
     );
     let last = s.last_published_ms.load(Ordering::Relaxed);
     if last > 0 {
@@ -351,9 +353,8 @@ async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Respons
         "Records queued in the producer, not yet acknowledged.",
         s.producer_queue.load(Ordering::Relaxed) as f64,
     );
-    if state.config.source == crate::config::SourceKind::Logical
-        && let Some(m) = crate::source::logical::metrics_for(&state.config.logical.slot)
-    {
+    if state.config.source == crate::config::SourceKind::Logical {
+        let m = &s.logical;
         sample(
             &mut out,
             "outbox_relay_logical_events_streamed_total",

@@ -7,6 +7,11 @@
 //! Data flows one way: [`source`] → [`route`] → [`sink`] → [`ack`] → source position. The
 //! [`relay`] module runs that loop; the `outbox-relay` binary wraps it in a CLI ([`cli`]).
 //!
+//! Module dependencies point one way too: the shared data lives in modules that import none of
+//! the others — [`config`] (settings), [`stats`] (live figures), [`sink`] (what became of a
+//! record) — the code that uses it imports it, and only this crate root and the binary import
+//! the pipeline, [`relay`] (checked by `tests/module_dependencies.rs`).
+//!
 //! Guarantees: every committed event is published at least once; nothing from a rolled-back
 //! transaction is ever published; events of one aggregate reach their partition in commit order;
 //! duplicates happen only after a failure, are bounded by the unacknowledged batch, and carry the
@@ -25,8 +30,10 @@ pub mod relay;
 pub mod route;
 pub mod sink;
 pub mod source;
+pub mod stats;
 pub mod status;
 pub mod telemetry;
 
 pub use config::{RelayConfig, SourceKind};
-pub use relay::{Relay, RelayError, RelayStats};
+pub use relay::{Relay, RelayError};
+pub use stats::RelayStats;

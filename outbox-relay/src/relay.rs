@@ -23,7 +23,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use outbox_core::{OutboxTable, WriteMode};
@@ -33,17 +33,19 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::ack::handled_prefix;
-use crate::config::{ConfigError, RelayConfig, SourceKind, redact_url};
+use crate::config::{ConfigError, RelayConfig, RowAcknowledgement, SourceKind, redact_url};
 use crate::faults::{failpoint, mutant};
 use crate::leader::{Leadership, Lease, LeaseLost};
-use crate::metrics::{Histogram, LATENCY_BUCKETS};
 use crate::park::{AggregateKey, ParkRequest};
 use crate::route::{OutboundRecord, RouteError, Router};
-use crate::sink::kafka::{
-    ErrorClass, KafkaSink, Outcome, Pending, SinkError, UNLISTED_ERROR_ROUNDS, classify,
-};
-use crate::source::polling::{PollingSettings, PollingSource, RowAcknowledgement, purge_published};
+use crate::sink::kafka::{KafkaSink, Outcome, Pending, SinkError, classify};
+use crate::sink::{ErrorClass, UNLISTED_ERROR_ROUNDS};
+use crate::source::polling::{PollingSettings, PollingSource, purge_published};
 use crate::source::{Source, SourceError, SourceEvent};
+use crate::stats::RelayStats;
+use plan::{Plan, event_of_record, outcomes_per_event, parks_in, plan_batch, suspects_from};
+
+mod plan;
 
 /// Why the relay stopped (other than a requested shutdown).
 #[derive(Debug, thiserror::Error)]
@@ -85,61 +87,6 @@ impl RelayError {
         match self {
             RelayError::Config(_) => 2,
             _ => 1,
-        }
-    }
-}
-
-/// Counters the relay keeps while it runs (read by status and metrics).
-#[derive(Debug)]
-pub struct RelayStats {
-    /// Events taken from the source.
-    pub read: AtomicU64,
-    /// Events Kafka acknowledged and the source recorded.
-    pub published: AtomicU64,
-    /// Records that failed to be delivered (and were retried).
-    pub failed: AtomicU64,
-    /// Events parked (poison events and the events held behind them).
-    pub parked: AtomicU64,
-    /// Completed rounds.
-    pub batches: AtomicU64,
-    /// Unix time in milliseconds of the last acknowledged event, 0 before the first.
-    pub last_published_ms: AtomicI64,
-    /// Whether this instance holds the leader lock.
-    pub active: AtomicBool,
-    /// Times this instance lost its leader lease and stepped down.
-    pub lease_lost: AtomicU64,
-    /// Whether the source is open.
-    pub source_running: AtomicBool,
-    /// Whether the producer reached Kafka (start-up check, then each round's outcome).
-    pub kafka_connected: AtomicBool,
-    /// Whether the brokers answered the last idle-time metadata request
-    /// ([`crate::sink::kafka::watch_brokers`]).
-    pub kafka_reachable: AtomicBool,
-    /// Records in the producer's queue after the last round.
-    pub producer_queue: AtomicI64,
-    /// Batch produce time.
-    pub publish_duration: Histogram,
-    /// Event creation → Kafka acknowledgement.
-    pub commit_to_ack: Histogram,
-}
-
-impl Default for RelayStats {
-    fn default() -> Self {
-        Self {
-            read: AtomicU64::new(0),
-            published: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            parked: AtomicU64::new(0),
-            batches: AtomicU64::new(0),
-            last_published_ms: AtomicI64::new(0),
-            active: AtomicBool::new(false),
-            lease_lost: AtomicU64::new(0),
-            source_running: AtomicBool::new(false),
-            kafka_connected: AtomicBool::new(false),
-            kafka_reachable: AtomicBool::new(true),
-            producer_queue: AtomicI64::new(0),
-            publish_duration: Histogram::new(LATENCY_BUCKETS),
-            commit_to_ack: Histogram::new(LATENCY_BUCKETS),
         }
     }
 }
@@ -414,7 +361,9 @@ impl Relay {
             SourceKind::Logical => {
                 use crate::source::logical::{LogicalConfig, LogicalSource};
                 let cfg = LogicalConfig::from_relay(&self.config, self.table.clone())?;
-                Ok(Box::new(LogicalSource::open(cfg, Some(leader)).await?))
+                Ok(Box::new(
+                    LogicalSource::open(cfg, Some(leader), self.stats.logical.clone()).await?,
+                ))
             }
         }
     }
@@ -486,7 +435,9 @@ impl Relay {
                     // Broken on purpose: a parked event does not hold its aggregate back.
                     blocked.clear();
                 }
-                let (plan, mut records) = self.plan(&batch, &mut blocked);
+                // Broken on purpose (mutant): park a poison event but let its aggregate flow on.
+                let hold = !mutant("park_without_blocking");
+                let (plan, mut records) = plan_batch(&self.router, &batch, &mut blocked, hold);
                 let bytes = batch
                     .iter()
                     .map(|e| e.event.payload.as_ref().map_or(0, String::len))
@@ -520,10 +471,7 @@ impl Relay {
                 }
                 // Enqueue-time rejections block their aggregate for the batches that follow.
                 for i in pending.rejected_now() {
-                    if let Some(k) = plan
-                        .iter()
-                        .position(|p| matches!(p, Plan::Send(j) if *j == i))
-                    {
+                    if let Some(k) = event_of_record(&plan, i) {
                         let e = &batch[k].event;
                         blocked.insert((e.aggregate_type.clone(), e.aggregate_id.clone()), e.id);
                     }
@@ -595,13 +543,7 @@ impl Relay {
                 }
             }
             // Per event, in batch order: what happened.
-            let outcomes: Vec<Outcome> = plan
-                .iter()
-                .map(|p| match p {
-                    Plan::Send(i) => sent[*i].clone(),
-                    Plan::Park(_) => Outcome::Held { behind: usize::MAX },
-                })
-                .collect();
+            let outcomes = outcomes_per_event(&plan, &sent);
             failpoint("after_kafka_ack");
             let handled = handled_prefix(&outcomes);
             let parks = parks_in(&plan, &outcomes, &batch, &records, handled);
@@ -698,11 +640,7 @@ impl Relay {
                         ErrorClass::Record => {
                             // One at a time: the suspects of this batch (the records of the
                             // refused request). Later batches go back to normal batching.
-                            let last = outcomes
-                                .iter()
-                                .rposition(|o| matches!(o, Outcome::Suspect(_)))
-                                .unwrap_or(handled);
-                            isolate = last + 1 - handled;
+                            isolate = suspects_from(&outcomes, handled);
                         }
                         ErrorClass::Retry => {}
                     }
@@ -744,59 +682,6 @@ impl Relay {
                 backoff.reset();
             }
         }
-    }
-
-    /// Decides, for each event of a batch, whether it is sent or parked (poison, or held behind
-    /// a parked event of its aggregate); returns the plan and the records to send.
-    fn plan(
-        &self,
-        batch: &[SourceEvent],
-        blocked: &mut HashMap<AggregateKey, Uuid>,
-    ) -> (Vec<Plan>, Vec<OutboundRecord>) {
-        let mut plan: Vec<Plan> = Vec::with_capacity(batch.len());
-        let mut records = Vec::with_capacity(batch.len());
-        for e in batch {
-            let key = (e.event.aggregate_type.clone(), e.event.aggregate_id.clone());
-            // Broken on purpose (mutant): park a poison event but let its aggregate flow on.
-            let hold = !mutant("park_without_blocking");
-            if let Some(defect) = &e.defect {
-                // Malformed: never published; parked like a poison event, its aggregate held.
-                if hold {
-                    blocked.entry(key).or_insert(e.event.id);
-                }
-                plan.push(Plan::Park(Box::new(ParkRequest {
-                    event: e.event.clone(),
-                    reason: defect.clone(),
-                    blocked_by: None,
-                })));
-                continue;
-            }
-            if let Some(&first) = blocked.get(&key) {
-                plan.push(Plan::Park(Box::new(ParkRequest {
-                    event: e.event.clone(),
-                    reason: format!("held behind parked event {first} of the same aggregate"),
-                    blocked_by: Some(first),
-                })));
-                continue;
-            }
-            match self.router.route(&e.event) {
-                Ok(record) => {
-                    plan.push(Plan::Send(records.len()));
-                    records.push(record);
-                }
-                Err(error) => {
-                    if hold {
-                        blocked.insert(key, e.event.id);
-                    }
-                    plan.push(Plan::Park(Box::new(ParkRequest {
-                        event: e.event.clone(),
-                        reason: error.reason,
-                        blocked_by: None,
-                    })));
-                }
-            }
-        }
-        (plan, records)
     }
 
     /// Announces newly parked poison events on the dead-letter topic, when one is configured.
@@ -877,57 +762,6 @@ struct InFlight {
     started: std::time::Instant,
     /// Payload bytes of the batch (for `max_in_flight_bytes`).
     bytes: usize,
-}
-
-/// The events of a handled prefix that must be parked: planned parks, records Kafka refused
-/// for good, and records held behind a refused one.
-fn parks_in(
-    plan: &[Plan],
-    outcomes: &[Outcome],
-    batch: &[SourceEvent],
-    records: &[OutboundRecord],
-    handled: usize,
-) -> Vec<ParkRequest> {
-    // The event of a sent record, with the payload the pump moved into the record.
-    let event_of = |e: &SourceEvent, record: usize| {
-        let mut event = e.event.clone();
-        if event.payload.is_none() {
-            event.payload = records.get(record).and_then(|r| r.payload.clone());
-        }
-        event
-    };
-    let mut parks = Vec::new();
-    for (i, (p, e)) in plan.iter().zip(batch).enumerate().take(handled) {
-        match (p, &outcomes[i]) {
-            (Plan::Park(request), _) => parks.push((**request).clone()),
-            (Plan::Send(j), Outcome::Rejected(error)) => parks.push(ParkRequest {
-                event: event_of(e, *j),
-                reason: format!("Kafka refused the record for good: {error}"),
-                blocked_by: None,
-            }),
-            (Plan::Send(j), Outcome::Held { behind }) => {
-                let first = plan
-                    .iter()
-                    .position(|q| matches!(q, Plan::Send(k) if k == behind))
-                    .map(|k| batch[k].event.id);
-                parks.push(ParkRequest {
-                    event: event_of(e, *j),
-                    reason: "held behind a rejected event of the same aggregate".into(),
-                    blocked_by: first,
-                });
-            }
-            _ => {}
-        }
-    }
-    parks
-}
-
-/// What the relay does with one event of a batch.
-enum Plan {
-    /// Produce the record at this index of the batch's records.
-    Send(usize),
-    /// Park it without sending.
-    Park(Box<ParkRequest>),
 }
 
 /// Exponential backoff between retries, 200 ms doubling to 30 s, cut short by shutdown.

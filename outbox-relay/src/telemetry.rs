@@ -30,47 +30,8 @@
 //! Sampling is the SDK's default, parent-based: an unsampled write-time context gives an
 //! unsampled producer span.
 
-/// The `[telemetry]` settings.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TelemetrySettings {
-    /// Create a producer span per published event and export it (needs the `otel` build).
-    pub enabled: bool,
-    /// Base URL of the OTLP/HTTP collector (`/v1/traces` is appended); empty = the standard
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, else `http://localhost:4318`.
-    pub otlp_endpoint: String,
-    /// The `service.name` resource attribute of the exported spans.
-    pub service_name: String,
-}
-
-impl Default for TelemetrySettings {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            otlp_endpoint: String::new(),
-            service_name: "outbox-relay".to_owned(),
-        }
-    }
-}
-
-impl TelemetrySettings {
-    /// Checks that the settings can be honoured by this build; the error names the setting.
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
-        if self.enabled && !cfg!(feature = "otel") {
-            return Err(crate::config::ConfigError::new(
-                "telemetry.enabled",
-                "this outbox-relay was built without OpenTelemetry support (cargo feature `otel`)",
-            ));
-        }
-        if self.enabled && self.service_name.trim().is_empty() {
-            return Err(crate::config::ConfigError::new(
-                "telemetry.service_name",
-                "must not be empty",
-            ));
-        }
-        Ok(())
-    }
-}
+use crate::config::TelemetrySettings;
+use crate::sink::{DeliveryError, Outcome};
 
 /// Installing the OTLP exporter failed.
 #[derive(Debug, thiserror::Error)]
@@ -255,10 +216,9 @@ impl RecordSpan {
     }
 
     /// Ends the span with Kafka's verdict.
-    pub fn end(self, outcome: &crate::sink::kafka::Outcome) {
+    pub fn end<E: DeliveryError>(self, outcome: &Outcome<E>) {
         #[cfg(feature = "otel")]
         {
-            use crate::sink::kafka::Outcome;
             use opentelemetry::KeyValue;
             use opentelemetry::trace::{Span as _, Status};
             let mut span = self.span;
@@ -271,11 +231,7 @@ impl RecordSpan {
                     span.set_attribute(KeyValue::new("messaging.kafka.offset", d.offset));
                 }
                 Outcome::Rejected(e) | Outcome::Suspect(e) | Outcome::Failed(e) => {
-                    let kind = e
-                        .rdkafka_error_code()
-                        .map(|c| format!("{c:?}"))
-                        .unwrap_or_else(|| "_OTHER".to_owned());
-                    span.set_attribute(KeyValue::new("error.type", kind));
+                    span.set_attribute(KeyValue::new("error.type", e.kind()));
                     span.set_status(Status::error(e.to_string()));
                 }
                 Outcome::Held { .. } => {
@@ -333,27 +289,11 @@ mod tests {
 }
 
 #[cfg(test)]
-mod settings_tests {
+mod span_tests {
     use super::*;
 
     #[test]
-    fn enabling_telemetry_needs_the_otel_build() {
-        let mut s = TelemetrySettings::default();
-        assert!(s.validate().is_ok(), "off by default");
-        s.enabled = true;
-        let built_with_otel = cfg!(feature = "otel");
-        match s.validate() {
-            Ok(()) => assert!(built_with_otel, "accepted without the feature"),
-            Err(e) => {
-                assert!(!built_with_otel, "refused with the feature: {e}");
-                assert_eq!(e.key, "telemetry.enabled");
-                assert!(e.reason.contains("`otel`"), "{e}");
-            }
-        }
-        s.service_name = " ".into();
-        if cfg!(feature = "otel") {
-            assert_eq!(s.validate().unwrap_err().key, "telemetry.service_name");
-        }
+    fn spans_are_off_when_disabled() {
         assert!(!ProducerSpans::new(false).is_enabled());
         assert!(ProducerSpans::new(false).start("t", None, None).is_none());
     }

@@ -15,6 +15,8 @@ pub struct InProcessRelay {
     pub shutdown: CancellationToken,
     /// Its task.
     pub task: tokio::task::JoinHandle<Result<(), outbox_relay::RelayError>>,
+    /// Its live figures ([`Relay::stats`]).
+    pub stats: std::sync::Arc<outbox_relay::RelayStats>,
 }
 
 impl InProcessRelay {
@@ -22,8 +24,13 @@ impl InProcessRelay {
     pub fn start(config: RelayConfig) -> Result<Self> {
         let shutdown = CancellationToken::new();
         let relay = Relay::new(config)?;
+        let stats = relay.stats();
         let task = tokio::spawn(relay.run(shutdown.clone()));
-        Ok(Self { shutdown, task })
+        Ok(Self {
+            shutdown,
+            task,
+            stats,
+        })
     }
 
     /// Stops it gracefully and returns its result.

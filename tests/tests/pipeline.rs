@@ -553,8 +553,9 @@ async fn only_the_record_refused_alone_is_parked() -> Result<()> {
 /// record first seen in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_batch_lets_no_later_batch_of_its_partition_through() -> Result<()> {
+    use outbox_relay::config::KafkaSettings;
     use outbox_relay::route::OutboundRecord;
-    use outbox_relay::sink::kafka::{KafkaSettings, KafkaSink, Outcome};
+    use outbox_relay::sink::kafka::{KafkaSink, Outcome};
     use rdkafka::mocking::MockCluster;
     let mock = MockCluster::new(1)?;
     let topic = unique("gap");

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use outbox_core::{NewEvent, Outbox, OutboxTable, StoredEvent};
+use outbox_relay::config::RowAcknowledgement;
 use outbox_relay::leader::Lease;
-use outbox_relay::source::polling::RowAcknowledgement;
 use outbox_relay::source::row_marks::{MAX_PENDING_ACKNOWLEDGEMENTS, RowMarks};
 use outbox_tests::*;
 use sqlx::Connection;
@@ -137,7 +137,7 @@ async fn a_row_committed_after_its_acknowledgement_started_is_still_marked() -> 
     let url = db.url.clone();
     let marking = tokio::spawn(async move {
         let mut conn = sqlx::PgConnection::connect(&url).await?;
-        outbox_relay::source::polling::acknowledge_rows(
+        outbox_relay::source::row_marks::acknowledge_rows(
             &mut conn,
             &OutboxTable::default(),
             RowAcknowledgement::Mark,

@@ -13,7 +13,6 @@
 //! - Keys are partitioned with `murmur2_random`, the Java client's partitioner, so a key lands on
 //!   the same partition as it would from Debezium/Kafka Connect.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use std::sync::{Arc, Mutex};
@@ -25,49 +24,10 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
+use crate::config::{KafkaPropertyError, KafkaSettings};
 use crate::route::OutboundRecord;
+use crate::sink::{Delivered, DeliveryError, ErrorClass};
 use crate::telemetry::{ProducerSpans, RecordSpan};
-
-/// Producer settings. `Debug` redacts secret properties ([`crate::config::is_secret_key`]).
-#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct KafkaSettings {
-    /// `bootstrap.servers`.
-    pub bootstrap_servers: String,
-    /// How long a record may take to be acknowledged before it counts as failed. The relay
-    /// enforces it itself, for a whole produce queue at once (see [`Pending::wait`]);
-    /// librdkafka's own `delivery.timeout.ms` is infinite, because librdkafka times records out
-    /// one by one and a later record of the same partition could then still be delivered.
-    #[serde(with = "crate::config::duration")]
-    pub delivery_timeout: Duration,
-    /// How long start-up waits for the cluster's metadata before reporting it unreachable.
-    #[serde(with = "crate::config::duration")]
-    pub connect_timeout: Duration,
-    /// Any other librdkafka producer property (TLS, SASL, `linger.ms`, `compression.type`, …).
-    pub properties: BTreeMap<String, String>,
-}
-
-impl Default for KafkaSettings {
-    fn default() -> Self {
-        Self {
-            bootstrap_servers: "localhost:9092".to_owned(),
-            delivery_timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(10),
-            properties: BTreeMap::new(),
-        }
-    }
-}
-
-impl std::fmt::Debug for KafkaSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaSettings")
-            .field("bootstrap_servers", &self.bootstrap_servers)
-            .field("delivery_timeout", &self.delivery_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("properties", &crate::config::RedactedMap(&self.properties))
-            .finish()
-    }
-}
 
 /// A producer problem.
 #[derive(Debug, thiserror::Error)]
@@ -107,16 +67,20 @@ pub enum SinkError {
     },
 }
 
+impl From<KafkaPropertyError> for SinkError {
+    fn from(e: KafkaPropertyError) -> Self {
+        SinkError::Config {
+            key: e.key,
+            reason: e.reason,
+        }
+    }
+}
+
 impl KafkaSettings {
     /// The librdkafka configuration: defaults, then user properties, then the guarantees this
     /// relay depends on (refusing user properties that contradict them).
     pub fn client_config(&self) -> Result<ClientConfig, SinkError> {
-        if self.bootstrap_servers.trim().is_empty() {
-            return Err(SinkError::Config {
-                key: "bootstrap.servers".into(),
-                reason: "must not be empty".into(),
-            });
-        }
+        self.check()?;
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.bootstrap_servers)
             .set("client.id", "outbox-relay")
@@ -127,31 +91,6 @@ impl KafkaSettings {
             // Infinite: the relay times deliveries out itself ([`Pending::wait`]).
             .set("delivery.timeout.ms", "0");
         for (key, value) in &self.properties {
-            let refused = match key.as_str() {
-                "enable.idempotence" if value != "true" => Some("the relay requires idempotence"),
-                "acks" | "request.required.acks" if !matches!(value.as_str(), "all" | "-1") => {
-                    Some("the relay requires acks=all")
-                }
-                "max.in.flight.requests.per.connection" | "max.in.flight"
-                    if value.parse::<u32>().map(|n| n > 5).unwrap_or(true) =>
-                {
-                    Some("idempotent ordering needs at most 5 in-flight requests")
-                }
-                "enable.gapless.guarantee" if value != "true" => Some(
-                    "the relay requires it: a failed batch must not leave a gap that later batches of the partition fill",
-                ),
-                "bootstrap.servers" => Some("set it through its own setting"),
-                "delivery.timeout.ms" | "message.timeout.ms" => Some(
-                    "set kafka.delivery_timeout instead: the relay times out a whole produce queue at once, so a timed-out record never lets a later record of its partition through",
-                ),
-                _ => None,
-            };
-            if let Some(reason) = refused {
-                return Err(SinkError::Config {
-                    key: key.clone(),
-                    reason: reason.into(),
-                });
-            }
             cfg.set(key, value);
         }
         // Gap-less: when a Produce request fails for good while later requests of the same
@@ -340,53 +279,17 @@ fn is_purged(error: &KafkaError) -> bool {
     )
 }
 
-/// What became of one record of a batch.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    /// Kafka acknowledged it.
-    Delivered(Delivered),
-    /// Kafka (or the client) refused it for good: it must be parked, not retried.
-    Rejected(KafkaError),
-    /// Not sent because an earlier record of the same topic and key (the record at index
-    /// `behind`) was rejected: it must be parked behind that one.
-    Held {
-        /// Index in the batch of the rejected record.
-        behind: usize,
-    },
-    /// The produce request this record was part of failed with a record-level error
-    /// ([`ErrorClass::Record`]) that may concern another record of the request: the relay sends
-    /// it again alone before it decides (delivered, or [`Outcome::Rejected`] and parked).
-    Suspect(KafkaError),
-    /// A failure the window cannot get past (timeout, broker unavailable, a refusal that stops
-    /// the relay, …): see [`classify`] for what the relay does.
-    Failed(KafkaError),
-}
+/// What became of one record produced to Kafka ([`crate::sink::Outcome`] with the client's
+/// error).
+pub type Outcome = crate::sink::Outcome<KafkaError>;
 
-/// What the relay does about a record Kafka did not accept. [`classify`] is the one place that
-/// decides it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// Transient (brokers down or slow, leadership moving, the producer's own fatal state):
-    /// drop the in-flight window, recreate the producer and resume from the first
-    /// unacknowledged event after a backoff, for as long as it takes.
-    Retry,
-    /// Kafka refuses the record for what it is (its size, timestamp, contents or topic name).
-    /// Refused when it is enqueued, the verdict is the record's own and it is parked; from a
-    /// broker, the verdict covers a whole produce request, so the record is first sent again
-    /// alone and parked only if it fails alone.
-    Record,
-    /// Nothing can be published until an operator acts (permissions, a missing topic, a broker
-    /// that cannot take the relay's records): the relay stops with this fix.
-    Stop(&'static str),
-    /// An error this relay does not know: retried like [`ErrorClass::Retry`], but the relay
-    /// stops with the error's name once it persists for [`UNLISTED_ERROR_ROUNDS`] rounds in a
-    /// row with nothing delivered in between.
-    Unlisted,
+impl DeliveryError for KafkaError {
+    fn kind(&self) -> String {
+        self.rdkafka_error_code()
+            .map(|c| format!("{c:?}"))
+            .unwrap_or_else(|| "_OTHER".to_owned())
+    }
 }
-
-/// How many failed rounds in a row an [`ErrorClass::Unlisted`] error may cause before the relay
-/// stops.
-pub const UNLISTED_ERROR_ROUNDS: u32 = 5;
 
 /// Classifies a producer error (at enqueue time or in a delivery report). See [`ErrorClass`].
 pub fn classify(error: &KafkaError) -> ErrorClass {
@@ -530,15 +433,6 @@ pub struct Fenced {
     pub held: i32,
     /// Records still unanswered when the wait ended (dropped; a broker may still append them).
     pub unanswered: i32,
-}
-
-/// Where a record landed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Delivered {
-    /// The partition.
-    pub partition: i32,
-    /// The offset.
-    pub offset: i64,
 }
 
 impl KafkaSink {
@@ -771,7 +665,7 @@ pub const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// See [`BROKER_PROBE_INTERVAL`].
 pub const BROKER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Keeps [`crate::relay::RelayStats::kafka_reachable`] current while the relay is idle, so
+/// Keeps [`crate::stats::RelayStats::kafka_reachable`] current while the relay is idle, so
 /// `/readyz` notices a broker outage (and the recovery) with no traffic: every
 /// [`BROKER_PROBE_INTERVAL`] without a published event, a metadata request on a client of its
 /// own (same bootstrap servers, TLS and SASL settings as the producer, never producing) must
@@ -779,7 +673,7 @@ pub const BROKER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// are the evidence and no request is made. Stops when `shutdown` fires.
 pub fn watch_brokers(
     settings: &KafkaSettings,
-    stats: Arc<crate::relay::RelayStats>,
+    stats: Arc<crate::stats::RelayStats>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, SinkError> {
     use std::sync::atomic::Ordering;
@@ -832,7 +726,8 @@ pub fn watch_brokers(
 
 #[cfg(test)]
 mod tests {
-    use super::{ErrorClass, classify, error_name};
+    use super::{classify, error_name};
+    use crate::sink::ErrorClass;
     use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
 
     fn delivery(code: C) -> KafkaError {

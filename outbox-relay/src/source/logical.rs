@@ -104,7 +104,7 @@ mod stream;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -119,12 +119,12 @@ use uuid::Uuid;
 pub use pgoutput::{DecodeError, Lsn};
 pub use slot::{NameError, PublicationName, SlotName, SlotStatus};
 
-use super::polling::RowAcknowledgement;
 use super::row_marks::{MarkError, RowMarks};
 use super::{Position, Source, SourceError, SourceEvent};
-use crate::config::RelayConfig;
+use crate::config::{RelayConfig, RowAcknowledgement};
 use crate::leader::Leadership;
 use crate::park::{AggregateKey, ParkRequest};
+use crate::stats::LogicalMetrics;
 use pgoutput::{PgOutputMessage, Relation};
 use slot::ResolvedTable;
 use stream::{ReplicationTarget, Session};
@@ -288,70 +288,6 @@ impl LogicalConfig {
     }
 }
 
-/// Live figures of the logical source, for metrics and health endpoints.
-#[derive(Debug, Default)]
-pub struct LogicalMetrics {
-    /// Last LSN confirmed to the slot (as u64).
-    pub confirmed_lsn: AtomicU64,
-    /// `pg_current_wal_lsn() - confirmed_flush_lsn` at the last slot check, bytes (-1 unknown).
-    pub slot_lag_bytes: AtomicI64,
-    /// Bytes of WAL the slot retains at the last check (-1 unknown).
-    pub slot_retained_bytes: AtomicI64,
-    /// `wal_status` at the last check: 0 unknown, 1 reserved, 2 extended, 3 unreserved, 4 lost.
-    pub wal_status: AtomicU64,
-    /// Events decoded from the stream.
-    pub events_streamed: AtomicU64,
-    /// Rows re-published from the table during slot creation/recovery.
-    pub rows_backfilled: AtomicU64,
-    /// Pages read from the table by re-publications (each at most a batch, by count and bytes).
-    pub backfill_pages: AtomicU64,
-    /// Heartbeat messages written.
-    pub heartbeats: AtomicU64,
-    /// Lost slots recovered.
-    pub slot_recoveries: AtomicU64,
-    /// Outbox-prefixed logical messages ignored because the write mode is not `logical_message`.
-    pub messages_refused: AtomicU64,
-    /// Replication sessions started.
-    pub sessions: AtomicU64,
-}
-
-impl LogicalMetrics {
-    fn record_status(&self, s: &SlotStatus) {
-        self.slot_lag_bytes
-            .store(s.lag_bytes.unwrap_or(-1), Ordering::Relaxed);
-        self.slot_retained_bytes
-            .store(s.retained_bytes.unwrap_or(-1), Ordering::Relaxed);
-        let code = match s.wal_status.as_deref() {
-            Some("reserved") => 1,
-            Some("extended") => 2,
-            Some("unreserved") => 3,
-            Some("lost") => 4,
-            _ => 0,
-        };
-        self.wal_status.store(code, Ordering::Relaxed);
-    }
-}
-
-/// The live metrics of the logical source streaming from `slot` in this process, if one was
-/// opened: for health and metrics endpoints, which outlive the source (the relay reopens it after
-/// a retryable failure; every instance for the same slot shares one [`LogicalMetrics`]).
-pub fn metrics_for(slot: &str) -> Option<Arc<LogicalMetrics>> {
-    metrics_registry().lock().ok()?.get(slot).cloned()
-}
-
-fn metrics_registry() -> &'static std::sync::Mutex<HashMap<String, Arc<LogicalMetrics>>> {
-    static REGISTRY: std::sync::OnceLock<std::sync::Mutex<HashMap<String, Arc<LogicalMetrics>>>> =
-        std::sync::OnceLock::new();
-    REGISTRY.get_or_init(Default::default)
-}
-
-fn shared_metrics(slot: &SlotName) -> Arc<LogicalMetrics> {
-    match metrics_registry().lock() {
-        Ok(mut r) => Arc::clone(r.entry(slot.as_str().to_owned()).or_default()),
-        Err(_) => Arc::default(),
-    }
-}
-
 struct OpenTx {
     commit_lsn: Lsn,
     /// Decoded events not handed on yet, malformed ones included (the relay parks those).
@@ -493,14 +429,17 @@ impl LogicalSource {
     /// Check the server (`wal_level`, privileges), create or verify the publication and the slot,
     /// re-publish unpublished rows when a `table`-mode slot is new or was lost, and start streaming
     /// from the slot's confirmed position.
+    /// Its figures go to a [`LogicalMetrics`] of its own ([`LogicalSource::metrics`]).
     pub async fn connect(cfg: LogicalConfig) -> Result<Self, LogicalError> {
-        Self::open(cfg, None).await
+        Self::open(cfg, None, Arc::default()).await
     }
 
-    /// Like [`LogicalSource::connect`], acknowledging rows through the leader lock's session.
+    /// Like [`LogicalSource::connect`], acknowledging rows through the leader lock's session and
+    /// adding its figures to `metrics`, which the caller keeps across reopenings.
     pub async fn open(
         cfg: LogicalConfig,
         leader: Option<Leadership>,
+        metrics: Arc<LogicalMetrics>,
     ) -> Result<Self, LogicalError> {
         let target = ReplicationTarget::from_url(cfg.database_url.expose())?;
         let pool = PgPoolOptions::new()
@@ -549,7 +488,6 @@ impl LogicalSource {
             None
         };
         let now = Instant::now();
-        let metrics = shared_metrics(&cfg.slot);
         let mut me = Self {
             heartbeat_prefix: slot::heartbeat_prefix(&cfg.message_prefix),
             next_heartbeat: now + cfg.heartbeat_interval,
@@ -664,7 +602,7 @@ impl LogicalSource {
             }
             Some(s) if !s.is_lost() => {
                 slot::verify_slot(&self.pool, &slot, &s).await?;
-                self.metrics.record_status(&s);
+                s.record_in(&self.metrics);
                 let at_slot = s.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
                 // Our own position saves re-streaming what was acknowledged since the last status
                 // update, but an LSN names a transaction only within one WAL history: after a
@@ -882,7 +820,7 @@ impl LogicalSource {
         };
         // The keyset read must be an ordered scan of the unpublished-rows index, never a sort of
         // the whole backlog (see `RELAY_PLANNER_SETTINGS`).
-        for (name, value) in super::polling::RELAY_PLANNER_SETTINGS {
+        for (name, value) in super::row_marks::RELAY_PLANNER_SETTINGS {
             sqlx::query(sqlx::AssertSqlSafe(format!("SET {name} = {value}")))
                 .execute(&mut conn)
                 .await
@@ -1094,7 +1032,7 @@ impl LogicalSource {
         };
         self.metrics.sessions.fetch_add(1, Ordering::Relaxed);
         if let Ok(Some(status)) = slot::slot_status(&self.pool, &self.cfg.slot).await {
-            self.metrics.record_status(&status);
+            status.record_in(&self.metrics);
         }
         self.metrics
             .confirmed_lsn
@@ -1436,7 +1374,7 @@ impl LogicalSource {
             self.next_slot_check = now + self.cfg.slot_check_interval;
             match slot::slot_status(&self.pool, &self.cfg.slot).await? {
                 Some(s) if !s.is_lost() => {
-                    self.metrics.record_status(&s);
+                    s.record_in(&self.metrics);
                     if self.confirmed > self.state_recorded {
                         state::update_confirmed(
                             &self.pool,
@@ -1454,7 +1392,7 @@ impl LogicalSource {
                     }
                 }
                 Some(s) => {
-                    self.metrics.record_status(&s);
+                    s.record_in(&self.metrics);
                     return Err(LogicalError::SlotLost {
                         slot: self.cfg.slot.to_string(),
                         detail: "wal_status = 'lost'".into(),

@@ -21,16 +21,146 @@
 //!   claimed or streamed again (duplicates with stable ids, never a loss).
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use outbox_core::{OutboxTable, StoredEvent};
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use crate::config::RowAcknowledgement;
 use crate::leader::{Lease, LeaseLost};
 use crate::source::SourceError;
-use crate::source::polling::{RELAY_PLANNER_SETTINGS, RowAcknowledgement, acknowledge_keys};
+
+/// Planner settings of the sessions that run only the relay's own statements (the leader's, the
+/// row acknowledgements'): claims and marks by `seq = ANY(…)` planned per call, so the array is
+/// hashed, and kept ordered index scans even on a freshly filled table without statistics.
+pub(crate) const RELAY_PLANNER_SETTINGS: [(&str, &str); 4] = [
+    ("plan_cache_mode", "force_custom_plan"),
+    ("enable_sort", "off"),
+    ("enable_bitmapscan", "off"),
+    ("enable_seqscan", "off"),
+];
+
+/// Records in the table that `events` were published. Used by both sources in the `table`
+/// write mode; idempotent.
+///
+/// Rows are found by `seq` (through the partial index of unpublished rows, or the unique `seq`
+/// index when deleting), not by `id`: for a thousand random UUIDs the planner prefers a
+/// sequential scan of the whole table, which made every acknowledgement cost as much as the
+/// backlog is long. An event without a `seq` (not expected from a migrated table) is matched by
+/// its id in a second statement.
+pub async fn acknowledge_rows<'e>(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    how: RowAcknowledgement,
+    events: impl IntoIterator<Item = &'e StoredEvent>,
+) -> Result<u64, sqlx::Error> {
+    acknowledge_keys(conn, table, how, &RowKeys::of(events)).await
+}
+
+/// How long an acknowledgement waits for rows it cannot see yet (see [`acknowledge_keys`]).
+const VISIBILITY_WAIT: Duration = Duration::from_secs(3);
+
+/// [`acknowledge_rows`] for rows already reduced to their keys.
+///
+/// A row the logical source received may not be visible yet: PostgreSQL flushes a commit record
+/// (which the walsender may then decode and send) *before* the committing session makes the
+/// transaction visible to others, and on a loaded machine that gap lasts milliseconds — long
+/// enough for the relay to produce the event and come back to mark it. A mark that found no row
+/// would leave it unpublished for good. So rows by `seq` that the statement did not reach are
+/// looked for again, with growing pauses, for up to [`VISIBILITY_WAIT`]; a row already marked
+/// (re-delivered after a failure) counts as found. In `delete` mode an already deleted row looks
+/// like a missing one, so re-delivered rows cost that wait once per batch.
+pub(crate) async fn acknowledge_keys(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    how: RowAcknowledgement,
+    keys: &RowKeys,
+) -> Result<u64, sqlx::Error> {
+    let t = table.qualified();
+    let mut affected = 0;
+    let mut due = keys.seqs.clone();
+    let deadline = std::time::Instant::now() + VISIBILITY_WAIT;
+    let mut pause = Duration::from_millis(2);
+    while !due.is_empty() {
+        let missing: Vec<i64> = match how {
+            RowAcknowledgement::Mark => {
+                let n = sqlx::query(AssertSqlSafe(format!(
+                    "UPDATE {t} SET published_at = clock_timestamp() WHERE seq = ANY($1) AND published_at IS NULL"
+                )))
+                .bind(&due)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                affected += n;
+                if n as usize == due.len() {
+                    Vec::new()
+                } else {
+                    sqlx::query_scalar(AssertSqlSafe(format!(
+                        "SELECT s FROM unnest($1::int8[]) AS s WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE seq = s)"
+                    )))
+                    .bind(&due)
+                    .fetch_all(&mut *conn)
+                    .await?
+                }
+            }
+            RowAcknowledgement::Delete => {
+                let deleted: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+                    "DELETE FROM {t} WHERE seq = ANY($1) RETURNING seq"
+                )))
+                .bind(&due)
+                .fetch_all(&mut *conn)
+                .await?;
+                affected += deleted.len() as u64;
+                if deleted.len() == due.len() {
+                    Vec::new()
+                } else {
+                    let deleted: std::collections::HashSet<i64> = deleted.into_iter().collect();
+                    due.iter()
+                        .copied()
+                        .filter(|s| !deleted.contains(s))
+                        .collect()
+                }
+            }
+        };
+        if missing.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            match how {
+                RowAcknowledgement::Mark => tracing::warn!(
+                    rows = missing.len(),
+                    first_seq = missing[0],
+                    "acknowledged rows not found in the outbox table (deleted by someone else?)"
+                ),
+                RowAcknowledgement::Delete => tracing::debug!(
+                    rows = missing.len(),
+                    "acknowledged rows already deleted (re-delivered after a failure)"
+                ),
+            }
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+        due = missing;
+    }
+    if !keys.ids.is_empty() {
+        let sql = match how {
+            RowAcknowledgement::Mark => format!(
+                "UPDATE {t} SET published_at = clock_timestamp() WHERE id = ANY($1) AND published_at IS NULL"
+            ),
+            RowAcknowledgement::Delete => format!("DELETE FROM {t} WHERE id = ANY($1)"),
+        };
+        affected += sqlx::query(AssertSqlSafe(sql))
+            .bind(&keys.ids)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+    }
+    Ok(affected)
+}
 
 /// How many batches' row acknowledgements may run at once, beside the batches in flight.
 pub const MAX_PENDING_ACKNOWLEDGEMENTS: usize = 2;

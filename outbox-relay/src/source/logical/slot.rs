@@ -8,6 +8,7 @@ use sqlx::{AssertSqlSafe, PgPool, Row};
 
 use super::LogicalError;
 use super::pgoutput::Lsn;
+use crate::stats::LogicalMetrics;
 
 /// A validated replication slot name.
 ///
@@ -350,6 +351,15 @@ impl SlotStatus {
     /// The slot can no longer stream (its WAL was removed).
     pub fn is_lost(&self) -> bool {
         self.wal_status.as_deref() == Some("lost")
+    }
+
+    /// Records this check's lag, retained WAL and `wal_status` in `metrics`.
+    pub fn record_in(&self, metrics: &LogicalMetrics) {
+        metrics.record_slot(
+            self.lag_bytes,
+            self.retained_bytes,
+            self.wal_status.as_deref(),
+        );
     }
 }
 
