@@ -255,8 +255,8 @@ pub struct LogicalConfig {
 }
 
 impl LogicalConfig {
-    /// Defaults: slot `outbox_slot`, publication `outbox_pub`, prefix `outbox`, heartbeat 10 s,
-    /// status 1 s, slot check 30 s, lost-slot recovery on.
+    /// Defaults, the configuration file's: slot `outbox_relay`, publication `outbox_relay`, prefix
+    /// `outbox`, heartbeat 10 s, status 1 s, slot check 30 s, lost-slot recovery on.
     pub fn new(database_url: impl Into<String>, table: OutboxTable, write_mode: WriteMode) -> Self {
         Self {
             database_url: crate::config::Secret::new(database_url),
@@ -2171,8 +2171,12 @@ mod tests {
 
     #[test]
     fn default_names_are_valid_and_marker_fits() {
-        assert!(SlotName::parse("outbox_slot").is_ok());
-        assert!(PublicationName::parse("outbox_pub").is_ok());
+        // One name per thing: the library's defaults are the configuration file's.
+        let settings = crate::config::LogicalSettings::default();
+        assert_eq!(SlotName::default().as_str(), settings.slot);
+        assert_eq!(PublicationName::default().as_str(), settings.publication);
+        assert!(SlotName::parse(&settings.slot).is_ok());
+        assert!(PublicationName::parse(&settings.publication).is_ok());
         let long = SlotName::parse(&"s".repeat(63)).unwrap();
         assert_eq!(marker_slot(&long).as_str().len(), 63);
         assert_eq!(marker_slot(&SlotName::parse("a").unwrap()).as_str(), "a_bf");

@@ -76,16 +76,16 @@ impl SlotName {
 }
 
 impl Default for SlotName {
-    /// `outbox_slot`.
+    /// `outbox_relay`, as in the configuration file (`logical.slot`).
     fn default() -> Self {
-        Self("outbox_slot".to_owned())
+        Self("outbox_relay".to_owned())
     }
 }
 
 impl Default for PublicationName {
-    /// `outbox_pub`.
+    /// `outbox_relay`, as in the configuration file (`logical.publication`).
     fn default() -> Self {
-        Self("outbox_pub".to_owned())
+        Self("outbox_relay".to_owned())
     }
 }
 
