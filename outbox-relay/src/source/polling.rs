@@ -215,18 +215,19 @@ impl PollingSource {
         // Rows in flight are excluded by value, not by a cursor: a row with a lower `seq` that
         // commits late is still claimed by the next batch.
         // The claim is cut by size too: of the first `$1` rows, those whose preceding payloads
-        // (in `seq` order) stay under `$4` bytes, so a backlog of large events is not read
+        // (in `seq` order) stay under `$3` bytes, so a backlog of large events is not read
         // into memory a thousand at a time. The first row always qualifies.
         let claim_sql = format!(
             "SELECT * FROM (SELECT c.*, sum(coalesce(octet_length(c.payload), 0)) OVER (ORDER BY c.seq) \
                  - coalesce(octet_length(c.payload), 0) AS bytes_before FROM ( \
              SELECT {EVENT_COLUMNS} FROM {} WHERE published_at IS NULL AND NOT (seq = ANY($2)) {} \
-             ORDER BY seq LIMIT $1) c) b WHERE b.bytes_before < $4 ORDER BY b.seq",
+             ORDER BY seq LIMIT $1) c) b WHERE b.bytes_before < $3 ORDER BY b.seq",
             settings.table.qualified(),
+            // Broken on purpose, in the test-only `mutants` build: the `WHERE seq > :last` trap.
             if crate::faults::mutant("cursor") {
-                "AND seq > $3"
+                "AND seq > $4"
             } else {
-                "AND $3::int8 IS NOT NULL"
+                ""
             }
         );
         // The claim must be an ordered scan of the unpublished-rows index, and its in-flight
@@ -288,11 +289,14 @@ impl PollingSource {
                     .saturating_add(1),
             ),
         };
-        let rows = sqlx::query(AssertSqlSafe(self.claim_sql.as_str()))
+        let mut claim = sqlx::query(AssertSqlSafe(self.claim_sql.as_str()))
             .bind(max as i64)
             .bind(&in_flight)
-            .bind(self.highest_claimed)
-            .bind(self.max_batch_bytes)
+            .bind(self.max_batch_bytes);
+        if crate::faults::mutant("cursor") {
+            claim = claim.bind(self.highest_claimed);
+        }
+        let rows = claim
             .fetch_all(&mut *self.leader.connection().await)
             .await
             .map_err(|error| SourceError::Database {
