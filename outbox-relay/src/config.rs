@@ -352,28 +352,17 @@ impl ConfigError {
 pub mod duration {
     use std::time::Duration;
 
-    /// Parses a duration like `500ms`, `30s`, `5m`, `24h`, `7d`.
+    /// Parses a duration: a number of seconds (`30`, `0.5`) or a `humantime` duration —
+    /// `500ms`, `30s`, `5m`, `24h`, `7d`, and combinations such as `1h30m` or `1h 30m`.
     pub fn parse(text: &str) -> Result<Duration, String> {
         let text = text.trim();
-        let split = text
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        let n: f64 = number
-            .parse()
-            .map_err(|_| format!("`{text}` is not a duration (e.g. 500ms, 30s, 5m, 24h)"))?;
-        let secs = match unit.trim() {
-            "ms" => n / 1000.0,
-            "" | "s" => n,
-            "m" | "min" => n * 60.0,
-            "h" => n * 3600.0,
-            "d" => n * 86400.0,
-            other => return Err(format!("unknown duration unit `{other}` in `{text}`")),
-        };
-        if !secs.is_finite() || secs < 0.0 {
-            return Err(format!("`{text}` is not a valid duration"));
+        if let Ok(secs) = text.parse::<f64>() {
+            return Duration::try_from_secs_f64(secs)
+                .map_err(|_| format!("`{text}` is not a valid duration"));
         }
-        Ok(Duration::from_secs_f64(secs))
+        humantime::parse_duration(text).map_err(|e| {
+            format!("`{text}` is not a duration ({e}; e.g. 500ms, 30s, 5m, 1h30m, 7d)")
+        })
     }
 
     /// Formats a duration in the largest unit that keeps it exact.
@@ -436,6 +425,25 @@ mod tests {
         assert_eq!(duration::parse("30").unwrap(), Duration::from_secs(30));
         assert_eq!(duration::parse("24h").unwrap(), Duration::from_secs(86400));
         assert!(duration::parse("5 parsecs").is_err());
+        assert!(duration::parse("-1").is_err());
+        assert_eq!(duration::parse("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(
+            duration::parse("1h 30m").unwrap(),
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            duration::parse("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
+        assert_eq!(duration::parse("2min").unwrap(), Duration::from_secs(120));
+        for d in ["500ms", "30s", "5m", "24h", "7d", "90m"] {
+            let parsed = duration::parse(d).unwrap();
+            assert_eq!(
+                duration::parse(&duration::format(&parsed)).unwrap(),
+                parsed,
+                "{d}"
+            );
+        }
         assert_eq!(duration::format(&Duration::from_secs(86400)), "1d");
         assert_eq!(duration::format(&Duration::from_millis(1500)), "1500ms");
     }
