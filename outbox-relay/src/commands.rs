@@ -209,7 +209,7 @@ pub async fn topics_ensure(config: &RelayConfig, spec: &TopicSpec) -> Result<()>
                 Ok(t) => {
                     topics.insert(t);
                 }
-                Err(e) => tracing::warn!("{e}"),
+                Err(error) => tracing::warn!(%error, "an event type in the table cannot be routed"),
             }
         }
     }

@@ -1661,7 +1661,7 @@ impl Source for LogicalSource {
                 let recoverable =
                     matches!(e, LogicalError::SlotLost { .. }) && self.restartable(&e);
                 if matches!(e, LogicalError::SlotLost { .. }) {
-                    tracing::error!("{e}");
+                    tracing::error!(error = %e, "replication slot lost");
                 }
                 // The session is unusable after an error: the next call (after the relay's
                 // rewind) starts a new one from the confirmed position.

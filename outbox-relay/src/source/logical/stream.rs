@@ -364,7 +364,7 @@ impl Session {
     /// Stop streaming (CopyDone) and wait for the worker to end.
     pub(crate) async fn stop(mut self) {
         if let Err(e) = self.client.shutdown().await {
-            tracing::debug!("replication session ended with: {e}");
+            tracing::debug!(error = %e, "replication session ended with an error");
         }
     }
 }
