@@ -180,7 +180,27 @@ impl Relay {
 
     /// Runs until `shutdown` is cancelled (then drains the batch in flight, acknowledges it and
     /// returns `Ok`) or until a failure that retrying cannot fix.
+    ///
+    /// Everything it logs carries the span `relay` with the fields `table`, `source` and, for the
+    /// logical source, `slot`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RelayError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "relay",
+            table = %self.table.qualified(),
+            source = match self.config.source {
+                SourceKind::Polling => "polling",
+                SourceKind::Logical => "logical",
+            },
+            slot = tracing::field::Empty,
+        );
+        if self.config.source == SourceKind::Logical {
+            span.record("slot", self.config.logical.slot.as_str());
+        }
+        self.run_in_span(shutdown).instrument(span).await
+    }
+
+    async fn run_in_span(self, shutdown: CancellationToken) -> Result<(), RelayError> {
         if let Some(addr) = self.config.admin_addr {
             crate::admin::serve(
                 addr,

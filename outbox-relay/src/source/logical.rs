@@ -595,8 +595,10 @@ impl LogicalSource {
             // unpublished rows are read in it. Resuming the old slot instead would stream the
             // rows committed since its position on top of re-publishing them.
             Some(s) if !s.is_lost() && marker_exists => {
-                tracing::warn!(slot = %slot, "a previous re-publication from the table was interrupted: \
-                    creating the slot again with a fresh snapshot and re-publishing the unpublished rows in it");
+                tracing::warn!(
+                    "a previous re-publication from the table was interrupted: \
+                    creating the slot again with a fresh snapshot and re-publishing the unpublished rows in it"
+                );
                 slot::drop_slot(&self.pool, &slot).await?;
                 self.create_slot(at_start, marker_exists).await
             }
@@ -611,7 +613,7 @@ impl LogicalSource {
                 let instance = slot::instance(&self.pool).await?;
                 let same_instance = self.instance.as_ref() == Some(&instance);
                 if !same_instance && self.confirmed > at_slot {
-                    tracing::warn!(slot = %slot, acknowledged = %self.confirmed, slot_position = %at_slot,
+                    tracing::warn!(acknowledged = %self.confirmed, slot_position = %at_slot,
                         "PostgreSQL restarted or failed over since the relay acknowledged its position: resuming from the slot's position (events acknowledged after it are published again)");
                 }
                 self.confirmed = if same_instance {
@@ -630,8 +632,10 @@ impl LogicalSource {
                 if marker_exists {
                     // Nothing streamed is lost: the pending re-publication reads every
                     // unpublished row of the table in the new slot's snapshot.
-                    tracing::warn!(slot = %slot, "a previous re-publication from the table was interrupted and the slot is gone too: \
-                        creating it and re-publishing every unpublished row");
+                    tracing::warn!(
+                        "a previous re-publication from the table was interrupted and the slot is gone too: \
+                        creating it and re-publishing every unpublished row"
+                    );
                     if lost_at.is_some() {
                         slot::drop_slot(&self.pool, &slot).await?;
                     }
@@ -657,7 +661,7 @@ impl LogicalSource {
                         ),
                         (None, None) => unreachable!("guarded above"),
                     };
-                    tracing::error!(slot = %slot, "REPLICATION SLOT LOST: {detail}");
+                    tracing::error!("REPLICATION SLOT LOST: {detail}");
                     if !(table_mode && self.cfg.recover_lost_slot) {
                         let since = since
                             .filter(|l| *l != Lsn::ZERO)
@@ -680,13 +684,19 @@ impl LogicalSource {
                     if lost_at.is_some() {
                         slot::drop_slot(&self.pool, &slot).await?;
                     }
-                    tracing::warn!(slot = %slot, "recovering the lost slot: creating it and re-publishing every unpublished row from the outbox table");
+                    tracing::warn!(
+                        "recovering the lost slot: creating it and re-publishing every unpublished row from the outbox table"
+                    );
                 } else if table_mode && self.table_has_published_rows().await? {
-                    tracing::warn!(slot = %slot, "replication slot does not exist although rows were published before: \
+                    tracing::warn!(
+                        "replication slot does not exist although rows were published before: \
                         it was dropped or lost while no relay ran (or the polling source was used); creating it and \
-                        re-publishing every unpublished row");
+                        re-publishing every unpublished row"
+                    );
                 } else {
-                    tracing::info!(slot = %slot, "replication slot does not exist and no relay streamed from it before; creating it");
+                    tracing::info!(
+                        "replication slot does not exist and no relay streamed from it before; creating it"
+                    );
                 }
                 self.create_slot(at_start, marker_exists).await
             }
@@ -773,7 +783,7 @@ impl LogicalSource {
                     }
                     if !logged {
                         logged = true;
-                        tracing::info!(slot = %slot, creator_pid = ?s.active_pid,
+                        tracing::info!(creator_pid = ?s.active_pid,
                             "replication slot is still being created by another session (a relay killed while creating it?); waiting until it is complete or gone");
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1385,10 +1395,10 @@ impl LogicalSource {
                         .await?;
                         self.state_recorded = self.confirmed;
                     }
-                    tracing::debug!(slot = %self.cfg.slot, lag_bytes = ?s.lag_bytes, retained_bytes = ?s.retained_bytes,
+                    tracing::debug!(lag_bytes = ?s.lag_bytes, retained_bytes = ?s.retained_bytes,
                         wal_status = ?s.wal_status, safe_wal_size = ?s.safe_wal_size, "replication slot status");
                     if s.wal_status.as_deref() == Some("unreserved") {
-                        tracing::warn!(slot = %self.cfg.slot, lag_bytes = ?s.lag_bytes, safe_wal_size = ?s.safe_wal_size, "replication slot is about to be invalidated (wal_status = unreserved)");
+                        tracing::warn!(lag_bytes = ?s.lag_bytes, safe_wal_size = ?s.safe_wal_size, "replication slot is about to be invalidated (wal_status = unreserved)");
                     }
                 }
                 Some(s) => {
