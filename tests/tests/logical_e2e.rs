@@ -222,7 +222,7 @@ async fn logical_source_only_throughput() -> Result<()> {
 
     let db = TestDb::migrated("logical_src_tput").await?;
     let slot = unique("lslot");
-    let mut cfg = source_config(&db, WriteMode::InsertDelete, &slot)?;
+    let cfg = source_config(&db, WriteMode::InsertDelete, &slot)?;
     let mut src = LogicalSource::connect(cfg.clone()).await?;
     src.close().await?;
     drop(src);
