@@ -277,18 +277,8 @@ pub async fn topics_ensure(config: &RelayConfig, spec: &TopicSpec) -> Result<()>
 
 fn probe_event(aggregate_type: &str, event_type: &str, topic: Option<String>) -> StoredEvent {
     StoredEvent {
-        id: Uuid::nil(),
-        aggregate_type: aggregate_type.to_owned(),
-        aggregate_id: String::new(),
-        event_type: event_type.to_owned(),
-        payload: None,
-        seq: None,
-        created_at: None,
-        traceparent: None,
-        headers: Vec::new(),
-        schema_version: 1,
         topic,
-        aggregate_seq: None,
+        ..StoredEvent::new(Uuid::nil(), aggregate_type, "", event_type)
     }
 }
 
