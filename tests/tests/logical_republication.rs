@@ -239,8 +239,11 @@ async fn interrupted_republication(name: &str, stop: Stop) -> Result<()> {
     // The marker stays as long as anything is unpublished.
     let deadline = Instant::now() + LONG;
     loop {
-        let left = unpublished(&db.pool).await?;
+        // The marker first: rows only ever become published, so a marker already gone with rows
+        // still unpublished afterwards is a real early drop, never the relay finishing between
+        // the two reads.
         let marker = marker_exists(&db, &slot).await?;
+        let left = unpublished(&db.pool).await?;
         if left == 0 {
             break;
         }
