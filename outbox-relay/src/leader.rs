@@ -127,7 +127,7 @@ impl Lease {
     }
 
     /// [`Lease::check`] for a batch read at `obtained`. When the relay may have been paused
-    /// since ([`PAUSE_SUSPECT`] or more ago), the local lease is not enough: a session ended while
+    /// since (`PAUSE_SUSPECT`, 250 ms, or more ago), the local lease is not enough: a session ended while
     /// the process was stopped — by an operator, a restart, a failover — frees the lock for a
     /// standby at once, long before the local lease runs out. Then a heartbeat sent after
     /// `obtained` must succeed first (one is requested at once), so a relay that lost its lock

@@ -14,7 +14,7 @@
 //!   contiguous acknowledged prefix; the confirmed LSN becomes the end LSN of the last transaction
 //!   entirely inside it. In `table` mode the rows are marked published *before* that LSN is
 //!   confirmed. The replication client reports exactly that confirmed LSN in every standby status
-//!   update, including replies to server keepalives (see [`stream`]); when nothing is pending
+//!   update, including replies to server keepalives (see the `stream` module); when nothing is pending
 //!   (no open, buffered or unacknowledged event) a keepalive's or heartbeat's position may be
 //!   confirmed, because nothing unacknowledged precedes it.
 //! - **Crash safety.** After a relay crash the server resumes from the slot's
