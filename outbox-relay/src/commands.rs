@@ -12,14 +12,15 @@ use outbox_core::{OutboxTable, StoredEvent};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{AssertSqlSafe, ConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, PgConnection};
 use uuid::Uuid;
 
 use crate::config::{RelayConfig, redact_url};
-use crate::park;
 use crate::route::Router;
 use crate::sink::kafka::{KafkaSink, Outcome};
-use crate::source::polling::{EVENT_COLUMNS, event_from_row};
+use crate::table::{self, AggregateKey, ReadError};
+
+pub use crate::table::ReplayFilter;
 
 /// A command failure: what to print and the exit code.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,15 @@ type Result<T> = std::result::Result<T, CommandError>;
 
 fn db_err(context: &str) -> impl Fn(sqlx::Error) -> CommandError + '_ {
     move |e| CommandError::runtime(format!("{context}: {e}"))
+}
+
+/// Like [`db_err`] for a read that decodes rows; a row that cannot be read at all is reported
+/// as it is (it names `outbox-relay migrate`).
+fn read_err(context: &str) -> impl Fn(ReadError) -> CommandError + '_ {
+    move |e| match e {
+        ReadError::Database(e) => CommandError::runtime(format!("{context}: {e}")),
+        unreadable => CommandError::runtime(unreadable.to_string()),
+    }
 }
 
 /// Connects to the configured database.
@@ -196,13 +206,9 @@ pub async fn topics_ensure(config: &RelayConfig, spec: &TopicSpec) -> Result<()>
     let router = Router::new(&config.route).map_err(|e| CommandError::usage(e.to_string()))?;
     let mut topics: BTreeSet<String> = spec.topics.iter().cloned().collect();
     if config.write_mode == outbox_core::WriteMode::Table {
-        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT DISTINCT aggregatetype::text, type::text, topic::text FROM {}",
-            table.qualified()
-        )))
-        .fetch_all(&mut conn)
-        .await
-        .map_err(db_err("reading routed event types"))?;
+        let rows = table::routed_event_types(&mut conn, &table)
+            .await
+            .map_err(db_err("reading routed event types"))?;
         for (aggregate_type, event_type, topic) in rows {
             let probe = probe_event(&aggregate_type, &event_type, topic);
             match router.topic_for(&probe) {
@@ -282,23 +288,6 @@ fn probe_event(aggregate_type: &str, event_type: &str, topic: Option<String>) ->
     }
 }
 
-/// Which events `replay` re-publishes.
-#[derive(Debug, Clone, Default)]
-pub struct ReplayFilter {
-    /// Created at or after.
-    pub from: Option<DateTime<Utc>>,
-    /// Created before.
-    pub to: Option<DateTime<Utc>>,
-    /// Event id at or after (UUIDv7 ids are time-ordered).
-    pub from_id: Option<Uuid>,
-    /// Event id at or before.
-    pub to_id: Option<Uuid>,
-    /// Only these event types.
-    pub event_types: Vec<String>,
-    /// Only this aggregate type.
-    pub aggregate_type: Option<String>,
-}
-
 /// `replay`: re-publishes events still in the table (rows are kept with the `mark`
 /// acknowledgement for `retention`), in their original order and with their original event ids,
 /// so consumers that dedupe by id are unaffected. Returns how many were published.
@@ -321,24 +310,9 @@ pub async fn replay(config: &RelayConfig, filter: &ReplayFilter) -> Result<u64> 
     sink.check_connection()
         .await
         .map_err(|e| CommandError::runtime(e.to_string()))?;
-    let where_sql = "($1::timestamptz IS NULL OR created_at >= $1)
-        AND ($2::timestamptz IS NULL OR created_at < $2)
-        AND ($3::uuid IS NULL OR id >= $3) AND ($4::uuid IS NULL OR id <= $4)
-        AND (cardinality($5::text[]) = 0 OR type = ANY($5))
-        AND ($6::text IS NULL OR aggregatetype = $6)";
-    let total: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FROM {} WHERE {where_sql}",
-        table.qualified()
-    )))
-    .bind(filter.from)
-    .bind(filter.to)
-    .bind(filter.from_id)
-    .bind(filter.to_id)
-    .bind(&filter.event_types)
-    .bind(&filter.aggregate_type)
-    .fetch_one(&mut conn)
-    .await
-    .map_err(db_err("counting events to replay"))?;
+    let total = table::replay_count(&mut conn, &table, filter)
+        .await
+        .map_err(db_err("counting events to replay"))?;
     let progress = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(total as u64);
         bar.set_style(
@@ -352,33 +326,20 @@ pub async fn replay(config: &RelayConfig, filter: &ReplayFilter) -> Result<u64> 
     let mut after: i64 = i64::MIN;
     let mut published = 0u64;
     loop {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {EVENT_COLUMNS} FROM {} WHERE {where_sql} AND seq > $7 ORDER BY seq LIMIT 1000",
-            table.qualified()
-        )))
-        .bind(filter.from)
-        .bind(filter.to)
-        .bind(filter.from_id)
-        .bind(filter.to_id)
-        .bind(&filter.event_types)
-        .bind(&filter.aggregate_type)
-        .bind(after)
-        .fetch_all(&mut conn)
-        .await
-        .map_err(db_err("reading events to replay"))?;
+        let rows = table::replay_page(&mut conn, &table, filter, after)
+            .await
+            .map_err(read_err("reading events to replay"))?;
         if rows.is_empty() {
             break;
         }
         let events = rows
-            .iter()
-            .map(|row| {
-                event_from_row(row)
-                    .map_err(|e| CommandError::runtime(e.to_string()))?
-                    .map_err(|m| {
-                        CommandError::runtime(format!(
-                            "cannot replay: {m}; fix or delete the row and replay again"
-                        ))
-                    })
+            .into_iter()
+            .map(|decoded| {
+                decoded.map_err(|m| {
+                    CommandError::runtime(format!(
+                        "cannot replay: {m}; fix or delete the row and replay again"
+                    ))
+                })
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         after = events.last().and_then(|e| e.seq).unwrap_or(after);
@@ -410,7 +371,7 @@ pub async fn replay(config: &RelayConfig, filter: &ReplayFilter) -> Result<u64> 
 /// `parked list`.
 pub async fn parked_list(config: &RelayConfig, json: bool) -> Result<()> {
     let (mut conn, table) = connect(config).await?;
-    let events = park::list(&mut conn, &table)
+    let events = table::list_parked(&mut conn, &table)
         .await
         .map_err(db_err("listing parked events"))?;
     if json {
@@ -460,8 +421,8 @@ pub async fn parked_retry(config: &RelayConfig, selection: &Selection) -> Result
     sink.check_connection()
         .await
         .map_err(|e| CommandError::runtime(e.to_string()))?;
-    let aggregates: BTreeSet<park::AggregateKey> = match selection {
-        Selection::All => park::blocked_aggregates(&mut conn, &table)
+    let aggregates: BTreeSet<AggregateKey> = match selection {
+        Selection::All => table::blocked_aggregates(&mut conn, &table)
             .await
             .map_err(db_err("listing parked events"))?
             .into_keys()
@@ -469,7 +430,7 @@ pub async fn parked_retry(config: &RelayConfig, selection: &Selection) -> Result
         Selection::Ids(ids) => {
             let mut set = BTreeSet::new();
             for id in ids {
-                match park::aggregate_of(&mut conn, &table, *id)
+                match table::parked_aggregate_of(&mut conn, &table, *id)
                     .await
                     .map_err(db_err("finding a parked event"))?
                 {
@@ -488,9 +449,9 @@ pub async fn parked_retry(config: &RelayConfig, selection: &Selection) -> Result
         // The relay may park further events of the aggregate while we retry: repeat until none
         // are left, so the aggregate is unblocked with nothing behind.
         for _ in 0..10 {
-            let events = park::events_of(&mut conn, &table, &aggregate)
+            let events = table::parked_events_of(&mut conn, &table, &aggregate)
                 .await
-                .map_err(db_err("reading parked events"))?;
+                .map_err(read_err("reading parked events"))?;
             if events.is_empty() {
                 break;
             }
@@ -516,7 +477,7 @@ pub async fn parked_retry(config: &RelayConfig, selection: &Selection) -> Result
                 }
             }
             published += done.len() as u64;
-            park::remove(&mut conn, &table, &done)
+            table::remove_parked(&mut conn, &table, &done)
                 .await
                 .map_err(db_err("removing republished events"))?;
             if let Some(why) = blocked {
@@ -539,15 +500,10 @@ pub async fn parked_retry(config: &RelayConfig, selection: &Selection) -> Result
 pub async fn parked_drop(config: &RelayConfig, selection: &Selection) -> Result<u64> {
     let (mut conn, table) = connect(config).await?;
     let n = match selection {
-        Selection::All => sqlx::query(AssertSqlSafe(format!(
-            "DELETE FROM {}",
-            table.parked_qualified()
-        )))
-        .execute(&mut conn)
-        .await
-        .map_err(db_err("dropping parked events"))?
-        .rows_affected(),
-        Selection::Ids(ids) => park::remove(&mut conn, &table, ids)
+        Selection::All => table::remove_all_parked(&mut conn, &table)
+            .await
+            .map_err(db_err("dropping parked events"))?,
+        Selection::Ids(ids) => table::remove_parked(&mut conn, &table, ids)
             .await
             .map_err(db_err("dropping parked events"))?,
     };

@@ -35,13 +35,13 @@
 //! standby takes over only when that session really ends (safe, not available).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::{Duration, Instant};
 
 use outbox_core::OutboxTable;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection};
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
 
 /// The lease of the active relay, shared by the heartbeat and the relay's checks. Cheap to clone.
@@ -191,11 +191,52 @@ pub struct Leadership {
     key: i64,
     lease: Lease,
     heartbeat: tokio::task::JoinHandle<()>,
+    /// Set when this leadership is dropped: every [`LeaderSession`] refuses from then on.
+    ended: Arc<AtomicBool>,
 }
 
 impl Drop for Leadership {
     fn drop(&mut self) {
+        self.ended.store(true, Ordering::Release);
         self.heartbeat.abort();
+    }
+}
+
+/// A shared handle to the lock-holding session of a [`Leadership`], for statements that must be
+/// fenced by leadership but are run by someone other than the leadership's owner (the park
+/// store, [`crate::park::ParkStore`]). Cheap to clone.
+///
+/// Guarantee: the handle never outlives the leadership it came from. It does not keep the
+/// session alive (it holds no strong reference), and once the [`Leadership`] is dropped
+/// [`LeaderSession::connection`] fails with [`LeadershipEnded`] — even while the session itself
+/// is still being closed — so nothing written through it can run on a session that may no
+/// longer hold the leader lock. Like [`Leadership::connection`], it does not check the lease:
+/// the caller does that before each write ([`Lease::check`]).
+#[derive(Debug, Clone)]
+pub struct LeaderSession {
+    conn: Weak<Mutex<PgConnection>>,
+    ended: Arc<AtomicBool>,
+}
+
+/// The [`Leadership`] a [`LeaderSession`] came from was dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the leader lock's session ended: this relay no longer holds the leader lock")]
+pub struct LeadershipEnded;
+
+impl LeaderSession {
+    /// The lock-holding session, while the leadership lasts. Hold it only for the statements
+    /// themselves: the heartbeat waits for it.
+    pub async fn connection(&self) -> Result<OwnedMutexGuard<PgConnection>, LeadershipEnded> {
+        if self.ended.load(Ordering::Acquire) {
+            return Err(LeadershipEnded);
+        }
+        let conn = self.conn.upgrade().ok_or(LeadershipEnded)?;
+        let guard = conn.lock_owned().await;
+        // The leadership may have been dropped while this waited for the session.
+        if self.ended.load(Ordering::Acquire) {
+            return Err(LeadershipEnded);
+        }
+        Ok(guard)
     }
 }
 
@@ -289,6 +330,7 @@ impl Leadership {
                     key,
                     lease,
                     heartbeat,
+                    ended: Arc::new(AtomicBool::new(false)),
                 }));
             }
             if !announced {
@@ -323,6 +365,15 @@ impl Leadership {
     /// heartbeat waits for it.
     pub async fn connection(&self) -> MutexGuard<'_, PgConnection> {
         self.conn.lock().await
+    }
+
+    /// A shared handle to the lock-holding session that stops working when this leadership is
+    /// dropped ([`LeaderSession`]).
+    pub fn session(&self) -> LeaderSession {
+        LeaderSession {
+            conn: Arc::downgrade(&self.conn),
+            ended: self.ended.clone(),
+        }
     }
 }
 

@@ -32,6 +32,7 @@ pub mod sink;
 pub mod source;
 pub mod stats;
 pub mod status;
+pub mod table;
 pub mod telemetry;
 
 pub use config::{RelayConfig, SourceKind};

@@ -11,244 +11,109 @@
 //! Operators list, retry (after fixing the cause, e.g. raising the size limit) or drop parked
 //! events with `outbox-relay parked …`; a retry publishes an aggregate's parked events in their
 //! original order before the aggregate is unblocked.
+//!
+//! The pipeline parks through a [`ParkStore`], beside its source; the statements themselves are
+//! in [`crate::table`].
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
-use outbox_core::{OutboxTable, StoredEvent, parse_headers};
-use sqlx::{AssertSqlSafe, PgConnection, Row};
+use outbox_core::OutboxTable;
 use uuid::Uuid;
 
-/// An aggregate: its type and id.
-pub type AggregateKey = (String, String);
+use crate::leader::{LeaderSession, LeadershipEnded};
+pub use crate::table::{AggregateKey, ParkRequest, ParkedEvent};
 
-/// An event to park.
-#[derive(Debug, Clone)]
-pub struct ParkRequest {
-    /// The event.
-    pub event: StoredEvent,
-    /// Why it cannot be published.
-    pub reason: String,
-    /// For an event held behind a poison event of its aggregate: that event's id.
-    pub blocked_by: Option<Uuid>,
+/// Why parking, or reading which aggregates are held, failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ParkError {
+    /// The statement failed; retrying may help.
+    #[error("database error in the park store: {0}")]
+    Database(#[from] sqlx::Error),
+    /// `<table>_parked` does not exist: nothing can be parked until it is migrated.
+    #[error(
+        "cannot park {events} event(s): the parked-events table {table} does not exist; run `outbox-relay migrate` (also needed in logical_message mode)"
+    )]
+    MissingTable {
+        /// How many events were to be parked.
+        events: usize,
+        /// The parked-events table, quoted.
+        table: String,
+    },
+    /// The leadership whose session parks was dropped.
+    #[error(transparent)]
+    LeadershipEnded(#[from] LeadershipEnded),
 }
 
-/// A parked event as listed.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ParkedEvent {
-    /// The event id.
-    pub id: Uuid,
-    /// Aggregate type.
-    pub aggregate_type: String,
-    /// Aggregate id.
-    pub aggregate_id: String,
-    /// Event type.
-    pub event_type: String,
-    /// Why it was parked.
-    pub reason: String,
-    /// The poison event it is held behind, if any.
-    pub blocked_by: Option<Uuid>,
-    /// When it was parked.
-    pub parked_at: DateTime<Utc>,
-    /// Payload size in bytes.
-    pub payload_bytes: i64,
-}
-
-/// Stores parked events durably. Must be called before the source acknowledges past them.
-pub async fn park(
-    conn: &mut PgConnection,
-    table: &OutboxTable,
-    requests: &[ParkRequest],
-) -> Result<(), sqlx::Error> {
-    if requests.is_empty() {
-        return Ok(());
+impl ParkError {
+    /// Whether retrying after a pause may succeed (a missing table needs an operator).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, ParkError::MissingTable { .. })
     }
-    let mut ids = Vec::with_capacity(requests.len());
-    let mut types = Vec::new();
-    let mut agg_ids = Vec::new();
-    let mut event_types = Vec::new();
-    let mut payloads = Vec::new();
-    let mut seqs = Vec::new();
-    let mut created = Vec::new();
-    let mut traces = Vec::new();
-    let mut headers = Vec::new();
-    let mut versions = Vec::new();
-    let mut topics = Vec::new();
-    let mut agg_seqs = Vec::new();
-    let mut reasons = Vec::new();
-    let mut blocked = Vec::new();
-    for r in requests {
-        let e = &r.event;
-        ids.push(e.id);
-        types.push(e.aggregate_type.clone());
-        agg_ids.push(e.aggregate_id.clone());
-        event_types.push(e.event_type.clone());
-        payloads.push(e.payload.clone());
-        seqs.push(e.seq);
-        created.push(e.created_at);
-        traces.push(e.traceparent.clone());
-        headers.push(
-            serde_json::to_string(
-                &e.headers
-                    .iter()
-                    .cloned()
-                    .collect::<std::collections::BTreeMap<_, _>>(),
-            )
-            .expect("string map serializes"),
-        );
-        versions.push(e.schema_version);
-        topics.push(e.topic.clone());
-        agg_seqs.push(e.aggregate_seq);
-        reasons.push(r.reason.clone());
-        blocked.push(r.blocked_by);
+}
+
+/// The parked events of one outbox table, as the pipeline sees them while it leads.
+///
+/// Guarantees:
+/// - **Fenced.** Every statement runs on the leader lock's session ([`LeaderSession`]): once the
+///   leadership is gone nothing runs at all.
+/// - **Durable before acknowledged.** [`ParkStore::park`] returns once the events are committed
+///   in `<table>_parked`; the pipeline calls it before the source's `acknowledge` covers them, so
+///   no source position ever passes an event that is neither published nor parked.
+/// - **Loud when not migrated.** Parking into a missing `<table>_parked` table fails with an
+///   error naming `outbox-relay migrate`; without the table no aggregate is held. A positive
+///   answer to "does the table exist" is remembered for the store's life.
+#[derive(Debug)]
+pub struct ParkStore {
+    table: OutboxTable,
+    session: LeaderSession,
+    /// `<table>_parked` is known to exist.
+    table_exists: bool,
+}
+
+impl ParkStore {
+    /// The park store of `table`, writing through the leader's `session`.
+    pub fn new(table: OutboxTable, session: LeaderSession) -> Self {
+        Self {
+            table,
+            session,
+            table_exists: false,
+        }
     }
-    let sql = format!(
-        "INSERT INTO {} (id, aggregatetype, aggregateid, type, payload, seq, created_at,
-                         tracingspancontext, headers, schema_version, topic, aggregate_seq,
-                         reason, blocked_by)
-         SELECT id, at, ai, ty, pl::jsonb, sq, ca, tp, hd::jsonb, sv, tc, asq, rs, bb
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
-                     $7::timestamptz[], $8::text[], $9::text[], $10::int4[], $11::text[],
-                     $12::int8[], $13::text[], $14::uuid[])
-              WITH ORDINALITY AS p(id, at, ai, ty, pl, sq, ca, tp, hd, sv, tc, asq, rs, bb, ord)
-         ORDER BY ord
-         ON CONFLICT (id) DO NOTHING",
-        table.parked_qualified()
-    );
-    sqlx::query(AssertSqlSafe(sql))
-        .bind(&ids)
-        .bind(&types)
-        .bind(&agg_ids)
-        .bind(&event_types)
-        .bind(&payloads)
-        .bind(&seqs)
-        .bind(&created)
-        .bind(&traces)
-        .bind(&headers)
-        .bind(&versions)
-        .bind(&topics)
-        .bind(&agg_seqs)
-        .bind(&reasons)
-        .bind(&blocked)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
 
-/// The aggregates that currently have parked events, each with its first parked event's id
-/// (their new events must be parked behind it).
-pub async fn blocked_aggregates(
-    conn: &mut PgConnection,
-    table: &OutboxTable,
-) -> Result<HashMap<AggregateKey, Uuid>, sqlx::Error> {
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT DISTINCT ON (aggregatetype, aggregateid) aggregatetype, aggregateid, id
-         FROM {} ORDER BY aggregatetype, aggregateid, park_seq",
-        table.parked_qualified()
-    )))
-    .fetch_all(conn)
-    .await?;
-    rows.iter()
-        .map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), r.try_get(2)?)))
-        .collect()
-}
+    /// Durably parks events that cannot be published; call it before the source's
+    /// acknowledgement covers them.
+    pub async fn park(&mut self, requests: &[ParkRequest]) -> Result<(), ParkError> {
+        if requests.is_empty() {
+            return Ok(());
+        }
+        if !self.table_exists().await? {
+            return Err(ParkError::MissingTable {
+                events: requests.len(),
+                table: self.table.parked_qualified(),
+            });
+        }
+        let mut conn = self.session.connection().await?;
+        crate::table::park(&mut conn, &self.table, requests).await?;
+        Ok(())
+    }
 
-/// Lists parked events in replay order.
-pub async fn list(
-    conn: &mut PgConnection,
-    table: &OutboxTable,
-) -> Result<Vec<ParkedEvent>, sqlx::Error> {
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT id, aggregatetype, aggregateid, type, reason, blocked_by, parked_at,
-                coalesce(octet_length(payload::text), 0)::int8 AS payload_bytes
-         FROM {} ORDER BY park_seq",
-        table.parked_qualified()
-    )))
-    .fetch_all(conn)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(ParkedEvent {
-                id: r.try_get("id")?,
-                aggregate_type: r.try_get("aggregatetype")?,
-                aggregate_id: r.try_get("aggregateid")?,
-                event_type: r.try_get("type")?,
-                reason: r.try_get("reason")?,
-                blocked_by: r.try_get("blocked_by")?,
-                parked_at: r.try_get("parked_at")?,
-                payload_bytes: r.try_get("payload_bytes")?,
-            })
-        })
-        .collect()
-}
+    /// The aggregates with parked events, each with the id of its first parked event: their new
+    /// events must be parked behind it. None when the parked-events table does not exist.
+    pub async fn blocked_aggregates(&mut self) -> Result<HashMap<AggregateKey, Uuid>, ParkError> {
+        if !self.table_exists().await? {
+            return Ok(HashMap::new());
+        }
+        let mut conn = self.session.connection().await?;
+        Ok(crate::table::blocked_aggregates(&mut conn, &self.table).await?)
+    }
 
-/// The parked events of one aggregate, in replay order, as full events.
-pub async fn events_of(
-    conn: &mut PgConnection,
-    table: &OutboxTable,
-    aggregate: &AggregateKey,
-) -> Result<Vec<StoredEvent>, sqlx::Error> {
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT id, aggregatetype, aggregateid, type, payload::text AS payload, seq, created_at,
-                tracingspancontext, headers::text AS headers, schema_version, topic, aggregate_seq
-         FROM {} WHERE aggregatetype = $1 AND aggregateid = $2 ORDER BY park_seq",
-        table.parked_qualified()
-    )))
-    .bind(&aggregate.0)
-    .bind(&aggregate.1)
-    .fetch_all(conn)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            let headers: Option<String> = r.try_get("headers")?;
-            Ok(StoredEvent {
-                id: r.try_get("id")?,
-                aggregate_type: r.try_get("aggregatetype")?,
-                aggregate_id: r.try_get("aggregateid")?,
-                event_type: r.try_get("type")?,
-                payload: r.try_get("payload")?,
-                seq: r.try_get("seq")?,
-                created_at: r.try_get("created_at")?,
-                traceparent: r.try_get("tracingspancontext")?,
-                headers: headers
-                    .and_then(|h| parse_headers(&h).ok())
-                    .unwrap_or_default(),
-                schema_version: r.try_get("schema_version")?,
-                topic: r.try_get("topic")?,
-                aggregate_seq: r.try_get("aggregate_seq")?,
-            })
-        })
-        .collect()
-}
-
-/// The aggregate of a parked event, if it is parked.
-pub async fn aggregate_of(
-    conn: &mut PgConnection,
-    table: &OutboxTable,
-    id: Uuid,
-) -> Result<Option<AggregateKey>, sqlx::Error> {
-    let row = sqlx::query(AssertSqlSafe(format!(
-        "SELECT aggregatetype, aggregateid FROM {} WHERE id = $1",
-        table.parked_qualified()
-    )))
-    .bind(id)
-    .fetch_optional(conn)
-    .await?;
-    row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
-}
-
-/// Removes parked events (after they were published by a retry, or when dropped).
-pub async fn remove(
-    conn: &mut PgConnection,
-    table: &OutboxTable,
-    ids: &[Uuid],
-) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(AssertSqlSafe(format!(
-        "DELETE FROM {} WHERE id = ANY($1)",
-        table.parked_qualified()
-    )))
-    .bind(ids)
-    .execute(conn)
-    .await?
-    .rows_affected())
+    /// Whether `<table>_parked` exists; a positive answer is remembered.
+    async fn table_exists(&mut self) -> Result<bool, ParkError> {
+        if self.table_exists {
+            return Ok(true);
+        }
+        let mut conn = self.session.connection().await?;
+        self.table_exists = crate::table::parked_table_exists(&mut conn, &self.table).await?;
+        Ok(self.table_exists)
+    }
 }

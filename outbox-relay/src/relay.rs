@@ -36,13 +36,14 @@ use crate::ack::handled_prefix;
 use crate::config::{ConfigError, RelayConfig, RowAcknowledgement, SourceKind, redact_url};
 use crate::faults::{failpoint, mutant};
 use crate::leader::{Leadership, Lease, LeaseLost};
-use crate::park::{AggregateKey, ParkRequest};
+use crate::park::{AggregateKey, ParkError, ParkRequest, ParkStore};
 use crate::route::{OutboundRecord, RouteError, Router};
 use crate::sink::kafka::{KafkaSink, Outcome, Pending, SinkError, classify};
 use crate::sink::{ErrorClass, UNLISTED_ERROR_ROUNDS};
-use crate::source::polling::{PollingSettings, PollingSource, purge_published};
+use crate::source::polling::{PollingSettings, PollingSource};
 use crate::source::{Source, SourceError, SourceEvent};
 use crate::stats::RelayStats;
+use crate::table::purge_published;
 use plan::{Plan, event_of_record, outcomes_per_event, parks_in, plan_batch, suspects_from};
 
 mod plan;
@@ -72,6 +73,9 @@ pub enum RelayError {
     /// The source failed in a way retrying cannot fix.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// Parking events, or reading which aggregates parked events hold, failed.
+    #[error(transparent)]
+    Park(#[from] ParkError),
     /// An event cannot be routed (illegal topic name).
     #[error(transparent)]
     Route(#[from] RouteError),
@@ -256,12 +260,22 @@ impl Relay {
             };
             self.stats.active.store(true, Ordering::Relaxed);
             let lease = leader.lease();
+            // Parks go through the leader's session too; the handle stops working when the
+            // source drops the leadership.
+            let mut parked = ParkStore::new(self.table.clone(), leader.session());
             let outcome = match self.open_source(leader).await {
                 Ok(mut source) => {
                     self.stats.source_running.store(true, Ordering::Relaxed);
                     source.limit_batch_bytes(self.batch_bytes());
                     let outcome = self
-                        .pump(source.as_mut(), &mut sink, &shutdown, &mut backoff, &lease)
+                        .pump(
+                            source.as_mut(),
+                            &mut parked,
+                            &mut sink,
+                            &shutdown,
+                            &mut backoff,
+                            &lease,
+                        )
                         .await;
                     if outcome.is_err() {
                         // The source (and with it the leader lock) is dropped at the end of this
@@ -285,6 +299,10 @@ impl Relay {
                 }
                 Err(RelayError::Source(e)) if e.is_retryable() => {
                     tracing::warn!(error = %e, "source interrupted; resuming from the last acknowledged position");
+                    backoff.wait(&shutdown).await;
+                }
+                Err(RelayError::Park(e)) if e.is_retryable() => {
+                    tracing::warn!(error = %e, "parked events unreachable; resuming from the last acknowledged position");
                     backoff.wait(&shutdown).await;
                 }
                 Err(e) => break Err(e),
@@ -398,6 +416,7 @@ impl Relay {
     async fn pump(
         &self,
         source: &mut dyn Source,
+        parked: &mut ParkStore,
         sink: &mut KafkaSink,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
@@ -449,7 +468,7 @@ impl Relay {
                 self.stats
                     .read
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                let mut blocked = source.blocked_aggregates().await?;
+                let mut blocked = parked.blocked_aggregates().await?;
                 blocked.extend(local_blocked.iter().map(|(k, v)| (k.clone(), *v)));
                 if mutant("park_without_blocking") {
                     // Broken on purpose: a parked event does not hold its aggregate back.
@@ -578,7 +597,7 @@ impl Relay {
                     );
                 }
                 lease.check()?;
-                source.park(&parks).await?;
+                parked.park(&parks).await?;
                 self.stats
                     .parked
                     .fetch_add(parks.len() as u64, Ordering::Relaxed);

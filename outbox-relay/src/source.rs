@@ -18,13 +18,8 @@ pub mod logical;
 pub mod polling;
 pub mod row_marks;
 
-use std::collections::HashMap;
-
 use async_trait::async_trait;
 use outbox_core::StoredEvent;
-use uuid::Uuid;
-
-use crate::park::{AggregateKey, ParkRequest};
 use tokio_util::sync::CancellationToken;
 
 /// An event handed to the relay, with what the source needs to acknowledge it later.
@@ -162,12 +157,4 @@ pub trait Source: Send {
     /// Forgets every event returned but not acknowledged: the next [`Source::next_batch`]
     /// resumes from the durable position and returns them again.
     async fn rewind(&mut self) -> Result<(), SourceError>;
-
-    /// Durably parks events that cannot be published ([`crate::park`]); called before
-    /// [`Source::acknowledge`] covers them.
-    async fn park(&mut self, requests: &[ParkRequest]) -> Result<(), SourceError>;
-
-    /// The aggregates with parked events, each with the id of its first parked event: their new
-    /// events must be parked behind it.
-    async fn blocked_aggregates(&mut self) -> Result<HashMap<AggregateKey, Uuid>, SourceError>;
 }

@@ -1,12 +1,18 @@
 //! What an operator asks first: how far behind is the relay? Shared by `outbox-relay status` and
 //! the admin endpoint `/status`.
 
-use chrono::{DateTime, Utc};
 use outbox_core::{OutboxTable, WriteMode};
-use sqlx::{AssertSqlSafe, PgConnection, Row};
-use uuid::Uuid;
+use sqlx::{PgConnection, Row};
 
 use crate::config::{RelayConfig, SourceKind};
+use crate::table;
+
+/// The setting [`read`] runs [`table_queries`] under: see [`table::BACKLOG_PLANNER_SETTING`].
+pub use crate::table::BACKLOG_PLANNER_SETTING as STATUS_PLANNER_SETTING;
+pub use crate::table::LastPublished;
+/// The statements [`read`] runs on the outbox table (`table` write mode): see
+/// [`table::backlog_queries`]. Public so that tests can `EXPLAIN` them.
+pub use crate::table::backlog_queries as table_queries;
 
 /// A snapshot of the outbox and, for the logical source, its replication slot.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
@@ -28,17 +34,6 @@ pub struct OutboxStatus {
     pub leader_present: bool,
     /// The replication slot, for the logical source.
     pub slot: Option<SlotStatus>,
-}
-
-/// The last event marked published.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct LastPublished {
-    /// Its id.
-    pub id: Uuid,
-    /// Its event type.
-    pub event_type: String,
-    /// When it was marked published.
-    pub published_at: DateTime<Utc>,
 }
 
 /// A replication slot as `pg_replication_slots` shows it.
@@ -85,36 +80,6 @@ pub async fn slots(conn: &mut PgConnection) -> Result<Vec<SlotStatus>, sqlx::Err
         .collect()
 }
 
-/// The statements [`read`] runs on the outbox table (`table` write mode): the pending count,
-/// the oldest pending age and the last published event. Each is answered from the table's
-/// `seq` indexes (the unique one and the partial one on unpublished rows), never by a scan of
-/// the whole table: the count reads the partial index only (its cost grows with the backlog,
-/// not with the table), the oldest pending row is the first entry of the partial index, and the
-/// last published event is the row just below it in `seq` order (the newest row when nothing is
-/// pending). Public so that tests can `EXPLAIN` them.
-pub fn table_queries(table: &OutboxTable) -> [String; 3] {
-    let t = table.qualified();
-    [
-        format!("SELECT count(*) FROM {t} WHERE published_at IS NULL"),
-        format!(
-            "SELECT extract(epoch FROM now() - created_at)::float8 FROM {t}
-             WHERE published_at IS NULL ORDER BY seq LIMIT 1"
-        ),
-        format!(
-            "SELECT id, type, published_at FROM {t}
-             WHERE published_at IS NOT NULL
-               AND seq < coalesce((SELECT seq FROM {t} WHERE published_at IS NULL
-                                   ORDER BY seq LIMIT 1), 9223372036854775807)
-             ORDER BY seq DESC LIMIT 1"
-        ),
-    ]
-}
-
-/// The setting [`read`] runs [`table_queries`] under: with a large share of the table pending the
-/// planner would otherwise count by a (parallel) scan of the whole table, whose cost grows with
-/// the table rather than with the backlog.
-pub const STATUS_PLANNER_SETTING: &str = "SET LOCAL enable_seqscan = off";
-
 /// Reads the status of the outbox configured in `config`.
 pub async fn read(
     conn: &mut PgConnection,
@@ -130,43 +95,13 @@ pub async fn read(
         ..Default::default()
     };
     if config.write_mode == WriteMode::Table {
-        let [pending, oldest, last] = table_queries(table);
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        sqlx::query(STATUS_PLANNER_SETTING)
-            .execute(&mut *tx)
-            .await?;
-        status.pending_events = sqlx::query_scalar(AssertSqlSafe(pending))
-            .fetch_one(&mut *tx)
-            .await?;
-        status.oldest_pending_age_seconds = sqlx::query_scalar(AssertSqlSafe(oldest))
-            .fetch_optional(&mut *tx)
-            .await?
-            .flatten();
-        let last = sqlx::query(AssertSqlSafe(last))
-            .fetch_optional(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        status.last_published = last
-            .map(|r| {
-                Ok::<_, sqlx::Error>(LastPublished {
-                    id: r.try_get(0)?,
-                    event_type: r.try_get(1)?,
-                    published_at: r.try_get(2)?,
-                })
-            })
-            .transpose()?;
+        let backlog = table::backlog(conn, table).await?;
+        status.pending_events = backlog.pending_events;
+        status.oldest_pending_age_seconds = backlog.oldest_pending_age_seconds;
+        status.last_published = backlog.last_published;
     }
-    let parked_exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(table.parked_qualified())
-        .fetch_one(&mut *conn)
-        .await?;
-    if parked_exists {
-        status.parked_events = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT count(*) FROM {}",
-            table.parked_qualified()
-        )))
-        .fetch_one(&mut *conn)
-        .await?;
+    if table::parked_table_exists(conn, table).await? {
+        status.parked_events = table::parked_count(conn, table).await?;
     }
     let key = table.resolve(&mut *conn).await?.lock_key("relay");
     status.leader_present = sqlx::query_scalar(

@@ -119,7 +119,6 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 pub use config::LogicalConfig;
 pub use error::LogicalError;
@@ -129,7 +128,6 @@ pub use slot::{NameError, PublicationName, SlotName, SlotStatus};
 use super::row_marks::RowMarks;
 use super::{Source, SourceError, SourceEvent};
 use crate::leader::Leadership;
-use crate::park::{AggregateKey, ParkRequest};
 use crate::stats::LogicalMetrics;
 use decode::OpenTx;
 use pgoutput::Relation;
@@ -142,8 +140,13 @@ use window::Window;
 pub struct LogicalSource {
     cfg: LogicalConfig,
     pool: PgPool,
-    /// The leader lock's session (parking, parked aggregates); its lease fences the row
-    /// acknowledgements, so a relay that lost leadership marks nothing more.
+    /// The leader lock's session, held as long as the source lives (dropping the source
+    /// releases the lock); its lease fences the row acknowledgements, so a relay that lost
+    /// leadership marks nothing more.
+    #[allow(
+        dead_code,
+        reason = "held for its `Drop`: the lock lives as long as the source"
+    )]
     leader: Option<Leadership>,
     target: ReplicationTarget,
     table: Option<ResolvedTable>,
@@ -175,8 +178,6 @@ pub struct LogicalSource {
     next_heartbeat: Instant,
     next_slot_check: Instant,
     stopped: bool,
-    /// `<table>_parked` is known to exist.
-    parked_table: bool,
     metrics: Arc<LogicalMetrics>,
     /// `table` mode: row acknowledgements running beside the pipeline, each with the LSN it
     /// lets the slot confirm once durable.
@@ -279,7 +280,6 @@ impl LogicalSource {
             stream_deferred: false,
             batch_bytes: usize::MAX,
             stopped: false,
-            parked_table: false,
             metrics,
             marks,
         };
@@ -560,73 +560,6 @@ impl Source for LogicalSource {
             return Ok(());
         }
         Ok(self.restart().await?)
-    }
-
-    /// Parks events in the table's `<table>_parked` table (created by the migrations, also in
-    /// `logical_message` mode), through the leader's session. Called before `acknowledge` covers
-    /// them, so the slot is confirmed past a poison event only once it is durably parked.
-    async fn park(&mut self, requests: &[ParkRequest]) -> Result<(), SourceError> {
-        if requests.is_empty() {
-            return Ok(());
-        }
-        if !self.parked_table_exists().await? {
-            return Err(SourceError::Fatal(format!(
-                "cannot park {} event(s): the parked-events table {} does not exist; \
-                 run `outbox-relay migrate` (also needed in logical_message mode)",
-                requests.len(),
-                self.cfg.table.parked_qualified()
-            )));
-        }
-        let table = self.cfg.table.clone();
-        let result = match self.leader.as_mut() {
-            Some(l) => crate::park::park(&mut *l.connection().await, &table, requests).await,
-            None => match self.pool.acquire().await {
-                Ok(mut conn) => crate::park::park(&mut conn, &table, requests).await,
-                Err(e) => Err(e),
-            },
-        };
-        result.map_err(|error| SourceError::Database {
-            source_name: "logical",
-            error,
-        })
-    }
-
-    /// The aggregates with parked events (none when the parked-events table does not exist).
-    async fn blocked_aggregates(&mut self) -> Result<HashMap<AggregateKey, Uuid>, SourceError> {
-        if !self.parked_table_exists().await? {
-            return Ok(HashMap::new());
-        }
-        let table = self.cfg.table.clone();
-        let result = match self.leader.as_mut() {
-            Some(l) => crate::park::blocked_aggregates(&mut *l.connection().await, &table).await,
-            None => match self.pool.acquire().await {
-                Ok(mut conn) => crate::park::blocked_aggregates(&mut conn, &table).await,
-                Err(e) => Err(e),
-            },
-        };
-        result.map_err(|error| SourceError::Database {
-            source_name: "logical",
-            error,
-        })
-    }
-}
-
-impl LogicalSource {
-    /// Whether `<table>_parked` exists; a positive answer is remembered.
-    async fn parked_table_exists(&mut self) -> Result<bool, SourceError> {
-        if self.parked_table {
-            return Ok(true);
-        }
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(self.cfg.table.parked_qualified())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|error| SourceError::Database {
-                source_name: "logical",
-                error,
-            })?;
-        self.parked_table = exists;
-        Ok(exists)
     }
 }
 

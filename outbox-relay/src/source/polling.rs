@@ -24,116 +24,18 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
-use outbox_core::{MalformedEvent, OutboxTable, StoredEvent, check_schema_version, parse_headers};
+use outbox_core::OutboxTable;
+use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgConnectOptions, PgListener};
-use sqlx::{AssertSqlSafe, PgConnection, Row};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use crate::config::RowAcknowledgement;
 use crate::leader::Leadership;
-use crate::park::{AggregateKey, ParkRequest};
 use crate::source::row_marks::{RELAY_PLANNER_SETTINGS, RowMarks};
 use crate::source::{Position, Source, SourceError, SourceEvent};
-
-/// Deletes rows published more than `older_than` ago, in chunks; returns how many were deleted.
-pub async fn purge_published(
-    conn: &mut PgConnection,
-    table: &OutboxTable,
-    older_than: Duration,
-) -> Result<u64, sqlx::Error> {
-    let sql = format!(
-        "DELETE FROM {t} WHERE id IN (SELECT id FROM {t}
-             WHERE published_at < now() - make_interval(secs => $1) ORDER BY seq LIMIT 10000)",
-        t = table.qualified()
-    );
-    let mut total = 0;
-    loop {
-        let n = sqlx::query(AssertSqlSafe(sql.as_str()))
-            .bind(older_than.as_secs_f64())
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-        total += n;
-        if n < 10000 {
-            return Ok(total);
-        }
-    }
-}
-
-/// The SELECT list shared by every reader of the table (polling, status, replay).
-pub(crate) const EVENT_COLUMNS: &str = "id, aggregatetype, aggregateid, type, payload::text AS payload, seq, \
-     created_at, tracingspancontext, headers::text AS headers, schema_version, topic, aggregate_seq";
-
-/// Turns a row selected with [`EVENT_COLUMNS`] into an event. A row that is not a valid event
-/// (a column of an unexpected type, `headers` that are not a JSON object, a `schema_version`
-/// below 1) comes back as the inner `Err`, with what could be read, so the relay can park it; only
-/// an unreadable `id` or `seq` — the table itself is not an outbox table — is an error.
-pub(crate) fn event_from_row(
-    row: &sqlx::postgres::PgRow,
-) -> Result<Result<StoredEvent, MalformedEvent>, SourceError> {
-    let fatal = |column: &str, error: sqlx::Error| {
-        SourceError::Fatal(format!(
-            "cannot read column `{column}` of the outbox table: {error} (is it an outbox table? run `outbox-relay migrate`)"
-        ))
-    };
-    let id: Uuid = row.try_get("id").map_err(|e| fatal("id", e))?;
-    let seq: Option<i64> = row.try_get("seq").map_err(|e| fatal("seq", e))?;
-    let mut problems = Vec::new();
-    /// A column's value, or `None` with the problem noted.
-    fn get<'r, T>(
-        row: &'r sqlx::postgres::PgRow,
-        column: &str,
-        problems: &mut Vec<String>,
-    ) -> Option<T>
-    where
-        T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
-    {
-        match row.try_get(column) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                problems.push(format!("column `{column}`: {e}"));
-                None
-            }
-        }
-    }
-    let mut ev = StoredEvent::new(
-        id,
-        get::<String>(row, "aggregatetype", &mut problems).unwrap_or_default(),
-        get::<String>(row, "aggregateid", &mut problems).unwrap_or_default(),
-        get::<String>(row, "type", &mut problems).unwrap_or_default(),
-    );
-    ev.seq = seq;
-    ev.payload = get(row, "payload", &mut problems).flatten();
-    ev.created_at = get::<Option<DateTime<Utc>>>(row, "created_at", &mut problems).flatten();
-    ev.traceparent = get(row, "tracingspancontext", &mut problems).flatten();
-    if let Some(h) = get::<Option<String>>(row, "headers", &mut problems).flatten() {
-        match parse_headers(&h) {
-            Ok(h) => ev.headers = h,
-            Err(reason) => problems.push(reason),
-        }
-    }
-    if let Some(v) = get::<i32>(row, "schema_version", &mut problems) {
-        match check_schema_version(v) {
-            Ok(v) => ev.schema_version = v,
-            Err(reason) => problems.push(reason),
-        }
-    }
-    ev.topic = get(row, "topic", &mut problems).flatten();
-    ev.aggregate_seq = get(row, "aggregate_seq", &mut problems).flatten();
-    if problems.is_empty() {
-        Ok(Ok(ev))
-    } else {
-        Ok(Err(MalformedEvent {
-            id: Some(id),
-            reason: problems.join("; "),
-            salvaged: Box::new(ev),
-        }))
-    }
-}
+use crate::table::{Claim, ReadError};
 
 /// Settings of the polling source.
 #[derive(Debug, Clone)]
@@ -153,7 +55,7 @@ pub struct PollingSource {
     settings: PollingSettings,
     leader: Leadership,
     listener: Option<PgListener>,
-    claim_sql: String,
+    claim: Claim,
     /// `seq` of every row returned and not yet acknowledged, in order: excluded from further
     /// claims while earlier batches are in flight.
     in_flight: VecDeque<i64>,
@@ -212,24 +114,7 @@ impl PollingSource {
         } else {
             None
         };
-        // Rows in flight are excluded by value, not by a cursor: a row with a lower `seq` that
-        // commits late is still claimed by the next batch.
-        // The claim is cut by size too: of the first `$1` rows, those whose preceding payloads
-        // (in `seq` order) stay under `$3` bytes, so a backlog of large events is not read
-        // into memory a thousand at a time. The first row always qualifies.
-        let claim_sql = format!(
-            "SELECT * FROM (SELECT c.*, sum(coalesce(octet_length(c.payload), 0)) OVER (ORDER BY c.seq) \
-                 - coalesce(octet_length(c.payload), 0) AS bytes_before FROM ( \
-             SELECT {EVENT_COLUMNS} FROM {} WHERE published_at IS NULL AND NOT (seq = ANY($2)) {} \
-             ORDER BY seq LIMIT $1) c) b WHERE b.bytes_before < $3 ORDER BY b.seq",
-            settings.table.qualified(),
-            // Broken on purpose, in the test-only `mutants` build: the `WHERE seq > :last` trap.
-            if crate::faults::mutant("cursor") {
-                "AND seq > $4"
-            } else {
-                ""
-            }
-        );
+        let claim = Claim::new(&settings.table);
         // The claim must be an ordered scan of the unpublished-rows index, and its in-flight
         // exclusion a hash lookup. With a generic plan PostgreSQL compares every scanned row with
         // every in-flight `seq` one by one (37 ms for a batch of 1000 with 2000 in flight, against
@@ -256,7 +141,7 @@ impl PollingSource {
             settings,
             leader,
             listener,
-            claim_sql,
+            claim,
             in_flight: VecDeque::new(),
             highest_claimed: 0,
             marks,
@@ -289,24 +174,27 @@ impl PollingSource {
                     .saturating_add(1),
             ),
         };
-        let mut claim = sqlx::query(AssertSqlSafe(self.claim_sql.as_str()))
-            .bind(max as i64)
-            .bind(&in_flight)
-            .bind(self.max_batch_bytes);
-        if crate::faults::mutant("cursor") {
-            claim = claim.bind(self.highest_claimed);
-        }
-        let rows = claim
-            .fetch_all(&mut *self.leader.connection().await)
+        let rows = self
+            .claim
+            .fetch(
+                &mut *self.leader.connection().await,
+                max,
+                &in_flight,
+                self.max_batch_bytes,
+                self.highest_claimed,
+            )
             .await
-            .map_err(|error| SourceError::Database {
-                source_name: "polling",
-                error,
+            .map_err(|e| match e {
+                ReadError::Database(error) => SourceError::Database {
+                    source_name: "polling",
+                    error,
+                },
+                unreadable => SourceError::Fatal(unreadable.to_string()),
             })?;
-        let batch = rows
-            .iter()
-            .map(|row| Ok(SourceEvent::decoded(event_from_row(row)?, Position::Row)))
-            .collect::<Result<Vec<_>, SourceError>>()?;
+        let batch: Vec<SourceEvent> = rows
+            .into_iter()
+            .map(|decoded| SourceEvent::decoded(decoded, Position::Row))
+            .collect();
         if !batch.is_empty() {
             let bytes: usize = batch
                 .iter()
@@ -407,27 +295,5 @@ impl Source for PollingSource {
             .map_err(|e| e.into_source_error("polling"))?;
         self.release(done);
         Ok(())
-    }
-
-    async fn park(&mut self, requests: &[ParkRequest]) -> Result<(), SourceError> {
-        crate::park::park(
-            &mut *self.leader.connection().await,
-            &self.settings.table,
-            requests,
-        )
-        .await
-        .map_err(|error| SourceError::Database {
-            source_name: "polling",
-            error,
-        })
-    }
-
-    async fn blocked_aggregates(&mut self) -> Result<HashMap<AggregateKey, Uuid>, SourceError> {
-        crate::park::blocked_aggregates(&mut *self.leader.connection().await, &self.settings.table)
-            .await
-            .map_err(|error| SourceError::Database {
-                source_name: "polling",
-                error,
-            })
     }
 }

@@ -25,13 +25,14 @@ use std::time::Duration;
 
 use outbox_core::{OutboxTable, StoredEvent};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::config::RowAcknowledgement;
 use crate::leader::{Lease, LeaseLost};
 use crate::source::SourceError;
+use crate::table;
 
 /// Planner settings of the sessions that run only the relay's own statements (the leader's, the
 /// row acknowledgements'): claims and marks by `seq = ANY(…)` planned per call, so the array is
@@ -79,7 +80,6 @@ pub(crate) async fn acknowledge_keys(
     how: RowAcknowledgement,
     keys: &RowKeys,
 ) -> Result<u64, sqlx::Error> {
-    let t = table.qualified();
     let mut affected = 0;
     let mut due = keys.seqs.clone();
     let deadline = std::time::Instant::now() + VISIBILITY_WAIT;
@@ -87,32 +87,16 @@ pub(crate) async fn acknowledge_keys(
     while !due.is_empty() {
         let missing: Vec<i64> = match how {
             RowAcknowledgement::Mark => {
-                let n = sqlx::query(AssertSqlSafe(format!(
-                    "UPDATE {t} SET published_at = clock_timestamp() WHERE seq = ANY($1) AND published_at IS NULL"
-                )))
-                .bind(&due)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
+                let n = table::mark_published_by_seq(&mut *conn, table, &due).await?;
                 affected += n;
                 if n as usize == due.len() {
                     Vec::new()
                 } else {
-                    sqlx::query_scalar(AssertSqlSafe(format!(
-                        "SELECT s FROM unnest($1::int8[]) AS s WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE seq = s)"
-                    )))
-                    .bind(&due)
-                    .fetch_all(&mut *conn)
-                    .await?
+                    table::seqs_not_in_table(&mut *conn, table, &due).await?
                 }
             }
             RowAcknowledgement::Delete => {
-                let deleted: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
-                    "DELETE FROM {t} WHERE seq = ANY($1) RETURNING seq"
-                )))
-                .bind(&due)
-                .fetch_all(&mut *conn)
-                .await?;
+                let deleted = table::delete_by_seq(&mut *conn, table, &due).await?;
                 affected += deleted.len() as u64;
                 if deleted.len() == due.len() {
                     Vec::new()
@@ -147,17 +131,12 @@ pub(crate) async fn acknowledge_keys(
         due = missing;
     }
     if !keys.ids.is_empty() {
-        let sql = match how {
-            RowAcknowledgement::Mark => format!(
-                "UPDATE {t} SET published_at = clock_timestamp() WHERE id = ANY($1) AND published_at IS NULL"
-            ),
-            RowAcknowledgement::Delete => format!("DELETE FROM {t} WHERE id = ANY($1)"),
+        affected += match how {
+            RowAcknowledgement::Mark => {
+                table::mark_published_by_id(&mut *conn, table, &keys.ids).await?
+            }
+            RowAcknowledgement::Delete => table::delete_by_id(&mut *conn, table, &keys.ids).await?,
         };
-        affected += sqlx::query(AssertSqlSafe(sql))
-            .bind(&keys.ids)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
     }
     Ok(affected)
 }

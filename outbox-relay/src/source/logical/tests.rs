@@ -1,6 +1,7 @@
 //! Unit tests of the logical source over hand-built replication events: decoding, chunking,
 //! the batch byte bound, and the confirm window.
 
+use uuid::Uuid;
 use super::*;
 use crate::source::Position;
 use decode::TX_CHUNK_EVENTS;
@@ -40,7 +41,6 @@ fn source(mode: WriteMode) -> LogicalSource {
         next_heartbeat: now,
         next_slot_check: now,
         stopped: false,
-        parked_table: false,
         marks: None,
         metrics: Arc::default(),
     }

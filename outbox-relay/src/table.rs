@@ -1,0 +1,676 @@
+//! Every statement the relay runs on the outbox table and on its `<table>_parked` table, and the
+//! one decoder of their rows.
+//!
+//! Table names cannot be bound as parameters, so these statements are assembled with
+//! [`AssertSqlSafe`]. This module is the only place that does that for these two tables: every
+//! name spliced into a statement here comes from [`OutboxTable::qualified`] or
+//! [`OutboxTable::parked_qualified`] (identifiers validated when the table was configured, and
+//! quoted), and every value is a bound parameter. Callers get typed functions.
+//!
+//! Rows are read as text and decoded by [`decode_row`], which hands them to
+//! [`StoredEvent::from_text_columns`] — the decoder the logical source applies to the rows it
+//! streams — so a row is valid or malformed for every reader alike.
+//!
+//! Not here: the logical source's re-publication reads (`source/logical.rs`, moved separately),
+//! and the statements on other tables (the relay state table, the leader lock, the slots).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use outbox_core::{MalformedEvent, OutboxTable, StoredEvent};
+use sqlx::postgres::PgRow;
+use sqlx::{AssertSqlSafe, PgConnection, Row};
+use uuid::Uuid;
+
+/// An aggregate: its type and id.
+pub type AggregateKey = (String, String);
+
+/// An event to park: a row of `<table>_parked`.
+#[derive(Debug, Clone)]
+pub struct ParkRequest {
+    /// The event.
+    pub event: StoredEvent,
+    /// Why it cannot be published.
+    pub reason: String,
+    /// For an event held behind a poison event of its aggregate: that event's id.
+    pub blocked_by: Option<Uuid>,
+}
+
+/// A parked event as listed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ParkedEvent {
+    /// The event id.
+    pub id: Uuid,
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// Why it was parked.
+    pub reason: String,
+    /// The poison event it is held behind, if any.
+    pub blocked_by: Option<Uuid>,
+    /// When it was parked.
+    pub parked_at: DateTime<Utc>,
+    /// Payload size in bytes.
+    pub payload_bytes: i64,
+}
+
+/// Which events `replay` re-publishes.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayFilter {
+    /// Created at or after.
+    pub from: Option<DateTime<Utc>>,
+    /// Created before.
+    pub to: Option<DateTime<Utc>>,
+    /// Event id at or after (UUIDv7 ids are time-ordered).
+    pub from_id: Option<Uuid>,
+    /// Event id at or before.
+    pub to_id: Option<Uuid>,
+    /// Only these event types.
+    pub event_types: Vec<String>,
+    /// Only this aggregate type.
+    pub aggregate_type: Option<String>,
+}
+
+/// The last event marked published.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LastPublished {
+    /// Its id.
+    pub id: Uuid,
+    /// Its event type.
+    pub event_type: String,
+    /// When it was marked published.
+    pub published_at: DateTime<Utc>,
+}
+
+/// How far behind the outbox table is (`table` write mode): see [`backlog`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Backlog {
+    /// Rows not yet published.
+    pub pending_events: i64,
+    /// Age in seconds of the oldest unpublished row (the first in `seq` order).
+    pub oldest_pending_age_seconds: Option<f64>,
+    /// The published row just before the oldest pending one in `seq` order, or the newest row
+    /// when nothing is pending.
+    pub last_published: Option<LastPublished>,
+}
+
+/// Why rows of the outbox table could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The statement failed; retrying may help.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// A column of a fetched row cannot be read at all: the table is not an outbox table.
+    #[error(
+        "cannot read column `{column}` of the outbox table: {error} (is it an outbox table? run `outbox-relay migrate`)"
+    )]
+    Unreadable {
+        /// The column.
+        column: &'static str,
+        /// The driver's error.
+        error: sqlx::Error,
+    },
+}
+
+/// The event columns, in [`StoredEvent::from_text_columns`]'s names, each read as text from the
+/// table aliased `o`.
+const EVENT_COLUMNS: [&str; 12] = [
+    "id",
+    "aggregatetype",
+    "aggregateid",
+    "type",
+    "payload",
+    "seq",
+    "created_at",
+    "tracingspancontext",
+    "headers",
+    "schema_version",
+    "topic",
+    "aggregate_seq",
+];
+
+/// The SELECT list of [`EVENT_COLUMNS`] as text, from the table aliased `o`. `seq` is an output
+/// column of type text: order and compare by `o.seq`, never by a bare `seq`.
+fn event_columns() -> String {
+    EVENT_COLUMNS
+        .iter()
+        .map(|c| format!("o.{c}::text AS {c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Turns a row selected with the event columns of this module into an event. A row that is not a
+/// valid event (`headers` that are not a JSON object, a `schema_version` below 1, a required
+/// column that is null) comes back as the inner `Err`, with what could be read, so the relay can
+/// park it; only a column that cannot be read at all is an error.
+pub fn decode_row(row: &PgRow) -> Result<Result<StoredEvent, MalformedEvent>, ReadError> {
+    let mut values: Vec<Option<String>> = Vec::with_capacity(EVENT_COLUMNS.len());
+    for column in EVENT_COLUMNS {
+        values.push(
+            row.try_get(column)
+                .map_err(|error| ReadError::Unreadable { column, error })?,
+        );
+    }
+    Ok(StoredEvent::from_text_columns(
+        EVENT_COLUMNS
+            .iter()
+            .copied()
+            .zip(values.iter().map(|v| v.as_deref())),
+    ))
+}
+
+fn decode_all(rows: &[PgRow]) -> Result<Vec<Result<StoredEvent, MalformedEvent>>, ReadError> {
+    rows.iter().map(decode_row).collect()
+}
+
+/// The polling source's claim of unpublished rows, prepared once per source.
+///
+/// Rows in flight are excluded by value, not by a cursor: a row with a lower `seq` that commits
+/// late is still claimed by the next claim. The claim is cut by size too: of the first `max`
+/// rows, those whose preceding payloads (in `seq` order) stay under `max_bytes`, so a backlog
+/// of large events is not read into memory a thousand at a time. The first row always
+/// qualifies.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    sql: String,
+    /// The deliberately broken `cursor` mutant (test-only build): the `WHERE seq > :last` trap.
+    cursor: bool,
+}
+
+impl Claim {
+    /// The claim of `table`'s unpublished rows.
+    pub fn new(table: &OutboxTable) -> Self {
+        let cursor = crate::faults::mutant("cursor");
+        let sql = format!(
+            "SELECT * FROM (SELECT c.*, sum(coalesce(octet_length(c.payload), 0)) OVER (ORDER BY c.n) \
+                 - coalesce(octet_length(c.payload), 0) AS bytes_before FROM ( \
+             SELECT {}, o.seq AS n FROM {} o \
+             WHERE o.published_at IS NULL AND NOT (o.seq = ANY($2)) {} \
+             ORDER BY o.seq LIMIT $1) c) b WHERE b.bytes_before < $3 ORDER BY b.n",
+            event_columns(),
+            table.qualified(),
+            if cursor { "AND o.seq > $4" } else { "" }
+        );
+        Self { sql, cursor }
+    }
+
+    /// Up to `max` unpublished rows in `seq` order, none of `in_flight`, cut at `max_bytes` of
+    /// payload (the first row always comes). `highest_claimed` is read only by the `cursor`
+    /// mutant.
+    pub async fn fetch(
+        &self,
+        conn: &mut PgConnection,
+        max: usize,
+        in_flight: &[i64],
+        max_bytes: i64,
+        highest_claimed: i64,
+    ) -> Result<Vec<Result<StoredEvent, MalformedEvent>>, ReadError> {
+        let mut claim = sqlx::query(AssertSqlSafe(self.sql.as_str()))
+            .bind(i64::try_from(max).unwrap_or(i64::MAX))
+            .bind(in_flight)
+            .bind(max_bytes);
+        if self.cursor {
+            claim = claim.bind(highest_claimed);
+        }
+        decode_all(&claim.fetch_all(conn).await?)
+    }
+}
+
+/// Deletes rows published more than `older_than` ago, in chunks; returns how many were deleted.
+pub async fn purge_published(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    older_than: Duration,
+) -> Result<u64, sqlx::Error> {
+    let sql = format!(
+        "DELETE FROM {t} WHERE id IN (SELECT id FROM {t}
+             WHERE published_at < now() - make_interval(secs => $1) ORDER BY seq LIMIT 10000)",
+        t = table.qualified()
+    );
+    let mut total = 0;
+    loop {
+        let n = sqlx::query(AssertSqlSafe(sql.as_str()))
+            .bind(older_than.as_secs_f64())
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        total += n;
+        if n < 10000 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Marks the still unpublished rows with these `seq`s published; returns how many it marked.
+pub async fn mark_published_by_seq(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    seqs: &[i64],
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {} SET published_at = clock_timestamp() WHERE seq = ANY($1) AND published_at IS NULL",
+        table.qualified()
+    )))
+    .bind(seqs)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// Those of `seqs` that no row of the table (visible to this session) has.
+pub async fn seqs_not_in_table(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    seqs: &[i64],
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT s FROM unnest($1::int8[]) AS s WHERE NOT EXISTS (SELECT 1 FROM {} WHERE seq = s)",
+        table.qualified()
+    )))
+    .bind(seqs)
+    .fetch_all(conn)
+    .await
+}
+
+/// Deletes the rows with these `seq`s; returns the `seq`s it deleted.
+pub async fn delete_by_seq(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    seqs: &[i64],
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "DELETE FROM {} WHERE seq = ANY($1) RETURNING seq",
+        table.qualified()
+    )))
+    .bind(seqs)
+    .fetch_all(conn)
+    .await
+}
+
+/// Marks the still unpublished rows with these event ids published; returns how many it marked.
+pub async fn mark_published_by_id(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    ids: &[Uuid],
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {} SET published_at = clock_timestamp() WHERE id = ANY($1) AND published_at IS NULL",
+        table.qualified()
+    )))
+    .bind(ids)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// Deletes the rows with these event ids; returns how many it deleted.
+pub async fn delete_by_id(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    ids: &[Uuid],
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM {} WHERE id = ANY($1)",
+        table.qualified()
+    )))
+    .bind(ids)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// The `where` clause of [`ReplayFilter`], over parameters `$1`…`$6`.
+const REPLAY_WHERE: &str = "($1::timestamptz IS NULL OR o.created_at >= $1)
+        AND ($2::timestamptz IS NULL OR o.created_at < $2)
+        AND ($3::uuid IS NULL OR o.id >= $3) AND ($4::uuid IS NULL OR o.id <= $4)
+        AND (cardinality($5::text[]) = 0 OR o.type = ANY($5))
+        AND ($6::text IS NULL OR o.aggregatetype = $6)";
+
+/// How many rows of the table `filter` selects for a replay.
+pub async fn replay_count(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    filter: &ReplayFilter,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {} o WHERE {REPLAY_WHERE}",
+        table.qualified()
+    )))
+    .bind(filter.from)
+    .bind(filter.to)
+    .bind(filter.from_id)
+    .bind(filter.to_id)
+    .bind(&filter.event_types)
+    .bind(&filter.aggregate_type)
+    .fetch_one(conn)
+    .await
+}
+
+/// The next (at most 1000) rows `filter` selects for a replay, with a `seq` above `after`, in
+/// `seq` order.
+pub async fn replay_page(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    filter: &ReplayFilter,
+    after: i64,
+) -> Result<Vec<Result<StoredEvent, MalformedEvent>>, ReadError> {
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT {} FROM {} o WHERE {REPLAY_WHERE} AND o.seq > $7 ORDER BY o.seq LIMIT 1000",
+        event_columns(),
+        table.qualified()
+    )))
+    .bind(filter.from)
+    .bind(filter.to)
+    .bind(filter.from_id)
+    .bind(filter.to_id)
+    .bind(&filter.event_types)
+    .bind(&filter.aggregate_type)
+    .bind(after)
+    .fetch_all(conn)
+    .await?;
+    decode_all(&rows)
+}
+
+/// Every distinct (aggregate type, event type, topic override) in the table, to find the topics
+/// the relay routes to.
+pub async fn routed_event_types(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+) -> Result<Vec<(String, String, Option<String>)>, sqlx::Error> {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT DISTINCT aggregatetype::text, type::text, topic::text FROM {}",
+        table.qualified()
+    )))
+    .fetch_all(conn)
+    .await
+}
+
+/// The statements [`backlog`] runs on the outbox table: the pending count, the oldest pending
+/// age and the last published event. Each is answered from the table's `seq` indexes (the unique
+/// one and the partial one on unpublished rows), never by a scan of the whole table: the count
+/// reads the partial index only (its cost grows with the backlog, not with the table), the
+/// oldest pending row is the first entry of the partial index, and the last published event is
+/// the row just below it in `seq` order (the newest row when nothing is pending). Public so that
+/// tests can `EXPLAIN` them.
+pub fn backlog_queries(table: &OutboxTable) -> [String; 3] {
+    let t = table.qualified();
+    [
+        format!("SELECT count(*) FROM {t} WHERE published_at IS NULL"),
+        format!(
+            "SELECT extract(epoch FROM now() - created_at)::float8 FROM {t}
+             WHERE published_at IS NULL ORDER BY seq LIMIT 1"
+        ),
+        format!(
+            "SELECT id, type, published_at FROM {t}
+             WHERE published_at IS NOT NULL
+               AND seq < coalesce((SELECT seq FROM {t} WHERE published_at IS NULL
+                                   ORDER BY seq LIMIT 1), 9223372036854775807)
+             ORDER BY seq DESC LIMIT 1"
+        ),
+    ]
+}
+
+/// The setting [`backlog`] runs [`backlog_queries`] under: with a large share of the table
+/// pending the planner would otherwise count by a (parallel) scan of the whole table, whose cost
+/// grows with the table rather than with the backlog.
+pub const BACKLOG_PLANNER_SETTING: &str = "SET LOCAL enable_seqscan = off";
+
+/// Reads how far behind the table is, in one transaction, with [`backlog_queries`].
+pub async fn backlog(conn: &mut PgConnection, table: &OutboxTable) -> Result<Backlog, sqlx::Error> {
+    let [pending, oldest, last] = backlog_queries(table);
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    sqlx::query(BACKLOG_PLANNER_SETTING)
+        .execute(&mut *tx)
+        .await?;
+    let pending_events = sqlx::query_scalar(AssertSqlSafe(pending))
+        .fetch_one(&mut *tx)
+        .await?;
+    let oldest_pending_age_seconds = sqlx::query_scalar(AssertSqlSafe(oldest))
+        .fetch_optional(&mut *tx)
+        .await?
+        .flatten();
+    let last = sqlx::query(AssertSqlSafe(last))
+        .fetch_optional(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let last_published = last
+        .map(|r| {
+            Ok::<_, sqlx::Error>(LastPublished {
+                id: r.try_get(0)?,
+                event_type: r.try_get(1)?,
+                published_at: r.try_get(2)?,
+            })
+        })
+        .transpose()?;
+    Ok(Backlog {
+        pending_events,
+        oldest_pending_age_seconds,
+        last_published,
+    })
+}
+
+/// Whether `<table>_parked` exists (the migrations create it, also in `logical_message` mode).
+pub async fn parked_table_exists(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(table.parked_qualified())
+        .fetch_one(conn)
+        .await
+}
+
+/// Stores parked events durably, in the order given; an event already parked is left as it is.
+pub async fn park(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    requests: &[ParkRequest],
+) -> Result<(), sqlx::Error> {
+    if requests.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(requests.len());
+    let mut types = Vec::new();
+    let mut agg_ids = Vec::new();
+    let mut event_types = Vec::new();
+    let mut payloads = Vec::new();
+    let mut seqs = Vec::new();
+    let mut created = Vec::new();
+    let mut traces = Vec::new();
+    let mut headers = Vec::new();
+    let mut versions = Vec::new();
+    let mut topics = Vec::new();
+    let mut agg_seqs = Vec::new();
+    let mut reasons = Vec::new();
+    let mut blocked = Vec::new();
+    for r in requests {
+        let e = &r.event;
+        ids.push(e.id);
+        types.push(e.aggregate_type.clone());
+        agg_ids.push(e.aggregate_id.clone());
+        event_types.push(e.event_type.clone());
+        payloads.push(e.payload.clone());
+        seqs.push(e.seq);
+        created.push(e.created_at);
+        traces.push(e.traceparent.clone());
+        headers.push(
+            serde_json::to_string(
+                &e.headers
+                    .iter()
+                    .cloned()
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            )
+            .expect("string map serializes"),
+        );
+        versions.push(e.schema_version);
+        topics.push(e.topic.clone());
+        agg_seqs.push(e.aggregate_seq);
+        reasons.push(r.reason.clone());
+        blocked.push(r.blocked_by);
+    }
+    let sql = format!(
+        "INSERT INTO {} (id, aggregatetype, aggregateid, type, payload, seq, created_at,
+                         tracingspancontext, headers, schema_version, topic, aggregate_seq,
+                         reason, blocked_by)
+         SELECT id, at, ai, ty, pl::jsonb, sq, ca, tp, hd::jsonb, sv, tc, asq, rs, bb
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
+                     $7::timestamptz[], $8::text[], $9::text[], $10::int4[], $11::text[],
+                     $12::int8[], $13::text[], $14::uuid[])
+              WITH ORDINALITY AS p(id, at, ai, ty, pl, sq, ca, tp, hd, sv, tc, asq, rs, bb, ord)
+         ORDER BY ord
+         ON CONFLICT (id) DO NOTHING",
+        table.parked_qualified()
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(&ids)
+        .bind(&types)
+        .bind(&agg_ids)
+        .bind(&event_types)
+        .bind(&payloads)
+        .bind(&seqs)
+        .bind(&created)
+        .bind(&traces)
+        .bind(&headers)
+        .bind(&versions)
+        .bind(&topics)
+        .bind(&agg_seqs)
+        .bind(&reasons)
+        .bind(&blocked)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The aggregates that currently have parked events, each with its first parked event's id
+/// (their new events must be parked behind it).
+pub async fn blocked_aggregates(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+) -> Result<HashMap<AggregateKey, Uuid>, sqlx::Error> {
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT DISTINCT ON (aggregatetype, aggregateid) aggregatetype, aggregateid, id
+         FROM {} ORDER BY aggregatetype, aggregateid, park_seq",
+        table.parked_qualified()
+    )))
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), r.try_get(2)?)))
+        .collect()
+}
+
+/// Lists parked events in replay order.
+pub async fn list_parked(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+) -> Result<Vec<ParkedEvent>, sqlx::Error> {
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT id, aggregatetype, aggregateid, type, reason, blocked_by, parked_at,
+                coalesce(octet_length(payload::text), 0)::int8 AS payload_bytes
+         FROM {} ORDER BY park_seq",
+        table.parked_qualified()
+    )))
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ParkedEvent {
+                id: r.try_get("id")?,
+                aggregate_type: r.try_get("aggregatetype")?,
+                aggregate_id: r.try_get("aggregateid")?,
+                event_type: r.try_get("type")?,
+                reason: r.try_get("reason")?,
+                blocked_by: r.try_get("blocked_by")?,
+                parked_at: r.try_get("parked_at")?,
+                payload_bytes: r.try_get("payload_bytes")?,
+            })
+        })
+        .collect()
+}
+
+/// How many events are parked.
+pub async fn parked_count(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}",
+        table.parked_qualified()
+    )))
+    .fetch_one(conn)
+    .await
+}
+
+/// The parked events of one aggregate, in replay order, as full events. A parked row is what the
+/// relay wrote from a decoded event, so it decodes; should one not, what could be read is
+/// returned (its invalid `headers` dropped), as a retry publishes what was parked.
+pub async fn parked_events_of(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    aggregate: &AggregateKey,
+) -> Result<Vec<StoredEvent>, ReadError> {
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT {} FROM {} o WHERE o.aggregatetype = $1 AND o.aggregateid = $2 ORDER BY o.park_seq",
+        event_columns(),
+        table.parked_qualified()
+    )))
+    .bind(&aggregate.0)
+    .bind(&aggregate.1)
+    .fetch_all(conn)
+    .await?;
+    Ok(decode_all(&rows)?
+        .into_iter()
+        .map(|decoded| decoded.unwrap_or_else(|malformed| *malformed.salvaged))
+        .collect())
+}
+
+/// The aggregate of a parked event, if it is parked.
+pub async fn parked_aggregate_of(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    id: Uuid,
+) -> Result<Option<AggregateKey>, sqlx::Error> {
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT aggregatetype, aggregateid FROM {} WHERE id = $1",
+        table.parked_qualified()
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+}
+
+/// Removes these parked events (after they were published by a retry, or when dropped); returns
+/// how many were removed.
+pub async fn remove_parked(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    ids: &[Uuid],
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM {} WHERE id = ANY($1)",
+        table.parked_qualified()
+    )))
+    .bind(ids)
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// Removes every parked event; returns how many were removed.
+pub async fn remove_all_parked(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM {}",
+        table.parked_qualified()
+    )))
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
