@@ -104,7 +104,6 @@ mod stream;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -680,7 +679,7 @@ impl LogicalSource {
                             ),
                         });
                     }
-                    self.metrics.slot_recoveries.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.slot_recoveries.inc();
                     if lost_at.is_some() {
                         slot::drop_slot(&self.pool, &slot).await?;
                     }
@@ -968,10 +967,8 @@ impl LogicalSource {
             r.mean_payload = page_bytes / n;
             r.largest_page_rows = r.largest_page_rows.max(n);
             r.largest_page_bytes = r.largest_page_bytes.max(page_bytes);
-            self.metrics.backfill_pages.fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .rows_backfilled
-                .fetch_add(n as u64, Ordering::Relaxed);
+            self.metrics.backfill_pages.inc();
+            self.metrics.rows_backfilled.inc_by(n as u64);
             tracing::debug!(
                 rows = n,
                 bytes = page_bytes,
@@ -1040,13 +1037,11 @@ impl LogicalSource {
                 Err(e) => return Err(e),
             }
         };
-        self.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+        self.metrics.sessions.inc();
         if let Ok(Some(status)) = slot::slot_status(&self.pool, &self.cfg.slot).await {
             status.record_in(&self.metrics);
         }
-        self.metrics
-            .confirmed_lsn
-            .store(self.confirmed.0, Ordering::Relaxed);
+        self.metrics.confirmed_lsn.set(self.confirmed.0);
         self.session = Some(session);
         Ok(())
     }
@@ -1144,7 +1139,7 @@ impl LogicalSource {
     fn confirm(&mut self, lsn: Lsn) {
         if lsn > self.confirmed {
             self.confirmed = lsn;
-            self.metrics.confirmed_lsn.store(lsn.0, Ordering::Relaxed);
+            self.metrics.confirmed_lsn.set(lsn.0);
             if let Some(s) = &self.session {
                 s.confirm(lsn);
             }
@@ -1191,9 +1186,7 @@ impl LogicalSource {
                     }
                     return Ok(());
                 }
-                self.metrics
-                    .events_streamed
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                self.metrics.events_streamed.inc_by(n as u64);
                 for (i, event) in tx.events.into_iter().enumerate() {
                     self.ready.push_back(SourceEvent::decoded(
                         event,
@@ -1327,9 +1320,7 @@ impl LogicalSource {
         tx.bytes = payload_bytes(&last);
         let chunk = std::mem::replace(&mut tx.events, vec![last]);
         let commit_lsn = tx.commit_lsn.0;
-        self.metrics
-            .events_streamed
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        self.metrics.events_streamed.inc_by(chunk.len() as u64);
         for event in chunk {
             self.ready.push_back(SourceEvent::decoded(
                 event,
@@ -1347,9 +1338,7 @@ impl LogicalSource {
     /// Counts a refused outbox-prefixed message and warns, at most once per
     /// [`INJECTION_WARN_INTERVAL`], with the LSN and the number refused since the last warning.
     fn refuse_message(&mut self, lsn: Lsn) {
-        self.metrics
-            .messages_refused
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.messages_refused.inc();
         self.refused_since_warning += 1;
         let now = Instant::now();
         if self
@@ -1377,7 +1366,7 @@ impl LogicalSource {
             self.next_heartbeat = now + self.cfg.heartbeat_interval;
             if self.idle() {
                 slot::emit_heartbeat(&self.pool, &self.cfg.message_prefix).await?;
-                self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
+                self.metrics.heartbeats.inc();
             }
         }
         if now >= self.next_slot_check {
@@ -2162,7 +2151,7 @@ mod tests {
             let batch = s.take_batch(10);
             assert_eq!(batch.len(), 1, "{mode}");
             assert_eq!(batch[0].event.id.to_string(), ID1);
-            assert_eq!(s.metrics.messages_refused.load(Ordering::Relaxed), 1);
+            assert_eq!(s.metrics.messages_refused.get(), 1);
             // A transaction holding only an injected message confirms like an empty one.
             s.acknowledge_inner(&batch).await.unwrap();
             s.handle(begin(300)).unwrap();
