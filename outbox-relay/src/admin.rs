@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `/healthz` | 200 while the process runs its loop (liveness); always open |
 //! | `/readyz` | 200 when the database answers, the producer reached Kafka (its last deliveries succeeded and, while idle, the brokers answer a metadata request every second), and this instance is either streaming or a standby waiting for the leader lock; 503 with the reason otherwise; always open |
-//! | `/metrics` | Prometheus text format; behind the token with `admin.metrics_auth` |
+//! | `/metrics` | Prometheus text format (0.0.4), encoded by [`crate::metrics`]; behind the token with `admin.metrics_auth` |
 //! | `/status` | the JSON of `outbox-relay status --json`, plus this instance's `role`, `published_by_this_instance` and `status_age_seconds` (age of the shared reading); behind the token when `admin.token` is set |
 //!
 //! Guarantees:
@@ -38,7 +38,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
-use crate::metrics::{histogram, sample};
+use crate::metrics::Registry;
 use crate::stats::RelayStats;
 use crate::status::OutboxStatus;
 
@@ -88,6 +88,8 @@ struct AdminState {
     table: OutboxTable,
     pool: PgPool,
     stats: Arc<RelayStats>,
+    /// The relay's figures, registered once ([`crate::metrics::registry`]).
+    registry: Arc<Registry>,
     status: Arc<Cached<Arc<Result<OutboxStatus, String>>>>,
     db_ping: Arc<Cached<bool>>,
 }
@@ -107,10 +109,12 @@ pub async fn serve(
         .acquire_timeout(Duration::from_secs(2))
         .connect_lazy_with(options.clone());
     let refresh = config.admin.status_refresh;
+    let registry = Arc::new(crate::metrics::registry(&stats, config.source));
     let state = AdminState {
         config,
         table,
         pool,
+        registry,
         stats,
         status: Arc::new(Cached::new(refresh)),
         db_ping: Arc::new(Cached::new(refresh.min(Duration::from_secs(1)))),
@@ -240,7 +244,7 @@ async fn status(State(state): State<AdminState>, headers: HeaderMap) -> Response
         Ok(s) => {
             let mut v = serde_json::to_value(s).unwrap_or_default();
             v["role"] = role(&state.stats).into();
-            v["published_by_this_instance"] = state.stats.published.load(Ordering::Relaxed).into();
+            v["published_by_this_instance"] = state.stats.published.get().into();
             v["status_age_seconds"] = reading.at.elapsed().as_secs_f64().into();
             axum::Json(v).into_response()
         }
@@ -254,238 +258,19 @@ async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Respons
     {
         return refused;
     }
-    let s = &state.stats;
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
-    let flag = |a: &std::sync::atomic::AtomicBool| f64::from(u8::from(a.load(Ordering::Relaxed)));
-    let mut out = String::with_capacity(4096);
-    sample(
-        &mut out,
-        "outbox_relay_events_read_total",
-        "counter",
-        "Events taken from the source.",
-        load(&s.read),
-    );
-    sample(
-        &mut out,
-        "outbox_relay_events_published_total",
-        "counter",
-        "Events acknowledged by Kafka and recorded at the source.",
-        load(&s.published),
-    );
-    sample(
-        &mut out,
-        "outbox_relay_events_failed_total",
-        "counter",
-        "Events whose delivery failed transiently (they are retried).",
-        load(&s.failed),
-    );
-    sample(
-        &mut out,
-        "outbox_relay_events_parked_total",
-        "counter",
-        "Events parked as unpublishable or held behind one.",
-        load(&s.parked),
-    );
-    sample(
-        &mut out,
-        "outbox_relay_batches_total",
-        "counter",
-        "Claim-produce-acknowledge rounds.",
-        load(&s.batches),
-    );
-    histogram(
-        &mut out,
-        "outbox_relay_publish_duration_seconds",
-        "Time from producing a batch to Kafka's last acknowledgement.",
-        &s.publish_duration,
-    );
-    histogram(
-        &mut out,
-        "outbox_relay_commit_to_ack_seconds",
-        "Time from the event's creation to Kafka's acknowledgement.",
-        &s.commit_to_ack,
-    );
-    let last = s.last_published_ms.load(Ordering::Relaxed);
-    if last > 0 {
-        let since = (chrono::Utc::now().timestamp_millis() - last).max(0) as f64 / 1000.0;
-        sample(
-            &mut out,
-            "outbox_relay_seconds_since_last_event",
-            "gauge",
-            "Seconds since this instance last published an event.",
-            since,
-        );
-    }
-    sample(
-        &mut out,
-        "outbox_relay_leader",
-        "gauge",
-        "1 while this instance holds the leader lock.",
-        flag(&s.active),
-    );
-    sample(
-        &mut out,
-        "outbox_relay_leader_lease_lost_total",
-        "counter",
-        "Times this instance lost its leader lease and stepped down.",
-        load(&s.lease_lost),
-    );
-    sample(
-        &mut out,
-        "outbox_relay_source_connected",
-        "gauge",
-        "1 while the source is open.",
-        flag(&s.source_running),
-    );
-    sample(
-        &mut out,
-        "outbox_relay_kafka_connected",
-        "gauge",
-        "1 while the producer reaches Kafka (last deliveries succeeded and, when idle, the brokers answer).",
-        f64::from(u8::from(
-            s.kafka_connected.load(Ordering::Relaxed) && s.kafka_reachable.load(Ordering::Relaxed),
-        )),
-    );
-    sample(
-        &mut out,
-        "outbox_relay_producer_queue_messages",
-        "gauge",
-        "Records queued in the producer, not yet acknowledged.",
-        s.producer_queue.load(Ordering::Relaxed) as f64,
-    );
-    if state.config.source == crate::config::SourceKind::Logical {
-        let m = &s.logical;
-        sample(
-            &mut out,
-            "outbox_relay_logical_events_streamed_total",
-            "counter",
-            "Events decoded from the replication stream.",
-            load(&m.events_streamed),
-        );
-        sample(
-            &mut out,
-            "outbox_relay_logical_heartbeats_total",
-            "counter",
-            "Idle heartbeats written so the slot keeps advancing.",
-            load(&m.heartbeats),
-        );
-        sample(
-            &mut out,
-            "outbox_relay_logical_slot_recoveries_total",
-            "counter",
-            "Lost replication slots recovered from the table.",
-            load(&m.slot_recoveries),
-        );
-        sample(
-            &mut out,
-            "outbox_relay_logical_rows_backfilled_total",
-            "counter",
-            "Rows re-published from the table while recovering a slot.",
-            load(&m.rows_backfilled),
-        );
-        sample(
-            &mut out,
-            "outbox_relay_logical_backfill_pages_total",
-            "counter",
-            "Pages read from the table by re-publications (each at most one batch).",
-            load(&m.backfill_pages),
-        );
-        sample(
-            &mut out,
-            "outbox_relay_logical_messages_refused_total",
-            "counter",
-            "Logical messages with the outbox prefix refused because the write mode is not logical_message (someone else emitting them?).",
-            load(&m.messages_refused),
-        );
-        sample(
-            &mut out,
-            "outbox_relay_logical_sessions_total",
-            "counter",
-            "Replication sessions started.",
-            load(&m.sessions),
-        );
-        sample(
-            &mut out,
-            "outbox_relay_logical_confirmed_lsn",
-            "gauge",
-            "The last LSN confirmed to the replication slot.",
-            load(&m.confirmed_lsn),
-        );
-    }
+    let mut out = String::with_capacity(8192);
+    crate::metrics::encode(&mut out, &state.registry);
     let reading = read_status(&state).await;
-    sample(
-        &mut out,
-        "outbox_relay_admin_status_queries_total",
-        "counter",
-        "Readings of the outbox status taken for /status and /metrics (at most one per admin.status_refresh).",
-        state.status.refreshes.load(Ordering::Relaxed) as f64,
-    );
-    sample(
-        &mut out,
-        "outbox_relay_admin_status_age_seconds",
-        "gauge",
-        "Age of the outbox status reading the figures below come from.",
-        reading.at.elapsed().as_secs_f64(),
-    );
-    match reading.value.as_ref() {
-        Ok(st) => {
-            sample(
-                &mut out,
-                "outbox_relay_database_up",
-                "gauge",
-                "1 when the database answered the last status reading.",
-                1.0,
-            );
-            sample(
-                &mut out,
-                "outbox_relay_pending_events",
-                "gauge",
-                "Unpublished events in the outbox table.",
-                st.pending_events as f64,
-            );
-            sample(
-                &mut out,
-                "outbox_relay_oldest_pending_age_seconds",
-                "gauge",
-                "Age of the oldest unpublished event.",
-                st.oldest_pending_age_seconds.unwrap_or(0.0),
-            );
-            sample(
-                &mut out,
-                "outbox_relay_parked_events",
-                "gauge",
-                "Events currently parked.",
-                st.parked_events as f64,
-            );
-            if let Some(slot) = &st.slot {
-                sample(
-                    &mut out,
-                    "outbox_relay_slot_lag_bytes",
-                    "gauge",
-                    "WAL bytes between the server's position and the slot's confirmed flush LSN.",
-                    slot.lag_bytes.unwrap_or(0) as f64,
-                );
-                sample(
-                    &mut out,
-                    "outbox_relay_slot_lost",
-                    "gauge",
-                    "1 when the slot's wal_status is lost.",
-                    f64::from(u8::from(slot.wal_status.as_deref() == Some("lost"))),
-                );
-            }
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "metrics scrape could not read the outbox status");
-            sample(
-                &mut out,
-                "outbox_relay_database_up",
-                "gauge",
-                "1 when the database answered the last status reading.",
-                0.0,
-            );
-        }
+    if let Err(e) = reading.value.as_ref() {
+        tracing::debug!(error = %e, "metrics scrape could not read the outbox status");
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let status = crate::metrics::status_registry(
+        &reading.value,
+        reading.at.elapsed().as_secs_f64(),
+        state.status.refreshes.load(Ordering::Relaxed),
+    );
+    crate::metrics::encode(&mut out, &status);
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], out).into_response()
 }
 
 #[cfg(test)]

@@ -1,49 +1,420 @@
-//! Prometheus metrics, rendered by hand in the text exposition format (no registry needed).
+//! The Prometheus exposition of the relay's figures, on `prometheus-client` (the Prometheus
+//! project's Rust client): what each figure of [`crate::stats`] is called, what its `HELP` says,
+//! and how `/metrics` encodes them (the text format, version 0.0.4).
 //!
-//! Names follow Prometheus conventions (`outbox_relay_…`, base units, counters end in `_total`);
-//! no label ever carries an aggregate id or an event id.
+//! Names follow Prometheus conventions (`outbox_relay_…`, base units in the name, counters end in
+//! `_total`, which the client appends); no label ever carries an aggregate id or an event id.
+//!
+//! A service that runs the relay in its own process can expose the relay's figures on its own
+//! endpoint: [`register`] puts them into the service's [`Registry`].
 
-use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use crate::stats::Histogram;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, prometheus_text};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+pub use prometheus_client::registry::Registry;
 
-/// Appends `histogram` in exposition format: cumulative `le` buckets, `+Inf`, sum and count.
-pub fn histogram(out: &mut String, name: &str, help: &str, histogram: &Histogram) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} histogram");
-    for (bound, cumulative) in histogram.cumulative_buckets() {
-        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+use crate::config::SourceKind;
+use crate::stats::{LogicalMetrics, RelayStats};
+use crate::status::OutboxStatus;
+
+/// The prefix of every metric name of the relay (`outbox_relay_events_read_total`, …).
+pub const PREFIX: &str = "outbox_relay";
+
+/// The `Content-Type` of what [`encode`] writes: the Prometheus text format, version 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Registers the relay's live figures from `stats` into `registry`, named `outbox_relay_…` (after
+/// the registry's own prefix, if it has one). The registered metrics share their values with
+/// `stats`: every scrape of `registry` reads the current figures, and registering costs the relay
+/// nothing per event. The logical-replication figures are registered only when `source` is
+/// [`SourceKind::Logical`].
+///
+/// Call it once per registry: a second call would expose every name twice. The outbox's own gauges (pending and parked events, slot lag, database up)
+/// come from a database reading that only the admin endpoint takes, so they are not registered
+/// here.
+pub fn register(registry: &mut Registry, stats: &Arc<RelayStats>, source: SourceKind) {
+    let r = registry.sub_registry_with_prefix(PREFIX);
+    r.register(
+        "events_read",
+        "Events taken from the source",
+        stats.read.clone(),
+    );
+    r.register(
+        "events_published",
+        "Events acknowledged by Kafka and recorded at the source",
+        stats.published.clone(),
+    );
+    r.register(
+        "events_failed",
+        "Events whose delivery failed transiently (they are sent again)",
+        stats.failed.clone(),
+    );
+    r.register(
+        "events_parked",
+        "Events parked as unpublishable or held behind one",
+        stats.parked.clone(),
+    );
+    r.register(
+        "batches",
+        "Read-produce-acknowledge rounds",
+        stats.batches.clone(),
+    );
+    r.register(
+        "publish_duration_seconds",
+        "Time from producing a batch to Kafka's last acknowledgement",
+        stats.publish_duration.histogram(),
+    );
+    r.register(
+        "commit_to_ack_seconds",
+        "Time from the event's creation to Kafka's acknowledgement",
+        stats.commit_to_ack.histogram(),
+    );
+    r.register(
+        "leader_lease_lost",
+        "Times this instance lost its leader lease and stepped down",
+        stats.lease_lost.clone(),
+    );
+    r.register(
+        "producer_queue_messages",
+        "Records queued in the producer, not yet acknowledged",
+        stats.producer_queue.clone(),
+    );
+    r.register_collector(Box::new(RelayFlags(stats.clone())));
+    if source == SourceKind::Logical {
+        register_logical(r, &stats.logical);
     }
-    let count = histogram.count();
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-    let _ = writeln!(out, "{name}_sum {}", histogram.sum_seconds());
-    let _ = writeln!(out, "{name}_count {count}");
 }
 
-/// Appends a counter or gauge.
-pub fn sample(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    let _ = writeln!(out, "{name} {value}");
+/// The logical-replication source's figures (already under the relay's prefix).
+fn register_logical(r: &mut Registry, m: &LogicalMetrics) {
+    r.register(
+        "logical_events_streamed",
+        "Events decoded from the replication stream",
+        m.events_streamed.clone(),
+    );
+    r.register(
+        "logical_heartbeats",
+        "Idle heartbeats written so the slot keeps advancing",
+        m.heartbeats.clone(),
+    );
+    r.register(
+        "logical_slot_recoveries",
+        "Lost replication slots recovered from the table",
+        m.slot_recoveries.clone(),
+    );
+    r.register(
+        "logical_rows_backfilled",
+        "Rows re-published from the table while creating or recovering a slot",
+        m.rows_backfilled.clone(),
+    );
+    r.register(
+        "logical_backfill_pages",
+        "Pages read from the table by re-publications (each at most one batch)",
+        m.backfill_pages.clone(),
+    );
+    r.register(
+        "logical_messages_refused",
+        "Logical messages with the outbox prefix refused because the write mode is not \
+         logical_message (someone else emitting them?)",
+        m.messages_refused.clone(),
+    );
+    r.register(
+        "logical_sessions",
+        "Replication sessions started",
+        m.sessions.clone(),
+    );
+    r.register(
+        "logical_confirmed_lsn",
+        "The last LSN confirmed to the replication slot",
+        m.confirmed_lsn.clone(),
+    );
+    r.register(
+        "logical_slot_wal_status",
+        "1 for the replication slot's wal_status at the source's last slot check, 0 for the \
+         other statuses (unknown: not one PostgreSQL documents)",
+        m.wal_status_set.clone(),
+    );
+}
+
+/// The admin endpoint's registry: the relay's figures of `stats` ([`register`]).
+pub fn registry(stats: &Arc<RelayStats>, source: SourceKind) -> Registry {
+    let mut registry = Registry::default();
+    register(&mut registry, stats, source);
+    registry
+}
+
+/// Appends `registry` to `out` in the Prometheus text format ([`CONTENT_TYPE`]). Several
+/// registries can be appended one after the other, as long as no metric name is in two of them.
+pub fn encode(out: &mut String, registry: &Registry) {
+    // Writing to a `String` cannot fail.
+    let _ = prometheus_text::encode(out, registry);
+}
+
+/// The figures derived at scrape time from the relay's state flags and clocks.
+#[derive(Debug)]
+struct RelayFlags(Arc<RelayStats>);
+
+impl Collector for RelayFlags {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        let flag = |up: bool| i64::from(u8::from(up));
+        let last = s.last_published_ms.load(Ordering::Relaxed);
+        if last > 0 {
+            let since = (chrono::Utc::now().timestamp_millis() - last).max(0) as f64 / 1000.0;
+            gauge(
+                &mut encoder,
+                "seconds_since_last_event",
+                "Seconds since this instance last published an event.",
+                since,
+            )?;
+        }
+        gauge(
+            &mut encoder,
+            "leader",
+            "1 while this instance holds the leader lock.",
+            flag(s.active.load(Ordering::Relaxed)),
+        )?;
+        gauge(
+            &mut encoder,
+            "source_connected",
+            "1 while the source is open.",
+            flag(s.source_running.load(Ordering::Relaxed)),
+        )?;
+        gauge(
+            &mut encoder,
+            "kafka_connected",
+            "1 while the producer reaches Kafka (last deliveries succeeded and, when idle, the \
+             brokers answer).",
+            flag(
+                s.kafka_connected.load(Ordering::Relaxed)
+                    && s.kafka_reachable.load(Ordering::Relaxed),
+            ),
+        )
+    }
+}
+
+/// Encodes one gauge whose value is read now. `help` is written as given (a registered
+/// metric's gets its full stop from the client; a collector's does not).
+fn gauge<N>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: N,
+) -> Result<(), std::fmt::Error>
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    let gauge = ConstGauge::new(value);
+    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+}
+
+/// The metrics of one reading of the outbox status (shared by `/status` and `/metrics`, see
+/// [`crate::admin`]): `readings` taken so far, the served one `age_seconds` old, and what it
+/// says, or only `outbox_relay_database_up 0` when it failed. A registry of its own, made for one
+/// scrape and appended after the relay's ([`encode`]).
+pub fn status_registry(
+    reading: &Result<OutboxStatus, String>,
+    age_seconds: f64,
+    readings: u64,
+) -> Registry {
+    let mut r = Registry::with_prefix(PREFIX);
+    r.register(
+        "admin_status_queries",
+        "Readings of the outbox status taken for /status and /metrics (at most one per \
+         admin.status_refresh)",
+        ConstCounter::new(readings),
+    );
+    r.register(
+        "admin_status_age_seconds",
+        "Age of the outbox status reading the figures below come from",
+        ConstGauge::new(age_seconds),
+    );
+    r.register(
+        "database_up",
+        "1 when the database answered the last status reading",
+        ConstGauge::new(i64::from(reading.is_ok())),
+    );
+    let Ok(st) = reading else {
+        return r;
+    };
+    r.register(
+        "pending_events",
+        "Unpublished events in the outbox table",
+        ConstGauge::new(st.pending_events),
+    );
+    r.register(
+        "oldest_pending_age_seconds",
+        "Age of the oldest unpublished event",
+        ConstGauge::new(st.oldest_pending_age_seconds.unwrap_or(0.0)),
+    );
+    r.register(
+        "parked_events",
+        "Events currently parked",
+        ConstGauge::new(st.parked_events),
+    );
+    if let Some(slot) = &st.slot {
+        r.register(
+            "slot_lag_bytes",
+            "WAL bytes between the server's position and the slot's confirmed flush LSN",
+            ConstGauge::new(slot.lag_bytes.unwrap_or(0)),
+        );
+        r.register(
+            "slot_lost",
+            "1 when the slot's wal_status is lost",
+            ConstGauge::new(i64::from(slot.wal_status.as_deref() == Some("lost"))),
+        );
+    }
+    r
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Every line of `text` that starts with `prefix`.
+    fn lines<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+        text.lines().filter(|l| l.starts_with(prefix)).collect()
+    }
+
     #[test]
-    fn histogram_is_cumulative() {
-        let h = Histogram::new(&[0.01, 0.1, 1.0]);
-        h.observe(0.005);
-        h.observe(0.05);
-        h.observe(0.07);
-        h.observe(5.0);
+    fn the_registry_encodes_counters_histograms_and_labelled_families() {
+        let stats = Arc::new(RelayStats::default());
+        let registry = registry(&stats, SourceKind::Logical);
+        stats.published.inc_by(3);
+        for seconds in [0.0005, 0.003, 0.004, 0.2, 100.0, -1.0] {
+            stats.commit_to_ack.observe(seconds);
+        }
+        stats
+            .logical
+            .record_slot(Some(10), Some(20), Some("unreserved"));
         let mut out = String::new();
-        histogram(&mut out, "x_seconds", "test", &h);
-        assert!(out.contains("x_seconds_bucket{le=\"0.01\"} 1\n"), "{out}");
-        assert!(out.contains("x_seconds_bucket{le=\"0.1\"} 3\n"), "{out}");
-        assert!(out.contains("x_seconds_bucket{le=\"1\"} 3\n"), "{out}");
-        assert!(out.contains("x_seconds_bucket{le=\"+Inf\"} 4\n"), "{out}");
-        assert!(out.contains("x_seconds_count 4\n"), "{out}");
+        encode(&mut out, &registry);
+
+        // A counter: `_total` appended once, HELP with one full stop.
+        assert_eq!(
+            lines(&out, "outbox_relay_events_published_total"),
+            ["outbox_relay_events_published_total 3"],
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "# HELP outbox_relay_events_published_total Events acknowledged by Kafka and \
+                 recorded at the source.\n# TYPE outbox_relay_events_published_total counter\n"
+            ),
+            "{out}"
+        );
+
+        // A histogram: cumulative buckets over LATENCY_BUCKETS, +Inf, _sum and _count; the
+        // negative observation counted as 0.
+        let buckets = lines(&out, "outbox_relay_commit_to_ack_seconds_bucket");
+        assert_eq!(
+            buckets.len(),
+            crate::stats::LATENCY_BUCKETS.len() + 1,
+            "{out}"
+        );
+        for (le, cumulative) in [
+            ("0.001", 2),
+            ("0.0025", 2),
+            ("0.005", 4),
+            ("0.25", 5),
+            ("60", 5),
+            ("+Inf", 6),
+        ] {
+            let line =
+                format!("outbox_relay_commit_to_ack_seconds_bucket{{le=\"{le}\"}} {cumulative}");
+            assert!(buckets.contains(&line.as_str()), "{line} in {buckets:?}");
+        }
+        let sum: f64 = lines(&out, "outbox_relay_commit_to_ack_seconds_sum ")[0]
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("a sum");
+        assert!((sum - 100.2075).abs() < 1e-9, "{sum}");
+        assert_eq!(
+            lines(&out, "outbox_relay_commit_to_ack_seconds_count"),
+            ["outbox_relay_commit_to_ack_seconds_count 6"]
+        );
+        assert!(out.contains("# TYPE outbox_relay_commit_to_ack_seconds histogram\n"));
+
+        // A labelled family: one series per status, 1 for the current one.
+        let mut states = lines(&out, "outbox_relay_logical_slot_wal_status{");
+        states.sort_unstable();
+        assert_eq!(
+            states,
+            [
+                "outbox_relay_logical_slot_wal_status{status=\"extended\"} 0",
+                "outbox_relay_logical_slot_wal_status{status=\"lost\"} 0",
+                "outbox_relay_logical_slot_wal_status{status=\"reserved\"} 0",
+                "outbox_relay_logical_slot_wal_status{status=\"unknown\"} 0",
+                "outbox_relay_logical_slot_wal_status{status=\"unreserved\"} 1",
+            ]
+        );
+
+        // The flags, read at scrape time; no last-event age before the first event.
+        assert_eq!(
+            lines(&out, "outbox_relay_leader "),
+            ["outbox_relay_leader 0"]
+        );
+        assert!(lines(&out, "outbox_relay_seconds_since_last_event").is_empty());
+        stats.active.store(true, Ordering::Relaxed);
+        let mut out = String::new();
+        encode(&mut out, &registry);
+        assert_eq!(
+            lines(&out, "outbox_relay_leader "),
+            ["outbox_relay_leader 1"]
+        );
+    }
+
+    #[test]
+    fn a_polling_relay_exports_no_logical_figures() {
+        let stats = Arc::new(RelayStats::default());
+        let mut out = String::new();
+        encode(&mut out, &registry(&stats, SourceKind::Polling));
+        assert!(out.contains("outbox_relay_events_read_total 0\n"), "{out}");
+        assert!(!out.contains("outbox_relay_logical_"), "{out}");
+    }
+
+    #[test]
+    fn a_service_registry_takes_the_relay_figures_under_its_prefix() {
+        let stats = Arc::new(RelayStats::default());
+        let mut registry = Registry::with_prefix("shop");
+        register(&mut registry, &stats, SourceKind::Polling);
+        stats.batches.inc();
+        let mut out = String::new();
+        encode(&mut out, &registry);
+        assert!(out.contains("shop_outbox_relay_batches_total 1\n"), "{out}");
+        assert!(out.contains("shop_outbox_relay_leader 0\n"), "{out}");
+    }
+
+    #[test]
+    fn a_failed_status_reading_says_only_that_the_database_is_down() {
+        let mut out = String::new();
+        encode(
+            &mut out,
+            &status_registry(&Err("refused".to_owned()), 1.5, 7),
+        );
+        assert!(out.contains("outbox_relay_database_up 0\n"), "{out}");
+        assert!(
+            out.contains("outbox_relay_admin_status_queries_total 7\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("outbox_relay_admin_status_age_seconds 1.5\n"),
+            "{out}"
+        );
+        assert!(!out.contains("pending"), "{out}");
+        let mut out = String::new();
+        let ok = OutboxStatus {
+            pending_events: 4,
+            ..OutboxStatus::default()
+        };
+        encode(&mut out, &status_registry(&Ok(ok), 0.0, 8));
+        assert!(out.contains("outbox_relay_database_up 1\n"), "{out}");
+        assert!(out.contains("outbox_relay_pending_events 4\n"), "{out}");
+        assert!(!out.contains("slot"), "{out}");
     }
 }

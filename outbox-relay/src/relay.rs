@@ -313,10 +313,7 @@ impl Relay {
         }
         broker_watch.abort();
         match &result {
-            Ok(()) => tracing::info!(
-                published = self.stats.published.load(Ordering::Relaxed),
-                "relay stopped"
-            ),
+            Ok(()) => tracing::info!(published = self.stats.published.get(), "relay stopped"),
             Err(e) => tracing::error!(error = %e, "relay failed"),
         }
         result
@@ -334,8 +331,8 @@ impl Relay {
         // `run` fenced the producer before the source and its lock went; nothing is left.
         let purged = sink.purge();
         sink.recreate()?;
-        self.stats.lease_lost.fetch_add(1, Ordering::Relaxed);
-        self.stats.producer_queue.store(0, Ordering::Relaxed);
+        self.stats.lease_lost.inc();
+        self.stats.producer_queue.set(0);
         let reason = lease.check().err().map(|l| l.reason).unwrap_or_default();
         tracing::error!(
             %reason,
@@ -359,7 +356,7 @@ impl Relay {
             .min(Duration::from_secs(5));
         let fenced = sink.fence(wait).await;
         sink.recreate()?;
-        self.stats.producer_queue.store(0, Ordering::Relaxed);
+        self.stats.producer_queue.set(0);
         if fenced.held > 0 {
             tracing::warn!(
                 held = fenced.held,
@@ -465,9 +462,7 @@ impl Relay {
                     break;
                 }
                 let obtained = std::time::Instant::now();
-                self.stats
-                    .read
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                self.stats.read.inc_by(batch.len() as u64);
                 let mut blocked = parked.blocked_aggregates().await?;
                 blocked.extend(local_blocked.iter().map(|(k, v)| (k.clone(), *v)));
                 if mutant("park_without_blocking") {
@@ -561,9 +556,7 @@ impl Relay {
                     .publish_duration
                     .observe(started.elapsed().as_secs_f64());
             }
-            self.stats
-                .producer_queue
-                .store(i64::from(sink.in_flight()), Ordering::Relaxed);
+            self.stats.producer_queue.set(i64::from(sink.in_flight()));
             if mutant("retry_failed_only") {
                 // Broken on purpose: re-send just the failed records, out of order, and go on.
                 for _ in 0..50 {
@@ -598,9 +591,7 @@ impl Relay {
                 }
                 lease.check()?;
                 parked.park(&parks).await?;
-                self.stats
-                    .parked
-                    .fetch_add(parks.len() as u64, Ordering::Relaxed);
+                self.stats.parked.inc_by(parks.len() as u64);
                 self.notify_dead_letters(sink, &parks).await;
             }
             if handled > 0 {
@@ -613,9 +604,7 @@ impl Relay {
                     .iter()
                     .filter(|o| matches!(o, Outcome::Delivered(_)))
                     .count();
-                self.stats
-                    .published
-                    .fetch_add(delivered as u64, Ordering::Relaxed);
+                self.stats.published.inc_by(delivered as u64);
                 let now = chrono::Utc::now();
                 if delivered > 0 {
                     self.stats
@@ -630,7 +619,7 @@ impl Relay {
                     }
                 }
             }
-            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            self.stats.batches.inc();
             if tracing::enabled!(tracing::Level::DEBUG) {
                 for (e, o) in batch.iter().zip(&outcomes).take(handled) {
                     if let Outcome::Delivered(d) = o {
@@ -685,9 +674,7 @@ impl Relay {
                     }
                 }
                 let error = error.map(|e| e.to_string()).unwrap_or_default();
-                self.stats
-                    .failed
-                    .fetch_add(dropped as u64, Ordering::Relaxed);
+                self.stats.failed.inc_by(dropped as u64);
                 if class == ErrorClass::Record {
                     tracing::warn!(
                         event_id = %failed.event.id,

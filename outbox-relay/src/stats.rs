@@ -1,67 +1,44 @@
-//! The relay's live figures: plain counters, gauges and histograms, shared by `Arc` between the
-//! code that updates them (pipeline, sources, broker watch) and the code that reads them (the
-//! admin endpoint). Nothing here knows where the figures come from or how they are exposed.
+//! The relay's live figures: counters, gauges and histograms (the `prometheus-client` types, each
+//! an atomic or a small lock behind an `Arc`), shared between the code that updates them
+//! (pipeline, sources, broker watch) and the code that reads them (the admin endpoint). Nothing
+//! here knows where the figures come from; [`crate::metrics`] names them and registers them for
+//! the Prometheus exposition.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
-/// A fixed-bucket histogram of seconds, safe to update from any thread.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    buckets: Vec<AtomicU64>,
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Buckets for latencies: 1 ms to 60 s.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-impl Histogram {
-    /// A histogram with these upper bounds (seconds, increasing).
-    pub fn new(bounds: &'static [f64]) -> Self {
-        Self {
-            bounds,
-            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum_micros: AtomicU64::new(0),
-        }
-    }
+/// A histogram of durations in seconds over [`LATENCY_BUCKETS`]. A negative duration (clocks
+/// that disagree: an event's `created_at` comes from the database's clock) counts as 0 instead
+/// of lowering the sum.
+#[derive(Debug, Clone)]
+pub struct DurationHistogram(Histogram);
 
+impl Default for DurationHistogram {
+    fn default() -> Self {
+        Self(Histogram::new(LATENCY_BUCKETS.iter().copied()))
+    }
+}
+
+impl DurationHistogram {
     /// Records one observation (negative ones as 0).
     pub fn observe(&self, seconds: f64) {
-        let seconds = seconds.max(0.0);
-        if let Some(i) = self.bounds.iter().position(|b| seconds <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.0.observe(seconds.max(0.0));
     }
 
-    /// How many observations were recorded.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    /// The sum of all observations, in seconds (microsecond resolution).
-    pub fn sum_seconds(&self) -> f64 {
-        self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-    }
-
-    /// Each upper bound with the number of observations at or below it (cumulative, like
-    /// Prometheus' `le` buckets); observations above the last bound only count in [`Self::count`].
-    pub fn cumulative_buckets(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
-        let mut cumulative = 0;
-        self.bounds
-            .iter()
-            .zip(&self.buckets)
-            .map(move |(bound, bucket)| {
-                cumulative += bucket.load(Ordering::Relaxed);
-                (*bound, cumulative)
-            })
+    /// The histogram itself, to register (a clone shares the observations).
+    pub fn histogram(&self) -> Histogram {
+        self.0.clone()
     }
 }
 
@@ -70,21 +47,22 @@ impl Histogram {
 #[derive(Debug)]
 pub struct RelayStats {
     /// Events taken from the source.
-    pub read: AtomicU64,
+    pub read: Counter,
     /// Events Kafka acknowledged and the source recorded.
-    pub published: AtomicU64,
-    /// Records that failed to be delivered (and were retried).
-    pub failed: AtomicU64,
+    pub published: Counter,
+    /// Events whose delivery failed transiently: the in-flight window dropped after a failure,
+    /// sent again.
+    pub failed: Counter,
     /// Events parked (poison events and the events held behind them).
-    pub parked: AtomicU64,
+    pub parked: Counter,
     /// Completed rounds.
-    pub batches: AtomicU64,
+    pub batches: Counter,
     /// Unix time in milliseconds of the last acknowledged event, 0 before the first.
     pub last_published_ms: AtomicI64,
     /// Whether this instance holds the leader lock.
     pub active: AtomicBool,
     /// Times this instance lost its leader lease and stepped down.
-    pub lease_lost: AtomicU64,
+    pub lease_lost: Counter,
     /// Whether the source is open.
     pub source_running: AtomicBool,
     /// Whether the producer reached Kafka (start-up check, then each round's outcome).
@@ -93,11 +71,11 @@ pub struct RelayStats {
     /// ([`crate::sink::kafka::watch_brokers`]).
     pub kafka_reachable: AtomicBool,
     /// Records in the producer's queue after the last round.
-    pub producer_queue: AtomicI64,
+    pub producer_queue: Gauge,
     /// Batch produce time.
-    pub publish_duration: Histogram,
+    pub publish_duration: DurationHistogram,
     /// Event creation → Kafka acknowledgement.
-    pub commit_to_ack: Histogram,
+    pub commit_to_ack: DurationHistogram,
     /// The logical-replication source's figures: handed to every logical source the relay
     /// opens, so they survive its reopening and are readable before the first one opens.
     pub logical: Arc<LogicalMetrics>,
@@ -106,20 +84,20 @@ pub struct RelayStats {
 impl Default for RelayStats {
     fn default() -> Self {
         Self {
-            read: AtomicU64::new(0),
-            published: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            parked: AtomicU64::new(0),
-            batches: AtomicU64::new(0),
+            read: Counter::default(),
+            published: Counter::default(),
+            failed: Counter::default(),
+            parked: Counter::default(),
+            batches: Counter::default(),
             last_published_ms: AtomicI64::new(0),
             active: AtomicBool::new(false),
-            lease_lost: AtomicU64::new(0),
+            lease_lost: Counter::default(),
             source_running: AtomicBool::new(false),
             kafka_connected: AtomicBool::new(false),
             kafka_reachable: AtomicBool::new(true),
-            producer_queue: AtomicI64::new(0),
-            publish_duration: Histogram::new(LATENCY_BUCKETS),
-            commit_to_ack: Histogram::new(LATENCY_BUCKETS),
+            producer_queue: Gauge::default(),
+            publish_duration: DurationHistogram::default(),
+            commit_to_ack: DurationHistogram::default(),
             logical: Arc::default(),
         }
     }
@@ -130,27 +108,42 @@ impl Default for RelayStats {
 #[derive(Debug, Default)]
 pub struct LogicalMetrics {
     /// Last LSN confirmed to the slot (as u64).
-    pub confirmed_lsn: AtomicU64,
+    pub confirmed_lsn: Gauge<u64, AtomicU64>,
     /// `pg_current_wal_lsn() - confirmed_flush_lsn` at the last slot check, bytes (-1 unknown).
     pub slot_lag_bytes: AtomicI64,
     /// Bytes of WAL the slot retains at the last check (-1 unknown).
     pub slot_retained_bytes: AtomicI64,
     /// `wal_status` at the last check: 0 unknown, 1 reserved, 2 extended, 3 unreserved, 4 lost.
     pub wal_status: AtomicU64,
+    /// The same `wal_status` as a state set: one gauge per [`WAL_STATUSES`] entry, 1 for the
+    /// status of the last check and 0 for the others; empty before the first check.
+    pub wal_status_set: Family<WalStatusLabel, Gauge>,
     /// Events decoded from the stream.
-    pub events_streamed: AtomicU64,
+    pub events_streamed: Counter,
     /// Rows re-published from the table during slot creation/recovery.
-    pub rows_backfilled: AtomicU64,
+    pub rows_backfilled: Counter,
     /// Pages read from the table by re-publications (each at most a batch, by count and bytes).
-    pub backfill_pages: AtomicU64,
+    pub backfill_pages: Counter,
     /// Heartbeat messages written.
-    pub heartbeats: AtomicU64,
+    pub heartbeats: Counter,
     /// Lost slots recovered.
-    pub slot_recoveries: AtomicU64,
+    pub slot_recoveries: Counter,
     /// Outbox-prefixed logical messages ignored because the write mode is not `logical_message`.
-    pub messages_refused: AtomicU64,
+    pub messages_refused: Counter,
     /// Replication sessions started.
-    pub sessions: AtomicU64,
+    pub sessions: Counter,
+}
+
+/// The `wal_status` values of `pg_replication_slots`, in the order of their codes in
+/// [`LogicalMetrics::wal_status`] (`unknown` is code 0: no check yet, or a value this relay does
+/// not know).
+pub const WAL_STATUSES: [&str; 5] = ["unknown", "reserved", "extended", "unreserved", "lost"];
+
+/// The label of [`LogicalMetrics::wal_status_set`]: one of [`WAL_STATUSES`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct WalStatusLabel {
+    /// The slot's `wal_status`.
+    pub status: &'static str,
 }
 
 impl LogicalMetrics {
@@ -174,6 +167,11 @@ impl LogicalMetrics {
             _ => 0,
         };
         self.wal_status.store(code, Ordering::Relaxed);
+        for (i, status) in WAL_STATUSES.iter().enumerate() {
+            self.wal_status_set
+                .get_or_create(&WalStatusLabel { status })
+                .set(i64::from(i as u64 == code));
+        }
     }
 }
 
@@ -182,26 +180,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::new(&[0.01, 0.1, 1.0]);
-        h.observe(0.005);
-        h.observe(0.05);
-        h.observe(0.07);
-        h.observe(5.0);
-        let buckets: Vec<_> = h.cumulative_buckets().collect();
-        assert_eq!(buckets, vec![(0.01, 1), (0.1, 3), (1.0, 3)]);
-        assert_eq!(h.count(), 4);
-        assert!((h.sum_seconds() - 5.125).abs() < 1e-6);
-    }
-
-    #[test]
     fn slot_checks_are_coded() {
         let m = LogicalMetrics::default();
         m.record_slot(Some(10), None, Some("lost"));
         assert_eq!(m.slot_lag_bytes.load(Ordering::Relaxed), 10);
         assert_eq!(m.slot_retained_bytes.load(Ordering::Relaxed), -1);
         assert_eq!(m.wal_status.load(Ordering::Relaxed), 4);
+        let state = |status| {
+            m.wal_status_set
+                .get(&WalStatusLabel { status })
+                .map(|g| g.get())
+        };
+        assert_eq!(state("lost"), Some(1));
+        assert_eq!(state("reserved"), Some(0));
         m.record_slot(None, Some(5), Some("something new"));
         assert_eq!(m.wal_status.load(Ordering::Relaxed), 0);
+        assert_eq!(state("lost"), Some(0));
+        assert_eq!(state("unknown"), Some(1));
     }
 }

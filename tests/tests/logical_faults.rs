@@ -151,7 +151,7 @@ async fn logical_idle_database_heartbeats_advance_the_slot() -> Result<()> {
     let lag = current_wal(&db.pool).await?.saturating_sub(end);
     // The source's live metrics (for the relay's health/metrics endpoints).
     let m = relay.stats.logical.clone();
-    let heartbeats = m.heartbeats.load(Ordering::Relaxed);
+    let heartbeats = m.heartbeats.get();
     assert!(heartbeats >= 4, "heartbeats written: {heartbeats}");
     assert_eq!(
         m.wal_status.load(Ordering::Relaxed),
@@ -162,7 +162,7 @@ async fn logical_idle_database_heartbeats_advance_the_slot() -> Result<()> {
         m.slot_lag_bytes.load(Ordering::Relaxed) >= 0,
         "slot lag not measured"
     );
-    assert!(m.confirmed_lsn.load(Ordering::Relaxed) >= end);
+    assert!(m.confirmed_lsn.get() >= end);
     relay.stop().await?;
     println!(
         "heartbeats on: confirmed_flush moved {moves} times, {start:#x} -> {end:#x}, lag {lag} bytes"

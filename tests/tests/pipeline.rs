@@ -481,7 +481,7 @@ async fn claims_and_the_window_are_bounded_by_payload_bytes() -> Result<()> {
     task.await??;
     let v = Verdict::check(&ledger, &records);
     assert_eq!((v.lost, v.phantom, v.duplicates), (0, 0, 0), "{v:?}");
-    let batches = stats.batches.load(std::sync::atomic::Ordering::Relaxed);
+    let batches = stats.batches.get();
     assert!(
         batches >= 11,
         "21 events of 60 KB+ under a 100 KB batch bound must take at least 11 batches, took {batches}"

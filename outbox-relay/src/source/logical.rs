@@ -110,7 +110,6 @@ mod window;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -352,7 +351,7 @@ impl LogicalSource {
             self.next_heartbeat = now + self.cfg.heartbeat_interval;
             if self.idle() {
                 slot::emit_heartbeat(&self.pool, &self.cfg.message_prefix).await?;
-                self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
+                self.metrics.heartbeats.inc_by(1);
             }
         }
         if now >= self.next_slot_check {

@@ -14,7 +14,6 @@
 //! - **Idle confirmation.** A keepalive, heartbeat or empty transaction confirms its position only
 //!   when nothing is pending ([`LogicalSource::idle`]).
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use outbox_core::{MalformedEvent, StoredEvent, WriteMode};
@@ -111,7 +110,7 @@ impl LogicalSource {
                 }
                 self.metrics
                     .events_streamed
-                    .fetch_add(n as u64, Ordering::Relaxed);
+                    .inc_by(n as u64);
                 for (i, event) in tx.events.into_iter().enumerate() {
                     self.ready.push_back(SourceEvent::decoded(
                         event,
@@ -247,7 +246,7 @@ impl LogicalSource {
         let commit_lsn = tx.commit_lsn.0;
         self.metrics
             .events_streamed
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            .inc_by(chunk.len() as u64);
         for event in chunk {
             self.ready.push_back(SourceEvent::decoded(
                 event,
@@ -267,7 +266,7 @@ impl LogicalSource {
     fn refuse_message(&mut self, lsn: Lsn) {
         self.metrics
             .messages_refused
-            .fetch_add(1, Ordering::Relaxed);
+            .inc_by(1);
         self.refused_since_warning += 1;
         let now = Instant::now();
         if self

@@ -12,7 +12,6 @@
 //! - **Resume only on the same WAL history.** The relay's own confirmed position is kept over
 //!   the slot's only on the same PostgreSQL instance ([`slot::instance`]).
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use outbox_core::WriteMode;
@@ -133,7 +132,7 @@ impl LogicalSource {
                             ),
                         });
                     }
-                    self.metrics.slot_recoveries.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.slot_recoveries.inc_by(1);
                     if lost_at.is_some() {
                         slot::drop_slot(&self.pool, &slot).await?;
                     }
@@ -268,13 +267,13 @@ impl LogicalSource {
                 Err(e) => return Err(e),
             }
         };
-        self.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+        self.metrics.sessions.inc_by(1);
         if let Ok(Some(status)) = slot::slot_status(&self.pool, &self.cfg.slot).await {
             status.record_in(&self.metrics);
         }
         self.metrics
             .confirmed_lsn
-            .store(self.confirmed.0, Ordering::Relaxed);
+            .set(self.confirmed.0);
         self.session = Some(session);
         Ok(())
     }

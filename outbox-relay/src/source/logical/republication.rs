@@ -9,7 +9,6 @@
 //! interruption before that repeats the re-publication. At most one page (bounded by count and
 //! by [`PAGE_MAX_BYTES`]) is held at a time.
 
-use std::sync::atomic::Ordering;
 
 use outbox_core::StoredEvent;
 
@@ -219,10 +218,10 @@ impl LogicalSource {
             r.mean_payload = page_bytes / n;
             r.largest_page_rows = r.largest_page_rows.max(n);
             r.largest_page_bytes = r.largest_page_bytes.max(page_bytes);
-            self.metrics.backfill_pages.fetch_add(1, Ordering::Relaxed);
+            self.metrics.backfill_pages.inc_by(1);
             self.metrics
                 .rows_backfilled
-                .fetch_add(n as u64, Ordering::Relaxed);
+                .inc_by(n as u64);
             tracing::debug!(
                 rows = n,
                 bytes = page_bytes,

@@ -8,7 +8,6 @@
 //! cut at `max` events and at the batch byte bound.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -128,7 +127,7 @@ impl LogicalSource {
     pub(super) fn confirm(&mut self, lsn: Lsn) {
         if lsn > self.confirmed {
             self.confirmed = lsn;
-            self.metrics.confirmed_lsn.store(lsn.0, Ordering::Relaxed);
+            self.metrics.confirmed_lsn.set(lsn.0);
             if let Some(s) = &self.session {
                 s.confirm(lsn);
             }
