@@ -26,7 +26,10 @@ use crate::route::RouteSettings;
 /// The one secret type of the relay. (`secrecy::SecretString` was considered: it offers the same
 /// guarantee plus zeroing on drop, but has no `PartialEq` and serializes only through an opt-in
 /// marker, while the configuration must be compared in tests and rendered redacted by
-/// `config print`; one small type keeps both without a new dependency.)
+/// `config print`, so a wrapper would still hand-write `Debug`, `Serialize`, `PartialEq` and
+/// `Default`. Zeroing this copy would not clear the secret from the process either: sqlx's
+/// connection options, the replication client and librdkafka each keep their own plain copy for
+/// as long as the relay runs. One small type keeps the guarantee without a new dependency.)
 #[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -92,43 +95,76 @@ impl fmt::Debug for RedactedMap<'_> {
 
 /// A database URL with its secrets replaced by `***`, for messages: the password of the
 /// `user:password@` part and the value of any `password`/`sslpassword` (or other
-/// [secret-named](is_secret_key)) query parameter.
-pub fn redact_url(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let mut out = match base.find("://") {
-        Some(scheme) => {
-            let rest = &base[scheme + 3..];
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            let authority = &rest[..authority_end];
-            match authority.rsplit_once('@') {
-                Some((userinfo, host)) => match userinfo.split_once(':') {
-                    Some((user, _)) => format!(
-                        "{}{user}:***@{host}{}",
-                        &base[..scheme + 3],
-                        &rest[authority_end..]
-                    ),
-                    None => base.to_owned(),
-                },
-                None => base.to_owned(),
+/// [secret-named](is_secret_key)) query parameter. User, host, port, database and the other
+/// parameters are shown as given (`postgres://app:***@db:5432/app?sslmode=require`).
+///
+/// The URL is parsed with the `url` crate (as sqlx parses it). Text it cannot parse (a bad
+/// port, a password with a `/`, several hosts, or no URL at all) is shown more coarsely, so that
+/// the secret never depends on where a hand-written parser would cut: everything up to the last
+/// `@` before the query becomes `***`, and text that does not look like a URL is not shown.
+pub fn redact_url(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                // Fails only for URLs that cannot have credentials, which then have none.
+                let _ = parsed.set_password(Some("***"));
             }
+            if let Some(query) = parsed.query().map(redact_query) {
+                parsed.set_query(Some(&query));
+            }
+            parsed.to_string()
         }
-        None => base.to_owned(),
+        Err(_) => redact_unparsed(text),
+    }
+}
+
+/// The query string with the value of every [secret-named](is_secret_key) parameter replaced
+/// by `***`; the rest is kept byte for byte. Names are compared percent-decoded, so an encoded
+/// `pass%77ord` is caught too.
+fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| {
+            let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+            let decoded = url::form_urlencoded::parse(name.as_bytes())
+                .next()
+                .map(|(name, _)| name.into_owned())
+                .unwrap_or_default();
+            if pair.contains('=') && is_secret_key(&decoded) {
+                format!("{name}=***")
+            } else {
+                pair.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The coarse redaction of [`redact_url`] for text the `url` crate cannot parse.
+fn redact_unparsed(text: &str) -> String {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return "<not a URL>".to_owned();
+    };
+    if scheme.is_empty()
+        || !scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    {
+        return "<not a URL>".to_owned();
+    }
+    let (base, query) = match rest.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (rest, None),
+    };
+    let mut shown = match base.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}"),
+        None => format!("{scheme}://{base}"),
     };
     if let Some(query) = query {
-        out.push('?');
-        let params: Vec<String> = query
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((k, _)) if is_secret_key(k) => format!("{k}=***"),
-                _ => pair.to_owned(),
-            })
-            .collect();
-        out.push_str(&params.join("&"));
+        shown.push('?');
+        shown.push_str(&redact_query(query));
     }
-    out
+    shown
 }
 
 /// Which source reads the outbox.
@@ -446,6 +482,43 @@ mod tests {
         }
         assert_eq!(duration::format(&Duration::from_secs(86400)), "1d");
         assert_eq!(duration::format(&Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn url_redaction_shows_user_and_host_never_the_password() {
+        let cases = [
+            // Parsed by the url crate.
+            (
+                "postgresql://app:s3cret@DB.example:6432/app?sslmode=verify-full",
+                "postgresql://app:***@DB.example:6432/app?sslmode=verify-full",
+            ),
+            (
+                "postgres://app:s3%2Fcret@[::1]:5432/app",
+                "postgres://app:***@[::1]:5432/app",
+            ),
+            (
+                "postgres://app@db/app?pass%77ord=s3cret&application_name=relay",
+                "postgres://app@db/app?pass%77ord=***&application_name=relay",
+            ),
+            ("postgres://db/app", "postgres://db/app"),
+            // Not parseable: coarser, still without the secret.
+            (
+                "postgres://app:s3cret@127.0.0.1:notaport/db?password=s3cret",
+                "postgres://***@127.0.0.1:notaport/db?password=***",
+            ),
+            ("postgres://app:s3/cret@db/app", "postgres://***@db/app"),
+            (
+                "postgres://app:s3cret@h1:5432,h2:5433/app",
+                "postgres://***@h1:5432,h2:5433/app",
+            ),
+            ("host=db password=s3cret", "<not a URL>"),
+            ("s3cret", "<not a URL>"),
+        ];
+        for (given, shown) in cases {
+            let redacted = redact_url(given);
+            assert_eq!(redacted, shown, "{given}");
+            assert!(!redacted.contains("s3"), "{given} → {redacted}");
+        }
     }
 
     #[test]

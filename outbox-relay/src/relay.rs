@@ -44,8 +44,10 @@ use crate::source::polling::{PollingSettings, PollingSource};
 use crate::source::{Source, SourceError, SourceEvent};
 use crate::stats::RelayStats;
 use crate::table::purge_published;
+use backoff::Backoff;
 use plan::{Plan, event_of_record, outcomes_per_event, parks_in, plan_batch, suspects_from};
 
+mod backoff;
 mod plan;
 
 /// Why the relay stopped (other than a requested shutdown).
@@ -788,29 +790,4 @@ struct InFlight {
     started: std::time::Instant,
     /// Payload bytes of the batch (for `max_in_flight_bytes`).
     bytes: usize,
-}
-
-/// Exponential backoff between retries, 200 ms doubling to 30 s, cut short by shutdown.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self {
-            next: Duration::from_millis(200),
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = Duration::from_millis(200);
-    }
-
-    async fn wait(&mut self, shutdown: &CancellationToken) {
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(self.next) => {}
-        }
-        self.next = (self.next * 2).min(Duration::from_secs(30));
-    }
 }

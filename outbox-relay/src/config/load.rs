@@ -148,6 +148,21 @@ fn is_known(key: &str, known: &BTreeSet<String>) -> bool {
         })
 }
 
+// Why not `figment::providers::Env::prefixed("OUTBOX_").split("__")` (figment 0.10.19, tried):
+// - it reads only the process environment (`std::env::vars_os`), so `load` could no longer take
+//   the variables as an argument, and the tests would have to set process variables, which
+//   needs `unsafe` in edition 2024 (forbidden in this workspace) and serializes every test;
+// - it parses values as figment values: `OUTBOX_TABLE=123` or
+//   `OUTBOX_KAFKA__PROPERTIES__LINGER_MS=5` become integers and fail with an "invalid type"
+//   error (an unsigned integer where a string is expected);
+// - it nests at every `.` of the mapped key, so a librdkafka property cannot be named:
+//   `kafka.properties.sasl.mechanism` becomes a table `sasl` and fails with an "invalid type"
+//   error (a map where a string is expected);
+// - an unknown variable becomes a fatal `unknown field` (`deny_unknown_fields`) instead of a
+//   warning, and `*_FILE` secrets and the `k=v,k=v` list forms have no place in it.
+// Each needs a workaround around `Env` larger than the code below, so this layer stays ours;
+// figment still merges it (with the file and the flags) and reports the errors.
+
 /// Reads the `OUTBOX_*` variables from `vars` into a layer; returns it with warnings about
 /// variables that match no setting, and fails when a `*_FILE` cannot be read.
 pub fn env_layer(

@@ -132,10 +132,11 @@ impl RelayConfig {
 fn validate_database_url(url: &str) -> Result<(), ConfigError> {
     use sqlx::ConnectOptions;
     let err = |reason: String| ConfigError::new("database_url", reason);
-    if let Some((_, query)) = url.split_once('?') {
-        for key in query.split('&').filter_map(|p| p.split('=').next()) {
+    // A URL the url crate cannot parse is refused by sqlx below (it parses the same way).
+    if let Ok(parsed) = url::Url::parse(url) {
+        for (key, _) in parsed.query_pairs() {
             // sqlx would log an unknown parameter with its value: refuse secrets it ignores.
-            if is_secret_key(key) && key != "password" {
+            if is_secret_key(&key) && key != "password" {
                 return Err(err(format!(
                     "URL parameter `{key}` is not supported (an encrypted client key cannot be \
                      used): give `sslkey` an unencrypted key file readable only by the relay"

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use std::path::PathBuf;
 
+use percent_encoding::percent_decode_str;
 use pgwire_replication::{
     PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, SslMode, TlsConfig,
 };
@@ -43,26 +44,6 @@ impl std::fmt::Debug for ReplicationTarget {
             .field("database", &self.database)
             .finish_non_exhaustive()
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push((hi * 16 + lo) as u8);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A certificate or key path as sqlx resolved it (`file: PATH` in its URL rendering); inline PEM
@@ -120,7 +101,10 @@ impl ReplicationTarget {
                 _ => {}
             }
         }
-        let password = resolved.password().map(percent_decode).unwrap_or_default();
+        let password = resolved
+            .password()
+            .map(|p| percent_decode_str(p).decode_utf8_lossy().into_owned())
+            .unwrap_or_default();
         let mut tls = match opts.get_ssl_mode() {
             PgSslMode::Disable => TlsConfig::disabled(),
             PgSslMode::Allow => {
