@@ -122,6 +122,7 @@ pub use slot::{NameError, PublicationName, SlotName, SlotStatus};
 use super::row_marks::{MarkError, RowMarks};
 use super::{Position, Source, SourceError, SourceEvent};
 use crate::config::{RelayConfig, RowAcknowledgement};
+use crate::failure::{ErrorKind, Report};
 use crate::leader::Leadership;
 use crate::park::{AggregateKey, ParkRequest};
 use crate::stats::LogicalMetrics;
@@ -171,7 +172,7 @@ pub enum LogicalError {
     #[error("replication slot in use: {0}")]
     SlotInUse(String),
     /// A SQL statement failed. Retryable.
-    #[error("database error while {context}: {source}")]
+    #[error("database error while {context}")]
     Database {
         /// What was being done.
         context: &'static str,
@@ -179,6 +180,9 @@ pub enum LogicalError {
         #[source]
         source: sqlx::Error,
     },
+    /// Acknowledging delivered rows failed (`table` mode). Retryable unless the lease is lost.
+    #[error(transparent)]
+    Marks(#[from] MarkError),
     /// The replication stream failed or ended. Retryable.
     #[error("replication stream: {0}")]
     Replication(String),
@@ -188,42 +192,33 @@ pub enum LogicalError {
 }
 
 impl LogicalError {
-    /// Whether retrying (after a pause, with a new session) may succeed.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            LogicalError::SlotInUse(_)
-                | LogicalError::Database { .. }
-                | LogicalError::Replication(_)
-        )
-    }
-}
-
-impl From<MarkError> for LogicalError {
-    fn from(e: MarkError) -> Self {
-        match e {
-            MarkError::Database(source) => LogicalError::Database {
-                context: "acknowledging rows in the outbox table",
-                source,
-            },
-            other => LogicalError::Replication(other.to_string()),
+    /// What kind of failure this is ([`crate::failure`]). A lost slot is reported as not
+    /// recoverable here; the source itself decides whether it can recover from the table.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            LogicalError::Config(_) => ErrorKind::Config,
+            LogicalError::WalLevel { .. }
+            | LogicalError::Privilege { .. }
+            | LogicalError::Publication(_)
+            | LogicalError::Slot(_) => ErrorKind::Setup,
+            LogicalError::SlotLost { .. } => ErrorKind::SlotLost { recoverable: false },
+            LogicalError::SlotInUse(_) => ErrorKind::Contended,
+            LogicalError::Database { .. } | LogicalError::Replication(_) => ErrorKind::Unavailable,
+            LogicalError::Marks(e) => e.kind(),
+            LogicalError::Decode(_) => ErrorKind::Contract,
         }
+    }
+
+    /// Whether retrying (after a pause, with a new session) may succeed: the policy's
+    /// [`ErrorKind::restarts_source`].
+    pub fn is_retryable(&self) -> bool {
+        self.kind().restarts_source()
     }
 }
 
 impl From<LogicalError> for SourceError {
     fn from(e: LogicalError) -> Self {
-        match e {
-            LogicalError::Database { source, context } => {
-                tracing::debug!("logical source database error while {context}");
-                SourceError::Database {
-                    source_name: "logical",
-                    error: source,
-                }
-            }
-            e if e.is_retryable() => SourceError::Transient(e.to_string()),
-            e => SourceError::Fatal(e.to_string()),
-        }
+        SourceError::new("logical", e.kind(), e)
     }
 }
 
@@ -1060,7 +1055,7 @@ impl LogicalSource {
         // Acknowledgements still running concern delivered rows: let them finish (and confirm
         // their LSNs), so the new session does not stream those rows again.
         if let Err(e) = self.release_marks(true).await {
-            tracing::warn!(error = %e, "acknowledgement failed during a restart; those events will be published again");
+            tracing::warn!(error = %Report(&e), "acknowledgement failed during a restart; those events will be published again");
         }
         self.relations.clear();
         self.open = None;
@@ -1107,13 +1102,20 @@ impl LogicalSource {
         }
     }
 
-    fn restartable(&self, e: &LogicalError) -> bool {
+    /// The kind of `e` as this source sees it: a lost slot is recoverable in `table` mode with
+    /// `recover_lost_slot` (the source re-publishes from the table).
+    fn kind_of(&self, e: &LogicalError) -> ErrorKind {
         match e {
-            LogicalError::SlotLost { .. } => {
-                self.cfg.write_mode == WriteMode::Table && self.cfg.recover_lost_slot
-            }
-            e => e.is_retryable(),
+            LogicalError::SlotLost { .. } => ErrorKind::SlotLost {
+                recoverable: self.cfg.write_mode == WriteMode::Table && self.cfg.recover_lost_slot,
+            },
+            e => e.kind(),
         }
+    }
+
+    /// Whether restarting the replication session (or reopening the source) gets past `e`.
+    fn restartable(&self, e: &LogicalError) -> bool {
+        self.kind_of(e).restarts_source()
     }
 
     fn idle(&self) -> bool {
@@ -1500,7 +1502,7 @@ impl LogicalSource {
                 }
                 Ok(false) => {}
                 Err(e) if !restarted && self.inflight.is_empty() && self.restartable(&e) => {
-                    tracing::warn!(error = %e, "replication session failed; restarting from the confirmed position");
+                    tracing::warn!(error = %Report(&e), "replication session failed; restarting from the confirmed position");
                     restarted = true;
                     self.restart().await?;
                 }
@@ -1532,7 +1534,7 @@ impl LogicalSource {
                 }
                 Ok(Ok(None)) | Err(_) => break,
                 Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "replication session failed after events were read");
+                    tracing::debug!(error = %Report(&e), "replication session failed after events were read");
                     break;
                 }
             }
@@ -1668,21 +1670,17 @@ impl Source for LogicalSource {
         match self.next_batch_inner(max, shutdown).await {
             Ok(b) => Ok(b),
             Err(e) => {
-                let recoverable =
-                    matches!(e, LogicalError::SlotLost { .. }) && self.restartable(&e);
                 if matches!(e, LogicalError::SlotLost { .. }) {
-                    tracing::error!(error = %e, "replication slot lost");
+                    tracing::error!(error = %Report(&e), "replication slot lost");
                 }
                 // The session is unusable after an error: the next call (after the relay's
                 // rewind) starts a new one from the confirmed position.
                 if let Some(s) = self.session.take() {
                     s.stop().await;
                 }
-                if recoverable {
-                    // Table mode: the relay reopens the source, which recovers from the table.
-                    return Err(SourceError::Transient(e.to_string()));
-                }
-                Err(e.into())
+                // A lost slot in table mode with recovery on is recoverable: the relay reopens
+                // the source, which re-publishes from the table.
+                Err(SourceError::new("logical", self.kind_of(&e), e))
             }
         }
     }
@@ -1734,12 +1732,16 @@ impl Source for LogicalSource {
             return Ok(());
         }
         if !self.parked_table_exists().await? {
-            return Err(SourceError::Fatal(format!(
-                "cannot park {} event(s): the parked-events table {} does not exist; \
-                 run `outbox-relay migrate` (also needed in logical_message mode)",
-                requests.len(),
-                self.cfg.table.parked_qualified()
-            )));
+            return Err(SourceError::new(
+                "logical",
+                ErrorKind::Setup,
+                format!(
+                    "cannot park {} event(s): the parked-events table {} does not exist; \
+                     run `outbox-relay migrate` (also needed in logical_message mode)",
+                    requests.len(),
+                    self.cfg.table.parked_qualified()
+                ),
+            ));
         }
         let table = self.cfg.table.clone();
         let result = match self.leader.as_mut() {
@@ -1749,10 +1751,7 @@ impl Source for LogicalSource {
                 Err(e) => Err(e),
             },
         };
-        result.map_err(|error| SourceError::Database {
-            source_name: "logical",
-            error,
-        })
+        result.map_err(|error| SourceError::database("logical", error))
     }
 
     /// The aggregates with parked events (none when the parked-events table does not exist).
@@ -1768,10 +1767,7 @@ impl Source for LogicalSource {
                 Err(e) => Err(e),
             },
         };
-        result.map_err(|error| SourceError::Database {
-            source_name: "logical",
-            error,
-        })
+        result.map_err(|error| SourceError::database("logical", error))
     }
 }
 
@@ -1785,10 +1781,7 @@ impl LogicalSource {
             .bind(self.cfg.table.parked_qualified())
             .fetch_one(&self.pool)
             .await
-            .map_err(|error| SourceError::Database {
-                source_name: "logical",
-                error,
-            })?;
+            .map_err(|error| SourceError::database("logical", error))?;
         self.parked_table = exists;
         Ok(exists)
     }

@@ -34,6 +34,7 @@ use uuid::Uuid;
 use std::collections::{HashMap, VecDeque};
 
 use crate::config::RowAcknowledgement;
+use crate::failure::{ErrorKind, Report};
 use crate::leader::Leadership;
 use crate::park::{AggregateKey, ParkRequest};
 use crate::source::row_marks::{RELAY_PLANNER_SETTINGS, RowMarks};
@@ -68,6 +69,20 @@ pub async fn purge_published(
 pub(crate) const EVENT_COLUMNS: &str = "id, aggregatetype, aggregateid, type, payload::text AS payload, seq, \
      created_at, tracingspancontext, headers::text AS headers, schema_version, topic, aggregate_seq";
 
+/// A row of the outbox table whose `id` or `seq` cannot be read: the table is not an outbox
+/// table ([`ErrorKind::Contract`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot read column `{column}` of the outbox table (is it an outbox table? run `outbox-relay migrate`)"
+)]
+pub struct UnreadableColumn {
+    /// The column.
+    pub column: &'static str,
+    /// The driver's error.
+    #[source]
+    pub error: sqlx::Error,
+}
+
 /// Turns a row selected with [`EVENT_COLUMNS`] into an event. A row that is not a valid event
 /// (a column of an unexpected type, `headers` that are not a JSON object, a `schema_version`
 /// below 1) comes back as the inner `Err`, with what could be read, so the relay can park it; only
@@ -75,10 +90,12 @@ pub(crate) const EVENT_COLUMNS: &str = "id, aggregatetype, aggregateid, type, pa
 pub(crate) fn event_from_row(
     row: &sqlx::postgres::PgRow,
 ) -> Result<Result<StoredEvent, MalformedEvent>, SourceError> {
-    let fatal = |column: &str, error: sqlx::Error| {
-        SourceError::Fatal(format!(
-            "cannot read column `{column}` of the outbox table: {error} (is it an outbox table? run `outbox-relay migrate`)"
-        ))
+    let fatal = |column: &'static str, error: sqlx::Error| {
+        SourceError::new(
+            "polling",
+            ErrorKind::Contract,
+            UnreadableColumn { column, error },
+        )
     };
     let id: Uuid = row.try_get("id").map_err(|e| fatal("id", e))?;
     let seq: Option<i64> = row.try_get("seq").map_err(|e| fatal("seq", e))?;
@@ -183,31 +200,21 @@ impl PollingSource {
             let pool = sqlx::pool::PoolOptions::<sqlx::Postgres>::new()
                 .max_connections(1)
                 .connect_lazy_with(options.clone().application_name("outbox-relay-listen"));
-            let mut listener =
-                PgListener::connect_with(&pool)
-                    .await
-                    .map_err(|error| SourceError::Database {
-                        source_name: "polling",
-                        error,
-                    })?;
+            let mut listener = PgListener::connect_with(&pool)
+                .await
+                .map_err(|error| SourceError::database("polling", error))?;
             // The channel of the table as resolved on the leader's session: the trigger names it
             // after the table it fires on, whatever spelling configured this relay.
             let channel = settings
                 .table
                 .resolve(&mut *leader.connection().await)
                 .await
-                .map_err(|error| SourceError::Database {
-                    source_name: "polling",
-                    error,
-                })?
+                .map_err(|error| SourceError::database("polling", error))?
                 .notify_channel();
             listener
                 .listen(&channel)
                 .await
-                .map_err(|error| SourceError::Database {
-                    source_name: "polling",
-                    error,
-                })?;
+                .map_err(|error| SourceError::database("polling", error))?;
             Some(listener)
         } else {
             None
@@ -241,10 +248,7 @@ impl PollingSource {
             sqlx::query(AssertSqlSafe(format!("SET {name} = {value}")))
                 .execute(&mut *leader.connection().await)
                 .await
-                .map_err(|error| SourceError::Database {
-                    source_name: "polling",
-                    error,
-                })?;
+                .map_err(|error| SourceError::database("polling", error))?;
         }
         let marks = RowMarks::new(
             crate::source::row_marks::pool(options),
@@ -299,10 +303,7 @@ impl PollingSource {
         let rows = claim
             .fetch_all(&mut *self.leader.connection().await)
             .await
-            .map_err(|error| SourceError::Database {
-                source_name: "polling",
-                error,
-            })?;
+            .map_err(|error| SourceError::database("polling", error))?;
         let batch = rows
             .iter()
             .map(|row| Ok(SourceEvent::decoded(event_from_row(row)?, Position::Row)))
@@ -392,7 +393,7 @@ impl Source for PollingSource {
         // Acknowledgements still running concern delivered rows: let them finish, so those rows
         // are not claimed again. One that fails leaves its rows due (published again).
         if let Err(e) = self.marks.finish().await {
-            tracing::warn!(error = %e, "acknowledgement failed during a rewind; those events will be published again");
+            tracing::warn!(error = %Report(&e), "acknowledgement failed during a rewind; those events will be published again");
         }
         // No cursor: unacknowledged rows are still unpublished and come back in the next batch.
         self.in_flight.clear();
@@ -416,18 +417,12 @@ impl Source for PollingSource {
             requests,
         )
         .await
-        .map_err(|error| SourceError::Database {
-            source_name: "polling",
-            error,
-        })
+        .map_err(|error| SourceError::database("polling", error))
     }
 
     async fn blocked_aggregates(&mut self) -> Result<HashMap<AggregateKey, Uuid>, SourceError> {
         crate::park::blocked_aggregates(&mut *self.leader.connection().await, &self.settings.table)
             .await
-            .map_err(|error| SourceError::Database {
-                source_name: "polling",
-                error,
-            })
+            .map_err(|error| SourceError::database("polling", error))
     }
 }
