@@ -16,6 +16,7 @@ use sqlx::{ConnectOptions, PgConnection};
 use uuid::Uuid;
 
 use crate::config::{RelayConfig, redact_url};
+use crate::failure::Report;
 use crate::route::Router;
 use crate::sink::kafka::{KafkaSink, Outcome};
 use crate::table::{self, AggregateKey, ReadError};
@@ -109,7 +110,7 @@ pub async fn migrate(config: &RelayConfig) -> Result<()> {
         // create tables (grant them SELECT, INSERT, UPDATE, DELETE on it).
         crate::source::logical::state::ensure_table(&mut conn, &table)
             .await
-            .map_err(|e| CommandError::runtime(e.to_string()))?;
+            .map_err(|e| CommandError::runtime(Report(&e).to_string()))?;
     }
     Ok(())
 }
@@ -305,8 +306,8 @@ pub async fn replay(config: &RelayConfig, filter: &ReplayFilter) -> Result<u64> 
         ));
     }
     let router = Router::new(&config.route).map_err(|e| CommandError::usage(e.to_string()))?;
-    let sink =
-        KafkaSink::new(config.kafka.clone()).map_err(|e| CommandError::usage(e.to_string()))?;
+    let sink = KafkaSink::new(config.kafka.clone())
+        .map_err(|e| CommandError::usage(Report(&e).to_string()))?;
     sink.check_connection()
         .await
         .map_err(|e| CommandError::runtime(e.to_string()))?;
@@ -416,8 +417,8 @@ pub enum Selection {
 pub async fn parked_retry(config: &RelayConfig, selection: &Selection) -> Result<u64> {
     let (mut conn, table) = connect(config).await?;
     let router = Router::new(&config.route).map_err(|e| CommandError::usage(e.to_string()))?;
-    let sink =
-        KafkaSink::new(config.kafka.clone()).map_err(|e| CommandError::usage(e.to_string()))?;
+    let sink = KafkaSink::new(config.kafka.clone())
+        .map_err(|e| CommandError::usage(Report(&e).to_string()))?;
     sink.check_connection()
         .await
         .map_err(|e| CommandError::runtime(e.to_string()))?;
@@ -560,7 +561,7 @@ pub async fn slot_drop(config: &RelayConfig, name: &str) -> Result<()> {
     let forget = async |conn: &mut PgConnection| {
         state::forget(conn, &table, name)
             .await
-            .map_err(|e| CommandError::runtime(e.to_string()))
+            .map_err(|e| CommandError::runtime(Report(&e).to_string()))
     };
     match active {
         None => match forget(&mut conn).await? {

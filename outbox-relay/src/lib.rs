@@ -22,6 +22,7 @@ pub mod admin;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod failure;
 pub mod faults;
 pub mod leader;
 pub mod metrics;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use outbox_relay::cli::{Cli, Command, ConfigAction, LogFormat};
 use outbox_relay::config::RelayConfig;
+use outbox_relay::failure::Report;
 use outbox_relay::{Relay, RelayError};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -126,7 +127,7 @@ async fn try_main(cli: Cli) -> i32 {
     let config = match settings.load() {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!("{e}");
+            tracing::error!("{}", Report(&e));
             return 2;
         }
     };
@@ -153,7 +154,7 @@ async fn try_main(cli: Cli) -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            tracing::error!("{e}");
+            tracing::error!("{}", Report(&e));
             e.code
         }
     }
@@ -193,7 +194,7 @@ async fn run(config: RelayConfig) -> i32 {
         match std::thread::spawn(move || outbox_relay::telemetry::install(&settings)).join() {
             Ok(Ok(guard)) => guard,
             Ok(Err(e)) => {
-                tracing::error!("{e}");
+                tracing::error!("{}", Report(&e));
                 return 2;
             }
             Err(_) => {
@@ -213,7 +214,7 @@ async fn run_relay(config: RelayConfig) -> i32 {
     let relay = match Relay::new(config) {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!("{e}");
+            tracing::error!("{}", Report(&e));
             return e.exit_code();
         }
     };
@@ -241,7 +242,7 @@ fn outcome(result: Result<Result<(), RelayError>, tokio::task::JoinError>) -> i3
     match result {
         Ok(Ok(())) => 0,
         Ok(Err(e)) => {
-            tracing::error!("{e}");
+            tracing::error!("{}", Report(&e));
             e.exit_code()
         }
         Err(e) => {

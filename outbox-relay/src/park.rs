@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use outbox_core::OutboxTable;
 use uuid::Uuid;
 
+use crate::failure::ErrorKind;
 use crate::leader::{LeaderSession, LeadershipEnded};
 pub use crate::table::{AggregateKey, ParkRequest, ParkedEvent};
 
@@ -27,7 +28,7 @@ pub use crate::table::{AggregateKey, ParkRequest, ParkedEvent};
 #[derive(Debug, thiserror::Error)]
 pub enum ParkError {
     /// The statement failed; retrying may help.
-    #[error("database error in the park store: {0}")]
+    #[error("database error in the park store")]
     Database(#[from] sqlx::Error),
     /// `<table>_parked` does not exist: nothing can be parked until it is migrated.
     #[error(
@@ -45,9 +46,13 @@ pub enum ParkError {
 }
 
 impl ParkError {
-    /// Whether retrying after a pause may succeed (a missing table needs an operator).
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, ParkError::MissingTable { .. })
+    /// What kind of failure this is ([`crate::failure`]): a missing table needs an operator;
+    /// anything else is transient.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ParkError::MissingTable { .. } => ErrorKind::Setup,
+            ParkError::Database(_) | ParkError::LeadershipEnded(_) => ErrorKind::Unavailable,
+        }
     }
 }
 

@@ -34,6 +34,7 @@ use uuid::Uuid;
 
 use crate::ack::handled_prefix;
 use crate::config::{ConfigError, RelayConfig, RowAcknowledgement, SourceKind, redact_url};
+use crate::failure::{Action, ErrorKind, Report, decide};
 use crate::faults::{failpoint, mutant};
 use crate::leader::{Leadership, Lease, LeaseLost};
 use crate::park::{AggregateKey, ParkError, ParkRequest, ParkStore};
@@ -58,7 +59,7 @@ pub enum RelayError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// PostgreSQL could not be reached at start-up, or the outbox is not set up.
-    #[error("{context}: {error}")]
+    #[error("{context}")]
     Database {
         /// What the relay was doing.
         context: String,
@@ -88,12 +89,24 @@ pub enum RelayError {
 }
 
 impl RelayError {
-    /// The process exit code for this error: 2 for configuration problems, 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
+    /// What kind of failure this is: the input of the relay's one error policy
+    /// ([`crate::failure::decide`]).
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            RelayError::Config(_) => 2,
-            _ => 1,
+            RelayError::Config(_) | RelayError::Route(_) => ErrorKind::Config,
+            RelayError::Database { .. } => ErrorKind::Unavailable,
+            RelayError::NotReady(_) => ErrorKind::Setup,
+            RelayError::Kafka(e) => e.kind(),
+            RelayError::Source(e) => e.kind(),
+            RelayError::Park(e) => e.kind(),
+            RelayError::LeaseLost(_) => ErrorKind::LeaseLost,
         }
+    }
+
+    /// The process exit code for this error: 2 for configuration problems, 1 otherwise
+    /// ([`ErrorKind::exit_code`]).
+    pub fn exit_code(&self) -> i32 {
+        self.kind().exit_code()
     }
 }
 
@@ -292,22 +305,14 @@ impl Relay {
             };
             self.stats.source_running.store(false, Ordering::Relaxed);
             self.stats.active.store(false, Ordering::Relaxed);
-            match outcome {
-                Ok(()) => break Ok(()),
-                // Whatever failed (often a statement on the session the server ended), a relay
-                // whose lease is gone steps down: nothing it still holds may reach Kafka.
-                Err(e) if lease.check().is_err() => {
-                    self.step_down(&mut sink, &lease, &e)?;
-                }
-                Err(RelayError::Source(e)) if e.is_retryable() => {
-                    tracing::warn!(error = %e, "source interrupted; resuming from the last acknowledged position");
+            let Err(e) = outcome else { break Ok(()) };
+            match decide(e.kind(), lease.check().is_ok()) {
+                Action::StepDown => self.step_down(&mut sink, &lease, &e)?,
+                Action::RestartSource => {
+                    tracing::warn!(error = %Report(&e), "source interrupted; resuming from the last acknowledged position");
                     backoff.wait(&shutdown).await;
                 }
-                Err(RelayError::Park(e)) if e.is_retryable() => {
-                    tracing::warn!(error = %e, "parked events unreachable; resuming from the last acknowledged position");
-                    backoff.wait(&shutdown).await;
-                }
-                Err(e) => break Err(e),
+                Action::Stop => break Err(e),
             }
         };
         if let Some(p) = purger {
@@ -316,7 +321,7 @@ impl Relay {
         broker_watch.abort();
         match &result {
             Ok(()) => tracing::info!(published = self.stats.published.get(), "relay stopped"),
-            Err(e) => tracing::error!(error = %e, "relay failed"),
+            Err(e) => tracing::error!(error = %Report(e), "relay failed"),
         }
         result
     }
@@ -338,7 +343,7 @@ impl Relay {
         let reason = lease.check().err().map(|l| l.reason).unwrap_or_default();
         tracing::error!(
             %reason,
-            cause = %cause,
+            cause = %Report(cause),
             purged,
             "leader lease lost: stepped down to standby without producing or acknowledging anything more; the active relay resumes from the first unacknowledged event"
         );

@@ -18,6 +18,7 @@ pub mod logical;
 pub mod polling;
 pub mod row_marks;
 
+use crate::failure::ErrorKind;
 use async_trait::async_trait;
 use outbox_core::StoredEvent;
 use tokio_util::sync::CancellationToken;
@@ -84,32 +85,46 @@ pub enum Position {
     },
 }
 
-/// A failure of a source.
+/// A failure of a source: which source, its typed cause (the [`std::error::Error::source`] of
+/// this error) and the cause's [`ErrorKind`], which decides what the relay does
+/// ([`crate::failure::decide`]).
 #[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SourceError {
-    /// The database could not be reached or refused a statement; retrying may help.
-    #[error("database error in the {source_name} source: {error}")]
-    Database {
-        /// `polling` or `logical`.
-        source_name: &'static str,
-        /// The underlying error.
-        #[source]
-        error: sqlx::Error,
-    },
-    /// A problem that retrying cannot fix (a lost replication slot, a missing table, a
-    /// misconfiguration): the relay stops and says so.
-    #[error("{0}")]
-    Fatal(String),
-    /// A transient problem other than a database error (e.g. the replication stream ended).
-    #[error("{0}")]
-    Transient(String),
+#[error("the {source_name} source failed")]
+pub struct SourceError {
+    source_name: &'static str,
+    kind: ErrorKind,
+    #[source]
+    cause: Box<dyn std::error::Error + Send + Sync + 'static>,
 }
 
 impl SourceError {
-    /// Whether retrying after a pause may succeed.
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, SourceError::Fatal(_))
+    /// A failure of the source `source_name` (`polling` or `logical`) caused by `cause`.
+    pub fn new(
+        source_name: &'static str,
+        kind: ErrorKind,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self {
+            source_name,
+            kind,
+            cause: cause.into(),
+        }
+    }
+
+    /// A statement of the source `source_name` failed ([`ErrorKind::Unavailable`]: the source
+    /// resumes from its durable position).
+    pub fn database(source_name: &'static str, error: sqlx::Error) -> Self {
+        Self::new(source_name, ErrorKind::Unavailable, error)
+    }
+
+    /// `polling` or `logical`.
+    pub fn source_name(&self) -> &'static str {
+        self.source_name
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
     }
 }
 

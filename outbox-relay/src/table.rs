@@ -106,12 +106,13 @@ pub enum ReadError {
     Database(#[from] sqlx::Error),
     /// A column of a fetched row cannot be read at all: the table is not an outbox table.
     #[error(
-        "cannot read column `{column}` of the outbox table: {error} (is it an outbox table? run `outbox-relay migrate`)"
+        "cannot read column `{column}` of the outbox table (is it an outbox table? run `outbox-relay migrate`)"
     )]
     Unreadable {
         /// The column.
         column: &'static str,
         /// The driver's error.
+        #[source]
         error: sqlx::Error,
     },
 }

@@ -84,7 +84,7 @@ async fn parking_without_the_parked_table_names_the_migration() -> Result<()> {
     let mut store = ParkStore::new(OutboxTable::default(), leader.session());
     ensure!(store.blocked_aggregates().await?.is_empty());
     let err = store.park(&[request("1", None)]).await.unwrap_err();
-    ensure!(!err.is_retryable(), "{err}");
+    ensure!(!err.kind().restarts_source(), "{err}");
     let message = err.to_string();
     ensure!(
         message.contains("does not exist") && message.contains("outbox-relay migrate"),

@@ -25,6 +25,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::config::{KafkaPropertyError, KafkaSettings};
+use crate::failure::ErrorKind;
 use crate::route::OutboundRecord;
 use crate::sink::{Delivered, DeliveryError, ErrorClass};
 use crate::telemetry::{ProducerSpans, RecordSpan};
@@ -42,7 +43,7 @@ pub enum SinkError {
         reason: String,
     },
     /// librdkafka refused to create the producer.
-    #[error("could not create the Kafka producer: {0}")]
+    #[error("could not create the Kafka producer")]
     Create(#[source] KafkaError),
     /// Kafka refuses the relay's records in a way retrying cannot fix (permissions, a missing
     /// topic, an error that persists): the relay stops and says what the operator must do.
@@ -65,6 +66,20 @@ pub enum SinkError {
         /// The client's error and what librdkafka last reported (TLS, SASL, name resolution…).
         detail: String,
     },
+}
+
+impl SinkError {
+    /// What kind of failure this is ([`crate::failure`]): an invalid setting, a producer
+    /// librdkafka cannot build (a missing certificate file, …), a broker refusing the records for
+    /// good, or an unreachable cluster.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SinkError::Config { .. } => ErrorKind::Config,
+            SinkError::Create(_) => ErrorKind::Setup,
+            SinkError::Refused { .. } => ErrorKind::Refused,
+            SinkError::Unreachable { .. } => ErrorKind::Unavailable,
+        }
+    }
 }
 
 impl From<KafkaPropertyError> for SinkError {

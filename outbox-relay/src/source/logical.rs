@@ -108,6 +108,7 @@ pub mod state;
 mod stream;
 mod window;
 
+use crate::failure::Report;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -474,7 +475,7 @@ impl LogicalSource {
                 }
                 Ok(false) => {}
                 Err(e) if !restarted && self.inflight.is_empty() && self.restartable(&e) => {
-                    tracing::warn!(error = %e, "replication session failed; restarting from the confirmed position");
+                    tracing::warn!(error = %Report(&e), "replication session failed; restarting from the confirmed position");
                     restarted = true;
                     self.restart().await?;
                 }
@@ -503,21 +504,17 @@ impl Source for LogicalSource {
         match self.next_batch_inner(max, shutdown).await {
             Ok(b) => Ok(b),
             Err(e) => {
-                let recoverable =
-                    matches!(e, LogicalError::SlotLost { .. }) && self.restartable(&e);
                 if matches!(e, LogicalError::SlotLost { .. }) {
-                    tracing::error!(error = %e, "replication slot lost");
+                    tracing::error!(error = %Report(&e), "replication slot lost");
                 }
                 // The session is unusable after an error: the next call (after the relay's
                 // rewind) starts a new one from the confirmed position.
                 if let Some(s) = self.session.take() {
                     s.stop().await;
                 }
-                if recoverable {
-                    // Table mode: the relay reopens the source, which recovers from the table.
-                    return Err(SourceError::Transient(e.to_string()));
-                }
-                Err(e.into())
+                // A lost slot in table mode with recovery on is recoverable: the relay reopens
+                // the source, which re-publishes from the table.
+                Err(SourceError::new("logical", self.kind_of(&e), e))
             }
         }
     }

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use std::collections::VecDeque;
 
 use crate::config::RowAcknowledgement;
+use crate::failure::{ErrorKind, Report};
 use crate::leader::Leadership;
 use crate::source::row_marks::{RELAY_PLANNER_SETTINGS, RowMarks};
 use crate::source::{Position, Source, SourceError, SourceEvent};
@@ -85,31 +86,21 @@ impl PollingSource {
             let pool = sqlx::pool::PoolOptions::<sqlx::Postgres>::new()
                 .max_connections(1)
                 .connect_lazy_with(options.clone().application_name("outbox-relay-listen"));
-            let mut listener =
-                PgListener::connect_with(&pool)
-                    .await
-                    .map_err(|error| SourceError::Database {
-                        source_name: "polling",
-                        error,
-                    })?;
+            let mut listener = PgListener::connect_with(&pool)
+                .await
+                .map_err(|error| SourceError::database("polling", error))?;
             // The channel of the table as resolved on the leader's session: the trigger names it
             // after the table it fires on, whatever spelling configured this relay.
             let channel = settings
                 .table
                 .resolve(&mut *leader.connection().await)
                 .await
-                .map_err(|error| SourceError::Database {
-                    source_name: "polling",
-                    error,
-                })?
+                .map_err(|error| SourceError::database("polling", error))?
                 .notify_channel();
             listener
                 .listen(&channel)
                 .await
-                .map_err(|error| SourceError::Database {
-                    source_name: "polling",
-                    error,
-                })?;
+                .map_err(|error| SourceError::database("polling", error))?;
             Some(listener)
         } else {
             None
@@ -126,10 +117,7 @@ impl PollingSource {
             sqlx::query(AssertSqlSafe(format!("SET {name} = {value}")))
                 .execute(&mut *leader.connection().await)
                 .await
-                .map_err(|error| SourceError::Database {
-                    source_name: "polling",
-                    error,
-                })?;
+                .map_err(|error| SourceError::database("polling", error))?;
         }
         let marks = RowMarks::new(
             crate::source::row_marks::pool(options),
@@ -185,11 +173,8 @@ impl PollingSource {
             )
             .await
             .map_err(|e| match e {
-                ReadError::Database(error) => SourceError::Database {
-                    source_name: "polling",
-                    error,
-                },
-                unreadable => SourceError::Fatal(unreadable.to_string()),
+                ReadError::Database(error) => SourceError::database("polling", error),
+                unreadable => SourceError::new("polling", ErrorKind::Contract, unreadable),
             })?;
         let batch: Vec<SourceEvent> = rows
             .into_iter()
@@ -280,7 +265,7 @@ impl Source for PollingSource {
         // Acknowledgements still running concern delivered rows: let them finish, so those rows
         // are not claimed again. One that fails leaves its rows due (published again).
         if let Err(e) = self.marks.finish().await {
-            tracing::warn!(error = %e, "acknowledgement failed during a rewind; those events will be published again");
+            tracing::warn!(error = %Report(&e), "acknowledgement failed during a rewind; those events will be published again");
         }
         // No cursor: unacknowledged rows are still unpublished and come back in the next batch.
         self.in_flight.clear();

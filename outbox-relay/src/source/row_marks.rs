@@ -30,6 +30,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::config::RowAcknowledgement;
+use crate::failure::ErrorKind;
 use crate::leader::{Lease, LeaseLost};
 use crate::source::SourceError;
 use crate::table;
@@ -160,23 +161,28 @@ pub fn pool(options: &PgConnectOptions) -> PgPool {
 #[derive(Debug, thiserror::Error)]
 pub enum MarkError {
     /// The statement failed.
-    #[error("acknowledging rows in the outbox table: {0}")]
+    #[error("acknowledging rows in the outbox table")]
     Database(#[from] sqlx::Error),
     /// The leader's lease ran out before the statement could run.
-    #[error("acknowledging rows in the outbox table: {0}")]
+    #[error("acknowledging rows in the outbox table")]
     Lease(#[from] LeaseLost),
     /// The background task ended without an answer (it panicked or was cancelled).
     #[error("acknowledging rows in the outbox table: the background task failed: {0}")]
-    Task(String),
+    Task(&'static str),
 }
 
 impl MarkError {
+    /// What kind of failure this is ([`crate::failure`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            MarkError::Database(_) | MarkError::Task(_) => ErrorKind::Unavailable,
+            MarkError::Lease(_) => ErrorKind::LeaseLost,
+        }
+    }
+
     /// The same failure as a [`SourceError`] of `source_name`.
     pub fn into_source_error(self, source_name: &'static str) -> SourceError {
-        match self {
-            MarkError::Database(error) => SourceError::Database { source_name, error },
-            other => SourceError::Transient(other.to_string()),
-        }
+        SourceError::new(source_name, self.kind(), self)
     }
 }
 
@@ -307,7 +313,7 @@ impl<T> RowMarks<T> {
     /// Removes the oldest mark, whose verdict is `outcome`.
     async fn settle_oldest(&mut self, outcome: Result<(), MarkError>) -> Result<T, MarkError> {
         let Some((_, tag)) = self.pending.pop_front() else {
-            return Err(MarkError::Task("no acknowledgement is running".into()));
+            return Err(MarkError::Task("no acknowledgement is running"));
         };
         match outcome {
             Ok(()) => Ok(tag),
@@ -324,5 +330,5 @@ impl<T> RowMarks<T> {
 }
 
 fn ended() -> MarkError {
-    MarkError::Task("it ended without a verdict".into())
+    MarkError::Task("it ended without a verdict")
 }

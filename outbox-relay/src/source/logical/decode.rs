@@ -108,9 +108,7 @@ impl LogicalSource {
                     }
                     return Ok(());
                 }
-                self.metrics
-                    .events_streamed
-                    .inc_by(n as u64);
+                self.metrics.events_streamed.inc_by(n as u64);
                 for (i, event) in tx.events.into_iter().enumerate() {
                     self.ready.push_back(SourceEvent::decoded(
                         event,
@@ -244,9 +242,7 @@ impl LogicalSource {
         tx.bytes = payload_bytes(&last);
         let chunk = std::mem::replace(&mut tx.events, vec![last]);
         let commit_lsn = tx.commit_lsn.0;
-        self.metrics
-            .events_streamed
-            .inc_by(chunk.len() as u64);
+        self.metrics.events_streamed.inc_by(chunk.len() as u64);
         for event in chunk {
             self.ready.push_back(SourceEvent::decoded(
                 event,
@@ -264,9 +260,7 @@ impl LogicalSource {
     /// Counts a refused outbox-prefixed message and warns, at most once per
     /// [`INJECTION_WARN_INTERVAL`], with the LSN and the number refused since the last warning.
     fn refuse_message(&mut self, lsn: Lsn) {
-        self.metrics
-            .messages_refused
-            .inc_by(1);
+        self.metrics.messages_refused.inc_by(1);
         self.refused_since_warning += 1;
         let now = Instant::now();
         if self

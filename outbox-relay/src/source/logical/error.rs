@@ -1,15 +1,15 @@
-//! The logical source's errors: [`LogicalError`], classified as fatal or retryable
-//! ([`LogicalError::is_retryable`]), and its conversions from the row acknowledgements' errors
-//! and into the relay's [`SourceError`].
+//! The logical source's errors: [`LogicalError`], each with its [`ErrorKind`] for the relay's one
+//! error policy ([`crate::failure`]), and its conversion into the relay's [`SourceError`].
 //!
-//! Guarantee: a database error keeps its `sqlx` source (the relay decides on it by its kind);
-//! every other error is fatal unless its variant is documented as retryable.
+//! Guarantee: an error keeps its cause (`sqlx`, the row acknowledgements' [`MarkError`]) as its
+//! source; every error is fatal unless its kind restarts the source.
 
 use super::DecodeError;
+use crate::failure::ErrorKind;
 use crate::source::SourceError;
 use crate::source::row_marks::MarkError;
 
-/// A failure of the logical source, classified: see [`LogicalError::is_retryable`].
+/// A failure of the logical source, classified by [`LogicalError::kind`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LogicalError {
@@ -51,7 +51,7 @@ pub enum LogicalError {
     #[error("replication slot in use: {0}")]
     SlotInUse(String),
     /// A SQL statement failed. Retryable.
-    #[error("database error while {context}: {source}")]
+    #[error("database error while {context}")]
     Database {
         /// What was being done.
         context: &'static str,
@@ -59,6 +59,9 @@ pub enum LogicalError {
         #[source]
         source: sqlx::Error,
     },
+    /// Acknowledging delivered rows failed (`table` mode). Retryable unless the lease is lost.
+    #[error(transparent)]
+    Marks(#[from] MarkError),
     /// The replication stream failed or ended. Retryable.
     #[error("replication stream: {0}")]
     Replication(String),
@@ -68,41 +71,32 @@ pub enum LogicalError {
 }
 
 impl LogicalError {
-    /// Whether retrying (after a pause, with a new session) may succeed.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            LogicalError::SlotInUse(_)
-                | LogicalError::Database { .. }
-                | LogicalError::Replication(_)
-        )
-    }
-}
-
-impl From<MarkError> for LogicalError {
-    fn from(e: MarkError) -> Self {
-        match e {
-            MarkError::Database(source) => LogicalError::Database {
-                context: "acknowledging rows in the outbox table",
-                source,
-            },
-            other => LogicalError::Replication(other.to_string()),
+    /// What kind of failure this is ([`crate::failure`]). A lost slot is reported as not
+    /// recoverable here; the source itself decides whether it can recover from the table.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            LogicalError::Config(_) => ErrorKind::Config,
+            LogicalError::WalLevel { .. }
+            | LogicalError::Privilege { .. }
+            | LogicalError::Publication(_)
+            | LogicalError::Slot(_) => ErrorKind::Setup,
+            LogicalError::SlotLost { .. } => ErrorKind::SlotLost { recoverable: false },
+            LogicalError::SlotInUse(_) => ErrorKind::Contended,
+            LogicalError::Database { .. } | LogicalError::Replication(_) => ErrorKind::Unavailable,
+            LogicalError::Marks(e) => e.kind(),
+            LogicalError::Decode(_) => ErrorKind::Contract,
         }
+    }
+
+    /// Whether retrying (after a pause, with a new session) may succeed: the policy's
+    /// [`ErrorKind::restarts_source`].
+    pub fn is_retryable(&self) -> bool {
+        self.kind().restarts_source()
     }
 }
 
 impl From<LogicalError> for SourceError {
     fn from(e: LogicalError) -> Self {
-        match e {
-            LogicalError::Database { source, context } => {
-                tracing::debug!("logical source database error while {context}");
-                SourceError::Database {
-                    source_name: "logical",
-                    error: source,
-                }
-            }
-            e if e.is_retryable() => SourceError::Transient(e.to_string()),
-            e => SourceError::Fatal(e.to_string()),
-        }
+        SourceError::new("logical", e.kind(), e)
     }
 }

@@ -12,6 +12,7 @@
 //! - **Resume only on the same WAL history.** The relay's own confirmed position is kept over
 //!   the slot's only on the same PostgreSQL instance ([`slot::instance`]).
 
+use crate::failure::{ErrorKind, Report};
 use std::time::Duration;
 
 use outbox_core::WriteMode;
@@ -271,9 +272,7 @@ impl LogicalSource {
         if let Ok(Some(status)) = slot::slot_status(&self.pool, &self.cfg.slot).await {
             status.record_in(&self.metrics);
         }
-        self.metrics
-            .confirmed_lsn
-            .set(self.confirmed.0);
+        self.metrics.confirmed_lsn.set(self.confirmed.0);
         self.session = Some(session);
         Ok(())
     }
@@ -287,7 +286,7 @@ impl LogicalSource {
         // Acknowledgements still running concern delivered rows: let them finish (and confirm
         // their LSNs), so the new session does not stream those rows again.
         if let Err(e) = self.release_marks(true).await {
-            tracing::warn!(error = %e, "acknowledgement failed during a restart; those events will be published again");
+            tracing::warn!(error = %Report(&e), "acknowledgement failed during a restart; those events will be published again");
         }
         self.relations.clear();
         self.open = None;
@@ -334,13 +333,20 @@ impl LogicalSource {
         }
     }
 
-    pub(super) fn restartable(&self, e: &LogicalError) -> bool {
+    /// The kind of `e` as this source sees it ([`crate::failure`]): a lost slot is recoverable
+    /// in `table` mode with `recover_lost_slot` (the source re-publishes from the table).
+    pub(super) fn kind_of(&self, e: &LogicalError) -> ErrorKind {
         match e {
-            LogicalError::SlotLost { .. } => {
-                self.cfg.write_mode == WriteMode::Table && self.cfg.recover_lost_slot
-            }
-            e => e.is_retryable(),
+            LogicalError::SlotLost { .. } => ErrorKind::SlotLost {
+                recoverable: self.cfg.write_mode == WriteMode::Table && self.cfg.recover_lost_slot,
+            },
+            e => e.kind(),
         }
+    }
+
+    /// Whether restarting the replication session (or reopening the source) gets past `e`.
+    pub(super) fn restartable(&self, e: &LogicalError) -> bool {
+        self.kind_of(e).restarts_source()
     }
 }
 

@@ -9,7 +9,6 @@
 //! interruption before that repeats the re-publication. At most one page (bounded by count and
 //! by [`PAGE_MAX_BYTES`]) is held at a time.
 
-
 use outbox_core::StoredEvent;
 
 use super::lifecycle::marker_slot;
@@ -219,9 +218,7 @@ impl LogicalSource {
             r.largest_page_rows = r.largest_page_rows.max(n);
             r.largest_page_bytes = r.largest_page_bytes.max(page_bytes);
             self.metrics.backfill_pages.inc_by(1);
-            self.metrics
-                .rows_backfilled
-                .inc_by(n as u64);
+            self.metrics.rows_backfilled.inc_by(n as u64);
             tracing::debug!(
                 rows = n,
                 bytes = page_bytes,

@@ -1,7 +1,6 @@
 //! Unit tests of the logical source over hand-built replication events: decoding, chunking,
 //! the batch byte bound, and the confirm window.
 
-use uuid::Uuid;
 use super::*;
 use crate::source::Position;
 use decode::TX_CHUNK_EVENTS;
@@ -9,6 +8,7 @@ use lifecycle::marker_slot;
 use outbox_core::OutboxTable;
 use pgoutput::tests::{Buf, relation_msg};
 use pgwire_replication::{Lsn as WLsn, ReplicationEvent};
+use uuid::Uuid;
 
 fn source(mode: WriteMode) -> LogicalSource {
     let url = "postgres://nobody@127.0.0.1:1/none";

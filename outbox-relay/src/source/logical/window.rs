@@ -7,6 +7,7 @@
 //! is released only once the rows' `published_at` marks are durable ([`RowMarks`]). Batches are
 //! cut at `max` events and at the batch byte bound.
 
+use crate::failure::Report;
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -152,7 +153,7 @@ impl LogicalSource {
                 }
                 Ok(Ok(None)) | Err(_) => break,
                 Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "replication session failed after events were read");
+                    tracing::debug!(error = %Report(&e), "replication session failed after events were read");
                     break;
                 }
             }
