@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use outbox_core::{NewEvent, Outbox, OutboxTable, StoredEvent};
 use outbox_relay::config::RowAcknowledgement;
+use outbox_relay::failure::Report;
 use outbox_relay::leader::Lease;
 use outbox_relay::source::row_marks::{MAX_PENDING_ACKNOWLEDGEMENTS, RowMarks};
 use outbox_tests::*;
@@ -94,7 +95,8 @@ async fn a_failed_mark_is_reported_and_releases_nothing_after_it() -> Result<()>
         other => other,
     };
     let err = outcome.expect_err("a mark without the lease must fail");
-    assert!(err.to_string().contains("another relay took over"), "{err}");
+    let chain = Report(&err).to_string();
+    assert!(chain.contains("another relay took over"), "{chain}");
     assert!(marks.is_empty());
     assert_eq!(
         marked(&db, &events).await?,
@@ -113,7 +115,8 @@ async fn a_failed_mark_is_reported_and_releases_nothing_after_it() -> Result<()>
         .finish()
         .await
         .expect_err("marking a dropped table fails");
-    assert!(err.to_string().contains("outbox"), "{err}");
+    let chain = Report(&err).to_string();
+    assert!(chain.contains("outbox"), "{chain}");
     assert!(marks.is_empty(), "nothing keeps running after a failure");
     Ok(())
 }
