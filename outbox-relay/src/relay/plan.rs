@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::park::{AggregateKey, ParkRequest};
 use crate::route::{OutboundRecord, Router};
-use crate::sink::Outcome;
+use crate::sink::{ErrorClass, Outcome, UNLISTED_ERROR_ROUNDS};
 use crate::source::SourceEvent;
 
 /// What the relay does with one event of a batch.
@@ -100,12 +100,62 @@ pub(super) fn outcomes_per_event<E: Clone>(plan: &[Plan], sent: &[Outcome<E>]) -
 /// After a record-level refusal of a produce request at event `handled`: how many events, from
 /// that one to the last [`Outcome::Suspect`] of the batch, are sent one at a time to find the
 /// record at fault (at least the one at `handled`).
-pub(super) fn suspects_from<E>(outcomes: &[Outcome<E>], handled: usize) -> usize {
+fn suspects_from<E>(outcomes: &[Outcome<E>], handled: usize) -> usize {
     let last = outcomes
         .iter()
         .rposition(|o| matches!(o, Outcome::Suspect(_)))
         .unwrap_or(handled);
     last + 1 - handled
+}
+
+/// What the pump does about the first event of a round it could not handle.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Setback {
+    /// Rewind to that event and produce it again (after a backoff unless `isolate` is set).
+    Retry {
+        /// Send this many events one at a time from there, to find the record at fault
+        /// ([`ErrorClass::Record`]); 0 keeps batching.
+        isolate: usize,
+    },
+    /// Stop the relay; the text tells the operator what to fix.
+    Stop(String),
+}
+
+/// Decides the [`Setback`] for event `handled`, the first of `outcomes` that is
+/// [`Outcome::Failed`] or [`Outcome::Suspect`], given the class the sink gives its error.
+///
+/// `unlisted_rounds` counts failed rounds in a row caused by an error the relay does not know;
+/// it is incremented here, and the relay stops once it reaches [`UNLISTED_ERROR_ROUNDS`] (the
+/// caller resets it when a round delivers something).
+pub(super) fn setback<E>(
+    outcomes: &[Outcome<E>],
+    handled: usize,
+    unlisted_rounds: &mut u32,
+    classify: impl Fn(&E) -> ErrorClass,
+) -> Setback {
+    match &outcomes[handled] {
+        Outcome::Suspect(_) => Setback::Retry {
+            isolate: suspects_from(outcomes, handled),
+        },
+        Outcome::Failed(e) => match classify(e) {
+            ErrorClass::Stop(fix) => Setback::Stop(fix.to_owned()),
+            ErrorClass::Record => Setback::Retry {
+                isolate: suspects_from(outcomes, handled),
+            },
+            ErrorClass::Unlisted => {
+                *unlisted_rounds += 1;
+                if *unlisted_rounds >= UNLISTED_ERROR_ROUNDS {
+                    Setback::Stop(format!(
+                        "the relay does not know this error as transient and it persisted over {unlisted_rounds} attempts with nothing delivered: look it up in the brokers' logs, fix the cause, then restart the relay"
+                    ))
+                } else {
+                    Setback::Retry { isolate: 0 }
+                }
+            }
+            ErrorClass::Retry => Setback::Retry { isolate: 0 },
+        },
+        _ => Setback::Retry { isolate: 0 },
+    }
 }
 
 /// The events of a handled prefix (`handled` events of `batch`) that must be parked: planned
@@ -322,5 +372,67 @@ mod tests {
         assert_eq!(parks[2].event.id, batch[2].event.id);
         assert!(parks[2].reason.starts_with("malformed"));
         assert!(parks_in(&plan, &outcomes, &batch, &records, 0).is_empty());
+    }
+
+    fn by_message(e: &Error) -> ErrorClass {
+        match *e {
+            "too large" => ErrorClass::Record,
+            "forbidden" => ErrorClass::Stop("grant the relay's principal write access"),
+            "strange" => ErrorClass::Unlisted,
+            _ => ErrorClass::Retry,
+        }
+    }
+
+    #[test]
+    fn a_transient_failure_retries_and_a_refusal_for_good_stops_with_its_fix() {
+        let mut rounds = 0;
+        let retry = [delivered(), Outcome::Failed("timed out")];
+        assert_eq!(
+            setback(&retry, 1, &mut rounds, by_message),
+            Setback::Retry { isolate: 0 }
+        );
+        let stop = [Outcome::Failed("forbidden")];
+        assert_eq!(
+            setback(&stop, 0, &mut rounds, by_message),
+            Setback::Stop("grant the relay's principal write access".into())
+        );
+        assert_eq!(rounds, 0, "only unknown errors are counted");
+    }
+
+    #[test]
+    fn a_record_level_refusal_isolates_the_suspects_without_stopping() {
+        let mut rounds = 0;
+        let suspects = [
+            delivered(),
+            Outcome::Suspect("too large"),
+            Outcome::Suspect("too large"),
+            delivered(),
+        ];
+        assert_eq!(
+            setback(&suspects, 1, &mut rounds, by_message),
+            Setback::Retry { isolate: 2 }
+        );
+        let failed = [Outcome::Failed("too large"), Outcome::Failed("too large")];
+        assert_eq!(
+            setback(&failed, 0, &mut rounds, by_message),
+            Setback::Retry { isolate: 1 }
+        );
+    }
+
+    #[test]
+    fn an_unknown_error_stops_the_relay_once_it_persists() {
+        let mut rounds = 0;
+        let unknown = [Outcome::Failed("strange")];
+        for round in 1..UNLISTED_ERROR_ROUNDS {
+            assert_eq!(
+                setback(&unknown, 0, &mut rounds, by_message),
+                Setback::Retry { isolate: 0 },
+                "round {round} retries"
+            );
+        }
+        match setback(&unknown, 0, &mut rounds, by_message) {
+            Setback::Stop(fix) => assert!(fix.contains("persisted over"), "{fix}"),
+            other => panic!("an unknown error persisting for {rounds} rounds must stop: {other:?}"),
+        }
     }
 }
