@@ -375,18 +375,8 @@ pub async fn parked_list(config: &RelayConfig, json: bool) -> Result<()> {
     let events = table::list_parked(&mut conn, &table)
         .await
         .map_err(db_err("listing parked events"))?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&events).expect("serializes")
-        );
-        return Ok(());
-    }
-    if events.is_empty() {
-        println!("no parked events");
-    }
-    for e in events {
-        println!(
+    print_list(&events, json, "no parked events", |e| {
+        format!(
             "{}  {}/{}  {}  {} bytes  {}{}",
             e.id,
             e.aggregate_type,
@@ -397,9 +387,31 @@ pub async fn parked_list(config: &RelayConfig, json: bool) -> Result<()> {
             e.blocked_by
                 .map(|b| format!(" (behind {b})"))
                 .unwrap_or_default()
-        );
-    }
+        )
+    });
     Ok(())
+}
+
+/// Prints `items` as pretty JSON, or one line each (`empty` when there are none).
+fn print_list<T: serde::Serialize>(
+    items: &[T],
+    json: bool,
+    empty: &str,
+    line: impl Fn(&T) -> String,
+) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(items).expect("serializes")
+        );
+        return;
+    }
+    if items.is_empty() {
+        println!("{empty}");
+    }
+    for item in items {
+        println!("{}", line(item));
+    }
 }
 
 /// Which parked events a command applies to.
@@ -518,18 +530,8 @@ pub async fn slot_list(config: &RelayConfig, json: bool) -> Result<()> {
     let slots = crate::status::slots(&mut conn)
         .await
         .map_err(db_err("listing replication slots"))?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&slots).expect("serializes")
-        );
-        return Ok(());
-    }
-    if slots.is_empty() {
-        println!("no replication slots");
-    }
-    for s in slots {
-        println!(
+    print_list(&slots, json, "no replication slots", |s| {
+        format!(
             "{}  plugin={}  database={}  active={}  wal_status={}  confirmed_flush_lsn={}  lag={} bytes",
             s.name,
             s.plugin.as_deref().unwrap_or("-"),
@@ -538,8 +540,8 @@ pub async fn slot_list(config: &RelayConfig, json: bool) -> Result<()> {
             s.wal_status.as_deref().unwrap_or("-"),
             s.confirmed_flush_lsn.as_deref().unwrap_or("-"),
             s.lag_bytes.unwrap_or(0)
-        );
-    }
+        )
+    });
     Ok(())
 }
 

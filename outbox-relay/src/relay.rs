@@ -41,7 +41,7 @@ use crate::source::{Source, SourceError};
 use crate::stats::RelayStats;
 use crate::table::purge_published;
 use backoff::Backoff;
-use pump::Pump;
+use pump::{Pump, Rounds};
 
 mod backoff;
 mod plan;
@@ -278,17 +278,17 @@ impl Relay {
                 Ok(mut source) => {
                     self.stats.source_running.store(true, Ordering::Relaxed);
                     source.limit_batch_bytes(self.batch_bytes());
-                    let outcome = Pump::new(
-                        &self,
-                        source.as_mut(),
-                        &mut parked,
-                        &mut sink,
-                        &shutdown,
-                        &mut backoff,
-                        &lease,
-                    )
-                    .run()
-                    .await;
+                    let pump = Pump {
+                        relay: &self,
+                        source: source.as_mut(),
+                        parked: &mut parked,
+                        sink: &mut sink,
+                        shutdown: &shutdown,
+                        backoff: &mut backoff,
+                        lease: &lease,
+                        rounds: Rounds::default(),
+                    };
+                    let outcome = pump.run().await;
                     if outcome.is_err() {
                         // The source (and with it the leader lock) is dropped at the end of this
                         // block: first make sure nothing of the abandoned window can still reach

@@ -49,15 +49,22 @@ struct Answered {
     outcomes: Vec<Outcome>,
 }
 
-/// One leader term's pipeline state: the window in flight and what the rounds remember.
+/// One leader term's pipeline: what it reads from, writes to and answers to, and the rounds'
+/// state.
 pub(super) struct Pump<'a> {
-    relay: &'a Relay,
-    source: &'a mut dyn Source,
-    parked: &'a mut ParkStore,
-    sink: &'a mut KafkaSink,
-    shutdown: &'a CancellationToken,
-    backoff: &'a mut Backoff,
-    lease: &'a Lease,
+    pub(super) relay: &'a Relay,
+    pub(super) source: &'a mut dyn Source,
+    pub(super) parked: &'a mut ParkStore,
+    pub(super) sink: &'a mut KafkaSink,
+    pub(super) shutdown: &'a CancellationToken,
+    pub(super) backoff: &'a mut Backoff,
+    pub(super) lease: &'a Lease,
+    pub(super) rounds: Rounds,
+}
+
+/// What the rounds of one leader term remember.
+#[derive(Default)]
+pub(super) struct Rounds {
     window: VecDeque<InFlight>,
     /// Aggregates blocked by an event parked in a batch still in flight (not in the table yet);
     /// cleared whenever the window drains.
@@ -70,32 +77,7 @@ pub(super) struct Pump<'a> {
     unlisted_rounds: u32,
 }
 
-impl<'a> Pump<'a> {
-    pub(super) fn new(
-        relay: &'a Relay,
-        source: &'a mut dyn Source,
-        parked: &'a mut ParkStore,
-        sink: &'a mut KafkaSink,
-        shutdown: &'a CancellationToken,
-        backoff: &'a mut Backoff,
-        lease: &'a Lease,
-    ) -> Self {
-        let depth = relay.config.max_in_flight_batches.max(1);
-        Pump {
-            relay,
-            source,
-            parked,
-            sink,
-            shutdown,
-            backoff,
-            lease,
-            window: VecDeque::with_capacity(depth),
-            local_blocked: HashMap::new(),
-            isolate: 0,
-            unlisted_rounds: 0,
-        }
-    }
-
+impl Pump<'_> {
     /// Rounds until shutdown (the window completed and acknowledged, the source flushed) or an
     /// error.
     ///
@@ -105,7 +87,7 @@ impl<'a> Pump<'a> {
     pub(super) async fn run(mut self) -> Result<(), RelayError> {
         loop {
             self.fill().await?;
-            let Some(front) = self.window.pop_front() else {
+            let Some(front) = self.rounds.window.pop_front() else {
                 if self.shutdown.is_cancelled() {
                     // Clean stop: every acknowledgement durable before the source closes.
                     self.source.flush().await?;
@@ -129,19 +111,20 @@ impl<'a> Pump<'a> {
     /// confirmed past them and the next start repeats none of them.
     async fn fill(&mut self) -> Result<(), RelayError> {
         let config = &self.relay.config;
-        let (limit, depth) = if self.isolate > 0 {
+        let (limit, depth) = if self.rounds.isolate > 0 {
             (1, 1)
         } else {
             (config.batch_size, config.max_in_flight_batches.max(1))
         };
-        while self.window.len() < depth
-            && (self.window.is_empty()
-                || self.window.iter().map(|w| w.bytes).sum::<usize>() + self.relay.batch_bytes()
+        while self.rounds.window.len() < depth
+            && (self.rounds.window.is_empty()
+                || self.rounds.window.iter().map(|w| w.bytes).sum::<usize>()
+                    + self.relay.batch_bytes()
                     <= config.max_in_flight_bytes)
-            && (self.window.is_empty() || !self.shutdown.is_cancelled())
+            && (self.rounds.window.is_empty() || !self.shutdown.is_cancelled())
         {
-            let batch = if self.window.is_empty() {
-                self.local_blocked.clear();
+            let batch = if self.rounds.window.is_empty() {
+                self.rounds.local_blocked.clear();
                 self.source.next_batch(limit, self.shutdown).await?
             } else {
                 self.source.poll_batch(limit).await?
@@ -159,7 +142,12 @@ impl<'a> Pump<'a> {
         let obtained = Instant::now();
         self.relay.stats.read.inc_by(batch.len() as u64);
         let mut blocked = self.parked.blocked_aggregates().await?;
-        blocked.extend(self.local_blocked.iter().map(|(k, v)| (k.clone(), *v)));
+        blocked.extend(
+            self.rounds
+                .local_blocked
+                .iter()
+                .map(|(k, v)| (k.clone(), *v)),
+        );
         if mutant("park_without_blocking") {
             // Broken on purpose: a parked event does not hold its aggregate back.
             blocked.clear();
@@ -192,7 +180,7 @@ impl<'a> Pump<'a> {
         // librdkafka copied what it accepted; the relay's copy is needed again only for records
         // refused on the spot (parked with their payload), or when each record is sent alone
         // (its verdict may park it).
-        if self.isolate == 0 && !mutant("retry_failed_only") {
+        if self.rounds.isolate == 0 && !mutant("retry_failed_only") {
             for i in pending.accepted() {
                 records[i].payload = None;
             }
@@ -205,13 +193,13 @@ impl<'a> Pump<'a> {
             }
         }
         for (key, first) in blocked {
-            self.local_blocked.entry(key).or_insert(first);
+            self.rounds.local_blocked.entry(key).or_insert(first);
         }
         if mutant("ack_before_kafka") {
             self.lease.check()?;
             self.source.acknowledge(&batch).await?;
         }
-        self.window.push_back(InFlight {
+        self.rounds.window.push_back(InFlight {
             batch,
             plan,
             records,
@@ -233,7 +221,7 @@ impl<'a> Pump<'a> {
             ..
         } = flight;
         let mut sent = pending.wait().await;
-        if self.isolate > 0 {
+        if self.rounds.isolate > 0 {
             // Sent alone: a record-level refusal is this record's own.
             for o in &mut sent {
                 if let Outcome::Suspect(e) = o {
@@ -292,13 +280,13 @@ impl<'a> Pump<'a> {
         }
         if handled > 0 {
             self.acknowledge(&answered, handled).await?;
-            self.unlisted_rounds = 0;
+            self.rounds.unlisted_rounds = 0;
         }
         self.relay.stats.batches.inc();
         if handled < answered.batch.len() {
             self.recover(&answered, handled).await
         } else {
-            self.isolate = self.isolate.saturating_sub(answered.batch.len());
+            self.rounds.isolate = self.rounds.isolate.saturating_sub(answered.batch.len());
             self.relay
                 .stats
                 .kafka_connected
@@ -381,7 +369,12 @@ impl<'a> Pump<'a> {
         let (Outcome::Failed(error) | Outcome::Suspect(error)) = &outcomes[handled] else {
             unreachable!("the first unhandled outcome is a failure")
         };
-        let step = setback(outcomes, handled, &mut self.unlisted_rounds, classify);
+        let step = setback(
+            outcomes,
+            handled,
+            &mut self.rounds.unlisted_rounds,
+            classify,
+        );
         let isolate = match step {
             Setback::Stop(fix) => {
                 let topic = match &plan[handled] {
@@ -392,37 +385,36 @@ impl<'a> Pump<'a> {
             }
             Setback::Retry { isolate } => isolate,
         };
-        let dropped =
-            batch.len() - handled + self.window.iter().map(|w| w.batch.len()).sum::<usize>();
+        let dropped = batch.len() - handled
+            + self
+                .rounds
+                .window
+                .iter()
+                .map(|w| w.batch.len())
+                .sum::<usize>();
         self.relay.stats.failed.inc_by(dropped as u64);
-        if isolate > 0 {
+        let what = if isolate > 0 {
             // One at a time: the suspects of this batch (the records of the refused request).
             // Later batches go back to normal batching.
-            self.isolate = isolate;
-            tracing::warn!(
-                event_id = %failed.event.id,
-                event_type = %failed.event.event_type,
-                %error,
-                acknowledged = handled,
-                dropped,
-                "a produce request was refused with a record-level error: sending the events from here one at a time to find the one at fault before parking anything"
-            );
+            self.rounds.isolate = isolate;
+            "a produce request was refused with a record-level error: sending the events from here one at a time to find the one at fault before parking anything"
         } else {
-            tracing::warn!(
-                event_id = %failed.event.id,
-                event_type = %failed.event.event_type,
-                %error,
-                acknowledged = handled,
-                dropped,
-                "delivery failed: dropping the in-flight window, recreating the producer and resuming from the first unacknowledged event"
-            );
             self.relay
                 .stats
                 .kafka_connected
                 .store(false, Ordering::Relaxed);
-        }
-        self.window.clear();
-        self.local_blocked.clear();
+            "delivery failed: dropping the in-flight window, recreating the producer and resuming from the first unacknowledged event"
+        };
+        tracing::warn!(
+            event_id = %failed.event.id,
+            event_type = %failed.event.event_type,
+            %error,
+            acknowledged = handled,
+            dropped,
+            "{what}"
+        );
+        self.rounds.window.clear();
+        self.rounds.local_blocked.clear();
         self.source.rewind().await?;
         self.sink.recreate()?;
         if isolate == 0 {
