@@ -11,8 +11,8 @@
 //! [`StoredEvent::from_text_columns`] — the decoder the logical source applies to the rows it
 //! streams — so a row is valid or malformed for every reader alike.
 //!
-//! Not here: the logical source's re-publication reads (`source/logical.rs`, moved separately),
-//! and the statements on other tables (the relay state table, the leader lock, the slots).
+//! Not here: the statements on other tables (the relay state table, the leader lock, the slots),
+//! and the session and transaction settings the callers run before these statements.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -219,6 +219,81 @@ impl Claim {
         }
         decode_all(&claim.fetch_all(conn).await?)
     }
+}
+
+/// Whether any row of the table is marked published: a logical slot missing with no record of
+/// it, over a table with published rows, was dropped or lost while no relay ran (the logical
+/// source warns, then creates it and re-publishes as on a first start).
+pub async fn has_published_rows(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT EXISTS (SELECT 1 FROM {} WHERE published_at IS NOT NULL)",
+        table.qualified()
+    )))
+    .fetch_one(conn)
+    .await
+}
+
+/// How many rows of the table are unpublished, as the transaction open on `conn` sees them.
+pub async fn unpublished_count(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {} WHERE published_at IS NULL",
+        table.qualified()
+    )))
+    .fetch_one(conn)
+    .await
+}
+
+/// A row of [`unpublished_page`]: its `seq`, where the next page starts, and the event.
+#[derive(Debug)]
+pub struct UnpublishedRow {
+    /// The row's `seq`.
+    pub seq: i64,
+    /// The decoded row; a malformed one comes back with what could be read, to be parked.
+    pub event: Result<StoredEvent, MalformedEvent>,
+}
+
+/// The next keyset page of unpublished rows: those with a `seq` above `after`, in `seq` order, at
+/// most `max` of them and, past the first, only while the payloads before a row stay under
+/// `max_bytes`. Read in the transaction open on `conn`, so every page of a re-publication reads
+/// the same snapshot (the logical source imports its new slot's exported snapshot there).
+pub async fn unpublished_page(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    after: i64,
+    max: i64,
+    max_bytes: i64,
+) -> Result<Vec<UnpublishedRow>, ReadError> {
+    let sql = format!(
+        "SELECT * FROM (SELECT p.*, sum(coalesce(octet_length(p.payload), 0)) OVER (ORDER BY p.n) \
+             - coalesce(octet_length(p.payload), 0) AS bytes_before FROM ( \
+         SELECT {}, o.seq AS n FROM {} o \
+         WHERE o.published_at IS NULL AND o.seq > $1 ORDER BY o.seq LIMIT $2) p) b \
+         WHERE b.bytes_before < $3 ORDER BY b.n",
+        event_columns(),
+        table.qualified()
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(after)
+        .bind(max)
+        .bind(max_bytes)
+        .fetch_all(conn)
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(UnpublishedRow {
+                event: decode_row(row)?,
+                seq: row
+                    .try_get("n")
+                    .map_err(|error| ReadError::Unreadable { column: "n", error })?,
+            })
+        })
+        .collect()
 }
 
 /// Deletes rows published more than `older_than` ago, in chunks; returns how many were deleted.

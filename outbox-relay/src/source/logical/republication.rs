@@ -9,11 +9,10 @@
 //! interruption before that repeats the re-publication. At most one page (bounded by count and
 //! by [`PAGE_MAX_BYTES`]) is held at a time.
 
-use outbox_core::StoredEvent;
-
 use super::lifecycle::marker_slot;
 use super::{LogicalError, LogicalSource, slot};
 use crate::source::{Position, SourceEvent};
+use crate::table::{self, ReadError};
 
 /// A page of a re-publication from the table holds at most this many payload bytes, whatever
 /// the batch byte bound (`max_in_flight_bytes` large, or no bound set): only one page is held
@@ -42,21 +41,19 @@ pub(super) struct Republication {
 }
 
 impl LogicalSource {
+    /// Whether the outbox table has rows marked published (`false` without a table).
     pub(super) async fn table_has_published_rows(&self) -> Result<bool, LogicalError> {
         let Some(t) = &self.table else {
             return Ok(false);
         };
-        let sql = format!(
-            "SELECT EXISTS (SELECT 1 FROM {} WHERE published_at IS NOT NULL)",
-            t.qualified
-        );
-        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .fetch_one(&self.pool)
+        let db = |source| LogicalError::Database {
+            context: "looking for published rows",
+            source,
+        };
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        table::has_published_rows(&mut conn, &t.table)
             .await
-            .map_err(|source| LogicalError::Database {
-                context: "looking for published rows",
-                source,
-            })
+            .map_err(db)
     }
 
     /// Starts re-publishing every unpublished row of the table as [`Position::Row`] events (seq
@@ -64,7 +61,7 @@ impl LogicalSource {
     /// snapshot is imported here (while the session that exported it is still alive and idle):
     /// the rows are read page by page as the relay asks for batches ([`Self::next_page`]).
     pub(super) async fn backfill(&mut self, snapshot: Option<&str>) -> Result<(), LogicalError> {
-        let Some(table) = self.table.as_ref().map(|t| t.qualified.clone()) else {
+        let Some(outbox) = self.table.as_ref().map(|t| t.table.clone()) else {
             return Ok(());
         };
         let db = |source| LogicalError::Database {
@@ -100,12 +97,9 @@ impl LogicalSource {
             .execute(&mut conn)
             .await
             .map_err(db)?;
-        let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT count(*) FROM {table} WHERE published_at IS NULL"
-        )))
-        .fetch_one(&mut conn)
-        .await
-        .map_err(db)?;
+        let rows = table::unpublished_count(&mut conn, &outbox)
+            .await
+            .map_err(db)?;
         self.republication = Some(Republication {
             conn: Some(conn),
             consistent: snapshot.is_some(),
@@ -148,69 +142,33 @@ impl LogicalSource {
             mean => max.min(bytes / mean + 1),
         }
         .max(1);
-        let sql = format!(
-            // `o.seq` is the bigint column (`n`), not the text output column of the same name.
-            "SELECT * FROM (SELECT p.*, sum(coalesce(octet_length(p.payload), 0)) OVER (ORDER BY p.n) \
-                 - coalesce(octet_length(p.payload), 0) AS bytes_before FROM ( \
-             SELECT o.id::text, o.aggregatetype::text, o.aggregateid::text, o.type::text, \
-                    o.payload::text AS payload, o.seq::text, o.created_at::text, \
-                    o.tracingspancontext::text, o.headers::text, o.schema_version::text, \
-                    o.topic::text, o.aggregate_seq::text, o.seq AS n \
-             FROM {} o WHERE o.published_at IS NULL AND o.seq > $1 ORDER BY o.seq LIMIT $2) p) b \
-             WHERE b.bytes_before < $3 ORDER BY b.n",
-            t.qualified
-        );
-        let page: Vec<sqlx::postgres::PgRow> = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(r.after)
-            .bind(i64::try_from(rows).unwrap_or(i64::MAX))
-            .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(|source| LogicalError::Database {
+        let page = table::unpublished_page(
+            conn,
+            &t.table,
+            r.after,
+            i64::try_from(rows).unwrap_or(i64::MAX),
+            i64::try_from(bytes).unwrap_or(i64::MAX),
+        )
+        .await
+        .map_err(|error| match error {
+            ReadError::Database(source) => LogicalError::Database {
                 context: "re-publishing unpublished rows",
                 source,
-            })?;
-        const COLS: [&str; 12] = [
-            "id",
-            "aggregatetype",
-            "aggregateid",
-            "type",
-            "payload",
-            "seq",
-            "created_at",
-            "tracingspancontext",
-            "headers",
-            "schema_version",
-            "topic",
-            "aggregate_seq",
-        ];
+            },
+            ReadError::Unreadable { error: source, .. } => LogicalError::Database {
+                context: "reading an unpublished row",
+                source,
+            },
+        })?;
         let mut page_bytes = 0;
-        for row in &page {
-            use sqlx::Row;
-            let mut values: Vec<Option<String>> = Vec::with_capacity(COLS.len());
-            for i in 0..COLS.len() {
-                values.push(row.try_get(i).map_err(|source| LogicalError::Database {
-                    context: "reading an unpublished row",
-                    source,
-                })?);
-            }
-            r.after = row
-                .try_get(COLS.len())
-                .map_err(|source| LogicalError::Database {
-                    context: "reading an unpublished row",
-                    source,
-                })?;
-            let pairs = COLS
-                .iter()
-                .copied()
-                .zip(values.iter().map(|v| v.as_deref()));
+        let n = page.len();
+        for row in page {
+            r.after = row.seq;
             // A malformed row is handed on too: the relay parks it with its reason.
-            let event = SourceEvent::decoded(StoredEvent::from_text_columns(pairs), Position::Row);
+            let event = SourceEvent::decoded(row.event, Position::Row);
             page_bytes += event.event.payload.as_ref().map_or(0, String::len);
             self.ready.push_back(event);
         }
-        let n = page.len();
-        drop(page);
         if n > 0 {
             r.pages += 1;
             r.rows += n as u64;

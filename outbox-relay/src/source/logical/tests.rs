@@ -2,7 +2,7 @@
 //! the batch byte bound, and the confirm window.
 
 use super::*;
-use crate::source::Position;
+use crate::source::{Position, Source};
 use decode::TX_CHUNK_EVENTS;
 use lifecycle::marker_slot;
 use outbox_core::OutboxTable;
@@ -22,6 +22,7 @@ fn source(mode: WriteMode) -> LogicalSource {
             schema: "public".into(),
             name: "outbox".into(),
             qualified: "\"public\".\"outbox\"".into(),
+            table: OutboxTable::new(Some("public"), "outbox").unwrap(),
         }),
         heartbeat_prefix: "outbox-heartbeat".into(),
         session: None,
