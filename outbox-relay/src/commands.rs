@@ -305,12 +305,7 @@ pub async fn replay(config: &RelayConfig, filter: &ReplayFilter) -> Result<u64> 
             "replay needs a range or a filter (--from/--to, --from-id/--to-id, --type, --aggregate-type)",
         ));
     }
-    let router = Router::new(&config.route).map_err(|e| CommandError::usage(e.to_string()))?;
-    let sink = KafkaSink::new(config.kafka.clone())
-        .map_err(|e| CommandError::usage(Report(&e).to_string()))?;
-    sink.check_connection()
-        .await
-        .map_err(|e| CommandError::runtime(e.to_string()))?;
+    let (router, sink) = publisher(config).await?;
     let total = table::replay_count(&mut conn, &table, filter)
         .await
         .map_err(db_err("counting events to replay"))?;
@@ -423,17 +418,23 @@ pub enum Selection {
     Ids(Vec<Uuid>),
 }
 
-/// `parked retry`: publishes the selected aggregates' parked events in their original order,
-/// then removes them, unblocking the aggregates. Stops an aggregate at its first event that still
-/// cannot be published and reports it.
-pub async fn parked_retry(config: &RelayConfig, selection: &Selection) -> Result<u64> {
-    let (mut conn, table) = connect(config).await?;
+/// The router and a connected Kafka producer for a command that publishes events.
+async fn publisher(config: &RelayConfig) -> Result<(Router, KafkaSink)> {
     let router = Router::new(&config.route).map_err(|e| CommandError::usage(e.to_string()))?;
     let sink = KafkaSink::new(config.kafka.clone())
         .map_err(|e| CommandError::usage(Report(&e).to_string()))?;
     sink.check_connection()
         .await
         .map_err(|e| CommandError::runtime(e.to_string()))?;
+    Ok((router, sink))
+}
+
+/// `parked retry`: publishes the selected aggregates' parked events in their original order,
+/// then removes them, unblocking the aggregates. Stops an aggregate at its first event that still
+/// cannot be published and reports it.
+pub async fn parked_retry(config: &RelayConfig, selection: &Selection) -> Result<u64> {
+    let (mut conn, table) = connect(config).await?;
+    let (router, sink) = publisher(config).await?;
     let aggregates: BTreeSet<AggregateKey> = match selection {
         Selection::All => table::blocked_aggregates(&mut conn, &table)
             .await
