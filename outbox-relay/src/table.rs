@@ -1,11 +1,14 @@
 //! Every statement the relay runs on the outbox table and on its `<table>_parked` table, and the
 //! one decoder of their rows.
 //!
-//! Table names cannot be bound as parameters, so these statements are assembled with
-//! [`AssertSqlSafe`]. This module is the only place that does that for these two tables: every
-//! name spliced into a statement here comes from [`OutboxTable::qualified`] or
+//! Table names cannot be bound as parameters, so each statement here is a template whose
+//! placeholders `{table}` and `{parked}` stand for the two tables, and `statement` is the one
+//! place that turns a template into SQL for sqlx: it substitutes [`OutboxTable::qualified`] and
 //! [`OutboxTable::parked_qualified`] (identifiers validated when the table was configured, and
-//! quoted), and every value is a bound parameter. Callers get typed functions.
+//! quoted) and this module's constant fragments, and asserts the result safe
+//! ([`AssertSqlSafe`]). Auditing the SQL the relay builds from these tables' identifiers means
+//! auditing that function and the templates passed to it. Every value is a bound parameter.
+//! Callers get typed functions.
 //!
 //! Rows are read as text and decoded by [`decode_row`], which hands them to
 //! [`StoredEvent::from_text_columns`] — the decoder the logical source applies to the rows it
@@ -19,8 +22,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use outbox_core::{MalformedEvent, OutboxTable, StoredEvent};
-use sqlx::postgres::PgRow;
-use sqlx::{AssertSqlSafe, PgConnection, Row};
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row, SqlSafeStr, SqlStr};
 use uuid::Uuid;
 
 /// An aggregate: its type and id.
@@ -144,6 +147,58 @@ fn event_columns() -> String {
         .join(", ")
 }
 
+/// The `where` clause of [`ReplayFilter`], over parameters `$1`…`$6`, on the table aliased `o`.
+const REPLAY_WHERE: &str = "($1::timestamptz IS NULL OR o.created_at >= $1)
+        AND ($2::timestamptz IS NULL OR o.created_at < $2)
+        AND ($3::uuid IS NULL OR o.id >= $3) AND ($4::uuid IS NULL OR o.id <= $4)
+        AND (cardinality($5::text[]) = 0 OR o.type = ANY($5))
+        AND ($6::text IS NULL OR o.aggregatetype = $6)";
+
+/// The text of a statement on `table`: `template` with each placeholder replaced, in one pass
+/// (nothing substituted is read again):
+///
+/// - `{table}`: the outbox table, [`OutboxTable::qualified`];
+/// - `{parked}`: its `<table>_parked` table, [`OutboxTable::parked_qualified`];
+/// - `{event_columns}`: the SELECT list of [`EVENT_COLUMNS`] as text, from the table aliased `o`;
+/// - `{replay_where}`: [`REPLAY_WHERE`].
+///
+/// A caller may fill a placeholder of its own first, with one of this module's constants:
+/// `{key}`, the key column of [`Keys`], and `{cursor_trap}`, the condition of the `cursor`
+/// mutant in [`Claim`].
+///
+/// # Panics
+///
+/// On any other `{…}` in `template`: the templates are this module's constants.
+fn statement_text(table: &OutboxTable, template: &str) -> String {
+    let mut sql = String::with_capacity(template.len() + 64);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        sql.push_str(&rest[..open]);
+        let close = rest[open..]
+            .find('}')
+            .map(|i| open + i)
+            .unwrap_or_else(|| panic!("unclosed placeholder in statement template {template:?}"));
+        match &rest[open + 1..close] {
+            "table" => sql.push_str(&table.qualified()),
+            "parked" => sql.push_str(&table.parked_qualified()),
+            "event_columns" => sql.push_str(&event_columns()),
+            "replay_where" => sql.push_str(REPLAY_WHERE),
+            other => panic!("unknown placeholder {{{other}}} in statement template {template:?}"),
+        }
+        rest = &rest[close + 1..];
+    }
+    sql.push_str(rest);
+    sql
+}
+
+/// A statement on `table`, ready to run: [`statement_text`] asserted safe. The one place this
+/// module hands SQL built from identifiers to sqlx: the identifiers are the table's (validated
+/// and quoted), the rest of the text is this module's constants, and every value is a bound
+/// parameter.
+fn statement(table: &OutboxTable, template: &str) -> SqlStr {
+    AssertSqlSafe(statement_text(table, template)).into_sql_str()
+}
+
 /// Turns a row selected with the event columns of this module into an event. A row that is not a
 /// valid event (`headers` that are not a JSON object, a `schema_version` below 1, a required
 /// column that is null) comes back as the inner `Err`, with what could be read, so the relay can
@@ -177,7 +232,7 @@ fn decode_all(rows: &[PgRow]) -> Result<Vec<Result<StoredEvent, MalformedEvent>>
 /// qualifies.
 #[derive(Debug, Clone)]
 pub struct Claim {
-    sql: String,
+    sql: SqlStr,
     /// The deliberately broken `cursor` mutant (test-only build): the `WHERE seq > :last` trap.
     cursor: bool,
 }
@@ -186,17 +241,17 @@ impl Claim {
     /// The claim of `table`'s unpublished rows.
     pub fn new(table: &OutboxTable) -> Self {
         let cursor = crate::faults::mutant("cursor");
-        let sql = format!(
-            "SELECT * FROM (SELECT c.*, sum(coalesce(octet_length(c.payload), 0)) OVER (ORDER BY c.n) \
+        let template = "SELECT * FROM (SELECT c.*, \
+                 sum(coalesce(octet_length(c.payload), 0)) OVER (ORDER BY c.n) \
                  - coalesce(octet_length(c.payload), 0) AS bytes_before FROM ( \
-             SELECT {}, o.seq AS n FROM {} o \
-             WHERE o.published_at IS NULL AND NOT (o.seq = ANY($2)) {} \
-             ORDER BY o.seq LIMIT $1) c) b WHERE b.bytes_before < $3 ORDER BY b.n",
-            event_columns(),
-            table.qualified(),
-            if cursor { "AND o.seq > $4" } else { "" }
-        );
-        Self { sql, cursor }
+             SELECT {event_columns}, o.seq AS n FROM {table} o \
+             WHERE o.published_at IS NULL AND NOT (o.seq = ANY($2)) {cursor_trap} \
+             ORDER BY o.seq LIMIT $1) c) b WHERE b.bytes_before < $3 ORDER BY b.n"
+            .replace("{cursor_trap}", if cursor { "AND o.seq > $4" } else { "" });
+        Self {
+            sql: statement(table, &template),
+            cursor,
+        }
     }
 
     /// Up to `max` unpublished rows in `seq` order, none of `in_flight`, cut at `max_bytes` of
@@ -210,7 +265,7 @@ impl Claim {
         max_bytes: i64,
         highest_claimed: i64,
     ) -> Result<Vec<Result<StoredEvent, MalformedEvent>>, ReadError> {
-        let mut claim = sqlx::query(AssertSqlSafe(self.sql.as_str()))
+        let mut claim = sqlx::query(self.sql.clone())
             .bind(i64::try_from(max).unwrap_or(i64::MAX))
             .bind(in_flight)
             .bind(max_bytes);
@@ -228,25 +283,24 @@ pub async fn has_published_rows(
     conn: &mut PgConnection,
     table: &OutboxTable,
 ) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT EXISTS (SELECT 1 FROM {} WHERE published_at IS NOT NULL)",
-        table.qualified()
-    )))
-    .fetch_one(conn)
-    .await
+    let sql = "SELECT EXISTS (SELECT 1 FROM {table} WHERE published_at IS NOT NULL)";
+    sqlx::query_scalar(statement(table, sql))
+        .fetch_one(conn)
+        .await
 }
+
+/// Counts the unpublished rows; answered from the partial `seq` index on them (see
+/// [`backlog_queries`]).
+const UNPUBLISHED_COUNT: &str = "SELECT count(*) FROM {table} WHERE published_at IS NULL";
 
 /// How many rows of the table are unpublished, as the transaction open on `conn` sees them.
 pub async fn unpublished_count(
     conn: &mut PgConnection,
     table: &OutboxTable,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FROM {} WHERE published_at IS NULL",
-        table.qualified()
-    )))
-    .fetch_one(conn)
-    .await
+    sqlx::query_scalar(statement(table, UNPUBLISHED_COUNT))
+        .fetch_one(conn)
+        .await
 }
 
 /// A row of [`unpublished_page`]: its `seq`, where the next page starts, and the event.
@@ -269,16 +323,13 @@ pub async fn unpublished_page(
     max: i64,
     max_bytes: i64,
 ) -> Result<Vec<UnpublishedRow>, ReadError> {
-    let sql = format!(
-        "SELECT * FROM (SELECT p.*, sum(coalesce(octet_length(p.payload), 0)) OVER (ORDER BY p.n) \
+    let sql = "SELECT * FROM (SELECT p.*, \
+             sum(coalesce(octet_length(p.payload), 0)) OVER (ORDER BY p.n) \
              - coalesce(octet_length(p.payload), 0) AS bytes_before FROM ( \
-         SELECT {}, o.seq AS n FROM {} o \
+         SELECT {event_columns}, o.seq AS n FROM {table} o \
          WHERE o.published_at IS NULL AND o.seq > $1 ORDER BY o.seq LIMIT $2) p) b \
-         WHERE b.bytes_before < $3 ORDER BY b.n",
-        event_columns(),
-        table.qualified()
-    );
-    let rows = sqlx::query(AssertSqlSafe(sql))
+         WHERE b.bytes_before < $3 ORDER BY b.n";
+    let rows = sqlx::query(statement(table, sql))
         .bind(after)
         .bind(max)
         .bind(max_bytes)
@@ -302,14 +353,14 @@ pub async fn purge_published(
     table: &OutboxTable,
     older_than: Duration,
 ) -> Result<u64, sqlx::Error> {
-    let sql = format!(
-        "DELETE FROM {t} WHERE id IN (SELECT id FROM {t}
+    let sql = statement(
+        table,
+        "DELETE FROM {table} WHERE id IN (SELECT id FROM {table}
              WHERE published_at < now() - make_interval(secs => $1) ORDER BY seq LIMIT 10000)",
-        t = table.qualified()
     );
     let mut total = 0;
     loop {
-        let n = sqlx::query(AssertSqlSafe(sql.as_str()))
+        let n = sqlx::query(sql.clone())
             .bind(older_than.as_secs_f64())
             .execute(&mut *conn)
             .await?
@@ -321,20 +372,55 @@ pub async fn purge_published(
     }
 }
 
-/// Marks the still unpublished rows with these `seq`s published; returns how many it marked.
-pub async fn mark_published_by_seq(
+/// Rows of the outbox table named by a key column: `seq` (rows the relay read itself) or the
+/// event id (events known only by their content).
+#[derive(Debug, Clone, Copy)]
+pub enum Keys<'a> {
+    /// The rows with these `seq`s.
+    Seqs(&'a [i64]),
+    /// The rows with these event ids.
+    Ids(&'a [Uuid]),
+}
+
+impl<'a> Keys<'a> {
+    /// The statement `template` on `table` for these rows: `{key}` names the key column, and the
+    /// keys are bound as `$1`.
+    fn query(
+        self,
+        table: &OutboxTable,
+        template: &str,
+    ) -> sqlx::query::Query<'a, Postgres, PgArguments> {
+        match self {
+            Self::Seqs(seqs) => {
+                sqlx::query(statement(table, &template.replace("{key}", "seq"))).bind(seqs)
+            }
+            Self::Ids(ids) => {
+                sqlx::query(statement(table, &template.replace("{key}", "id"))).bind(ids)
+            }
+        }
+    }
+}
+
+/// Marks published those of these rows still unpublished; returns how many it marked.
+pub async fn mark_published(
     conn: &mut PgConnection,
     table: &OutboxTable,
-    seqs: &[i64],
+    keys: Keys<'_>,
 ) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(AssertSqlSafe(format!(
-        "UPDATE {} SET published_at = clock_timestamp() WHERE seq = ANY($1) AND published_at IS NULL",
-        table.qualified()
-    )))
-    .bind(seqs)
-    .execute(conn)
-    .await?
-    .rows_affected())
+    let sql = "UPDATE {table} SET published_at = clock_timestamp() \
+               WHERE {key} = ANY($1) AND published_at IS NULL";
+    Ok(keys.query(table, sql).execute(conn).await?.rows_affected())
+}
+
+/// Deletes these rows; returns the `seq`s of those it deleted.
+pub async fn delete(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    keys: Keys<'_>,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let sql = "DELETE FROM {table} WHERE {key} = ANY($1) RETURNING seq";
+    let rows = keys.query(table, sql).fetch_all(conn).await?;
+    rows.iter().map(|row| row.try_get(0)).collect()
 }
 
 /// Those of `seqs` that no row of the table (visible to this session) has.
@@ -343,68 +429,31 @@ pub async fn seqs_not_in_table(
     table: &OutboxTable,
     seqs: &[i64],
 ) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT s FROM unnest($1::int8[]) AS s WHERE NOT EXISTS (SELECT 1 FROM {} WHERE seq = s)",
-        table.qualified()
-    )))
-    .bind(seqs)
-    .fetch_all(conn)
-    .await
+    let sql = "SELECT s FROM unnest($1::int8[]) AS s \
+               WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE seq = s)";
+    sqlx::query_scalar(statement(table, sql))
+        .bind(seqs)
+        .fetch_all(conn)
+        .await
 }
 
-/// Deletes the rows with these `seq`s; returns the `seq`s it deleted.
-pub async fn delete_by_seq(
-    conn: &mut PgConnection,
-    table: &OutboxTable,
-    seqs: &[i64],
-) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(AssertSqlSafe(format!(
-        "DELETE FROM {} WHERE seq = ANY($1) RETURNING seq",
-        table.qualified()
-    )))
-    .bind(seqs)
-    .fetch_all(conn)
-    .await
+impl ReplayFilter {
+    /// The statement `template` on `table` with this filter bound as `$1`…`$6`, the parameters
+    /// of `{replay_where}`.
+    fn query<'a>(
+        &'a self,
+        table: &OutboxTable,
+        template: &str,
+    ) -> sqlx::query::Query<'a, Postgres, PgArguments> {
+        sqlx::query(statement(table, template))
+            .bind(self.from)
+            .bind(self.to)
+            .bind(self.from_id)
+            .bind(self.to_id)
+            .bind(&self.event_types)
+            .bind(&self.aggregate_type)
+    }
 }
-
-/// Marks the still unpublished rows with these event ids published; returns how many it marked.
-pub async fn mark_published_by_id(
-    conn: &mut PgConnection,
-    table: &OutboxTable,
-    ids: &[Uuid],
-) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(AssertSqlSafe(format!(
-        "UPDATE {} SET published_at = clock_timestamp() WHERE id = ANY($1) AND published_at IS NULL",
-        table.qualified()
-    )))
-    .bind(ids)
-    .execute(conn)
-    .await?
-    .rows_affected())
-}
-
-/// Deletes the rows with these event ids; returns how many it deleted.
-pub async fn delete_by_id(
-    conn: &mut PgConnection,
-    table: &OutboxTable,
-    ids: &[Uuid],
-) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(AssertSqlSafe(format!(
-        "DELETE FROM {} WHERE id = ANY($1)",
-        table.qualified()
-    )))
-    .bind(ids)
-    .execute(conn)
-    .await?
-    .rows_affected())
-}
-
-/// The `where` clause of [`ReplayFilter`], over parameters `$1`…`$6`.
-const REPLAY_WHERE: &str = "($1::timestamptz IS NULL OR o.created_at >= $1)
-        AND ($2::timestamptz IS NULL OR o.created_at < $2)
-        AND ($3::uuid IS NULL OR o.id >= $3) AND ($4::uuid IS NULL OR o.id <= $4)
-        AND (cardinality($5::text[]) = 0 OR o.type = ANY($5))
-        AND ($6::text IS NULL OR o.aggregatetype = $6)";
 
 /// How many rows of the table `filter` selects for a replay.
 pub async fn replay_count(
@@ -412,18 +461,8 @@ pub async fn replay_count(
     table: &OutboxTable,
     filter: &ReplayFilter,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FROM {} o WHERE {REPLAY_WHERE}",
-        table.qualified()
-    )))
-    .bind(filter.from)
-    .bind(filter.to)
-    .bind(filter.from_id)
-    .bind(filter.to_id)
-    .bind(&filter.event_types)
-    .bind(&filter.aggregate_type)
-    .fetch_one(conn)
-    .await
+    let sql = "SELECT count(*) FROM {table} o WHERE {replay_where}";
+    filter.query(table, sql).fetch_one(conn).await?.try_get(0)
 }
 
 /// The next (at most 1000) rows `filter` selects for a replay, with a `seq` above `after`, in
@@ -434,20 +473,9 @@ pub async fn replay_page(
     filter: &ReplayFilter,
     after: i64,
 ) -> Result<Vec<Result<StoredEvent, MalformedEvent>>, ReadError> {
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT {} FROM {} o WHERE {REPLAY_WHERE} AND o.seq > $7 ORDER BY o.seq LIMIT 1000",
-        event_columns(),
-        table.qualified()
-    )))
-    .bind(filter.from)
-    .bind(filter.to)
-    .bind(filter.from_id)
-    .bind(filter.to_id)
-    .bind(&filter.event_types)
-    .bind(&filter.aggregate_type)
-    .bind(after)
-    .fetch_all(conn)
-    .await?;
+    let sql = "SELECT {event_columns} FROM {table} o WHERE {replay_where} \
+               AND o.seq > $7 ORDER BY o.seq LIMIT 1000";
+    let rows = filter.query(table, sql).bind(after).fetch_all(conn).await?;
     decode_all(&rows)
 }
 
@@ -457,13 +485,21 @@ pub async fn routed_event_types(
     conn: &mut PgConnection,
     table: &OutboxTable,
 ) -> Result<Vec<(String, String, Option<String>)>, sqlx::Error> {
-    sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT DISTINCT aggregatetype::text, type::text, topic::text FROM {}",
-        table.qualified()
-    )))
-    .fetch_all(conn)
-    .await
+    let sql = "SELECT DISTINCT aggregatetype::text, type::text, topic::text FROM {table}";
+    sqlx::query_as(statement(table, sql)).fetch_all(conn).await
 }
+
+/// The templates of [`backlog_queries`], in its order.
+const BACKLOG_TEMPLATES: [&str; 3] = [
+    UNPUBLISHED_COUNT,
+    "SELECT extract(epoch FROM now() - created_at)::float8 FROM {table}
+             WHERE published_at IS NULL ORDER BY seq LIMIT 1",
+    "SELECT id, type, published_at FROM {table}
+             WHERE published_at IS NOT NULL
+               AND seq < coalesce((SELECT seq FROM {table} WHERE published_at IS NULL
+                                   ORDER BY seq LIMIT 1), 9223372036854775807)
+             ORDER BY seq DESC LIMIT 1",
+];
 
 /// The statements [`backlog`] runs on the outbox table: the pending count, the oldest pending
 /// age and the last published event. Each is answered from the table's `seq` indexes (the unique
@@ -473,21 +509,7 @@ pub async fn routed_event_types(
 /// the row just below it in `seq` order (the newest row when nothing is pending). Public so that
 /// tests can `EXPLAIN` them.
 pub fn backlog_queries(table: &OutboxTable) -> [String; 3] {
-    let t = table.qualified();
-    [
-        format!("SELECT count(*) FROM {t} WHERE published_at IS NULL"),
-        format!(
-            "SELECT extract(epoch FROM now() - created_at)::float8 FROM {t}
-             WHERE published_at IS NULL ORDER BY seq LIMIT 1"
-        ),
-        format!(
-            "SELECT id, type, published_at FROM {t}
-             WHERE published_at IS NOT NULL
-               AND seq < coalesce((SELECT seq FROM {t} WHERE published_at IS NULL
-                                   ORDER BY seq LIMIT 1), 9223372036854775807)
-             ORDER BY seq DESC LIMIT 1"
-        ),
-    ]
+    BACKLOG_TEMPLATES.map(|template| statement_text(table, template))
 }
 
 /// The setting [`backlog`] runs [`backlog_queries`] under: with a large share of the table
@@ -497,21 +519,17 @@ pub const BACKLOG_PLANNER_SETTING: &str = "SET LOCAL enable_seqscan = off";
 
 /// Reads how far behind the table is, in one transaction, with [`backlog_queries`].
 pub async fn backlog(conn: &mut PgConnection, table: &OutboxTable) -> Result<Backlog, sqlx::Error> {
-    let [pending, oldest, last] = backlog_queries(table);
+    let [pending, oldest, last] = BACKLOG_TEMPLATES.map(|template| statement(table, template));
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     sqlx::query(BACKLOG_PLANNER_SETTING)
         .execute(&mut *tx)
         .await?;
-    let pending_events = sqlx::query_scalar(AssertSqlSafe(pending))
-        .fetch_one(&mut *tx)
-        .await?;
-    let oldest_pending_age_seconds = sqlx::query_scalar(AssertSqlSafe(oldest))
+    let pending_events = sqlx::query_scalar(pending).fetch_one(&mut *tx).await?;
+    let oldest_pending_age_seconds = sqlx::query_scalar(oldest)
         .fetch_optional(&mut *tx)
         .await?
         .flatten();
-    let last = sqlx::query(AssertSqlSafe(last))
-        .fetch_optional(&mut *tx)
-        .await?;
+    let last = sqlx::query(last).fetch_optional(&mut *tx).await?;
     tx.commit().await?;
     let last_published = last
         .map(|r| {
@@ -588,8 +606,8 @@ pub async fn park(
         reasons.push(r.reason.clone());
         blocked.push(r.blocked_by);
     }
-    let sql = format!(
-        "INSERT INTO {} (id, aggregatetype, aggregateid, type, payload, seq, created_at,
+    let sql =
+        "INSERT INTO {parked} (id, aggregatetype, aggregateid, type, payload, seq, created_at,
                          tracingspancontext, headers, schema_version, topic, aggregate_seq,
                          reason, blocked_by)
          SELECT id, at, ai, ty, pl::jsonb, sq, ca, tp, hd::jsonb, sv, tc, asq, rs, bb
@@ -598,10 +616,8 @@ pub async fn park(
                      $12::int8[], $13::text[], $14::uuid[])
               WITH ORDINALITY AS p(id, at, ai, ty, pl, sq, ca, tp, hd, sv, tc, asq, rs, bb, ord)
          ORDER BY ord
-         ON CONFLICT (id) DO NOTHING",
-        table.parked_qualified()
-    );
-    sqlx::query(AssertSqlSafe(sql))
+         ON CONFLICT (id) DO NOTHING";
+    sqlx::query(statement(table, sql))
         .bind(&ids)
         .bind(&types)
         .bind(&agg_ids)
@@ -627,13 +643,9 @@ pub async fn blocked_aggregates(
     conn: &mut PgConnection,
     table: &OutboxTable,
 ) -> Result<HashMap<AggregateKey, Uuid>, sqlx::Error> {
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT DISTINCT ON (aggregatetype, aggregateid) aggregatetype, aggregateid, id
-         FROM {} ORDER BY aggregatetype, aggregateid, park_seq",
-        table.parked_qualified()
-    )))
-    .fetch_all(conn)
-    .await?;
+    let sql = "SELECT DISTINCT ON (aggregatetype, aggregateid) aggregatetype, aggregateid, id
+               FROM {parked} ORDER BY aggregatetype, aggregateid, park_seq";
+    let rows = sqlx::query(statement(table, sql)).fetch_all(conn).await?;
     rows.iter()
         .map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), r.try_get(2)?)))
         .collect()
@@ -644,14 +656,10 @@ pub async fn list_parked(
     conn: &mut PgConnection,
     table: &OutboxTable,
 ) -> Result<Vec<ParkedEvent>, sqlx::Error> {
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT id, aggregatetype, aggregateid, type, reason, blocked_by, parked_at,
-                coalesce(octet_length(payload::text), 0)::int8 AS payload_bytes
-         FROM {} ORDER BY park_seq",
-        table.parked_qualified()
-    )))
-    .fetch_all(conn)
-    .await?;
+    let sql = "SELECT id, aggregatetype, aggregateid, type, reason, blocked_by, parked_at,
+                      coalesce(octet_length(payload::text), 0)::int8 AS payload_bytes
+               FROM {parked} ORDER BY park_seq";
+    let rows = sqlx::query(statement(table, sql)).fetch_all(conn).await?;
     rows.iter()
         .map(|r| {
             Ok(ParkedEvent {
@@ -673,12 +681,9 @@ pub async fn parked_count(
     conn: &mut PgConnection,
     table: &OutboxTable,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FROM {}",
-        table.parked_qualified()
-    )))
-    .fetch_one(conn)
-    .await
+    sqlx::query_scalar(statement(table, "SELECT count(*) FROM {parked}"))
+        .fetch_one(conn)
+        .await
 }
 
 /// The parked events of one aggregate, in replay order, as full events. A parked row is what the
@@ -689,15 +694,13 @@ pub async fn parked_events_of(
     table: &OutboxTable,
     aggregate: &AggregateKey,
 ) -> Result<Vec<StoredEvent>, ReadError> {
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT {} FROM {} o WHERE o.aggregatetype = $1 AND o.aggregateid = $2 ORDER BY o.park_seq",
-        event_columns(),
-        table.parked_qualified()
-    )))
-    .bind(&aggregate.0)
-    .bind(&aggregate.1)
-    .fetch_all(conn)
-    .await?;
+    let sql = "SELECT {event_columns} FROM {parked} o \
+               WHERE o.aggregatetype = $1 AND o.aggregateid = $2 ORDER BY o.park_seq";
+    let rows = sqlx::query(statement(table, sql))
+        .bind(&aggregate.0)
+        .bind(&aggregate.1)
+        .fetch_all(conn)
+        .await?;
     Ok(decode_all(&rows)?
         .into_iter()
         .map(|decoded| decoded.unwrap_or_else(|malformed| *malformed.salvaged))
@@ -710,13 +713,11 @@ pub async fn parked_aggregate_of(
     table: &OutboxTable,
     id: Uuid,
 ) -> Result<Option<AggregateKey>, sqlx::Error> {
-    let row = sqlx::query(AssertSqlSafe(format!(
-        "SELECT aggregatetype, aggregateid FROM {} WHERE id = $1",
-        table.parked_qualified()
-    )))
-    .bind(id)
-    .fetch_optional(conn)
-    .await?;
+    let sql = "SELECT aggregatetype, aggregateid FROM {parked} WHERE id = $1";
+    let row = sqlx::query(statement(table, sql))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
     row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
 }
 
@@ -727,14 +728,9 @@ pub async fn remove_parked(
     table: &OutboxTable,
     ids: &[Uuid],
 ) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(AssertSqlSafe(format!(
-        "DELETE FROM {} WHERE id = ANY($1)",
-        table.parked_qualified()
-    )))
-    .bind(ids)
-    .execute(conn)
-    .await?
-    .rows_affected())
+    let sql = "DELETE FROM {parked} WHERE id = ANY($1)";
+    let done = sqlx::query(statement(table, sql)).bind(ids);
+    Ok(done.execute(conn).await?.rows_affected())
 }
 
 /// Removes every parked event; returns how many were removed.
@@ -742,11 +738,45 @@ pub async fn remove_all_parked(
     conn: &mut PgConnection,
     table: &OutboxTable,
 ) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(AssertSqlSafe(format!(
-        "DELETE FROM {}",
-        table.parked_qualified()
-    )))
-    .execute(conn)
-    .await?
-    .rows_affected())
+    let done = sqlx::query(statement(table, "DELETE FROM {parked}"));
+    Ok(done.execute(conn).await?.rows_affected())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_text_substitutes_the_quoted_tables_and_the_fragments() {
+        let table = OutboxTable::new(Some("shop"), "events").unwrap();
+        assert_eq!(
+            statement_text(
+                &table,
+                "DELETE FROM {table} USING {parked} p WHERE p.id = id"
+            ),
+            "DELETE FROM \"shop\".\"events\" USING \"shop\".\"events_parked\" p WHERE p.id = id"
+        );
+        assert_eq!(
+            statement_text(
+                &table,
+                "SELECT {event_columns} FROM {table} o WHERE {replay_where}"
+            ),
+            format!(
+                "SELECT {} FROM \"shop\".\"events\" o WHERE {REPLAY_WHERE}",
+                event_columns()
+            )
+        );
+    }
+
+    #[test]
+    fn statement_text_leaves_text_without_placeholders_alone() {
+        let table = OutboxTable::default();
+        assert_eq!(statement_text(&table, "SELECT 1"), "SELECT 1");
+    }
+
+    #[test]
+    #[should_panic(expected = "unknown placeholder {tabel}")]
+    fn statement_text_refuses_an_unknown_placeholder() {
+        statement_text(&OutboxTable::default(), "SELECT * FROM {tabel}");
+    }
 }

@@ -261,8 +261,44 @@ impl LogicalSource {
         } else {
             None
         };
+        let mut me = Self::new(cfg, pool, leader, target, table, marks, metrics);
+        me.prepare_slot(true).await?;
+        let mut attempts = 0;
+        loop {
+            if me.republishing() {
+                // Streaming starts once the table was read to the end (see `next_batch_inner`).
+                me.stream_deferred = true;
+                return Ok(me);
+            }
+            match me.start_session().await {
+                // The slot vanished between the check and START_REPLICATION: a loss (recovered
+                // in table mode, explained and fatal otherwise).
+                Err(LogicalError::SlotLost { .. }) if attempts < 3 => {
+                    attempts += 1;
+                    me.ready.clear();
+                    me.republication = None;
+                    me.prepare_slot(false).await?;
+                }
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(me),
+            }
+        }
+    }
+
+    /// A source over these connections that has not touched its slot yet: no session, nothing
+    /// decoded or in flight, nothing confirmed, the heartbeat and the slot check due after their
+    /// intervals.
+    fn new(
+        cfg: LogicalConfig,
+        pool: PgPool,
+        leader: Option<Leadership>,
+        target: ReplicationTarget,
+        table: Option<ResolvedTable>,
+        marks: Option<RowMarks<Option<Lsn>>>,
+        metrics: Arc<LogicalMetrics>,
+    ) -> Self {
         let now = Instant::now();
-        let mut me = Self {
+        Self {
             heartbeat_prefix: slot::heartbeat_prefix(&cfg.message_prefix),
             next_heartbeat: now + cfg.heartbeat_interval,
             next_slot_check: now + cfg.slot_check_interval,
@@ -288,27 +324,6 @@ impl LogicalSource {
             stopped: false,
             metrics,
             marks,
-        };
-        me.prepare_slot(true).await?;
-        let mut attempts = 0;
-        loop {
-            if me.republishing() {
-                // Streaming starts once the table was read to the end (see `next_batch_inner`).
-                me.stream_deferred = true;
-                return Ok(me);
-            }
-            match me.start_session().await {
-                // The slot vanished between the check and START_REPLICATION: a loss (recovered
-                // in table mode, explained and fatal otherwise).
-                Err(LogicalError::SlotLost { .. }) if attempts < 3 => {
-                    attempts += 1;
-                    me.ready.clear();
-                    me.republication = None;
-                    me.prepare_slot(false).await?;
-                }
-                Err(e) => return Err(e),
-                Ok(()) => return Ok(me),
-            }
         }
     }
 

@@ -88,7 +88,7 @@ pub(crate) async fn acknowledge_keys(
     while !due.is_empty() {
         let missing: Vec<i64> = match how {
             RowAcknowledgement::Mark => {
-                let n = table::mark_published_by_seq(&mut *conn, table, &due).await?;
+                let n = table::mark_published(&mut *conn, table, table::Keys::Seqs(&due)).await?;
                 affected += n;
                 if n as usize == due.len() {
                     Vec::new()
@@ -97,7 +97,7 @@ pub(crate) async fn acknowledge_keys(
                 }
             }
             RowAcknowledgement::Delete => {
-                let deleted = table::delete_by_seq(&mut *conn, table, &due).await?;
+                let deleted = table::delete(&mut *conn, table, table::Keys::Seqs(&due)).await?;
                 affected += deleted.len() as u64;
                 if deleted.len() == due.len() {
                     Vec::new()
@@ -134,9 +134,13 @@ pub(crate) async fn acknowledge_keys(
     if !keys.ids.is_empty() {
         affected += match how {
             RowAcknowledgement::Mark => {
-                table::mark_published_by_id(&mut *conn, table, &keys.ids).await?
+                table::mark_published(&mut *conn, table, table::Keys::Ids(&keys.ids)).await?
             }
-            RowAcknowledgement::Delete => table::delete_by_id(&mut *conn, table, &keys.ids).await?,
+            RowAcknowledgement::Delete => {
+                table::delete(&mut *conn, table, table::Keys::Ids(&keys.ids))
+                    .await?
+                    .len() as u64
+            }
         };
     }
     Ok(affected)

@@ -155,6 +155,28 @@ impl ReplicationTarget {
             tls,
         })
     }
+
+    /// A replication connection to this target for `slot` and `publication`, announced as
+    /// `application_name`; the caller adds what its use of the connection needs (start position,
+    /// status interval, buffer).
+    fn config(
+        &self,
+        slot: &SlotName,
+        publication: &PublicationName,
+        application_name: &str,
+    ) -> ReplicationConfig {
+        ReplicationConfig::new(
+            self.host.clone(),
+            self.user.clone(),
+            self.password.clone(),
+            self.database.clone(),
+            slot.as_str(),
+            publication.as_str(),
+        )
+        .with_port(self.port)
+        .with_tls(self.tls.clone())
+        .with_application_name(application_name)
+    }
 }
 
 /// Map a replication-protocol error to the relay's classification.
@@ -237,17 +259,7 @@ pub(crate) async fn create_slot_exporting(
     publication: &PublicationName,
     application_name: &str,
 ) -> Result<Option<ExportedSlot>, LogicalError> {
-    let cfg = ReplicationConfig::new(
-        target.host.clone(),
-        target.user.clone(),
-        target.password.clone(),
-        target.database.clone(),
-        slot.as_str(),
-        publication.as_str(),
-    )
-    .with_port(target.port)
-    .with_tls(target.tls.clone())
-    .with_application_name(application_name);
+    let cfg = target.config(slot, publication, application_name);
     let mut client = ReplicationClient::connect_gated(cfg)
         .await
         .map_err(|e| classify(slot, e))?;
@@ -309,22 +321,13 @@ impl Session {
         status_interval: Duration,
         application_name: &str,
     ) -> Result<Self, LogicalError> {
-        let cfg = ReplicationConfig::new(
-            target.host.clone(),
-            target.user.clone(),
-            target.password.clone(),
-            target.database.clone(),
-            slot.as_str(),
-            publication.as_str(),
-        )
-        .with_port(target.port)
-        .with_tls(target.tls.clone())
-        .with_start_lsn(pgwire_replication::Lsn::from_u64(start.0))
-        .with_ack_lsn(pgwire_replication::Lsn::from_u64(start.0))
-        .with_status_interval(status_interval)
-        .with_wakeup_interval(status_interval.max(Duration::from_secs(1)))
-        .with_buffer_size(STREAM_BUFFER_EVENTS)
-        .with_application_name(application_name);
+        let cfg = target
+            .config(slot, publication, application_name)
+            .with_start_lsn(pgwire_replication::Lsn::from_u64(start.0))
+            .with_ack_lsn(pgwire_replication::Lsn::from_u64(start.0))
+            .with_status_interval(status_interval)
+            .with_wakeup_interval(status_interval.max(Duration::from_secs(1)))
+            .with_buffer_size(STREAM_BUFFER_EVENTS);
         let mut client = ReplicationClient::connect(cfg)
             .await
             .map_err(|e| classify(slot, e))?;

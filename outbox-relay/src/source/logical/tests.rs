@@ -12,39 +12,26 @@ use uuid::Uuid;
 
 fn source(mode: WriteMode) -> LogicalSource {
     let url = "postgres://nobody@127.0.0.1:1/none";
+    let table = ResolvedTable {
+        schema: "public".into(),
+        name: "outbox".into(),
+        qualified: "\"public\".\"outbox\"".into(),
+        table: OutboxTable::new(Some("public"), "outbox").unwrap(),
+    };
+    let mut s = LogicalSource::new(
+        LogicalConfig::new(url, OutboxTable::default(), mode),
+        PgPoolOptions::new().connect_lazy(url).unwrap(),
+        None,
+        ReplicationTarget::from_url(url).unwrap(),
+        Some(table),
+        None,
+        Arc::default(),
+    );
+    s.confirmed = Lsn(100);
     let now = Instant::now();
-    LogicalSource {
-        cfg: LogicalConfig::new(url, OutboxTable::default(), mode),
-        pool: PgPoolOptions::new().connect_lazy(url).unwrap(),
-        leader: None,
-        target: ReplicationTarget::from_url(url).unwrap(),
-        table: Some(ResolvedTable {
-            schema: "public".into(),
-            name: "outbox".into(),
-            qualified: "\"public\".\"outbox\"".into(),
-            table: OutboxTable::new(Some("public"), "outbox").unwrap(),
-        }),
-        heartbeat_prefix: "outbox-heartbeat".into(),
-        session: None,
-        relations: HashMap::new(),
-        open: None,
-        ready: VecDeque::new(),
-        inflight: Window::default(),
-        confirmed: Lsn(100),
-        state_recorded: Lsn::ZERO,
-        instance: None,
-        last_refusal_warning: None,
-        refused_since_warning: 0,
-        backfill_due: false,
-        republication: None,
-        stream_deferred: false,
-        batch_bytes: usize::MAX,
-        next_heartbeat: now,
-        next_slot_check: now,
-        stopped: false,
-        marks: None,
-        metrics: Arc::default(),
-    }
+    s.next_heartbeat = now;
+    s.next_slot_check = now;
+    s
 }
 
 fn xlog(data: Vec<u8>) -> ReplicationEvent {
