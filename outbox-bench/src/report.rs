@@ -91,8 +91,11 @@ pub struct DrainRun {
     pub produce_seconds: f64,
     /// `produce_seconds` / drain time: the share of the loop spent waiting on Kafka.
     pub produce_share: f64,
-    /// Rows still unpublished afterwards (0 expected).
+    /// Rows not yet marked published at the last acknowledgement (the logical source marks
+    /// them in the background, after their acknowledgement).
     pub unpublished_after: i64,
+    /// From `relay started` until every row was marked published too (`table` mode).
+    pub all_marked_seconds: Option<f64>,
 }
 
 /// Latency percentiles in milliseconds.
@@ -423,6 +426,24 @@ impl Report {
                 "",
                 "",
             );
+        }
+        for d in self.drain_runs.iter().filter(|d| d.unpublished_after > 0) {
+            if let Some(marked) = d.all_marked_seconds {
+                t.row(
+                    &format!(
+                        "  {}: every row also marked published after (rows left at the last ack)",
+                        d.source
+                    ),
+                    format!(
+                        "{marked:.2} s = {:.0} ev/s ({})",
+                        d.events as f64 / marked.max(1e-9),
+                        d.unpublished_after
+                    ),
+                    "",
+                    "",
+                    "",
+                );
+            }
         }
         for l in &self.latency_runs {
             let p = &l.commit_to_consumer_ms;

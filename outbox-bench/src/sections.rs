@@ -247,9 +247,20 @@ pub async fn drain(ctx: &mut Ctx, source: &str, write_mode: WriteMode) -> Result
         }
     };
     let cpu = relay.cpu()?.saturating_sub(cpu0);
+    let unpublished = db.unpublished().await?;
+    // `table` mode: the logical source marks delivered rows in the background, after their
+    // acknowledgement; how long until every row is marked too.
+    let mut all_marked = (unpublished == 0).then_some(end);
+    if write_mode == WriteMode::Table {
+        while all_marked.is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if db.unpublished().await? == 0 {
+                all_marked = Some(Instant::now());
+            }
+        }
+    }
     let peak = relay.peak_rss()?;
     let elapsed = end - started;
-    let unpublished = db.unpublished().await?;
     let batches = m.get("outbox_relay_batches_total");
     let publish_sum = m.get("outbox_relay_publish_duration_seconds_sum");
     relay.stop().await?;
@@ -270,6 +281,7 @@ pub async fn drain(ctx: &mut Ctx, source: &str, write_mode: WriteMode) -> Result
         produce_seconds: publish_sum,
         produce_share: publish_sum / elapsed.as_secs_f64().max(1e-9),
         unpublished_after: unpublished,
+        all_marked_seconds: all_marked.map(|t| (t - started).as_secs_f64()),
     };
     eprintln!(
         "bench: drain ({source_label}): {:.0} events/s ({:.2} s), produce {:.0}% of the time",

@@ -347,6 +347,24 @@ pub async fn unpublished_page(
         .collect()
 }
 
+/// The `seq`s of (at most `max`) unpublished rows, lowest first, and the WAL insert position
+/// read after the statement's snapshot was taken: every row returned was committed before that
+/// position. The logical source marks them published once its slot is confirmed past it
+/// (`source::logical::settle`). Answered from the partial `seq` index on unpublished rows.
+pub async fn unpublished_with_position(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    max: i64,
+) -> Result<(u64, Vec<i64>), sqlx::Error> {
+    let sql = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8, \
+               ARRAY(SELECT seq FROM {table} WHERE published_at IS NULL ORDER BY seq LIMIT $1)";
+    let (position, seqs): (i64, Vec<i64>) = sqlx::query_as(statement(table, sql))
+        .bind(max)
+        .fetch_one(conn)
+        .await?;
+    Ok((u64::try_from(position).unwrap_or(0), seqs))
+}
+
 /// Deletes rows published more than `older_than` ago, in chunks; returns how many were deleted.
 pub async fn purge_published(
     conn: &mut PgConnection,

@@ -12,8 +12,7 @@
 //!   never from a re-read of the table.
 //! - **The slot only advances over what Kafka acknowledged.** [`Source::acknowledge`] receives the
 //!   contiguous acknowledged prefix; the confirmed LSN becomes the end LSN of the last transaction
-//!   entirely inside it. In `table` mode the rows are marked published *before* that LSN is
-//!   confirmed. The replication client reports exactly that confirmed LSN in every standby status
+//!   entirely inside it. The replication client reports exactly that confirmed LSN in every standby status
 //!   update, including replies to server keepalives (see the `stream` module); when nothing is pending
 //!   (no open, buffered or unacknowledged event) a keepalive's or heartbeat's position may be
 //!   confirmed, because nothing unacknowledged precedes it.
@@ -25,6 +24,16 @@
 //!   again. On graceful shutdown (the `shutdown` token
 //!   passed to [`Source::next_batch`]) the confirmed LSN is made durable on the slot
 //!   (`pg_replication_slot_advance`) so a clean restart produces no duplicates.
+//! - **Rows marked published after delivery, off the pipeline's path** (`table` mode). With
+//!   `acknowledgement = "mark"`, a streamed row's LSN is confirmed as soon as Kafka acknowledged
+//!   it — the slot's confirmed position is the durable record of delivery — and the row gets
+//!   `published_at` later, in large background statements (the `settle` module): when the
+//!   source is idle, when 100,000 rows wait, or after 10 s. A mark lost in a crash is redone by
+//!   the next start, which reads the unpublished rows with the WAL position after them and marks
+//!   them once the slot is confirmed past it; no row is marked before it was delivered. Until
+//!   then `status` counts those rows as pending. A stop, a flush and a slot loss mark every
+//!   delivered row first. Re-published rows, and `acknowledgement = "delete"`, are acknowledged
+//!   per batch *before* their LSN is confirmed ([`row_marks`](super::row_marks)).
 //! - **Idle heartbeats.** When nothing is in flight for `heartbeat_interval`, a non-transactional
 //!   `pg_logical_emit_message(false, '<prefix>-heartbeat', '')` is written so the slot keeps
 //!   advancing on an idle database and does not pin WAL.
@@ -42,7 +51,8 @@
 //!   slot is dropped once the table was read to the end and every re-published row is
 //!   acknowledged; a stop, crash or rewind before that drops the slot, creates it again with a
 //!   fresh snapshot and re-publishes the rows still unpublished in it (duplicates only for rows
-//!   delivered but not yet marked published when a crash came). The same procedure runs the
+//!   delivered but not yet marked published when a crash came: with deferred marks, up to the
+//!   rows delivered since the last mark). The same procedure runs the
 //!   first time a slot is created in `table` mode, so
 //!   rows written before the slot existed (e.g. by the polling source) are published too.
 //!   In `insert_delete` and `logical_message` modes there is nothing to recover from: a lost slot
@@ -109,6 +119,7 @@ mod lifecycle;
 pub mod pgoutput;
 mod read_loop;
 mod republication;
+mod settle;
 pub mod slot;
 pub mod state;
 mod stream;
@@ -131,11 +142,13 @@ pub use slot::{NameError, PublicationName, SlotName, SlotStatus};
 
 use super::SourceEvent;
 use super::row_marks::RowMarks;
+use crate::config::RowAcknowledgement;
 use crate::leader::Leadership;
 use crate::stats::LogicalMetrics;
 use decode::OpenTx;
 use pgoutput::Relation;
 use republication::Republication;
+use settle::Settle;
 use slot::ResolvedTable;
 use stream::{ReplicationTarget, Session};
 use window::Window;
@@ -188,6 +201,9 @@ pub struct LogicalSource {
     /// `table` mode: row acknowledgements running beside the pipeline, each with the LSN it
     /// lets the slot confirm once durable.
     marks: Option<RowMarks<Option<Lsn>>>,
+    /// `table` mode with `acknowledgement = "mark"`: the streamed rows' deferred marks; their
+    /// LSNs are confirmed without waiting for them.
+    settle: Option<Settle>,
 }
 
 impl std::fmt::Debug for LogicalSource {
@@ -243,7 +259,7 @@ impl LogicalSource {
             state::ensure_table(&mut conn, &cfg.table).await?;
         }
         slot::check_emit_message_privileges(&pool, cfg.write_mode).await?;
-        let marks = if cfg.write_mode == WriteMode::Table {
+        let (marks, settle) = if cfg.write_mode == WriteMode::Table {
             let options: sqlx::postgres::PgConnectOptions = cfg
                 .database_url
                 .expose()
@@ -252,16 +268,17 @@ impl LogicalSource {
                     context: "parsing the database URL",
                     source,
                 })?;
-            Some(RowMarks::new(
-                super::row_marks::pool(&options),
-                cfg.table.clone(),
-                cfg.acknowledgement,
-                leader.as_ref().map(Leadership::lease),
-            ))
+            let ack_pool = super::row_marks::pool(&options);
+            let lease = leader.as_ref().map(Leadership::lease);
+            let settle = (cfg.acknowledgement == RowAcknowledgement::Mark)
+                .then(|| Settle::new(ack_pool.clone(), cfg.table.clone(), lease.clone()));
+            let marks = RowMarks::new(ack_pool, cfg.table.clone(), cfg.acknowledgement, lease);
+            (Some(marks), settle)
         } else {
-            None
+            (None, None)
         };
         let mut me = Self::new(cfg, pool, leader, target, table, marks, metrics);
+        me.settle = settle;
         me.prepare_slot(true).await?;
         let mut attempts = 0;
         loop {
@@ -324,6 +341,7 @@ impl LogicalSource {
             stopped: false,
             metrics,
             marks,
+            settle: None,
         }
     }
 

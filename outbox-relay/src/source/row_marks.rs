@@ -1,4 +1,6 @@
-//! Row acknowledgements of the `table` write mode, run beside the relay's pipeline.
+//! Row acknowledgements of the `table` write mode, run beside the relay's pipeline: every batch of
+//! the polling source, and the logical source's re-published rows and deletions (its streamed
+//! rows are marked later, in bulk: `source::logical::settle`).
 //!
 //! Marking (or deleting) the rows of a delivered batch is the costliest statement of a drain: an
 //! UPDATE that cannot be HOT, with new index entries and a full-row WAL record per row. Only what

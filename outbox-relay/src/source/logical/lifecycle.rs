@@ -74,6 +74,11 @@ impl LogicalSource {
                 } else {
                     at_slot
                 };
+                if !same_instance && let Some(settle) = self.settle.as_mut() {
+                    // Rows delivered but not marked by an earlier run (a crash) or on the
+                    // previous instance: marked once the slot is confirmed past them.
+                    settle.schedule_recovery(&instance);
+                }
                 self.instance = Some(instance);
                 // Also records a slot made by a relay that did not keep a state table yet.
                 self.record_state().await?;
@@ -167,6 +172,14 @@ impl LogicalSource {
         let slot = self.cfg.slot.clone();
         let marker = marker_slot(&slot);
         let table_mode = self.cfg.write_mode == WriteMode::Table;
+        if let Some(settle) = self.settle.as_mut() {
+            // Delivered rows are marked before the new snapshot, so the re-publication does not
+            // publish them again; the rows it reads are marked as it goes.
+            if let Err(e) = settle.flush().await {
+                tracing::warn!(error = %Report(&e), "marking delivered rows failed before a re-publication; they will be published again");
+            }
+            settle.forget_recovery();
+        }
         if table_mode && !marker_exists {
             // Durable "re-publication pending" marker: created before the new slot, dropped
             // once every re-published row is acknowledged.

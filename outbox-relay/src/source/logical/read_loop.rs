@@ -16,6 +16,8 @@ use crate::source::{Source, SourceError, SourceEvent};
 impl LogicalSource {
     /// Wait for the next replication event (or a timer) and apply it.
     async fn step(&mut self, shutdown: &CancellationToken) -> Result<bool, LogicalError> {
+        // Nothing is handed on while this waits: deferred row marks may start now.
+        self.poll_settle().await?;
         let deadline = self.next_heartbeat.min(self.next_slot_check);
         let finishing = self.finishing_a_transaction();
         let Some(session) = self.session.as_mut() else {
@@ -99,7 +101,14 @@ impl LogicalSource {
                     restarted = true;
                     self.restart().await?;
                 }
-                Err(e @ LogicalError::SlotLost { .. }) => return Err(self.explain_loss(e).await),
+                Err(e @ LogicalError::SlotLost { .. }) => {
+                    // The source is reopened: delivered rows are marked before its
+                    // re-publication reads the table.
+                    if let Err(flush) = self.flush_settle().await {
+                        tracing::warn!(error = %Report(&flush), "marking delivered rows failed after the slot was lost; they will be published again");
+                    }
+                    return Err(self.explain_loss(e).await);
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -160,11 +160,18 @@ pub async fn advance_slot(pool: &PgPool, slot: &SlotName, lsn: Lsn) -> Result<()
 /// recovery). Two equal values mean the same server process, hence one WAL history: a restart or
 /// a promoted standby gives another value.
 pub async fn instance(pool: &PgPool) -> Result<String, LogicalError> {
-    sqlx::query_scalar(
-        "SELECT concat_ws(' ', pg_postmaster_start_time()::text, pg_is_in_recovery()::text, \
-                coalesce(inet_server_addr()::text, 'local'), inet_server_port()::text)",
-    )
-    .fetch_one(pool)
-    .await
-    .map_err(db_err("identifying the PostgreSQL instance"))
+    sqlx::query_scalar(INSTANCE)
+        .fetch_one(pool)
+        .await
+        .map_err(db_err("identifying the PostgreSQL instance"))
 }
+
+/// [`instance`] of the server `conn` is connected to.
+pub async fn instance_of(conn: &mut sqlx::PgConnection) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar(INSTANCE).fetch_one(conn).await
+}
+
+/// The statement of [`instance`].
+const INSTANCE: &str = "SELECT concat_ws(' ', pg_postmaster_start_time()::text, \
+     pg_is_in_recovery()::text, coalesce(inet_server_addr()::text, 'local'), \
+     inet_server_port()::text)";

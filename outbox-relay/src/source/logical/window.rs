@@ -3,8 +3,10 @@
 //!
 //! Guarantee: **the slot only advances over what the broker acknowledged.** An acknowledgement
 //! must be the exact next prefix of the window (else it is refused); the confirmed LSN becomes the
-//! end LSN of the last transaction entirely inside it, never moves backwards, and in `table` mode
-//! is released only once the rows' `published_at` marks are durable ([`RowMarks`]). Batches are
+//! end LSN of the last transaction entirely inside it and never moves backwards. In `table` mode
+//! streamed rows are recorded for a deferred mark and their LSN confirmed at once
+//! ([`Settle`](super::settle::Settle)); re-published rows and deletions are acknowledged first
+//! and release the LSN once durable ([`RowMarks`]). Batches are
 //! cut at `max` events and at the batch byte bound.
 
 use crate::failure::Report;
@@ -14,7 +16,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::{LogicalError, LogicalSource, Lsn, slot};
-use crate::source::row_marks::RowMarks;
+use crate::source::row_marks::{RowKeys, RowMarks};
 use crate::source::{Position, SourceEvent};
 
 /// An event handed to the relay and not acknowledged yet.
@@ -110,6 +112,11 @@ impl LogicalSource {
     /// Confirms the LSNs whose rows' acknowledgements are durable: those completed so far, or
     /// (with `wait`) all of them.
     pub(super) async fn release_marks(&mut self, wait: bool) -> Result<(), LogicalError> {
+        if wait {
+            self.flush_settle().await?;
+        } else {
+            self.poll_settle().await?;
+        }
         let Some(marks) = self.marks.as_mut() else {
             return Ok(());
         };
@@ -122,6 +129,25 @@ impl LogicalSource {
             self.confirm(lsn);
         }
         Ok(())
+    }
+
+    /// Starts the deferred row marks that are due ([`Settle::poll`](super::settle::Settle)).
+    pub(super) async fn poll_settle(&mut self) -> Result<(), LogicalError> {
+        let idle = self.idle();
+        if let Some(settle) = self.settle.as_mut() {
+            settle
+                .poll(self.confirmed, self.instance.as_deref(), idle)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Marks every delivered row recorded for a deferred mark, and waits for it.
+    pub(super) async fn flush_settle(&mut self) -> Result<(), LogicalError> {
+        match self.settle.as_mut() {
+            Some(settle) => settle.flush().await,
+            None => Ok(()),
+        }
     }
 
     /// Raise the confirmed LSN (monotonic) and hand it to the replication client.
@@ -204,6 +230,45 @@ impl LogicalSource {
             return Ok(());
         }
         let new_confirm = self.inflight.acknowledge(delivered)?;
+        let streamed_only = delivered
+            .iter()
+            .all(|d| matches!(d.position, Position::Wal { .. }));
+        if let Some(settle) = self.settle.as_mut()
+            && streamed_only
+        {
+            // Streamed rows: the confirmed LSN is their durable record; they are marked
+            // published later, in the background (`settle`).
+            settle
+                .record(
+                    RowKeys::of(delivered.iter().map(|d| &d.event)),
+                    self.instance.as_deref(),
+                )
+                .await?;
+            if let Some(lsn) = new_confirm {
+                self.confirm(lsn);
+            }
+            self.poll_settle().await?;
+        } else {
+            self.mark_then_confirm(delivered, new_confirm).await?;
+        }
+        // The marker slot goes only once the table was read to the end and every re-published
+        // row is durably marked.
+        self.finish_backfill_if_complete().await?;
+        if self.stopped {
+            self.release_marks(true).await?;
+            // Acknowledged after shutdown: make it durable right away.
+            slot::advance_slot(&self.pool, &self.cfg.slot, self.confirmed).await?;
+        }
+        Ok(())
+    }
+
+    /// Confirms `new_confirm` once the rows of `delivered` are marked (or deleted) durably, or at
+    /// once without a `table`-mode acknowledgement.
+    async fn mark_then_confirm(
+        &mut self,
+        delivered: &[SourceEvent],
+        new_confirm: Option<Lsn>,
+    ) -> Result<(), LogicalError> {
         match self.marks.as_mut() {
             // table mode: the rows are marked published BEFORE the LSN is confirmed; the mark
             // runs beside the pipeline and releases the LSN once it is durable.
@@ -220,14 +285,6 @@ impl LogicalSource {
                     self.confirm(lsn);
                 }
             }
-        }
-        // The marker slot goes only once the table was read to the end and every re-published
-        // row is durably marked.
-        self.finish_backfill_if_complete().await?;
-        if self.stopped {
-            self.release_marks(true).await?;
-            // Acknowledged after shutdown: make it durable right away.
-            slot::advance_slot(&self.pool, &self.cfg.slot, self.confirmed).await?;
         }
         Ok(())
     }
