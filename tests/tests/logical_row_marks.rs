@@ -87,7 +87,11 @@ async fn deferred_marks_follow_delivery_and_survive_a_lost_mark() -> Result<()> 
     );
     src.acknowledge(&batch).await?;
     src.flush().await?;
-    assert_eq!(unmarked(&db, &first).await?, 0, "flush marks what was delivered");
+    assert_eq!(
+        unmarked(&db, &first).await?,
+        0,
+        "flush marks what was delivered"
+    );
     src.close().await?;
     drop(src);
 

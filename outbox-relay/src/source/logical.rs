@@ -28,7 +28,7 @@
 //!   `acknowledgement = "mark"`, a streamed row's LSN is confirmed as soon as Kafka acknowledged
 //!   it — the slot's confirmed position is the durable record of delivery — and the row gets
 //!   `published_at` later, in large background statements (the `settle` module): when the
-//!   source is idle, when 100,000 rows wait, or after 10 s. A mark lost in a crash is redone by
+//!   source is idle, when 250,000 rows wait, or after 10 s. A mark lost in a crash is redone by
 //!   the next start, which reads the unpublished rows with the WAL position after them and marks
 //!   them once the slot is confirmed past it; no row is marked before it was delivered. Until
 //!   then `status` counts those rows as pending. A stop, a flush and a slot loss mark every

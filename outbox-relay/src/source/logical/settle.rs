@@ -47,11 +47,13 @@ use crate::source::row_marks::{MarkError, RowKeys, acknowledge_keys};
 use crate::table;
 
 /// Rows waiting for their mark that start one even while the source is busy.
-pub const SETTLE_ROWS: usize = 100_000;
+pub const SETTLE_ROWS: usize = 250_000;
 /// The longest a delivered row waits for its mark while the source is busy.
 pub const SETTLE_DELAY: Duration = Duration::from_secs(10);
 /// Rows waiting beyond which an acknowledgement waits for the running mark.
 pub const MAX_UNSETTLED: usize = 2 * SETTLE_ROWS;
+/// Sessions one mark uses at once (the ack pool's size).
+const MARK_SESSIONS: usize = crate::source::row_marks::MAX_PENDING_ACKNOWLEDGEMENTS;
 /// Rows marked per statement (and transaction): keeps each transaction's WAL, which the
 /// walsender decodes too, well under `logical_decoding_work_mem`.
 const STATEMENT_ROWS: usize = 10_000;
@@ -148,7 +150,9 @@ impl Settle {
     /// `instance`.
     async fn recover(&mut self, instance: &str) -> Result<(), LogicalError> {
         let mut conn = self.pool.acquire().await.map_err(MarkError::from)?;
-        let on = slot::instance_of(&mut conn).await.map_err(MarkError::from)?;
+        let on = slot::instance_of(&mut conn)
+            .await
+            .map_err(MarkError::from)?;
         if on != instance {
             // The pool reached another server than the source: the next start tries again.
             tracing::warn!(
@@ -157,9 +161,10 @@ impl Settle {
             self.recovery_due = None;
             return Ok(());
         }
-        let (position, seqs) = table::unpublished_with_position(&mut conn, &self.table, RECOVERY_ROWS)
-            .await
-            .map_err(MarkError::from)?;
+        let (position, seqs) =
+            table::unpublished_with_position(&mut conn, &self.table, RECOVERY_ROWS)
+                .await
+                .map_err(MarkError::from)?;
         self.recovery_due = None;
         tracing::debug!(rows = seqs.len(), position = %Lsn(position), "row marks: recovery round read");
         self.recovery = (!seqs.is_empty()).then(|| Recovery {
@@ -254,7 +259,13 @@ impl Settle {
             recovery: false,
             full: false,
         };
-        let (job, outcome) = run(self.pool.clone(), self.table.clone(), self.lease.clone(), job).await;
+        let (job, outcome) = run(
+            self.pool.clone(),
+            self.table.clone(),
+            self.lease.clone(),
+            job,
+        )
+        .await;
         if let Err(e) = outcome {
             self.requeue(job);
             return Err(e.into());
@@ -283,7 +294,11 @@ impl Settle {
         };
         match handle.await {
             Ok((job, Ok(rows))) => {
-                tracing::debug!(rows, recovery = job.recovery, "delivered rows marked published");
+                tracing::debug!(
+                    rows,
+                    recovery = job.recovery,
+                    "delivered rows marked published"
+                );
                 if job.recovery && job.full {
                     self.recovery_due = Some((job.instance, Instant::now()));
                 }
@@ -305,7 +320,11 @@ impl Settle {
 
     /// Puts a failed job's rows back in front of those recorded since.
     fn requeue(&mut self, job: Job) {
-        if self.unsettled_instance.as_deref().is_some_and(|i| i != job.instance) {
+        if self
+            .unsettled_instance
+            .as_deref()
+            .is_some_and(|i| i != job.instance)
+        {
             return;
         }
         self.unsettled_instance = Some(job.instance);
@@ -317,30 +336,43 @@ impl Settle {
     }
 }
 
-/// Marks `job`'s rows on one session of `pool`, in statements of [`STATEMENT_ROWS`], after
-/// checking that the session is on the instance the rows came from.
+/// Marks `job`'s rows in statements of [`STATEMENT_ROWS`], on [`MARK_SESSIONS`] sessions of
+/// `pool` at once (each taking a contiguous share of the rows), after checking that each
+/// session is on the instance the rows came from.
 async fn run(
     pool: PgPool,
     table: OutboxTable,
     lease: Option<Lease>,
     job: Job,
 ) -> (Job, Result<u64, MarkError>) {
-    let outcome = async {
-        let mut conn = pool.acquire().await?;
-        let on = slot::instance_of(&mut conn)
-            .await
-            .map_err(MarkError::Database)?;
-        if on != job.instance {
-            tracing::warn!(
-                rows = job.keys.seqs.len() + job.keys.ids.len(),
-                "row marks: PostgreSQL restarted or failed over since these rows were streamed; \
-                 leaving them to the recovery round"
-            );
-            return Ok(0);
+    let share = job.keys.seqs.len().div_ceil(MARK_SESSIONS).max(1);
+    let shares: Vec<&[i64]> = job.keys.seqs.chunks(share).collect();
+    let outcome = futures::future::try_join_all((0..MARK_SESSIONS).map(|i| {
+        let (pool, table, lease, job) = (&pool, &table, lease.as_ref(), &job);
+        let seqs = shares.get(i).copied().unwrap_or_default();
+        // The rows known by id only go with the first share.
+        let ids = if i == 0 { job.keys.ids.as_slice() } else { &[] };
+        async move {
+            if seqs.is_empty() && ids.is_empty() {
+                return Ok(0);
+            }
+            let mut conn = pool.acquire().await?;
+            let on = slot::instance_of(&mut conn)
+                .await
+                .map_err(MarkError::Database)?;
+            if on != job.instance {
+                tracing::warn!(
+                    rows = seqs.len() + ids.len(),
+                    "row marks: PostgreSQL restarted or failed over since these rows were streamed; \
+                     leaving them to the recovery round"
+                );
+                return Ok(0);
+            }
+            mark(&mut conn, table, lease, seqs, ids, job.recovery).await
         }
-        mark(&mut conn, &table, lease.as_ref(), &job).await
-    }
-    .await;
+    }))
+    .await
+    .map(|rows| rows.into_iter().sum());
     (job, outcome)
 }
 
@@ -348,14 +380,16 @@ async fn mark(
     conn: &mut PgConnection,
     table: &OutboxTable,
     lease: Option<&Lease>,
-    job: &Job,
+    seqs: &[i64],
+    ids: &[uuid::Uuid],
+    recovery: bool,
 ) -> Result<u64, MarkError> {
     let mut rows = 0;
-    for chunk in job.keys.seqs.chunks(STATEMENT_ROWS) {
+    for chunk in seqs.chunks(STATEMENT_ROWS) {
         if let Some(lease) = lease {
             lease.check()?;
         }
-        rows += if job.recovery {
+        rows += if recovery {
             // Most of a recovery round's rows may be marked already: no wait for missing ones.
             table::mark_published(&mut *conn, table, table::Keys::Seqs(chunk)).await?
         } else {
@@ -366,7 +400,7 @@ async fn mark(
             acknowledge_keys(&mut *conn, table, RowAcknowledgement::Mark, &keys).await?
         };
     }
-    for chunk in job.keys.ids.chunks(STATEMENT_ROWS) {
+    for chunk in ids.chunks(STATEMENT_ROWS) {
         if let Some(lease) = lease {
             lease.check()?;
         }
