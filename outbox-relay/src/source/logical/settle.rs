@@ -167,7 +167,7 @@ impl Settle {
                 .map_err(MarkError::from)?;
         self.recovery_due = None;
         tracing::debug!(rows = seqs.len(), position = %Lsn(position), "row marks: recovery round read");
-        self.recovery = (!seqs.is_empty()).then(|| Recovery {
+        self.recovery = (!seqs.is_empty()).then_some(Recovery {
             position: Lsn(position),
             instance: on,
             seqs,
