@@ -235,7 +235,7 @@ async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
             Ok((runs, batch)) => {
                 report.write_path = runs.first().cloned();
                 report.write_path_runs = runs;
-                report.batch_write = Some(batch);
+                report.batch_write = batch;
             }
             Err(e) => record("write path", e),
         }

@@ -228,8 +228,8 @@ pub struct Report {
     pub write_path: Option<WriteRun>,
     /// Write-path details at every measured number of clients (8 and 32).
     pub write_path_runs: Vec<WriteRun>,
-    /// Batch writes: `publish_all` against one `publish` per event.
-    pub batch_write: Option<BatchWriteRun>,
+    /// Batch writes: `publish_all` against one `publish` per event, with 1 and 8 clients.
+    pub batch_write: Vec<BatchWriteRun>,
     /// The admin endpoint under load (`--admin-load`).
     pub admin_load: Option<AdminLoadRun>,
     /// The machine.
@@ -273,7 +273,7 @@ pub struct WriteRatios {
     pub plain_insert: Option<f64>,
     /// `table` mode ÷ the plain INSERT (not ÷ the baseline).
     pub table_to_plain_insert: Option<f64>,
-    /// 100 events per transaction: `publish_all` events/s ÷ one `publish` per event.
+    /// 100 events per transaction, one writer: `publish_all` events/s ÷ one `publish` per event.
     pub publish_all_to_publish_each: Option<f64>,
 }
 
@@ -365,7 +365,7 @@ impl Report {
                 publish_all_to_publish_each: None,
             };
         }
-        if let Some(b) = &self.batch_write {
+        if let Some(b) = self.batch_write.iter().find(|b| b.clients == 1) {
             self.write_overhead_ratio.publish_all_to_publish_each =
                 Some(b.publish_all_events_per_sec / b.publish_each_events_per_sec.max(1e-9));
         }
@@ -508,11 +508,13 @@ impl Report {
         for w in &self.write_path_runs {
             write_path_rows(&mut t, w);
         }
-        if let Some(b) = &self.batch_write {
+        for b in &self.batch_write {
+            // The target is about one transaction's speed: judged with one writer.
             let ratio = b.publish_all_events_per_sec / b.publish_each_events_per_sec.max(1e-9);
+            let judged = b.clients == 1;
             t.row(
                 &format!(
-                    "batch writes: {} events per tx, {} clients, publish × {}",
+                    "batch writes: {} events per tx, {} client(s), publish × {}",
                     b.events_per_transaction, b.clients, b.events_per_transaction
                 ),
                 format!("{:.0} ev/s", b.publish_each_events_per_sec),
@@ -521,11 +523,18 @@ impl Report {
                 "",
             );
             t.row(
-                "batch writes: publish_all, one call per tx",
+                &format!(
+                    "batch writes: {} client(s), publish_all, one call per tx",
+                    b.clients
+                ),
                 format!("{:.0} ev/s", b.publish_all_events_per_sec),
-                "≥ 5× publish",
+                if judged { "≥ 5× publish" } else { "" },
                 &format!("{ratio:.2}× publish"),
-                &verdict(ratio >= 5.0),
+                &if judged {
+                    verdict(ratio >= 5.0)
+                } else {
+                    String::new()
+                },
             );
         }
         if let Some(a) = &self.admin_load {

@@ -293,7 +293,10 @@ async fn a_relay_with_default_settings_delivers_an_event_written_while_idle_with
     // (plus slack for a loaded machine). A relay that waited for a notification would not.
     let bound = defaults.poll_interval + Duration::from_secs(3);
     let published = wait_published(&db, second, bound).await?;
-    eprintln!("written while idle, published after {:?}", published - written);
+    eprintln!(
+        "written while idle, published after {:?}",
+        published - written
+    );
     let records = consume(&[&topic], 2, QUIET, LONG).await?;
     relay.stop().await?;
     let ids: Vec<Uuid> = records.iter().map(|r| r.event_id()).collect();
@@ -333,6 +336,12 @@ async fn a_graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_relay_waits_and_takes_over_when_the_active_one_is_killed() -> Result<()> {
     let db = TestDb::migrated("poll_standby").await?;
+    // The optional wake-up trigger: the standby below polls too rarely to be seen otherwise.
+    sqlx::query(sqlx::AssertSqlSafe(outbox_core::notify_trigger_sql(
+        &outbox_core::OutboxTable::default(),
+    )))
+    .execute(&db.pool)
+    .await?;
     let work = Workload::create(&db, "ha", 5, 1).await?;
 
     let first = RelayProcess::start(&db, &[], &[]).await?;

@@ -333,8 +333,8 @@ async fn notify_triggers(db: &TestDb) -> Result<Vec<String>> {
 }
 
 #[tokio::test]
-async fn migrating_a_version_5_table_drops_its_wake_up_trigger_and_keeps_pending_rows()
--> Result<()> {
+async fn migrating_a_version_5_table_drops_its_wake_up_trigger_and_keeps_pending_rows() -> Result<()>
+{
     let db = TestDb::migrated("write_migrate_v6").await?;
     // A table as version 5 left it: the statement trigger on every insert, and a pending row.
     sqlx::query("DELETE FROM _outbox_migrations WHERE table_name = 'outbox' AND version = 6")
@@ -354,7 +354,8 @@ async fn migrating_a_version_5_table_drops_its_wake_up_trigger_and_keeps_pending
         .await?[0];
     assert_eq!(notify_triggers(&db).await?, ["outbox_notify_trg"]);
 
-    let report = outbox_core::migrate(&mut *db.pool.acquire().await?, &OutboxTable::default()).await?;
+    let report =
+        outbox_core::migrate(&mut *db.pool.acquire().await?, &OutboxTable::default()).await?;
     assert_eq!(report.applied, [6]);
     assert!(
         notify_triggers(&db).await?.is_empty(),
