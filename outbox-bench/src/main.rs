@@ -232,7 +232,11 @@ async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
     }
     if wants(Section::Write) {
         match sections::write_path(ctx).await {
-            Ok(w) => report.write_path = Some(w),
+            Ok((runs, batch)) => {
+                report.write_path = runs.first().cloned();
+                report.write_path_runs = runs;
+                report.batch_write = batch;
+            }
             Err(e) => record("write path", e),
         }
     }

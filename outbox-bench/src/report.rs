@@ -172,14 +172,36 @@ pub struct WriteRun {
     pub seconds_per_variant: f64,
     /// Business transaction alone.
     pub baseline_tx_per_sec: f64,
-    /// With an outbox row (NOTIFY wake-up off: `outbox.notify = off`).
+    /// With one plain INSERT into a comparable table (the outbox's five Debezium columns and a
+    /// `created_at`, primary key only): the floor of "one more row".
+    pub plain_insert_tx_per_sec: f64,
+    /// With an outbox row, default settings (no NOTIFY trigger).
     pub table_tx_per_sec: f64,
-    /// With an inserted-and-deleted outbox row (wake-up off).
+    /// With an inserted-and-deleted outbox row.
     pub insert_delete_tx_per_sec: f64,
     /// With a logical decoding message.
     pub logical_message_tx_per_sec: f64,
-    /// `table` mode with the NOTIFY wake-up on (the default, for polling relays).
+    /// `table` mode with the optional NOTIFY trigger installed and notifying.
     pub table_with_notify_tx_per_sec: f64,
+    /// `table` mode with the optional NOTIFY trigger installed and `outbox.notify = off` (the
+    /// trigger fires and sends nothing).
+    pub table_with_trigger_notify_off_tx_per_sec: f64,
+}
+
+/// The batch-write measurement: transactions of many events, one `publish_all` against one
+/// `publish` per event.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchWriteRun {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Events per transaction.
+    pub events_per_transaction: usize,
+    /// Seconds measured per variant.
+    pub seconds_per_variant: f64,
+    /// Events per second written through `publish_all`.
+    pub publish_all_events_per_sec: f64,
+    /// Events per second written through one `publish` per event.
+    pub publish_each_events_per_sec: f64,
 }
 
 /// Everything a run measured.
@@ -205,8 +227,12 @@ pub struct Report {
     pub drain_runs: Vec<DrainRun>,
     /// Details of each latency run.
     pub latency_runs: Vec<LatencyRun>,
-    /// Write-path details.
+    /// Write-path details (8 clients).
     pub write_path: Option<WriteRun>,
+    /// Write-path details at every measured number of clients (8 and 32).
+    pub write_path_runs: Vec<WriteRun>,
+    /// Batch writes: `publish_all` against one `publish` per event, with 1 and 8 clients.
+    pub batch_write: Vec<BatchWriteRun>,
     /// The admin endpoint under load (`--admin-load`).
     pub admin_load: Option<AdminLoadRun>,
     /// The machine.
@@ -229,7 +255,7 @@ pub struct DrainSummary {
 /// Latency figures.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct LatencySummary {
-    /// Polling source (NOTIFY wake-ups).
+    /// Polling source (adaptive polling, no NOTIFY trigger).
     pub polling: Percentiles,
     /// Logical source.
     pub logical: Percentiles,
@@ -244,8 +270,14 @@ pub struct WriteRatios {
     pub insert_delete: Option<f64>,
     /// `logical_message` mode.
     pub logical_message: Option<f64>,
-    /// `table` mode with the NOTIFY wake-up on (the default, for polling relays).
+    /// `table` mode with the optional NOTIFY trigger installed and notifying.
     pub table_with_notify: Option<f64>,
+    /// One plain INSERT into a comparable table.
+    pub plain_insert: Option<f64>,
+    /// `table` mode ÷ the plain INSERT (not ÷ the baseline).
+    pub table_to_plain_insert: Option<f64>,
+    /// 100 events per transaction, one writer: `publish_all` events/s ÷ one `publish` per event.
+    pub publish_all_to_publish_each: Option<f64>,
 }
 
 /// A figure per source.
@@ -329,7 +361,16 @@ impl Report {
                 insert_delete: r(w.insert_delete_tx_per_sec),
                 logical_message: r(w.logical_message_tx_per_sec),
                 table_with_notify: r(w.table_with_notify_tx_per_sec),
+                plain_insert: r(w.plain_insert_tx_per_sec),
+                table_to_plain_insert: Some(
+                    w.table_tx_per_sec / w.plain_insert_tx_per_sec.max(1e-9),
+                ),
+                publish_all_to_publish_each: None,
             };
+        }
+        if let Some(b) = self.batch_write.iter().find(|b| b.clients == 1) {
+            self.write_overhead_ratio.publish_all_to_publish_each =
+                Some(b.publish_all_events_per_sec / b.publish_each_events_per_sec.max(1e-9));
         }
         self.relay_peak_rss_bytes = self
             .drain_runs
@@ -485,53 +526,37 @@ impl Report {
                 "",
             );
         }
-        if let Some(w) = &self.write_path {
+        for w in &self.write_path_runs {
+            write_path_rows(&mut t, w);
+        }
+        for b in &self.batch_write {
+            // The target is about one transaction's speed: judged with one writer.
+            let ratio = b.publish_all_events_per_sec / b.publish_each_events_per_sec.max(1e-9);
+            let judged = b.clients == 1;
             t.row(
-                &format!("write path: {} clients, no outbox", w.clients),
-                format!("{:.0} tx/s", w.baseline_tx_per_sec),
+                &format!(
+                    "batch writes: {} events per tx, {} client(s), publish × {}",
+                    b.events_per_transaction, b.clients, b.events_per_transaction
+                ),
+                format!("{:.0} ev/s", b.publish_each_events_per_sec),
                 "",
                 "",
                 "",
             );
-            for (mode, tps, ratio, target) in [
-                (
-                    "table, outbox.notify=off",
-                    w.table_tx_per_sec,
-                    self.write_overhead_ratio.table,
-                    Some(0.85),
+            t.row(
+                &format!(
+                    "batch writes: {} client(s), publish_all, one call per tx",
+                    b.clients
                 ),
-                (
-                    "insert_delete",
-                    w.insert_delete_tx_per_sec,
-                    self.write_overhead_ratio.insert_delete,
-                    None,
-                ),
-                (
-                    "logical_message",
-                    w.logical_message_tx_per_sec,
-                    self.write_overhead_ratio.logical_message,
-                    None,
-                ),
-                (
-                    "table, NOTIFY wake-up on",
-                    w.table_with_notify_tx_per_sec,
-                    self.write_overhead_ratio.table_with_notify,
-                    None,
-                ),
-            ] {
-                t.row(
-                    &format!("write path: + outbox ({mode})"),
-                    format!("{tps:.0} tx/s"),
-                    &target.map(|x| format!("ratio ≥ {x}")).unwrap_or_default(),
-                    &ratio
-                        .map(|r| format!("{r:.3}× baseline"))
-                        .unwrap_or_default(),
-                    &target
-                        .zip(ratio)
-                        .map(|(x, r)| verdict(r >= x))
-                        .unwrap_or_default(),
-                );
-            }
+                format!("{:.0} ev/s", b.publish_all_events_per_sec),
+                if judged { "≥ 5× publish" } else { "" },
+                &format!("{ratio:.2}× publish"),
+                &if judged {
+                    verdict(ratio >= 5.0)
+                } else {
+                    String::new()
+                },
+            );
         }
         if let Some(a) = &self.admin_load {
             let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
@@ -594,6 +619,54 @@ impl Report {
         );
         out.push_str(&t.render());
         out
+    }
+}
+
+/// The rows of one write-path run: the baseline, the plain INSERT, and each outbox variant with
+/// its ratio to the baseline (the default `table` mode also to the plain INSERT, with its
+/// verdict: ≥ 0.8× the baseline and ≥ 0.9× the plain INSERT).
+fn write_path_rows(t: &mut Table, w: &WriteRun) {
+    let base = w.baseline_tx_per_sec.max(1e-9);
+    let plain = w.plain_insert_tx_per_sec.max(1e-9);
+    let n = w.clients;
+    t.row(
+        &format!("write path: {n} clients, no outbox"),
+        format!("{:.0} tx/s", w.baseline_tx_per_sec),
+        "",
+        "",
+        "",
+    );
+    t.row(
+        &format!("write path: {n} clients, + plain INSERT (comparable table)"),
+        format!("{:.0} tx/s", w.plain_insert_tx_per_sec),
+        "",
+        &format!("{:.3}× baseline", w.plain_insert_tx_per_sec / base),
+        "",
+    );
+    let table = w.table_tx_per_sec;
+    t.row(
+        &format!("write path: {n} clients, + outbox (table, default)"),
+        format!("{table:.0} tx/s"),
+        "≥ 0.8× baseline, ≥ 0.9× plain",
+        &format!("{:.3}× baseline, {:.3}× plain", table / base, table / plain),
+        &verdict(table / base >= 0.8 && table / plain >= 0.9),
+    );
+    for (mode, tps) in [
+        ("insert_delete", w.insert_delete_tx_per_sec),
+        ("logical_message", w.logical_message_tx_per_sec),
+        ("table, NOTIFY trigger", w.table_with_notify_tx_per_sec),
+        (
+            "table, NOTIFY trigger, outbox.notify=off",
+            w.table_with_trigger_notify_off_tx_per_sec,
+        ),
+    ] {
+        t.row(
+            &format!("write path: {n} clients, + outbox ({mode})"),
+            format!("{tps:.0} tx/s"),
+            "",
+            &format!("{:.3}× baseline", tps / base),
+            "",
+        );
     }
 }
 

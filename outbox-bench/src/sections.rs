@@ -12,7 +12,9 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 use crate::db::{AGGREGATES, BenchDb, EVENT_TYPES, Registry, payload_json, unique};
 use crate::kafka::{LatencyConsumer, create_topic, producer_ceiling};
 use crate::relay::{RelayProcess, histogram_quantile};
-use crate::report::{AdminLoadRun, Ceilings, DrainRun, LatencyRun, Percentiles, WriteRun};
+use crate::report::{
+    AdminLoadRun, BatchWriteRun, Ceilings, DrainRun, LatencyRun, Percentiles, WriteRun,
+};
 
 /// What every section needs.
 pub struct Ctx {
@@ -311,13 +313,11 @@ pub async fn latency(
     let topic = unique(&format!("bench_latency_{source}"));
     create_topic(&ctx.bootstrap, &topic).await?;
     let slot = unique("bench_slot");
-    // The logical source does not use the NOTIFY wake-up, and notifying transactions commit
-    // one at a time (PostgreSQL serialises them), which caps the arrival rate: the logical runs
-    // switch it off for the database (`outbox.notify = off`), the polling runs keep it.
-    let notify_trigger = source != "logical";
+    // No NOTIFY trigger (the migrations install none): the polling relay finds the rows by its
+    // adaptive polling, the logical source by the replication stream.
+    let notify_trigger = false;
     if source == "logical" {
         db.create_slot(&slot, &slot).await?;
-        set_database_notify(&db, false).await?;
     }
     let mut relay = RelayProcess::start(&bin, &ctx.relay_env(&db, source, &topic, &slot)).await?;
     let expected = rate * (warmup + duration).as_secs() + rate;
@@ -460,12 +460,39 @@ fn fmt_opt(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
 }
 
-/// Write-path cost: K clients running a business transaction (update one account row) with and
-/// without the outbox write, for each write mode; transactions per second.
-pub async fn write_path(ctx: &mut Ctx) -> Result<WriteRun> {
-    let clients = 8;
+/// A business transaction measured by the write-path section: what it writes besides updating
+/// one account row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteVariant {
+    /// Nothing: the business transaction alone.
+    None,
+    /// One plain INSERT into `account_events`, a table of the outbox's five Debezium columns and
+    /// a `created_at`, with only its primary key: the physical floor of "one more row".
+    PlainInsert,
+    /// One event through `Outbox::publish_new` into the default, freshly migrated table.
+    Outbox(WriteMode),
+    /// One event into `outbox_woken`, a table with the optional NOTIFY wake-up trigger
+    /// (`outbox_core::notify_trigger_sql`) installed; `notify` is the session's
+    /// `outbox.notify` (off: the trigger fires and sends nothing).
+    Woken { notify: bool },
+}
+
+/// The comparable table of [`WriteVariant::PlainInsert`].
+const PLAIN_TABLE_SQL: &str = "CREATE TABLE account_events (
+    id            uuid         PRIMARY KEY,
+    aggregatetype varchar(255) NOT NULL,
+    aggregateid   varchar(255) NOT NULL,
+    type          varchar(255) NOT NULL,
+    payload       jsonb,
+    created_at    timestamptz  NOT NULL DEFAULT now())";
+
+/// Write-path cost: K clients (8, then 32) running a business transaction (update one account
+/// row) without any other write, with a plain INSERT into a comparable table, and with the outbox
+/// write in each write mode and with the optional NOTIFY trigger; transactions per second, the
+/// variants interleaved round by round. Then the batch figure: 100 events per transaction through
+/// one `publish_all` against 100 `publish` calls.
+pub async fn write_path(ctx: &mut Ctx) -> Result<(Vec<WriteRun>, Vec<BatchWriteRun>)> {
     let (secs, rounds) = if ctx.quick { (2.0, 1) } else { (5.0, 2) };
-    eprintln!("bench: write path: {clients} clients, {rounds} round(s) of {secs:.0} s per variant");
     let db = BenchDb::create(&ctx.admin_url, "write", &ctx.registry).await?;
     sqlx::query(
         "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL DEFAULT 0,
@@ -479,66 +506,190 @@ pub async fn write_path(ctx: &mut Ctx) -> Result<WriteRun> {
     )))
     .execute(&db.pool)
     .await?;
+    sqlx::query(PLAIN_TABLE_SQL).execute(&db.pool).await?;
+    let woken = outbox_core::OutboxTable::new(None, "outbox_woken")?;
+    {
+        let mut conn = db.pool.acquire().await?;
+        outbox_core::migrate(&mut conn, &woken).await?;
+        sqlx::query(AssertSqlSafe(outbox_core::notify_trigger_sql(&woken)))
+            .execute(&mut *conn)
+            .await?;
+    }
+    let variants = [
+        WriteVariant::None,
+        WriteVariant::PlainInsert,
+        WriteVariant::Outbox(WriteMode::Table),
+        WriteVariant::Outbox(WriteMode::InsertDelete),
+        WriteVariant::Outbox(WriteMode::LogicalMessage),
+        WriteVariant::Woken { notify: true },
+        WriteVariant::Woken { notify: false },
+    ];
+    let mut runs = Vec::new();
+    for clients in [8, 32] {
+        eprintln!(
+            "bench: write path: {clients} clients, {rounds} round(s) of {secs:.0} s per variant"
+        );
+        let mut conns = Vec::new();
+        for _ in 0..clients {
+            conns.push(db.connect().await?);
+        }
+        // Warm-up.
+        conns = run_clients(conns, WriteVariant::None, Duration::from_secs(1))
+            .await?
+            .1;
+        let mut sums = [0.0f64; 7];
+        for _ in 0..rounds {
+            for (i, variant) in variants.iter().enumerate() {
+                let notify = !matches!(variant, WriteVariant::Woken { notify: false });
+                for c in &mut conns {
+                    set_session_notify(c, notify).await?;
+                }
+                let (tps, back) =
+                    run_clients(conns, *variant, Duration::from_secs_f64(secs)).await?;
+                conns = back;
+                sums[i] += tps;
+            }
+        }
+        for c in conns {
+            let _ = c.close().await;
+        }
+        let avg = sums.map(|s| s / rounds as f64);
+        eprintln!(
+            "bench: write path, {clients} clients: none {:.0} tx/s, plain insert {:.0}, table {:.0}, insert_delete {:.0}, logical_message {:.0}, NOTIFY trigger {:.0} (outbox.notify=off: {:.0})",
+            avg[0], avg[1], avg[2], avg[3], avg[4], avg[5], avg[6]
+        );
+        runs.push(WriteRun {
+            clients,
+            seconds_per_variant: secs * rounds as f64,
+            baseline_tx_per_sec: avg[0],
+            plain_insert_tx_per_sec: avg[1],
+            table_tx_per_sec: avg[2],
+            insert_delete_tx_per_sec: avg[3],
+            logical_message_tx_per_sec: avg[4],
+            table_with_notify_tx_per_sec: avg[5],
+            table_with_trigger_notify_off_tx_per_sec: avg[6],
+        });
+    }
+    let mut batches = Vec::new();
+    for clients in [1, 8] {
+        batches.push(batch_write(&db, clients, secs, rounds).await?);
+    }
+    db.drop().await?;
+    Ok((runs, batches))
+}
+
+/// Events per transaction in the batch-write figure.
+const BATCH_EVENTS: usize = 100;
+
+/// A typed event for the batch-write figure, so that both variants go through the typed API
+/// (`publish`, `publish_all`) a service calls.
+struct Deposited {
+    account: String,
+    payload: serde_json::Value,
+}
+
+impl outbox_core::OutboxEvent for Deposited {
+    fn aggregate_type(&self) -> &str {
+        "account"
+    }
+
+    fn aggregate_id(&self) -> String {
+        self.account.clone()
+    }
+
+    fn event_type(&self) -> &str {
+        "FundsDeposited"
+    }
+
+    fn to_payload(&self) -> Result<serde_json::Value, serde_json::Error> {
+        Ok(self.payload.clone())
+    }
+}
+
+/// `clients` clients writing transactions of [`BATCH_EVENTS`] events, through one `publish_all`
+/// or through one `publish` per event, interleaved; events per second of each. One client
+/// measures how much faster one such transaction is; eight, what the server's CPU does with them.
+async fn batch_write(
+    db: &BenchDb,
+    clients: usize,
+    secs: f64,
+    rounds: usize,
+) -> Result<BatchWriteRun> {
+    eprintln!(
+        "bench: batch writes: {clients} clients, {BATCH_EVENTS} events per transaction, {rounds} round(s) of {secs:.0} s"
+    );
     let mut conns = Vec::new();
     for _ in 0..clients {
         conns.push(db.connect().await?);
     }
-    // Five variants per round: no outbox, the three write modes with the NOTIFY wake-up
-    // switched off (`outbox.notify = off`: what a logical relay, or a polling relay without
-    // wake-ups, needs), then `table` with the wake-up on (the default, for polling relays:
-    // PostgreSQL serialises the commits of notifying transactions).
-    let variants: [(Option<WriteMode>, bool); 5] = [
-        (None, false),
-        (Some(WriteMode::Table), false),
-        (Some(WriteMode::InsertDelete), false),
-        (Some(WriteMode::LogicalMessage), false),
-        (Some(WriteMode::Table), true),
-    ];
-    // Warm-up.
-    conns = run_clients(conns, None, Duration::from_secs(1)).await?.1;
-    let mut sums = [0.0f64; 5];
+    let mut sums = [0.0f64; 2];
     for _ in 0..rounds {
-        for (i, (mode, notify)) in variants.iter().enumerate() {
-            for c in &mut conns {
-                set_session_notify(c, *notify).await?;
-            }
-            let (tps, back) = run_clients(conns, *mode, Duration::from_secs_f64(secs)).await?;
+        for (i, all) in [true, false].into_iter().enumerate() {
+            let (rate, back) = run_batch_clients(conns, all, Duration::from_secs_f64(secs)).await?;
             conns = back;
-            sums[i] += tps;
+            sums[i] += rate;
         }
     }
     for c in conns {
         let _ = c.close().await;
     }
-    db.drop().await?;
-    let avg = sums.map(|s| s / rounds as f64);
-    let run = WriteRun {
+    let [all, each] = sums.map(|s| s / rounds as f64);
+    eprintln!("bench: batch writes: publish_all {all:.0} events/s, publish {each:.0} events/s");
+    Ok(BatchWriteRun {
         clients,
+        events_per_transaction: BATCH_EVENTS,
         seconds_per_variant: secs * rounds as f64,
-        baseline_tx_per_sec: avg[0],
-        table_tx_per_sec: avg[1],
-        insert_delete_tx_per_sec: avg[2],
-        logical_message_tx_per_sec: avg[3],
-        table_with_notify_tx_per_sec: avg[4],
-    };
-    eprintln!(
-        "bench: write path: none {:.0} tx/s, table {:.0}, insert_delete {:.0}, logical_message {:.0}, table with NOTIFY {:.0}",
-        avg[0], avg[1], avg[2], avg[3], avg[4]
-    );
-    Ok(run)
+        publish_all_events_per_sec: all,
+        publish_each_events_per_sec: each,
+    })
 }
 
-/// Switches the outbox's NOTIFY wake-up on or off for the sessions opened on `db` from now on.
-async fn set_database_notify(db: &BenchDb, on: bool) -> Result<()> {
-    sqlx::query(AssertSqlSafe(format!(
-        "ALTER DATABASE \"{}\" SET {} = {}",
-        db.name,
-        outbox_core::NOTIFY_SETTING,
-        if on { "on" } else { "off" }
-    )))
-    .execute(&db.pool)
-    .await?;
-    Ok(())
+/// Runs transactions of [`BATCH_EVENTS`] events on every connection for `duration`; returns
+/// events/s and the connections.
+async fn run_batch_clients(
+    conns: Vec<PgConnection>,
+    publish_all: bool,
+    duration: Duration,
+) -> Result<(f64, Vec<PgConnection>)> {
+    let outbox = Outbox::default();
+    let started = Instant::now();
+    let end = started + duration;
+    let mut tasks = Vec::new();
+    for (c, mut conn) in conns.into_iter().enumerate() {
+        let outbox = outbox.clone();
+        // The domain events are built once: what is measured is the outbox's part.
+        let events: Vec<Deposited> = (0..BATCH_EVENTS as u64)
+            .map(|k| {
+                let account = format!("acct-{}", (c as u64 * 7919 + k) % AGGREGATES);
+                let payload = payload_json(&account, k);
+                Deposited { account, payload }
+            })
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while Instant::now() < end {
+                let mut tx = conn.begin().await?;
+                if publish_all {
+                    outbox.publish_all(&mut tx, &events).await?;
+                } else {
+                    for e in &events {
+                        outbox.publish(&mut tx, e).await?;
+                    }
+                }
+                tx.commit().await?;
+                done += BATCH_EVENTS as u64;
+            }
+            anyhow::Ok((done, conn))
+        }));
+    }
+    let mut total = 0;
+    let mut back = Vec::new();
+    for t in tasks {
+        let (done, conn) = t.await??;
+        total += done;
+        back.push(conn);
+    }
+    Ok((per_sec(total, started.elapsed()), back))
 }
 
 /// Switches the outbox's NOTIFY wake-up on or off for one session.
@@ -553,14 +704,21 @@ async fn set_session_notify(conn: &mut PgConnection, on: bool) -> Result<()> {
     Ok(())
 }
 
-/// Runs the business transaction on every connection for `duration`; returns tx/s and the
-/// connections.
+/// Runs the business transaction of `variant` on every connection for `duration`; returns tx/s
+/// and the connections.
 async fn run_clients(
     conns: Vec<PgConnection>,
-    mode: Option<WriteMode>,
+    variant: WriteVariant,
     duration: Duration,
 ) -> Result<(f64, Vec<PgConnection>)> {
-    let outbox = mode.map(|m| Outbox::default().with_write_mode(m));
+    let outbox = match variant {
+        WriteVariant::Outbox(mode) => Some(Outbox::default().with_write_mode(mode)),
+        WriteVariant::Woken { .. } => Some(Outbox::new(outbox_core::OutboxTable::new(
+            None,
+            "outbox_woken",
+        )?)),
+        WriteVariant::None | WriteVariant::PlainInsert => None,
+    };
     let started = Instant::now();
     let end = started + duration;
     let mut tasks = Vec::new();
@@ -587,6 +745,21 @@ async fn run_clients(
                             vec![NewEvent::new("account", account, "FundsDeposited", Some(payload))],
                         )
                         .await?;
+                } else if variant == WriteVariant::PlainInsert {
+                    // The same values, serialized and bound the way the outbox binds them.
+                    let account = format!("acct-{id}");
+                    let payload = payload_json(&account, done).to_string();
+                    sqlx::query(
+                        "INSERT INTO account_events (id, aggregatetype, aggregateid, type, payload)
+                         VALUES ($1, $2, $3, $4, $5::text::jsonb)",
+                    )
+                    .bind(uuid::Uuid::now_v7())
+                    .bind("account")
+                    .bind(account)
+                    .bind("FundsDeposited")
+                    .bind(payload)
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 tx.commit().await?;
                 done += 1;

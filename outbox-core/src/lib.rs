@@ -73,7 +73,9 @@ pub use inbox::{
     Delivered, EventHandler, EventMetadata, HandlerError, Inbox, InboxError, InboxTable,
     IncomingRecord, MalformedPolicy, SequenceCheck,
 };
-pub use migrate::{MigrationReport, NOTIFY_SETTING, SCHEMA_VERSION, migrate, schema_version};
+pub use migrate::{
+    MigrationReport, NOTIFY_SETTING, SCHEMA_VERSION, migrate, notify_trigger_sql, schema_version,
+};
 pub use stored::{
     MIN_SCHEMA_VERSION, MalformedEvent, StoredEvent, check_schema_version, parse_headers,
     parse_timestamptz,

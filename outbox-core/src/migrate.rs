@@ -43,20 +43,27 @@ const STEPS: &[Step] = &[
         description: "notify on a channel named after the table's resolved schema and name",
         sql: v5,
     },
+    Step {
+        version: 6,
+        description: "drop the per-statement NOTIFY trigger: writers commit in parallel, the polling relay paces its polls",
+        sql: v6,
+    },
 ];
 
 /// The newest schema version this library creates.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
-/// The PostgreSQL setting that switches the outbox table's NOTIFY wake-up off: `outbox.notify`.
+/// The PostgreSQL setting that switches an installed NOTIFY wake-up trigger off: `outbox.notify`.
 ///
+/// The migrations install no wake-up trigger (migration 6 drops the one earlier versions created):
 /// PostgreSQL serialises the commits of all transactions that sent a notification (a cluster-wide
-/// lock held through the commit's WAL flush), so the wake-up caps how many outbox-writing
-/// transactions commit per second. With `outbox.notify = off` — per database
-/// (`ALTER DATABASE … SET outbox.notify = off`), per role, or per transaction (`SET LOCAL`) — the
-/// trigger sends nothing and writers commit in parallel; a polling relay then finds new events at
-/// its poll interval instead of at once. Any other value, or the setting unset, keeps the wake-up.
-/// The logical-replication source never needs the wake-up.
+/// lock held through the commit's WAL flush), and even when it sends nothing the trigger costs
+/// every outbox-writing statement a PL/pgSQL call. The polling relay instead tightens its poll
+/// interval to a few milliseconds while rows keep coming and relaxes it to `poll_interval` when
+/// idle. A deployment that wants a wake-up on every commit anyway (few writers, sporadic events)
+/// installs [`notify_trigger_sql`]; the function it calls sends nothing while this setting is
+/// `off` — per database (`ALTER DATABASE … SET outbox.notify = off`), per role, or per
+/// transaction (`SET LOCAL`).
 pub const NOTIFY_SETTING: &str = "outbox.notify";
 
 fn notify_function(t: &OutboxTable, guarded: bool) -> String {
@@ -75,6 +82,41 @@ fn notify_function(t: &OutboxTable, guarded: bool) -> String {
         "CREATE OR REPLACE FUNCTION {notify_fn}() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN {body} END $$"
     )
+}
+
+/// The statement that installs the optional NOTIFY wake-up trigger on a table migrated to
+/// [`SCHEMA_VERSION`]: an `AFTER INSERT … FOR EACH STATEMENT` trigger calling the table's notify
+/// function, which notifies the channel the polling relay listens on
+/// ([`OutboxTable::notify_channel`]) unless [`NOTIFY_SETTING`] is `off`. Idempotent.
+///
+/// Every transaction that notifies commits one at a time with every other notifying transaction,
+/// so this caps the write throughput of concurrent writers; it suits deployments with sporadic
+/// events that want them relayed at once rather than within the relay's `poll_interval`.
+pub fn notify_trigger_sql(table: &OutboxTable) -> String {
+    let trigger = table.derived_unqualified("notify_trg");
+    let qualified = table.qualified();
+    format!(
+        "DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                            WHERE tgrelid = '{}'::regclass AND tgname = '{}') THEN
+                 CREATE TRIGGER {trigger} AFTER INSERT ON {qualified}
+                     FOR EACH STATEMENT EXECUTE FUNCTION {}();
+             END IF;
+         END $$",
+        qualified,
+        trigger.trim_matches('"'),
+        table.derived("notify")
+    )
+}
+
+fn v6(t: &OutboxTable) -> Vec<String> {
+    // The function stays (v5's, channel from the table it fires on) so that
+    // `notify_trigger_sql` can put the wake-up back without a schema change.
+    vec![format!(
+        "DROP TRIGGER IF EXISTS {} ON {}",
+        t.derived_unqualified("notify_trg"),
+        t.qualified()
+    )]
 }
 
 fn v5(t: &OutboxTable) -> Vec<String> {

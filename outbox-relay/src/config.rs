@@ -293,10 +293,12 @@ pub struct RelayConfig {
     /// within the bound. A single event larger than that is still taken alone, so progress is
     /// guaranteed.
     pub max_in_flight_bytes: usize,
-    /// Longest wait between polls when no notification arrives (polling source).
+    /// Longest wait between polls when no notification arrives (polling source): an idle relay
+    /// polls this often; while rows keep coming it polls within a few milliseconds.
     #[serde(with = "duration")]
     pub poll_interval: Duration,
-    /// Whether the polling source listens for insert notifications.
+    /// Whether the polling source listens for the optional insert trigger's notifications
+    /// (`outbox_core::notify_trigger_sql`).
     pub listen: bool,
     /// What happens to a published row in the `table` write mode.
     pub acknowledgement: RowAcknowledgement,
@@ -345,7 +347,7 @@ impl Default for RelayConfig {
             batch_size: 1000,
             max_in_flight_batches: 3,
             max_in_flight_bytes: 64 * 1024 * 1024,
-            poll_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_millis(250),
             listen: true,
             acknowledgement: RowAcknowledgement::Mark,
             retention: Duration::from_secs(24 * 3600),

@@ -182,7 +182,7 @@ impl Relay {
                     table = %self.table,
                     version = v,
                     newest = outbox_core::SCHEMA_VERSION,
-                    "the outbox table's schema is older than this relay's: run `outbox-relay migrate` (until then wake-ups may not reach the relay and malformed rows are not refused at write time)"
+                    "the outbox table's schema is older than this relay's: run `outbox-relay migrate` (until then malformed rows may not be refused at write time, and an older table keeps its per-transaction NOTIFY trigger, which slows the writers)"
                 );
             }
         }

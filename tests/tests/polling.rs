@@ -226,6 +226,84 @@ async fn topic_templates_and_per_type_routes_apply_and_trace_context_travels_wit
     Ok(())
 }
 
+/// When the row `id` was marked published, polling the table every 10 ms up to `timeout`.
+async fn wait_published(db: &TestDb, id: Uuid, timeout: Duration) -> Result<std::time::Instant> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let published: Option<bool> =
+            sqlx::query_scalar("SELECT published_at IS NOT NULL FROM outbox WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&db.pool)
+                .await?;
+        if published == Some(true) {
+            return Ok(std::time::Instant::now());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "event {id} not published within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_with_default_settings_delivers_an_event_written_while_idle_without_notify()
+-> Result<()> {
+    let db = TestDb::migrated("poll_idle").await?;
+    let triggers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'outbox'::regclass AND NOT tgisinternal",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(triggers, 0, "the migrated table has no wake-up trigger");
+    let defaults = RelayConfig::default();
+    let mut config = RelayConfig::default();
+    config.database_url = outbox_relay::config::Secret::new(db.url.clone());
+    config.kafka.bootstrap_servers = services().bootstrap;
+    let relay = InProcessRelay::start(config)?;
+    let aggregate_type = unique("idle");
+    let topic = format!("outbox.event.{aggregate_type}");
+    let outbox = Outbox::default();
+    let write = |event_type: &'static str| {
+        let outbox = outbox.clone();
+        let aggregate_type = aggregate_type.clone();
+        let pool = db.pool.clone();
+        async move {
+            let mut tx = pool.begin().await?;
+            let id = outbox
+                .publish_new(
+                    &mut tx,
+                    vec![NewEvent::new(&aggregate_type, "a", event_type, None)],
+                )
+                .await?[0];
+            tx.commit().await?;
+            anyhow::Ok(id)
+        }
+    };
+
+    // A first event shows the relay is up; then it stays idle long enough for its polls to relax
+    // all the way to the poll interval.
+    let first = write("First").await?;
+    wait_published(&db, first, LONG).await?;
+    tokio::time::sleep(defaults.poll_interval * 8).await;
+
+    let second = write("WhileIdle").await?;
+    let written = std::time::Instant::now();
+    // Nothing wakes the relay: it finds the row at its next poll, at most a poll interval away
+    // (plus slack for a loaded machine). A relay that waited for a notification would not.
+    let bound = defaults.poll_interval + Duration::from_secs(3);
+    let published = wait_published(&db, second, bound).await?;
+    eprintln!(
+        "written while idle, published after {:?}",
+        published - written
+    );
+    let records = consume(&[&topic], 2, QUIET, LONG).await?;
+    relay.stop().await?;
+    let ids: Vec<Uuid> = records.iter().map(|r| r.event_id()).collect();
+    assert_eq!(ids, [first, second]);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() -> Result<()> {
     let db = TestDb::migrated("poll_restart").await?;
@@ -258,6 +336,12 @@ async fn a_graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_relay_waits_and_takes_over_when_the_active_one_is_killed() -> Result<()> {
     let db = TestDb::migrated("poll_standby").await?;
+    // The optional wake-up trigger: the standby below polls too rarely to be seen otherwise.
+    sqlx::query(sqlx::AssertSqlSafe(outbox_core::notify_trigger_sql(
+        &outbox_core::OutboxTable::default(),
+    )))
+    .execute(&db.pool)
+    .await?;
     let work = Workload::create(&db, "ha", 5, 1).await?;
 
     let first = RelayProcess::start(&db, &[], &[]).await?;

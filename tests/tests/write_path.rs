@@ -254,7 +254,8 @@ async fn commit_one_event(
 }
 
 #[tokio::test]
-async fn the_notify_wake_up_is_on_by_default_and_switched_off_by_outbox_notify() -> Result<()> {
+async fn no_wake_up_by_default_and_the_optional_trigger_notifies_unless_outbox_notify_is_off()
+-> Result<()> {
     let db = TestDb::migrated("write_notify").await?;
     let table = OutboxTable::default();
     let channel = table
@@ -266,7 +267,22 @@ async fn the_notify_wake_up_is_on_by_default_and_switched_off_by_outbox_notify()
     listener.listen(&channel).await?;
     let outbox = Outbox::default();
 
-    // Default: every committed outbox write wakes the relay.
+    // Default: writers send nothing, so their commits stay parallel.
+    for _ in 0..2 {
+        commit_one_event(db.pool.begin().await?, &outbox, "Quiet").await?;
+    }
+    assert_eq!(
+        wake_ups_before_marker(&db, &mut listener, &channel).await?,
+        0
+    );
+
+    // The optional trigger: every committed outbox write wakes the relay. Installing it twice
+    // is harmless.
+    for _ in 0..2 {
+        sqlx::query(sqlx::AssertSqlSafe(outbox_core::notify_trigger_sql(&table)))
+            .execute(&db.pool)
+            .await?;
+    }
     for _ in 0..2 {
         commit_one_event(db.pool.begin().await?, &outbox, "On").await?;
     }
@@ -275,7 +291,7 @@ async fn the_notify_wake_up_is_on_by_default_and_switched_off_by_outbox_notify()
         2
     );
 
-    // Per transaction.
+    // Switched off per transaction.
     let mut tx = db.pool.begin().await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "SET LOCAL {} = off",
@@ -303,7 +319,61 @@ async fn the_notify_wake_up_is_on_by_default_and_switched_off_by_outbox_notify()
         wake_ups_before_marker(&db, &mut listener, &channel).await?,
         0
     );
-    assert_eq!(count(&db).await?, 4, "the events are written either way");
+    assert_eq!(count(&db).await?, 6, "the events are written either way");
+    Ok(())
+}
+
+/// The notify triggers on the default outbox table.
+async fn notify_triggers(db: &TestDb) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT tgname::text FROM pg_trigger WHERE tgrelid = 'outbox'::regclass AND NOT tgisinternal",
+    )
+    .fetch_all(&db.pool)
+    .await?)
+}
+
+#[tokio::test]
+async fn migrating_a_version_5_table_drops_its_wake_up_trigger_and_keeps_pending_rows() -> Result<()>
+{
+    let db = TestDb::migrated("write_migrate_v6").await?;
+    // A table as version 5 left it: the statement trigger on every insert, and a pending row.
+    sqlx::query("DELETE FROM _outbox_migrations WHERE table_name = 'outbox' AND version = 6")
+        .execute(&db.pool)
+        .await?;
+    sqlx::query(
+        "CREATE TRIGGER outbox_notify_trg AFTER INSERT ON outbox
+         FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify()",
+    )
+    .execute(&db.pool)
+    .await?;
+    let pending = Outbox::default()
+        .publish_new(
+            &mut *db.pool.acquire().await?,
+            vec![NewEvent::new("a", "1", "Pending", None)],
+        )
+        .await?[0];
+    assert_eq!(notify_triggers(&db).await?, ["outbox_notify_trg"]);
+
+    let report =
+        outbox_core::migrate(&mut *db.pool.acquire().await?, &OutboxTable::default()).await?;
+    assert_eq!(report.applied, [6]);
+    assert!(
+        notify_triggers(&db).await?.is_empty(),
+        "the upgrade drops the per-statement trigger"
+    );
+    let published: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT published_at FROM outbox WHERE id = $1")
+            .bind(pending)
+            .fetch_one(&db.pool)
+            .await?;
+    assert_eq!(published, None, "the pending row is still due");
+    // The function stays, so the optional trigger can be put back.
+    sqlx::query(sqlx::AssertSqlSafe(outbox_core::notify_trigger_sql(
+        &OutboxTable::default(),
+    )))
+    .execute(&db.pool)
+    .await?;
+    assert_eq!(notify_triggers(&db).await?, ["outbox_notify_trg"]);
     Ok(())
 }
 

@@ -18,8 +18,14 @@
 //!
 //! ## Wake-ups
 //!
-//! An `AFTER INSERT` statement trigger sends `NOTIFY` at commit; the source `LISTEN`s and falls
-//! back to the poll interval if a notification is missed.
+//! The poll interval adapts ([`PollPace`]): right after a claim that found rows the next poll
+//! follows within [`TIGHT_POLL`], and every empty poll doubles the wait, up to `poll_interval`.
+//! While rows keep coming the relay therefore polls every few milliseconds, and an idle relay
+//! polls once per `poll_interval`. Writers pay nothing for it: no trigger, no notification, so
+//! their commits stay parallel (a notifying transaction commits one at a time with every other
+//! one). Where the optional NOTIFY trigger is installed
+//! ([`outbox_core::notify_trigger_sql`]) the source also `LISTEN`s and polls at once on a
+//! notification.
 
 use std::time::Duration;
 
@@ -45,17 +51,53 @@ pub struct PollingSettings {
     pub table: OutboxTable,
     /// How acknowledged rows are recorded.
     pub acknowledgement: RowAcknowledgement,
-    /// The longest wait between two polls when no notification arrives.
+    /// The longest wait between two polls when no notification arrives: where an idle source's
+    /// waits end up ([`PollPace`]).
     pub poll_interval: Duration,
     /// Whether to `LISTEN` for the insert trigger's notifications.
     pub listen: bool,
 }
 
+/// The wait after a claim that found rows: how soon the next poll follows while rows keep coming.
+pub const TIGHT_POLL: Duration = Duration::from_millis(2);
+
+/// The adaptive wait between two empty polls: [`TIGHT_POLL`] after a claim that found rows,
+/// doubled by every empty poll since, at most the configured `poll_interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollPace {
+    next: Duration,
+    longest: Duration,
+}
+
+impl PollPace {
+    /// A pace that relaxes up to `longest`; it starts relaxed (an idle relay's first wait).
+    pub fn new(longest: Duration) -> Self {
+        Self {
+            next: longest,
+            longest,
+        }
+    }
+
+    /// A claim found rows: the next empty poll waits only [`TIGHT_POLL`].
+    pub fn tighten(&mut self) {
+        self.next = TIGHT_POLL.min(self.longest);
+    }
+
+    /// A poll came back empty: how long to wait before the next one. The wait after that is
+    /// twice as long, up to the poll interval.
+    pub fn next_wait(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = wait.saturating_mul(2).min(self.longest);
+        wait
+    }
+}
+
 /// Reads unpublished rows through the leader's session. See the [module docs](self).
 pub struct PollingSource {
-    settings: PollingSettings,
     leader: Leadership,
     listener: Option<PgListener>,
+    /// The wait before the next poll when a claim comes back empty.
+    pace: PollPace,
     claim: Claim,
     /// `seq` of every row returned and not yet acknowledged, in order: excluded from further
     /// claims while earlier batches are in flight.
@@ -126,7 +168,7 @@ impl PollingSource {
             Some(leader.lease()),
         );
         Ok(Self {
-            settings,
+            pace: PollPace::new(settings.poll_interval),
             leader,
             listener,
             claim,
@@ -181,6 +223,9 @@ impl PollingSource {
             .map(|decoded| SourceEvent::decoded(decoded, Position::Row))
             .collect();
         if !batch.is_empty() {
+            self.pace.tighten();
+        }
+        if !batch.is_empty() {
             let bytes: usize = batch
                 .iter()
                 .map(|e| e.event.payload.as_ref().map_or(0, String::len))
@@ -196,7 +241,7 @@ impl PollingSource {
     }
 
     async fn wait_for_wakeup(&mut self, shutdown: &CancellationToken) {
-        let interval = self.settings.poll_interval;
+        let interval = self.pace.next_wait();
         match &mut self.listener {
             Some(listener) => tokio::select! {
                 _ = shutdown.cancelled() => {}
@@ -280,5 +325,35 @@ impl Source for PollingSource {
             .map_err(|e| e.into_source_error("polling"))?;
         self.release(done);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pace_tightens_on_rows_and_relaxes_to_the_poll_interval_when_idle() {
+        let longest = Duration::from_millis(100);
+        let mut pace = PollPace::new(longest);
+        assert_eq!(pace.next_wait(), longest, "an idle relay starts relaxed");
+        pace.tighten();
+        let waits: Vec<Duration> = (0..8).map(|_| pace.next_wait()).collect();
+        assert_eq!(
+            waits,
+            [2, 4, 8, 16, 32, 64, 100, 100].map(Duration::from_millis),
+            "rows keep the next poll close; every empty poll doubles the wait, up to the interval"
+        );
+        pace.tighten();
+        assert_eq!(pace.next_wait(), TIGHT_POLL);
+    }
+
+    #[test]
+    fn a_poll_interval_below_the_tight_wait_is_kept() {
+        let longest = Duration::from_millis(1);
+        let mut pace = PollPace::new(longest);
+        pace.tighten();
+        assert_eq!(pace.next_wait(), longest);
+        assert_eq!(pace.next_wait(), longest);
     }
 }
