@@ -57,6 +57,8 @@ const MARK_SESSIONS: usize = crate::source::row_marks::MAX_PENDING_ACKNOWLEDGEME
 /// Rows marked per statement (and transaction): keeps each transaction's WAL, which the
 /// walsender decodes too, well under `logical_decoding_work_mem`.
 const STATEMENT_ROWS: usize = 10_000;
+/// The pause after a failed mark before the next one starts.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Unpublished rows one recovery round reads; a full round is followed by another.
 const RECOVERY_ROWS: i64 = 100_000;
 
@@ -94,6 +96,8 @@ pub(super) struct Settle {
     recovery: Option<Recovery>,
     /// A recovery round is to be read on this instance, due since then.
     recovery_due: Option<(String, Instant)>,
+    /// After a failed mark, no new one starts before this instant (a flush does).
+    retry_at: Option<Instant>,
 }
 
 impl Settle {
@@ -109,6 +113,7 @@ impl Settle {
             running: None,
             recovery: None,
             recovery_due: None,
+            retry_at: None,
         }
     }
 
@@ -194,7 +199,7 @@ impl Settle {
         if self.running.as_ref().is_some_and(JoinHandle::is_finished) {
             self.wait_running().await;
         }
-        if self.running.is_some() {
+        if self.running.is_some() || self.retry_at.is_some_and(|t| Instant::now() < t) {
             return Ok(());
         }
         if let Some(r) = &self.recovery
@@ -304,7 +309,8 @@ impl Settle {
                 }
             }
             Ok((job, Err(e))) => {
-                tracing::warn!(error = %Report(&e), "marking delivered rows published failed; retrying later");
+                tracing::warn!(error = %Report(&e), "marking delivered rows published failed; retrying in a second");
+                self.retry_at = Some(Instant::now() + RETRY_PAUSE);
                 if job.recovery {
                     self.recovery_due = Some((job.instance, Instant::now()));
                 } else {
