@@ -129,17 +129,20 @@ impl Lease {
     /// [`Lease::check`] for a batch read at `obtained`. When the relay may have been paused
     /// since (`PAUSE_SUSPECT`, 250 ms, or more ago), the local lease is not enough: a session ended while
     /// the process was stopped — by an operator, a restart, a failover — frees the lock for a
-    /// standby at once, long before the local lease runs out. Then a heartbeat sent after
-    /// `obtained` must succeed first (one is requested at once), so a relay that lost its lock
-    /// while paused never produces what it had read.
+    /// standby at once, long before the local lease runs out. Then a heartbeat sent after this
+    /// call began must succeed first (one is requested at once), so a relay that lost its lock
+    /// while paused never produces what it had read. A heartbeat sent before the call does not
+    /// count even if it was sent after `obtained`: its answer may have been given before the
+    /// pause and the session ended after it.
     pub async fn check_after(&self, obtained: Instant) -> Result<(), LeaseLost> {
         self.check()?;
         if obtained.elapsed() < PAUSE_SUSPECT {
             return Ok(());
         }
-        // Renewed by a heartbeat sent after `obtained` ⟺ valid until past `obtained` + ¾ lease.
-        let needed = (obtained.saturating_duration_since(self.state.origin) + self.usable())
-            .as_nanos() as u64;
+        // Renewed by a heartbeat sent after now ⟺ valid until past now + ¾ lease.
+        let now = Instant::now();
+        let needed =
+            (now.saturating_duration_since(self.state.origin) + self.usable()).as_nanos() as u64;
         let deadline = Instant::now() + self.state.length;
         loop {
             self.check()?;
