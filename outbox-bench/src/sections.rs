@@ -682,6 +682,16 @@ async fn run_batch_clients(
             anyhow::Ok((done, conn))
         }));
     }
+    join_clients(tasks, started).await
+}
+
+/// Switches the outbox's NOTIFY wake-up on or off for one session.
+/// Waits for the clients' tasks: transactions (or events) per second since `started`, and the
+/// clients' connections back for the next round.
+async fn join_clients(
+    tasks: Vec<tokio::task::JoinHandle<Result<(u64, PgConnection)>>>,
+    started: Instant,
+) -> Result<(f64, Vec<PgConnection>)> {
     let mut total = 0;
     let mut back = Vec::new();
     for t in tasks {
@@ -692,7 +702,6 @@ async fn run_batch_clients(
     Ok((per_sec(total, started.elapsed()), back))
 }
 
-/// Switches the outbox's NOTIFY wake-up on or off for one session.
 async fn set_session_notify(conn: &mut PgConnection, on: bool) -> Result<()> {
     sqlx::query(AssertSqlSafe(format!(
         "SET {} = {}",
@@ -767,14 +776,7 @@ async fn run_clients(
             anyhow::Ok((done, conn))
         }));
     }
-    let mut total = 0;
-    let mut back = Vec::new();
-    for t in tasks {
-        let (done, conn) = t.await??;
-        total += done;
-        back.push(conn);
-    }
-    Ok((per_sec(total, started.elapsed()), back))
+    join_clients(tasks, started).await
 }
 
 /// A tiny PRNG (no dependency, `Send`).
