@@ -14,22 +14,6 @@ use outbox_core::{OutboxTable, WriteMode};
 use outbox_relay::source::logical::{LogicalConfig, LogicalError, LogicalSource};
 use outbox_tests::*;
 
-/// Writers of `work` that keep committing (and sometimes rolling back) until `stop` is set.
-fn background_writers(
-    work: &Workload,
-    mode: WriteMode,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Result<()>> {
-    let work = work.clone();
-    tokio::spawn(async move {
-        while !stop.load(Ordering::Relaxed) {
-            work.write(mode, 3, 5).await?;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
-    })
-}
-
 /// SIGKILL of the relay process while events stream, three times, then a restart: nothing lost,
 /// nothing phantom, no per-aggregate inversion; duplicates are counted and bounded by what was
 /// acknowledged but not yet confirmed to the slot.

@@ -154,16 +154,7 @@ async fn table_mode_sigkill_leaves_no_delivered_row_unmarked() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut relay = RelayProcess::start(&db, &[], &env).await?;
     wait_slot_active(&db.pool, &slot, LONG).await?;
-    let writers = {
-        let (work, stop) = (work.clone(), stop.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                work.write(WriteMode::Table, 3, 5).await?;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            anyhow::Ok(())
-        })
-    };
+    let writers = background_writers(&work, WriteMode::Table, stop.clone());
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(1200)).await;
         relay.kill9().await?;

@@ -1,6 +1,8 @@
 //! Helpers shared by the `logical_*` end-to-end tests (included with `mod logical_common;`).
 #![allow(dead_code, unused_imports)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -457,4 +459,20 @@ pub fn source_config(
     );
     cfg.slot = outbox_relay::source::logical::SlotName::parse(slot)?;
     Ok(cfg)
+}
+
+/// Writers of `work` that keep committing (and sometimes rolling back) until `stop` is set.
+pub fn background_writers(
+    work: &Workload,
+    mode: WriteMode,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Result<()>> {
+    let work = work.clone();
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            work.write(mode, 3, 5).await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    })
 }
