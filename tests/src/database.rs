@@ -11,6 +11,9 @@ use uuid::Uuid;
 
 use crate::services::services;
 
+/// The `application_name` of the test's own sessions on a [`TestDb`].
+pub const TEST_SESSIONS: &str = "outbox-tests";
+
 /// A short unique suffix for database and topic names.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", &Uuid::new_v4().simple().to_string()[..12])
@@ -88,7 +91,9 @@ impl TestDb {
         let url = create_database(&services.admin_url, &name)
             .await
             .context("creating a test database")?;
-        let opts = PgConnectOptions::from_str(&services.admin_url)?.database(&name);
+        let opts = PgConnectOptions::from_str(&services.admin_url)?
+            .database(&name)
+            .application_name(TEST_SESSIONS);
         let pool = PgPoolOptions::new()
             .max_connections(20)
             .connect_with(opts)
@@ -110,7 +115,38 @@ impl TestDb {
 
     /// A fresh connection (not from the pool).
     pub async fn connect(&self) -> Result<PgConnection> {
-        Ok(PgConnectOptions::from_str(&self.url)?.connect().await?)
+        Ok(PgConnectOptions::from_str(&self.url)?
+            .application_name(TEST_SESSIONS)
+            .connect()
+            .await?)
+    }
+
+    /// Waits until no session but the test's own is connected to this database: after a relay
+    /// was killed, its server-side sessions may still be finishing a statement (a `COMMIT` sent
+    /// just before the kill still commits), so what the table holds is only final once they
+    /// are gone.
+    pub async fn wait_foreign_sessions_gone(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND application_name IS DISTINCT FROM $1",
+            )
+            .bind(TEST_SESSIONS)
+            .fetch_one(&self.pool)
+            .await?;
+            if left == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{left} other sessions still connected to {} after {timeout:?}",
+                    self.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
