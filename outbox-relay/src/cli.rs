@@ -231,6 +231,9 @@ pub struct Settings {
     /// Where events are read from: polling or logical [key: source].
     #[arg(long, env = "OUTBOX_SOURCE")]
     pub source: Option<String>,
+    /// Where events are published: kafka, nats, rabbitmq or redis [key: sink].
+    #[arg(long, env = "OUTBOX_SINK")]
+    pub sink: Option<String>,
     /// How services write events: table, insert_delete or logical_message [key: write_mode].
     #[arg(long, env = "OUTBOX_WRITE_MODE")]
     pub write_mode: Option<String>,
@@ -312,6 +315,9 @@ impl Settings {
         }
         if let Some(v) = &self.source {
             put("source", v.clone());
+        }
+        if let Some(v) = &self.sink {
+            put("sink", v.clone());
         }
         if let Some(v) = &self.write_mode {
             put("write_mode", v.clone());

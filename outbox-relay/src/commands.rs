@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::config::{RelayConfig, redact_url};
 use crate::failure::Report;
 use crate::route::Router;
-use crate::sink::kafka::{KafkaSink, Outcome};
+use crate::sink::{Outcome, Sink};
 use crate::table::{self, AggregateKey, ReadError};
 
 pub use crate::table::ReplayFilter;
@@ -418,10 +418,10 @@ pub enum Selection {
     Ids(Vec<Uuid>),
 }
 
-/// The router and a connected Kafka producer for a command that publishes events.
-async fn publisher(config: &RelayConfig) -> Result<(Router, KafkaSink)> {
+/// The router and a connected sink (the configured broker) for a command that publishes events.
+async fn publisher(config: &RelayConfig) -> Result<(Router, Box<dyn Sink>)> {
     let router = Router::new(&config.route).map_err(|e| CommandError::usage(e.to_string()))?;
-    let sink = KafkaSink::new(config.kafka.clone())
+    let sink = crate::sink::select::from_config(config)
         .map_err(|e| CommandError::usage(Report(&e).to_string()))?;
     sink.check_connection()
         .await

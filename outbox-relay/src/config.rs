@@ -189,6 +189,43 @@ impl SourceKind {
     }
 }
 
+/// The broker a relay publishes to (`sink = "kafka"`, `--sink`, `OUTBOX_SINK`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    /// Apache Kafka (or any Kafka-protocol broker), through an idempotent producer.
+    #[default]
+    Kafka,
+    /// NATS JetStream.
+    Nats,
+    /// RabbitMQ (AMQP 0-9-1) with publisher confirms.
+    Rabbitmq,
+    /// Redis Streams.
+    Redis,
+}
+
+impl SinkKind {
+    /// The name used in settings, logs and metrics (`kafka`, `nats`, `rabbitmq`, `redis`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkKind::Kafka => "kafka",
+            SinkKind::Nats => "nats",
+            SinkKind::Rabbitmq => "rabbitmq",
+            SinkKind::Redis => "redis",
+        }
+    }
+
+    /// The broker's name as people write it (`Kafka`, `NATS`, `RabbitMQ`, `Redis`), for messages.
+    pub fn broker(self) -> &'static str {
+        match self {
+            SinkKind::Kafka => "Kafka",
+            SinkKind::Nats => "NATS",
+            SinkKind::Rabbitmq => "RabbitMQ",
+            SinkKind::Redis => "Redis",
+        }
+    }
+}
+
 /// What the relay does to a row once Kafka acknowledged its event (`table` write mode).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -276,6 +313,8 @@ pub struct RelayConfig {
     pub database_url: Secret,
     /// `polling` or `logical`.
     pub source: SourceKind,
+    /// The broker events are published to: `kafka` (default), `nats`, `rabbitmq` or `redis`.
+    pub sink: SinkKind,
     /// The outbox table, `table` or `schema.table`.
     pub table: String,
     /// How services write events; must match their `outbox-core` setting.
@@ -342,6 +381,7 @@ impl Default for RelayConfig {
         Self {
             database_url: Secret::new("postgres://postgres@localhost:5432/postgres"),
             source: SourceKind::Polling,
+            sink: SinkKind::Kafka,
             table: OutboxTable::DEFAULT_NAME.to_owned(),
             write_mode: WriteMode::Table,
             batch_size: 1000,

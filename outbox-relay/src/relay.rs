@@ -35,7 +35,7 @@ use crate::failure::{Action, ErrorKind, Report, decide};
 use crate::leader::{Leadership, Lease, LeaseLost};
 use crate::park::{ParkError, ParkStore};
 use crate::route::{RouteError, Router};
-use crate::sink::kafka::{KafkaSink, SinkError};
+use crate::sink::{Sink, SinkError};
 use crate::source::polling::{PollingSettings, PollingSource};
 use crate::source::{Source, SourceError};
 use crate::stats::RelayStats;
@@ -66,9 +66,10 @@ pub enum RelayError {
     /// The database is reachable but not ready for the relay (e.g. the table is missing).
     #[error("{0}")]
     NotReady(String),
-    /// Kafka could not be reached or the producer could not be built.
+    /// The broker could not be reached, its client could not be built, or it refuses the
+    /// records until an operator acts.
     #[error(transparent)]
-    Kafka(#[from] SinkError),
+    Sink(#[from] SinkError),
     /// The source failed in a way retrying cannot fix.
     #[error(transparent)]
     Source(#[from] SourceError),
@@ -92,7 +93,7 @@ impl RelayError {
             RelayError::Config(_) | RelayError::Route(_) => ErrorKind::Config,
             RelayError::Database { .. } => ErrorKind::Unavailable,
             RelayError::NotReady(_) => ErrorKind::Setup,
-            RelayError::Kafka(e) => e.kind(),
+            RelayError::Sink(e) => e.kind(),
             RelayError::Source(e) => e.kind(),
             RelayError::Park(e) => e.kind(),
             RelayError::LeaseLost(_) => ErrorKind::LeaseLost,
@@ -141,8 +142,8 @@ impl Relay {
         self.stats.clone()
     }
 
-    /// Checks that PostgreSQL is reachable and the outbox is set up, and that Kafka answers.
-    async fn preflight(&self) -> Result<KafkaSink, RelayError> {
+    /// Checks that PostgreSQL is reachable and the outbox is set up, and that the broker answers.
+    async fn preflight(&self) -> Result<Box<dyn Sink>, RelayError> {
         let url = redact_url(self.config.database_url.expose());
         let mut conn = tokio::time::timeout(self.config.connect_timeout, self.options.connect())
             .await
@@ -187,8 +188,7 @@ impl Relay {
             }
         }
         let _ = conn.close().await;
-        let sink = KafkaSink::new(self.config.kafka.clone())?
-            .with_producer_spans(self.config.telemetry.enabled);
+        let sink = crate::sink::select::from_config(&self.config)?;
         sink.check_connection().await?;
         Ok(sink)
     }
@@ -237,16 +237,13 @@ impl Relay {
         self.stats.kafka_connected.store(true, Ordering::Relaxed);
         tracing::info!(
             source = ?self.config.source,
+            sink = sink.kind().name(),
             table = %self.table,
             topic = self.router_template(),
             "relay started"
         );
         let purger = self.spawn_purger(shutdown.clone());
-        let broker_watch = crate::sink::kafka::watch_brokers(
-            &self.config.kafka,
-            self.stats.clone(),
-            shutdown.clone(),
-        )?;
+        let broker_watch = sink.watch(self.stats.clone(), shutdown.clone())?;
         let mut backoff = Backoff::new();
         let result = loop {
             if shutdown.is_cancelled() {
@@ -282,7 +279,7 @@ impl Relay {
                         relay: &self,
                         source: source.as_mut(),
                         parked: &mut parked,
-                        sink: &mut sink,
+                        sink: sink.as_mut(),
                         shutdown: &shutdown,
                         backoff: &mut backoff,
                         lease: &lease,
@@ -294,7 +291,7 @@ impl Relay {
                         // block: first make sure nothing of the abandoned window can still reach
                         // Kafka after another relay — or this one, after a rewind — resumes from
                         // the durable position.
-                        self.fence_producer(&mut sink, &lease).await?;
+                        self.fence_producer(sink.as_mut(), &lease).await?;
                     }
                     outcome
                 }
@@ -304,7 +301,7 @@ impl Relay {
             self.stats.active.store(false, Ordering::Relaxed);
             let Err(e) = outcome else { break Ok(()) };
             match decide(e.kind(), lease.check().is_ok()) {
-                Action::StepDown => self.step_down(&mut sink, &lease, &e)?,
+                Action::StepDown => self.step_down(sink.as_mut(), &lease, &e).await?,
                 Action::RestartSource => {
                     tracing::warn!(error = %Report(&e), "source interrupted; resuming from the last acknowledged position");
                     backoff.wait(&shutdown).await;
@@ -315,7 +312,9 @@ impl Relay {
         if let Some(p) = purger {
             p.abort();
         }
-        broker_watch.abort();
+        if let Some(w) = broker_watch {
+            w.abort();
+        }
         match &result {
             Ok(()) => tracing::info!(published = self.stats.published.get(), "relay stopped"),
             Err(e) => tracing::error!(error = %Report(e), "relay failed"),
@@ -326,15 +325,15 @@ impl Relay {
     /// After the lease was lost: drops every record still queued in the producer (purge, then a
     /// fresh producer) and goes back to standby; the next leader resumes from the first
     /// unacknowledged event.
-    fn step_down(
+    async fn step_down(
         &self,
-        sink: &mut KafkaSink,
+        sink: &mut dyn Sink,
         lease: &Lease,
         cause: &RelayError,
     ) -> Result<(), RelayError> {
         // `run` fenced the producer before the source and its lock went; nothing is left.
         let purged = sink.purge();
-        sink.recreate()?;
+        sink.recreate().await?;
         self.stats.lease_lost.inc();
         self.stats.producer_queue.set(0);
         let reason = lease.check().err().map(|l| l.reason).unwrap_or_default();
@@ -353,13 +352,13 @@ impl Relay {
     /// produce requests already on the wire to be answered, drops whatever is still unanswered
     /// and replaces the producer. Only then may the lock go, so no standby that takes over —
     /// and no rewound pipeline of this relay — is followed by a late copy of the old window.
-    async fn fence_producer(&self, sink: &mut KafkaSink, lease: &Lease) -> Result<(), RelayError> {
+    async fn fence_producer(&self, sink: &mut dyn Sink, lease: &Lease) -> Result<(), RelayError> {
         let wait = lease
             .remaining()
             .min(self.config.kafka.delivery_timeout)
             .min(Duration::from_secs(5));
         let fenced = sink.fence(wait).await;
-        sink.recreate()?;
+        sink.recreate().await?;
         self.stats.producer_queue.set(0);
         if fenced.held > 0 {
             tracing::warn!(

@@ -27,7 +27,7 @@ use crate::faults::{failpoint, mutant};
 use crate::leader::Lease;
 use crate::park::{AggregateKey, ParkRequest, ParkStore};
 use crate::route::OutboundRecord;
-use crate::sink::kafka::{KafkaSink, Outcome, Pending, SinkError, classify};
+use crate::sink::{Outcome, PendingBatch, Sink, SinkError};
 use crate::source::{Source, SourceEvent};
 
 /// A batch handed to the producer whose outcomes are still awaited.
@@ -35,7 +35,7 @@ struct InFlight {
     batch: Vec<SourceEvent>,
     plan: Vec<Plan>,
     records: Vec<OutboundRecord>,
-    pending: Pending,
+    pending: Box<dyn PendingBatch>,
     started: Instant,
     /// Payload bytes of the batch (for `max_in_flight_bytes`).
     bytes: usize,
@@ -55,7 +55,7 @@ pub(super) struct Pump<'a> {
     pub(super) relay: &'a Relay,
     pub(super) source: &'a mut dyn Source,
     pub(super) parked: &'a mut ParkStore,
-    pub(super) sink: &'a mut KafkaSink,
+    pub(super) sink: &'a mut dyn Sink,
     pub(super) shutdown: &'a CancellationToken,
     pub(super) backoff: &'a mut Backoff,
     pub(super) lease: &'a Lease,
@@ -235,7 +235,9 @@ impl Pump<'_> {
                 .publish_duration
                 .observe(started.elapsed().as_secs_f64());
         }
-        stats.producer_queue.set(i64::from(self.sink.in_flight()));
+        stats
+            .producer_queue
+            .set(i64::try_from(self.sink.in_flight()).unwrap_or(i64::MAX));
         if mutant("retry_failed_only") {
             // Broken on purpose: re-send just the failed records, out of order, and go on.
             for _ in 0..50 {
@@ -246,7 +248,7 @@ impl Pump<'_> {
                     break;
                 }
                 self.backoff.wait(self.shutdown).await;
-                self.sink.recreate()?;
+                self.sink.recreate().await?;
                 let retry: Vec<_> = failed.iter().map(|i| records[*i].clone()).collect();
                 for (i, o) in failed.into_iter().zip(self.sink.send_batch(&retry).await) {
                     sent[i] = o;
@@ -373,7 +375,7 @@ impl Pump<'_> {
             outcomes,
             handled,
             &mut self.rounds.unlisted_rounds,
-            classify,
+            |fault| fault.class,
         );
         let isolate = match step {
             Setback::Stop(fix) => {
@@ -381,7 +383,9 @@ impl Pump<'_> {
                     Plan::Send(i) => records[*i].topic.as_str(),
                     Plan::Park(_) => "",
                 };
-                return Err(SinkError::refused(topic, error, fix).into());
+                return Err(
+                    SinkError::refused(self.sink.kind().broker(), topic, error, fix).into(),
+                );
             }
             Setback::Retry { isolate } => isolate,
         };
@@ -416,7 +420,7 @@ impl Pump<'_> {
         self.rounds.window.clear();
         self.rounds.local_blocked.clear();
         self.source.rewind().await?;
-        self.sink.recreate()?;
+        self.sink.recreate().await?;
         if isolate == 0 {
             self.backoff.wait(self.shutdown).await;
         }

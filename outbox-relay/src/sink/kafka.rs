@@ -25,66 +25,20 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::config::{KafkaPropertyError, KafkaSettings};
-use crate::failure::ErrorKind;
 use crate::route::OutboundRecord;
-use crate::sink::{Delivered, DeliveryError, ErrorClass};
+use crate::sink::{
+    Delivered, DeliveryError, DeliveryFault, ErrorClass, Fenced, PendingBatch, Sink, SinkError,
+    SinkKind,
+};
 use crate::telemetry::{ProducerSpans, RecordSpan};
 
-/// A producer problem.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SinkError {
-    /// The configuration is refused before any connection is made.
-    #[error("invalid Kafka setting `{key}`: {reason}")]
-    Config {
-        /// The property name.
-        key: String,
-        /// Why.
-        reason: String,
-    },
-    /// librdkafka refused to create the producer.
-    #[error("could not create the Kafka producer")]
-    Create(#[source] KafkaError),
-    /// Kafka refuses the relay's records in a way retrying cannot fix (permissions, a missing
-    /// topic, an error that persists): the relay stops and says what the operator must do.
-    #[error("Kafka refuses the records for topic `{topic}` with {name} ({detail}): {fix}")]
-    Refused {
-        /// The topic of the first refused record.
-        topic: String,
-        /// The Kafka protocol name of the error (e.g. `TOPIC_AUTHORIZATION_FAILED`).
-        name: String,
-        /// The client's description of the error.
-        detail: String,
-        /// What the operator must do about it.
-        fix: String,
-    },
-    /// The cluster did not answer within the connect timeout.
-    #[error("Kafka at `{servers}` is unreachable: {detail}")]
-    Unreachable {
-        /// The bootstrap servers.
-        servers: String,
-        /// The client's error and what librdkafka last reported (TLS, SASL, name resolution…).
-        detail: String,
-    },
-}
-
-impl SinkError {
-    /// What kind of failure this is ([`crate::failure`]): an invalid setting, a producer
-    /// librdkafka cannot build (a missing certificate file, …), a broker refusing the records for
-    /// good, or an unreachable cluster.
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            SinkError::Config { .. } => ErrorKind::Config,
-            SinkError::Create(_) => ErrorKind::Setup,
-            SinkError::Refused { .. } => ErrorKind::Refused,
-            SinkError::Unreachable { .. } => ErrorKind::Unavailable,
-        }
-    }
-}
+/// The broker's name in this sink's errors.
+const KAFKA: &str = "Kafka";
 
 impl From<KafkaPropertyError> for SinkError {
     fn from(e: KafkaPropertyError) -> Self {
         SinkError::Config {
+            broker: KAFKA,
             key: e.key,
             reason: e.reason,
         }
@@ -428,26 +382,21 @@ pub fn error_name(error: &KafkaError) -> String {
     name
 }
 
-impl SinkError {
-    /// The loud stop for an error of class [`ErrorClass::Stop`] (or an unlisted error that
-    /// persisted), naming the error and the operator's fix.
-    pub fn refused(topic: &str, error: &KafkaError, fix: impl Into<String>) -> Self {
-        SinkError::Refused {
-            topic: topic.to_owned(),
-            name: error_name(error),
-            detail: error.to_string(),
-            fix: fix.into(),
-        }
+/// The broker-neutral form of a producer error: its class ([`classify`]), its protocol name
+/// ([`error_name`]) and the client's description.
+pub fn fault(error: &KafkaError) -> DeliveryFault {
+    DeliveryFault {
+        class: classify(error),
+        name: error_name(error),
+        detail: error.to_string(),
     }
 }
 
-/// What [`KafkaSink::fence`] dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fenced {
-    /// Records the producer held when the fence began (queued, or on the wire).
-    pub held: i32,
-    /// Records still unanswered when the wait ended (dropped; a broker may still append them).
-    pub unanswered: i32,
+fn create_error(error: KafkaError) -> SinkError {
+    SinkError::Create {
+        broker: KAFKA,
+        source: Box::new(error),
+    }
 }
 
 impl KafkaSink {
@@ -457,7 +406,7 @@ impl KafkaSink {
         let producer = settings
             .client_config()?
             .create_with_context(context.clone())
-            .map_err(SinkError::Create)?;
+            .map_err(create_error)?;
         Ok(Self {
             settings,
             producer,
@@ -485,6 +434,7 @@ impl KafkaSink {
                 .fetch_metadata(None, timeout)
                 .map(|_| ())
                 .map_err(|error| SinkError::Unreachable {
+                    broker: KAFKA,
                     servers,
                     detail: match context.last_error() {
                         Some(cause) => format!("{error} (last client error: {cause})"),
@@ -495,6 +445,7 @@ impl KafkaSink {
         .await
         .unwrap_or_else(|join| {
             Err(SinkError::Config {
+                broker: KAFKA,
                 key: "bootstrap.servers".into(),
                 reason: format!("metadata check panicked: {join}"),
             })
@@ -508,7 +459,7 @@ impl KafkaSink {
             .settings
             .client_config()?
             .create_with_context(self.context.clone())
-            .map_err(SinkError::Create)?;
+            .map_err(create_error)?;
         Ok(())
     }
 
@@ -542,8 +493,8 @@ impl KafkaSink {
         .await
         .unwrap_or(0);
         Fenced {
-            held: before,
-            unanswered,
+            held: usize::try_from(before).unwrap_or(0),
+            unanswered: usize::try_from(unanswered).unwrap_or(0),
         }
     }
 
@@ -675,6 +626,64 @@ impl KafkaSink {
     }
 }
 
+#[async_trait::async_trait]
+impl PendingBatch for Pending {
+    fn rejected_now(&self) -> Vec<usize> {
+        Pending::rejected_now(self).collect()
+    }
+
+    fn accepted(&self) -> Vec<usize> {
+        Pending::accepted(self).collect()
+    }
+
+    async fn wait(self: Box<Self>) -> Vec<crate::sink::Outcome> {
+        Pending::wait(*self)
+            .await
+            .into_iter()
+            .map(|o| o.map_err(|e| fault(&e)))
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for KafkaSink {
+    fn kind(&self) -> SinkKind {
+        SinkKind::Kafka
+    }
+
+    async fn check_connection(&self) -> Result<(), SinkError> {
+        KafkaSink::check_connection(self).await
+    }
+
+    async fn enqueue(&self, records: &[OutboundRecord]) -> Box<dyn PendingBatch> {
+        Box::new(KafkaSink::enqueue(self, records).await)
+    }
+
+    fn in_flight(&self) -> usize {
+        usize::try_from(KafkaSink::in_flight(self)).unwrap_or(0)
+    }
+
+    async fn recreate(&mut self) -> Result<(), SinkError> {
+        KafkaSink::recreate(self)
+    }
+
+    fn purge(&self) -> usize {
+        usize::try_from(KafkaSink::purge(self)).unwrap_or(0)
+    }
+
+    async fn fence(&self, wait: Duration) -> Fenced {
+        KafkaSink::fence(self, wait).await
+    }
+
+    fn watch(
+        &self,
+        stats: Arc<crate::stats::RelayStats>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<Option<tokio::task::JoinHandle<()>>, SinkError> {
+        watch_brokers(&self.settings, stats, shutdown).map(Some)
+    }
+}
+
 /// How often an idle relay asks the brokers for metadata, and how long it waits for an answer.
 pub const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// See [`BROKER_PROBE_INTERVAL`].
@@ -699,7 +708,7 @@ pub fn watch_brokers(
         .set("enable.gapless.guarantee", "false")
         .set("client.id", "outbox-relay-probe")
         .set_log_level(RDKafkaLogLevel::Emerg);
-    let client: rdkafka::producer::BaseProducer = config.create().map_err(SinkError::Create)?;
+    let client: rdkafka::producer::BaseProducer = config.create().map_err(create_error)?;
     let client = Arc::new(client);
     let servers = settings.bootstrap_servers.clone();
     Ok(tokio::spawn(async move {

@@ -1,0 +1,20 @@
+//! Which sink a relay runs: the one its configuration names (`sink = "kafka"`, …).
+
+use crate::config::RelayConfig;
+use crate::sink::kafka::KafkaSink;
+use crate::sink::{Sink, SinkError, SinkKind};
+
+/// Builds the sink the configuration names (no connection is made yet; see
+/// [`Sink::check_connection`]).
+pub fn from_config(config: &RelayConfig) -> Result<Box<dyn Sink>, SinkError> {
+    match config.sink {
+        SinkKind::Kafka => Ok(Box::new(
+            KafkaSink::new(config.kafka.clone())?.with_producer_spans(config.telemetry.enabled),
+        )),
+        other => Err(SinkError::Config {
+            broker: other.broker(),
+            key: "sink".into(),
+            reason: format!("the `{}` sink is not part of this build", other.name()),
+        }),
+    }
+}
