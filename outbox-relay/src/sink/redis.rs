@@ -23,7 +23,7 @@
 //! `SCRIPT LOAD` at the head of every batch, so a restarted or flushed server never answers
 //! `NOSCRIPT`). Atomically, the script
 //! 1. refuses the record (`OUTBOXGAP`) when the previous record of the same destination and key
-//!    in the same batch was not appended, so a refused record is never overtaken by a later one
+//!    in the same batch was not appended (its dedupe key holds no entry id), so a refused record is never overtaken by a later one
 //!    of its aggregate (Redis goes on executing a pipeline after one command fails);
 //! 2. looks up `<redis.dedupe_prefix>:<event id>`: when it exists, the event was appended before
 //!    (by an earlier attempt, or a relay that died before it could acknowledge) and the script
@@ -83,6 +83,7 @@
 //! later batch through after an earlier one was lost. For the same reason the sink does not use
 //! redis-rs's `ConnectionManager`: the relay's own [`Sink::recreate`] is the reconnect.
 //! Redis Cluster is not supported (one server, or a primary with replicas through `WAIT`).
+//! The relay's connections are named `outbox-relay-<pid>` (`CLIENT LIST` shows them).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -116,7 +117,7 @@ local n = 1
 local dedupe, previous
 if ARGV[3] == '1' then n = n + 1; dedupe = KEYS[n] end
 if ARGV[4] == '1' then n = n + 1; previous = KEYS[n] end
-if previous and redis.call('EXISTS', previous) == 0 then
+if previous and type(redis.pcall('GET', previous)) ~= 'string' then
   return redis.error_reply('OUTBOXGAP the previous record of this key in the batch was not appended')
 end
 if dedupe then
@@ -447,7 +448,12 @@ async fn run_writer(setup: WriterSetup, mut jobs: mpsc::UnboundedReceiver<Job>) 
     }
 }
 
-/// Opens a connection within `timeout`.
+/// The name the relay's connections carry (`CLIENT SETNAME`): `outbox-relay-<pid>`.
+pub fn connection_name() -> String {
+    format!("outbox-relay-{}", std::process::id())
+}
+
+/// Opens a connection within `timeout`, named [`connection_name`].
 async fn connect(
     client: &redis::Client,
     settings: &RedisSettings,
@@ -462,7 +468,19 @@ async fn connect(
     )
     .await
     {
-        Ok(Ok(c)) => Ok(c),
+        Ok(Ok(mut c)) => {
+            // Best effort (an ACL may refuse CLIENT): lets an operator find the relay's
+            // connections in CLIENT LIST.
+            let _ = tokio::time::timeout(
+                timeout,
+                redis::cmd("CLIENT")
+                    .arg("SETNAME")
+                    .arg(connection_name())
+                    .query_async::<()>(&mut c),
+            )
+            .await;
+            Ok(c)
+        }
         Ok(Err(e)) => Err(SendError::from_client(&e, settings)),
         Err(_) => Err(SendError::Connection {
             code: "IO".into(),

@@ -8,10 +8,12 @@
 //! the entry's position in the stream (0, 1, 2, …), so offsets order records as the stream does.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::broker::Consumed;
 use anyhow::{Context, Result, bail};
+use tokio::process::{Child, Command};
 
 /// The test server's URL: `REDIS_URL`, or the standard local port.
 pub fn url() -> String {
@@ -33,11 +35,16 @@ pub fn size_limit_env(bytes: usize) -> Vec<(&'static str, String)> {
 
 /// A connection to the test server.
 pub async fn connection() -> Result<redis::aio::MultiplexedConnection> {
-    let client = redis::Client::open(url())?;
+    connection_to(&url()).await
+}
+
+/// A connection to the server at `url`.
+pub async fn connection_to(url: &str) -> Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(url)?;
     client
         .get_multiplexed_async_connection()
         .await
-        .with_context(|| format!("connecting to Redis at {}", url()))
+        .with_context(|| format!("connecting to Redis at {url}"))
 }
 
 /// Nothing to create: a stream appears with its first entry. Removes a stream left under the
@@ -54,9 +61,9 @@ pub async fn prepare(destination: &str) -> Result<()> {
 /// An entry's fields, as `XRANGE` returns them.
 type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// Every entry of `destination` from its start, in stream order.
-pub async fn read_all(destination: &str) -> Result<Vec<Consumed>> {
-    let mut conn = connection().await?;
+/// Every entry of `destination` on the server at `url`, from its start, in stream order.
+pub async fn read_all(url: &str, destination: &str) -> Result<Vec<Consumed>> {
+    let mut conn = connection_to(url).await?;
     let mut out = Vec::new();
     let mut start = "-".to_owned();
     loop {
@@ -116,11 +123,22 @@ pub async fn consume(
     quiet: Duration,
     timeout: Duration,
 ) -> Result<Vec<Consumed>> {
+    consume_at(&url(), destination, at_least, quiet, timeout).await
+}
+
+/// [`consume`] from the server at `url`.
+pub async fn consume_at(
+    url: &str,
+    destination: &str,
+    at_least: usize,
+    quiet: Duration,
+    timeout: Duration,
+) -> Result<Vec<Consumed>> {
     let deadline = Instant::now() + timeout;
     let mut seen = 0;
     let mut changed = Instant::now();
     loop {
-        let records = read_all(destination).await?;
+        let records = read_all(url, destination).await?;
         if records.len() != seen {
             seen = records.len();
             changed = Instant::now();
@@ -129,5 +147,97 @@ pub async fn consume(
             return Ok(records);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A Redis server of the test's own (`redis-server` on a free loopback port, data in a
+/// temporary directory), which a test may kill and restart. Killed when dropped.
+pub struct PrivateRedis {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    /// Starts `redis-server` with `args` added to its command line (e.g. `--appendonly yes`).
+    pub async fn start(args: &[&str]) -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = std::env::temp_dir().join(crate::unique("outbox-redis"));
+        std::fs::create_dir_all(&dir)?;
+        let mut server = Self {
+            port,
+            dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        };
+        server.restart().await?;
+        Ok(server)
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILLs the server and waits until it is gone.
+    pub async fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill()?;
+            child.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts the server (again) on the same port and directory; returns once it answers.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill9().await?;
+        let child = Command::new("redis-server")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting redis-server (Debian package redis-server)")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut conn) = connection_to(&self.url()).await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("redis-server on port {} did not answer", self.port);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
