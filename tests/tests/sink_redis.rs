@@ -362,3 +362,41 @@ async fn wait_replicas_holds_every_delivery_until_a_replica_has_it() -> Result<(
     v.assert_exactly_once(&ledger);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_ensure_creates_nothing_and_reports_a_name_held_by_another_key() -> Result<()> {
+    let db = TestDb::migrated("redis_topics").await?;
+    let work = Workload::create(&db, "redis_topics", 1, 1).await?;
+    work.write(WriteMode::Table, 1, 1).await?;
+    let env = broker::relay_env();
+    let env = env_refs(&env);
+    let out = relay_cli_on(&db, &["topics", "ensure"], &env).await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    assert!(
+        out.stdout
+            .contains(&format!("nothing to create for {}", work.topic)),
+        "{}",
+        out.text()
+    );
+    let mut conn = broker::connection().await?;
+    let _: () = redis::cmd("SET")
+        .arg(&work.topic)
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await?;
+    let out = relay_cli_on(&db, &["topics", "ensure"], &env).await?;
+    let _: i64 = redis::cmd("DEL")
+        .arg(&work.topic)
+        .query_async(&mut conn)
+        .await?;
+    assert_ne!(out.code, 0, "{}", out.text());
+    assert!(
+        out.stdout.contains(&format!(
+            "FAILED   {}: a Redis key of type string",
+            work.topic
+        )),
+        "{}",
+        out.text()
+    );
+    Ok(())
+}

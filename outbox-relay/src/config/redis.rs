@@ -250,4 +250,43 @@ mod tests {
             assert!(s.validate().is_ok(), "{url}");
         }
     }
+
+    #[test]
+    fn every_setting_comes_from_the_environment_and_the_url_stays_secret() {
+        let vars = [
+            ("OUTBOX_SINK", "redis"),
+            ("OUTBOX_REDIS_URL", "rediss://relay:s3cret@cache:6380"),
+            ("OUTBOX_REDIS__DEDUPE_TTL", "2h"),
+            ("OUTBOX_REDIS__DEDUPE_PREFIX", "svc:seen"),
+            ("OUTBOX_REDIS__MAXLEN", "100000"),
+            ("OUTBOX_REDIS__MAX_RECORD_BYTES", "20000"),
+            ("OUTBOX_REDIS__WAIT_REPLICAS", "1"),
+            ("OUTBOX_REDIS__WAIT_TIMEOUT", "250ms"),
+            ("OUTBOX_REDIS__CONNECT_TIMEOUT", "3s"),
+            ("OUTBOX_REDIS__DELIVERY_TIMEOUT", "5s"),
+        ];
+        let env = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let (c, sources) = crate::config::load::load(None, env, &[]).unwrap();
+        assert!(sources.warnings.is_empty(), "{:?}", sources.warnings);
+        assert_eq!(c.sink, crate::config::SinkKind::Redis);
+        let r = &c.redis;
+        assert_eq!(r.url.expose(), "rediss://relay:s3cret@cache:6380");
+        assert_eq!(r.dedupe_ttl, Duration::from_secs(7200));
+        assert_eq!(r.dedupe_prefix, "svc:seen");
+        assert_eq!(r.maxlen, Some(100_000));
+        assert_eq!(r.max_record_bytes, 20_000);
+        assert_eq!(r.wait_replicas, 1);
+        assert_eq!(r.wait_timeout, Duration::from_millis(250));
+        assert_eq!(r.connect_timeout, Duration::from_secs(3));
+        assert_eq!(r.delivery_timeout, Duration::from_secs(5));
+        let printed = crate::config::load::render_redacted(&c);
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let bad = [("OUTBOX_REDIS__URL", "http://relay:s3cret@cache")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        let e = crate::config::load::load(None, bad, &[]).unwrap_err();
+        assert_eq!(e.key, "redis.url");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
 }

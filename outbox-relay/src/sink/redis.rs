@@ -5,7 +5,8 @@
 //! - **Destination → stream.** Each destination (`outbox.event.<aggregatetype>` by default; the
 //!   route template, routes and the `topic` column apply as for every sink) is one stream, whose
 //!   key is the destination name. The stream is created by its first entry: there is nothing to
-//!   create up front (`topics ensure` has nothing to do for Redis).
+//!   create up front (`topics ensure` only checks that no key of another type holds a
+//!   destination's name, [`RedisSink::key_types`]).
 //! - **Record → one entry**, appended with `XADD <destination> [MAXLEN ~ <redis.maxlen>] * …`
 //!   (the server assigns the entry id), with these fields in this order:
 //!
@@ -830,6 +831,32 @@ impl RedisSink {
             }
         }
         Ok(())
+    }
+
+    /// The type of the key under each destination name (`TYPE`): `none` (the stream will be
+    /// created by its first entry), `stream`, or another type, which would stop the relay with
+    /// `WRONGTYPE`. What `topics ensure` reports for Redis, where there is nothing to create.
+    pub async fn key_types(&self, names: &[String]) -> Result<Vec<(String, String)>, SinkError> {
+        let s = &self.settings;
+        let unreachable = |e: SendError| SinkError::Unreachable {
+            broker: REDIS,
+            servers: s.shown_url(),
+            detail: e.to_string(),
+        };
+        let mut conn = connect(&self.client, s, s.connect_timeout)
+            .await
+            .map_err(unreachable)?;
+        let mut pipe = redis::pipe();
+        for name in names {
+            pipe.cmd("TYPE").arg(name);
+        }
+        let types: Vec<String> =
+            match tokio::time::timeout(s.connect_timeout, pipe.query_async(&mut conn)).await {
+                Ok(Ok(types)) => types,
+                Ok(Err(e)) => return Err(unreachable(SendError::from_client(&e, s))),
+                Err(_) => return Err(unreachable(SendError::Timeout(s.connect_timeout))),
+            };
+        Ok(names.iter().cloned().zip(types).collect())
     }
 
     /// Starts a new connection for the batches that follow; the old connection sends nothing
