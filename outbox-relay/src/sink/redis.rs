@@ -36,7 +36,8 @@
 //! comes within `redis.dedupe_ttl` of the first append: that is the duplicate window. Only a
 //! re-send later than that (a relay down for longer, a parked event retried a day later)
 //! appends a second entry, which carries the same `h:id`. A record without an `id` header
-//! (the relay always sets one) is appended without this check.
+//! (the relay always sets one) is appended without this check. A re-send within the window is
+//! dropped even when the stream was trimmed or deleted meanwhile.
 //!
 //! # Order
 //! A batch is one pipeline written on one connection, so Redis executes its records in order,
@@ -68,11 +69,16 @@
 //! | what | class |
 //! |---|---|
 //! | connection refused, I/O error, connection dropped, no reply within `redis.delivery_timeout`, `LOADING`, `BUSY`, `READONLY` (a failover), `MASTERDOWN`, `MISCONF`, `OOM` (`maxmemory` reached: it concerns every record, so it is retried rather than parking each event) | [`ErrorClass::Retry`] |
-//! | a record larger than `redis.max_record_bytes` (or the server's `proto-max-bulk-len`) | [`ErrorClass::Record`]: parked |
+//! | a record larger than `redis.max_record_bytes` (or the server's `proto-max-bulk-len`), checked before it is sent | [`ErrorClass::Record`]: parked |
 //! | `NOAUTH`, `WRONGPASS`, `NOPERM` | [`ErrorClass::Stop`] with the credentials/ACL fix |
 //! | `WRONGTYPE` (a key that is not a stream holds the destination's name) | [`ErrorClass::Stop`] |
 //! | `MOVED`, `ASK`, `CROSSSLOT` (a Redis Cluster) | [`ErrorClass::Stop`]: the sink talks to one server |
 //! | anything else | [`ErrorClass::Unlisted`] |
+//!
+//! The server refuses a bulk string longer than its `proto-max-bulk-len` by closing the
+//! connection, which would look like a transient failure: start-up reads that limit
+//! (`CONFIG GET`) so such a record is refused before it is sent. Where `CONFIG` is not allowed,
+//! keep `redis.max_record_bytes` at or below the server's limit.
 //!
 //! # The client
 //! The [`redis`] crate (redis-rs): the most widely used Redis client for Rust, maintained by
@@ -661,16 +667,21 @@ impl Pending {
             delivery_timeout,
             closed,
         } = self;
-        let results = match reply {
-            None => Vec::new(),
+        // The per-record results, or why there are none.
+        let answer: Result<Vec<Result<Delivered, SendError>>, SendError> = match reply {
+            None => Ok(Vec::new()),
             Some(reply) => match tokio::time::timeout_at(deadline + WAIT_GRACE, reply).await {
-                Ok(Ok(results)) => results,
-                Ok(Err(_)) => Vec::new(),
+                Ok(Ok(results)) => Ok(results),
+                Ok(Err(_)) => Err(SendError::NotSent(
+                    "the sink's connection task stopped".into(),
+                )),
                 Err(_) => {
+                    // Nothing more may go out on that connection: later batches would overtake
+                    // this one when it is sent again.
                     if let Some(closed) = &closed {
                         closed.store(true, Ordering::SeqCst);
                     }
-                    vec![Err(SendError::Timeout(delivery_timeout))]
+                    Err(SendError::Timeout(delivery_timeout))
                 }
             },
         };
@@ -679,12 +690,17 @@ impl Pending {
             .map(|slot| match slot {
                 Slot::Done(outcome) => outcome,
                 Slot::Sent(i, span) => {
-                    let outcome = match results.get(i).or(results.first()) {
-                        Some(Ok(d)) if results.len() > i => Outcome::Delivered(*d),
-                        Some(Err(e)) => Outcome::Failed(e.clone()),
-                        _ => Outcome::Failed(SendError::NotSent(
-                            "the sink's connection task stopped".into(),
-                        )),
+                    let result = match &answer {
+                        Ok(results) => results.get(i).cloned().unwrap_or_else(|| {
+                            Err(SendError::Reply("no result for the record".into()))
+                        }),
+                        Err(e) => Err(e.clone()),
+                    };
+                    let outcome = match result {
+                        Ok(d) => Outcome::Delivered(d),
+                        // A reply is the record's own: a refusal for what it is parks it.
+                        Err(e) if classify(&e) == ErrorClass::Record => Outcome::Rejected(e),
+                        Err(e) => Outcome::Failed(e),
                     };
                     if let Some(span) = span {
                         span.end(&outcome);
