@@ -150,7 +150,7 @@ async fn a_non_stream_key_under_the_destination_stops_the_relay_with_the_fix() -
         .arg("not a stream")
         .query_async(&mut conn)
         .await?;
-    work.write(WriteMode::Table, 1, 3).await?;
+    work.write(WriteMode::Table, 1, 10).await?;
     let env = broker::relay_env();
     let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
     let (code, log) = relay.wait_exit(LONG).await?;
@@ -367,7 +367,20 @@ async fn wait_replicas_holds_every_delivery_until_a_replica_has_it() -> Result<(
 async fn topics_ensure_creates_nothing_and_reports_a_name_held_by_another_key() -> Result<()> {
     let db = TestDb::migrated("redis_topics").await?;
     let work = Workload::create(&db, "redis_topics", 1, 1).await?;
-    work.write(WriteMode::Table, 1, 1).await?;
+    // One committed event routes to the workload's destination.
+    let mut tx = db.pool.begin().await?;
+    outbox_core::Outbox::default()
+        .publish_new(
+            &mut tx,
+            vec![outbox_core::NewEvent::new(
+                &work.aggregate_type,
+                "a",
+                "Opened",
+                None,
+            )],
+        )
+        .await?;
+    tx.commit().await?;
     let env = broker::relay_env();
     let env = env_refs(&env);
     let out = relay_cli_on(&db, &["topics", "ensure"], &env).await?;

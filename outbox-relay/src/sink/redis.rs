@@ -1091,7 +1091,7 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// See [`PROBE_INTERVAL`].
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Keeps [`crate::stats::RelayStats::kafka_reachable`] (the broker's reachability for
+/// Keeps [`crate::stats::RelayStats::sink_reachable`] (the broker's reachability for
 /// `/readyz`) current while the relay is idle: every [`PROBE_INTERVAL`] without a published
 /// event, a `PING` on a connection of its own must answer within [`PROBE_TIMEOUT`]. While events
 /// are being published their replies are the evidence. Stops when `shutdown` fires.
@@ -1118,9 +1118,7 @@ pub fn watch_server(
             if answer.is_err() {
                 conn = None;
             }
-            let was = stats
-                .kafka_reachable
-                .swap(answer.is_ok(), Ordering::Relaxed);
+            let was = stats.sink_reachable.swap(answer.is_ok(), Ordering::Relaxed);
             match (was, answer) {
                 (true, Err(error)) => tracing::warn!(
                     server = %settings.shown_url(),

@@ -41,8 +41,13 @@ pub async fn connection() -> Result<redis::aio::MultiplexedConnection> {
 /// A connection to the server at `url`.
 pub async fn connection_to(url: &str) -> Result<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(url)?;
+    // The client's defaults (1 s to connect, 500 ms per reply) are too short for a loaded
+    // machine reading a whole stream.
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+        .set_response_timeout(Some(Duration::from_secs(30)));
     client
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .with_context(|| format!("connecting to Redis at {url}"))
 }
