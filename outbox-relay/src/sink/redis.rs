@@ -38,8 +38,8 @@
 //! appends a second entry, which carries the same `h:id`. A record without an `id` header
 //! (the relay always sets one) is appended without this check. A re-send within the window is
 //! dropped even when the stream was trimmed or deleted meanwhile. The window costs memory: one
-//! small string key (the prefix, the event id and an entry id, roughly 100 bytes with Redis's
-//! overhead) per event for `redis.dedupe_ttl`, e.g. about 100 MB for a million events a day.
+//! small string key (the prefix, the event id and an entry id, roughly 140 bytes with Redis's
+//! overhead) per event for `redis.dedupe_ttl`, e.g. about 140 MB for a million events a day.
 //!
 //! # Order
 //! A batch is one pipeline written on one connection, so Redis executes its records in order,
