@@ -2,6 +2,7 @@
 
 use crate::config::RelayConfig;
 use crate::sink::kafka::KafkaSink;
+use crate::sink::redis::RedisSink;
 use crate::sink::{Sink, SinkError, SinkKind};
 
 /// Builds the sink the configuration names (no connection is made yet; see
@@ -10,6 +11,9 @@ pub fn from_config(config: &RelayConfig) -> Result<Box<dyn Sink>, SinkError> {
     match config.sink {
         SinkKind::Kafka => Ok(Box::new(
             KafkaSink::new(config.kafka.clone())?.with_producer_spans(config.telemetry.enabled),
+        )),
+        SinkKind::Redis => Ok(Box::new(
+            RedisSink::new(config.redis.clone())?.with_producer_spans(config.telemetry.enabled),
         )),
         other => Err(SinkError::Config {
             broker: other.broker(),
