@@ -11,10 +11,12 @@ use outbox_core::{OutboxTable, WriteMode};
 
 pub mod kafka;
 pub mod load;
+pub mod rabbitmq;
 pub mod telemetry;
 mod validate;
 
 pub use kafka::{KafkaPropertyError, KafkaSettings};
+pub use rabbitmq::RabbitmqSettings;
 pub use telemetry::TelemetrySettings;
 
 use crate::route::RouteSettings;
@@ -370,6 +372,8 @@ pub struct RelayConfig {
     pub route: RouteSettings,
     /// The Kafka producer.
     pub kafka: KafkaSettings,
+    /// The RabbitMQ sink (`sink = "rabbitmq"`).
+    pub rabbitmq: RabbitmqSettings,
     /// The logical-replication source.
     pub logical: LogicalSettings,
     /// OpenTelemetry producer spans ([`crate::telemetry`]).
@@ -400,6 +404,7 @@ impl Default for RelayConfig {
             dead_letter_topic: None,
             route: RouteSettings::default(),
             kafka: KafkaSettings::default(),
+            rabbitmq: RabbitmqSettings::default(),
             logical: LogicalSettings::default(),
             telemetry: TelemetrySettings::default(),
         }
