@@ -12,11 +12,15 @@ use anyhow::Result;
 
 use crate::broker::{Consumed, consume};
 
+pub mod rabbitmq;
+
 /// A broker the guarantee suite (`tests/tests/sink_guarantees.rs`) runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SinkUnderTest {
     /// The Kafka-protocol broker of [`crate::services`].
     Kafka,
+    /// RabbitMQ (AMQP 0-9-1) at `AMQP_URL` ([`rabbitmq`]).
+    Rabbitmq,
 }
 
 impl SinkUnderTest {
@@ -24,6 +28,7 @@ impl SinkUnderTest {
     pub fn relay_env(self) -> Vec<(&'static str, String)> {
         match self {
             SinkUnderTest::Kafka => vec![("OUTBOX_SINK", "kafka".to_owned())],
+            SinkUnderTest::Rabbitmq => rabbitmq::relay_env(),
         }
     }
 
@@ -38,6 +43,7 @@ impl SinkUnderTest {
                 ),
                 ("OUTBOX_KAFKA__PROPERTIES__BATCH_SIZE", bytes.to_string()),
             ],
+            SinkUnderTest::Rabbitmq => rabbitmq::size_limit_env(bytes),
         }
     }
 
@@ -49,6 +55,7 @@ impl SinkUnderTest {
                 let _ = destination;
                 Ok(())
             }
+            SinkUnderTest::Rabbitmq => rabbitmq::prepare(destination).await,
         }
     }
 
@@ -64,6 +71,9 @@ impl SinkUnderTest {
     ) -> Result<Vec<Consumed>> {
         match self {
             SinkUnderTest::Kafka => consume(&[destination], at_least, quiet, timeout).await,
+            SinkUnderTest::Rabbitmq => {
+                rabbitmq::consume(destination, at_least, quiet, timeout).await
+            }
         }
     }
 }
