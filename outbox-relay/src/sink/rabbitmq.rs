@@ -802,6 +802,82 @@ impl Sink for RabbitmqSink {
     }
 }
 
+/// `topics ensure --sink rabbitmq`: declares the exchange (durable, type `topic`, unless
+/// `rabbitmq.declare_exchange` is off) and, for each destination, a durable queue named like it
+/// and bound to the exchange with the destination as binding key, so that no record the relay
+/// publishes there is unroutable. Existing queues with the same properties are left as they
+/// are; returns one line per destination (`declared <queue> …` or `FAILED <queue>: …`) and
+/// fails if any could not be declared.
+pub async fn ensure_queues(
+    settings: &RabbitmqSettings,
+    destinations: &[String],
+) -> Result<Vec<String>, SinkError> {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    let sink = RabbitmqSink::new(settings.clone())?;
+    let unreachable = |error: RabbitError| SinkError::Unreachable {
+        broker: RABBITMQ,
+        servers: sink.servers(),
+        detail: error.to_string(),
+    };
+    let link = sink.connect().await.map_err(unreachable)?;
+    let mut lines = Vec::with_capacity(destinations.len());
+    let mut failed: Option<(String, RabbitError)> = None;
+    for destination in destinations {
+        // A failed declaration closes the channel: each queue gets a channel of its own.
+        let declared = async {
+            let channel = link.connection.create_channel().await?;
+            channel
+                .queue_declare(
+                    destination.as_str().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            if !settings.exchange.is_empty() {
+                channel
+                    .queue_bind(
+                        destination.as_str().into(),
+                        settings.exchange.as_str().into(),
+                        destination.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+            let _ = channel.close(200, "declared".into()).await;
+            Ok::<(), lapin::Error>(())
+        }
+        .await;
+        match declared {
+            Ok(()) if settings.exchange.is_empty() => {
+                lines.push(format!("declared {destination} (default exchange)"))
+            }
+            Ok(()) => lines.push(format!(
+                "declared {destination} bound to {} with routing key {destination}",
+                settings.exchange
+            )),
+            Err(error) => {
+                lines.push(format!("FAILED   {destination}: {error}"));
+                failed.get_or_insert((destination.clone(), RabbitError::Client(error)));
+            }
+        }
+    }
+    let _ = RabbitmqSink::close(link, settings.connect_timeout).await;
+    match failed {
+        None => Ok(lines),
+        Some((destination, error)) => Err(SinkError::Refused {
+            broker: RABBITMQ,
+            destination,
+            name: error_name(&error),
+            detail: error.to_string(),
+            fix: "check the relay user's configure permission, or delete the queue declared with other properties".into(),
+        }),
+    }
+}
+
 /// How often an idle relay checks that RabbitMQ accepts a connection.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long that check may take.
