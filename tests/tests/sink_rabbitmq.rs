@@ -13,12 +13,13 @@ use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::AMQPValue;
 use lapin::{Connection, ConnectionProperties};
 use logical_common::{LONG, QUIET, env_refs};
-use outbox_core::WriteMode;
+use outbox_core::{NewEvent, Outbox, WriteMode};
 use outbox_tests::sinks::rabbitmq;
 use outbox_tests::writers::Workload;
 use outbox_tests::*;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 fn relay_env() -> Vec<(&'static str, String)> {
     rabbitmq::relay_env()
@@ -232,5 +233,166 @@ async fn connection_cuts_mid_run_lose_nothing() -> Result<()> {
         "duplicates beyond the window each cut can repeat: {v:?}"
     );
     drop(proxy);
+    Ok(())
+}
+
+/// The RabbitMQ node behind `AMQP_URL`, for `rabbitmqctl -n`: the machine's own server on the
+/// standard port, or the private one `scripts/services.sh` started (`outbox<port>@localhost`).
+fn node() -> Option<String> {
+    let port = url::Url::parse(&rabbitmq::url())
+        .ok()?
+        .port()
+        .unwrap_or(5672);
+    if port == 5672 {
+        return None;
+    }
+    Some(format!("outbox{port}@localhost"))
+}
+
+/// Runs `rabbitmqctl eval <expr>` on the test broker's node.
+fn rabbitmqctl_eval(expr: &str) -> Result<String> {
+    let mut cmd = std::process::Command::new("rabbitmqctl");
+    if let Some(node) = node() {
+        cmd.args(["-n", &node]);
+    }
+    let out = cmd
+        .args(["-q", "eval", expr])
+        .output()
+        .context("running rabbitmqctl")?;
+    ensure!(
+        out.status.success(),
+        "rabbitmqctl eval {expr}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Lowers the broker's `max_message_size` while it lives; restores the previous value on drop.
+struct BrokerMaxMessageSize(String);
+
+impl BrokerMaxMessageSize {
+    fn set(bytes: usize) -> Result<Self> {
+        let before = rabbitmqctl_eval("application:get_env(rabbit, max_message_size).")?;
+        let before = before
+            .strip_prefix("{ok,")
+            .and_then(|v| v.strip_suffix('}'))
+            .unwrap_or("134217728")
+            .to_owned();
+        rabbitmqctl_eval(&format!(
+            "application:set_env(rabbit, max_message_size, {bytes})."
+        ))?;
+        Ok(Self(before))
+    }
+}
+
+impl Drop for BrokerMaxMessageSize {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl_eval(&format!(
+            "application:set_env(rabbit, max_message_size, {}).",
+            self.0
+        ));
+    }
+}
+
+fn sized(aggregate_type: &str, aggregate: &str, seq: i64, bytes: usize) -> NewEvent {
+    NewEvent::new(
+        aggregate_type,
+        aggregate,
+        "Changed",
+        Some(serde_json::json!({ "seq": seq, "pad": "x".repeat(bytes) })),
+    )
+    .with_aggregate_seq(seq)
+}
+
+async fn commit(db: &TestDb, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
+    let mut tx = db.pool.begin().await?;
+    let ids = Outbox::default().publish_new(&mut tx, events).await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// A body within the relay's `max_message_size` but above the broker's own: RabbitMQ closes
+/// the channel (`PRECONDITION_FAILED`), the relay sends the suspects one at a time, parks the
+/// record at fault and the one behind it, and every other record is delivered once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_the_broker_refuses_is_parked_while_the_others_flow() -> Result<()> {
+    let db = TestDb::migrated("rmq_large").await?;
+    let work = Workload::create(&db, "rmq_large", 1, 1).await?;
+    rabbitmq::prepare(&work.topic).await?;
+    let limit = BrokerMaxMessageSize::set(1024 * 1024)?;
+    let t = work.aggregate_type.clone();
+    // All in the table before the relay starts, so they share its first batch.
+    let a1 = commit(&db, vec![sized(&t, "A", 1, 10)]).await?[0];
+    let b1 = commit(&db, vec![sized(&t, "B", 1, 10)]).await?[0];
+    let a2 = commit(&db, vec![sized(&t, "A", 2, 2 * 1024 * 1024)]).await?[0];
+    let a3 = commit(&db, vec![sized(&t, "A", 3, 10)]).await?[0];
+    let mut others = vec![b1];
+    for seq in 2..=5 {
+        others.extend(commit(&db, vec![sized(&t, "B", seq, 10)]).await?);
+    }
+    let relay = RelayProcess::start(&db, &[], &env_refs(&relay_env())).await?;
+    let records = rabbitmq::consume(&work.topic, 6, QUIET, LONG).await?;
+    let ids: Vec<Uuid> = records.iter().map(Consumed::event_id).collect();
+    assert!(ids.contains(&a1), "{ids:?}");
+    let b: Vec<usize> = others
+        .iter()
+        .map(|id| {
+            ids.iter()
+                .position(|x| x == id)
+                .context("a B event is missing")
+        })
+        .collect::<Result<_>>()?;
+    assert!(b.windows(2).all(|w| w[0] < w[1]), "B in order: {ids:?}");
+    assert!(
+        !ids.contains(&a2) && !ids.contains(&a3),
+        "the refused event and the one behind it are not published: {ids:?}"
+    );
+    let deadline = Instant::now() + LONG;
+    let parked = loop {
+        let out = relay_cli_on(&db, &["parked", "list", "--json"], &[]).await?;
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let parked: Vec<serde_json::Value> = serde_json::from_str(&out.stdout)?;
+        if parked.len() >= 2 || Instant::now() > deadline {
+            break parked;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let parked_ids: Vec<&str> = parked.iter().filter_map(|p| p["id"].as_str()).collect();
+    assert_eq!(
+        parked_ids,
+        [a2.to_string(), a3.to_string()],
+        "{}",
+        relay.log()
+    );
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    drop(limit);
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("PRECONDITION_FAILED") || log.contains("message size"),
+        "the broker refused it (not the relay's own limit):\n{log}"
+    );
+    Ok(())
+}
+
+/// Wrong credentials: the relay does not start, says why, and never shows the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wrong_credentials_stop_the_start_without_showing_them() -> Result<()> {
+    let db = TestDb::migrated("rmq_auth").await?;
+    let mut broker = url::Url::parse(&rabbitmq::url())?;
+    broker
+        .set_password(Some("n0t-the-pa55word"))
+        .map_err(|()| anyhow::anyhow!("cannot set the password"))?;
+    let mut env = relay_env();
+    env.retain(|(k, _)| *k != "OUTBOX_RABBITMQ__URL");
+    env.push(("OUTBOX_RABBITMQ__URL", broker.to_string()));
+    let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
+    let (code, log) = relay.wait_exit(LONG).await?;
+    assert_ne!(code, 0, "{log}");
+    assert!(log.contains("RabbitMQ"), "{log}");
+    assert!(
+        log.contains("fix the user and password in rabbitmq.url"),
+        "{log}"
+    );
+    assert!(!log.contains("n0t-the-pa55word"), "{log}");
     Ok(())
 }

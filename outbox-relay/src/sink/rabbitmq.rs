@@ -166,8 +166,15 @@ pub fn classify(error: &RabbitError) -> ErrorClass {
 
 fn classify_client(error: &lapin::Error) -> ErrorClass {
     use lapin::ErrorKind as K;
-    if let Some((kind, _)) = reply(error) {
+    if let Some((kind, text)) = reply(error) {
         return match kind {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                if text.contains("Login was refused") =>
+            {
+                ErrorClass::Stop(
+                    "fix the user and password in rabbitmq.url (OUTBOX_RABBITMQ__URL), then restart the relay",
+                )
+            }
             AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => ErrorClass::Stop(
                 "declare the exchange (durable, type topic) or set rabbitmq.declare_exchange = true (outbox-relay topics ensure --sink rabbitmq), then restart the relay",
             ),
@@ -352,6 +359,10 @@ pub struct RabbitmqSink {
     settings: RabbitmqSettings,
     link: tokio::sync::Mutex<Option<Link>>,
     in_flight: Arc<AtomicUsize>,
+    /// The failure a batch was refused with at enqueue time, until [`Sink::recreate`]: while
+    /// the relay has not handled it, no later record may go out (over a new connection, it
+    /// would overtake the failed ones the relay sends again).
+    failed: std::sync::Mutex<Option<RabbitError>>,
 }
 
 /// Counts a published record as in flight until its outcome is known (or it is dropped).
@@ -398,6 +409,7 @@ impl RabbitmqSink {
             settings,
             link: tokio::sync::Mutex::new(None),
             in_flight: Arc::new(AtomicUsize::new(0)),
+            failed: std::sync::Mutex::new(None),
         })
     }
 
@@ -486,13 +498,18 @@ impl RabbitmqSink {
         confirmed && (closed || !link.connection.status().connected())
     }
 
+    /// Records published and not yet answered (or dropped).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Publishes `records` in order on the channel without waiting for the confirms. See
     /// [`Sink::enqueue`].
     pub async fn enqueue(&self, records: &[OutboundRecord]) -> Pending {
         let deadline = tokio::time::Instant::now() + self.settings.delivery_timeout;
         let mut slots: Vec<Slot> = Vec::with_capacity(records.len());
         let mut poisoned: Vec<(&str, &str, usize)> = Vec::new();
-        let mut stopped: Option<RabbitError> = None;
+        let mut stopped: Option<RabbitError> = self.failed.lock().ok().and_then(|f| f.clone());
         let mut guard = self.link.lock().await;
         for (i, r) in records.iter().enumerate() {
             if let Some(error) = &stopped {
@@ -515,6 +532,17 @@ impl RabbitmqSink {
                     continue;
                 }
             };
+            // A channel the broker closed while nothing of it is in flight (after a record it
+            // refused was sent alone) is replaced at once: no earlier record can follow the
+            // new channel's. With records in flight, or records that failed at enqueue time
+            // (`stopped`, kept until the relay recreates the sink), it is not.
+            if guard
+                .as_ref()
+                .is_some_and(|l| !l.channel.status().connected())
+                && self.in_flight() == 0
+            {
+                *guard = None;
+            }
             if guard.is_none() {
                 match self.connect().await {
                     Ok(link) => *guard = Some(link),
@@ -564,6 +592,9 @@ impl RabbitmqSink {
                     }
                 }
             }
+        }
+        if let (Some(error), Ok(mut failed)) = (stopped, self.failed.lock()) {
+            failed.get_or_insert(error);
         }
         Pending { slots, deadline }
     }
@@ -710,12 +741,15 @@ impl Sink for RabbitmqSink {
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        RabbitmqSink::in_flight(self)
     }
 
     async fn recreate(&mut self) -> Result<(), SinkError> {
         // The next enqueue connects anew; a broker out of reach then fails those records (and
         // the relay backs off), rather than failing the relay here.
+        if let Ok(failed) = self.failed.get_mut() {
+            *failed = None;
+        }
         if let Some(link) = self.link.get_mut().take() {
             let wait = self.settings.delivery_timeout.min(Duration::from_secs(5));
             if !Self::close(link, wait).await {
@@ -947,11 +981,12 @@ mod tests {
             ErrorClass::Stop(_)
         ));
         assert!(matches!(
-            classify(&broker(
-                AMQPErrorKind::Soft(S::ACCESSREFUSED),
-                "ACCESS_REFUSED"
-            )),
-            ErrorClass::Stop(_)
+            classify(&broker(AMQPErrorKind::Soft(S::ACCESSREFUSED), "ACCESS_REFUSED - access to exchange 'outbox' in vhost '/' refused for user 'relay'")),
+            ErrorClass::Stop(fix) if fix.contains("permissions")
+        ));
+        assert!(matches!(
+            classify(&broker(AMQPErrorKind::Soft(S::ACCESSREFUSED), "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN.")),
+            ErrorClass::Stop(fix) if fix.contains("rabbitmq.url")
         ));
         assert!(matches!(
             classify(&broker(
