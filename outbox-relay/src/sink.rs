@@ -181,7 +181,7 @@ pub trait Sink: Send + Sync {
     /// [`Sink::recreate`]d afterwards.
     async fn fence(&self, wait: Duration) -> Fenced;
     /// Starts the idle reachability probe that keeps
-    /// [`crate::stats::RelayStats::kafka_reachable`] current for `/readyz`, if this broker has
+    /// [`crate::stats::RelayStats::sink_reachable`] current for `/readyz`, if this broker has
     /// one; it stops when `shutdown` fires.
     fn watch(
         &self,
