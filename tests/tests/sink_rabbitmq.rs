@@ -396,3 +396,43 @@ async fn wrong_credentials_stop_the_start_without_showing_them() -> Result<()> {
     assert!(!log.contains("n0t-the-pa55word"), "{log}");
     Ok(())
 }
+
+/// `/readyz` follows RabbitMQ while the relay is idle: ready while the broker answers, not ready
+/// (naming RabbitMQ) once the path to it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_follows_the_broker_while_idle() -> Result<()> {
+    let db = TestDb::migrated("rmq_ready").await?;
+    let broker = url::Url::parse(&rabbitmq::url())?;
+    let upstream = format!(
+        "{}:{}",
+        broker.host_str().unwrap_or("127.0.0.1"),
+        broker.port().unwrap_or(5672)
+    );
+    let proxy = Severable::start(upstream).await?;
+    let mut through = broker.clone();
+    through
+        .set_port(Some(proxy.port))
+        .map_err(|()| anyhow::anyhow!("cannot set the port"))?;
+    let mut env = relay_env();
+    env.retain(|(k, _)| *k != "OUTBOX_RABBITMQ__URL");
+    env.push(("OUTBOX_RABBITMQ__URL", through.to_string()));
+    env.push(("OUTBOX_ADMIN_ADDR", "127.0.0.1:0".into()));
+    let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
+    relay.wait_for_log("this relay is active", LONG).await?;
+    let addr = admin_addr(&relay.log()).context("no admin address in the log")?;
+    assert_eq!(wait_for_status(&addr, "/readyz", 200, LONG).await?, 200);
+    // No new connection can be made, and the open ones are cut.
+    drop(proxy);
+    assert_eq!(
+        wait_for_status(&addr, "/readyz", 503, LONG).await?,
+        503,
+        "{}",
+        relay.log()
+    );
+    let (_, body) = http_get(&addr, "/readyz").await?;
+    assert!(body.contains("RabbitMQ"), "{body}");
+    relay.wait_for_log("RabbitMQ does not answer", LONG).await?;
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    Ok(())
+}

@@ -31,8 +31,13 @@
 //! [`Sink::recreate`]s the sink: the old channel's outstanding confirms are awaited (bounded by
 //! the delivery timeout), the old connection is closed — RabbitMQ answers the close only once
 //! its channel has handled what was published on it — and the next records go over a new
-//! connection, from the first unconfirmed event. The delivery offset reported is the publish's
-//! sequence number on its channel (partition 0).
+//! connection, from the first unconfirmed event. Once a batch failed at enqueue time (a closed
+//! channel, no connection), nothing more is published until that recreate, so no later record
+//! can go out on a new connection ahead of the failed ones. The delivery offset reported is the
+//! publish's sequence number on its channel (partition 0).
+//!
+//! **Health.** [`Sink::watch`] opens (and closes) a connection every second while the relay is
+//! idle, so `/readyz` reports a broker that stopped answering.
 //!
 //! **Duplicates.** RabbitMQ does not deduplicate: a record re-sent after a failure whose first
 //! copy was routed is delivered twice, with the same `message_id` (the event id), by which a
@@ -50,7 +55,9 @@
 //! **Residual risk.** When the broker does not answer the close of a failed connection (a
 //! resource alarm blocks the connection), the old connection is abandoned after the delivery
 //! timeout; records it had handed to the kernel may then still be routed after the new
-//! connection's (duplicates that can arrive out of order). A `basic.nack` of one record while a
+//! connection's (duplicates that can arrive out of order). A connection cut from under the
+//! relay cannot be closed in order at all: what the broker had already read from it is routed
+//! by its channel while the relay backs off (at least 200 ms) before it reconnects. A `basic.nack` of one record while a
 //! later one of the channel is acked (an internal queue error) lets the later one through
 //! first; the earlier one follows when it is re-sent.
 
@@ -817,9 +824,7 @@ impl Sink for RabbitmqSink {
                         Err(e) => Err(e),
                     }
                 };
-                let was = stats
-                    .kafka_reachable
-                    .swap(answer.is_ok(), Ordering::Relaxed);
+                let was = stats.sink_reachable.swap(answer.is_ok(), Ordering::Relaxed);
                 match (was, answer) {
                     (true, Err(error)) => tracing::warn!(
                         servers = %probe.servers(),
