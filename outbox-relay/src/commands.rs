@@ -239,6 +239,16 @@ pub async fn topics_ensure(config: &RelayConfig, spec: &TopicSpec) -> Result<()>
     if config.sink == crate::config::SinkKind::Redis {
         return redis_streams_ensure(config, &topics).await;
     }
+    if config.sink == crate::config::SinkKind::Rabbitmq {
+        let destinations: Vec<String> = topics.into_iter().collect();
+        let lines = crate::sink::rabbitmq::ensure_queues(&config.rabbitmq, &destinations)
+            .await
+            .map_err(|e| CommandError::runtime(e.to_string()))?;
+        for line in lines {
+            println!("{line}");
+        }
+        return Ok(());
+    }
     let admin: AdminClient<DefaultClientContext> = config
         .kafka
         .client_config()

@@ -11,11 +11,13 @@ use outbox_core::{OutboxTable, WriteMode};
 
 pub mod kafka;
 pub mod load;
+pub mod rabbitmq;
 pub mod redis;
 pub mod telemetry;
 mod validate;
 
 pub use kafka::{KafkaPropertyError, KafkaSettings};
+pub use rabbitmq::RabbitmqSettings;
 pub use redis::RedisSettings;
 pub use telemetry::TelemetrySettings;
 
@@ -374,6 +376,8 @@ pub struct RelayConfig {
     pub kafka: KafkaSettings,
     /// The Redis Streams sink (`sink = "redis"`).
     pub redis: RedisSettings,
+    /// The RabbitMQ sink (`sink = "rabbitmq"`).
+    pub rabbitmq: RabbitmqSettings,
     /// The logical-replication source.
     pub logical: LogicalSettings,
     /// OpenTelemetry producer spans ([`crate::telemetry`]).
@@ -405,6 +409,7 @@ impl Default for RelayConfig {
             route: RouteSettings::default(),
             kafka: KafkaSettings::default(),
             redis: RedisSettings::default(),
+            rabbitmq: RabbitmqSettings::default(),
             logical: LogicalSettings::default(),
             telemetry: TelemetrySettings::default(),
         }

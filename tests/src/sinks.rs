@@ -12,6 +12,7 @@ use anyhow::Result;
 
 use crate::broker::{Consumed, consume};
 
+pub mod rabbitmq;
 pub mod redis;
 
 /// A broker the guarantee suite (`tests/tests/sink_guarantees.rs`) runs against.
@@ -21,6 +22,8 @@ pub enum SinkUnderTest {
     Kafka,
     /// Redis Streams at `REDIS_URL` ([`redis`]).
     Redis,
+    /// RabbitMQ (AMQP 0-9-1) at `AMQP_URL` ([`rabbitmq`]).
+    Rabbitmq,
 }
 
 impl SinkUnderTest {
@@ -29,6 +32,7 @@ impl SinkUnderTest {
         match self {
             SinkUnderTest::Kafka => vec![("OUTBOX_SINK", "kafka".to_owned())],
             SinkUnderTest::Redis => redis::relay_env(),
+            SinkUnderTest::Rabbitmq => rabbitmq::relay_env(),
         }
     }
 
@@ -44,6 +48,7 @@ impl SinkUnderTest {
                 ("OUTBOX_KAFKA__PROPERTIES__BATCH_SIZE", bytes.to_string()),
             ],
             SinkUnderTest::Redis => redis::size_limit_env(bytes),
+            SinkUnderTest::Rabbitmq => rabbitmq::size_limit_env(bytes),
         }
     }
 
@@ -56,6 +61,7 @@ impl SinkUnderTest {
                 Ok(())
             }
             SinkUnderTest::Redis => redis::prepare(destination).await,
+            SinkUnderTest::Rabbitmq => rabbitmq::prepare(destination).await,
         }
     }
 
@@ -72,6 +78,9 @@ impl SinkUnderTest {
         match self {
             SinkUnderTest::Kafka => consume(&[destination], at_least, quiet, timeout).await,
             SinkUnderTest::Redis => redis::consume(destination, at_least, quiet, timeout).await,
+            SinkUnderTest::Rabbitmq => {
+                rabbitmq::consume(destination, at_least, quiet, timeout).await
+            }
         }
     }
 }

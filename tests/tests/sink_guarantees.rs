@@ -297,3 +297,4 @@ macro_rules! suite {
 
 suite!(kafka, SinkUnderTest::Kafka);
 suite!(redis, SinkUnderTest::Redis);
+suite!(rabbitmq, SinkUnderTest::Rabbitmq);

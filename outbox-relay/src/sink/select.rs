@@ -2,6 +2,7 @@
 
 use crate::config::RelayConfig;
 use crate::sink::kafka::KafkaSink;
+use crate::sink::rabbitmq::RabbitmqSink;
 use crate::sink::redis::RedisSink;
 use crate::sink::{Sink, SinkError, SinkKind};
 
@@ -15,6 +16,7 @@ pub fn from_config(config: &RelayConfig) -> Result<Box<dyn Sink>, SinkError> {
         SinkKind::Redis => Ok(Box::new(
             RedisSink::new(config.redis.clone())?.with_producer_spans(config.telemetry.enabled),
         )),
+        SinkKind::Rabbitmq => Ok(Box::new(RabbitmqSink::new(config.rabbitmq.clone())?)),
         other => Err(SinkError::Config {
             broker: other.broker(),
             key: "sink".into(),
