@@ -181,7 +181,7 @@ pub(super) fn parks_in<E: Display>(
             (Plan::Park(request), _) => parks.push((**request).clone()),
             (Plan::Send(j), Outcome::Rejected(error)) => parks.push(ParkRequest {
                 event: event_of(e, *j),
-                reason: format!("Kafka refused the record for good: {error}"),
+                reason: format!("the broker refused the record for good: {error}"),
                 blocked_by: None,
             }),
             (Plan::Send(j), Outcome::Held { behind }) => {
@@ -364,7 +364,7 @@ mod tests {
         assert_eq!(parks[0].event.id, batch[0].event.id);
         assert_eq!(
             parks[0].reason,
-            "Kafka refused the record for good: too large"
+            "the broker refused the record for good: too large"
         );
         assert_eq!(parks[0].event.payload.as_deref(), Some("{\"of\":\"1\"}"));
         assert_eq!(parks[1].blocked_by, Some(batch[0].event.id));
