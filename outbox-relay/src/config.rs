@@ -11,10 +11,12 @@ use outbox_core::{OutboxTable, WriteMode};
 
 pub mod kafka;
 pub mod load;
+pub mod nats;
 pub mod telemetry;
 mod validate;
 
 pub use kafka::{KafkaPropertyError, KafkaSettings};
+pub use nats::{NatsSettings, NatsStreamSettings};
 pub use telemetry::TelemetrySettings;
 
 use crate::route::RouteSettings;
@@ -370,6 +372,8 @@ pub struct RelayConfig {
     pub route: RouteSettings,
     /// The Kafka producer.
     pub kafka: KafkaSettings,
+    /// The NATS JetStream sink (`sink = "nats"`).
+    pub nats: NatsSettings,
     /// The logical-replication source.
     pub logical: LogicalSettings,
     /// OpenTelemetry producer spans ([`crate::telemetry`]).
@@ -400,6 +404,7 @@ impl Default for RelayConfig {
             dead_letter_topic: None,
             route: RouteSettings::default(),
             kafka: KafkaSettings::default(),
+            nats: NatsSettings::default(),
             logical: LogicalSettings::default(),
             telemetry: TelemetrySettings::default(),
         }

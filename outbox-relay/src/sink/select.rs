@@ -2,6 +2,7 @@
 
 use crate::config::RelayConfig;
 use crate::sink::kafka::KafkaSink;
+use crate::sink::nats::NatsSink;
 use crate::sink::{Sink, SinkError, SinkKind};
 
 /// Builds the sink the configuration names (no connection is made yet; see
@@ -11,6 +12,7 @@ pub fn from_config(config: &RelayConfig) -> Result<Box<dyn Sink>, SinkError> {
         SinkKind::Kafka => Ok(Box::new(
             KafkaSink::new(config.kafka.clone())?.with_producer_spans(config.telemetry.enabled),
         )),
+        SinkKind::Nats => Ok(Box::new(NatsSink::new(config.nats.clone())?)),
         other => Err(SinkError::Config {
             broker: other.broker(),
             key: "sink".into(),
