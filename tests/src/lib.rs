@@ -19,6 +19,7 @@ pub mod in_process;
 pub mod ledger;
 pub mod relay_process;
 pub mod services;
+pub mod sinks;
 pub mod writers;
 
 pub use admin::{admin_addr, http_get, http_get_with_token, metric, wait_for_status};
@@ -30,3 +31,4 @@ pub use in_process::{InProcessRelay, relay_config};
 pub use ledger::{Ledger, Verdict};
 pub use relay_process::{CliOutput, RelayProcess, relay_binary, relay_cli, relay_cli_on};
 pub use services::{Services, init_logging, services};
+pub use sinks::SinkUnderTest;

@@ -1,0 +1,69 @@
+//! The brokers a relay can publish to, as the end-to-end suite drives them: what a relay process
+//! needs in its environment to use one, what must exist before it publishes, and how to read a
+//! destination back from the start (as [`Consumed`] records, so one [`crate::Verdict`] judges
+//! every broker alike).
+//!
+//! Each broker's part lives in a module of its own (`sinks/<broker>.rs`); this enum only
+//! dispatches.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::broker::{Consumed, consume};
+
+/// A broker the guarantee suite (`tests/tests/sink_guarantees.rs`) runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkUnderTest {
+    /// The Kafka-protocol broker of [`crate::services`].
+    Kafka,
+}
+
+impl SinkUnderTest {
+    /// `OUTBOX_SINK` and the broker's connection settings for a relay process.
+    pub fn relay_env(self) -> Vec<(&'static str, String)> {
+        match self {
+            SinkUnderTest::Kafka => vec![("OUTBOX_SINK", "kafka".to_owned())],
+        }
+    }
+
+    /// Settings under which the sink refuses, for good, every record whose payload is larger
+    /// than `bytes` (a poison event the relay must park per aggregate).
+    pub fn size_limit_env(self, bytes: usize) -> Vec<(&'static str, String)> {
+        match self {
+            SinkUnderTest::Kafka => vec![
+                (
+                    "OUTBOX_KAFKA__PROPERTIES__MESSAGE_MAX_BYTES",
+                    bytes.to_string(),
+                ),
+                ("OUTBOX_KAFKA__PROPERTIES__BATCH_SIZE", bytes.to_string()),
+            ],
+        }
+    }
+
+    /// Creates what `destination` needs before the relay publishes to it, for a destination
+    /// named after a [`crate::writers::Workload`] (which already made its Kafka topic).
+    pub async fn prepare(self, destination: &str) -> Result<()> {
+        match self {
+            SinkUnderTest::Kafka => {
+                let _ = destination;
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads `destination` back from its start until at least `at_least` records arrived and
+    /// then nothing new for `quiet`, or until `timeout`; in the broker's order (per Kafka
+    /// partition), duplicates included.
+    pub async fn consume(
+        self,
+        destination: &str,
+        at_least: usize,
+        quiet: Duration,
+        timeout: Duration,
+    ) -> Result<Vec<Consumed>> {
+        match self {
+            SinkUnderTest::Kafka => consume(&[destination], at_least, quiet, timeout).await,
+        }
+    }
+}
