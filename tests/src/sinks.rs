@@ -12,11 +12,15 @@ use anyhow::Result;
 
 use crate::broker::{Consumed, consume};
 
+pub mod nats;
+
 /// A broker the guarantee suite (`tests/tests/sink_guarantees.rs`) runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SinkUnderTest {
     /// The Kafka-protocol broker of [`crate::services`].
     Kafka,
+    /// NATS JetStream ([`nats`]).
+    Nats,
 }
 
 impl SinkUnderTest {
@@ -24,6 +28,7 @@ impl SinkUnderTest {
     pub fn relay_env(self) -> Vec<(&'static str, String)> {
         match self {
             SinkUnderTest::Kafka => vec![("OUTBOX_SINK", "kafka".to_owned())],
+            SinkUnderTest::Nats => nats::relay_env(),
         }
     }
 
@@ -38,6 +43,7 @@ impl SinkUnderTest {
                 ),
                 ("OUTBOX_KAFKA__PROPERTIES__BATCH_SIZE", bytes.to_string()),
             ],
+            SinkUnderTest::Nats => vec![("OUTBOX_NATS__MAX_MESSAGE_BYTES", bytes.to_string())],
         }
     }
 
@@ -49,6 +55,7 @@ impl SinkUnderTest {
                 let _ = destination;
                 Ok(())
             }
+            SinkUnderTest::Nats => nats::prepare(destination).await,
         }
     }
 
@@ -64,6 +71,7 @@ impl SinkUnderTest {
     ) -> Result<Vec<Consumed>> {
         match self {
             SinkUnderTest::Kafka => consume(&[destination], at_least, quiet, timeout).await,
+            SinkUnderTest::Nats => nats::consume(destination, at_least, quiet, timeout).await,
         }
     }
 }

@@ -296,3 +296,4 @@ macro_rules! suite {
 }
 
 suite!(kafka, SinkUnderTest::Kafka);
+suite!(nats, SinkUnderTest::Nats);

@@ -36,6 +36,10 @@ pub struct NatsSettings {
     /// (and the relay re-sends it, in order, from a new connection).
     #[serde(with = "super::duration")]
     pub delivery_timeout: Duration,
+    /// Largest message (headers and body, in bytes) the relay publishes; a larger one is
+    /// refused for good and parked. `0`: only the server's `max_payload` and the stream's
+    /// `max_msg_size` apply (both are always checked).
+    pub max_message_bytes: usize,
     /// The JetStream stream `outbox-relay topics ensure --sink nats` creates.
     pub stream: NatsStreamSettings,
 }
@@ -52,6 +56,7 @@ impl Default for NatsSettings {
             ca_path: None,
             connect_timeout: Duration::from_secs(10),
             delivery_timeout: Duration::from_secs(30),
+            max_message_bytes: 0,
             stream: NatsStreamSettings::default(),
         }
     }

@@ -408,6 +408,27 @@ fn api_failure(api: &jetstream::Error) -> Failure {
     }
 }
 
+/// Asks JetStream for the account's information (`$JS.API.INFO`): proves the connection works
+/// and JetStream is enabled for the relay's account. `Err` holds the server's reason.
+async fn account_info(link: &Link) -> Result<(), String> {
+    let reply = link
+        .client
+        .request("$JS.API.INFO", bytes::Bytes::new())
+        .await
+        .map_err(|e| match e.kind() {
+            async_nats::client::RequestErrorKind::NoResponders => {
+                "JetStream is not enabled (no responders for $JS.API.INFO)".to_owned()
+            }
+            _ => e.to_string(),
+        })?;
+    let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
+        .map_err(|e| format!("unreadable JetStream answer: {e}"))?;
+    match answer.get("error") {
+        Some(error) => Err(error.to_string()),
+        None => Ok(()),
+    }
+}
+
 /// Connects with the settings; `server_error` (when given) keeps the last error the server
 /// reports on the connection.
 async fn open(
@@ -605,13 +626,13 @@ impl Sink for NatsSink {
             servers: servers.clone(),
             detail: fault(&f).detail,
         })?;
-        match tokio::time::timeout(self.settings.connect_timeout, link.js.query_account()).await {
+        match tokio::time::timeout(self.settings.connect_timeout, account_info(&link)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(SinkError::Refused {
                 broker: NATS,
                 destination: String::new(),
                 name: "JETSTREAM_NOT_ENABLED".into(),
-                detail: e.to_string(),
+                detail: e,
                 fix: JETSTREAM_FIX.into(),
             }),
             Err(_) => Err(SinkError::Unreachable {
@@ -736,7 +757,7 @@ impl Sink for NatsSink {
         if let Some(link) = link {
             if held > 0
                 && !matches!(
-                    tokio::time::timeout(wait, link.js.query_account()).await,
+                    tokio::time::timeout(wait, account_info(&link)).await,
                     Ok(Ok(_))
                 )
             {
@@ -775,6 +796,12 @@ impl NatsSink {
         if size > max_payload {
             return Err(Failure::TooLarge(format!(
                 "the message takes {size} bytes, more than the server's max_payload of {max_payload}"
+            )));
+        }
+        let cap = self.settings.max_message_bytes;
+        if cap > 0 && size > cap {
+            return Err(Failure::TooLarge(format!(
+                "the message takes {size} bytes, more than nats.max_message_bytes = {cap}"
             )));
         }
         let stream = self.stream_for(link, &r.topic).await?;
@@ -828,10 +855,9 @@ pub fn watch_server(
                 match &link {
                     None => Err("cannot connect".to_owned()),
                     Some(l) => {
-                        match tokio::time::timeout(SERVER_PROBE_TIMEOUT, l.js.query_account()).await
-                        {
-                            Ok(Ok(_)) => Ok(()),
-                            Ok(Err(e)) => Err(e.to_string()),
+                        match tokio::time::timeout(SERVER_PROBE_TIMEOUT, account_info(l)).await {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(e)) => Err(e),
                             Err(_) => Err("no answer".to_owned()),
                         }
                     }
