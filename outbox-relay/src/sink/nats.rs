@@ -816,6 +816,79 @@ impl NatsSink {
     }
 }
 
+/// What `topics ensure --sink nats` did for one stream or subject, as a printed line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ensured {
+    /// The stream was created.
+    Created(String),
+    /// The stream existed and was left alone.
+    Exists(String),
+    /// A destination subject is captured by this stream.
+    Captured {
+        /// The subject.
+        subject: String,
+        /// The stream capturing it.
+        stream: String,
+    },
+}
+
+/// `topics ensure --sink nats`: creates the stream of [`crate::config::NatsStreamSettings`]
+/// (name, subjects, storage, duplicate window, replicas) unless it exists (then it is left
+/// alone), and checks that every subject in `destinations` is captured by some stream. An error
+/// names the first destination no stream captures, or why the stream could not be created.
+pub async fn ensure_stream(
+    settings: &NatsSettings,
+    destinations: &[String],
+) -> Result<Vec<Ensured>, String> {
+    settings.validate().map_err(|e| e.to_string())?;
+    let link = open(settings, None).await.map_err(|f| {
+        format!(
+            "cannot connect to NATS at {}: {}",
+            settings.redacted_urls(),
+            fault(&f).detail
+        )
+    })?;
+    let wanted = &settings.stream;
+    let mut done = Vec::new();
+    match link.js.get_stream(&wanted.name).await {
+        Ok(_) => done.push(Ensured::Exists(wanted.name.clone())),
+        Err(_) => {
+            let config = jetstream::stream::Config {
+                name: wanted.name.clone(),
+                subjects: wanted.subject_list(),
+                storage: if wanted.storage == "memory" {
+                    jetstream::stream::StorageType::Memory
+                } else {
+                    jetstream::stream::StorageType::File
+                },
+                duplicate_window: wanted.duplicate_window,
+                num_replicas: wanted.replicas,
+                ..Default::default()
+            };
+            link.js
+                .create_stream(config)
+                .await
+                .map_err(|e| format!("creating stream {} failed: {e}", wanted.name))?;
+            done.push(Ensured::Created(wanted.name.clone()));
+        }
+    }
+    for subject in destinations {
+        subject_problem(subject, false).map_err(|e| format!("destination {e}"))?;
+        let stream = link.js.stream_by_subject(subject.as_str()).await.map_err(|_| {
+            format!(
+                "no stream captures `{subject}`: add it to nats.stream.subjects (or route it under {})",
+                wanted.subjects
+            )
+        })?;
+        done.push(Ensured::Captured {
+            subject: subject.clone(),
+            stream,
+        });
+    }
+    link.lost.cancel();
+    Ok(done)
+}
+
 /// How often an idle relay checks the server, and how long it waits for an answer.
 pub const SERVER_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// See [`SERVER_PROBE_INTERVAL`].

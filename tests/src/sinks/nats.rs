@@ -32,9 +32,14 @@ pub fn relay_env() -> Vec<(&'static str, String)> {
 
 /// A JetStream context on the test server.
 pub async fn jetstream() -> Result<jetstream::Context> {
-    let client = async_nats::connect(url())
+    jetstream_at(&url()).await
+}
+
+/// A JetStream context on the server at `url`.
+pub async fn jetstream_at(url: &str) -> Result<jetstream::Context> {
+    let client = async_nats::connect(url)
         .await
-        .with_context(|| format!("connecting to NATS at {}", url()))?;
+        .with_context(|| format!("connecting to NATS at {url}"))?;
     Ok(jetstream::new(client))
 }
 
@@ -61,7 +66,12 @@ pub async fn prepare(destination: &str) -> Result<()> {
 /// [`prepare`] with the stream's `max_msg_size` set to `max_message_size` (a broker-side limit
 /// the relay must treat as a refusal for good).
 pub async fn prepare_limited(destination: &str, max_message_size: Option<i32>) -> Result<()> {
-    let js = jetstream().await?;
+    prepare_at(&url(), destination, max_message_size).await
+}
+
+/// [`prepare_limited`] on the server at `url`.
+pub async fn prepare_at(url: &str, destination: &str, max_message_size: Option<i32>) -> Result<()> {
+    let js = jetstream_at(url).await?;
     if js.stream_by_subject(destination).await.is_ok() && max_message_size.is_none() {
         return Ok(());
     }
@@ -86,7 +96,18 @@ pub async fn consume(
     quiet: Duration,
     timeout: Duration,
 ) -> Result<Vec<Consumed>> {
-    let js = jetstream().await?;
+    consume_at(&url(), destination, at_least, quiet, timeout).await
+}
+
+/// [`consume`] from the server at `url`.
+pub async fn consume_at(
+    url: &str,
+    destination: &str,
+    at_least: usize,
+    quiet: Duration,
+    timeout: Duration,
+) -> Result<Vec<Consumed>> {
+    let js = jetstream_at(url).await?;
     let name = js
         .stream_by_subject(destination)
         .await

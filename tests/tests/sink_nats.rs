@@ -1,0 +1,264 @@
+//! What only the NATS JetStream sink has to prove, through a real relay process and a real
+//! `nats-server`: a destination no stream captures stops the relay with the operator's fix and
+//! `topics ensure --sink nats` is that fix; the stream's own `max_msg_size` parks an event per
+//! aggregate; and the server SIGKILLed and restarted mid-run (a private server on a free port)
+//! loses nothing and inverts nothing, its duplicates dropped by `Nats-Msg-Id`.
+
+mod logical_common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use logical_common::{LONG, QUIET, env_refs};
+use outbox_core::{NewEvent, Outbox, WriteMode};
+use outbox_tests::sinks::nats;
+use outbox_tests::writers::Workload;
+use outbox_tests::*;
+use uuid::Uuid;
+
+fn event(aggregate_type: &str, aggregate: &str, seq: i64, bytes: usize) -> NewEvent {
+    NewEvent::new(
+        aggregate_type,
+        aggregate,
+        "Changed",
+        Some(serde_json::json!({ "seq": seq, "pad": "x".repeat(bytes) })),
+    )
+    .with_aggregate_seq(seq)
+}
+
+async fn commit(db: &TestDb, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
+    let mut tx = db.pool.begin().await?;
+    let ids = Outbox::default().publish_new(&mut tx, events).await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn missing_stream_stops_the_relay_and_topics_ensure_fixes_it() -> Result<()> {
+    let db = TestDb::migrated("nats_nostream").await?;
+    // A subject space of its own, so no stream on the shared server captures it yet.
+    let prefix = unique("ntest");
+    let stream = unique("NTEST");
+    let work = Workload::create(&db, "nats_nostream", 3, 1).await?;
+    let subject = format!("{prefix}.{}", work.aggregate_type);
+    let mut env = nats::relay_env();
+    env.extend([
+        ("OUTBOX_TOPIC", format!("{prefix}.{{aggregatetype}}")),
+        ("OUTBOX_NATS__STREAM__NAME", stream.clone()),
+        ("OUTBOX_NATS__STREAM__SUBJECTS", format!("{prefix}.>")),
+    ]);
+    work.write(WriteMode::Table, 1, 5).await?;
+    let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
+    let (code, log) = relay.wait_exit(LONG).await?;
+    assert_ne!(code, 0, "the relay stops on a missing stream:\n{log}");
+    assert!(
+        log.contains("NO_STREAM") && log.contains("outbox-relay topics ensure --sink nats"),
+        "the stop names the fault and the fix:\n{log}"
+    );
+
+    let out = relay_cli_on(&db, &["topics", "ensure"], &env_refs(&env)).await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    assert!(
+        out.stdout.contains(&format!("created  stream {stream}")),
+        "{}",
+        out.text()
+    );
+    assert!(
+        out.stdout.contains(&format!("captured {subject}")),
+        "{}",
+        out.text()
+    );
+    let again = relay_cli_on(&db, &["topics", "ensure"], &env_refs(&env)).await?;
+    assert!(
+        again.stdout.contains(&format!("exists   stream {stream}")),
+        "{}",
+        again.text()
+    );
+
+    let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
+    let ledger = work.ledger();
+    let records = nats::consume(&subject, ledger.committed.len(), QUIET, LONG).await?;
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    let v = Verdict::check(&ledger, &records);
+    println!("NATS after topics ensure: {v:?}");
+    v.assert_exactly_once(&ledger);
+    for r in &records {
+        assert!(
+            r.key.as_deref().is_some_and(|k| k.starts_with("acct-")),
+            "{r:?}"
+        );
+        assert_eq!(r.headers.get("Nats-Msg-Id"), r.headers.get("id"), "{r:?}");
+        assert_eq!(
+            r.headers.get("eventType").map(String::as_str),
+            Some("BalanceChanged")
+        );
+    }
+    nats::jetstream().await?.delete_stream(&stream).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_streams_size_limit_parks_the_event_per_aggregate() -> Result<()> {
+    let db = TestDb::migrated("nats_limit").await?;
+    let work = Workload::create(&db, "nats_limit", 1, 1).await?;
+    nats::prepare_limited(&work.topic, Some(20_000)).await?;
+    let relay = RelayProcess::start(&db, &[], &env_refs(&nats::relay_env())).await?;
+    relay.wait_for_log("this relay is active", LONG).await?;
+    let t = work.aggregate_type.clone();
+    let a1 = commit(&db, vec![event(&t, "A", 1, 10)]).await?[0];
+    let a2 = commit(&db, vec![event(&t, "A", 2, 30_000)]).await?[0];
+    let a3 = commit(&db, vec![event(&t, "A", 3, 10)]).await?[0];
+    let mut others = Vec::new();
+    for seq in 1..=4 {
+        others.extend(commit(&db, vec![event(&t, "B", seq, 10)]).await?);
+    }
+    let records = nats::consume(&work.topic, 5, QUIET, LONG).await?;
+    let ids: Vec<Uuid> = records.iter().map(Consumed::event_id).collect();
+    assert!(ids.contains(&a1), "{ids:?}");
+    for id in &others {
+        assert!(ids.contains(id), "other aggregates keep flowing: {ids:?}");
+    }
+    assert!(!ids.contains(&a2) && !ids.contains(&a3), "{ids:?}");
+    let deadline = Instant::now() + LONG;
+    let parked = loop {
+        let out = relay_cli_on(&db, &["parked", "list", "--json"], &[]).await?;
+        let parked: Vec<serde_json::Value> = serde_json::from_str(&out.stdout)?;
+        if parked.len() >= 2 || Instant::now() > deadline {
+            break parked;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let parked_ids: Vec<&str> = parked.iter().filter_map(|p| p["id"].as_str()).collect();
+    assert_eq!(parked_ids, [a2.to_string(), a3.to_string()]);
+    let reason = parked[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("max_msg_size"), "{reason}");
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    Ok(())
+}
+
+/// A private `nats-server` with JetStream on a free loopback port.
+struct PrivateServer {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivateServer {
+    async fn start() -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = std::env::temp_dir().join(unique("nats-store"));
+        std::fs::create_dir_all(&dir)?;
+        let mut server = Self {
+            port,
+            dir,
+            child: None,
+        };
+        server.run().await?;
+        Ok(server)
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn run(&mut self) -> Result<()> {
+        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+        let child = tokio::process::Command::new(&bin)
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {bin} (set NATS_SERVER_BIN)"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            ensure!(Instant::now() < deadline, "nats-server did not listen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    async fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill()?;
+            child.wait().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_killed_and_restarted_mid_run_loses_and_inverts_nothing() -> Result<()> {
+    let mut server = PrivateServer::start().await?;
+    let db = TestDb::migrated("nats_restart").await?;
+    let work = Workload::create(&db, "nats_restart", 10, 1).await?;
+    nats::prepare_at(&server.url(), &work.topic, None).await?;
+    let env = vec![
+        ("OUTBOX_SINK", "nats".to_owned()),
+        ("OUTBOX_NATS_URL", server.url()),
+        ("OUTBOX_NATS__DELIVERY_TIMEOUT", "3s".to_owned()),
+        ("OUTBOX_NATS__CONNECT_TIMEOUT", "1s".to_owned()),
+        ("OUTBOX_BATCH_SIZE", "50".to_owned()),
+    ];
+    let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
+    relay.wait_for_log("this relay is active", LONG).await?;
+    let writers = work.spawn_writers(WriteMode::Table, 4, 150);
+    let deadline = Instant::now() + LONG;
+    while work.ledger.lock().unwrap().committed.len() < 150 {
+        ensure!(Instant::now() < deadline, "the writers stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill9().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.run().await?;
+    writers.await??;
+    let ledger = work.ledger();
+    let records = nats::consume_at(
+        &server.url(),
+        &work.topic,
+        ledger.committed.len(),
+        QUIET,
+        LONG,
+    )
+    .await?;
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("delivery failed") || log.contains("NATS connection lost"),
+        "the outage was noticed:\n{log}"
+    );
+    let v = Verdict::check(&ledger, &records);
+    println!("NATS server SIGKILLed and restarted: {v:?}");
+    v.assert_safe();
+    assert!(
+        v.duplicates <= 3 * 50,
+        "duplicates beyond the window in flight: {v:?}"
+    );
+    Ok(())
+}
