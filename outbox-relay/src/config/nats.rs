@@ -348,4 +348,35 @@ mod tests {
         s.user = Some("relay".into());
         assert!(!format!("{s:?}").contains("hunter2"));
     }
+
+    #[test]
+    fn secrets_are_never_printed() {
+        let s = NatsSettings {
+            url: Secret::new("nats://relay:s3cret@h:4222"),
+            token: Some(Secret::new("t0ken")),
+            password: Some(Secret::new("hunter2")),
+            user: Some("relay".into()),
+            ..Default::default()
+        };
+        let printed = format!("{s:?}\n{}", toml::to_string(&s).unwrap());
+        for secret in ["s3cret", "t0ken", "hunter2"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        let loaded = crate::config::load::load(
+            None,
+            vec![
+                ("OUTBOX_SINK".to_owned(), "nats".to_owned()),
+                ("OUTBOX_NATS_URL".to_owned(), "nats://n1:4222".to_owned()),
+                (
+                    "OUTBOX_NATS__STREAM__SUBJECTS".to_owned(),
+                    "a.>, b.*".to_owned(),
+                ),
+            ],
+            &[],
+        )
+        .unwrap()
+        .0;
+        assert_eq!(loaded.nats.url.expose(), "nats://n1:4222");
+        assert_eq!(loaded.nats.stream.subject_list(), ["a.>", "b.*"]);
+    }
 }

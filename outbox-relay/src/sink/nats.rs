@@ -700,7 +700,13 @@ impl Sink for NatsSink {
                     slots.push(Slot::Sent(ack, InFlight(self.in_flight.clone())));
                 }
                 Err(e) => {
-                    let f = fault(&publish_failure(&e, self.server_error().as_deref()));
+                    // A publish refused because the connection just closed is a lost connection,
+                    // whatever the client calls it.
+                    let failure = match publish_failure(&e, self.server_error().as_deref()) {
+                        Failure::Other(_) if link.lost.is_cancelled() => Failure::Disconnected,
+                        failure => failure,
+                    };
+                    let f = fault(&failure);
                     if f.class == ErrorClass::Record {
                         poisoned.push((&r.topic, &r.key, i));
                         slots.push(Slot::Done(Outcome::Rejected(f)));
