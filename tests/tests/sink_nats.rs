@@ -262,3 +262,43 @@ async fn server_killed_and_restarted_mid_run_loses_and_inverts_nothing() -> Resu
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_is_dropped_by_the_streams_duplicate_window() -> Result<()> {
+    let db = TestDb::migrated("nats_dedupe").await?;
+    let work = Workload::create(&db, "nats_dedupe", 4, 1).await?;
+    nats::prepare(&work.topic).await?;
+    let env = nats::relay_env();
+    let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
+    work.write(WriteMode::Table, 2, 10).await?;
+    let ledger = work.ledger();
+    let first = nats::consume(&work.topic, ledger.committed.len(), QUIET, LONG).await?;
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    Verdict::check(&ledger, &first).assert_exactly_once(&ledger);
+
+    // Every event again, with its original id: the stream acknowledges each as a duplicate.
+    let out = relay_cli_on(
+        &db,
+        &["replay", "--aggregate-type", &work.aggregate_type],
+        &env_refs(&env),
+    )
+    .await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    assert!(
+        out.stdout
+            .contains(&format!("replayed {} events", ledger.committed.len())),
+        "{}",
+        out.text()
+    );
+    let after = nats::consume(&work.topic, ledger.committed.len(), QUIET, LONG).await?;
+    let v = Verdict::check(&ledger, &after);
+    println!("NATS replay of every event: {v:?}");
+    v.assert_exactly_once(&ledger);
+    assert_eq!(
+        after.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        first.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        "no new stream sequence"
+    );
+    Ok(())
+}

@@ -754,19 +754,22 @@ impl Sink for NatsSink {
         held
     }
 
-    /// Waits up to `wait` for a round trip on the connection (the server answers it after
-    /// every publish sent before it), then drops the connection.
+    /// Waits up to `wait` for a round trip on the connection (the server answers it after it
+    /// has read every publish sent before it), then drops the connection. A publish the server
+    /// read but had not stored yet may still be stored afterwards: a duplicate at most, dropped
+    /// by `Nats-Msg-Id` when the next leader re-sends it first.
     async fn fence(&self, wait: Duration) -> Fenced {
         let held = self.in_flight();
         let link = self.link.lock().ok().and_then(|mut l| l.take());
         let mut unanswered = 0;
         if let Some(link) = link {
-            if held > 0
-                && !matches!(
-                    tokio::time::timeout(wait, account_info(&link)).await,
-                    Ok(Ok(_))
-                )
-            {
+            // Always, even with no acknowledgement awaited: publishes of an abandoned window may
+            // still sit in the client's write buffer, and the answer proves the server has read
+            // them before the relay lets go of its source.
+            if !matches!(
+                tokio::time::timeout(wait, account_info(&link)).await,
+                Ok(Ok(_))
+            ) {
                 unanswered = held;
             }
             link.lost.cancel();
