@@ -27,6 +27,19 @@ fn event(aggregate_type: &str, aggregate: &str, seq: i64, bytes: usize) -> NewEv
     .with_aggregate_seq(seq)
 }
 
+/// A workload whose destination exists only on NATS (no Kafka topic is made for it).
+async fn workload(db: &TestDb, prefix: &str, accounts: usize) -> Result<Workload> {
+    let accounts = outbox_tests::writers::create_accounts(&db.pool, accounts).await?;
+    let aggregate_type = unique(prefix);
+    Ok(Workload {
+        pool: db.pool.clone(),
+        topic: format!("outbox.event.{aggregate_type}"),
+        aggregate_type,
+        accounts,
+        ledger: Default::default(),
+    })
+}
+
 async fn commit(db: &TestDb, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
     let mut tx = db.pool.begin().await?;
     let ids = Outbox::default().publish_new(&mut tx, events).await?;
@@ -40,7 +53,7 @@ async fn missing_stream_stops_the_relay_and_topics_ensure_fixes_it() -> Result<(
     // A subject space of its own, so no stream on the shared server captures it yet.
     let prefix = unique("ntest");
     let stream = unique("NTEST");
-    let work = Workload::create(&db, "nats_nostream", 3, 1).await?;
+    let work = workload(&db, "nats_nostream", 3).await?;
     let subject = format!("{prefix}.{}", work.aggregate_type);
     let mut env = nats::relay_env();
     env.extend([
@@ -102,7 +115,7 @@ async fn missing_stream_stops_the_relay_and_topics_ensure_fixes_it() -> Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_streams_size_limit_parks_the_event_per_aggregate() -> Result<()> {
     let db = TestDb::migrated("nats_limit").await?;
-    let work = Workload::create(&db, "nats_limit", 1, 1).await?;
+    let work = workload(&db, "nats_limit", 1).await?;
     nats::prepare_limited(&work.topic, Some(20_000)).await?;
     let relay = RelayProcess::start(&db, &[], &env_refs(&nats::relay_env())).await?;
     relay.wait_for_log("this relay is active", LONG).await?;
@@ -217,7 +230,7 @@ impl Drop for PrivateServer {
 async fn server_killed_and_restarted_mid_run_loses_and_inverts_nothing() -> Result<()> {
     let mut server = PrivateServer::start().await?;
     let db = TestDb::migrated("nats_restart").await?;
-    let work = Workload::create(&db, "nats_restart", 10, 1).await?;
+    let work = workload(&db, "nats_restart", 10).await?;
     nats::prepare_at(&server.url(), &work.topic, None).await?;
     let env = vec![
         ("OUTBOX_SINK", "nats".to_owned()),
@@ -266,7 +279,7 @@ async fn server_killed_and_restarted_mid_run_loses_and_inverts_nothing() -> Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replay_is_dropped_by_the_streams_duplicate_window() -> Result<()> {
     let db = TestDb::migrated("nats_dedupe").await?;
-    let work = Workload::create(&db, "nats_dedupe", 4, 1).await?;
+    let work = workload(&db, "nats_dedupe", 4).await?;
     nats::prepare(&work.topic).await?;
     let env = nats::relay_env();
     let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
@@ -299,6 +312,123 @@ async fn a_replay_is_dropped_by_the_streams_duplicate_window() -> Result<()> {
         after.iter().map(|r| r.offset).collect::<Vec<_>>(),
         first.iter().map(|r| r.offset).collect::<Vec<_>>(),
         "no new stream sequence"
+    );
+    Ok(())
+}
+
+/// A TCP proxy on a free loopback port in front of `upstream` whose connections can be cut (both
+/// sockets closed at once, as a server closing the connection would).
+struct CuttableProxy {
+    port: u16,
+    cut: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CuttableProxy {
+    async fn start(upstream: String) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let (cut, watch) = tokio::sync::watch::channel(0u64);
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let mut watch = watch.clone();
+                watch.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watch.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(Self { port, cut, task })
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every connection open now.
+    fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+impl Drop for CuttableProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_cut_mid_run_lose_and_invert_nothing() -> Result<()> {
+    let upstream = nats::url()
+        .trim_start_matches("nats://")
+        .trim_end_matches('/')
+        .to_owned();
+    let proxy = CuttableProxy::start(upstream).await?;
+    let db = TestDb::migrated("nats_cut").await?;
+    let work = workload(&db, "nats_cut", 10).await?;
+    nats::prepare(&work.topic).await?;
+    let env = vec![
+        ("OUTBOX_SINK", "nats".to_owned()),
+        ("OUTBOX_NATS_URL", proxy.url()),
+        ("OUTBOX_NATS__DELIVERY_TIMEOUT", "20s".to_owned()),
+        ("OUTBOX_BATCH_SIZE", "50".to_owned()),
+    ];
+    let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
+    relay.wait_for_log("this relay is active", LONG).await?;
+    let writers = work.spawn_writers(WriteMode::Table, 4, 150);
+    let started = Instant::now();
+    for at in [100, 250, 400] {
+        while work.ledger.lock().unwrap().committed.len() < at {
+            ensure!(started.elapsed() < LONG, "the writers stalled");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        proxy.cut();
+    }
+    writers.await??;
+    let ledger = work.ledger();
+    let records = nats::consume(&work.topic, ledger.committed.len(), QUIET, LONG).await?;
+    let took = started.elapsed();
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("NATS connection lost"),
+        "the cuts were noticed:\n{log}"
+    );
+    let v = Verdict::check(&ledger, &records);
+    println!("NATS connections cut three times: {v:?} in {took:?}");
+    if v.inversions > 0 {
+        // Which records overtook which, for the failure message's reader.
+        let mut high: std::collections::HashMap<String, (i64, i64, String)> = Default::default();
+        for r in &records {
+            let seq: i64 = r.headers["outbox-aggregate-seq"].parse().unwrap();
+            let key = r.key.clone().unwrap();
+            if let Some((h, off, id)) = high.get(&key).cloned()
+                && seq < h
+            {
+                println!(
+                    "INVERSION key={key} seq={seq} id={} offset={} after seq={h} offset={off} id={id}",
+                    r.headers["id"], r.offset
+                );
+            }
+            let e = high.entry(key).or_insert((i64::MIN, 0, String::new()));
+            if seq > e.0 {
+                *e = (seq, r.offset, r.headers["id"].clone());
+            }
+        }
+    }
+    v.assert_safe();
+    assert!(v.duplicates <= 3 * 3 * 50, "{v:?}");
+    // A lost connection fails the window at once, not at the 20 s delivery timeout.
+    assert!(
+        took < Duration::from_secs(20),
+        "recovery waited for the timeout: {took:?}\n{log}"
     );
     Ok(())
 }

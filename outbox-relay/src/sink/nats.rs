@@ -46,7 +46,7 @@
 //! order in the payload let a consumer detect it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -294,6 +294,10 @@ struct Link {
 pub struct NatsSink {
     settings: NatsSettings,
     link: Arc<Mutex<Option<Link>>>,
+    /// Set once a record could not be sent or acknowledged (or the connection was lost, purged
+    /// or fenced): nothing more is published until [`Sink::recreate`], so no later batch can
+    /// reach the stream ahead of the records the relay is about to re-send.
+    broken: Arc<AtomicBool>,
     in_flight: Arc<AtomicUsize>,
     server_error: Arc<Mutex<Option<String>>>,
 }
@@ -310,29 +314,40 @@ impl NatsSink {
         Ok(Self {
             settings,
             link: Arc::new(Mutex::new(None)),
+            broken: Arc::new(AtomicBool::new(false)),
             in_flight: Arc::new(AtomicUsize::new(0)),
             server_error: Arc::new(Mutex::new(None)),
         })
     }
 
-    fn current(&self) -> Option<Link> {
-        self.link
-            .lock()
-            .ok()
-            .and_then(|l| l.clone())
-            .filter(|l| !l.lost.is_cancelled())
-    }
-
-    /// The current connection, or a new one.
+    /// The connection to publish on: the current one, or a new one when there is none (at
+    /// start and after [`Sink::recreate`]). A lost connection is never replaced here: records
+    /// published on a new connection while the relay has not yet re-sent what the lost one
+    /// dropped would overtake them.
     async fn connected(&self) -> Result<Link, Failure> {
-        if let Some(link) = self.current() {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(Failure::Disconnected);
+        }
+        let current = self.link.lock().ok().and_then(|l| l.clone());
+        if let Some(link) = current {
+            if link.lost.is_cancelled() {
+                self.broken.store(true, Ordering::Release);
+                return Err(Failure::Disconnected);
+            }
             return Ok(link);
         }
-        let link = open(&self.settings, Some(self.server_error.clone())).await?;
-        if let Ok(mut slot) = self.link.lock() {
-            *slot = Some(link.clone());
+        match open(&self.settings, Some(self.server_error.clone())).await {
+            Ok(link) => {
+                if let Ok(mut slot) = self.link.lock() {
+                    *slot = Some(link.clone());
+                }
+                Ok(link)
+            }
+            Err(failure) => {
+                self.broken.store(true, Ordering::Release);
+                Err(failure)
+            }
         }
-        Ok(link)
     }
 
     fn server_error(&self) -> Option<String> {
@@ -350,7 +365,10 @@ impl NatsSink {
             return Ok(facts);
         }
         use jetstream::context::GetStreamByNameErrorKind as K;
-        let name = match link.js.stream_by_subject(subject).await {
+        let name = match self
+            .bounded(link, link.js.stream_by_subject(subject))
+            .await?
+        {
             Ok(name) => name,
             Err(e) => {
                 return Err(match e.kind() {
@@ -369,10 +387,9 @@ impl NatsSink {
                 });
             }
         };
-        let stream = link
-            .js
-            .get_stream(&name)
-            .await
+        let stream = self
+            .bounded(link, link.js.get_stream(&name))
+            .await?
             .map_err(|e| Failure::Connect(format!("reading stream {name} failed: {e}")))?;
         let max = stream.cached_info().config.max_message_size;
         let facts = StreamFacts {
@@ -384,6 +401,24 @@ impl NatsSink {
         Ok(facts)
     }
 
+    /// A JetStream API request on `link`, given up when the connection is lost or after
+    /// `nats.connect_timeout` (a lookup must not hold the batch for the whole delivery timeout).
+    async fn bounded<T>(
+        &self,
+        link: &Link,
+        request: impl std::future::Future<Output = T>,
+    ) -> Result<T, Failure> {
+        tokio::select! {
+            answer = tokio::time::timeout(self.settings.connect_timeout, request) => {
+                answer.map_err(|_| Failure::Connect(format!(
+                    "JetStream did not answer a stream lookup within {:?}",
+                    self.settings.connect_timeout
+                )))
+            }
+            _ = link.lost.cancelled() => Err(Failure::Disconnected),
+        }
+    }
+
     fn failed_batch(records: &[OutboundRecord], failure: &Failure) -> Pending {
         Pending {
             slots: records
@@ -393,6 +428,7 @@ impl NatsSink {
             deadline: tokio::time::Instant::now(),
             lost: CancellationToken::new(),
             server_error: None,
+            broken: None,
         }
     }
 }
@@ -428,6 +464,9 @@ async fn account_info(link: &Link) -> Result<(), String> {
         None => Ok(()),
     }
 }
+
+/// The delay before a client reconnects by itself: never, in practice (see [`open`]).
+const NEVER_RECONNECT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Connects with the settings; `server_error` (when given) keeps the last error the server
 /// reports on the connection.
@@ -467,8 +506,22 @@ async fn open(
         .connection_timeout(settings.connect_timeout)
         .request_timeout(Some(settings.connect_timeout))
         // A lost connection is replaced by the relay (in order, from the first unacknowledged
-        // event), not resumed by the client.
+        // event), never resumed by the client: a client that reconnected would send the
+        // publishes still queued in it ahead of the ones the lost connection dropped (an
+        // inversion the connection-cut test found). The client may reset its attempt count
+        // (`max_reconnects` alone does not hold), so every attempt after the first connection
+        // waits a year; the relay drops the client long before.
         .max_reconnects(1)
+        .reconnect_delay_callback({
+            let connected_once = Arc::new(AtomicBool::new(false));
+            move |_attempt| {
+                if connected_once.swap(true, Ordering::AcqRel) {
+                    NEVER_RECONNECT
+                } else {
+                    Duration::ZERO
+                }
+            }
+        })
         .event_callback(on_event);
     if let Some(path) = &settings.credentials_path {
         options = options
@@ -493,6 +546,26 @@ async fn open(
         .await
         .map_err(|_| Failure::Connect(format!("no answer within {:?}", settings.connect_timeout)))?
         .map_err(|e| connect_failure(&e))?;
+    // The client reports a lost connection through an event channel that drops events when it
+    // is full: its connection state, checked every 100 ms, is the backstop.
+    {
+        let (client, lost) = (client.clone(), lost.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = lost.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                if client.connection_state() != async_nats::connection::State::Connected {
+                    tracing::warn!(
+                        "NATS connection lost: the pending publishes are re-sent on a new connection"
+                    );
+                    lost.cancel();
+                    return;
+                }
+            }
+        });
+    }
     let js = jetstream::ContextBuilder::new()
         .timeout(settings.delivery_timeout)
         .max_ack_inflight(100_000)
@@ -525,6 +598,8 @@ pub struct Pending {
     deadline: tokio::time::Instant,
     lost: CancellationToken,
     server_error: Option<Arc<Mutex<Option<String>>>>,
+    /// The sink's [`NatsSink::broken`] flag, set at the first failure.
+    broken: Option<Arc<AtomicBool>>,
 }
 
 #[async_trait::async_trait]
@@ -556,6 +631,7 @@ impl PendingBatch for Pending {
             deadline,
             lost,
             server_error,
+            broken,
         } = *self;
         let mut out = Vec::with_capacity(slots.len());
         let mut first_failure: Option<DeliveryFault> = None;
@@ -588,6 +664,9 @@ impl PendingBatch for Pending {
                     offset: i64::try_from(ack.sequence).unwrap_or(i64::MAX),
                 }),
                 Err(failure) => {
+                    if let Some(broken) = &broken {
+                        broken.store(true, Ordering::Release);
+                    }
                     let f = fault(&failure);
                     first_failure = Some(DeliveryFault {
                         class: if f.class == ErrorClass::Record {
@@ -717,11 +796,15 @@ impl Sink for NatsSink {
                 }
             }
         }
+        if stopped.is_some() {
+            self.broken.store(true, Ordering::Release);
+        }
         Box::new(Pending {
             slots,
             deadline,
             lost: link.lost.clone(),
             server_error: Some(self.server_error.clone()),
+            broken: Some(self.broken.clone()),
         })
     }
 
@@ -740,12 +823,14 @@ impl Sink for NatsSink {
         if let Ok(mut e) = self.server_error.lock() {
             *e = None;
         }
+        self.broken.store(false, Ordering::Release);
         Ok(())
     }
 
     /// Drops the connection at once; returns how many publishes were unanswered.
     fn purge(&self) -> usize {
         let held = self.in_flight();
+        self.broken.store(true, Ordering::Release);
         if let Ok(mut slot) = self.link.lock()
             && let Some(old) = slot.take()
         {
@@ -760,6 +845,7 @@ impl Sink for NatsSink {
     /// by `Nats-Msg-Id` when the next leader re-sends it first.
     async fn fence(&self, wait: Duration) -> Fenced {
         let held = self.in_flight();
+        self.broken.store(true, Ordering::Release);
         let link = self.link.lock().ok().and_then(|mut l| l.take());
         let mut unanswered = 0;
         if let Some(link) = link {
