@@ -30,6 +30,9 @@
 //!   unacknowledged event, in order. Re-sent events the stream already holds are dropped by
 //!   `Nats-Msg-Id` while they are within the duplicate window (2 minutes by default), so the
 //!   duplicates a consumer sees are bounded and carry the same `id`.
+//! - A connection is never resumed: the client does not reconnect by itself (its queued
+//!   publishes would overtake those the lost connection dropped), a lost connection fails the
+//!   batches in flight at once, and no new connection is opened before [`Sink::recreate`].
 //! - Refusals known before sending (subject, headers, larger than the server's
 //!   `max_payload` or the stream's `max_msg_size`) are [`Outcome::Rejected`] at enqueue time
 //!   and the later records of the same subject and key are [`Outcome::Held`], never sent. A
