@@ -126,9 +126,21 @@ impl BenchDb {
     /// Inserts `n` events server-side in transactions of `per_tx` rows (deleting them again in
     /// the same transaction when `insert_delete`); returns the time taken.
     pub async fn fill_backlog(&self, n: u64, per_tx: u64, insert_delete: bool) -> Result<Duration> {
+        self.fill_table("outbox", n, per_tx, insert_delete).await
+    }
+
+    /// [`BenchDb::fill_backlog`] into the outbox table `table` (an unquoted name of this
+    /// benchmark's own).
+    pub async fn fill_table(
+        &self,
+        table: &str,
+        n: u64,
+        per_tx: u64,
+        insert_delete: bool,
+    ) -> Result<Duration> {
         let pad = payload_padding(&self.pool).await?;
         let sql = format!(
-            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload)
+            "INSERT INTO {table} (id, aggregatetype, aggregateid, type, payload)
              SELECT gen_random_uuid(), 'account', 'acct-' || (g % {AGGREGATES}),
                     (ARRAY['{}'])[1 + (g % {})],
                     {}
@@ -150,7 +162,9 @@ impl BenchDb {
                 .await
                 .context("filling the backlog")?;
             if insert_delete {
-                sqlx::query("DELETE FROM outbox").execute(&mut *tx).await?;
+                sqlx::query(AssertSqlSafe(format!("DELETE FROM {table}")))
+                    .execute(&mut *tx)
+                    .await?;
             }
             tx.commit().await?;
             next = end + 1;

@@ -1,7 +1,7 @@
 //! `outbox-bench`: measures, in one run and side by side, the machine's ceilings (raw producer,
 //! raw source reads), the relay's backlog drain per source, commit → Kafka latency at fixed
-//! arrival rates, the write-path cost of the outbox in a business transaction, and the relay's
-//! CPU and memory.
+//! arrival rates, the write-path cost of the outbox in a business transaction, the relay's CPU
+//! and memory, and how drain and write-path figures scale with the backlog and the writers.
 //!
 //! ```text
 //! cargo run --release --bin outbox-bench -- [--quick] [--json FILE] [--events N] [--only SECTION]
@@ -35,7 +35,8 @@ use sections::Ctx;
 #[derive(Debug, Parser)]
 #[command(name = "outbox-bench", version)]
 struct Args {
-    /// Smaller backlog, fewer rates, shorter runs (under two minutes in release).
+    /// Smaller backlog, fewer rates, shorter runs, a scale curve without the 1M-event point
+    /// (under two minutes in release).
     #[arg(long)]
     quick: bool,
     /// Also write the results as JSON to this file.
@@ -83,6 +84,9 @@ enum Section {
     Write,
     /// The drain with and without load on the admin endpoint (also `--admin-load`).
     AdminLoad,
+    /// The scale curve: drains at 10k, 100k and 1M backlog events (quick: 10k and 100k), the
+    /// write path at 1, 8 and 32 writers.
+    Scale,
 }
 
 /// A relay source.
@@ -249,6 +253,18 @@ async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
         match sections::admin_load(ctx, rows, 200, Duration::from_secs(30), repeats).await {
             Ok(a) => report.admin_load = Some(a),
             Err(e) => record("admin load", e),
+        }
+    }
+    if wants(Section::Scale) {
+        let (backlogs, secs, rounds): (&[u64], f64, usize) = if ctx.quick {
+            (&[10_000, 100_000], 2.0, 1)
+        } else {
+            (&[10_000, 100_000, 1_000_000], 5.0, 2)
+        };
+        let names: Vec<&str> = sources.iter().map(|s| s.name()).collect();
+        match sections::scale(ctx, &names, backlogs, &[1, 8, 32], secs, rounds).await {
+            Ok(s) => report.scale = Some(s),
+            Err(e) => record("scale", e),
         }
     }
     report.duration_seconds = started.elapsed().as_secs_f64();

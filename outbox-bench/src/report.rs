@@ -204,6 +204,69 @@ pub struct BatchWriteRun {
     pub publish_each_events_per_sec: f64,
 }
 
+/// The scale curve (issue 13 item 6): the drain at growing backlogs and the write path at growing
+/// numbers of writers, so that a cost per event that grows with either shows.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Scale {
+    /// The backlog sizes drained, smallest first.
+    pub backlogs: Vec<u64>,
+    /// One drain per source and backlog size.
+    pub drain: Vec<ScaleDrainPoint>,
+    /// The write path at each number of writers.
+    pub write: Vec<ScaleWritePoint>,
+    /// Per source: relay CPU per event at the largest backlog ÷ at the smallest (1.0 = flat).
+    pub drain_cpu_per_event_growth: SourcePair,
+    /// Per source: drain events/s at the largest backlog ÷ at the smallest (1.0 = flat).
+    pub drain_rate_growth: SourcePair,
+}
+
+/// One drain of the scale curve: `events` pre-committed rows drained by `source` (`table` mode).
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleDrainPoint {
+    /// `polling` or `logical`.
+    pub source: String,
+    /// Backlog size.
+    pub events: u64,
+    /// Events per second, relay start to last acknowledgement.
+    pub events_per_sec: f64,
+    /// Relay CPU (user + system) per event, microseconds.
+    pub relay_cpu_us_per_event: f64,
+    /// Peak RSS of the relay process.
+    pub relay_peak_rss_bytes: u64,
+    /// Seconds of the drain.
+    pub seconds: f64,
+    /// Seconds the server-side fill took.
+    pub fill_seconds: f64,
+}
+
+/// The write path of the scale curve at one number of writers: the business transaction alone,
+/// with one outbox event (default settings) into an empty outbox table, and with one into an
+/// outbox table that holds the largest backlog of the curve, unpublished.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleWritePoint {
+    /// Concurrent writers.
+    pub writers: usize,
+    /// Seconds measured per variant.
+    pub seconds_per_variant: f64,
+    /// Unpublished rows in the backlogged outbox table.
+    pub backlog_rows: u64,
+    /// Business transaction alone.
+    pub baseline_tx_per_sec: f64,
+    /// With one outbox event, empty table.
+    pub table_tx_per_sec: f64,
+    /// With one outbox event, table holding `backlog_rows` unpublished rows.
+    pub table_with_backlog_tx_per_sec: f64,
+    /// `table_tx_per_sec` ÷ `baseline_tx_per_sec`.
+    pub table_ratio: f64,
+    /// `table_with_backlog_tx_per_sec` ÷ `baseline_tx_per_sec`.
+    pub table_with_backlog_ratio: f64,
+    /// What the outbox event adds to one transaction, in microseconds of the machine's
+    /// throughput: `1e6 / table_tx_per_sec − 1e6 / baseline_tx_per_sec` (flat across writer
+    /// counts when the event's cost does not grow with concurrency; with one writer the commit's
+    /// WAL flush dominates and this is mostly noise).
+    pub outbox_us_per_event: f64,
+}
+
 /// Everything a run measured.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Report {
@@ -235,6 +298,9 @@ pub struct Report {
     pub batch_write: Vec<BatchWriteRun>,
     /// The admin endpoint under load (`--admin-load`).
     pub admin_load: Option<AdminLoadRun>,
+    /// The scale curve: drains at 10k, 100k and 1M (quick: 10k and 100k) backlog events, the
+    /// write path at 1, 8 and 32 writers.
+    pub scale: Option<Scale>,
     /// The machine.
     pub machine: Machine,
     /// Wall time of the whole run.
@@ -372,11 +438,19 @@ impl Report {
             self.write_overhead_ratio.publish_all_to_publish_each =
                 Some(b.publish_all_events_per_sec / b.publish_each_events_per_sec.max(1e-9));
         }
+        if let Some(scale) = &mut self.scale {
+            scale.summarise();
+        }
         self.relay_peak_rss_bytes = self
             .drain_runs
             .iter()
             .map(|d| d.relay_peak_rss_bytes)
             .chain(self.latency_runs.iter().map(|l| l.relay_peak_rss_bytes))
+            .chain(
+                self.scale
+                    .iter()
+                    .flat_map(|s| s.drain.iter().map(|d| d.relay_peak_rss_bytes)),
+            )
             .max();
     }
 
@@ -578,6 +652,9 @@ impl Report {
                 &verdict(a.ratio >= 0.95),
             );
         }
+        if let Some(scale) = &self.scale {
+            scale_rows(&mut t, scale);
+        }
         for (source, v) in [
             ("polling", self.relay_cpu_seconds_per_100k.polling),
             ("logical", self.relay_cpu_seconds_per_100k.logical),
@@ -665,6 +742,99 @@ fn write_path_rows(t: &mut Table, w: &WriteRun) {
             format!("{tps:.0} tx/s"),
             "",
             &format!("{:.3}× baseline", tps / base),
+            "",
+        );
+    }
+}
+
+impl Scale {
+    /// Fills the growth figures from the drain points.
+    fn summarise(&mut self) {
+        for source in ["polling", "logical"] {
+            let points: Vec<&ScaleDrainPoint> =
+                self.drain.iter().filter(|d| d.source == source).collect();
+            let smallest = points.iter().min_by_key(|d| d.events);
+            let largest = points.iter().max_by_key(|d| d.events);
+            let (cpu, rate) = match (smallest, largest) {
+                (Some(s), Some(l)) if l.events > s.events => (
+                    Some(l.relay_cpu_us_per_event / s.relay_cpu_us_per_event.max(1e-9)),
+                    Some(l.events_per_sec / s.events_per_sec.max(1e-9)),
+                ),
+                _ => (None, None),
+            };
+            let (cpu_slot, rate_slot) = match source {
+                "polling" => (
+                    &mut self.drain_cpu_per_event_growth.polling,
+                    &mut self.drain_rate_growth.polling,
+                ),
+                _ => (
+                    &mut self.drain_cpu_per_event_growth.logical,
+                    &mut self.drain_rate_growth.logical,
+                ),
+            };
+            *cpu_slot = cpu;
+            *rate_slot = rate;
+        }
+    }
+}
+
+/// The rows of the scale curve: each drain point, the growth per source, each writer count.
+fn scale_rows(t: &mut Table, scale: &Scale) {
+    for d in &scale.drain {
+        t.row(
+            &format!(
+                "scale: drain {} of {} events; CPU/event, peak RSS",
+                d.source,
+                thousands(d.events as f64)
+            ),
+            rate(Some(d.events_per_sec), "ev/s"),
+            "",
+            &format!(
+                "{:.2} µs/ev, {:.1} MB",
+                d.relay_cpu_us_per_event,
+                d.relay_peak_rss_bytes as f64 / 1048576.0
+            ),
+            "",
+        );
+    }
+    for (source, cpu, rate) in [
+        (
+            "polling",
+            scale.drain_cpu_per_event_growth.polling,
+            scale.drain_rate_growth.polling,
+        ),
+        (
+            "logical",
+            scale.drain_cpu_per_event_growth.logical,
+            scale.drain_rate_growth.logical,
+        ),
+    ] {
+        if let (Some(cpu), Some(rate)) = (cpu, rate) {
+            t.row(
+                &format!("scale: {source}, largest ÷ smallest backlog: CPU/event, ev/s"),
+                format!("{cpu:.2}× / {rate:.2}×"),
+                "flat (≈ 1×)",
+                "",
+                "",
+            );
+        }
+    }
+    for w in &scale.write {
+        t.row(
+            &format!(
+                "scale: write path, {} writer(s): none / outbox / outbox over {} rows",
+                w.writers,
+                thousands(w.backlog_rows as f64)
+            ),
+            format!(
+                "{:.0} / {:.0} / {:.0} tx/s",
+                w.baseline_tx_per_sec, w.table_tx_per_sec, w.table_with_backlog_tx_per_sec
+            ),
+            "",
+            &format!(
+                "{:.3}× / {:.3}× baseline, {:+.0} µs/tx",
+                w.table_ratio, w.table_with_backlog_ratio, w.outbox_us_per_event
+            ),
             "",
         );
     }

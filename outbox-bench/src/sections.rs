@@ -13,7 +13,8 @@ use crate::db::{AGGREGATES, BenchDb, EVENT_TYPES, Registry, payload_json, unique
 use crate::kafka::{LatencyConsumer, create_topic, producer_ceiling};
 use crate::relay::{RelayProcess, histogram_quantile};
 use crate::report::{
-    AdminLoadRun, BatchWriteRun, Ceilings, DrainRun, LatencyRun, Percentiles, WriteRun,
+    AdminLoadRun, BatchWriteRun, Ceilings, DrainRun, LatencyRun, Percentiles, Scale,
+    ScaleDrainPoint, ScaleWritePoint, WriteRun,
 };
 
 /// What every section needs.
@@ -197,6 +198,16 @@ pub async fn ceilings(ctx: &mut Ctx) -> Result<Ceilings> {
 /// without the per-batch row marking: nothing stays in the table).
 pub async fn drain(ctx: &mut Ctx, source: &str, write_mode: WriteMode) -> Result<DrainRun> {
     let n = ctx.events;
+    drain_backlog(ctx, source, write_mode, n).await
+}
+
+/// [`drain`] of a backlog of `n` events.
+async fn drain_backlog(
+    ctx: &mut Ctx,
+    source: &str,
+    write_mode: WriteMode,
+    n: u64,
+) -> Result<DrainRun> {
     let bin = ctx.relay_bin()?;
     let label = match write_mode {
         WriteMode::Table => source.to_owned(),
@@ -475,6 +486,29 @@ enum WriteVariant {
     /// (`outbox_core::notify_trigger_sql`) installed; `notify` is the session's
     /// `outbox.notify` (off: the trigger fires and sends nothing).
     Woken { notify: bool },
+    /// One event into `outbox_backlog`, an outbox table holding a large unpublished backlog
+    /// (the scale curve).
+    Backlogged,
+}
+
+/// The outbox table of [`WriteVariant::Backlogged`].
+const BACKLOG_TABLE: &str = "outbox_backlog";
+
+/// The business table every write-path variant updates: [`AGGREGATES`] accounts.
+async fn create_accounts(db: &BenchDb) -> Result<()> {
+    sqlx::query(
+        "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL DEFAULT 0,
+                                version bigint NOT NULL DEFAULT 0)",
+    )
+    .execute(&db.pool)
+    .await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO accounts (id) SELECT g FROM generate_series(0, {}) g",
+        AGGREGATES - 1
+    )))
+    .execute(&db.pool)
+    .await?;
+    Ok(())
 }
 
 /// The comparable table of [`WriteVariant::PlainInsert`].
@@ -494,18 +528,7 @@ const PLAIN_TABLE_SQL: &str = "CREATE TABLE account_events (
 pub async fn write_path(ctx: &mut Ctx) -> Result<(Vec<WriteRun>, Vec<BatchWriteRun>)> {
     let (secs, rounds) = if ctx.quick { (2.0, 1) } else { (5.0, 2) };
     let db = BenchDb::create(&ctx.admin_url, "write", &ctx.registry).await?;
-    sqlx::query(
-        "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL DEFAULT 0,
-                                version bigint NOT NULL DEFAULT 0)",
-    )
-    .execute(&db.pool)
-    .await?;
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO accounts (id) SELECT g FROM generate_series(0, {}) g",
-        AGGREGATES - 1
-    )))
-    .execute(&db.pool)
-    .await?;
+    create_accounts(&db).await?;
     sqlx::query(PLAIN_TABLE_SQL).execute(&db.pool).await?;
     let woken = outbox_core::OutboxTable::new(None, "outbox_woken")?;
     {
@@ -725,6 +748,10 @@ async fn run_clients(
         WriteVariant::Woken { .. } => Some(Outbox::new(outbox_core::OutboxTable::new(
             None,
             "outbox_woken",
+        )?)),
+        WriteVariant::Backlogged => Some(Outbox::new(outbox_core::OutboxTable::new(
+            None,
+            BACKLOG_TABLE,
         )?)),
         WriteVariant::None | WriteVariant::PlainInsert => None,
     };
@@ -968,4 +995,100 @@ async fn admin_load_drain(
         load_seconds,
         status_readings: readings,
     })
+}
+
+/// The scale curve: a `table`-mode drain by each of `sources` at each of `backlogs` (ascending),
+/// then the write path with each of `writers` concurrent writers: the business transaction
+/// alone, with one outbox event into an empty outbox table, and with one into an outbox table
+/// holding the largest backlog unpublished (variants interleaved, `rounds` rounds of `secs`).
+pub async fn scale(
+    ctx: &mut Ctx,
+    sources: &[&str],
+    backlogs: &[u64],
+    writers: &[usize],
+    secs: f64,
+    rounds: usize,
+) -> Result<Scale> {
+    let mut out = Scale {
+        backlogs: backlogs.to_vec(),
+        ..Scale::default()
+    };
+    for &n in backlogs {
+        for &source in sources {
+            eprintln!("bench: scale: drain ({source}) of {n} events");
+            let d = drain_backlog(ctx, source, WriteMode::Table, n).await?;
+            out.drain.push(ScaleDrainPoint {
+                source: d.source,
+                events: d.events,
+                events_per_sec: d.events_per_sec,
+                relay_cpu_us_per_event: d.relay_cpu_seconds * 1e6 / n.max(1) as f64,
+                relay_peak_rss_bytes: d.relay_peak_rss_bytes,
+                seconds: d.seconds,
+                fill_seconds: d.fill_seconds,
+            });
+        }
+    }
+
+    let backlog_rows = backlogs.iter().copied().max().unwrap_or(0);
+    let db = BenchDb::create(&ctx.admin_url, "scale_write", &ctx.registry).await?;
+    create_accounts(&db).await?;
+    {
+        let mut conn = db.pool.acquire().await?;
+        outbox_core::migrate(
+            &mut conn,
+            &outbox_core::OutboxTable::new(None, BACKLOG_TABLE)?,
+        )
+        .await?;
+    }
+    eprintln!("bench: scale: write path: filling {BACKLOG_TABLE} with {backlog_rows} rows");
+    db.fill_table(BACKLOG_TABLE, backlog_rows, 1000, false)
+        .await?;
+    sqlx::query(AssertSqlSafe(format!("VACUUM ANALYZE {BACKLOG_TABLE}")))
+        .execute(&db.pool)
+        .await?;
+    let variants = [
+        WriteVariant::None,
+        WriteVariant::Outbox(WriteMode::Table),
+        WriteVariant::Backlogged,
+    ];
+    for &n in writers {
+        eprintln!("bench: scale: write path, {n} writer(s), {rounds} round(s) of {secs:.0} s");
+        let mut conns = Vec::new();
+        for _ in 0..n {
+            conns.push(db.connect().await?);
+        }
+        conns = run_clients(conns, WriteVariant::None, Duration::from_secs(1))
+            .await?
+            .1;
+        let mut sums = [0.0f64; 3];
+        for _ in 0..rounds {
+            for (i, variant) in variants.iter().enumerate() {
+                let (tps, back) =
+                    run_clients(conns, *variant, Duration::from_secs_f64(secs)).await?;
+                conns = back;
+                sums[i] += tps;
+            }
+        }
+        for c in conns {
+            let _ = c.close().await;
+        }
+        let [base, table, backlogged] = sums.map(|s| s / rounds as f64);
+        let per_tx_us = |tps: f64| 1e6 / tps.max(1e-9);
+        out.write.push(ScaleWritePoint {
+            writers: n,
+            seconds_per_variant: secs * rounds as f64,
+            backlog_rows,
+            baseline_tx_per_sec: base,
+            table_tx_per_sec: table,
+            table_with_backlog_tx_per_sec: backlogged,
+            table_ratio: table / base.max(1e-9),
+            table_with_backlog_ratio: backlogged / base.max(1e-9),
+            outbox_us_per_event: per_tx_us(table) - per_tx_us(base),
+        });
+        eprintln!(
+            "bench: scale: write path, {n} writer(s): none {base:.0} tx/s, outbox {table:.0}, outbox over {backlog_rows} rows {backlogged:.0}"
+        );
+    }
+    db.drop().await?;
+    Ok(out)
 }

@@ -77,8 +77,8 @@ pub use migrate::{
     MigrationReport, NOTIFY_SETTING, SCHEMA_VERSION, migrate, notify_trigger_sql, schema_version,
 };
 pub use stored::{
-    MIN_SCHEMA_VERSION, MalformedEvent, StoredEvent, check_schema_version, parse_headers,
-    parse_timestamptz,
+    ColumnValue, MIN_SCHEMA_VERSION, MalformedEvent, StoredEvent, check_schema_version,
+    parse_headers, parse_timestamptz,
 };
 pub use table::{Identifier, OutboxTable};
 pub use topic::{MAX_TOPIC_LEN, validate_topic};

@@ -212,17 +212,18 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         .await;
     let mut problems = Vec::new();
     if !db_ok {
-        problems.push("database unreachable");
+        problems.push("database unreachable".to_owned());
     }
-    if !state.stats.kafka_connected.load(Ordering::Relaxed) {
-        problems.push("producer not connected to Kafka");
-    } else if !state.stats.kafka_reachable.load(Ordering::Relaxed) {
-        problems.push("Kafka brokers do not answer");
+    let broker = state.config.sink.broker();
+    if !state.stats.sink_connected.load(Ordering::Relaxed) {
+        problems.push(format!("producer not connected to {broker}"));
+    } else if !state.stats.sink_reachable.load(Ordering::Relaxed) {
+        problems.push(format!("{broker} brokers do not answer"));
     }
     if state.stats.active.load(Ordering::Relaxed)
         && !state.stats.source_running.load(Ordering::Relaxed)
     {
-        problems.push("source not running");
+        problems.push("source not running".to_owned());
     }
     if problems.is_empty() {
         (StatusCode::OK, format!("ready ({})\n", role(&state.stats))).into_response()

@@ -252,6 +252,19 @@ pub async fn topics_ensure(config: &RelayConfig, spec: &TopicSpec) -> Result<()>
         println!("no topics to create");
         return Ok(());
     }
+    if config.sink == crate::config::SinkKind::Redis {
+        return redis_streams_ensure(config, &topics).await;
+    }
+    if config.sink == crate::config::SinkKind::Rabbitmq {
+        let destinations: Vec<String> = topics.into_iter().collect();
+        let lines = crate::sink::rabbitmq::ensure_queues(&config.rabbitmq, &destinations)
+            .await
+            .map_err(|e| CommandError::runtime(e.to_string()))?;
+        for line in lines {
+            println!("{line}");
+        }
+        return Ok(());
+    }
     let admin: AdminClient<DefaultClientContext> = config
         .kafka
         .client_config()
@@ -294,6 +307,39 @@ pub async fn topics_ensure(config: &RelayConfig, spec: &TopicSpec) -> Result<()>
     }
     if failed {
         return Err(CommandError::runtime("some topics could not be created"));
+    }
+    Ok(())
+}
+
+/// `topics ensure` for Redis: nothing to create (a stream appears with its first entry); fails
+/// when a key of another type holds a destination's name (the relay would stop on it).
+async fn redis_streams_ensure(config: &RelayConfig, topics: &BTreeSet<String>) -> Result<()> {
+    let sink = crate::sink::redis::RedisSink::new(config.redis.clone())
+        .map_err(|e| CommandError::usage(e.to_string()))?;
+    let names: Vec<String> = topics.iter().cloned().collect();
+    let types = sink
+        .key_types(&names)
+        .await
+        .map_err(|e| CommandError::runtime(e.to_string()))?;
+    let mut failed = false;
+    for (name, kind) in types {
+        match kind.as_str() {
+            "stream" => println!("exists   {name}"),
+            "none" => println!(
+                "nothing to create for {name}: a Redis stream appears with its first entry"
+            ),
+            other => {
+                failed = true;
+                println!(
+                    "FAILED   {name}: a Redis key of type {other} holds this name; rename or delete it"
+                );
+            }
+        }
+    }
+    if failed {
+        return Err(CommandError::runtime(
+            "some destinations are held by keys that are not streams",
+        ));
     }
     Ok(())
 }

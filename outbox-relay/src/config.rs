@@ -12,11 +12,15 @@ use outbox_core::{OutboxTable, WriteMode};
 pub mod kafka;
 pub mod load;
 pub mod nats;
+pub mod rabbitmq;
+pub mod redis;
 pub mod telemetry;
 mod validate;
 
 pub use kafka::{KafkaPropertyError, KafkaSettings};
 pub use nats::{NatsSettings, NatsStreamSettings};
+pub use rabbitmq::RabbitmqSettings;
+pub use redis::RedisSettings;
 pub use telemetry::TelemetrySettings;
 
 use crate::route::RouteSettings;
@@ -374,6 +378,10 @@ pub struct RelayConfig {
     pub kafka: KafkaSettings,
     /// The NATS JetStream sink (`sink = "nats"`).
     pub nats: NatsSettings,
+    /// The Redis Streams sink (`sink = "redis"`).
+    pub redis: RedisSettings,
+    /// The RabbitMQ sink (`sink = "rabbitmq"`).
+    pub rabbitmq: RabbitmqSettings,
     /// The logical-replication source.
     pub logical: LogicalSettings,
     /// OpenTelemetry producer spans ([`crate::telemetry`]).
@@ -405,6 +413,8 @@ impl Default for RelayConfig {
             route: RouteSettings::default(),
             kafka: KafkaSettings::default(),
             nats: NatsSettings::default(),
+            redis: RedisSettings::default(),
+            rabbitmq: RabbitmqSettings::default(),
             logical: LogicalSettings::default(),
             telemetry: TelemetrySettings::default(),
         }

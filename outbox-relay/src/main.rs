@@ -33,7 +33,14 @@ fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"))
+        // lapin logs a returned (unroutable) message whole, payload included, at WARN; the
+        // RabbitMQ sink reports it itself without the payload.
+        .add_directive(
+            "lapin::returned_messages=off"
+                .parse()
+                .expect("a valid directive"),
+        );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

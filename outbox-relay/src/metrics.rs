@@ -184,15 +184,22 @@ impl Collector for RelayFlags {
             "1 while the source is open.",
             flag(s.source_running.load(Ordering::Relaxed)),
         )?;
+        let connected = flag(
+            s.sink_connected.load(Ordering::Relaxed) && s.sink_reachable.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut encoder,
+            "sink_connected",
+            "1 while the sink reaches its broker (last deliveries succeeded and, when idle, the \
+             broker answers).",
+            connected,
+        )?;
         gauge(
             &mut encoder,
             "kafka_connected",
-            "1 while the producer reaches Kafka (last deliveries succeeded and, when idle, the \
-             brokers answer).",
-            flag(
-                s.kafka_connected.load(Ordering::Relaxed)
-                    && s.kafka_reachable.load(Ordering::Relaxed),
-            ),
+            "The same as outbox_relay_sink_connected, under the name it had before other sinks \
+             than Kafka existed.",
+            connected,
         )
     }
 }

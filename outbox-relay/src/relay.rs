@@ -234,7 +234,7 @@ impl Relay {
             })?;
         }
         let mut sink = self.preflight().await?;
-        self.stats.kafka_connected.store(true, Ordering::Relaxed);
+        self.stats.sink_connected.store(true, Ordering::Relaxed);
         tracing::info!(
             source = ?self.config.source,
             sink = sink.kind().name(),

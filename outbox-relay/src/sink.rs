@@ -18,6 +18,8 @@ use crate::route::OutboundRecord;
 
 pub mod kafka;
 pub mod nats;
+pub mod rabbitmq;
+pub mod redis;
 pub mod select;
 
 pub use crate::config::SinkKind;
@@ -181,7 +183,7 @@ pub trait Sink: Send + Sync {
     /// [`Sink::recreate`]d afterwards.
     async fn fence(&self, wait: Duration) -> Fenced;
     /// Starts the idle reachability probe that keeps
-    /// [`crate::stats::RelayStats::kafka_reachable`] current for `/readyz`, if this broker has
+    /// [`crate::stats::RelayStats::sink_reachable`] current for `/readyz`, if this broker has
     /// one; it stops when `shutdown` fires.
     fn watch(
         &self,

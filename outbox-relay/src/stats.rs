@@ -68,11 +68,11 @@ pub struct RelayStats {
     pub lease_lost: Counter,
     /// Whether the source is open.
     pub source_running: AtomicBool,
-    /// Whether the producer reached Kafka (start-up check, then each round's outcome).
-    pub kafka_connected: AtomicBool,
-    /// Whether the brokers answered the last idle-time metadata request
-    /// ([`crate::sink::kafka::watch_brokers`]).
-    pub kafka_reachable: AtomicBool,
+    /// Whether the sink reached its broker (start-up check, then each round's outcome).
+    pub sink_connected: AtomicBool,
+    /// Whether the broker answered the sink's last idle-time probe ([`crate::sink::Sink::watch`];
+    /// for Kafka a metadata request, [`crate::sink::kafka::watch_brokers`]).
+    pub sink_reachable: AtomicBool,
     /// Records in the producer's queue after the last round.
     pub producer_queue: Gauge,
     /// Batch produce time.
@@ -96,8 +96,8 @@ impl Default for RelayStats {
             active: AtomicBool::new(false),
             lease_lost: Counter::default(),
             source_running: AtomicBool::new(false),
-            kafka_connected: AtomicBool::new(false),
-            kafka_reachable: AtomicBool::new(true),
+            sink_connected: AtomicBool::new(false),
+            sink_reachable: AtomicBool::new(true),
             producer_queue: Gauge::default(),
             publish_duration: DurationHistogram::default(),
             commit_to_ack: DurationHistogram::default(),

@@ -10,9 +10,12 @@
 //! auditing that function and the templates passed to it. Every value is a bound parameter.
 //! Callers get typed functions.
 //!
-//! Rows are read as text and decoded by [`decode_row`], which hands them to
-//! [`StoredEvent::from_text_columns`] — the decoder the logical source applies to the rows it
-//! streams — so a row is valid or malformed for every reader alike.
+//! Rows are decoded by [`decode_row`], which hands their columns to [`StoredEvent::from_columns`]
+//! — the decoder the logical source applies to the rows it streams, there as text — so a row is
+//! valid or malformed for every reader alike. The columns whose types the migrations fix (`id`,
+//! `seq`, `created_at`, `schema_version`, `aggregate_seq`) travel in binary and are read as typed
+//! values, which costs less than printing and parsing them as text; every other column is
+//! selected as `text`.
 //!
 //! Not here: the statements on other tables (the relay state table, the leader lock, the slots),
 //! and the session and transaction settings the callers run before these statements.
@@ -21,9 +24,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use outbox_core::{MalformedEvent, OutboxTable, StoredEvent};
+use outbox_core::{ColumnValue, MalformedEvent, OutboxTable, StoredEvent};
 use sqlx::postgres::{PgArguments, PgRow};
-use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row, SqlSafeStr, SqlStr};
+use sqlx::{
+    AssertSqlSafe, Column, Decode, PgConnection, Postgres, Row, SqlSafeStr, SqlStr, TypeInfo,
+    ValueRef,
+};
 use uuid::Uuid;
 
 /// An aggregate: its type and id.
@@ -120,29 +126,30 @@ pub enum ReadError {
     },
 }
 
-/// The event columns, in [`StoredEvent::from_text_columns`]'s names, each read as text from the
-/// table aliased `o`.
-const EVENT_COLUMNS: [&str; 12] = [
-    "id",
-    "aggregatetype",
-    "aggregateid",
-    "type",
-    "payload",
-    "seq",
-    "created_at",
-    "tracingspancontext",
-    "headers",
-    "schema_version",
-    "topic",
-    "aggregate_seq",
+/// The event columns, in [`StoredEvent::from_columns`]'s names (Debezium's, then ours), from
+/// the table aliased `o`, with the expression each is selected as: the typed columns bare (in
+/// binary), the others as text.
+const EVENT_COLUMNS: [(&str, &str); 12] = [
+    ("id", "o.id"),
+    ("aggregatetype", "o.aggregatetype::text"),
+    ("aggregateid", "o.aggregateid::text"),
+    ("type", "o.type::text"),
+    ("payload", "o.payload::text"),
+    ("seq", "o.seq"),
+    ("created_at", "o.created_at"),
+    ("tracingspancontext", "o.tracingspancontext::text"),
+    ("headers", "o.headers::text"),
+    ("schema_version", "o.schema_version"),
+    ("topic", "o.topic::text"),
+    ("aggregate_seq", "o.aggregate_seq"),
 ];
 
-/// The SELECT list of [`EVENT_COLUMNS`] as text, from the table aliased `o`. `seq` is an output
-/// column of type text: order and compare by `o.seq`, never by a bare `seq`.
+/// The SELECT list of [`EVENT_COLUMNS`], from the table aliased `o`, in that order: the first
+/// columns of every statement whose rows [`decode_row`] reads.
 fn event_columns() -> String {
     EVENT_COLUMNS
         .iter()
-        .map(|c| format!("o.{c}::text AS {c}"))
+        .map(|(name, expression)| format!("{expression} AS {name}"))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -159,7 +166,7 @@ const REPLAY_WHERE: &str = "($1::timestamptz IS NULL OR o.created_at >= $1)
 ///
 /// - `{table}`: the outbox table, [`OutboxTable::qualified`];
 /// - `{parked}`: its `<table>_parked` table, [`OutboxTable::parked_qualified`];
-/// - `{event_columns}`: the SELECT list of [`EVENT_COLUMNS`] as text, from the table aliased `o`;
+/// - `{event_columns}`: the SELECT list of [`EVENT_COLUMNS`], from the table aliased `o`;
 /// - `{replay_where}`: [`REPLAY_WHERE`].
 ///
 /// A caller may fill a placeholder of its own first, with one of this module's constants:
@@ -202,21 +209,68 @@ fn statement(table: &OutboxTable, template: &str) -> SqlStr {
 /// Turns a row selected with the event columns of this module into an event. A row that is not a
 /// valid event (`headers` that are not a JSON object, a `schema_version` below 1, a required
 /// column that is null) comes back as the inner `Err`, with what could be read, so the relay can
-/// park it; only a column that cannot be read at all is an error.
+/// park it; only a row without the event columns (the statement is not one of this module's) is
+/// an error.
+///
+/// Each column is read by its position (the event columns come first, in [`EVENT_COLUMNS`]'
+/// order) and checked by name. A typed column is decoded by the type PostgreSQL reports for it:
+/// `uuid`, `smallint`/`integer`/`bigint` and `timestamptz` as typed values, text types as text
+/// (a table created by hand with a `varchar` id still decodes, its ids parsed). A value of any
+/// other type, or one that does not decode (text that is not UTF-8 in a `SQL_ASCII` database),
+/// is [`ColumnValue::Unreadable`]: the row is malformed when the column is required or
+/// validated.
 pub fn decode_row(row: &PgRow) -> Result<Result<StoredEvent, MalformedEvent>, ReadError> {
-    let mut values: Vec<Option<String>> = Vec::with_capacity(EVENT_COLUMNS.len());
-    for column in EVENT_COLUMNS {
-        values.push(
-            row.try_get(column)
-                .map_err(|error| ReadError::Unreadable { column, error })?,
-        );
+    let mut unreadable = None;
+    let values: [ColumnValue<'_>; EVENT_COLUMNS.len()] = std::array::from_fn(|index| {
+        column_value(row, index, EVENT_COLUMNS[index].0).unwrap_or_else(|error| {
+            unreadable.get_or_insert(error);
+            ColumnValue::Null
+        })
+    });
+    if let Some(error) = unreadable {
+        return Err(error);
     }
-    Ok(StoredEvent::from_text_columns(
-        EVENT_COLUMNS
-            .iter()
-            .copied()
-            .zip(values.iter().map(|v| v.as_deref())),
+    Ok(StoredEvent::from_columns(
+        EVENT_COLUMNS.iter().map(|(name, _)| *name).zip(values),
     ))
+}
+
+/// The value of column `index` of `row`, which must be named `column`.
+fn column_value<'r>(
+    row: &'r PgRow,
+    index: usize,
+    column: &'static str,
+) -> Result<ColumnValue<'r>, ReadError> {
+    let unreadable = |error| ReadError::Unreadable { column, error };
+    match row.columns().get(index) {
+        Some(c) if c.name() == column => {}
+        _ => return Err(unreadable(sqlx::Error::ColumnNotFound(column.to_owned()))),
+    }
+    let raw = row.try_get_raw(index).map_err(unreadable)?;
+    if raw.is_null() {
+        return Ok(ColumnValue::Null);
+    }
+    // Built-in type OIDs (`pg_type.dat`: fixed across PostgreSQL versions): a match on the
+    // number is far cheaper per value than sqlx's type compatibility checks.
+    let oid = raw.type_info().oid().map(|oid| oid.0);
+    let decoded = match oid {
+        // text, varchar, bpchar, name
+        Some(25 | 1043 | 1042 | 19) => {
+            <&str as Decode<Postgres>>::decode(raw).map(ColumnValue::Text)
+        }
+        Some(2950) => <Uuid as Decode<Postgres>>::decode(raw).map(ColumnValue::Uuid),
+        Some(20) => <i64 as Decode<Postgres>>::decode(raw).map(ColumnValue::Int),
+        Some(23) => <i32 as Decode<Postgres>>::decode(raw).map(|n| ColumnValue::Int(n.into())),
+        Some(21) => <i16 as Decode<Postgres>>::decode(raw).map(|n| ColumnValue::Int(n.into())),
+        Some(1184) => <DateTime<Utc> as Decode<Postgres>>::decode(raw).map(ColumnValue::Timestamp),
+        _ => {
+            let type_name = raw.type_info().name().to_owned();
+            Err(format!("type {type_name} is not one the relay reads").into())
+        }
+    };
+    // A value that cannot be read makes its row malformed (parked with the reason), not the
+    // whole claim fail.
+    Ok(decoded.unwrap_or_else(|why| ColumnValue::Unreadable(why.to_string())))
 }
 
 fn decode_all(rows: &[PgRow]) -> Result<Vec<Result<StoredEvent, MalformedEvent>>, ReadError> {
@@ -242,11 +296,11 @@ impl Claim {
     pub fn new(table: &OutboxTable) -> Self {
         let cursor = crate::faults::mutant("cursor");
         let template = "SELECT * FROM (SELECT c.*, \
-                 sum(coalesce(octet_length(c.payload), 0)) OVER (ORDER BY c.n) \
+                 sum(coalesce(octet_length(c.payload), 0)) OVER (ORDER BY c.seq) \
                  - coalesce(octet_length(c.payload), 0) AS bytes_before FROM ( \
-             SELECT {event_columns}, o.seq AS n FROM {table} o \
+             SELECT {event_columns} FROM {table} o \
              WHERE o.published_at IS NULL AND NOT (o.seq = ANY($2)) {cursor_trap} \
-             ORDER BY o.seq LIMIT $1) c) b WHERE b.bytes_before < $3 ORDER BY b.n"
+             ORDER BY o.seq LIMIT $1) c) b WHERE b.bytes_before < $3 ORDER BY b.seq"
             .replace("{cursor_trap}", if cursor { "AND o.seq > $4" } else { "" });
         Self {
             sql: statement(table, &template),
@@ -324,11 +378,11 @@ pub async fn unpublished_page(
     max_bytes: i64,
 ) -> Result<Vec<UnpublishedRow>, ReadError> {
     let sql = "SELECT * FROM (SELECT p.*, \
-             sum(coalesce(octet_length(p.payload), 0)) OVER (ORDER BY p.n) \
+             sum(coalesce(octet_length(p.payload), 0)) OVER (ORDER BY p.seq) \
              - coalesce(octet_length(p.payload), 0) AS bytes_before FROM ( \
-         SELECT {event_columns}, o.seq AS n FROM {table} o \
+         SELECT {event_columns} FROM {table} o \
          WHERE o.published_at IS NULL AND o.seq > $1 ORDER BY o.seq LIMIT $2) p) b \
-         WHERE b.bytes_before < $3 ORDER BY b.n";
+         WHERE b.bytes_before < $3 ORDER BY b.seq";
     let rows = sqlx::query(statement(table, sql))
         .bind(after)
         .bind(max)
@@ -339,9 +393,10 @@ pub async fn unpublished_page(
         .map(|row| {
             Ok(UnpublishedRow {
                 event: decode_row(row)?,
-                seq: row
-                    .try_get("n")
-                    .map_err(|error| ReadError::Unreadable { column: "n", error })?,
+                seq: row.try_get("seq").map_err(|error| ReadError::Unreadable {
+                    column: "seq",
+                    error,
+                })?,
             })
         })
         .collect()

@@ -13,6 +13,8 @@ use anyhow::Result;
 use crate::broker::{Consumed, consume};
 
 pub mod nats;
+pub mod rabbitmq;
+pub mod redis;
 
 /// A broker the guarantee suite (`tests/tests/sink_guarantees.rs`) runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +23,10 @@ pub enum SinkUnderTest {
     Kafka,
     /// NATS JetStream ([`nats`]).
     Nats,
+    /// Redis Streams at `REDIS_URL` ([`redis`]).
+    Redis,
+    /// RabbitMQ (AMQP 0-9-1) at `AMQP_URL` ([`rabbitmq`]).
+    Rabbitmq,
 }
 
 impl SinkUnderTest {
@@ -29,6 +35,8 @@ impl SinkUnderTest {
         match self {
             SinkUnderTest::Kafka => vec![("OUTBOX_SINK", "kafka".to_owned())],
             SinkUnderTest::Nats => nats::relay_env(),
+            SinkUnderTest::Redis => redis::relay_env(),
+            SinkUnderTest::Rabbitmq => rabbitmq::relay_env(),
         }
     }
 
@@ -44,6 +52,8 @@ impl SinkUnderTest {
                 ("OUTBOX_KAFKA__PROPERTIES__BATCH_SIZE", bytes.to_string()),
             ],
             SinkUnderTest::Nats => vec![("OUTBOX_NATS__MAX_MESSAGE_BYTES", bytes.to_string())],
+            SinkUnderTest::Redis => redis::size_limit_env(bytes),
+            SinkUnderTest::Rabbitmq => rabbitmq::size_limit_env(bytes),
         }
     }
 
@@ -56,6 +66,8 @@ impl SinkUnderTest {
                 Ok(())
             }
             SinkUnderTest::Nats => nats::prepare(destination).await,
+            SinkUnderTest::Redis => redis::prepare(destination).await,
+            SinkUnderTest::Rabbitmq => rabbitmq::prepare(destination).await,
         }
     }
 
@@ -72,6 +84,10 @@ impl SinkUnderTest {
         match self {
             SinkUnderTest::Kafka => consume(&[destination], at_least, quiet, timeout).await,
             SinkUnderTest::Nats => nats::consume(destination, at_least, quiet, timeout).await,
+            SinkUnderTest::Redis => redis::consume(destination, at_least, quiet, timeout).await,
+            SinkUnderTest::Rabbitmq => {
+                rabbitmq::consume(destination, at_least, quiet, timeout).await
+            }
         }
     }
 }

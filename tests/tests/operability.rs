@@ -421,6 +421,7 @@ async fn readyz_notices_a_broker_outage_while_idle_and_recovers_when_it_returns(
     )
     .await?;
     let (_, scrape) = http_get(&addr, "/metrics").await?;
+    assert_eq!(metric(&scrape, "outbox_relay_sink_connected"), Some(0.0));
     assert_eq!(metric(&scrape, "outbox_relay_kafka_connected"), Some(0.0));
 
     mock.broker_up(1)?;

@@ -297,3 +297,5 @@ macro_rules! suite {
 
 suite!(kafka, SinkUnderTest::Kafka);
 suite!(nats, SinkUnderTest::Nats);
+suite!(redis, SinkUnderTest::Redis);
+suite!(rabbitmq, SinkUnderTest::Rabbitmq);

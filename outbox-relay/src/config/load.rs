@@ -27,6 +27,7 @@ const NOT_SETTINGS: &[&str] = &["OUTBOX_CONFIG", "OUTBOX_LOG_FORMAT"];
 const ALIASES: &[(&str, &str)] = &[
     ("kafka_bootstrap_servers", "kafka.bootstrap_servers"),
     ("nats_url", "nats.url"),
+    ("redis_url", "redis.url"),
     ("topic", "route.topic"),
     ("cloudevents", "route.cloudevents"),
     ("cloudevents_mode", "route.cloudevents_mode"),

@@ -68,6 +68,10 @@ impl RelayConfig {
         self.kafka
             .check()
             .map_err(|e| ConfigError::new("kafka", e.to_string()))?;
+        self.redis.validate()?;
+        if self.sink == super::SinkKind::Rabbitmq {
+            self.rabbitmq.validate()?;
+        }
         let slot_ok = |s: &str| {
             !s.is_empty()
                 && s.len() <= 63

@@ -291,7 +291,7 @@ impl Pump<'_> {
             self.rounds.isolate = self.rounds.isolate.saturating_sub(answered.batch.len());
             self.relay
                 .stats
-                .kafka_connected
+                .sink_connected
                 .store(true, Ordering::Relaxed);
             self.backoff.reset();
             Ok(())
@@ -405,7 +405,7 @@ impl Pump<'_> {
         } else {
             self.relay
                 .stats
-                .kafka_connected
+                .sink_connected
                 .store(false, Ordering::Relaxed);
             "delivery failed: dropping the in-flight window, recreating the producer and resuming from the first unacknowledged event"
         };

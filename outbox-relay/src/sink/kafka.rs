@@ -689,7 +689,7 @@ pub const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// See [`BROKER_PROBE_INTERVAL`].
 pub const BROKER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Keeps [`crate::stats::RelayStats::kafka_reachable`] current while the relay is idle, so
+/// Keeps [`crate::stats::RelayStats::sink_reachable`] current while the relay is idle, so
 /// `/readyz` notices a broker outage (and the recovery) with no traffic: every
 /// [`BROKER_PROBE_INTERVAL`] without a published event, a metadata request on a client of its
 /// own (same bootstrap servers, TLS and SASL settings as the producer, never producing) must
@@ -732,9 +732,7 @@ pub fn watch_brokers(
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()))
             };
-            let was = stats
-                .kafka_reachable
-                .swap(answer.is_ok(), Ordering::Relaxed);
+            let was = stats.sink_reachable.swap(answer.is_ok(), Ordering::Relaxed);
             match (was, answer) {
                 (true, Err(error)) => tracing::warn!(
                     servers = %servers,

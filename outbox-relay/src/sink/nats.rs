@@ -992,7 +992,7 @@ pub const SERVER_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// See [`SERVER_PROBE_INTERVAL`].
 pub const SERVER_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Keeps [`crate::stats::RelayStats::kafka_reachable`] (the sink's reachability, whatever the
+/// Keeps [`crate::stats::RelayStats::sink_reachable`] (the sink's reachability, whatever the
 /// broker) current while the relay is idle: every [`SERVER_PROBE_INTERVAL`] without a published
 /// event, a JetStream account request on a connection of its own (same settings, never
 /// publishing) must answer within [`SERVER_PROBE_TIMEOUT`]. Stops when `shutdown` fires.
@@ -1034,9 +1034,7 @@ pub fn watch_server(
                     }
                 }
             };
-            let was = stats
-                .kafka_reachable
-                .swap(answer.is_ok(), Ordering::Relaxed);
+            let was = stats.sink_reachable.swap(answer.is_ok(), Ordering::Relaxed);
             match (was, answer) {
                 (true, Err(error)) => tracing::warn!(
                     servers = %settings.redacted_urls(),
