@@ -228,6 +228,22 @@ pub async fn topics_ensure(config: &RelayConfig, spec: &TopicSpec) -> Result<()>
     if let Some(dlq) = &config.dead_letter_topic {
         topics.insert(dlq.clone());
     }
+    if config.sink == crate::config::SinkKind::Nats {
+        let subjects: Vec<String> = topics.into_iter().collect();
+        let done = crate::sink::nats::ensure_stream(&config.nats, &subjects)
+            .await
+            .map_err(CommandError::runtime)?;
+        for step in done {
+            match step {
+                crate::sink::nats::Ensured::Created(s) => println!("created  stream {s}"),
+                crate::sink::nats::Ensured::Exists(s) => println!("exists   stream {s}"),
+                crate::sink::nats::Ensured::Captured { subject, stream } => {
+                    println!("captured {subject} (stream {stream})")
+                }
+            }
+        }
+        return Ok(());
+    }
     for t in &topics {
         outbox_core::validate_topic(t)
             .map_err(|reason| CommandError::usage(format!("topic `{t}`: {reason}")))?;

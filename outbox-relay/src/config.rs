@@ -11,12 +11,14 @@ use outbox_core::{OutboxTable, WriteMode};
 
 pub mod kafka;
 pub mod load;
+pub mod nats;
 pub mod rabbitmq;
 pub mod redis;
 pub mod telemetry;
 mod validate;
 
 pub use kafka::{KafkaPropertyError, KafkaSettings};
+pub use nats::{NatsSettings, NatsStreamSettings};
 pub use rabbitmq::RabbitmqSettings;
 pub use redis::RedisSettings;
 pub use telemetry::TelemetrySettings;
@@ -374,6 +376,8 @@ pub struct RelayConfig {
     pub route: RouteSettings,
     /// The Kafka producer.
     pub kafka: KafkaSettings,
+    /// The NATS JetStream sink (`sink = "nats"`).
+    pub nats: NatsSettings,
     /// The Redis Streams sink (`sink = "redis"`).
     pub redis: RedisSettings,
     /// The RabbitMQ sink (`sink = "rabbitmq"`).
@@ -408,6 +412,7 @@ impl Default for RelayConfig {
             dead_letter_topic: None,
             route: RouteSettings::default(),
             kafka: KafkaSettings::default(),
+            nats: NatsSettings::default(),
             redis: RedisSettings::default(),
             rabbitmq: RabbitmqSettings::default(),
             logical: LogicalSettings::default(),

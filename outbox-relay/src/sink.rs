@@ -17,6 +17,7 @@ use crate::failure::ErrorKind;
 use crate::route::OutboundRecord;
 
 pub mod kafka;
+pub mod nats;
 pub mod rabbitmq;
 pub mod redis;
 pub mod select;

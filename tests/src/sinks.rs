@@ -12,6 +12,7 @@ use anyhow::Result;
 
 use crate::broker::{Consumed, consume};
 
+pub mod nats;
 pub mod rabbitmq;
 pub mod redis;
 
@@ -20,6 +21,8 @@ pub mod redis;
 pub enum SinkUnderTest {
     /// The Kafka-protocol broker of [`crate::services`].
     Kafka,
+    /// NATS JetStream ([`nats`]).
+    Nats,
     /// Redis Streams at `REDIS_URL` ([`redis`]).
     Redis,
     /// RabbitMQ (AMQP 0-9-1) at `AMQP_URL` ([`rabbitmq`]).
@@ -31,6 +34,7 @@ impl SinkUnderTest {
     pub fn relay_env(self) -> Vec<(&'static str, String)> {
         match self {
             SinkUnderTest::Kafka => vec![("OUTBOX_SINK", "kafka".to_owned())],
+            SinkUnderTest::Nats => nats::relay_env(),
             SinkUnderTest::Redis => redis::relay_env(),
             SinkUnderTest::Rabbitmq => rabbitmq::relay_env(),
         }
@@ -47,6 +51,7 @@ impl SinkUnderTest {
                 ),
                 ("OUTBOX_KAFKA__PROPERTIES__BATCH_SIZE", bytes.to_string()),
             ],
+            SinkUnderTest::Nats => vec![("OUTBOX_NATS__MAX_MESSAGE_BYTES", bytes.to_string())],
             SinkUnderTest::Redis => redis::size_limit_env(bytes),
             SinkUnderTest::Rabbitmq => rabbitmq::size_limit_env(bytes),
         }
@@ -60,6 +65,7 @@ impl SinkUnderTest {
                 let _ = destination;
                 Ok(())
             }
+            SinkUnderTest::Nats => nats::prepare(destination).await,
             SinkUnderTest::Redis => redis::prepare(destination).await,
             SinkUnderTest::Rabbitmq => rabbitmq::prepare(destination).await,
         }
@@ -77,6 +83,7 @@ impl SinkUnderTest {
     ) -> Result<Vec<Consumed>> {
         match self {
             SinkUnderTest::Kafka => consume(&[destination], at_least, quiet, timeout).await,
+            SinkUnderTest::Nats => nats::consume(destination, at_least, quiet, timeout).await,
             SinkUnderTest::Redis => redis::consume(destination, at_least, quiet, timeout).await,
             SinkUnderTest::Rabbitmq => {
                 rabbitmq::consume(destination, at_least, quiet, timeout).await

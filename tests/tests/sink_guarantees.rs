@@ -296,5 +296,6 @@ macro_rules! suite {
 }
 
 suite!(kafka, SinkUnderTest::Kafka);
+suite!(nats, SinkUnderTest::Nats);
 suite!(redis, SinkUnderTest::Redis);
 suite!(rabbitmq, SinkUnderTest::Rabbitmq);

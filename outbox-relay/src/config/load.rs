@@ -26,6 +26,7 @@ const NOT_SETTINGS: &[&str] = &["OUTBOX_CONFIG", "OUTBOX_LOG_FORMAT"];
 /// Short environment names for nested keys (`OUTBOX_<ALIAS>` → key).
 const ALIASES: &[(&str, &str)] = &[
     ("kafka_bootstrap_servers", "kafka.bootstrap_servers"),
+    ("nats_url", "nats.url"),
     ("redis_url", "redis.url"),
     ("topic", "route.topic"),
     ("cloudevents", "route.cloudevents"),

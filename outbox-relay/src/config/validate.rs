@@ -104,6 +104,7 @@ impl RelayConfig {
         outbox_core::Identifier::parse("message prefix", &self.logical.message_prefix)
             .map_err(|e| ConfigError::new("logical.message_prefix", e.to_string()))?;
         self.telemetry.validate()?;
+        self.nats.validate()?;
         if let Some(token) = &self.admin.token
             && token.expose().trim().len() < 16
         {

@@ -2,6 +2,7 @@
 
 use crate::config::RelayConfig;
 use crate::sink::kafka::KafkaSink;
+use crate::sink::nats::NatsSink;
 use crate::sink::rabbitmq::RabbitmqSink;
 use crate::sink::redis::RedisSink;
 use crate::sink::{Sink, SinkError, SinkKind};
@@ -13,14 +14,10 @@ pub fn from_config(config: &RelayConfig) -> Result<Box<dyn Sink>, SinkError> {
         SinkKind::Kafka => Ok(Box::new(
             KafkaSink::new(config.kafka.clone())?.with_producer_spans(config.telemetry.enabled),
         )),
+        SinkKind::Nats => Ok(Box::new(NatsSink::new(config.nats.clone())?)),
         SinkKind::Redis => Ok(Box::new(
             RedisSink::new(config.redis.clone())?.with_producer_spans(config.telemetry.enabled),
         )),
         SinkKind::Rabbitmq => Ok(Box::new(RabbitmqSink::new(config.rabbitmq.clone())?)),
-        other => Err(SinkError::Config {
-            broker: other.broker(),
-            key: "sink".into(),
-            reason: format!("the `{}` sink is not part of this build", other.name()),
-        }),
     }
 }
