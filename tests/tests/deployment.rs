@@ -400,12 +400,23 @@ async fn check_logical_metrics(names: &[&String]) -> Result<()> {
 }
 
 /// The `key = value` keys of a TOML document, dotted with their table; entries of the map
-/// tables become `table.*`.
+/// tables become `table.*`. A commented-out `# key = value` line names a setting too: the
+/// alternatives that cannot be set together (one way to authenticate) are shown that way.
 fn toml_keys(text: &str) -> BTreeSet<String> {
     const MAPS: &[&str] = &["kafka.properties", "route.routes"];
     let mut section = String::new();
     let mut keys = BTreeSet::new();
     for line in text.lines().map(str::trim) {
+        let line = match line.strip_prefix("# ") {
+            Some(alternative)
+                if alternative.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                }) =>
+            {
+                alternative
+            }
+            _ => line,
+        };
         if line.starts_with('#') || line.is_empty() {
             continue;
         }
