@@ -269,3 +269,30 @@ pub enum ErrorClass {
 /// How many failed rounds in a row an [`ErrorClass::Unlisted`] error may cause before the relay
 /// stops.
 pub const UNLISTED_ERROR_ROUNDS: u32 = 5;
+
+/// Whether this relay acknowledged an event within the last `interval`: those acknowledgements
+/// prove the broker answers, so an idle probe ([`Sink::watch`]) skips its own request.
+pub fn published_within(stats: &crate::stats::RelayStats, interval: Duration) -> bool {
+    use std::sync::atomic::Ordering;
+    let last = stats.last_published_ms.load(Ordering::Relaxed);
+    last > 0 && chrono::Utc::now().timestamp_millis() - last < interval.as_millis() as i64
+}
+
+/// Records an idle probe's answer in [`crate::stats::RelayStats::sink_reachable`] (what
+/// `/readyz` reports) and logs only the changes: `down` once when the broker stops answering,
+/// `up` once when it answers again, each naming `servers` (credentials already removed).
+pub fn record_probe<E: std::fmt::Display>(
+    stats: &crate::stats::RelayStats,
+    servers: &str,
+    answer: Result<(), E>,
+    down: &str,
+    up: &str,
+) {
+    use std::sync::atomic::Ordering;
+    let was = stats.sink_reachable.swap(answer.is_ok(), Ordering::Relaxed);
+    match (was, answer) {
+        (true, Err(error)) => tracing::warn!(servers = %servers, %error, "{down}"),
+        (false, Ok(())) => tracing::info!(servers = %servers, "{up}"),
+        _ => {}
+    }
+}

@@ -13,6 +13,7 @@
 //! - Keys are partitioned with `murmur2_random`, the Java client's partitioner, so a key lands on
 //!   the same partition as it would from Debezium/Kafka Connect.
 
+use crate::sink::{published_within, record_probe};
 use std::time::Duration;
 
 use std::sync::{Arc, Mutex};
@@ -700,7 +701,6 @@ pub fn watch_brokers(
     stats: Arc<crate::stats::RelayStats>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, SinkError> {
-    use std::sync::atomic::Ordering;
     let mut config = settings.client_config()?;
     // It only asks for metadata; librdkafka's own logs about it stay out of the relay's log.
     config
@@ -717,9 +717,7 @@ pub fn watch_brokers(
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(BROKER_PROBE_INTERVAL) => {}
             }
-            let last = stats.last_published_ms.load(Ordering::Relaxed);
-            let idle_ms = chrono::Utc::now().timestamp_millis() - last;
-            let answer = if last > 0 && idle_ms < BROKER_PROBE_INTERVAL.as_millis() as i64 {
+            let answer = if published_within(&stats, BROKER_PROBE_INTERVAL) {
                 Ok(())
             } else {
                 let c = client.clone();
@@ -732,16 +730,13 @@ pub fn watch_brokers(
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()))
             };
-            let was = stats.sink_reachable.swap(answer.is_ok(), Ordering::Relaxed);
-            match (was, answer) {
-                (true, Err(error)) => tracing::warn!(
-                    servers = %servers,
-                    %error,
-                    "Kafka brokers do not answer: reporting not ready until they do"
-                ),
-                (false, Ok(())) => tracing::info!(servers = %servers, "Kafka brokers answer again"),
-                _ => {}
-            }
+            record_probe(
+                &stats,
+                &servers,
+                answer,
+                "Kafka brokers do not answer: reporting not ready until they do",
+                "Kafka brokers answer again",
+            );
         }
     }))
 }

@@ -48,6 +48,7 @@
 //! Single-server and healthy-cluster operation never does this; `Outbox-Key` plus the event
 //! order in the payload let a consumer detect it.
 
+use crate::sink::{published_within, record_probe};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1008,11 +1009,7 @@ pub fn watch_server(
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(SERVER_PROBE_INTERVAL) => {}
             }
-            let last = stats.last_published_ms.load(Ordering::Relaxed);
-            let idle_ms = chrono::Utc::now().timestamp_millis() - last;
-            let answer: Result<(), String> = if last > 0
-                && idle_ms < SERVER_PROBE_INTERVAL.as_millis() as i64
-            {
+            let answer: Result<(), String> = if published_within(&stats, SERVER_PROBE_INTERVAL) {
                 Ok(())
             } else {
                 if link.as_ref().is_some_and(|l| l.lost.is_cancelled()) {
@@ -1034,18 +1031,13 @@ pub fn watch_server(
                     }
                 }
             };
-            let was = stats.sink_reachable.swap(answer.is_ok(), Ordering::Relaxed);
-            match (was, answer) {
-                (true, Err(error)) => tracing::warn!(
-                    servers = %settings.redacted_urls(),
-                    %error,
-                    "NATS server does not answer: reporting not ready until it does"
-                ),
-                (false, Ok(())) => {
-                    tracing::info!(servers = %settings.redacted_urls(), "NATS server answers again")
-                }
-                _ => {}
-            }
+            record_probe(
+                &stats,
+                &settings.redacted_urls(),
+                answer,
+                "NATS server does not answer: reporting not ready until it does",
+                "NATS server answers again",
+            );
         }
     })
 }

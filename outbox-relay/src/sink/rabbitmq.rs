@@ -61,6 +61,7 @@
 //! later one of the channel is acked (an internal queue error) lets the later one through
 //! first; the earlier one follows when it is re-sent.
 
+use crate::sink::{published_within, record_probe};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -807,9 +808,7 @@ impl Sink for RabbitmqSink {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(PROBE_INTERVAL) => {}
                 }
-                let last = stats.last_published_ms.load(Ordering::Relaxed);
-                let idle_ms = chrono::Utc::now().timestamp_millis() - last;
-                let answer = if last > 0 && idle_ms < PROBE_INTERVAL.as_millis() as i64 {
+                let answer = if published_within(&stats, PROBE_INTERVAL) {
                     Ok(())
                 } else {
                     match probe.connect().await {
@@ -824,18 +823,13 @@ impl Sink for RabbitmqSink {
                         Err(e) => Err(e),
                     }
                 };
-                let was = stats.sink_reachable.swap(answer.is_ok(), Ordering::Relaxed);
-                match (was, answer) {
-                    (true, Err(error)) => tracing::warn!(
-                        servers = %probe.servers(),
-                        %error,
-                        "RabbitMQ does not answer: reporting not ready until it does"
-                    ),
-                    (false, Ok(())) => {
-                        tracing::info!(servers = %probe.servers(), "RabbitMQ answers again")
-                    }
-                    _ => {}
-                }
+                record_probe(
+                    &stats,
+                    &probe.servers().to_string(),
+                    answer,
+                    "RabbitMQ does not answer: reporting not ready until it does",
+                    "RabbitMQ answers again",
+                );
             }
         })))
     }

@@ -94,6 +94,7 @@
 //! Redis Cluster is not supported (one server, or a primary with replicas through `WAIT`).
 //! The relay's connections are named `outbox-relay-<pid>` (`CLIENT LIST` shows them).
 
+use crate::sink::{published_within, record_probe};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1110,9 +1111,7 @@ pub fn watch_server(
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(PROBE_INTERVAL) => {}
             }
-            let last = stats.last_published_ms.load(Ordering::Relaxed);
-            let idle_ms = chrono::Utc::now().timestamp_millis() - last;
-            let answer = if last > 0 && idle_ms < PROBE_INTERVAL.as_millis() as i64 {
+            let answer = if published_within(&stats, PROBE_INTERVAL) {
                 Ok(())
             } else {
                 ping(&client, &settings, &mut conn).await
@@ -1120,18 +1119,13 @@ pub fn watch_server(
             if answer.is_err() {
                 conn = None;
             }
-            let was = stats.sink_reachable.swap(answer.is_ok(), Ordering::Relaxed);
-            match (was, answer) {
-                (true, Err(error)) => tracing::warn!(
-                    server = %settings.shown_url(),
-                    %error,
-                    "Redis does not answer: reporting not ready until it does"
-                ),
-                (false, Ok(())) => {
-                    tracing::info!(server = %settings.shown_url(), "Redis answers again")
-                }
-                _ => {}
-            }
+            record_probe(
+                &stats,
+                &settings.shown_url().to_string(),
+                answer,
+                "Redis does not answer: reporting not ready until it does",
+                "Redis answers again",
+            );
         }
     })
 }
