@@ -64,6 +64,26 @@ pub async fn write_account_events(
     Ok(ids)
 }
 
+/// A `Changed` event of `aggregate` with per-aggregate sequence `seq` and a payload padded to
+/// about `bytes` bytes (to make an event a sink refuses for its size).
+pub fn padded_event(aggregate_type: &str, aggregate: &str, seq: i64, bytes: usize) -> NewEvent {
+    NewEvent::new(
+        aggregate_type,
+        aggregate,
+        "Changed",
+        Some(serde_json::json!({ "seq": seq, "pad": "x".repeat(bytes) })),
+    )
+    .with_aggregate_seq(seq)
+}
+
+/// Writes `events` into the default outbox table in one committed transaction; their ids.
+pub async fn commit_events(db: &TestDb, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
+    let mut tx = db.pool.begin().await?;
+    let ids = Outbox::default().publish_new(&mut tx, events).await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
 /// One business transaction: lock the aggregate, write `events` events with consecutive
 /// per-aggregate sequence numbers, linger, then commit or roll back; recorded in `ledger`.
 #[allow(clippy::too_many_arguments)]

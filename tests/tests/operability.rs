@@ -4,29 +4,13 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use outbox_core::{NewEvent, Outbox};
+use outbox_core::NewEvent;
+use outbox_tests::writers::{commit_events, padded_event};
 use outbox_tests::*;
 use uuid::Uuid;
 
 const QUIET: Duration = Duration::from_millis(1500);
 const LONG: Duration = Duration::from_secs(60);
-
-async fn write(db: &TestDb, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
-    let mut tx = db.pool.begin().await?;
-    let ids = Outbox::default().publish_new(&mut tx, events).await?;
-    tx.commit().await?;
-    Ok(ids)
-}
-
-fn ev(agg_type: &str, agg: &str, seq: i64, bytes: usize) -> NewEvent {
-    NewEvent::new(
-        agg_type,
-        agg,
-        "Changed",
-        Some(serde_json::json!({ "seq": seq, "pad": "x".repeat(bytes) })),
-    )
-    .with_aggregate_seq(seq)
-}
 
 async fn cli(db: &TestDb, args: &[&str]) -> Result<(i32, String, String)> {
     let out = relay_cli_on(db, args, &[]).await?;
@@ -49,22 +33,25 @@ async fn poison_events_are_parked_per_aggregate_while_others_flow_and_replay_in_
 
     // Aggregate A: A1 fine, A2 too large (poison), A3 held behind it. B and C flow. D's type
     // renders an illegal topic name.
-    let a1 = write(&db, vec![ev(&agg_type, "A", 1, 10)]).await?[0];
-    let a2 = write(&db, vec![ev(&agg_type, "A", 2, 30_000)]).await?[0];
-    let a3 = write(&db, vec![ev(&agg_type, "A", 3, 10)]).await?[0];
+    let a1 = commit_events(&db, vec![padded_event(&agg_type, "A", 1, 10)]).await?[0];
+    let a2 = commit_events(&db, vec![padded_event(&agg_type, "A", 2, 30_000)]).await?[0];
+    let a3 = commit_events(&db, vec![padded_event(&agg_type, "A", 3, 10)]).await?[0];
     let mut others = Vec::new();
     for i in 1..=5 {
         others.extend(
-            write(
+            commit_events(
                 &db,
-                vec![ev(&agg_type, "B", i, 10), ev(&agg_type, "C", i, 10)],
+                vec![
+                    padded_event(&agg_type, "B", i, 10),
+                    padded_event(&agg_type, "C", i, 10),
+                ],
             )
             .await?,
         );
     }
-    let d1 = write(&db, vec![NewEvent::new("orders/eu", "D", "Created", None)]).await?[0];
+    let d1 = commit_events(&db, vec![NewEvent::new("orders/eu", "D", "Created", None)]).await?[0];
     wait_drained(&db.pool, LONG).await?;
-    let a4 = write(&db, vec![ev(&agg_type, "A", 4, 10)]).await?[0];
+    let a4 = commit_events(&db, vec![padded_event(&agg_type, "A", 4, 10)]).await?[0];
     wait_drained(&db.pool, LONG).await?;
 
     let records = consume(&[&topic], 11, QUIET, LONG).await?;
@@ -135,7 +122,7 @@ async fn poison_events_are_parked_per_aggregate_while_others_flow_and_replay_in_
     let (code, out, err) = cli(&db, &["parked", "retry", &a2.to_string()]).await?;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("republished 3 parked events"), "{out}");
-    let a5 = write(&db, vec![ev(&agg_type, "A", 5, 10)]).await?[0];
+    let a5 = commit_events(&db, vec![padded_event(&agg_type, "A", 5, 10)]).await?[0];
     wait_drained(&db.pool, LONG).await?;
     let records = consume(&[&topic], 15, QUIET, LONG).await?;
     relay.stop().await?;
@@ -169,7 +156,7 @@ async fn replay_republishes_a_range_with_the_original_ids_and_status_reports_the
     for i in 0..10 {
         let kind = if i % 2 == 0 { "Even" } else { "Odd" };
         ids.extend(
-            write(
+            commit_events(
                 &db,
                 vec![NewEvent::new(&agg_type, "k", kind, None).with_aggregate_seq(i)],
             )
@@ -213,7 +200,7 @@ async fn replay_republishes_a_range_with_the_original_ids_and_status_reports_the
 async fn topics_ensure_creates_the_routed_topics() -> Result<()> {
     let db = TestDb::migrated("op_topics").await?;
     let agg_type = unique("tp");
-    write(&db, vec![NewEvent::new(&agg_type, "1", "X", None)]).await?;
+    commit_events(&db, vec![NewEvent::new(&agg_type, "1", "X", None)]).await?;
     let dlq = unique("dlq");
     let (code, out, err) = cli(
         &db,
@@ -327,7 +314,7 @@ async fn admin_endpoints_answer_and_the_counters_move_while_events_flow() -> Res
     assert_eq!(metric(&before, "outbox_relay_leader"), Some(1.0));
     let agg_type = unique("adm");
     for i in 0..20 {
-        write(
+        commit_events(
             &db,
             vec![NewEvent::new(&agg_type, format!("k{}", i % 4), "E", None)],
         )
@@ -430,7 +417,7 @@ async fn readyz_notices_a_broker_outage_while_idle_and_recovers_when_it_returns(
         "not ready {noticed:?} after the broker went down, ready {recovered:?} after it came back"
     );
     // And it still publishes.
-    write(&db, vec![NewEvent::new("acct", "1", "Opened", None)]).await?;
+    commit_events(&db, vec![NewEvent::new("acct", "1", "Opened", None)]).await?;
     wait_drained(&db.pool, LONG).await?;
     let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
     assert_eq!(code, 0, "{log}");

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use logical_common::{LONG, QUIET, drop_slots, env_refs, logical_env};
-use outbox_core::{NewEvent, Outbox, WriteMode};
+use outbox_core::WriteMode;
 use outbox_tests::writers::Workload;
+use outbox_tests::writers::{commit_events, padded_event};
 use outbox_tests::*;
 use uuid::Uuid;
 
@@ -177,23 +178,6 @@ async fn standby_takes_over(sink: SinkUnderTest, src: Src) -> Result<()> {
     s.finish().await
 }
 
-fn sized(aggregate_type: &str, aggregate: &str, seq: i64, bytes: usize) -> NewEvent {
-    NewEvent::new(
-        aggregate_type,
-        aggregate,
-        "Changed",
-        Some(serde_json::json!({ "seq": seq, "pad": "x".repeat(bytes) })),
-    )
-    .with_aggregate_seq(seq)
-}
-
-async fn commit(db: &TestDb, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
-    let mut tx = db.pool.begin().await?;
-    let ids = Outbox::default().publish_new(&mut tx, events).await?;
-    tx.commit().await?;
-    Ok(ids)
-}
-
 /// A record the broker refuses for good (larger than the sink accepts) is parked, the events of
 /// its aggregate after it are held behind it, and every other aggregate keeps flowing.
 async fn poison_is_parked_per_aggregate(sink: SinkUnderTest, src: Src) -> Result<()> {
@@ -201,12 +185,12 @@ async fn poison_is_parked_per_aggregate(sink: SinkUnderTest, src: Src) -> Result
     let relay = s.start(&sink.size_limit_env(20_000)).await?;
     relay.wait_for_log("this relay is active", LONG).await?;
     let t = s.work.aggregate_type.clone();
-    let a1 = commit(&s.db, vec![sized(&t, "A", 1, 10)]).await?[0];
-    let a2 = commit(&s.db, vec![sized(&t, "A", 2, 30_000)]).await?[0];
-    let a3 = commit(&s.db, vec![sized(&t, "A", 3, 10)]).await?[0];
+    let a1 = commit_events(&s.db, vec![padded_event(&t, "A", 1, 10)]).await?[0];
+    let a2 = commit_events(&s.db, vec![padded_event(&t, "A", 2, 30_000)]).await?[0];
+    let a3 = commit_events(&s.db, vec![padded_event(&t, "A", 3, 10)]).await?[0];
     let mut others = Vec::new();
     for seq in 1..=5 {
-        others.extend(commit(&s.db, vec![sized(&t, "B", seq, 10)]).await?);
+        others.extend(commit_events(&s.db, vec![padded_event(&t, "B", seq, 10)]).await?);
     }
     let records = s.sink.consume(&s.work.topic, 6, QUIET, LONG).await?;
     let ids: Vec<Uuid> = records.iter().map(Consumed::event_id).collect();

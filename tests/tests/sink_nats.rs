@@ -11,21 +11,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use logical_common::{LONG, QUIET, env_refs};
-use outbox_core::{NewEvent, Outbox, WriteMode};
+use outbox_core::WriteMode;
 use outbox_tests::sinks::nats;
 use outbox_tests::writers::Workload;
+use outbox_tests::writers::{commit_events, padded_event};
 use outbox_tests::*;
 use uuid::Uuid;
-
-fn event(aggregate_type: &str, aggregate: &str, seq: i64, bytes: usize) -> NewEvent {
-    NewEvent::new(
-        aggregate_type,
-        aggregate,
-        "Changed",
-        Some(serde_json::json!({ "seq": seq, "pad": "x".repeat(bytes) })),
-    )
-    .with_aggregate_seq(seq)
-}
 
 /// A workload whose destination exists only on NATS (no Kafka topic is made for it).
 async fn workload(db: &TestDb, prefix: &str, accounts: usize) -> Result<Workload> {
@@ -38,13 +29,6 @@ async fn workload(db: &TestDb, prefix: &str, accounts: usize) -> Result<Workload
         accounts,
         ledger: Default::default(),
     })
-}
-
-async fn commit(db: &TestDb, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
-    let mut tx = db.pool.begin().await?;
-    let ids = Outbox::default().publish_new(&mut tx, events).await?;
-    tx.commit().await?;
-    Ok(ids)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -120,12 +104,12 @@ async fn the_streams_size_limit_parks_the_event_per_aggregate() -> Result<()> {
     let relay = RelayProcess::start(&db, &[], &env_refs(&nats::relay_env())).await?;
     relay.wait_for_log("this relay is active", LONG).await?;
     let t = work.aggregate_type.clone();
-    let a1 = commit(&db, vec![event(&t, "A", 1, 10)]).await?[0];
-    let a2 = commit(&db, vec![event(&t, "A", 2, 30_000)]).await?[0];
-    let a3 = commit(&db, vec![event(&t, "A", 3, 10)]).await?[0];
+    let a1 = commit_events(&db, vec![padded_event(&t, "A", 1, 10)]).await?[0];
+    let a2 = commit_events(&db, vec![padded_event(&t, "A", 2, 30_000)]).await?[0];
+    let a3 = commit_events(&db, vec![padded_event(&t, "A", 3, 10)]).await?[0];
     let mut others = Vec::new();
     for seq in 1..=4 {
-        others.extend(commit(&db, vec![event(&t, "B", seq, 10)]).await?);
+        others.extend(commit_events(&db, vec![padded_event(&t, "B", seq, 10)]).await?);
     }
     let records = nats::consume(&work.topic, 5, QUIET, LONG).await?;
     let ids: Vec<Uuid> = records.iter().map(Consumed::event_id).collect();

@@ -13,9 +13,10 @@ use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::AMQPValue;
 use lapin::{Connection, ConnectionProperties};
 use logical_common::{LONG, QUIET, env_refs};
-use outbox_core::{NewEvent, Outbox, WriteMode};
+use outbox_core::WriteMode;
 use outbox_tests::sinks::rabbitmq;
 use outbox_tests::writers::Workload;
+use outbox_tests::writers::{commit_events, padded_event};
 use outbox_tests::*;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -294,23 +295,6 @@ impl Drop for BrokerMaxMessageSize {
     }
 }
 
-fn sized(aggregate_type: &str, aggregate: &str, seq: i64, bytes: usize) -> NewEvent {
-    NewEvent::new(
-        aggregate_type,
-        aggregate,
-        "Changed",
-        Some(serde_json::json!({ "seq": seq, "pad": "x".repeat(bytes) })),
-    )
-    .with_aggregate_seq(seq)
-}
-
-async fn commit(db: &TestDb, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
-    let mut tx = db.pool.begin().await?;
-    let ids = Outbox::default().publish_new(&mut tx, events).await?;
-    tx.commit().await?;
-    Ok(ids)
-}
-
 /// A body within the relay's `max_message_size` but above the broker's own: RabbitMQ closes
 /// the channel (`PRECONDITION_FAILED`), the relay sends the suspects one at a time, parks the
 /// record at fault and the one behind it, and every other record is delivered once, in order.
@@ -322,13 +306,13 @@ async fn a_body_the_broker_refuses_is_parked_while_the_others_flow() -> Result<(
     let limit = BrokerMaxMessageSize::set(1024 * 1024)?;
     let t = work.aggregate_type.clone();
     // All in the table before the relay starts, so they share its first batch.
-    let a1 = commit(&db, vec![sized(&t, "A", 1, 10)]).await?[0];
-    let b1 = commit(&db, vec![sized(&t, "B", 1, 10)]).await?[0];
-    let a2 = commit(&db, vec![sized(&t, "A", 2, 2 * 1024 * 1024)]).await?[0];
-    let a3 = commit(&db, vec![sized(&t, "A", 3, 10)]).await?[0];
+    let a1 = commit_events(&db, vec![padded_event(&t, "A", 1, 10)]).await?[0];
+    let b1 = commit_events(&db, vec![padded_event(&t, "B", 1, 10)]).await?[0];
+    let a2 = commit_events(&db, vec![padded_event(&t, "A", 2, 2 * 1024 * 1024)]).await?[0];
+    let a3 = commit_events(&db, vec![padded_event(&t, "A", 3, 10)]).await?[0];
     let mut others = vec![b1];
     for seq in 2..=5 {
-        others.extend(commit(&db, vec![sized(&t, "B", seq, 10)]).await?);
+        others.extend(commit_events(&db, vec![padded_event(&t, "B", seq, 10)]).await?);
     }
     let relay = RelayProcess::start(&db, &[], &env_refs(&relay_env())).await?;
     let records = rabbitmq::consume(&work.topic, 6, QUIET, LONG).await?;
