@@ -355,7 +355,7 @@ impl Relay {
     async fn fence_producer(&self, sink: &mut dyn Sink, lease: &Lease) -> Result<(), RelayError> {
         let wait = lease
             .remaining()
-            .min(self.config.kafka.delivery_timeout)
+            .min(sink.delivery_timeout())
             .min(Duration::from_secs(5));
         let fenced = sink.fence(wait).await;
         sink.recreate().await?;

@@ -21,6 +21,7 @@ pub mod nats;
 pub mod rabbitmq;
 pub mod redis;
 pub mod select;
+pub mod traced;
 
 pub use crate::config::SinkKind;
 
@@ -172,6 +173,9 @@ pub trait Sink: Send + Sync {
     }
     /// Records handed to the client and not yet answered.
     fn in_flight(&self) -> usize;
+    /// How long the broker may take to confirm a record before it counts as failed (the
+    /// broker's `delivery_timeout` setting); bounds the wait of [`Sink::fence`] too.
+    fn delivery_timeout(&self) -> Duration;
     /// Replaces the client with a fresh one after a failure: nothing the old one still held can
     /// be delivered out of order after the relay resumes.
     async fn recreate(&mut self) -> Result<(), SinkError>;

@@ -1,26 +1,32 @@
 //! OpenTelemetry producer spans (cargo feature `otel`, setting `telemetry.enabled`).
 //!
-//! With both on, every record the relay produces gets one span that follows the OpenTelemetry
-//! messaging semantic conventions:
+//! With both on, every record the relay hands to its sink gets one span that follows the
+//! OpenTelemetry messaging semantic conventions, whatever the broker:
 //!
-//! - name `send <topic>`, kind `PRODUCER`;
-//! - `messaging.system = "kafka"`, `messaging.operation.type = "send"`,
-//!   `messaging.operation.name = "send"`, `messaging.destination.name` = the topic,
+//! - name `send <destination>`, kind `PRODUCER`;
+//! - `messaging.system` = the sink (`kafka`, `nats`, `rabbitmq`, `redis`),
+//!   `messaging.operation.type = "send"`, `messaging.operation.name = "send"`,
+//!   `messaging.destination.name` = the destination (topic, subject, routing key, stream),
 //!   `messaging.message.id` = the event id;
-//! - once Kafka answered: `messaging.destination.partition.id` and `messaging.kafka.offset`, or
-//!   status `ERROR` with `error.type` when the record was not delivered.
+//! - once the broker answered: for Kafka `messaging.destination.partition.id` and
+//!   `messaging.kafka.offset`; for any broker, status `ERROR` with `error.type` (the broker's
+//!   error name) when the record was not delivered.
 //!
 //! The span's parent is the W3C `traceparent` the service captured when it wrote the event (a
 //! remote parent); an event written without one starts a new trace. The span lasts from the moment
-//! the record is handed to the producer until Kafka's verdict.
+//! the record is handed to the sink until the broker's verdict on its batch is in.
 //!
 //! **Which `traceparent` travels with the record.** Without the feature (or with
 //! `telemetry.enabled = false`) the write-time value is forwarded unchanged. With producer spans
-//! on, the record carries the *producer span's* context instead: the OpenTelemetry messaging
-//! conventions make the send span the message's creation context when there is no separate
-//! "create" span, and W3C Trace Context has each participant that records a span pass on its own
-//! span id as the parent id. A consumer's span is then a child of the relay's send span, which is
-//! itself a child of the write — one unbroken trace from the business operation to the consumer.
+//! on, the record carries the *producer span's* context instead (as the broker's header, property
+//! or field named `traceparent`): the OpenTelemetry messaging conventions make the send span the
+//! message's creation context when there is no separate "create" span, and W3C Trace Context has
+//! each participant that records a span pass on its own span id as the parent id. A consumer's
+//! span is then a child of the relay's send span, which is itself a child of the write — one
+//! unbroken trace from the business operation to the consumer.
+//!
+//! One implementation serves every sink: [`crate::sink::traced::Traced`] wraps the configured
+//! sink when spans are on, so no broker's code deals with spans.
 //!
 //! Export: the `outbox-relay` binary installs a global tracer provider that batches spans to an
 //! OTLP/HTTP (protobuf) collector — `telemetry.otlp_endpoint`, else the standard
@@ -30,7 +36,8 @@
 //! Sampling is the SDK's default, parent-based: an unsampled write-time context gives an
 //! unsampled producer span.
 
-use crate::config::TelemetrySettings;
+use crate::config::{SinkKind, TelemetrySettings};
+use crate::route::OutboundRecord;
 use crate::sink::{DeliveryError, Outcome};
 
 /// Installing the OTLP exporter failed.
@@ -103,12 +110,15 @@ pub fn install(settings: &TelemetrySettings) -> Result<Option<TelemetryGuard>, T
     ))
 }
 
-/// Starts producer spans for the sink (a no-op unless the `otel` feature and
+/// Starts producer spans for one sink's records (a no-op unless the `otel` feature and
 /// `telemetry.enabled` are both on).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ProducerSpans {
     #[cfg(feature = "otel")]
     tracer: Option<std::sync::Arc<opentelemetry::global::BoxedTracer>>,
+    /// The broker, as `messaging.system`.
+    #[cfg(feature = "otel")]
+    sink: SinkKind,
 }
 
 impl std::fmt::Debug for ProducerSpans {
@@ -123,25 +133,44 @@ impl std::fmt::Debug for ProducerSpans {
 pub struct RecordSpan {
     #[cfg(feature = "otel")]
     span: opentelemetry::global::BoxedSpan,
+    #[cfg(feature = "otel")]
+    sink: SinkKind,
     traceparent: String,
 }
 
 impl ProducerSpans {
-    /// Spans from the global tracer provider when `enabled` (and the `otel` feature is built);
-    /// otherwise none.
-    pub fn new(enabled: bool) -> Self {
+    /// Spans of records sent to `sink`, from the global tracer provider when `enabled` (and the
+    /// `otel` feature is built); otherwise none.
+    pub fn new(enabled: bool, sink: SinkKind) -> Self {
         #[cfg(feature = "otel")]
         {
             Self {
                 tracer: enabled
                     .then(|| std::sync::Arc::new(opentelemetry::global::tracer("outbox-relay"))),
+                sink,
             }
         }
         #[cfg(not(feature = "otel"))]
         {
-            let _ = enabled;
+            let _ = (enabled, sink);
             Self {}
         }
+    }
+
+    /// Starts the span of `record` (parented to its `traceparent` header, identified by its `id`
+    /// header), or `None` when spans are off.
+    pub fn start_record(&self, record: &OutboundRecord) -> Option<RecordSpan> {
+        if !self.is_enabled() {
+            return None;
+        }
+        let header = |name: &str| {
+            record
+                .headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        };
+        self.start(&record.topic, header("id"), header("traceparent"))
     }
 
     /// Whether spans are created.
@@ -158,7 +187,7 @@ impl ProducerSpans {
 
     /// Starts the producer span of a record to `topic` carrying event `message_id`, as a child
     /// of `traceparent` (the write-time context) when there is one.
-    pub fn start(
+    fn start(
         &self,
         topic: &str,
         message_id: Option<&str>,
@@ -174,7 +203,7 @@ impl ProducerSpans {
                 None => Context::new(),
             };
             let mut attributes = vec![
-                KeyValue::new("messaging.system", "kafka"),
+                KeyValue::new("messaging.system", self.sink.name()),
                 KeyValue::new("messaging.operation.type", "send"),
                 KeyValue::new("messaging.operation.name", "send"),
                 KeyValue::new("messaging.destination.name", topic.to_owned()),
@@ -199,7 +228,11 @@ impl ProducerSpans {
             } else {
                 traceparent.unwrap_or_default().to_owned()
             };
-            Some(RecordSpan { span, traceparent })
+            Some(RecordSpan {
+                span,
+                sink: self.sink,
+                traceparent,
+            })
         }
         #[cfg(not(feature = "otel"))]
         {
@@ -215,7 +248,17 @@ impl RecordSpan {
         &self.traceparent
     }
 
-    /// Ends the span with Kafka's verdict.
+    /// Puts the span's context into `headers` as the `traceparent` header (replacing the
+    /// write-time one, or added when the event had none).
+    pub fn carry(&self, headers: &mut Vec<(String, Vec<u8>)>) {
+        let value = self.traceparent.as_bytes().to_vec();
+        match headers.iter_mut().find(|(name, _)| name == "traceparent") {
+            Some((_, v)) => *v = value,
+            None => headers.push(("traceparent".to_owned(), value)),
+        }
+    }
+
+    /// Ends the span with the broker's verdict.
     pub fn end<E: DeliveryError>(self, outcome: &Outcome<E>) {
         #[cfg(feature = "otel")]
         {
@@ -223,13 +266,14 @@ impl RecordSpan {
             use opentelemetry::trace::{Span as _, Status};
             let mut span = self.span;
             match outcome {
-                Outcome::Delivered(d) => {
+                Outcome::Delivered(d) if self.sink == SinkKind::Kafka => {
                     span.set_attribute(KeyValue::new(
                         "messaging.destination.partition.id",
                         d.partition.to_string(),
                     ));
                     span.set_attribute(KeyValue::new("messaging.kafka.offset", d.offset));
                 }
+                Outcome::Delivered(_) => {}
                 Outcome::Rejected(e) | Outcome::Suspect(e) | Outcome::Failed(e) => {
                     span.set_attribute(KeyValue::new("error.type", e.kind()));
                     span.set_status(Status::error(e.to_string()));
@@ -291,10 +335,47 @@ mod tests {
 #[cfg(test)]
 mod span_tests {
     use super::*;
+    #[cfg(feature = "otel")]
+    use opentelemetry::trace::Tracer as _;
 
     #[test]
     fn spans_are_off_when_disabled() {
-        assert!(!ProducerSpans::new(false).is_enabled());
-        assert!(ProducerSpans::new(false).start("t", None, None).is_none());
+        let spans = ProducerSpans::new(false, SinkKind::Nats);
+        assert!(!spans.is_enabled());
+        let record = OutboundRecord {
+            topic: "t".into(),
+            key: "k".into(),
+            payload: None,
+            headers: vec![("id".into(), b"e-1".to_vec())],
+            timestamp_ms: None,
+        };
+        assert!(spans.start_record(&record).is_none());
+    }
+
+    #[test]
+    fn a_span_carries_its_context_in_place_of_the_written_one() {
+        let span = RecordSpan {
+            #[cfg(feature = "otel")]
+            span: opentelemetry::global::tracer("test").start("t"),
+            #[cfg(feature = "otel")]
+            sink: SinkKind::Redis,
+            traceparent: "00-c-d-01".into(),
+        };
+        let mut written = vec![
+            ("id".to_owned(), b"e-1".to_vec()),
+            ("traceparent".to_owned(), b"00-a-b-01".to_vec()),
+        ];
+        span.carry(&mut written);
+        assert_eq!(
+            written[1],
+            ("traceparent".to_owned(), b"00-c-d-01".to_vec())
+        );
+        assert_eq!(written.len(), 2);
+        let mut untraced = vec![("id".to_owned(), b"e-2".to_vec())];
+        span.carry(&mut untraced);
+        assert_eq!(
+            untraced[1],
+            ("traceparent".to_owned(), b"00-c-d-01".to_vec())
+        );
     }
 }

@@ -183,3 +183,101 @@ async fn every_published_event_gets_one_producer_span_parented_to_its_write_time
     );
     Ok(())
 }
+
+/// The spans of a relay publishing to `sink`: one per event, `messaging.system` naming the
+/// broker, parented to the write, and the span's context in the message as `traceparent`.
+async fn spans_for_sink(sink: SinkUnderTest, system: &str) -> Result<()> {
+    let spans = Collected::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(spans.clone())
+        .build();
+    opentelemetry::global::set_tracer_provider(provider.clone());
+
+    let db = TestDb::migrated(&format!("otel_{system}")).await?;
+    let agg_type = unique(&format!("otel_{system}"));
+    let destination = format!("outbox.event.{agg_type}");
+    sink.prepare(&destination).await?;
+    let mut env: Vec<(String, String)> = vec![("OUTBOX_DATABASE_URL".into(), db.url.clone())];
+    env.extend(sink.relay_env().into_iter().map(|(k, v)| (k.to_owned(), v)));
+    let (loaded, _) = outbox_relay::config::load::load(None, env, &[])?;
+    let mut config = relay_config(&db);
+    config.sink = loaded.sink;
+    config.nats = loaded.nats;
+    config.rabbitmq = loaded.rabbitmq;
+    config.redis = loaded.redis;
+    config.telemetry.enabled = true;
+    let relay = InProcessRelay::start(config)?;
+
+    let trace_id = format!("{:032x}", Uuid::new_v4().as_u128());
+    let mut tx = db.pool.begin().await?;
+    let events = vec![
+        NewEvent::new(&agg_type, "a1", "Traced", None)
+            .with_traceparent(format!("00-{trace_id}-00000000000000aa-01")),
+        NewEvent::new(&agg_type, "a2", "Untraced", None),
+    ];
+    let ids = Outbox::default().publish_new(&mut tx, events).await?;
+    tx.commit().await?;
+
+    wait_drained(&db.pool, LONG).await?;
+    let records = sink
+        .consume(&destination, 2, Duration::from_millis(1500), LONG)
+        .await?;
+    relay.stop().await?;
+    provider.force_flush()?;
+
+    let spans = spans.0.lock().unwrap().clone();
+    assert_eq!(records.len(), 2, "{records:?}");
+    for record in &records {
+        let id = record.event_id();
+        let found: Vec<&SpanData> = spans
+            .iter()
+            .filter(|s| string(s, "messaging.message.id").as_deref() == Some(&id.to_string()))
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "one producer span per event ({id}): {found:?}"
+        );
+        let span = found[0];
+        assert_eq!(span.span_kind, SpanKind::Producer);
+        assert_eq!(span.name, format!("send {destination}"));
+        assert_eq!(string(span, "messaging.system").as_deref(), Some(system));
+        assert_eq!(
+            string(span, "messaging.destination.name").as_deref(),
+            Some(destination.as_str())
+        );
+        assert_eq!(span.status, Status::Unset);
+        let cx = &span.span_context;
+        assert_eq!(
+            record.headers.get("traceparent").map(String::as_str),
+            Some(format!("00-{}-{}-01", cx.trace_id(), cx.span_id()).as_str()),
+            "the {system} message carries the producer span's context ({id})"
+        );
+        if id == ids[0] {
+            assert_eq!(
+                cx.trace_id().to_string(),
+                trace_id,
+                "same trace as the write"
+            );
+            assert_eq!(span.parent_span_id.to_string(), "00000000000000aa");
+        } else {
+            assert_eq!(span.parent_span_id, opentelemetry::trace::SpanId::INVALID);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_messages_get_producer_spans() -> Result<()> {
+    spans_for_sink(SinkUnderTest::Nats, "nats").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_messages_get_producer_spans() -> Result<()> {
+    spans_for_sink(SinkUnderTest::Rabbitmq, "rabbitmq").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_entries_get_producer_spans() -> Result<()> {
+    spans_for_sink(SinkUnderTest::Redis, "redis").await
+}

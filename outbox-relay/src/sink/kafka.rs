@@ -31,7 +31,6 @@ use crate::sink::{
     Delivered, DeliveryError, DeliveryFault, ErrorClass, Fenced, PendingBatch, Sink, SinkError,
     SinkKind,
 };
-use crate::telemetry::{ProducerSpans, RecordSpan};
 
 /// The broker's name in this sink's errors.
 const KAFKA: &str = "Kafka";
@@ -130,7 +129,6 @@ pub struct KafkaSink {
     settings: KafkaSettings,
     producer: FutureProducer<SinkContext>,
     context: SinkContext,
-    spans: ProducerSpans,
 }
 
 /// A batch handed to the producer, whose outcomes are not all known yet.
@@ -147,7 +145,7 @@ pub struct Pending {
 const IN_FLIGHT_GRACE: Duration = Duration::from_secs(1);
 
 enum Slot {
-    Sent(rdkafka::producer::DeliveryFuture, Option<RecordSpan>),
+    Sent(rdkafka::producer::DeliveryFuture),
     Done(Outcome),
 }
 
@@ -190,13 +188,13 @@ impl Pending {
         for slot in slots {
             out.push(match slot {
                 Slot::Done(o) => o,
-                Slot::Sent(mut delivery, span) => {
+                Slot::Sent(mut delivery) => {
                     let (result, timed_out) =
                         match tokio::time::timeout_at(deadline, &mut delivery).await {
                             Ok(result) => (result, false),
                             Err(_) => (expire(&producer, &mut delivery).await, true),
                         };
-                    let outcome = match result {
+                    match result {
                         Ok(Ok(d)) => Outcome::Delivered(Delivered {
                             partition: d.partition,
                             offset: d.offset,
@@ -211,11 +209,7 @@ impl Pending {
                         }
                         Ok(Err((error, _))) => Outcome::Failed(error),
                         Err(_canceled) => Outcome::Failed(KafkaError::Canceled),
-                    };
-                    if let Some(span) = span {
-                        span.end(&outcome);
                     }
-                    outcome
                 }
             });
         }
@@ -412,15 +406,7 @@ impl KafkaSink {
             settings,
             producer,
             context,
-            spans: ProducerSpans::default(),
         })
-    }
-
-    /// Turns producer spans on or off ([`crate::telemetry`]): with them on, every record gets a
-    /// `PRODUCER` span and carries that span's context as its `traceparent`.
-    pub fn with_producer_spans(mut self, enabled: bool) -> Self {
-        self.spans = ProducerSpans::new(enabled);
-        self
     }
 
     /// Fetches cluster metadata to prove the brokers are reachable (and the credentials work).
@@ -535,37 +521,11 @@ impl KafkaSink {
                 slots.push(Slot::Done(Outcome::Held { behind }));
                 continue;
             }
-            let span = if self.spans.is_enabled() {
-                let header = |n: &str| {
-                    r.headers
-                        .iter()
-                        .find(|(k, _)| k == n)
-                        .and_then(|(_, v)| std::str::from_utf8(v).ok())
-                };
-                self.spans
-                    .start(&r.topic, header("id"), header("traceparent"))
-            } else {
-                None
-            };
             let mut headers = OwnedHeaders::new_with_capacity(r.headers.len() + 1);
-            let mut traceparent_sent = false;
             for (name, value) in &r.headers {
-                let value: &[u8] = match &span {
-                    Some(s) if name == "traceparent" => {
-                        traceparent_sent = true;
-                        s.traceparent().as_bytes()
-                    }
-                    _ => value,
-                };
                 headers = headers.insert(Header {
                     key: name,
                     value: Some(value),
-                });
-            }
-            if let Some(s) = span.as_ref().filter(|_| !traceparent_sent) {
-                headers = headers.insert(Header {
-                    key: "traceparent",
-                    value: Some(s.traceparent().as_bytes()),
                 });
             }
             let provenance = crate::faults::provenance();
@@ -575,7 +535,6 @@ impl KafkaSink {
                     value: Some(p.as_bytes()),
                 });
             }
-            let mut span = span;
             let mut record = FutureRecord::to(&r.topic).key(&r.key).headers(headers);
             if let Some(p) = &r.payload {
                 record = record.payload(p);
@@ -586,7 +545,7 @@ impl KafkaSink {
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        slots.push(Slot::Sent(delivery, span.take()));
+                        slots.push(Slot::Sent(delivery));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -596,17 +555,11 @@ impl KafkaSink {
                     Err((error, _)) if is_permanent(&error) => {
                         poisoned.push((&r.topic, &r.key, i));
                         let outcome = Outcome::Rejected(error);
-                        if let Some(span) = span.take() {
-                            span.end(&outcome);
-                        }
                         slots.push(Slot::Done(outcome));
                         break;
                     }
                     Err((error, _)) => {
                         let outcome = Outcome::Failed(error.clone());
-                        if let Some(span) = span.take() {
-                            span.end(&outcome);
-                        }
                         slots.push(Slot::Done(outcome));
                         stopped = Some(error);
                         break;
@@ -662,6 +615,10 @@ impl Sink for KafkaSink {
 
     fn in_flight(&self) -> usize {
         usize::try_from(KafkaSink::in_flight(self)).unwrap_or(0)
+    }
+
+    fn delivery_timeout(&self) -> Duration {
+        self.settings.delivery_timeout
     }
 
     async fn recreate(&mut self) -> Result<(), SinkError> {

@@ -816,6 +816,10 @@ impl Sink for NatsSink {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    fn delivery_timeout(&self) -> Duration {
+        self.settings.delivery_timeout
+    }
+
     /// Drops the connection; the next batch opens a new one (so the relay's re-sent events
     /// follow everything the old connection carried).
     async fn recreate(&mut self) -> Result<(), SinkError> {

@@ -752,6 +752,10 @@ impl Sink for RabbitmqSink {
         RabbitmqSink::in_flight(self)
     }
 
+    fn delivery_timeout(&self) -> Duration {
+        self.settings.delivery_timeout
+    }
+
     async fn recreate(&mut self) -> Result<(), SinkError> {
         // The next enqueue connects anew; a broker out of reach then fails those records (and
         // the relay backs off), rather than failing the relay here.

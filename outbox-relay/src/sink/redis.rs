@@ -112,7 +112,6 @@ use crate::sink::{
     Delivered, DeliveryError, DeliveryFault, ErrorClass, Fenced, PendingBatch, Sink, SinkError,
     SinkKind,
 };
-use crate::telemetry::{ProducerSpans, RecordSpan};
 
 /// The broker's name in this sink's errors.
 const REDIS: &str = "Redis";
@@ -324,9 +323,8 @@ pub fn record_size(r: &OutboundRecord) -> usize {
 }
 
 /// The fields of a record's entry, in order (see the [module docs](self)): `key`, `value`,
-/// `ts`, then `h:<name>` per header; `traceparent` replaces the record's own header of that name
-/// (or is added) when a producer span gives one.
-pub fn entry_fields(r: &OutboundRecord, traceparent: Option<&str>) -> Vec<(Vec<u8>, Vec<u8>)> {
+/// `ts`, then `h:<name>` per header.
+pub fn entry_fields(r: &OutboundRecord) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut fields = Vec::with_capacity(r.headers.len() + 5);
     fields.push((b"key".to_vec(), r.key.as_bytes().to_vec()));
     if let Some(p) = &r.payload {
@@ -336,19 +334,8 @@ pub fn entry_fields(r: &OutboundRecord, traceparent: Option<&str>) -> Vec<(Vec<u
         fields.push((b"ts".to_vec(), ts.to_string().into_bytes()));
     }
     let header = |name: &str| format!("{HEADER_FIELD_PREFIX}{name}").into_bytes();
-    let mut traceparent_sent = false;
     for (name, value) in &r.headers {
-        let value = match traceparent {
-            Some(tp) if name == "traceparent" => {
-                traceparent_sent = true;
-                tp.as_bytes().to_vec()
-            }
-            _ => value.clone(),
-        };
-        fields.push((header(name), value));
-    }
-    if let Some(tp) = traceparent.filter(|_| !traceparent_sent) {
-        fields.push((header("traceparent"), tp.as_bytes().to_vec()));
+        fields.push((header(name), value.clone()));
     }
     if let Some(p) = crate::faults::provenance() {
         fields.push((header(crate::faults::PROVENANCE_HEADER), p.into_bytes()));
@@ -621,7 +608,6 @@ pub struct RedisSink {
     epoch: Arc<AtomicU64>,
     /// The server's `proto-max-bulk-len` as read by [`RedisSink::check_connection`].
     server_limit: Arc<AtomicUsize>,
-    spans: ProducerSpans,
 }
 
 /// A batch handed to the sink whose outcomes are not all known yet.
@@ -636,7 +622,7 @@ pub struct Pending {
 
 enum Slot {
     /// Sent as the job's call at this index.
-    Sent(usize, Option<RecordSpan>),
+    Sent(usize),
     Done(Outcome),
 }
 
@@ -692,23 +678,19 @@ impl Pending {
             .into_iter()
             .map(|slot| match slot {
                 Slot::Done(outcome) => outcome,
-                Slot::Sent(i, span) => {
+                Slot::Sent(i) => {
                     let result = match &answer {
                         Ok(results) => results.get(i).cloned().unwrap_or_else(|| {
                             Err(SendError::Reply("no result for the record".into()))
                         }),
                         Err(e) => Err(e.clone()),
                     };
-                    let outcome = match result {
+                    match result {
                         Ok(d) => Outcome::Delivered(d),
                         // A reply is the record's own: a refusal for what it is parks it.
                         Err(e) if classify(&e) == ErrorClass::Record => Outcome::Rejected(e),
                         Err(e) => Outcome::Failed(e),
-                    };
-                    if let Some(span) = span {
-                        span.end(&outcome);
                     }
-                    outcome
                 }
             })
             .collect()
@@ -756,15 +738,7 @@ impl RedisSink {
             in_flight: Arc::new(AtomicUsize::new(0)),
             epoch: Arc::new(AtomicU64::new(0)),
             server_limit: Arc::new(AtomicUsize::new(REDIS_MAX_BULK)),
-            spans: ProducerSpans::default(),
         })
-    }
-
-    /// Turns producer spans on or off ([`crate::telemetry`]): with them on, every record gets a
-    /// `PRODUCER` span and carries that span's context in `h:traceparent`.
-    pub fn with_producer_spans(mut self, enabled: bool) -> Self {
-        self.spans = ProducerSpans::new(enabled);
-        self
     }
 
     /// The largest record sent: `redis.max_record_bytes`, capped by the server's
@@ -952,25 +926,14 @@ impl RedisSink {
                     .find(|(k, _)| k == n)
                     .and_then(|(_, v)| std::str::from_utf8(v).ok())
             };
-            let span = if self.spans.is_enabled() {
-                self.spans
-                    .start(&r.topic, header("id"), header("traceparent"))
-            } else {
-                None
-            };
             let dedupe = header("id").map(|id| format!("{}:{id}", self.settings.dedupe_prefix));
             let before = previous.get(&(r.topic.as_str(), r.key.as_str()));
-            calls.push(self.append_call(
-                r,
-                dedupe.as_deref(),
-                before.map(String::as_str),
-                span.as_ref().map(RecordSpan::traceparent),
-            ));
+            calls.push(self.append_call(r, dedupe.as_deref(), before.map(String::as_str)));
             match dedupe {
                 Some(d) => previous.insert((&r.topic, &r.key), d),
                 None => previous.remove(&(r.topic.as_str(), r.key.as_str())),
             };
-            slots.push(Slot::Sent(calls.len() - 1, span));
+            slots.push(Slot::Sent(calls.len() - 1));
         }
         if calls.is_empty() {
             return Pending {
@@ -1016,13 +979,7 @@ impl RedisSink {
     }
 
     /// The `EVALSHA` of [`APPEND_SCRIPT`] that appends `r`.
-    fn append_call(
-        &self,
-        r: &OutboundRecord,
-        dedupe: Option<&str>,
-        previous: Option<&str>,
-        traceparent: Option<&str>,
-    ) -> Cmd {
+    fn append_call(&self, r: &OutboundRecord, dedupe: Option<&str>, previous: Option<&str>) -> Cmd {
         let s = &self.settings;
         let mut cmd = redis::cmd("EVALSHA");
         let keys = 1 + usize::from(dedupe.is_some()) + usize::from(previous.is_some());
@@ -1037,7 +994,7 @@ impl RedisSink {
             .arg(s.maxlen.unwrap_or(0))
             .arg(if dedupe.is_some() { "1" } else { "0" })
             .arg(if previous.is_some() { "1" } else { "0" });
-        for (name, value) in entry_fields(r, traceparent) {
+        for (name, value) in entry_fields(r) {
             cmd.arg(name).arg(value);
         }
         cmd
@@ -1060,6 +1017,10 @@ impl Sink for RedisSink {
 
     fn in_flight(&self) -> usize {
         RedisSink::in_flight(self)
+    }
+
+    fn delivery_timeout(&self) -> Duration {
+        self.settings.delivery_timeout
     }
 
     async fn recreate(&mut self) -> Result<(), SinkError> {
@@ -1266,7 +1227,7 @@ mod tests {
             ],
             Some("{\"n\":1}"),
         );
-        let fields: Vec<(String, String)> = entry_fields(&r, None)
+        let fields: Vec<(String, String)> = entry_fields(&r)
             .into_iter()
             .map(|(n, v)| (String::from_utf8(n).unwrap(), String::from_utf8(v).unwrap()))
             .collect();
@@ -1283,24 +1244,18 @@ mod tests {
             .map(|(n, v)| (n.to_string(), v.to_string()))
             .collect();
         assert_eq!(fields, expected);
-        // A producer span's context replaces the written one; a null payload has no `value`.
+        // A null payload has no `value`.
         let r = record(&[("id", "e-2")], None);
-        let fields = entry_fields(&r, Some("00-c-d-01"));
+        let fields = entry_fields(&r);
         let names: Vec<&[u8]> = fields.iter().map(|(n, _)| n.as_slice()).collect();
-        assert_eq!(names, [&b"key"[..], b"ts", b"h:id", b"h:traceparent"]);
-        assert_eq!(fields[3].1, b"00-c-d-01");
+        assert_eq!(names, [&b"key"[..], b"ts", b"h:id"]);
     }
 
     #[test]
     fn a_record_is_one_evalsha_with_its_fields_as_single_arguments() {
         let sink = RedisSink::new(RedisSettings::default()).unwrap();
         let r = record(&[("id", "e-1")], Some("{}"));
-        let cmd = sink.append_call(
-            &r,
-            Some("outbox:dedupe:e-1"),
-            Some("outbox:dedupe:e-0"),
-            None,
-        );
+        let cmd = sink.append_call(&r, Some("outbox:dedupe:e-1"), Some("outbox:dedupe:e-0"));
         let args: Vec<Vec<u8>> = cmd
             .args_iter()
             .map(|a| match a {
