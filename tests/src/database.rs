@@ -150,6 +150,38 @@ impl TestDb {
     }
 }
 
+/// Set to keep every test's database (and its replication slots) after the test, for inspection.
+pub const KEEP_DATABASES_VAR: &str = "OUTBOX_TESTS_KEEP_DATABASES";
+
+impl Drop for TestDb {
+    /// A finished test leaves nothing on the shared server: its database goes, with its
+    /// replication slots (an inactive slot holds WAL back for good, and over many runs the
+    /// server's disk fills). A test that panicked keeps its database for inspection and says so;
+    /// [`KEEP_DATABASES_VAR`] keeps every one.
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os(KEEP_DATABASES_VAR).is_some() {
+            eprintln!("test database {} kept for inspection", self.name);
+            return;
+        }
+        let admin_url = services().admin_url.clone();
+        let name = self.name.clone();
+        // The test's own runtime may be the current thread: drop on a thread and runtime of its
+        // own (the pool's sessions are ended by the forced drop).
+        let dropped = std::thread::spawn(move || -> Result<()> {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(drop_database(&admin_url, &name))
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("could not drop test database {}: {e:#}", self.name),
+            Err(_) => eprintln!("dropping test database {} panicked", self.name),
+        }
+    }
+}
+
 /// `url` with its database replaced by `name`.
 pub fn replace_database(url: &str, name: &str) -> String {
     let (base, query) = match url.split_once('?') {
