@@ -12,6 +12,7 @@ pub use outbox_relay::{Relay, RelayConfig};
 
 pub mod admin;
 pub mod broker;
+pub mod certs;
 pub mod database;
 #[cfg(feature = "demo")]
 pub mod demo;

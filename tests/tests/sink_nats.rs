@@ -2,7 +2,9 @@
 //! `nats-server`: a destination no stream captures stops the relay with the operator's fix and
 //! `topics ensure --sink nats` is that fix; the stream's own `max_msg_size` parks an event per
 //! aggregate; and the server SIGKILLed and restarted mid-run (a private server on a free port)
-//! loses nothing and inverts nothing, its duplicates dropped by `Nats-Msg-Id`.
+//! loses nothing and inverts nothing, its duplicates dropped by `Nats-Msg-Id`; and a server that
+//! speaks only TLS and admits one user by password gets every event, while a wrong CA or password
+//! stops the relay with the reason and never shows the password.
 
 mod logical_common;
 
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use logical_common::{LONG, QUIET, env_refs};
 use outbox_core::WriteMode;
+use outbox_tests::certs;
 use outbox_tests::sinks::nats;
 use outbox_tests::writers::Workload;
 use outbox_tests::writers::{commit_events, padded_event};
@@ -140,11 +143,17 @@ async fn the_streams_size_limit_parks_the_event_per_aggregate() -> Result<()> {
 struct PrivateServer {
     port: u16,
     dir: std::path::PathBuf,
+    config: Option<std::path::PathBuf>,
     child: Option<tokio::process::Child>,
 }
 
 impl PrivateServer {
     async fn start() -> Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// A server that also reads the configuration file `config` (TLS, authorization, …).
+    async fn start_with(config: Option<std::path::PathBuf>) -> Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -153,6 +162,7 @@ impl PrivateServer {
         let mut server = Self {
             port,
             dir,
+            config,
             child: None,
         };
         server.run().await?;
@@ -165,7 +175,11 @@ impl PrivateServer {
 
     async fn run(&mut self) -> Result<()> {
         let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
-        let child = tokio::process::Command::new(&bin)
+        let mut command = tokio::process::Command::new(&bin);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args([
                 "-js",
                 "-a",
@@ -414,5 +428,143 @@ async fn connections_cut_mid_run_lose_and_invert_nothing() -> Result<()> {
         took < Duration::from_secs(20),
         "recovery waited for the timeout: {took:?}\n{log}"
     );
+    Ok(())
+}
+
+/// A private server that speaks only TLS (a certificate for 127.0.0.1 from a private CA) and
+/// admits one user by password.
+struct TlsServer {
+    server: PrivateServer,
+    pki: std::path::PathBuf,
+    password: String,
+}
+
+impl TlsServer {
+    async fn start() -> Result<Self> {
+        let pki = std::env::temp_dir().join(unique("nats-tls"));
+        std::fs::create_dir_all(&pki)?;
+        certs::make_ca(&pki, "nats")?;
+        certs::make_ca(&pki, "other")?;
+        certs::make_cert(
+            &pki,
+            "nats",
+            "server",
+            "127.0.0.1",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )?;
+        let password = format!("pw-{}", Uuid::new_v4().simple());
+        let config = pki.join("server.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n\
+                 authorization {{\n  user: outbox\n  password: \"{password}\"\n}}\n",
+                pki.join("server.crt").display(),
+                pki.join("server.key").display()
+            ),
+        )?;
+        let server = PrivateServer::start_with(Some(config)).await?;
+        Ok(Self {
+            server,
+            pki,
+            password,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.server.port)
+    }
+
+    fn ca(&self, name: &str) -> String {
+        self.pki
+            .join(format!("{name}-ca.crt"))
+            .display()
+            .to_string()
+    }
+
+    /// The relay's settings for this server, trusting `ca`'s certificates, with `password`.
+    fn relay_env(&self, ca: &str, password: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("OUTBOX_SINK", "nats".to_owned()),
+            ("OUTBOX_NATS_URL", self.url()),
+            ("OUTBOX_NATS__USER", "outbox".to_owned()),
+            ("OUTBOX_NATS__PASSWORD", password.to_owned()),
+            ("OUTBOX_NATS__CA_PATH", self.ca(ca)),
+            ("OUTBOX_NATS__CONNECT_TIMEOUT", "5s".to_owned()),
+        ]
+    }
+
+    /// The test's own JetStream client: TLS with the right CA, the right password.
+    async fn jetstream(&self) -> Result<async_nats::jetstream::Context> {
+        // The client's rustls needs a process-wide provider (more than one is compiled in).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = async_nats::ConnectOptions::with_user_and_password(
+            "outbox".to_owned(),
+            self.password.clone(),
+        )
+        .add_root_certificates(self.ca("nats").into())
+        .require_tls(true)
+        .connect(self.url())
+        .await
+        .context("connecting the test's client over TLS")?;
+        Ok(async_nats::jetstream::new(client))
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pki);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_and_a_password_carry_every_event_and_a_wrong_ca_or_password_stop_the_relay()
+-> Result<()> {
+    let server = TlsServer::start().await?;
+    let db = TestDb::migrated("nats_tls").await?;
+    let work = workload(&db, "nats_tls", 3).await?;
+    let password = server.password.clone();
+
+    // A certificate from another CA: refused at start, with the reason.
+    let env = server.relay_env("other", &password);
+    let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
+    let (code, log) = relay.wait_exit(LONG).await?;
+    assert_ne!(
+        code, 0,
+        "a server certificate of an unknown CA stops the relay:\n{log}"
+    );
+    assert!(
+        log.to_lowercase().contains("certificate") || log.contains("TLS"),
+        "the stop names the TLS failure:\n{log}"
+    );
+
+    // The wrong password: refused at start, the password never shown (neither one).
+    let wrong = format!("wrong-{}", Uuid::new_v4().simple());
+    let env = server.relay_env("nats", &wrong);
+    let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
+    let (code, log) = relay.wait_exit(LONG).await?;
+    assert_ne!(code, 0, "a wrong password stops the relay:\n{log}");
+    assert!(
+        log.to_lowercase().contains("authori") || log.to_lowercase().contains("authenticat"),
+        "the stop names the authentication failure:\n{log}"
+    );
+    assert!(!log.contains(&wrong) && !log.contains(&password), "{log}");
+
+    // The right CA and password: `topics ensure` makes the stream over TLS, and every event is
+    // delivered exactly once.
+    let env = server.relay_env("nats", &password);
+    let out = relay_cli_on(&db, &["topics", "ensure"], &env_refs(&env)).await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    work.write(WriteMode::Table, 3, 10).await?;
+    let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
+    let ledger = work.ledger();
+    let js = server.jetstream().await?;
+    let records = nats::consume_from(&js, &work.topic, ledger.committed.len(), QUIET, LONG).await?;
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    assert!(!log.contains(&password), "{log}");
+    let v = Verdict::check(&ledger, &records);
+    println!("NATS over TLS with a password: {v:?}");
+    v.assert_exactly_once(&ledger);
     Ok(())
 }

@@ -505,6 +505,7 @@ async fn open(
             }
         }
     };
+    install_tls_provider();
     let mut options = async_nats::ConnectOptions::new()
         .name("outbox-relay")
         .connection_timeout(settings.connect_timeout)
@@ -1044,6 +1045,17 @@ pub fn watch_server(
             );
         }
     })
+}
+
+/// Makes rustls's `ring` provider the process's default unless one is installed already (by
+/// an embedding service, or an earlier connection). The NATS client connects with rustls, and
+/// with more than one provider compiled into the binary (other dependencies bring `aws-lc-rs`)
+/// rustls cannot pick one by itself: the first TLS connection would panic.
+fn install_tls_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race with another installer is fine: a provider is then installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
 
 #[cfg(test)]

@@ -107,7 +107,25 @@ pub async fn consume_at(
     quiet: Duration,
     timeout: Duration,
 ) -> Result<Vec<Consumed>> {
-    let js = jetstream_at(url).await?;
+    consume_from(
+        &jetstream_at(url).await?,
+        destination,
+        at_least,
+        quiet,
+        timeout,
+    )
+    .await
+}
+
+/// [`consume`] through `js`, a JetStream context on a client the caller connected (with TLS or
+/// credentials, say).
+pub async fn consume_from(
+    js: &jetstream::Context,
+    destination: &str,
+    at_least: usize,
+    quiet: Duration,
+    timeout: Duration,
+) -> Result<Vec<Consumed>> {
     let name = js
         .stream_by_subject(destination)
         .await
