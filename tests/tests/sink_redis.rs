@@ -1,8 +1,9 @@
 //! What only the Redis Streams sink has, against real Redis servers: the dedupe on the event id
 //! (a re-sent batch appends nothing), a refused record never overtaken by a later one of its key
 //! in the same pipeline, the loud stops (a non-stream key under the destination's name, wrong
-//! credentials), connections cut from the server side and the server SIGKILLed mid-run, and
-//! `WAIT` holding deliveries until a replica has them. The guarantees every sink shares run in
+//! credentials), connections cut from the server side and the server SIGKILLed mid-run,
+//! `WAIT` holding deliveries until a replica has them, and a TLS-only server with a private CA
+//! (`redis.ca_path`) and a password. The guarantees every sink shares run in
 //! `sink_guarantees.rs`.
 
 mod logical_common;
@@ -16,7 +17,8 @@ use outbox_relay::config::{RedisSettings, Secret};
 use outbox_relay::route::OutboundRecord;
 use outbox_relay::sink::Outcome;
 use outbox_relay::sink::redis::{RedisSink, SendError};
-use outbox_tests::sinks::redis::{self as broker, PrivateRedis};
+use outbox_tests::certs;
+use outbox_tests::sinks::redis::{self as broker, PrivateRedis, PrivateTls};
 use outbox_tests::writers::Workload;
 use outbox_tests::*;
 use uuid::Uuid;
@@ -414,5 +416,77 @@ async fn topics_ensure_creates_nothing_and_reports_a_name_held_by_another_key() 
         "{}",
         out.text()
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tls_only_server_with_a_private_ca_gets_every_event_and_a_wrong_ca_stops_the_relay()
+-> Result<()> {
+    let pki = std::env::temp_dir().join(unique("redis-tls"));
+    std::fs::create_dir_all(&pki)?;
+    certs::make_ca(&pki, "redis")?;
+    certs::make_ca(&pki, "other")?;
+    certs::make_cert(
+        &pki,
+        "redis",
+        "server",
+        "127.0.0.1",
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )?;
+    let password = format!("pw{}", Uuid::new_v4().simple());
+    let server = PrivateRedis::start_tls(PrivateTls {
+        cert: pki.join("server.crt"),
+        key: pki.join("server.key"),
+        ca: pki.join("redis-ca.crt"),
+        password: password.clone(),
+    })
+    .await?;
+    let url = format!("rediss://:{password}@127.0.0.1:{}", server.port);
+    let db = TestDb::migrated("redis_tls").await?;
+    let work = Workload::create(&db, "redis_tls", 3, 1).await?;
+    let env_with = |ca: &str| {
+        [
+            ("OUTBOX_SINK", "redis".to_owned()),
+            ("OUTBOX_REDIS_URL", url.clone()),
+            (
+                "OUTBOX_REDIS__CA_PATH",
+                pki.join(format!("{ca}-ca.crt")).display().to_string(),
+            ),
+            ("OUTBOX_REDIS__CONNECT_TIMEOUT", "5s".to_owned()),
+        ]
+    };
+
+    // A certificate the configured CA did not sign: the relay stops at start, with the reason.
+    let env = env_with("other");
+    let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
+    let (code, log) = relay.wait_exit(LONG).await?;
+    assert_ne!(code, 0, "an unknown CA stops the relay: {log}");
+    assert!(
+        log.to_lowercase().contains("certificate"),
+        "the stop names the certificate failure: {log}"
+    );
+    assert!(!log.contains(&password), "the password leaked: {log}");
+
+    // The right CA: every event exactly once, over TLS.
+    work.write(WriteMode::Table, 3, 10).await?;
+    let env = env_with("redis");
+    let relay = RelayProcess::start(&db, &[], &env_refs(&env)).await?;
+    let ledger = work.ledger();
+    wait_drained(&db.pool, LONG).await?;
+    let records = broker::consume_at(
+        &server.url(),
+        &work.topic,
+        ledger.committed.len(),
+        QUIET,
+        LONG,
+    )
+    .await?;
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    assert!(!log.contains(&password), "the password leaked: {log}");
+    let v = Verdict::check(&ledger, &records);
+    println!("Redis over TLS: {v:?}");
+    v.assert_exactly_once(&ledger);
+    let _ = std::fs::remove_dir_all(&pki);
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! …; `OUTBOX_REDIS_URL` is a short alias for the URL, and `OUTBOX_REDIS__URL_FILE` reads it
 //! from a file).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{ConfigError, Secret, redact_url};
@@ -14,9 +15,12 @@ use super::{ConfigError, Secret, redact_url};
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
     /// The server: `redis://[user:password@]host:port[/db]`, `rediss://…` for TLS (the system's
-    /// trust store; `#insecure` at the end turns certificate checks off), or
-    /// `redis+unix:///path/to/socket`. Secret: never logged, `<redacted>` in `config print`.
+    /// trust store unless `ca_path` is set; `#insecure` at the end turns certificate checks off),
+    /// or `redis+unix:///path/to/socket`. Secret: never logged, `<redacted>` in `config print`.
     pub url: Secret,
+    /// PEM file of the certificate authorities that sign the server's certificate, for
+    /// `rediss://` URLs (unset: the system's roots).
+    pub ca_path: Option<PathBuf>,
     /// The duplicate window: how long the id of every appended event is remembered
     /// (`SET <dedupe_prefix>:<event id> <entry id> PX <ttl>`), so that the relay sending it again
     /// after a failure or a restart appends nothing. A re-send later than this appends a second
@@ -55,6 +59,7 @@ impl Default for RedisSettings {
     fn default() -> Self {
         Self {
             url: Secret::new(DEFAULT_REDIS_URL),
+            ca_path: None,
             dedupe_ttl: Duration::from_secs(24 * 3600),
             dedupe_prefix: "outbox:dedupe".to_owned(),
             maxlen: None,
@@ -71,6 +76,7 @@ impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
             .field("url", &redact_url(self.url.expose()))
+            .field("ca_path", &self.ca_path)
             .field("dedupe_ttl", &self.dedupe_ttl)
             .field("dedupe_prefix", &self.dedupe_prefix)
             .field("maxlen", &self.maxlen)
@@ -123,6 +129,20 @@ impl RedisSettings {
                     without_secret(&e.to_string(), url)
                 ),
             ));
+        }
+        if let Some(ca) = &self.ca_path {
+            if !matches!(scheme, Some("rediss" | "valkeys")) {
+                return Err(ConfigError::new(
+                    "redis.ca_path",
+                    "is used only with a rediss:// (TLS) URL",
+                ));
+            }
+            std::fs::read_to_string(ca).map_err(|e| {
+                ConfigError::new(
+                    "redis.ca_path",
+                    format!("cannot read {}: {e}", ca.display()),
+                )
+            })?;
         }
         if self.dedupe_ttl < Duration::from_secs(1)
             || self.dedupe_ttl > Duration::from_secs(365 * 86_400)
@@ -214,7 +234,14 @@ mod tests {
     #[test]
     fn every_error_names_its_setting() {
         type Change = fn(&mut RedisSettings);
-        let cases: [(&str, Change); 8] = [
+        let cases: [(&str, Change); 10] = [
+            ("redis.ca_path", |s| {
+                s.ca_path = Some("/nonexistent/ca.pem".into())
+            }),
+            ("redis.ca_path", |s| {
+                s.url = Secret::new("rediss://u:s3cret@h:6380");
+                s.ca_path = Some("/nonexistent/ca.pem".into());
+            }),
             ("redis.url", |s| s.url = Secret::new("http://u:s3cret@h")),
             ("redis.url", |s| {
                 s.url = Secret::new("redis://u:s3cret@h:notaport")

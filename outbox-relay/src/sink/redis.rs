@@ -725,9 +725,30 @@ impl RedisSink {
             key: e.key,
             reason: e.reason,
         })?;
-        let client = redis::Client::open(settings.url.expose()).map_err(|e| SinkError::Config {
+        let client = match &settings.ca_path {
+            None => redis::Client::open(settings.url.expose()),
+            Some(ca) => {
+                let root_cert = std::fs::read(ca).map_err(|e| SinkError::Config {
+                    broker: REDIS,
+                    key: "redis.ca_path".into(),
+                    reason: format!("cannot read {}: {e}", ca.display()),
+                })?;
+                redis::Client::build_with_tls(
+                    settings.url.expose(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )
+            }
+        }
+        .map_err(|e| SinkError::Config {
             broker: REDIS,
-            key: "redis.url".into(),
+            key: if settings.ca_path.is_some() {
+                "redis.ca_path".into()
+            } else {
+                "redis.url".into()
+            },
             reason: settings.scrub(&e.to_string()),
         })?;
         Ok(Self {

@@ -162,12 +162,36 @@ pub struct PrivateRedis {
     pub port: u16,
     dir: PathBuf,
     args: Vec<String>,
+    /// TLS only (no plaintext port): the server's certificate and key, and a password.
+    tls: Option<PrivateTls>,
     child: Option<Child>,
+}
+
+/// What a TLS-only [`PrivateRedis`] serves with.
+#[derive(Debug, Clone)]
+pub struct PrivateTls {
+    /// PEM certificate of the server.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// The CA that signed it.
+    pub ca: PathBuf,
+    /// The `default` user's password (`requirepass`).
+    pub password: String,
 }
 
 impl PrivateRedis {
     /// Starts `redis-server` with `args` added to its command line (e.g. `--appendonly yes`).
     pub async fn start(args: &[&str]) -> Result<Self> {
+        Self::launch(args, None).await
+    }
+
+    /// A server that speaks only TLS (with `tls`'s certificate) and admits only `tls.password`.
+    pub async fn start_tls(tls: PrivateTls) -> Result<Self> {
+        Self::launch(&[], Some(tls)).await
+    }
+
+    async fn launch(args: &[&str], tls: Option<PrivateTls>) -> Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -177,15 +201,23 @@ impl PrivateRedis {
             port,
             dir,
             args: args.iter().map(|a| a.to_string()).collect(),
+            tls,
             child: None,
         };
         server.restart().await?;
         Ok(server)
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`; for a TLS server `rediss://:<password>@127.0.0.1:<port>`
+    /// with certificate checks off (the test's own client; the relay under test checks).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.tls {
+            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(tls) => format!(
+                "rediss://:{}@127.0.0.1:{}/#insecure",
+                tls.password, self.port
+            ),
+        }
     }
 
     /// SIGKILLs the server and waits until it is gone.
@@ -200,9 +232,26 @@ impl PrivateRedis {
     /// Starts the server (again) on the same port and directory; returns once it answers.
     pub async fn restart(&mut self) -> Result<()> {
         self.kill9().await?;
-        let child = Command::new("redis-server")
-            .arg("--port")
-            .arg(self.port.to_string())
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => {
+                command.arg("--port").arg(self.port.to_string());
+            }
+            Some(tls) => {
+                command
+                    .args(["--port", "0", "--tls-port"])
+                    .arg(self.port.to_string())
+                    .arg("--tls-cert-file")
+                    .arg(&tls.cert)
+                    .arg("--tls-key-file")
+                    .arg(&tls.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&tls.ca)
+                    .args(["--tls-auth-clients", "no", "--requirepass"])
+                    .arg(&tls.password);
+            }
+        }
+        let child = command
             .args([
                 "--bind",
                 "127.0.0.1",
