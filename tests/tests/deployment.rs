@@ -2,8 +2,10 @@
 //!
 //! - the least-privilege role of `docs/postgres.md` is enough to relay (and to park, purge, and
 //!   run the read-only commands), and not more than that;
-//! - every `outbox_relay_*` metric the alert rules in `deploy/prometheus/alerts.yaml` use is one
-//!   the relay exports;
+//! - every `outbox_relay_*` metric the alert rules in `deploy/prometheus/alerts.yaml` and the
+//!   Grafana dashboard `deploy/grafana/outbox-relay.json` use is one the relay exports, every
+//!   query of both is valid PromQL, and the dashboard is well formed (ids, layout, data source
+//!   and job variables) with each panel described in `docs/operations.md`;
 //! - the annotated `relay.toml` of `docs/operations.md` is valid and names every setting, and the
 //!   Kubernetes example's configuration loads with its secret files;
 //! - a database URL demanding TLS from a server without it fails loudly, without the password;
@@ -309,12 +311,155 @@ fn exported(scrape: &str, name: &str) -> bool {
 }
 
 /// Metrics a relay exports only when it reads from a replication slot.
-const LOGICAL_ONLY: &[&str] = &["outbox_relay_slot_lag_bytes", "outbox_relay_slot_lost"];
+const LOGICAL_ONLY: &[&str] = &[
+    "outbox_relay_slot_lag_bytes",
+    "outbox_relay_slot_lost",
+    "outbox_relay_logical_events_streamed_total",
+    "outbox_relay_logical_heartbeats_total",
+    "outbox_relay_logical_rows_backfilled_total",
+    "outbox_relay_logical_slot_recoveries_total",
+    "outbox_relay_logical_sessions_total",
+    "outbox_relay_logical_messages_refused_total",
+    "outbox_relay_logical_slot_wal_status",
+];
+
+/// The `expr:` queries of Prometheus rules (a block scalar `expr: |` or a one-line value).
+fn rule_queries(rules: &str) -> Vec<String> {
+    let lines: Vec<&str> = rules.lines().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let indent = line.len() - line.trim_start().len();
+        if let Some(value) = line.trim_start().strip_prefix("expr:") {
+            let value = value.trim();
+            if value == "|" || value == ">" || value == "|-" || value == ">-" {
+                let mut body = Vec::new();
+                i += 1;
+                while i < lines.len()
+                    && (lines[i].trim().is_empty()
+                        || lines[i].len() - lines[i].trim_start().len() > indent)
+                {
+                    body.push(lines[i].trim());
+                    i += 1;
+                }
+                out.push(body.join("\n"));
+                continue;
+            }
+            out.push(value.to_owned());
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The dashboard's queries with Grafana's variables replaced by values PromQL accepts.
+fn grafana_query_as_promql(expr: &str) -> String {
+    expr.replace("$__rate_interval", "5m")
+        .replace("$__range", "6h")
+        .replace("$job", ".*")
+}
+
+/// Parses `query` as PromQL.
+fn check_promql(what: &str, query: &str) -> Result<()> {
+    promql_parser::parser::parse(query)
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("{what}: `{query}` is not valid PromQL: {e}"))
+}
+
+#[test]
+fn every_query_in_deploy_is_valid_promql_and_the_dashboard_is_well_formed() -> Result<()> {
+    let rules = repo_file("deploy/prometheus/alerts.yaml")?;
+    let queries = rule_queries(&rules);
+    ensure!(
+        queries.len() >= 10,
+        "alerts.yaml queries found: {queries:?}"
+    );
+    for q in &queries {
+        check_promql("alerts.yaml", q)?;
+    }
+    // The check can fail.
+    ensure!(check_promql("self-test", "sum by (job) (rate(x[5m])").is_err());
+
+    let text = repo_file("deploy/grafana/outbox-relay.json")?;
+    let dash: serde_json::Value =
+        serde_json::from_str(&text).context("outbox-relay.json is not JSON")?;
+    let operations = repo_file("docs/operations.md")?;
+    let vars: Vec<&str> = dash["templating"]["list"]
+        .as_array()
+        .context("templating.list")?
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    ensure!(vars == ["datasource", "job"], "variables: {vars:?}");
+    let panels = dash["panels"].as_array().context("panels")?;
+    let mut ids = BTreeSet::new();
+    let mut cells: BTreeSet<(i64, i64)> = BTreeSet::new();
+    let mut queries = 0;
+    for p in panels {
+        let id = p["id"].as_i64().context("a panel without an id")?;
+        ensure!(ids.insert(id), "panel id {id} is used twice");
+        let title = p["title"].as_str().unwrap_or_default();
+        ensure!(!title.is_empty(), "panel {id} has no title");
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (
+            g["x"].as_i64().unwrap_or(-1),
+            g["y"].as_i64().unwrap_or(-1),
+            g["w"].as_i64().unwrap_or(0),
+            g["h"].as_i64().unwrap_or(0),
+        );
+        ensure!(
+            x >= 0 && y >= 0 && w > 0 && h > 0 && x + w <= 24,
+            "panel `{title}`: gridPos {g}"
+        );
+        for cx in x..x + w {
+            for cy in y..y + h {
+                ensure!(cells.insert((cx, cy)), "panel `{title}` overlaps another");
+            }
+        }
+        if p["type"] == "row" {
+            continue;
+        }
+        ensure!(
+            p["datasource"]["uid"] == "${datasource}",
+            "panel `{title}` does not use the data source variable"
+        );
+        ensure!(
+            p["description"].as_str().is_some_and(|d| !d.is_empty()),
+            "panel `{title}` has no description"
+        );
+        ensure!(
+            operations.contains(&format!("**{title}**")),
+            "docs/operations.md does not describe the panel `{title}`"
+        );
+        let targets = p["targets"].as_array().context("targets")?;
+        ensure!(!targets.is_empty(), "panel `{title}` has no query");
+        let mut refs = BTreeSet::new();
+        for t in targets {
+            let expr = t["expr"].as_str().context("a target without expr")?;
+            ensure!(
+                refs.insert(t["refId"].as_str().unwrap_or_default()),
+                "panel `{title}`: refId used twice"
+            );
+            ensure!(
+                expr.contains("job=~\"$job\""),
+                "panel `{title}`: `{expr}` ignores the job variable"
+            );
+            check_promql(title, &grafana_query_as_promql(expr))?;
+            queries += 1;
+        }
+    }
+    ensure!(queries >= 20, "only {queries} queries");
+    Ok(())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_metric_the_alert_rules_use_is_exported_by_the_relay() -> Result<()> {
+async fn every_metric_the_alert_rules_and_the_dashboard_use_is_exported_by_the_relay() -> Result<()>
+{
     let rules = repo_file("deploy/prometheus/alerts.yaml")?;
-    let wanted = metric_names(&rules);
+    let dashboard = repo_file("deploy/grafana/outbox-relay.json")?;
+    let mut wanted = metric_names(&rules);
+    wanted.extend(metric_names(&dashboard));
     for must in [
         "outbox_relay_commit_to_ack_seconds_bucket",
         "outbox_relay_oldest_pending_age_seconds",
@@ -354,7 +499,7 @@ async fn every_metric_the_alert_rules_use_is_exported_by_the_relay() -> Result<(
     missing.retain(|n| !LOGICAL_ONLY.contains(&n.as_str()));
     assert!(
         missing.is_empty(),
-        "alerts.yaml uses metrics the relay does not export: {missing:?}\nscrape:\n{scrape}"
+        "alerts.yaml or the dashboard use metrics the relay does not export: {missing:?}\nscrape:\n{scrape}"
     );
     if !logical.is_empty() {
         check_logical_metrics(&logical).await?;
