@@ -450,21 +450,51 @@ fn api_failure(api: &jetstream::Error) -> Failure {
 
 /// Asks JetStream for the account's information (`$JS.API.INFO`): proves the connection works
 /// and JetStream is enabled for the relay's account. `Err` holds the server's reason.
-async fn account_info(link: &Link) -> Result<(), String> {
+/// Why JetStream's account information could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum JetStreamInfoError {
+    /// JetStream answers that it is off for the account, or nobody answers the API subject.
+    NotEnabled(String),
+    /// JetStream answered with another error.
+    Refused(String),
+    /// No answer in time, or the connection failed: the server may be down, busy or stuck.
+    NoAnswer(String),
+}
+
+impl std::fmt::Display for JetStreamInfoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotEnabled(d) | Self::Refused(d) | Self::NoAnswer(d) => f.write_str(d),
+        }
+    }
+}
+
+async fn account_info(link: &Link) -> Result<(), JetStreamInfoError> {
+    use async_nats::client::RequestErrorKind;
     let reply = link
         .client
         .request("$JS.API.INFO", bytes::Bytes::new())
         .await
         .map_err(|e| match e.kind() {
-            async_nats::client::RequestErrorKind::NoResponders => {
-                "JetStream is not enabled (no responders for $JS.API.INFO)".to_owned()
-            }
-            _ => e.to_string(),
+            RequestErrorKind::NoResponders => JetStreamInfoError::NotEnabled(
+                "JetStream is not enabled (no responders for $JS.API.INFO)".to_owned(),
+            ),
+            RequestErrorKind::TimedOut => JetStreamInfoError::NoAnswer(format!(
+                "JetStream did not answer $JS.API.INFO in time ({e})"
+            )),
+            _ => JetStreamInfoError::NoAnswer(e.to_string()),
         })?;
     let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
-        .map_err(|e| format!("unreadable JetStream answer: {e}"))?;
+        .map_err(|e| JetStreamInfoError::Refused(format!("unreadable JetStream answer: {e}")))?;
     match answer.get("error") {
-        Some(error) => Err(error.to_string()),
+        // 503 / 10039: JetStream not enabled (for the account).
+        Some(error)
+            if error.get("code").and_then(serde_json::Value::as_u64) == Some(503)
+                || error.to_string().to_lowercase().contains("not enabled") =>
+        {
+            Err(JetStreamInfoError::NotEnabled(error.to_string()))
+        }
+        Some(error) => Err(JetStreamInfoError::Refused(error.to_string())),
         None => Ok(()),
     }
 }
@@ -712,12 +742,27 @@ impl Sink for NatsSink {
         })?;
         match tokio::time::timeout(self.settings.connect_timeout, account_info(&link)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(SinkError::Refused {
+            Ok(Err(JetStreamInfoError::NotEnabled(detail))) => Err(SinkError::Refused {
                 broker: NATS,
                 destination: String::new(),
                 name: "JETSTREAM_NOT_ENABLED".into(),
-                detail: e,
+                detail,
                 fix: JETSTREAM_FIX.into(),
+            }),
+            Ok(Err(JetStreamInfoError::Refused(detail))) => Err(SinkError::Refused {
+                broker: NATS,
+                destination: String::new(),
+                name: "JETSTREAM_ERROR".into(),
+                detail,
+                fix: "see the NATS server's log for why JetStream refuses the relay's account"
+                    .into(),
+            }),
+            // A server that takes connections but whose JetStream does not answer (overloaded,
+            // out of disk, restarting) is out of reach, not misconfigured.
+            Ok(Err(JetStreamInfoError::NoAnswer(detail))) => Err(SinkError::Unreachable {
+                broker: NATS,
+                servers,
+                detail,
             }),
             Err(_) => Err(SinkError::Unreachable {
                 broker: NATS,
@@ -1030,7 +1075,7 @@ pub fn watch_server(
                     Some(l) => {
                         match tokio::time::timeout(SERVER_PROBE_TIMEOUT, account_info(l)).await {
                             Ok(Ok(())) => Ok(()),
-                            Ok(Err(e)) => Err(e),
+                            Ok(Err(e)) => Err(e.to_string()),
                             Err(_) => Err("no answer".to_owned()),
                         }
                     }
@@ -1061,6 +1106,63 @@ fn install_tls_provider() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that speaks enough of the NATS protocol to be connected to (INFO, PONG) and
+    /// never answers anything else: a JetStream that hangs.
+    async fn silent_server() -> std::net::SocketAddr {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (read, mut write) = socket.into_split();
+                    let info = format!(
+                        "INFO {{\"server_id\":\"silent\",\"version\":\"2.10.0\",\"proto\":1,\"headers\":true,\"max_payload\":1048576,\"host\":\"127.0.0.1\",\"port\":{}}}\r\n",
+                        addr.port()
+                    );
+                    if write.write_all(info.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let mut lines = BufReader::new(read).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if line.starts_with("PING") && write.write_all(b"PONG\r\n").await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_jetstream_that_does_not_answer_is_out_of_reach_not_disabled() {
+        let addr = silent_server().await;
+        let sink = NatsSink::new(NatsSettings {
+            url: crate::config::Secret::new(format!("nats://{addr}")),
+            connect_timeout: Duration::from_millis(500),
+            ..Default::default()
+        })
+        .unwrap();
+        let link = sink
+            .connected()
+            .await
+            .expect("the silent server takes connections");
+        assert!(
+            matches!(
+                account_info(&link).await,
+                Err(JetStreamInfoError::NoAnswer(_))
+            ),
+            "no answer is not a refusal"
+        );
+        match sink.check_connection().await {
+            Err(SinkError::Unreachable { detail, .. }) => {
+                assert!(detail.contains("did not answer"), "{detail}")
+            }
+            other => panic!("a silent JetStream must be unreachable (retried): {other:?}"),
+        }
+    }
 
     fn record(topic: &str, headers: &[(&str, &[u8])]) -> OutboundRecord {
         OutboundRecord {
