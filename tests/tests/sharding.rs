@@ -335,6 +335,131 @@ async fn shards_move_to_a_joining_relay_and_are_taken_over_when_one_leaves() -> 
     Ok(())
 }
 
+/// Waits until `done` holds, checking every 20 ms; fails naming `what` after `LONG`.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + LONG;
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Inserts one event for each of `aggregates` aggregates `<prefix>-<i>`.
+async fn insert_events(db: &TestDb, prefix: &str, aggregates: usize) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload)
+         SELECT gen_random_uuid(), 'acct', $1 || '-' || i, 'Changed', '{}'::jsonb
+         FROM generate_series(1, $2) i",
+    )
+    .bind(prefix)
+    .bind(aggregates as i32)
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+/// The hand-off itself, step by step in one process: instance A owns all 4 shards and has a
+/// batch of every shard in flight when B joins. A stops claiming its surplus at once but keeps
+/// those shards — B gets none of them — until A's in-flight rows are acknowledged; then they
+/// move to B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_draining_shard_moves_only_after_its_in_flight_rows_are_acknowledged() -> Result<()> {
+    use outbox_relay::config::RowAcknowledgement;
+    use outbox_relay::leader::{Leadership, Sharding};
+    use outbox_relay::source::Source;
+    use outbox_relay::source::polling::{PollingSettings, PollingSource};
+
+    let db = TestDb::migrated("shards_handoff").await?;
+    let out = relay_cli_on(&db, &["migrate", "--shards", "4"], &[]).await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    let options: sqlx::postgres::PgConnectOptions = db.url.parse()?;
+    let table = OutboxTable::default();
+    let never = CancellationToken::new();
+    let join = |stats: &outbox_relay::RelayStats| {
+        Leadership::acquire_sharded(
+            &options,
+            &table,
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+            Some(Sharding {
+                count: 4,
+                owned: stats.shards_owned.clone(),
+            }),
+            &never,
+        )
+    };
+    let (stats_a, stats_b) = (
+        outbox_relay::RelayStats::default(),
+        outbox_relay::RelayStats::default(),
+    );
+
+    insert_events(&db, "first", 100).await?;
+    let a = join(&stats_a).await?.context("A joined")?;
+    let own_a = a.ownership().context("A is sharded")?;
+    assert_eq!(own_a.held(), [0, 1, 2, 3], "alone, A owns every shard");
+    let mut source = PollingSource::new(
+        PollingSettings {
+            table: table.clone(),
+            acknowledgement: RowAcknowledgement::Mark,
+            poll_interval: Duration::from_millis(50),
+            listen: false,
+        },
+        a,
+        &options,
+    )
+    .await?;
+    let in_flight = source.poll_batch(1000).await?;
+    assert_eq!(in_flight.len(), 100);
+
+    let b = join(&stats_b).await?.context("B joined")?;
+    let own_b = b.ownership().context("B is sharded")?;
+    // A's next heartbeat: two members, a share of 2: two of A's shards drain, but every shard
+    // has rows in flight, so A keeps all four and B gets none.
+    wait_until("A drains half of its shards", || {
+        own_a.held().len() == 4 && own_a.claimable().len() == 2
+    })
+    .await?;
+    assert!(
+        own_b.held().is_empty(),
+        "B took a shard A still has rows in flight of"
+    );
+    assert_eq!(ownership(&db, 4).await?.owners.len(), 1);
+    assert_eq!(stats_a.shards_owned.get(), 4);
+
+    // A claims only from the shards it keeps.
+    insert_events(&db, "second", 100).await?;
+    let kept = source.poll_batch(1000).await?;
+    let aggregates: Vec<String> = kept.iter().map(|e| e.event.aggregate_id.clone()).collect();
+    let claimable: BTreeSet<u32> = own_a.claimable().into_iter().map(|s| s as u32).collect();
+    let shards = shards_of(&db, &aggregates, 4).await?;
+    assert!(!kept.is_empty());
+    assert!(
+        shards.values().all(|s| claimable.contains(s)),
+        "claimed from a draining shard: {shards:?}, claimable {claimable:?}"
+    );
+
+    // Once everything in flight is acknowledged, the drained shards go to B.
+    source.acknowledge(&in_flight).await?;
+    source.acknowledge(&kept).await?;
+    source.flush().await?;
+    wait_until("the drained shards move to B", || {
+        own_a.held().len() == 2 && own_b.held().len() == 2
+    })
+    .await?;
+    let held_a: BTreeSet<u32> = own_a.held().into_iter().collect();
+    assert!(own_b.held().iter().all(|s| !held_a.contains(s)));
+    assert_eq!(
+        (stats_a.shards_owned.get(), stats_b.shards_owned.get()),
+        (2, 2)
+    );
+    drop(source);
+    drop(b);
+    Ok(())
+}
+
 /// `migrate --shards N` creates the shard index (idempotently), and the sharded claim reads each
 /// owned shard from it instead of scanning the table's backlog.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
