@@ -382,11 +382,10 @@ impl Leadership {
                     None => None,
                 };
                 let conn = Arc::new(Mutex::new(conn));
-                let heartbeat = tokio::spawn(heartbeat(
-                    conn.clone(),
-                    key,
-                    lease.clone(),
-                    ownership.clone(),
+                // In the caller's span, so the rebalancing it logs names the table.
+                let heartbeat = tokio::spawn(tracing::Instrument::instrument(
+                    heartbeat(conn.clone(), key, lease.clone(), ownership.clone()),
+                    tracing::Span::current(),
                 ));
                 match &ownership {
                     None => tracing::info!(

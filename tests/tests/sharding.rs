@@ -335,6 +335,69 @@ async fn shards_move_to_a_joining_relay_and_are_taken_over_when_one_leaves() -> 
     Ok(())
 }
 
+/// A paused relay (SIGSTOP past its lease) loses all its shards at once, exactly as a single
+/// leader loses its lock: the server ends its lock session, the other relay takes them over and
+/// relays their new events, and the paused relay, resumed, steps down and joins again, getting
+/// its share back. Nothing was in flight at the pause, so nothing repeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_paused_past_its_lease_loses_its_shards_and_rejoins_when_resumed() -> Result<()> {
+    const SHARDS: u32 = 8;
+    let db = TestDb::migrated("shards_pause").await?;
+    let out = relay_cli_on(&db, &["migrate", "--shards", "8"], &[]).await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    let work = Workload::create(&db, "pse", 40, 2).await?;
+    let env = relay_env("8");
+    let first = start_relay(&db, &env).await?;
+    first.wait_for_log(JOINED, LONG).await?;
+    let second = start_relay(&db, &env).await?;
+    second.wait_for_log(JOINED, LONG).await?;
+    let both = wait_balanced(&db, SHARDS, 2).await?;
+    work.write(WriteMode::Table, 2, 40).await?;
+    wait_drained(&db.pool, LONG).await?;
+
+    first.signal("STOP").await?;
+    // The lease (2 s) runs out, the server ends the paused relay's session: its shards go to
+    // the other relay, which relays everything written meanwhile.
+    let alone = wait_balanced(&db, SHARDS, 1).await?;
+    assert!(
+        both.owners.iter().any(|o| o.pid == alone.owners[0].pid),
+        "{both:?} {alone:?}"
+    );
+    work.write(WriteMode::Table, 2, 40).await?;
+    wait_drained(&db.pool, LONG).await?;
+
+    first.signal("CONT").await?;
+    let again = wait_balanced(&db, SHARDS, 2).await?;
+    assert!(
+        again.owners.iter().all(|o| o.shards.len() == 4),
+        "{again:?}"
+    );
+    let deadline = Instant::now() + LONG;
+    while first.log().matches(JOINED).count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the resumed relay never rejoined:\n{}",
+            first.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        first.log().contains("leader lease lost: stepped down"),
+        "{}",
+        first.log()
+    );
+    work.write(WriteMode::Table, 2, 40).await?;
+    wait_drained(&db.pool, LONG).await?;
+    let ledger = work.ledger();
+    let records = work.consume(&ledger, QUIET, LONG).await?;
+    for relay in [first, second] {
+        let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+        assert_eq!(code, 0, "{log}");
+    }
+    Verdict::check(&ledger, &records).assert_exactly_once(&ledger);
+    Ok(())
+}
+
 /// Waits until `done` holds, checking every 20 ms; fails naming `what` after `LONG`.
 async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + LONG;
