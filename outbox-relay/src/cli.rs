@@ -268,6 +268,10 @@ pub struct Settings {
     /// How often a standby checks whether it can take over, e.g. 1s [key: standby_interval].
     #[arg(long, env = "OUTBOX_STANDBY_INTERVAL", value_parser = duration::parse)]
     pub standby_interval: Option<Duration>,
+    /// Split the table into this many shards (1 to 1024) so several relays share it; `migrate`
+    /// with it creates the shard index [key: shards].
+    #[arg(long, env = "OUTBOX_SHARDS")]
+    pub shards: Option<String>,
     /// How long start-up waits for PostgreSQL and Kafka, e.g. 10s [key: connect_timeout].
     #[arg(long, env = "OUTBOX_CONNECT_TIMEOUT", value_parser = duration::parse)]
     pub connect_timeout: Option<Duration>,
@@ -352,6 +356,9 @@ impl Settings {
         }
         if let Some(v) = &self.standby_interval {
             put("standby_interval", d(v));
+        }
+        if let Some(v) = &self.shards {
+            put("shards", v.clone());
         }
         if let Some(v) = &self.connect_timeout {
             put("connect_timeout", d(v));

@@ -94,7 +94,8 @@ pub async fn connect(config: &RelayConfig) -> Result<(PgConnection, OutboxTable)
 }
 
 /// `migrate`: creates or upgrades the outbox table (and its parked-events table); with
-/// `--source logical`, also the relay state table `outbox_relay_state`.
+/// `--source logical`, also the relay state table `outbox_relay_state`; with `shards` set, the
+/// shard index ([`crate::shard::index_statement`], built without blocking writers).
 pub async fn migrate(config: &RelayConfig) -> Result<()> {
     let (mut conn, table) = connect(config).await?;
     let report = outbox_core::migrate(&mut conn, &table)
@@ -111,6 +112,20 @@ pub async fn migrate(config: &RelayConfig) -> Result<()> {
         crate::source::logical::state::ensure_table(&mut conn, &table)
             .await
             .map_err(|e| CommandError::runtime(Report(&e).to_string()))?;
+    }
+    if let Some(count) = config.shards {
+        let built = table::ensure_shard_index(&mut conn, &table, count)
+            .await
+            .map_err(|e| {
+                CommandError::runtime(format!(
+                    "creating the shard index ({count} shards) of {table} failed: {e}"
+                ))
+            })?;
+        if built {
+            tracing::info!(table = %table, shards = count, index = %crate::shard::index_name(&table, count), "shard index created");
+        } else {
+            tracing::info!(table = %table, shards = count, "shard index already present");
+        }
     }
     Ok(())
 }
@@ -166,6 +181,22 @@ pub async fn status(config: &RelayConfig, json: bool) -> Result<()> {
         );
     }
     println!("parked events     {}", s.parked_events);
+    if let Some(sh) = &s.shards {
+        println!(
+            "shards            {} over {} relay(s), {} unowned",
+            sh.count,
+            sh.members,
+            sh.unowned.len()
+        );
+        for owner in &sh.owners {
+            println!(
+                "  relay pid {:<8} owns {} shard(s): {:?}",
+                owner.pid,
+                owner.shards.len(),
+                owner.shards
+            );
+        }
+    }
     if let Some(slot) = &s.slot {
         println!(
             "slot              {} active={} wal_status={} lag={} bytes",

@@ -359,6 +359,12 @@ pub struct RelayConfig {
     /// without a successful heartbeat.
     #[serde(with = "duration")]
     pub leader_lease: Duration,
+    /// Split the table's aggregates into this many shards (1 to 1024) so that several relay
+    /// instances relay the table together, each the shards it owns ([`crate::shard`]); unset
+    /// (the default): one active relay per table, the others stand by. Polling source only;
+    /// every instance of a table must use the same count, and `migrate` with it creates the
+    /// shard index.
+    pub shards: Option<u32>,
     /// How long a stopping relay may take to drain before it exits anyway.
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
@@ -405,6 +411,7 @@ impl Default for RelayConfig {
             retention: Duration::from_secs(24 * 3600),
             standby_interval: Duration::from_secs(1),
             leader_lease: Duration::from_secs(10),
+            shards: None,
             shutdown_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             admin_addr: None,

@@ -30,6 +30,15 @@
 //! fail. What the relay then does (purge the producer, step down to standby) is described in
 //! [`crate::relay`].
 //!
+//! # Sharded: several active relays
+//!
+//! With `shards` set, the lock session holds the table's relay lock in *shared* mode, next to
+//! the locks of the shards this instance owns ([`crate::shard`]): every sharded instance is
+//! active for its shards, an unsharded relay cannot take the lock while any of them runs (nor
+//! they while it runs), and the lease, the heartbeat and the fencing below cover the shard locks
+//! too, since they live and die with the same session. The heartbeat rebalances the shards
+//! ([`crate::shard::rebalance`]) right after each successful check.
+//!
 //! PostgreSQL before 14 has no `idle_session_timeout`: the relay logs a warning and still stops
 //! itself when its lease expires, but the server does not end a paused leader's session, so the
 //! standby takes over only when that session really ends (safe, not available).
@@ -39,10 +48,13 @@ use std::sync::{Arc, Mutex as StdMutex, Weak};
 use std::time::{Duration, Instant};
 
 use outbox_core::OutboxTable;
+use prometheus_client::metrics::gauge::Gauge;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection};
 use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
+
+use crate::shard::{Ownership, ShardKeys};
 
 /// The lease of the active relay, shared by the heartbeat and the relay's checks. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -196,6 +208,17 @@ pub struct Leadership {
     heartbeat: tokio::task::JoinHandle<()>,
     /// Set when this leadership is dropped: every [`LeaderSession`] refuses from then on.
     ended: Arc<AtomicBool>,
+    /// The shards this instance owns, when the table is sharded.
+    ownership: Option<Arc<Ownership>>,
+}
+
+/// How a sharded instance joins ([`Leadership::acquire_sharded`]).
+#[derive(Debug, Clone)]
+pub struct Sharding {
+    /// The table's shard count (`shards`).
+    pub count: u32,
+    /// Set to the number of shards this instance owns.
+    pub owned: Gauge,
 }
 
 impl Drop for Leadership {
@@ -280,6 +303,20 @@ impl Leadership {
         lease: Duration,
         shutdown: &CancellationToken,
     ) -> Result<Option<Self>, sqlx::Error> {
+        Self::acquire_sharded(options, table, standby_interval, lease, None, shutdown).await
+    }
+
+    /// [`Leadership::acquire`], or with `sharding` set: waits until this process has joined the
+    /// sharded relays of `table` (see the [module docs](self) and [`crate::shard`]) and took its
+    /// first shards; [`Leadership::ownership`] then tells which shards it may claim from.
+    pub async fn acquire_sharded(
+        options: &PgConnectOptions,
+        table: &OutboxTable,
+        standby_interval: Duration,
+        lease: Duration,
+        sharding: Option<Sharding>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Self>, sqlx::Error> {
         let mut conn = options
             .clone()
             .application_name("outbox-relay")
@@ -288,13 +325,24 @@ impl Leadership {
         // The key of the table as PostgreSQL resolves it, so `outbox` and `public.outbox`
         // contend for one lock; while relays of earlier versions (which keyed the lock on the
         // configured spelling) may still run, that key is taken too.
-        let key = table.resolve(&mut conn).await?.lock_key("relay");
+        let resolved = table.resolve(&mut conn).await?;
+        let key = resolved.lock_key("relay");
         let spelled = Some(table.lock_key("relay")).filter(|k| *k != key);
-        let mut announced = false;
+        let mut announced = None;
         loop {
             let sent = Instant::now();
-            let got = try_lock(&mut conn, key, spelled).await?;
-            if got {
+            let refused = match &sharding {
+                None => (!try_lock(&mut conn, key, spelled).await?)
+                    .then(|| "another relay holds the leader lock: standing by".to_owned()),
+                Some(sharding) => {
+                    match crate::shard::join(&mut conn, &resolved, sharding.count, spelled).await? {
+                        Ok(()) => None,
+                        Err(crate::shard::Refusal::Joining) => Some(String::new()),
+                        Err(why) => Some(why.to_string()),
+                    }
+                }
+            };
+            if refused.is_none() {
                 let version: i32 =
                     sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
                         .fetch_one(&mut conn)
@@ -321,33 +369,62 @@ impl Leadership {
                     );
                 }
                 let lease = Lease::new(lease, sent);
+                let ownership = match sharding {
+                    Some(sharding) => {
+                        let own = Arc::new(Ownership::new(
+                            sharding.count,
+                            ShardKeys::new(&resolved, sharding.count),
+                            sharding.owned,
+                        ));
+                        crate::shard::rebalance(&mut conn, &own).await?;
+                        Some(own)
+                    }
+                    None => None,
+                };
                 let conn = Arc::new(Mutex::new(conn));
-                let heartbeat = tokio::spawn(heartbeat(conn.clone(), key, lease.clone()));
-                tracing::info!(
-                    table = %table,
-                    lease_ms = lease.state.length.as_millis() as u64,
-                    "acquired the leader lock: this relay is active"
-                );
+                // In the caller's span, so the rebalancing it logs names the table.
+                let heartbeat = tokio::spawn(tracing::Instrument::instrument(
+                    heartbeat(conn.clone(), key, lease.clone(), ownership.clone()),
+                    tracing::Span::current(),
+                ));
+                match &ownership {
+                    None => tracing::info!(
+                        table = %table,
+                        lease_ms = lease.state.length.as_millis() as u64,
+                        "acquired the leader lock: this relay is active"
+                    ),
+                    Some(own) => tracing::info!(
+                        table = %table,
+                        lease_ms = lease.state.length.as_millis() as u64,
+                        shards = own.count(),
+                        owned = ?own.held(),
+                        "joined the sharded relays of this table: this relay is active for the shards it owns"
+                    ),
+                }
                 return Ok(Some(Self {
                     conn,
                     key,
                     lease,
                     heartbeat,
                     ended: Arc::new(AtomicBool::new(false)),
+                    ownership,
                 }));
             }
-            if !announced {
-                tracing::info!(
-                    table = %table,
-                    "another relay holds the leader lock: standing by"
-                );
-                announced = true;
+            let reason = refused.unwrap_or_default();
+            if !reason.is_empty() && announced.as_ref() != Some(&reason) {
+                tracing::info!(table = %table, "{reason}");
+                announced = Some(reason);
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(None),
                 _ = tokio::time::sleep(standby_interval) => {}
             }
         }
+    }
+
+    /// The shards this instance owns, when the table is sharded ([`Leadership::acquire_sharded`]).
+    pub fn ownership(&self) -> Option<Arc<Ownership>> {
+        self.ownership.clone()
     }
 
     /// The lease of this leadership, to check before producing and acknowledging.
@@ -380,8 +457,14 @@ impl Leadership {
     }
 }
 
-/// Keeps the lock session busy and the lease renewed until a heartbeat fails.
-async fn heartbeat(conn: Arc<Mutex<PgConnection>>, key: i64, lease: Lease) {
+/// Keeps the lock session busy and the lease renewed until a heartbeat fails; with `ownership`,
+/// rebalances the shards after each successful check, on the same session.
+async fn heartbeat(
+    conn: Arc<Mutex<PgConnection>>,
+    key: i64,
+    lease: Lease,
+    ownership: Option<Arc<Ownership>>,
+) {
     let every = (lease.state.length / 4).max(Duration::from_millis(50));
     loop {
         tokio::select! {
@@ -390,12 +473,16 @@ async fn heartbeat(conn: Arc<Mutex<PgConnection>>, key: i64, lease: Lease) {
         }
         let mut session = conn.lock().await;
         let sent = Instant::now();
-        let answer = tokio::time::timeout(
-            lease.remaining().max(Duration::from_millis(1)),
-            sqlx::query_scalar::<_, bool>(HOLDS_LOCK)
+        let answer = tokio::time::timeout(lease.remaining().max(Duration::from_millis(1)), async {
+            let held = sqlx::query_scalar::<_, bool>(HOLDS_LOCK)
                 .bind(key)
-                .fetch_one(&mut *session),
-        )
+                .fetch_one(&mut *session)
+                .await?;
+            if held && let Some(own) = &ownership {
+                crate::shard::rebalance(&mut session, own).await?;
+            }
+            Ok::<bool, sqlx::Error>(held)
+        })
         .await;
         drop(session);
         match answer {

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod park;
 pub mod relay;
 pub mod route;
+pub mod shard;
 pub mod sink;
 pub mod source;
 pub mod stats;

@@ -79,6 +79,12 @@ pub fn register(registry: &mut Registry, stats: &Arc<RelayStats>, source: Source
         stats.lease_lost.clone(),
     );
     r.register(
+        "shards_owned",
+        "Shards of the outbox table this instance owns and relays (0 when the table is not \
+         sharded)",
+        stats.shards_owned.clone(),
+    );
+    r.register(
         "producer_queue_messages",
         "Records queued in the producer, not yet acknowledged",
         stats.producer_queue.clone(),

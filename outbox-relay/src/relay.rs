@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, RelayConfig, RowAcknowledgement, SourceKind, redact_url};
 use crate::failure::{Action, ErrorKind, Report, decide};
-use crate::leader::{Leadership, Lease, LeaseLost};
+use crate::leader::{Leadership, Lease, LeaseLost, Sharding};
 use crate::park::{ParkError, ParkStore};
 use crate::route::{RouteError, Router};
 use crate::sink::{Sink, SinkError};
@@ -249,11 +249,16 @@ impl Relay {
             if shutdown.is_cancelled() {
                 break Ok(());
             }
-            let leader = match Leadership::acquire(
+            let sharding = self.config.shards.map(|count| Sharding {
+                count,
+                owned: self.stats.shards_owned.clone(),
+            });
+            let leader = match Leadership::acquire_sharded(
                 &self.options,
                 &self.table,
                 self.config.standby_interval,
                 self.config.leader_lease,
+                sharding,
                 &shutdown,
             )
             .await

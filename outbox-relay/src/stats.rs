@@ -66,6 +66,8 @@ pub struct RelayStats {
     pub active: AtomicBool,
     /// Times this instance lost its leader lease and stepped down.
     pub lease_lost: Counter,
+    /// Shards this instance owns (`shards` set; 0 otherwise).
+    pub shards_owned: Gauge,
     /// Whether the source is open.
     pub source_running: AtomicBool,
     /// Whether the sink reached its broker (start-up check, then each round's outcome).
@@ -95,6 +97,7 @@ impl Default for RelayStats {
             last_published_ms: AtomicI64::new(0),
             active: AtomicBool::new(false),
             lease_lost: Counter::default(),
+            shards_owned: Gauge::default(),
             source_running: AtomicBool::new(false),
             sink_connected: AtomicBool::new(false),
             sink_reachable: AtomicBool::new(true),

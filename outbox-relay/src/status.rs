@@ -30,10 +30,64 @@ pub struct OutboxStatus {
     pub last_published: Option<LastPublished>,
     /// Parked events (poison events and those held behind them).
     pub parked_events: i64,
-    /// Whether some relay currently holds the leader lock.
+    /// Whether some relay currently holds the leader lock (for a sharded table: whether any
+    /// sharded relay runs).
     pub leader_present: bool,
+    /// Who owns which shard, when `shards` is set.
+    pub shards: Option<ShardsStatus>,
     /// The replication slot, for the logical source.
     pub slot: Option<SlotStatus>,
+}
+
+/// The shards of a sharded table, as the lock table shows them ([`crate::shard`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ShardsStatus {
+    /// The configured shard count.
+    pub count: u32,
+    /// Relay instances joined (sessions holding the table's relay lock).
+    pub members: usize,
+    /// Shards nobody owns right now (a handover in progress, or no relay running).
+    pub unowned: Vec<u32>,
+    /// Each owning session (backend pid) with its shards, by pid.
+    pub owners: Vec<ShardOwner>,
+}
+
+/// One relay instance's shards.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ShardOwner {
+    /// The backend pid of the instance's lock session.
+    pub pid: i32,
+    /// The shards it owns.
+    pub shards: Vec<u32>,
+}
+
+/// Reads who owns which of the `count` shards of `table` from the lock table.
+pub async fn shards(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    count: u32,
+) -> Result<ShardsStatus, sqlx::Error> {
+    let keys = crate::shard::ShardKeys::new(&table.resolve(&mut *conn).await?, count);
+    let members = crate::shard::holders(conn, &[keys.members]).await?.len();
+    let held = crate::shard::holders(conn, &keys.shards).await?;
+    let mut owners: std::collections::BTreeMap<i32, Vec<u32>> = Default::default();
+    let mut unowned = Vec::new();
+    for (shard, key) in keys.shards.iter().enumerate() {
+        let shard = shard as u32;
+        match held.iter().find(|(k, _)| k == key) {
+            Some((_, pid)) => owners.entry(*pid).or_default().push(shard),
+            None => unowned.push(shard),
+        }
+    }
+    Ok(ShardsStatus {
+        count,
+        members,
+        unowned,
+        owners: owners
+            .into_iter()
+            .map(|(pid, shards)| ShardOwner { pid, shards })
+            .collect(),
+    })
 }
 
 /// A replication slot as `pg_replication_slots` shows it.
@@ -112,6 +166,9 @@ pub async fn read(
     .bind(key)
     .fetch_one(&mut *conn)
     .await?;
+    if let Some(count) = config.shards {
+        status.shards = Some(shards(conn, table, count).await?);
+    }
     if config.source == SourceKind::Logical {
         status.slot = slots(conn)
             .await?

@@ -170,8 +170,9 @@ const REPLAY_WHERE: &str = "($1::timestamptz IS NULL OR o.created_at >= $1)
 /// - `{replay_where}`: [`REPLAY_WHERE`].
 ///
 /// A caller may fill a placeholder of its own first, with one of this module's constants:
-/// `{key}`, the key column of [`Keys`], and `{cursor_trap}`, the condition of the `cursor`
-/// mutant in [`Claim`].
+/// `{key}`, the key column of [`Keys`], `{cursor_trap}`, the condition of the `cursor`
+/// mutant in [`Claim`], and `{shard_o}`/`{shard_i}`, the shard expression of a sharded
+/// [`Claim`] ([`crate::shard::expression`]: constant text around a validated integer).
 ///
 /// # Panics
 ///
@@ -284,11 +285,23 @@ fn decode_all(rows: &[PgRow]) -> Result<Vec<Result<StoredEvent, MalformedEvent>>
 /// rows, those whose preceding payloads (in `seq` order) stay under `max_bytes`, so a backlog
 /// of large events is not read into memory a thousand at a time. The first row always
 /// qualifies.
+///
+/// A sharded claim ([`Claim::sharded`], [`crate::shard`]) takes only rows of the shards it is
+/// given: for each of them, the oldest unpublished rows not in flight, read in `seq` order from
+/// the shard index `(shard, seq) WHERE published_at IS NULL` (at most `max` per shard, each an
+/// index range scan that stops there); of those, the `max` lowest `seq`s are fetched whole, in
+/// `seq` order, and cut by size as above. Its cost follows the batch and the number of shards
+/// owned, not the backlog of the other instances' shards. (One ordered scan of the
+/// unpublished-rows index filtered by shard would step over every row of the other shards, and
+/// a scan of the shard index with `shard = ANY(…)` would sort the whole backlog of the owned
+/// shards for every claim.) Each row comes back with its shard.
 #[derive(Debug, Clone)]
 pub struct Claim {
     sql: SqlStr,
     /// The deliberately broken `cursor` mutant (test-only build): the `WHERE seq > :last` trap.
     cursor: bool,
+    /// The shard count of a sharded claim.
+    shards: Option<u32>,
 }
 
 impl Claim {
@@ -305,7 +318,46 @@ impl Claim {
         Self {
             sql: statement(table, &template),
             cursor,
+            shards: None,
         }
+    }
+
+    /// The claim of `table`'s unpublished rows in some of its `count` shards
+    /// ([`Claim::fetch_sharded`]).
+    pub fn sharded(table: &OutboxTable, count: u32) -> Self {
+        let cursor = crate::faults::mutant("cursor");
+        let template = Self::sharded_template(count, cursor);
+        Self {
+            sql: statement(table, &template),
+            cursor,
+            shards: Some(count),
+        }
+    }
+
+    /// The text of a sharded claim on `table` for `count` shards, with the parameters of
+    /// [`Claim::fetch_sharded`]: `$1` max, `$2` the `seq`s in flight, `$3` max bytes, `$4` the
+    /// shards. Public so that tests can `EXPLAIN` it.
+    pub fn sharded_text(table: &OutboxTable, count: u32) -> String {
+        statement_text(table, &Self::sharded_template(count, false))
+    }
+
+    fn sharded_template(count: u32, cursor: bool) -> String {
+        "SELECT * FROM (SELECT c.*, \
+                 sum(coalesce(octet_length(c.payload), 0)) OVER (ORDER BY c.seq) \
+                 - coalesce(octet_length(c.payload), 0) AS bytes_before FROM ( \
+             SELECT {event_columns}, {shard_o} AS shard FROM {table} o \
+             WHERE o.seq = ANY(ARRAY( \
+                 SELECT p.seq FROM unnest($4::int8[]) AS s(shard) CROSS JOIN LATERAL ( \
+                     SELECT i.seq FROM {table} i \
+                     WHERE {shard_i} = s.shard AND i.published_at IS NULL \
+                       AND NOT (i.seq = ANY($2)) {cursor_trap} \
+                     ORDER BY i.seq LIMIT $1) p \
+                 ORDER BY p.seq LIMIT $1)) \
+               AND o.published_at IS NULL \
+             ORDER BY o.seq LIMIT $1) c) b WHERE b.bytes_before < $3 ORDER BY b.seq"
+            .replace("{cursor_trap}", if cursor { "AND i.seq > $5" } else { "" })
+            .replace("{shard_o}", &crate::shard::expression(count, "o"))
+            .replace("{shard_i}", &crate::shard::expression(count, "i"))
     }
 
     /// Up to `max` unpublished rows in `seq` order, none of `in_flight`, cut at `max_bytes` of
@@ -328,6 +380,106 @@ impl Claim {
         }
         decode_all(&claim.fetch_all(conn).await?)
     }
+
+    /// [`Claim::fetch`] for a sharded claim: only rows of `shards`, each with its shard.
+    ///
+    /// # Panics
+    ///
+    /// On a claim made by [`Claim::new`].
+    pub async fn fetch_sharded(
+        &self,
+        conn: &mut PgConnection,
+        max: usize,
+        in_flight: &[i64],
+        max_bytes: i64,
+        highest_claimed: i64,
+        shards: &[i64],
+    ) -> Result<Vec<ShardedRow>, ReadError> {
+        assert!(self.shards.is_some(), "fetch_sharded on an unsharded claim");
+        let mut claim = sqlx::query(self.sql.clone())
+            .bind(i64::try_from(max).unwrap_or(i64::MAX))
+            .bind(in_flight)
+            .bind(max_bytes)
+            .bind(shards);
+        if self.cursor {
+            claim = claim.bind(highest_claimed);
+        }
+        claim
+            .fetch_all(conn)
+            .await?
+            .iter()
+            .map(|row| {
+                let shard: i64 = row
+                    .try_get("shard")
+                    .map_err(|error| ReadError::Unreadable {
+                        column: "shard",
+                        error,
+                    })?;
+                Ok(ShardedRow {
+                    shard: u32::try_from(shard).unwrap_or(u32::MAX),
+                    event: decode_row(row)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A row of a sharded claim ([`Claim::fetch_sharded`]).
+#[derive(Debug)]
+pub struct ShardedRow {
+    /// The row's shard.
+    pub shard: u32,
+    /// The decoded row; a malformed one comes back with what could be read, to be parked.
+    pub event: Result<StoredEvent, MalformedEvent>,
+}
+
+/// Creates the shard index of `table` for `count` shards ([`crate::shard::index_statement`]),
+/// without blocking writers; an index left invalid by an interrupted build is dropped and built
+/// again. Returns whether it had to be built. Runs outside any transaction.
+pub async fn ensure_shard_index(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    count: u32,
+) -> Result<bool, sqlx::Error> {
+    let table = &table.resolve(&mut *conn).await?;
+    let qualified = crate::shard::index_qualified(table, count);
+    let valid: Option<bool> = sqlx::query_scalar(
+        "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
+    )
+    .bind(&qualified)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match valid {
+        Some(true) => return Ok(false),
+        Some(false) => {
+            sqlx::query(AssertSqlSafe(format!(
+                "DROP INDEX CONCURRENTLY IF EXISTS {qualified}"
+            )))
+            .execute(&mut *conn)
+            .await?;
+        }
+        None => {}
+    }
+    sqlx::query(AssertSqlSafe(crate::shard::index_statement(table, count)))
+        .execute(&mut *conn)
+        .await?;
+    Ok(true)
+}
+
+/// Whether the shard index of `table` for `count` shards exists and is valid.
+pub async fn shard_index_ready(
+    conn: &mut PgConnection,
+    table: &OutboxTable,
+    count: u32,
+) -> Result<bool, sqlx::Error> {
+    let table = &table.resolve(&mut *conn).await?;
+    let valid: Option<bool> = sqlx::query_scalar(
+        "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
+    )
+    .bind(crate::shard::index_qualified(table, count))
+    .fetch_optional(conn)
+    .await?;
+    Ok(valid == Some(true))
 }
 
 /// Whether any row of the table is marked published: a logical slot missing with no record of

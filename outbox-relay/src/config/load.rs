@@ -40,6 +40,10 @@ const ALIASES: &[(&str, &str)] = &[
     ("admin_addr", "admin_addr"),
 ];
 
+/// Settings without a default value (unset unless given) that the defaults therefore do not
+/// show; [`known_keys`] adds them.
+const OPTIONAL_KEYS: &[&str] = &["shards"];
+
 /// Keys that hold maps of free-form entries.
 const MAP_KEYS: &[&str] = &["kafka.properties", "route.routes"];
 
@@ -139,6 +143,7 @@ pub fn known_keys() -> BTreeSet<String> {
     let defaults = Value::serialize(RelayConfig::default()).expect("defaults serialize");
     let mut out = BTreeSet::new();
     walk("", &defaults, &mut out);
+    out.extend(OPTIONAL_KEYS.iter().map(|k| (*k).to_owned()));
     out
 }
 
@@ -442,6 +447,27 @@ mod tests {
 
         let e = flag_layer(&[("kafka.nope".into(), "1".into())]).unwrap_err();
         assert_eq!(e.key, "kafka.nope");
+    }
+
+    #[test]
+    fn shards_come_from_the_environment_and_bad_counts_name_the_setting() {
+        let (c, _) = load(None, env(&[("OUTBOX_SHARDS", "16")]), &[]).unwrap();
+        assert_eq!(c.shards, Some(16));
+        let (c, _) = load(None, Vec::new(), &[]).unwrap();
+        assert_eq!(c.shards, None, "off by default");
+        for bad in ["0", "1025"] {
+            let e = load(None, env(&[("OUTBOX_SHARDS", bad)]), &[]).unwrap_err();
+            assert_eq!(e.key, "shards", "{bad}: {e}");
+        }
+        let e = load(None, env(&[("OUTBOX_SHARDS", "many")]), &[]).unwrap_err();
+        assert_eq!(e.key, "shards", "{e}");
+        let e = load(
+            None,
+            env(&[("OUTBOX_SHARDS", "4"), ("OUTBOX_SOURCE", "logical")]),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "shards", "{e}");
     }
 
     #[test]

@@ -51,6 +51,23 @@ impl RelayConfig {
                 "must be between 1s and 1h",
             ));
         }
+        if let Some(shards) = self.shards {
+            if shards == 0 || shards > crate::shard::MAX_SHARDS {
+                return Err(ConfigError::new(
+                    "shards",
+                    format!(
+                        "{shards}: must be between 1 and {} (leave it unset for a single active relay)",
+                        crate::shard::MAX_SHARDS
+                    ),
+                ));
+            }
+            if self.source == SourceKind::Logical {
+                return Err(ConfigError::new(
+                    "shards",
+                    "is not supported with source = \"logical\" yet (one replication slot streams the whole table to one reader; see \"Sharding\" in docs/operations.md): unset it, or use source = \"polling\"",
+                ));
+            }
+        }
         if self.source == SourceKind::Polling && self.write_mode != WriteMode::Table {
             return Err(ConfigError::new(
                 "write_mode",
@@ -219,6 +236,24 @@ mod tests {
         let mut c = RelayConfig::default();
         c.leader_lease = Duration::from_millis(500);
         assert_eq!(c.validate().unwrap_err().key, "leader_lease");
+        for shards in [0, 1025, u32::MAX] {
+            let mut c = RelayConfig::default();
+            c.shards = Some(shards);
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.key, "shards", "{shards}");
+            assert!(e.reason.contains("between 1 and 1024"), "{e}");
+        }
+        let mut c = RelayConfig::default();
+        c.shards = Some(16);
+        c.source = SourceKind::Logical;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "shards");
+        assert!(e.reason.contains("logical"), "{e}");
+        for shards in [1, 16, 1024] {
+            let mut c = RelayConfig::default();
+            c.shards = Some(shards);
+            assert!(c.validate().is_ok(), "{shards}");
+        }
         assert!(RelayConfig::default().validate().is_ok());
     }
 }

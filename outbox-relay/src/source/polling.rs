@@ -16,6 +16,16 @@
 //! `seq` order is commit order per aggregate and an aggregate's later event is never visible
 //! without its earlier one. Only one relay polls a table at a time ([`crate::leader`]).
 //!
+//! ## Sharded
+//!
+//! With `shards` set, several relays poll the table, each only the rows of the shards it owns
+//! ([`crate::shard`]; the claim is [`Claim::sharded`]). All of an aggregate's rows are in one
+//! shard, so the order argument above holds per shard. The source reads the shards it may claim
+//! from under the lock session's mutex, together with the claim, and reports which shards have
+//! rows in flight: a shard the heartbeat drains is released only once none of its rows is in
+//! flight any more — every claimed row acknowledged durably, or, after a rewind, the producer
+//! replaced (the next claim, which the relay makes only after replacing it).
+//!
 //! ## Wake-ups
 //!
 //! The poll interval adapts ([`PollPace`]): right after a claim that found rows the next poll
@@ -27,6 +37,8 @@
 //! ([`outbox_core::notify_trigger_sql`]) the source also `LISTEN`s and polls at once on a
 //! notification.
 
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,6 +52,7 @@ use std::collections::VecDeque;
 use crate::config::RowAcknowledgement;
 use crate::failure::{ErrorKind, Report};
 use crate::leader::Leadership;
+use crate::shard::Ownership;
 use crate::source::row_marks::{RELAY_PLANNER_SETTINGS, RowMarks};
 use crate::source::{Position, Source, SourceError, SourceEvent};
 use crate::table::{Claim, ReadError};
@@ -114,6 +127,13 @@ pub struct PollingSource {
     /// rows as the byte bound admits, so it does not render a thousand large payloads to
     /// return two.
     mean_payload: usize,
+    /// The shards this instance owns, when the table is sharded.
+    ownership: Option<Arc<Ownership>>,
+    /// The shard of every row in `in_flight` (sharded only).
+    shard_of: HashMap<i64, u32>,
+    /// Shards of rows dropped by a rewind: busy until the next claim, which comes only after the
+    /// relay replaced the producer that may still hold their records.
+    rewound: BTreeSet<u32>,
 }
 
 impl PollingSource {
@@ -147,7 +167,26 @@ impl PollingSource {
         } else {
             None
         };
-        let claim = Claim::new(&settings.table);
+        let ownership = leader.ownership();
+        let claim = match &ownership {
+            Some(own) => {
+                let ready = crate::table::shard_index_ready(
+                    &mut *leader.connection().await,
+                    &settings.table,
+                    own.count(),
+                )
+                .await
+                .map_err(|error| SourceError::database("polling", error))?;
+                if !ready {
+                    tracing::warn!(
+                        shards = own.count(),
+                        "the shard index of the outbox table is missing: claims scan the unpublished rows of every shard; run `outbox-relay migrate` with the same `shards` setting"
+                    );
+                }
+                Claim::sharded(&settings.table, own.count())
+            }
+            None => Claim::new(&settings.table),
+        };
         // The claim must be an ordered scan of the unpublished-rows index, and its in-flight
         // exclusion a hash lookup. With a generic plan PostgreSQL compares every scanned row with
         // every in-flight `seq` one by one (37 ms for a batch of 1000 with 2000 in flight, against
@@ -157,6 +196,15 @@ impl PollingSource {
         // this session, which only runs the relay's own statements.
         for (name, value) in RELAY_PLANNER_SETTINGS {
             sqlx::query(AssertSqlSafe(format!("SET {name} = {value}")))
+                .execute(&mut *leader.connection().await)
+                .await
+                .map_err(|error| SourceError::database("polling", error))?;
+        }
+        if ownership.is_some() {
+            // The sharded claim ends in a sort of at most a batch per shard; with sorts ruled
+            // out above its estimated cost is huge, which would make every claim pay for JIT
+            // compilation (about 100 ms) for a statement that runs in a few milliseconds.
+            sqlx::query("SET jit = off")
                 .execute(&mut *leader.connection().await)
                 .await
                 .map_err(|error| SourceError::database("polling", error))?;
@@ -177,6 +225,9 @@ impl PollingSource {
             marks,
             max_batch_bytes: i64::MAX,
             mean_payload: 0,
+            ownership,
+            shard_of: HashMap::new(),
+            rewound: BTreeSet::new(),
         })
     }
 
@@ -187,6 +238,21 @@ impl PollingSource {
         }
         let done: std::collections::HashSet<i64> = done.into_iter().flatten().collect();
         self.in_flight.retain(|seq| !done.contains(seq));
+        if self.ownership.is_some() {
+            for seq in &done {
+                self.shard_of.remove(seq);
+            }
+            self.report_busy();
+        }
+    }
+
+    /// Tells the shard ownership which shards have rows in flight.
+    fn report_busy(&self) {
+        if let Some(own) = &self.ownership {
+            let mut busy: BTreeSet<u32> = self.shard_of.values().copied().collect();
+            busy.extend(self.rewound.iter().copied());
+            own.set_busy(busy);
+        }
     }
 
     async fn claim(&mut self, max: usize) -> Result<Vec<SourceEvent>, SourceError> {
@@ -204,24 +270,57 @@ impl PollingSource {
                     .saturating_add(1),
             ),
         };
-        let rows = self
-            .claim
-            .fetch(
-                &mut *self.leader.connection().await,
-                max,
-                &in_flight,
-                self.max_batch_bytes,
-                self.highest_claimed,
-            )
-            .await
-            .map_err(|e| match e {
-                ReadError::Database(error) => SourceError::database("polling", error),
-                unreadable => SourceError::new("polling", ErrorKind::Contract, unreadable),
-            })?;
-        let batch: Vec<SourceEvent> = rows
-            .into_iter()
-            .map(|decoded| SourceEvent::decoded(decoded, Position::Row))
-            .collect();
+        let read_error = |e| match e {
+            ReadError::Database(error) => SourceError::database("polling", error),
+            unreadable => SourceError::new("polling", ErrorKind::Contract, unreadable),
+        };
+        // Held until the claimed rows are registered as in flight: the heartbeat rebalances
+        // the shards on this session, so it never releases a shard between the two.
+        let mut session = self.leader.connection().await;
+        let (batch, shards): (Vec<SourceEvent>, Vec<Option<u32>>) = match &self.ownership {
+            None => self
+                .claim
+                .fetch(
+                    &mut session,
+                    max,
+                    &in_flight,
+                    self.max_batch_bytes,
+                    self.highest_claimed,
+                )
+                .await
+                .map_err(read_error)?
+                .into_iter()
+                .map(|decoded| (SourceEvent::decoded(decoded, Position::Row), None))
+                .unzip(),
+            Some(own) => {
+                let owned = own.claimable();
+                // The producer was replaced since any rewind: those shards are idle again.
+                self.rewound.clear();
+                let rows = if owned.is_empty() {
+                    Vec::new()
+                } else {
+                    self.claim
+                        .fetch_sharded(
+                            &mut session,
+                            max,
+                            &in_flight,
+                            self.max_batch_bytes,
+                            self.highest_claimed,
+                            &owned,
+                        )
+                        .await
+                        .map_err(read_error)?
+                };
+                rows.into_iter()
+                    .map(|row| {
+                        (
+                            SourceEvent::decoded(row.event, Position::Row),
+                            Some(row.shard),
+                        )
+                    })
+                    .unzip()
+            }
+        };
         if !batch.is_empty() {
             self.pace.tighten();
         }
@@ -232,11 +331,16 @@ impl PollingSource {
                 .sum();
             self.mean_payload = bytes / batch.len();
         }
-        for e in &batch {
+        for (e, shard) in batch.iter().zip(shards) {
             let seq = e.event.seq.unwrap_or_default();
             self.in_flight.push_back(seq);
             self.highest_claimed = self.highest_claimed.max(seq);
+            if let Some(shard) = shard {
+                self.shard_of.insert(seq, shard);
+            }
         }
+        self.report_busy();
+        drop(session);
         Ok(batch)
     }
 
@@ -314,6 +418,10 @@ impl Source for PollingSource {
         }
         // No cursor: unacknowledged rows are still unpublished and come back in the next batch.
         self.in_flight.clear();
+        // Their shards stay busy until the next claim (after the producer is replaced).
+        self.rewound
+            .extend(self.shard_of.drain().map(|(_, shard)| shard));
+        self.report_busy();
         Ok(())
     }
 
