@@ -8,10 +8,12 @@
 //!   ([`domain::AccountEvent`], `#[derive(OutboxEvent)]`) in one transaction; the account's
 //!   version is the event's per-aggregate sequence. Rejected commands write nothing.
 //! * **`outbox-relay`**, run as the service's sidecar, publishes the committed events to
-//!   `outbox.event.account`, keyed by account id.
+//!   `outbox.event.account`, keyed by account id, on Kafka, NATS JetStream, RabbitMQ or Redis
+//!   Streams (its `OUTBOX_SINK`).
 //! * **`account-projector`** ([`projector`]): two consumers that never call the service. The CQRS
 //!   query model ([`read_model`]) and the legacy application's enabled list ([`legacy`]) each keep
-//!   their own database, consumer group and inbox, so a redelivered event is applied once.
+//!   their own database, consumer group and inbox, so a redelivered event is applied once. They
+//!   read through the matching client, whichever the sink ([`source`]).
 //! * **`account-demo`**: starts all of the above, drives [`scenario`] over HTTP, and checks that the
 //!   read models converge to the write model. `scripts/demo.sh` runs it on a fresh machine.
 
@@ -21,6 +23,7 @@ pub mod legacy;
 pub mod projector;
 pub mod read_model;
 pub mod scenario;
+pub mod source;
 pub mod store;
 
 /// Runs `main` to completion on a new multi-threaded runtime as the binary `name`: success when

@@ -1,18 +1,15 @@
 //! The projector process: two independent consumers of the account topic, each with its own
 //! database, consumer group and inbox — the CQRS query model ([`crate::read_model`]) and the legacy
-//! application's enabled list ([`crate::legacy`]) — plus a small HTTP query API.
+//! application's enabled list ([`crate::legacy`]) — plus a small HTTP query API. They read from
+//! whichever broker the relay publishes to ([`crate::source`]).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
-use outbox_core::consumer::{
-    ConsumerConfig, ConsumerStats, HandlerFailurePolicy, InboxConsumer, PartitionAssignment,
-    StatsSnapshot,
-};
+use outbox_core::consumer::StatsSnapshot;
 use outbox_core::{Inbox, InboxTable, MalformedPolicy};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -21,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::legacy::{self, LegacyList};
 use crate::read_model::{self, ReadModelProjection};
+use crate::source::{Consumer, EventSource, SourceStats};
 
 /// The query model's name in its inbox. It names the state the inbox protects, so it stays the
-/// same when the Kafka group changes (a new group, or reset offsets, replays records that the
+/// same when the consumer group changes (a new group, or reset offsets, replays records that the
 /// inbox must still recognise).
 pub const QUERY_CONSUMER: &str = "account-query";
 /// The legacy list's name in its inbox.
@@ -36,15 +34,17 @@ pub const LEGACY_GROUP: &str = "legacy-app";
 /// Settings of the projector.
 #[derive(Debug, Clone)]
 pub struct ProjectorConfig {
-    /// Kafka bootstrap servers.
-    pub bootstrap_servers: String,
-    /// The account topic.
+    /// The broker to read from.
+    pub source: EventSource,
+    /// The account topic (the relay's destination: Kafka topic, NATS subject, RabbitMQ routing
+    /// key, Redis stream).
     pub topic: String,
     /// The query model's database.
     pub query_database_url: String,
     /// The legacy application's database.
     pub legacy_database_url: String,
-    /// Consumer group of the query model.
+    /// Consumer group of the query model (Kafka group, JetStream durable consumer, RabbitMQ
+    /// queue, Redis consumer group: see [`crate::source`]).
     pub query_group: String,
     /// Consumer group of the legacy list.
     pub legacy_group: String,
@@ -57,13 +57,13 @@ pub struct ProjectorConfig {
 impl ProjectorConfig {
     /// Settings with the default groups, parking malformed records, no HTTP.
     pub fn new(
-        bootstrap_servers: impl Into<String>,
+        source: EventSource,
         topic: impl Into<String>,
         query_database_url: impl Into<String>,
         legacy_database_url: impl Into<String>,
     ) -> Self {
         Self {
-            bootstrap_servers: bootstrap_servers.into(),
+            source,
             topic: topic.into(),
             query_database_url: query_database_url.into(),
             legacy_database_url: legacy_database_url.into(),
@@ -78,9 +78,9 @@ impl ProjectorConfig {
 /// A running projector.
 pub struct Projector {
     /// Counters of the query model's consumer.
-    pub query_stats: Arc<ConsumerStats>,
+    pub query_stats: SourceStats,
     /// Counters of the legacy list's consumer.
-    pub legacy_stats: Arc<ConsumerStats>,
+    pub legacy_stats: SourceStats,
     /// The query API's address, when serving.
     pub addr: Option<SocketAddr>,
     /// The query model's inbox.
@@ -103,8 +103,8 @@ async fn pool(url: &str) -> Result<PgPool> {
 struct Api {
     query: PgPool,
     legacy: PgPool,
-    query_stats: Arc<ConsumerStats>,
-    legacy_stats: Arc<ConsumerStats>,
+    query_stats: SourceStats,
+    legacy_stats: SourceStats,
 }
 
 #[derive(serde::Serialize)]
@@ -131,27 +131,20 @@ impl Projector {
             legacy::migrate(&mut conn).await?;
             legacy_inbox.migrate(&mut conn).await?;
         }
-        let consumer_config = |group: &str| {
-            let mut c = ConsumerConfig::new(
-                config.bootstrap_servers.clone(),
-                group,
-                [config.topic.clone()],
-            );
-            // A handler error here means an event the model cannot place (e.g. its account is
-            // unknown): park it with the reason rather than stall the partition forever.
-            c.on_handler_failure = HandlerFailurePolicy::Park;
-            // One projector instance per group: take every partition, no group join delays.
-            c.assignment = PartitionAssignment::AllPartitions;
-            c
-        };
-        let query = InboxConsumer::new(
-            consumer_config(&config.query_group),
+        // A handler error here means an event the model cannot place (e.g. its account is
+        // unknown): the consumer parks it with the reason rather than stall the aggregate forever.
+        let query = Consumer::new(
+            config.source.clone(),
+            &config.topic,
+            &config.query_group,
             query_inbox.clone(),
             query_pool.clone(),
             ReadModelProjection,
         );
-        let legacy = InboxConsumer::new(
-            consumer_config(&config.legacy_group),
+        let legacy = Consumer::new(
+            config.source.clone(),
+            &config.topic,
+            &config.legacy_group,
             legacy_inbox.clone(),
             legacy_pool.clone(),
             LegacyList,
@@ -223,7 +216,7 @@ impl Projector {
         result
     }
 
-    /// Stops gracefully (offsets committed) and returns how it ended.
+    /// Stops gracefully (positions committed) and returns how it ended.
     pub async fn stop(self) -> Result<()> {
         self.shutdown.cancel();
         self.wait().await

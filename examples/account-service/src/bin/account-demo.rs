@@ -2,6 +2,10 @@
 //! child processes, drives the scripted scenario over HTTP, narrates the events flowing and the
 //! read models converging, checks that they equal the write model, stops everything, and exits 0
 //! only on a match. `scripts/demo.sh` runs it (and the services) on a fresh machine.
+//!
+//! `--sink kafka|nats|rabbitmq|redis` picks the broker: the relay publishes there
+//! (`OUTBOX_SINK`), and the projector reads back through the matching client
+//! ([`account_service::source`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,7 +14,12 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use account_service::domain::Status;
+use account_service::projector::{LEGACY_GROUP, QUERY_GROUP};
 use account_service::scenario::{self, Phase, Scenario};
+use account_service::source::{
+    EventSource, Sink, SourceArgs, nats_delete_stream, nats_durable, nats_stream_capturing,
+    rabbitmq_queue,
+};
 use account_service::store;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -23,18 +32,20 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-/// Run the account-service demo end to end against a PostgreSQL server and a Kafka broker.
+/// Run the account-service demo end to end against a PostgreSQL server and a broker (Kafka, NATS
+/// JetStream, RabbitMQ or Redis: `--sink`).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
     /// A PostgreSQL URL on the server to use; the demo creates its own databases there.
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
-    bootstrap_servers: String,
-    /// Topic of the account events (default: `outbox.event.account`, or a run-specific one when
-    /// that topic already exists from an earlier run).
+    /// The broker and how to reach it.
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Destination of the account events: Kafka topic, NATS subject, RabbitMQ routing key or
+    /// Redis stream (default: `outbox.event.account` on Kafka unless that topic exists from an
+    /// earlier run; a run-specific `outbox.event.account-<run>` otherwise).
     #[arg(long)]
     topic: Option<String>,
     /// How many accounts the scenario opens.
@@ -50,7 +61,8 @@ struct Args {
     /// Do not stop and restart the projector in the middle of the scenario.
     #[arg(long)]
     no_restart: bool,
-    /// Keep the demo's databases afterwards (they are dropped by default).
+    /// Keep the demo's databases afterwards, and on NATS, RabbitMQ and Redis its stream, queues
+    /// and consumer groups (they are removed by default).
     #[arg(long)]
     keep_databases: bool,
 }
@@ -386,39 +398,172 @@ async fn demo(
     log_dir: &Path,
     run_id: &str,
 ) -> Result<bool> {
-    let bootstrap = args.bootstrap_servers.as_str();
-    let topic = match &args.topic {
-        Some(t) => t.clone(),
-        None if topic_exists(bootstrap, "outbox.event.account").await? => {
+    let source = args.source.source()?;
+    let sink = source.sink();
+    let mut setup = BrokerSetup::default();
+    let topic = match (&source, &args.topic) {
+        (_, Some(t)) => t.clone(),
+        (EventSource::Kafka { bootstrap_servers }, None)
+            if topic_exists(bootstrap_servers, "outbox.event.account").await? =>
+        {
             let t = format!("outbox.event.account-{run_id}");
             println!("[setup] outbox.event.account exists from an earlier run; this run uses {t}");
             t
         }
-        None => "outbox.event.account".to_owned(),
+        (EventSource::Kafka { .. }, None) => "outbox.event.account".to_owned(),
+        // Brokers whose streams and queues the demo removes afterwards: one destination per run.
+        (_, None) => format!("outbox.event.account-{run_id}"),
     };
-    create_topic(bootstrap, &topic, 3).await?;
-    println!("[setup] topic {topic} created (3 partitions; records keyed by account id)");
+    let groups = [QUERY_GROUP, LEGACY_GROUP];
 
     // The relay sidecar, configured like in a deployment: OUTBOX_* variables.
-    let relay_env = [
-        ("OUTBOX_DATABASE_URL", dbs.write.as_str()),
-        ("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", bootstrap),
-        ("OUTBOX_TOPIC", topic.as_str()),
-        ("OUTBOX_POLL_INTERVAL", "200ms"),
-        ("OUTBOX_SHUTDOWN_TIMEOUT", "10s"),
+    let mut relay_env: Vec<(&str, String)> = vec![
+        ("OUTBOX_DATABASE_URL", dbs.write.clone()),
+        ("OUTBOX_TOPIC", topic.clone()),
+        ("OUTBOX_POLL_INTERVAL", "200ms".to_owned()),
+        ("OUTBOX_SHUTDOWN_TIMEOUT", "10s".to_owned()),
     ];
-    let status = Command::new(relay_bin)
-        .arg("migrate")
+    relay_env.extend(source.relay_env());
+    // The outbox table first: `topics ensure` reads the routed event types from it.
+    relay_cli(relay_bin, &["migrate"], &relay_env).await?;
+    match &source {
+        EventSource::Kafka { bootstrap_servers } => {
+            create_topic(bootstrap_servers, &topic, 3).await?;
+            println!(
+                "[setup] sink kafka: topic {topic} created (3 partitions; records keyed by account id)"
+            );
+        }
+        EventSource::Nats { url } => {
+            // The stream the relay publishes into: an existing one when it captures the subject
+            // already, otherwise one for this run, created by `outbox-relay topics ensure`.
+            let stream = match nats_stream_capturing(url, &topic).await? {
+                Some(existing) => existing,
+                None => {
+                    let name = format!("ACCOUNT_DEMO_{run_id}");
+                    setup.nats_stream = Some(name.clone());
+                    name
+                }
+            };
+            relay_env.push(("OUTBOX_NATS__STREAM__NAME", stream.clone()));
+            relay_env.push(("OUTBOX_NATS__STREAM__SUBJECTS", topic.clone()));
+            let out = relay_cli(
+                relay_bin,
+                &["topics", "ensure", "--sink", "nats", "--add", &topic],
+                &relay_env,
+            )
+            .await?;
+            println!(
+                "[setup] sink nats: `outbox-relay topics ensure --sink nats` → {}",
+                out.lines().collect::<Vec<_>>().join("; ")
+            );
+            println!(
+                "[setup] subject {topic} (header Outbox-Key = account id, Nats-Msg-Id = event id); durable pull consumers {} and {}",
+                nats_durable(QUERY_GROUP, &topic),
+                nats_durable(LEGACY_GROUP, &topic)
+            );
+        }
+        EventSource::Rabbitmq { exchange, .. } => {
+            source.prepare(&topic, &groups).await?;
+            println!(
+                "[setup] sink rabbitmq: topic exchange {exchange}, routing key {topic}; queues {} and {} declared and bound (one per consumer, single active consumer)",
+                rabbitmq_queue(&topic, QUERY_GROUP),
+                rabbitmq_queue(&topic, LEGACY_GROUP)
+            );
+        }
+        EventSource::Redis { .. } => println!(
+            "[setup] sink redis: stream {topic} (created by the relay's first XADD; fields key, value, h:id, …), read with XREADGROUP by the groups {QUERY_GROUP} and {LEGACY_GROUP}"
+        ),
+    }
+    setup.created = true;
+
+    let outcome = run_processes(
+        args,
+        dbs,
+        &source,
+        &topic,
+        &relay_env,
+        relay_bin,
+        service_bin,
+        projector_bin,
+        log_dir,
+    )
+    .await;
+    if !args.keep_databases {
+        cleanup(&source, &topic, &groups, &setup).await;
+    } else if sink != Sink::Kafka {
+        println!("[teardown] {sink} resources of {topic} kept");
+    }
+    outcome
+}
+
+/// What the demo created on a broker, to remove afterwards.
+#[derive(Default)]
+struct BrokerSetup {
+    created: bool,
+    nats_stream: Option<String>,
+}
+
+async fn cleanup(source: &EventSource, topic: &str, groups: &[&str], setup: &BrokerSetup) {
+    if !setup.created || source.sink() == Sink::Kafka {
+        return;
+    }
+    let mut removed = match source.remove(topic, groups).await {
+        Ok(()) => true,
+        Err(e) => {
+            println!(
+                "[teardown] could not remove the {} resources of {topic}: {e:#}",
+                source.sink()
+            );
+            false
+        }
+    };
+    if let (EventSource::Nats { url }, Some(stream)) = (source, &setup.nats_stream)
+        && let Err(e) = nats_delete_stream(url, stream).await
+    {
+        println!("[teardown] {e:#}");
+        removed = false;
+    }
+    if removed {
+        println!("[teardown] {} resources of {topic} removed", source.sink());
+    }
+}
+
+/// Runs a one-shot `outbox-relay` command with `env`; its stdout, or an error with its output.
+async fn relay_cli(relay_bin: &Path, args: &[&str], env: &[(&str, String)]) -> Result<String> {
+    let out = Command::new(relay_bin)
+        .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(relay_env)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("outbox-relay migrate failed ({status})");
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running {}", relay_bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "outbox-relay {} failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_processes(
+    args: &Args,
+    dbs: &Dbs,
+    source: &EventSource,
+    topic: &str,
+    relay_env: &[(&str, String)],
+    relay_bin: &Path,
+    service_bin: &Path,
+    projector_bin: &Path,
+    log_dir: &Path,
+) -> Result<bool> {
+    let relay_env: Vec<(&str, &str)> = relay_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (relay, _) = Proc::start("relay", relay_bin, &["run"], &relay_env, log_dir, false).await?;
     println!(
         "[setup] relay sidecar: `outbox-relay migrate` done, `outbox-relay run` started (pid {})",
@@ -438,12 +583,13 @@ async fn demo(
         "[setup] account service on {service_url} (pid {})",
         service.pid()
     );
-    let projector_env = [
-        ("KAFKA_BOOTSTRAP_SERVERS", bootstrap),
-        ("ACCOUNT_TOPIC", topic.as_str()),
+    let source_env = source.projector_env();
+    let mut projector_env: Vec<(&str, &str)> = vec![
+        ("ACCOUNT_TOPIC", topic),
         ("QUERY_DATABASE_URL", dbs.query.as_str()),
         ("LEGACY_DATABASE_URL", dbs.legacy.as_str()),
     ];
+    projector_env.extend(source_env.iter().map(|(k, v)| (*k, v.as_str())));
     let start_projector = || {
         Proc::start(
             "account-projector",
@@ -456,9 +602,16 @@ async fn demo(
     };
     let (projector, projector_url) = start_projector().await?;
     println!(
-        "[setup] projector on {} (pid {}): query model (group account-query) + legacy list (group legacy-app)",
+        "[setup] projector on {} (pid {}): query model (group {QUERY_GROUP}) + legacy list (group {LEGACY_GROUP}), reading {} through {}",
         projector_url.unwrap_or_default(),
-        projector.pid()
+        projector.pid(),
+        source.sink(),
+        match source.sink() {
+            Sink::Kafka => "rdkafka",
+            Sink::Nats => "async-nats (JetStream pull consumers)",
+            Sink::Rabbitmq => "lapin (a queue per consumer)",
+            Sink::Redis => "redis (XREADGROUP)",
+        }
     );
 
     let mut procs = Running {
@@ -559,7 +712,7 @@ where
         if restart_here {
             let (p, _) = start_projector().await?;
             println!(
-                "[projector] restarted (pid {}): resumes from its committed offsets, the inbox skips anything already applied",
+                "[projector] restarted (pid {}): resumes where the broker has it (offsets, acks), the inbox skips anything already applied",
                 p.pid()
             );
             procs.projector = Some(p);
@@ -601,12 +754,14 @@ where
         convergence.events_written
     );
     let c = counts(&write, &query, &legacy).await?;
-    let parked: i64 = sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM query.inbox_parked) + (SELECT count(*) FROM legacy.inbox_parked)",
-    )
-    .fetch_one(&query)
-    .await
-    .or_else(|_| Ok::<i64, sqlx::Error>(0))?;
+    // Each model parks in its own database.
+    let query_parked: i64 = sqlx::query_scalar("SELECT count(*) FROM query.inbox_parked")
+        .fetch_one(&query)
+        .await?;
+    let legacy_parked: i64 = sqlx::query_scalar("SELECT count(*) FROM legacy.inbox_parked")
+        .fetch_one(&legacy)
+        .await?;
+    let parked = query_parked + legacy_parked;
     let enabled = accounts
         .iter()
         .filter(|a| a.status == Status::Active)

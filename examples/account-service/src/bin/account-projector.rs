@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use account_service::projector::{LEGACY_GROUP, Projector, ProjectorConfig, QUERY_GROUP};
+use account_service::source::SourceArgs;
 use clap::Parser;
 use outbox_core::MalformedPolicy;
 
@@ -12,10 +13,10 @@ use outbox_core::MalformedPolicy;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
-    bootstrap_servers: String,
-    /// The account events topic.
+    /// The broker and how to reach it.
+    #[command(flatten)]
+    source: SourceArgs,
+    /// The account events topic (NATS subject, RabbitMQ routing key, Redis stream).
     #[arg(long, env = "ACCOUNT_TOPIC", default_value = "outbox.event.account")]
     topic: String,
     /// PostgreSQL URL of the query model's database.
@@ -46,7 +47,7 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = ProjectorConfig::new(
-        args.bootstrap_servers,
+        args.source.source()?,
         args.topic,
         args.query_database_url,
         args.legacy_database_url,
