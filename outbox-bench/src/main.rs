@@ -55,6 +55,9 @@ struct Args {
     /// Run the relay sections only for these sources (repeatable; default both).
     #[arg(long, value_enum, value_name = "SOURCE")]
     source: Vec<Source>,
+    /// Run the sinks section only for these sinks (repeatable; default all).
+    #[arg(long, value_enum, value_name = "SINK")]
+    sink: Vec<sinks::Sink>,
     /// Extra relay setting for every relay process, as its environment variable (repeatable):
     /// `--relay-env OUTBOX_BATCH_SIZE=5000`, `--relay-env OUTBOX_KAFKA__PROPERTIES__LINGER_MS=1`.
     #[arg(long, value_name = "NAME=VALUE", value_parser = parse_relay_env)]
@@ -290,6 +293,7 @@ async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
             } else {
                 sources.iter().map(|s| s.name()).collect()
             },
+            sinks: args.sink.clone(),
             rate: 1000,
             warmup,
             duration,

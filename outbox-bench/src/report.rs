@@ -288,7 +288,8 @@ pub struct SinkRun {
     pub ceiling_seconds: Option<f64>,
     /// Variants of the ceiling that show where a sink's time goes, records/s (Redis:
     /// `append_script`, the sink's dedupe-and-append script per record with the ceiling's
-    /// pipelining; `append_script_one_pipeline`, the same one pipeline at a time).
+    /// pipelining; `append_script_one_pipeline`, the same one pipeline at a time. RabbitMQ:
+    /// `transient`, the ceiling with non-persistent messages).
     pub ceiling_diagnostics: std::collections::BTreeMap<String, f64>,
     /// Polling-source drain through the sink ÷ the ceiling.
     pub drain_to_ceiling: Option<f64>,

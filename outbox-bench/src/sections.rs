@@ -99,7 +99,7 @@ pub async fn ceilings(ctx: &mut Ctx) -> Result<Ceilings> {
     let bootstrap = ctx.bootstrap.clone();
     let t = topic.clone();
     let elapsed =
-        tokio::task::spawn_blocking(move || producer_ceiling(&bootstrap, &t, n)).await??;
+        tokio::task::spawn_blocking(move || producer_ceiling(&bootstrap, &t, n, false)).await??;
     out.producer_events_per_sec = Some(per_sec(n, elapsed));
     out.producer_seconds = Some(elapsed.as_secs_f64());
 

@@ -6,7 +6,7 @@
 //!
 //! | sink | ceiling: what is published and awaited | read back by |
 //! |---|---|---|
-//! | kafka | [`crate::kafka::producer_ceiling`] (the relay's producer settings) | a consumer per partition |
+//! | kafka | [`crate::kafka::producer_ceiling`] (the relay's producer settings; its start-up not counted) | a consumer per partition |
 //! | nats | JetStream publishes with `Nats-Msg-Id`, up to [`WINDOW`] acknowledgements outstanding | an ordered consumer |
 //! | rabbitmq | persistent, `mandatory` publishes on a confirm-mode channel, up to [`WINDOW`] confirms outstanding, routed to a durable queue | `basic.consume` (auto-ack) on that queue |
 //! | redis | `XADD` in pipelines of 1000 (the relay's batch), up to 4 pipelines outstanding | `XREAD BLOCK` |
@@ -56,7 +56,7 @@ const REDIS_PIPELINES_IN_FLIGHT: usize = 4;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A sink of the relay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Sink {
     /// The default: a Kafka-protocol broker.
     Kafka,
@@ -90,6 +90,8 @@ pub struct Plan {
     pub events: u64,
     /// Sources drained (the first is the one the ratio uses).
     pub sources: Vec<&'static str>,
+    /// The sinks measured (all when empty).
+    pub sinks: Vec<Sink>,
     /// Arrival rate of the latency run, events/s.
     pub rate: u64,
     /// Warm-up of the latency run (not measured).
@@ -104,6 +106,9 @@ pub async fn run(ctx: &mut Ctx, plan: &Plan) -> (Vec<SinkRun>, Vec<(String, anyh
     let mut runs = Vec::new();
     let mut failures = Vec::new();
     for sink in Sink::ALL {
+        if !plan.sinks.is_empty() && !plan.sinks.contains(&sink) {
+            continue;
+        }
         let mut run = SinkRun {
             sink: sink.name().to_owned(),
             events: plan.events,
@@ -191,6 +196,19 @@ async fn measure(
             broker.remove(&dest).await?;
             created.pop();
         }
+    }
+
+    if sink == Sink::Rabbitmq {
+        // Diagnostic: what persisting costs the broker (the sink always publishes persistent).
+        let dest = Destination::new(sink, "transient");
+        created.push(dest.clone());
+        broker.prepare(&dest).await?;
+        let elapsed = broker.rabbitmq_ceiling(&dest, n, false).await?;
+        let rate = n as f64 / elapsed.as_secs_f64().max(1e-9);
+        eprintln!("bench: sinks: rabbitmq ceiling, transient: {rate:.0} records/s");
+        run.ceiling_diagnostics.insert("transient".to_owned(), rate);
+        broker.remove(&dest).await?;
+        created.pop();
     }
 
     for &source in &plan.sources {
@@ -540,10 +558,11 @@ impl Broker {
         match self.sink {
             Sink::Kafka => {
                 let (bootstrap, topic) = (self.bootstrap.clone(), dest.name.clone());
-                tokio::task::spawn_blocking(move || producer_ceiling(&bootstrap, &topic, n)).await?
+                tokio::task::spawn_blocking(move || producer_ceiling(&bootstrap, &topic, n, true))
+                    .await?
             }
             Sink::Nats => self.nats_ceiling(dest, n).await,
-            Sink::Rabbitmq => self.rabbitmq_ceiling(dest, n).await,
+            Sink::Rabbitmq => self.rabbitmq_ceiling(dest, n, true).await,
             Sink::Redis => {
                 self.redis_ceiling(dest, n, false, REDIS_PIPELINES_IN_FLIGHT)
                     .await
@@ -588,7 +607,12 @@ impl Broker {
 
     /// Persistent, `mandatory` publishes with the sink's properties and headers on a channel in
     /// confirm mode, each confirmed (`basic.ack`, not returned); at most [`WINDOW`] outstanding.
-    async fn rabbitmq_ceiling(&self, dest: &Destination, n: u64) -> Result<Duration> {
+    async fn rabbitmq_ceiling(
+        &self,
+        dest: &Destination,
+        n: u64,
+        persistent: bool,
+    ) -> Result<Duration> {
         let connection = self.amqp().await?;
         let channel = connection.create_channel().await?;
         channel
@@ -622,7 +646,7 @@ impl Broker {
                 AMQPValue::LongString(LongString::from(r.key.as_bytes())),
             );
             let properties = BasicProperties::default()
-                .with_delivery_mode(2)
+                .with_delivery_mode(if persistent { 2 } else { 1 })
                 .with_app_id("outbox-relay".into())
                 .with_content_type("application/json".into())
                 .with_message_id(r.id.as_str().into())
