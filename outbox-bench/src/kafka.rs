@@ -43,8 +43,11 @@ impl ProducerContext for Counting {
 
 /// The raw producer ceiling: `n` records shaped like the relay's (200-byte value, key over 1k
 /// aggregates, the relay's id/CloudEvents headers), produced with the relay's producer settings;
-/// returns the time from the first send to the last acknowledgement.
-pub fn producer_ceiling(bootstrap: &str, topic: &str, n: u64) -> Result<Duration> {
+/// returns the time from the first send to the last acknowledgement. With `warm_up`, one more
+/// record is produced and acknowledged before the clock starts, so the producer's start-up (its
+/// idempotent producer id, the partitions' leaders) is not counted: at a small `n` it would be
+/// most of the time.
+pub fn producer_ceiling(bootstrap: &str, topic: &str, n: u64, warm_up: bool) -> Result<Duration> {
     let mut settings = outbox_relay::RelayConfig::default().kafka;
     settings.bootstrap_servers = bootstrap.to_owned();
     let config = settings.client_config()?;
@@ -57,6 +60,16 @@ pub fn producer_ceiling(bootstrap: &str, topic: &str, n: u64) -> Result<Duration
     let time = chrono::Utc::now()
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
         .into_bytes();
+    if warm_up {
+        producer
+            .send(BaseRecord::to(topic).key("warm-up").payload(&payload))
+            .map_err(|(e, _)| e)
+            .context("producer ceiling: warm-up send")?;
+        producer
+            .flush(Duration::from_secs(30))
+            .context("producer ceiling: warm-up flush")?;
+    }
+    let warm = u64::from(warm_up);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(120);
     for i in 0..n {
@@ -101,7 +114,7 @@ pub fn producer_ceiling(bootstrap: &str, topic: &str, n: u64) -> Result<Duration
     let elapsed = started.elapsed();
     let failed = producer.context().failed.load(Ordering::Relaxed);
     let delivered = producer.context().delivered.load(Ordering::Relaxed);
-    if failed > 0 || delivered != n {
+    if failed > 0 || delivered != n + warm {
         bail!("producer ceiling: {delivered} delivered, {failed} failed of {n}");
     }
     Ok(elapsed)

@@ -1,7 +1,8 @@
 //! `outbox-bench`: measures, in one run and side by side, the machine's ceilings (raw producer,
 //! raw source reads), the relay's backlog drain per source, commit → Kafka latency at fixed
 //! arrival rates, the write-path cost of the outbox in a business transaction, the relay's CPU
-//! and memory, and how drain and write-path figures scale with the backlog and the writers.
+//! and memory, how drain and write-path figures scale with the backlog and the writers, and
+//! each sink (Kafka, NATS, RabbitMQ, Redis) against its own broker's raw client.
 //!
 //! ```text
 //! cargo run --release --bin outbox-bench -- [--quick] [--json FILE] [--events N] [--only SECTION]
@@ -10,8 +11,10 @@
 //!
 //! PostgreSQL and the broker come from `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS`; when either
 //! is unset, private ones are started with `scripts/services.sh` in `.services/bench` and stopped
-//! at the end. Every section works in its own database and topics, all dropped afterwards. The
-//! relay runs as a separate `outbox-relay` process of the same build profile. See BENCHMARKS.md.
+//! at the end. The other sinks' brokers come from `NATS_URL`, `REDIS_URL` and `AMQP_URL` (or
+//! what the script found), else the standard loopback ports. Every section works in its own
+//! database and topics, all dropped afterwards. The relay runs as a separate `outbox-relay`
+//! process of the same build profile. See BENCHMARKS.md.
 
 mod db;
 mod kafka;
@@ -19,6 +22,7 @@ mod relay;
 mod report;
 mod sections;
 mod services;
+mod sinks;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -51,6 +55,9 @@ struct Args {
     /// Run the relay sections only for these sources (repeatable; default both).
     #[arg(long, value_enum, value_name = "SOURCE")]
     source: Vec<Source>,
+    /// Run the sinks section only for these sinks (repeatable; default all).
+    #[arg(long, value_enum, value_name = "SINK")]
+    sink: Vec<sinks::Sink>,
     /// Extra relay setting for every relay process, as its environment variable (repeatable):
     /// `--relay-env OUTBOX_BATCH_SIZE=5000`, `--relay-env OUTBOX_KAFKA__PROPERTIES__LINGER_MS=1`.
     #[arg(long, value_name = "NAME=VALUE", value_parser = parse_relay_env)]
@@ -87,6 +94,10 @@ enum Section {
     /// The scale curve: drains at 10k, 100k and 1M backlog events (quick: 10k and 100k), the
     /// write path at 1, 8 and 32 writers.
     Scale,
+    /// Per sink (kafka, nats, rabbitmq, redis): the raw client's ceiling, the relay's drain
+    /// through the sink and its ratio to that ceiling, latency at 1k events/s (quick: 20k
+    /// events per sink; full: 100k). A sink whose broker does not answer is skipped.
+    Sinks,
 }
 
 /// A relay source.
@@ -143,6 +154,7 @@ fn main() -> ExitCode {
             .unwrap_or(if args.quick { 50_000 } else { 200_000 }),
         quick: args.quick,
         relay_extra: args.relay_env.clone(),
+        brokers: services.brokers.clone(),
     };
     let code = runtime.block_on(async {
         let outcome = tokio::select! {
@@ -265,6 +277,31 @@ async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
         match sections::scale(ctx, &names, backlogs, &[1, 8, 32], secs, rounds).await {
             Ok(s) => report.scale = Some(s),
             Err(e) => record("scale", e),
+        }
+    }
+    if wants(Section::Sinks) {
+        let (warmup, duration) = if ctx.quick {
+            (Duration::from_secs(1), Duration::from_secs(3))
+        } else {
+            (Duration::from_secs(2), Duration::from_secs(10))
+        };
+        let plan = sinks::Plan {
+            events: if ctx.quick { 20_000 } else { 100_000 },
+            // The polling source always (the ratio's drain); the logical one too in a full run.
+            sources: if ctx.quick {
+                vec!["polling"]
+            } else {
+                sources.iter().map(|s| s.name()).collect()
+            },
+            sinks: args.sink.clone(),
+            rate: 1000,
+            warmup,
+            duration,
+        };
+        let (runs, failed) = sinks::run(ctx, &plan).await;
+        report.sinks = runs;
+        for (what, e) in failed {
+            record(&what, e);
         }
     }
     report.duration_seconds = started.elapsed().as_secs_f64();

@@ -267,6 +267,52 @@ pub struct ScaleWritePoint {
     pub outbox_us_per_event: f64,
 }
 
+/// One sink of the `sinks` section: its broker's raw client ceiling, the relay's drain through it
+/// and latency at a fixed rate, all in the same run.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct SinkRun {
+    /// `kafka`, `nats`, `rabbitmq` or `redis`.
+    pub sink: String,
+    /// Why the sink was not measured (its broker did not answer).
+    pub skipped: Option<String>,
+    /// Why a measurement failed (the broker answered).
+    pub error: Option<String>,
+    /// Broker settings that decide what an acknowledgement means (Redis: `appendonly`,
+    /// `appendfsync`).
+    pub broker: std::collections::BTreeMap<String, String>,
+    /// Records of the ceiling and backlog of each drain.
+    pub events: u64,
+    /// The broker's own client publishing relay-shaped records with the sink's durability.
+    pub ceiling_events_per_sec: Option<f64>,
+    /// Ceiling run time.
+    pub ceiling_seconds: Option<f64>,
+    /// Variants of the ceiling that show where a sink's time goes, records/s (Redis:
+    /// `append_script`, the sink's dedupe-and-append script per record with the ceiling's
+    /// pipelining; `append_script_one_pipeline`, the same one pipeline at a time. RabbitMQ:
+    /// `transient`, the ceiling with non-persistent messages).
+    pub ceiling_diagnostics: std::collections::BTreeMap<String, f64>,
+    /// Polling-source drain through the sink ÷ the ceiling.
+    pub drain_to_ceiling: Option<f64>,
+    /// Relay CPU per event during the polling drain, microseconds.
+    pub relay_cpu_us_per_event: Option<f64>,
+    /// The drains (polling first; logical too in a full run).
+    pub drain_runs: Vec<DrainRun>,
+    /// Latency at a fixed rate through the sink (polling source).
+    pub latency: Option<LatencyRun>,
+}
+
+impl SinkRun {
+    /// Fills the ratio and CPU figures from the polling drain.
+    fn summarise(&mut self) {
+        if let Some(d) = self.drain_runs.iter().find(|d| d.source == "polling") {
+            self.drain_to_ceiling = self
+                .ceiling_events_per_sec
+                .map(|c| d.events_per_sec / c.max(1e-9));
+            self.relay_cpu_us_per_event = Some(d.relay_cpu_seconds * 1e6 / d.events.max(1) as f64);
+        }
+    }
+}
+
 /// Everything a run measured.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Report {
@@ -301,6 +347,8 @@ pub struct Report {
     /// The scale curve: drains at 10k, 100k and 1M (quick: 10k and 100k) backlog events, the
     /// write path at 1, 8 and 32 writers.
     pub scale: Option<Scale>,
+    /// The `sinks` section: per sink, the raw client ceiling, the drain and its ratio, latency.
+    pub sinks: Vec<SinkRun>,
     /// The machine.
     pub machine: Machine,
     /// Wall time of the whole run.
@@ -441,6 +489,9 @@ impl Report {
         if let Some(scale) = &mut self.scale {
             scale.summarise();
         }
+        for run in &mut self.sinks {
+            run.summarise();
+        }
         self.relay_peak_rss_bytes = self
             .drain_runs
             .iter()
@@ -451,6 +502,12 @@ impl Report {
                     .iter()
                     .flat_map(|s| s.drain.iter().map(|d| d.relay_peak_rss_bytes)),
             )
+            .chain(self.sinks.iter().flat_map(|s| {
+                s.drain_runs
+                    .iter()
+                    .map(|d| d.relay_peak_rss_bytes)
+                    .chain(s.latency.iter().map(|l| l.relay_peak_rss_bytes))
+            }))
             .max();
     }
 
@@ -695,6 +752,10 @@ impl Report {
             self.duration_seconds,
         );
         out.push_str(&t.render());
+        if !self.sinks.is_empty() {
+            out.push('\n');
+            out.push_str(&sinks_table(&self.sinks));
+        }
         out
     }
 }
@@ -838,6 +899,127 @@ fn scale_rows(t: &mut Table, scale: &Scale) {
             "",
         );
     }
+}
+
+/// The sinks' own table: per sink and drain source, the raw client ceiling, the drain, their
+/// ratio, relay CPU per event and peak RSS, and latency; then why a sink was skipped or failed.
+fn sinks_table(runs: &[SinkRun]) -> String {
+    let header = [
+        "sink",
+        "source",
+        "ceiling ev/s",
+        "drain ev/s",
+        "drain/ceiling",
+        "CPU µs/ev",
+        "peak RSS",
+        "latency p50 / p99",
+    ]
+    .map(str::to_owned);
+    let mut rows: Vec<[String; 8]> = vec![header];
+    let mut notes = Vec::new();
+    for run in runs {
+        let sink = &run.sink;
+        if let Some(why) = &run.skipped {
+            notes.push(format!("{sink}: skipped: {why}"));
+            continue;
+        }
+        let latency = run
+            .latency
+            .as_ref()
+            .map(|l| {
+                format!(
+                    "{} / {} ms @ {:.0}/s",
+                    ms(l.commit_to_consumer_ms.p50),
+                    ms(l.commit_to_consumer_ms.p99),
+                    l.achieved_rate
+                )
+            })
+            .unwrap_or_else(|| "-".into());
+        if run.drain_runs.is_empty() {
+            rows.push([
+                sink.clone(),
+                "-".into(),
+                run.ceiling_events_per_sec
+                    .map(thousands)
+                    .unwrap_or_else(|| "-".into()),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                latency.clone(),
+            ]);
+        }
+        for (i, d) in run.drain_runs.iter().enumerate() {
+            let ratio = run
+                .ceiling_events_per_sec
+                .map(|c| format!("{:.2}×", d.events_per_sec / c.max(1e-9)))
+                .unwrap_or_else(|| "-".into());
+            rows.push([
+                sink.clone(),
+                d.source.clone(),
+                run.ceiling_events_per_sec
+                    .map(thousands)
+                    .unwrap_or_else(|| "-".into()),
+                thousands(d.events_per_sec),
+                ratio,
+                format!("{:.1}", d.relay_cpu_seconds * 1e6 / d.events.max(1) as f64),
+                format!("{:.1} MB", d.relay_peak_rss_bytes as f64 / 1048576.0),
+                if i == 0 {
+                    latency.clone()
+                } else {
+                    String::new()
+                },
+            ]);
+        }
+        for (name, v) in &run.ceiling_diagnostics {
+            let ratio = run
+                .drain_runs
+                .first()
+                .map(|d| format!(" (drain {:.2}× this)", d.events_per_sec / v.max(1e-9)))
+                .unwrap_or_default();
+            notes.push(format!(
+                "{sink}: ceiling variant {name}: {} ev/s{ratio}",
+                thousands(*v)
+            ));
+        }
+        if !run.broker.is_empty() {
+            let settings: Vec<String> =
+                run.broker.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            notes.push(format!("{sink}: {}", settings.join(", ")));
+        }
+        if let Some(e) = &run.error {
+            notes.push(format!(
+                "{sink}: FAILED: {}",
+                e.lines().next().unwrap_or_default()
+            ));
+        }
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    let events = runs.iter().map(|r| r.events).max().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "sinks: {} records per ceiling and drain; latency through the polling source",
+        thousands(events as f64)
+    );
+    for (n, r) in rows.iter().enumerate() {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+        if n == 0 {
+            let total: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+            let _ = writeln!(out, "{}", "-".repeat(total));
+        }
+    }
+    for note in notes {
+        let _ = writeln!(out, "  {note}");
+    }
+    out
 }
 
 fn verdict(ok: bool) -> String {

@@ -16,6 +16,7 @@ use crate::report::{
     AdminLoadRun, BatchWriteRun, Ceilings, DrainRun, LatencyRun, Percentiles, Scale,
     ScaleDrainPoint, ScaleWritePoint, WriteRun,
 };
+use crate::sinks::Reader;
 
 /// What every section needs.
 pub struct Ctx {
@@ -37,6 +38,8 @@ pub struct Ctx {
     pub quick: bool,
     /// Extra `OUTBOX_*` variables for every relay process (`--relay-env`).
     pub relay_extra: Vec<(String, String)>,
+    /// The NATS, Redis and RabbitMQ servers of the `sinks` section.
+    pub brokers: crate::services::BrokerUrls,
 }
 
 impl Ctx {
@@ -96,7 +99,7 @@ pub async fn ceilings(ctx: &mut Ctx) -> Result<Ceilings> {
     let bootstrap = ctx.bootstrap.clone();
     let t = topic.clone();
     let elapsed =
-        tokio::task::spawn_blocking(move || producer_ceiling(&bootstrap, &t, n)).await??;
+        tokio::task::spawn_blocking(move || producer_ceiling(&bootstrap, &t, n, false)).await??;
     out.producer_events_per_sec = Some(per_sec(n, elapsed));
     out.producer_seconds = Some(elapsed.as_secs_f64());
 
@@ -208,16 +211,31 @@ async fn drain_backlog(
     write_mode: WriteMode,
     n: u64,
 ) -> Result<DrainRun> {
+    let topic = unique(&format!("bench_drain_{source}"));
+    create_topic(&ctx.bootstrap, &topic).await?;
+    drain_into(ctx, source, write_mode, n, &topic, &[], "").await
+}
+
+/// [`drain_backlog`] into `topic` (which must exist on the sink), the relay started with
+/// `sink_env` added (`OUTBOX_SINK` and its settings; none: Kafka); `label` prefixes the progress
+/// lines (`nats: `).
+pub async fn drain_into(
+    ctx: &mut Ctx,
+    source: &str,
+    write_mode: WriteMode,
+    n: u64,
+    topic: &str,
+    sink_env: &[(String, String)],
+    label: &str,
+) -> Result<DrainRun> {
     let bin = ctx.relay_bin()?;
     let label = match write_mode {
-        WriteMode::Table => source.to_owned(),
-        other => format!("{source}, {other}"),
+        WriteMode::Table => format!("{label}{source}"),
+        other => format!("{label}{source}, {other}"),
     };
     let source_label = label.as_str();
     eprintln!("bench: drain ({source_label}): filling {n} events");
     let db = BenchDb::create(&ctx.admin_url, &format!("drain_{source}"), &ctx.registry).await?;
-    let topic = unique(&format!("bench_drain_{source}"));
-    create_topic(&ctx.bootstrap, &topic).await?;
     let slot = unique("bench_slot");
     if source == "logical" {
         // The slot must exist before the rows, or the relay would re-publish them from the table.
@@ -230,11 +248,12 @@ async fn drain_backlog(
         "bench: drain ({source_label}): filled in {:.2} s; starting the relay",
         fill.as_secs_f64()
     );
-    let mut env = ctx.relay_env(&db, source, &topic, &slot);
+    let mut env = ctx.relay_env(&db, source, topic, &slot);
     env.push((
         "OUTBOX_WRITE_MODE".to_owned(),
         write_mode.as_str().to_owned(),
     ));
+    env.extend(sink_env.iter().cloned());
     let mut relay = RelayProcess::start(&bin, &env).await?;
     eprintln!("bench: drain ({source_label}): relay pid {}", relay.pid());
     let cpu0 = relay.cpu()?;
@@ -314,15 +333,46 @@ pub async fn latency(
     warmup: Duration,
     duration: Duration,
 ) -> Result<LatencyRun> {
+    let topic = unique(&format!("bench_latency_{source}"));
+    create_topic(&ctx.bootstrap, &topic).await?;
+    let limit = reader_limit(rate, warmup, duration);
+    let bootstrap = ctx.bootstrap.clone();
+    let t = topic.clone();
+    let reader = async move {
+        Ok(Reader::Kafka(LatencyConsumer::start(
+            &bootstrap, &t, limit,
+        )?))
+    };
+    latency_through(ctx, source, rate, warmup, duration, &topic, &[], "", reader).await
+}
+
+/// How many records a latency reader keeps at most: twice what the run writes.
+pub fn reader_limit(rate: u64, warmup: Duration, duration: Duration) -> usize {
+    ((rate * (warmup + duration).as_secs() + rate) * 2) as usize
+}
+
+/// [`latency`] through `topic` (which must exist on the sink), the relay started with
+/// `sink_env` added; `reader` starts the consumer once the relay runs; `label` prefixes the
+/// progress lines.
+#[allow(clippy::too_many_arguments)]
+pub async fn latency_through(
+    ctx: &mut Ctx,
+    source: &str,
+    rate: u64,
+    warmup: Duration,
+    duration: Duration,
+    topic: &str,
+    sink_env: &[(String, String)],
+    label: &str,
+    reader: impl std::future::Future<Output = Result<Reader>>,
+) -> Result<LatencyRun> {
     let bin = ctx.relay_bin()?;
     eprintln!(
-        "bench: latency ({source}, {rate}/s): {:.0} s warm-up + {:.0} s",
+        "bench: latency ({label}{source}, {rate}/s): {:.0} s warm-up + {:.0} s",
         warmup.as_secs_f64(),
         duration.as_secs_f64()
     );
     let db = BenchDb::create(&ctx.admin_url, &format!("latency_{source}"), &ctx.registry).await?;
-    let topic = unique(&format!("bench_latency_{source}"));
-    create_topic(&ctx.bootstrap, &topic).await?;
     let slot = unique("bench_slot");
     // No NOTIFY trigger (the migrations install none): the polling relay finds the rows by its
     // adaptive polling, the logical source by the replication stream.
@@ -330,9 +380,10 @@ pub async fn latency(
     if source == "logical" {
         db.create_slot(&slot, &slot).await?;
     }
-    let mut relay = RelayProcess::start(&bin, &ctx.relay_env(&db, source, &topic, &slot)).await?;
-    let expected = rate * (warmup + duration).as_secs() + rate;
-    let consumer = LatencyConsumer::start(&ctx.bootstrap, &topic, (expected * 2) as usize)?;
+    let mut env = ctx.relay_env(&db, source, topic, &slot);
+    env.extend(sink_env.iter().cloned());
+    let mut relay = RelayProcess::start(&bin, &env).await?;
+    let consumer = reader.await?;
     // Let the consumer connect and the relay open its source.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -404,7 +455,7 @@ pub async fn latency(
     let peak = relay.peak_rss()?;
     let published = m1.get("outbox_relay_events_published_total") - published0;
     let received = consumer.received();
-    let seen = consumer.finish()?;
+    let seen = consumer.finish().await?;
     relay.stop().await?;
     db.drop().await?;
 
@@ -454,11 +505,11 @@ pub async fn latency(
     };
     if received < total {
         eprintln!(
-            "bench: warning: latency ({source}, {rate}/s): {received} of {total} events arrived"
+            "bench: warning: latency ({label}{source}, {rate}/s): {received} of {total} events arrived"
         );
     }
     eprintln!(
-        "bench: latency ({source}, {rate}/s): achieved {:.0}/s, p50 {} p99 {} p99.9 {} ms",
+        "bench: latency ({label}{source}, {rate}/s): achieved {:.0}/s, p50 {} p99 {} p99.9 {} ms",
         run.achieved_rate,
         fmt_opt(run.commit_to_consumer_ms.p50),
         fmt_opt(run.commit_to_consumer_ms.p99),

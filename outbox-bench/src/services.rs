@@ -1,4 +1,4 @@
-//! PostgreSQL and the broker: taken from the environment, or started privately with
+//! PostgreSQL and the brokers: taken from the environment, or started privately with
 //! `scripts/services.sh` in `<repo>/.services/bench` and stopped again at the end.
 
 use std::path::{Path, PathBuf};
@@ -15,6 +15,8 @@ pub struct Services {
     pub bootstrap: String,
     /// Directory of the PostgreSQL client binaries (`pg_recvlogical`), when known.
     pub pg_bin: Option<PathBuf>,
+    /// The other sinks' brokers (the `sinks` section).
+    pub brokers: BrokerUrls,
     /// The repository root (for `scripts/services.sh`).
     repo: PathBuf,
     /// `SERVICES_DIR` of the services this process started, if it started them.
@@ -36,6 +38,7 @@ impl Services {
                 pg_bin: env("SERVICES_PG_BIN")
                     .map(PathBuf::from)
                     .or_else(find_pg_bin),
+                brokers: BrokerUrls::from_lookup(env),
                 repo: repo.to_owned(),
                 owned: None,
             });
@@ -49,6 +52,7 @@ impl Services {
             admin_url: String::new(),
             bootstrap: String::new(),
             pg_bin: None,
+            brokers: BrokerUrls::default(),
             repo: repo.to_owned(),
             // Owned from here on: a failed start is still torn down.
             owned: Some(script.dir().to_owned()),
@@ -62,6 +66,10 @@ impl Services {
         services.admin_url = get("DATABASE_URL")?;
         services.bootstrap = get("KAFKA_BOOTSTRAP_SERVERS")?;
         services.pg_bin = get("SERVICES_PG_BIN").ok().map(PathBuf::from);
+        // The environment first (as for the tests), then what the script found or started.
+        services.brokers = BrokerUrls::from_lookup(|k| {
+            env(k).or_else(|| vars.get(k).filter(|v| !v.is_empty()).cloned())
+        });
         Ok(services)
     }
 
@@ -81,6 +89,36 @@ impl Services {
                     dir.display()
                 );
             }
+        }
+    }
+}
+
+/// Where the NATS, Redis and RabbitMQ servers of the `sinks` section are.
+#[derive(Debug, Clone)]
+pub struct BrokerUrls {
+    /// `NATS_URL`, else `nats://127.0.0.1:4222`.
+    pub nats: String,
+    /// `REDIS_URL`, else `redis://127.0.0.1:6379`.
+    pub redis: String,
+    /// `AMQP_URL`, else `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub amqp: String,
+}
+
+impl Default for BrokerUrls {
+    fn default() -> Self {
+        Self::from_lookup(|_| None)
+    }
+}
+
+impl BrokerUrls {
+    /// The URLs `lookup` gives for `NATS_URL`, `REDIS_URL` and `AMQP_URL`, the standard loopback
+    /// ports for those it does not.
+    fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        Self {
+            nats: lookup("NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned()),
+            redis: lookup("REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned()),
+            amqp: lookup("AMQP_URL")
+                .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
         }
     }
 }
