@@ -144,6 +144,8 @@ enum Check {
     NotParked,
     /// A deposed leader produced records after it was resumed ([`scenario::ZOMBIE_PRODUCE`]).
     ZombieProduce,
+    /// Duplicates where the scenario allows none (a sink whose broker drops re-sent ids).
+    Duplicates,
 }
 
 const MUTANTS: &[Mutant] = &[
@@ -197,6 +199,24 @@ const MUTANTS: &[Mutant] = &[
         behaviour: "retry_failed_only",
         tries: &[("broker-error-in-flight", SourceMode::Polling)],
         check: Check::Inversions,
+    },
+    Mutant {
+        name: "dedupe_off_nats",
+        behaviour: sinks::DEDUPE_OFF,
+        tries: &[
+            ("nats-connection-cut", SourceMode::Polling),
+            ("nats-broker-killed", SourceMode::Polling),
+        ],
+        check: Check::Duplicates,
+    },
+    Mutant {
+        name: "dedupe_off_redis",
+        behaviour: sinks::DEDUPE_OFF,
+        tries: &[
+            ("redis-broker-killed", SourceMode::Polling),
+            ("redis-connection-cut", SourceMode::Polling),
+        ],
+        check: Check::Duplicates,
     },
     Mutant {
         name: "park_without_blocking_nats",
@@ -499,6 +519,10 @@ async fn mutant_run(
                         Check::Lost => v.lost > 0,
                         Check::Phantom => v.phantom > 0,
                         Check::Inversions => v.inversions > 0,
+                        Check::Duplicates => r
+                            .failures
+                            .iter()
+                            .any(|f| f.contains("where none are allowed")),
                         Check::NotParked => r
                             .failures
                             .iter()

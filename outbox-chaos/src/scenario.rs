@@ -738,7 +738,8 @@ impl<'a> Run<'a> {
         let mut broker = None;
         let bootstrap = if scenario.sink != Sink::Kafka {
             let forwarder = scenario.fault == Fault::SinkCut && scenario.sink != Sink::Redis;
-            broker = Some(Broker::start(scenario.sink, &topic, forwarder).await?);
+            let dedupe_off = mutant == Some(sinks::DEDUPE_OFF);
+            broker = Some(Broker::start(scenario.sink, &topic, forwarder, dedupe_off, tag).await?);
             env.tansu.clone()
         } else if scenario.mock() {
             let mut m = MockBroker::start().await?;
@@ -778,7 +779,7 @@ impl<'a> Run<'a> {
                     .unwrap_or_else(|_| "info,sqlx=warn,rdkafka=warn".into()),
             ),
         ];
-        if let Some(m) = mutant {
+        if let Some(m) = mutant.filter(|m| *m != sinks::DEDUPE_OFF) {
             base_env.push(kv("OUTBOX_MUTANT", m));
         }
         if let Some(b) = &broker {
@@ -1096,12 +1097,26 @@ impl<'a> Run<'a> {
                     let g = self.gap(250, 800);
                     pause(g).await;
                     self.mark();
-                    let n = self
-                        .broker
-                        .as_ref()
-                        .context("private broker")?
-                        .cut()
+                    // Every other cut, for NATS and RabbitMQ: first the broker's
+                    // acknowledgements are swallowed while events are published (the broker
+                    // stores them, the relay never hears of it), then the connection closes:
+                    // everything in flight is re-sent.
+                    let broker = self.broker.as_ref().context("private broker")?;
+                    if self.result.faults % 2 == 1 && broker.swallow_acks() {
+                        workload::huge_tx(
+                            &self.db,
+                            self.scenario.write_mode,
+                            &self.aggregate_type,
+                            &format!("unacknowledged-{}", self.result.faults),
+                            25,
+                            true,
+                            &self.book,
+                        )
                         .await?;
+                        pause(500).await;
+                    }
+                    let broker = self.broker.as_ref().context("private broker")?;
+                    let n = broker.cut().await?;
                     if n > 0 {
                         self.result.faults += 1;
                         self.recovered().await?;

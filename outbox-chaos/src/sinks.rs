@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,12 @@ pub const RABBITMQ_MAX_MESSAGE: usize = 256 * 1024;
 /// The private Redis server's `proto-max-bulk-len` (its minimum); the relay's own
 /// `max_record_bytes` is raised above it, so the server's limit is what refuses.
 pub const REDIS_MAX_BULK: usize = 1024 * 1024;
+
+/// A harness-side mutant (not a relay build): the broker forgets which event ids it has
+/// stored — the NATS stream's duplicate window is 100 ms (its minimum), the relay's Redis dedupe keys are
+/// deleted as they appear — so re-sent records are stored again. The duplicate check of the
+/// NATS and Redis scenarios (none allowed) must catch it.
+pub const DEDUPE_OFF: &str = "broker_dedupe_off";
 
 /// The exchange the relay publishes to (its default `rabbitmq.exchange`).
 const EXCHANGE: &str = "outbox";
@@ -377,7 +383,32 @@ struct Forwarder {
     port: u16,
     cut: tokio::sync::watch::Sender<u64>,
     open: Arc<AtomicUsize>,
+    /// While set, what the server sends is read and thrown away (acknowledgements and confirms
+    /// never reach the relay); [`Forwarder::cut`] clears it.
+    swallow: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Copies `from` to `to` until either side closes; while `swallow` is set the bytes are dropped.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    swallow: Option<Arc<AtomicBool>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if swallow.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Forwarder {
@@ -386,23 +417,28 @@ impl Forwarder {
         let port = listener.local_addr()?.port();
         let (cut, watch) = tokio::sync::watch::channel(0u64);
         let open = Arc::new(AtomicUsize::new(0));
-        let counter = open.clone();
+        let swallow = Arc::new(AtomicBool::new(false));
+        let (counter, muted) = (open.clone(), swallow.clone());
         let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 let mut watch = watch.clone();
                 watch.mark_unchanged();
                 let counter = counter.clone();
+                let muted = muted.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    let Ok(outbound) = TcpStream::connect(("127.0.0.1", upstream)).await else {
                         return;
                     };
                     counter.fetch_add(1, Ordering::SeqCst);
+                    let (client_read, client_write) = inbound.into_split();
+                    let (server_read, server_write) = outbound.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = pipe(client_read, server_write, None) => {}
+                        _ = pipe(server_read, client_write, Some(muted)) => {}
                         _ = watch.changed() => {}
                     }
                     counter.fetch_sub(1, Ordering::SeqCst);
-                    // Both sockets dropped here: closed under the relay.
+                    // All four halves dropped here: both sockets closed under the relay.
                 });
             }
         });
@@ -410,6 +446,7 @@ impl Forwarder {
             port,
             cut,
             open,
+            swallow,
             task,
         })
     }
@@ -418,6 +455,7 @@ impl Forwarder {
     fn cut(&self) -> usize {
         let n = self.open.load(Ordering::SeqCst);
         self.cut.send_modify(|g| *g += 1);
+        self.swallow.store(false, Ordering::SeqCst);
         n
     }
 }
@@ -447,14 +485,33 @@ pub struct Broker {
     server: Option<Server>,
     forwarder: Option<Forwarder>,
     destination: String,
+    /// [`DEDUPE_OFF`]: the stream's duplicate window is 100 ms (its minimum), or this task deletes the
+    /// relay's Redis dedupe keys.
+    dedupe_off: bool,
+    forgetter: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(t) = self.forgetter.take() {
+            t.abort();
+        }
+    }
 }
 
 impl Broker {
     /// Starts (or, for RabbitMQ, reuses) the private broker for `sink` and prepares
     /// `destination`: a NATS stream capturing it with [`NATS_STREAM_MAX_MSG`], a durable
     /// RabbitMQ queue bound to the relay's exchange for it, nothing for Redis. With
-    /// `forwarder`, the relay connects through a [`Forwarder`] (NATS, RabbitMQ).
-    pub async fn start(sink: Sink, destination: &str, forwarder: bool) -> Result<Self> {
+    /// `forwarder`, the relay connects through a [`Forwarder`] (NATS, RabbitMQ). With
+    /// `dedupe_off`, the [`DEDUPE_OFF`] mutant (the relay's dedupe keys are `chaos:<tag>:*`).
+    pub async fn start(
+        sink: Sink,
+        destination: &str,
+        forwarder: bool,
+        dedupe_off: bool,
+        tag: &str,
+    ) -> Result<Self> {
         let server = match sink {
             Sink::Nats | Sink::Redis => Some(Server::start(sink).await?),
             Sink::Rabbitmq => {
@@ -479,11 +536,19 @@ impl Broker {
             server,
             forwarder: None,
             destination: destination.to_owned(),
+            dedupe_off,
+            forgetter: None,
         };
         if forwarder {
             b.forwarder = Some(Forwarder::start(b.server_port().await?).await?);
         }
         b.prepare().await?;
+        if dedupe_off && sink == Sink::Redis {
+            b.forgetter = Some(tokio::spawn(forget_dedupe_keys(
+                b.direct_url().await?,
+                format!("chaos:{tag}:*"),
+            )));
+        }
         Ok(b)
     }
 
@@ -559,7 +624,11 @@ impl Broker {
                     name: nats_stream_name(&self.destination),
                     subjects: vec![self.destination.clone()],
                     storage: async_nats::jetstream::stream::StorageType::File,
-                    duplicate_window: Duration::from_secs(120),
+                    duplicate_window: if self.dedupe_off {
+                        Duration::from_millis(100)
+                    } else {
+                        Duration::from_secs(120)
+                    },
                     max_message_size: NATS_STREAM_MAX_MSG,
                     ..Default::default()
                 })
@@ -626,6 +695,19 @@ impl Broker {
                 Some(n) => n.run().await,
                 None => bail!("the private RabbitMQ node is gone"),
             },
+        }
+    }
+
+    /// From now until the next [`Broker::cut`], what the server sends through the forwarder is
+    /// thrown away: the broker stores what the relay publishes, but its acknowledgements never
+    /// arrive (a half-dead connection). `false` without a forwarder (Redis).
+    pub fn swallow_acks(&self) -> bool {
+        match &self.forwarder {
+            Some(f) => {
+                f.swallow.store(true, Ordering::SeqCst);
+                true
+            }
+            None => false,
         }
     }
 
@@ -849,6 +931,28 @@ impl Broker {
             }
             let _ = conn.close(200, "cleanup".into()).await;
         }
+    }
+}
+
+/// The Redis half of [`DEDUPE_OFF`]: deletes the keys matching `pattern` every 10 ms, through
+/// server restarts, until aborted.
+async fn forget_dedupe_keys(url: String, pattern: String) {
+    let script = redis::Script::new(
+        "local n = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
+         redis.call('DEL', k) n = n + 1 end return n",
+    );
+    loop {
+        if let Ok(mut conn) = redis_connect(&url).await {
+            while script
+                .arg(&pattern)
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .is_ok()
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
