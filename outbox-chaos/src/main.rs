@@ -270,6 +270,16 @@ fn main() -> Result<()> {
         }
         None => {}
     }
+    // A panic of the session itself (on the main thread: a failed write to stderr panics) ends
+    // the process without unwinding: private brokers must not outlive it. (A task's panic on a
+    // worker thread is reported by its join handle and the session goes on.)
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() == Some("main") {
+            sinks::kill_leftovers();
+        }
+        default_hook(info);
+    }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()

@@ -1120,6 +1120,10 @@ impl<'a> Run<'a> {
                     if n > 0 {
                         self.result.faults += 1;
                         self.recovered().await?;
+                    } else {
+                        // No connection to cut (the relay was between two): no fault either.
+                        self.republished_at_marks.pop();
+                        self.since_slot_save.pop();
                     }
                 }
                 if self.result.faults < faults {

@@ -134,6 +134,37 @@ pub fn server_binary(sink: Sink) -> std::result::Result<PathBuf, String> {
         })
 }
 
+/// Broker processes alive now: the pids of per-run servers and the RabbitMQ node's pid file.
+/// A harness that dies without unwinding (a panic in `main`, a failed write to stderr) would
+/// leave them running; [`kill_leftovers`] ends them from a panic hook.
+static LIVE: std::sync::Mutex<(Vec<u32>, Option<PathBuf>)> =
+    std::sync::Mutex::new((Vec::new(), None));
+
+fn live() -> std::sync::MutexGuard<'static, (Vec<u32>, Option<PathBuf>)> {
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// SIGKILLs every broker process this harness started that is still alive (synchronous, for a
+/// panic hook).
+pub fn kill_leftovers() {
+    let (pids, pid_file) = {
+        let g = live();
+        (g.0.clone(), g.1.clone())
+    };
+    let mut targets: Vec<String> = pids.iter().map(u32::to_string).collect();
+    if let Some(pid) = pid_file.and_then(|f| std::fs::read_to_string(f).ok()) {
+        targets.push(pid.trim().to_owned());
+    }
+    targets.retain(|p| !p.is_empty());
+    if !targets.is_empty() {
+        let _ = std::process::Command::new("kill")
+            .arg("-KILL")
+            .args(&targets)
+            .status();
+    }
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -236,6 +267,9 @@ impl Server {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", self.bin.display()))?;
+        if let Some(pid) = child.id() {
+            live().0.push(pid);
+        }
         let what = self.bin.display().to_string();
         wait_listening(self.port, &mut child, &what, &log).await?;
         self.child = Some(child);
@@ -244,8 +278,10 @@ impl Server {
 
     async fn kill9(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
+            let pid = child.id();
             child.start_kill()?;
             child.wait().await?;
+            live().0.retain(|p| Some(*p) != pid);
         }
         Ok(())
     }
@@ -254,7 +290,9 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
+            let pid = child.id();
             let _ = child.start_kill();
+            live().0.retain(|p| Some(*p) != pid);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -301,6 +339,7 @@ impl RabbitNode {
                 .arg(&base)
                 .status();
         }
+        live().1 = Some(base.join("pid"));
         let mut node = Self {
             bin,
             port: free_port()?,
@@ -375,6 +414,7 @@ pub async fn shutdown() {
         let _ = node.kill9().await;
         let _ = std::fs::remove_dir_all(&node.base);
     }
+    live().1 = None;
 }
 
 /// A loopback forwarder in front of a broker whose connections can all be closed at once, as a
