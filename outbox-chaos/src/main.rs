@@ -213,8 +213,8 @@ const MUTANTS: &[Mutant] = &[
         name: "dedupe_off_redis",
         behaviour: sinks::DEDUPE_OFF,
         tries: &[
-            ("redis-broker-killed", SourceMode::Polling),
             ("redis-connection-cut", SourceMode::Polling),
+            ("redis-broker-killed", SourceMode::Polling),
         ],
         check: Check::Duplicates,
     },

@@ -423,7 +423,7 @@ pub const SCENARIOS: &[Scenario] = &[
         no_duplicates: true,
         write_mode: WriteMode::Table,
         sink: Sink::Nats,
-        about: "the relay's NATS connection closed under it mid-run (a forwarder in front of a private nats-server closes its sockets)",
+        about: "the relay's NATS connection closed under it mid-run (a forwarder in front of a private nats-server closes its sockets), every other time after the stream's acks were swallowed",
     },
     Scenario {
         name: "nats-publish-refused",
@@ -450,7 +450,7 @@ pub const SCENARIOS: &[Scenario] = &[
         no_duplicates: false,
         write_mode: WriteMode::Table,
         sink: Sink::Rabbitmq,
-        about: "the relay's AMQP connection closed under it mid-run (a forwarder in front of the private node closes its sockets)",
+        about: "the relay's AMQP connection closed under it mid-run (a forwarder in front of the private node closes its sockets), every other time after the publisher confirms were swallowed",
     },
     Scenario {
         name: "rabbitmq-publish-refused",
@@ -477,7 +477,7 @@ pub const SCENARIOS: &[Scenario] = &[
         no_duplicates: true,
         write_mode: WriteMode::Table,
         sink: Sink::Redis,
-        about: "the relay's connections killed by the server mid-run (CLIENT KILL TYPE normal on a private redis-server)",
+        about: "the relay's connections killed by a private redis-server mid-run (CLIENT KILL TYPE normal), every other time after its replies were swallowed (the relay connects through a forwarder)",
     },
     Scenario {
         name: "redis-publish-refused",
@@ -737,7 +737,7 @@ impl<'a> Run<'a> {
         let mut mock = None;
         let mut broker = None;
         let bootstrap = if scenario.sink != Sink::Kafka {
-            let forwarder = scenario.fault == Fault::SinkCut && scenario.sink != Sink::Redis;
+            let forwarder = scenario.fault == Fault::SinkCut;
             let dedupe_off = mutant == Some(sinks::DEDUPE_OFF);
             broker = Some(Broker::start(scenario.sink, &topic, forwarder, dedupe_off, tag).await?);
             env.tansu.clone()
@@ -1097,10 +1097,9 @@ impl<'a> Run<'a> {
                     let g = self.gap(250, 800);
                     pause(g).await;
                     self.mark();
-                    // Every other cut, for NATS and RabbitMQ: first the broker's
-                    // acknowledgements are swallowed while events are published (the broker
-                    // stores them, the relay never hears of it), then the connection closes:
-                    // everything in flight is re-sent.
+                    // Every other cut: first the broker's acknowledgements are swallowed while
+                    // events are published (the broker stores them, the relay never hears of
+                    // it), then the connection closes: everything in flight is re-sent.
                     let broker = self.broker.as_ref().context("private broker")?;
                     if self.result.faults % 2 == 1 && broker.swallow_acks() {
                         workload::huge_tx(

@@ -543,7 +543,7 @@ impl Broker {
     /// Starts (or, for RabbitMQ, reuses) the private broker for `sink` and prepares
     /// `destination`: a NATS stream capturing it with [`NATS_STREAM_MAX_MSG`], a durable
     /// RabbitMQ queue bound to the relay's exchange for it, nothing for Redis. With
-    /// `forwarder`, the relay connects through a [`Forwarder`] (NATS, RabbitMQ). With
+    /// `forwarder`, the relay connects through a [`Forwarder`]. With
     /// `dedupe_off`, the [`DEDUPE_OFF`] mutant (the relay's dedupe keys are `chaos:<tag>:*`).
     pub async fn start(
         sink: Sink,
@@ -740,7 +740,7 @@ impl Broker {
 
     /// From now until the next [`Broker::cut`], what the server sends through the forwarder is
     /// thrown away: the broker stores what the relay publishes, but its acknowledgements never
-    /// arrive (a half-dead connection). `false` without a forwarder (Redis).
+    /// arrive (a half-dead connection). `false` without a forwarder.
     pub fn swallow_acks(&self) -> bool {
         match &self.forwarder {
             Some(f) => {
@@ -752,10 +752,15 @@ impl Broker {
     }
 
     /// Cuts the relay's connections from the server side: Redis `CLIENT KILL TYPE normal` (every
-    /// client but the harness's own), else the forwarder closes every socket it carries.
+    /// client but the harness's own; the forwarder then closes the relay's side), else — and
+    /// after [`Broker::swallow_acks`] — the forwarder closes every socket it carries.
     /// Returns how many connections were cut.
     pub async fn cut(&self) -> Result<usize> {
-        if self.sink == Sink::Redis {
+        let swallowing = self
+            .forwarder
+            .as_ref()
+            .is_some_and(|f| f.swallow.load(Ordering::SeqCst));
+        if self.sink == Sink::Redis && !swallowing {
             let mut conn = redis_connect(&self.direct_url().await?).await?;
             let n: i64 = redis::cmd("CLIENT")
                 .arg("KILL")
