@@ -12,7 +12,8 @@
 //! scenario's faults, waits for quiescence, reads every record back and compares: lost,
 //! phantom, duplicates (total and per fault), per-aggregate order inversions, recovery time.
 //! Then runs deliberately broken relays (mutants) and checks that their scenario fails.
-//! See `RELIABILITY.md`.
+//! The NATS, RabbitMQ and Redis scenarios run the relay with that sink against private broker
+//! processes ([`sinks`]). See `RELIABILITY.md`.
 
 mod env;
 mod live;
@@ -20,6 +21,7 @@ mod mock;
 mod partition;
 mod relay;
 mod scenario;
+mod sinks;
 mod workload;
 
 use std::path::PathBuf;
@@ -92,6 +94,8 @@ struct ScenarioReport {
     inversions: usize,
     recovery_ms_p95: f64,
     passed: bool,
+    /// Runs skipped because the sink's broker binary is missing.
+    skipped: usize,
     faults: usize,
     records: usize,
     notes: Vec<String>,
@@ -102,6 +106,8 @@ struct ScenarioReport {
 struct MutantReport {
     name: String,
     caught: bool,
+    /// Not run: its scenario's broker binary is missing.
+    skipped: bool,
     scenario: String,
     source: String,
     detail: String,
@@ -118,7 +124,10 @@ struct Report {
 
 /// A deliberately broken relay behaviour and the scenario that must catch it.
 struct Mutant {
+    /// Its name in the report and for `--scenario mutant-<name>`.
     name: &'static str,
+    /// The broken behaviour turned on (`OUTBOX_MUTANT`).
+    behaviour: &'static str,
     /// (scenario, source) pairs tried in order until one catches it.
     tries: &'static [(&'static str, SourceMode)],
     /// The check expected to fire.
@@ -135,16 +144,20 @@ enum Check {
     NotParked,
     /// A deposed leader produced records after it was resumed ([`scenario::ZOMBIE_PRODUCE`]).
     ZombieProduce,
+    /// Duplicates where the scenario allows none (a sink whose broker drops re-sent ids).
+    Duplicates,
 }
 
 const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "cursor",
+        behaviour: "cursor",
         tries: &[("late-commits", SourceMode::Polling)],
         check: Check::Lost,
     },
     Mutant {
         name: "ack_before_kafka",
+        behaviour: "ack_before_kafka",
         tries: &[
             ("broker-down", SourceMode::Polling),
             ("kill-loop", SourceMode::Polling),
@@ -153,16 +166,19 @@ const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         name: "confirm_on_receipt",
+        behaviour: "confirm_on_receipt",
         tries: &[("broker-down-kill-insert-delete", SourceMode::Logical)],
         check: Check::Lost,
     },
     Mutant {
         name: "accept_messages_any_mode",
+        behaviour: "accept_messages_any_mode",
         tries: &[("message-injection", SourceMode::Logical)],
         check: Check::Phantom,
     },
     Mutant {
         name: "park_without_blocking",
+        behaviour: "park_without_blocking",
         tries: &[
             ("poison-events", SourceMode::Polling),
             ("poison-events", SourceMode::Logical),
@@ -171,6 +187,7 @@ const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         name: "skip_lease_check",
+        behaviour: "skip_lease_check",
         tries: &[
             ("leader-paused-at-produce", SourceMode::Polling),
             ("leader-paused-at-produce", SourceMode::Logical),
@@ -179,8 +196,45 @@ const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         name: "retry_failed_only",
+        behaviour: "retry_failed_only",
         tries: &[("broker-error-in-flight", SourceMode::Polling)],
         check: Check::Inversions,
+    },
+    Mutant {
+        name: "dedupe_off_nats",
+        behaviour: sinks::DEDUPE_OFF,
+        tries: &[
+            ("nats-connection-cut", SourceMode::Polling),
+            ("nats-broker-killed", SourceMode::Polling),
+        ],
+        check: Check::Duplicates,
+    },
+    Mutant {
+        name: "dedupe_off_redis",
+        behaviour: sinks::DEDUPE_OFF,
+        tries: &[
+            ("redis-connection-cut", SourceMode::Polling),
+            ("redis-broker-killed", SourceMode::Polling),
+        ],
+        check: Check::Duplicates,
+    },
+    Mutant {
+        name: "park_without_blocking_nats",
+        behaviour: "park_without_blocking",
+        tries: &[("nats-publish-refused", SourceMode::Polling)],
+        check: Check::NotParked,
+    },
+    Mutant {
+        name: "park_without_blocking_rabbitmq",
+        behaviour: "park_without_blocking",
+        tries: &[("rabbitmq-publish-refused", SourceMode::Polling)],
+        check: Check::NotParked,
+    },
+    Mutant {
+        name: "park_without_blocking_redis",
+        behaviour: "park_without_blocking",
+        tries: &[("redis-publish-refused", SourceMode::Logical)],
+        check: Check::NotParked,
     },
 ];
 
@@ -216,6 +270,16 @@ fn main() -> Result<()> {
         }
         None => {}
     }
+    // A panic of the session itself (on the main thread: a failed write to stderr panics) ends
+    // the process without unwinding: private brokers must not outlive it. (A task's panic on a
+    // worker thread is reported by its join handle and the session goes on.)
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() == Some("main") {
+            sinks::kill_leftovers();
+        }
+        default_hook(info);
+    }));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
@@ -243,6 +307,7 @@ async fn chaos(cli: Cli) -> Result<()> {
     let bins = relay::Binaries::ensure(&repo, run_mutants)?;
     let env = env::Env::acquire(&repo)?;
     let result = session(&cli, &env, &bins).await;
+    sinks::shutdown().await;
     env.release();
     let report = result?;
     let failed: Vec<String> = report
@@ -254,7 +319,7 @@ async fn chaos(cli: Cli) -> Result<()> {
             report
                 .mutants
                 .iter()
-                .filter(|m| !m.caught)
+                .filter(|m| !m.caught && !m.skipped)
                 .map(|m| format!("mutant {} not caught", m.name)),
         )
         .collect();
@@ -341,6 +406,7 @@ async fn scenario_runs(
         inversions: 0,
         recovery_ms_p95: 0.0,
         passed: true,
+        skipped: 0,
         faults: 0,
         records: 0,
         notes: Vec::new(),
@@ -357,6 +423,14 @@ async fn scenario_runs(
             runs
         );
         let r = match scenario::run_once(env, settings, sc, source, bin, None, seed).await {
+            Ok(r) if r.skipped.is_some() => {
+                let why = r.skipped.unwrap_or_default();
+                eprintln!("skipped: {why}");
+                rep.skipped += 1;
+                rep.notes
+                    .push(format!("run {} (seed {seed}): skipped: {why}", k + 1));
+                continue;
+            }
             Ok(r) => r,
             Err(e) => {
                 eprintln!("setup failed: {e:#}");
@@ -435,13 +509,30 @@ async fn mutant_run(
                 m.name,
                 source.as_str()
             );
-            match scenario::run_once(env, settings, sc, source, bin, Some(m.name), seed).await {
+            match scenario::run_once(env, settings, sc, source, bin, Some(m.behaviour), seed).await
+            {
+                Ok(r) if r.skipped.is_some() => {
+                    let why = r.skipped.unwrap_or_default();
+                    eprintln!("skipped: {why}");
+                    return MutantReport {
+                        name: m.name.to_owned(),
+                        caught: false,
+                        skipped: true,
+                        scenario: name.to_owned(),
+                        source: source.as_str().to_owned(),
+                        detail: format!("skipped: {why}"),
+                    };
+                }
                 Ok(r) => {
                     let v = &r.verdict;
                     let fired = match m.check {
                         Check::Lost => v.lost > 0,
                         Check::Phantom => v.phantom > 0,
                         Check::Inversions => v.inversions > 0,
+                        Check::Duplicates => r
+                            .failures
+                            .iter()
+                            .any(|f| f.contains("where none are allowed")),
                         Check::NotParked => r
                             .failures
                             .iter()
@@ -466,6 +557,7 @@ async fn mutant_run(
                         return MutantReport {
                             name: m.name.to_owned(),
                             caught: true,
+                            skipped: false,
                             scenario: name.to_owned(),
                             source: source.as_str().to_owned(),
                             detail: format!("{:?} check fired: {line}", m.check),
@@ -483,6 +575,7 @@ async fn mutant_run(
     MutantReport {
         name: m.name.to_owned(),
         caught: false,
+        skipped: false,
         scenario: String::new(),
         source: String::new(),
         detail: detail.join("; "),

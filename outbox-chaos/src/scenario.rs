@@ -20,6 +20,7 @@ use crate::live::LiveReader;
 use crate::mock::MockBroker;
 use crate::partition::Partition;
 use crate::relay::RelayProc;
+use crate::sinks::{self, Broker, Sink};
 use crate::workload::{self, Book, RunDb, SharedBook, Workload};
 
 /// Which source the relay runs.
@@ -104,6 +105,15 @@ pub enum Fault {
     Poison,
     /// Hostile configuration (must be refused) and hostile row data (must be relayed).
     Hostile,
+    /// The scenario's private broker (NATS, RabbitMQ, Redis) SIGKILLed mid-run, events committed
+    /// while it is down, then started again on the same port and data.
+    SinkKill,
+    /// The relay's connections to its broker cut from the server side mid-run.
+    SinkCut,
+    /// Events the broker refuses for good (over its size limit) and the route refuses
+    /// (illegal or not allowed destinations) among healthy ones: parked, loudly, the rest
+    /// delivered.
+    SinkRefused,
 }
 
 /// A scenario.
@@ -121,6 +131,9 @@ pub struct Scenario {
     /// `insert_delete` (logical only), where nothing can be recovered from the table, so a
     /// position confirmed too early shows up as lost events.
     pub write_mode: WriteMode,
+    /// The sink the relay publishes with; every sink but Kafka runs on a private broker
+    /// ([`crate::sinks`]).
+    pub sink: Sink,
     /// What it shows, for the report.
     pub about: &'static str,
 }
@@ -148,6 +161,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: true,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "SIGTERM mid-stream and restart, repeatedly: drain, acknowledge, exit 0",
     },
     Scenario {
@@ -156,6 +170,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: true,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "SIGTERM while unpaced writers keep the relay behind, restart, repeatedly: stop within 2 s, exit 0, no duplicates",
     },
     Scenario {
@@ -164,6 +179,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: true,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "half the transactions linger before commit (commit order != seq order), two long-open transactions",
     },
     Scenario {
@@ -172,6 +188,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: true,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "30% rollbacks, one huge committed and one huge rolled-back transaction",
     },
     Scenario {
@@ -180,6 +197,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "abort after a batch is claimed, before anything is produced",
     },
     Scenario {
@@ -188,6 +206,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "abort after Kafka acknowledged a batch, before the source is acknowledged",
     },
     Scenario {
@@ -196,6 +215,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "abort right after the source acknowledgement",
     },
     Scenario {
@@ -204,6 +224,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "SIGKILL at random moments, restart",
     },
     Scenario {
@@ -212,6 +233,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "pg_ctl stop -m immediate and start, under load (harness-owned cluster only)",
     },
     Scenario {
@@ -220,6 +242,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "pg_terminate_backend of every relay session (leader lock, listener, walsender)",
     },
     Scenario {
@@ -228,6 +251,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "mock broker down longer than the delivery timeout, then up",
     },
     Scenario {
@@ -236,6 +260,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "mock broker down, relay SIGKILLed during the outage and restarted, broker up",
     },
     Scenario {
@@ -244,6 +269,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: LOGICAL,
         no_duplicates: false,
         write_mode: WriteMode::InsertDelete,
+        sink: Sink::Kafka,
         about: "broker-down-kill with the insert_delete write mode: the replication stream is the only copy of an event",
     },
     Scenario {
@@ -252,6 +278,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "mock broker with 400 ms added round-trip time",
     },
     Scenario {
@@ -260,6 +287,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "produce answered with NOT_ENOUGH_REPLICAS / REQUEST_TIMED_OUT (one request in flight: see RELIABILITY.md)",
     },
     Scenario {
@@ -268,6 +296,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "produce answered with INVALID_PRODUCER_EPOCH (fatal for an idempotent producer), then UNKNOWN_SERVER_ERROR",
     },
     Scenario {
@@ -276,6 +305,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "mock broker with 200 ms round-trip time fails one Produce request while later ones are in flight",
     },
     Scenario {
@@ -284,6 +314,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "active relay SIGSTOPped, its session cut (lease lost), standby takes over, old one resumed",
     },
     Scenario {
@@ -292,6 +323,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "active relay stopped between reading a batch and producing it, partitioned from PostgreSQL, its sessions ended, standby takes over, old one resumed within its local lease: it must produce nothing it held",
     },
     Scenario {
@@ -300,6 +332,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: LOGICAL,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "the replication slot is dropped under a running relay",
     },
     Scenario {
@@ -308,6 +341,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: LOGICAL,
         no_duplicates: false,
         write_mode: WriteMode::InsertDelete,
+        sink: Sink::Kafka,
         about: "slot dropped under the relay in insert_delete mode: loud exit on every restart, no slot re-created, until `slot drop` accepts the loss",
     },
     Scenario {
@@ -316,6 +350,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: LOGICAL,
         no_duplicates: false,
         write_mode: WriteMode::LogicalMessage,
+        sink: Sink::Kafka,
         about: "slot dropped under the relay in logical_message mode: loud exit on every restart, no slot re-created, until `slot drop` accepts the loss",
     },
     Scenario {
@@ -324,6 +359,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: LOGICAL,
         no_duplicates: false,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "the slot is invalidated by max_slot_wal_keep_size while the relay is stopped (harness-owned cluster only)",
     },
     Scenario {
@@ -332,6 +368,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: LOGICAL,
         no_duplicates: false,
         write_mode: WriteMode::InsertDelete,
+        sink: Sink::Kafka,
         about: "slot invalidated in insert_delete mode: loud exit on every restart until `slot drop` accepts the loss (harness-owned cluster only)",
     },
     Scenario {
@@ -340,6 +377,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: LOGICAL,
         no_duplicates: false,
         write_mode: WriteMode::LogicalMessage,
+        sink: Sink::Kafka,
         about: "slot invalidated in logical_message mode: loud exit on every restart until `slot drop` accepts the loss (harness-owned cluster only)",
     },
     Scenario {
@@ -348,6 +386,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: LOGICAL,
         no_duplicates: true,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "another role emits outbox-prefixed pg_logical_emit_message events in table mode: none may be published (phantoms otherwise)",
     },
     Scenario {
@@ -356,6 +395,7 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: true,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "an oversized and an unroutable event, each followed by a healthy event of the same aggregate",
     },
     Scenario {
@@ -364,7 +404,89 @@ pub const SCENARIOS: &[Scenario] = &[
         sources: BOTH,
         no_duplicates: true,
         write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
         about: "hostile settings refused with exit 2/1 and no secret logged; hostile ids, types, headers, payloads relayed",
+    },
+    Scenario {
+        name: "nats-broker-killed",
+        fault: Fault::SinkKill,
+        sources: BOTH,
+        no_duplicates: true,
+        write_mode: WriteMode::Table,
+        sink: Sink::Nats,
+        about: "private nats-server (JetStream, file store) SIGKILLed mid-run, events committed while it is down, restarted on the same port and store: nothing lost or inverted, re-sends dropped by Nats-Msg-Id",
+    },
+    Scenario {
+        name: "nats-connection-cut",
+        fault: Fault::SinkCut,
+        sources: BOTH,
+        no_duplicates: true,
+        write_mode: WriteMode::Table,
+        sink: Sink::Nats,
+        about: "the relay's NATS connection closed under it mid-run (a forwarder in front of a private nats-server closes its sockets), every other time after the stream's acks were swallowed",
+    },
+    Scenario {
+        name: "nats-publish-refused",
+        fault: Fault::SinkRefused,
+        sources: BOTH,
+        no_duplicates: true,
+        write_mode: WriteMode::Table,
+        sink: Sink::Nats,
+        about: "events over the stream's max_msg_size (256 KiB) and the server's max_payload, and unroutable destinations, among healthy ones: parked with their aggregates, loudly, the rest delivered",
+    },
+    Scenario {
+        name: "rabbitmq-broker-killed",
+        fault: Fault::SinkKill,
+        sources: BOTH,
+        no_duplicates: false,
+        write_mode: WriteMode::Table,
+        sink: Sink::Rabbitmq,
+        about: "private RabbitMQ node SIGKILLed mid-run, events committed while it is down, restarted on the same port and data: nothing lost or inverted, duplicates within the window (message_id = event id)",
+    },
+    Scenario {
+        name: "rabbitmq-connection-cut",
+        fault: Fault::SinkCut,
+        sources: BOTH,
+        no_duplicates: false,
+        write_mode: WriteMode::Table,
+        sink: Sink::Rabbitmq,
+        about: "the relay's AMQP connection closed under it mid-run (a forwarder in front of the private node closes its sockets), every other time after the publisher confirms were swallowed",
+    },
+    Scenario {
+        name: "rabbitmq-publish-refused",
+        fault: Fault::SinkRefused,
+        sources: BOTH,
+        no_duplicates: false,
+        write_mode: WriteMode::Table,
+        sink: Sink::Rabbitmq,
+        about: "events over the private node's max_message_size (256 KiB; the broker closes the channel), and unroutable destinations, among healthy ones: parked with their aggregates, loudly, the rest delivered",
+    },
+    Scenario {
+        name: "redis-broker-killed",
+        fault: Fault::SinkKill,
+        sources: BOTH,
+        no_duplicates: true,
+        write_mode: WriteMode::Table,
+        sink: Sink::Redis,
+        about: "private redis-server (appendfsync always) SIGKILLed mid-run, events committed while it is down, restarted: nothing lost or inverted, re-sends dropped by the dedupe script",
+    },
+    Scenario {
+        name: "redis-connection-cut",
+        fault: Fault::SinkCut,
+        sources: BOTH,
+        no_duplicates: true,
+        write_mode: WriteMode::Table,
+        sink: Sink::Redis,
+        about: "the relay's connections killed by a private redis-server mid-run (CLIENT KILL TYPE normal), every other time after its replies were swallowed (the relay connects through a forwarder)",
+    },
+    Scenario {
+        name: "redis-publish-refused",
+        fault: Fault::SinkRefused,
+        sources: BOTH,
+        no_duplicates: true,
+        write_mode: WriteMode::Table,
+        sink: Sink::Redis,
+        about: "events over the server's proto-max-bulk-len (1 MiB), and unroutable destinations, among healthy ones: parked with their aggregates, loudly, the rest delivered",
     },
 ];
 
@@ -479,6 +601,8 @@ impl Settings {
             // The writers keep going through the loss, the restart loop and the acceptance, so
             // that events committed after the new slot streams are checked too.
             Fault::SlotDropped | Fault::SlotInvalidated => w.txs *= 3,
+            // Writers still committing while the broker goes away and comes back.
+            Fault::SinkKill | Fault::SinkCut => w.txs *= 2,
             // Writers still running once the restarted relay is active and has paused itself.
             // The relay is restarted first (the logical one may take seconds to stream again):
             // quick writers must outlast that to reach the failpoint.
@@ -538,6 +662,8 @@ pub struct RunResult {
     pub notes: Vec<String>,
     /// Whether the run passed.
     pub passed: bool,
+    /// Why the run did not happen (a broker binary is missing); it counts as passed.
+    pub skipped: Option<String>,
     /// The last lines of the current relay's log (shown when the run failed).
     pub log_tail: Vec<String>,
 }
@@ -566,9 +692,13 @@ struct Run<'a> {
     partition: Option<Arc<Partition>>,
     relay: Option<RelayProc>,
     standby: Option<RelayProc>,
-    live: LiveReader,
+    /// The live reader of the Kafka topic (none for the other sinks: their duplicates are
+    /// counted over the whole run).
+    live: Option<LiveReader>,
     book: SharedBook,
     mock: Option<MockBroker>,
+    /// The private broker of a NATS, RabbitMQ or Redis scenario.
+    broker: Option<Broker>,
     rng: StdRng,
     result: RunResult,
     probes: usize,
@@ -581,6 +711,8 @@ struct Run<'a> {
     since_slot_save: Vec<usize>,
     /// A deliberately broken relay runs: expected to lose events, so waits for them are short.
     mutant: bool,
+    /// The poison event only the broker's size limit refuses ([`Fault::SinkRefused`]).
+    broker_poison: Option<uuid::Uuid>,
 }
 
 fn kv(k: &str, v: impl Into<String>) -> (String, String) {
@@ -603,7 +735,13 @@ impl<'a> Run<'a> {
         let aggregate_type = format!("chaos_{tag}");
         let topic = format!("outbox.event.{aggregate_type}");
         let mut mock = None;
-        let bootstrap = if scenario.mock() {
+        let mut broker = None;
+        let bootstrap = if scenario.sink != Sink::Kafka {
+            let forwarder = scenario.fault == Fault::SinkCut;
+            let dedupe_off = mutant == Some(sinks::DEDUPE_OFF);
+            broker = Some(Broker::start(scenario.sink, &topic, forwarder, dedupe_off, tag).await?);
+            env.tansu.clone()
+        } else if scenario.mock() {
             let mut m = MockBroker::start().await?;
             m.command(&format!("topic {topic} {}", settings.partitions))
                 .await?;
@@ -641,8 +779,11 @@ impl<'a> Run<'a> {
                     .unwrap_or_else(|_| "info,sqlx=warn,rdkafka=warn".into()),
             ),
         ];
-        if let Some(m) = mutant {
+        if let Some(m) = mutant.filter(|m| *m != sinks::DEDUPE_OFF) {
             base_env.push(kv("OUTBOX_MUTANT", m));
+        }
+        if let Some(b) = &broker {
+            base_env.extend(b.relay_env(tag).await?);
         }
         if scenario.fault == Fault::PausedAtProduce {
             // Each record names the process that enqueued it and when (failpoint builds only).
@@ -657,7 +798,11 @@ impl<'a> Run<'a> {
             // run would report a loss the mock, not the relay, made.
             base_env.push(kv("OUTBOX_KAFKA__PROPERTIES__MAX_IN_FLIGHT", "1"));
         }
-        let live = LiveReader::start(&bootstrap, &topic, settings.partitions)?;
+        let live = if scenario.sink == Sink::Kafka {
+            Some(LiveReader::start(&bootstrap, &topic, settings.partitions)?)
+        } else {
+            None
+        };
         Ok(Self {
             env,
             settings,
@@ -676,6 +821,7 @@ impl<'a> Run<'a> {
             live,
             book: Arc::new(Mutex::new(Book::default())),
             mock,
+            broker,
             rng: StdRng::seed_from_u64(seed),
             result: RunResult::default(),
             probes: 0,
@@ -683,6 +829,7 @@ impl<'a> Run<'a> {
             republished_at_marks: Vec::new(),
             since_slot_save: Vec::new(),
             mutant: mutant.is_some(),
+            broker_poison: None,
         })
     }
 
@@ -722,7 +869,7 @@ impl<'a> Run<'a> {
         let mut read_at_previous_poll = 0;
         let mut read_before_save = 0;
         while started.elapsed() < Duration::from_millis(ms) {
-            let read_now = self.live.count();
+            let read_now = self.live_count();
             let row: Option<(Option<String>, Option<String>)> = sqlx::query_as(
                 "SELECT restart_lsn::text, catalog_xmin::text FROM pg_replication_slots \
                  WHERE slot_name = $1",
@@ -743,16 +890,30 @@ impl<'a> Run<'a> {
         Ok(read_before_save)
     }
 
+    /// Records read by the live reader so far (0 without one).
+    fn live_count(&self) -> usize {
+        self.live.as_ref().map_or(0, LiveReader::count)
+    }
+
+    /// Whether the live reader has read `id` (never without one).
+    fn live_seen(&self, id: uuid::Uuid) -> bool {
+        self.live.as_ref().is_some_and(|l| l.seen(id))
+    }
+
     /// Sets a fault marker now (see [`LiveReader::mark`]).
     fn mark(&mut self) {
-        self.live.mark();
+        if let Some(l) = self.live.as_mut() {
+            l.mark();
+        }
         self.republished_at_marks.push(self.republished_so_far());
         self.since_slot_save.push(0);
     }
 
     /// Sets a fault marker once the stream went quiet (see [`LiveReader::mark_after_quiet`]).
     async fn mark_after_quiet(&mut self, quiet: Duration, max: Duration) {
-        self.live.mark_after_quiet(quiet, max).await;
+        if let Some(l) = self.live.as_mut() {
+            l.mark_after_quiet(quiet, max).await;
+        }
         self.republished_at_marks.push(self.republished_so_far());
         self.since_slot_save.push(0);
     }
@@ -808,10 +969,10 @@ impl<'a> Run<'a> {
             } else {
                 // No row to look at: the probe is through once it is on the topic.
                 let until = Instant::now() + Duration::from_millis(500);
-                while !self.live.seen(id) && Instant::now() < until {
+                while !self.live_seen(id) && Instant::now() < until {
                     pause(20).await;
                 }
-                self.live.seen(id)
+                self.live_seen(id)
             };
             if done {
                 self.result
@@ -875,6 +1036,102 @@ impl<'a> Run<'a> {
                 pause(500).await;
                 let notes = workload::poison(&self.db, &self.aggregate_type, &self.book).await?;
                 self.result.failures.extend(notes);
+            }
+            Fault::SinkRefused => {
+                pause(500).await;
+                let sink = self.scenario.sink;
+                let id = sinks::broker_poison(
+                    &self.db,
+                    &self.aggregate_type,
+                    sink.broker_poison_bytes(),
+                    &self.book,
+                )
+                .await?;
+                self.broker_poison = Some(id);
+                pause(300).await;
+                let notes = workload::poison(&self.db, &self.aggregate_type, &self.book).await?;
+                self.result.failures.extend(notes);
+                // RabbitMQ answers an oversized body by closing the channel: every publish in
+                // flight on it is re-sent (duplicates within the window for each). The others
+                // refuse only the record.
+                if sink == Sink::Rabbitmq {
+                    self.result.faults += 2;
+                }
+            }
+            Fault::SinkKill => {
+                // Each restart of a RabbitMQ node takes seconds: fewer rounds in full mode.
+                let faults = match (self.scenario.sink, quick) {
+                    (_, true) => 2,
+                    (Sink::Rabbitmq, false) => 3,
+                    (_, false) => 4,
+                };
+                while self.result.faults < faults {
+                    let g = self.gap(400, 1000);
+                    pause(g).await;
+                    self.mark();
+                    let broker = self.broker.as_mut().context("private broker")?;
+                    broker.kill9().await?;
+                    // Events committed while the broker is down: the relay has something to
+                    // deliver into the outage whether or not the writers are still running.
+                    workload::huge_tx(
+                        &self.db,
+                        self.scenario.write_mode,
+                        &self.aggregate_type,
+                        &format!("outage-{}", self.result.faults),
+                        25,
+                        true,
+                        &self.book,
+                    )
+                    .await?;
+                    pause(800).await;
+                    broker.restart().await?;
+                    self.result.faults += 1;
+                    self.recovered().await?;
+                }
+                self.fault_noticed();
+            }
+            Fault::SinkCut => {
+                let faults = if quick { 3 } else { 6 };
+                let deadline = Instant::now() + Duration::from_secs(if quick { 45 } else { 120 });
+                while self.result.faults < faults && Instant::now() < deadline {
+                    let g = self.gap(250, 800);
+                    pause(g).await;
+                    self.mark();
+                    // Every other cut: first the broker's acknowledgements are swallowed while
+                    // events are published (the broker stores them, the relay never hears of
+                    // it), then the connection closes: everything in flight is re-sent.
+                    let broker = self.broker.as_ref().context("private broker")?;
+                    if self.result.faults % 2 == 1 && broker.swallow_acks() {
+                        workload::huge_tx(
+                            &self.db,
+                            self.scenario.write_mode,
+                            &self.aggregate_type,
+                            &format!("unacknowledged-{}", self.result.faults),
+                            25,
+                            true,
+                            &self.book,
+                        )
+                        .await?;
+                        pause(500).await;
+                    }
+                    let broker = self.broker.as_ref().context("private broker")?;
+                    let n = broker.cut().await?;
+                    if n > 0 {
+                        self.result.faults += 1;
+                        self.recovered().await?;
+                    } else {
+                        // No connection to cut (the relay was between two): no fault either.
+                        self.republished_at_marks.pop();
+                        self.since_slot_save.pop();
+                    }
+                }
+                if self.result.faults < faults {
+                    self.result.failures.push(format!(
+                        "only {} of {faults} cuts found a relay connection to close",
+                        self.result.faults
+                    ));
+                }
+                self.fault_noticed();
             }
             Fault::Graceful | Fault::RollingUnderLoad | Fault::KillLoop => {
                 while self.result.faults < max_faults && !writers.is_finished() {
@@ -973,7 +1230,7 @@ impl<'a> Run<'a> {
                     let read_before_save = self.watch_slot_saves(g).await?;
                     own.stop_immediate()?;
                     self.mark();
-                    let since_save = self.live.count() - read_before_save;
+                    let since_save = self.live_count() - read_before_save;
                     if let Some(last) = self.since_slot_save.last_mut() {
                         *last = since_save;
                     }
@@ -1246,6 +1503,32 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// A broker fault that the relay never saw proves nothing: its log must show at least one
+    /// failed delivery (`delivery failed: dropping the in-flight window`).
+    fn fault_noticed(&mut self) {
+        let failed = self
+            .relay
+            .as_ref()
+            .map(|r| {
+                r.log()
+                    .matches("delivery failed: dropping the in-flight window")
+                    .count()
+            })
+            .unwrap_or(0);
+        if failed == 0 {
+            self.result.failures.push(format!(
+                "the relay logged no failed delivery across {} broker faults: the faults went \
+                 unnoticed and the run proves nothing",
+                self.result.faults
+            ));
+        } else {
+            self.result.notes.push(format!(
+                "the relay logged {failed} failed deliveries across {} broker faults",
+                self.result.faults
+            ));
+        }
+    }
+
     /// Writes `n` well-formed events for the run's topic as transactional logical messages with
     /// the outbox prefix, as a role without any grant would: recorded as never committed, so
     /// one on the topic is a phantom.
@@ -1370,7 +1653,7 @@ impl<'a> Run<'a> {
         pause(1000).await;
         let accepted: Vec<uuid::Uuid> = before
             .into_iter()
-            .filter(|id| !self.live.seen(*id))
+            .filter(|id| !self.live_seen(*id))
             .collect();
         let mut book = self.book.lock().unwrap();
         for id in &accepted {
@@ -1496,7 +1779,7 @@ impl<'a> Run<'a> {
             } else {
                 // No rows to count: committed events not yet read from the topic.
                 let committed = self.book.lock().unwrap().ledger.committed.clone();
-                self.live.missing(&committed) as i64
+                self.live.as_ref().map_or(0, |l| l.missing(&committed)) as i64
             };
             if n == 0 {
                 return Ok(true);
@@ -1688,14 +1971,34 @@ impl<'a> Run<'a> {
                 "{tx_errors} writer transactions failed with an error (counted from their outcome)"
             ));
         }
-        let records = outbox_tests::consume_from(
-            &self.bootstrap,
-            &[&self.topic],
-            ledger.committed.len(),
-            Duration::from_millis(if quiesced { 1500 } else { 3000 }),
-            Duration::from_secs(30),
-        )
-        .await?;
+        let records = match &self.broker {
+            Some(b) => {
+                let read = b
+                    .read_all(
+                        ledger.committed.len(),
+                        Duration::from_secs(if quiesced { 5 } else { 15 }),
+                    )
+                    .await?;
+                if read.id_mismatch > 0 {
+                    self.result.failures.push(format!(
+                        "{} records carry no broker-level message id equal to their `id` header: \
+                         their duplicates would not be detectable by the event id",
+                        read.id_mismatch
+                    ));
+                }
+                read.records
+            }
+            None => {
+                outbox_tests::consume_from(
+                    &self.bootstrap,
+                    &[&self.topic],
+                    ledger.committed.len(),
+                    Duration::from_millis(if quiesced { 1500 } else { 3000 }),
+                    Duration::from_secs(30),
+                )
+                .await?
+            }
+        };
         let (good, bad): (Vec<Consumed>, Vec<Consumed>) = records.into_iter().partition(|r| {
             r.header("id")
                 .is_some_and(|id| uuid::Uuid::parse_str(id).is_ok())
@@ -1745,6 +2048,51 @@ impl<'a> Run<'a> {
                     .push(format!("{} healthy events were parked", stray.len()));
             }
         }
+        if self.scenario.fault == Fault::SinkRefused {
+            self.refusals_loud(expected_parked.len() / 2).await?;
+        }
+        Ok(())
+    }
+
+    /// A refusal for good must be loud: one `event parked` error per poison event in the relay's
+    /// log, and the broker-limit poison parked with a reason naming the broker's refusal.
+    async fn refusals_loud(&mut self, roots: usize) -> Result<()> {
+        let logged = self
+            .relay
+            .as_ref()
+            .map(|r| {
+                r.log()
+                    .matches("event parked: it cannot be published")
+                    .count()
+            })
+            .unwrap_or(0);
+        if logged < roots {
+            self.result.failures.push(format!(
+                "{logged} `event parked` errors in the relay's log for {roots} refused events"
+            ));
+        }
+        let Some(id) = self.broker_poison else {
+            return Ok(());
+        };
+        let reason: Option<String> =
+            sqlx::query_scalar("SELECT reason FROM outbox_parked WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.db.pool)
+                .await?;
+        let words = self.scenario.sink.refusal_words();
+        match reason {
+            None => self
+                .result
+                .failures
+                .push("the event over the broker's size limit is not in the parked table".into()),
+            Some(r) if !words.iter().any(|w| r.contains(w)) => self.result.failures.push(format!(
+                "the event over the broker's size limit was parked for another reason: {r}"
+            )),
+            Some(r) => self
+                .result
+                .notes
+                .push(format!("broker refusal parked with reason: {r}")),
+        }
         Ok(())
     }
 
@@ -1781,7 +2129,7 @@ impl<'a> Run<'a> {
             r.terminate(Duration::from_secs(10)).await;
         }
         let republished_end = self.republished_so_far();
-        let per_fault = self.live.finish();
+        let per_fault = self.live.take().map(LiveReader::finish).unwrap_or_default();
         self.result.per_fault = per_fault;
         let marks = &self.republished_at_marks;
         self.result.republished_before = marks.first().copied().unwrap_or(republished_end);
@@ -1790,6 +2138,9 @@ impl<'a> Run<'a> {
             .collect();
         self.result.since_slot_save = std::mem::take(&mut self.since_slot_save);
         drop(self.mock.take());
+        if let Some(b) = self.broker.take() {
+            b.cleanup().await;
+        }
         let db = Arc::try_unwrap(self.db).ok();
         if let Some(db) = db
             && let Err(e) = db.destroy(&self.env.admin_url).await
@@ -1811,6 +2162,25 @@ pub async fn run_once(
     mutant: Option<&str>,
     seed: u64,
 ) -> Result<RunResult> {
+    if scenario.sink != Sink::Kafka
+        && let Err(why) = sinks::server_binary(scenario.sink)
+    {
+        let required = std::env::var(sinks::REQUIRE_ENV).is_ok_and(|v| v == "1");
+        let mut r = RunResult {
+            passed: !required,
+            ..RunResult::default()
+        };
+        if required {
+            r.failures
+                .push(format!("{why} ({} is set)", sinks::REQUIRE_ENV));
+        } else {
+            r.skipped = Some(format!(
+                "{why}; set {}=1 to fail instead",
+                sinks::REQUIRE_ENV
+            ));
+        }
+        return Ok(r);
+    }
     let mut run = Run::setup(env, settings, scenario, source, bin, mutant, seed).await?;
     let outcome = tokio::time::timeout(
         Duration::from_secs(if settings.quick { 240 } else { 600 }),
