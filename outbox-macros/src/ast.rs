@@ -40,7 +40,7 @@ pub(crate) enum Shape<'a> {
     /// `Opened { account_id: Uuid, .. }`: the payload is a JSON object of the fields.
     Struct(Vec<Field<'a>>),
     /// `Opened(AccountOpened)`: the payload is the inner value's JSON.
-    Newtype(Field<'a>),
+    Newtype(Box<Field<'a>>),
 }
 
 /// A field of a struct, a struct variant or a newtype variant.
@@ -141,7 +141,7 @@ impl<'a> Variant<'a> {
             )),
             Fields::Unnamed(unnamed) if unnamed.unnamed.len() == 1 => errors
                 .take(Field::from_syn(&unnamed.unnamed[0], Place::NewtypeField))
-                .map(Shape::Newtype),
+                .map(|field| Shape::Newtype(Box::new(field))),
             Fields::Unnamed(unnamed) => {
                 errors.push(Error::new_spanned(
                     unnamed,

@@ -4,6 +4,7 @@ mod ast;
 mod attr;
 mod diagnostics;
 mod expand;
+mod krate;
 mod resolve;
 mod topic;
 mod valid;
