@@ -2,6 +2,7 @@
 
 use crate::ast::{Enum, Field, Input, Shape, Struct, Variant};
 use crate::resolve::{self, Access, Extras};
+use crate::serde_attrs::{self, Layout};
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::ext::IdentExt as _;
@@ -480,7 +481,11 @@ fn expand_enum(input: &Enum<'_>) -> Result<TokenStream> {
     });
 
     let payload_mirror = payload_mirror(input);
-    let decode_helpers = variants.iter().map(decode_helper);
+    let tagged = matches!(serde_attrs::layout(&input.serde), Layout::Tagged);
+    let decode_helpers = variants
+        .iter()
+        .filter(|_| !tagged)
+        .map(|variant| decode_helper(input, variant));
     let decode_arms = variants
         .iter()
         .zip(&event_types)
@@ -506,6 +511,16 @@ fn expand_enum(input: &Enum<'_>) -> Result<TokenStream> {
             }
         });
     let unknown_event_type = unknown_event_type(ident);
+    let decode_body = if tagged {
+        decode_tagged(ident)
+    } else {
+        quote! {
+            match event_type {
+                #(#decode_arms)*
+                _ => #unknown_event_type,
+            }
+        }
+    };
     let outbox_event = outbox_event_impl(
         quote!(::outbox_core::OutboxEvent for #ident),
         EventMethods {
@@ -540,10 +555,7 @@ fn expand_enum(input: &Enum<'_>) -> Result<TokenStream> {
                     event_type: &str,
                     payload: &[u8],
                 ) -> ::core::result::Result<Self, ::outbox_core::DecodeError> {
-                    match event_type {
-                        #(#decode_arms)*
-                        _ => #unknown_event_type,
-                    }
+                    #decode_body
                 }
 
                 #decode_versioned
@@ -594,27 +606,91 @@ fn option(value: Option<TokenStream>) -> TokenStream {
     }
 }
 
-/// A copy of the enum, with the fields' `#[serde]` attributes, whose remote `Serialize` derive
-/// writes each variant untagged: a struct variant as the object of its fields, a newtype variant
-/// as its inner value. The user's enum itself needs no serde derive.
+/// `DecodeEvent::decode` of a tagged enum: the whole payload through the mirror's remote
+/// `Deserialize` (exactly serde's reading of the tag), then a check that the tag names the
+/// record's event type.
+fn decode_tagged(ident: &Ident) -> TokenStream {
+    let target = ident.unraw().to_string();
+    let payload_error = payload_error(ident);
+    let unknown_event_type = unknown_event_type(ident);
+    quote! {
+        if !<Self as ::outbox_core::DecodeEvent>::accepts(event_type) {
+            return #unknown_event_type;
+        }
+        #[derive(::outbox_core::__private::serde::Deserialize)]
+        #[serde(crate = "::outbox_core::__private::serde")]
+        struct __OutboxTagged(#[serde(with = "__OutboxPayload")] #ident);
+        let __outbox_decoded =
+            ::outbox_core::__private::serde_json::from_slice::<__OutboxTagged>(payload)
+                .map_err(#payload_error)?
+                .0;
+        let __outbox_found = ::outbox_core::OutboxEvent::event_type(&__outbox_decoded);
+        if __outbox_found != event_type {
+            return ::core::result::Result::Err(::outbox_core::DecodeError::Payload {
+                event_type: ::std::borrow::ToOwned::to_owned(event_type),
+                target: #target,
+                source: <::outbox_core::__private::serde_json::Error
+                    as ::outbox_core::__private::serde::de::Error>::custom(
+                    ::std::format!(
+                        "the payload's tag names the variant of event type `{}`, not `{}`",
+                        __outbox_found, event_type
+                    ),
+                ),
+            });
+        }
+        ::core::result::Result::Ok(__outbox_decoded)
+    }
+}
+
+/// A copy of the enum, with the fields' `#[serde]` attributes and the honoured enum and variant
+/// serde attributes, whose remote `Serialize` derive writes the payloads. Without an enum-level
+/// `tag` it writes each variant untagged (a struct variant as the object of its fields, a
+/// newtype variant as its inner value); with one it is tagged like serde's own derive, and also
+/// derives the remote `Deserialize` that decoding uses. The user's enum itself needs no serde
+/// derive.
 fn payload_mirror(input: &Enum<'_>) -> TokenStream {
     let remote = LitStr::new(&input.ident.to_string(), input.ident.span());
     let variants = input.variants.iter().map(|variant| {
         let ident = variant.ident;
+        let serde = variant.serde.iter().map(serde_attrs::Item::tokens);
+        let serde = quote!(#(#[serde(#serde)])*);
         match &variant.shape {
             Shape::Struct(fields) => {
                 let fields = fields.iter().map(field_declaration);
-                quote!(#ident { #(#fields),* })
+                quote!(#serde #ident { #(#fields),* })
             }
             Shape::Newtype(field) => {
                 let field = field_declaration(field);
-                quote!(#ident(#field))
+                quote!(#serde #ident(#field))
             }
         }
     });
+    let (layout, derive) = match serde_attrs::layout(&input.serde) {
+        Layout::Tagged => {
+            let items = input.serde.iter().map(serde_attrs::Item::tokens);
+            (
+                quote!(#(#[serde(#items)])*),
+                quote!(
+                    ::outbox_core::__private::serde::Serialize,
+                    ::outbox_core::__private::serde::Deserialize
+                ),
+            )
+        }
+        Layout::Untagged => {
+            let fields = serde_attrs::find(&input.serde, "rename_all_fields").map(|item| {
+                let tokens = item.tokens();
+                quote!(#[serde(#tokens)])
+            });
+            (
+                quote!(#[serde(untagged)] #fields),
+                quote!(::outbox_core::__private::serde::Serialize),
+            )
+        }
+    };
     quote! {
-        #[derive(::outbox_core::__private::serde::Serialize)]
-        #[serde(crate = "::outbox_core::__private::serde", remote = #remote, untagged)]
+        #[derive(#derive)]
+        #[serde(crate = "::outbox_core::__private::serde", remote = #remote)]
+        #layout
         #[allow(dead_code)]
         enum __OutboxPayload {
             #(#variants,)*
@@ -622,9 +698,10 @@ fn payload_mirror(input: &Enum<'_>) -> TokenStream {
     }
 }
 
-/// A struct with the variant's fields (and their `#[serde]` attributes) that its payload is
-/// deserialized into before the variant is built.
-fn decode_helper(variant: &Variant<'_>) -> TokenStream {
+/// A struct with the variant's fields (and their `#[serde]` attributes, and the variant's
+/// `rename_all` or else the enum's `rename_all_fields`) that its payload is deserialized into
+/// before the variant is built.
+fn decode_helper(input: &Enum<'_>, variant: &Variant<'_>) -> TokenStream {
     let helper = decode_helper_ident(variant);
     let body = match &variant.shape {
         Shape::Struct(fields) => {
@@ -636,9 +713,20 @@ fn decode_helper(variant: &Variant<'_>) -> TokenStream {
             quote!((#field);)
         }
     };
+    let rename_all = match &variant.shape {
+        Shape::Struct(_) => serde_attrs::find(&variant.serde, "rename_all")
+            .map(serde_attrs::Item::tokens)
+            .or_else(|| {
+                serde_attrs::find(&input.serde, "rename_all_fields")
+                    .map(|item| item.renamed("rename_all"))
+            }),
+        Shape::Newtype(_) => None,
+    };
+    let rename_all = rename_all.map(|tokens| quote!(#[serde(#tokens)]));
     quote! {
         #[derive(::outbox_core::__private::serde::Deserialize)]
         #[serde(crate = "::outbox_core::__private::serde")]
+        #rename_all
         #[allow(non_camel_case_types)]
         struct #helper #body
     }

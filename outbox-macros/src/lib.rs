@@ -6,6 +6,7 @@ mod diagnostics;
 mod expand;
 mod krate;
 mod resolve;
+mod serde_attrs;
 mod topic;
 mod valid;
 
