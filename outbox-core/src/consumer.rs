@@ -453,3 +453,57 @@ fn incoming(message: &BorrowedMessage<'_>) -> IncomingRecord {
         headers,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::DecodeError;
+    use crate::inbox::{EventMetadata, HandlerError, InboxTable};
+    use sqlx::PgConnection;
+
+    struct Never;
+
+    impl DecodeEvent for Never {
+        fn accepts(_: &str) -> bool {
+            false
+        }
+
+        fn decode(event_type: &str, _: &[u8]) -> Result<Self, DecodeError> {
+            Err(DecodeError::UnknownEventType {
+                event_type: event_type.to_owned(),
+                target: "Never",
+            })
+        }
+    }
+
+    struct Ignore;
+
+    impl EventHandler<Never> for Ignore {
+        async fn handle(
+            &self,
+            _: &mut PgConnection,
+            _: Never,
+            _: &EventMetadata,
+        ) -> Result<(), HandlerError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn no_topics_is_a_typed_config_error() {
+        let pool = PgPool::connect_lazy("postgres://localhost/unused").expect("lazy pool");
+        let inbox = Inbox::new(InboxTable::default(), "test").expect("inbox");
+        let config = ConsumerConfig::new("localhost:9092", "group", Vec::<String>::new());
+        let consumer = InboxConsumer::new(config, inbox, pool, Ignore);
+        match consumer.run(CancellationToken::new()).await {
+            Err(ConsumerError::Config(error)) => {
+                assert_eq!(error, ConfigError::NoTopics);
+                assert_eq!(
+                    ConsumerError::Config(error).to_string(),
+                    "invalid consumer configuration: no topics to consume"
+                );
+            }
+            other => panic!("expected Config(NoTopics), got {other:?}"),
+        }
+    }
+}
