@@ -202,3 +202,27 @@ fn default_layout_is_untagged_and_honours_field_renames() {
     let bytes = serde_json::to_vec(&payload).unwrap();
     assert_eq!(Default::decode("Opened", &bytes).unwrap(), event);
 }
+
+/// The enum-level serde attributes work without a serde derive on the enum: the derive declares
+/// `serde` as one of its attributes.
+#[derive(Debug, PartialEq, OutboxEvent)]
+#[outbox(aggregate_type = "cart", aggregate_id = "cart_id")]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+enum CartEvent {
+    ItemAdded { cart_id: u32, sku: String },
+}
+
+#[test]
+fn tagged_payloads_need_no_serde_derive_on_the_enum() {
+    let event = CartEvent::ItemAdded {
+        cart_id: 1,
+        sku: "b-1".into(),
+    };
+    let payload = event.to_payload().unwrap();
+    assert_eq!(
+        payload,
+        json!({ "kind": "item-added", "cart_id": 1, "sku": "b-1" })
+    );
+    let bytes = serde_json::to_vec(&payload).unwrap();
+    assert_eq!(CartEvent::decode("ItemAdded", &bytes).unwrap(), event);
+}
