@@ -113,8 +113,25 @@ pub enum ConsumerError {
     #[error(transparent)]
     Inbox(#[from] InboxError),
     /// The configuration is unusable.
+    ///
+    /// Changed: this used to carry a `String`; `error.to_string()` gives the same text.
     #[error("invalid consumer configuration: {0}")]
-    Config(String),
+    Config(ConfigError),
+}
+
+/// Why an [`InboxConsumer`]'s configuration cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// [`ConsumerConfig::topics`] is empty.
+    #[error("no topics to consume")]
+    NoTopics,
+    /// A topic reports more partitions than an `i32` partition number can address.
+    #[error("topic {topic} has too many partitions")]
+    TooManyPartitions {
+        /// The topic.
+        topic: String,
+    },
 }
 
 /// Counters of what a consumer did, shared while it runs.
@@ -238,7 +255,7 @@ where
 
     fn client(&self) -> Result<StreamConsumer, ConsumerError> {
         if self.config.topics.is_empty() {
-            return Err(ConsumerError::Config("no topics to consume".to_owned()));
+            return Err(ConsumerError::Config(ConfigError::NoTopics));
         }
         let mut cfg = ClientConfig::new();
         cfg.set("auto.offset.reset", "earliest")
@@ -307,7 +324,9 @@ where
                 if partitions > 0 {
                     for p in 0..partitions {
                         let p = i32::try_from(p).map_err(|_| {
-                            ConsumerError::Config(format!("topic {topic} has too many partitions"))
+                            ConsumerError::Config(ConfigError::TooManyPartitions {
+                                topic: topic.clone(),
+                            })
                         })?;
                         tpl.add_partition_offset(topic, p, Offset::Stored)?;
                     }
@@ -432,5 +451,59 @@ fn incoming(message: &BorrowedMessage<'_>) -> IncomingRecord {
         key: message.key().map(<[u8]>::to_vec),
         payload: message.payload().map(<[u8]>::to_vec),
         headers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::DecodeError;
+    use crate::inbox::{EventMetadata, HandlerError, InboxTable};
+    use sqlx::PgConnection;
+
+    struct Never;
+
+    impl DecodeEvent for Never {
+        fn accepts(_: &str) -> bool {
+            false
+        }
+
+        fn decode(event_type: &str, _: &[u8]) -> Result<Self, DecodeError> {
+            Err(DecodeError::UnknownEventType {
+                event_type: event_type.to_owned(),
+                target: "Never",
+            })
+        }
+    }
+
+    struct Ignore;
+
+    impl EventHandler<Never> for Ignore {
+        async fn handle(
+            &self,
+            _: &mut PgConnection,
+            _: Never,
+            _: &EventMetadata,
+        ) -> Result<(), HandlerError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn no_topics_is_a_typed_config_error() {
+        let pool = PgPool::connect_lazy("postgres://localhost/unused").expect("lazy pool");
+        let inbox = Inbox::new(InboxTable::default(), "test").expect("inbox");
+        let config = ConsumerConfig::new("localhost:9092", "group", Vec::<String>::new());
+        let consumer = InboxConsumer::new(config, inbox, pool, Ignore);
+        match consumer.run(CancellationToken::new()).await {
+            Err(ConsumerError::Config(error)) => {
+                assert_eq!(error, ConfigError::NoTopics);
+                assert_eq!(
+                    ConsumerError::Config(error).to_string(),
+                    "invalid consumer configuration: no topics to consume"
+                );
+            }
+            other => panic!("expected Config(NoTopics), got {other:?}"),
+        }
     }
 }

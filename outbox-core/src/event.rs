@@ -1,6 +1,14 @@
 //! The contract between a domain event type and the outbox.
 
 use serde_json::Value;
+use uuid::Uuid;
+
+/// The header that carries an event's broker record key when it differs from its aggregate id
+/// ([`OutboxEvent::message_key`], `#[outbox(key)]`, [`NewEvent::with_key`](crate::NewEvent::with_key)).
+///
+/// The relay keys records by the `aggregateid` column; a relay that honours this header keys the
+/// record by its value instead (the header is published too, so consumers see it either way).
+pub const KEY_HEADER: &str = "outbox-key";
 
 /// A domain event that can be written to the outbox.
 ///
@@ -45,6 +53,116 @@ pub trait OutboxEvent {
 
     /// The JSON payload stored in the `payload` column and published as the record value.
     fn to_payload(&self) -> Result<Value, serde_json::Error>;
+
+    /// The event id, when the event carries its own (e.g. a client-supplied idempotency key);
+    /// `None` (the default) lets the outbox draw a time-ordered UUIDv7.
+    ///
+    /// The id is the row's primary key and the `id` header consumers dedupe on, so writing the
+    /// same id twice fails the second transaction. Derived from a field with `#[outbox(id)]`.
+    fn event_id(&self) -> Option<Uuid> {
+        None
+    }
+
+    /// The broker record key, when it should differ from the aggregate id; `None` (the default)
+    /// keys by the aggregate id.
+    ///
+    /// Written as the [`KEY_HEADER`] header. Records of one key share a partition, so choosing a
+    /// key other than the aggregate id changes which events are ordered relative to each other.
+    /// Derived from a field with `#[outbox(key)]`.
+    fn message_key(&self) -> Option<String> {
+        None
+    }
+
+    /// Extra headers published with the event, as (name, value) pairs; none by default.
+    ///
+    /// Names the relay sets itself (`id`, `eventType`, `schemaVersion`, `traceparent`,
+    /// `ce_*`, …) are not copied by the relay. Derived from fields with
+    /// `#[outbox(header = "name")]`.
+    fn headers(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
+/// A value usable as an event header or broker key: `#[outbox(header = "...")]` and
+/// `#[outbox(key)]` fields must implement it.
+///
+/// Implemented for strings, integers, `bool`, `char`, [`Uuid`], and `Option` of these (`None`
+/// omits the header, or keeps the aggregate id as the key). Implement it for your own types
+/// (e.g. an id newtype) to use them as header fields.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be sent as an outbox header or key",
+    label = "not convertible to a header value",
+    note = "an #[outbox(header = \"...\")] or #[outbox(key)] field must be a string, an integer, \
+            a bool, a char, a Uuid, an Option of one of these, or implement \
+            outbox_core::HeaderValue"
+)]
+pub trait HeaderValue {
+    /// The header text, or `None` to send no header.
+    fn to_header_value(&self) -> Option<String>;
+}
+
+macro_rules! header_value_via_to_string {
+    ($($ty:ty),* $(,)?) => {$(
+        impl HeaderValue for $ty {
+            fn to_header_value(&self) -> Option<String> {
+                Some(self.to_string())
+            }
+        }
+    )*};
+}
+
+header_value_via_to_string!(
+    str, String, bool, char, i8, i16, i32, i64, i128, isize, u8, u16, u32, u64, u128, usize, Uuid
+);
+
+impl HeaderValue for std::borrow::Cow<'_, str> {
+    fn to_header_value(&self) -> Option<String> {
+        Some(self.to_string())
+    }
+}
+
+impl<T: HeaderValue + ?Sized> HeaderValue for &T {
+    fn to_header_value(&self) -> Option<String> {
+        (**self).to_header_value()
+    }
+}
+
+impl<T: HeaderValue + ?Sized> HeaderValue for Box<T> {
+    fn to_header_value(&self) -> Option<String> {
+        (**self).to_header_value()
+    }
+}
+
+impl<T: HeaderValue> HeaderValue for Option<T> {
+    fn to_header_value(&self) -> Option<String> {
+        self.as_ref().and_then(HeaderValue::to_header_value)
+    }
+}
+
+/// A value usable as an event id: the type of an `#[outbox(id)]` field.
+///
+/// Implemented for [`Uuid`] and `Option<Uuid>` (`None`: the outbox draws a UUIDv7).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be an outbox event id",
+    label = "not a Uuid",
+    note = "an #[outbox(id)] field is the event's primary key: it must be a uuid::Uuid or an \
+            Option<uuid::Uuid>"
+)]
+pub trait EventIdValue {
+    /// The event id, or `None` to let the outbox choose one.
+    fn to_event_id(&self) -> Option<Uuid>;
+}
+
+impl EventIdValue for Uuid {
+    fn to_event_id(&self) -> Option<Uuid> {
+        Some(*self)
+    }
+}
+
+impl EventIdValue for Option<Uuid> {
+    fn to_event_id(&self) -> Option<Uuid> {
+        *self
+    }
 }
 
 /// A type that can be rebuilt from a published outbox event: the consumer-side half of the
@@ -58,7 +176,29 @@ pub trait DecodeEvent: Sized {
     /// Fails with [`DecodeError::UnknownEventType`] when `event_type` is not one of this type's
     /// events, and with [`DecodeError::Payload`] when the payload does not match its shape.
     fn decode(event_type: &str, payload: &[u8]) -> Result<Self, DecodeError>;
+
+    /// Rebuilds the event from a payload written at `schema_version` (the record's
+    /// `schemaVersion` header, 1 when absent): the hook for upcasting old payloads.
+    ///
+    /// The inbox ([`decode_record`](crate::inbox::decode_record)) calls this, not
+    /// [`decode`](Self::decode). The default ignores the version and calls `decode`. Derived
+    /// types get an upcasting version with `#[outbox(upcast = path)]`: a payload older than the
+    /// type's current `schema_version` goes through `path(event_type, schema_version, payload)`
+    /// first. Implement it by hand to do the same for a hand-written [`DecodeEvent`]; report a
+    /// failed upcast as [`DecodeError::Upcast`].
+    fn decode_versioned(
+        event_type: &str,
+        schema_version: i32,
+        payload: &[u8],
+    ) -> Result<Self, DecodeError> {
+        let _ = schema_version;
+        Self::decode(event_type, payload)
+    }
 }
+
+/// The error an upcast function may return; anything convertible into it works, e.g. a `String`
+/// or any `std::error::Error + Send + Sync`.
+pub type UpcastError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a record could not be decoded into a typed event.
 #[derive(Debug, thiserror::Error)]
@@ -82,5 +222,23 @@ pub enum DecodeError {
         /// The JSON error.
         #[source]
         source: serde_json::Error,
+    },
+    /// A payload of an older schema version could not be upcast to the current one.
+    #[error(
+        "payload of event type `{event_type}` could not be upcast from schema version {from} \
+         to {to} for {target}: {source}"
+    )]
+    Upcast {
+        /// The event type found on the record.
+        event_type: String,
+        /// The Rust type that was asked to decode it.
+        target: &'static str,
+        /// The record's schema version.
+        from: i32,
+        /// The type's current schema version.
+        to: i32,
+        /// Why the upcast function refused the payload.
+        #[source]
+        source: UpcastError,
     },
 }

@@ -161,9 +161,13 @@ impl IncomingRecord {
             .and_then(|(_, v)| v.as_deref())
     }
 
-    fn header_str(&self, name: &str) -> Result<Option<&str>, String> {
+    fn header_str(&self, name: &str) -> Result<Option<&str>, EnvelopeError> {
         self.header(name)
-            .map(|v| std::str::from_utf8(v).map_err(|_| format!("header `{name}` is not UTF-8")))
+            .map(|v| {
+                std::str::from_utf8(v).map_err(|_| EnvelopeError::NotUtf8 {
+                    header: name.to_owned(),
+                })
+            })
             .transpose()
     }
 }
@@ -198,34 +202,41 @@ pub struct EventMetadata {
 impl EventMetadata {
     /// Reads the metadata from a record's key and headers. Fails with the reason when the `id`
     /// header is missing or not a UUID, the event type is missing, or a header is unreadable.
-    pub fn from_record(record: &IncomingRecord) -> Result<Self, String> {
+    ///
+    /// Changed: the error used to be a `String`; it is now the typed [`EnvelopeError`], whose
+    /// `Display` text is the former string (`error.to_string()` gives it back).
+    pub fn from_record(record: &IncomingRecord) -> Result<Self, EnvelopeError> {
         let event_id = match record.header_str(HEADER_ID)? {
-            Some(id) => {
-                Uuid::parse_str(id).map_err(|_| format!("header `id` is not a UUID: `{id}`"))?
-            }
-            None => return Err("no `id` header (not an outbox event?)".to_owned()),
+            Some(id) => Uuid::parse_str(id).map_err(|_| EnvelopeError::InvalidId {
+                value: id.to_owned(),
+            })?,
+            None => return Err(EnvelopeError::MissingId),
         };
         let event_type = match record.header_str(HEADER_EVENT_TYPE)? {
             Some(t) => t,
             None => record
                 .header_str(HEADER_CE_TYPE)?
-                .ok_or("no `eventType` or `ce_type` header")?,
+                .ok_or(EnvelopeError::MissingEventType)?,
         };
         if event_type.is_empty() {
-            return Err("the event type header is empty".to_owned());
+            return Err(EnvelopeError::EmptyEventType);
         }
         let aggregate_seq = record
             .header_str(HEADER_AGGREGATE_SEQ)?
             .map(|s| {
-                s.parse::<i64>()
-                    .map_err(|_| format!("header `{HEADER_AGGREGATE_SEQ}` is not an integer"))
+                s.parse::<i64>().map_err(|_| EnvelopeError::NotAnInteger {
+                    header: HEADER_AGGREGATE_SEQ,
+                    value: s.to_owned(),
+                })
             })
             .transpose()?;
         let schema_version = record
             .header_str(HEADER_SCHEMA_VERSION)?
             .map(|s| {
-                s.parse::<i32>()
-                    .map_err(|_| format!("header `{HEADER_SCHEMA_VERSION}` is not an integer"))
+                s.parse::<i32>().map_err(|_| EnvelopeError::NotAnInteger {
+                    header: HEADER_SCHEMA_VERSION,
+                    value: s.to_owned(),
+                })
             })
             .transpose()?
             .unwrap_or(1);
@@ -249,13 +260,51 @@ impl EventMetadata {
     }
 }
 
+/// Why a record's key and headers do not describe an outbox event (see
+/// [`EventMetadata::from_record`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// The record has no `id` header: it was not published by an outbox relay.
+    #[error("no `id` header (not an outbox event?)")]
+    MissingId,
+    /// The `id` header is not a UUID.
+    #[error("header `id` is not a UUID: `{value}`")]
+    InvalidId {
+        /// The header's text.
+        value: String,
+    },
+    /// Neither an `eventType` nor a CloudEvents `ce_type` header.
+    #[error("no `eventType` or `ce_type` header")]
+    MissingEventType,
+    /// The event type header is present but empty.
+    #[error("the event type header is empty")]
+    EmptyEventType,
+    /// A header the inbox reads is not UTF-8.
+    #[error("header `{header}` is not UTF-8")]
+    NotUtf8 {
+        /// The header's name.
+        header: String,
+    },
+    /// A numeric header (`schemaVersion`, `outbox-aggregate-seq`) is not an integer.
+    #[error("header `{header}` is not an integer: `{value}`")]
+    NotAnInteger {
+        /// The header's name.
+        header: &'static str,
+        /// The header's text.
+        value: String,
+    },
+}
+
 /// Why a record could not be turned into a typed event.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Undecodable {
     /// Headers missing or unreadable (no event id, no event type, …).
-    #[error("{0}")]
-    Envelope(String),
+    ///
+    /// Changed: this used to carry a `String`; `error.to_string()` gives the same text.
+    #[error(transparent)]
+    Envelope(EnvelopeError),
     /// The event type is not one the target type knows.
     #[error("unknown event type `{0}`")]
     UnknownEventType(String),
@@ -271,6 +320,8 @@ pub enum Undecodable {
 ///
 /// Guarantee: succeeds only for a record with a UUID `id` header, an event type that `E`
 /// [accepts](DecodeEvent::accepts), and a payload that decodes into it; never panics on any input.
+/// The payload is decoded with [`DecodeEvent::decode_versioned`] and the record's `schemaVersion`,
+/// so a type with an upcast hook reads payloads written by older versions of itself.
 pub fn decode_record<E: DecodeEvent>(
     record: &IncomingRecord,
 ) -> Result<(EventMetadata, E), Undecodable> {
@@ -282,7 +333,8 @@ pub fn decode_record<E: DecodeEvent>(
         .payload
         .as_deref()
         .ok_or(Undecodable::NullPayload(meta.event_id))?;
-    let event = E::decode(&meta.event_type, payload).map_err(Undecodable::Payload)?;
+    let event = E::decode_versioned(&meta.event_type, meta.schema_version, payload)
+        .map_err(Undecodable::Payload)?;
     Ok((meta, event))
 }
 
@@ -987,8 +1039,72 @@ mod tests {
                 "not an integer",
             ),
         ] {
-            let e = EventMetadata::from_record(&record(&headers, None)).unwrap_err();
+            let e = EventMetadata::from_record(&record(&headers, None))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn envelope_errors_are_typed() {
+        let id = "00000000-0000-0000-0000-000000000000";
+        let cases: [(Vec<(&str, &str)>, EnvelopeError); 5] = [
+            (vec![], EnvelopeError::MissingId),
+            (
+                vec![("id", "nope")],
+                EnvelopeError::InvalidId {
+                    value: "nope".into(),
+                },
+            ),
+            (vec![("id", id)], EnvelopeError::MissingEventType),
+            (
+                vec![("id", id), ("eventType", "")],
+                EnvelopeError::EmptyEventType,
+            ),
+            (
+                vec![("id", id), ("eventType", "X"), ("schemaVersion", "two")],
+                EnvelopeError::NotAnInteger {
+                    header: HEADER_SCHEMA_VERSION,
+                    value: "two".into(),
+                },
+            ),
+        ];
+        for (headers, expected) in cases {
+            assert_eq!(
+                EventMetadata::from_record(&record(&headers, None)).unwrap_err(),
+                expected
+            );
+        }
+        let mut bad = record(&[("id", id)], None);
+        bad.headers
+            .push(("eventType".into(), Some(vec![0xff, 0xfe])));
+        assert_eq!(
+            EventMetadata::from_record(&bad).unwrap_err(),
+            EnvelopeError::NotUtf8 {
+                header: "eventType".into()
+            }
+        );
+        match decode_record::<NoEvents>(&record(&[], Some("{}"))).unwrap_err() {
+            Undecodable::Envelope(EnvelopeError::MissingId) => {}
+            other => panic!("expected Envelope(MissingId), got {other:?}"),
+        }
+    }
+
+    /// A decodable type that accepts nothing, for envelope tests.
+    #[derive(Debug)]
+    struct NoEvents;
+
+    impl DecodeEvent for NoEvents {
+        fn accepts(_: &str) -> bool {
+            false
+        }
+
+        fn decode(event_type: &str, _: &[u8]) -> Result<Self, DecodeError> {
+            Err(DecodeError::UnknownEventType {
+                event_type: event_type.to_owned(),
+                target: "NoEvents",
+            })
         }
     }
 

@@ -68,10 +68,12 @@ mod trace;
 mod write;
 
 pub use error::{Error, IdentifierError, Result};
-pub use event::{DecodeError, DecodeEvent, OutboxEvent};
+pub use event::{
+    DecodeError, DecodeEvent, EventIdValue, HeaderValue, KEY_HEADER, OutboxEvent, UpcastError,
+};
 pub use inbox::{
-    Delivered, EventHandler, EventMetadata, HandlerError, Inbox, InboxError, InboxTable,
-    IncomingRecord, MalformedPolicy, SequenceCheck,
+    Delivered, EnvelopeError, EventHandler, EventMetadata, HandlerError, Inbox, InboxError,
+    InboxTable, IncomingRecord, MalformedPolicy, SequenceCheck,
 };
 pub use migrate::{
     MigrationReport, NOTIFY_SETTING, SCHEMA_VERSION, migrate, notify_trigger_sql, schema_version,
@@ -93,4 +95,5 @@ pub use outbox_macros::OutboxEvent;
 pub mod __private {
     pub use serde;
     pub use serde_json;
+    pub use uuid;
 }

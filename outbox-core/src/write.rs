@@ -119,6 +119,11 @@ impl NewEvent {
         new.schema_version = event.schema_version();
         new.topic = event.topic().map(str::to_owned);
         new.aggregate_seq = event.aggregate_sequence();
+        new.id = event.event_id();
+        new.headers.extend(event.headers());
+        if let Some(key) = event.message_key() {
+            new = new.with_key(key);
+        }
         Ok(new)
     }
 
@@ -127,6 +132,12 @@ impl NewEvent {
     pub fn with_id(mut self, id: Uuid) -> Self {
         self.id = Some(id);
         self
+    }
+
+    /// Keys the broker record by `key` instead of the aggregate id, through the
+    /// [`KEY_HEADER`](crate::KEY_HEADER) header (see there for what the relay does with it).
+    pub fn with_key(self, key: impl Into<String>) -> Self {
+        self.with_header(crate::event::KEY_HEADER, key)
     }
 
     /// Adds a Kafka header published with the event.

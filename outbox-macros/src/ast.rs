@@ -3,6 +3,7 @@
 
 use crate::attr::{self, Attrs, Place};
 use crate::diagnostics::Errors;
+use crate::serde_attrs;
 use syn::ext::IdentExt as _;
 use syn::{Attribute, Data, DeriveInput, Error, Fields, Ident, Result, Type};
 
@@ -24,6 +25,9 @@ pub(crate) struct Struct<'a> {
 /// An enum of events, e.g. `enum AccountEvent { Opened { .. }, Closed(AccountClosed) }`.
 pub(crate) struct Enum<'a> {
     pub attrs: Attrs,
+    /// The enum's honoured `#[serde(...)]` items (`tag`, `content`, `untagged`, `rename_all`,
+    /// `rename_all_fields`).
+    pub serde: Vec<serde_attrs::Item>,
     pub ident: &'a Ident,
     pub variants: Vec<Variant<'a>>,
 }
@@ -31,6 +35,8 @@ pub(crate) struct Enum<'a> {
 /// One event of an [`Enum`].
 pub(crate) struct Variant<'a> {
     pub attrs: Attrs,
+    /// The variant's honoured `#[serde(...)]` items (`rename`, `alias`, `rename_all`).
+    pub serde: Vec<serde_attrs::Item>,
     pub ident: &'a Ident,
     pub shape: Shape<'a>,
 }
@@ -40,7 +46,7 @@ pub(crate) enum Shape<'a> {
     /// `Opened { account_id: Uuid, .. }`: the payload is a JSON object of the fields.
     Struct(Vec<Field<'a>>),
     /// `Opened(AccountOpened)`: the payload is the inner value's JSON.
-    Newtype(Field<'a>),
+    Newtype(Box<Field<'a>>),
 }
 
 /// A field of a struct, a struct variant or a newtype variant.
@@ -121,6 +127,7 @@ impl<'a> Enum<'a> {
         errors.finish()?;
         Ok(Enum {
             attrs: attrs.unwrap_or_default(),
+            serde: serde_attrs::honoured(&node.attrs, false),
             ident: &node.ident,
             variants,
         })
@@ -141,7 +148,7 @@ impl<'a> Variant<'a> {
             )),
             Fields::Unnamed(unnamed) if unnamed.unnamed.len() == 1 => errors
                 .take(Field::from_syn(&unnamed.unnamed[0], Place::NewtypeField))
-                .map(Shape::Newtype),
+                .map(|field| Shape::Newtype(Box::new(field))),
             Fields::Unnamed(unnamed) => {
                 errors.push(Error::new_spanned(
                     unnamed,
@@ -169,6 +176,7 @@ impl<'a> Variant<'a> {
         errors.finish()?;
         Ok(Variant {
             attrs: attrs.unwrap_or_default(),
+            serde: serde_attrs::honoured(&node.attrs, true),
             ident: &node.ident,
             shape: shape.expect("no error means the shape was read"),
         })

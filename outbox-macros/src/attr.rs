@@ -21,13 +21,24 @@ pub(crate) enum Place {
 impl Place {
     fn keys(self) -> &'static [&'static str] {
         match self {
-            Place::Struct => ALL_KEYS,
+            Place::Struct => &[
+                "aggregate_type",
+                "event_type",
+                "topic",
+                "schema_version",
+                "aggregate_id",
+                "sequence",
+                "upcast",
+                "crate",
+            ],
             Place::Enum => &[
                 "aggregate_type",
                 "topic",
                 "schema_version",
                 "aggregate_id",
                 "sequence",
+                "upcast",
+                "crate",
             ],
             Place::Variant => &[
                 "event_type",
@@ -36,7 +47,7 @@ impl Place {
                 "aggregate_id",
                 "sequence",
             ],
-            Place::Field => &["aggregate_id", "sequence"],
+            Place::Field => &["aggregate_id", "sequence", "id", "key", "header"],
             Place::NewtypeField => &[],
         }
     }
@@ -73,6 +84,16 @@ pub(crate) struct Attrs {
     pub aggregate_id_marker: Option<Ident>,
     /// The `sequence` keyword of a field's `#[outbox(sequence)]`.
     pub sequence_marker: Option<Ident>,
+    /// The `id` keyword of a field's `#[outbox(id)]`: the field is the event id.
+    pub id_marker: Option<Ident>,
+    /// The `key` keyword of a field's `#[outbox(key)]`: the field is the broker record key.
+    pub key_marker: Option<Ident>,
+    /// A field's `#[outbox(header = "name")]`.
+    pub header: Option<LitStr>,
+    /// `upcast = path` (struct, enum): the function upcasting old payloads.
+    pub upcast: Option<Box<syn::Path>>,
+    /// `crate = "path"` (struct, enum): where `outbox_core` is reachable.
+    pub krate: Option<Box<syn::Path>>,
 }
 
 /// A validated `schema_version = N` value.
@@ -167,13 +188,66 @@ fn parse_one(attr: &Attribute, place: Place, out: &mut Attrs) -> Result<()> {
                 };
                 set_once(slot, field, duplicate)?;
             }
+            "id" | "key" => {
+                if meta.input.peek(syn::Token![=]) {
+                    return Err(meta.error(format!(
+                        "write `#[outbox({name})]` without a value, on the field itself"
+                    )));
+                }
+                let slot = if name == "id" {
+                    &mut out.id_marker
+                } else {
+                    &mut out.key_marker
+                };
+                set_once(slot, key.clone(), duplicate)?;
+            }
+            "header" => {
+                if !meta.input.peek(syn::Token![=]) {
+                    return Err(meta.error(
+                        "expected `header = \"header-name\"`: the name of the header this field \
+                         is sent as",
+                    ));
+                }
+                let lit = string_value(&name, &meta.value()?.parse()?)?;
+                check_header_name(&lit)?;
+                set_once(&mut out.header, lit, duplicate)?;
+            }
+            "upcast" => {
+                let path = match meta.value()?.parse::<Expr>()? {
+                    Expr::Path(path) if path.qself.is_none() => path.path,
+                    Expr::Lit(ExprLit {
+                        lit: Lit::Str(lit), ..
+                    }) => lit.parse::<syn::Path>()?,
+                    other => {
+                        return Err(Error::new_spanned(
+                            other,
+                            "expected the path of a function, e.g. `upcast = upcast_account` \
+                             (fn(&str, i32, serde_json::Value) -> Result<serde_json::Value, E>)",
+                        ));
+                    }
+                };
+                set_once(&mut out.upcast, Box::new(path), duplicate)?;
+            }
+            "crate" => {
+                let lit = string_value(&name, &meta.value()?.parse()?)?;
+                let path = lit.parse::<syn::Path>().map_err(|_| {
+                    Error::new(
+                        lit.span(),
+                        format!(
+                            "`{}` is not a path; expected e.g. `crate = \"my_events::outbox_core\"`",
+                            lit.value()
+                        ),
+                    )
+                })?;
+                set_once(&mut out.krate, Box::new(path), duplicate)?;
+            }
             _ => unreachable!("every key in Place::keys is handled"),
         }
         Ok(())
     })
 }
 
-/// Every key `#[outbox(...)]` knows; a struct takes all of them.
+/// Every key `#[outbox(...)]` knows.
 const ALL_KEYS: &[&str] = &[
     "aggregate_type",
     "event_type",
@@ -181,7 +255,42 @@ const ALL_KEYS: &[&str] = &[
     "schema_version",
     "aggregate_id",
     "sequence",
+    "upcast",
+    "crate",
+    "id",
+    "key",
+    "header",
 ];
+
+/// Header names the relay sets itself (a row header with one of these names is dropped), plus
+/// the header carrying the broker key.
+const RESERVED_HEADERS: &[&str] = &[
+    "id",
+    "eventType",
+    "schemaVersion",
+    "traceparent",
+    "outbox-aggregate-seq",
+    "outbox-key",
+    "content-type",
+];
+
+fn check_header_name(lit: &LitStr) -> Result<()> {
+    let name = lit.value();
+    if name.is_empty() {
+        return Err(Error::new(lit.span(), "`header` name must not be empty"));
+    }
+    if RESERVED_HEADERS.contains(&name.as_str()) || name.starts_with("ce_") {
+        return Err(Error::new(
+            lit.span(),
+            format!(
+                "header `{name}` is reserved: the relay sets it itself (`id`, `eventType`, \
+                 `schemaVersion`, `traceparent`, `outbox-aggregate-seq`, `outbox-key`, \
+                 `content-type`, `ce_*`); choose another name"
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// Stores `value` in `slot`; an attribute given twice is the error `duplicate` makes.
 fn set_once<T>(slot: &mut Option<T>, value: T, duplicate: impl FnOnce() -> Error) -> Result<()> {
@@ -204,7 +313,12 @@ fn misplaced_key_message(place: Place, name: &str) -> String {
         (Place::Variant, "aggregate_type") => {
             "; all variants share the enum's aggregate type: put it on the enum"
         }
+        (Place::Field, "upcast" | "crate") => "; put it on the struct or enum",
         (Place::Field, _) => "; put it on the struct, enum or variant",
+        (Place::Struct | Place::Enum | Place::Variant, "id" | "key" | "header") => {
+            "; put it on a field"
+        }
+        (Place::Variant, "upcast" | "crate") => "; put it on the enum",
         _ => "",
     };
     format!(

@@ -1,7 +1,8 @@
 //! Code generation: `impl OutboxEvent` and `impl DecodeEvent` for a validated [`Input`].
 
 use crate::ast::{Enum, Field, Input, Shape, Struct, Variant};
-use crate::resolve::Access;
+use crate::resolve::{self, Access, Extras};
+use crate::serde_attrs::{self, Layout};
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote, quote_spanned};
 use syn::ext::IdentExt as _;
@@ -27,10 +28,14 @@ pub(crate) fn derive(node: &DeriveInput) -> TokenStream {
 fn try_expand(node: &DeriveInput) -> Result<TokenStream> {
     let input = Input::from_syn(node)?;
     input.validate()?;
-    match &input {
-        Input::Struct(input) => expand_struct(input),
-        Input::Enum(input) => expand_enum(input),
-    }
+    let (tokens, krate) = match &input {
+        Input::Struct(input) => (expand_struct(input)?, input.attrs.krate.as_ref()),
+        Input::Enum(input) => (expand_enum(input)?, input.attrs.krate.as_ref()),
+    };
+    Ok(match krate {
+        Some(path) => crate::krate::replace(tokens, path),
+        None => tokens,
+    })
 }
 
 fn expand_struct(input: &Struct<'_>) -> Result<TokenStream> {
@@ -64,6 +69,14 @@ fn expand_struct(input: &Struct<'_>) -> Result<TokenStream> {
             }
         }
     });
+    let extras = resolve::extras(ident, &input.fields)?;
+    let extra_methods = struct_extra_methods(&extras);
+    let current_version = input.attrs.schema_version.as_ref().map_or(1, |v| v.value);
+    let decode_versioned = input
+        .attrs
+        .upcast
+        .as_ref()
+        .map(|upcast| decode_versioned(ident, upcast, quote!(#current_version)));
     // Spanned at the type's name, so a missing `Serialize` / `Deserialize` derive is reported there.
     let to_value =
         quote_spanned!(ident.span()=> ::outbox_core::__private::serde_json::to_value(self));
@@ -77,7 +90,7 @@ fn expand_struct(input: &Struct<'_>) -> Result<TokenStream> {
             aggregate_type: quote!(#aggregate_type),
             aggregate_id: quote!(::std::string::ToString::to_string(&self.#aggregate_id)),
             event_type: quote!(#event_type),
-            optional: quote!(#schema_version #topic #sequence),
+            optional: quote!(#schema_version #topic #sequence #extra_methods),
             to_payload: to_value,
         },
     );
@@ -99,8 +112,198 @@ fn expand_struct(input: &Struct<'_>) -> Result<TokenStream> {
                 }
                 #from_slice(payload).map_err(#payload_error)
             }
+
+            #decode_versioned
         }
     })
+}
+
+/// `event_id`, `message_key` and `headers` of a struct, each only when a field is marked.
+fn struct_extra_methods(extras: &Extras<'_, '_>) -> TokenStream {
+    let place = |field: &Field<'_>| {
+        let member = field.ident;
+        quote!(&self.#member)
+    };
+    let id = extras.id.map(|field| {
+        let value = id_value(field, place(field));
+        quote! {
+            fn event_id(&self) -> ::core::option::Option<::outbox_core::__private::uuid::Uuid> {
+                #value
+            }
+        }
+    });
+    let key = extras.key.map(|field| {
+        let value = header_value(field, place(field));
+        quote! {
+            fn message_key(&self) -> ::core::option::Option<::std::string::String> {
+                #value
+            }
+        }
+    });
+    let headers = (!extras.headers.is_empty()).then(|| {
+        let body = headers_body(&extras.headers, place);
+        quote! {
+            fn headers(&self) -> ::std::vec::Vec<(::std::string::String, ::std::string::String)> {
+                #body
+            }
+        }
+    });
+    quote!(#id #key #headers)
+}
+
+/// `Option<Uuid>` from an `#[outbox(id)]` field borrowed by `place`; an unsuitable type is
+/// reported at the field's type.
+fn id_value(field: &Field<'_>, place: TokenStream) -> TokenStream {
+    let ty = field.ty;
+    quote_spanned! {ty.span()=>
+        <#ty as ::outbox_core::EventIdValue>::to_event_id(#place)
+    }
+}
+
+/// `Option<String>` from a header or key field borrowed by `place`; an unsuitable type is
+/// reported at the field's type.
+fn header_value(field: &Field<'_>, place: TokenStream) -> TokenStream {
+    let ty = field.ty;
+    quote_spanned! {ty.span()=>
+        <#ty as ::outbox_core::HeaderValue>::to_header_value(#place)
+    }
+}
+
+/// A block building the `Vec` of headers from `headers`, each field borrowed by `place`.
+fn headers_body(
+    headers: &[(&LitStr, &Field<'_>)],
+    place: impl Fn(&Field<'_>) -> TokenStream,
+) -> TokenStream {
+    let pushes = headers.iter().map(|(name, field)| {
+        let value = header_value(field, place(field));
+        quote! {
+            if let ::core::option::Option::Some(__outbox_value) = #value {
+                __outbox_headers.push((::std::string::String::from(#name), __outbox_value));
+            }
+        }
+    });
+    quote! {
+        let mut __outbox_headers = ::std::vec::Vec::new();
+        #(#pushes)*
+        __outbox_headers
+    }
+}
+
+/// `DecodeEvent::decode_versioned` running payloads older than `current` (an `i32` expression
+/// of `event_type`; it may `return` for unknown event types) through `upcast` first.
+fn decode_versioned(ident: &Ident, upcast: &syn::Path, current: TokenStream) -> TokenStream {
+    let target = ident.unraw().to_string();
+    let payload_error = payload_error(ident);
+    // Coerced to a function pointer first, so a wrong signature is reported at the path as
+    // "expected fn pointer `fn(&str, i32, Value) -> Result<Value, _>`".
+    let function = quote_spanned! {upcast.span()=>
+        let __outbox_upcast: fn(
+            &str,
+            i32,
+            ::outbox_core::__private::serde_json::Value,
+        ) -> ::core::result::Result<::outbox_core::__private::serde_json::Value, _> = #upcast;
+    };
+    quote! {
+        fn decode_versioned(
+            event_type: &str,
+            schema_version: i32,
+            payload: &[u8],
+        ) -> ::core::result::Result<Self, ::outbox_core::DecodeError> {
+            let __outbox_current: i32 = #current;
+            if schema_version >= __outbox_current {
+                return <Self as ::outbox_core::DecodeEvent>::decode(event_type, payload);
+            }
+            let __outbox_value: ::outbox_core::__private::serde_json::Value =
+                ::outbox_core::__private::serde_json::from_slice(payload)
+                    .map_err(#payload_error)?;
+            #function
+            let __outbox_value = __outbox_upcast(event_type, schema_version, __outbox_value)
+                .map_err(|source| ::outbox_core::DecodeError::Upcast {
+                event_type: ::std::borrow::ToOwned::to_owned(event_type),
+                target: #target,
+                from: schema_version,
+                to: __outbox_current,
+                source: ::core::convert::Into::<::outbox_core::UpcastError>::into(source),
+            })?;
+            let __outbox_bytes = ::outbox_core::__private::serde_json::to_vec(&__outbox_value)
+                .map_err(#payload_error)?;
+            <Self as ::outbox_core::DecodeEvent>::decode(event_type, &__outbox_bytes)
+        }
+    }
+}
+
+/// `event_id`, `message_key` and `headers` of an enum, each only when some variant marks a
+/// field for it.
+fn enum_extra_methods(variants: &[Variant<'_>], extras: &[Extras<'_, '_>]) -> TokenStream {
+    let id = extras.iter().any(|e| e.id.is_some()).then(|| {
+        let body = extra_match(variants, extras, Extra::Id);
+        quote! {
+            fn event_id(&self) -> ::core::option::Option<::outbox_core::__private::uuid::Uuid> {
+                #body
+            }
+        }
+    });
+    let key = extras.iter().any(|e| e.key.is_some()).then(|| {
+        let body = extra_match(variants, extras, Extra::Key);
+        quote! {
+            fn message_key(&self) -> ::core::option::Option<::std::string::String> {
+                #body
+            }
+        }
+    });
+    let headers = extras.iter().any(|e| !e.headers.is_empty()).then(|| {
+        let body = extra_match(variants, extras, Extra::Headers);
+        quote! {
+            fn headers(&self) -> ::std::vec::Vec<(::std::string::String, ::std::string::String)> {
+                #body
+            }
+        }
+    });
+    quote!(#id #key #headers)
+}
+
+/// Which of the [`Extras`] a generated method reads.
+#[derive(Clone, Copy)]
+enum Extra {
+    Id,
+    Key,
+    Headers,
+}
+
+/// `match self { .. }` computing `which` for every variant, binding only the fields it reads.
+fn extra_match(variants: &[Variant<'_>], extras: &[Extras<'_, '_>], which: Extra) -> TokenStream {
+    let binding = |field: &Field<'_>| {
+        let member = field.ident.expect("struct variant fields are named");
+        format_ident!("__outbox_{}", member.unraw())
+    };
+    let place = |field: &Field<'_>| {
+        let binding = binding(field);
+        quote!(#binding)
+    };
+    let arms = variants.iter().zip(extras).map(|(variant, extra)| {
+        let ident = variant.ident;
+        let (fields, body): (Vec<&Field<'_>>, TokenStream) = match which {
+            Extra::Id => match extra.id {
+                Some(field) => (vec![field], id_value(field, place(field))),
+                None => (Vec::new(), quote!(::core::option::Option::None)),
+            },
+            Extra::Key => match extra.key {
+                Some(field) => (vec![field], header_value(field, place(field))),
+                None => (Vec::new(), quote!(::core::option::Option::None)),
+            },
+            Extra::Headers if extra.headers.is_empty() => {
+                (Vec::new(), quote!(::std::vec::Vec::new()))
+            }
+            Extra::Headers => (
+                extra.headers.iter().map(|(_, field)| *field).collect(),
+                headers_body(&extra.headers, place),
+            ),
+        };
+        let members = fields.iter().map(|field| field.ident);
+        let bindings = fields.iter().map(|field| binding(field));
+        quote!(Self::#ident { #(#members: #bindings,)* .. } => { #body })
+    });
+    quote!(match self { #(#arms)* })
 }
 
 /// The bodies of the `impl OutboxEvent` methods: what a struct and an enum generate differently.
@@ -244,8 +447,45 @@ fn expand_enum(input: &Enum<'_>) -> Result<TokenStream> {
         }
     });
 
+    let extras = variants
+        .iter()
+        .map(|variant| match &variant.shape {
+            Shape::Struct(fields) => resolve::extras(variant.ident, fields),
+            Shape::Newtype(_) => Ok(Extras::none()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let extra_methods = enum_extra_methods(variants, &extras);
+    let decode_versioned = input.attrs.upcast.as_ref().map(|upcast| {
+        let arms = variants
+            .iter()
+            .zip(&event_types)
+            .map(|(variant, event_type)| {
+                let version = variant
+                    .attrs
+                    .schema_version
+                    .as_ref()
+                    .or(input.attrs.schema_version.as_ref())
+                    .map_or(1, |version| version.value);
+                quote!(#event_type => #version,)
+            });
+        decode_versioned(
+            ident,
+            upcast,
+            quote! {
+                match event_type {
+                    #(#arms)*
+                    _ => return <Self as ::outbox_core::DecodeEvent>::decode(event_type, payload),
+                }
+            },
+        )
+    });
+
     let payload_mirror = payload_mirror(input);
-    let decode_helpers = variants.iter().map(decode_helper);
+    let tagged = matches!(serde_attrs::layout(&input.serde), Layout::Tagged);
+    let decode_helpers = variants
+        .iter()
+        .filter(|_| !tagged)
+        .map(|variant| decode_helper(input, variant));
     let decode_arms = variants
         .iter()
         .zip(&event_types)
@@ -271,13 +511,23 @@ fn expand_enum(input: &Enum<'_>) -> Result<TokenStream> {
             }
         });
     let unknown_event_type = unknown_event_type(ident);
+    let decode_body = if tagged {
+        decode_tagged(ident)
+    } else {
+        quote! {
+            match event_type {
+                #(#decode_arms)*
+                _ => #unknown_event_type,
+            }
+        }
+    };
     let outbox_event = outbox_event_impl(
         quote!(::outbox_core::OutboxEvent for #ident),
         EventMethods {
             aggregate_type: quote!(#aggregate_type),
             aggregate_id: quote!(match self { #(#aggregate_id_arms)* }),
             event_type: quote!(match self { #(#event_type_arms)* }),
-            optional: quote!(#schema_version #topic #sequence),
+            optional: quote!(#schema_version #topic #sequence #extra_methods),
             to_payload: quote! {
                 __OutboxPayload::serialize(
                     self,
@@ -305,11 +555,10 @@ fn expand_enum(input: &Enum<'_>) -> Result<TokenStream> {
                     event_type: &str,
                     payload: &[u8],
                 ) -> ::core::result::Result<Self, ::outbox_core::DecodeError> {
-                    match event_type {
-                        #(#decode_arms)*
-                        _ => #unknown_event_type,
-                    }
+                    #decode_body
                 }
+
+                #decode_versioned
             }
         };
     })
@@ -357,27 +606,91 @@ fn option(value: Option<TokenStream>) -> TokenStream {
     }
 }
 
-/// A copy of the enum, with the fields' `#[serde]` attributes, whose remote `Serialize` derive
-/// writes each variant untagged: a struct variant as the object of its fields, a newtype variant
-/// as its inner value. The user's enum itself needs no serde derive.
+/// `DecodeEvent::decode` of a tagged enum: the whole payload through the mirror's remote
+/// `Deserialize` (exactly serde's reading of the tag), then a check that the tag names the
+/// record's event type.
+fn decode_tagged(ident: &Ident) -> TokenStream {
+    let target = ident.unraw().to_string();
+    let payload_error = payload_error(ident);
+    let unknown_event_type = unknown_event_type(ident);
+    quote! {
+        if !<Self as ::outbox_core::DecodeEvent>::accepts(event_type) {
+            return #unknown_event_type;
+        }
+        #[derive(::outbox_core::__private::serde::Deserialize)]
+        #[serde(crate = "::outbox_core::__private::serde")]
+        struct __OutboxTagged(#[serde(with = "__OutboxPayload")] #ident);
+        let __outbox_decoded =
+            ::outbox_core::__private::serde_json::from_slice::<__OutboxTagged>(payload)
+                .map_err(#payload_error)?
+                .0;
+        let __outbox_found = ::outbox_core::OutboxEvent::event_type(&__outbox_decoded);
+        if __outbox_found != event_type {
+            return ::core::result::Result::Err(::outbox_core::DecodeError::Payload {
+                event_type: ::std::borrow::ToOwned::to_owned(event_type),
+                target: #target,
+                source: <::outbox_core::__private::serde_json::Error
+                    as ::outbox_core::__private::serde::de::Error>::custom(
+                    ::std::format!(
+                        "the payload's tag names the variant of event type `{}`, not `{}`",
+                        __outbox_found, event_type
+                    ),
+                ),
+            });
+        }
+        ::core::result::Result::Ok(__outbox_decoded)
+    }
+}
+
+/// A copy of the enum, with the fields' `#[serde]` attributes and the honoured enum and variant
+/// serde attributes, whose remote `Serialize` derive writes the payloads. Without an enum-level
+/// `tag` it writes each variant untagged (a struct variant as the object of its fields, a
+/// newtype variant as its inner value); with one it is tagged like serde's own derive, and also
+/// derives the remote `Deserialize` that decoding uses. The user's enum itself needs no serde
+/// derive.
 fn payload_mirror(input: &Enum<'_>) -> TokenStream {
     let remote = LitStr::new(&input.ident.to_string(), input.ident.span());
     let variants = input.variants.iter().map(|variant| {
         let ident = variant.ident;
+        let serde = variant.serde.iter().map(serde_attrs::Item::tokens);
+        let serde = quote!(#(#[serde(#serde)])*);
         match &variant.shape {
             Shape::Struct(fields) => {
                 let fields = fields.iter().map(field_declaration);
-                quote!(#ident { #(#fields),* })
+                quote!(#serde #ident { #(#fields),* })
             }
             Shape::Newtype(field) => {
                 let field = field_declaration(field);
-                quote!(#ident(#field))
+                quote!(#serde #ident(#field))
             }
         }
     });
+    let (layout, derive) = match serde_attrs::layout(&input.serde) {
+        Layout::Tagged => {
+            let items = input.serde.iter().map(serde_attrs::Item::tokens);
+            (
+                quote!(#(#[serde(#items)])*),
+                quote!(
+                    ::outbox_core::__private::serde::Serialize,
+                    ::outbox_core::__private::serde::Deserialize
+                ),
+            )
+        }
+        Layout::Untagged => {
+            let fields = serde_attrs::find(&input.serde, "rename_all_fields").map(|item| {
+                let tokens = item.tokens();
+                quote!(#[serde(#tokens)])
+            });
+            (
+                quote!(#[serde(untagged)] #fields),
+                quote!(::outbox_core::__private::serde::Serialize),
+            )
+        }
+    };
     quote! {
-        #[derive(::outbox_core::__private::serde::Serialize)]
-        #[serde(crate = "::outbox_core::__private::serde", remote = #remote, untagged)]
+        #[derive(#derive)]
+        #[serde(crate = "::outbox_core::__private::serde", remote = #remote)]
+        #layout
         #[allow(dead_code)]
         enum __OutboxPayload {
             #(#variants,)*
@@ -385,9 +698,10 @@ fn payload_mirror(input: &Enum<'_>) -> TokenStream {
     }
 }
 
-/// A struct with the variant's fields (and their `#[serde]` attributes) that its payload is
-/// deserialized into before the variant is built.
-fn decode_helper(variant: &Variant<'_>) -> TokenStream {
+/// A struct with the variant's fields (and their `#[serde]` attributes, and the variant's
+/// `rename_all` or else the enum's `rename_all_fields`) that its payload is deserialized into
+/// before the variant is built.
+fn decode_helper(input: &Enum<'_>, variant: &Variant<'_>) -> TokenStream {
     let helper = decode_helper_ident(variant);
     let body = match &variant.shape {
         Shape::Struct(fields) => {
@@ -399,9 +713,20 @@ fn decode_helper(variant: &Variant<'_>) -> TokenStream {
             quote!((#field);)
         }
     };
+    let rename_all = match &variant.shape {
+        Shape::Struct(_) => serde_attrs::find(&variant.serde, "rename_all")
+            .map(serde_attrs::Item::tokens)
+            .or_else(|| {
+                serde_attrs::find(&input.serde, "rename_all_fields")
+                    .map(|item| item.renamed("rename_all"))
+            }),
+        Shape::Newtype(_) => None,
+    };
+    let rename_all = rename_all.map(|tokens| quote!(#[serde(#tokens)]));
     quote! {
         #[derive(::outbox_core::__private::serde::Deserialize)]
         #[serde(crate = "::outbox_core::__private::serde")]
+        #rename_all
         #[allow(non_camel_case_types)]
         struct #helper #body
     }
@@ -456,7 +781,7 @@ fn fallback(node: &DeriveInput) -> TokenStream {
             to_payload: unreachable,
         },
     );
-    quote! {
+    let tokens = quote! {
         #outbox_event
 
         #[automatically_derived]
@@ -472,5 +797,16 @@ fn fallback(node: &DeriveInput) -> TokenStream {
                 ::core::unreachable!()
             }
         }
+    };
+    // Best effort: a readable `crate = "..."` keeps the placeholders resolvable.
+    let place = match node.data {
+        syn::Data::Enum(_) => crate::attr::Place::Enum,
+        _ => crate::attr::Place::Struct,
+    };
+    match crate::attr::parse(&node.attrs, place) {
+        Ok(crate::attr::Attrs {
+            krate: Some(path), ..
+        }) => crate::krate::replace(tokens, &path),
+        _ => tokens,
     }
 }

@@ -4,7 +4,9 @@ mod ast;
 mod attr;
 mod diagnostics;
 mod expand;
+mod krate;
 mod resolve;
+mod serde_attrs;
 mod topic;
 mod valid;
 

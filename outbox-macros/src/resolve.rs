@@ -189,3 +189,76 @@ fn field_name(field: &Field<'_>) -> String {
         .ident
         .map_or_else(String::new, |ident| ident.unraw().to_string())
 }
+
+/// The fields marked `#[outbox(id)]`, `#[outbox(key)]` and `#[outbox(header = "...")]` of one
+/// struct or struct variant.
+pub(crate) struct Extras<'f, 'a> {
+    /// The event id field.
+    pub id: Option<&'f Field<'a>>,
+    /// The broker key field.
+    pub key: Option<&'f Field<'a>>,
+    /// The header fields, with their header names, in field order.
+    pub headers: Vec<(&'f syn::LitStr, &'f Field<'a>)>,
+}
+
+impl Extras<'_, '_> {
+    /// No extras (a newtype variant).
+    pub(crate) fn none() -> Self {
+        Extras {
+            id: None,
+            key: None,
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// Reads the extras of `fields` (of the struct or variant `owner`); errors when a marker repeats
+/// or two fields claim one header name.
+pub(crate) fn extras<'f, 'a>(owner: &Ident, fields: &'f [Field<'a>]) -> Result<Extras<'f, 'a>> {
+    let mut errors = crate::diagnostics::Errors::default();
+    let mut single = |what: &str, pick: for<'x> fn(&'x Field<'a>) -> Option<&'x Ident>| {
+        let mut marked = fields
+            .iter()
+            .filter_map(|field| pick(field).map(|marker| (field, marker)));
+        let first = marked.next();
+        for (second, marker) in marked {
+            let (first, _) = first.expect("a second marked field means a first one");
+            errors.push(Error::new(
+                marker.span(),
+                format!(
+                    "two {what} fields in `{owner}`: `{}` and `{}` are both marked \
+                     #[outbox({what})]; an event has at most one",
+                    field_name(first),
+                    field_name(second),
+                ),
+            ));
+        }
+        first.map(|(field, _)| field)
+    };
+    let id = single("id", |field| field.attrs.id_marker.as_ref());
+    let key = single("key", |field| field.attrs.key_marker.as_ref());
+    let mut headers: Vec<(&syn::LitStr, &Field<'a>)> = Vec::new();
+    for field in fields {
+        let Some(name) = &field.attrs.header else {
+            continue;
+        };
+        if let Some((_, first)) = headers
+            .iter()
+            .find(|(seen, _)| seen.value() == name.value())
+        {
+            errors.push(Error::new(
+                name.span(),
+                format!(
+                    "duplicate header `{}` in `{owner}`: field `{}` is already sent under that \
+                     name",
+                    name.value(),
+                    field_name(first),
+                ),
+            ));
+            continue;
+        }
+        headers.push((name, field));
+    }
+    errors.finish()?;
+    Ok(Extras { id, key, headers })
+}

@@ -25,6 +25,7 @@ impl Struct<'_> {
         check_container(&self.attrs, self.ident, errors);
         errors.take(self.aggregate_id());
         errors.take(self.sequence());
+        errors.take(crate::resolve::extras(self.ident, &self.fields));
     }
 }
 
@@ -36,6 +37,9 @@ impl Enum<'_> {
             check_topic(variant.attrs.topic.as_ref(), errors);
             errors.take(variant.aggregate_id(self));
             errors.take(variant.sequence(self));
+            if let crate::ast::Shape::Struct(fields) = &variant.shape {
+                errors.take(crate::resolve::extras(variant.ident, fields));
+            }
             let event_type = variant.event_type();
             if let Some(first) = event_types.get(&event_type) {
                 let span = variant

@@ -1,0 +1,13 @@
+use outbox_core::OutboxEvent;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, OutboxEvent)]
+#[outbox(aggregate_type = "payment")]
+struct PaymentCaptured {
+    #[outbox(aggregate_id)]
+    payment_id: u64,
+    #[outbox(header = "x-tags")]
+    tags: Vec<String>,
+}
+
+fn main() {}
