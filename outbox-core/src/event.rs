@@ -6,8 +6,10 @@ use uuid::Uuid;
 /// The header that carries an event's broker record key when it differs from its aggregate id
 /// ([`OutboxEvent::message_key`], `#[outbox(key)]`, [`NewEvent::with_key`](crate::NewEvent::with_key)).
 ///
-/// The relay keys records by the `aggregateid` column; a relay that honours this header keys the
-/// record by its value instead (the header is published too, so consumers see it either way).
+/// The relay keys records by the `aggregateid` column, or by this header's value when an event
+/// has it (the header is published too). When the two differ, the record also carries the
+/// aggregate id in [`HEADER_AGGREGATE_ID`](crate::inbox::HEADER_AGGREGATE_ID), which
+/// [`EventMetadata::from_record`](crate::inbox::EventMetadata::from_record) prefers to the key.
 pub const KEY_HEADER: &str = "outbox-key";
 
 /// A domain event that can be written to the outbox.

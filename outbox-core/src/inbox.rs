@@ -57,6 +57,9 @@ pub const HEADER_EVENT_TYPE: &str = "eventType";
 pub const HEADER_SCHEMA_VERSION: &str = "schemaVersion";
 /// The header carrying the event's position in its aggregate's stream.
 pub const HEADER_AGGREGATE_SEQ: &str = "outbox-aggregate-seq";
+/// The header carrying the aggregate id when the record is keyed by something else (an event
+/// with its own [`KEY_HEADER`](crate::KEY_HEADER)); absent when the key is the aggregate id.
+pub const HEADER_AGGREGATE_ID: &str = "outbox-aggregate-id";
 /// The W3C trace context header.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 /// The CloudEvents binary-mode event type header, used when `eventType` is absent.
@@ -179,7 +182,8 @@ pub struct EventMetadata {
     pub event_id: Uuid,
     /// The event type (`eventType`, or CloudEvents `ce_type`).
     pub event_type: String,
-    /// The aggregate id (the record key), when the record has a UTF-8 key.
+    /// The aggregate id: the [`HEADER_AGGREGATE_ID`] header when the record has one (it was
+    /// keyed by something else), otherwise the record key when it is UTF-8.
     pub aggregate_id: Option<String>,
     /// The event's position in its aggregate's stream (`outbox-aggregate-seq`), when the writer set
     /// one.
@@ -240,11 +244,14 @@ impl EventMetadata {
             })
             .transpose()?
             .unwrap_or(1);
-        let aggregate_id = record
-            .key
-            .as_deref()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .map(str::to_owned);
+        let aggregate_id = match record.header_str(HEADER_AGGREGATE_ID)? {
+            Some(id) => Some(id.to_owned()),
+            None => record
+                .key
+                .as_deref()
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .map(str::to_owned),
+        };
         Ok(Self {
             event_id,
             event_type: event_type.to_owned(),

@@ -72,8 +72,8 @@ pub use event::{
     DecodeError, DecodeEvent, EventIdValue, HeaderValue, KEY_HEADER, OutboxEvent, UpcastError,
 };
 pub use inbox::{
-    Delivered, EnvelopeError, EventHandler, EventMetadata, HandlerError, Inbox, InboxError,
-    InboxTable, IncomingRecord, MalformedPolicy, SequenceCheck,
+    Delivered, EnvelopeError, EventHandler, EventMetadata, HEADER_AGGREGATE_ID, HandlerError,
+    Inbox, InboxError, InboxTable, IncomingRecord, MalformedPolicy, SequenceCheck,
 };
 pub use migrate::{
     MigrationReport, NOTIFY_SETTING, SCHEMA_VERSION, migrate, notify_trigger_sql, schema_version,

@@ -34,6 +34,7 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "schemaVersion",
     "traceparent",
     "outbox-aggregate-seq",
+    "outbox-aggregate-id",
     "ce_specversion",
     "ce_id",
     "ce_source",
@@ -312,7 +313,7 @@ impl Default for RouteSettings {
 pub struct OutboundRecord {
     /// Destination topic.
     pub topic: String,
-    /// Record key: the aggregate id.
+    /// Record key: the aggregate id, or the event's `outbox-key` header when it has one.
     pub key: String,
     /// Record value: the payload JSON, or `None` for a null value.
     pub payload: Option<String>,
@@ -484,9 +485,26 @@ impl Router {
             }
             headers.push((name.clone(), value.clone().into_bytes()));
         }
+        // A key of the event's own (`outbox-key` row header) replaces the aggregate id as the
+        // record key; the aggregate id then travels in a header of its own.
+        let key = match event
+            .headers
+            .iter()
+            .rev()
+            .find(|(name, value)| name == outbox_core::KEY_HEADER && !value.is_empty())
+        {
+            Some((_, key)) if *key != event.aggregate_id => {
+                headers.push((
+                    outbox_core::HEADER_AGGREGATE_ID.into(),
+                    event.aggregate_id.clone().into_bytes(),
+                ));
+                key.clone()
+            }
+            _ => event.aggregate_id.clone(),
+        };
         Ok(OutboundRecord {
             topic,
-            key: event.aggregate_id.clone(),
+            key,
             payload,
             headers,
             timestamp_ms: event.created_at.map(|t| t.timestamp_millis()),
@@ -535,6 +553,40 @@ mod tests {
         assert_eq!(h("ce_subject"), vec!["42"]);
         assert_eq!(h("outbox-aggregate-seq"), vec!["3"]);
         assert_eq!(h("tenant"), vec!["t1"]);
+    }
+
+    #[test]
+    fn an_events_own_key_keys_the_record_and_the_aggregate_id_travels_beside_it() {
+        let r = Router::new(&RouteSettings::default()).unwrap();
+        let header = |rec: &OutboundRecord, n: &str| {
+            rec.headers
+                .iter()
+                .filter(|(k, _)| k == n)
+                .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let mut e = event("acct", "Opened");
+        e.headers
+            .push((outbox_core::KEY_HEADER.into(), "tenant-7".into()));
+        let rec = r.route(&e).unwrap();
+        assert_eq!(rec.key, "tenant-7");
+        assert_eq!(header(&rec, outbox_core::HEADER_AGGREGATE_ID), vec!["42"]);
+        assert_eq!(header(&rec, outbox_core::KEY_HEADER), vec!["tenant-7"]);
+        // A key equal to the aggregate id, an empty one, or none: keyed by the aggregate id,
+        // no extra header; a row cannot forge the aggregate-id header.
+        for own in ["42", ""] {
+            let mut e = event("acct", "Opened");
+            e.headers.push((outbox_core::KEY_HEADER.into(), own.into()));
+            let rec = r.route(&e).unwrap();
+            assert_eq!(rec.key, "42");
+            assert!(header(&rec, outbox_core::HEADER_AGGREGATE_ID).is_empty());
+        }
+        let mut e = event("acct", "Opened");
+        e.headers
+            .push((outbox_core::HEADER_AGGREGATE_ID.into(), "forged".into()));
+        let rec = r.route(&e).unwrap();
+        assert_eq!(rec.key, "42");
+        assert!(header(&rec, outbox_core::HEADER_AGGREGATE_ID).is_empty());
     }
 
     #[test]

@@ -616,3 +616,51 @@ async fn a_timed_out_batch_lets_no_later_batch_of_its_partition_through() -> Res
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_own_key_keys_the_record_and_consumers_still_see_its_aggregate() -> Result<()> {
+    let db = TestDb::migrated("own_key").await?;
+    let agg = unique("ownkey");
+    let topic = format!("outbox.event.{agg}");
+    create_topic(&topic, 3).await?;
+    let relay = InProcessRelay::start(relay_config(&db))?;
+    let mut tx = db.pool.begin().await?;
+    let ids = Outbox::default()
+        .publish_new(
+            &mut tx,
+            vec![
+                NewEvent::new(&agg, "acct-1", "Opened", None).with_key("tenant-9"),
+                NewEvent::new(&agg, "acct-2", "Opened", None),
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    wait_drained(&db.pool, LONG).await?;
+    let records = consume(&[&topic], 2, QUIET, LONG).await?;
+    relay.stop().await?;
+    assert_eq!(records.len(), 2, "{records:?}");
+    for r in &records {
+        let incoming = outbox_core::IncomingRecord {
+            topic: r.topic.clone(),
+            partition: r.partition,
+            offset: r.offset,
+            key: r.key.clone().map(String::into_bytes),
+            payload: r.value.clone().map(String::into_bytes),
+            headers: r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(v.clone().into_bytes())))
+                .collect(),
+        };
+        let meta = outbox_core::EventMetadata::from_record(&incoming)?;
+        if r.event_id() == ids[0] {
+            assert_eq!(r.key.as_deref(), Some("tenant-9"), "keyed by its own key");
+            assert_eq!(meta.aggregate_id.as_deref(), Some("acct-1"), "{r:?}");
+        } else {
+            assert_eq!(r.key.as_deref(), Some("acct-2"));
+            assert_eq!(meta.aggregate_id.as_deref(), Some("acct-2"));
+            assert!(!r.headers.contains_key(outbox_core::HEADER_AGGREGATE_ID));
+        }
+    }
+    Ok(())
+}

@@ -19,13 +19,12 @@ use outbox_relay::{Relay, RelayConfig};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// The events of a shopping cart.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, OutboxEvent)]
+#[derive(Debug, Clone, PartialEq, OutboxEvent)]
 #[outbox(
     aggregate_type = "cart",
     aggregate_id = "cart_id",
