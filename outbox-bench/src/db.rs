@@ -138,6 +138,23 @@ impl BenchDb {
         per_tx: u64,
         insert_delete: bool,
     ) -> Result<Duration> {
+        self.fill(table, n, per_tx, insert_delete, false).await
+    }
+
+    /// `n` events into `outbox` in one transaction that also runs `ANALYZE outbox`, so readers
+    /// see the whole backlog, with its statistics, at one commit; returns the time taken.
+    pub async fn fill_backlog_at_once(&self, n: u64) -> Result<Duration> {
+        self.fill("outbox", n, n.max(1), false, true).await
+    }
+
+    async fn fill(
+        &self,
+        table: &str,
+        n: u64,
+        per_tx: u64,
+        insert_delete: bool,
+        analyze: bool,
+    ) -> Result<Duration> {
         let pad = payload_padding(&self.pool).await?;
         let sql = format!(
             "INSERT INTO {table} (id, aggregatetype, aggregateid, type, payload)
@@ -163,6 +180,11 @@ impl BenchDb {
                 .context("filling the backlog")?;
             if insert_delete {
                 sqlx::query(AssertSqlSafe(format!("DELETE FROM {table}")))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if analyze {
+                sqlx::query(AssertSqlSafe(format!("ANALYZE {table}")))
                     .execute(&mut *tx)
                     .await?;
             }

@@ -2,7 +2,8 @@
 //! raw source reads), the relay's backlog drain per source, commit → Kafka latency at fixed
 //! arrival rates, the write-path cost of the outbox in a business transaction, the relay's CPU
 //! and memory, how drain and write-path figures scale with the backlog and the writers, and
-//! each sink (Kafka, NATS, RabbitMQ, Redis) against its own broker's raw client.
+//! each sink (Kafka, NATS, RabbitMQ, Redis) against its own broker's raw client, and a backlog
+//! drained by 1, 2 and 3 sharded relays.
 //!
 //! ```text
 //! cargo run --release --bin outbox-bench -- [--quick] [--json FILE] [--events N] [--only SECTION]
@@ -22,6 +23,7 @@ mod relay;
 mod report;
 mod sections;
 mod services;
+mod shards;
 mod sinks;
 
 use std::path::{Path, PathBuf};
@@ -98,6 +100,9 @@ enum Section {
     /// through the sink and its ratio to that ceiling, latency at 1k events/s (quick: 20k
     /// events per sink; full: 100k). A sink whose broker does not answer is skipped.
     Sinks,
+    /// One backlog (quick: 30k, full: 200k events over 1000 aggregates) drained by 1, 2 and 3
+    /// relay processes on one table with shards = 16, and by one relay with shards unset.
+    Shards,
 }
 
 /// A relay source.
@@ -302,6 +307,17 @@ async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
         report.sinks = runs;
         for (what, e) in failed {
             record(&what, e);
+        }
+    }
+    if wants(Section::Shards) {
+        let plan = shards::Plan {
+            events: if ctx.quick { 30_000 } else { 200_000 },
+            shards: 16,
+            instances: vec![1, 2, 3],
+        };
+        match shards::run(ctx, &plan).await {
+            Ok(s) => report.shards = Some(s),
+            Err(e) => record("shards", e),
         }
     }
     report.duration_seconds = started.elapsed().as_secs_f64();

@@ -349,6 +349,9 @@ pub struct Report {
     pub scale: Option<Scale>,
     /// The `sinks` section: per sink, the raw client ceiling, the drain and its ratio, latency.
     pub sinks: Vec<SinkRun>,
+    /// The `shards` section: one backlog drained by 1, 2 and 3 sharded relays and by one
+    /// unsharded relay.
+    pub shards: Option<crate::shards::Section>,
     /// The machine.
     pub machine: Machine,
     /// Wall time of the whole run.
@@ -755,6 +758,10 @@ impl Report {
         if !self.sinks.is_empty() {
             out.push('\n');
             out.push_str(&sinks_table(&self.sinks));
+        }
+        if let Some(shards) = &self.shards {
+            out.push('\n');
+            out.push_str(&crate::shards::table(shards));
         }
         out
     }

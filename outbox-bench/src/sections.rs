@@ -43,14 +43,17 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    fn relay_bin(&mut self) -> Result<PathBuf> {
+    /// The relay binary, located (or built) on first use.
+    pub(crate) fn relay_bin(&mut self) -> Result<PathBuf> {
         if self.relay_bin.is_none() {
             self.relay_bin = Some(crate::relay::binary(&self.repo)?);
         }
         Ok(self.relay_bin.clone().expect("set above"))
     }
 
-    fn relay_env(
+    /// The `OUTBOX_*` variables of a relay on `db` relaying `source` into `topic`, with the
+    /// `--relay-env` extras.
+    pub(crate) fn relay_env(
         &self,
         db: &BenchDb,
         source: &str,
@@ -73,7 +76,7 @@ impl Ctx {
     }
 }
 
-fn per_sec(n: u64, d: Duration) -> f64 {
+pub(crate) fn per_sec(n: u64, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
