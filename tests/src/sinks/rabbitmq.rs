@@ -173,9 +173,36 @@ pub async fn consume(
         });
         last_new = Instant::now();
     }
-    // Unacknowledged: closing the channel puts every message back where it was.
+    // Unacknowledged: closing the channel puts every message back where it was, but the broker
+    // requeues them after it has answered the close; wait until they are ready again, or a read
+    // right after this one would miss them or see them behind newer messages.
     drop(consumer);
     channel.close(200, "read".into()).await?;
+    let channel = connection.create_channel().await?;
+    let requeued_by = Instant::now() + timeout;
+    loop {
+        let ready = channel
+            .queue_declare(
+                destination.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("counting the messages of queue {destination}"))?
+            .message_count();
+        if ready as usize >= out.len() {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < requeued_by,
+            "queue {destination}: {} messages read but only {ready} back after {timeout:?}",
+            out.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     connection.close(200, "read".into()).await?;
     Ok(out)
 }
