@@ -2,6 +2,8 @@
 //! writers while the scenario's faults are injected, wait for quiescence, read the topic back
 //! and compare with the ledger.
 
+mod rebalance;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -94,6 +96,11 @@ pub enum Fault {
     /// the partition heals 1.5 s later. Nothing it enqueues after the resume may reach the
     /// topic: only the lease stops it.
     PausedAtProduce,
+    /// Several relays on one table while writers commit: one joins, one leaves (SIGTERM), one
+    /// is SIGSTOPped past its lease and resumed. Polling: the table is sharded and every relay
+    /// is active for its shards; logical: one leader streams the slot, the others stand by
+    /// ([`rebalance`]).
+    Rebalance,
     /// The replication slot is dropped under the relay.
     SlotDropped,
     /// The replication slot is invalidated (`max_slot_wal_keep_size` exceeded).
@@ -325,6 +332,15 @@ pub const SCENARIOS: &[Scenario] = &[
         write_mode: WriteMode::Table,
         sink: Sink::Kafka,
         about: "active relay stopped between reading a batch and producing it, partitioned from PostgreSQL, its sessions ended, standby takes over, old one resumed within its local lease: it must produce nothing it held",
+    },
+    Scenario {
+        name: "rebalance",
+        fault: Fault::Rebalance,
+        sources: BOTH,
+        no_duplicates: false,
+        write_mode: WriteMode::Table,
+        sink: Sink::Kafka,
+        about: "writers on 200 aggregates; polling: 3 relays over 16 shards, logical: a leader and standbys; a relay joins, one leaves (SIGTERM), one is SIGSTOPped past its lease and resumed: fenced, no shard (no lock) with two owners, nothing repeated by a join or a leave",
     },
     Scenario {
         name: "slot-dropped",
@@ -607,6 +623,12 @@ impl Settings {
             // The relay is restarted first (the logical one may take seconds to stream again):
             // quick writers must outlast that to reach the failpoint.
             Fault::PausedAtProduce => w.txs *= if self.quick { 12 } else { 4 },
+            // Writers on many aggregates (spread over the shards), still committing through
+            // every join, leave and pause, each of which waits for the relays to settle.
+            Fault::Rebalance => {
+                w.accounts = rebalance::AGGREGATES;
+                w.txs *= if self.quick { 12 } else { 6 };
+            }
             Fault::RollingUnderLoad => {
                 // As fast as the writers can commit, beside a backlog of 2,500-event
                 // transactions: the relay is behind when it is stopped. (A graceful stop of the
@@ -684,14 +706,28 @@ struct Run<'a> {
     bootstrap: String,
     slot: String,
     base_env: Vec<(String, String)>,
-    /// Relays stopped as leaders and resumed after a standby took over: their pid and the
-    /// wall-clock time (unix ms) just before they were resumed. Nothing they enqueue after that
-    /// may reach the topic ([`Fault::PausedAtProduce`]).
-    deposed: Vec<(u32, i64)>,
+    /// The source the relays run.
+    source: SourceMode,
+    /// Relays stopped as leaders and resumed after another relay took over
+    /// ([`Fault::PausedAtProduce`], [`Fault::Rebalance`]).
+    deposed: Vec<Deposed>,
     /// The forwarder a partitioned relay connects through; kept for the run.
     partition: Option<Arc<Partition>>,
     relay: Option<RelayProc>,
     standby: Option<RelayProc>,
+    /// The other running relays of a [`Fault::Rebalance`] run.
+    members: Vec<RelayProc>,
+    /// Relays of a [`Fault::Rebalance`] run that have left (their logs are kept for the report).
+    left: Vec<RelayProc>,
+    /// Relays started so far (names the next one).
+    started: usize,
+    /// Fault markers after which no duplicate may be read (graceful joins and leaves), with
+    /// what happened there.
+    clean_marks: Vec<(usize, &'static str)>,
+    /// Reads the lock table during a [`Fault::Rebalance`] run.
+    sampler: Option<rebalance::LockSampler>,
+    /// Faults of a [`Fault::Rebalance`] run begun while the writers were still committing.
+    under_load: usize,
     /// The live reader of the Kafka topic (none for the other sinks: their duplicates are
     /// counted over the whole run).
     live: Option<LiveReader>,
@@ -731,7 +767,8 @@ impl<'a> Run<'a> {
     ) -> Result<Self> {
         let tag = &outbox_tests::unique("c")[2..];
         let db_name = format!("chaos_{}_{tag}", scenario.name.replace('-', "_"));
-        let db = Arc::new(RunDb::create(&env.admin_url, &db_name, 12).await?);
+        let accounts = settings.workload(scenario.fault).accounts;
+        let db = Arc::new(RunDb::create(&env.admin_url, &db_name, accounts).await?);
         let aggregate_type = format!("chaos_{tag}");
         let topic = format!("outbox.event.{aggregate_type}");
         let mut mock = None;
@@ -789,6 +826,9 @@ impl<'a> Run<'a> {
             // Each record names the process that enqueued it and when (failpoint builds only).
             base_env.push(kv("OUTBOX_FAILPOINT_PROVENANCE", "1"));
         }
+        if scenario.fault == Fault::Rebalance {
+            base_env.extend(rebalance::prepare(&db, source, bin, &base_env).await?);
+        }
         if scenario.fault == Fault::BrokerRetriable {
             // One Produce request in flight. When a request fails with a retriable error while a
             // later one of the same partition succeeds, librdkafka acknowledges the failed
@@ -814,10 +854,17 @@ impl<'a> Run<'a> {
             bootstrap,
             slot,
             base_env,
+            source,
             deposed: Vec::new(),
             partition: None,
             relay: None,
             standby: None,
+            members: Vec::new(),
+            left: Vec::new(),
+            started: 1,
+            clean_marks: Vec::new(),
+            sampler: None,
+            under_load: 0,
             live,
             book: Arc::new(Mutex::new(Book::default())),
             mock,
@@ -853,6 +900,8 @@ impl<'a> Run<'a> {
         for r in [self.relay.as_ref(), self.standby.as_ref()]
             .into_iter()
             .flatten()
+            .chain(&self.members)
+            .chain(&self.left)
         {
             n += republished_without_snapshot(&r.log());
         }
@@ -1436,7 +1485,11 @@ impl<'a> Run<'a> {
                     let now_ms = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)?
                         .as_millis() as i64;
-                    self.deposed.push((old.pid(), now_ms));
+                    self.deposed.push(Deposed {
+                        pid: old.pid(),
+                        resumed_ms: now_ms,
+                        until_ms: None,
+                    });
                     old.signal("CONT").await?;
                     self.result.faults += 1;
                     pause(1500).await;
@@ -1451,6 +1504,7 @@ impl<'a> Run<'a> {
                         .push("the failpoint was not reached before the writers finished".into());
                 }
             }
+            Fault::Rebalance => self.rebalance(writers).await?,
             Fault::SlotDropped => {
                 let faults = if quick { 1 } else { 2 };
                 while self.result.faults < faults && !writers.is_finished() {
@@ -1895,7 +1949,10 @@ impl<'a> Run<'a> {
         self.start_relay(&[]).await?;
         // Without a table, events committed before the slot exists are never streamed (by
         // design): the writers start once the stream runs.
-        let ready = if self.scenario.write_mode == WriteMode::Table {
+        let ready = if self.scenario.fault == Fault::Rebalance && self.source == SourceMode::Polling
+        {
+            rebalance::JOINED
+        } else if self.scenario.write_mode == WriteMode::Table {
             "acquired the leader lock"
         } else {
             "replication stream started"
@@ -1951,6 +2008,9 @@ impl<'a> Run<'a> {
             self.supervise().await?;
         }
         let quiesced = self.quiesce().await?;
+        if let Some(sampler) = self.sampler.take() {
+            self.check_samples(sampler.finish().await?);
+        }
         if self.scenario.write_mode == WriteMode::Table {
             Book::resolve(&self.book, &self.db.pool).await?;
         } else {
@@ -2004,6 +2064,7 @@ impl<'a> Run<'a> {
                 .is_some_and(|id| uuid::Uuid::parse_str(id).is_ok())
         });
         self.result.unidentified = bad.len();
+        self.deposed_until();
         if let Some(f) = zombie_records(&self.deposed, &good) {
             self.result.failures.push(f);
         }
@@ -2104,6 +2165,8 @@ impl<'a> Run<'a> {
             for r in [self.relay.as_ref(), self.standby.as_ref()]
                 .into_iter()
                 .flatten()
+                .chain(&self.members)
+                .chain(&self.left)
             {
                 let path = std::env::temp_dir()
                     .join(format!("outbox-chaos-{}-{}.log", self.db.name, r.name));
@@ -2125,12 +2188,23 @@ impl<'a> Run<'a> {
         for r in [self.relay.as_mut(), self.standby.as_mut()]
             .into_iter()
             .flatten()
+            .chain(&mut self.members)
         {
             r.terminate(Duration::from_secs(10)).await;
         }
         let republished_end = self.republished_so_far();
         let per_fault = self.live.take().map(LiveReader::finish).unwrap_or_default();
         self.result.per_fault = per_fault;
+        for &(k, what) in &self.clean_marks {
+            if let Some(&d) = self.result.per_fault.get(k)
+                && d > 0
+            {
+                self.result.failures.push(format!(
+                    "{d} duplicates read after fault {} ({what}): a graceful join or leave must repeat nothing",
+                    k + 1
+                ));
+            }
+        }
         let marks = &self.republished_at_marks;
         self.result.republished_before = marks.first().copied().unwrap_or(republished_end);
         self.result.republished_per_fault = (0..marks.len())
@@ -2253,26 +2327,41 @@ pub async fn run_once(
     Ok(result)
 }
 
-/// Records enqueued by a deposed leader after it was resumed (by the provenance header of a
-/// failpoint build): a relay that lost its lock while paused must produce nothing it held. What
-/// it had enqueued before the pause may still be delivered (the documented window); anything
-/// stamped after the resume is a fencing failure.
-fn zombie_records(deposed: &[(u32, i64)], records: &[Consumed]) -> Option<String> {
+/// A relay stopped while it was active and resumed after another relay took over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Deposed {
+    /// Its process id.
+    pid: u32,
+    /// The wall-clock time (unix ms) just before it was resumed.
+    resumed_ms: i64,
+    /// When it became active again by winning the lock (or joining the shards) anew, if it did:
+    /// what it enqueues from then on is legitimate.
+    until_ms: Option<i64>,
+}
+
+/// Records enqueued by a deposed leader after it was resumed and before it became active again
+/// (by the provenance header of a failpoint build): a relay that lost its lock while paused must
+/// produce nothing it held. What it had enqueued before the pause may still be delivered (the
+/// documented window); anything stamped in between is a fencing failure.
+fn zombie_records(deposed: &[Deposed], records: &[Consumed]) -> Option<String> {
     if deposed.is_empty() {
         return None;
     }
     let late: Vec<(u32, usize)> = deposed
         .iter()
-        .map(|&(pid, resumed_ms)| {
+        .map(|d| {
             let n = records
                 .iter()
                 .filter_map(|r| r.header(outbox_relay::faults::PROVENANCE_HEADER))
                 .filter_map(|p| p.split_once(' '))
                 .filter(|(p, ms)| {
-                    p.parse() == Ok(pid) && ms.parse::<i64>().is_ok_and(|ms| ms >= resumed_ms)
+                    p.parse() == Ok(d.pid)
+                        && ms.parse::<i64>().is_ok_and(|ms| {
+                            ms >= d.resumed_ms && d.until_ms.is_none_or(|until| ms < until)
+                        })
                 })
                 .count();
-            (pid, n)
+            (d.pid, n)
         })
         .filter(|(_, n)| *n > 0)
         .collect();
@@ -2290,7 +2379,7 @@ fn zombie_records(deposed: &[(u32, i64)], records: &[Consumed]) -> Option<String
 
 #[cfg(test)]
 mod tests {
-    use super::{republished_without_snapshot, zombie_records};
+    use super::{Deposed, republished_without_snapshot, zombie_records};
     use outbox_relay::faults::PROVENANCE_HEADER;
     use outbox_tests::Consumed;
 
@@ -2319,10 +2408,18 @@ mod tests {
             record(Some("garbage")),
             record(None),
         ];
+        let deposed = |resumed_ms, until_ms| Deposed {
+            pid: 41,
+            resumed_ms,
+            until_ms,
+        };
         assert_eq!(zombie_records(&[], &records), None);
-        let f = zombie_records(&[(41, 1000)], &records).expect("two late records");
+        let f = zombie_records(&[deposed(1000, None)], &records).expect("two late records");
         assert!(f.contains("2 by pid 41"), "{f}");
-        assert_eq!(zombie_records(&[(41, 2000)], &records), None);
+        assert_eq!(zombie_records(&[deposed(2000, None)], &records), None);
+        // Active again from 1500 on (it won the lock anew): only the record at 1000 counts.
+        let f = zombie_records(&[deposed(1000, Some(1500))], &records).expect("one late record");
+        assert!(f.contains("1 by pid 41"), "{f}");
     }
 
     #[test]
