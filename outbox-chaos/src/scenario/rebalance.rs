@@ -206,6 +206,7 @@ fn active_again_ms(log: &str, after_ms: i64) -> Option<i64> {
         .find(|ms| *ms >= after_ms)
 }
 
+/// The wall-clock time now (unix ms), as the provenance stamps count it.
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
