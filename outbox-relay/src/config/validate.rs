@@ -64,7 +64,7 @@ impl RelayConfig {
             if self.source == SourceKind::Logical {
                 return Err(ConfigError::new(
                     "shards",
-                    "is not supported with source = \"logical\" yet (one replication slot streams the whole table to one reader; see \"Sharding\" in docs/operations.md): unset it, or use source = \"polling\"",
+                    "is not supported with source = \"logical\" (one replication slot streams the whole table to one reader, which keeps up with the slot; see \"Sharding and the logical source\" in docs/operations.md): unset it, or use source = \"polling\"",
                 ));
             }
         }
