@@ -573,3 +573,94 @@ impl Batch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(n: usize) -> Vec<NewEvent> {
+        (0..n)
+            .map(|i| NewEvent::new("order", i.to_string(), "Placed", None))
+            .collect()
+    }
+
+    #[test]
+    fn one_event_is_one_insert_with_ten_plain_parameters() {
+        let id = Uuid::now_v7();
+        let write = Outbox::default()
+            .prepare_write(vec![events(1).remove(0).with_id(id).with_key("k")])
+            .unwrap();
+        assert_eq!(write.ids(), [id]);
+        let [insert] = write.statements() else {
+            panic!("{write:?}")
+        };
+        assert!(insert.sql().contains("VALUES ($1,"), "{}", insert.sql());
+        assert_eq!(insert.params().len(), 10);
+        assert_eq!(insert.params()[0], SqlParam::Uuid(id));
+        assert_eq!(
+            insert.params()[6],
+            SqlParam::Text(r#"{"outbox-key":"k"}"#.into())
+        );
+    }
+
+    #[test]
+    fn a_batch_is_one_insert_of_ten_column_arrays_in_order() {
+        let write = Outbox::default().prepare_write(events(3)).unwrap();
+        let [insert] = write.statements() else {
+            panic!("{write:?}")
+        };
+        assert!(
+            insert.sql().contains("UNNEST($1::uuid[]"),
+            "{}",
+            insert.sql()
+        );
+        assert_eq!(
+            insert.params()[0],
+            SqlParam::UuidArray(write.ids().to_vec())
+        );
+        assert_eq!(
+            insert.params()[2],
+            SqlParam::TextArray(vec!["0".into(), "1".into(), "2".into()])
+        );
+        assert_eq!(insert.params().len(), 10);
+    }
+
+    #[test]
+    fn the_logical_modes_add_a_delete_or_emit_messages_instead() {
+        let write = Outbox::default()
+            .with_write_mode(WriteMode::InsertDelete)
+            .prepare_write(events(2))
+            .unwrap();
+        let [_, delete] = write.statements() else {
+            panic!("{write:?}")
+        };
+        assert!(delete.sql().starts_with("DELETE FROM"), "{}", delete.sql());
+        assert_eq!(delete.params(), [SqlParam::UuidArray(write.ids().to_vec())]);
+
+        let write = Outbox::default()
+            .with_write_mode(WriteMode::LogicalMessage)
+            .prepare_write(events(1))
+            .unwrap();
+        let [emit] = write.statements() else {
+            panic!("{write:?}")
+        };
+        assert!(emit.sql().contains("pg_logical_emit_message(true, $1"));
+        assert_eq!(emit.params()[0], SqlParam::Text("outbox".into()));
+        assert_eq!(emit.params().len(), 11);
+    }
+
+    #[test]
+    fn no_events_is_no_statement_and_a_bad_event_is_refused_before_sql() {
+        assert!(
+            Outbox::default()
+                .prepare_write(Vec::new())
+                .unwrap()
+                .statements()
+                .is_empty()
+        );
+        let err = Outbox::default()
+            .prepare_write(vec![NewEvent::new("order", "", "Placed", None)])
+            .unwrap_err();
+        assert!(err.to_string().contains("aggregate id is empty"), "{err}");
+    }
+}
