@@ -39,6 +39,10 @@ pub enum Error {
     /// The database refused a statement.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// `tokio-postgres` refused a statement (feature `tokio-postgres`).
+    #[cfg(feature = "tokio-postgres")]
+    #[error("database error (tokio-postgres): {0}")]
+    TokioPostgres(#[from] tokio_postgres::Error),
     /// The outbox schema in the database is newer than this library knows.
     #[error(
         "outbox table {table} is at schema version {found}, newer than this library's {known}: upgrade outbox-core"

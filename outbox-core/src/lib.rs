@@ -34,6 +34,18 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Database layers
+//!
+//! | layer | feature | call |
+//! |---|---|---|
+//! | sqlx 0.9 | (default) | [`Outbox::publish`]`(&mut *tx, &event)` |
+//! | tokio-postgres, deadpool-postgres, bb8-postgres | `tokio-postgres` | `Outbox::publish_tokio_postgres(&tx, &event)` |
+//! | any other | (none) | [`Outbox::prepare_write`], then run its statements on your transaction |
+//!
+//! Every layer runs the same statements ([`OutboxWrite`]), so the rows are the same whichever
+//! wrote them. sqlx's TLS backend is chosen with the features `tls-native-tls` or `tls-rustls`;
+//! none is enabled by default.
+//!
 //! ## The table
 //!
 //! The default table `outbox` has Debezium's outbox-router columns — `id uuid`, `aggregatetype`,
@@ -61,8 +73,11 @@ mod error;
 mod event;
 pub mod inbox;
 mod migrate;
+mod statement;
 mod stored;
 mod table;
+#[cfg(feature = "tokio-postgres")]
+mod tokio_pg;
 mod topic;
 mod trace;
 mod write;
@@ -78,6 +93,7 @@ pub use inbox::{
 pub use migrate::{
     MigrationReport, NOTIFY_SETTING, SCHEMA_VERSION, migrate, notify_trigger_sql, schema_version,
 };
+pub use statement::{OutboxStatement, OutboxWrite, SqlParam};
 pub use stored::{
     ColumnValue, MIN_SCHEMA_VERSION, MalformedEvent, StoredEvent, check_schema_version,
     parse_headers, parse_timestamptz,

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::event::OutboxEvent;
+use crate::statement::{OutboxStatement, OutboxWrite, SqlParam};
 use crate::table::OutboxTable;
 use crate::trace::is_valid_traceparent;
 
@@ -350,25 +351,42 @@ impl Outbox {
         conn: &mut PgConnection,
         events: Vec<NewEvent>,
     ) -> Result<Vec<Uuid>> {
+        let write = self.prepare_write(events)?;
+        for statement in write.statements() {
+            let mut query = sqlx::query(AssertSqlSafe(statement.sql()));
+            for param in statement.params() {
+                query = bind_sqlx(query, param);
+            }
+            query.execute(&mut *conn).await?;
+        }
+        Ok(write.into_ids())
+    }
+
+    /// The driver-neutral form of a write: validates the events, assigns their ids and builds the
+    /// statements that write them in this outbox's [`WriteMode`], without touching a database.
+    ///
+    /// [`Outbox::publish_new`] (sqlx) and the `tokio-postgres` adapter run exactly these
+    /// statements; use it to write through another database layer (bind each [`SqlParam`] as the
+    /// type it names and run the statements in order on the caller's transaction). Ambient trace
+    /// context ([`Outbox::with_trace_context`]) is captured here, at preparation.
+    pub fn prepare_write(&self, events: Vec<NewEvent>) -> Result<OutboxWrite> {
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok(OutboxWrite::new(Vec::new(), Vec::new()));
         }
         let batch = self.prepare(events)?;
-        match self.mode {
-            WriteMode::Table => self.insert(conn, &batch).await?,
+        let ids = batch.ids.clone();
+        let statements = match self.mode {
+            WriteMode::Table => vec![self.insert_statement(batch)],
             WriteMode::InsertDelete => {
-                self.insert(conn, &batch).await?;
-                sqlx::query(AssertSqlSafe(format!(
-                    "DELETE FROM {} WHERE id = ANY($1)",
-                    self.table.qualified()
-                )))
-                .bind(&batch.ids)
-                .execute(&mut *conn)
-                .await?;
+                let delete = OutboxStatement::new(
+                    format!("DELETE FROM {} WHERE id = ANY($1)", self.table.qualified()),
+                    vec![SqlParam::UuidArray(ids.clone())],
+                );
+                vec![self.insert_statement(batch), delete]
             }
-            WriteMode::LogicalMessage => self.emit_messages(conn, &batch).await?,
-        }
-        Ok(batch.ids)
+            WriteMode::LogicalMessage => vec![self.emit_statement(batch)],
+        };
+        Ok(OutboxWrite::new(ids, statements))
     }
 
     fn prepare(&self, events: Vec<NewEvent>) -> Result<Batch> {
@@ -412,7 +430,7 @@ impl Outbox {
         Ok(b)
     }
 
-    async fn insert(&self, conn: &mut PgConnection, b: &Batch) -> Result<()> {
+    fn insert_statement(&self, mut b: Batch) -> OutboxStatement {
         if b.ids.len() == 1 {
             // The common case, one event per business transaction: plain parameters cost the
             // server less than decoding ten arrays and sorting one row.
@@ -422,20 +440,19 @@ impl Outbox {
                  VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7::text::jsonb, $8, $9, $10)",
                 self.table.qualified()
             );
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(b.ids[0])
-                .bind(&b.aggregate_types[0])
-                .bind(&b.aggregate_ids[0])
-                .bind(&b.event_types[0])
-                .bind(&b.payloads[0])
-                .bind(&b.traceparents[0])
-                .bind(&b.headers[0])
-                .bind(b.schema_versions[0])
-                .bind(&b.topics[0])
-                .bind(b.aggregate_seqs[0])
-                .execute(&mut *conn)
-                .await?;
-            return Ok(());
+            let params = vec![
+                SqlParam::Uuid(b.ids[0]),
+                SqlParam::Text(b.aggregate_types.remove(0)),
+                SqlParam::Text(b.aggregate_ids.remove(0)),
+                SqlParam::Text(b.event_types.remove(0)),
+                SqlParam::NullableText(b.payloads.remove(0)),
+                SqlParam::NullableText(b.traceparents.remove(0)),
+                SqlParam::Text(b.headers.remove(0)),
+                SqlParam::Int4(b.schema_versions[0]),
+                SqlParam::NullableText(b.topics.remove(0)),
+                SqlParam::NullableInt8(b.aggregate_seqs[0]),
+            ];
+            return OutboxStatement::new(sql, params);
         }
         // One round trip for the whole batch; WITH ORDINALITY keeps the caller's order, which
         // becomes the `seq` order and so the publish order.
@@ -448,13 +465,10 @@ impl Outbox {
             self.table.qualified(),
             Batch::unnest(1)
         );
-        b.bind_columns(sqlx::query(AssertSqlSafe(sql)))
-            .execute(&mut *conn)
-            .await?;
-        Ok(())
+        OutboxStatement::new(sql, b.into_column_params())
     }
 
-    async fn emit_messages(&self, conn: &mut PgConnection, b: &Batch) -> Result<()> {
+    fn emit_statement(&self, b: Batch) -> OutboxStatement {
         // The message carries the same fields as a row, under the same names; the payload is
         // rendered by PostgreSQL's jsonb output like a table row's.
         let sql = format!(
@@ -466,10 +480,28 @@ impl Outbox {
              {}",
             Batch::unnest(2)
         );
-        b.bind_columns(sqlx::query(AssertSqlSafe(sql)).bind(&self.message_prefix))
-            .execute(&mut *conn)
-            .await?;
-        Ok(())
+        let mut params = vec![SqlParam::Text(self.message_prefix.clone())];
+        params.extend(b.into_column_params());
+        OutboxStatement::new(sql, params)
+    }
+}
+
+/// Binds one driver-neutral parameter to a sqlx query, as the PostgreSQL type it names.
+fn bind_sqlx<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    param: &SqlParam,
+) -> Query<'q, Postgres, PgArguments> {
+    match param {
+        SqlParam::Uuid(v) => query.bind(*v),
+        SqlParam::Text(v) => query.bind(v.as_str()),
+        SqlParam::NullableText(v) => query.bind(v.as_deref()),
+        SqlParam::Int4(v) => query.bind(*v),
+        SqlParam::NullableInt8(v) => query.bind(*v),
+        SqlParam::UuidArray(v) => query.bind(v.as_slice()),
+        SqlParam::TextArray(v) => query.bind(v.as_slice()),
+        SqlParam::NullableTextArray(v) => query.bind(v.as_slice()),
+        SqlParam::Int4Array(v) => query.bind(v.as_slice()),
+        SqlParam::NullableInt8Array(v) => query.bind(v.as_slice()),
     }
 }
 
@@ -490,7 +522,7 @@ struct Batch {
 
 impl Batch {
     /// The `FROM` clause that turns the ten column arrays, bound as parameters `$first` to
-    /// `$first + 9` by [`Batch::bind_columns`], into rows `e(...)` in the caller's order.
+    /// `$first + 9` (see [`Batch::into_column_params`]), into rows `e(...)` in the caller's order.
     fn unnest(first: usize) -> String {
         let types = [
             "uuid", "text", "text", "text", "text", "text", "text", "int4", "text", "int8",
@@ -510,23 +542,20 @@ impl Batch {
         )
     }
 
-    /// Binds the ten column arrays after the parameters `query` already has, in the order
-    /// [`Batch::unnest`] expects them.
-    fn bind_columns<'q>(
-        &self,
-        query: Query<'q, Postgres, PgArguments>,
-    ) -> Query<'q, Postgres, PgArguments> {
-        query
-            .bind(&self.ids)
-            .bind(&self.aggregate_types)
-            .bind(&self.aggregate_ids)
-            .bind(&self.event_types)
-            .bind(&self.payloads)
-            .bind(&self.traceparents)
-            .bind(&self.headers)
-            .bind(&self.schema_versions)
-            .bind(&self.topics)
-            .bind(&self.aggregate_seqs)
+    /// The ten column arrays as parameters, in the order [`Batch::unnest`] expects them.
+    fn into_column_params(self) -> Vec<SqlParam> {
+        vec![
+            SqlParam::UuidArray(self.ids),
+            SqlParam::TextArray(self.aggregate_types),
+            SqlParam::TextArray(self.aggregate_ids),
+            SqlParam::TextArray(self.event_types),
+            SqlParam::NullableTextArray(self.payloads),
+            SqlParam::NullableTextArray(self.traceparents),
+            SqlParam::TextArray(self.headers),
+            SqlParam::Int4Array(self.schema_versions),
+            SqlParam::NullableTextArray(self.topics),
+            SqlParam::NullableInt8Array(self.aggregate_seqs),
+        ]
     }
 
     fn with_capacity(n: usize) -> Self {
@@ -542,5 +571,96 @@ impl Batch {
             topics: Vec::with_capacity(n),
             aggregate_seqs: Vec::with_capacity(n),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(n: usize) -> Vec<NewEvent> {
+        (0..n)
+            .map(|i| NewEvent::new("order", i.to_string(), "Placed", None))
+            .collect()
+    }
+
+    #[test]
+    fn one_event_is_one_insert_with_ten_plain_parameters() {
+        let id = Uuid::now_v7();
+        let write = Outbox::default()
+            .prepare_write(vec![events(1).remove(0).with_id(id).with_key("k")])
+            .unwrap();
+        assert_eq!(write.ids(), [id]);
+        let [insert] = write.statements() else {
+            panic!("{write:?}")
+        };
+        assert!(insert.sql().contains("VALUES ($1,"), "{}", insert.sql());
+        assert_eq!(insert.params().len(), 10);
+        assert_eq!(insert.params()[0], SqlParam::Uuid(id));
+        assert_eq!(
+            insert.params()[6],
+            SqlParam::Text(r#"{"outbox-key":"k"}"#.into())
+        );
+    }
+
+    #[test]
+    fn a_batch_is_one_insert_of_ten_column_arrays_in_order() {
+        let write = Outbox::default().prepare_write(events(3)).unwrap();
+        let [insert] = write.statements() else {
+            panic!("{write:?}")
+        };
+        assert!(
+            insert.sql().contains("UNNEST($1::uuid[]"),
+            "{}",
+            insert.sql()
+        );
+        assert_eq!(
+            insert.params()[0],
+            SqlParam::UuidArray(write.ids().to_vec())
+        );
+        assert_eq!(
+            insert.params()[2],
+            SqlParam::TextArray(vec!["0".into(), "1".into(), "2".into()])
+        );
+        assert_eq!(insert.params().len(), 10);
+    }
+
+    #[test]
+    fn the_logical_modes_add_a_delete_or_emit_messages_instead() {
+        let write = Outbox::default()
+            .with_write_mode(WriteMode::InsertDelete)
+            .prepare_write(events(2))
+            .unwrap();
+        let [_, delete] = write.statements() else {
+            panic!("{write:?}")
+        };
+        assert!(delete.sql().starts_with("DELETE FROM"), "{}", delete.sql());
+        assert_eq!(delete.params(), [SqlParam::UuidArray(write.ids().to_vec())]);
+
+        let write = Outbox::default()
+            .with_write_mode(WriteMode::LogicalMessage)
+            .prepare_write(events(1))
+            .unwrap();
+        let [emit] = write.statements() else {
+            panic!("{write:?}")
+        };
+        assert!(emit.sql().contains("pg_logical_emit_message(true, $1"));
+        assert_eq!(emit.params()[0], SqlParam::Text("outbox".into()));
+        assert_eq!(emit.params().len(), 11);
+    }
+
+    #[test]
+    fn no_events_is_no_statement_and_a_bad_event_is_refused_before_sql() {
+        assert!(
+            Outbox::default()
+                .prepare_write(Vec::new())
+                .unwrap()
+                .statements()
+                .is_empty()
+        );
+        let err = Outbox::default()
+            .prepare_write(vec![NewEvent::new("order", "", "Placed", None)])
+            .unwrap_err();
+        assert!(err.to_string().contains("aggregate id is empty"), "{err}");
     }
 }
