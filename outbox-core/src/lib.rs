@@ -59,7 +59,7 @@
 //!
 //! [`Inbox`] decodes relayed records back into their event types ([`DecodeEvent`]) and applies
 //! each event once, in the same transaction as the consumer's own state change; see [`inbox`].
-//! With the `kafka` feature, [`consumer::InboxConsumer`] drives it from an rdkafka consumer and
+//! With the `kafka` feature, `consumer::InboxConsumer` drives it from an rdkafka consumer and
 //! commits offsets after the database commit.
 //!
 //! ## Write modes
