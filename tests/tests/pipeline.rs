@@ -220,7 +220,7 @@ async fn write_backlog(
 
 /// SIGTERM while the relay works through a backlog and writers keep adding
 /// ~2k events/s. The relay must stop reading at once, finish only what is in flight, acknowledge
-/// it and exit 0 within 2 s; the next relay then publishes every event exactly once (read back
+/// it and exit 0 within seconds (not after draining the backlog); the next relay then publishes every event exactly once (read back
 /// from the broker, counted by event id).
 async fn sigterm_under_load(source: &str) -> Result<()> {
     use outbox_core::WriteMode;
@@ -266,8 +266,12 @@ async fn sigterm_under_load(source: &str) -> Result<()> {
         code, 0,
         "a graceful stop under load must exit 0; log:\n{log}"
     );
+    // Finishing the window in flight takes well under a second on a quiet machine and up to ~2 s
+    // on a loaded one; a relay that keeps claiming instead drains the rest of the backlog, which
+    // took 10.9 s (polling) and 12.3 s (logical) before the fix. 5 s tells the two apart without
+    // timing the machine.
     assert!(
-        took < Duration::from_secs(2),
+        took < Duration::from_secs(5),
         "the relay took {took:?} to stop under load; log:\n{log}"
     );
     let left = unpublished(&db.pool).await? as usize;
