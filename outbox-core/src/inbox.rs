@@ -27,12 +27,18 @@
 //! | table | one row per | purpose |
 //! |---|---|---|
 //! | `inbox` | consumer and event id | "applied once": the dedupe record |
-//! | `inbox_sequences` | consumer, topic and aggregate id | last sequence seen, gap and out-of-order counts |
+//! | `inbox_sequences` | consumer, topic and aggregate id | last sequence seen, gap and out-of-order counts, highest purged sequence |
 //! | `inbox_parked` | consumer and record position | records that could not be applied, with the reason |
 //!
 //! They are created by [`Inbox::migrate`], recorded in their own `_outbox_inbox_migrations`
 //! history (never the application's migrations table), under an advisory lock, in one transaction.
 //! Several consumers (each with its own consumer name) may share one inbox table.
+//!
+//! ## Purging
+//!
+//! The inbox table grows by one row per applied event. [`Inbox::purge_older_than`] deletes a
+//! consumer's rows older than a given age; what that gives up, and what it keeps, is spelled out
+//! there. Sequence and parked rows are never purged.
 
 use std::fmt;
 use std::future::Future;
@@ -47,7 +53,10 @@ use crate::migrate::{MigrationReport, begin_migration};
 use crate::table::{Identifier, OutboxTable};
 
 /// The newest inbox schema version this library creates.
-pub const INBOX_SCHEMA_VERSION: i32 = 1;
+pub const INBOX_SCHEMA_VERSION: i32 = 2;
+
+/// How many inbox rows one statement of [`Inbox::purge_older_than`] deletes at most.
+pub const PURGE_BATCH_ROWS: i64 = 10_000;
 
 /// The header carrying the event id (Debezium's outbox router sets it too).
 pub const HEADER_ID: &str = "id";
@@ -647,6 +656,22 @@ impl Inbox {
             tracing::info!(inbox = %t, version = 1, "applied inbox migration");
             applied.push(1);
         }
+        if current < 2 {
+            for statement in self.v2() {
+                sqlx::query(AssertSqlSafe(statement))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO {history} (table_name, version, description) VALUES ($1, 2, $2)"
+            )))
+            .bind(t.name.as_str())
+            .bind("index the inbox by consumer and age, record the highest purged sequence")
+            .execute(&mut *tx)
+            .await?;
+            tracing::info!(inbox = %t, version = 2, "applied inbox migration");
+            applied.push(2);
+        }
         tx.commit().await?;
         Ok(MigrationReport {
             applied,
@@ -705,6 +730,23 @@ impl Inbox {
         ]
     }
 
+    /// Version 2: what [`purge_older_than`](Self::purge_older_than) needs. An index on
+    /// `(consumer, processed_at)` so a purge finds old rows without scanning the table (built
+    /// inside the migration's transaction, so it blocks writes to the inbox while it builds), and
+    /// `purged_seq` on the sequences, the highest sequence whose inbox row was purged. In-place on
+    /// a version 1 inbox: `processed_at` is already there (default `now()`).
+    fn v2(&self) -> Vec<String> {
+        let inbox = self.table.qualified();
+        let sequences = self.table.sequences();
+        // Base names are at most 53 bytes, so `<name>_purge_idx` fits the 63-byte limit; an index
+        // lives in its table's schema, so the name is not qualified.
+        let index = format!("\"{}_purge_idx\"", self.table.name);
+        vec![
+            format!("CREATE INDEX IF NOT EXISTS {index} ON {inbox} (consumer, processed_at)"),
+            format!("ALTER TABLE {sequences} ADD COLUMN IF NOT EXISTS purged_seq bigint"),
+        ]
+    }
+
     /// Records `meta.event_id` as applied, inside the caller's transaction, and checks its
     /// per-aggregate sequence.
     ///
@@ -712,6 +754,10 @@ impl Inbox {
     /// consumer; a concurrent second attempt waits for the first and then sees
     /// [`Recorded::Duplicate`]. The caller applies the event only on `New`, in the same
     /// transaction, and rolls back to "unrecord" it.
+    ///
+    /// An event whose id is not recorded but whose sequence is at or below its aggregate's highest
+    /// *purged* sequence is also [`Recorded::Duplicate`]: it is a redelivery of an event whose
+    /// inbox row [`purge_older_than`](Self::purge_older_than) deleted (see there).
     pub async fn record(
         &self,
         conn: &mut PgConnection,
@@ -743,8 +789,8 @@ impl Inbox {
             return Ok(Recorded::New(SequenceCheck::Unsequenced));
         };
         let sequences = self.table.sequences();
-        let last: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT last_seq FROM {sequences}
+        let known: Option<(i64, Option<i64>)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT last_seq, purged_seq FROM {sequences}
              WHERE consumer = $1 AND topic = $2 AND aggregate_id = $3 FOR UPDATE"
         )))
         .bind(&self.consumer)
@@ -752,6 +798,16 @@ impl Inbox {
         .bind(aggregate_id)
         .fetch_optional(&mut *conn)
         .await?;
+        if let Some((_, Some(purged))) = known
+            && seq <= purged
+        {
+            tracing::debug!(
+                consumer = %self.consumer, event_id = %meta.event_id, seq, purged,
+                "redelivery of an event whose inbox row was purged ignored"
+            );
+            return Ok(Recorded::Duplicate);
+        }
+        let last = known.map(|(last, _)| last);
         let check = match last {
             None => SequenceCheck::First { seq },
             Some(last) if seq == last + 1 => SequenceCheck::InOrder,
@@ -800,6 +856,92 @@ impl Inbox {
         .bind(event_id)
         .fetch_one(&mut *conn)
         .await?)
+    }
+
+    /// Deletes this consumer's inbox rows (the "applied" records) older than `age`, and returns
+    /// how many it deleted.
+    ///
+    /// "Older" is by `processed_at`, the time the event was applied. The cut-off is taken once,
+    /// at the start, from the database clock; rows are deleted oldest first in statements of at
+    /// most [`PURGE_BATCH_ROWS`] rows through the `(consumer, processed_at)` index, each its own
+    /// short transaction when `conn` is not inside one (pass a plain connection, not a
+    /// transaction, or the whole purge holds its locks until that transaction ends). Rows being
+    /// inserted concurrently are younger than the cut-off and never touched; rows locked by a
+    /// concurrent redelivery are skipped until the next purge. Other consumers' rows, the
+    /// per-aggregate sequence rows and parked records are never deleted.
+    ///
+    /// What a purge gives up: a redelivery of an event whose row was purged is **no longer
+    /// recognised as a duplicate by its id**. So `age` must exceed the longest time after which
+    /// the broker can deliver an applied event again — for Kafka, the topic's retention (an
+    /// offset reset to `earliest` replays everything still retained) and any offset reset or
+    /// replay window you use. With a shorter `age`, a handler can apply such an event twice.
+    ///
+    /// What it keeps: for events carrying `outbox-aggregate-seq` (and an aggregate id), each
+    /// purged row's sequence raises its aggregate's `purged_seq` in the same statement, and
+    /// [`record`](Self::record) treats an unrecorded event at or below `purged_seq` as a duplicate;
+    /// so a stale redelivery of a sequenced event is still dropped after any purge. (An event of
+    /// that aggregate that was never applied and arrives only now, more than `age` after a later
+    /// event of the same aggregate was applied, is dropped too — with `age` beyond the
+    /// redelivery horizon, such an event cannot arrive.) Unsequenced events have only their id.
+    ///
+    /// Errors: a database error stops the purge; the batches committed before it stay deleted.
+    pub async fn purge_older_than(
+        &self,
+        conn: &mut PgConnection,
+        age: std::time::Duration,
+    ) -> Result<u64, InboxError> {
+        let inbox = self.table.qualified();
+        let sequences = self.table.sequences();
+        // Microseconds are PostgreSQL's timestamp resolution; saturate absurd ages.
+        let age_us = i64::try_from(age.as_micros()).unwrap_or(i64::MAX);
+        let cutoff: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT CASE WHEN $1 >= 9000000000000000 THEN NULL
+                         ELSE now() - make_interval(secs => $1::float8 / 1000000) END",
+        )
+        .bind(age_us)
+        .fetch_one(&mut *conn)
+        .await?;
+        let Some(cutoff) = cutoff else {
+            return Ok(0);
+        };
+        let batch: std::sync::Arc<str> = std::sync::Arc::from(format!(
+            "WITH doomed AS (
+                 SELECT event_id FROM {inbox}
+                 WHERE consumer = $1 AND processed_at < $2
+                 ORDER BY processed_at
+                 LIMIT $3
+                 FOR UPDATE SKIP LOCKED
+             ), gone AS (
+                 DELETE FROM {inbox} i USING doomed d
+                 WHERE i.consumer = $1 AND i.event_id = d.event_id
+                 RETURNING i.topic, i.aggregate_id, i.aggregate_seq
+             ), marked AS (
+                 UPDATE {sequences} s
+                 SET purged_seq = GREATEST(s.purged_seq, g.seq)
+                 FROM (SELECT topic, aggregate_id, max(aggregate_seq) AS seq
+                       FROM gone
+                       WHERE aggregate_id IS NOT NULL AND aggregate_seq IS NOT NULL
+                       GROUP BY topic, aggregate_id) g
+                 WHERE s.consumer = $1 AND s.topic = g.topic AND s.aggregate_id = g.aggregate_id
+                 RETURNING 1
+             )
+             SELECT count(*) FROM gone"
+        ));
+        let mut total = 0_u64;
+        loop {
+            let deleted: i64 = sqlx::query_scalar(AssertSqlSafe(batch.clone()))
+                .bind(&self.consumer)
+                .bind(cutoff)
+                .bind(PURGE_BATCH_ROWS)
+                .fetch_one(&mut *conn)
+                .await?;
+            total += deleted.unsigned_abs();
+            if deleted < PURGE_BATCH_ROWS {
+                break;
+            }
+        }
+        tracing::debug!(consumer = %self.consumer, inbox = %self.table, deleted = total, %cutoff, "purged the inbox");
+        Ok(total)
     }
 
     /// How many events this consumer has applied.

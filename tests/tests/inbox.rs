@@ -77,7 +77,7 @@ async fn setup(prefix: &str) -> Result<(TestDb, Inbox)> {
     let inbox = Inbox::new(InboxTable::parse("consumer.inbox")?, "counter-consumer")?;
     let mut conn = db.pool.acquire().await?;
     let report = inbox.migrate(&mut conn).await?;
-    assert_eq!(report.applied, vec![1]);
+    assert_eq!(report.applied, vec![1, 2]);
     // Idempotent.
     assert!(inbox.migrate(&mut conn).await?.applied.is_empty());
     Ok((db, inbox))
@@ -312,6 +312,258 @@ async fn malformed_records_are_parked_or_skipped_never_applied() -> Result<()> {
         inbox.deliver(&db.pool, &good, &handler).await?,
         Delivered::Applied { .. }
     ));
+    Ok(())
+}
+
+async fn sequences_and_parked(db: &TestDb) -> Result<(Vec<(String, String, i64, i64, i64)>, i64)> {
+    let sequences = sqlx::query_as(
+        "SELECT consumer, aggregate_id, last_seq, gaps, out_of_order
+         FROM consumer.inbox_sequences ORDER BY consumer, aggregate_id",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    let parked = sqlx::query_scalar("SELECT count(*) FROM consumer.inbox_parked")
+        .fetch_one(&db.pool)
+        .await?;
+    Ok((sequences, parked))
+}
+
+#[tokio::test]
+async fn purge_deletes_only_this_consumers_rows_older_than_the_age() -> Result<()> {
+    let (db, inbox) = setup("inbox_purge").await?;
+    let other = Inbox::new(inbox.table().clone(), "other-consumer")?;
+    let handler = Counter::new();
+    let (old_ids, young_ids): (Vec<_>, Vec<_>) = (
+        (0..3).map(|_| Uuid::now_v7()).collect(),
+        (0..2).map(|_| Uuid::now_v7()).collect(),
+    );
+    for (i, id) in old_ids.iter().chain(&young_ids).enumerate() {
+        let seq = i as i64 + 1;
+        let record = relay_like_record(&inc("p", seq, 1), *id, seq);
+        assert!(matches!(
+            inbox.deliver(&db.pool, &record, &handler).await?,
+            Delivered::Applied { .. }
+        ));
+        // The other consumer applies the same events; its rows are all old.
+        assert!(matches!(
+            other.deliver(&db.pool, &record, &handler).await?,
+            Delivered::Applied { .. }
+        ));
+    }
+    for id in &old_ids {
+        age_row_of(&db, "counter-consumer", *id, 3).await?;
+    }
+    for id in old_ids.iter().chain(&young_ids) {
+        age_row_of(&db, "other-consumer", *id, 3).await?;
+    }
+    // A parked record, as old as the purged rows.
+    let mut garbage = relay_like_record(&inc("p", 99, 1), Uuid::now_v7(), 100);
+    garbage.payload = Some(b"not json".to_vec());
+    inbox.deliver(&db.pool, &garbage, &handler).await?;
+    sqlx::query("UPDATE consumer.inbox_parked SET parked_at = now() - interval '3 hours'")
+        .execute(&db.pool)
+        .await?;
+    // Many more old rows than one purge statement deletes.
+    sqlx::query(
+        "INSERT INTO consumer.inbox (consumer, event_id, event_type, topic, kafka_partition,
+                                     kafka_offset, processed_at)
+         SELECT 'counter-consumer', gen_random_uuid(), 'Incremented', 'bulk', 0, n,
+                now() - interval '2 hours'
+         FROM generate_series(1, 25000) AS n",
+    )
+    .execute(&db.pool)
+    .await?;
+    let before = sequences_and_parked(&db).await?;
+
+    let mut conn = db.pool.acquire().await?;
+    let deleted = inbox
+        .purge_older_than(&mut conn, Duration::from_secs(3600))
+        .await?;
+    assert_eq!(
+        deleted, 25_003,
+        "the 3 aged events and the 25 000 bulk rows, in batches"
+    );
+    for id in &old_ids {
+        assert!(
+            !inbox.is_recorded(&mut conn, *id).await?,
+            "old row {id} purged"
+        );
+        assert!(
+            other.is_recorded(&mut conn, *id).await?,
+            "other consumer's row {id} kept"
+        );
+    }
+    for id in &young_ids {
+        assert!(
+            inbox.is_recorded(&mut conn, *id).await?,
+            "young row {id} kept"
+        );
+    }
+    assert_eq!(inbox.applied_count(&mut conn).await?, 2);
+    assert_eq!(other.applied_count(&mut conn).await?, 5);
+    assert_eq!(
+        sequences_and_parked(&db).await?,
+        before,
+        "sequences and parked records untouched"
+    );
+    assert_eq!(before.1, 1);
+    // Nothing left to purge; a purge by an age beyond all rows deletes nothing.
+    assert_eq!(
+        inbox
+            .purge_older_than(&mut conn, Duration::from_secs(3600))
+            .await?,
+        0
+    );
+    assert_eq!(
+        other
+            .purge_older_than(&mut conn, Duration::from_secs(4 * 3600))
+            .await?,
+        0
+    );
+    assert_eq!(other.purge_older_than(&mut conn, Duration::MAX).await?, 0);
+    assert_eq!(
+        other
+            .purge_older_than(&mut conn, Duration::from_secs(2 * 3600))
+            .await?,
+        5
+    );
+    Ok(())
+}
+
+/// Ages `event_id`'s inbox row of `consumer` to `hours` hours ago.
+async fn age_row_of(db: &TestDb, consumer: &str, event_id: Uuid, hours: i32) -> Result<()> {
+    let n = sqlx::query(
+        "UPDATE consumer.inbox SET processed_at = now() - make_interval(hours => $3)
+         WHERE consumer = $1 AND event_id = $2",
+    )
+    .bind(consumer)
+    .bind(event_id)
+    .bind(hours)
+    .execute(&db.pool)
+    .await?
+    .rows_affected();
+    assert_eq!(n, 1, "event {event_id} has one inbox row for {consumer}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn after_a_purge_stale_sequenced_redeliveries_are_still_skipped() -> Result<()> {
+    let (db, inbox) = setup("inbox_purge_seq").await?;
+    let handler = Counter::new();
+    let records: Vec<_> = (1..=3)
+        .map(|seq| relay_like_record(&inc("s", seq, 10), Uuid::now_v7(), seq))
+        .collect();
+    for record in &records {
+        inbox.deliver(&db.pool, record, &handler).await?;
+    }
+    // An unsequenced event: after a purge only its id protected it.
+    let mut unsequenced = relay_like_record(&inc("u", 1, 1), Uuid::now_v7(), 10);
+    unsequenced
+        .headers
+        .retain(|(n, _)| n != "outbox-aggregate-seq");
+    inbox.deliver(&db.pool, &unsequenced, &handler).await?;
+    sqlx::query("UPDATE consumer.inbox SET processed_at = now() - interval '2 hours' WHERE aggregate_seq IS DISTINCT FROM 3")
+        .execute(&db.pool)
+        .await?;
+    let mut conn = db.pool.acquire().await?;
+    assert_eq!(
+        inbox
+            .purge_older_than(&mut conn, Duration::from_secs(3600))
+            .await?,
+        3
+    );
+    assert_eq!(counter_value(&db, "s").await?, 30);
+
+    // Seqs 1 and 2 lost their inbox rows; 3 still has its own. All three are still skipped.
+    for record in &records {
+        let outcome = inbox.deliver(&db.pool, record, &handler).await?;
+        assert!(
+            matches!(outcome, Delivered::Duplicate { .. }),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(
+        counter_value(&db, "s").await?,
+        30,
+        "no stale redelivery applied again"
+    );
+    let (last, ooo): (i64, i64) = sqlx::query_as(
+        "SELECT last_seq, out_of_order FROM consumer.inbox_sequences WHERE aggregate_id = 's'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert_eq!(
+        (last, ooo),
+        (3, 0),
+        "skipped redeliveries are not counted as reordering"
+    );
+    // The aggregate goes on in order.
+    let next = relay_like_record(&inc("s", 4, 10), Uuid::now_v7(), 4);
+    assert_eq!(
+        inbox.deliver(&db.pool, &next, &handler).await?,
+        Delivered::Applied {
+            event_id: next_id(&next),
+            sequence: SequenceCheck::InOrder
+        }
+    );
+    // The documented limit: an unsequenced event older than the age is applied again.
+    assert!(matches!(
+        inbox.deliver(&db.pool, &unsequenced, &handler).await?,
+        Delivered::Applied {
+            sequence: SequenceCheck::Unsequenced,
+            ..
+        }
+    ));
+    assert_eq!(counter_value(&db, "u").await?, 2);
+    Ok(())
+}
+
+fn next_id(record: &IncomingRecord) -> Uuid {
+    EventMetadata::from_record(record).unwrap().event_id
+}
+
+#[tokio::test]
+async fn a_version_1_inbox_upgrades_in_place_and_can_be_purged() -> Result<()> {
+    let (db, inbox) = setup("inbox_purge_upgrade").await?;
+    let handler = Counter::new();
+    let records: Vec<_> = (1..=2)
+        .map(|seq| relay_like_record(&inc("v", seq, 1), Uuid::now_v7(), seq))
+        .collect();
+    for record in &records {
+        inbox.deliver(&db.pool, record, &handler).await?;
+    }
+    // Back to exactly what version 1 created, with its rows in place.
+    for statement in [
+        "DROP INDEX consumer.inbox_purge_idx",
+        "ALTER TABLE consumer.inbox_sequences DROP COLUMN purged_seq",
+        "DELETE FROM consumer._outbox_inbox_migrations WHERE version = 2",
+        "UPDATE consumer.inbox SET processed_at = now() - interval '2 days'",
+    ] {
+        sqlx::query(statement).execute(&db.pool).await?;
+    }
+    let mut conn = db.pool.acquire().await?;
+    let report = inbox.migrate(&mut conn).await?;
+    assert_eq!((report.applied, report.version), (vec![2], 2));
+    let index: String = sqlx::query_scalar(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = 'consumer' AND indexname = 'inbox_purge_idx'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    assert!(index.contains("(consumer, processed_at)"), "{index}");
+
+    assert_eq!(
+        inbox
+            .purge_older_than(&mut conn, Duration::from_secs(86_400))
+            .await?,
+        2
+    );
+    for record in &records {
+        assert!(matches!(
+            inbox.deliver(&db.pool, record, &handler).await?,
+            Delivered::Duplicate { .. }
+        ));
+    }
+    assert_eq!(counter_value(&db, "v").await?, 2);
     Ok(())
 }
 
