@@ -42,10 +42,93 @@ use crate::metrics::Registry;
 use crate::stats::RelayStats;
 use crate::status::OutboxStatus;
 
-/// One reading of the outbox status and when it was taken.
+/// One reading of the outbox status of every table and when it was taken.
 struct Reading {
     at: Instant,
-    value: Arc<Result<OutboxStatus, String>>,
+    value: Arc<TableReadings>,
+}
+
+/// Each table's status (by its name as configured), or why it could not be read.
+type TableReadings = Vec<(String, Result<OutboxStatus, String>)>;
+
+/// One table an admin endpoint reports on: its pipeline's configuration and live figures.
+#[derive(Debug, Clone)]
+pub struct AdminTable {
+    /// The outbox table.
+    pub table: OutboxTable,
+    /// The pipeline's configuration (its write mode, shards, …).
+    pub config: Arc<RelayConfig>,
+    /// The pipeline's live figures.
+    pub stats: Arc<RelayStats>,
+    /// Why the pipeline stopped, once it has (`/readyz` then names the table).
+    pub stopped: Option<String>,
+}
+
+/// The tables an admin endpoint reports on, updated while it serves: a multi-table relay adds a
+/// table when its pipeline starts and removes it when the pipeline ended on purpose.
+///
+/// A single-table relay's endpoint ([`AdminTables::single`]) answers exactly as before there
+/// were several tables: unlabelled metric names, the `/status` object of that table. A
+/// multi-table relay's ([`AdminTables::multi`]) labels every per-table series with
+/// `table="<name as configured>"` and answers `/status` with a `tables` list.
+#[derive(Debug)]
+pub struct AdminTables {
+    labelled: bool,
+    entries: std::sync::RwLock<std::collections::BTreeMap<String, AdminTable>>,
+}
+
+impl AdminTables {
+    /// The one table of a single-table relay.
+    pub fn single(table: AdminTable) -> Arc<Self> {
+        let tables = Self {
+            labelled: false,
+            entries: Default::default(),
+        };
+        tables.insert(table);
+        Arc::new(tables)
+    }
+
+    /// An empty set for a multi-table relay.
+    pub fn multi() -> Arc<Self> {
+        Arc::new(Self {
+            labelled: true,
+            entries: Default::default(),
+        })
+    }
+
+    /// Adds (or replaces) a table, keyed by its configured name.
+    pub fn insert(&self, table: AdminTable) {
+        let name = table.config.table.clone();
+        self.write().insert(name, table);
+    }
+
+    /// Records that the pipeline of `name` stopped, and why.
+    pub fn set_stopped(&self, name: &str, reason: impl Into<String>) {
+        if let Some(t) = self.write().get_mut(name) {
+            t.stopped = Some(reason.into());
+        }
+    }
+
+    /// Removes a table (its pipeline was stopped on purpose).
+    pub fn remove(&self, name: &str) {
+        self.write().remove(name);
+    }
+
+    /// The tables, by name.
+    pub fn snapshot(&self) -> Vec<(String, AdminTable)> {
+        self.entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn write(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, std::collections::BTreeMap<String, AdminTable>> {
+        self.entries.write().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A single-flight cache with a time to live: the lock is held across the refresh, so callers
@@ -85,23 +168,23 @@ impl<T: Clone> Cached<T> {
 #[derive(Clone)]
 struct AdminState {
     config: Arc<RelayConfig>,
-    table: OutboxTable,
+    tables: Arc<AdminTables>,
     pool: PgPool,
-    stats: Arc<RelayStats>,
-    /// The relay's figures, registered once ([`crate::metrics::registry`]).
+    /// The relay's figures, registered once ([`crate::metrics::registry`], or
+    /// [`crate::metrics::tables_registry`] for a multi-table relay).
     registry: Arc<Registry>,
-    status: Arc<Cached<Arc<Result<OutboxStatus, String>>>>,
+    status: Arc<Cached<Arc<TableReadings>>>,
     db_ping: Arc<Cached<bool>>,
 }
 
 /// Binds the admin endpoint and serves it until `shutdown`; returns the bound address (useful
-/// with port 0).
+/// with port 0). `config` gives the endpoint's own settings (`admin`, `sink`); `tables` what it
+/// reports on.
 pub async fn serve(
     addr: SocketAddr,
     config: Arc<RelayConfig>,
-    table: OutboxTable,
+    tables: Arc<AdminTables>,
     options: &PgConnectOptions,
-    stats: Arc<RelayStats>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let pool = PgPoolOptions::new()
@@ -109,13 +192,29 @@ pub async fn serve(
         .acquire_timeout(Duration::from_secs(2))
         .connect_lazy_with(options.clone());
     let refresh = config.admin.status_refresh;
-    let registry = Arc::new(crate::metrics::registry(&stats, config.source));
+    let registry = if tables.labelled {
+        let listed = tables.clone();
+        Arc::new(crate::metrics::tables_registry(Arc::new(move || {
+            listed
+                .snapshot()
+                .into_iter()
+                .map(|(name, t)| (name, t.stats))
+                .collect()
+        })))
+    } else {
+        let stats = tables
+            .snapshot()
+            .into_iter()
+            .next()
+            .map(|(_, t)| t.stats)
+            .unwrap_or_default();
+        Arc::new(crate::metrics::registry(&stats, config.source))
+    };
     let state = AdminState {
         config,
-        table,
+        tables,
         pool,
         registry,
-        stats,
         status: Arc::new(Cached::new(refresh)),
         db_ping: Arc::new(Cached::new(refresh.min(Duration::from_secs(1)))),
     };
@@ -169,22 +268,41 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The shared status reading (at most one database round per `admin.status_refresh`).
+/// The shared status reading of every table (at most one database round per
+/// `admin.status_refresh`).
 async fn read_status(state: &AdminState) -> Reading {
     let (at, value) = state
         .status
         .get(|| async {
+            let tables = state.tables.snapshot();
+            // Each table's queries are index-backed; give a long list a little more time.
+            let budget = Duration::from_secs(3) + Duration::from_millis(50) * tables.len() as u32;
             let fut = async {
                 let mut conn = state.pool.acquire().await.map_err(|e| e.to_string())?;
-                crate::status::read(&mut conn, &state.config, &state.table)
-                    .await
-                    .map_err(|e| e.to_string())
+                let mut out = Vec::with_capacity(tables.len());
+                for (name, t) in &tables {
+                    let status = crate::status::read(&mut conn, &t.config, &t.table)
+                        .await
+                        .map_err(|e| e.to_string());
+                    out.push((name.clone(), status));
+                }
+                Ok::<_, String>(out)
             };
-            Arc::new(
-                tokio::time::timeout(Duration::from_secs(3), fut)
-                    .await
-                    .unwrap_or_else(|_| Err("database did not answer within 3 s".to_owned())),
-            )
+            let all = match tokio::time::timeout(budget, fut).await {
+                Ok(Ok(readings)) => readings,
+                Ok(Err(e)) => tables
+                    .iter()
+                    .map(|(n, _)| (n.clone(), Err(e.clone())))
+                    .collect(),
+                Err(_) => {
+                    let e = format!("database did not answer within {} s", budget.as_secs_f64());
+                    tables
+                        .iter()
+                        .map(|(n, _)| (n.clone(), Err(e.clone())))
+                        .collect()
+                }
+            };
+            Arc::new(all)
         })
         .await;
     Reading { at, value }
@@ -215,18 +333,45 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         problems.push("database unreachable".to_owned());
     }
     let broker = state.config.sink.broker();
-    if !state.stats.sink_connected.load(Ordering::Relaxed) {
-        problems.push(format!("producer not connected to {broker}"));
-    } else if !state.stats.sink_reachable.load(Ordering::Relaxed) {
-        problems.push(format!("{broker} brokers do not answer"));
+    let tables = state.tables.snapshot();
+    if state.tables.labelled && tables.is_empty() {
+        problems.push("no outbox table found yet".to_owned());
     }
-    if state.stats.active.load(Ordering::Relaxed)
-        && !state.stats.source_running.load(Ordering::Relaxed)
-    {
-        problems.push("source not running".to_owned());
+    for (name, t) in &tables {
+        let mut mine = Vec::new();
+        if let Some(why) = &t.stopped {
+            mine.push(format!("pipeline stopped ({why})"));
+        } else if !t.stats.sink_connected.load(Ordering::Relaxed) {
+            mine.push(format!("producer not connected to {broker}"));
+        } else if !t.stats.sink_reachable.load(Ordering::Relaxed) {
+            mine.push(format!("{broker} brokers do not answer"));
+        }
+        if t.stopped.is_none()
+            && t.stats.active.load(Ordering::Relaxed)
+            && !t.stats.source_running.load(Ordering::Relaxed)
+        {
+            mine.push("source not running".to_owned());
+        }
+        if state.tables.labelled {
+            problems.extend(mine.into_iter().map(|p| format!("table {name}: {p}")));
+        } else {
+            problems.extend(mine);
+        }
     }
     if problems.is_empty() {
-        (StatusCode::OK, format!("ready ({})\n", role(&state.stats))).into_response()
+        let shown = if state.tables.labelled {
+            let active = tables
+                .iter()
+                .filter(|(_, t)| t.stats.active.load(Ordering::Relaxed))
+                .count();
+            format!("{} tables, {active} active", tables.len())
+        } else {
+            tables
+                .first()
+                .map_or("standby", |(_, t)| role(&t.stats))
+                .to_owned()
+        };
+        (StatusCode::OK, format!("ready ({shown})\n")).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -241,16 +386,38 @@ async fn status(State(state): State<AdminState>, headers: HeaderMap) -> Response
         return refused;
     }
     let reading = read_status(&state).await;
-    match reading.value.as_ref() {
-        Ok(s) => {
-            let mut v = serde_json::to_value(s).unwrap_or_default();
-            v["role"] = role(&state.stats).into();
-            v["published_by_this_instance"] = state.stats.published.get().into();
-            v["status_age_seconds"] = reading.at.elapsed().as_secs_f64().into();
-            axum::Json(v).into_response()
+    let tables = state.tables.snapshot();
+    let age = reading.at.elapsed().as_secs_f64();
+    let shown = |name: &str, status: &OutboxStatus| {
+        let mut v = serde_json::to_value(status).unwrap_or_default();
+        if let Some((_, t)) = tables.iter().find(|(n, _)| n == name) {
+            v["role"] = role(&t.stats).into();
+            v["published_by_this_instance"] = t.stats.published.get().into();
         }
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+        v
+    };
+    if !state.tables.labelled {
+        return match reading.value.first() {
+            Some((name, Ok(s))) => {
+                let mut v = shown(name, s);
+                v["status_age_seconds"] = age.into();
+                axum::Json(v).into_response()
+            }
+            Some((_, Err(e))) => {
+                (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
+            }
+            None => (StatusCode::SERVICE_UNAVAILABLE, "no table\n").into_response(),
+        };
     }
+    let list: Vec<serde_json::Value> = reading
+        .value
+        .iter()
+        .map(|(name, status)| match status {
+            Ok(s) => shown(name, s),
+            Err(e) => serde_json::json!({ "table": name, "error": e }),
+        })
+        .collect();
+    axum::Json(serde_json::json!({ "tables": list, "status_age_seconds": age })).into_response()
 }
 
 async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Response {
@@ -262,14 +429,22 @@ async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Respons
     let mut out = String::with_capacity(8192);
     crate::metrics::encode(&mut out, &state.registry);
     let reading = read_status(&state).await;
-    if let Err(e) = reading.value.as_ref() {
-        tracing::debug!(error = %e, "metrics scrape could not read the outbox status");
+    for (table, e) in reading
+        .value
+        .iter()
+        .filter_map(|(t, r)| Some((t, r.as_ref().err()?)))
+    {
+        tracing::debug!(%table, error = %e, "metrics scrape could not read the outbox status");
     }
-    let status = crate::metrics::status_registry(
-        &reading.value,
-        reading.at.elapsed().as_secs_f64(),
-        state.status.refreshes.load(Ordering::Relaxed),
-    );
+    let age = reading.at.elapsed().as_secs_f64();
+    let queries = state.status.refreshes.load(Ordering::Relaxed);
+    let status = if state.tables.labelled {
+        crate::metrics::tables_status_registry(&reading.value, age, queries)
+    } else {
+        let none = Err("no table".to_owned());
+        let first = reading.value.first().map_or(&none, |(_, r)| r);
+        crate::metrics::status_registry(first, age, queries)
+    };
     crate::metrics::encode(&mut out, &status);
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], out).into_response()
 }

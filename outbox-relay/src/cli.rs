@@ -217,6 +217,10 @@ pub struct Settings {
     /// The outbox table, `table` or `schema.table` [key: table].
     #[arg(long, env = "OUTBOX_TABLE")]
     pub table: Option<String>,
+    /// Relay every migrated table matching `<schema glob>.<table>`, e.g. `tenant_*.outbox`,
+    /// re-read every `tables_rescan_interval` [key: tables].
+    #[arg(long, env = "OUTBOX_TABLES")]
+    pub tables: Option<String>,
     /// Kafka bootstrap servers, e.g. broker1:9092,broker2:9092 [key: kafka.bootstrap_servers].
     #[arg(long, env = "OUTBOX_KAFKA_BOOTSTRAP_SERVERS")]
     pub kafka_bootstrap_servers: Option<String>,
@@ -309,6 +313,9 @@ impl Settings {
         }
         if let Some(v) = &self.table {
             put("table", v.clone());
+        }
+        if let Some(v) = &self.tables {
+            put("tables", v.clone());
         }
         if let Some(v) = &self.kafka_bootstrap_servers {
             put("kafka.bootstrap_servers", v.clone());

@@ -96,7 +96,25 @@ pub async fn connect(config: &RelayConfig) -> Result<(PgConnection, OutboxTable)
 /// `migrate`: creates or upgrades the outbox table (and its parked-events table); with
 /// `--source logical`, also the relay state table `outbox_relay_state`; with `shards` set, the
 /// shard index ([`crate::shard::index_statement`], built without blocking writers).
+///
+/// With `[[outbox]]` sections: every listed table, each with its own settings (tables found by
+/// a `tables` pattern are migrated by whoever creates them, e.g. tenant provisioning).
 pub async fn migrate(config: &RelayConfig) -> Result<()> {
+    if config.is_multi_table() {
+        let listed = config
+            .listed_tables()
+            .map_err(|e| CommandError::usage(e.to_string()))?;
+        if listed.is_empty() {
+            return Err(CommandError::usage(
+                "`migrate` with only a `tables` pattern has no table to migrate: migrate each \
+                 table with --table SCHEMA.TABLE (and no pattern)",
+            ));
+        }
+        for table_config in &listed {
+            Box::pin(migrate(table_config)).await?;
+        }
+        return Ok(());
+    }
     let (mut conn, table) = connect(config).await?;
     let report = outbox_core::migrate(&mut conn, &table)
         .await
@@ -131,7 +149,14 @@ pub async fn migrate(config: &RelayConfig) -> Result<()> {
 }
 
 /// `status`: pending events, oldest pending age, last published event, parked events, slot.
+///
+/// A multi-table relay's configuration lists every table (`[[outbox]]` sections, then the
+/// `tables` pattern's matches): in text one block per table, in JSON `{"tables": [...]}` with
+/// one single-table object per table.
 pub async fn status(config: &RelayConfig, json: bool) -> Result<()> {
+    if config.is_multi_table() {
+        return status_of_tables(config, json).await;
+    }
     let (mut conn, table) = connect(config).await?;
     let s = crate::status::read(&mut conn, config, &table)
         .await
@@ -164,6 +189,80 @@ pub async fn status(config: &RelayConfig, json: bool) -> Result<()> {
         );
         return Ok(());
     }
+    print_status(&s);
+    match emit_public.as_deref() {
+        Some([]) => println!("emit_message      not executable by PUBLIC"),
+        Some(public) => println!(
+            "emit_message      WARNING: executable by PUBLIC ({}): any role can publish events; \
+             see docs/postgres.md",
+            public.join(", ")
+        ),
+        None => {}
+    }
+    Ok(())
+}
+
+/// `status` of a multi-table configuration.
+async fn status_of_tables(config: &RelayConfig, json: bool) -> Result<()> {
+    let (mut conn, _) = connect(config).await?;
+    let mut configs = config
+        .listed_tables()
+        .map_err(|e| CommandError::usage(e.to_string()))?;
+    let mut seen = BTreeSet::new();
+    for c in &configs {
+        let t = OutboxTable::parse(&c.table).map_err(|e| CommandError::usage(e.to_string()))?;
+        let resolved = t
+            .resolve(&mut conn)
+            .await
+            .map_err(db_err("resolving the outbox tables"))?;
+        seen.insert(table::display_name(&resolved));
+    }
+    if let Some(pattern) = config
+        .table_pattern()
+        .map_err(|e| CommandError::usage(e.to_string()))?
+    {
+        for name in table::matching_tables(&mut conn, &pattern)
+            .await
+            .map_err(db_err("matching the `tables` pattern"))?
+        {
+            if seen.insert(name.clone()) {
+                let t =
+                    OutboxTable::parse(&name).map_err(|e| CommandError::usage(e.to_string()))?;
+                configs.push(
+                    config
+                        .pattern_table_config(&t)
+                        .map_err(|e| CommandError::usage(e.to_string()))?,
+                );
+            }
+        }
+    }
+    let mut all = Vec::with_capacity(configs.len());
+    for c in &configs {
+        let t = OutboxTable::parse(&c.table).map_err(|e| CommandError::usage(e.to_string()))?;
+        all.push(
+            crate::status::read(&mut conn, c, &t)
+                .await
+                .map_err(db_err("reading the outbox status"))?,
+        );
+    }
+    if json {
+        let value = serde_json::json!({ "tables": all });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("status serializes")
+        );
+        return Ok(());
+    }
+    println!("tables            {}", all.len());
+    for s in &all {
+        println!();
+        print_status(s);
+    }
+    Ok(())
+}
+
+/// The text form of one table's status.
+fn print_status(s: &crate::status::OutboxStatus) {
     println!("outbox table      {}", s.table);
     println!("source            {}", s.source);
     println!(
@@ -206,16 +305,6 @@ pub async fn status(config: &RelayConfig, json: bool) -> Result<()> {
             slot.lag_bytes.unwrap_or(0)
         );
     }
-    match emit_public.as_deref() {
-        Some([]) => println!("emit_message      not executable by PUBLIC"),
-        Some(public) => println!(
-            "emit_message      WARNING: executable by PUBLIC ({}): any role can publish events; \
-             see docs/postgres.md",
-            public.join(", ")
-        ),
-        None => {}
-    }
-    Ok(())
 }
 
 /// Settings of `topics ensure`.

@@ -14,6 +14,7 @@ pub mod load;
 pub mod nats;
 pub mod rabbitmq;
 pub mod redis;
+pub mod tables;
 pub mod telemetry;
 mod validate;
 
@@ -21,6 +22,7 @@ pub use kafka::{KafkaPropertyError, KafkaSettings};
 pub use nats::{NatsSettings, NatsStreamSettings};
 pub use rabbitmq::RabbitmqSettings;
 pub use redis::RedisSettings;
+pub use tables::{OutboxEntry, TableOrigin, TablePattern};
 pub use telemetry::TelemetrySettings;
 
 use crate::route::RouteSettings;
@@ -321,8 +323,24 @@ pub struct RelayConfig {
     pub source: SourceKind,
     /// The broker events are published to: `kafka` (default), `nats`, `rabbitmq` or `redis`.
     pub sink: SinkKind,
-    /// The outbox table, `table` or `schema.table`.
+    /// The outbox table, `table` or `schema.table` (single-table mode; leave it at its default
+    /// with `[[outbox]]` or `tables`).
     pub table: String,
+    /// Several outbox tables in one relay: one `[[outbox]]` section per table, each with
+    /// optional overrides ([`OutboxEntry`]); one pipeline per table ([`crate::group`]).
+    pub outbox: Vec<OutboxEntry>,
+    /// Every table matching a pattern `<schema glob>.<table>` (e.g. `tenant_*.outbox`): matching
+    /// migrated tables are relayed, the list re-read every `tables_rescan_interval`
+    /// (`OUTBOX_TABLES`, `--tables`).
+    pub tables: Option<String>,
+    /// How often the `tables` pattern is matched again: a new migrated table starts relaying, a
+    /// dropped one's pipeline stops (default 30s).
+    #[serde(with = "duration")]
+    pub tables_rescan_interval: Duration,
+    /// Most tables one relay relays (default 256): bounds the `table` label of every metric and
+    /// the database sessions held; more `[[outbox]]` sections, or more pattern matches, are an
+    /// error naming this setting.
+    pub max_tables: usize,
     /// How services write events; must match their `outbox-core` setting.
     #[serde(with = "write_mode")]
     pub write_mode: WriteMode,
@@ -401,6 +419,10 @@ impl Default for RelayConfig {
             source: SourceKind::Polling,
             sink: SinkKind::Kafka,
             table: OutboxTable::DEFAULT_NAME.to_owned(),
+            outbox: Vec::new(),
+            tables: None,
+            tables_rescan_interval: Duration::from_secs(30),
+            max_tables: tables::DEFAULT_MAX_TABLES,
             write_mode: WriteMode::Table,
             batch_size: 1000,
             max_in_flight_batches: 3,

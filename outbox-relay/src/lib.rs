@@ -38,5 +38,5 @@ pub mod table;
 pub mod telemetry;
 
 pub use config::{RelayConfig, SourceKind};
-pub use relay::{Relay, RelayError};
+pub use relay::{Relay, RelayError, RelayGroup};
 pub use stats::RelayStats;

@@ -8,7 +8,7 @@ use clap::Parser;
 use outbox_relay::cli::{Cli, Command, ConfigAction, LogFormat};
 use outbox_relay::config::RelayConfig;
 use outbox_relay::failure::Report;
-use outbox_relay::{Relay, RelayError};
+use outbox_relay::{RelayError, RelayGroup};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -218,7 +218,8 @@ async fn run(config: RelayConfig) -> i32 {
 
 async fn run_relay(config: RelayConfig) -> i32 {
     let shutdown_timeout = config.shutdown_timeout;
-    let relay = match Relay::new(config) {
+    // One table, or one pipeline per table ([[outbox]] sections, a `tables` pattern).
+    let relay = match RelayGroup::new(config) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("{}", Report(&e));

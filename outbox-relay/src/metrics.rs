@@ -12,9 +12,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, prometheus_text};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeMetric, MetricEncoder, prometheus_text,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
 pub use prometheus_client::registry::Registry;
 
 use crate::config::SourceKind;
@@ -38,60 +42,165 @@ pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 /// here.
 pub fn register(registry: &mut Registry, stats: &Arc<RelayStats>, source: SourceKind) {
     let r = registry.sub_registry_with_prefix(PREFIX);
-    r.register(
-        "events_read",
-        "Events taken from the source",
-        stats.read.clone(),
-    );
-    r.register(
-        "events_published",
-        "Events acknowledged by Kafka and recorded at the source",
-        stats.published.clone(),
-    );
-    r.register(
-        "events_failed",
-        "Events whose delivery failed transiently (they are sent again)",
-        stats.failed.clone(),
-    );
-    r.register(
-        "events_parked",
-        "Events parked as unpublishable or held behind one",
-        stats.parked.clone(),
-    );
-    r.register(
-        "batches",
-        "Read-produce-acknowledge rounds",
-        stats.batches.clone(),
-    );
-    r.register(
-        "publish_duration_seconds",
-        "Time from producing a batch to Kafka's last acknowledgement",
-        stats.publish_duration.histogram(),
-    );
-    r.register(
-        "commit_to_ack_seconds",
-        "Time from the event's creation to Kafka's acknowledgement",
-        stats.commit_to_ack.histogram(),
-    );
-    r.register(
-        "leader_lease_lost",
-        "Times this instance lost its leader lease and stepped down",
-        stats.lease_lost.clone(),
-    );
-    r.register(
-        "shards_owned",
-        "Shards of the outbox table this instance owns and relays (0 when the table is not \
-         sharded)",
-        stats.shards_owned.clone(),
-    );
-    r.register(
-        "producer_queue_messages",
-        "Records queued in the producer, not yet acknowledged",
-        stats.producer_queue.clone(),
-    );
+    for (name, help, figure) in figures(stats) {
+        r.register(name, help, figure);
+    }
     r.register_collector(Box::new(RelayFlags(stats.clone())));
     if source == SourceKind::Logical {
         register_logical(r, &stats.logical);
+    }
+}
+
+/// One of a pipeline's live figures, sharing its value with [`RelayStats`].
+#[derive(Debug, Clone)]
+enum Figure {
+    Counter(Counter),
+    Gauge(Gauge),
+    Histogram(Histogram),
+}
+
+impl EncodeMetric for Figure {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        match self {
+            Figure::Counter(m) => m.encode(encoder),
+            Figure::Gauge(m) => m.encode(encoder),
+            Figure::Histogram(m) => m.encode(encoder),
+        }
+    }
+
+    fn metric_type(&self) -> MetricType {
+        match self {
+            Figure::Counter(m) => m.metric_type(),
+            Figure::Gauge(m) => m.metric_type(),
+            Figure::Histogram(m) => m.metric_type(),
+        }
+    }
+}
+
+/// Every registered figure of one pipeline: name (after the prefix), help, metric.
+fn figures(s: &RelayStats) -> [(&'static str, &'static str, Figure); 10] {
+    use Figure::{Counter as C, Gauge as G, Histogram as H};
+    [
+        (
+            "events_read",
+            "Events taken from the source",
+            C(s.read.clone()),
+        ),
+        (
+            "events_published",
+            "Events acknowledged by Kafka and recorded at the source",
+            C(s.published.clone()),
+        ),
+        (
+            "events_failed",
+            "Events whose delivery failed transiently (they are sent again)",
+            C(s.failed.clone()),
+        ),
+        (
+            "events_parked",
+            "Events parked as unpublishable or held behind one",
+            C(s.parked.clone()),
+        ),
+        (
+            "batches",
+            "Read-produce-acknowledge rounds",
+            C(s.batches.clone()),
+        ),
+        (
+            "publish_duration_seconds",
+            "Time from producing a batch to Kafka's last acknowledgement",
+            H(s.publish_duration.histogram()),
+        ),
+        (
+            "commit_to_ack_seconds",
+            "Time from the event's creation to Kafka's acknowledgement",
+            H(s.commit_to_ack.histogram()),
+        ),
+        (
+            "leader_lease_lost",
+            "Times this instance lost its leader lease and stepped down",
+            C(s.lease_lost.clone()),
+        ),
+        (
+            "shards_owned",
+            "Shards of the outbox table this instance owns and relays (0 when the table is not \
+             sharded)",
+            G(s.shards_owned.clone()),
+        ),
+        (
+            "producer_queue_messages",
+            "Records queued in the producer, not yet acknowledged",
+            G(s.producer_queue.clone()),
+        ),
+    ]
+}
+
+/// The tables of a multi-table relay with their figures, read at every scrape (tables come and
+/// go while the relay runs).
+pub type TableList = Arc<dyn Fn() -> Vec<(String, Arc<RelayStats>)> + Send + Sync>;
+
+/// The `table` label of a multi-table relay's series.
+type TableLabel<'a> = [(&'static str, &'a str); 1];
+
+/// Registers the live figures of every table `tables` lists under the same names as
+/// [`register`], each series labelled `table="<schema>.<table>"` (one HELP and TYPE per name,
+/// one sample per table). For a multi-table relay ([`crate::config::RelayConfig::is_multi_table`]);
+/// a single-table relay keeps the unlabelled names of [`register`].
+pub fn register_tables(registry: &mut Registry, tables: TableList) {
+    registry
+        .sub_registry_with_prefix(PREFIX)
+        .register_collector(Box::new(TableFigures(tables)));
+}
+
+/// The admin endpoint's registry for a multi-table relay ([`register_tables`]).
+pub fn tables_registry(tables: TableList) -> Registry {
+    let mut registry = Registry::default();
+    register_tables(&mut registry, tables);
+    registry
+}
+
+struct TableFigures(TableList);
+
+impl std::fmt::Debug for TableFigures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TableFigures")
+    }
+}
+
+impl Collector for TableFigures {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let tables = (self.0)();
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let per_table: Vec<_> = tables.iter().map(|(t, s)| (t, figures(s))).collect();
+        for k in 0..per_table[0].1.len() {
+            let (name, help, first) = &per_table[0].1[k];
+            let mut metric =
+                encoder.encode_descriptor(name, &format!("{help}."), None, first.metric_type())?;
+            for (table, figures) in &per_table {
+                let label: TableLabel = [("table", table)];
+                figures[k].2.encode(metric.encode_family(&label)?)?;
+            }
+        }
+        let per_table: Vec<_> = tables.iter().map(|(t, s)| (t, flags(s))).collect();
+        for k in 0..per_table[0].1.len() {
+            let (name, help, _) = per_table[0].1[k];
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (table, flags) in &per_table {
+                let label: TableLabel = [("table", table)];
+                match flags[k].2 {
+                    Some(Reading::Int(v)) => {
+                        ConstGauge::new(v).encode(metric.encode_family(&label)?)?
+                    }
+                    Some(Reading::Float(v)) => {
+                        ConstGauge::new(v).encode(metric.encode_family(&label)?)?
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -164,49 +273,64 @@ pub fn encode(out: &mut String, registry: &Registry) {
 #[derive(Debug)]
 struct RelayFlags(Arc<RelayStats>);
 
-impl Collector for RelayFlags {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let s = &self.0;
-        let flag = |up: bool| i64::from(u8::from(up));
-        let last = s.last_published_ms.load(Ordering::Relaxed);
-        if last > 0 {
-            let since = (chrono::Utc::now().timestamp_millis() - last).max(0) as f64 / 1000.0;
-            gauge(
-                &mut encoder,
-                "seconds_since_last_event",
-                "Seconds since this instance last published an event.",
-                since,
-            )?;
-        }
-        gauge(
-            &mut encoder,
+/// A value read at scrape time.
+#[derive(Debug, Clone, Copy)]
+enum Reading {
+    Int(i64),
+    Float(f64),
+}
+
+/// The figures derived at scrape time from a pipeline's flags and clocks: name, help (with its
+/// full stop), value (`None`: no value yet).
+fn flags(s: &RelayStats) -> [(&'static str, &'static str, Option<Reading>); 5] {
+    let flag = |up: bool| Some(Reading::Int(i64::from(u8::from(up))));
+    let last = s.last_published_ms.load(Ordering::Relaxed);
+    let since = (last > 0).then(|| {
+        Reading::Float((chrono::Utc::now().timestamp_millis() - last).max(0) as f64 / 1000.0)
+    });
+    let connected =
+        flag(s.sink_connected.load(Ordering::Relaxed) && s.sink_reachable.load(Ordering::Relaxed));
+    [
+        (
+            "seconds_since_last_event",
+            "Seconds since this instance last published an event.",
+            since,
+        ),
+        (
             "leader",
             "1 while this instance holds the leader lock.",
             flag(s.active.load(Ordering::Relaxed)),
-        )?;
-        gauge(
-            &mut encoder,
+        ),
+        (
             "source_connected",
             "1 while the source is open.",
             flag(s.source_running.load(Ordering::Relaxed)),
-        )?;
-        let connected = flag(
-            s.sink_connected.load(Ordering::Relaxed) && s.sink_reachable.load(Ordering::Relaxed),
-        );
-        gauge(
-            &mut encoder,
+        ),
+        (
             "sink_connected",
             "1 while the sink reaches its broker (last deliveries succeeded and, when idle, the \
              broker answers).",
             connected,
-        )?;
-        gauge(
-            &mut encoder,
+        ),
+        (
             "kafka_connected",
             "The same as outbox_relay_sink_connected, under the name it had before other sinks \
              than Kafka existed.",
             connected,
-        )
+        ),
+    ]
+}
+
+impl Collector for RelayFlags {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, value) in flags(&self.0) {
+            match value {
+                Some(Reading::Int(v)) => gauge(&mut encoder, name, help, v)?,
+                Some(Reading::Float(v)) => gauge(&mut encoder, name, help, v)?,
+                None => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -282,6 +406,80 @@ pub fn status_registry(
         );
     }
     r
+}
+
+/// [`status_registry`] for a multi-table relay: the reading's own figures unlabelled,
+/// `outbox_relay_database_up` 1 only when every table's reading succeeded, and the pending,
+/// oldest-pending-age and parked figures once per table that was read, labelled
+/// `table="<schema>.<table>"`.
+pub fn tables_status_registry(
+    readings: &[(String, Result<OutboxStatus, String>)],
+    age_seconds: f64,
+    queries: u64,
+) -> Registry {
+    let mut r = Registry::with_prefix(PREFIX);
+    r.register(
+        "admin_status_queries",
+        "Readings of the outbox status taken for /status and /metrics (at most one per \
+         admin.status_refresh)",
+        ConstCounter::new(queries),
+    );
+    r.register(
+        "admin_status_age_seconds",
+        "Age of the outbox status reading the figures below come from",
+        ConstGauge::new(age_seconds),
+    );
+    r.register(
+        "database_up",
+        "1 when the database answered the last status reading (of every table)",
+        ConstGauge::new(i64::from(readings.iter().all(|(_, s)| s.is_ok()))),
+    );
+    let read: Vec<(String, OutboxStatus)> = readings
+        .iter()
+        .filter_map(|(t, s)| s.as_ref().ok().map(|s| (t.clone(), s.clone())))
+        .collect();
+    r.register_collector(Box::new(TableStatus(read)));
+    r
+}
+
+#[derive(Debug)]
+struct TableStatus(Vec<(String, OutboxStatus)>);
+
+impl Collector for TableStatus {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        type Value = fn(&OutboxStatus) -> Reading;
+        let figures: [(&str, &str, Value); 3] = [
+            (
+                "pending_events",
+                "Unpublished events in the outbox table.",
+                |s| Reading::Int(s.pending_events),
+            ),
+            (
+                "oldest_pending_age_seconds",
+                "Age of the oldest unpublished event.",
+                |s| Reading::Float(s.oldest_pending_age_seconds.unwrap_or(0.0)),
+            ),
+            ("parked_events", "Events currently parked.", |s| {
+                Reading::Int(s.parked_events)
+            }),
+        ];
+        for (name, help, value) in figures {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (table, status) in &self.0 {
+                let label: TableLabel = [("table", table)];
+                match value(status) {
+                    Reading::Int(v) => ConstGauge::new(v).encode(metric.encode_family(&label)?)?,
+                    Reading::Float(v) => {
+                        ConstGauge::new(v).encode(metric.encode_family(&label)?)?
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -379,6 +577,68 @@ mod tests {
         assert_eq!(
             lines(&out, "outbox_relay_leader "),
             ["outbox_relay_leader 1"]
+        );
+    }
+
+    #[test]
+    fn a_multi_table_relay_labels_every_series_with_its_table_and_describes_each_name_once() {
+        let a = Arc::new(RelayStats::default());
+        let b = Arc::new(RelayStats::default());
+        a.published.inc_by(2);
+        b.published.inc_by(5);
+        b.active.store(true, Ordering::Relaxed);
+        let list = vec![("s1.outbox".to_owned(), a), ("s2.outbox".to_owned(), b)];
+        let registry = tables_registry(Arc::new(move || list.clone()));
+        let mut out = String::new();
+        encode(&mut out, &registry);
+        assert_eq!(
+            lines(&out, "outbox_relay_events_published_total"),
+            [
+                "outbox_relay_events_published_total{table=\"s1.outbox\"} 2",
+                "outbox_relay_events_published_total{table=\"s2.outbox\"} 5"
+            ],
+            "{out}"
+        );
+        assert_eq!(
+            lines(&out, "outbox_relay_leader{"),
+            [
+                "outbox_relay_leader{table=\"s1.outbox\"} 0",
+                "outbox_relay_leader{table=\"s2.outbox\"} 1"
+            ],
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "outbox_relay_commit_to_ack_seconds_bucket{le=\"0.001\",table=\"s2.outbox\"} 0"
+            ) || out.contains(
+                "outbox_relay_commit_to_ack_seconds_bucket{table=\"s2.outbox\",le=\"0.001\"} 0"
+            ),
+            "{out}"
+        );
+        // Prometheus refuses a scrape that describes a name twice.
+        let mut described = std::collections::BTreeSet::new();
+        for l in lines(&out, "# TYPE ") {
+            assert!(described.insert(l), "{l} twice in\n{out}");
+        }
+        assert!(lines(&out, "outbox_relay_events_published_total ").is_empty());
+
+        let readings = vec![
+            (
+                "s1.outbox".to_owned(),
+                Ok(OutboxStatus {
+                    pending_events: 3,
+                    ..OutboxStatus::default()
+                }),
+            ),
+            ("s2.outbox".to_owned(), Err("gone".to_owned())),
+        ];
+        let mut out = String::new();
+        encode(&mut out, &tables_status_registry(&readings, 0.5, 2));
+        assert!(out.contains("outbox_relay_database_up 0\n"), "{out}");
+        assert_eq!(
+            lines(&out, "outbox_relay_pending_events"),
+            ["outbox_relay_pending_events{table=\"s1.outbox\"} 3"],
+            "{out}"
         );
     }
 

@@ -44,8 +44,11 @@ use backoff::Backoff;
 use pump::{Pump, Rounds};
 
 mod backoff;
+mod group;
 mod plan;
 mod pump;
+
+pub use group::RelayGroup;
 
 /// Why the relay stopped (other than a requested shutdown).
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +86,15 @@ pub enum RelayError {
     /// steps down to standby on its own, so [`Relay::run`] does not return it.
     #[error(transparent)]
     LeaseLost(#[from] LeaseLost),
+    /// One table's pipeline of a multi-table relay stopped on this error ([`RelayGroup`]).
+    #[error("outbox table {table}")]
+    Table {
+        /// The table, as configured.
+        table: String,
+        /// Why its pipeline stopped.
+        #[source]
+        error: Box<RelayError>,
+    },
 }
 
 impl RelayError {
@@ -97,6 +109,7 @@ impl RelayError {
             RelayError::Source(e) => e.kind(),
             RelayError::Park(e) => e.kind(),
             RelayError::LeaseLost(_) => ErrorKind::LeaseLost,
+            RelayError::Table { error, .. } => error.kind(),
         }
     }
 
@@ -217,21 +230,21 @@ impl Relay {
 
     async fn run_in_span(self, shutdown: CancellationToken) -> Result<(), RelayError> {
         if let Some(addr) = self.config.admin_addr {
-            crate::admin::serve(
-                addr,
-                Arc::new(self.config.clone()),
-                self.table.clone(),
-                &self.options,
-                self.stats.clone(),
-                shutdown.clone(),
-            )
-            .await
-            .map_err(|e| {
-                RelayError::Config(ConfigError::new(
-                    "admin_addr",
-                    format!("cannot listen on {addr}: {e}"),
-                ))
-            })?;
+            let config = Arc::new(self.config.clone());
+            let tables = crate::admin::AdminTables::single(crate::admin::AdminTable {
+                table: self.table.clone(),
+                config: config.clone(),
+                stats: self.stats.clone(),
+                stopped: None,
+            });
+            crate::admin::serve(addr, config, tables, &self.options, shutdown.clone())
+                .await
+                .map_err(|e| {
+                    RelayError::Config(ConfigError::new(
+                        "admin_addr",
+                        format!("cannot listen on {addr}: {e}"),
+                    ))
+                })?;
         }
         let mut sink = self.preflight().await?;
         self.stats.sink_connected.store(true, Ordering::Relaxed);

@@ -967,6 +967,49 @@ pub async fn remove_all_parked(
     Ok(done.execute(conn).await?.rows_affected())
 }
 
+/// `schema.table` (or `table` when no schema is known), without quotes: the name a multi-table
+/// relay shows a table by.
+pub fn display_name(table: &OutboxTable) -> String {
+    match table.schema() {
+        Some(s) => format!("{s}.{}", table.name()),
+        None => table.name().to_string(),
+    }
+}
+
+/// The migrated tables matching `pattern` (`schema.table`, sorted): named like the pattern's
+/// table, in a schema matching its glob, with an outbox schema version recorded.
+pub async fn matching_tables(
+    conn: &mut PgConnection,
+    pattern: &crate::config::TablePattern,
+) -> Result<Vec<String>, sqlx::Error> {
+    let schemas: Vec<String> = sqlx::query_scalar(
+        "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relname = $1 AND c.relkind IN ('r', 'p') AND n.nspname LIKE $2 ESCAPE '\\'
+         ORDER BY 1",
+    )
+    .bind(pattern.table().as_str())
+    .bind(pattern.schema_like())
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut found = Vec::with_capacity(schemas.len());
+    for schema in schemas {
+        let Ok(table) = OutboxTable::new(Some(&schema), pattern.table().as_str()) else {
+            tracing::warn!(%schema, "a schema matching `tables` is not a plain identifier; skipped");
+            continue;
+        };
+        match outbox_core::schema_version(conn, &table).await {
+            Ok(Some(_)) => found.push(display_name(&table)),
+            Ok(None) => {
+                tracing::debug!(table = %display_name(&table), "matches `tables` but is not migrated yet")
+            }
+            Err(e) => {
+                tracing::debug!(table = %display_name(&table), error = %e, "cannot read the schema version; skipped")
+            }
+        }
+    }
+    Ok(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,7 +42,7 @@ const ALIASES: &[(&str, &str)] = &[
 
 /// Settings without a default value (unset unless given) that the defaults therefore do not
 /// show; [`known_keys`] adds them.
-const OPTIONAL_KEYS: &[&str] = &["shards"];
+const OPTIONAL_KEYS: &[&str] = &["shards", "tables"];
 
 /// Keys that hold maps of free-form entries.
 const MAP_KEYS: &[&str] = &["kafka.properties", "route.routes"];
@@ -144,6 +144,8 @@ pub fn known_keys() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     walk("", &defaults, &mut out);
     out.extend(OPTIONAL_KEYS.iter().map(|k| (*k).to_owned()));
+    // `[[outbox]]` sections are a list of tables: the file only.
+    out.remove("outbox");
     out
 }
 
@@ -487,6 +489,52 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.key, "kafka");
         assert!(e.reason.contains("idempotence"), "{e}");
+    }
+
+    #[test]
+    fn outbox_sections_come_from_the_file_and_the_pattern_from_anywhere() {
+        let file = write(
+            "tables.toml",
+            r#"
+            tables_rescan_interval = "5s"
+            [[outbox]]
+            table = "billing.outbox"
+            [[outbox]]
+            table = "shipping.outbox"
+            write_mode = "table"
+            shards = 4
+            dead_letter_topic = "shipping.parked"
+            [outbox.route]
+            topic = "shipping.{aggregatetype}"
+            "#,
+        );
+        let (c, _) = load(Some(&file), Vec::new(), &[]).unwrap();
+        assert_eq!(c.outbox.len(), 2);
+        assert_eq!(c.outbox[1].shards, Some(4));
+        assert_eq!(
+            c.outbox[1].route.as_ref().map(|r| r.topic.as_str()),
+            Some("shipping.{aggregatetype}")
+        );
+        assert_eq!(c.tables_rescan_interval, Duration::from_secs(5));
+        // What `config print` shows reads back to the same tables.
+        let again: RelayConfig = toml::from_str(&render_redacted(&c)).unwrap();
+        assert_eq!(again.outbox, c.outbox);
+        assert_eq!(again.tables_rescan_interval, c.tables_rescan_interval);
+
+        let (c, _) = load(None, env(&[("OUTBOX_TABLES", "tenant_*.outbox")]), &[]).unwrap();
+        assert_eq!(c.tables.as_deref(), Some("tenant_*.outbox"));
+        let e = load(None, env(&[("OUTBOX_TABLES", "tenant_*")]), &[]).unwrap_err();
+        assert_eq!(e.key, "tables");
+        let e = load(None, env(&[("OUTBOX_MAX_TABLES", "0")]), &[]).unwrap_err();
+        assert_eq!(e.key, "max_tables");
+
+        let file = write(
+            "typo.toml",
+            "[[outbox]]\ntable = \"a\"\n[[outbox]]\ntabel = \"b\"\n",
+        );
+        let e = load(Some(&file), Vec::new(), &[]).unwrap_err();
+        assert!(e.key.starts_with("outbox"), "{e}");
+        assert!(e.reason.contains("unknown setting"), "{e}");
     }
 
     #[test]

@@ -122,6 +122,7 @@ impl RelayConfig {
             .map_err(|e| ConfigError::new("logical.message_prefix", e.to_string()))?;
         self.telemetry.validate()?;
         self.nats.validate()?;
+        self.validate_tables()?;
         if let Some(token) = &self.admin.token
             && token.expose().trim().len() < 16
         {

@@ -1,0 +1,498 @@
+//! Many outbox tables in one relay process (`[[outbox]]` sections, the `tables` pattern): each
+//! table relayed by its own pipeline with its own routing, a new tenant's table picked up without
+//! a restart, a busy table not starving a quiet one, per-table metrics and status, and the
+//! configuration errors. See `outbox_relay::relay::group` and docs/operations.md, "Many tables
+//! per relay". Every test has its own database, schemas and topics.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use outbox_core::{NewEvent, Outbox, OutboxTable};
+use outbox_tests::*;
+use sqlx::AssertSqlSafe;
+use uuid::Uuid;
+
+const QUIET: Duration = Duration::from_millis(1500);
+const LONG: Duration = Duration::from_secs(90);
+
+/// Creates the table's schema (if any) and migrates the outbox table in it.
+async fn migrate_table(db: &TestDb, table: &str) -> Result<()> {
+    let t = OutboxTable::parse(table)?;
+    let mut conn = db.connect().await?;
+    if let Some(schema) = t.schema() {
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            schema.quoted()
+        )))
+        .execute(&mut conn)
+        .await?;
+    }
+    outbox_core::migrate(&mut conn, &t)
+        .await
+        .with_context(|| format!("migrating {table}"))?;
+    Ok(())
+}
+
+/// Writes `per_aggregate` events for each of `aggregates` aggregates of type `aggregate_type`
+/// into `table`, interleaved over aggregates, one transaction per round; returns each aggregate's
+/// event ids in write order.
+async fn write_events(
+    db: &TestDb,
+    table: &str,
+    aggregate_type: &str,
+    aggregates: usize,
+    per_aggregate: usize,
+) -> Result<BTreeMap<String, Vec<Uuid>>> {
+    let outbox = Outbox::new(OutboxTable::parse(table)?);
+    let mut written: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
+    for seq in 1..=per_aggregate as i64 {
+        let events: Vec<NewEvent> = (0..aggregates)
+            .map(|a| {
+                NewEvent::new(
+                    aggregate_type,
+                    format!("agg-{a}"),
+                    "Changed",
+                    Some(serde_json::json!({ "seq": seq })),
+                )
+                .with_aggregate_seq(seq)
+            })
+            .collect();
+        let mut tx = db.pool.begin().await?;
+        let ids = outbox.publish_new(&mut tx, events).await?;
+        tx.commit().await?;
+        for (a, id) in ids.into_iter().enumerate() {
+            written.entry(format!("agg-{a}")).or_default().push(id);
+        }
+    }
+    Ok(written)
+}
+
+/// Rows of `table` not yet published.
+async fn pending(db: &TestDb, table: &str) -> Result<i64> {
+    let t = OutboxTable::parse(table)?;
+    Ok(sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {} WHERE published_at IS NULL",
+        t.qualified()
+    )))
+    .fetch_one(&db.pool)
+    .await?)
+}
+
+async fn wait_table_drained(db: &TestDb, table: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n = pending(db, table).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{n} events of {table} still unpublished after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Checks that `records` hold exactly the events of `written` — none lost, none duplicated —
+/// and each aggregate's in write order.
+fn check_exact_and_ordered(
+    records: &[Consumed],
+    written: &BTreeMap<String, Vec<Uuid>>,
+    what: &str,
+) -> Result<()> {
+    let mut seen: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
+    let mut ids = BTreeSet::new();
+    for r in records {
+        ensure!(
+            ids.insert(r.event_id()),
+            "{what}: event {} arrived twice",
+            r.event_id()
+        );
+        seen.entry(r.key.clone().unwrap_or_default())
+            .or_default()
+            .push(r.event_id());
+    }
+    let expected: usize = written.values().map(Vec::len).sum();
+    ensure!(
+        records.len() == expected,
+        "{what}: {} records for {expected} events",
+        records.len()
+    );
+    for (aggregate, ids) in written {
+        ensure!(
+            seen.get(aggregate) == Some(ids),
+            "{what}: aggregate {aggregate} arrived as {:?}, written as {ids:?}",
+            seen.get(aggregate)
+        );
+    }
+    Ok(())
+}
+
+/// Writes `text` to a fresh file and returns its path.
+fn config_file(text: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(unique("outbox-multi"));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+async fn start(db: &TestDb, config: &std::path::Path, env: &[(&str, &str)]) -> Result<RelayProcess> {
+    let path = config.to_str().context("a UTF-8 path")?;
+    let mut all = vec![("OUTBOX_ADMIN_ADDR", "127.0.0.1:0")];
+    all.extend_from_slice(env);
+    RelayProcess::start(db, &["--config", path], &all).await
+}
+
+/// A labelled sample `name{table="…"}` of a scrape.
+fn table_metric(scrape: &str, name: &str, table: &str) -> Option<f64> {
+    let prefix = format!("{name}{{table=\"{table}\"}} ");
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// (a) and (d): three `[[outbox]]` tables with different routes and one with its own dead-letter
+/// topic; every event of each reaches that table's topic exactly once and in per-aggregate order;
+/// `/metrics`, `/status`, `/readyz` and `outbox-relay status` show every table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listed_tables_each_reach_their_own_topic_in_order_and_are_reported_per_table() -> Result<()>
+{
+    let db = TestDb::create("mt_list").await?;
+    let tag = unique("mt");
+    let tables = ["billing.outbox", "shipping.outbox", "audit_outbox"];
+    for t in tables {
+        migrate_table(&db, t).await?;
+    }
+    let topics: Vec<String> = ["billing", "shipping", "audit"]
+        .iter()
+        .map(|t| format!("{tag}.{t}.Acct"))
+        .collect();
+    for t in &topics {
+        create_topic(t, 3).await?;
+    }
+    let config = config_file(&format!(
+        r#"
+        [[outbox]]
+        table = "billing.outbox"
+        [outbox.route]
+        topic = "{tag}.billing.{{aggregatetype}}"
+
+        [[outbox]]
+        table = "shipping.outbox"
+        dead_letter_topic = "{tag}.shipping.parked"
+        [outbox.route]
+        topic = "{tag}.shipping.{{aggregatetype}}"
+
+        [[outbox]]
+        table = "audit_outbox"
+        [outbox.route]
+        topic = "{tag}.audit.{{aggregatetype}}"
+        "#
+    ))?;
+    let relay = start(&db, &config, &[("OUTBOX_BATCH_SIZE", "50")]).await?;
+    relay.wait_for_log("admin endpoint listening", LONG).await?;
+    let addr = admin_addr(&relay.log()).context("admin address not logged")?;
+
+    let mut written = Vec::new();
+    for t in tables {
+        written.push(write_events(&db, t, "Acct", 10, 20).await?);
+    }
+    for t in tables {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+    for (i, topic) in topics.iter().enumerate() {
+        let records = consume(&[topic.as_str()], 200, QUIET, LONG).await?;
+        check_exact_and_ordered(&records, &written[i], topic)?;
+    }
+
+    // (d) Per-table figures: one labelled series per table, no unlabelled one.
+    let (code, scrape) = http_get(&addr, "/metrics").await?;
+    assert_eq!(code, 200, "{scrape}");
+    for t in tables {
+        assert_eq!(
+            table_metric(&scrape, "outbox_relay_events_published_total", t),
+            Some(200.0),
+            "{t}\n{scrape}"
+        );
+        assert_eq!(
+            table_metric(&scrape, "outbox_relay_leader", t),
+            Some(1.0),
+            "{t}"
+        );
+        assert_eq!(
+            table_metric(&scrape, "outbox_relay_pending_events", t),
+            Some(0.0),
+            "{t}"
+        );
+    }
+    assert_eq!(metric(&scrape, "outbox_relay_events_published_total"), None);
+    assert_eq!(
+        scrape
+            .matches("# TYPE outbox_relay_events_published_total ")
+            .count(),
+        1,
+        "each name described once:\n{scrape}"
+    );
+
+    let (code, body) = http_get(&addr, "/status").await?;
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body)?;
+    let listed: BTreeSet<&str> = status["tables"]
+        .as_array()
+        .context("a tables list")?
+        .iter()
+        .filter_map(|t| t["table"].as_str())
+        .collect();
+    assert_eq!(listed.len(), 3, "{body}");
+    for t in status["tables"].as_array().unwrap() {
+        assert_eq!(t["role"], "active", "{body}");
+        assert_eq!(t["pending_events"], 0, "{body}");
+        assert_eq!(t["published_by_this_instance"], 200, "{body}");
+    }
+    assert_eq!(wait_for_status(&addr, "/readyz", 200, LONG).await?, 200);
+
+    let path = config.to_str().unwrap();
+    let out = relay_cli_on(&db, &["status", "--json", "--config", path], &[]).await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    let cli: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    assert_eq!(
+        cli["tables"].as_array().map(Vec::len),
+        Some(3),
+        "{}",
+        out.stdout
+    );
+    let out = relay_cli_on(&db, &["status", "--config", path], &[]).await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    for t in tables {
+        assert!(out.stdout.contains(t), "{t} in\n{}", out.stdout);
+    }
+
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    for t in tables {
+        assert!(
+            log.contains(&format!("table={t}")) || log.contains(&format!("table=\"{t}\"")),
+            "the log names {t}"
+        );
+    }
+    Ok(())
+}
+
+/// (b): a relay on `tenant_*.outbox` relays the migrated tenants' tables, ignores a table outside
+/// the pattern and one not migrated, picks up a tenant created while it runs, and stops a dropped
+/// tenant's pipeline without stopping the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_picks_up_a_new_tenant_without_a_restart_and_lets_a_dropped_one_go() -> Result<()>
+{
+    let db = TestDb::create("mt_pattern").await?;
+    let tag = unique("mtp");
+    for t in ["tenant_a.outbox", "tenant_b.outbox", "other.outbox"] {
+        migrate_table(&db, t).await?;
+    }
+    // Named like the pattern but not an outbox yet (no schema version).
+    for sql in [
+        "CREATE SCHEMA tenant_c",
+        "CREATE TABLE tenant_c.outbox (id int)",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await?;
+    }
+    let topic = format!("{tag}.Acct");
+    create_topic(&topic, 3).await?;
+    let config = config_file(&format!(
+        "tables = \"tenant_*.outbox\"\ntables_rescan_interval = \"1s\"\n[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n"
+    ))?;
+    let relay = start(&db, &config, &[]).await?;
+    relay
+        .wait_for_log("relaying the tables matching the pattern", LONG)
+        .await?;
+
+    let a = write_events(&db, "tenant_a.outbox", "Acct", 3, 5).await?;
+    let b = write_events(&db, "tenant_b.outbox", "Acct", 3, 5).await?;
+    write_events(&db, "other.outbox", "Acct", 1, 3).await?;
+    wait_table_drained(&db, "tenant_a.outbox", LONG).await?;
+    wait_table_drained(&db, "tenant_b.outbox", LONG).await?;
+
+    // A tenant created and migrated while the relay runs.
+    migrate_table(&db, "tenant_new.outbox").await?;
+    relay
+        .wait_for_log("table=tenant_new.outbox", LONG)
+        .await
+        .context("the new tenant's pipeline never started")?;
+    let new = write_events(&db, "tenant_new.outbox", "Acct", 3, 5).await?;
+    wait_table_drained(&db, "tenant_new.outbox", LONG).await?;
+
+    let mut all: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
+    for (prefix, written) in [("a", &a), ("b", &b), ("new", &new)] {
+        for (k, v) in written {
+            all.insert(format!("{prefix}/{k}"), v.clone());
+        }
+    }
+    let records = consume(&[topic.as_str()], 45, QUIET, LONG).await?;
+    let ids: BTreeSet<Uuid> = records.iter().map(Consumed::event_id).collect();
+    let expected: BTreeSet<Uuid> = all.values().flatten().copied().collect();
+    assert_eq!(ids, expected, "exactly the tenants' events");
+    assert_eq!(records.len(), 45, "no duplicates");
+    assert_eq!(
+        pending(&db, "other.outbox").await?,
+        3,
+        "outside the pattern"
+    );
+    assert!(
+        !relay.log().contains("table=tenant_c.outbox"),
+        "not migrated"
+    );
+
+    // A dropped tenant: its pipeline stops, the others go on.
+    sqlx::query("DROP SCHEMA tenant_b CASCADE")
+        .execute(&db.pool)
+        .await?;
+    relay
+        .wait_for_log("no longer matches the pattern", LONG)
+        .await?;
+    let more = write_events(&db, "tenant_a.outbox", "Acct", 1, 3).await?;
+    wait_table_drained(&db, "tenant_a.outbox", LONG).await?;
+    assert_eq!(more.values().map(Vec::len).sum::<usize>(), 3);
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    Ok(())
+}
+
+/// (c): one table with a backlog of 20,000 events and one with a few: the few are published
+/// while the backlog is still being drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_table_does_not_starve_a_quiet_one() -> Result<()> {
+    let db = TestDb::create("mt_fair").await?;
+    let tag = unique("mtf");
+    migrate_table(&db, "big.outbox").await?;
+    migrate_table(&db, "small.outbox").await?;
+    create_topic(&format!("{tag}.Bulk"), 3).await?;
+    create_topic(&format!("{tag}.Few"), 1).await?;
+    for _ in 0..20 {
+        write_events(&db, "big.outbox", "Bulk", 1000, 1).await?;
+    }
+    let config = config_file(&format!(
+        "[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n[[outbox]]\ntable = \"big.outbox\"\n[[outbox]]\ntable = \"small.outbox\"\n"
+    ))?;
+    let relay = start(&db, &config, &[("OUTBOX_BATCH_SIZE", "100")]).await?;
+    // The backlog is being drained…
+    let deadline = Instant::now() + LONG;
+    while pending(&db, "big.outbox").await? == 20_000 {
+        ensure!(
+            Instant::now() < deadline,
+            "the backlog never started draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // …when a few events arrive in the other table.
+    write_events(&db, "small.outbox", "Few", 5, 1).await?;
+    wait_table_drained(&db, "small.outbox", LONG).await?;
+    let backlog_left = pending(&db, "big.outbox").await?;
+    assert!(
+        backlog_left > 0,
+        "the quiet table's events waited for the whole backlog"
+    );
+    eprintln!("quiet table drained with {backlog_left} backlog events left");
+    wait_table_drained(&db, "big.outbox", LONG).await?;
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    Ok(())
+}
+
+/// A listed table that cannot be relayed (missing) stops the relay loudly, naming the table,
+/// after the other pipelines drained; a pattern matching more tables than `max_tables` stops it
+/// naming the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrelayable_table_and_too_many_matches_stop_the_relay_naming_them() -> Result<()> {
+    let db = TestDb::create("mt_fail").await?;
+    migrate_table(&db, "good.outbox").await?;
+    let config = config_file(
+        "[[outbox]]\ntable = \"good.outbox\"\n[[outbox]]\ntable = \"missing.outbox\"\n",
+    )?;
+    let relay = start(&db, &config, &[]).await?;
+    let (code, log) = relay.wait_exit(LONG).await?;
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("outbox table missing.outbox"), "{log}");
+    assert!(
+        log.contains("relay stopped: a table's pipeline failed"),
+        "{log}"
+    );
+
+    for t in ["t_1.outbox", "t_2.outbox", "t_3.outbox"] {
+        migrate_table(&db, t).await?;
+    }
+    let config = config_file("tables = \"t_*.outbox\"\nmax_tables = 2\n")?;
+    let relay = start(&db, &config, &[]).await?;
+    let (code, log) = relay.wait_exit(LONG).await?;
+    assert_eq!(code, 2, "{log}");
+    assert!(log.contains("max_tables"), "{log}");
+    Ok(())
+}
+
+/// (e): configuration errors name the key and exit with 2 before anything connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_errors_name_the_key() -> Result<()> {
+    let cases = [
+        (
+            "[[outbox]]\ntable = \"a.outbox\"\n[[outbox]]\ntable = \"b.outbox\"\n[[outbox]]\ntable = \"a.outbox\"\n",
+            "outbox[2].table",
+            "already listed",
+        ),
+        (
+            "[[outbox]]\ntable = \"a.outbox\"\n[[outbox]]\ntable = \"b.out-box\"\n",
+            "outbox[1].table",
+            "",
+        ),
+        (
+            "max_tables = 2\n[[outbox]]\ntable = \"a\"\n[[outbox]]\ntable = \"b\"\n[[outbox]]\ntable = \"c\"\n",
+            "max_tables",
+            "max_tables = 2",
+        ),
+        (
+            "source = \"logical\"\n[[outbox]]\ntable = \"a\"\n[[outbox]]\ntable = \"b\"\n",
+            "outbox",
+            "polling",
+        ),
+        (
+            "source = \"logical\"\ntables = \"tenant_*.outbox\"\n",
+            "tables",
+            "polling",
+        ),
+        ("tables = \"tenant_*\"\n", "tables", "<schema glob>.<table>"),
+        (
+            "[[outbox]]\ntable = \"a\"\nwrite_mode = \"insert_delete\"\n",
+            "outbox[0].write_mode",
+            "logical",
+        ),
+        (
+            "table = \"x\"\n[[outbox]]\ntable = \"a\"\n",
+            "table",
+            "not both",
+        ),
+    ];
+    for (text, key, says) in cases {
+        let path = config_file(text)?;
+        let out = relay_cli(
+            &["config", "validate", "--config", path.to_str().unwrap()],
+            &[],
+        )
+        .await?;
+        assert_eq!(out.code, 2, "{text}: {}", out.text());
+        assert!(
+            out.stderr.contains(&format!("`{key}`")),
+            "{text}: wanted `{key}` in {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains(says), "{text}: {}", out.stderr);
+    }
+    let out = relay_cli(
+        &["config", "validate"],
+        &[("OUTBOX_TABLES", "tenant_*.out;box")],
+    )
+    .await?;
+    assert_eq!(out.code, 2, "{}", out.text());
+    assert!(out.stderr.contains("`tables`"), "{}", out.stderr);
+    Ok(())
+}
