@@ -25,6 +25,7 @@ mod sections;
 mod services;
 mod shards;
 mod sinks;
+mod tables;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -103,6 +104,9 @@ enum Section {
     /// One backlog (quick: 30k, full: 200k events over 1000 aggregates) drained by 1, 2 and 3
     /// relay processes on one table with shards = 16, and by one relay with shards unset.
     Shards,
+    /// One relay relaying the same backlog spread over 1, 10 and 100 tables (not in the default
+    /// set; `--only tables`): drain, CPU, RSS and sessions per table.
+    Tables,
 }
 
 /// A relay source.
@@ -187,8 +191,8 @@ fn main() -> ExitCode {
 async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
     let started = Instant::now();
     let wants = |s: Section| {
-        if s == Section::AdminLoad {
-            args.admin_load || args.only.contains(&s)
+        if s == Section::AdminLoad || s == Section::Tables {
+            (s == Section::AdminLoad && args.admin_load) || args.only.contains(&s)
         } else {
             args.only.is_empty() || args.only.contains(&s)
         }
@@ -320,10 +324,24 @@ async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
             Err(e) => record("shards", e),
         }
     }
+    let mut many_tables = None;
+    if wants(Section::Tables) {
+        let plan = tables::Plan {
+            events: if ctx.quick { 50_000 } else { 200_000 },
+            tables: vec![1, 10, 100],
+        };
+        match tables::run(ctx, &plan).await {
+            Ok(t) => many_tables = Some(t),
+            Err(e) => record("tables", e),
+        }
+    }
     report.duration_seconds = started.elapsed().as_secs_f64();
     report.machine.load_average_at_end = report::load_average();
     report.summarise();
     println!("{}", report.table());
+    if let Some(t) = &many_tables {
+        println!("{}", tables::table(t));
+    }
     if !failures.is_empty() {
         println!("failed sections:");
         for f in &failures {
@@ -333,6 +351,7 @@ async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
     if let Some(path) = &args.json {
         let mut doc = serde_json::to_value(&report)?;
         doc["failures"] = serde_json::to_value(&failures)?;
+        doc["tables"] = serde_json::to_value(&many_tables)?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }

@@ -8,6 +8,11 @@
 //! | `/metrics` | Prometheus text format (0.0.4), encoded by [`crate::metrics`]; behind the token with `admin.metrics_auth` |
 //! | `/status` | the JSON of `outbox-relay status --json`, plus this instance's `role`, `published_by_this_instance` and `status_age_seconds` (age of the shared reading); behind the token when `admin.token` is set |
 //!
+//! A multi-table relay ([`crate::RelayGroup`]) serves one endpoint for all its tables
+//! ([`AdminTables::multi`]): `/readyz` is ready only when every table's pipeline is, and names
+//! each table that is not; `/status` answers `{"tables": [...], "status_age_seconds": …}`;
+//! every per-table metric carries a `table` label. A single-table relay answers as before.
+//!
 //! Guarantees:
 //! - **Bounded database load.** `/status` and `/metrics` share one reading of the outbox status,
 //!   taken at most once per `admin.status_refresh` (default 5 s) whatever the request rate:
@@ -490,6 +495,52 @@ mod tests {
         let second = round(cache.clone(), calls.clone()).await;
         assert_eq!(calls.load(Ordering::Relaxed), 2);
         assert!(second.iter().all(|v| *v == 2));
+    }
+
+    #[tokio::test]
+    async fn readiness_names_each_table_that_is_not_ready() {
+        let config = Arc::new(RelayConfig::default());
+        let tables = AdminTables::multi();
+        for (name, stopped) in [("a.outbox", None), ("b.outbox", Some("it broke"))] {
+            let stats = Arc::new(RelayStats::default());
+            stats.sink_connected.store(true, Ordering::Relaxed);
+            tables.insert(AdminTable {
+                table: OutboxTable::parse(name).unwrap(),
+                config: Arc::new(RelayConfig {
+                    table: name.to_owned(),
+                    ..RelayConfig::default()
+                }),
+                stats,
+                stopped: stopped.map(str::to_owned),
+            });
+        }
+        let options: PgConnectOptions = "postgres://nobody@127.0.0.1:1/none".parse().unwrap();
+        let state = AdminState {
+            config,
+            tables: tables.clone(),
+            pool: PgPoolOptions::new()
+                .acquire_timeout(Duration::from_millis(200))
+                .connect_lazy_with(options),
+            registry: Arc::new(Registry::default()),
+            status: Arc::new(Cached::new(Duration::from_secs(1))),
+            db_ping: Arc::new(Cached::new(Duration::from_secs(1))),
+        };
+        let body = |r: Response| async move {
+            let bytes = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+            String::from_utf8(bytes.to_vec()).unwrap()
+        };
+        let answer = readyz(State(state.clone())).await;
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let text = body(answer).await;
+        assert!(
+            text.contains("table b.outbox: pipeline stopped (it broke)"),
+            "{text}"
+        );
+        assert!(!text.contains("table a.outbox"), "{text}");
+        // The other table alone: only the database is missing here.
+        tables.remove("b.outbox");
+        let text = body(readyz(State(state)).await).await;
+        assert_eq!(text, "not ready: database unreachable\n");
     }
 
     #[test]

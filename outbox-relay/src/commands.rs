@@ -64,8 +64,22 @@ fn read_err(context: &str) -> impl Fn(ReadError) -> CommandError + '_ {
     }
 }
 
-/// Connects to the configured database.
+/// Connects to the configured database, for a command on the configured table. A multi-table
+/// configuration (`[[outbox]]`, `tables`) is refused: these commands work on one table, and
+/// silently using the default `outbox` would act on a table the relay does not relay.
 pub async fn connect(config: &RelayConfig) -> Result<(PgConnection, OutboxTable)> {
+    if config.is_multi_table() {
+        return Err(CommandError::usage(
+            "this command works on one outbox table, and the configuration lists several \
+             ([[outbox]] sections or `tables`): run it with a configuration naming only that \
+             table (`--table SCHEMA.TABLE`, without the [[outbox]] sections and `tables`)",
+        ));
+    }
+    connect_database(config).await
+}
+
+/// Connects to the configured database (any configuration); returns the top-level table too.
+async fn connect_database(config: &RelayConfig) -> Result<(PgConnection, OutboxTable)> {
     let table = config
         .validate()
         .map_err(|e| CommandError::usage(e.to_string()))?;
@@ -204,7 +218,7 @@ pub async fn status(config: &RelayConfig, json: bool) -> Result<()> {
 
 /// `status` of a multi-table configuration.
 async fn status_of_tables(config: &RelayConfig, json: bool) -> Result<()> {
-    let (mut conn, _) = connect(config).await?;
+    let (mut conn, _) = connect_database(config).await?;
     let mut configs = config
         .listed_tables()
         .map_err(|e| CommandError::usage(e.to_string()))?;

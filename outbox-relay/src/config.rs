@@ -327,7 +327,7 @@ pub struct RelayConfig {
     /// with `[[outbox]]` or `tables`).
     pub table: String,
     /// Several outbox tables in one relay: one `[[outbox]]` section per table, each with
-    /// optional overrides ([`OutboxEntry`]); one pipeline per table ([`crate::group`]).
+    /// optional overrides ([`OutboxEntry`]); one pipeline per table ([`crate::RelayGroup`]).
     pub outbox: Vec<OutboxEntry>,
     /// Every table matching a pattern `<schema glob>.<table>` (e.g. `tenant_*.outbox`): matching
     /// migrated tables are relayed, the list re-read every `tables_rescan_interval`

@@ -44,7 +44,7 @@ use backoff::Backoff;
 use pump::{Pump, Rounds};
 
 mod backoff;
-mod group;
+pub mod group;
 mod plan;
 mod pump;
 

@@ -138,7 +138,11 @@ fn config_file(text: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-async fn start(db: &TestDb, config: &std::path::Path, env: &[(&str, &str)]) -> Result<RelayProcess> {
+async fn start(
+    db: &TestDb,
+    config: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Result<RelayProcess> {
     let path = config.to_str().context("a UTF-8 path")?;
     let mut all = vec![("OUTBOX_ADMIN_ADDR", "127.0.0.1:0")];
     all.extend_from_slice(env);
@@ -487,6 +491,15 @@ async fn configuration_errors_name_the_key() -> Result<()> {
         );
         assert!(out.stderr.contains(says), "{text}: {}", out.stderr);
     }
+    // Commands that work on one table refuse a multi-table configuration instead of acting on
+    // the default `outbox`.
+    let out = relay_cli(&["parked", "list"], &[("OUTBOX_TABLES", "tenant_*.outbox")]).await?;
+    assert_eq!(out.code, 2, "{}", out.text());
+    assert!(
+        out.stderr.contains("works on one outbox table"),
+        "{}",
+        out.stderr
+    );
     let out = relay_cli(
         &["config", "validate"],
         &[("OUTBOX_TABLES", "tenant_*.out;box")],

@@ -1,6 +1,6 @@
 //! Many outbox tables in one relay: the `[[outbox]]` list, the `tables` pattern and the bound on
 //! both (`max_tables`), and how each table's own configuration is derived from the relay's
-//! ([`RelayConfig::table_config`]). The group runner ([`crate::group`]) runs one pipeline per
+//! ([`RelayConfig::table_config`]). The group runner ([`crate::RelayGroup`]) runs one pipeline per
 //! derived configuration.
 //!
 //! Guarantees: every table name and pattern is validated as PostgreSQL identifiers before any
@@ -148,7 +148,7 @@ impl TableOrigin {
 
 impl RelayConfig {
     /// Whether this configuration relays several tables (`[[outbox]]` sections or a `tables`
-    /// pattern) through [`crate::group`] rather than the single top-level `table`.
+    /// pattern) through [`crate::RelayGroup`] rather than the single top-level `table`.
     pub fn is_multi_table(&self) -> bool {
         !self.outbox.is_empty() || self.tables.is_some()
     }

@@ -103,6 +103,7 @@ impl RelayGroup {
             running: BTreeMap::new(),
             tasks: JoinSet::new(),
             stop_all: shutdown.child_token(),
+            admin_stop: CancellationToken::new(),
         };
         let result = group.run(&self, &shutdown).await;
         group.stop_all.cancel();
@@ -113,6 +114,7 @@ impl RelayGroup {
                 tracing::error!(table = %name, error = %Report(&e), "pipeline failed while the relay was stopping");
             }
         }
+        group.admin_stop.cancel();
         match &result {
             Ok(()) => tracing::info!("every table's pipeline stopped"),
             Err(e) => {
@@ -148,6 +150,9 @@ struct Group<'a> {
     tasks: JoinSet<Ended>,
     /// Parent of every pipeline's token: cancelled to drain them all.
     stop_all: CancellationToken,
+    /// Stops the admin endpoint once every pipeline ended (so `/readyz` names a failed table
+    /// while the others drain).
+    admin_stop: CancellationToken,
 }
 
 impl Group<'_> {
@@ -162,7 +167,7 @@ impl Group<'_> {
                 Arc::new(self.config.clone()),
                 self.tables.clone(),
                 &relay.options,
-                self.stop_all.clone(),
+                self.admin_stop.clone(),
             )
             .await
             .map_err(|e| {
