@@ -104,8 +104,8 @@ enum Section {
     /// One backlog (quick: 30k, full: 200k events over 1000 aggregates) drained by 1, 2 and 3
     /// relay processes on one table with shards = 16, and by one relay with shards unset.
     Shards,
-    /// One relay relaying the same backlog spread over 1, 10 and 100 tables (not in the default
-    /// set; `--only tables`): drain, CPU, RSS and sessions per table.
+    /// One relay relaying the same backlog spread over 1, 10, 50 and 100 tables (not in the
+    /// default set; `--only tables`): drain, CPU, RSS and sessions per table.
     Tables,
 }
 
@@ -327,8 +327,8 @@ async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
     let mut many_tables = None;
     if wants(Section::Tables) {
         let plan = tables::Plan {
-            events: if ctx.quick { 50_000 } else { 200_000 },
-            tables: vec![1, 10, 100],
+            events: ctx.events,
+            tables: vec![1, 10, 50, 100],
         };
         match tables::run(ctx, &plan).await {
             Ok(t) => many_tables = Some(t),

@@ -1,11 +1,13 @@
 //! The `tables` section: one `outbox-relay` process relaying the same total backlog spread over
-//! 1, 10 and 100 outbox tables (`tables = "bt_*.outbox"`, one pipeline per table), for the drain
+//! 1, 10, 50 and 100 outbox tables (`tables = "bt_*.outbox"`, one pipeline per table), for the drain
 //! throughput and the per-table cost in CPU, memory and PostgreSQL sessions.
 //!
-//! Each run works in its own database: the tables `bt_<i>.outbox` are migrated and filled
-//! (`events / tables` rows each, then `ANALYZE`), then the relay is started and timed from its
-//! spawn until its metrics (summed over the `table` label) count every event published — so the
-//! time includes starting every pipeline. Sessions are read from `pg_stat_activity` by the
+//! Each run works in its own database: the tables `bt_<i>.outbox` are migrated, the relay is
+//! started on them (start-up: from its spawn until every table's pipeline holds its leader lock;
+//! then its idle RSS, threads and sessions are read), then `events / tables` rows per table are
+//! committed in one transaction (with `ANALYZE`), and the drain runs from that commit until the
+//! relay's metrics (summed over the `table` label) count every event published; the CPU counted
+//! is the drain's. Sessions are read from `pg_stat_activity` by the
 //! relay's `application_name`s (`outbox-relay` = a pipeline's leader session,
 //! `outbox-relay-listen` = its LISTEN session, `outbox-relay-ack` = its row-mark sessions),
 //! sampled during the drain (peak) and once idle after it. A run whose sessions could not fit in
@@ -19,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use sqlx::AssertSqlSafe;
 
-use crate::db::{BenchDb, unique};
+use crate::db::{AGGREGATES, BenchDb, PAYLOAD_BYTES, unique};
 use crate::kafka::create_topic;
 use crate::relay::{RelayProcess, http_get};
 use crate::sections::{Ctx, per_sec};
@@ -44,23 +46,26 @@ pub struct Run {
     pub tables: usize,
     /// Total backlog (spread evenly over the tables).
     pub events: u64,
-    /// Wall time from spawning the relay until every event was published, seconds.
+    /// Wall time from the backlog's commit until every event was published, seconds.
     pub seconds: f64,
     /// Events per second over that time.
     pub events_per_sec: f64,
     /// Time from spawning the relay until every table's pipeline held its leader lock, seconds.
     pub startup_seconds: f64,
-    /// The relay's user + system CPU time for start-up and drain, seconds.
+    /// The relay's user + system CPU time during the drain, seconds.
     pub cpu_seconds: f64,
     /// Its CPU per event, µs.
     pub cpu_us_per_event: f64,
     /// Its peak resident set size, bytes.
     pub peak_rss_bytes: u64,
-    /// Its resident set size once idle after the drain, bytes.
+    /// Its resident set size once every pipeline is active, before the backlog, bytes.
     pub idle_rss_bytes: u64,
+    /// Its threads then (every producer has librdkafka threads of its own).
+    pub threads: u64,
     /// The most relay sessions seen at once during the drain, by `application_name`.
     pub peak_sessions: BTreeMap<String, i64>,
-    /// The relay sessions once idle after the drain, by `application_name`.
+    /// The relay sessions once every pipeline is active, before the backlog, by
+    /// `application_name`.
     pub idle_sessions: BTreeMap<String, i64>,
     /// Peak sessions of all kinds ÷ tables.
     pub peak_sessions_per_table: f64,
@@ -123,15 +128,15 @@ fn sum_series(scrape: &str, name: &str) -> (f64, usize) {
     (sum, n)
 }
 
-fn rss(pid: u32) -> Result<u64> {
+/// A number field of `/proc/<pid>/status` (`VmRSS:`, `Threads:`), without its unit.
+fn proc_status(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .context("no VmRSS in /proc/<pid>/status")
+        .and_then(|n| n.parse::<u64>().ok())
+        .with_context(|| format!("no {field} in /proc/<pid>/status"))
 }
 
 /// One drain of `events` spread over `tables` tables; with the server's `max_connections`.
@@ -154,6 +159,7 @@ async fn drain(ctx: &mut Ctx, events: u64, tables: usize) -> Result<(Run, i64)> 
         cpu_us_per_event: 0.0,
         peak_rss_bytes: 0,
         idle_rss_bytes: 0,
+        threads: 0,
         peak_sessions: BTreeMap::new(),
         idle_sessions: BTreeMap::new(),
         peak_sessions_per_table: 0.0,
@@ -182,29 +188,64 @@ async fn drain(ctx: &mut Ctx, events: u64, tables: usize) -> Result<(Run, i64)> 
         let table = outbox_core::OutboxTable::new(Some(&schema), "outbox")?;
         let mut conn = db.pool.acquire().await?;
         outbox_core::migrate(&mut conn, &table).await?;
-        drop(conn);
-        db.fill_table(&format!("{schema}.outbox"), per_table, 50_000, false)
-            .await?;
     }
-    sqlx::query("ANALYZE").execute(&db.pool).await?;
     let topic = unique("bench_tables");
     create_topic(&ctx.bootstrap, &topic).await?;
     let mut env = ctx.relay_env(&db, "polling", &topic, "unused_slot");
     env.push(("OUTBOX_TABLES".to_owned(), "bt_*.outbox".to_owned()));
-    eprintln!("bench: tables ({tables}): {events} events; starting the relay");
+    eprintln!("bench: tables ({tables}): starting the relay on the empty tables");
     let spawned = Instant::now();
     let mut relay = RelayProcess::start(&bin, &env).await?;
-    let deadline = spawned + Duration::from_secs(120 + events / 1000);
-    let mut startup = None;
+    let deadline = spawned + Duration::from_secs(120);
+    loop {
+        relay.check_alive()?;
+        let scrape = http_get(&relay.admin, "/metrics").await?;
+        let (leaders, series) = sum_series(&scrape, "outbox_relay_leader");
+        if series == tables && leaders as usize == tables {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "tables ({tables}): {leaders} of {tables} pipelines active after 120 s; log:\n{}",
+                relay.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    run.startup_seconds = spawned.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    run.idle_rss_bytes = proc_status(relay.pid(), "VmRSS:")? * 1024;
+    run.threads = proc_status(relay.pid(), "Threads:")?;
+    run.idle_sessions = sessions(&db).await?;
+
+    // The whole backlog becomes visible at one commit.
+    eprintln!("bench: tables ({tables}): committing {events} events ({per_table} per table)");
+    let cpu0 = relay.cpu()?;
+    let mut tx = db.pool.begin().await?;
+    for i in 0..tables {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO bt_{i}.outbox (id, aggregatetype, aggregateid, type, payload)
+             SELECT gen_random_uuid(), 'account', 'acct-' || (g % {AGGREGATES}), 'Changed',
+                    jsonb_build_object('seq', g, 'note', repeat('x', {pad}))
+             FROM generate_series(1, $1::bigint) AS g",
+            pad = PAYLOAD_BYTES - 30,
+        )))
+        .bind(per_table as i64)
+        .execute(&mut *tx)
+        .await
+        .context("filling the backlog")?;
+        sqlx::query(AssertSqlSafe(format!("ANALYZE bt_{i}.outbox")))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    let committed = Instant::now();
+    let deadline = committed + Duration::from_secs(120 + events / 1000);
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         relay.check_alive()?;
         let scrape = http_get(&relay.admin, "/metrics").await?;
         let (published, _) = sum_series(&scrape, "outbox_relay_events_published_total");
-        let (leaders, series) = sum_series(&scrape, "outbox_relay_leader");
-        if startup.is_none() && series == tables && leaders as usize == tables {
-            startup = Some(spawned.elapsed());
-        }
         let now = sessions(&db).await?;
         if now.values().sum::<i64>() > run.peak_sessions.values().sum::<i64>() {
             run.peak_sessions = now;
@@ -219,30 +260,26 @@ async fn drain(ctx: &mut Ctx, events: u64, tables: usize) -> Result<(Run, i64)> 
             );
         }
     }
-    let elapsed = spawned.elapsed();
+    let elapsed = committed.elapsed();
     run.seconds = elapsed.as_secs_f64();
     run.events_per_sec = per_sec(events, elapsed);
-    run.startup_seconds = startup.unwrap_or(elapsed).as_secs_f64();
-    run.cpu_seconds = relay.cpu()?.as_secs_f64();
+    run.cpu_seconds = relay.cpu()?.saturating_sub(cpu0).as_secs_f64();
     run.cpu_us_per_event = run.cpu_seconds * 1e6 / events.max(1) as f64;
     run.peak_rss_bytes = relay.peak_rss()?;
-    // Idle: the last marks land, the pipelines wait for notifications.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    run.idle_rss_bytes = rss(relay.pid())?;
-    run.idle_sessions = sessions(&db).await?;
     run.peak_sessions_per_table = run.peak_sessions.values().sum::<i64>() as f64 / tables as f64;
     relay.stop().await?;
     db.drop().await?;
     eprintln!(
-        "bench: tables ({tables}): {:.0} events/s ({:.2} s, start-up {:.2} s), CPU {:.2} s, peak RSS {:.0} MiB, idle RSS {:.0} MiB, peak sessions {:?}, idle {:?}",
+        "bench: tables ({tables}): {:.0} events/s ({:.2} s), start-up {:.2} s, drain CPU {:.2} s, idle RSS {:.0} MiB, peak RSS {:.0} MiB, {} threads, idle sessions {:?}, peak {:?}",
         run.events_per_sec,
         run.seconds,
         run.startup_seconds,
         run.cpu_seconds,
-        run.peak_rss_bytes as f64 / 1048576.0,
         run.idle_rss_bytes as f64 / 1048576.0,
-        run.peak_sessions,
+        run.peak_rss_bytes as f64 / 1048576.0,
+        run.threads,
         run.idle_sessions,
+        run.peak_sessions,
     );
     Ok((run, max))
 }
@@ -254,7 +291,7 @@ pub fn table(section: &Section) -> String {
         section.max_connections
     );
     out.push_str(
-        "  tables   events/s   seconds  start-up s  CPU s  CPU µs/ev  peak RSS MiB  idle RSS MiB  peak sessions/table\n",
+        "  tables   events/s   seconds  start-up s  CPU s  CPU µs/ev  peak RSS MiB  idle RSS MiB  threads  peak sessions/table\n",
     );
     for r in &section.runs {
         if let Some(why) = &r.skipped {
@@ -262,7 +299,7 @@ pub fn table(section: &Section) -> String {
             continue;
         }
         out.push_str(&format!(
-            "  {:>6}   {:>8.0}   {:>7.2}  {:>10.2}  {:>5.2}  {:>9.1}  {:>12.1}  {:>12.1}  {:>19.2}\n",
+            "  {:>6}   {:>8.0}   {:>7.2}  {:>10.2}  {:>5.2}  {:>9.1}  {:>12.1}  {:>12.1}  {:>7}  {:>19.2}\n",
             r.tables,
             r.events_per_sec,
             r.seconds,
@@ -271,6 +308,7 @@ pub fn table(section: &Section) -> String {
             r.cpu_us_per_event,
             r.peak_rss_bytes as f64 / 1048576.0,
             r.idle_rss_bytes as f64 / 1048576.0,
+            r.threads,
             r.peak_sessions_per_table,
         ));
     }

@@ -353,8 +353,6 @@ impl Group<'_> {
         for (key, running) in &self.running {
             if running.from_pattern && !found.contains(key) && !running.stop.is_cancelled() {
                 tracing::info!(table = %running.name, "the table no longer matches the pattern (dropped?): stopping its pipeline");
-                self.tables
-                    .set_stopped(&running.name, "table no longer matches `tables`");
                 running.stop.cancel();
             }
         }
