@@ -364,6 +364,79 @@ async fn a_pattern_picks_up_a_new_tenant_without_a_restart_and_lets_a_dropped_on
     Ok(())
 }
 
+/// Each table has its own leadership: a second relay with the same tables stands by for each
+/// of them (and is ready), and takes every table over when the first is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_relay_takes_over_every_table_of_a_killed_one() -> Result<()> {
+    let db = TestDb::create("mt_standby").await?;
+    let tag = unique("mts");
+    let tables = ["t_one.outbox", "t_two.outbox"];
+    for t in tables {
+        migrate_table(&db, t).await?;
+    }
+    let topic = format!("{tag}.Acct");
+    create_topic(&topic, 3).await?;
+    let config = config_file(&format!(
+        "tables = \"t_*.outbox\"\n[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n"
+    ))?;
+    let env = [("OUTBOX_LEADER_LEASE", "2s")];
+    let first = start(&db, &config, &env).await?;
+    let first_addr = wait_admin(&first).await?;
+    wait_roles(&first_addr, "active", 2).await?;
+    let second = start(&db, &config, &env).await?;
+    let second_addr = wait_admin(&second).await?;
+    wait_roles(&second_addr, "standby", 2).await?;
+    let (code, body) = http_get(&second_addr, "/readyz").await?;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("2 tables, 0 active"), "{body}");
+
+    first.kill9().await?;
+    let mut written = BTreeMap::new();
+    for (i, t) in tables.iter().enumerate() {
+        for (k, v) in write_events(&db, t, "Acct", 2, 5).await? {
+            written.insert(format!("{i}/{k}"), v);
+        }
+    }
+    for t in tables {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+    wait_roles(&second_addr, "active", 2).await?;
+    let records = consume(&[topic.as_str()], 20, QUIET, LONG).await?;
+    let ids: BTreeSet<Uuid> = records.iter().map(Consumed::event_id).collect();
+    let expected: BTreeSet<Uuid> = written.values().flatten().copied().collect();
+    assert_eq!(ids, expected);
+    let (code, log) = second.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    Ok(())
+}
+
+async fn wait_admin(relay: &RelayProcess) -> Result<String> {
+    relay.wait_for_log("admin endpoint listening", LONG).await?;
+    admin_addr(&relay.log()).context("admin address not logged")
+}
+
+/// Waits until `/status` lists `count` tables, every one with `role`.
+async fn wait_roles(addr: &str, role: &str, count: usize) -> Result<()> {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let (code, body) = http_get(addr, "/status").await?;
+        if code == 200 {
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            let roles: Vec<&str> = v["tables"]
+                .as_array()
+                .map(|t| t.iter().filter_map(|t| t["role"].as_str()).collect())
+                .unwrap_or_default();
+            if roles.len() == count && roles.iter().all(|r| *r == role) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{addr}: never {count} tables {role}: {code} {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// (c): one table with a backlog of 20,000 events and one with a few: the few are published
 /// while the backlog is still being drained.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
