@@ -479,23 +479,33 @@ async fn a_busy_table_does_not_starve_a_quiet_one() -> Result<()> {
 }
 
 /// A listed table that cannot be relayed (missing) stops the relay loudly, naming the table,
-/// after the other pipelines drained; a pattern matching more tables than `max_tables` stops it
-/// naming the setting.
+/// after the other pipelines drained, and `migrate` with the same configuration creates it; a
+/// pattern matching more tables than `max_tables` stops the relay naming the setting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unrelayable_table_and_too_many_matches_stop_the_relay_naming_them() -> Result<()> {
     let db = TestDb::create("mt_fail").await?;
     migrate_table(&db, "good.outbox").await?;
-    let config = config_file(
-        "[[outbox]]\ntable = \"good.outbox\"\n[[outbox]]\ntable = \"missing.outbox\"\n",
-    )?;
+    let config =
+        config_file("[[outbox]]\ntable = \"good.outbox\"\n[[outbox]]\ntable = \"late_outbox\"\n")?;
     let relay = start(&db, &config, &[]).await?;
     let (code, log) = relay.wait_exit(LONG).await?;
     assert_eq!(code, 1, "{log}");
-    assert!(log.contains("outbox table missing.outbox"), "{log}");
+    assert!(log.contains("outbox table late_outbox"), "{log}");
     assert!(
         log.contains("relay stopped: a table's pipeline failed"),
         "{log}"
     );
+
+    // `migrate` with the same configuration migrates every listed table; then both relay.
+    let path = config.to_str().context("a UTF-8 path")?;
+    let out = relay_cli_on(&db, &["migrate", "--config", path], &[]).await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    let relay = start(&db, &config, &[]).await?;
+    let late = write_events(&db, "late_outbox", "Late", 2, 2).await?;
+    wait_table_drained(&db, "late_outbox", LONG).await?;
+    assert_eq!(late.values().map(Vec::len).sum::<usize>(), 4);
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
 
     for t in ["t_1.outbox", "t_2.outbox", "t_3.outbox"] {
         migrate_table(&db, t).await?;
