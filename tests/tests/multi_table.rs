@@ -386,8 +386,12 @@ async fn a_standby_relay_takes_over_every_table_of_a_killed_one() -> Result<()> 
     let second = start(&db, &config, &env).await?;
     let second_addr = wait_admin(&second).await?;
     wait_roles(&second_addr, "standby", 2).await?;
-    let (code, body) = http_get(&second_addr, "/readyz").await?;
-    assert_eq!(code, 200, "{body}");
+    // Ready once its pipelines passed their start-up checks, while standing by.
+    assert_eq!(
+        wait_for_status(&second_addr, "/readyz", 200, LONG).await?,
+        200
+    );
+    let (_, body) = http_get(&second_addr, "/readyz").await?;
     assert!(body.contains("2 tables, 0 active"), "{body}");
 
     first.kill9().await?;
