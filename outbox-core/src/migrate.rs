@@ -3,7 +3,9 @@
 //! Applied migrations are recorded per outbox table in `_outbox_migrations`, in the table's schema,
 //! so they never mix with the service's `_sqlx_migrations` (or Flyway, or Diesel) history. All
 //! steps of one run happen in one transaction under an advisory lock, so concurrent service
-//! instances and relays can all call [`migrate`] at start-up.
+//! instances and relays can all call [`migrate`] at start-up. The statements are built once here
+//! ([`MigrationRun`], [`pending_steps`]) and run by each database driver: sqlx in [`migrate`],
+//! `tokio-postgres` in `Outbox::migrate_tokio_postgres` (feature `tokio-postgres`).
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
@@ -259,6 +261,96 @@ fn history_table(table: &OutboxTable) -> String {
     }
 }
 
+/// The statement that takes a migration run's transaction-scoped advisory lock (`$1`: the lock
+/// key, `bigint`), so that concurrent runs apply each step once: a second migrator waits here
+/// until the first commits, then finds the steps recorded.
+pub(crate) const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock($1)";
+
+/// The statements of one migration run apart from its steps, the same for every database driver
+/// (sqlx here, `tokio-postgres` in `tokio_pg.rs`): each driver runs, in one transaction,
+/// [`LOCK_SQL`] with `lock_key`, then `setup`, then `current_version`, then for each pending step
+/// its statements and `record`.
+pub(crate) struct MigrationRun {
+    /// The advisory lock key, bound to [`LOCK_SQL`].
+    pub(crate) lock_key: i64,
+    /// Parameterless statements creating the schema (if any) and the history table when missing.
+    pub(crate) setup: Vec<String>,
+    /// The highest recorded version (`integer`, NULL when none); `$1`: the table name (`text`).
+    pub(crate) current_version: String,
+    /// Records an applied step; `$1`: table name (`text`), `$2`: version (`integer`),
+    /// `$3`: description (`text`).
+    pub(crate) record: String,
+}
+
+impl MigrationRun {
+    /// The run recording its steps in `history`, after creating `schema` when given.
+    pub(crate) fn new(lock_key: i64, schema: Option<&Identifier>, history: &str) -> Self {
+        let mut setup = Vec::new();
+        if let Some(schema) = schema {
+            setup.push(format!("CREATE SCHEMA IF NOT EXISTS {}", schema.quoted()));
+        }
+        setup.push(format!(
+            "CREATE TABLE IF NOT EXISTS {history} (
+            table_name  text        NOT NULL,
+            version     integer     NOT NULL,
+            description text        NOT NULL,
+            applied_at  timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (table_name, version)
+        )"
+        ));
+        MigrationRun {
+            lock_key,
+            setup,
+            current_version: format!("SELECT max(version) FROM {history} WHERE table_name = $1"),
+            record: format!(
+                "INSERT INTO {history} (table_name, version, description) VALUES ($1, $2, $3)"
+            ),
+        }
+    }
+
+    /// The run of the outbox table `table` (its history in `_outbox_migrations`).
+    pub(crate) fn outbox(table: &OutboxTable) -> Self {
+        Self::new(
+            table.lock_key("migrate"),
+            table.schema(),
+            &history_table(table),
+        )
+    }
+}
+
+/// A step of the outbox schema still to apply: its version, description and statements.
+pub(crate) struct PendingStep {
+    pub(crate) version: i32,
+    pub(crate) description: &'static str,
+    pub(crate) statements: Vec<String>,
+}
+
+/// The steps that bring `table` from version `current` to [`SCHEMA_VERSION`], in order, or
+/// [`Error::SchemaTooNew`] when `current` is newer than this library.
+pub(crate) fn pending_steps(table: &OutboxTable, current: i32) -> Result<Vec<PendingStep>> {
+    if current > SCHEMA_VERSION {
+        return Err(Error::SchemaTooNew {
+            table: table.to_string(),
+            found: current,
+            known: SCHEMA_VERSION,
+        });
+    }
+    Ok(STEPS
+        .iter()
+        .filter(|s| s.version > current)
+        .map(|s| PendingStep {
+            version: s.version,
+            description: s.description,
+            statements: (s.sql)(table),
+        })
+        .collect())
+}
+
+/// Logs an applied step, the same for every driver.
+pub(crate) fn log_applied(table: &OutboxTable, step: &PendingStep) {
+    tracing::info!(table = %table, version = step.version, "applied outbox migration: {}", step.description);
+}
+
 /// Opens a migration run in `tx`: takes the transaction-scoped advisory lock `lock_key` (so that
 /// concurrent runs apply each step once), creates `schema` and the history table `history` when
 /// missing, and returns the highest version recorded there for `table_name` (0 when none).
@@ -269,35 +361,33 @@ pub(crate) async fn begin_migration(
     history: &str,
     table_name: &str,
 ) -> std::result::Result<i32, sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(lock_key)
+    begin_run(
+        tx,
+        &MigrationRun::new(lock_key, schema, history),
+        table_name,
+    )
+    .await
+}
+
+/// [`begin_migration`] for a prepared [`MigrationRun`].
+async fn begin_run(
+    tx: &mut PgConnection,
+    run: &MigrationRun,
+    table_name: &str,
+) -> std::result::Result<i32, sqlx::Error> {
+    sqlx::query(LOCK_SQL)
+        .bind(run.lock_key)
         .execute(&mut *tx)
         .await?;
-    if let Some(schema) = schema {
-        sqlx::query(AssertSqlSafe(format!(
-            "CREATE SCHEMA IF NOT EXISTS {}",
-            schema.quoted()
-        )))
-        .execute(&mut *tx)
-        .await?;
+    for statement in &run.setup {
+        sqlx::query(AssertSqlSafe(statement.as_str()))
+            .execute(&mut *tx)
+            .await?;
     }
-    sqlx::query(AssertSqlSafe(format!(
-        "CREATE TABLE IF NOT EXISTS {history} (
-            table_name  text        NOT NULL,
-            version     integer     NOT NULL,
-            description text        NOT NULL,
-            applied_at  timestamptz NOT NULL DEFAULT now(),
-            PRIMARY KEY (table_name, version)
-        )"
-    )))
-    .execute(&mut *tx)
-    .await?;
-    let current: Option<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT max(version) FROM {history} WHERE table_name = $1"
-    )))
-    .bind(table_name)
-    .fetch_one(&mut *tx)
-    .await?;
+    let current: Option<i32> = sqlx::query_scalar(AssertSqlSafe(run.current_version.as_str()))
+        .bind(table_name)
+        .fetch_one(&mut *tx)
+        .await?;
     Ok(current.unwrap_or(0))
 }
 
@@ -306,40 +396,26 @@ pub(crate) async fn begin_migration(
 /// Guarantee: idempotent and safe to call concurrently from many processes; each step is applied
 /// exactly once, all of a run in one transaction (a failure leaves the previous version intact).
 /// Fails with [`Error::SchemaTooNew`] rather than touching a table migrated by a newer version.
+/// `tokio-postgres` users call `Outbox::migrate_tokio_postgres`, which runs the same statements
+/// under the same lock.
 pub async fn migrate(conn: &mut PgConnection, table: &OutboxTable) -> Result<MigrationReport> {
     let mut tx = conn.begin().await?;
-    let history = history_table(table);
-    let current = begin_migration(
-        &mut tx,
-        table.lock_key("migrate"),
-        table.schema(),
-        &history,
-        table.name().as_str(),
-    )
-    .await?;
-    if current > SCHEMA_VERSION {
-        return Err(Error::SchemaTooNew {
-            table: table.to_string(),
-            found: current,
-            known: SCHEMA_VERSION,
-        });
-    }
+    let run = MigrationRun::outbox(table);
+    let current = begin_run(&mut tx, &run, table.name().as_str()).await?;
     let mut applied = Vec::new();
-    for step in STEPS.iter().filter(|s| s.version > current) {
-        for statement in (step.sql)(table) {
-            sqlx::query(AssertSqlSafe(statement))
+    for step in pending_steps(table, current)? {
+        for statement in &step.statements {
+            sqlx::query(AssertSqlSafe(statement.as_str()))
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {history} (table_name, version, description) VALUES ($1, $2, $3)"
-        )))
-        .bind(table.name().as_str())
-        .bind(step.version)
-        .bind(step.description)
-        .execute(&mut *tx)
-        .await?;
-        tracing::info!(table = %table, version = step.version, "applied outbox migration: {}", step.description);
+        sqlx::query(AssertSqlSafe(run.record.as_str()))
+            .bind(table.name().as_str())
+            .bind(step.version)
+            .bind(step.description)
+            .execute(&mut *tx)
+            .await?;
+        log_applied(table, &step);
         applied.push(step.version);
     }
     tx.commit().await?;

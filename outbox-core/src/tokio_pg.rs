@@ -2,16 +2,67 @@
 //! [`tokio_postgres::Transaction`], and so on deadpool-postgres' and bb8-postgres' pooled clients,
 //! whose transactions are `tokio_postgres` transactions.
 
-use ::tokio_postgres::Transaction;
 use ::tokio_postgres::types::{ToSql, Type};
+use ::tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
 
 use crate::error::Result;
 use crate::event::OutboxEvent;
+use crate::migrate::{
+    LOCK_SQL, MigrationReport, MigrationRun, SCHEMA_VERSION, log_applied, pending_steps,
+};
 use crate::statement::{OutboxWrite, SqlParam};
 use crate::write::{NewEvent, Outbox};
 
 impl Outbox {
+    /// Creates this outbox's table or upgrades it to [`SCHEMA_VERSION`] through a
+    /// `tokio-postgres` client: the `tokio-postgres` counterpart of [`Outbox::migrate`], so a
+    /// service on `tokio-postgres` (or deadpool-postgres, bb8-postgres: their pooled clients deref
+    /// to a [`Client`]) needs neither sqlx nor `outbox-relay migrate` to create the table.
+    ///
+    /// Guarantee: the same statements as [`crate::migrate()`], recorded in the same
+    /// `_outbox_migrations` history under the same transaction-scoped advisory lock, so the two
+    /// drivers and the relay's `migrate` command can run concurrently and each step is applied
+    /// exactly once; idempotent (a second call applies nothing); all steps of a call in one
+    /// transaction (a failure leaves the previous version intact); fails with
+    /// [`crate::Error::SchemaTooNew`] rather than touching a table migrated by a newer version.
+    /// Not needed in [`crate::WriteMode::LogicalMessage`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: &mut tokio_postgres::Client) -> Result<(), outbox_core::Error> {
+    /// let outbox = outbox_core::Outbox::default();
+    /// let report = outbox.migrate_tokio_postgres(client).await?;
+    /// println!("outbox table at version {} (applied {:?})", report.version, report.applied);
+    /// # Ok(()) }
+    /// ```
+    pub async fn migrate_tokio_postgres(&self, client: &mut Client) -> Result<MigrationReport> {
+        let table = self.table();
+        let name = table.name().as_str();
+        let run = MigrationRun::outbox(table);
+        let tx = client.transaction().await?;
+        tx.execute(LOCK_SQL, &[&run.lock_key]).await?;
+        for statement in &run.setup {
+            tx.batch_execute(statement).await?;
+        }
+        let current: Option<i32> = tx.query_one(&run.current_version, &[&name]).await?.get(0);
+        let mut applied = Vec::new();
+        for step in pending_steps(table, current.unwrap_or(0))? {
+            for statement in &step.statements {
+                // One statement each, without parameters: the simple protocol, one round trip.
+                tx.batch_execute(statement).await?;
+            }
+            tx.execute(&run.record, &[&name, &step.version, &step.description])
+                .await?;
+            log_applied(table, &step);
+            applied.push(step.version);
+        }
+        tx.commit().await?;
+        Ok(MigrationReport {
+            applied,
+            version: SCHEMA_VERSION,
+        })
+    }
+
     /// Writes one typed event in `tx` and returns its event id; the event is published if and
     /// only if `tx` commits. The `tokio-postgres` counterpart of [`Outbox::publish`].
     ///

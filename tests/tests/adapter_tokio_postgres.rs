@@ -1,13 +1,14 @@
 //! The `tokio-postgres` adapter end to end, against the real PostgreSQL, the real relay process
 //! and the real broker: an event written on a rolled-back `tokio_postgres::Transaction` is never
 //! relayed, one written on a committed transaction is, and the adapter stores exactly the rows
-//! (and so publishes exactly the records) the sqlx path does for the same events.
+//! (and so publishes exactly the records) the sqlx path does for the same events. The adapter's
+//! migration creates the same schema as the sqlx one, under the same lock and history.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use outbox_core::{NewEvent, Outbox, WriteMode};
+use outbox_core::{NewEvent, Outbox, OutboxTable, SCHEMA_VERSION, WriteMode};
 use outbox_tests::*;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -303,5 +304,148 @@ async fn the_adapter_writes_the_logical_modes_in_the_callers_transaction() -> Re
         .bind(&slot)
         .execute(&db.pool)
         .await?;
+    Ok(())
+}
+
+/// Everything the outbox migrations create in `schema`, as one JSON value: the columns (types,
+/// defaults, nullability, identity) of every table, the index and constraint definitions, the
+/// triggers, the functions' definitions and the migration history (without its times).
+async fn schema_description(db: &TestDb, schema: &str) -> Result<Value> {
+    Ok(sqlx::query_scalar(
+        "SELECT jsonb_build_object(
+            'columns', (SELECT jsonb_agg(jsonb_build_array(table_name, column_name, data_type,
+                            is_nullable, column_default, is_identity, character_maximum_length)
+                        ORDER BY table_name, ordinal_position)
+                        FROM information_schema.columns WHERE table_schema = $1),
+            'indexes', (SELECT jsonb_agg(indexdef ORDER BY indexname)
+                        FROM pg_indexes WHERE schemaname = $1),
+            'constraints', (SELECT jsonb_agg(jsonb_build_array(conrelid::regclass::text, conname,
+                                pg_get_constraintdef(oid)) ORDER BY conname)
+                            FROM pg_constraint WHERE connamespace = $1::regnamespace),
+            'triggers', (SELECT jsonb_agg(tgname ORDER BY tgname) FROM pg_trigger
+                         WHERE NOT tgisinternal
+                           AND tgrelid::regclass::text NOT LIKE 'pg_%'),
+            'functions', (SELECT jsonb_agg(pg_get_functiondef(oid) ORDER BY proname)
+                          FROM pg_proc WHERE pronamespace = $1::regnamespace),
+            'history', (SELECT jsonb_agg(jsonb_build_array(table_name, version, description)
+                                ORDER BY table_name, version)
+                        FROM _outbox_migrations))",
+    )
+    .bind(schema)
+    .fetch_one(&db.pool)
+    .await?)
+}
+
+#[tokio::test]
+async fn migrate_tokio_postgres_creates_the_sqlx_schema_once_and_then_publishes() -> Result<()> {
+    let tpg_db = TestDb::create("adapter_tpg_migrate").await?;
+    let sqlx_db = TestDb::migrated("adapter_tpg_migrate_sqlx").await?;
+    let outbox = Outbox::default();
+    let table = OutboxTable::default();
+    let mut client = tokio_postgres_client(&tpg_db).await?;
+
+    let report = outbox.migrate_tokio_postgres(&mut client).await?;
+    assert_eq!(report.applied, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+    assert_eq!(report.version, SCHEMA_VERSION);
+    let tpg_version = outbox_core::schema_version(&mut tpg_db.connect().await?, &table).await?;
+    let sqlx_version = outbox_core::schema_version(&mut sqlx_db.connect().await?, &table).await?;
+    assert_eq!(tpg_version, Some(SCHEMA_VERSION));
+    assert_eq!(tpg_version, sqlx_version);
+    let tpg_schema = schema_description(&tpg_db, "public").await?;
+    assert_eq!(
+        tpg_schema,
+        schema_description(&sqlx_db, "public").await?,
+        "the tokio-postgres migration created another schema than the sqlx one"
+    );
+    assert_eq!(
+        tpg_schema["history"].as_array().map(Vec::len),
+        Some(SCHEMA_VERSION as usize),
+        "{tpg_schema:#}"
+    );
+
+    // Twice is a no-op, through either driver: both read the one history.
+    let again = outbox.migrate_tokio_postgres(&mut client).await?;
+    assert!(again.applied.is_empty(), "{again:?}");
+    let mut conn = tpg_db.connect().await?;
+    assert!(outbox.migrate(&mut conn).await?.applied.is_empty());
+    assert_eq!(schema_description(&tpg_db, "public").await?, tpg_schema);
+
+    // The migrated table takes the adapter's writes.
+    let tx = client.transaction().await?;
+    let ids = outbox
+        .publish_new_tokio_postgres(
+            &tx,
+            vec![NewEvent::new(
+                "order",
+                "1",
+                "OrderPlaced",
+                Some(json!({ "n": 1 })),
+            )],
+        )
+        .await?;
+    tx.commit().await?;
+    let stored: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, type FROM outbox WHERE published_at IS NULL")
+            .fetch_all(&tpg_db.pool)
+            .await?;
+    assert_eq!(stored, vec![(ids[0], "OrderPlaced".to_owned())]);
+    Ok(())
+}
+
+/// Concurrent migrators of one fresh table in its own schema — several tokio-postgres clients and
+/// a sqlx connection — all succeed, and exactly one of them applies each step: they share the
+/// advisory lock and the history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_tokio_postgres_and_sqlx_migrations_apply_each_step_once() -> Result<()> {
+    let db = TestDb::create("adapter_tpg_migrate_conc").await?;
+    let table = OutboxTable::new(Some("sales"), "events")?;
+    let outbox = Outbox::new(table.clone());
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(tokio_postgres_client(&db).await?);
+    }
+    let mut conn = db.connect().await?;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(clients.len() + 1));
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut client in clients {
+        let (outbox, barrier) = (outbox.clone(), barrier.clone());
+        tasks.spawn(async move {
+            barrier.wait().await;
+            outbox.migrate_tokio_postgres(&mut client).await
+        });
+    }
+    let (outbox_sqlx, barrier_sqlx) = (outbox.clone(), barrier.clone());
+    tasks.spawn(async move {
+        barrier_sqlx.wait().await;
+        outbox_sqlx.migrate(&mut conn).await
+    });
+    let mut applied = Vec::new();
+    while let Some(report) = tasks.join_next().await {
+        let report = report?.context("a concurrent migration failed")?;
+        assert_eq!(report.version, SCHEMA_VERSION);
+        applied.extend(report.applied);
+    }
+    applied.sort_unstable();
+    assert_eq!(
+        applied,
+        (1..=SCHEMA_VERSION).collect::<Vec<_>>(),
+        "each step applied exactly once"
+    );
+    let history: Vec<i32> = sqlx::query_scalar(
+        "SELECT version FROM sales._outbox_migrations WHERE table_name = 'events' ORDER BY version",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(history, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+    let mut client = tokio_postgres_client(&db).await?;
+    let tx = client.transaction().await?;
+    outbox
+        .publish_new_tokio_postgres(&tx, vec![NewEvent::new("order", "1", "OrderPlaced", None)])
+        .await?;
+    tx.commit().await?;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sales.events")
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(rows, 1);
     Ok(())
 }

@@ -3,9 +3,12 @@
 //!
 //! ```text
 //! scripts/services.sh up && . .services/env
-//! cargo run -p outbox-relay -- migrate          # creates the outbox table in $DATABASE_URL
 //! cargo run -p outbox-example-tokio-postgres
 //! ```
+//!
+//! The example creates (or upgrades) the outbox table itself with
+//! [`Outbox::migrate_tokio_postgres`] — the same migration, lock and history as
+//! `outbox-relay migrate` and the sqlx path, so whichever runs first does the work.
 //!
 //! With deadpool-postgres or bb8-postgres the code is the same: their pooled clients deref to a
 //! `tokio_postgres::Client`, and the transaction they open is (or derefs to) a
@@ -48,6 +51,15 @@ async fn main() -> Result<()> {
         .await?;
 
     let outbox = Outbox::default();
+    // At start-up, from every instance: concurrent calls apply each step once, later ones nothing.
+    let migrated = outbox
+        .migrate_tokio_postgres(&mut client)
+        .await
+        .context("creating the outbox table")?;
+    println!(
+        "outbox table at schema version {} (applied now: {:?})",
+        migrated.version, migrated.applied
+    );
     let (order_id, sku, quantity) = (Uuid::now_v7(), "BOOK-42".to_owned(), 2);
 
     let tx = client.transaction().await?;
@@ -64,7 +76,7 @@ async fn main() -> Result<()> {
     let event_id = outbox
         .publish_tokio_postgres(&tx, &placed)
         .await
-        .context("writing the event (was the outbox table created with `outbox-relay migrate`?)")?;
+        .context("writing the event")?;
     tx.commit().await?; // the order and its event, or neither
 
     println!(
