@@ -14,6 +14,9 @@ shared library, and this script drives it:
         {"source": "<chart>/templates/x.yaml", "manifest": {...}}, one per rendered Kubernetes
         object (the YAML parsed by Helm's own YAML library), so that tests need no YAML parser.
 
+    scripts/helm-chart.py notes CHART [-f VALUES.yaml]... [--name N] [--namespace NS]
+        Renders the chart the same way and prints its NOTES.txt, as `helm install` shows it.
+
 Run with PYTHONPATH naming the helm-python-sdk install (`scripts/tools.sh env`).
 """
 
@@ -100,6 +103,20 @@ def template(args):
     return 0
 
 
+def notes(args):
+    chart = helm_python.Chart.load(args.chart)
+    rendered = chart.render(
+        values(args.values), name=args.name, namespace=args.namespace, is_install=True
+    )
+    # The top chart's notes only (a subchart's are at <chart>/charts/<sub>/templates/NOTES.txt).
+    top = [s for s in rendered if s.count("/") == 2 and s.endswith("/templates/NOTES.txt")]
+    if not top:
+        print("helm-chart.py notes: the chart has no templates/NOTES.txt", file=sys.stderr)
+        return 1
+    print(rendered[top[0]])
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,9 +128,15 @@ def main():
     p_tpl.add_argument("-f", "--values", action="append", default=[])
     p_tpl.add_argument("--name", default="release-name")
     p_tpl.add_argument("--namespace", default="default")
+    p_notes = sub.add_parser("notes", help="render the chart; print its NOTES.txt")
+    p_notes.add_argument("chart")
+    p_notes.add_argument("-f", "--values", action="append", default=[])
+    p_notes.add_argument("--name", default="release-name")
+    p_notes.add_argument("--namespace", default="default")
     args = parser.parse_args()
+    commands = {"lint": lint, "template": template, "notes": notes}
     try:
-        return lint(args) if args.command == "lint" else template(args)
+        return commands[args.command](args)
     except helm_python.HelmError as e:
         print(f"helm-chart.py {args.command}: {e}", file=sys.stderr)
         return 1

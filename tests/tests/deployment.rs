@@ -12,6 +12,9 @@
 //!   `docker build` succeeds and the image's relay accepts tracing;
 //! - the Helm chart `deploy/helm/outbox-relay` passes Helm's lint rules and renders, with its
 //!   defaults and with three sharded relays, a Deployment whose relay loads its configuration;
+//!   in `mode: sidecar` it renders no Deployment, and the example service chart
+//!   `deploy/helm/examples/account-service`, with the relay chart as a dependency, renders the
+//!   relay as a native sidecar of its pods through the chart's named templates;
 //! - a database URL demanding TLS from a server without it fails loudly, without the password;
 //! - a paused (SIGSTOPped) active relay is fenced: the standby takes over within the lease, and
 //!   the old one, resumed, steps down without producing or acknowledging anything (polling and
@@ -1438,6 +1441,17 @@ fn check_relay_container(pod: &serde_json::Value) -> Result<&serde_json::Value> 
     let containers = pod["spec"]["containers"].as_array().context("containers")?;
     ensure!(containers.len() == 1, "containers: {containers:?}");
     let relay = &containers[0];
+    check_relay_container_spec(relay)?;
+    assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["spec"]["securityContext"]["runAsUser"], 10001);
+    // SIGTERM drains within shutdown_timeout (30s in the default config), below the grace period.
+    assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 45);
+    Ok(relay)
+}
+
+/// Checks a rendered relay container, wherever it runs: image, command, probes on the admin
+/// port, read-only root file system, config and secret mounts.
+fn check_relay_container_spec(relay: &serde_json::Value) -> Result<()> {
     assert_eq!(relay["name"], "outbox-relay");
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(
@@ -1454,21 +1468,213 @@ fn check_relay_container(pod: &serde_json::Value) -> Result<&serde_json::Value> 
         assert_eq!(relay[probe]["httpGet"]["port"], "relay-admin", "{probe}");
     }
     assert_eq!(relay["securityContext"]["readOnlyRootFilesystem"], true);
-    assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
-    assert_eq!(pod["spec"]["securityContext"]["runAsUser"], 10001);
-    let mounts: Vec<&str> = relay["volumeMounts"]
+    let mounts: Vec<(&str, &str)> = relay["volumeMounts"]
         .as_array()
         .context("volumeMounts")?
         .iter()
-        .filter_map(|m| m["mountPath"].as_str())
+        .filter_map(|m| Some((m["name"].as_str()?, m["mountPath"].as_str()?)))
         .collect();
     assert_eq!(
         mounts,
-        ["/etc/outbox/relay.toml", "/var/run/secrets/outbox"]
+        [
+            ("relay-config", "/etc/outbox/relay.toml"),
+            ("relay-secrets", "/var/run/secrets/outbox")
+        ]
     );
-    // SIGTERM drains within shutdown_timeout (30s in the default config), below the grace period.
-    assert_eq!(pod["spec"]["terminationGracePeriodSeconds"], 45);
-    Ok(relay)
+    Ok(())
+}
+
+/// The rendered pod volume `name` of `pod`.
+fn pod_volume<'a>(pod: &'a serde_json::Value, name: &str) -> Result<&'a serde_json::Value> {
+    pod["spec"]["volumes"]
+        .as_array()
+        .context("no volumes")?
+        .iter()
+        .find(|v| v["name"] == name)
+        .with_context(|| format!("no volume {name} in {:#}", pod["spec"]["volumes"]))
+}
+
+/// A scratch copy of the example service chart with the relay chart in its `charts/`, as
+/// `helm dependency update` leaves it; the overrides `values` (YAML) merged over its values.
+fn example_service_chart(values: Option<&str>) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(unique("dep_svc_chart"));
+    let chart = dir.join("account-service");
+    copy_dir(
+        &repo_root().join("deploy/helm/examples/account-service"),
+        &chart,
+    )?;
+    copy_dir(&repo_root().join(CHART), &chart.join("charts/outbox-relay"))?;
+    if let Some(values) = values {
+        std::fs::write(dir.join("override.yaml"), values)?;
+    }
+    Ok(dir)
+}
+
+#[tokio::test]
+async fn the_helm_chart_in_sidecar_mode_renders_no_deployment_and_a_sidecar_for_the_service_chart()
+-> Result<()> {
+    let (code, out, err) = helm_chart(&[
+        "lint",
+        CHART,
+        "-f",
+        &format!("{CHART}/ci/sidecar-values.yaml"),
+    ])?;
+    assert_eq!(code, 0, "helm lint in sidecar mode:\n{out}{err}");
+
+    // Alone: the relay's ConfigMap and Secret, no relay of its own.
+    let objects = render_chart("accounts", &["ci/sidecar-values.yaml"])?;
+    let mut kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        ["ConfigMap", "Secret"],
+        "sidecar mode renders no Deployment or PDB"
+    );
+    let secret_name = one(&objects, "Secret")?["metadata"]["name"].clone();
+    // Its notes print the container to paste, from the same template.
+    let values = format!("{CHART}/ci/sidecar-values.yaml");
+    let (code, notes, err) = helm_chart(&["notes", CHART, "-f", &values, "--name", "accounts"])?;
+    assert_eq!(code, 0, "{err}");
+    let version = env!("CARGO_PKG_VERSION");
+    for want in [
+        "initContainers:\n  - name: outbox-relay\n".to_owned(),
+        format!("image: \"outbox-relay:{version}\""),
+        "restartPolicy: Always".to_owned(),
+        "value: /var/run/secrets/outbox/database-url".to_owned(),
+        "value: /var/run/secrets/outbox/admin-token".to_owned(),
+        "path: /readyz".to_owned(),
+        format!(
+            "secretName: {}",
+            secret_name.as_str().context("Secret name")?
+        ),
+        "name: accounts-outbox-relay".to_owned(),
+    ] {
+        assert!(notes.contains(&want), "no `{want}` in the notes:\n{notes}");
+    }
+    let (code, notes, err) = helm_chart(&[
+        "notes",
+        CHART,
+        "-f",
+        &format!("{CHART}/ci/minimal-values.yaml"),
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(!notes.contains("initContainers"), "{notes}");
+    assert!(notes.starts_with("2 outbox relay(s)"), "{notes}");
+
+    // An unknown mode is refused by the values schema.
+    let bad_mode = std::env::temp_dir().join(unique("dep_values"));
+    std::fs::write(
+        &bad_mode,
+        "mode: daemonset\nsecrets:\n  databaseUrl: postgres://db/app\n",
+    )?;
+    let (code, _, err) = helm_chart(&["template", CHART, "-f", bad_mode.to_str().unwrap()])?;
+    std::fs::remove_file(&bad_mode)?;
+    assert_ne!(code, 0, "rendered with mode: daemonset");
+    assert!(err.contains("at '/mode'"), "{err}");
+
+    // As the dependency of the service's chart: the service's Deployment has the relay as a
+    // native sidecar, mounting the relay chart's ConfigMap and the existing Secret.
+    let scratch = example_service_chart(None)?;
+    let chart = scratch.join("account-service");
+    let chart = chart.to_str().context("temp path")?;
+    let (code, out, err) = helm_chart(&["lint", chart])?;
+    assert_eq!(
+        code, 0,
+        "helm lint of the example service chart:\n{out}{err}"
+    );
+    let (code, out, err) = helm_chart(&["template", chart, "--name", "accounts"])?;
+    assert_eq!(
+        code, 0,
+        "helm template of the example service chart:\n{err}"
+    );
+    let docs: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    let objects: Vec<serde_json::Value> = docs.into_iter().map(|d| d["manifest"].clone()).collect();
+    let mut kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        ["ConfigMap", "Deployment"],
+        "the service's Deployment and the relay's ConfigMap (its Secret exists)"
+    );
+    let deployment = one(&objects, "Deployment")?;
+    assert_eq!(deployment["metadata"]["name"], "accounts-account-service");
+    let pod = &deployment["spec"]["template"];
+    let containers = pod["spec"]["containers"].as_array().context("containers")?;
+    assert_eq!(
+        containers.len(),
+        1,
+        "the service's container only: {containers:?}"
+    );
+    let init = pod["spec"]["initContainers"]
+        .as_array()
+        .context("initContainers")?;
+    assert_eq!(init.len(), 1, "{init:?}");
+    let relay = &init[0];
+    check_relay_container_spec(relay)?;
+    assert_eq!(relay["restartPolicy"], "Always", "a native sidecar");
+    assert_eq!(relay["startupProbe"]["httpGet"]["path"], "/healthz");
+    // The pod's security context is the service's: the relay sets its own user.
+    assert_eq!(relay["securityContext"]["runAsUser"], 10001);
+    assert_eq!(relay["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        relay["resources"]["requests"]["cpu"], "50m",
+        "the service chart's override"
+    );
+    let env = container_env(relay)?;
+    assert_eq!(
+        env_value(&env, "OUTBOX_DATABASE_URL_FILE"),
+        Some("/var/run/secrets/outbox/database-url")
+    );
+    let configmap = one(&objects, "ConfigMap")?;
+    assert_eq!(
+        pod_volume(pod, "relay-config")?["configMap"]["name"],
+        configmap["metadata"]["name"]
+    );
+    let secrets = &pod_volume(pod, "relay-secrets")?["secret"];
+    assert_eq!(secrets["secretName"], "account-service-relay");
+    assert_eq!(
+        secrets["defaultMode"], 0o444,
+        "readable by the relay's user in any pod"
+    );
+    let checksum = pod["metadata"]["annotations"]["checksum/outbox-relay-config"]
+        .as_str()
+        .context("no config checksum annotation")?;
+    assert_eq!(checksum.len(), 64, "{checksum}");
+    let printed = relay_loads_rendered_config(
+        &objects,
+        &env,
+        &[(
+            "database-url",
+            "postgres://account_relay:pw@db:5432/accounts",
+        )],
+    )
+    .await?;
+    assert!(
+        printed.contains("bootstrap_servers = \"kafka:9092\""),
+        "{printed}"
+    );
+    std::fs::remove_dir_all(&scratch)?;
+
+    // The sidecar templates refuse a relay chart that also renders its own Deployment.
+    let scratch = example_service_chart(Some("outbox-relay:\n  mode: deployment\n"))?;
+    let chart = scratch.join("account-service");
+    let override_file = scratch.join("override.yaml");
+    let (code, _, err) = helm_chart(&[
+        "template",
+        chart.to_str().context("temp path")?,
+        "-f",
+        override_file.to_str().context("temp path")?,
+    ])?;
+    std::fs::remove_dir_all(&scratch)?;
+    assert_ne!(
+        code, 0,
+        "sidecar templates rendered next to a relay Deployment"
+    );
+    assert!(
+        err.contains("needs the outbox-relay chart's `mode: sidecar`"),
+        "{err}"
+    );
+    Ok(())
 }
 
 /// Copies the directory tree `from` to `to`.
