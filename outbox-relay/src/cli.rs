@@ -57,7 +57,8 @@ pub enum Command {
         #[command(subcommand)]
         action: TopicsAction,
     },
-    /// Re-publish events still in the table, with their original ids and order.
+    /// Re-publish events still in the table, with their original ids and order (with several
+    /// tables: the one named by --table, routed by its own route).
     Replay {
         /// Which events.
         #[command(flatten)]
@@ -66,7 +67,8 @@ pub enum Command {
         #[command(flatten)]
         settings: Box<Settings>,
     },
-    /// Events parked because they can never be published (and those held behind them).
+    /// Events parked because they can never be published (and those held behind them); with
+    /// several tables, --table names the table (`list` without it lists every table's).
     Parked {
         /// What to do.
         #[command(subcommand)]
@@ -90,7 +92,8 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum TopicsAction {
     /// Create the routed topics (from the table's aggregate and event types, the fixed routes and
-    /// the dead-letter topic) and any given with --topic; existing topics are left alone.
+    /// the dead-letter topic) and any given with --add; existing topics are left alone. With
+    /// several tables: the routed topics of every configured table, each by its own route.
     Ensure {
         /// Another topic to create (repeatable).
         #[arg(long = "add", value_name = "TOPIC")]
@@ -136,7 +139,8 @@ pub struct ReplayArgs {
 /// `parked` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ParkedAction {
-    /// List parked events in replay order.
+    /// List parked events in replay order (with several tables and no --table: every table's,
+    /// each line or JSON object naming its table).
     List {
         /// Print JSON.
         #[arg(long)]
@@ -214,7 +218,9 @@ pub struct Settings {
     /// [key: database_url; also OUTBOX_DATABASE_URL_FILE].
     #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// The outbox table, `table` or `schema.table` [key: table].
+    /// The outbox table, `table` or `schema.table` [key: table]. With several tables
+    /// ([[outbox]] sections or `tables`), `replay` and `parked …` take it as the one configured
+    /// table to act on (required by `replay`, `parked retry` and `parked drop`).
     #[arg(long, env = "OUTBOX_TABLE")]
     pub table: Option<String>,
     /// Relay every migrated table matching `<schema glob>.<table>`, e.g. `tenant_*.outbox`,
@@ -402,6 +408,35 @@ impl Settings {
             tracing::warn!("{w}");
         }
         Ok(config)
+    }
+
+    /// For the commands that act on one of several tables (`replay`, `parked …`): loads the
+    /// configuration like [`Self::load`], except that when it relays several tables
+    /// (`[[outbox]]` sections or `tables`), `--table` (or `OUTBOX_TABLE`) does not set the
+    /// top-level `table` (which would conflict with them) but is returned as the selector of
+    /// the table to act on. A single-table configuration loads exactly as with [`Self::load`]
+    /// and selects nothing.
+    pub fn load_selecting_table(
+        &self,
+    ) -> Result<(crate::RelayConfig, Option<String>), ConfigError> {
+        let Some(selector) = self.table.clone() else {
+            return Ok((self.load()?, None));
+        };
+        let without = Settings {
+            table: None,
+            ..self.clone()
+        };
+        let env = std::env::vars().filter(|(k, _)| k != "OUTBOX_TABLE");
+        match crate::config::load::load(self.config_file.as_deref(), env, &without.pairs()?) {
+            Ok((config, sources)) if config.is_multi_table() => {
+                for w in &sources.warnings {
+                    tracing::warn!("{w}");
+                }
+                Ok((config, Some(selector)))
+            }
+            // Single-table (or invalid either way): exactly the usual load and its errors.
+            _ => Ok((self.load()?, None)),
+        }
     }
 }
 

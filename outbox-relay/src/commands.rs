@@ -1,6 +1,10 @@
 //! The one-shot commands of the CLI: `migrate`, `status`, `topics ensure`, `replay`,
 //! `parked list|retry|drop`, `slot list|drop`. Each connects, does its work, prints a result and
 //! returns the process exit code.
+//!
+//! With several tables (`[[outbox]]` sections, a `tables` pattern), `replay`, `parked retry` and
+//! `parked drop` act on the one table the `--table` selector names, with that table's own
+//! settings; `parked list` without a selector and `topics ensure` cover every configured table.
 
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
@@ -65,8 +69,9 @@ fn read_err(context: &str) -> impl Fn(ReadError) -> CommandError + '_ {
 }
 
 /// Connects to the configured database, for a command on the configured table. A multi-table
-/// configuration (`[[outbox]]`, `tables`) is refused: these commands work on one table, and
-/// silently using the default `outbox` would act on a table the relay does not relay.
+/// configuration (`[[outbox]]`, `tables`) is refused: the callers work on one table without a
+/// selector (`slot …`), and silently using the default `outbox` would act on a table the relay
+/// does not relay. The commands that take `--table` choose their table with [`one_table`].
 pub async fn connect(config: &RelayConfig) -> Result<(PgConnection, OutboxTable)> {
     if config.is_multi_table() {
         return Err(CommandError::usage(
@@ -216,45 +221,146 @@ pub async fn status(config: &RelayConfig, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `status` of a multi-table configuration.
-async fn status_of_tables(config: &RelayConfig, json: bool) -> Result<()> {
-    let (mut conn, _) = connect_database(config).await?;
-    let mut configs = config
+/// Every table of a multi-table configuration, each with its own configuration: the
+/// `[[outbox]]` sections in order, then the migrated tables matching the `tables` pattern that
+/// are not listed.
+async fn all_tables(
+    conn: &mut PgConnection,
+    config: &RelayConfig,
+) -> Result<Vec<(RelayConfig, OutboxTable)>> {
+    let configs = config
         .listed_tables()
         .map_err(|e| CommandError::usage(e.to_string()))?;
     let mut seen = BTreeSet::new();
-    for c in &configs {
+    let mut out = Vec::with_capacity(configs.len());
+    for c in configs {
         let t = OutboxTable::parse(&c.table).map_err(|e| CommandError::usage(e.to_string()))?;
         let resolved = t
-            .resolve(&mut conn)
+            .resolve(conn)
             .await
             .map_err(db_err("resolving the outbox tables"))?;
         seen.insert(table::display_name(&resolved));
+        out.push((c, t));
     }
     if let Some(pattern) = config
         .table_pattern()
         .map_err(|e| CommandError::usage(e.to_string()))?
     {
-        for name in table::matching_tables(&mut conn, &pattern)
+        for name in table::matching_tables(conn, &pattern)
             .await
             .map_err(db_err("matching the `tables` pattern"))?
         {
             if seen.insert(name.clone()) {
                 let t =
                     OutboxTable::parse(&name).map_err(|e| CommandError::usage(e.to_string()))?;
-                configs.push(
-                    config
-                        .pattern_table_config(&t)
-                        .map_err(|e| CommandError::usage(e.to_string()))?,
-                );
+                let c = config
+                    .pattern_table_config(&t)
+                    .map_err(|e| CommandError::usage(e.to_string()))?;
+                out.push((c, t));
             }
         }
     }
-    let mut all = Vec::with_capacity(configs.len());
-    for c in &configs {
+    Ok(out)
+}
+
+/// The configured tables as an operator wrote them, for an error message: the `[[outbox]]`
+/// tables and the `tables` pattern.
+fn configured_tables(config: &RelayConfig) -> String {
+    let mut parts: Vec<String> = config
+        .outbox
+        .iter()
+        .map(|e| format!("`{}`", e.table))
+        .collect();
+    if let Some(pattern) = &config.tables {
+        parts.push(format!("the tables matching `{pattern}`"));
+    }
+    parts.join(", ")
+}
+
+/// The one table a command acts on, connected, with that table's own configuration (its route
+/// overrides, write mode, dead-letter topic). A single-table configuration gives its `table`
+/// (`selector` is unused). A multi-table configuration needs `selector`: a table listed in
+/// `[[outbox]]` (compared as PostgreSQL resolves the names), or an existing, migrated table
+/// matching the `tables` pattern; anything else is refused (exit 2) naming the configured tables,
+/// before any change is made.
+async fn one_table(
+    config: &RelayConfig,
+    selector: Option<&str>,
+) -> Result<(PgConnection, RelayConfig, OutboxTable)> {
+    if !config.is_multi_table() {
+        let (conn, table) = connect(config).await?;
+        return Ok((conn, config.clone(), table));
+    }
+    let Some(name) = selector else {
+        // Validate first, so that a broken configuration is reported as such.
+        config
+            .validate()
+            .map_err(|e| CommandError::usage(e.to_string()))?;
+        return Err(CommandError::usage(format!(
+            "this configuration relays several outbox tables ({}): pass --table SCHEMA.TABLE \
+             to name the one to act on",
+            configured_tables(config)
+        )));
+    };
+    let wanted = OutboxTable::parse(name)
+        .map_err(|e| CommandError::usage(format!("--table `{name}`: {e}")))?;
+    let (mut conn, _) = connect_database(config).await?;
+    let resolved = wanted
+        .resolve(&mut conn)
+        .await
+        .map_err(db_err("resolving the --table name"))?;
+    let wanted_name = table::display_name(&resolved);
+    for c in config
+        .listed_tables()
+        .map_err(|e| CommandError::usage(e.to_string()))?
+    {
         let t = OutboxTable::parse(&c.table).map_err(|e| CommandError::usage(e.to_string()))?;
+        let listed = t
+            .resolve(&mut conn)
+            .await
+            .map_err(db_err("resolving the outbox tables"))?;
+        if table::display_name(&listed) == wanted_name {
+            return Ok((conn, c, t));
+        }
+    }
+    if let Some(pattern) = config
+        .table_pattern()
+        .map_err(|e| CommandError::usage(e.to_string()))?
+    {
+        let schema_matches = resolved
+            .schema()
+            .is_some_and(|s| pattern.matches_schema(s.as_str()));
+        if schema_matches && resolved.name().as_str() == pattern.table().as_str() {
+            let found = table::matching_tables(&mut conn, &pattern)
+                .await
+                .map_err(db_err("matching the `tables` pattern"))?;
+            if !found.contains(&wanted_name) {
+                return Err(CommandError::usage(format!(
+                    "--table `{name}` matches the `tables` pattern `{pattern}` but is not a \
+                     migrated outbox table (create it with `outbox-relay migrate --table \
+                     {wanted_name}`)"
+                )));
+            }
+            let c = config
+                .pattern_table_config(&resolved)
+                .map_err(|e| CommandError::usage(e.to_string()))?;
+            return Ok((conn, c, resolved));
+        }
+    }
+    Err(CommandError::usage(format!(
+        "--table `{name}` is not one of the configured outbox tables ({})",
+        configured_tables(config)
+    )))
+}
+
+/// `status` of a multi-table configuration.
+async fn status_of_tables(config: &RelayConfig, json: bool) -> Result<()> {
+    let (mut conn, _) = connect_database(config).await?;
+    let configs = all_tables(&mut conn, config).await?;
+    let mut all = Vec::with_capacity(configs.len());
+    for (c, t) in &configs {
         all.push(
-            crate::status::read(&mut conn, c, &t)
+            crate::status::read(&mut conn, c, t)
                 .await
                 .map_err(db_err("reading the outbox status"))?,
         );
@@ -336,31 +442,20 @@ pub struct TopicSpec {
 
 /// `topics ensure`: creates the topics the relay routes to (from the aggregate and event types
 /// in the table, the fixed routes and the dead-letter topic) plus any given ones.
+///
+/// With several tables: the routed topics of every configured table (the `[[outbox]]` tables
+/// and the migrated tables matching `tables`), each by its own route, write mode and dead-letter
+/// topic, plus any given ones.
 pub async fn topics_ensure(config: &RelayConfig, spec: &TopicSpec) -> Result<()> {
-    let (mut conn, table) = connect(config).await?;
-    let router = Router::new(&config.route).map_err(|e| CommandError::usage(e.to_string()))?;
     let mut topics: BTreeSet<String> = spec.topics.iter().cloned().collect();
-    if config.write_mode == outbox_core::WriteMode::Table {
-        let rows = table::routed_event_types(&mut conn, &table)
-            .await
-            .map_err(db_err("reading routed event types"))?;
-        for (aggregate_type, event_type, topic) in rows {
-            let probe = probe_event(&aggregate_type, &event_type, topic);
-            match router.topic_for(&probe) {
-                Ok(t) => {
-                    topics.insert(t);
-                }
-                Err(error) => tracing::warn!(%error, "an event type in the table cannot be routed"),
-            }
+    if config.is_multi_table() {
+        let (mut conn, _) = connect_database(config).await?;
+        for (c, t) in all_tables(&mut conn, config).await? {
+            routed_topics(&mut conn, &c, &t, &mut topics).await?;
         }
-    }
-    for template in config.route.routes.values() {
-        if !template.contains('{') {
-            topics.insert(template.clone());
-        }
-    }
-    if let Some(dlq) = &config.dead_letter_topic {
-        topics.insert(dlq.clone());
+    } else {
+        let (mut conn, table) = connect(config).await?;
+        routed_topics(&mut conn, config, &table, &mut topics).await?;
     }
     if config.sink == crate::config::SinkKind::Nats {
         let subjects: Vec<String> = topics.into_iter().collect();
@@ -445,6 +540,42 @@ pub async fn topics_ensure(config: &RelayConfig, spec: &TopicSpec) -> Result<()>
     Ok(())
 }
 
+/// Adds to `topics` the destinations one table's configuration routes to: its events' topics
+/// (read from the table in the `table` write mode), its fixed routes and its dead-letter topic.
+async fn routed_topics(
+    conn: &mut PgConnection,
+    config: &RelayConfig,
+    table: &OutboxTable,
+    topics: &mut BTreeSet<String>,
+) -> Result<()> {
+    let router = Router::new(&config.route).map_err(|e| CommandError::usage(e.to_string()))?;
+    if config.write_mode == outbox_core::WriteMode::Table {
+        let rows = table::routed_event_types(conn, table)
+            .await
+            .map_err(db_err("reading routed event types"))?;
+        for (aggregate_type, event_type, topic) in rows {
+            let probe = probe_event(&aggregate_type, &event_type, topic);
+            match router.topic_for(&probe) {
+                Ok(t) => {
+                    topics.insert(t);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, table = %table, "an event type in the table cannot be routed")
+                }
+            }
+        }
+    }
+    for template in config.route.routes.values() {
+        if !template.contains('{') {
+            topics.insert(template.clone());
+        }
+    }
+    if let Some(dlq) = &config.dead_letter_topic {
+        topics.insert(dlq.clone());
+    }
+    Ok(())
+}
+
 /// `topics ensure` for Redis: nothing to create (a stream appears with its first entry); fails
 /// when a key of another type holds a destination's name (the relay would stop on it).
 async fn redis_streams_ensure(config: &RelayConfig, topics: &BTreeSet<String>) -> Result<()> {
@@ -488,8 +619,16 @@ fn probe_event(aggregate_type: &str, event_type: &str, topic: Option<String>) ->
 /// `replay`: re-publishes events still in the table (rows are kept with the `mark`
 /// acknowledgement for `retention`), in their original order and with their original event ids,
 /// so consumers that dedupe by id are unaffected. Returns how many were published.
-pub async fn replay(config: &RelayConfig, filter: &ReplayFilter) -> Result<u64> {
-    let (mut conn, table) = connect(config).await?;
+///
+/// With several tables, `selector` (`--table`) names the table; its events are routed by that
+/// table's own route (see [`one_table`]).
+pub async fn replay(
+    config: &RelayConfig,
+    selector: Option<&str>,
+    filter: &ReplayFilter,
+) -> Result<u64> {
+    let (mut conn, config, table) = one_table(config, selector).await?;
+    let config = &config;
     if filter.from.is_none()
         && filter.to.is_none()
         && filter.from_id.is_none()
@@ -560,26 +699,60 @@ pub async fn replay(config: &RelayConfig, filter: &ReplayFilter) -> Result<u64> 
     Ok(published)
 }
 
-/// `parked list`.
-pub async fn parked_list(config: &RelayConfig, json: bool) -> Result<()> {
-    let (mut conn, table) = connect(config).await?;
+/// One line of `parked list`.
+fn parked_line(e: &table::ParkedEvent) -> String {
+    format!(
+        "{}  {}/{}  {}  {} bytes  {}{}",
+        e.id,
+        e.aggregate_type,
+        e.aggregate_id,
+        e.event_type,
+        e.payload_bytes,
+        e.reason,
+        e.blocked_by
+            .map(|b| format!(" (behind {b})"))
+            .unwrap_or_default()
+    )
+}
+
+/// A parked event of `parked list` over every table: its table, then its fields.
+#[derive(serde::Serialize)]
+struct TableParked<'a> {
+    table: &'a str,
+    #[serde(flatten)]
+    event: &'a table::ParkedEvent,
+}
+
+/// `parked list`. With several tables: `selector` (`--table`) lists one table's parked events;
+/// without it, every configured table's, each line (or JSON object) naming its table first.
+pub async fn parked_list(config: &RelayConfig, selector: Option<&str>, json: bool) -> Result<()> {
+    if config.is_multi_table() && selector.is_none() {
+        let (mut conn, _) = connect_database(config).await?;
+        let mut all = Vec::new();
+        for (_, t) in all_tables(&mut conn, config).await? {
+            let events = table::list_parked(&mut conn, &t)
+                .await
+                .map_err(db_err("listing parked events"))?;
+            all.push((table::display_name(&t), events));
+        }
+        let rows: Vec<TableParked<'_>> = all
+            .iter()
+            .flat_map(|(name, events)| {
+                events
+                    .iter()
+                    .map(move |event| TableParked { table: name, event })
+            })
+            .collect();
+        print_list(&rows, json, "no parked events", |r| {
+            format!("{}  {}", r.table, parked_line(r.event))
+        });
+        return Ok(());
+    }
+    let (mut conn, _, table) = one_table(config, selector).await?;
     let events = table::list_parked(&mut conn, &table)
         .await
         .map_err(db_err("listing parked events"))?;
-    print_list(&events, json, "no parked events", |e| {
-        format!(
-            "{}  {}/{}  {}  {} bytes  {}{}",
-            e.id,
-            e.aggregate_type,
-            e.aggregate_id,
-            e.event_type,
-            e.payload_bytes,
-            e.reason,
-            e.blocked_by
-                .map(|b| format!(" (behind {b})"))
-                .unwrap_or_default()
-        )
-    });
+    print_list(&events, json, "no parked events", parked_line);
     Ok(())
 }
 
@@ -627,10 +800,15 @@ async fn publisher(config: &RelayConfig) -> Result<(Router, Box<dyn Sink>)> {
 
 /// `parked retry`: publishes the selected aggregates' parked events in their original order,
 /// then removes them, unblocking the aggregates. Stops an aggregate at its first event that still
-/// cannot be published and reports it.
-pub async fn parked_retry(config: &RelayConfig, selection: &Selection) -> Result<u64> {
-    let (mut conn, table) = connect(config).await?;
-    let (router, sink) = publisher(config).await?;
+/// cannot be published and reports it. With several tables, `selector` (`--table`) names the
+/// table; its events are routed by that table's own route.
+pub async fn parked_retry(
+    config: &RelayConfig,
+    selector: Option<&str>,
+    selection: &Selection,
+) -> Result<u64> {
+    let (mut conn, config, table) = one_table(config, selector).await?;
+    let (router, sink) = publisher(&config).await?;
     let aggregates: BTreeSet<AggregateKey> = match selection {
         Selection::All => table::blocked_aggregates(&mut conn, &table)
             .await
@@ -706,9 +884,14 @@ pub async fn parked_retry(config: &RelayConfig, selection: &Selection) -> Result
     Ok(published)
 }
 
-/// `parked drop`: deletes parked events without publishing them.
-pub async fn parked_drop(config: &RelayConfig, selection: &Selection) -> Result<u64> {
-    let (mut conn, table) = connect(config).await?;
+/// `parked drop`: deletes parked events without publishing them. With several tables,
+/// `selector` (`--table`) names the table.
+pub async fn parked_drop(
+    config: &RelayConfig,
+    selector: Option<&str>,
+    selection: &Selection,
+) -> Result<u64> {
+    let (mut conn, _, table) = one_table(config, selector).await?;
     let n = match selection {
         Selection::All => table::remove_all_parked(&mut conn, &table)
             .await

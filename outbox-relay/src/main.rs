@@ -131,22 +131,29 @@ async fn try_main(cli: Cli) -> i32 {
             action: ConfigAction::Print(s),
         }) => (s, Action::Print),
     };
-    let config = match settings.load() {
+    // `replay` and `parked …` take `--table` as the selector of one of several tables.
+    let loaded = if action.selects_table() {
+        settings.load_selecting_table()
+    } else {
+        settings.load().map(|c| (c, None))
+    };
+    let (config, selector) = match loaded {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{}", Report(&e));
             return 2;
         }
     };
+    let selector = selector.as_deref();
     let result = match action {
         Action::Run => return run(config).await,
         Action::Migrate => cmd::migrate(&config).await,
         Action::Status(json) => cmd::status(&config, json).await,
         Action::Topics(spec) => cmd::topics_ensure(&config, &spec).await,
-        Action::Replay(filter) => cmd::replay(&config, &filter).await.map(drop),
-        Action::ParkedList(json) => cmd::parked_list(&config, json).await,
-        Action::ParkedRetry(sel) => cmd::parked_retry(&config, &sel).await.map(drop),
-        Action::ParkedDrop(sel) => cmd::parked_drop(&config, &sel).await.map(drop),
+        Action::Replay(filter) => cmd::replay(&config, selector, &filter).await.map(drop),
+        Action::ParkedList(json) => cmd::parked_list(&config, selector, json).await,
+        Action::ParkedRetry(sel) => cmd::parked_retry(&config, selector, &sel).await.map(drop),
+        Action::ParkedDrop(sel) => cmd::parked_drop(&config, selector, &sel).await.map(drop),
         Action::SlotList(json) => cmd::slot_list(&config, json).await,
         Action::SlotDrop(name) => cmd::slot_drop(&config, &name).await,
         Action::Validate => {
@@ -192,6 +199,19 @@ enum Action {
     SlotDrop(String),
     Validate,
     Print,
+}
+
+impl Action {
+    /// Whether `--table` selects one of several configured tables for this action.
+    fn selects_table(&self) -> bool {
+        matches!(
+            self,
+            Action::Replay(_)
+                | Action::ParkedList(_)
+                | Action::ParkedRetry(_)
+                | Action::ParkedDrop(_)
+        )
+    }
 }
 
 async fn run(config: RelayConfig) -> i32 {

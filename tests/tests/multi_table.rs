@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use outbox_core::{NewEvent, Outbox, OutboxTable};
+use outbox_tests::writers::padded_event;
 use outbox_tests::*;
 use sqlx::AssertSqlSafe;
 use uuid::Uuid;
@@ -578,15 +579,21 @@ async fn configuration_errors_name_the_key() -> Result<()> {
         );
         assert!(out.stderr.contains(says), "{text}: {}", out.stderr);
     }
-    // Commands that work on one table refuse a multi-table configuration instead of acting on
-    // the default `outbox`.
-    let out = relay_cli(&["parked", "list"], &[("OUTBOX_TABLES", "tenant_*.outbox")]).await?;
-    assert_eq!(out.code, 2, "{}", out.text());
-    assert!(
-        out.stderr.contains("works on one outbox table"),
-        "{}",
-        out.stderr
-    );
+    // Commands that act on one table need --table with several, instead of acting on the
+    // default `outbox`; refused before anything connects.
+    for args in [
+        &["replay", "--from", "1h"][..],
+        &["parked", "retry", "--all"],
+        &["parked", "drop", "--all"],
+    ] {
+        let out = relay_cli(args, &[("OUTBOX_TABLES", "tenant_*.outbox")]).await?;
+        assert_eq!(out.code, 2, "{args:?}: {}", out.text());
+        assert!(
+            out.stderr.contains("pass --table") && out.stderr.contains("`tenant_*.outbox`"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
     let out = relay_cli(
         &["config", "validate"],
         &[("OUTBOX_TABLES", "tenant_*.out;box")],
@@ -594,5 +601,315 @@ async fn configuration_errors_name_the_key() -> Result<()> {
     .await?;
     assert_eq!(out.code, 2, "{}", out.text());
     assert!(out.stderr.contains("`tables`"), "{}", out.stderr);
+    Ok(())
+}
+
+/// Commits `events` into `table` in one transaction; their ids.
+async fn commit_into(db: &TestDb, table: &str, events: Vec<NewEvent>) -> Result<Vec<Uuid>> {
+    let outbox = Outbox::new(OutboxTable::parse(table)?);
+    let mut tx = db.pool.begin().await?;
+    let ids = outbox.publish_new(&mut tx, events).await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// `parked list --json` with `args` added: (table, id) of every parked event listed.
+async fn parked(db: &TestDb, args: &[&str]) -> Result<Vec<(String, String)>> {
+    let mut all = vec!["parked", "list", "--json"];
+    all.extend_from_slice(args);
+    let out = relay_cli_on(db, &all, &[]).await?;
+    ensure!(out.code == 0, "parked list: {}", out.text());
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out.stdout)?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r["table"].as_str().unwrap_or_default().to_owned(),
+                r["id"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect())
+}
+
+/// `parked list|retry|drop`, `replay` and `topics ensure` with two `[[outbox]]` tables: the list
+/// shows each table's parked events, retry and drop with `--table` act on that table only (retry
+/// through that table's route), replay with `--table` republishes that table's range onto its own
+/// topic, and a missing or unknown `--table` is refused naming the configured tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_act_on_the_table_named_by_table() -> Result<()> {
+    let db = TestDb::create("mt_ops").await?;
+    let tag = unique("mto");
+    for t in ["alpha.outbox", "beta.outbox"] {
+        migrate_table(&db, t).await?;
+    }
+    let alpha_topic = format!("{tag}.alpha.Acct");
+    let beta_topic = format!("{tag}.beta.Acct");
+    let config = config_file(&format!(
+        r#"
+        [[outbox]]
+        table = "alpha.outbox"
+        [outbox.route]
+        topic = "{tag}.alpha.{{aggregatetype}}"
+
+        [[outbox]]
+        table = "beta.outbox"
+        [outbox.route]
+        topic = "{tag}.beta.{{aggregatetype}}"
+        "#
+    ))?;
+    let path = config.to_str().context("a UTF-8 path")?;
+
+    // `topics ensure` creates every table's routed topics (read from each table's events).
+    commit_into(&db, "alpha.outbox", vec![padded_event("Acct", "a", 1, 10)]).await?;
+    commit_into(&db, "beta.outbox", vec![padded_event("Acct", "b", 1, 10)]).await?;
+    let out = relay_cli_on(
+        &db,
+        &[
+            "topics",
+            "ensure",
+            "--replication-factor",
+            "1",
+            "--config",
+            path,
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    for t in [&alpha_topic, &beta_topic] {
+        assert!(
+            out.stdout.contains(&format!("created  {t}")),
+            "{t}: {}",
+            out.stdout
+        );
+    }
+
+    // A producer limit stands in for a broker refusing large records: one poison event per
+    // table is parked.
+    let relay = start(
+        &db,
+        &config,
+        &[(
+            "OUTBOX_KAFKA_PROPERTIES",
+            "message.max.bytes=20000,batch.size=20000",
+        )],
+    )
+    .await?;
+    let alpha_poison = commit_into(
+        &db,
+        "alpha.outbox",
+        vec![padded_event("Acct", "p", 1, 30_000)],
+    )
+    .await?[0]
+        .to_string();
+    let beta_poison = commit_into(
+        &db,
+        "beta.outbox",
+        vec![padded_event("Acct", "q", 1, 30_000)],
+    )
+    .await?[0]
+        .to_string();
+    let deadline = Instant::now() + LONG;
+    let listed = loop {
+        let listed = parked(&db, &["--config", path]).await?;
+        if listed.len() == 2 || Instant::now() > deadline {
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    let expected = vec![
+        ("alpha.outbox".to_owned(), alpha_poison.clone()),
+        ("beta.outbox".to_owned(), beta_poison.clone()),
+    ];
+    assert_eq!(
+        listed, expected,
+        "every table's parked events, with their table"
+    );
+    let out = relay_cli_on(&db, &["parked", "list", "--config", path], &[]).await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    assert!(
+        out.stdout
+            .contains(&format!("alpha.outbox  {alpha_poison}"))
+            && out.stdout.contains(&format!("beta.outbox  {beta_poison}")),
+        "{}",
+        out.stdout
+    );
+    let alpha_only = parked(&db, &["--table", "alpha.outbox", "--config", path]).await?;
+    assert_eq!(alpha_only, vec![(String::new(), alpha_poison.clone())]);
+
+    // Without --table, retry and drop name the configured tables and change nothing.
+    for action in ["retry", "drop"] {
+        let out = relay_cli_on(&db, &["parked", action, "--all", "--config", path], &[]).await?;
+        assert_eq!(out.code, 2, "{action}: {}", out.text());
+        assert!(
+            out.stderr.contains("pass --table")
+                && out.stderr.contains("`alpha.outbox`")
+                && out.stderr.contains("`beta.outbox`"),
+            "{action}: {}",
+            out.stderr
+        );
+    }
+    // An unknown table is refused too.
+    let out = relay_cli_on(
+        &db,
+        &[
+            "parked",
+            "drop",
+            "--all",
+            "--table",
+            "gamma.outbox",
+            "--config",
+            path,
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code, 2, "{}", out.text());
+    assert!(
+        out.stderr
+            .contains("`gamma.outbox` is not one of the configured outbox tables"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(parked(&db, &["--config", path]).await?, expected);
+
+    // Retry on alpha publishes alpha's poison event on alpha's topic; beta's stays parked.
+    let out = relay_cli_on(
+        &db,
+        &[
+            "parked",
+            "retry",
+            "--all",
+            "--table",
+            "alpha.outbox",
+            "--config",
+            path,
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    assert!(
+        out.stdout.contains("republished 1 parked events"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        parked(&db, &["--config", path]).await?,
+        vec![("beta.outbox".to_owned(), beta_poison.clone())]
+    );
+    let alpha_records = consume(&[alpha_topic.as_str()], 2, QUIET, LONG).await?;
+    let alpha_ids: Vec<String> = alpha_records
+        .iter()
+        .map(|r| r.event_id().to_string())
+        .collect();
+    assert_eq!(alpha_ids.len(), 2, "{alpha_ids:?}");
+    assert!(alpha_ids.contains(&alpha_poison), "{alpha_ids:?}");
+
+    // Drop on beta removes beta's only.
+    let out = relay_cli_on(
+        &db,
+        &[
+            "parked",
+            "drop",
+            "--all",
+            "--table",
+            "beta.outbox",
+            "--config",
+            path,
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    assert!(
+        out.stdout.contains("dropped 1 parked events"),
+        "{}",
+        out.stdout
+    );
+    assert!(parked(&db, &["--config", path]).await?.is_empty());
+
+    // Replay of beta's range republishes beta's event onto beta's topic, alpha's untouched.
+    let beta_before = consume(&[beta_topic.as_str()], 1, QUIET, LONG).await?;
+    let beta_first: Vec<Uuid> = beta_before.iter().map(|r| r.event_id()).collect();
+    assert_eq!(beta_first.len(), 1, "{beta_first:?}");
+    let first = beta_first[0].to_string();
+    let out = relay_cli_on(
+        &db,
+        &[
+            "replay",
+            "--from-id",
+            &first,
+            "--to-id",
+            &first,
+            "--table",
+            "beta.outbox",
+            "--config",
+            path,
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    assert!(out.stdout.contains("replayed 1 events"), "{}", out.stdout);
+    let beta_after: Vec<Uuid> = consume(&[beta_topic.as_str()], 2, QUIET, LONG)
+        .await?
+        .iter()
+        .map(|r| r.event_id())
+        .collect();
+    assert_eq!(
+        beta_after,
+        vec![beta_first[0], beta_first[0]],
+        "original id, replayed"
+    );
+    assert_eq!(
+        consume(&[alpha_topic.as_str()], 2, QUIET, LONG)
+            .await?
+            .len(),
+        2
+    );
+    let out = relay_cli_on(&db, &["replay", "--from", "1h", "--config", path], &[]).await?;
+    assert_eq!(out.code, 2, "{}", out.text());
+    assert!(out.stderr.contains("pass --table"), "{}", out.stderr);
+    Ok(())
+}
+
+/// With a `tables` pattern, `--table` accepts a migrated table matching it and refuses one that
+/// matches but does not exist, and one outside the pattern.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_selection_under_a_pattern_checks_the_table_exists_and_matches() -> Result<()> {
+    let db = TestDb::create("mt_ops_pattern").await?;
+    for t in ["tenant_a.outbox", "other.outbox"] {
+        migrate_table(&db, t).await?;
+    }
+    let env = [("OUTBOX_TABLES", "tenant_*.outbox")];
+    let out = relay_cli_on(&db, &["parked", "list", "--table", "tenant_a.outbox"], &env).await?;
+    assert_eq!(out.code, 0, "{}", out.text());
+    assert!(out.stdout.contains("no parked events"), "{}", out.stdout);
+    let out = relay_cli_on(
+        &db,
+        &["parked", "list", "--table", "tenant_zz.outbox"],
+        &env,
+    )
+    .await?;
+    assert_eq!(out.code, 2, "{}", out.text());
+    assert!(
+        out.stderr
+            .contains("matches the `tables` pattern `tenant_*.outbox`")
+            && out.stderr.contains("not a migrated outbox table"),
+        "{}",
+        out.stderr
+    );
+    let out = relay_cli_on(&db, &["parked", "list", "--table", "other.outbox"], &env).await?;
+    assert_eq!(out.code, 2, "{}", out.text());
+    assert!(
+        out.stderr
+            .contains("`other.outbox` is not one of the configured outbox tables")
+            && out.stderr.contains("the tables matching `tenant_*.outbox`"),
+        "{}",
+        out.stderr
+    );
     Ok(())
 }
