@@ -86,8 +86,8 @@ use crate::inbox::{
 pub const OFFSET_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Records buffered for one partition before the consumer pauses fetching it (or twice the
-/// batch size, when that is larger); fetching resumes when a quarter of that is left.
-const LANE_BUFFER: usize = 1024;
+/// batch size, when that is larger); fetching resumes when half of that is left.
+const LANE_BUFFER: usize = 4096;
 
 /// What happens to a record whose handler keeps failing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -686,7 +686,7 @@ where
         let concurrency = self.config.concurrency.max(1);
         let batch = self.config.batch_size.max(1);
         let pause_at = LANE_BUFFER.max(batch * 2);
-        let resume_at = pause_at / 4;
+        let resume_at = pause_at / 2;
         let mut lanes: HashMap<PartitionKey, Lane> = HashMap::new();
         let mut ready: VecDeque<PartitionKey> = VecDeque::new();
         let mut in_flight = FuturesUnordered::new();
