@@ -110,13 +110,23 @@ struct Produced {
 /// Produces `seqs` events for each of `aggregates` orders (`o0`, `o1`, …), order `oi` on
 /// partition `i % PARTITIONS`, interleaved across orders; returns what the broker acknowledged.
 async fn produce(topic: &str, aggregates: usize, seqs: i64) -> Result<Vec<Produced>> {
+    produce_seqs(topic, aggregates, 1, seqs).await
+}
+
+/// [`produce`] for sequences `first..=last`.
+async fn produce_seqs(
+    topic: &str,
+    aggregates: usize,
+    first: i64,
+    last: i64,
+) -> Result<Vec<Produced>> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", services().bootstrap)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .create()?;
     let mut pending = Vec::new();
-    for seq in 1..=seqs {
+    for seq in first..=last {
         for a in 0..aggregates {
             let order = format!("o{a}");
             let event = OrderEvent::Stepped {
@@ -286,8 +296,12 @@ async fn eight_partitions_at_once_apply_every_record_once_in_order_and_commit_to
     let produced = produce(&topic, 32, 40).await?;
     let total = produced.len();
     let group = unique("g");
-    // The group protocol (subscribe), so the assignment goes through the rebalance callback.
-    let config = config(&topic, &group, 8).with_assignment(PartitionAssignment::Subscribe);
+    // The group protocol (subscribe), so the assignment goes through the rebalance callback;
+    // short group timeouts make the broker's join seconds, not tens of seconds.
+    let config = config(&topic, &group, 8)
+        .with_assignment(PartitionAssignment::Subscribe)
+        .with_property("session.timeout.ms", "6000")
+        .with_property("max.poll.interval.ms", "8000");
     let running = start(config, &inbox, &db, Recorder::default());
     let stats = running.stats.clone();
     running
@@ -600,5 +614,72 @@ async fn a_deep_partition_is_paused_and_resumed_without_loss_or_redelivery() -> 
         Some(&(1..=6000).collect::<Vec<i64>>())
     );
     assert_eq!(committed(&group, &topic)?.get(&0), ends(&produced).get(&0));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rebalance_between_two_instances_loses_nothing_and_keeps_each_aggregates_order()
+-> Result<()> {
+    let (db, inbox) = setup("cc_rebalance").await?;
+    let topic = unique("cc-rebalance");
+    create_topic(&topic, PARTITIONS).await?;
+    let mut produced = produce(&topic, 16, 30).await?;
+    let group = unique("g");
+    // Short group timeouts: the broker completes a rebalance within the rebalance timeout
+    // (librdkafka sends `max.poll.interval.ms`), instead of the default minutes.
+    let subscribe = config(&topic, &group, 8)
+        .with_assignment(PartitionAssignment::Subscribe)
+        .with_property("session.timeout.ms", "6000")
+        .with_property("max.poll.interval.ms", "8000");
+    let first = start(subscribe.clone(), &inbox, &db, Recorder::default());
+    first
+        .until("the first instance applying", async || {
+            Ok(first.stats.snapshot().applied > 0)
+        })
+        .await?;
+    // A second instance joins: the group takes partitions from the first and hands them over.
+    // Events keep coming until the second instance has applied some (so it owns partitions).
+    let second = start(subscribe, &inbox, &db, Recorder::default());
+    let mut last = 30;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while second.stats.snapshot().records() == 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the second instance never got records"
+        );
+        ensure!(
+            !first.task.is_finished() && !second.task.is_finished(),
+            "an instance stopped"
+        );
+        produced.extend(produce_seqs(&topic, 16, last + 1, last + 2).await?);
+        last += 2;
+    }
+    produced.extend(produce_seqs(&topic, 16, last + 1, last + 30).await?);
+    last += 30;
+    let until = second
+        .until("everything applied", async || {
+            Ok(applied_count(&db).await? == produced.len() as i64)
+        })
+        .await;
+    let (a, b) = (first.stats.clone(), second.stats.clone());
+    until.with_context(|| format!("first {:?}", a.snapshot()))?;
+    first.stop().await?;
+    second.stop().await?;
+    let (a, b) = (a.snapshot(), b.snapshot());
+    assert_eq!(
+        a.applied + b.applied,
+        produced.len() as u64,
+        "every event applied by exactly one instance: {a:?} {b:?}"
+    );
+    assert!(a.applied > 0 && b.applied > 0, "both applied: {a:?} {b:?}");
+    assert_applied_once(&db, produced.len()).await?;
+    for (aggregate, seqs) in apply_order(&db).await? {
+        assert_eq!(
+            seqs,
+            (1..=last).collect::<Vec<i64>>(),
+            "apply order of {aggregate}"
+        );
+    }
+    assert_eq!(committed(&group, &topic)?, ends(&produced));
     Ok(())
 }
