@@ -17,6 +17,7 @@
 //! database and topics, all dropped afterwards. The relay runs as a separate `outbox-relay`
 //! process of the same build profile. See BENCHMARKS.md.
 
+mod consumer;
 mod db;
 mod kafka;
 mod relay;
@@ -107,6 +108,8 @@ enum Section {
     /// One relay relaying the same backlog spread over 1, 10, 50 and 100 tables (not in the
     /// default set; `--only tables`): drain, CPU, RSS and sessions per table.
     Tables,
+    /// `InboxConsumer` throughput: 1 and 8 partitions at concurrency 1 and 8, then batches.
+    Consumer,
 }
 
 /// A relay source.
@@ -333,6 +336,12 @@ async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
         match tables::run(ctx, &plan).await {
             Ok(t) => many_tables = Some(t),
             Err(e) => record("tables", e),
+        }
+    }
+    if wants(Section::Consumer) {
+        match consumer::run(ctx).await {
+            Ok(runs) => println!("{}", consumer::table(&runs)),
+            Err(e) => record("consumer", e),
         }
     }
     report.duration_seconds = started.elapsed().as_secs_f64();
