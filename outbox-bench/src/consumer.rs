@@ -86,7 +86,7 @@ pub struct Run {
 
 /// Runs the section: `(partitions, concurrency, batch)` per run.
 pub async fn run(ctx: &mut Ctx) -> Result<Vec<Run>> {
-    let events: u64 = if ctx.quick { 20_000 } else { 50_000 };
+    let events: u64 = if ctx.quick { 5_000 } else { 50_000 };
     let plan = [
         (1, 1, 1),
         (1, 8, 1),
