@@ -120,6 +120,38 @@ impl RelayError {
     }
 }
 
+/// `database_url` parsed into connection options, or a configuration error naming the key (the
+/// URL redacted).
+fn connect_options(config: &RelayConfig) -> Result<PgConnectOptions, ConfigError> {
+    PgConnectOptions::from_str(config.database_url.expose()).map_err(|e| {
+        ConfigError::new(
+            "database_url",
+            format!("`{}`: {e}", redact_url(config.database_url.expose())),
+        )
+    })
+}
+
+/// One connection to PostgreSQL, given up after `connect_timeout`; the errors name the (redacted)
+/// URL.
+async fn connect(
+    config: &RelayConfig,
+    options: &PgConnectOptions,
+) -> Result<sqlx::PgConnection, RelayError> {
+    let url = redact_url(config.database_url.expose());
+    tokio::time::timeout(config.connect_timeout, options.connect())
+        .await
+        .map_err(|_| {
+            RelayError::NotReady(format!(
+                "cannot connect to PostgreSQL at {url}: no answer within {}",
+                crate::config::duration::format(&config.connect_timeout)
+            ))
+        })?
+        .map_err(|error| RelayError::Database {
+            context: format!("cannot connect to PostgreSQL at {url}"),
+            error,
+        })
+}
+
 /// A configured relay. See the [module docs](self).
 pub struct Relay {
     config: RelayConfig,
@@ -135,12 +167,7 @@ impl Relay {
         let table = config.validate()?;
         let router = Router::new(&config.route)
             .map_err(|e| ConfigError::new("route.topic", e.to_string()))?;
-        let options = PgConnectOptions::from_str(config.database_url.expose()).map_err(|e| {
-            ConfigError::new(
-                "database_url",
-                format!("`{}`: {e}", redact_url(config.database_url.expose())),
-            )
-        })?;
+        let options = connect_options(&config)?;
         Ok(Self {
             config,
             table,
@@ -158,18 +185,7 @@ impl Relay {
     /// Checks that PostgreSQL is reachable and the outbox is set up, and that the broker answers.
     async fn preflight(&self) -> Result<Box<dyn Sink>, RelayError> {
         let url = redact_url(self.config.database_url.expose());
-        let mut conn = tokio::time::timeout(self.config.connect_timeout, self.options.connect())
-            .await
-            .map_err(|_| {
-                RelayError::NotReady(format!(
-                    "cannot connect to PostgreSQL at {url}: no answer within {}",
-                    crate::config::duration::format(&self.config.connect_timeout)
-                ))
-            })?
-            .map_err(|error| RelayError::Database {
-                context: format!("cannot connect to PostgreSQL at {url}"),
-                error,
-            })?;
+        let mut conn = connect(&self.config, &self.options).await?;
         if self.config.write_mode != WriteMode::LogicalMessage {
             let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
                 .bind(self.table.qualified())

@@ -28,18 +28,17 @@
 //! measured memory per table).
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use outbox_core::OutboxTable;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection, PgConnection};
+use sqlx::{Connection, PgConnection};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::{Relay, RelayError};
 use crate::admin::{AdminTable, AdminTables};
-use crate::config::{ConfigError, RelayConfig, TablePattern, redact_url};
+use crate::config::{ConfigError, RelayConfig, TablePattern};
 use crate::failure::Report;
 use crate::table::matching_tables;
 
@@ -76,12 +75,7 @@ impl RelayGroup {
             Vec::new()
         };
         let pattern = config.table_pattern()?;
-        let options = PgConnectOptions::from_str(config.database_url.expose()).map_err(|e| {
-            ConfigError::new(
-                "database_url",
-                format!("`{}`: {e}", redact_url(config.database_url.expose())),
-            )
-        })?;
+        let options = super::connect_options(&config)?;
         Ok(Self {
             config,
             listed,
@@ -125,19 +119,7 @@ impl RelayGroup {
     }
 
     async fn connect(&self) -> Result<PgConnection, RelayError> {
-        let url = redact_url(self.config.database_url.expose());
-        tokio::time::timeout(self.config.connect_timeout, self.options.connect())
-            .await
-            .map_err(|_| {
-                RelayError::NotReady(format!(
-                    "cannot connect to PostgreSQL at {url}: no answer within {}",
-                    crate::config::duration::format(&self.config.connect_timeout)
-                ))
-            })?
-            .map_err(|error| RelayError::Database {
-                context: format!("cannot connect to PostgreSQL at {url}"),
-                error,
-            })
+        super::connect(&self.config, &self.options).await
     }
 }
 
