@@ -36,6 +36,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::budget::SharedSessions;
 use super::{Relay, RelayError};
 use crate::admin::{AdminTable, AdminTables};
 use crate::config::{ConfigError, RelayConfig, TablePattern};
@@ -98,6 +99,7 @@ impl RelayGroup {
             tasks: JoinSet::new(),
             stop_all: shutdown.child_token(),
             admin_stop: CancellationToken::new(),
+            shared: SharedSessions::group(&self.options, self.config.pool_size),
         };
         let result = group.run(&self, &shutdown).await;
         group.stop_all.cancel();
@@ -135,6 +137,8 @@ struct Group<'a> {
     /// Stops the admin endpoint once every pipeline ended (so `/readyz` names a failed table
     /// while the others drain).
     admin_stop: CancellationToken,
+    /// The sessions every table's pipeline shares ([`super::budget`]).
+    shared: SharedSessions,
 }
 
 impl Group<'_> {
@@ -235,7 +239,7 @@ impl Group<'_> {
         let table =
             OutboxTable::parse(&cfg.table).map_err(|e| ConfigError::new("table", e.to_string()))?;
         let name = cfg.table.clone();
-        let relay = Relay::new(cfg.clone())?;
+        let relay = Relay::sharing(cfg.clone(), self.shared.clone())?;
         self.tables.insert(AdminTable {
             table,
             config: Arc::new(cfg),
