@@ -35,6 +35,7 @@ use crate::failure::{Action, ErrorKind, Report, decide};
 use crate::leader::{Leadership, Lease, LeaseLost, Sharding};
 use crate::park::{ParkError, ParkStore};
 use crate::route::{RouteError, Router};
+use crate::sink::select::SharedClient;
 use crate::sink::{Sink, SinkError};
 use crate::source::polling::{PollingSettings, PollingSource};
 use crate::source::{Source, SourceError};
@@ -164,6 +165,8 @@ pub struct Relay {
     /// The sessions shared with the group's other tables; a single-table relay makes its own
     /// when it starts.
     shared: Option<SharedSessions>,
+    /// The broker client shared with the group's other tables, if the sink can share one.
+    shared_sink: SharedClient,
 }
 
 impl Relay {
@@ -180,14 +183,21 @@ impl Relay {
             options,
             stats: Arc::new(RelayStats::default()),
             shared: None,
+            shared_sink: SharedClient::None,
         })
     }
 
     /// A relay of one table of a group, acknowledging on the group's pool and woken by its
-    /// listener ([`budget`]).
-    pub fn sharing(config: RelayConfig, shared: SharedSessions) -> Result<Self, RelayError> {
+    /// listener ([`budget`]), producing through the group's client `sink` (when the sink can
+    /// share one, see [`SharedClient`]).
+    pub fn sharing(
+        config: RelayConfig,
+        shared: SharedSessions,
+        sink: SharedClient,
+    ) -> Result<Self, RelayError> {
         let mut relay = Self::new(config)?;
         relay.shared = Some(shared);
+        relay.shared_sink = sink;
         Ok(relay)
     }
 
@@ -226,7 +236,7 @@ impl Relay {
                 let _ = conn.close().await;
             }
         }
-        let sink = crate::sink::select::from_config(&self.config)?;
+        let sink = crate::sink::select::from_config_sharing(&self.config, &self.shared_sink)?;
         sink.check_connection().await?;
         Ok(sink)
     }

@@ -1108,3 +1108,76 @@ async fn a_busy_table_does_not_starve_the_others_of_a_one_session_pool() -> Resu
     assert_eq!(code, 0, "{log}");
     Ok(())
 }
+
+/// librdkafka clients in process `pid`: every client runs exactly one thread named `rdk:main`.
+fn kafka_clients(pid: u32) -> Result<usize> {
+    let mut n = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let comm = std::fs::read_to_string(task?.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == "rdk:main" {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// (c) One producer for the whole relay: ten tables publish through a single librdkafka
+/// producer (plus the one idle probe) — a producer per table would be twenty clients — and each
+/// table's delivery results still reach that table: every event of every table is delivered,
+/// and the per-table `published` metric counts exactly that table's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tables_of_a_relay_share_one_kafka_producer() -> Result<()> {
+    const TABLES: usize = 10;
+    let db = TestDb::create("mt_producer").await?;
+    let tag = unique("mtk");
+    let tables: Vec<String> = (0..TABLES).map(|i| format!("prod_{i}.outbox")).collect();
+    for t in &tables {
+        migrate_table(&db, t).await?;
+    }
+    let topic = format!("{tag}.Acct");
+    create_topic(&topic, 3).await?;
+    let config = config_file(&format!(
+        "tables = \"prod_*.outbox\"\n[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n"
+    ))?;
+    let relay = start(&db, &config, &[("OUTBOX_BATCH_SIZE", "10")]).await?;
+    let addr = wait_admin(&relay).await?;
+    wait_roles(&addr, "active", TABLES).await?;
+    let mut written = Vec::new();
+    for (i, t) in tables.iter().enumerate() {
+        // A different number of events per table, so a result credited to the wrong table shows.
+        written.push(write_events(&db, t, "Acct", 2, i + 1).await?);
+    }
+    for t in &tables {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+    let clients = kafka_clients(relay.child.pid())?;
+    assert_eq!(
+        clients, 2,
+        "one shared producer and one shared idle probe for {TABLES} tables"
+    );
+    let scrape = http_get(&addr, "/metrics").await?.1;
+    for (i, t) in tables.iter().enumerate() {
+        assert_eq!(
+            table_metric(&scrape, "outbox_relay_events_published_total", t),
+            Some((2 * (i + 1)) as f64),
+            "{t}: its own deliveries only"
+        );
+    }
+    let total: usize = written
+        .iter()
+        .map(|w| w.values().map(Vec::len).sum::<usize>())
+        .sum();
+    let records = consume(&[topic.as_str()], total, QUIET, LONG).await?;
+    for (t, w) in tables.iter().zip(&written) {
+        let ids: BTreeSet<Uuid> = w.values().flatten().copied().collect();
+        let mine: Vec<Consumed> = records
+            .iter()
+            .filter(|r| ids.contains(&r.event_id()))
+            .cloned()
+            .collect();
+        check_exact_and_ordered(&mine, w, t)?;
+    }
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    Ok(())
+}
