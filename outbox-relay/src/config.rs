@@ -344,7 +344,8 @@ pub struct RelayConfig {
     /// Sessions of the pool every table of the relay shares for its row acknowledgements and
     /// purges (default 4); a table uses at most half of it (at least one, at most two) at a time,
     /// and waits its turn for the rest. Each table also holds its own leader-lock session, so a
-    /// relay holds at most `tables + pool_size` sessions (see docs/operations.md).
+    /// relay holds at most `tables + pool_size + 3` sessions (one shared `LISTEN` session and
+    /// the admin endpoint's two; see docs/operations.md).
     pub pool_size: usize,
     /// How services write events; must match their `outbox-core` setting.
     #[serde(with = "write_mode")]
