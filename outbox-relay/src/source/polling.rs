@@ -201,10 +201,20 @@ impl SharedListener {
                     }
                 };
                 let mut pending = vec![first];
+                // A table that restarts its pipeline subscribes again to the same channel.
+                let mut listening = std::collections::HashSet::new();
                 loop {
                     for channel in pending.drain(..) {
-                        if let Err(e) = listener.listen(&channel).await {
-                            tracing::debug!(error = %e, channel, "LISTEN failed; the table is polled on its own pace");
+                        if listening.contains(&channel) {
+                            continue;
+                        }
+                        match listener.listen(&channel).await {
+                            Ok(()) => {
+                                listening.insert(channel);
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, channel, "LISTEN failed; the table is polled on its own pace");
+                            }
                         }
                     }
                     tokio::select! {
