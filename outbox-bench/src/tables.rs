@@ -9,10 +9,11 @@
 //! relay's metrics (summed over the `table` label) count every event published; the CPU counted
 //! is the drain's. Sessions are read from `pg_stat_activity` by the
 //! relay's `application_name`s (`outbox-relay` = a pipeline's leader session,
-//! `outbox-relay-listen` = its LISTEN session, `outbox-relay-ack` = its row-mark sessions),
-//! sampled during the drain (peak) and once idle after it. A run whose sessions could not fit in
-//! the server's `max_connections` (4 per table, measured by the smaller runs) is skipped with the
-//! reason instead of failing the others.
+//! `outbox-relay-listen` = the LISTEN session every table shares, `outbox-relay-ack` = the pool
+//! of `pool_size` sessions every table's row marks share), sampled during the drain (peak) and
+//! once idle before it. A run whose sessions could not fit in the server's `max_connections`
+//! (one per table plus the shared ones, see [`sessions_needed`]) is skipped with the reason
+//! instead of failing the others.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -26,9 +27,14 @@ use crate::kafka::create_topic;
 use crate::relay::{RelayProcess, http_get};
 use crate::sections::{Ctx, per_sec};
 
-/// Sessions one polling pipeline may hold at once: its leader session, its LISTEN session and
-/// two row-mark sessions (`MAX_PENDING_ACKNOWLEDGEMENTS`).
-const SESSIONS_PER_TABLE: usize = 4;
+/// The relay's default `pool_size`: the sessions every table's row marks share.
+const POOL_SIZE: usize = 4;
+
+/// The most sessions a relay of `tables` tables holds at once (docs/operations.md): a leader
+/// session per table, the shared pool, the shared LISTEN session and the admin endpoint's two.
+fn sessions_needed(tables: usize) -> i64 {
+    (tables + POOL_SIZE + 1 + 2) as i64
+}
 
 /// What the section runs.
 #[derive(Debug, Clone)]
@@ -69,6 +75,8 @@ pub struct Run {
     pub idle_sessions: BTreeMap<String, i64>,
     /// Peak sessions of all kinds ÷ tables.
     pub peak_sessions_per_table: f64,
+    /// Peak sessions of all kinds.
+    pub peak_sessions_total: i64,
     /// Why the run was skipped, if it was (its figures are then 0).
     pub skipped: Option<String>,
 }
@@ -163,14 +171,16 @@ async fn drain(ctx: &mut Ctx, events: u64, tables: usize) -> Result<(Run, i64)> 
         peak_sessions: BTreeMap::new(),
         idle_sessions: BTreeMap::new(),
         peak_sessions_per_table: 0.0,
+        peak_sessions_total: 0,
         skipped: None,
     };
-    // The admin endpoint's pool holds 2 more; keep 3 for superusers.
-    let needed = (tables * SESSIONS_PER_TABLE + 2) as i64;
+    // Keep 3 for superusers.
+    let needed = sessions_needed(tables);
     if needed > max - in_use - 3 {
         let why = format!(
-            "{tables} tables need up to {needed} sessions ({SESSIONS_PER_TABLE} per table + 2); the \
-             server has max_connections = {max} with {in_use} in use"
+            "{tables} tables need up to {needed} sessions (one per table + {} shared); the \
+             server has max_connections = {max} with {in_use} in use",
+            needed - tables as i64
         );
         eprintln!("bench: tables ({tables}): skipped: {why}");
         run.skipped = Some(why);
@@ -266,7 +276,8 @@ async fn drain(ctx: &mut Ctx, events: u64, tables: usize) -> Result<(Run, i64)> 
     run.cpu_seconds = relay.cpu()?.saturating_sub(cpu0).as_secs_f64();
     run.cpu_us_per_event = run.cpu_seconds * 1e6 / events.max(1) as f64;
     run.peak_rss_bytes = relay.peak_rss()?;
-    run.peak_sessions_per_table = run.peak_sessions.values().sum::<i64>() as f64 / tables as f64;
+    run.peak_sessions_total = run.peak_sessions.values().sum::<i64>();
+    run.peak_sessions_per_table = run.peak_sessions_total as f64 / tables as f64;
     relay.stop().await?;
     db.drop().await?;
     eprintln!(
@@ -291,7 +302,7 @@ pub fn table(section: &Section) -> String {
         section.max_connections
     );
     out.push_str(
-        "  tables   events/s   seconds  start-up s  CPU s  CPU µs/ev  peak RSS MiB  idle RSS MiB  threads  peak sessions/table\n",
+        "  tables   events/s   seconds  start-up s  CPU s  CPU µs/ev  peak RSS MiB  idle RSS MiB  threads  peak sessions (per table)\n",
     );
     for r in &section.runs {
         if let Some(why) = &r.skipped {
@@ -299,7 +310,7 @@ pub fn table(section: &Section) -> String {
             continue;
         }
         out.push_str(&format!(
-            "  {:>6}   {:>8.0}   {:>7.2}  {:>10.2}  {:>5.2}  {:>9.1}  {:>12.1}  {:>12.1}  {:>7}  {:>19.2}\n",
+            "  {:>6}   {:>8.0}   {:>7.2}  {:>10.2}  {:>5.2}  {:>9.1}  {:>12.1}  {:>12.1}  {:>7}  {:>13} ({:.2})\n",
             r.tables,
             r.events_per_sec,
             r.seconds,
@@ -309,6 +320,7 @@ pub fn table(section: &Section) -> String {
             r.peak_rss_bytes as f64 / 1048576.0,
             r.idle_rss_bytes as f64 / 1048576.0,
             r.threads,
+            r.peak_sessions_total,
             r.peak_sessions_per_table,
         ));
     }

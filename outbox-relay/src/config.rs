@@ -341,6 +341,12 @@ pub struct RelayConfig {
     /// the database sessions held; more `[[outbox]]` sections, or more pattern matches, are an
     /// error naming this setting.
     pub max_tables: usize,
+    /// Sessions of the pool every table of the relay shares for its row acknowledgements and
+    /// purges (default 4); a table uses at most half of it (at least one, at most two) at a time,
+    /// and waits its turn for the rest. Each table also holds its own leader-lock session, so a
+    /// relay holds at most `tables + pool_size + 3` sessions (one shared `LISTEN` session and
+    /// the admin endpoint's two; see docs/operations.md).
+    pub pool_size: usize,
     /// How services write events; must match their `outbox-core` setting.
     #[serde(with = "write_mode")]
     pub write_mode: WriteMode,
@@ -423,6 +429,7 @@ impl Default for RelayConfig {
             tables: None,
             tables_rescan_interval: Duration::from_secs(30),
             max_tables: tables::DEFAULT_MAX_TABLES,
+            pool_size: 4,
             write_mode: WriteMode::Table,
             batch_size: 1000,
             max_in_flight_batches: 3,

@@ -35,15 +35,18 @@ use crate::failure::{Action, ErrorKind, Report, decide};
 use crate::leader::{Leadership, Lease, LeaseLost, Sharding};
 use crate::park::{ParkError, ParkStore};
 use crate::route::{RouteError, Router};
+use crate::sink::select::SharedClient;
 use crate::sink::{Sink, SinkError};
 use crate::source::polling::{PollingSettings, PollingSource};
 use crate::source::{Source, SourceError};
 use crate::stats::RelayStats;
 use crate::table::purge_published;
 use backoff::Backoff;
+use budget::SharedSessions;
 use pump::{Pump, Rounds};
 
 mod backoff;
+pub mod budget;
 pub mod group;
 mod plan;
 mod pump;
@@ -159,6 +162,11 @@ pub struct Relay {
     router: Router,
     options: PgConnectOptions,
     stats: Arc<RelayStats>,
+    /// The sessions shared with the group's other tables; a single-table relay makes its own
+    /// when it starts.
+    shared: Option<SharedSessions>,
+    /// The broker client shared with the group's other tables, if the sink can share one.
+    shared_sink: SharedClient,
 }
 
 impl Relay {
@@ -174,7 +182,23 @@ impl Relay {
             router,
             options,
             stats: Arc::new(RelayStats::default()),
+            shared: None,
+            shared_sink: SharedClient::None,
         })
+    }
+
+    /// A relay of one table of a group, acknowledging on the group's pool and woken by its
+    /// listener ([`budget`]), producing through the group's client `sink` (when the sink can
+    /// share one, see [`SharedClient`]).
+    pub fn sharing(
+        config: RelayConfig,
+        shared: SharedSessions,
+        sink: SharedClient,
+    ) -> Result<Self, RelayError> {
+        let mut relay = Self::new(config)?;
+        relay.shared = Some(shared);
+        relay.shared_sink = sink;
+        Ok(relay)
     }
 
     /// The relay's live counters.
@@ -183,19 +207,53 @@ impl Relay {
     }
 
     /// Checks that PostgreSQL is reachable and the outbox is set up, and that the broker answers.
+    ///
+    /// A table of a group checks on a session of the group's pool (its tables start together,
+    /// and would otherwise open one more session each); a single-table relay on a session of its
+    /// own.
     async fn preflight(&self) -> Result<Box<dyn Sink>, RelayError> {
+        match &self.shared {
+            Some(shared) => {
+                let url = redact_url(self.config.database_url.expose());
+                let mut conn =
+                    tokio::time::timeout(self.config.connect_timeout, shared.pool().acquire())
+                        .await
+                        .map_err(|_| {
+                            RelayError::NotReady(format!(
+                                "cannot connect to PostgreSQL at {url}: no answer within {}",
+                                crate::config::duration::format(&self.config.connect_timeout)
+                            ))
+                        })?
+                        .map_err(|error| RelayError::Database {
+                            context: format!("cannot connect to PostgreSQL at {url}"),
+                            error,
+                        })?;
+                self.check_table(&mut conn).await?;
+            }
+            None => {
+                let mut conn = connect(&self.config, &self.options).await?;
+                self.check_table(&mut conn).await?;
+                let _ = conn.close().await;
+            }
+        }
+        let sink = crate::sink::select::from_config_sharing(&self.config, &self.shared_sink)?;
+        sink.check_connection().await?;
+        Ok(sink)
+    }
+
+    /// That the outbox table exists and is migrated (unless events are logical messages).
+    async fn check_table(&self, conn: &mut sqlx::PgConnection) -> Result<(), RelayError> {
         let url = redact_url(self.config.database_url.expose());
-        let mut conn = connect(&self.config, &self.options).await?;
         if self.config.write_mode != WriteMode::LogicalMessage {
             let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
                 .bind(self.table.qualified())
-                .fetch_one(&mut conn)
+                .fetch_one(&mut *conn)
                 .await
                 .map_err(|error| RelayError::Database {
                     context: "cannot look up the outbox table".into(),
                     error,
                 })?;
-            let version = outbox_core::schema_version(&mut conn, &self.table)
+            let version = outbox_core::schema_version(&mut *conn, &self.table)
                 .await
                 .map_err(|e| {
                     RelayError::NotReady(format!("cannot read the outbox schema version: {e}"))
@@ -216,10 +274,7 @@ impl Relay {
                 );
             }
         }
-        let _ = conn.close().await;
-        let sink = crate::sink::select::from_config(&self.config)?;
-        sink.check_connection().await?;
-        Ok(sink)
+        Ok(())
     }
 
     /// Runs until `shutdown` is cancelled (then drains the batch in flight, acknowledges it and
@@ -262,6 +317,10 @@ impl Relay {
                     ))
                 })?;
         }
+        let shared = match &self.shared {
+            Some(shared) => shared.clone(),
+            None => SharedSessions::single(&self.options, self.config.pool_size),
+        };
         let mut sink = self.preflight().await?;
         self.stats.sink_connected.store(true, Ordering::Relaxed);
         tracing::info!(
@@ -271,7 +330,7 @@ impl Relay {
             topic = self.router_template(),
             "relay started"
         );
-        let purger = self.spawn_purger(shutdown.clone());
+        let purger = self.spawn_purger(shared.pool().clone(), shutdown.clone());
         let broker_watch = sink.watch(self.stats.clone(), shutdown.clone())?;
         let mut backoff = Backoff::new();
         let result = loop {
@@ -305,7 +364,7 @@ impl Relay {
             // Parks go through the leader's session too; the handle stops working when the
             // source drops the leadership.
             let mut parked = ParkStore::new(self.table.clone(), leader.session());
-            let outcome = match self.open_source(leader).await {
+            let outcome = match self.open_source(leader, &shared).await {
                 Ok(mut source) => {
                     self.stats.source_running.store(true, Ordering::Relaxed);
                     source.limit_batch_bytes(self.batch_bytes());
@@ -415,10 +474,14 @@ impl Relay {
         &self.config.route.topic
     }
 
-    async fn open_source(&self, leader: Leadership) -> Result<Box<dyn Source>, SourceError> {
+    async fn open_source(
+        &self,
+        leader: Leadership,
+        shared: &SharedSessions,
+    ) -> Result<Box<dyn Source>, SourceError> {
         match self.config.source {
             SourceKind::Polling => Ok(Box::new(
-                PollingSource::new(
+                PollingSource::sharing(
                     PollingSettings {
                         table: self.table.clone(),
                         acknowledgement: self.config.acknowledgement,
@@ -427,6 +490,8 @@ impl Relay {
                     },
                     leader,
                     &self.options,
+                    shared.marks(),
+                    shared.wakeups(),
                 )
                 .await?,
             )),
@@ -440,14 +505,18 @@ impl Relay {
         }
     }
 
-    fn spawn_purger(&self, shutdown: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+    /// Purges published rows past `retention` every minute, on a session of `pool`.
+    fn spawn_purger(
+        &self,
+        pool: sqlx::PgPool,
+        shutdown: CancellationToken,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         if self.config.acknowledgement != RowAcknowledgement::Mark
             || self.config.retention.is_zero()
             || self.config.write_mode != WriteMode::Table
         {
             return None;
         }
-        let options = self.options.clone();
         let table = self.table.clone();
         let retention = self.config.retention;
         Some(tokio::spawn(async move {
@@ -457,7 +526,7 @@ impl Relay {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(every) => {}
                 }
-                match options.connect().await {
+                match pool.acquire().await {
                     Ok(mut conn) => match purge_published(&mut conn, &table, retention).await {
                         Ok(0) => {}
                         Ok(n) => {

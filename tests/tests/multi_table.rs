@@ -913,3 +913,372 @@ async fn table_selection_under_a_pattern_checks_the_table_exists_and_matches() -
     );
     Ok(())
 }
+
+/// The relay's sessions on `db` right now, by `application_name` (`""` for the unnamed ones:
+/// start-up checks, the admin endpoint, the pattern rescan); the test's own are left out.
+async fn relay_sessions(pool: &sqlx::PgPool, database: &str) -> Result<BTreeMap<String, i64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT coalesce(application_name, ''), count(*) FROM pg_stat_activity
+         WHERE datname = $1 AND backend_type = 'client backend'
+           AND application_name IS DISTINCT FROM $2
+         GROUP BY 1",
+    )
+    .bind(database)
+    .bind(outbox_tests::database::TEST_SESSIONS)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Samples [`relay_sessions`] every 10 ms until `stop` fires; returns the most sessions seen at
+/// once of each name and in all.
+async fn peak_sessions(
+    pool: sqlx::PgPool,
+    database: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(BTreeMap<String, i64>, i64, usize)> {
+    let mut peak: BTreeMap<String, i64> = BTreeMap::new();
+    let mut total = 0;
+    let mut samples = 0;
+    while !stop.is_cancelled() {
+        let now = relay_sessions(&pool, &database).await?;
+        total = total.max(now.values().sum());
+        for (name, n) in now {
+            let p = peak.entry(name).or_default();
+            *p = (*p).max(n);
+        }
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok((peak, total, samples))
+}
+
+/// The sessions bound of docs/operations.md for `tables` tables and `pool_size`: a leader
+/// session per table, the shared pool, the shared LISTEN session, and at most three short or
+/// small ones (the admin endpoint's two, the pattern rescan's one).
+fn session_bound(tables: usize, pool_size: usize) -> i64 {
+    (tables + pool_size + 1 + 3) as i64
+}
+
+/// (a) Twenty tables with a shared pool of two sessions: every event of every table is
+/// delivered exactly once and in per-aggregate order, and the relay never holds more sessions
+/// than one leader session per table, the pool, the shared LISTEN session and the admin
+/// endpoint's — sampled from `pg_stat_activity` from before start-up until the last table
+/// drained (with a pool per table the acknowledgement and LISTEN sessions alone were three per
+/// table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tables_share_one_session_budget_and_lose_nothing() -> Result<()> {
+    const TABLES: usize = 20;
+    const POOL: usize = 2;
+    let db = TestDb::create("mt_budget").await?;
+    let tag = unique("mtb");
+    let tables: Vec<String> = (0..TABLES).map(|i| format!("bud_{i:02}.outbox")).collect();
+    for t in &tables {
+        migrate_table(&db, t).await?;
+    }
+    let topic = format!("{tag}.Acct");
+    create_topic(&topic, 3).await?;
+    let config = config_file(&format!(
+        "tables = \"bud_*.outbox\"\npool_size = {POOL}\n[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n"
+    ))?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sampler = tokio::spawn(peak_sessions(
+        db.pool.clone(),
+        db.name.clone(),
+        stop.clone(),
+    ));
+    let relay = start(&db, &config, &[("OUTBOX_BATCH_SIZE", "20")]).await?;
+    let addr = wait_admin(&relay).await?;
+    wait_roles(&addr, "active", TABLES).await?;
+    // Every table gets a backlog at once, so all of them drain (and acknowledge) together.
+    let mut written = Vec::new();
+    for t in &tables {
+        written.push(write_events(&db, t, "Acct", 3, 20).await?);
+    }
+    for t in &tables {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+    stop.cancel();
+    let (peak, total, samples) = sampler.await??;
+    eprintln!("peak relay sessions over {samples} samples: {total} in all, {peak:?}");
+    ensure!(
+        samples > 10,
+        "too few samples ({samples}) to prove anything"
+    );
+    let named = |n: &str| peak.get(n).copied().unwrap_or(0);
+    assert_eq!(
+        named("outbox-relay"),
+        TABLES as i64,
+        "one leader session per table"
+    );
+    assert!(
+        named("outbox-relay-ack") <= POOL as i64,
+        "acknowledgements over the shared pool of {POOL}: {peak:?}"
+    );
+    assert!(
+        named("outbox-relay-ack") >= 1,
+        "the rows were acknowledged on the pool: {peak:?}"
+    );
+    assert!(
+        named("outbox-relay-listen") <= 1,
+        "one shared LISTEN session: {peak:?}"
+    );
+    assert!(
+        total <= session_bound(TABLES, POOL),
+        "{total} sessions at once, above the documented bound {}: {peak:?}",
+        session_bound(TABLES, POOL)
+    );
+
+    let records = consume(&[topic.as_str()], TABLES * 60, QUIET, LONG).await?;
+    for (t, w) in tables.iter().zip(&written) {
+        let ids: BTreeSet<Uuid> = w.values().flatten().copied().collect();
+        let mine: Vec<Consumed> = records
+            .iter()
+            .filter(|r| ids.contains(&r.event_id()))
+            .cloned()
+            .collect();
+        check_exact_and_ordered(&mine, w, t)?;
+    }
+    assert_eq!(records.len(), TABLES * 60, "nothing else, no duplicates");
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    Ok(())
+}
+
+/// (b) Fairness under the smallest budget: with one pooled session for every table's
+/// acknowledgements, a table draining a backlog of 20,000 events does not keep five quiet
+/// tables waiting — their few events, written once the backlog is draining, are all published
+/// while most of it is still unpublished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_table_does_not_starve_the_others_of_a_one_session_pool() -> Result<()> {
+    let db = TestDb::create("mt_fair_pool").await?;
+    let tag = unique("mtq");
+    let quiet: Vec<String> = (0..5).map(|i| format!("quiet_{i}.outbox")).collect();
+    migrate_table(&db, "busy.outbox").await?;
+    for t in &quiet {
+        migrate_table(&db, t).await?;
+    }
+    create_topic(&format!("{tag}.Bulk"), 3).await?;
+    create_topic(&format!("{tag}.Few"), 1).await?;
+    for _ in 0..20 {
+        write_events(&db, "busy.outbox", "Bulk", 1000, 1).await?;
+    }
+    let mut config = format!(
+        "pool_size = 1\n[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n[[outbox]]\ntable = \"busy.outbox\"\n"
+    );
+    for t in &quiet {
+        config.push_str(&format!("[[outbox]]\ntable = \"{t}\"\n"));
+    }
+    let config = config_file(&config)?;
+    let relay = start(&db, &config, &[("OUTBOX_BATCH_SIZE", "100")]).await?;
+    let deadline = Instant::now() + LONG;
+    while pending(&db, "busy.outbox").await? == 20_000 {
+        ensure!(
+            Instant::now() < deadline,
+            "the backlog never started draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut written = Vec::new();
+    for t in &quiet {
+        written.push(write_events(&db, t, "Few", 2, 3).await?);
+    }
+    for t in &quiet {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+    let backlog_left = pending(&db, "busy.outbox").await?;
+    eprintln!("the quiet tables drained with {backlog_left} backlog events left");
+    assert!(
+        backlog_left > 0,
+        "the quiet tables' events waited for the whole backlog"
+    );
+    wait_table_drained(&db, "busy.outbox", LONG).await?;
+    let few = format!("{tag}.Few");
+    let records = consume(&[few.as_str()], 30, QUIET, LONG).await?;
+    for (t, w) in quiet.iter().zip(&written) {
+        let ids: BTreeSet<Uuid> = w.values().flatten().copied().collect();
+        let mine: Vec<Consumed> = records
+            .iter()
+            .filter(|r| ids.contains(&r.event_id()))
+            .cloned()
+            .collect();
+        check_exact_and_ordered(&mine, w, t)?;
+    }
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    Ok(())
+}
+
+/// librdkafka clients in process `pid`: every client runs exactly one thread named `rdk:main`.
+fn kafka_clients(pid: u32) -> Result<usize> {
+    let mut n = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let comm = std::fs::read_to_string(task?.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == "rdk:main" {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// (c) One producer for the whole relay: ten tables publish through a single librdkafka
+/// producer (plus the one idle probe) — a producer per table would be twenty clients — and each
+/// table's delivery results still reach that table: every event of every table is delivered,
+/// and the per-table `published` metric counts exactly that table's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tables_of_a_relay_share_one_kafka_producer() -> Result<()> {
+    const TABLES: usize = 10;
+    let db = TestDb::create("mt_producer").await?;
+    let tag = unique("mtk");
+    let tables: Vec<String> = (0..TABLES).map(|i| format!("prod_{i}.outbox")).collect();
+    for t in &tables {
+        migrate_table(&db, t).await?;
+    }
+    let topic = format!("{tag}.Acct");
+    create_topic(&topic, 3).await?;
+    let config = config_file(&format!(
+        "tables = \"prod_*.outbox\"\n[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n"
+    ))?;
+    let relay = start(&db, &config, &[("OUTBOX_BATCH_SIZE", "10")]).await?;
+    let addr = wait_admin(&relay).await?;
+    wait_roles(&addr, "active", TABLES).await?;
+    let mut written = Vec::new();
+    for (i, t) in tables.iter().enumerate() {
+        // A different number of events per table, so a result credited to the wrong table shows.
+        written.push(write_events(&db, t, "Acct", 2, i + 1).await?);
+    }
+    for t in &tables {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+    let clients = kafka_clients(relay.child.pid())?;
+    assert_eq!(
+        clients, 2,
+        "one shared producer and one shared idle probe for {TABLES} tables"
+    );
+    let scrape = http_get(&addr, "/metrics").await?.1;
+    for (i, t) in tables.iter().enumerate() {
+        assert_eq!(
+            table_metric(&scrape, "outbox_relay_events_published_total", t),
+            Some((2 * (i + 1)) as f64),
+            "{t}: its own deliveries only"
+        );
+    }
+    let total: usize = written
+        .iter()
+        .map(|w| w.values().map(Vec::len).sum::<usize>())
+        .sum();
+    let records = consume(&[topic.as_str()], total, QUIET, LONG).await?;
+    for (t, w) in tables.iter().zip(&written) {
+        let ids: BTreeSet<Uuid> = w.values().flatten().copied().collect();
+        let mine: Vec<Consumed> = records
+            .iter()
+            .filter(|r| ids.contains(&r.event_id()))
+            .cloned()
+            .collect();
+        check_exact_and_ordered(&mine, w, t)?;
+    }
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    Ok(())
+}
+
+/// Checks that `records` hold every event of `written` at least once and that each aggregate's
+/// events arrived first in write order (re-sent copies after a failure may follow).
+fn check_complete_and_ordered(
+    records: &[Consumed],
+    written: &BTreeMap<String, Vec<Uuid>>,
+    what: &str,
+) -> Result<()> {
+    let mut first: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for r in records {
+        if seen.insert(r.event_id()) {
+            first
+                .entry(r.key.clone().unwrap_or_default())
+                .or_default()
+                .push(r.event_id());
+        }
+    }
+    for (aggregate, ids) in written {
+        ensure!(
+            first.get(aggregate) == Some(ids),
+            "{what}: aggregate {aggregate} first arrived as {:?}, written as {ids:?}",
+            first.get(aggregate)
+        );
+    }
+    Ok(())
+}
+
+/// Failures stay per table with one producer: while five tables drain, two tables' leader
+/// sessions and every pooled acknowledgement session are terminated. The pipelines that lost
+/// their session or their acknowledgements wait for their own records in the shared producer,
+/// rewind and take their tables back; every event of every table is delivered, none lost, each
+/// aggregate's events first arriving in write order, and the relay keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_losing_its_sessions_recovers_through_the_shared_producer_without_loss()
+-> Result<()> {
+    const TABLES: usize = 5;
+    let db = TestDb::create("mt_shared_fail").await?;
+    let tag = unique("mtx");
+    let tables: Vec<String> = (0..TABLES).map(|i| format!("fail_{i}.outbox")).collect();
+    for t in &tables {
+        migrate_table(&db, t).await?;
+    }
+    let topic = format!("{tag}.Acct");
+    create_topic(&topic, 3).await?;
+    let mut written = Vec::new();
+    for t in &tables {
+        written.push(write_events(&db, t, "Acct", 100, 10).await?);
+    }
+    let config = config_file(&format!(
+        "tables = \"fail_*.outbox\"\npool_size = 2\n[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n"
+    ))?;
+    let relay = start(
+        &db,
+        &config,
+        &[("OUTBOX_BATCH_SIZE", "20"), ("OUTBOX_LEADER_LEASE", "2s")],
+    )
+    .await?;
+    let deadline = Instant::now() + LONG;
+    while pending(&db, &tables[0]).await? == 1000 {
+        ensure!(
+            Instant::now() < deadline,
+            "the tables never started draining"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+           SELECT pg_terminate_backend(pid) FROM (
+             (SELECT pid FROM pg_stat_activity
+               WHERE datname = $1 AND application_name = 'outbox-relay' LIMIT 2)
+             UNION ALL
+             (SELECT pid FROM pg_stat_activity
+               WHERE datname = $1 AND application_name = 'outbox-relay-ack')) s) k",
+    )
+    .bind(&db.name)
+    .fetch_one(&db.pool)
+    .await?;
+    ensure!(terminated >= 2, "only {terminated} sessions terminated");
+    for t in &tables {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+    let records = consume(&[topic.as_str()], TABLES * 1000, QUIET, LONG).await?;
+    for (t, w) in tables.iter().zip(&written) {
+        let ids: BTreeSet<Uuid> = w.values().flatten().copied().collect();
+        let mine: Vec<Consumed> = records
+            .iter()
+            .filter(|r| ids.contains(&r.event_id()))
+            .cloned()
+            .collect();
+        check_complete_and_ordered(&mine, w, t)?;
+    }
+    eprintln!(
+        "{terminated} sessions terminated; {} records for {} events",
+        records.len(),
+        TABLES * 1000
+    );
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    Ok(())
+}

@@ -31,6 +31,12 @@ impl RelayConfig {
                 "must be between 1 and 100000",
             ));
         }
+        if self.pool_size == 0 || self.pool_size > 1000 {
+            return Err(ConfigError::new(
+                "pool_size",
+                "must be between 1 and 1000 (sessions shared by every table's acknowledgements)",
+            ));
+        }
         if self.max_in_flight_batches == 0 || self.max_in_flight_batches > 64 {
             return Err(ConfigError::new(
                 "max_in_flight_batches",

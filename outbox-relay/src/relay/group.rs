@@ -2,10 +2,14 @@
 //! admin endpoint.
 //!
 //! Each table's pipeline is a whole [`Relay`] — its own leader lock (the per-table advisory
-//! lock), source, routing, write mode, sink and purger — running as its own tokio task. So a
-//! table with a large backlog cannot starve another: each pipeline claims, produces and
-//! acknowledges on its own connections and its own producer, and the runtime schedules the tasks
-//! independently (a pipeline mostly awaits PostgreSQL and the broker).
+//! lock, on a session of its own that also runs the table's claims), source, routing, write
+//! mode and purger — running as its own tokio task. What the pipelines share
+//! ([`super::budget`]): one pool of `pool_size` sessions for every table's row acknowledgements
+//! and purges, one `LISTEN` session, and, for Kafka, one producer
+//! ([`crate::sink::kafka::SharedProducer`]). A table with a large backlog cannot starve another:
+//! its claims run on its own lock session, it holds at most half of the pool at a time and the
+//! pool serves the waiting tables in turn, and its records wait in the producer's queue beside
+//! the others' rather than ahead of them.
 //!
 //! Tables come from `[[outbox]]` sections and from the `tables` pattern, which is matched again
 //! every `tables_rescan_interval`: a new migrated table (one with an outbox schema version)
@@ -21,11 +25,11 @@
 //! the table is gone is only logged. Transient failures (PostgreSQL or the broker unreachable)
 //! are retried inside the pipeline, as for a single table, and stop nothing.
 //!
-//! One sink per pipeline: a producer shared between tables would not keep their failures apart —
-//! a pipeline that fails fences its producer (purges the queued records and recreates the client)
-//! before it releases its leader lock, and a shared producer would drop the other tables' queued
-//! records with it. The cost is one broker client per table (see docs/operations.md for the
-//! measured memory per table).
+//! Failures stay per table with one producer: a pipeline that fails waits until its own records
+//! are answered (rather than replacing the producer) before it re-sends or releases its leader
+//! lock; only when they stay unanswered (a broker out of reach) does it drop the producer's
+//! queue, and the other tables then re-send their queued records in order too (see
+//! [`crate::sink::kafka`]). NATS, RabbitMQ and Redis keep a client per table.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,10 +40,12 @@ use sqlx::{Connection, PgConnection};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::budget::SharedSessions;
 use super::{Relay, RelayError};
 use crate::admin::{AdminTable, AdminTables};
 use crate::config::{ConfigError, RelayConfig, TablePattern};
 use crate::failure::Report;
+use crate::sink::select::SharedClient;
 use crate::table::matching_tables;
 
 /// A configured relay of one or many tables. See the [module docs](self).
@@ -98,6 +104,8 @@ impl RelayGroup {
             tasks: JoinSet::new(),
             stop_all: shutdown.child_token(),
             admin_stop: CancellationToken::new(),
+            shared: SharedSessions::group(&self.options, self.config.pool_size),
+            sink: SharedClient::for_config(&self.config)?,
         };
         let result = group.run(&self, &shutdown).await;
         group.stop_all.cancel();
@@ -135,6 +143,10 @@ struct Group<'a> {
     /// Stops the admin endpoint once every pipeline ended (so `/readyz` names a failed table
     /// while the others drain).
     admin_stop: CancellationToken,
+    /// The sessions every table's pipeline shares ([`super::budget`]).
+    shared: SharedSessions,
+    /// The broker client every table's pipeline shares (Kafka: one producer).
+    sink: SharedClient,
 }
 
 impl Group<'_> {
@@ -235,7 +247,7 @@ impl Group<'_> {
         let table =
             OutboxTable::parse(&cfg.table).map_err(|e| ConfigError::new("table", e.to_string()))?;
         let name = cfg.table.clone();
-        let relay = Relay::new(cfg.clone())?;
+        let relay = Relay::sharing(cfg.clone(), self.shared.clone(), self.sink.clone())?;
         self.tables.insert(AdminTable {
             table,
             config: Arc::new(cfg),

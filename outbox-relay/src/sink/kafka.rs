@@ -12,6 +12,25 @@
 //!   [`KafkaSink::recreate`]s it rather than retrying one record out of order.
 //! - Keys are partitioned with `murmur2_random`, the Java client's partitioner, so a key lands on
 //!   the same partition as it would from Debezium/Kafka Connect.
+//!
+//! ## One producer for many tables
+//!
+//! The tables of one relay ([`crate::RelayGroup`]) share one producer ([`SharedProducer`]) and
+//! one idle probe: each table's sink is a handle that counts its own records still unanswered,
+//! so a table's delivery results, `in_flight` and fencing stay its own. What a table does after
+//! a failure changes with sharing, and stays as safe:
+//! - **recreate** (before re-sending from the first unacknowledged event): waits until none of
+//!   the table's own records is unanswered — each was delivered or failed, so none can land
+//!   after the re-sent copies — instead of replacing the producer under the other tables. Only
+//!   when they stay unanswered for `delivery_timeout` (a broker out of reach) is the producer's
+//!   queue dropped, which fails the other tables' queued records too (they re-send them in
+//!   order, like after any failure). A producer in librdkafka's fatal state is replaced, once,
+//!   by the first table that sees it; each table moves to the new one only once its own records
+//!   on the old one are answered.
+//! - **fence** (before a table lets go of its leader lock): waits, within the lease, until the
+//!   table's records are answered, and drops the producer's queue only if they are not.
+//! - A timed-out record ([`Pending::wait`]) drops the producer's queue, as before: every table's
+//!   queued records fail and are re-sent, so each partition still receives a prefix.
 
 use crate::sink::{published_within, record_probe};
 use std::time::Duration;
@@ -129,6 +148,212 @@ pub struct KafkaSink {
     settings: KafkaSettings,
     producer: FutureProducer<SinkContext>,
     context: SinkContext,
+    /// The group's producer this sink is a handle of, if it shares one.
+    shared: Option<Handle>,
+}
+
+/// One table's share of a [`SharedProducer`].
+struct Handle {
+    group: Arc<SharedProducer>,
+    /// The generation of `KafkaSink::producer`.
+    generation: u64,
+    /// This table's records handed to the producer and not yet answered.
+    outstanding: Arc<Outstanding>,
+}
+
+/// Records of one table handed to a shared producer and not yet answered.
+#[derive(Debug, Default)]
+struct Outstanding {
+    count: std::sync::atomic::AtomicUsize,
+}
+
+impl Outstanding {
+    fn get(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn add(&self, n: usize) {
+        self.count.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    fn answered(&self) {
+        self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Waits up to `wait` until nothing is outstanding; whether that happened.
+    async fn drained(&self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        while self.get() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
+
+/// One idempotent producer (and one idle probe) for every table of a relay: see the [module
+/// docs](self). Cheap to share (`Arc`).
+pub struct SharedProducer {
+    settings: KafkaSettings,
+    context: SinkContext,
+    /// The producer new handles get, and its generation (bumped when a fatal one is replaced).
+    current: Mutex<(u64, FutureProducer<SinkContext>)>,
+    /// The tables the idle probe reports to, and the probe's task once started.
+    probe: Mutex<Probe>,
+}
+
+#[derive(Default)]
+struct Probe {
+    watchers: Vec<(
+        std::sync::Weak<crate::stats::RelayStats>,
+        tokio_util::sync::CancellationToken,
+    )>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SharedProducer {
+    fn drop(&mut self) {
+        if let Ok(probe) = self.probe.get_mut()
+            && let Some(task) = probe.task.take()
+        {
+            task.abort();
+        }
+    }
+}
+
+impl SharedProducer {
+    /// Creates the producer (no connection is made yet).
+    pub fn new(settings: KafkaSettings) -> Result<Arc<Self>, SinkError> {
+        let context = SinkContext::default();
+        let producer = settings
+            .client_config()?
+            .create_with_context(context.clone())
+            .map_err(create_error)?;
+        Ok(Arc::new(Self {
+            settings,
+            context,
+            current: Mutex::new((0, producer)),
+            probe: Mutex::new(Probe::default()),
+        }))
+    }
+
+    /// A sink for one table, producing through this producer.
+    pub fn sink(self: &Arc<Self>) -> KafkaSink {
+        let (generation, producer) = self.current();
+        KafkaSink {
+            settings: self.settings.clone(),
+            producer,
+            context: self.context.clone(),
+            shared: Some(Handle {
+                group: self.clone(),
+                generation,
+                outstanding: Arc::default(),
+            }),
+        }
+    }
+
+    fn current(&self) -> (u64, FutureProducer<SinkContext>) {
+        match self.current.lock() {
+            Ok(c) => (c.0, c.1.clone()),
+            Err(poisoned) => {
+                let c = poisoned.into_inner();
+                (c.0, c.1.clone())
+            }
+        }
+    }
+
+    /// The producer after `generation`: a fresh one when `generation` is still the current one
+    /// and it is in librdkafka's fatal state, else the current one.
+    fn after_fatal(
+        &self,
+        generation: u64,
+    ) -> Result<(u64, FutureProducer<SinkContext>), SinkError> {
+        let mut current = self.current.lock().map_err(|_| SinkError::Config {
+            broker: KAFKA,
+            key: "producer".into(),
+            reason: "the shared producer's lock was poisoned".into(),
+        })?;
+        if current.0 == generation && current.1.client().fatal_error().is_some() {
+            let fresh = self
+                .settings
+                .client_config()?
+                .create_with_context(self.context.clone())
+                .map_err(create_error)?;
+            *current = (generation + 1, fresh);
+            tracing::warn!("the shared Kafka producer hit a fatal error: replaced it");
+        }
+        Ok((current.0, current.1.clone()))
+    }
+
+    /// Reports the brokers' reachability to `stats` until `shutdown` (one probe for every
+    /// table: see [`watch_brokers`]).
+    fn watch(
+        self: &Arc<Self>,
+        stats: &Arc<crate::stats::RelayStats>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<(), SinkError> {
+        let mut probe = self.probe.lock().map_err(|_| SinkError::Config {
+            broker: KAFKA,
+            key: "producer".into(),
+            reason: "the shared producer's probe lock was poisoned".into(),
+        })?;
+        probe.watchers.push((Arc::downgrade(stats), shutdown));
+        if probe.task.is_none() {
+            let client = probe_client(&self.settings)?;
+            let servers = self.settings.bootstrap_servers.clone();
+            let group = Arc::downgrade(self);
+            probe.task = Some(tokio::spawn(async move {
+                let mut reachable = true;
+                loop {
+                    tokio::time::sleep(BROKER_PROBE_INTERVAL).await;
+                    let Some(group) = group.upgrade() else { return };
+                    let watchers: Vec<Arc<crate::stats::RelayStats>> = match group.probe.lock() {
+                        Ok(mut p) => {
+                            p.watchers
+                                .retain(|(s, stop)| s.strong_count() > 0 && !stop.is_cancelled());
+                            p.watchers.iter().filter_map(|(s, _)| s.upgrade()).collect()
+                        }
+                        Err(_) => return,
+                    };
+                    drop(group);
+                    let idle: Vec<_> = watchers
+                        .iter()
+                        .filter(|s| !published_within(s, BROKER_PROBE_INTERVAL))
+                        .collect();
+                    if idle.is_empty() {
+                        continue;
+                    }
+                    let c = client.clone();
+                    let answer = tokio::task::spawn_blocking(move || {
+                        c.client()
+                            .fetch_metadata(None, BROKER_PROBE_TIMEOUT)
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                    for stats in idle {
+                        stats
+                            .sink_reachable
+                            .store(answer.is_ok(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                    match (reachable, &answer) {
+                        (true, Err(error)) => {
+                            tracing::warn!(servers = %servers, %error, "Kafka brokers do not answer: reporting the idle tables not ready until they do")
+                        }
+                        (false, Ok(())) => {
+                            tracing::info!(servers = %servers, "Kafka brokers answer again")
+                        }
+                        _ => {}
+                    }
+                    reachable = answer.is_ok();
+                }
+            }));
+        }
+        Ok(())
+    }
 }
 
 /// A batch handed to the producer, whose outcomes are not all known yet.
@@ -138,6 +363,37 @@ pub struct Pending {
     deadline: tokio::time::Instant,
     /// The producer the records were handed to, to drop its queue when the deadline passes.
     producer: FutureProducer<SinkContext>,
+    /// The table's count of unanswered records, when the producer is shared: each record
+    /// counts until its delivery report arrives, even if the batch is dropped unanswered.
+    outstanding: Option<Arc<Outstanding>>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let Some(outstanding) = self.outstanding.clone() else {
+            return;
+        };
+        let sent: Vec<rdkafka::producer::DeliveryFuture> = std::mem::take(&mut self.slots)
+            .into_iter()
+            .filter_map(|s| match s {
+                Slot::Sent(d) => Some(d),
+                Slot::Done(_) => None,
+            })
+            .collect();
+        if sent.is_empty() {
+            return;
+        }
+        // Dropped unanswered (a window abandoned after a failure): the records are still in the
+        // producer until their reports arrive.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for delivery in sent {
+                    let _ = delivery.await;
+                    outstanding.answered();
+                }
+            });
+        }
+    }
 }
 
 /// How long a timed-out record's produce request, already sent to a broker, may still be
@@ -178,12 +434,13 @@ impl Pending {
     /// always a prefix of what was enqueued for it. librdkafka's own per-record timeout cannot
     /// promise that: a later record, enqueued a few milliseconds after one that timed out, could
     /// be delivered when the broker came back in between, ahead of the re-sent earlier one.
-    pub async fn wait(self) -> Vec<Outcome> {
-        let Pending {
-            slots,
-            deadline,
-            producer,
-        } = self;
+    pub async fn wait(mut self) -> Vec<Outcome> {
+        let slots = std::mem::take(&mut self.slots);
+        let (deadline, producer, outstanding) = (
+            self.deadline,
+            self.producer.clone(),
+            self.outstanding.clone(),
+        );
         let mut out = Vec::with_capacity(slots.len());
         for slot in slots {
             out.push(match slot {
@@ -194,6 +451,9 @@ impl Pending {
                             Ok(result) => (result, false),
                             Err(_) => (expire(&producer, &mut delivery).await, true),
                         };
+                    if let Some(o) = &outstanding {
+                        o.answered();
+                    }
                     match result {
                         Ok(Ok(d)) => Outcome::Delivered(Delivered {
                             partition: d.partition,
@@ -406,6 +666,7 @@ impl KafkaSink {
             settings,
             producer,
             context,
+            shared: None,
         })
     }
 
@@ -441,7 +702,21 @@ impl KafkaSink {
 
     /// Replaces the producer with a fresh one: drops whatever the old one still had queued, so
     /// nothing it held can be delivered out of order after the relay resumes.
+    ///
+    /// A handle of a [`SharedProducer`] does not wait here: it drops the shared producer's
+    /// queue if records of its own are still unanswered, and moves to a fresh producer if the
+    /// shared one is in librdkafka's fatal state. The relay calls [`KafkaSink::renew`] instead.
     pub fn recreate(&mut self) -> Result<(), SinkError> {
+        if let Some(handle) = &mut self.shared {
+            if handle.outstanding.get() > 0 {
+                self.producer
+                    .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+            }
+            let (generation, producer) = handle.group.after_fatal(handle.generation)?;
+            handle.generation = generation;
+            self.producer = producer;
+            return Ok(());
+        }
         self.producer = self
             .settings
             .client_config()?
@@ -450,10 +725,46 @@ impl KafkaSink {
         Ok(())
     }
 
+    /// What the relay calls after a failure ([`Sink::recreate`]): [`KafkaSink::recreate`], except
+    /// that a handle of a [`SharedProducer`] first waits until its own records are answered (see
+    /// the [module docs](self)).
+    pub async fn renew(&mut self) -> Result<(), SinkError> {
+        if let Some(handle) = &mut self.shared {
+            if !handle
+                .outstanding
+                .drained(self.settings.delivery_timeout)
+                .await
+            {
+                tracing::warn!(
+                    unanswered = handle.outstanding.get(),
+                    "records of this table still unanswered after the delivery timeout: dropping the shared producer's queue (every table re-sends its queued records)"
+                );
+                self.producer
+                    .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+                handle.outstanding.drained(IN_FLIGHT_GRACE).await;
+            }
+            let (generation, producer) = handle.group.after_fatal(handle.generation)?;
+            handle.generation = generation;
+            self.producer = producer;
+            return Ok(());
+        }
+        self.recreate()
+    }
+
     /// Drops every record queued in the producer or in flight to a broker, without waiting for
     /// Kafka's answer (their delivery futures fail); returns how many there were. A record already
     /// on the wire may still be written by the broker.
     pub fn purge(&self) -> i32 {
+        if let Some(handle) = &self.shared {
+            // Shared: the other tables' records are not this table's to drop unless its own
+            // are still there (after a fence, they are not).
+            let own = handle.outstanding.get();
+            if own > 0 {
+                self.producer
+                    .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+            }
+            return i32::try_from(own).unwrap_or(i32::MAX);
+        }
         let queued = self.producer.in_flight_count();
         self.producer
             .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
@@ -467,6 +778,20 @@ impl KafkaSink {
     /// [`KafkaSink::recreate`]d afterwards.
     pub async fn fence(&self, wait: Duration) -> Fenced {
         use rdkafka::producer::PurgeConfig;
+        if let Some(handle) = &self.shared {
+            let held = handle.outstanding.get();
+            if handle.outstanding.drained(wait).await {
+                return Fenced {
+                    held,
+                    unanswered: 0,
+                };
+            }
+            let unanswered = handle.outstanding.get();
+            self.producer
+                .purge(PurgeConfig::default().queue().inflight());
+            handle.outstanding.drained(IN_FLIGHT_GRACE).await;
+            return Fenced { held, unanswered };
+        }
         let before = self.producer.in_flight_count();
         self.producer.purge(PurgeConfig::default().queue());
         let producer = self.producer.clone();
@@ -545,6 +870,9 @@ impl KafkaSink {
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
+                        if let Some(h) = &self.shared {
+                            h.outstanding.add(1);
+                        }
                         slots.push(Slot::Sent(delivery));
                         break;
                     }
@@ -571,12 +899,17 @@ impl KafkaSink {
             slots,
             deadline,
             producer: self.producer.clone(),
+            outstanding: self.shared.as_ref().map(|h| h.outstanding.clone()),
         }
     }
 
-    /// Number of records queued in the producer and not yet acknowledged.
+    /// Number of records queued in the producer and not yet acknowledged (this table's own,
+    /// when the producer is shared).
     pub fn in_flight(&self) -> i32 {
-        self.producer.in_flight_count()
+        match &self.shared {
+            Some(h) => i32::try_from(h.outstanding.get()).unwrap_or(i32::MAX),
+            None => self.producer.in_flight_count(),
+        }
     }
 }
 
@@ -622,7 +955,7 @@ impl Sink for KafkaSink {
     }
 
     async fn recreate(&mut self) -> Result<(), SinkError> {
-        KafkaSink::recreate(self)
+        KafkaSink::renew(self).await
     }
 
     fn purge(&self) -> usize {
@@ -638,8 +971,25 @@ impl Sink for KafkaSink {
         stats: Arc<crate::stats::RelayStats>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Option<tokio::task::JoinHandle<()>>, SinkError> {
-        watch_brokers(&self.settings, stats, shutdown).map(Some)
+        match &self.shared {
+            Some(h) => h.group.watch(&stats, shutdown).map(|()| None),
+            None => watch_brokers(&self.settings, stats, shutdown).map(Some),
+        }
     }
+}
+
+/// The idle probe's client: same servers, TLS and SASL settings as the producer, never producing.
+fn probe_client(
+    settings: &KafkaSettings,
+) -> Result<Arc<rdkafka::producer::BaseProducer>, SinkError> {
+    let mut config = settings.client_config()?;
+    // It only asks for metadata; librdkafka's own logs about it stay out of the relay's log.
+    config
+        .set("enable.idempotence", "false")
+        .set("enable.gapless.guarantee", "false")
+        .set("client.id", "outbox-relay-probe")
+        .set_log_level(RDKafkaLogLevel::Emerg);
+    Ok(Arc::new(config.create().map_err(create_error)?))
 }
 
 /// How often an idle relay asks the brokers for metadata, and how long it waits for an answer.
@@ -658,15 +1008,7 @@ pub fn watch_brokers(
     stats: Arc<crate::stats::RelayStats>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, SinkError> {
-    let mut config = settings.client_config()?;
-    // It only asks for metadata; librdkafka's own logs about it stay out of the relay's log.
-    config
-        .set("enable.idempotence", "false")
-        .set("enable.gapless.guarantee", "false")
-        .set("client.id", "outbox-relay-probe")
-        .set_log_level(RDKafkaLogLevel::Emerg);
-    let client: rdkafka::producer::BaseProducer = config.create().map_err(create_error)?;
-    let client = Arc::new(client);
+    let client = probe_client(settings)?;
     let servers = settings.bootstrap_servers.clone();
     Ok(tokio::spawn(async move {
         loop {

@@ -1,7 +1,9 @@
 //! Which sink a relay runs: the one its configuration names (`sink = "kafka"`, …).
 
+use std::sync::Arc;
+
 use crate::config::RelayConfig;
-use crate::sink::kafka::KafkaSink;
+use crate::sink::kafka::{KafkaSink, SharedProducer};
 use crate::sink::nats::NatsSink;
 use crate::sink::rabbitmq::RabbitmqSink;
 use crate::sink::redis::RedisSink;
@@ -12,11 +14,44 @@ use crate::sink::{Sink, SinkError, SinkKind};
 /// [`Sink::check_connection`]), with producer spans when `telemetry.enabled`
 /// ([`crate::telemetry`]).
 pub fn from_config(config: &RelayConfig) -> Result<Box<dyn Sink>, SinkError> {
-    let sink: Box<dyn Sink> = match config.sink {
-        SinkKind::Kafka => Box::new(KafkaSink::new(config.kafka.clone())?),
-        SinkKind::Nats => Box::new(NatsSink::new(config.nats.clone())?),
-        SinkKind::Redis => Box::new(RedisSink::new(config.redis.clone())?),
-        SinkKind::Rabbitmq => Box::new(RabbitmqSink::new(config.rabbitmq.clone())?),
+    from_config_sharing(config, &SharedClient::None)
+}
+
+/// A broker client the tables of one relay share ([`crate::RelayGroup`]).
+///
+/// Kafka: one idempotent producer and one idle probe for every table
+/// ([`SharedProducer`]). The NATS, RabbitMQ and Redis sinks keep a client per table: each fences
+/// and replaces its own connection after a failure, and sharing one would need the per-table
+/// accounting the Kafka sink has (see docs/operations.md, "Many tables per relay").
+#[derive(Clone)]
+pub enum SharedClient {
+    /// Nothing shared: every table builds its own client.
+    None,
+    /// One Kafka producer.
+    Kafka(Arc<SharedProducer>),
+}
+
+impl SharedClient {
+    /// The client the configuration's sink lets the tables share, if any (nothing connects).
+    pub fn for_config(config: &RelayConfig) -> Result<Self, SinkError> {
+        Ok(match config.sink {
+            SinkKind::Kafka => SharedClient::Kafka(SharedProducer::new(config.kafka.clone())?),
+            SinkKind::Nats | SinkKind::Redis | SinkKind::Rabbitmq => SharedClient::None,
+        })
+    }
+}
+
+/// [`from_config`], through `shared` when it is a client of the configured sink.
+pub fn from_config_sharing(
+    config: &RelayConfig,
+    shared: &SharedClient,
+) -> Result<Box<dyn Sink>, SinkError> {
+    let sink: Box<dyn Sink> = match (config.sink, shared) {
+        (SinkKind::Kafka, SharedClient::Kafka(producer)) => Box::new(producer.sink()),
+        (SinkKind::Kafka, _) => Box::new(KafkaSink::new(config.kafka.clone())?),
+        (SinkKind::Nats, _) => Box::new(NatsSink::new(config.nats.clone())?),
+        (SinkKind::Redis, _) => Box::new(RedisSink::new(config.redis.clone())?),
+        (SinkKind::Rabbitmq, _) => Box::new(RabbitmqSink::new(config.rabbitmq.clone())?),
     };
     Ok(Traced::wrap(sink, config.telemetry.enabled))
 }

@@ -45,6 +45,7 @@ use async_trait::async_trait;
 use outbox_core::OutboxTable;
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgConnectOptions, PgListener};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use std::collections::VecDeque;
@@ -108,7 +109,7 @@ impl PollPace {
 /// Reads unpublished rows through the leader's session. See the [module docs](self).
 pub struct PollingSource {
     leader: Leadership,
-    listener: Option<PgListener>,
+    listener: Option<Listening>,
     /// The wait before the next poll when a claim comes back empty.
     pace: PollPace,
     claim: Claim,
@@ -136,6 +137,151 @@ pub struct PollingSource {
     rewound: BTreeSet<u32>,
 }
 
+/// Where a polling source hears the insert trigger's notifications.
+#[derive(Debug, Clone)]
+pub enum Wakeups {
+    /// A `LISTEN` session of the source's own (a single-table relay).
+    Own,
+    /// The relay's one `LISTEN` session, shared by the pipelines of all its tables
+    /// ([`SharedListener`]).
+    Shared(SharedListener),
+}
+
+/// What the source waits on between polls.
+enum Listening {
+    Own(PgListener),
+    Shared(Arc<Notify>),
+}
+
+/// One `LISTEN` session for every table of a relay: each polling source subscribes to its
+/// table's channel and is woken when a notification arrives on it. The session is opened on the
+/// first subscription; after it is lost, `PgListener` reconnects and listens again on every
+/// channel, and the sources poll on their own pace meanwhile (no notification is needed for
+/// correctness, only for latency).
+#[derive(Debug, Clone)]
+pub struct SharedListener {
+    inner: Arc<ListenerInner>,
+}
+
+#[derive(Debug)]
+struct ListenerInner {
+    /// By channel: the wake-up of the source that listens on it.
+    channels: std::sync::Mutex<HashMap<String, std::sync::Weak<Notify>>>,
+    /// Channels to `LISTEN` on, for the session's task.
+    requests: tokio::sync::mpsc::UnboundedSender<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ListenerInner {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SharedListener {
+    /// Starts the listening task (it connects on the first subscription). Needs a Tokio runtime.
+    pub fn start(options: &PgConnectOptions) -> Self {
+        let (requests, mut asked) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let channels: std::sync::Mutex<HashMap<String, std::sync::Weak<Notify>>> =
+            std::sync::Mutex::default();
+        let pool = listen_pool(options);
+        let inner = Arc::new_cyclic(|weak: &std::sync::Weak<ListenerInner>| {
+            let weak = weak.clone();
+            let task = tokio::spawn(async move {
+                let Some(first) = asked.recv().await else {
+                    return;
+                };
+                let mut listener = loop {
+                    match PgListener::connect_with(&pool).await {
+                        Ok(l) => break l,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot open the shared notification listener yet; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                };
+                let mut pending = vec![first];
+                // A table that restarts its pipeline subscribes again to the same channel.
+                let mut listening = std::collections::HashSet::new();
+                loop {
+                    for channel in pending.drain(..) {
+                        if listening.contains(&channel) {
+                            continue;
+                        }
+                        match listener.listen(&channel).await {
+                            Ok(()) => {
+                                listening.insert(channel);
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, channel, "LISTEN failed; the table is polled on its own pace");
+                            }
+                        }
+                    }
+                    tokio::select! {
+                        channel = asked.recv() => match channel {
+                            Some(c) => pending.push(c),
+                            None => return,
+                        },
+                        n = listener.recv() => match n {
+                            Ok(n) => {
+                                let Some(inner) = weak.upgrade() else { return };
+                                let wake = inner
+                                    .channels
+                                    .lock()
+                                    .ok()
+                                    .and_then(|c| c.get(n.channel()).and_then(std::sync::Weak::upgrade));
+                                if let Some(wake) = wake {
+                                    wake.notify_one();
+                                }
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "the shared notification listener was interrupted; polling until it reconnects");
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                        },
+                    }
+                }
+            });
+            ListenerInner {
+                channels,
+                requests,
+                task,
+            }
+        });
+        Self { inner }
+    }
+
+    /// Wakes the returned handle whenever a notification arrives on `channel` (one source per
+    /// channel: a second subscription replaces the first).
+    fn subscribe(&self, channel: &str) -> Arc<Notify> {
+        let wake = Arc::new(Notify::new());
+        if let Ok(mut channels) = self.inner.channels.lock() {
+            channels.retain(|_, w| w.strong_count() > 0);
+            channels.insert(channel.to_owned(), Arc::downgrade(&wake));
+        }
+        let _ = self.inner.requests.send(channel.to_owned());
+        wake
+    }
+}
+
+/// The one-connection pool a `LISTEN` session is opened from.
+fn listen_pool(options: &PgConnectOptions) -> sqlx::PgPool {
+    sqlx::pool::PoolOptions::<sqlx::Postgres>::new()
+        .max_connections(1)
+        .connect_lazy_with(options.clone().application_name("outbox-relay-listen"))
+}
+
+/// Where a polling source acknowledges its rows: a pool (its own, or one every table of the
+/// relay shares) and how many of its connections the source may hold at once.
+#[derive(Debug, Clone)]
+pub struct MarkSessions {
+    /// The pool.
+    pub pool: sqlx::PgPool,
+    /// Most acknowledgements of this source running at once (1 to
+    /// [`crate::source::row_marks::MAX_PENDING_ACKNOWLEDGEMENTS`]).
+    pub limit: usize,
+}
+
 impl PollingSource {
     /// A polling source that reads and acknowledges through `leader`'s lock-holding session and
     /// listens for wake-ups on a connection of its own.
@@ -144,13 +290,23 @@ impl PollingSource {
         leader: Leadership,
         options: &PgConnectOptions,
     ) -> Result<Self, SourceError> {
+        let marks = MarkSessions {
+            pool: crate::source::row_marks::pool(options),
+            limit: crate::source::row_marks::MAX_PENDING_ACKNOWLEDGEMENTS,
+        };
+        Self::sharing(settings, leader, options, marks, &Wakeups::Own).await
+    }
+
+    /// A polling source that claims on `leader`'s lock-holding session, acknowledges on
+    /// `marks` and hears notifications through `wakeups` (with `settings.listen`).
+    pub async fn sharing(
+        settings: PollingSettings,
+        leader: Leadership,
+        options: &PgConnectOptions,
+        marks: MarkSessions,
+        wakeups: &Wakeups,
+    ) -> Result<Self, SourceError> {
         let listener = if settings.listen {
-            let pool = sqlx::pool::PoolOptions::<sqlx::Postgres>::new()
-                .max_connections(1)
-                .connect_lazy_with(options.clone().application_name("outbox-relay-listen"));
-            let mut listener = PgListener::connect_with(&pool)
-                .await
-                .map_err(|error| SourceError::database("polling", error))?;
             // The channel of the table as resolved on the leader's session: the trigger names it
             // after the table it fires on, whatever spelling configured this relay.
             let channel = settings
@@ -159,11 +315,19 @@ impl PollingSource {
                 .await
                 .map_err(|error| SourceError::database("polling", error))?
                 .notify_channel();
-            listener
-                .listen(&channel)
-                .await
-                .map_err(|error| SourceError::database("polling", error))?;
-            Some(listener)
+            match wakeups {
+                Wakeups::Own => {
+                    let mut listener = PgListener::connect_with(&listen_pool(options))
+                        .await
+                        .map_err(|error| SourceError::database("polling", error))?;
+                    listener
+                        .listen(&channel)
+                        .await
+                        .map_err(|error| SourceError::database("polling", error))?;
+                    Some(Listening::Own(listener))
+                }
+                Wakeups::Shared(shared) => Some(Listening::Shared(shared.subscribe(&channel))),
+            }
         } else {
             None
         };
@@ -210,11 +374,12 @@ impl PollingSource {
                 .map_err(|error| SourceError::database("polling", error))?;
         }
         let marks = RowMarks::new(
-            crate::source::row_marks::pool(options),
+            marks.pool,
             settings.table.clone(),
             settings.acknowledgement,
             Some(leader.lease()),
-        );
+        )
+        .with_limit(marks.limit);
         Ok(Self {
             pace: PollPace::new(settings.poll_interval),
             leader,
@@ -347,7 +512,12 @@ impl PollingSource {
     async fn wait_for_wakeup(&mut self, shutdown: &CancellationToken) {
         let interval = self.pace.next_wait();
         match &mut self.listener {
-            Some(listener) => tokio::select! {
+            Some(Listening::Shared(wake)) => tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(interval) => {}
+                _ = wake.notified() => {}
+            },
+            Some(Listening::Own(listener)) => tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = tokio::time::sleep(interval) => {}
                 n = listener.recv() => if let Err(e) = n {

@@ -14,8 +14,8 @@
 //!   the LSN to confirm); the tag is handed back only after the mark committed.
 //! - **In order.** Tags come back in submission order, so an LSN is never confirmed ahead of an
 //!   earlier batch's rows.
-//! - **Bounded.** At most [`MAX_PENDING_ACKNOWLEDGEMENTS`] marks run at once; a further submit waits
-//!   for the oldest. After a crash, at most that many acknowledged batches are published again,
+//! - **Bounded.** At most [`MAX_PENDING_ACKNOWLEDGEMENTS`] marks run at once (fewer with
+//!   [`RowMarks::with_limit`]); a further submit waits for the oldest. After a crash, at most that many acknowledged batches are published again,
 //!   besides the batches in flight.
 //! - **Fenced.** With a lease, each statement runs only while the leader's lease holds.
 //! - **Failures are loud and lose nothing.** A failed mark is returned by the next call; the marks
@@ -154,12 +154,19 @@ pub const MAX_PENDING_ACKNOWLEDGEMENTS: usize = 2;
 /// A lazily connected pool for [`RowMarks`]: [`MAX_PENDING_ACKNOWLEDGEMENTS`] sessions, planned
 /// like the leader's session (`seq = ANY(…)` stays an index scan on a table without statistics).
 pub fn pool(options: &PgConnectOptions) -> PgPool {
+    pool_of(options, MAX_PENDING_ACKNOWLEDGEMENTS)
+}
+
+/// [`pool`] with `size` sessions (at least one), for several [`RowMarks`] to share: waiting
+/// acquirers are served first come, first served, so a busy user of the pool cannot overtake
+/// the others in the queue.
+pub fn pool_of(options: &PgConnectOptions, size: usize) -> PgPool {
     let options = options
         .clone()
         .application_name("outbox-relay-ack")
         .options(RELAY_PLANNER_SETTINGS);
     PgPoolOptions::new()
-        .max_connections(MAX_PENDING_ACKNOWLEDGEMENTS as u32)
+        .max_connections(u32::try_from(size.max(1)).unwrap_or(u32::MAX))
         .connect_lazy_with(options)
 }
 
@@ -219,6 +226,8 @@ pub struct RowMarks<T> {
     table: OutboxTable,
     how: RowAcknowledgement,
     lease: Option<Lease>,
+    /// Most marks running at once.
+    limit: usize,
     /// Running marks, oldest first: each task's verdict arrives on its channel.
     pending: VecDeque<(oneshot::Receiver<Result<(), MarkError>>, T)>,
 }
@@ -237,8 +246,16 @@ impl<T> RowMarks<T> {
             table,
             how,
             lease,
+            limit: MAX_PENDING_ACKNOWLEDGEMENTS,
             pending: VecDeque::new(),
         }
+    }
+
+    /// Runs at most `limit` marks at once (between 1 and [`MAX_PENDING_ACKNOWLEDGEMENTS`]): the
+    /// most connections of a shared pool these marks hold at a time.
+    pub fn with_limit(mut self, limit: usize) -> Self {
+        self.limit = limit.clamp(1, MAX_PENDING_ACKNOWLEDGEMENTS);
+        self
     }
 
     /// Whether nothing is running.
@@ -248,14 +265,14 @@ impl<T> RowMarks<T> {
 
     /// Starts acknowledging the rows of `events`; `tag` comes back once they are durably
     /// acknowledged. Returns the tags of marks that completed meanwhile (waiting for the oldest
-    /// when [`MAX_PENDING_ACKNOWLEDGEMENTS`] are running).
+    /// when the limit of running marks is reached).
     pub async fn submit<'e>(
         &mut self,
         events: impl IntoIterator<Item = &'e StoredEvent>,
         tag: T,
     ) -> Result<Vec<T>, MarkError> {
         let mut done = Vec::new();
-        while self.pending.len() >= MAX_PENDING_ACKNOWLEDGEMENTS {
+        while self.pending.len() >= self.limit {
             done.push(self.next_completed().await?);
         }
         let keys = RowKeys::of(events);
