@@ -219,7 +219,7 @@ pub struct Settings {
     #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// The outbox table, `table` or `schema.table` [key: table]. With several tables
-    /// ([[outbox]] sections or `tables`), `replay` and `parked …` take it as the one configured
+    /// (`[[outbox]]` sections or `tables`), `replay` and `parked …` take it as the one configured
     /// table to act on (required by `replay`, `parked retry` and `parked drop`).
     #[arg(long, env = "OUTBOX_TABLE")]
     pub table: Option<String>,

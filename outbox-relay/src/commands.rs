@@ -71,7 +71,7 @@ fn read_err(context: &str) -> impl Fn(ReadError) -> CommandError + '_ {
 /// Connects to the configured database, for a command on the configured table. A multi-table
 /// configuration (`[[outbox]]`, `tables`) is refused: the callers work on one table without a
 /// selector (`slot …`), and silently using the default `outbox` would act on a table the relay
-/// does not relay. The commands that take `--table` choose their table with [`one_table`].
+/// does not relay. The commands that take `--table` choose their table with `one_table` (the configured table `--table` names).
 pub async fn connect(config: &RelayConfig) -> Result<(PgConnection, OutboxTable)> {
     if config.is_multi_table() {
         return Err(CommandError::usage(
@@ -621,7 +621,7 @@ fn probe_event(aggregate_type: &str, event_type: &str, topic: Option<String>) ->
 /// so consumers that dedupe by id are unaffected. Returns how many were published.
 ///
 /// With several tables, `selector` (`--table`) names the table; its events are routed by that
-/// table's own route (see [`one_table`]).
+/// table's own route.
 pub async fn replay(
     config: &RelayConfig,
     selector: Option<&str>,

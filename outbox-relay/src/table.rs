@@ -213,7 +213,7 @@ fn statement(table: &OutboxTable, template: &str) -> SqlStr {
 /// park it; only a row without the event columns (the statement is not one of this module's) is
 /// an error.
 ///
-/// Each column is read by its position (the event columns come first, in [`EVENT_COLUMNS`]'
+/// Each column is read by its position (the event columns come first, in the relay's fixed event-column
 /// order) and checked by name. A typed column is decoded by the type PostgreSQL reports for it:
 /// `uuid`, `smallint`/`integer`/`bigint` and `timestamptz` as typed values, text types as text
 /// (a table created by hand with a `varchar` id still decodes, its ids parsed). A value of any

@@ -19,7 +19,7 @@ pub mod redis;
 /// A broker the guarantee suite (`tests/tests/sink_guarantees.rs`) runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SinkUnderTest {
-    /// The Kafka-protocol broker of [`crate::services`].
+    /// The Kafka-protocol broker of [`crate::services`](mod@crate::services).
     Kafka,
     /// NATS JetStream ([`nats`]).
     Nats,

@@ -317,7 +317,7 @@ pub fn rabbitmq_queue(destination: &str, group: &str) -> String {
 }
 
 /// Counters of a consumer, whichever broker it reads: the Kafka loop's own, or the same ones
-/// kept by [`run`] for the other brokers.
+/// kept by [`Consumer::run`] for the other brokers.
 #[derive(Debug, Clone)]
 pub struct SourceStats(StatsInner);
 

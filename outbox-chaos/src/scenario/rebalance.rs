@@ -1,4 +1,4 @@
-//! The `rebalance` scenario ([`Fault::Rebalance`]): relays join, leave and are paused past their
+//! The `rebalance` scenario ([`Fault::Rebalance`](super::Fault::Rebalance)): relays join, leave and are paused past their
 //! lease while writers commit on [`AGGREGATES`] aggregates, and who relays what is read from
 //! PostgreSQL's lock table throughout.
 //!
