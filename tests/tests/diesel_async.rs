@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use diesel::QueryableByName;
 use diesel::sql_types::{Array, BigInt, Text, Uuid as PgUuid};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use outbox_core::{NewEvent, Outbox, OutboxTable, SCHEMA_VERSION};
+use outbox_core::{NewEvent, Outbox, OutboxTable, SCHEMA_VERSION, WriteMode};
 use outbox_tests::*;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -331,6 +331,118 @@ async fn a_diesel_async_write_outside_a_transaction_is_refused_and_writes_nothin
             .map(|id| vec![id]),
     );
     assert_eq!(count_rows(&db).await?, 4);
+    Ok(())
+}
+
+/// The logical-replication write modes through the adapter: what a rolled-back transaction wrote
+/// never reaches the decoded WAL; a committed one's batch inserts-and-deletes its rows, or emits
+/// one transactional message per event, in order.
+#[tokio::test]
+async fn the_diesel_async_adapter_writes_the_logical_modes_in_the_callers_transaction() -> Result<()>
+{
+    let db = TestDb::migrated("diesel_async_modes").await?;
+    // A test_decoding slot shows exactly what reaches the WAL (committed transactions only).
+    let slot = unique("diesel");
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'test_decoding')")
+        .bind(&slot)
+        .execute(&db.pool)
+        .await?;
+    let insert_delete = Outbox::default().with_write_mode(WriteMode::InsertDelete);
+    let message = Outbox::default().with_write_mode(WriteMode::LogicalMessage);
+    let events = |event_type: &str| {
+        vec![
+            NewEvent::new("order", "1", event_type, Some(json!({ "n": 1 }))),
+            NewEvent::new("order", "1", event_type, None).with_header("tenant", "acme"),
+        ]
+    };
+    let mut conn = diesel_connection(&db).await?;
+
+    let mut rolled_back = Vec::new();
+    let outcome = conn
+        .transaction::<(), Error, _>(async |conn| {
+            rolled_back.extend(
+                insert_delete
+                    .publish_new_diesel_async(conn, events("RolledBack"))
+                    .await?,
+            );
+            rolled_back.extend(
+                message
+                    .publish_new_diesel_async(conn, events("RolledBack"))
+                    .await?,
+            );
+            Err(diesel::result::Error::RollbackTransaction.into())
+        })
+        .await;
+    assert!(outcome.is_err());
+    assert_eq!(rolled_back.len(), 4);
+
+    let (deleted, messaged) = conn
+        .transaction::<_, Error, _>(async |conn| {
+            let deleted = insert_delete
+                .publish_new_diesel_async(conn, events("ViaInsertDelete"))
+                .await?;
+            let messaged = message
+                .publish_new_diesel_async(conn, events("ViaMessage"))
+                .await?;
+            Ok((deleted, messaged))
+        })
+        .await?;
+
+    assert_eq!(
+        count_rows(&db).await?,
+        0,
+        "neither logical mode leaves a row"
+    );
+    let changes: Vec<String> =
+        sqlx::query_scalar("SELECT data FROM pg_logical_slot_get_changes($1, NULL, NULL)")
+            .bind(&slot)
+            .fetch_all(&db.pool)
+            .await?;
+    let all = changes.join("\n");
+    for id in &rolled_back {
+        assert!(
+            !all.contains(&id.to_string()),
+            "rolled back {id} decoded:\n{all}"
+        );
+    }
+    for id in &deleted {
+        assert!(
+            all.contains(&format!("id[uuid]:'{id}'")),
+            "{id} not inserted:\n{all}"
+        );
+    }
+    assert_eq!(
+        all.matches("table public.outbox: DELETE").count(),
+        2,
+        "{all}"
+    );
+    let messages: Vec<outbox_core::StoredEvent> = changes
+        .iter()
+        .filter(|c| c.contains("prefix: outbox") && c.contains("transactional: 1"))
+        .map(|c| {
+            let content = c.split_once("content:").expect("message content").1.trim();
+            outbox_core::StoredEvent::from_logical_message(content.as_bytes())
+        })
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        messages.iter().map(|m| m.id).collect::<Vec<_>>(),
+        messaged,
+        "{all}"
+    );
+    assert_eq!(messages[0].event_type, "ViaMessage");
+    assert_eq!(messages[0].payload.as_deref(), Some(r#"{"n": 1}"#));
+    assert_eq!(messages[1].payload, None);
+    assert!(
+        messages[1]
+            .headers
+            .contains(&("tenant".to_owned(), "acme".to_owned())),
+        "{:?}",
+        messages[1].headers
+    );
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(&slot)
+        .execute(&db.pool)
+        .await?;
     Ok(())
 }
 
