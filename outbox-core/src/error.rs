@@ -43,6 +43,22 @@ pub enum Error {
     #[cfg(feature = "tokio-postgres")]
     #[error("database error (tokio-postgres): {0}")]
     TokioPostgres(#[from] tokio_postgres::Error),
+    /// diesel (through diesel-async) refused a statement, or the connection's transaction
+    /// manager is broken (feature `diesel-async`).
+    #[cfg(feature = "diesel-async")]
+    #[error("database error (diesel): {0}")]
+    Diesel(#[from] diesel::result::Error),
+    /// An event was to be written on a diesel-async connection that is not inside a transaction,
+    /// where it would have been committed apart from the business data (feature `diesel-async`).
+    /// Nothing was written. Publish inside `conn.transaction(…)`, or, for a write that has no
+    /// business data to pair with, run [`crate::Outbox::prepare_write`]'s statements yourself.
+    #[cfg(feature = "diesel-async")]
+    #[error(
+        "the diesel-async connection is not inside a transaction: an outbox event must be written \
+         in the transaction of its business data (use `conn.transaction(..)`, or \
+         `Outbox::prepare_write` for a deliberate autocommit write)"
+    )]
+    NotInTransaction,
     /// The outbox schema in the database is newer than this library knows.
     #[error(
         "outbox table {table} is at schema version {found}, newer than this library's {known}: upgrade outbox-core"

@@ -40,6 +40,7 @@
 //! |---|---|---|
 //! | sqlx 0.9 | (default) | [`Outbox::publish`]`(&mut *tx, &event)` |
 //! | tokio-postgres, deadpool-postgres, bb8-postgres | `tokio-postgres` | `Outbox::publish_tokio_postgres(&tx, &event)` |
+//! | diesel-async (`AsyncPgConnection`) | `diesel-async` | `Outbox::publish_diesel_async(conn, &event)` inside `conn.transaction(…)` |
 //! | any other | (none) | [`Outbox::prepare_write`], then run its statements on your transaction |
 //!
 //! Every layer runs the same statements ([`OutboxWrite`]), so the rows are the same whichever
@@ -69,6 +70,8 @@
 
 #[cfg(feature = "kafka")]
 pub mod consumer;
+#[cfg(feature = "diesel-async")]
+mod diesel_pg;
 mod error;
 mod event;
 pub mod inbox;
