@@ -84,6 +84,7 @@ impl RelayConfig {
             ));
         }
         Router::new(&self.route).map_err(|e| ConfigError::new("route.topic", e.to_string()))?;
+        crate::route::schemas::validate(self)?;
         if let Some(topic) = &self.dead_letter_topic {
             outbox_core::validate_topic(topic)
                 .map_err(|reason| ConfigError::new("dead_letter_topic", reason))?;
