@@ -9,6 +9,9 @@
 //! `time-*` `HH:MM:SS[.fff]`, `uuid` a UUID string. A record field absent from the JSON takes its
 //! schema default; a JSON member the record does not declare is an error (it would be lost).
 //! `decimal` and `duration` are not supported from JSON (an error names the field).
+//!
+//! Errors name the path and what was expected, never a value of the payload (they end up in
+//! park reasons and logs); map keys in paths are shown as `[…]`.
 
 use std::collections::HashMap;
 
@@ -122,7 +125,7 @@ fn convert(
                     return Err(fail(
                         path,
                         format!(
-                            "`{s}` is not a symbol of enum `{}` ({})",
+                            "not a symbol of enum `{}` ({})",
                             e.name,
                             e.symbols.join(", ")
                         ),
@@ -149,7 +152,8 @@ fn convert(
                 let mut out = HashMap::with_capacity(members.len());
                 for (k, v) in members {
                     let len = path.len();
-                    path.push_str(&format!("[{k:?}]"));
+                    // Map keys are data: not shown.
+                    path.push_str("[…]");
                     out.insert(k.clone(), convert(&m.types, v, names, namespace, path)?);
                     path.truncate(len);
                 }
@@ -227,7 +231,7 @@ fn convert(
         Schema::Date => match json {
             Json::String(s) => {
                 let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
-                    .map_err(|e| fail(path, format!("`{s}` is not an ISO date: {e}")))?;
+                    .map_err(|e| fail(path, format!("not an ISO date: {e}")))?;
                 let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("epoch");
                 Avro::Date((d - epoch).num_days() as i32)
             }
@@ -255,8 +259,7 @@ fn convert(
         }
         Schema::Uuid(_) => match json {
             Json::String(s) => Avro::Uuid(
-                uuid::Uuid::parse_str(s)
-                    .map_err(|e| fail(path, format!("`{s}` is not a UUID: {e}")))?,
+                uuid::Uuid::parse_str(s).map_err(|e| fail(path, format!("not a UUID: {e}")))?,
             ),
             _ => return Err(mismatch(path, "a UUID string")),
         },
@@ -306,12 +309,13 @@ fn int(json: &Json, path: &str) -> Result<i32, AvroFitError> {
             format!("expected an integer (int), found {}", describe(json)),
         )
     })?;
-    i32::try_from(n).map_err(|_| fail(path, format!("{n} does not fit a 32-bit int")))
+    i32::try_from(n).map_err(|_| fail(path, "the integer does not fit a 32-bit int"))
 }
 
 fn describe(json: &Json) -> String {
     match json {
-        Json::Number(n) => format!("the number {n}"),
+        Json::Number(n) if n.is_f64() => "a fractional number".to_owned(),
+        Json::Number(_) => "an integer out of range".to_owned(),
         other => kind(other).to_owned(),
     }
 }
@@ -328,7 +332,10 @@ fn latin1(json: &Json, path: &str) -> Result<Vec<u8>, AvroFitError> {
             u8::try_from(u32::from(c)).map_err(|_| {
                 fail(
                     path,
-                    format!("character `{c}` is not a byte (code point > 255)"),
+                    format!(
+                        "a character is not a byte (code point {} > 255)",
+                        u32::from(c)
+                    ),
                 )
             })
         })
@@ -337,12 +344,8 @@ fn latin1(json: &Json, path: &str) -> Result<Vec<u8>, AvroFitError> {
 
 fn time_of_day_micros(s: &str, path: &str) -> Result<i64, AvroFitError> {
     use chrono::Timelike;
-    let t = chrono::NaiveTime::parse_from_str(s, "%H:%M:%S%.f").map_err(|e| {
-        fail(
-            path,
-            format!("`{s}` is not a time of day (HH:MM:SS[.fff]): {e}"),
-        )
-    })?;
+    let t = chrono::NaiveTime::parse_from_str(s, "%H:%M:%S%.f")
+        .map_err(|e| fail(path, format!("not a time of day (HH:MM:SS[.fff]): {e}")))?;
     Ok(i64::from(t.num_seconds_from_midnight()) * 1_000_000 + i64::from(t.nanosecond() / 1000))
 }
 
@@ -359,14 +362,14 @@ fn timestamp(json: &Json, path: &str, unit: Unit) -> Result<i64, AvroFitError> {
     let t = chrono::DateTime::parse_from_rfc3339(s)
         .map(|t| t.naive_utc())
         .or_else(|_| chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f"))
-        .map_err(|e| fail(path, format!("`{s}` is not an RFC 3339 date-time: {e}")))?;
+        .map_err(|e| fail(path, format!("not an RFC 3339 date-time: {e}")))?;
     let utc = t.and_utc();
     match unit {
         Unit::Millis => Ok(utc.timestamp_millis()),
         Unit::Micros => Ok(utc.timestamp_micros()),
         Unit::Nanos => utc
             .timestamp_nanos_opt()
-            .ok_or_else(|| fail(path, format!("`{s}` is out of range for nanoseconds"))),
+            .ok_or_else(|| fail(path, "out of range for nanoseconds")),
     }
 }
 
@@ -462,6 +465,10 @@ mod tests {
             *p.pointer_mut(pointer).unwrap() = bad;
             let e = json_to_avro(&schema, &p).unwrap_err();
             assert!(e.to_string().contains(expect), "{pointer}: {e}");
+            // No payload value in the message (it is logged and stored as the park reason).
+            for value in ["twelve", "BROKERAGE"] {
+                assert!(!e.to_string().contains(value), "{pointer}: {e}");
+            }
         }
         let mut p = payload();
         p.as_object_mut().unwrap().remove("id");

@@ -162,8 +162,8 @@ impl ValueSchema {
     /// The body of a value for the JSON text `payload`, without the wire header: the Avro
     /// binary datum, or the JSON bytes as given once they validate.
     ///
-    /// Guarantee: fails, naming the mismatch, for any payload the schema does not accept;
-    /// never panics on bad input.
+    /// Guarantee: fails, naming where and which schema rule, for any payload the schema does
+    /// not accept, without quoting the payload's values; never panics on bad input.
     pub fn encode_body(&self, payload: &str) -> Result<Vec<u8>, EncodeError> {
         let json: serde_json::Value =
             serde_json::from_str(payload).map_err(|e| EncodeError::NotJson(e.to_string()))?;
@@ -184,13 +184,15 @@ impl ValueSchema {
                 let errors: Vec<String> = validator
                     .iter_errors(&json)
                     .take(3)
+                    // The instance path and the failing keyword, not the validator's message:
+                    // that quotes the payload's value, and this ends up in logs.
                     .map(|e| {
                         let at = e.instance_path().to_string();
-                        if at.is_empty() {
-                            e.to_string()
-                        } else {
-                            format!("{at}: {e}")
-                        }
+                        format!(
+                            "{}: fails the schema at {}",
+                            if at.is_empty() { "/" } else { &at },
+                            e.schema_path()
+                        )
                     })
                     .collect();
                 if errors.is_empty() {
@@ -227,8 +229,10 @@ mod tests {
         assert_eq!(s.record_name(), Some("Opened"));
         let v = s.encode(9, r#"{"id": "a"}"#).unwrap();
         assert_eq!(wire::decode(&v).unwrap(), (9, &br#"{"id": "a"}"#[..]));
-        let e = s.encode(9, r#"{"id": 1}"#).unwrap_err();
+        let e = s.encode(9, r#"{"id": 4711}"#).unwrap_err();
         assert!(e.to_string().contains("/id"), "{e}");
+        assert!(e.to_string().contains("/properties/id/type"), "{e}");
+        assert!(!e.to_string().contains("4711"), "no payload value: {e}");
         assert!(matches!(s.encode(9, "{"), Err(EncodeError::NotJson(_))));
         assert!(ValueSchema::parse(SchemaFormat::JsonSchema, r#"{"type": 3}"#).is_err());
     }
