@@ -637,3 +637,62 @@ async fn a_registry_outage_delays_relaying_and_loses_nothing() -> Result<()> {
     ensure!(code == 0, "exit {code}: {log}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schemad_event_the_broker_refuses_is_parked_as_json_and_parked_retry_encodes_it()
+-> Result<()> {
+    init_logging();
+    let db = TestDb::migrated("schema_refused").await?;
+    let (url, reg) = fake_registry().await?;
+    let aggregate_type = unique("acct");
+    let opened_topic = format!("{aggregate_type}.opened");
+    create_topic(&opened_topic, 1).await?;
+    let setup = setup(&url, &opened_topic, OPENED_AVSC)?;
+    let config = setup.config.to_str().context("utf-8 path")?;
+    let small = (
+        "OUTBOX_KAFKA_PROPERTIES",
+        "message.max.bytes=10000,batch.size=10000",
+    );
+    let relay = RelayProcess::start(&db, &["--config", config], &[small]).await?;
+    // Encoded, this value is larger than the producer's message.max.bytes: refused for good.
+    let big = opened("big", json!(1), json!("x".repeat(20_000)));
+    let big_id = insert(&db.pool, &aggregate_type, "big", "AccountOpened", &big).await?;
+    let fine = opened("fine", json!(2), json!(null));
+    let fine_id = insert(&db.pool, &aggregate_type, "fine", "AccountOpened", &fine).await?;
+    let records = consume_raw(&opened_topic, 1).await?;
+    ensure!(records[0].id() == fine_id);
+    parked_reasons(&db.pool, 1).await?;
+    // Parked with its JSON payload, not the encoded bytes (the park table holds JSON).
+    let parked: Value = sqlx::query_scalar("SELECT payload FROM outbox_parked WHERE id = $1")
+        .bind(big_id)
+        .fetch_one(&db.pool)
+        .await?;
+    ensure!(parked == big, "parked payload: {parked}");
+    let (code, log) = relay.terminate(WAIT).await?;
+    ensure!(code == 0, "exit {code}: {log}");
+
+    // `parked retry` with room for it publishes it, encoded like the relay does.
+    let out = relay_cli_on(
+        &db,
+        &["parked", "retry", "--all", "--config", config],
+        &[(
+            "OUTBOX_KAFKA_PROPERTIES",
+            "message.max.bytes=100000,batch.size=100000",
+        )],
+    )
+    .await?;
+    ensure!(out.code == 0, "parked retry: {}", out.text());
+    let records = consume_raw(&opened_topic, 2).await?;
+    let retried = records
+        .iter()
+        .find(|r| r.id() == big_id)
+        .context("retried record")?;
+    let (schema_id, body) = wire::decode(&retried.value)?;
+    ensure!(Some(schema_id) == subject_id(&reg, &format!("{opened_topic}-value")));
+    let schema = AvroSchema::parse_str(OPENED_AVSC)?;
+    let datum = outbox_schema::apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+        .build()?
+        .read_value(&mut &body[..])?;
+    ensure!(Value::try_from(datum)? == big);
+    Ok(())
+}
