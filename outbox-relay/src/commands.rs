@@ -675,7 +675,7 @@ pub async fn replay(
             .collect::<std::result::Result<Vec<_>, _>>()?;
         after = events.last().and_then(|e| e.seq).unwrap_or(after);
         router
-            .prepare_schemas(&events, false)
+            .prepare_schemas(&events)
             .await
             .map_err(|e| CommandError::runtime(e.to_string()))?;
         let records = events
@@ -848,7 +848,7 @@ pub async fn parked_retry(
                 break;
             }
             router
-                .prepare_schemas(&events, false)
+                .prepare_schemas(&events)
                 .await
                 .map_err(|e| CommandError::runtime(e.to_string()))?;
             let mut done = Vec::new();

@@ -158,9 +158,8 @@ impl Pump<'_> {
         // planning encodes them without I/O.
         self.relay
             .router
-            .prepare_schemas(batch.iter().map(|e| &e.event), true)
-            .await
-            .expect("waiting for the registry never fails");
+            .wait_for_schemas(batch.iter().map(|e| &e.event))
+            .await;
         let (plan, mut records) = plan_batch(&self.relay.router, &batch, &mut blocked, hold);
         let bytes = batch
             .iter()

@@ -72,7 +72,8 @@ type Registration = Result<u32, String>;
 pub struct ValueSchemas {
     client: RegistryClient,
     by_type: HashMap<String, TypeSchema>,
-    ids: RwLock<HashMap<(String, String), Registration>>,
+    /// Registrations by event type, then subject (looked up without allocating).
+    ids: RwLock<HashMap<String, HashMap<String, Registration>>>,
 }
 
 /// Loads the schema files of `settings`; every error names the setting and the file.
@@ -189,8 +190,19 @@ impl ValueSchemas {
         self.ids
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&(event_type.to_owned(), subject.to_owned()))
+            .get(event_type)
+            .and_then(|by_subject| by_subject.get(subject))
             .cloned()
+    }
+
+    /// Remembers the registration of `subject` for `event_type`.
+    fn remember(&self, event_type: &str, subject: &str, registration: Registration) {
+        self.ids
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(event_type.to_owned())
+            .or_default()
+            .insert(subject.to_owned(), registration);
     }
 
     /// Checks compatibility and registers the schema of `event_type` under `subject` once;
@@ -229,10 +241,7 @@ impl ValueSchemas {
                 Err(format!("{}: {e}", ts.describe()))
             }
         };
-        self.ids
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert((event_type.to_owned(), subject.to_owned()), outcome.clone());
+        self.remember(event_type, subject, outcome.clone());
         Ok(outcome)
     }
 
@@ -329,22 +338,38 @@ impl Router {
                 .register_checked(&subject, ts.schema.text(), ts.schema.format())
                 .await
                 .map_err(error)?;
-            schemas
-                .ids
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert((event_type.clone(), subject.clone()), Ok(id));
+            schemas.remember(&event_type, &subject, Ok(id));
             registered.push((subject, id));
         }
         Ok(registered)
     }
 
     /// Registers the subjects the schema'd `events` need that are not registered yet, so that
-    /// [`Router::route`] can encode them without I/O. With `wait`, a registry that cannot be
-    /// reached is retried with backoff until it answers (relaying is delayed, never failed);
-    /// without, the first transient failure is returned. A refusal is remembered: the events
-    /// of that subject are then parked by [`Router::route`] with the registry's reason.
+    /// [`Router::route`] can encode them without I/O; a registry that cannot be reached is
+    /// retried with backoff (up to 5 s apart, a warning each time) until it answers, so relaying
+    /// is delayed, never failed. A refusal (incompatible, invalid) is remembered: the events of
+    /// that subject are then parked by [`Router::route`] with the registry's reason.
+    pub fn wait_for_schemas<'e>(
+        &self,
+        events: impl IntoIterator<Item = &'e StoredEvent>,
+    ) -> impl Future<Output = ()> + Send + '_ {
+        let prepared = self.prepare(events, true);
+        async move {
+            // With `wait`, only a registration is returned: transient failures are retried.
+            let _ = prepared.await;
+        }
+    }
+
+    /// [`Router::wait_for_schemas`] for one-shot commands: the first failure to reach the
+    /// registry is returned instead of waited out.
     pub fn prepare_schemas<'e>(
+        &self,
+        events: impl IntoIterator<Item = &'e StoredEvent>,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send + '_ {
+        self.prepare(events, false)
+    }
+
+    fn prepare<'e>(
         &self,
         events: impl IntoIterator<Item = &'e StoredEvent>,
         wait: bool,
@@ -561,11 +586,7 @@ mod tests {
                 .reason
                 .contains("not registered")
         );
-        schemas
-            .ids
-            .write()
-            .unwrap()
-            .insert(("Opened".into(), "accounts.Opened-value".into()), Ok(21));
+        schemas.remember("Opened", "accounts.Opened-value", Ok(21));
         let rec = router.route(&event).unwrap();
         // Magic byte, id 21, then the zig-zag varint of 5.
         assert_eq!(rec.payload.as_deref(), Some(&[0, 0, 0, 0, 21, 10][..]));
