@@ -793,7 +793,9 @@ pub enum Selection {
 
 /// The router and a connected sink (the configured broker) for a command that publishes events.
 async fn publisher(config: &RelayConfig) -> Result<(Router, Box<dyn Sink>)> {
-    let router = Router::from_config(config).map_err(|e| CommandError::usage(e.to_string()))?;
+    let router = config
+        .router()
+        .map_err(|e| CommandError::usage(e.to_string()))?;
     let sink = crate::sink::select::from_config(config)
         .map_err(|e| CommandError::usage(Report(&e).to_string()))?;
     sink.check_connection()

@@ -241,7 +241,7 @@ async fn run_relay(config: RelayConfig) -> i32 {
     // Value schemas whose subject is known now are checked and registered before anything
     // else: an incompatible schema or an unreachable registry stops the start, loudly. (Other
     // subjects are registered at first use; a configuration error is reported just below.)
-    if let Ok(router) = outbox_relay::route::Router::from_config(&config) {
+    if let Ok(router) = config.router() {
         match router.register_static_schemas().await {
             Ok(registered) => {
                 for (subject, id) in registered {

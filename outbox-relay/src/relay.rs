@@ -173,7 +173,7 @@ impl Relay {
     /// Validates the configuration; nothing is connected yet.
     pub fn new(config: RelayConfig) -> Result<Self, RelayError> {
         let table = config.validate()?;
-        let router = Router::from_config(&config)?;
+        let router = config.router()?;
         let options = connect_options(&config)?;
         Ok(Self {
             config,

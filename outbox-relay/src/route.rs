@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 pub mod schemas;
 
-pub use schemas::{SchemaSetupError, ValueSchemaSettings, ValueSchemas};
+pub use schemas::{SchemaSettingError, SchemaSetupError, ValueSchemaSettings, ValueSchemas};
 
 /// The default topic template (Debezium's `route.topic.replacement`).
 pub const DEFAULT_TOPIC_TEMPLATE: &str = "outbox.event.{aggregatetype}";
@@ -340,7 +340,7 @@ pub struct OutboundRecord {
 }
 
 /// Maps events to records. Built once from [`RouteSettings`] (and, with value schemas, the
-/// relay's configuration: [`Router::from_config`]); routing itself never fails except for an
+/// relay's configuration: [`RelayConfig::router`](crate::config::RelayConfig::router)); routing itself never fails except for an
 /// event whose values render an illegal topic name, or whose payload does not fit its value
 /// schema.
 #[derive(Debug, Clone)]
@@ -352,7 +352,7 @@ pub struct Router {
     cloudevents_source: String,
     /// `route.allowed_topics`, or the template's and routes' own patterns.
     allowed: Vec<TopicPattern>,
-    /// Value schemas and their registry ([`Router::from_config`]); shared by clones, with the
+    /// Value schemas and their registry ([`RelayConfig::router`](crate::config::RelayConfig::router)); shared by clones, with the
     /// schema ids registered so far.
     schemas: Option<Arc<ValueSchemas>>,
 }

@@ -19,8 +19,29 @@ use std::time::Duration;
 use outbox_core::StoredEvent;
 use outbox_schema::{RegistryClient, RegistryError, SchemaFormat, SubjectStrategy, ValueSchema};
 
-use super::{RouteError, Router, TopicTemplate};
-use crate::config::{ConfigError, RelayConfig};
+use outbox_schema::RegistryConfig;
+
+use super::{RouteError, RouteSettings, Router, TopicTemplate};
+
+/// A value-schema setting that cannot be used: the setting (as in the configuration file) and
+/// why. The configuration turns it into its own error type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid setting `{key}`: {reason}")]
+pub struct SchemaSettingError {
+    /// The setting, e.g. `route.value_schemas[0].schema_file`.
+    pub key: String,
+    /// What is wrong, naming the schema file where there is one.
+    pub reason: String,
+}
+
+impl SchemaSettingError {
+    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
 
 /// One `[[route.value_schemas]]` entry: the value schema of one event type.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -80,13 +101,13 @@ pub struct ValueSchemas {
 fn load(
     entries: &[ValueSchemaSettings],
     default_strategy: SubjectStrategy,
-) -> Result<HashMap<String, TypeSchema>, ConfigError> {
+) -> Result<HashMap<String, TypeSchema>, SchemaSettingError> {
     let mut by_type = HashMap::new();
     for (i, entry) in entries.iter().enumerate() {
         let key = |field: &str| format!("route.value_schemas[{i}].{field}");
         let file = &entry.schema_file;
         let format = SchemaFormat::parse(&entry.format).ok_or_else(|| {
-            ConfigError::new(
+            SchemaSettingError::new(
                 key("format"),
                 format!(
                     "unknown format `{}` for {} (avro, json_schema; protobuf is not supported)",
@@ -96,17 +117,17 @@ fn load(
             )
         })?;
         let text = std::fs::read_to_string(file).map_err(|e| {
-            ConfigError::new(
+            SchemaSettingError::new(
                 key("schema_file"),
                 format!("cannot read {}: {e}", file.display()),
             )
         })?;
         let schema = ValueSchema::parse(format, &text).map_err(|e| {
-            ConfigError::new(key("schema_file"), format!("{}: {e}", file.display()))
+            SchemaSettingError::new(key("schema_file"), format!("{}: {e}", file.display()))
         })?;
         let strategy = entry.subject_strategy.unwrap_or(default_strategy);
         if strategy != SubjectStrategy::Topic && schema.record_name().is_none() {
-            return Err(ConfigError::new(
+            return Err(SchemaSettingError::new(
                 key("subject_strategy"),
                 format!(
                     "`{}` needs a record name, and {} has none (an Avro named type, or a JSON Schema `title`)",
@@ -116,7 +137,7 @@ fn load(
             ));
         }
         if by_type.contains_key(&entry.event_type) {
-            return Err(ConfigError::new(
+            return Err(SchemaSettingError::new(
                 key("event_type"),
                 format!("`{}` has a value schema already", entry.event_type),
             ));
@@ -133,41 +154,35 @@ fn load(
     Ok(by_type)
 }
 
-/// Checks `[[route.value_schemas]]` and `[schema_registry]` without connecting: formats, files,
-/// schemas, strategies, the registry settings; and that CloudEvents structured mode (which would
-/// wrap the encoded value in a JSON envelope) is not combined with value schemas.
-pub fn validate(config: &RelayConfig) -> Result<(), ConfigError> {
-    ValueSchemas::from_config(config).map(|_| ())
-}
-
 impl ValueSchemas {
-    /// The value schemas of `config.route` with a client for `config.schema_registry`; `None`
-    /// when the route has none.
-    pub fn from_config(config: &RelayConfig) -> Result<Option<Self>, ConfigError> {
-        let registry = config.schema_registry.client_config()?;
-        if config.route.value_schemas.is_empty() {
+    /// Loads the value schemas of `route` (`[[route.value_schemas]]`) and a client for
+    /// `registry`; `None` when the route has none. Checks, without connecting: formats, files,
+    /// schemas, strategies (`default_strategy` for entries without their own), that a registry
+    /// is configured, and that CloudEvents structured mode (which would wrap the encoded value
+    /// in a JSON envelope) is not combined with value schemas.
+    pub fn new(
+        route: &RouteSettings,
+        default_strategy: SubjectStrategy,
+        registry: Option<&RegistryConfig>,
+    ) -> Result<Option<Self>, SchemaSettingError> {
+        if route.value_schemas.is_empty() {
             return Ok(None);
         }
-        let by_type = load(
-            &config.route.value_schemas,
-            config.schema_registry.subject_strategy,
-        )?;
-        if config.route.cloudevents
-            && config.route.cloudevents_mode == super::CloudEventsMode::Structured
-        {
-            return Err(ConfigError::new(
+        let by_type = load(&route.value_schemas, default_strategy)?;
+        if route.cloudevents && route.cloudevents_mode == super::CloudEventsMode::Structured {
+            return Err(SchemaSettingError::new(
                 "route.cloudevents_mode",
                 "`structured` wraps the value in a JSON envelope and cannot carry schema'd values: use `binary` with route.value_schemas",
             ));
         }
         let registry = registry.ok_or_else(|| {
-            ConfigError::new(
+            SchemaSettingError::new(
                 "schema_registry.url",
                 "route.value_schemas needs a schema registry: set schema_registry.url",
             )
         })?;
-        let client = RegistryClient::new(&registry)
-            .map_err(|e| ConfigError::new("schema_registry.url", e.to_string()))?;
+        let client = RegistryClient::new(registry)
+            .map_err(|e| SchemaSettingError::new("schema_registry.url", e.to_string()))?;
         Ok(Some(Self {
             client,
             by_type,
@@ -295,14 +310,10 @@ pub struct SchemaSetupError {
 }
 
 impl Router {
-    /// A router for `config`: [`Router::new`] of `config.route` plus its value schemas
-    /// (`[[route.value_schemas]]`, registered with `[schema_registry]`). Every error names the
-    /// setting.
-    pub fn from_config(config: &RelayConfig) -> Result<Self, ConfigError> {
-        let mut router = Router::new(&config.route)
-            .map_err(|e| ConfigError::new("route.topic", e.to_string()))?;
-        router.schemas = ValueSchemas::from_config(config)?.map(Arc::new);
-        Ok(router)
+    /// This router, encoding the values of the event types `schemas` has schemas for.
+    pub fn with_value_schemas(mut self, schemas: Option<ValueSchemas>) -> Self {
+        self.schemas = schemas.map(Arc::new);
+        self
     }
 
     /// Whether events of `event_type` are encoded with a value schema.
@@ -483,13 +494,6 @@ mod tests {
         path
     }
 
-    fn config(entries: Vec<ValueSchemaSettings>) -> RelayConfig {
-        let mut c = RelayConfig::default();
-        c.schema_registry.url = Some("http://127.0.0.1:1".into());
-        c.route.value_schemas = entries;
-        c
-    }
-
     fn entry(event_type: &str, format: &str, file: PathBuf) -> ValueSchemaSettings {
         ValueSchemaSettings {
             event_type: event_type.into(),
@@ -503,62 +507,24 @@ mod tests {
         "fields": [{"name": "n", "type": "long"}]}"#;
 
     #[test]
-    fn configuration_errors_name_the_setting_and_the_file() {
-        let dir = std::env::temp_dir().join(format!("outbox-schemas-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let good = write(&dir, "opened.avsc", AVSC);
-        let bad = write(&dir, "bad.avsc", r#"{"type": "recrod"}"#);
-        let untitled = write(&dir, "untitled.json", r#"{"type": "object"}"#);
-        let cases = [
-            (
-                entry("A", "protobuf", good.clone()),
-                "route.value_schemas[0].format",
-                "opened.avsc",
-            ),
-            (
-                entry("A", "avro", dir.join("missing.avsc")),
-                "route.value_schemas[0].schema_file",
-                "missing.avsc",
-            ),
-            (
-                entry("A", "avro", bad.clone()),
-                "route.value_schemas[0].schema_file",
-                "bad.avsc",
-            ),
-            (
-                ValueSchemaSettings {
-                    subject_strategy: Some(SubjectStrategy::Record),
-                    ..entry("A", "json_schema", untitled.clone())
-                },
-                "route.value_schemas[0].subject_strategy",
-                "untitled.json",
-            ),
-        ];
-        for (e, key, file) in cases {
-            let err = validate(&config(vec![e])).unwrap_err();
-            assert_eq!(err.key, key, "{err}");
-            assert!(err.reason.contains(file), "{err}");
-        }
-        let mut c = config(vec![entry("A", "avro", good.clone())]);
-        c.schema_registry.url = None;
-        assert_eq!(validate(&c).unwrap_err().key, "schema_registry.url");
-        let mut c = config(vec![entry("A", "avro", good.clone())]);
-        c.route.cloudevents_mode = super::super::CloudEventsMode::Structured;
-        assert_eq!(validate(&c).unwrap_err().key, "route.cloudevents_mode");
-        validate(&config(vec![entry("A", "avro", good)])).unwrap();
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
     fn schemad_events_are_encoded_and_misfits_are_route_errors_naming_the_type() {
         let dir = std::env::temp_dir().join(format!("outbox-schemas-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = write(&dir, "opened.avsc", AVSC);
-        let mut c = config(vec![entry("Opened", "avro", file)]);
-        c.route
+        let mut route = RouteSettings::default();
+        route.value_schemas = vec![entry("Opened", "avro", file)];
+        route
             .routes
             .insert("Opened".into(), "accounts.{type}".into());
-        let router = Router::from_config(&c).unwrap();
+        let registry = RegistryConfig {
+            url: "http://127.0.0.1:1".into(),
+            username: None,
+            password: None,
+            timeout: Duration::from_secs(1),
+            ca_pem: None,
+        };
+        let schemas = ValueSchemas::new(&route, SubjectStrategy::Topic, Some(&registry)).unwrap();
+        let router = Router::new(&route).unwrap().with_value_schemas(schemas);
         let schemas = router.value_schemas().unwrap();
         assert_eq!(
             schemas.static_subjects(&router),
