@@ -674,6 +674,10 @@ pub async fn replay(
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         after = events.last().and_then(|e| e.seq).unwrap_or(after);
+        router
+            .prepare_schemas(&events)
+            .await
+            .map_err(|e| CommandError::runtime(e.to_string()))?;
         let records = events
             .iter()
             .map(|e| router.route(e))
@@ -789,7 +793,9 @@ pub enum Selection {
 
 /// The router and a connected sink (the configured broker) for a command that publishes events.
 async fn publisher(config: &RelayConfig) -> Result<(Router, Box<dyn Sink>)> {
-    let router = Router::new(&config.route).map_err(|e| CommandError::usage(e.to_string()))?;
+    let router = config
+        .router()
+        .map_err(|e| CommandError::usage(e.to_string()))?;
     let sink = crate::sink::select::from_config(config)
         .map_err(|e| CommandError::usage(Report(&e).to_string()))?;
     sink.check_connection()
@@ -843,6 +849,10 @@ pub async fn parked_retry(
             if events.is_empty() {
                 break;
             }
+            router
+                .prepare_schemas(&events)
+                .await
+                .map_err(|e| CommandError::runtime(e.to_string()))?;
             let mut done = Vec::new();
             let mut blocked = None;
             for e in &events {

@@ -14,6 +14,7 @@ pub mod load;
 pub mod nats;
 pub mod rabbitmq;
 pub mod redis;
+pub mod schema;
 pub mod tables;
 pub mod telemetry;
 mod validate;
@@ -22,6 +23,7 @@ pub use kafka::{KafkaPropertyError, KafkaSettings};
 pub use nats::{NatsSettings, NatsStreamSettings};
 pub use rabbitmq::RabbitmqSettings;
 pub use redis::RedisSettings;
+pub use schema::SchemaRegistrySettings;
 pub use tables::{OutboxEntry, TableOrigin, TablePattern};
 pub use telemetry::TelemetrySettings;
 
@@ -404,6 +406,8 @@ pub struct RelayConfig {
     pub dead_letter_topic: Option<String>,
     /// Routing.
     pub route: RouteSettings,
+    /// The schema registry of the route's value schemas (`[[route.value_schemas]]`).
+    pub schema_registry: SchemaRegistrySettings,
     /// The Kafka producer.
     pub kafka: KafkaSettings,
     /// The NATS JetStream sink (`sink = "nats"`).
@@ -447,6 +451,7 @@ impl Default for RelayConfig {
             admin: AdminSettings::default(),
             dead_letter_topic: None,
             route: RouteSettings::default(),
+            schema_registry: SchemaRegistrySettings::default(),
             kafka: KafkaSettings::default(),
             nats: NatsSettings::default(),
             redis: RedisSettings::default(),

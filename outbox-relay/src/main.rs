@@ -238,6 +238,26 @@ async fn run(config: RelayConfig) -> i32 {
 
 async fn run_relay(config: RelayConfig) -> i32 {
     let shutdown_timeout = config.shutdown_timeout;
+    // Value schemas whose subject is known now are checked and registered before anything
+    // else: an incompatible schema or an unreachable registry stops the start, loudly. (Other
+    // subjects are registered at first use; a configuration error is reported just below.)
+    if let Ok(router) = config.router() {
+        match router.register_static_schemas().await {
+            Ok(registered) => {
+                for (subject, id) in registered {
+                    tracing::info!(
+                        subject,
+                        schema_id = id,
+                        "value schema checked and registered"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::error!("cannot start: {}", Report(&e));
+                return if e.source.is_transient() { 1 } else { 2 };
+            }
+        }
+    }
     // One table, or one pipeline per table ([[outbox]] sections, a `tables` pattern).
     let relay = match RelayGroup::new(config) {
         Ok(r) => r,

@@ -173,8 +173,7 @@ impl Relay {
     /// Validates the configuration; nothing is connected yet.
     pub fn new(config: RelayConfig) -> Result<Self, RelayError> {
         let table = config.validate()?;
-        let router = Router::new(&config.route)
-            .map_err(|e| ConfigError::new("route.topic", e.to_string()))?;
+        let router = config.router()?;
         let options = connect_options(&config)?;
         Ok(Self {
             config,

@@ -18,11 +18,21 @@
 //! render (`outbox.event.*` for the default template), so the `topic` column may only pick
 //! topics inside that range unless an operator widens it. Kafka's internal `__…` topics are
 //! refused unless a pattern names them literally. A refused event is parked with the reason.
+//!
+//! Value schemas (`[[route.value_schemas]]`, [`schemas`]): the payload of an event type with a
+//! schema is encoded as Avro or checked against a JSON Schema and sent in the Confluent wire
+//! format; an event whose payload does not fit is parked with the schema error.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use outbox_core::{StoredEvent, validate_topic};
+use outbox_schema::SchemaFormat;
 use uuid::Uuid;
+
+pub mod schemas;
+
+pub use schemas::{SchemaSettingError, SchemaSetupError, ValueSchemaSettings, ValueSchemas};
 
 /// The default topic template (Debezium's `route.topic.replacement`).
 pub const DEFAULT_TOPIC_TEMPLATE: &str = "outbox.event.{aggregatetype}";
@@ -258,6 +268,10 @@ pub struct RouteSettings {
     /// can render. A list in files, comma-separated in the environment and flags.
     #[serde(deserialize_with = "list_or_comma_separated")]
     pub allowed_topics: Vec<String>,
+    /// Per-event-type value schemas (`[[route.value_schemas]]`): the payload is encoded as Avro
+    /// or checked against a JSON Schema and sent in the Confluent wire format; event types
+    /// without one keep the JSON value. Needs `[schema_registry]`.
+    pub value_schemas: Vec<ValueSchemaSettings>,
 }
 
 /// A list of strings, from a list or from one comma-separated string (environment, flags).
@@ -304,6 +318,7 @@ impl Default for RouteSettings {
             cloudevents_mode: CloudEventsMode::Binary,
             cloudevents_source: "/outbox/{aggregatetype}".to_owned(),
             allowed_topics: Vec::new(),
+            value_schemas: Vec::new(),
         }
     }
 }
@@ -315,16 +330,19 @@ pub struct OutboundRecord {
     pub topic: String,
     /// Record key: the aggregate id, or the event's `outbox-key` header when it has one.
     pub key: String,
-    /// Record value: the payload JSON, or `None` for a null value.
-    pub payload: Option<String>,
+    /// Record value: the payload JSON (or, for an event type with a value schema, its
+    /// Confluent wire-format encoding), or `None` for a null value.
+    pub payload: Option<Vec<u8>>,
     /// Headers in order.
     pub headers: Vec<(String, Vec<u8>)>,
     /// Record timestamp in milliseconds since the epoch (the event's creation time).
     pub timestamp_ms: Option<i64>,
 }
 
-/// Maps events to records. Built once from [`RouteSettings`]; routing itself never fails except
-/// for an event whose values render an illegal topic name.
+/// Maps events to records. Built once from [`RouteSettings`] (and, with value schemas, the
+/// relay's configuration: [`RelayConfig::router`](crate::config::RelayConfig::router)); routing itself never fails except for an
+/// event whose values render an illegal topic name, or whose payload does not fit its value
+/// schema.
 #[derive(Debug, Clone)]
 pub struct Router {
     template: TopicTemplate,
@@ -334,6 +352,9 @@ pub struct Router {
     cloudevents_source: String,
     /// `route.allowed_topics`, or the template's and routes' own patterns.
     allowed: Vec<TopicPattern>,
+    /// Value schemas and their registry ([`RelayConfig::router`](crate::config::RelayConfig::router)); shared by clones, with the
+    /// schema ids registered so far.
+    schemas: Option<Arc<ValueSchemas>>,
 }
 
 impl Router {
@@ -371,6 +392,7 @@ impl Router {
             cloudevents: settings.cloudevents,
             cloudevents_mode: settings.cloudevents_mode,
             cloudevents_source: settings.cloudevents_source.clone(),
+            schemas: None,
         })
     }
 
@@ -435,7 +457,21 @@ impl Router {
         let time = event
             .created_at
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
-        let mut payload = event.payload.clone();
+        let mut content_type: &[u8] = b"application/json";
+        let mut payload = match &event.payload {
+            Some(p) => match self.encode_value(event, &topic, p) {
+                Some(encoded) => {
+                    let (value, format) = encoded?;
+                    content_type = match format {
+                        SchemaFormat::Avro => b"application/avro",
+                        SchemaFormat::JsonSchema => b"application/json",
+                    };
+                    Some(value)
+                }
+                None => Some(p.clone().into_bytes()),
+            },
+            None => None,
+        };
         match (self.cloudevents, self.cloudevents_mode) {
             (false, _) => {}
             (true, CloudEventsMode::Binary) => {
@@ -447,7 +483,7 @@ impl Router {
                 if let Some(t) = time {
                     headers.push(("ce_time".into(), t.into_bytes()));
                 }
-                headers.push(("content-type".into(), b"application/json".to_vec()));
+                headers.push(("content-type".into(), content_type.to_vec()));
             }
             (true, CloudEventsMode::Structured) => {
                 let mut envelope = serde_json::Map::new();
@@ -471,7 +507,7 @@ impl Router {
                     None => serde_json::Value::Null,
                 };
                 envelope.insert("data".into(), data);
-                payload = Some(serde_json::Value::Object(envelope).to_string());
+                payload = Some(serde_json::Value::Object(envelope).to_string().into_bytes());
                 headers.push((
                     "content-type".into(),
                     b"application/cloudevents+json".to_vec(),
@@ -539,7 +575,7 @@ mod tests {
         let rec = r.route(&event("Account", "AccountOpened")).unwrap();
         assert_eq!(rec.topic, "outbox.event.Account");
         assert_eq!(rec.key, "42");
-        assert_eq!(rec.payload.as_deref(), Some(r#"{"a": 1}"#));
+        assert_eq!(rec.payload.as_deref(), Some(&br#"{"a": 1}"#[..]));
         let h = |n: &str| {
             rec.headers
                 .iter()
@@ -597,7 +633,7 @@ mod tests {
             .unwrap()
             .route(&event("acct", "Opened"))
             .unwrap();
-        let v: serde_json::Value = serde_json::from_str(rec.payload.as_deref().unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(rec.payload.as_deref().unwrap()).unwrap();
         assert_eq!(v["specversion"], "1.0");
         assert_eq!(v["type"], "Opened");
         assert_eq!(v["subject"], "42");

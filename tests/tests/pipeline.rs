@@ -576,7 +576,7 @@ async fn a_timed_out_batch_lets_no_later_batch_of_its_partition_through() -> Res
     let record = |n: usize| OutboundRecord {
         topic: topic.clone(),
         key: "aggregate".into(),
-        payload: Some(n.to_string()),
+        payload: Some(n.to_string().into_bytes()),
         headers: Vec::new(),
         timestamp_ms: None,
     };

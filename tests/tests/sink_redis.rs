@@ -38,7 +38,7 @@ fn record(stream: &str, key: &str, n: usize) -> (Uuid, OutboundRecord) {
     let r = OutboundRecord {
         topic: stream.to_owned(),
         key: key.to_owned(),
-        payload: Some(format!("{{\"n\":{n}}}")),
+        payload: Some(format!("{{\"n\":{n}}}").into_bytes()),
         headers: vec![
             ("id".into(), id.to_string().into_bytes()),
             ("eventType".into(), b"Changed".to_vec()),

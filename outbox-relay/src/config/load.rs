@@ -144,8 +144,9 @@ pub fn known_keys() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     walk("", &defaults, &mut out);
     out.extend(OPTIONAL_KEYS.iter().map(|k| (*k).to_owned()));
-    // `[[outbox]]` sections are a list of tables: the file only.
+    // `[[outbox]]` and `[[route.value_schemas]]` sections are lists of tables: the file only.
     out.remove("outbox");
+    out.remove("route.value_schemas");
     out
 }
 

@@ -6,7 +6,6 @@ use std::time::Duration;
 use outbox_core::{OutboxTable, WriteMode};
 
 use super::{ConfigError, RelayConfig, SourceKind, is_secret_key, redact_url};
-use crate::route::Router;
 
 impl RelayConfig {
     /// Checks every setting that can be checked without connecting; returns the parsed table.
@@ -83,7 +82,7 @@ impl RelayConfig {
                 ),
             ));
         }
-        Router::new(&self.route).map_err(|e| ConfigError::new("route.topic", e.to_string()))?;
+        self.router()?;
         if let Some(topic) = &self.dead_letter_topic {
             outbox_core::validate_topic(topic)
                 .map_err(|reason| ConfigError::new("dead_letter_topic", reason))?;

@@ -171,7 +171,11 @@ pub(super) fn parks_in<E: Display>(
     let event_of = |e: &SourceEvent, record: usize| {
         let mut event = e.event.clone();
         if event.payload.is_none() {
-            event.payload = records.get(record).and_then(|r| r.payload.clone());
+            // Only JSON values are moved (schema'd events keep their own payload).
+            event.payload = records
+                .get(record)
+                .and_then(|r| r.payload.clone())
+                .and_then(|p| String::from_utf8(p).ok());
         }
         event
     };

@@ -154,6 +154,12 @@ impl Pump<'_> {
         }
         // Broken on purpose (mutant): park a poison event but let its aggregate flow on.
         let hold = !mutant("park_without_blocking");
+        // Schema'd events: their subjects registered (waiting out a registry outage) so that
+        // planning encodes them without I/O.
+        self.relay
+            .router
+            .wait_for_schemas(batch.iter().map(|e| &e.event))
+            .await;
         let (plan, mut records) = plan_batch(&self.relay.router, &batch, &mut blocked, hold);
         let bytes = batch
             .iter()
@@ -161,9 +167,12 @@ impl Pump<'_> {
             .sum::<usize>();
         // One copy of a payload in the relay: the record's. The event keeps only what
         // acknowledging and parking need (a parked record gets its payload back from the
-        // record, see `parks_in`).
+        // record, see `parks_in`). A schema'd event keeps its JSON: its record holds the
+        // encoded value, which is not what the outbox table stores.
         for (e, p) in batch.iter_mut().zip(&plan) {
-            if matches!(p, Plan::Send(_)) {
+            if matches!(p, Plan::Send(_))
+                && !self.relay.router.has_value_schema(&e.event.event_type)
+            {
                 e.event.payload = None;
             }
         }
@@ -447,7 +456,8 @@ impl Pump<'_> {
                         "reason": p.reason,
                         "blocked_by": p.blocked_by,
                     })
-                    .to_string(),
+                    .to_string()
+                    .into_bytes(),
                 ),
                 headers: vec![
                     ("id".into(), p.event.id.to_string().into_bytes()),

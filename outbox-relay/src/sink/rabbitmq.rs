@@ -295,7 +295,7 @@ pub fn message(
     record: &OutboundRecord,
     max_message_size: usize,
 ) -> Result<(ShortString, BasicProperties), RabbitError> {
-    let body = record.payload.as_deref().map_or(0, str::len);
+    let body = record.payload.as_ref().map_or(0, Vec::len);
     if body > max_message_size {
         return Err(RabbitError::TooLarge {
             size: body,
@@ -565,7 +565,7 @@ impl RabbitmqSink {
             let Some(link) = guard.as_ref() else {
                 continue;
             };
-            let body = r.payload.as_deref().unwrap_or("").as_bytes();
+            let body = r.payload.as_deref().unwrap_or_default();
             let published = link
                 .channel
                 .basic_publish(

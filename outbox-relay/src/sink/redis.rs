@@ -314,7 +314,7 @@ pub fn entry_offset(id: &str) -> i64 {
 /// compared with `redis.max_record_bytes`.
 pub fn record_size(r: &OutboundRecord) -> usize {
     r.key.len()
-        + r.payload.as_ref().map_or(0, String::len)
+        + r.payload.as_ref().map_or(0, Vec::len)
         + r.headers
             .iter()
             .map(|(n, v)| HEADER_FIELD_PREFIX.len() + n.len() + v.len())
@@ -328,7 +328,7 @@ pub fn entry_fields(r: &OutboundRecord) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut fields = Vec::with_capacity(r.headers.len() + 5);
     fields.push((b"key".to_vec(), r.key.as_bytes().to_vec()));
     if let Some(p) = &r.payload {
-        fields.push((b"value".to_vec(), p.as_bytes().to_vec()));
+        fields.push((b"value".to_vec(), p.clone()));
     }
     if let Some(ts) = r.timestamp_ms {
         fields.push((b"ts".to_vec(), ts.to_string().into_bytes()));
@@ -1138,7 +1138,7 @@ mod tests {
         OutboundRecord {
             topic: "outbox.event.Account".into(),
             key: "acct-1".into(),
-            payload: payload.map(str::to_owned),
+            payload: payload.map(|p| p.as_bytes().to_vec()),
             headers: headers
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))

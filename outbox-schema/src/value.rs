@@ -1,0 +1,252 @@
+//! A value schema: its format, its text as registered, and what encodes a JSON payload with it.
+
+use std::fmt;
+
+use crate::avro::{AvroFitError, json_to_avro};
+use crate::wire;
+
+/// The schema language of a value schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaFormat {
+    /// Apache Avro; the value body is an Avro binary datum.
+    Avro,
+    /// JSON Schema; the value body is the payload's JSON text, validated against the schema.
+    JsonSchema,
+}
+
+impl SchemaFormat {
+    /// The registry's `schemaType` (`AVRO`, `JSON`).
+    pub fn schema_type(self) -> &'static str {
+        match self {
+            SchemaFormat::Avro => "AVRO",
+            SchemaFormat::JsonSchema => "JSON",
+        }
+    }
+
+    /// The name used in settings (`avro`, `json_schema`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SchemaFormat::Avro => "avro",
+            SchemaFormat::JsonSchema => "json_schema",
+        }
+    }
+
+    /// Parses a setting value: `avro`, or `json_schema` (also `json-schema`, `json`).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "avro" => Some(Self::Avro),
+            "json_schema" | "json-schema" | "json" => Some(Self::JsonSchema),
+            _ => None,
+        }
+    }
+}
+
+/// A schema that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaError {
+    /// Not a valid Avro schema.
+    #[error("not a valid Avro schema: {0}")]
+    Avro(String),
+    /// Not JSON, or not a valid JSON Schema.
+    #[error("not a valid JSON Schema: {0}")]
+    JsonSchema(String),
+}
+
+/// Why a payload cannot be encoded with its schema.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The payload is not JSON.
+    #[error("payload is not valid JSON: {0}")]
+    NotJson(String),
+    /// The payload does not fit the Avro schema.
+    #[error("payload does not fit the Avro schema: {0}")]
+    Avro(#[from] AvroFitError),
+    /// The payload does not validate against the JSON Schema.
+    #[error("payload does not validate against the JSON Schema: {0}")]
+    JsonSchema(String),
+}
+
+enum Compiled {
+    Avro(Box<apache_avro::Schema>),
+    Json(Box<jsonschema::Validator>),
+}
+
+/// A parsed value schema, ready to encode payloads. Cheap to share behind an `Arc`.
+pub struct ValueSchema {
+    format: SchemaFormat,
+    text: String,
+    record_name: Option<String>,
+    compiled: Compiled,
+}
+
+impl fmt::Debug for ValueSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ValueSchema")
+            .field("format", &self.format)
+            .field("record_name", &self.record_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ValueSchema {
+    /// Parses `text` as a schema of `format`.
+    ///
+    /// Guarantee: succeeds only if the schema can encode (Avro: parses and resolves every
+    /// named reference; JSON Schema: JSON that compiles as a schema). The registered text is
+    /// `text` as written (not Avro's parsing canonical form, which drops field defaults and so
+    /// would change what the registry's compatibility check sees).
+    pub fn parse(format: SchemaFormat, text: &str) -> Result<Self, SchemaError> {
+        match format {
+            SchemaFormat::Avro => {
+                let schema = apache_avro::Schema::parse_str(text)
+                    .map_err(|e| SchemaError::Avro(e.to_string()))?;
+                apache_avro::schema::ResolvedSchema::try_from(&schema)
+                    .map_err(|e| SchemaError::Avro(e.to_string()))?;
+                let record_name = match &schema {
+                    apache_avro::Schema::Record(r) => Some(r.name.to_string()),
+                    apache_avro::Schema::Enum(e) => Some(e.name.to_string()),
+                    apache_avro::Schema::Fixed(f) => Some(f.name.to_string()),
+                    _ => None,
+                };
+                Ok(Self {
+                    format,
+                    text: text.trim().to_owned(),
+                    record_name,
+                    compiled: Compiled::Avro(Box::new(schema)),
+                })
+            }
+            SchemaFormat::JsonSchema => {
+                let json: serde_json::Value = serde_json::from_str(text)
+                    .map_err(|e| SchemaError::JsonSchema(format!("not JSON: {e}")))?;
+                let validator = jsonschema::validator_for(&json)
+                    .map_err(|e| SchemaError::JsonSchema(e.to_string()))?;
+                let record_name = json
+                    .get("title")
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_owned);
+                Ok(Self {
+                    format,
+                    text: text.to_owned(),
+                    record_name,
+                    compiled: Compiled::Json(Box::new(validator)),
+                })
+            }
+        }
+    }
+
+    /// The schema language.
+    pub fn format(&self) -> SchemaFormat {
+        self.format
+    }
+
+    /// The schema text sent to the registry.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The record name used by the `record` and `topic_record` subject strategies: the full
+    /// name of an Avro named type, the `title` of a JSON Schema; `None` when there is none.
+    pub fn record_name(&self) -> Option<&str> {
+        self.record_name.as_deref()
+    }
+
+    /// The Avro schema, for an Avro value schema.
+    pub fn avro(&self) -> Option<&apache_avro::Schema> {
+        match &self.compiled {
+            Compiled::Avro(s) => Some(s),
+            Compiled::Json(_) => None,
+        }
+    }
+
+    /// The body of a value for the JSON text `payload`, without the wire header: the Avro
+    /// binary datum, or the JSON bytes as given once they validate.
+    ///
+    /// Guarantee: fails, naming where and which schema rule, for any payload the schema does
+    /// not accept, without quoting the payload's values; never panics on bad input.
+    pub fn encode_body(&self, payload: &str) -> Result<Vec<u8>, EncodeError> {
+        let json: serde_json::Value =
+            serde_json::from_str(payload).map_err(|e| EncodeError::NotJson(e.to_string()))?;
+        match &self.compiled {
+            Compiled::Avro(schema) => {
+                let value = json_to_avro(schema, &json)?;
+                apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+                    .build()
+                    .and_then(|w| w.write_value_to_vec(value))
+                    .map_err(|e| {
+                        EncodeError::Avro(AvroFitError {
+                            path: "$".into(),
+                            reason: e.to_string(),
+                        })
+                    })
+            }
+            Compiled::Json(validator) => {
+                let errors: Vec<String> = validator
+                    .iter_errors(&json)
+                    .take(3)
+                    // The instance path and the failing keyword, not the validator's message:
+                    // that quotes the payload's value, and this ends up in logs.
+                    .map(|e| {
+                        let at = e.instance_path().to_string();
+                        format!(
+                            "{}: fails the schema at {}",
+                            if at.is_empty() { "/" } else { &at },
+                            e.schema_path()
+                        )
+                    })
+                    .collect();
+                if errors.is_empty() {
+                    Ok(payload.as_bytes().to_vec())
+                } else {
+                    Err(EncodeError::JsonSchema(errors.join("; ")))
+                }
+            }
+        }
+    }
+
+    /// The whole wire-format value (header with `schema_id`, then [`Self::encode_body`]).
+    pub fn encode(&self, schema_id: u32, payload: &str) -> Result<Vec<u8>, EncodeError> {
+        let body = self.encode_body(payload)?;
+        let mut out = Vec::with_capacity(wire::HEADER_LEN + body.len());
+        out.extend_from_slice(&wire::header(schema_id));
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_schema_values_are_the_json_bytes_after_the_header() {
+        let s = ValueSchema::parse(
+            SchemaFormat::JsonSchema,
+            r#"{"title": "Opened", "type": "object", "required": ["id"],
+                "properties": {"id": {"type": "string"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.record_name(), Some("Opened"));
+        let v = s.encode(9, r#"{"id": "a"}"#).unwrap();
+        assert_eq!(wire::decode(&v).unwrap(), (9, &br#"{"id": "a"}"#[..]));
+        let e = s.encode(9, r#"{"id": 4711}"#).unwrap_err();
+        assert!(e.to_string().contains("/id"), "{e}");
+        assert!(e.to_string().contains("/properties/id/type"), "{e}");
+        assert!(!e.to_string().contains("4711"), "no payload value: {e}");
+        assert!(matches!(s.encode(9, "{"), Err(EncodeError::NotJson(_))));
+        assert!(ValueSchema::parse(SchemaFormat::JsonSchema, r#"{"type": 3}"#).is_err());
+    }
+
+    #[test]
+    fn avro_schemas_are_registered_as_written() {
+        let s = ValueSchema::parse(
+            SchemaFormat::Avro,
+            r#"{"type": "record", "name": "Opened", "namespace": "x",
+                "doc": "dropped", "fields": [{"name": "id", "type": "string"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(s.record_name(), Some("x.Opened"));
+        assert!(s.text().contains("\"doc\": \"dropped\""));
+        assert!(ValueSchema::parse(SchemaFormat::Avro, r#"{"type": "recrd"}"#).is_err());
+    }
+}
