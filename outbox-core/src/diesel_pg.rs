@@ -146,10 +146,7 @@ impl Outbox {
         E: OutboxEvent + ?Sized + 'e,
         I: IntoIterator<Item = &'e E>,
     {
-        let events = events
-            .into_iter()
-            .map(NewEvent::from_event)
-            .collect::<Result<Vec<_>>>()?;
+        let events = NewEvent::from_events(events)?;
         self.publish_new_diesel_async(conn, events).await
     }
 

@@ -105,6 +105,16 @@ impl NewEvent {
         }
     }
 
+    /// The envelopes of typed events, in order: what every `publish_all…` call writes. Fails on
+    /// the first event whose payload does not serialize, before anything is written.
+    pub(crate) fn from_events<'e, E, I>(events: I) -> Result<Vec<Self>>
+    where
+        E: OutboxEvent + ?Sized + 'e,
+        I: IntoIterator<Item = &'e E>,
+    {
+        events.into_iter().map(Self::from_event).collect()
+    }
+
     /// The envelope of a typed event, with its payload serialized.
     pub fn from_event<E: OutboxEvent + ?Sized>(event: &E) -> Result<Self> {
         let payload = event.to_payload().map_err(|source| Error::Serialize {
@@ -338,10 +348,7 @@ impl Outbox {
         E: OutboxEvent + ?Sized + 'e,
         I: IntoIterator<Item = &'e E>,
     {
-        let events = events
-            .into_iter()
-            .map(NewEvent::from_event)
-            .collect::<Result<Vec<_>>>()?;
+        let events = NewEvent::from_events(events)?;
         self.publish_new(conn, events).await
     }
 

@@ -10,6 +10,7 @@
 
 pub use outbox_relay::{Relay, RelayConfig};
 
+pub mod adapters;
 pub mod admin;
 pub mod broker;
 pub mod certs;

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use outbox_core::{NewEvent, Outbox, OutboxTable, SCHEMA_VERSION, WriteMode};
+use outbox_tests::adapters::*;
 use outbox_tests::*;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 const QUIET: Duration = Duration::from_millis(1500);
 const LONG: Duration = Duration::from_secs(60);
-const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 /// A `tokio-postgres` client on the test's database, its connection driven by a task.
 async fn tokio_postgres_client(db: &TestDb) -> Result<tokio_postgres::Client> {
@@ -28,74 +28,6 @@ async fn tokio_postgres_client(db: &TestDb) -> Result<tokio_postgres::Client> {
         }
     });
     Ok(client)
-}
-
-/// The events of one order: one written alone (keyed, with a header, a trace context, a schema
-/// version and a sequence) and three written as a batch (one without a payload). Every field but
-/// the id is the same whichever path writes them.
-fn order_events(aggregate_type: &str, order: &str) -> (NewEvent, Vec<NewEvent>) {
-    let placed = NewEvent::new(
-        aggregate_type,
-        order,
-        "OrderPlaced",
-        Some(json!({ "order": order, "sku": "BOOK-42", "quantity": 2 })),
-    )
-    .with_key("customer-7")
-    .with_header("tenant", "acme")
-    .with_traceparent(TRACEPARENT)
-    .with_schema_version(2)
-    .with_aggregate_seq(1);
-    let batch = vec![
-        NewEvent::new(
-            aggregate_type,
-            order,
-            "OrderPaid",
-            Some(json!({ "amount": "12.50" })),
-        )
-        .with_aggregate_seq(2),
-        NewEvent::new(aggregate_type, order, "OrderTouched", None).with_aggregate_seq(3),
-        NewEvent::new(
-            aggregate_type,
-            order,
-            "OrderShipped",
-            Some(json!({ "carrier": "post", "parcels": [1, 2] })),
-        )
-        .with_header("tenant", "acme")
-        .with_aggregate_seq(4),
-    ];
-    (placed, batch)
-}
-
-/// The stored rows of `ids`, in write order, without what differs by design between two writes
-/// of the same event (`id`, `seq`, `created_at`).
-async fn stored_rows(db: &TestDb, ids: &[Uuid]) -> Result<Vec<Value>> {
-    let rows: Vec<Value> = sqlx::query_scalar(
-        "SELECT to_jsonb(o) - 'id' - 'seq' - 'created_at' FROM outbox o
-         WHERE id = ANY($1) ORDER BY seq",
-    )
-    .bind(ids)
-    .fetch_all(&db.pool)
-    .await?;
-    Ok(rows)
-}
-
-async fn order_exists(db: &TestDb, order: &str) -> Result<bool> {
-    Ok(
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1)")
-            .bind(order)
-            .fetch_one(&db.pool)
-            .await?,
-    )
-}
-
-/// A record's headers without those that differ by design between two writes of one event: the
-/// event id (`id`, `ce_id`) and the write time (`ce_time`).
-fn headers_but_identity(record: &Consumed) -> BTreeMap<String, String> {
-    let mut headers = record.headers.clone();
-    for name in ["id", "ce_id", "ce_time"] {
-        headers.remove(name);
-    }
-    headers
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -214,20 +146,10 @@ async fn stored_rows_in(tx: &tokio_postgres::Transaction<'_>, ids: &[Uuid]) -> R
 #[tokio::test]
 async fn the_adapter_writes_the_logical_modes_in_the_callers_transaction() -> Result<()> {
     let db = TestDb::migrated("adapter_tpg_modes").await?;
-    // A test_decoding slot shows exactly what reaches the WAL (committed transactions only).
-    let slot = unique("tpg");
-    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'test_decoding')")
-        .bind(&slot)
-        .execute(&db.pool)
-        .await?;
+    let slot = test_decoding_slot(&db, "tpg").await?;
     let insert_delete = Outbox::default().with_write_mode(WriteMode::InsertDelete);
     let message = Outbox::default().with_write_mode(WriteMode::LogicalMessage);
-    let events = |event_type: &str| {
-        vec![
-            NewEvent::new("order", "1", event_type, Some(json!({ "n": 1 }))),
-            NewEvent::new("order", "1", event_type, None).with_header("tenant", "acme"),
-        ]
-    };
+    let events = logical_mode_events;
     let mut client = tokio_postgres_client(&db).await?;
 
     let tx = client.transaction().await?;
@@ -250,90 +172,7 @@ async fn the_adapter_writes_the_logical_modes_in_the_callers_transaction() -> Re
         .await?;
     tx.commit().await?;
 
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-        .fetch_one(&db.pool)
-        .await?;
-    assert_eq!(rows, 0, "neither logical mode leaves a row");
-    let changes: Vec<String> =
-        sqlx::query_scalar("SELECT data FROM pg_logical_slot_get_changes($1, NULL, NULL)")
-            .bind(&slot)
-            .fetch_all(&db.pool)
-            .await?;
-    let all = changes.join("\n");
-    for id in &rolled_back {
-        assert!(
-            !all.contains(&id.to_string()),
-            "rolled back {id} decoded:\n{all}"
-        );
-    }
-    for id in &deleted {
-        assert!(
-            all.contains(&format!("id[uuid]:'{id}'")),
-            "{id} not inserted:\n{all}"
-        );
-    }
-    assert_eq!(
-        all.matches("table public.outbox: DELETE").count(),
-        2,
-        "{all}"
-    );
-    let messages: Vec<outbox_core::StoredEvent> = changes
-        .iter()
-        .filter(|c| c.contains("prefix: outbox") && c.contains("transactional: 1"))
-        .map(|c| {
-            let content = c.split_once("content:").expect("message content").1.trim();
-            outbox_core::StoredEvent::from_logical_message(content.as_bytes())
-        })
-        .collect::<Result<_, _>>()?;
-    assert_eq!(
-        messages.iter().map(|m| m.id).collect::<Vec<_>>(),
-        messaged,
-        "{all}"
-    );
-    assert_eq!(messages[0].event_type, "ViaMessage");
-    assert_eq!(messages[0].payload.as_deref(), Some(r#"{"n": 1}"#));
-    assert_eq!(messages[1].payload, None);
-    assert!(
-        messages[1]
-            .headers
-            .contains(&("tenant".to_owned(), "acme".to_owned())),
-        "{:?}",
-        messages[1].headers
-    );
-    sqlx::query("SELECT pg_drop_replication_slot($1)")
-        .bind(&slot)
-        .execute(&db.pool)
-        .await?;
-    Ok(())
-}
-
-/// Everything the outbox migrations create in `schema`, as one JSON value: the columns (types,
-/// defaults, nullability, identity) of every table, the index and constraint definitions, the
-/// triggers, the functions' definitions and the migration history (without its times).
-async fn schema_description(db: &TestDb, schema: &str) -> Result<Value> {
-    Ok(sqlx::query_scalar(
-        "SELECT jsonb_build_object(
-            'columns', (SELECT jsonb_agg(jsonb_build_array(table_name, column_name, data_type,
-                            is_nullable, column_default, is_identity, character_maximum_length)
-                        ORDER BY table_name, ordinal_position)
-                        FROM information_schema.columns WHERE table_schema = $1),
-            'indexes', (SELECT jsonb_agg(indexdef ORDER BY indexname)
-                        FROM pg_indexes WHERE schemaname = $1),
-            'constraints', (SELECT jsonb_agg(jsonb_build_array(conrelid::regclass::text, conname,
-                                pg_get_constraintdef(oid)) ORDER BY conname)
-                            FROM pg_constraint WHERE connamespace = $1::regnamespace),
-            'triggers', (SELECT jsonb_agg(tgname ORDER BY tgname) FROM pg_trigger
-                         WHERE NOT tgisinternal
-                           AND tgrelid::regclass::text NOT LIKE 'pg_%'),
-            'functions', (SELECT jsonb_agg(pg_get_functiondef(oid) ORDER BY proname)
-                          FROM pg_proc WHERE pronamespace = $1::regnamespace),
-            'history', (SELECT jsonb_agg(jsonb_build_array(table_name, version, description)
-                                ORDER BY table_name, version)
-                        FROM _outbox_migrations))",
-    )
-    .bind(schema)
-    .fetch_one(&db.pool)
-    .await?)
+    assert_logical_modes_decoded(&db, &slot, &rolled_back, &deleted, &messaged).await
 }
 
 #[tokio::test]

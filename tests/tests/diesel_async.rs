@@ -13,13 +13,13 @@ use diesel::QueryableByName;
 use diesel::sql_types::{Array, BigInt, Text, Uuid as PgUuid};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use outbox_core::{NewEvent, Outbox, OutboxTable, SCHEMA_VERSION, WriteMode};
+use outbox_tests::adapters::*;
 use outbox_tests::*;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 const QUIET: Duration = Duration::from_millis(1500);
 const LONG: Duration = Duration::from_secs(60);
-const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 /// A typed event, for the typed calls (`publish_diesel_async`, `publish_all_diesel_async`).
 #[derive(Debug, outbox_core::OutboxEvent)]
@@ -34,68 +34,10 @@ async fn diesel_connection(db: &TestDb) -> Result<AsyncPgConnection> {
         .context("connecting with diesel-async")
 }
 
-/// The events of one order: one written alone (keyed, with a header, a trace context, a schema
-/// version and a sequence) and three written as a batch (one without a payload). Every field but
-/// the id is the same whichever path writes them.
-fn order_events(aggregate_type: &str, order: &str) -> (NewEvent, Vec<NewEvent>) {
-    let placed = NewEvent::new(
-        aggregate_type,
-        order,
-        "OrderPlaced",
-        Some(json!({ "order": order, "sku": "BOOK-42", "quantity": 2 })),
-    )
-    .with_key("customer-7")
-    .with_header("tenant", "acme")
-    .with_traceparent(TRACEPARENT)
-    .with_schema_version(2)
-    .with_aggregate_seq(1);
-    let batch = vec![
-        NewEvent::new(
-            aggregate_type,
-            order,
-            "OrderPaid",
-            Some(json!({ "amount": "12.50" })),
-        )
-        .with_aggregate_seq(2),
-        NewEvent::new(aggregate_type, order, "OrderTouched", None).with_aggregate_seq(3),
-        NewEvent::new(
-            aggregate_type,
-            order,
-            "OrderShipped",
-            Some(json!({ "carrier": "post", "parcels": [1, 2] })),
-        )
-        .with_header("tenant", "acme")
-        .with_aggregate_seq(4),
-    ];
-    (placed, batch)
-}
-
-/// Every column of the stored rows of `ids`, in write order, but those that differ by design
-/// between two writes of the same event (`id`, `seq`, `created_at`).
-async fn stored_rows(db: &TestDb, ids: &[Uuid]) -> Result<Vec<Value>> {
-    let rows: Vec<Value> = sqlx::query_scalar(
-        "SELECT to_jsonb(o) - 'id' - 'seq' - 'created_at' FROM outbox o
-         WHERE id = ANY($1) ORDER BY seq",
-    )
-    .bind(ids)
-    .fetch_all(&db.pool)
-    .await?;
-    Ok(rows)
-}
-
 async fn count_rows(db: &TestDb) -> Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM outbox")
         .fetch_one(&db.pool)
         .await?)
-}
-
-async fn order_exists(db: &TestDb, order: &str) -> Result<bool> {
-    Ok(
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1)")
-            .bind(order)
-            .fetch_one(&db.pool)
-            .await?,
-    )
 }
 
 #[derive(QueryableByName)]
@@ -126,16 +68,6 @@ async fn insert_order(conn: &mut AsyncPgConnection, order: &str) -> Result<(), E
 
 /// The error type of the tests' transactions: the adapter's, which takes diesel's.
 type Error = outbox_core::Error;
-
-/// A record's headers without those that differ by design between two writes of one event: the
-/// event id (`id`, `ce_id`) and the write time (`ce_time`).
-fn headers_but_identity(record: &Consumed) -> BTreeMap<String, String> {
-    let mut headers = record.headers.clone();
-    for name in ["id", "ce_id", "ce_time"] {
-        headers.remove(name);
-    }
-    headers
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_diesel_async_transaction_publishes_its_events_iff_it_commits_like_sqlx() -> Result<()> {
@@ -341,20 +273,10 @@ async fn a_diesel_async_write_outside_a_transaction_is_refused_and_writes_nothin
 async fn the_diesel_async_adapter_writes_the_logical_modes_in_the_callers_transaction() -> Result<()>
 {
     let db = TestDb::migrated("diesel_async_modes").await?;
-    // A test_decoding slot shows exactly what reaches the WAL (committed transactions only).
-    let slot = unique("diesel");
-    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'test_decoding')")
-        .bind(&slot)
-        .execute(&db.pool)
-        .await?;
+    let slot = test_decoding_slot(&db, "diesel").await?;
     let insert_delete = Outbox::default().with_write_mode(WriteMode::InsertDelete);
     let message = Outbox::default().with_write_mode(WriteMode::LogicalMessage);
-    let events = |event_type: &str| {
-        vec![
-            NewEvent::new("order", "1", event_type, Some(json!({ "n": 1 }))),
-            NewEvent::new("order", "1", event_type, None).with_header("tenant", "acme"),
-        ]
-    };
+    let events = logical_mode_events;
     let mut conn = diesel_connection(&db).await?;
 
     let mut rolled_back = Vec::new();
@@ -388,90 +310,7 @@ async fn the_diesel_async_adapter_writes_the_logical_modes_in_the_callers_transa
         })
         .await?;
 
-    assert_eq!(
-        count_rows(&db).await?,
-        0,
-        "neither logical mode leaves a row"
-    );
-    let changes: Vec<String> =
-        sqlx::query_scalar("SELECT data FROM pg_logical_slot_get_changes($1, NULL, NULL)")
-            .bind(&slot)
-            .fetch_all(&db.pool)
-            .await?;
-    let all = changes.join("\n");
-    for id in &rolled_back {
-        assert!(
-            !all.contains(&id.to_string()),
-            "rolled back {id} decoded:\n{all}"
-        );
-    }
-    for id in &deleted {
-        assert!(
-            all.contains(&format!("id[uuid]:'{id}'")),
-            "{id} not inserted:\n{all}"
-        );
-    }
-    assert_eq!(
-        all.matches("table public.outbox: DELETE").count(),
-        2,
-        "{all}"
-    );
-    let messages: Vec<outbox_core::StoredEvent> = changes
-        .iter()
-        .filter(|c| c.contains("prefix: outbox") && c.contains("transactional: 1"))
-        .map(|c| {
-            let content = c.split_once("content:").expect("message content").1.trim();
-            outbox_core::StoredEvent::from_logical_message(content.as_bytes())
-        })
-        .collect::<Result<_, _>>()?;
-    assert_eq!(
-        messages.iter().map(|m| m.id).collect::<Vec<_>>(),
-        messaged,
-        "{all}"
-    );
-    assert_eq!(messages[0].event_type, "ViaMessage");
-    assert_eq!(messages[0].payload.as_deref(), Some(r#"{"n": 1}"#));
-    assert_eq!(messages[1].payload, None);
-    assert!(
-        messages[1]
-            .headers
-            .contains(&("tenant".to_owned(), "acme".to_owned())),
-        "{:?}",
-        messages[1].headers
-    );
-    sqlx::query("SELECT pg_drop_replication_slot($1)")
-        .bind(&slot)
-        .execute(&db.pool)
-        .await?;
-    Ok(())
-}
-
-/// The migrated schema of `schema`: columns, indexes, constraints, triggers, functions and the
-/// migration history (without its times), as one JSON value.
-async fn schema_description(db: &TestDb, schema: &str) -> Result<Value> {
-    Ok(sqlx::query_scalar(
-        "SELECT jsonb_build_object(
-            'columns', (SELECT jsonb_agg(jsonb_build_array(table_name, column_name, data_type,
-                            is_nullable, column_default, is_identity, character_maximum_length)
-                        ORDER BY table_name, ordinal_position)
-                        FROM information_schema.columns WHERE table_schema = $1),
-            'indexes', (SELECT jsonb_agg(indexdef ORDER BY indexname)
-                        FROM pg_indexes WHERE schemaname = $1),
-            'constraints', (SELECT jsonb_agg(jsonb_build_array(conrelid::regclass::text, conname,
-                                pg_get_constraintdef(oid)) ORDER BY conname)
-                            FROM pg_constraint WHERE connamespace = $1::regnamespace),
-            'triggers', (SELECT jsonb_agg(tgname ORDER BY tgname) FROM pg_trigger
-                         WHERE NOT tgisinternal
-                           AND tgrelid::regclass::text NOT LIKE 'pg_%'),
-            'functions', (SELECT jsonb_agg(pg_get_functiondef(oid) ORDER BY proname)
-                          FROM pg_proc WHERE pronamespace = $1::regnamespace),
-            'history', (SELECT jsonb_agg(jsonb_build_array(table_name, version, description)
-                                ORDER BY table_name, version)
-                        FROM _outbox_migrations))",
-    )
-    .bind(schema)
-    .fetch_one(&db.pool)
-    .await?)
+    assert_logical_modes_decoded(&db, &slot, &rolled_back, &deleted, &messaged).await
 }
 
 #[tokio::test]
