@@ -195,7 +195,7 @@ pub async fn serve(
     let pool = PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_secs(2))
-        .connect_lazy_with(options.clone());
+        .connect_lazy_with(options.clone().application_name("outbox-relay-admin"));
     let refresh = config.admin.status_refresh;
     let registry = if tables.labelled {
         let listed = tables.clone();

@@ -202,7 +202,15 @@ pub struct SharedProducer {
     current: Mutex<(u64, FutureProducer<SinkContext>)>,
     /// The tables the idle probe reports to, and the probe's task once started.
     probe: Mutex<Probe>,
+    /// When the brokers last answered a start-up check ([`KafkaSink::check_connection`]): the
+    /// tables of a group starting together share one metadata fetch instead of each holding a
+    /// blocking thread for its own.
+    checked: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long a shared producer's successful connection check stands for the tables starting
+/// after it.
+const SHARED_CHECK_VALID: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct Probe {
@@ -236,6 +244,7 @@ impl SharedProducer {
             context,
             current: Mutex::new((0, producer)),
             probe: Mutex::new(Probe::default()),
+            checked: tokio::sync::Mutex::new(None),
         }))
     }
 
@@ -671,7 +680,24 @@ impl KafkaSink {
     }
 
     /// Fetches cluster metadata to prove the brokers are reachable (and the credentials work).
+    ///
+    /// Through a [`SharedProducer`], one check runs at a time and a success stands for
+    /// [`SHARED_CHECK_VALID`]: a hundred tables starting at once make one metadata fetch, not a
+    /// hundred concurrent ones each on a blocking thread of its own.
     pub async fn check_connection(&self) -> Result<(), SinkError> {
+        let Some(handle) = &self.shared else {
+            return self.fetch_metadata().await;
+        };
+        let mut checked = handle.group.checked.lock().await;
+        if checked.is_some_and(|at| at.elapsed() < SHARED_CHECK_VALID) {
+            return Ok(());
+        }
+        self.fetch_metadata().await?;
+        *checked = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    async fn fetch_metadata(&self) -> Result<(), SinkError> {
         let producer = self.producer.clone();
         let timeout = self.settings.connect_timeout;
         let servers = self.settings.bootstrap_servers.clone();
@@ -1065,6 +1091,64 @@ mod tests {
             error_name(&delivery(C::ISRInsufficient)),
             "_ISR_INSUFFICIENT"
         );
+    }
+
+    fn threads() -> usize {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap()
+    }
+
+    /// The tables of a group starting together share one metadata fetch: twenty start-up checks
+    /// at once do not each hold a blocking thread (a relay of 100 tables had ~100 threads).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tables_starting_together_share_one_connection_check() {
+        use crate::config::KafkaSettings;
+        use crate::sink::kafka::SharedProducer;
+        use rdkafka::mocking::MockCluster;
+
+        let mock = MockCluster::new(1).unwrap();
+        let shared = SharedProducer::new(KafkaSettings {
+            bootstrap_servers: mock.bootstrap_servers(),
+            ..KafkaSettings::default()
+        })
+        .unwrap();
+        let sinks: Vec<_> = (0..20).map(|_| shared.sink()).collect();
+        let before = threads();
+        let checks = sinks.iter().map(|s| s.check_connection());
+        for result in futures::future::join_all(checks).await {
+            result.unwrap();
+        }
+        let grown = threads() - before;
+        // One blocking thread for the fetch and one librdkafka thread for the broker it learnt.
+        assert!(grown <= 3, "20 checks grew the process by {grown} threads");
+    }
+
+    /// A failed check is not remembered: the next table checks again (and fails, naming the
+    /// brokers).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_shared_check_is_not_remembered() {
+        use crate::config::KafkaSettings;
+        use crate::sink::SinkError;
+        use crate::sink::kafka::SharedProducer;
+        use std::time::{Duration, Instant};
+
+        let shared = SharedProducer::new(KafkaSettings {
+            bootstrap_servers: "127.0.0.1:1".into(),
+            connect_timeout: Duration::from_millis(300),
+            ..KafkaSettings::default()
+        })
+        .unwrap();
+        for _ in 0..2 {
+            let started = Instant::now();
+            let error = shared.sink().check_connection().await.unwrap_err();
+            assert!(matches!(error, SinkError::Unreachable { .. }), "{error}");
+            assert!(error.to_string().contains("127.0.0.1:1"), "{error}");
+            assert!(started.elapsed() >= Duration::from_millis(250));
+        }
     }
 
     #[test]
