@@ -48,15 +48,17 @@ pub enum Error {
     #[cfg(feature = "diesel-async")]
     #[error("database error (diesel): {0}")]
     Diesel(#[from] diesel::result::Error),
-    /// An event was to be written on a diesel-async connection that is not inside a transaction,
-    /// where it would have been committed apart from the business data (feature `diesel-async`).
-    /// Nothing was written. Publish inside `conn.transaction(…)`, or, for a write that has no
-    /// business data to pair with, run [`crate::Outbox::prepare_write`]'s statements yourself.
-    #[cfg(feature = "diesel-async")]
+    /// An event was to be written on a connection that is not inside a transaction, where it
+    /// would have been committed apart from the business data. Nothing was written. The sqlx
+    /// path knows a transaction by sqlx's own bookkeeping (`pool.begin()`, `conn.begin()`,
+    /// `Transaction`), the diesel-async path by diesel's transaction manager; a transaction
+    /// opened with a raw `BEGIN` statement is not seen. For a write that has no business data to
+    /// pair with, run [`crate::Outbox::prepare_write`]'s statements yourself.
     #[error(
-        "the diesel-async connection is not inside a transaction: an outbox event must be written \
-         in the transaction of its business data (use `conn.transaction(..)`, or \
-         `Outbox::prepare_write` for a deliberate autocommit write)"
+        "the connection is not inside a transaction: an outbox event must be written in the \
+         transaction of its business data (begin one with `pool.begin()` / `conn.begin()` in sqlx or \
+         `conn.transaction(..)` in diesel-async, or run `Outbox::prepare_write`'s statements for a \
+         deliberate autocommit write)"
     )]
     NotInTransaction,
     /// The outbox schema in the database is newer than this library knows.

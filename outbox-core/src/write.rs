@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
-use sqlx::{AssertSqlSafe, PgConnection, Postgres};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Postgres};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -324,8 +324,12 @@ impl Outbox {
         crate::migrate::migrate(conn, &self.table).await
     }
 
-    /// Writes one typed event through `conn` (pass your transaction as `&mut *tx`) and returns its
+    /// Writes one typed event through `conn` (pass your transaction as `&mut tx`) and returns its
     /// event id. The event is published if and only if that transaction commits.
+    ///
+    /// `conn` must be inside a transaction begun through sqlx (`pool.begin()`, `conn.begin()`):
+    /// on a connection in autocommit the write is refused with [`Error::NotInTransaction`] before
+    /// any statement is sent, since the event would be committed apart from the business data.
     pub async fn publish<E: OutboxEvent + ?Sized>(
         &self,
         conn: &mut PgConnection,
@@ -338,7 +342,8 @@ impl Outbox {
     }
 
     /// Writes several typed events in one statement, in order; returns their ids in the same order.
-    /// Events of one aggregate are published in this order.
+    /// Events of one aggregate are published in this order. Refused outside a transaction, as
+    /// [`Outbox::publish`].
     pub async fn publish_all<'e, E, I>(
         &self,
         conn: &mut PgConnection,
@@ -353,11 +358,15 @@ impl Outbox {
     }
 
     /// Writes prepared envelopes in one statement, in order; returns their ids in the same order.
+    /// Refused outside a transaction, as [`Outbox::publish`].
     pub async fn publish_new(
         &self,
         conn: &mut PgConnection,
         events: Vec<NewEvent>,
     ) -> Result<Vec<Uuid>> {
+        if !conn.is_in_transaction() {
+            return Err(Error::NotInTransaction);
+        }
         let write = self.prepare_write(events)?;
         for statement in write.statements() {
             let mut query = sqlx::query(AssertSqlSafe(statement.sql()));

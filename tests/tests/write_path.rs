@@ -95,6 +95,48 @@ async fn a_batch_keeps_its_order_and_every_envelope_field() -> Result<()> {
     Ok(())
 }
 
+/// A write on a connection in autocommit — never in a transaction, after one committed, or in
+/// one opened by a raw `BEGIN` that sqlx does not know of — is refused through every sqlx call
+/// and leaves no row; the same calls in a sqlx transaction (and in a savepoint within it) write.
+#[tokio::test]
+async fn a_sqlx_write_outside_a_transaction_is_refused_and_writes_nothing() -> Result<()> {
+    use sqlx::Connection;
+    let db = TestDb::migrated("write_autocommit").await?;
+    let outbox = Outbox::default();
+    let event = || NewEvent::new("a", "1", "Alone", None);
+    let assert_refused = |outcome: outbox_core::Result<Vec<Uuid>>| match outcome {
+        Err(Error::NotInTransaction) => {}
+        other => panic!("expected NotInTransaction, got {other:?}"),
+    };
+
+    let mut conn = db.pool.acquire().await?;
+    assert_refused(outbox.publish_new(&mut conn, vec![event()]).await);
+    assert_refused(outbox.publish_new(&mut conn, vec![event(), event()]).await);
+    let mut tx = conn.begin().await?;
+    outbox.publish_new(&mut tx, vec![event()]).await?;
+    {
+        let mut savepoint = tx.begin().await?;
+        outbox.publish_new(&mut savepoint, vec![event()]).await?;
+        savepoint.commit().await?;
+    }
+    tx.commit().await?;
+    assert_refused(outbox.publish_new(&mut conn, vec![event()]).await);
+    assert_eq!(
+        count(&db).await?,
+        2,
+        "only the two writes in a transaction left rows"
+    );
+
+    // A transaction sqlx did not open is not recognised: refused, not silently assumed.
+    sqlx::query("BEGIN").execute(&mut *conn).await?;
+    assert_refused(outbox.publish_new(&mut conn, vec![event()]).await);
+    sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+    assert_eq!(count(&db).await?, 2);
+    let message = Error::NotInTransaction.to_string();
+    assert!(message.contains("not inside a transaction"), "{message}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn guards_refuse_bad_events_before_writing_anything() -> Result<()> {
     let db = TestDb::migrated("write_guard").await?;
@@ -346,12 +388,11 @@ async fn migrating_a_version_5_table_drops_its_wake_up_trigger_and_keeps_pending
     )
     .execute(&db.pool)
     .await?;
+    let mut tx = db.pool.begin().await?;
     let pending = Outbox::default()
-        .publish_new(
-            &mut *db.pool.acquire().await?,
-            vec![NewEvent::new("a", "1", "Pending", None)],
-        )
+        .publish_new(&mut tx, vec![NewEvent::new("a", "1", "Pending", None)])
         .await?[0];
+    tx.commit().await?;
     assert_eq!(notify_triggers(&db).await?, ["outbox_notify_trg"]);
 
     let report =
@@ -387,20 +428,23 @@ async fn write_modes_write_what_the_logical_relay_reads() -> Result<()> {
         .execute(&db.pool)
         .await?;
 
+    let mut tx = db.pool.begin().await?;
     let id_del = Outbox::default()
         .with_write_mode(WriteMode::InsertDelete)
         .publish_new(
-            &mut *db.pool.acquire().await?,
+            &mut tx,
             vec![NewEvent::new("a", "1", "ViaInsertDelete", None)],
         )
         .await?[0];
+    tx.commit().await?;
     assert_eq!(count(&db).await?, 0, "insert_delete leaves the table empty");
 
+    let mut tx = db.pool.begin().await?;
     let id_msg = Outbox::default()
         .with_write_mode(WriteMode::LogicalMessage)
         .with_message_prefix("outbox")?
         .publish_new(
-            &mut *db.pool.acquire().await?,
+            &mut tx,
             vec![NewEvent::new(
                 "a",
                 "1",
@@ -409,6 +453,7 @@ async fn write_modes_write_what_the_logical_relay_reads() -> Result<()> {
             )],
         )
         .await?[0];
+    tx.commit().await?;
     assert_eq!(count(&db).await?, 0, "logical_message writes no row");
 
     let changes: Vec<String> =

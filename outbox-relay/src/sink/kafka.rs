@@ -682,7 +682,7 @@ impl KafkaSink {
     /// Fetches cluster metadata to prove the brokers are reachable (and the credentials work).
     ///
     /// Through a [`SharedProducer`], one check runs at a time and a success stands for
-    /// [`SHARED_CHECK_VALID`]: a hundred tables starting at once make one metadata fetch, not a
+    /// five seconds: a hundred tables starting at once make one metadata fetch, not a
     /// hundred concurrent ones each on a blocking thread of its own.
     pub async fn check_connection(&self) -> Result<(), SinkError> {
         let Some(handle) = &self.shared else {
