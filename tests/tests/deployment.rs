@@ -365,6 +365,7 @@ fn grafana_query_as_promql(expr: &str) -> String {
     expr.replace("$__rate_interval", "5m")
         .replace("$__range", "6h")
         .replace("$job", ".*")
+        .replace("$table", ".*")
 }
 
 /// Parses `query` as PromQL.
@@ -398,7 +399,10 @@ fn every_query_in_deploy_is_valid_promql_and_the_dashboard_is_well_formed() -> R
         .iter()
         .filter_map(|v| v["name"].as_str())
         .collect();
-    ensure!(vars == ["datasource", "job"], "variables: {vars:?}");
+    ensure!(
+        vars == ["datasource", "job", "table"],
+        "variables: {vars:?}"
+    );
     let panels = dash["panels"].as_array().context("panels")?;
     let mut ids = BTreeSet::new();
     let mut cells: BTreeSet<(i64, i64)> = BTreeSet::new();
@@ -510,6 +514,134 @@ async fn every_metric_the_alert_rules_and_the_dashboard_use_is_exported_by_the_r
     );
     if !logical.is_empty() {
         check_logical_metrics(&logical).await?;
+    }
+    Ok(())
+}
+
+/// The `by (…)` label lists of a query.
+fn by_clauses(query: &str) -> Vec<Vec<String>> {
+    query
+        .match_indices("by (")
+        .map(|(i, m)| {
+            let rest = &query[i + m.len()..];
+            let end = rest.find(')').unwrap_or(rest.len());
+            rest[..end]
+                .split(',')
+                .map(|l| l.trim().to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+/// A relay of several tables labels each table's series with `table`: every dashboard query and
+/// alert rule over such a metric keeps the tables apart (so one stuck table shows, and fires, on
+/// its own), and the dashboard's `$table` filter is applied to exactly those metrics (a filter on
+/// a process-wide metric would blank its panel whenever one table is picked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_the_alert_rules_keep_the_tables_of_a_relay_apart() -> Result<()> {
+    let db = TestDb::create("dep_tables").await?;
+    let mut conn = db.connect().await?;
+    for schema in ["dep_t1", "dep_t2"] {
+        sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&mut conn)
+            .await?;
+        outbox_core::migrate(
+            &mut conn,
+            &outbox_core::OutboxTable::parse(&format!("{schema}.outbox"))?,
+        )
+        .await?;
+    }
+    let relay = RelayProcess::start(
+        &db,
+        &["--log-format", "json"],
+        &[
+            ("OUTBOX_ADMIN_ADDR", "127.0.0.1:0"),
+            ("OUTBOX_TABLES", "dep_t*.outbox"),
+        ],
+    )
+    .await?;
+    // One event, so the figures a table has only once it published are exported too.
+    let table = outbox_core::OutboxTable::parse("dep_t1.outbox")?;
+    let mut tx = conn.begin().await?;
+    Outbox::new(table)
+        .publish_new(
+            &mut tx,
+            vec![NewEvent::new(unique("dep"), "1", "Made", None)],
+        )
+        .await?;
+    tx.commit().await?;
+    let deadline = Instant::now() + LONG;
+    let scrape = loop {
+        let log = relay.log();
+        if let Some(addr) = admin_addr(&log)
+            && let Ok((200, scrape)) = http_get(&addr, "/metrics").await
+            && scrape.contains("outbox_relay_leader{table=\"dep_t2.outbox\"} 1")
+            && scrape.contains("outbox_relay_pending_events{table=\"dep_t1.outbox\"} 0")
+            && scrape.contains("outbox_relay_seconds_since_last_event{table=\"dep_t1.outbox\"}")
+        {
+            break scrape;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the two-table relay never reported both tables; log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let (code, _) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0);
+    // The names a multi-table relay labels with `table` (histograms by their base name).
+    let per_table: BTreeSet<String> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains("table=\"dep_t1.outbox\""))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(|n| n.to_owned())
+        .collect();
+    ensure!(per_table.len() >= 10, "labelled per table: {per_table:?}");
+    let is_per_table = |name: &str| {
+        per_table.contains(name)
+            || ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .is_some_and(|base| per_table.iter().any(|n| n.starts_with(&format!("{base}_"))))
+    };
+
+    let text = repo_file("deploy/grafana/outbox-relay.json")?;
+    let dash: serde_json::Value = serde_json::from_str(&text)?;
+    let mut checked = 0;
+    for p in dash["panels"].as_array().context("panels")? {
+        let title = p["title"].as_str().unwrap_or_default();
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().context("a target without expr")?;
+            let names = metric_names(expr);
+            let labelled = names.iter().any(|n| is_per_table(n));
+            let filtered = expr.contains("table=~\"$table\"");
+            ensure!(
+                labelled == filtered,
+                "panel `{title}`: `{expr}` {} the $table filter",
+                if labelled { "lacks" } else { "must not have" }
+            );
+            if labelled {
+                for by in by_clauses(expr) {
+                    ensure!(
+                        by.iter().any(|l| l == "table"),
+                        "panel `{title}`: `{expr}` adds the tables up"
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    ensure!(checked >= 15, "only {checked} per-table dashboard queries");
+    let rules = repo_file("deploy/prometheus/alerts.yaml")?;
+    for q in rule_queries(&rules) {
+        if metric_names(&q).iter().any(|n| is_per_table(n)) {
+            for by in by_clauses(&q) {
+                ensure!(
+                    by.iter().any(|l| l == "table"),
+                    "alerts.yaml: `{q}` adds the tables up"
+                );
+            }
+        }
     }
     Ok(())
 }
