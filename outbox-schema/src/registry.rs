@@ -8,8 +8,9 @@
 //! - `GET /schemas/ids/{id}` — the schema of an id (what a consumer needs to decode).
 //!
 //! Requests and answers use the content type `application/vnd.schemaregistry.v1+json`; the body
-//! of a request is `{"schema": "<schema text>"}` plus `"schemaType": "JSON"` for JSON Schema (an
-//! absent `schemaType` means Avro). Errors come back as `{"error_code": n, "message": "…"}`.
+//! of a request is `{"schema": "<schema text>"}` plus `"schemaType": "JSON"` for JSON Schema or
+//! `"schemaType": "PROTOBUF"` for Protobuf (the `.proto` text; an absent `schemaType` means
+//! Avro). Errors come back as `{"error_code": n, "message": "…"}`.
 //! Karapace, Apicurio (in its Confluent-compatible mode) and Redpanda answer the same API.
 
 use std::collections::HashMap;
@@ -471,6 +472,7 @@ impl RegistryClient {
         let format = match a.schema_type.as_deref() {
             None | Some("AVRO") => SchemaFormat::Avro,
             Some("JSON") => SchemaFormat::JsonSchema,
+            Some("PROTOBUF") => SchemaFormat::Protobuf,
             Some(other) => {
                 return Err(self.protocol(&what, format!("schema type `{other}` is not supported")));
             }

@@ -122,6 +122,7 @@ mod tests {
             event_type: event_type.into(),
             format: format.into(),
             schema_file: file,
+            message: None,
             subject_strategy: None,
         }
     }
@@ -140,9 +141,14 @@ mod tests {
         let good = write(&dir, "opened.avsc", AVSC);
         let bad = write(&dir, "bad.avsc", r#"{"type": "recrod"}"#);
         let untitled = write(&dir, "untitled.json", r#"{"type": "object"}"#);
+        let proto = write(
+            &dir,
+            "opened.proto",
+            "syntax = \"proto3\"; package acct; message Opened { int64 n = 1; }",
+        );
         let cases = [
             (
-                entry("A", "protobuf", good.clone()),
+                entry("A", "protobof", good.clone()),
                 "route.value_schemas[0].format",
                 "opened.avsc",
             ),
@@ -164,6 +170,27 @@ mod tests {
                 "route.value_schemas[0].subject_strategy",
                 "untitled.json",
             ),
+            (
+                entry("A", "protobuf", proto.clone()),
+                "route.value_schemas[0].message",
+                "opened.proto",
+            ),
+            (
+                ValueSchemaSettings {
+                    message: Some("Opened".into()),
+                    ..entry("A", "avro", good.clone())
+                },
+                "route.value_schemas[0].message",
+                "opened.avsc",
+            ),
+            (
+                ValueSchemaSettings {
+                    message: Some("Closed".into()),
+                    ..entry("A", "protobuf", proto.clone())
+                },
+                "route.value_schemas[0].schema_file",
+                "opened.proto",
+            ),
         ];
         for (e, key, file) in cases {
             let err = validate(&config(vec![e])).unwrap_err();
@@ -177,6 +204,12 @@ mod tests {
         c.route.cloudevents_mode = crate::route::CloudEventsMode::Structured;
         assert_eq!(validate(&c).unwrap_err().key, "route.cloudevents_mode");
         validate(&config(vec![entry("A", "avro", good)])).unwrap();
+        validate(&config(vec![ValueSchemaSettings {
+            message: Some("acct.Opened".into()),
+            subject_strategy: Some(SubjectStrategy::Record),
+            ..entry("A", "protobuf", proto)
+        }]))
+        .unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,4 +1,4 @@
-//! Value schemas: per-event-type Avro or JSON Schema encoding of the record value in the
+//! Value schemas: per-event-type Avro, JSON Schema or Protobuf encoding of the record value in the
 //! Confluent wire format (magic byte 0, the registry's 4-byte schema id, the body), with the
 //! schema registered in a Confluent-compatible registry (`[schema_registry]`).
 //!
@@ -49,11 +49,16 @@ impl SchemaSettingError {
 pub struct ValueSchemaSettings {
     /// The event type (`type` column) whose payloads are encoded with this schema.
     pub event_type: String,
-    /// `avro` or `json_schema`.
+    /// `avro`, `json_schema` or `protobuf`.
     pub format: String,
-    /// The schema file (`.avsc` Avro schema, or a JSON Schema document), relative to the
-    /// relay's working directory.
+    /// The schema file (`.avsc` Avro schema, JSON Schema document, or `.proto` file), relative
+    /// to the relay's working directory.
     pub schema_file: PathBuf,
+    /// The Protobuf message type payloads are encoded as: its full name (`acct.v1.Opened`) or
+    /// its name within the file's package (`Opened`, `Outer.Inner`). Required for `protobuf`,
+    /// refused for the other formats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     /// Overrides `schema_registry.subject_strategy` for this schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject_strategy: Option<SubjectStrategy>,
@@ -110,7 +115,7 @@ fn load(
             SchemaSettingError::new(
                 key("format"),
                 format!(
-                    "unknown format `{}` for {} (avro, json_schema; protobuf is not supported)",
+                    "unknown format `{}` for {} (avro, json_schema, protobuf)",
                     entry.format,
                     file.display()
                 ),
@@ -122,9 +127,32 @@ fn load(
                 format!("cannot read {}: {e}", file.display()),
             )
         })?;
-        let schema = ValueSchema::parse(format, &text).map_err(|e| {
-            SchemaSettingError::new(key("schema_file"), format!("{}: {e}", file.display()))
-        })?;
+        match (format, &entry.message) {
+            (SchemaFormat::Protobuf, None) => {
+                return Err(SchemaSettingError::new(
+                    key("message"),
+                    format!(
+                        "protobuf schema {} needs the message type its events are encoded as",
+                        file.display()
+                    ),
+                ));
+            }
+            (SchemaFormat::Avro | SchemaFormat::JsonSchema, Some(_)) => {
+                return Err(SchemaSettingError::new(
+                    key("message"),
+                    format!(
+                        "only protobuf schemas name a message ({} is {})",
+                        file.display(),
+                        format.name()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        let schema =
+            ValueSchema::parse_message(format, &text, entry.message.as_deref()).map_err(|e| {
+                SchemaSettingError::new(key("schema_file"), format!("{}: {e}", file.display()))
+            })?;
         let strategy = entry.subject_strategy.unwrap_or(default_strategy);
         if strategy != SubjectStrategy::Topic && schema.record_name().is_none() {
             return Err(SchemaSettingError::new(
@@ -499,6 +527,7 @@ mod tests {
             event_type: event_type.into(),
             format: format.into(),
             schema_file: file,
+            message: None,
             subject_strategy: None,
         }
     }
