@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::avro::{AvroFitError, json_to_avro};
+use crate::avro::{AvroEncoder, AvroFitError};
 use crate::protobuf::ProtobufSchema;
 use crate::wire;
 
@@ -100,7 +100,8 @@ pub enum EncodeError {
 }
 
 enum Compiled {
-    Avro(Box<apache_avro::Schema>),
+    /// Resolved once, at parse.
+    Avro(Box<AvroEncoder>),
     Json(Box<jsonschema::Validator>),
     Protobuf(Box<ProtobufSchema>),
 }
@@ -159,8 +160,6 @@ impl ValueSchema {
             SchemaFormat::Avro => {
                 let schema = apache_avro::Schema::parse_str(text)
                     .map_err(|e| SchemaError::Avro(e.to_string()))?;
-                apache_avro::schema::ResolvedSchema::try_from(&schema)
-                    .map_err(|e| SchemaError::Avro(e.to_string()))?;
                 let record_name = match &schema {
                     apache_avro::Schema::Record(r) => Some(r.name.to_string()),
                     apache_avro::Schema::Enum(e) => Some(e.name.to_string()),
@@ -171,7 +170,9 @@ impl ValueSchema {
                     format,
                     text: text.trim().to_owned(),
                     record_name,
-                    compiled: Compiled::Avro(Box::new(schema)),
+                    compiled: Compiled::Avro(Box::new(
+                        AvroEncoder::new(schema).map_err(|e| SchemaError::Avro(e.to_string()))?,
+                    )),
                 })
             }
             SchemaFormat::JsonSchema => {
@@ -213,7 +214,7 @@ impl ValueSchema {
     /// The Avro schema, for an Avro value schema.
     pub fn avro(&self) -> Option<&apache_avro::Schema> {
         match &self.compiled {
-            Compiled::Avro(s) => Some(s),
+            Compiled::Avro(s) => Some(s.schema()),
             _ => None,
         }
     }
@@ -256,19 +257,7 @@ impl ValueSchema {
         let json: serde_json::Value =
             serde_json::from_str(payload).map_err(|e| EncodeError::NotJson(e.to_string()))?;
         match &self.compiled {
-            Compiled::Avro(schema) => {
-                let value = json_to_avro(schema, &json)?;
-                apache_avro::writer::datum::GenericDatumWriter::builder(schema)
-                    .build()
-                    .and_then(|w| w.write_value(out, value))
-                    .map(|_| ())
-                    .map_err(|e| {
-                        EncodeError::Avro(AvroFitError {
-                            path: "$".into(),
-                            reason: e.to_string(),
-                        })
-                    })
-            }
+            Compiled::Avro(encoder) => Ok(encoder.write(&json, out)?),
             Compiled::Json(validator) => {
                 let errors: Vec<String> = validator
                     .iter_errors(&json)

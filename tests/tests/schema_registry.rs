@@ -273,6 +273,25 @@ struct Setup {
     config: PathBuf,
 }
 
+impl Setup {
+    /// The relay path of the configuration file.
+    fn config(&self) -> Result<&str> {
+        self.config.to_str().context("utf-8 path")
+    }
+
+    /// A relay process with this configuration on `db`, with extra environment `env`.
+    async fn start(&self, db: &TestDb, env: &[(&str, &str)]) -> Result<RelayProcess> {
+        RelayProcess::start(db, &["--config", self.config()?], env).await
+    }
+}
+
+/// Stops `relay` with SIGTERM; it must exit 0.
+async fn stop(relay: RelayProcess) -> Result<()> {
+    let (code, log) = relay.terminate(WAIT).await?;
+    ensure!(code == 0, "exit {code}: {log}");
+    Ok(())
+}
+
 impl Drop for Setup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -450,12 +469,7 @@ async fn avro_and_json_schema_values_in_the_confluent_wire_format() -> Result<()
     create_topic(&noted_topic, 1).await?;
     let setup = setup(&url, &opened_topic, OPENED_AVSC)?;
 
-    let relay = RelayProcess::start(
-        &db,
-        &["--config", setup.config.to_str().context("utf-8 path")?],
-        &[],
-    )
-    .await?;
+    let relay = setup.start(&db, &[]).await?;
     // The static subject is checked and registered at start-up, before any event.
     relay
         .wait_for_log("value schema checked and registered", WAIT)
@@ -560,8 +574,7 @@ async fn avro_and_json_schema_values_in_the_confluent_wire_format() -> Result<()
         "{reason}"
     );
     wait_drained(pool, WAIT).await?;
-    let (code, log) = relay.terminate(WAIT).await?;
-    ensure!(code == 0, "exit {code}: {log}");
+    stop(relay).await?;
     Ok(())
 }
 
@@ -575,12 +588,7 @@ async fn protobuf_values_decode_with_the_descriptor_of_the_registered_proto() ->
     let topic = format!("outbox.event.{aggregate_type}");
     create_topic(&topic, 1).await?;
     let setup = setup(&url, &format!("{aggregate_type}.opened"), OPENED_AVSC)?;
-    let relay = RelayProcess::start(
-        &db,
-        &["--config", setup.config.to_str().context("utf-8 path")?],
-        &[],
-    )
-    .await?;
+    let relay = setup.start(&db, &[]).await?;
     let pool = &db.pool;
     let good1 = json!({"id": "f-1", "balance": "-1200", "reason": "FRAUD",
         "at": "2026-01-02T03:04:05Z", "audits": [{"by": "ops"}, {"by": "risk"}]});
@@ -643,8 +651,7 @@ async fn protobuf_values_decode_with_the_descriptor_of_the_registered_proto() ->
         "{reason}"
     );
     wait_drained(pool, WAIT).await?;
-    let (code, log) = relay.terminate(WAIT).await?;
-    ensure!(code == 0, "exit {code}: {log}");
+    stop(relay).await?;
     Ok(())
 }
 
@@ -666,12 +673,7 @@ async fn an_incompatible_schema_or_no_registry_stops_the_start_naming_subject_an
         .register(&subject, v1, SchemaFormat::Avro)
         .await?;
     let setup = setup(&url, &topic, v2)?;
-    let relay = RelayProcess::start(
-        &db,
-        &["--config", setup.config.to_str().context("utf-8 path")?],
-        &[],
-    )
-    .await?;
+    let relay = setup.start(&db, &[]).await?;
     let (code, log) = relay.wait_exit(WAIT).await?;
     ensure!(
         code != 0,
@@ -692,12 +694,7 @@ async fn an_incompatible_schema_or_no_registry_stops_the_start_naming_subject_an
         format!("http://{}", l.local_addr()?)
     };
     let setup = setup_at(&gone, &topic)?;
-    let relay = RelayProcess::start(
-        &db,
-        &["--config", setup.config.to_str().context("utf-8 path")?],
-        &[],
-    )
-    .await?;
+    let relay = setup.start(&db, &[]).await?;
     let (code, log) = relay.wait_exit(WAIT).await?;
     ensure!(
         code != 0,
@@ -724,12 +721,7 @@ async fn a_registry_outage_delays_relaying_and_loses_nothing() -> Result<()> {
     let noted_topic = format!("outbox.event.{aggregate_type}");
     create_topic(&noted_topic, 1).await?;
     let setup = setup(&url, &opened_topic, OPENED_AVSC)?;
-    let relay = RelayProcess::start(
-        &db,
-        &["--config", setup.config.to_str().context("utf-8 path")?],
-        &[],
-    )
-    .await?;
+    let relay = setup.start(&db, &[]).await?;
     relay
         .wait_for_log("value schema checked and registered", WAIT)
         .await?;
@@ -753,8 +745,7 @@ async fn a_registry_outage_delays_relaying_and_loses_nothing() -> Result<()> {
     ensure!(Some(schema_id) == subject_id(&reg, &format!("{noted_topic}-value")));
     ensure!(serde_json::from_slice::<Value>(body)? == noted);
     wait_drained(&db.pool, WAIT).await?;
-    let (code, log) = relay.terminate(WAIT).await?;
-    ensure!(code == 0, "exit {code}: {log}");
+    stop(relay).await?;
     Ok(())
 }
 
@@ -768,12 +759,12 @@ async fn a_schemad_event_the_broker_refuses_is_parked_as_json_and_parked_retry_e
     let opened_topic = format!("{aggregate_type}.opened");
     create_topic(&opened_topic, 1).await?;
     let setup = setup(&url, &opened_topic, OPENED_AVSC)?;
-    let config = setup.config.to_str().context("utf-8 path")?;
+    let config = setup.config()?;
     let small = (
         "OUTBOX_KAFKA_PROPERTIES",
         "message.max.bytes=10000,batch.size=10000",
     );
-    let relay = RelayProcess::start(&db, &["--config", config], &[small]).await?;
+    let relay = setup.start(&db, &[small]).await?;
     // Encoded, this value is larger than the producer's message.max.bytes: refused for good.
     let big = opened("big", json!(1), json!("x".repeat(20_000)));
     let big_id = insert(&db.pool, &aggregate_type, "big", "AccountOpened", &big).await?;
@@ -788,8 +779,7 @@ async fn a_schemad_event_the_broker_refuses_is_parked_as_json_and_parked_retry_e
         .fetch_one(&db.pool)
         .await?;
     ensure!(parked == big, "parked payload: {parked}");
-    let (code, log) = relay.terminate(WAIT).await?;
-    ensure!(code == 0, "exit {code}: {log}");
+    stop(relay).await?;
 
     // `parked retry` with room for it publishes it, encoded like the relay does.
     let out = relay_cli_on(

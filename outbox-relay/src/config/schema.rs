@@ -99,16 +99,9 @@ impl RelayConfig {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
     use crate::route::ValueSchemaSettings;
-
-    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
+    use crate::route::schemas::fixtures::{AVSC, SchemaDir, entry};
 
     fn config(entries: Vec<ValueSchemaSettings>) -> RelayConfig {
         let mut c = RelayConfig::default();
@@ -117,32 +110,17 @@ mod tests {
         c
     }
 
-    fn entry(event_type: &str, format: &str, file: PathBuf) -> ValueSchemaSettings {
-        ValueSchemaSettings {
-            event_type: event_type.into(),
-            format: format.into(),
-            schema_file: file,
-            message: None,
-            subject_strategy: None,
-        }
-    }
-
-    const AVSC: &str = r#"{"type": "record", "name": "Opened", "namespace": "acct",
-        "fields": [{"name": "n", "type": "long"}]}"#;
-
     fn validate(c: &RelayConfig) -> Result<(), ConfigError> {
         c.router().map(|_| ())
     }
 
     #[test]
     fn configuration_errors_name_the_setting_and_the_file() {
-        let dir = std::env::temp_dir().join(format!("outbox-schemas-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let good = write(&dir, "opened.avsc", AVSC);
-        let bad = write(&dir, "bad.avsc", r#"{"type": "recrod"}"#);
-        let untitled = write(&dir, "untitled.json", r#"{"type": "object"}"#);
-        let proto = write(
-            &dir,
+        let dir = SchemaDir::new();
+        let good = dir.write("opened.avsc", AVSC);
+        let bad = dir.write("bad.avsc", r#"{"type": "recrod"}"#);
+        let untitled = dir.write("untitled.json", r#"{"type": "object"}"#);
+        let proto = dir.write(
             "opened.proto",
             "syntax = \"proto3\"; package acct; message Opened { int64 n = 1; }",
         );
@@ -153,7 +131,7 @@ mod tests {
                 "opened.avsc",
             ),
             (
-                entry("A", "avro", dir.join("missing.avsc")),
+                entry("A", "avro", dir.path().join("missing.avsc")),
                 "route.value_schemas[0].schema_file",
                 "missing.avsc",
             ),
@@ -210,6 +188,5 @@ mod tests {
             ..entry("A", "protobuf", proto)
         }]))
         .unwrap();
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

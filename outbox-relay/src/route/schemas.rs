@@ -512,17 +512,19 @@ impl Router {
     }
 }
 
+/// Fixtures shared by the value-schema tests of the route and of the configuration.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod fixtures {
+    use std::path::{Path, PathBuf};
 
-    fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
+    use super::ValueSchemaSettings;
 
-    fn entry(event_type: &str, format: &str, file: PathBuf) -> ValueSchemaSettings {
+    /// An Avro record `acct.Opened` with one `long` field `n`.
+    pub(crate) const AVSC: &str = r#"{"type": "record", "name": "Opened", "namespace": "acct",
+        "fields": [{"name": "n", "type": "long"}]}"#;
+
+    /// A `[[route.value_schemas]]` entry without `message` or `subject_strategy`.
+    pub(crate) fn entry(event_type: &str, format: &str, file: PathBuf) -> ValueSchemaSettings {
         ValueSchemaSettings {
             event_type: event_type.into(),
             format: format.into(),
@@ -532,14 +534,44 @@ mod tests {
         }
     }
 
-    const AVSC: &str = r#"{"type": "record", "name": "Opened", "namespace": "acct",
-        "fields": [{"name": "n", "type": "long"}]}"#;
+    /// A fresh temporary directory, removed when dropped.
+    pub(crate) struct SchemaDir(PathBuf);
+
+    impl SchemaDir {
+        pub(crate) fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!("outbox-schemas-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        /// Writes `text` to the file `name` in the directory; its path.
+        pub(crate) fn write(&self, name: &str, text: &str) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        }
+
+        pub(crate) fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for SchemaDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{AVSC, SchemaDir, entry};
+    use super::*;
 
     #[test]
     fn schemad_events_are_encoded_and_misfits_are_route_errors_naming_the_type() {
-        let dir = std::env::temp_dir().join(format!("outbox-schemas-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = write(&dir, "opened.avsc", AVSC);
+        let dir = SchemaDir::new();
+        let file = dir.write("opened.avsc", AVSC);
         let mut route = RouteSettings::default();
         route.value_schemas = vec![entry("Opened", "avro", file)];
         route
@@ -598,6 +630,5 @@ mod tests {
         event.event_type = "Closed".into();
         let rec = router.route(&event).unwrap();
         assert_eq!(rec.payload.as_deref(), Some(&br#"{"n": "five"}"#[..]));
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }
