@@ -14,12 +14,12 @@
 //! references, which are not supported.
 //!
 //! Errors name the path and what was expected, never a value of the payload (they end up in park
-//! reasons and logs).
+//! reasons and logs); map keys in paths are shown as `[…]`.
 //!
 //! [protobuf JSON mapping]: https://protobuf.dev/programming-guides/json/
 
 use prost::Message as _;
-use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor};
+use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, Kind, MessageDescriptor};
 use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver};
 
 use crate::value::{EncodeError, SchemaError};
@@ -168,15 +168,7 @@ impl ProtobufSchema {
             serde_path_to_error::Deserializer::new(&mut json, &mut track),
             &options,
         )
-        .map_err(|e| {
-            let path = track.path().to_string();
-            let at = match path.as_str() {
-                "." => "$".to_owned(),
-                p if p.starts_with('[') => format!("${p}"),
-                p => format!("$.{p}"),
-            };
-            misfit(&at, e)
-        })?;
+        .map_err(|e| misfit(&shown_path(&self.message, &track.path()), e))?;
         json.end().map_err(|e| misfit("$", e))?;
         Ok(message)
     }
@@ -199,6 +191,70 @@ fn at_line(text: &str, error: &protox::Error) -> String {
         }
         _ => error.to_string(),
     }
+}
+
+/// Where a path of the payload leads, for [`shown_path`].
+enum At {
+    /// A message: keys are its field names.
+    Message(MessageDescriptor),
+    /// A map field: keys are data.
+    Map(Kind),
+    /// A repeated field.
+    List(Kind),
+    /// A scalar, or a well-known type with a JSON form of its own (`Struct` keys are data).
+    Opaque,
+}
+
+fn at_kind(kind: Kind) -> At {
+    match kind {
+        Kind::Message(m) if !m.full_name().starts_with("google.protobuf.") => At::Message(m),
+        _ => At::Opaque,
+    }
+}
+
+/// The payload path of an error (`$.lines[0].qty`), with map keys shown as `[…]`: they are data,
+/// unlike field names.
+fn shown_path(message: &MessageDescriptor, path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::from("$");
+    let mut at = At::Message(message.clone());
+    for segment in path.iter() {
+        at = match (segment, at) {
+            (Segment::Map { key }, At::Message(m)) => {
+                out.push('.');
+                out.push_str(key);
+                match m
+                    .get_field_by_json_name(key)
+                    .or_else(|| m.get_field_by_name(key))
+                {
+                    Some(f) if f.is_map() => match f.kind() {
+                        Kind::Message(entry) => At::Map(entry.map_entry_value_field().kind()),
+                        _ => At::Opaque,
+                    },
+                    Some(f) if f.is_list() => At::List(f.kind()),
+                    Some(f) => at_kind(f.kind()),
+                    None => At::Opaque,
+                }
+            }
+            (Segment::Map { .. }, At::Map(kind)) => {
+                out.push_str("[…]");
+                at_kind(kind)
+            }
+            (Segment::Seq { index }, At::List(kind)) => {
+                out.push_str(&format!("[{index}]"));
+                at_kind(kind)
+            }
+            (Segment::Seq { index }, _) => {
+                out.push_str(&format!("[{index}]"));
+                At::Opaque
+            }
+            (_, _) => {
+                out.push_str("[…]");
+                At::Opaque
+            }
+        };
+    }
+    out
 }
 
 /// The message `name` (full, or relative to `package`).
@@ -375,6 +431,7 @@ mod tests {
             (r#"{"kind": "SECRETKIND"}"#, "$.kind"),
             (r#"{"lines": [{"qty": -7}]}"#, "$.lines[0].qty"),
             (r#"{"nope": 1}"#, "nope"),
+            (r#"{"labels": {"secret-key": 4711}}"#, "$.labels[…]"),
             (r#"{"id": "a"} trailing"#, "$"),
         ] {
             let e = s.encode_into(payload, &mut out).unwrap_err().to_string();
@@ -382,7 +439,7 @@ mod tests {
                 e.starts_with(expect) || e.contains(expect),
                 "{payload}: {e}"
             );
-            for secret in ["secret-text", "4711", "SECRETKIND", "-7"] {
+            for secret in ["secret-text", "4711", "SECRETKIND", "-7", "secret-key"] {
                 assert!(!e.contains(secret), "{payload}: {e}");
             }
         }
