@@ -27,7 +27,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use outbox_core::{StoredEvent, validate_topic};
-use outbox_schema::SchemaFormat;
 use uuid::Uuid;
 
 pub mod schemas;
@@ -462,10 +461,7 @@ impl Router {
             Some(p) => match self.encode_value(event, &topic, p) {
                 Some(encoded) => {
                     let (value, format) = encoded?;
-                    content_type = match format {
-                        SchemaFormat::Avro => b"application/avro",
-                        SchemaFormat::JsonSchema => b"application/json",
-                    };
+                    content_type = format.content_type().as_bytes();
                     Some(value)
                 }
                 None => Some(p.clone().into_bytes()),

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 
 use apache_avro::Schema;
-use apache_avro::schema::{Name, NamesRef, ResolvedSchema};
+use apache_avro::schema::{Name, Names, ResolvedSchema, UuidSchema};
 use apache_avro::types::Value as Avro;
 use serde_json::Value as Json;
 
@@ -34,14 +34,133 @@ pub struct AvroFitError {
 ///
 /// Guarantee: on success the value validates against `schema` (every named reference resolved
 /// through the schema's own definitions); on failure the error names the path and the mismatch.
+/// Resolves `schema` on every call: to convert many payloads, use [`AvroEncoder`].
 pub fn json_to_avro(schema: &Schema, json: &Json) -> Result<Avro, AvroFitError> {
-    let resolved = ResolvedSchema::try_from(schema).map_err(|e| AvroFitError {
-        path: "$".into(),
-        reason: format!("schema cannot be resolved: {e}"),
-    })?;
-    let names = resolved.get_names();
-    let mut path = String::from("$");
-    convert(schema, json, names, None, &mut path)
+    AvroEncoder::new(schema.clone())
+        .map_err(|e| AvroFitError {
+            path: "$".into(),
+            reason: format!("schema cannot be resolved: {e}"),
+        })?
+        .to_avro(json)
+}
+
+/// An Avro schema with its named types resolved once, ready to convert and encode any number of
+/// payloads without resolving the schema again.
+pub struct AvroEncoder {
+    schema: Schema,
+    /// Every named type of the schema by full name.
+    names: Names,
+}
+
+impl AvroEncoder {
+    /// Resolves `schema`'s named types.
+    ///
+    /// Guarantee: fails if a named reference does not resolve or a name is defined twice.
+    pub fn new(schema: Schema) -> Result<Self, apache_avro::Error> {
+        let names = ResolvedSchema::try_from(&schema)?
+            .get_names()
+            .iter()
+            .map(|(name, s)| (name.clone(), (*s).clone()))
+            .collect();
+        Ok(Self { schema, names })
+    }
+
+    /// The schema.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// [`json_to_avro`] with the names resolved at [`Self::new`].
+    pub fn to_avro(&self, json: &Json) -> Result<Avro, AvroFitError> {
+        let mut path = String::from("$");
+        convert(&self.schema, json, &self.names, None, &mut path)
+    }
+
+    /// Appends the Avro binary datum of `json` to `out`.
+    ///
+    /// Guarantee: what is appended is the datum the Apache Avro writer writes for the value
+    /// [`Self::to_avro`] returns (which validates against the schema), and reads back with the
+    /// schema; on failure `out` is unchanged.
+    pub fn write(&self, json: &Json, out: &mut Vec<u8>) -> Result<(), AvroFitError> {
+        let value = self.to_avro(json)?;
+        let len = out.len();
+        write_datum(&value, out).inspect_err(|_| out.truncate(len))
+    }
+}
+
+/// Appends a zig-zag varint (Avro `int` and `long`).
+fn put_long(n: i64, out: &mut Vec<u8>) {
+    let mut v = ((n << 1) ^ (n >> 63)) as u64;
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_bytes(bytes: &[u8], out: &mut Vec<u8>) {
+    put_long(bytes.len() as i64, out);
+    out.extend_from_slice(bytes);
+}
+
+/// The binary encoding of a value [`convert`] made. Such a value carries everything its encoding
+/// needs (union branch and enum symbol indexes, record fields in schema order, UUIDs already in
+/// the form of their schema), so no schema is consulted.
+fn write_datum(value: &Avro, out: &mut Vec<u8>) -> Result<(), AvroFitError> {
+    match value {
+        Avro::Null => {}
+        Avro::Boolean(b) => out.push(u8::from(*b)),
+        Avro::Int(n) | Avro::Date(n) | Avro::TimeMillis(n) => put_long(i64::from(*n), out),
+        Avro::Long(n)
+        | Avro::TimeMicros(n)
+        | Avro::TimestampMillis(n)
+        | Avro::TimestampMicros(n)
+        | Avro::TimestampNanos(n)
+        | Avro::LocalTimestampMillis(n)
+        | Avro::LocalTimestampMicros(n)
+        | Avro::LocalTimestampNanos(n) => put_long(*n, out),
+        Avro::Float(f) => out.extend_from_slice(&f.to_le_bytes()),
+        Avro::Double(f) => out.extend_from_slice(&f.to_le_bytes()),
+        Avro::Bytes(b) => put_bytes(b, out),
+        Avro::String(s) => put_bytes(s.as_bytes(), out),
+        Avro::Fixed(_, b) => out.extend_from_slice(b),
+        Avro::Enum(i, _) => put_long(i64::from(*i), out),
+        Avro::Union(i, v) => {
+            put_long(i64::from(*i), out);
+            write_datum(v, out)?;
+        }
+        Avro::Array(items) => {
+            if !items.is_empty() {
+                put_long(items.len() as i64, out);
+                for item in items {
+                    write_datum(item, out)?;
+                }
+            }
+            out.push(0);
+        }
+        Avro::Map(entries) => {
+            if !entries.is_empty() {
+                put_long(entries.len() as i64, out);
+                for (k, v) in entries {
+                    put_bytes(k.as_bytes(), out);
+                    write_datum(v, out)?;
+                }
+            }
+            out.push(0);
+        }
+        Avro::Record(fields) => {
+            for (_, v) in fields {
+                write_datum(v, out)?;
+            }
+        }
+        other => {
+            return Err(fail(
+                "$",
+                format!("cannot encode a value of kind {other:?}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn fail(path: &str, reason: impl Into<String>) -> AvroFitError {
@@ -62,17 +181,16 @@ fn kind(json: &Json) -> &'static str {
     }
 }
 
-fn lookup<'s>(names: &NamesRef<'s>, name: &Name, namespace: Option<&str>) -> Option<&'s Schema> {
+fn lookup<'s>(names: &'s Names, name: &Name, namespace: Option<&str>) -> Option<&'s Schema> {
     names
         .get(name)
-        .copied()
-        .or_else(|| names.get(&name.fully_qualified_name(namespace)).copied())
+        .or_else(|| names.get(&name.fully_qualified_name(namespace)))
 }
 
 fn convert(
     schema: &Schema,
     json: &Json,
-    names: &NamesRef<'_>,
+    names: &Names,
     namespace: Option<&str>,
     path: &mut String,
 ) -> Result<Avro, AvroFitError> {
@@ -257,10 +375,17 @@ fn convert(
         Schema::LocalTimestampNanos => {
             Avro::LocalTimestampNanos(timestamp(json, path, Unit::Nanos)?)
         }
-        Schema::Uuid(_) => match json {
-            Json::String(s) => Avro::Uuid(
-                uuid::Uuid::parse_str(s).map_err(|e| fail(path, format!("not a UUID: {e}")))?,
-            ),
+        // In the form of the schema's underlying type, so encoding needs no schema.
+        Schema::Uuid(inner) => match json {
+            Json::String(s) => {
+                let u =
+                    uuid::Uuid::parse_str(s).map_err(|e| fail(path, format!("not a UUID: {e}")))?;
+                match inner {
+                    UuidSchema::String => Avro::String(u.hyphenated().to_string()),
+                    UuidSchema::Bytes => Avro::Bytes(u.as_bytes().to_vec()),
+                    UuidSchema::Fixed(_) => Avro::Fixed(16, u.as_bytes().to_vec()),
+                }
+            }
             _ => return Err(mismatch(path, "a UUID string")),
         },
         Schema::Decimal(_) | Schema::BigDecimal | Schema::Duration(_) => {
@@ -449,6 +574,35 @@ mod tests {
             get("note"),
             Avro::Union(1, Box::new(Avro::String("hi".into())))
         );
+    }
+
+    #[test]
+    fn the_cached_encoder_writes_what_the_apache_writer_writes() {
+        let schema = Schema::parse_str(SCHEMA).unwrap();
+        let encoder = AvroEncoder::new(schema.clone()).unwrap();
+        let mut p = payload();
+        // One map entry: the order of map entries is free.
+        *p.pointer_mut("/limits").unwrap() = json!({"daily": 500});
+        for p in [p.clone(), {
+            let mut q = p.clone();
+            q["tags"] = json!([]);
+            q["note"] = json!(null);
+            q
+        }] {
+            let value = json_to_avro(&schema, &p).unwrap();
+            let expected = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+                .build()
+                .unwrap()
+                .write_value_to_vec(value)
+                .unwrap();
+            let mut out = vec![9];
+            encoder.write(&p, &mut out).unwrap();
+            assert_eq!(out[1..], expected[..]);
+        }
+        let mut out = Vec::new();
+        p["balance"] = json!("twelve");
+        assert!(encoder.write(&p, &mut out).is_err());
+        assert!(out.is_empty());
     }
 
     #[test]

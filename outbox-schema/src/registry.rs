@@ -8,8 +8,9 @@
 //! - `GET /schemas/ids/{id}` — the schema of an id (what a consumer needs to decode).
 //!
 //! Requests and answers use the content type `application/vnd.schemaregistry.v1+json`; the body
-//! of a request is `{"schema": "<schema text>"}` plus `"schemaType": "JSON"` for JSON Schema (an
-//! absent `schemaType` means Avro). Errors come back as `{"error_code": n, "message": "…"}`.
+//! of a request is `{"schema": "<schema text>"}` plus `"schemaType": "JSON"` for JSON Schema or
+//! `"schemaType": "PROTOBUF"` for Protobuf (the `.proto` text; an absent `schemaType` means
+//! Avro). Errors come back as `{"error_code": n, "message": "…"}`.
 //! Karapace, Apicurio (in its Confluent-compatible mode) and Redpanda answer the same API.
 
 use std::collections::HashMap;
@@ -284,7 +285,18 @@ impl RegistryClient {
         Ok((status, body.to_vec()))
     }
 
-    fn schema_body(schema: &str, format: SchemaFormat) -> Vec<u8> {
+    /// `POST {before}{subject, percent-encoded}{after}` with the schema as the body
+    /// (`{"schema", "schemaType"?}`); the status and body of the answer.
+    async fn post_schema(
+        &self,
+        what: &str,
+        before: &str,
+        subject: &str,
+        after: &str,
+        schema: &str,
+        format: SchemaFormat,
+    ) -> Result<(u16, Vec<u8>), RegistryError> {
+        let path = format!("{before}{}{after}", utf8_percent_encode(subject, SEGMENT));
         let body = SchemaRequest {
             schema,
             schema_type: match format {
@@ -292,7 +304,11 @@ impl RegistryClient {
                 other => Some(other.schema_type()),
             },
         };
-        serde_json::to_vec(&body).expect("a string pair serializes")
+        let request = self
+            .request(reqwest::Method::POST, &path)
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(serde_json::to_vec(&body).expect("a string pair serializes"));
+        self.send(what, request).await
     }
 
     fn api_error(&self, what: &str, status: u16, body: &[u8]) -> RegistryError {
@@ -352,15 +368,16 @@ impl RegistryClient {
         format: SchemaFormat,
     ) -> Result<bool, RegistryError> {
         let what = format!("compatibility check of subject `{subject}`");
-        let path = format!(
-            "/compatibility/subjects/{}/versions/latest",
-            utf8_percent_encode(subject, SEGMENT)
-        );
-        let request = self
-            .request(reqwest::Method::POST, &path)
-            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
-            .body(Self::schema_body(schema, format));
-        let (status, body) = self.send(&what, request).await?;
+        let (status, body) = self
+            .post_schema(
+                &what,
+                "/compatibility/subjects/",
+                subject,
+                "/versions/latest",
+                schema,
+                format,
+            )
+            .await?;
         match status {
             200 => {
                 #[derive(serde::Deserialize)]
@@ -392,15 +409,9 @@ impl RegistryClient {
         format: SchemaFormat,
     ) -> Result<u32, RegistryError> {
         let what = format!("registration under subject `{subject}`");
-        let path = format!(
-            "/subjects/{}/versions",
-            utf8_percent_encode(subject, SEGMENT)
-        );
-        let request = self
-            .request(reqwest::Method::POST, &path)
-            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
-            .body(Self::schema_body(schema, format));
-        let (status, body) = self.send(&what, request).await?;
+        let (status, body) = self
+            .post_schema(&what, "/subjects/", subject, "/versions", schema, format)
+            .await?;
         if status != 200 {
             return Err(self.subject_error(subject, &what, status, &body));
         }
@@ -471,6 +482,7 @@ impl RegistryClient {
         let format = match a.schema_type.as_deref() {
             None | Some("AVRO") => SchemaFormat::Avro,
             Some("JSON") => SchemaFormat::JsonSchema,
+            Some("PROTOBUF") => SchemaFormat::Protobuf,
             Some(other) => {
                 return Err(self.protocol(&what, format!("schema type `{other}` is not supported")));
             }

@@ -2,7 +2,8 @@
 
 use std::fmt;
 
-use crate::avro::{AvroFitError, json_to_avro};
+use crate::avro::{AvroEncoder, AvroFitError};
+use crate::protobuf::ProtobufSchema;
 use crate::wire;
 
 /// The schema language of a value schema.
@@ -13,30 +14,47 @@ pub enum SchemaFormat {
     Avro,
     /// JSON Schema; the value body is the payload's JSON text, validated against the schema.
     JsonSchema,
+    /// Protobuf; the value body is the message-index array, then the protobuf binary of one
+    /// message type of the `.proto` file.
+    Protobuf,
 }
 
 impl SchemaFormat {
-    /// The registry's `schemaType` (`AVRO`, `JSON`).
+    /// The registry's `schemaType` (`AVRO`, `JSON`, `PROTOBUF`).
     pub fn schema_type(self) -> &'static str {
         match self {
             SchemaFormat::Avro => "AVRO",
             SchemaFormat::JsonSchema => "JSON",
+            SchemaFormat::Protobuf => "PROTOBUF",
         }
     }
 
-    /// The name used in settings (`avro`, `json_schema`).
+    /// The name used in settings (`avro`, `json_schema`, `protobuf`).
     pub fn name(self) -> &'static str {
         match self {
             SchemaFormat::Avro => "avro",
             SchemaFormat::JsonSchema => "json_schema",
+            SchemaFormat::Protobuf => "protobuf",
         }
     }
 
-    /// Parses a setting value: `avro`, or `json_schema` (also `json-schema`, `json`).
+    /// The media type of a value body (`application/avro`, `application/json`,
+    /// `application/x-protobuf`), e.g. for a CloudEvents `content-type`.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            SchemaFormat::Avro => "application/avro",
+            SchemaFormat::JsonSchema => "application/json",
+            SchemaFormat::Protobuf => "application/x-protobuf",
+        }
+    }
+
+    /// Parses a setting value: `avro`, `json_schema` (also `json-schema`, `json`), or
+    /// `protobuf` (also `proto`).
     pub fn parse(text: &str) -> Option<Self> {
         match text {
             "avro" => Some(Self::Avro),
             "json_schema" | "json-schema" | "json" => Some(Self::JsonSchema),
+            "protobuf" | "proto" => Some(Self::Protobuf),
             _ => None,
         }
     }
@@ -51,6 +69,12 @@ pub enum SchemaError {
     /// Not JSON, or not a valid JSON Schema.
     #[error("not a valid JSON Schema: {0}")]
     JsonSchema(String),
+    /// A `.proto` file that does not compile, or without the named message.
+    #[error("not a usable Protobuf schema: {0}")]
+    Protobuf(String),
+    /// A message name given for a format that has none.
+    #[error("a message name is only for Protobuf schemas, not {0}")]
+    MessageNotApplicable(&'static str),
 }
 
 /// Why a payload cannot be encoded with its schema.
@@ -65,11 +89,21 @@ pub enum EncodeError {
     /// The payload does not validate against the JSON Schema.
     #[error("payload does not validate against the JSON Schema: {0}")]
     JsonSchema(String),
+    /// The payload does not fit the Protobuf message type.
+    #[error("payload does not fit the Protobuf message {message}: {reason}")]
+    Protobuf {
+        /// The message type's full name.
+        message: String,
+        /// Where and what does not fit.
+        reason: String,
+    },
 }
 
 enum Compiled {
-    Avro(Box<apache_avro::Schema>),
+    /// Resolved once, at parse.
+    Avro(Box<AvroEncoder>),
     Json(Box<jsonschema::Validator>),
+    Protobuf(Box<ProtobufSchema>),
 }
 
 /// A parsed value schema, ready to encode payloads. Cheap to share behind an `Arc`.
@@ -90,18 +124,41 @@ impl fmt::Debug for ValueSchema {
 }
 
 impl ValueSchema {
-    /// Parses `text` as a schema of `format`.
+    /// Parses `text` as a schema of `format`; for Protobuf, values are the file's first
+    /// message (see [`Self::parse_message`] to choose another).
     ///
     /// Guarantee: succeeds only if the schema can encode (Avro: parses and resolves every
-    /// named reference; JSON Schema: JSON that compiles as a schema). The registered text is
-    /// `text` as written (not Avro's parsing canonical form, which drops field defaults and so
-    /// would change what the registry's compatibility check sees).
+    /// named reference; JSON Schema: JSON that compiles as a schema; Protobuf: the file compiles
+    /// and declares a message). The registered text is `text` as written (not Avro's parsing
+    /// canonical form, which drops field defaults and so would change what the registry's
+    /// compatibility check sees).
     pub fn parse(format: SchemaFormat, text: &str) -> Result<Self, SchemaError> {
+        Self::parse_message(format, text, None)
+    }
+
+    /// [`Self::parse`], with the Protobuf message type values are encoded as: its full name
+    /// (`acct.v1.AccountOpened`) or its name relative to the file's package
+    /// (`AccountOpened`, `Outer.Inner`). `message` must be `None` for Avro and JSON Schema.
+    pub fn parse_message(
+        format: SchemaFormat,
+        text: &str,
+        message: Option<&str>,
+    ) -> Result<Self, SchemaError> {
+        if message.is_some() && format != SchemaFormat::Protobuf {
+            return Err(SchemaError::MessageNotApplicable(format.name()));
+        }
         match format {
+            SchemaFormat::Protobuf => {
+                let schema = ProtobufSchema::compile(text, message)?;
+                Ok(Self {
+                    format,
+                    text: text.to_owned(),
+                    record_name: Some(schema.message().full_name().to_owned()),
+                    compiled: Compiled::Protobuf(Box::new(schema)),
+                })
+            }
             SchemaFormat::Avro => {
                 let schema = apache_avro::Schema::parse_str(text)
-                    .map_err(|e| SchemaError::Avro(e.to_string()))?;
-                apache_avro::schema::ResolvedSchema::try_from(&schema)
                     .map_err(|e| SchemaError::Avro(e.to_string()))?;
                 let record_name = match &schema {
                     apache_avro::Schema::Record(r) => Some(r.name.to_string()),
@@ -113,7 +170,9 @@ impl ValueSchema {
                     format,
                     text: text.trim().to_owned(),
                     record_name,
-                    compiled: Compiled::Avro(Box::new(schema)),
+                    compiled: Compiled::Avro(Box::new(
+                        AvroEncoder::new(schema).map_err(|e| SchemaError::Avro(e.to_string()))?,
+                    )),
                 })
             }
             SchemaFormat::JsonSchema => {
@@ -146,7 +205,8 @@ impl ValueSchema {
     }
 
     /// The record name used by the `record` and `topic_record` subject strategies: the full
-    /// name of an Avro named type, the `title` of a JSON Schema; `None` when there is none.
+    /// name of an Avro named type, the `title` of a JSON Schema, the full name of the Protobuf
+    /// message; `None` when there is none.
     pub fn record_name(&self) -> Option<&str> {
         self.record_name.as_deref()
     }
@@ -154,32 +214,50 @@ impl ValueSchema {
     /// The Avro schema, for an Avro value schema.
     pub fn avro(&self) -> Option<&apache_avro::Schema> {
         match &self.compiled {
-            Compiled::Avro(s) => Some(s),
-            Compiled::Json(_) => None,
+            Compiled::Avro(s) => Some(s.schema()),
+            _ => None,
+        }
+    }
+
+    /// The compiled `.proto` file and chosen message, for a Protobuf value schema (decode
+    /// values with [`crate::protobuf::decode`]).
+    pub fn protobuf(&self) -> Option<&ProtobufSchema> {
+        match &self.compiled {
+            Compiled::Protobuf(s) => Some(s),
+            _ => None,
         }
     }
 
     /// The body of a value for the JSON text `payload`, without the wire header: the Avro
-    /// binary datum, or the JSON bytes as given once they validate.
+    /// binary datum, the JSON bytes as given once they validate, or the Protobuf message-index
+    /// array and message binary.
     ///
     /// Guarantee: fails, naming where and which schema rule, for any payload the schema does
     /// not accept, without quoting the payload's values; never panics on bad input.
     pub fn encode_body(&self, payload: &str) -> Result<Vec<u8>, EncodeError> {
+        let mut out = Vec::new();
+        self.write_body(payload, &mut out)?;
+        Ok(out)
+    }
+
+    /// The whole wire-format value (header with `schema_id`, then [`Self::encode_body`]).
+    pub fn encode(&self, schema_id: u32, payload: &str) -> Result<Vec<u8>, EncodeError> {
+        let mut out = Vec::with_capacity(wire::HEADER_LEN + payload.len());
+        out.extend_from_slice(&wire::header(schema_id));
+        self.write_body(payload, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the body to `out`.
+    fn write_body(&self, payload: &str, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        if let Compiled::Protobuf(schema) = &self.compiled {
+            // Read straight into the message: no intermediate JSON tree.
+            return schema.encode_into(payload, out);
+        }
         let json: serde_json::Value =
             serde_json::from_str(payload).map_err(|e| EncodeError::NotJson(e.to_string()))?;
         match &self.compiled {
-            Compiled::Avro(schema) => {
-                let value = json_to_avro(schema, &json)?;
-                apache_avro::writer::datum::GenericDatumWriter::builder(schema)
-                    .build()
-                    .and_then(|w| w.write_value_to_vec(value))
-                    .map_err(|e| {
-                        EncodeError::Avro(AvroFitError {
-                            path: "$".into(),
-                            reason: e.to_string(),
-                        })
-                    })
-            }
+            Compiled::Avro(encoder) => Ok(encoder.write(&json, out)?),
             Compiled::Json(validator) => {
                 let errors: Vec<String> = validator
                     .iter_errors(&json)
@@ -196,21 +274,14 @@ impl ValueSchema {
                     })
                     .collect();
                 if errors.is_empty() {
-                    Ok(payload.as_bytes().to_vec())
+                    out.extend_from_slice(payload.as_bytes());
+                    Ok(())
                 } else {
                     Err(EncodeError::JsonSchema(errors.join("; ")))
                 }
             }
+            Compiled::Protobuf(_) => unreachable!("encoded above"),
         }
-    }
-
-    /// The whole wire-format value (header with `schema_id`, then [`Self::encode_body`]).
-    pub fn encode(&self, schema_id: u32, payload: &str) -> Result<Vec<u8>, EncodeError> {
-        let body = self.encode_body(payload)?;
-        let mut out = Vec::with_capacity(wire::HEADER_LEN + body.len());
-        out.extend_from_slice(&wire::header(schema_id));
-        out.extend_from_slice(&body);
-        Ok(out)
     }
 }
 

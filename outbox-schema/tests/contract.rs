@@ -187,13 +187,44 @@ async fn documented_errors_are_told_apart() {
 }
 
 #[tokio::test]
+async fn protobuf_schemas_are_sent_as_proto_text_with_their_schema_type() {
+    let (url, seen) = server(vec![
+        (
+            404,
+            json!({"error_code": 40401, "message": "Subject 'p-value' not found."}),
+        ),
+        (200, json!({"id": 11})),
+    ])
+    .await;
+    let proto = "syntax = \"proto3\";\npackage p;\nmessage A { string a = 1; }\n";
+    let id = client(&url)
+        .register_checked("p-value", proto, SchemaFormat::Protobuf)
+        .await
+        .unwrap();
+    assert_eq!(id, 11);
+    let seen = seen.lock().unwrap().clone();
+    for request in &seen {
+        assert_eq!(
+            request.body,
+            Some(json!({"schema": proto, "schemaType": "PROTOBUF"}))
+        );
+    }
+    assert_eq!(seen[1].path, "/subjects/p-value/versions");
+}
+
+#[tokio::test]
 async fn schemas_are_read_by_id() {
     let (url, seen) = server(vec![
         (200, json!({"schema": STRING_SCHEMA})),
         (200, json!({"schema": "{}", "schemaType": "JSON"})),
         (
+            200,
+            json!({"schema": "syntax = \"proto3\";\nmessage A { string a = 1; }\n",
+                   "schemaType": "PROTOBUF"}),
+        ),
+        (
             404,
-            json!({"error_code": 40403, "message": "Schema 3 not found"}),
+            json!({"error_code": 40403, "message": "Schema 4 not found"}),
         ),
     ])
     .await;
@@ -207,7 +238,11 @@ async fn schemas_are_read_by_id() {
         c.schema_by_id(2).await.unwrap().format,
         SchemaFormat::JsonSchema
     );
-    let e = c.schema_by_id(3).await.unwrap_err();
+    assert_eq!(
+        c.schema_by_id(3).await.unwrap().format,
+        SchemaFormat::Protobuf
+    );
+    let e = c.schema_by_id(4).await.unwrap_err();
     assert!(
         matches!(
             e,

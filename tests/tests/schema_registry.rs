@@ -1,5 +1,5 @@
-//! Schema'd payloads end to end: a relay process with Avro and JSON Schema value schemas, a
-//! schema registry, real PostgreSQL and the real broker.
+//! Schema'd payloads end to end: a relay process with Avro, JSON Schema and Protobuf value
+//! schemas, a schema registry, real PostgreSQL and the real broker.
 //!
 //! No schema registry server can run on the test machines (Karapace is not on the package
 //! registries they reach, Apicurio needs Maven Central, there is no container engine), so the
@@ -10,7 +10,8 @@
 //! → `{"is_compatible"}`, 404 `error_code` 40401 for an unknown subject; `GET /schemas/ids/{id}`
 //! → `{"schema", "schemaType"?}`, 404 `error_code` 40403). Compatibility is Confluent's default
 //! level, BACKWARD, decided for Avro by the Avro library's schema resolution (the new schema must
-//! read data written with the latest one); JSON Schemas are always compatible here. The client's
+//! read data written with the latest one); JSON Schemas and Protobuf files (which must compile)
+//! are always compatible here. The client's
 //! side of the same API is checked against recorded exchanges in `outbox-schema/tests/contract.rs`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,6 +26,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use outbox_schema::apache_avro::Schema as AvroSchema;
 use outbox_schema::apache_avro::schema_compatibility::SchemaCompatibility;
+use outbox_schema::protobuf::{self, ProtobufSchema};
 use outbox_schema::{RegistryClient, RegistryConfig, SchemaFormat, wire};
 use outbox_tests::*;
 use rdkafka::ClientConfig;
@@ -78,6 +80,7 @@ fn schema_of(body: &Value) -> Result<(String, Option<String>), (StatusCode, Json
     let valid = match kind.as_deref() {
         None | Some("AVRO") => AvroSchema::parse_str(&text).is_ok(),
         Some("JSON") => serde_json::from_str::<Value>(&text).is_ok(),
+        Some("PROTOBUF") => ProtobufSchema::compile(&text, None).is_ok(),
         Some(_) => false,
     };
     if !valid {
@@ -239,10 +242,54 @@ const NOTED_JSON_SCHEMA: &str = r#"{
   "additionalProperties": false
 }"#;
 
+/// The Protobuf schema of `AccountFrozen`: the second message of its file, so its values carry
+/// the message-index array `[1]` (not the `0` shortcut).
+const FROZEN_PROTO: &str = r#"syntax = "proto3";
+package com.example.accounts.v1;
+
+import "google/protobuf/timestamp.proto";
+
+message Audit {
+  string by = 1;
+}
+
+message AccountFrozen {
+  string id = 1;
+  int64 balance = 2;
+  Reason reason = 3;
+  google.protobuf.Timestamp at = 4;
+  repeated Audit audits = 5;
+  enum Reason {
+    REASON_UNSPECIFIED = 0;
+    FRAUD = 1;
+    COURT_ORDER = 2;
+  }
+}
+"#;
+
 /// A directory with the schema files and a relay configuration file.
 struct Setup {
     dir: PathBuf,
     config: PathBuf,
+}
+
+impl Setup {
+    /// The relay path of the configuration file.
+    fn config(&self) -> Result<&str> {
+        self.config.to_str().context("utf-8 path")
+    }
+
+    /// A relay process with this configuration on `db`, with extra environment `env`.
+    async fn start(&self, db: &TestDb, env: &[(&str, &str)]) -> Result<RelayProcess> {
+        RelayProcess::start(db, &["--config", self.config()?], env).await
+    }
+}
+
+/// Stops `relay` with SIGTERM; it must exit 0.
+async fn stop(relay: RelayProcess) -> Result<()> {
+    let (code, log) = relay.terminate(WAIT).await?;
+    ensure!(code == 0, "exit {code}: {log}");
+    Ok(())
 }
 
 impl Drop for Setup {
@@ -256,6 +303,7 @@ fn setup(registry: &str, opened_topic: &str, opened_avsc: &str) -> Result<Setup>
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("account_opened.avsc"), opened_avsc)?;
     std::fs::write(dir.join("account_noted.json"), NOTED_JSON_SCHEMA)?;
+    std::fs::write(dir.join("account_frozen.proto"), FROZEN_PROTO)?;
     let config = dir.join("relay.toml");
     let file = |name: &str| dir.join(name).display().to_string();
     std::fs::write(
@@ -278,9 +326,17 @@ schema_file = "{opened}"
 event_type = "AccountNoted"
 format = "json_schema"
 schema_file = "{noted}"
+
+[[route.value_schemas]]
+event_type = "AccountFrozen"
+format = "protobuf"
+schema_file = "{frozen}"
+message = "AccountFrozen"
+subject_strategy = "topic_record"
 "#,
             opened = file("account_opened.avsc"),
             noted = file("account_noted.json"),
+            frozen = file("account_frozen.proto"),
         ),
     )?;
     Ok(Setup { dir, config })
@@ -413,12 +469,7 @@ async fn avro_and_json_schema_values_in_the_confluent_wire_format() -> Result<()
     create_topic(&noted_topic, 1).await?;
     let setup = setup(&url, &opened_topic, OPENED_AVSC)?;
 
-    let relay = RelayProcess::start(
-        &db,
-        &["--config", setup.config.to_str().context("utf-8 path")?],
-        &[],
-    )
-    .await?;
+    let relay = setup.start(&db, &[]).await?;
     // The static subject is checked and registered at start-up, before any event.
     relay
         .wait_for_log("value schema checked and registered", WAIT)
@@ -523,8 +574,84 @@ async fn avro_and_json_schema_values_in_the_confluent_wire_format() -> Result<()
         "{reason}"
     );
     wait_drained(pool, WAIT).await?;
-    let (code, log) = relay.terminate(WAIT).await?;
-    ensure!(code == 0, "exit {code}: {log}");
+    stop(relay).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protobuf_values_decode_with_the_descriptor_of_the_registered_proto() -> Result<()> {
+    init_logging();
+    let db = TestDb::migrated("schema_proto").await?;
+    let (url, reg) = fake_registry().await?;
+    let aggregate_type = unique("acct");
+    // AccountFrozen has no route of its own: registered at first use, under `topic_record`.
+    let topic = format!("outbox.event.{aggregate_type}");
+    create_topic(&topic, 1).await?;
+    let setup = setup(&url, &format!("{aggregate_type}.opened"), OPENED_AVSC)?;
+    let relay = setup.start(&db, &[]).await?;
+    let pool = &db.pool;
+    let good1 = json!({"id": "f-1", "balance": "-1200", "reason": "FRAUD",
+        "at": "2026-01-02T03:04:05Z", "audits": [{"by": "ops"}, {"by": "risk"}]});
+    let good2 = json!({"id": "f-2", "balance": "0", "reason": "COURT_ORDER", "audits": []});
+    let f1 = insert(pool, &aggregate_type, "1", "AccountFrozen", &good1).await?;
+    // Does not fit: `reason` is not a symbol of the enum.
+    let bad = insert(
+        pool,
+        &aggregate_type,
+        "3",
+        "AccountFrozen",
+        &json!({"id": "f-3", "reason": "SUSPICIOUS_NAME"}),
+    )
+    .await?;
+    let f2 = insert(pool, &aggregate_type, "2", "AccountFrozen", &good2).await?;
+
+    let records = consume_raw(&topic, 2).await?;
+    let subject = format!("{topic}-com.example.accounts.v1.AccountFrozen");
+    let registered_id = subject_id(&reg, &subject).context("topic_record subject registered")?;
+    let client = registry_client(&url)?;
+    let mut decoded = BTreeMap::new();
+    for r in &records {
+        ensure!(
+            r.headers["content-type"] == "application/x-protobuf",
+            "{:?}",
+            r.headers
+        );
+        let (id, body) = wire::decode(&r.value)?;
+        ensure!(
+            id == registered_id,
+            "schema id {id}, registry has {registered_id}"
+        );
+        // The second message of the file: count 1, index 1 (zig-zag varints 2, 2).
+        ensure!(body[..2] == [2, 2], "message indexes: {:?}", &body[..2]);
+        // A consumer's view: the .proto fetched by the id, compiled, the message found by the
+        // index array.
+        let registered = client.schema_by_id(id).await?;
+        ensure!(registered.format == SchemaFormat::Protobuf);
+        let file = ProtobufSchema::compile(&registered.schema, None)?;
+        let message = protobuf::decode(&file, body)?;
+        ensure!(
+            outbox_schema::prost_reflect::ReflectMessage::descriptor(&message).full_name()
+                == "com.example.accounts.v1.AccountFrozen"
+        );
+        decoded.insert(r.id(), serde_json::to_value(&message)?);
+    }
+    // The protobuf JSON mapping leaves out default values (`"balance": "0"`, empty lists).
+    let good2_decoded = json!({"id": "f-2", "reason": "COURT_ORDER"});
+    ensure!(
+        decoded == BTreeMap::from([(f1, good1), (f2, good2_decoded)]),
+        "decoded: {decoded:?}"
+    );
+    let parked = parked_reasons(pool, 1).await?;
+    let reason = parked.get(&bad).context("misfit parked")?;
+    ensure!(
+        reason.contains("event type `AccountFrozen`")
+            && reason.contains("account_frozen.proto")
+            && reason.contains("$.reason")
+            && !reason.contains("SUSPICIOUS_NAME"),
+        "{reason}"
+    );
+    wait_drained(pool, WAIT).await?;
+    stop(relay).await?;
     Ok(())
 }
 
@@ -546,12 +673,7 @@ async fn an_incompatible_schema_or_no_registry_stops_the_start_naming_subject_an
         .register(&subject, v1, SchemaFormat::Avro)
         .await?;
     let setup = setup(&url, &topic, v2)?;
-    let relay = RelayProcess::start(
-        &db,
-        &["--config", setup.config.to_str().context("utf-8 path")?],
-        &[],
-    )
-    .await?;
+    let relay = setup.start(&db, &[]).await?;
     let (code, log) = relay.wait_exit(WAIT).await?;
     ensure!(
         code != 0,
@@ -572,12 +694,7 @@ async fn an_incompatible_schema_or_no_registry_stops_the_start_naming_subject_an
         format!("http://{}", l.local_addr()?)
     };
     let setup = setup_at(&gone, &topic)?;
-    let relay = RelayProcess::start(
-        &db,
-        &["--config", setup.config.to_str().context("utf-8 path")?],
-        &[],
-    )
-    .await?;
+    let relay = setup.start(&db, &[]).await?;
     let (code, log) = relay.wait_exit(WAIT).await?;
     ensure!(
         code != 0,
@@ -604,12 +721,7 @@ async fn a_registry_outage_delays_relaying_and_loses_nothing() -> Result<()> {
     let noted_topic = format!("outbox.event.{aggregate_type}");
     create_topic(&noted_topic, 1).await?;
     let setup = setup(&url, &opened_topic, OPENED_AVSC)?;
-    let relay = RelayProcess::start(
-        &db,
-        &["--config", setup.config.to_str().context("utf-8 path")?],
-        &[],
-    )
-    .await?;
+    let relay = setup.start(&db, &[]).await?;
     relay
         .wait_for_log("value schema checked and registered", WAIT)
         .await?;
@@ -633,8 +745,7 @@ async fn a_registry_outage_delays_relaying_and_loses_nothing() -> Result<()> {
     ensure!(Some(schema_id) == subject_id(&reg, &format!("{noted_topic}-value")));
     ensure!(serde_json::from_slice::<Value>(body)? == noted);
     wait_drained(&db.pool, WAIT).await?;
-    let (code, log) = relay.terminate(WAIT).await?;
-    ensure!(code == 0, "exit {code}: {log}");
+    stop(relay).await?;
     Ok(())
 }
 
@@ -648,12 +759,12 @@ async fn a_schemad_event_the_broker_refuses_is_parked_as_json_and_parked_retry_e
     let opened_topic = format!("{aggregate_type}.opened");
     create_topic(&opened_topic, 1).await?;
     let setup = setup(&url, &opened_topic, OPENED_AVSC)?;
-    let config = setup.config.to_str().context("utf-8 path")?;
+    let config = setup.config()?;
     let small = (
         "OUTBOX_KAFKA_PROPERTIES",
         "message.max.bytes=10000,batch.size=10000",
     );
-    let relay = RelayProcess::start(&db, &["--config", config], &[small]).await?;
+    let relay = setup.start(&db, &[small]).await?;
     // Encoded, this value is larger than the producer's message.max.bytes: refused for good.
     let big = opened("big", json!(1), json!("x".repeat(20_000)));
     let big_id = insert(&db.pool, &aggregate_type, "big", "AccountOpened", &big).await?;
@@ -668,8 +779,7 @@ async fn a_schemad_event_the_broker_refuses_is_parked_as_json_and_parked_retry_e
         .fetch_one(&db.pool)
         .await?;
     ensure!(parked == big, "parked payload: {parked}");
-    let (code, log) = relay.terminate(WAIT).await?;
-    ensure!(code == 0, "exit {code}: {log}");
+    stop(relay).await?;
 
     // `parked retry` with room for it publishes it, encoded like the relay does.
     let out = relay_cli_on(

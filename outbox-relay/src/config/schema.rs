@@ -99,16 +99,9 @@ impl RelayConfig {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
     use crate::route::ValueSchemaSettings;
-
-    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
+    use crate::route::schemas::fixtures::{AVSC, SchemaDir, entry};
 
     fn config(entries: Vec<ValueSchemaSettings>) -> RelayConfig {
         let mut c = RelayConfig::default();
@@ -117,37 +110,28 @@ mod tests {
         c
     }
 
-    fn entry(event_type: &str, format: &str, file: PathBuf) -> ValueSchemaSettings {
-        ValueSchemaSettings {
-            event_type: event_type.into(),
-            format: format.into(),
-            schema_file: file,
-            subject_strategy: None,
-        }
-    }
-
-    const AVSC: &str = r#"{"type": "record", "name": "Opened", "namespace": "acct",
-        "fields": [{"name": "n", "type": "long"}]}"#;
-
     fn validate(c: &RelayConfig) -> Result<(), ConfigError> {
         c.router().map(|_| ())
     }
 
     #[test]
     fn configuration_errors_name_the_setting_and_the_file() {
-        let dir = std::env::temp_dir().join(format!("outbox-schemas-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let good = write(&dir, "opened.avsc", AVSC);
-        let bad = write(&dir, "bad.avsc", r#"{"type": "recrod"}"#);
-        let untitled = write(&dir, "untitled.json", r#"{"type": "object"}"#);
+        let dir = SchemaDir::new();
+        let good = dir.write("opened.avsc", AVSC);
+        let bad = dir.write("bad.avsc", r#"{"type": "recrod"}"#);
+        let untitled = dir.write("untitled.json", r#"{"type": "object"}"#);
+        let proto = dir.write(
+            "opened.proto",
+            "syntax = \"proto3\"; package acct; message Opened { int64 n = 1; }",
+        );
         let cases = [
             (
-                entry("A", "protobuf", good.clone()),
+                entry("A", "protobof", good.clone()),
                 "route.value_schemas[0].format",
                 "opened.avsc",
             ),
             (
-                entry("A", "avro", dir.join("missing.avsc")),
+                entry("A", "avro", dir.path().join("missing.avsc")),
                 "route.value_schemas[0].schema_file",
                 "missing.avsc",
             ),
@@ -164,6 +148,27 @@ mod tests {
                 "route.value_schemas[0].subject_strategy",
                 "untitled.json",
             ),
+            (
+                entry("A", "protobuf", proto.clone()),
+                "route.value_schemas[0].message",
+                "opened.proto",
+            ),
+            (
+                ValueSchemaSettings {
+                    message: Some("Opened".into()),
+                    ..entry("A", "avro", good.clone())
+                },
+                "route.value_schemas[0].message",
+                "opened.avsc",
+            ),
+            (
+                ValueSchemaSettings {
+                    message: Some("Closed".into()),
+                    ..entry("A", "protobuf", proto.clone())
+                },
+                "route.value_schemas[0].schema_file",
+                "opened.proto",
+            ),
         ];
         for (e, key, file) in cases {
             let err = validate(&config(vec![e])).unwrap_err();
@@ -177,6 +182,11 @@ mod tests {
         c.route.cloudevents_mode = crate::route::CloudEventsMode::Structured;
         assert_eq!(validate(&c).unwrap_err().key, "route.cloudevents_mode");
         validate(&config(vec![entry("A", "avro", good)])).unwrap();
-        std::fs::remove_dir_all(dir).unwrap();
+        validate(&config(vec![ValueSchemaSettings {
+            message: Some("acct.Opened".into()),
+            subject_strategy: Some(SubjectStrategy::Record),
+            ..entry("A", "protobuf", proto)
+        }]))
+        .unwrap();
     }
 }

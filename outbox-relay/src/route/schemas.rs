@@ -1,4 +1,4 @@
-//! Value schemas: per-event-type Avro or JSON Schema encoding of the record value in the
+//! Value schemas: per-event-type Avro, JSON Schema or Protobuf encoding of the record value in the
 //! Confluent wire format (magic byte 0, the registry's 4-byte schema id, the body), with the
 //! schema registered in a Confluent-compatible registry (`[schema_registry]`).
 //!
@@ -49,11 +49,16 @@ impl SchemaSettingError {
 pub struct ValueSchemaSettings {
     /// The event type (`type` column) whose payloads are encoded with this schema.
     pub event_type: String,
-    /// `avro` or `json_schema`.
+    /// `avro`, `json_schema` or `protobuf`.
     pub format: String,
-    /// The schema file (`.avsc` Avro schema, or a JSON Schema document), relative to the
-    /// relay's working directory.
+    /// The schema file (`.avsc` Avro schema, JSON Schema document, or `.proto` file), relative
+    /// to the relay's working directory.
     pub schema_file: PathBuf,
+    /// The Protobuf message type payloads are encoded as: its full name (`acct.v1.Opened`) or
+    /// its name within the file's package (`Opened`, `Outer.Inner`). Required for `protobuf`,
+    /// refused for the other formats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     /// Overrides `schema_registry.subject_strategy` for this schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject_strategy: Option<SubjectStrategy>,
@@ -110,7 +115,7 @@ fn load(
             SchemaSettingError::new(
                 key("format"),
                 format!(
-                    "unknown format `{}` for {} (avro, json_schema; protobuf is not supported)",
+                    "unknown format `{}` for {} (avro, json_schema, protobuf)",
                     entry.format,
                     file.display()
                 ),
@@ -122,9 +127,32 @@ fn load(
                 format!("cannot read {}: {e}", file.display()),
             )
         })?;
-        let schema = ValueSchema::parse(format, &text).map_err(|e| {
-            SchemaSettingError::new(key("schema_file"), format!("{}: {e}", file.display()))
-        })?;
+        match (format, &entry.message) {
+            (SchemaFormat::Protobuf, None) => {
+                return Err(SchemaSettingError::new(
+                    key("message"),
+                    format!(
+                        "protobuf schema {} needs the message type its events are encoded as",
+                        file.display()
+                    ),
+                ));
+            }
+            (SchemaFormat::Avro | SchemaFormat::JsonSchema, Some(_)) => {
+                return Err(SchemaSettingError::new(
+                    key("message"),
+                    format!(
+                        "only protobuf schemas name a message ({} is {})",
+                        file.display(),
+                        format.name()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        let schema =
+            ValueSchema::parse_message(format, &text, entry.message.as_deref()).map_err(|e| {
+                SchemaSettingError::new(key("schema_file"), format!("{}: {e}", file.display()))
+            })?;
         let strategy = entry.subject_strategy.unwrap_or(default_strategy);
         if strategy != SubjectStrategy::Topic && schema.record_name().is_none() {
             return Err(SchemaSettingError::new(
@@ -484,33 +512,66 @@ impl Router {
     }
 }
 
+/// Fixtures shared by the value-schema tests of the route and of the configuration.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod fixtures {
+    use std::path::{Path, PathBuf};
 
-    fn write(dir: &std::path::Path, name: &str, text: &str) -> PathBuf {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
+    use super::ValueSchemaSettings;
 
-    fn entry(event_type: &str, format: &str, file: PathBuf) -> ValueSchemaSettings {
+    /// An Avro record `acct.Opened` with one `long` field `n`.
+    pub(crate) const AVSC: &str = r#"{"type": "record", "name": "Opened", "namespace": "acct",
+        "fields": [{"name": "n", "type": "long"}]}"#;
+
+    /// A `[[route.value_schemas]]` entry without `message` or `subject_strategy`.
+    pub(crate) fn entry(event_type: &str, format: &str, file: PathBuf) -> ValueSchemaSettings {
         ValueSchemaSettings {
             event_type: event_type.into(),
             format: format.into(),
             schema_file: file,
+            message: None,
             subject_strategy: None,
         }
     }
 
-    const AVSC: &str = r#"{"type": "record", "name": "Opened", "namespace": "acct",
-        "fields": [{"name": "n", "type": "long"}]}"#;
+    /// A fresh temporary directory, removed when dropped.
+    pub(crate) struct SchemaDir(PathBuf);
+
+    impl SchemaDir {
+        pub(crate) fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!("outbox-schemas-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        /// Writes `text` to the file `name` in the directory; its path.
+        pub(crate) fn write(&self, name: &str, text: &str) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        }
+
+        pub(crate) fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for SchemaDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{AVSC, SchemaDir, entry};
+    use super::*;
 
     #[test]
     fn schemad_events_are_encoded_and_misfits_are_route_errors_naming_the_type() {
-        let dir = std::env::temp_dir().join(format!("outbox-schemas-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = write(&dir, "opened.avsc", AVSC);
+        let dir = SchemaDir::new();
+        let file = dir.write("opened.avsc", AVSC);
         let mut route = RouteSettings::default();
         route.value_schemas = vec![entry("Opened", "avro", file)];
         route
@@ -569,6 +630,5 @@ mod tests {
         event.event_type = "Closed".into();
         let rec = router.route(&event).unwrap();
         assert_eq!(rec.payload.as_deref(), Some(&br#"{"n": "five"}"#[..]));
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }
