@@ -379,7 +379,7 @@ impl LogicalSource {
     }
 
     /// Multi-table mode: the table tag (index in [`LogicalConfig::tables`], then in the order
-    /// [`Self::add_table`] added them) of each event of the batch returned last by
+    /// [`multi::TableRegistry::add`] added them) of each event of the batch returned last by
     /// `next_batch` or `poll_batch`, in the same order. Empty in single-table mode.
     pub fn take_tables(&mut self) -> Vec<u16> {
         std::mem::take(&mut self.taken_tags)
