@@ -35,8 +35,10 @@ async fn listed_tables_each_reach_their_own_topic_in_order_and_are_reported_per_
     for t in &topics {
         create_topic(t, 3).await?;
     }
-    let config = config_file(&format!(
-        r#"
+    let (relay, addr, config) = start_relay(
+        &db,
+        &format!(
+            r#"
         [[outbox]]
         table = "billing.outbox"
         [outbox.route]
@@ -53,9 +55,10 @@ async fn listed_tables_each_reach_their_own_topic_in_order_and_are_reported_per_
         [outbox.route]
         topic = "{tag}.audit.{{aggregatetype}}"
         "#
-    ))?;
-    let relay = start_with_config(&db, &config, &[("OUTBOX_BATCH_SIZE", "50")]).await?;
-    let addr = wait_admin(&relay).await?;
+        ),
+        &[("OUTBOX_BATCH_SIZE", "50")],
+    )
+    .await?;
 
     let mut written = Vec::new();
     for t in tables {
@@ -981,11 +984,12 @@ async fn the_tables_of_a_relay_share_one_kafka_producer() -> Result<()> {
     }
     let topic = format!("{tag}.Acct");
     create_topic(&topic, 3).await?;
-    let config = config_file(&format!(
-        "tables = \"prod_*.outbox\"\n[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n"
-    ))?;
-    let relay = start_with_config(&db, &config, &[("OUTBOX_BATCH_SIZE", "10")]).await?;
-    let addr = wait_admin(&relay).await?;
+    let (relay, addr, _) = start_relay(
+        &db,
+        &format!("tables = \"prod_*.outbox\"\n[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n"),
+        &[("OUTBOX_BATCH_SIZE", "10")],
+    )
+    .await?;
     wait_roles(&addr, "active", TABLES).await?;
     let mut written = Vec::new();
     for (i, t) in tables.iter().enumerate() {

@@ -88,6 +88,27 @@ async fn wait_slot_active(db: &TestDb, slot: &str) -> Result<()> {
     }
 }
 
+/// `records` with their keys prefixed by their table (`schema.table/agg-0`), found from the ids
+/// `written` (keyed the same way): the aggregate ids are the same in every table.
+fn keyed_by_table(records: &[Consumed], written: &BTreeMap<String, Vec<Uuid>>) -> Vec<Consumed> {
+    let table_of: BTreeMap<Uuid, &str> = written
+        .iter()
+        .flat_map(|(k, ids)| {
+            let t = k.split('/').next().unwrap_or_default();
+            ids.iter().map(move |id| (*id, t))
+        })
+        .collect();
+    records
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            let t = table_of.get(&r.event_id()).copied().unwrap_or_default();
+            r.key = Some(format!("{t}/{}", r.key.clone().unwrap_or_default()));
+            r
+        })
+        .collect()
+}
+
 /// Three `[[outbox]]` tables with their own topics, written concurrently on ten aggregates each:
 /// every event reaches its table's topic exactly once and in per-aggregate order, through one slot
 /// and one publication `FOR TABLE` the three; metrics and status are per table.
@@ -251,24 +272,7 @@ async fn a_pattern_adds_a_new_tenant_to_the_publication_and_a_kill_loses_nothing
     let total: usize = written.values().map(Vec::len).sum();
     assert_eq!(total, 3 * 5 * 60);
     let records = consume(&[topic.as_str()], total, QUIET, LONG).await?;
-    // Records are keyed by aggregate id, the same in every tenant: tell the tenants apart by the
-    // event ids each one wrote.
-    let table_of: BTreeMap<Uuid, String> = written
-        .iter()
-        .flat_map(|(k, ids)| {
-            let table = k.split('/').next().unwrap_or_default().to_owned();
-            ids.iter().map(move |id| (*id, table.clone()))
-        })
-        .collect();
-    let keyed: Vec<Consumed> = records
-        .iter()
-        .map(|r| {
-            let mut r = r.clone();
-            let table = table_of.get(&r.event_id()).cloned().unwrap_or_default();
-            r.key = Some(format!("{table}/{}", r.key.clone().unwrap_or_default()));
-            r
-        })
-        .collect();
+    let keyed = keyed_by_table(&records, &written);
     check_complete_and_ordered(&keyed, &written, &topic)?;
     let unique_ids: BTreeSet<Uuid> = records.iter().map(Consumed::event_id).collect();
     ensure!(
@@ -292,6 +296,60 @@ async fn a_pattern_adds_a_new_tenant_to_the_publication_and_a_kill_loses_nothing
     );
     drop(killed_log);
     stop_cleanly(relay).await?;
+    Ok(())
+}
+
+/// The slot is the unit of leadership: a second relay with the same configuration stands by for
+/// the slot (it opens nothing), and when the first is SIGKILLed it takes over every table; every
+/// event written meanwhile arrives, each aggregate's in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_relay_takes_over_the_slot_of_a_killed_one() -> Result<()> {
+    let db = TestDb::create("mtl_standby").await?;
+    let tag = unique("mtls");
+    let slot = unique("mtls_slot");
+    let tables = ["t_one.outbox", "t_two.outbox"];
+    for t in tables {
+        migrate_table(&db, t).await?;
+    }
+    let topic = format!("{tag}.Acct");
+    create_topic(&topic, 3).await?;
+    let toml = format!(
+        "tables = \"t_*.outbox\"\n{}[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n",
+        logical_toml(&slot)
+    );
+    let env = [("OUTBOX_LEADER_LEASE", "2s")];
+    let (first, _, config) = start_relay(&db, &toml, &env).await?;
+    wait_slot_active(&db, &slot).await?;
+    let second = start_with_config(&db, &config, &env).await?;
+    let second_addr = wait_admin(&second).await?;
+    tokio::time::sleep(QUIET).await;
+    assert!(
+        !second.log().contains("opening the slot"),
+        "the standby opened the slot:\n{}",
+        second.log()
+    );
+    let (_, body) = http_get(&second_addr, "/status").await?;
+    let status: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(status["tables"].as_array().map(Vec::len), Some(0), "{body}");
+
+    first.kill9().await?;
+    let mut written = BTreeMap::new();
+    for t in tables {
+        for (k, v) in write_events(&db, t, "Acct", 3, 10).await? {
+            written.insert(format!("{t}/{k}"), v);
+        }
+    }
+    for t in tables {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+    second
+        .wait_for_log("holding the slot's leader lock", LONG)
+        .await?;
+    let records = consume(&[topic.as_str()], 60, QUIET, LONG).await?;
+    let keyed = keyed_by_table(&records, &written);
+    check_exact_and_ordered(&keyed, &written, &topic)?;
+    assert_eq!(slots(&db).await?, vec![slot.clone()]);
+    stop_cleanly(second).await?;
     Ok(())
 }
 

@@ -176,8 +176,13 @@ impl Group<'_> {
         lease_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return Ok(()),
                 Some(joined) = self.tasks.join_next() => {
+                    if shutdown.is_cancelled() {
+                        // Stopped by the shutdown (its token is a child of it), not on its own.
+                        return Ok(());
+                    }
                     let (key, outcome) = flatten(joined);
                     let name = self.running.remove(&key).map_or(key, |r| r.name);
                     let error = match outcome {
@@ -189,6 +194,9 @@ impl Group<'_> {
                     return Err(RelayError::Table { table: name, error: Box::new(error) });
                 }
                 joined = &mut *hub_task => {
+                    if shutdown.is_cancelled() {
+                        return Ok(());
+                    }
                     return Err(match joined {
                         Ok(Ok(())) => RelayError::NotReady("the slot's reader stopped".into()),
                         Ok(Err(e)) => RelayError::Source(e),
