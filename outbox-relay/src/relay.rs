@@ -167,6 +167,8 @@ pub struct Relay {
     shared: Option<SharedSessions>,
     /// The broker client shared with the group's other tables, if the sink can share one.
     shared_sink: SharedClient,
+    /// A table of a multi-table logical group: its share of the group's slot.
+    feed: Option<Arc<crate::source::logical::multi::Feed>>,
 }
 
 impl Relay {
@@ -183,6 +185,7 @@ impl Relay {
             stats: Arc::new(RelayStats::default()),
             shared: None,
             shared_sink: SharedClient::None,
+            feed: None,
         })
     }
 
@@ -198,6 +201,13 @@ impl Relay {
         relay.shared = Some(shared);
         relay.shared_sink = sink;
         Ok(relay)
+    }
+
+    /// Reads this table's events from `feed`, its share of a multi-table group's slot, instead
+    /// of a slot of its own (`source = "logical"`).
+    pub(crate) fn with_feed(mut self, feed: Arc<crate::source::logical::multi::Feed>) -> Self {
+        self.feed = Some(feed);
+        self
     }
 
     /// The relay's live counters.
@@ -494,6 +504,16 @@ impl Relay {
                 )
                 .await?,
             )),
+            SourceKind::Logical if self.feed.is_some() => {
+                use crate::source::logical::multi::{FeedMarks, FeedSource};
+                let marks = (self.config.write_mode == WriteMode::Table).then(|| FeedMarks {
+                    pool: shared.pool().clone(),
+                    table: self.table.clone(),
+                    how: self.config.acknowledgement,
+                });
+                let feed = self.feed.clone().expect("checked");
+                Ok(Box::new(FeedSource::open(feed, Some(leader), marks)))
+            }
             SourceKind::Logical => {
                 use crate::source::logical::{LogicalConfig, LogicalSource};
                 let cfg = LogicalConfig::from_relay(&self.config, self.table.clone())?;

@@ -22,6 +22,7 @@ pub mod ledger;
 pub mod relay_process;
 pub mod services;
 pub mod sinks;
+pub mod tables;
 pub mod writers;
 
 pub use admin::{admin_addr, http_get, http_get_with_token, metric, wait_for_status};

@@ -252,17 +252,23 @@ impl RelayConfig {
             return Ok(());
         }
         if self.source == SourceKind::Logical {
-            return Err(ConfigError::new(
-                if self.outbox.is_empty() {
-                    "tables"
-                } else {
-                    "outbox"
-                },
-                "several tables per relay need source = \"polling\": the logical source reads one \
-                 replication slot for one table, and one slot per table is not implemented yet \
-                 (run one logical relay per table, see \"Many tables per relay\" in \
-                 docs/operations.md)",
-            ));
+            // One slot carries every table's inserts; a logical message names no table.
+            let message = |key: String| {
+                ConfigError::new(
+                    key,
+                    "write_mode = \"logical_message\" cannot share the slot of a multi-table \
+                     relay (a message names no table): use table or insert_delete, or relay \
+                     that table with a relay of its own",
+                )
+            };
+            for (i, e) in self.outbox.iter().enumerate() {
+                if e.write_mode.as_deref() == Some("logical_message") {
+                    return Err(message(format!("outbox[{i}].write_mode")));
+                }
+            }
+            if self.write_mode == WriteMode::LogicalMessage {
+                return Err(message("write_mode".to_owned()));
+            }
         }
         if self.table != OutboxTable::DEFAULT_NAME {
             return Err(ConfigError::new(
@@ -383,10 +389,18 @@ mod tests {
 
         c.max_tables = 3;
         assert!(c.validate().is_ok());
+        // The logical source relays several tables through one slot.
         c.source = SourceKind::Logical;
+        assert!(c.validate().is_ok());
+        c.outbox[1].write_mode = Some("logical_message".into());
         let e = c.validate().unwrap_err();
-        assert_eq!(e.key, "outbox");
-        assert!(e.reason.contains("polling"), "{e}");
+        assert_eq!(e.key, "outbox[1].write_mode");
+        assert!(e.reason.contains("names no table"), "{e}");
+        c.outbox[1].write_mode = None;
+        c.write_mode = WriteMode::LogicalMessage;
+        assert_eq!(c.validate().unwrap_err().key, "write_mode");
+        c.write_mode = WriteMode::Table;
+        c.source = SourceKind::Polling;
 
         let mut c = RelayConfig::default();
         c.tables = Some("tenant_*".into());

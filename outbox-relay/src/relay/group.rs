@@ -43,10 +43,13 @@ use tokio_util::sync::CancellationToken;
 use super::budget::SharedSessions;
 use super::{Relay, RelayError};
 use crate::admin::{AdminTable, AdminTables};
-use crate::config::{ConfigError, RelayConfig, TablePattern};
+use crate::config::{ConfigError, RelayConfig, SourceKind, TablePattern};
 use crate::failure::Report;
 use crate::sink::select::SharedClient;
+use crate::source::logical::multi::Feed;
 use crate::table::matching_tables;
+
+mod logical;
 
 /// A configured relay of one or many tables. See the [module docs](self).
 ///
@@ -107,7 +110,10 @@ impl RelayGroup {
             shared: SharedSessions::group(&self.options, self.config.pool_size),
             sink: SharedClient::for_config(&self.config)?,
         };
-        let result = group.run(&self, &shutdown).await;
+        let result = match self.config.source {
+            SourceKind::Logical => group.run_logical(&self, &shutdown).await,
+            SourceKind::Polling => group.run(&self, &shutdown).await,
+        };
         group.stop_all.cancel();
         while let Some(joined) = group.tasks.join_next().await {
             let (key, outcome) = flatten(joined);
@@ -155,44 +161,17 @@ impl Group<'_> {
         relay: &RelayGroup,
         shutdown: &CancellationToken,
     ) -> Result<(), RelayError> {
-        if let Some(addr) = self.config.admin_addr {
-            crate::admin::serve(
-                addr,
-                Arc::new(self.config.clone()),
-                self.tables.clone(),
-                &relay.options,
-                self.admin_stop.clone(),
-            )
-            .await
-            .map_err(|e| {
-                RelayError::Config(ConfigError::new(
-                    "admin_addr",
-                    format!("cannot listen on {addr}: {e}"),
-                ))
-            })?;
-        }
+        self.serve_admin(relay).await?;
         let mut conn = relay.connect().await?;
         for (i, cfg) in relay.listed.iter().enumerate() {
             let key = resolved_name(&mut conn, &cfg.table).await?;
             if let Some(other) = self.running.get(&key) {
-                return Err(ConfigError::new(
-                    format!("outbox[{i}].table"),
-                    format!(
-                        "`{}` is the table `{key}`, already listed as `{}`",
-                        cfg.table, other.name
-                    ),
-                )
-                .into());
+                return Err(already_listed(i, cfg, &key, &other.name).into());
             }
-            self.start(key, cfg.clone(), false)?;
+            self.start(key, cfg.clone(), false, None)?;
         }
         if let Some(pattern) = &relay.pattern {
-            let found = matching_tables(&mut conn, pattern).await.map_err(|error| {
-                RelayError::Database {
-                    context: format!("cannot look up the tables matching `{pattern}`"),
-                    error,
-                }
-            })?;
+            let found = matching(&mut conn, pattern).await?;
             let new: Vec<_> = found
                 .into_iter()
                 .filter(|t| !self.running.contains_key(t))
@@ -201,7 +180,7 @@ impl Group<'_> {
                 return Err(too_many(self.config, self.running.len() + new.len(), pattern).into());
             }
             for key in new {
-                self.start_matched(key)?;
+                self.start_matched(key, None)?;
             }
             tracing::info!(
                 pattern = %pattern,
@@ -230,24 +209,55 @@ impl Group<'_> {
         }
     }
 
-    /// Starts the pipeline of a table the pattern found.
-    fn start_matched(&mut self, key: String) -> Result<(), RelayError> {
-        let table =
-            OutboxTable::parse(&key).map_err(|e| ConfigError::new("tables", e.to_string()))?;
-        let cfg = self.config.pattern_table_config(&table)?;
-        self.start(key, cfg, true)
+    /// Serves the admin endpoint, if configured, until `admin_stop`.
+    async fn serve_admin(&self, relay: &RelayGroup) -> Result<(), RelayError> {
+        if let Some(addr) = self.config.admin_addr {
+            crate::admin::serve(
+                addr,
+                Arc::new(self.config.clone()),
+                self.tables.clone(),
+                &relay.options,
+                self.admin_stop.clone(),
+            )
+            .await
+            .map_err(|e| {
+                RelayError::Config(ConfigError::new(
+                    "admin_addr",
+                    format!("cannot listen on {addr}: {e}"),
+                ))
+            })?;
+        }
+        Ok(())
     }
 
+    /// Starts the pipeline of a table the pattern found.
+    fn start_matched(&mut self, key: String, feed: Option<Arc<Feed>>) -> Result<(), RelayError> {
+        let cfg = self.matched_config(&key)?;
+        self.start(key, cfg, true, feed)
+    }
+
+    /// The configuration of a table the pattern found.
+    fn matched_config(&self, key: &str) -> Result<RelayConfig, RelayError> {
+        let table =
+            OutboxTable::parse(key).map_err(|e| ConfigError::new("tables", e.to_string()))?;
+        Ok(self.config.pattern_table_config(&table)?)
+    }
+
+    /// Starts a table's pipeline; with `feed`, it reads its share of the group's slot.
     fn start(
         &mut self,
         key: String,
         cfg: RelayConfig,
         from_pattern: bool,
+        feed: Option<Arc<Feed>>,
     ) -> Result<(), RelayError> {
         let table =
             OutboxTable::parse(&cfg.table).map_err(|e| ConfigError::new("table", e.to_string()))?;
         let name = cfg.table.clone();
-        let relay = Relay::sharing(cfg.clone(), self.shared.clone(), self.sink.clone())?;
+        let mut relay = Relay::sharing(cfg.clone(), self.shared.clone(), self.sink.clone())?;
+        if let Some(feed) = feed {
+            relay = relay.with_feed(feed);
+        }
         self.tables.insert(AdminTable {
             table,
             config: Arc::new(cfg),
@@ -360,11 +370,35 @@ impl Group<'_> {
             tracing::error!(error = %e, skipped = new.len() - room, "not relaying the tables beyond max_tables");
         }
         for key in new.into_iter().take(room) {
-            if let Err(e) = self.start_matched(key.clone()) {
+            if let Err(e) = self.start_matched(key.clone(), None) {
                 tracing::error!(table = %key, error = %Report(&e), "cannot start the pipeline of a new table");
             }
         }
     }
+}
+
+/// The error of an `[[outbox]]` entry naming a table listed already.
+fn already_listed(i: usize, cfg: &RelayConfig, key: &str, other: &str) -> ConfigError {
+    ConfigError::new(
+        format!("outbox[{i}].table"),
+        format!(
+            "`{}` is the table `{key}`, already listed as `{other}`",
+            cfg.table
+        ),
+    )
+}
+
+/// The tables matching `pattern` now.
+async fn matching(
+    conn: &mut PgConnection,
+    pattern: &TablePattern,
+) -> Result<Vec<String>, RelayError> {
+    matching_tables(conn, pattern)
+        .await
+        .map_err(|error| RelayError::Database {
+            context: format!("cannot look up the tables matching `{pattern}`"),
+            error,
+        })
 }
 
 fn too_many(config: &RelayConfig, count: usize, pattern: &TablePattern) -> ConfigError {

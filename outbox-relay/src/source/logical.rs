@@ -116,6 +116,7 @@ mod config;
 mod decode;
 mod error;
 mod lifecycle;
+pub mod multi;
 pub mod pgoutput;
 mod read_loop;
 mod republication;
@@ -168,12 +169,18 @@ pub struct LogicalSource {
     leader: Option<Leadership>,
     target: ReplicationTarget,
     table: Option<ResolvedTable>,
+    /// Multi-table mode: every table the slot decodes, by tag (empty for a single table).
+    tables: multi::TableRegistry,
     heartbeat_prefix: String,
     session: Option<Session>,
     relations: HashMap<u32, Relation>,
     open: Option<OpenTx>,
     /// Decoded, complete transactions not yet returned.
     ready: VecDeque<SourceEvent>,
+    /// Multi-table mode: the table tag of each of `ready` (empty otherwise).
+    ready_tags: VecDeque<u16>,
+    /// Multi-table mode: the table tags of the batch returned last ([`Self::take_tables`]).
+    taken_tags: Vec<u16>,
     /// Returned, not yet acknowledged (a prefix of these gets acknowledged).
     inflight: Window,
     /// Highest LSN the relay may confirm; never past an unacknowledged transaction.
@@ -242,11 +249,27 @@ impl LogicalSource {
                 source,
             })?;
         slot::preflight(&pool).await?;
+        let mut tables = Vec::with_capacity(cfg.tables.len());
+        for t in &cfg.tables {
+            tables.push(slot::resolve_table(&pool, t).await?);
+        }
         let table = match cfg.write_mode {
+            _ if !tables.is_empty() => tables.first().cloned(),
             WriteMode::LogicalMessage => None,
             _ => Some(slot::resolve_table(&pool, &cfg.table).await?),
         };
-        slot::ensure_publication(&pool, &cfg.publication, table.as_ref()).await?;
+        if tables.is_empty() {
+            slot::ensure_publication(&pool, &cfg.publication, table.as_ref()).await?;
+        } else {
+            if cfg.write_mode != WriteMode::InsertDelete {
+                return Err(LogicalError::Config(
+                    "a multi-table slot decodes inserts only (write_mode insert_delete); each \
+                     table's feed acknowledges its rows"
+                        .into(),
+                ));
+            }
+            slot::ensure_publication_tables(&pool, &cfg.publication, &tables).await?;
+        }
         // Before any slot is created: a role that cannot keep the durable record fails here.
         {
             let mut conn = pool
@@ -278,6 +301,7 @@ impl LogicalSource {
             (None, None)
         };
         let mut me = Self::new(cfg, pool, leader, target, table, marks, metrics);
+        me.tables = multi::TableRegistry::new(tables, me.pool.clone(), me.cfg.publication.clone());
         me.settle = settle;
         me.prepare_slot(true).await?;
         let mut attempts = 0;
@@ -293,6 +317,7 @@ impl LogicalSource {
                 Err(LogicalError::SlotLost { .. }) if attempts < 3 => {
                     attempts += 1;
                     me.ready.clear();
+                    me.ready_tags.clear();
                     me.republication = None;
                     me.prepare_slot(false).await?;
                 }
@@ -324,10 +349,13 @@ impl LogicalSource {
             leader,
             target,
             table,
+            tables: multi::TableRegistry::default(),
             session: None,
             relations: HashMap::new(),
             open: None,
             ready: VecDeque::new(),
+            ready_tags: VecDeque::new(),
+            taken_tags: Vec::new(),
             inflight: Window::default(),
             confirmed: Lsn::ZERO,
             state_recorded: Lsn::ZERO,
@@ -343,6 +371,24 @@ impl LogicalSource {
             marks,
             settle: None,
         }
+    }
+
+    /// Whether this source decodes several tables (its events carry table tags).
+    fn multi(&self) -> bool {
+        !self.cfg.tables.is_empty()
+    }
+
+    /// Multi-table mode: the table tag (index in [`LogicalConfig::tables`], then in the order
+    /// [`multi::TableRegistry::add`] added them) of each event of the batch returned last by
+    /// `next_batch` or `poll_batch`, in the same order. Empty in single-table mode.
+    pub fn take_tables(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.taken_tags)
+    }
+
+    /// Multi-table mode: the registry of the slot's tables, through which a table is added
+    /// while the source streams ([`multi::TableRegistry::add`]).
+    pub fn registry(&self) -> multi::TableRegistry {
+        self.tables.clone()
     }
 
     /// A re-publication from the table is still being read: nothing is streamed until it was

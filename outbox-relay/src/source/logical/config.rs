@@ -36,6 +36,11 @@ pub struct LogicalConfig {
     pub recover_lost_slot: bool,
     /// What acknowledging does to a row in `table` mode (mark `published_at`, or delete).
     pub acknowledgement: RowAcknowledgement,
+    /// Multi-table mode (the slot of a multi-table relay, see `multi`): every table the slot
+    /// decodes, in the order of their tags ([`super::LogicalSource::take_tables`]). Empty for a
+    /// single-table source. When set, `write_mode` must be `insert_delete` (the source decodes
+    /// inserts and marks no rows: each table's feed does) and `table` is the first of them.
+    pub tables: Vec<OutboxTable>,
 }
 
 impl LogicalConfig {
@@ -54,6 +59,7 @@ impl LogicalConfig {
             slot_check_interval: Duration::from_secs(30),
             recover_lost_slot: true,
             acknowledgement: RowAcknowledgement::Mark,
+            tables: Vec::new(),
         }
     }
 

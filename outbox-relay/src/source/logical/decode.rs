@@ -22,13 +22,15 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::pgoutput::{self, PgOutputMessage, Relation};
-use super::{LogicalError, LogicalSource, Lsn};
+use super::{LogicalError, LogicalSource, Lsn, slot};
 use crate::source::{Position, SourceEvent};
 
 pub(super) struct OpenTx {
     pub(super) commit_lsn: Lsn,
     /// Decoded events not handed on yet, malformed ones included (the relay parks those).
     pub(super) events: Vec<Result<StoredEvent, MalformedEvent>>,
+    /// Multi-table mode: the table tag of each of `events` (empty otherwise).
+    pub(super) tags: Vec<u16>,
     /// Payload bytes of `events`.
     pub(super) bytes: usize,
     /// Whether chunks of it were handed on already: a clean stop then reads on to its commit,
@@ -68,10 +70,22 @@ fn malformed_message_id(lsn: Lsn) -> Uuid {
 }
 
 impl LogicalSource {
-    fn is_our_table(&self, rel: &Relation) -> bool {
-        self.table
-            .as_ref()
-            .is_some_and(|t| t.schema == rel.namespace && t.name == rel.name)
+    /// The tag of `rel` when it is one of our tables: 0 for the single table, its index in
+    /// `tables` in multi-table mode.
+    fn our_table(&self, rel: &Relation) -> Option<u16> {
+        let is = |t: &slot::ResolvedTable| t.schema == rel.namespace && t.name == rel.name;
+        if self.multi() {
+            return self.tables.position(is);
+        }
+        self.table.as_ref().filter(|t| is(t)).map(|_| 0)
+    }
+
+    /// Queues a decoded event (with its table tag in multi-table mode).
+    fn push_ready(&mut self, event: SourceEvent, tag: u16) {
+        self.ready.push_back(event);
+        if self.multi() {
+            self.ready_tags.push_back(tag);
+        }
     }
 
     /// Apply one replication event. Completed transactions land in `ready`.
@@ -86,6 +100,7 @@ impl LogicalSource {
                 self.open = Some(OpenTx {
                     commit_lsn: Lsn(final_lsn.as_u64()),
                     events: Vec::new(),
+                    tags: Vec::new(),
                     bytes: 0,
                     handed_on: false,
                 });
@@ -109,15 +124,17 @@ impl LogicalSource {
                     return Ok(());
                 }
                 self.metrics.events_streamed.inc_by(n as u64);
+                let mut tags = tx.tags.into_iter();
                 for (i, event) in tx.events.into_iter().enumerate() {
-                    self.ready.push_back(SourceEvent::decoded(
+                    let event = SourceEvent::decoded(
                         event,
                         Position::Wal {
                             commit_lsn: commit_lsn.0,
                             end_lsn: end_lsn.0,
                             last_in_transaction: i + 1 == n,
                         },
-                    ));
+                    );
+                    self.push_ready(event, tags.next().unwrap_or(0));
                 }
             }
             ReplicationEvent::XLogData { data, .. } => match pgoutput::decode(&data)? {
@@ -130,14 +147,14 @@ impl LogicalSource {
                             "Insert for unknown relation {relation_id}"
                         )));
                     };
-                    if !self.is_our_table(rel) {
+                    let Some(tag) = self.our_table(rel) else {
                         tracing::debug!(table = %rel.name, "ignoring insert into another table");
                         return Ok(());
-                    }
+                    };
                     let named = rel.named_values(&tuple)?;
                     // A malformed row is handed on too: the relay parks it with its reason.
                     let event = StoredEvent::from_text_columns(named);
-                    self.push_open(event, "Insert outside a transaction")?;
+                    self.push_open(event, tag, "Insert outside a transaction")?;
                 }
                 PgOutputMessage::Update { relation_id }
                 | PgOutputMessage::Delete { relation_id } => {
@@ -211,7 +228,7 @@ impl LogicalSource {
             }
             m
         });
-        self.push_open(event, "transactional message outside a transaction")
+        self.push_open(event, 0, "transactional message outside a transaction")
     }
 
     /// Whether part of the transaction being received was handed on already. A clean stop then
@@ -227,13 +244,18 @@ impl LogicalSource {
     fn push_open(
         &mut self,
         event: Result<StoredEvent, MalformedEvent>,
+        tag: u16,
         outside: &'static str,
     ) -> Result<(), LogicalError> {
+        let multi = self.multi();
         let Some(tx) = self.open.as_mut() else {
             return Err(LogicalError::Replication(outside.into()));
         };
         tx.bytes += payload_bytes(&event);
         tx.events.push(event);
+        if multi {
+            tx.tags.push(tag);
+        }
         if tx.events.len() <= TX_CHUNK_EVENTS && tx.bytes <= TX_CHUNK_BYTES {
             return Ok(());
         }
@@ -241,10 +263,15 @@ impl LogicalSource {
         let last = tx.events.pop().expect("an event was just added");
         tx.bytes = payload_bytes(&last);
         let chunk = std::mem::replace(&mut tx.events, vec![last]);
+        let chunk_tags = match tx.tags.pop() {
+            Some(last_tag) => std::mem::replace(&mut tx.tags, vec![last_tag]),
+            None => Vec::new(),
+        };
         let commit_lsn = tx.commit_lsn.0;
         self.metrics.events_streamed.inc_by(chunk.len() as u64);
+        let mut tags = chunk_tags.into_iter();
         for event in chunk {
-            self.ready.push_back(SourceEvent::decoded(
+            let event = SourceEvent::decoded(
                 event,
                 Position::Wal {
                     commit_lsn,
@@ -252,7 +279,8 @@ impl LogicalSource {
                     end_lsn: 0,
                     last_in_transaction: false,
                 },
-            ));
+            );
+            self.push_ready(event, tags.next().unwrap_or(0));
         }
         Ok(())
     }

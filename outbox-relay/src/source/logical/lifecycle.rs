@@ -304,6 +304,7 @@ impl LogicalSource {
         self.relations.clear();
         self.open = None;
         self.ready.clear();
+        self.ready_tags.clear();
         self.inflight.clear();
         self.republication = None;
         self.stream_deferred = false;
@@ -323,6 +324,7 @@ impl LogicalSource {
                 Err(LogicalError::SlotLost { .. }) if attempts < 3 => {
                     attempts += 1;
                     self.ready.clear();
+                    self.ready_tags.clear();
                     self.republication = None;
                 }
                 other => return other,

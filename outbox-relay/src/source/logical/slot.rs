@@ -22,7 +22,10 @@ pub use emit_message::{
     emit_message_public_overloads, heartbeat_prefix,
 };
 pub use names::{NameError, PublicationName, SlotName};
-pub use publication::{PublicationOutcome, ResolvedTable, ensure_publication, resolve_table};
+pub use publication::{
+    PublicationOutcome, ResolvedTable, add_publication_table, check_publication_tables,
+    ensure_publication, ensure_publication_tables, resolve_table,
+};
 pub use status::{SlotStatus, slot_status, verify_slot};
 
 /// Maps a failed statement to [`LogicalError::Database`] with what was being done.

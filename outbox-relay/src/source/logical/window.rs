@@ -200,6 +200,10 @@ impl LogicalSource {
             n += 1;
         }
         let batch: Vec<SourceEvent> = self.ready.drain(..n).collect();
+        if self.multi() {
+            self.taken_tags.clear();
+            self.taken_tags.extend(self.ready_tags.drain(..n));
+        }
         if tracing::enabled!(tracing::Level::TRACE) {
             for e in &batch {
                 tracing::trace!(event_id = %e.event.id, aggregate_seq = ?e.event.aggregate_seq, position = ?e.position, "returned");

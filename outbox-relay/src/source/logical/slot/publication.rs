@@ -178,3 +178,151 @@ pub async fn ensure_publication(
     }
     Ok(PublicationOutcome::Reused { warnings })
 }
+
+/// The publication of a multi-table slot: created `FOR TABLE a, b, … WITH (publish = 'insert')`
+/// when missing; when it exists, verified like [`ensure_publication`] (inserts published) and
+/// every table not yet a member added (`ALTER PUBLICATION … ADD TABLE`). Every name is quoted.
+pub async fn ensure_publication_tables(
+    pool: &PgPool,
+    name: &PublicationName,
+    tables: &[ResolvedTable],
+) -> Result<(), LogicalError> {
+    let exists: Option<bool> =
+        sqlx::query_scalar("SELECT pubinsert FROM pg_publication WHERE pubname = $1")
+            .bind(name.as_str())
+            .fetch_optional(pool)
+            .await
+            .map_err(db_err("reading pg_publication"))?;
+    match exists {
+        Some(false) => {
+            return Err(LogicalError::Publication(format!(
+                "publication {name} exists but does not publish inserts; recreate it with WITH (publish = 'insert')"
+            )));
+        }
+        Some(true) => {}
+        None => {
+            let list: Vec<&str> = tables.iter().map(|t| t.qualified.as_str()).collect();
+            let sql = format!(
+                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+                name.quoted(),
+                list.join(", ")
+            );
+            match sqlx::query(AssertSqlSafe(sql)).execute(pool).await {
+                Ok(_) => {
+                    tracing::info!(publication = %name, tables = tables.len(), "created publication for every outbox table (publish = 'insert')");
+                    return Ok(());
+                }
+                // Lost a creation race: verify and complete what the other relay created.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42710") => {}
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {
+                    return Err(LogicalError::Privilege {
+                        role: "current role".into(),
+                        missing: format!(
+                            "the right to create publication {name} (needs CREATE on the database and ownership of the outbox tables): {}",
+                            e.message()
+                        ),
+                    });
+                }
+                Err(e) => return Err(db_err("creating the publication")(e)),
+            }
+        }
+    }
+    let members = publication_members(pool, name).await?;
+    for t in tables {
+        if !members.iter().any(|(s, n)| s == &t.schema && n == &t.name) {
+            add_publication_table(pool, name, t).await?;
+        }
+    }
+    Ok(())
+}
+
+/// `schema.table` of every member of the publication.
+async fn publication_members(
+    pool: &PgPool,
+    name: &PublicationName,
+) -> Result<Vec<(String, String)>, LogicalError> {
+    sqlx::query_as(
+        "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+    )
+    .bind(name.as_str())
+    .fetch_all(pool)
+    .await
+    .map_err(db_err("reading pg_publication_tables"))
+}
+
+/// `ALTER PUBLICATION <name> ADD TABLE <table>` (quoted); a table that is a member already is
+/// not an error.
+pub async fn add_publication_table(
+    pool: &PgPool,
+    name: &PublicationName,
+    table: &ResolvedTable,
+) -> Result<(), LogicalError> {
+    let sql = format!(
+        "ALTER PUBLICATION {} ADD TABLE {}",
+        name.quoted(),
+        table.qualified
+    );
+    match sqlx::query(AssertSqlSafe(sql)).execute(pool).await {
+        Ok(_) => {
+            tracing::info!(publication = %name, table = %format!("{}.{}", table.schema, table.name), "added the outbox table to the publication");
+            Ok(())
+        }
+        // 42710: already a member (another relay added it).
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42710") => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {
+            Err(LogicalError::Privilege {
+                role: "current role".into(),
+                missing: format!(
+                    "the right to add {}.{} to publication {name} (needs ownership of the table and the publication): {}",
+                    table.schema,
+                    table.name,
+                    e.message()
+                ),
+            })
+        }
+        Err(e) => Err(db_err("adding a table to the publication")(e)),
+    }
+}
+
+/// Fails with [`LogicalError::Publication`] naming the first of `tables` that no longer exists or
+/// is no longer a member of the publication.
+pub async fn check_publication_tables(
+    pool: &PgPool,
+    name: &PublicationName,
+    tables: &[ResolvedTable],
+) -> Result<(), LogicalError> {
+    let members = publication_members(pool, name).await?;
+    for t in tables {
+        if !members.iter().any(|(s, n)| s == &t.schema && n == &t.name) {
+            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(&t.qualified)
+                .fetch_one(pool)
+                .await
+                .map_err(db_err("looking up an outbox table"))?;
+            return Err(LogicalError::Publication(format!(
+                "the outbox table {}.{} {}: its events would no longer be streamed by the slot; \
+                 {}",
+                t.schema,
+                t.name,
+                if exists {
+                    format!("is no longer a member of publication {name}")
+                } else {
+                    "was dropped".to_owned()
+                },
+                if exists {
+                    format!(
+                        "run ALTER PUBLICATION {} ADD TABLE {} and restart the relay (events \
+                         committed meanwhile were not streamed: relay them with the polling \
+                         source or re-insert them)",
+                        name.quoted(),
+                        t.qualified
+                    )
+                } else {
+                    "remove it from the configuration (or restore it) and restart the relay"
+                        .to_owned()
+                }
+            )));
+        }
+    }
+    Ok(())
+}

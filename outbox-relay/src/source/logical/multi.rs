@@ -1,0 +1,554 @@
+//! Several outbox tables on one slot: the multi-table logical source of a multi-table relay
+//! ([`crate::RelayGroup`] with `source = "logical"`).
+//!
+//! One [`LogicalSource`] (one slot, one publication `FOR TABLE a, b, …`) decodes every table's
+//! inserts, each event tagged with its table (pgoutput `Relation` messages name the table of
+//! every relation id). The [`Hub`] reads it and hands each event to its table's [`Feed`]; each
+//! table's pipeline reads its feed through a [`FeedSource`], with its own routing, write mode,
+//! parking and metrics, exactly like a table of a polling group.
+//!
+//! # Guarantees
+//!
+//! - **Per-table, per-aggregate order.** The hub hands events on in the slot's order (commit
+//!   order, then WAL order within a transaction), and a feed returns them in the order it got
+//!   them; after a rewind (a failed delivery) a feed returns its unacknowledged events again, in
+//!   the same order, before anything newer.
+//! - **The slot confirms only what every table acknowledged.** The hub keeps every event it
+//!   handed on in one window, in slot order. A table's acknowledgement (after its rows were
+//!   marked, in `table` mode) counts for that table's oldest events; the hub acknowledges to the
+//!   slot the longest prefix of its window whose events are all acknowledged, so the confirmed
+//!   LSN never passes an event of any table that Kafka has not acknowledged. A slow table holds
+//!   the slot back (WAL is retained) but not the other tables' delivery, up to the hub's window
+//!   bound ([`Hub::new`]).
+//! - **Crash safety** is the slot's: after a crash or a lost leadership everything not confirmed
+//!   is streamed again (duplicates bounded by the hub's window plus one status interval).
+//! - **Tables added while running** ([`TableRegistry::add`]) are tagged before they join the
+//!   publication, so their first streamed insert already has a feed waiting.
+//! - **A table dropped or removed from the publication is loud**: [`TableRegistry::check`] fails
+//!   naming it (the group stops the relay), rather than letting its events silently stop.
+//!
+//! # Limits (documented decisions)
+//!
+//! - The slot decodes inserts (`insert_delete`-style); in `table` mode each feed marks its rows
+//!   published before acknowledging them to the hub (per batch, not deferred like the
+//!   single-table source's `settle`).
+//! - No re-publication from the tables: rows committed before the slot was created, or before a
+//!   table was added to the publication, are not streamed; a lost slot is fatal. Drain the
+//!   tables with the polling source before switching, and migrate a new tenant's table before
+//!   its writers start (see docs/operations.md).
+//! - `logical_message` mode cannot be attributed to a table and is refused with several tables.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use outbox_core::OutboxTable;
+use sqlx::PgPool;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::slot::{self, PublicationName, ResolvedTable};
+use super::{LogicalError, LogicalSource};
+use crate::config::RowAcknowledgement;
+use crate::failure::ErrorKind;
+use crate::leader::{Leadership, Lease};
+use crate::source::{Source, SourceError, SourceEvent};
+
+/// How often the hub looks for new events while its window is not empty (acknowledgements wake
+/// it at once).
+const POLL_INTERVAL: Duration = Duration::from_millis(2);
+
+/// The tables one slot decodes, by tag; shared between the source (which tags each insert) and
+/// the group (which adds tables). Cloning shares it.
+#[derive(Debug, Clone, Default)]
+pub struct TableRegistry {
+    tables: Arc<RwLock<Vec<ResolvedTable>>>,
+    db: Option<(PgPool, PublicationName)>,
+}
+
+impl TableRegistry {
+    pub(super) fn new(
+        tables: Vec<ResolvedTable>,
+        pool: PgPool,
+        publication: PublicationName,
+    ) -> Self {
+        Self {
+            tables: Arc::new(RwLock::new(tables)),
+            db: Some((pool, publication)),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<ResolvedTable>> {
+        self.tables.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The tag of the first table matching `is`.
+    pub(super) fn position(&self, is: impl Fn(&ResolvedTable) -> bool) -> Option<u16> {
+        self.read().iter().position(is).map(|i| i as u16)
+    }
+
+    /// The tables, by tag, as `schema.table`.
+    pub fn names(&self) -> Vec<String> {
+        self.read()
+            .iter()
+            .map(|t| format!("{}.{}", t.schema, t.name))
+            .collect()
+    }
+
+    /// Starts decoding `table` too: tags it, then adds it to the publication
+    /// (`ALTER PUBLICATION … ADD TABLE`, quoted; a member already is fine). Returns its tag; a
+    /// table registered already keeps its tag. Its inserts are streamed from the commit of that
+    /// statement on.
+    pub async fn add(&self, table: &OutboxTable) -> Result<u16, LogicalError> {
+        let Some((pool, publication)) = &self.db else {
+            return Err(LogicalError::Config(
+                "tables can be added only to a multi-table slot".into(),
+            ));
+        };
+        let resolved = slot::resolve_table(pool, table).await?;
+        let tag = {
+            let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = tables.iter().position(|t| *t == resolved) {
+                return Ok(i as u16);
+            }
+            if tables.len() >= usize::from(u16::MAX) {
+                return Err(LogicalError::Config("too many tables for one slot".into()));
+            }
+            tables.push(resolved.clone());
+            tables.len() - 1
+        };
+        if let Err(e) = slot::add_publication_table(pool, publication, &resolved).await {
+            let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
+            if tables.len() == tag + 1 {
+                tables.pop();
+            }
+            return Err(e);
+        }
+        Ok(tag as u16)
+    }
+
+    /// Fails with [`LogicalError::Publication`] naming the first table that was dropped or is no
+    /// longer a member of the publication.
+    pub async fn check(&self) -> Result<(), LogicalError> {
+        let Some((pool, publication)) = &self.db else {
+            return Ok(());
+        };
+        let tables = self.read().clone();
+        slot::check_publication_tables(pool, publication, &tables).await
+    }
+}
+
+/// One table's share of the slot: the events the hub handed to it, until its pipeline
+/// acknowledged them.
+#[derive(Debug)]
+pub struct Feed {
+    tag: u16,
+    state: Mutex<FeedState>,
+    notify: Notify,
+    acks: mpsc::UnboundedSender<(u16, usize)>,
+}
+
+#[derive(Debug, Default)]
+struct FeedState {
+    /// Handed on by the hub, not yet returned to the pipeline (or returned again after a rewind).
+    pending: VecDeque<SourceEvent>,
+    /// Returned to the pipeline, not yet acknowledged.
+    returned: VecDeque<SourceEvent>,
+    /// Why the hub stopped feeding this table.
+    ended: Option<String>,
+}
+
+impl Feed {
+    fn state(&self) -> std::sync::MutexGuard<'_, FeedState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, events: impl IntoIterator<Item = SourceEvent>) {
+        self.state().pending.extend(events);
+        self.notify.notify_one();
+    }
+
+    fn end(&self, reason: String) {
+        self.state().ended = Some(reason);
+        self.notify.notify_one();
+    }
+
+    /// Everything returned but not acknowledged is returned again first.
+    fn rewind(&self) {
+        let mut s = self.state();
+        while let Some(e) = s.returned.pop_back() {
+            s.pending.push_front(e);
+        }
+    }
+
+    /// Up to `max` pending events, cut at `bytes` of payload (at least one when any is pending).
+    fn take(&self, max: usize, bytes: usize) -> Result<Vec<SourceEvent>, SourceError> {
+        let mut s = self.state();
+        if s.pending.is_empty() {
+            if let Some(reason) = &s.ended {
+                return Err(SourceError::new(
+                    "logical",
+                    ErrorKind::Unavailable,
+                    LogicalError::Replication(format!("the slot's reader stopped: {reason}")),
+                ));
+            }
+            return Ok(Vec::new());
+        }
+        let mut n = 0;
+        let mut size = 0usize;
+        for e in s.pending.iter().take(max.max(1)) {
+            if n > 0 && size >= bytes {
+                break;
+            }
+            size += e.event.payload.as_ref().map_or(0, String::len);
+            n += 1;
+        }
+        let batch: Vec<SourceEvent> = s.pending.drain(..n).collect();
+        s.returned.extend(batch.iter().cloned());
+        Ok(batch)
+    }
+}
+
+/// How a [`FeedSource`] acknowledges its rows in `table` mode.
+#[derive(Debug, Clone)]
+pub struct FeedMarks {
+    /// Sessions for the statements (the group's pool).
+    pub pool: PgPool,
+    /// The table whose rows are marked.
+    pub table: OutboxTable,
+    /// Mark `published_at`, or delete.
+    pub how: RowAcknowledgement,
+}
+
+/// The [`Source`] of one table of a multi-table slot: the events the [`Hub`] handed to its
+/// [`Feed`]. Honours the source contract per table: committed only, per-aggregate order, no loss
+/// (an unacknowledged event is returned again after a rewind or a reopening), acknowledgement is
+/// a prefix. In `table` mode a delivered batch's rows are marked (or deleted) before the hub may
+/// confirm past them.
+#[derive(Debug)]
+pub struct FeedSource {
+    feed: Arc<Feed>,
+    #[allow(
+        dead_code,
+        reason = "held for its `Drop`: the table's leader lock lives as long as the source"
+    )]
+    leader: Option<Leadership>,
+    lease: Option<Lease>,
+    marks: Option<FeedMarks>,
+    batch_bytes: usize,
+}
+
+impl FeedSource {
+    /// Opens `feed` for its table's pipeline: whatever an earlier opening returned without an
+    /// acknowledgement is returned again first. `leader` (the table's leader lock) fences the row
+    /// marks with its lease.
+    pub fn open(feed: Arc<Feed>, leader: Option<Leadership>, marks: Option<FeedMarks>) -> Self {
+        feed.rewind();
+        Self {
+            lease: leader.as_ref().map(Leadership::lease),
+            feed,
+            leader,
+            marks,
+            batch_bytes: usize::MAX,
+        }
+    }
+}
+
+#[async_trait]
+impl Source for FeedSource {
+    fn name(&self) -> &'static str {
+        "logical"
+    }
+
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<SourceEvent>, SourceError> {
+        loop {
+            let notified = self.feed.notify.notified();
+            let batch = self.feed.take(max, self.batch_bytes)?;
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Vec::new()),
+                _ = notified => {}
+            }
+        }
+    }
+
+    async fn poll_batch(&mut self, max: usize) -> Result<Vec<SourceEvent>, SourceError> {
+        match self.feed.take(max, self.batch_bytes) {
+            Err(_) => Ok(Vec::new()),
+            ok => ok,
+        }
+    }
+
+    fn limit_batch_bytes(&mut self, bytes: usize) {
+        self.batch_bytes = bytes.max(1);
+    }
+
+    async fn acknowledge(&mut self, delivered: &[SourceEvent]) -> Result<(), SourceError> {
+        if delivered.is_empty() {
+            return Ok(());
+        }
+        {
+            let s = self.feed.state();
+            let prefix = delivered.len() <= s.returned.len()
+                && delivered
+                    .iter()
+                    .zip(s.returned.iter())
+                    .all(|(d, r)| d.event.id == r.event.id);
+            if !prefix {
+                return Err(SourceError::new(
+                    "logical",
+                    ErrorKind::Contract,
+                    LogicalError::Replication(
+                        "acknowledged events are not the oldest ones returned".into(),
+                    ),
+                ));
+            }
+        }
+        if let Some(m) = &self.marks {
+            if let Some(lease) = &self.lease {
+                lease
+                    .check()
+                    .map_err(|e| SourceError::new("logical", ErrorKind::LeaseLost, e))?;
+            }
+            let mut conn = m
+                .pool
+                .acquire()
+                .await
+                .map_err(|e| SourceError::database("logical", e))?;
+            crate::source::row_marks::acknowledge_rows(
+                &mut conn,
+                &m.table,
+                m.how,
+                delivered.iter().map(|d| &d.event),
+            )
+            .await
+            .map_err(|e| SourceError::database("logical", e))?;
+        }
+        self.feed.state().returned.drain(..delivered.len());
+        // The hub may be gone (the relay is stopping): the slot then streams them again.
+        let _ = self.feed.acks.send((self.feed.tag, delivered.len()));
+        Ok(())
+    }
+
+    async fn rewind(&mut self) -> Result<(), SourceError> {
+        self.feed.rewind();
+        Ok(())
+    }
+}
+
+/// The group's handle on a running [`Hub`]: makes the feeds of new tables.
+#[derive(Debug, Clone)]
+pub struct HubHandle {
+    acks: mpsc::UnboundedSender<(u16, usize)>,
+    feeds: mpsc::UnboundedSender<Arc<Feed>>,
+}
+
+impl HubHandle {
+    /// The feed of the table with `tag` ([`TableRegistry::add`]), registered with the hub.
+    pub fn feed(&self, tag: u16) -> Arc<Feed> {
+        let feed = Arc::new(Feed {
+            tag,
+            state: Mutex::default(),
+            notify: Notify::new(),
+            acks: self.acks.clone(),
+        });
+        let _ = self.feeds.send(feed.clone());
+        feed
+    }
+}
+
+/// The reader of a multi-table slot: hands each decoded event to its table's [`Feed`] and
+/// confirms to the slot only what every table acknowledged. See the [module docs](self).
+pub struct Hub {
+    source: LogicalSource,
+    feeds: Vec<Option<Arc<Feed>>>,
+    new_feeds: mpsc::UnboundedReceiver<Arc<Feed>>,
+    /// Events handed on and not yet acknowledged to the slot, in slot order, with their tags
+    /// (payloads dropped: only the ids and positions are needed).
+    window: VecDeque<(u16, SourceEvent)>,
+    /// Per tag: acknowledgements received and not yet applied to `window`.
+    acked: Vec<usize>,
+    acks: mpsc::UnboundedReceiver<(u16, usize)>,
+    batch: usize,
+    max_window: usize,
+}
+
+impl Hub {
+    /// A hub over `source` (a multi-table [`LogicalSource`]) that reads batches of up to `batch`
+    /// events and stops reading ahead while `max_window` events handed on are unacknowledged.
+    pub fn new(source: LogicalSource, batch: usize, max_window: usize) -> (Self, HubHandle) {
+        let (ack_tx, acks) = mpsc::unbounded_channel();
+        let (feed_tx, new_feeds) = mpsc::unbounded_channel();
+        let hub = Self {
+            source,
+            feeds: Vec::new(),
+            new_feeds,
+            window: VecDeque::new(),
+            acked: Vec::new(),
+            acks,
+            batch: batch.max(1),
+            max_window: max_window.max(1),
+        };
+        let handle = HubHandle {
+            acks: ack_tx,
+            feeds: feed_tx,
+        };
+        (hub, handle)
+    }
+
+    /// The slot's table registry ([`TableRegistry::add`], [`TableRegistry::check`]).
+    pub fn registry(&self) -> TableRegistry {
+        self.source.registry()
+    }
+
+    /// Reads the slot until `stop` is cancelled (the group cancels it once every table's
+    /// pipeline ended): then applies the last acknowledgements, makes the confirmed position
+    /// durable and returns `Ok`. On an error every feed ends with it (their pipelines fail as
+    /// `Unavailable`) and it is returned.
+    pub async fn run(mut self, stop: CancellationToken) -> Result<(), SourceError> {
+        let result = self.run_inner(&stop).await;
+        let reason = match &result {
+            Ok(()) => "the relay is stopping".to_owned(),
+            Err(e) => crate::failure::Report(e).to_string(),
+        };
+        for f in self.feeds.iter().flatten() {
+            f.end(reason.clone());
+        }
+        result
+    }
+
+    async fn run_inner(&mut self, stop: &CancellationToken) -> Result<(), SourceError> {
+        loop {
+            if self.window.is_empty() {
+                // Nothing unacknowledged: wait for the slot (heartbeats, slot checks and session
+                // restarts happen in there); a stop closes the source.
+                let batch = self.source.next_batch(self.batch, stop).await?;
+                if batch.is_empty() {
+                    if stop.is_cancelled() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                self.dispatch(batch).await?;
+                continue;
+            }
+            tokio::select! {
+                biased;
+                a = self.acks.recv() => if let Some((tag, n)) = a {
+                    self.count(tag, n);
+                },
+                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
+            while let Ok((tag, n)) = self.acks.try_recv() {
+                self.count(tag, n);
+            }
+            self.apply_acks().await?;
+            if stop.is_cancelled() {
+                // Every pipeline ended: what is still unacknowledged is streamed again next time.
+                self.source.close().await.map_err(|e| self.fail(e))?;
+                return Ok(());
+            }
+            if self.window.len() < self.max_window {
+                let batch = self.source.poll_batch(self.batch).await?;
+                if !batch.is_empty() {
+                    self.dispatch(batch).await?;
+                }
+            }
+        }
+    }
+
+    fn fail(&self, e: LogicalError) -> SourceError {
+        let kind = e.kind();
+        SourceError::new("logical", kind, e)
+    }
+
+    fn count(&mut self, tag: u16, n: usize) {
+        let tag = usize::from(tag);
+        if self.acked.len() <= tag {
+            self.acked.resize(tag + 1, 0);
+        }
+        self.acked[tag] += n;
+    }
+
+    /// Acknowledges to the slot the longest prefix of the window that every table acknowledged.
+    async fn apply_acks(&mut self) -> Result<(), SourceError> {
+        let mut prefix = Vec::new();
+        while let Some((tag, _)) = self.window.front() {
+            let tag = usize::from(*tag);
+            match self.acked.get_mut(tag) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    if let Some((_, e)) = self.window.pop_front() {
+                        prefix.push(e);
+                    }
+                }
+                _ => break,
+            }
+        }
+        if prefix.is_empty() {
+            return Ok(());
+        }
+        self.source.acknowledge(&prefix).await
+    }
+
+    /// Hands a batch's events to their tables' feeds (in order) and adds them to the window.
+    async fn dispatch(&mut self, batch: Vec<SourceEvent>) -> Result<(), SourceError> {
+        let tags = self.source.take_tables();
+        if tags.len() != batch.len() {
+            return Err(self.fail(LogicalError::Replication(format!(
+                "{} events but {} table tags",
+                batch.len(),
+                tags.len()
+            ))));
+        }
+        let mut per_feed: Vec<Vec<SourceEvent>> = Vec::new();
+        for (event, tag) in batch.into_iter().zip(tags) {
+            let i = usize::from(tag);
+            self.wait_for_feed(i).await?;
+            let mut light = event.clone();
+            light.event.payload = None;
+            self.window.push_back((tag, light));
+            if per_feed.len() <= i {
+                per_feed.resize_with(i + 1, Vec::new);
+            }
+            per_feed[i].push(event);
+        }
+        for (i, events) in per_feed.into_iter().enumerate() {
+            if !events.is_empty()
+                && let Some(Some(feed)) = self.feeds.get(i)
+            {
+                feed.push(events);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the feed of tag `i` is registered: a table is tagged before it joins the
+    /// publication and its feed follows right after, so this waits at most that long.
+    async fn wait_for_feed(&mut self, i: usize) -> Result<(), SourceError> {
+        while self.feeds.get(i).is_none_or(Option::is_none) {
+            match self.new_feeds.recv().await {
+                Some(feed) => {
+                    let t = usize::from(feed.tag);
+                    if self.feeds.len() <= t {
+                        self.feeds.resize(t + 1, None);
+                    }
+                    self.feeds[t] = Some(feed);
+                }
+                None => {
+                    return Err(self.fail(LogicalError::Replication(format!(
+                        "an event of table tag {i} has no feed"
+                    ))));
+                }
+            }
+        }
+        Ok(())
+    }
+}

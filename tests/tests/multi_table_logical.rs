@@ -1,0 +1,431 @@
+//! Many outbox tables in one relay with the logical source: one replication slot and one
+//! publication carry every table, one reader hands each table's events to that table's pipeline
+//! (its own routing, metrics and status), a new tenant's table is added to the publication by the
+//! re-scan, a SIGKILL and restart lose nothing, and a table that leaves the publication stops the
+//! relay naming it. See `outbox_relay::source::logical::multi` and docs/operations.md, "Many
+//! tables per relay". Every test has its own database, slot, schemas and topics.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use outbox_tests::tables::*;
+use outbox_tests::*;
+use uuid::Uuid;
+
+const QUIET: Duration = Duration::from_millis(1500);
+
+/// The `[logical]` section and `source` of a test relay on slot `slot`.
+fn logical_toml(slot: &str) -> String {
+    format!(
+        "source = \"logical\"\ntables_rescan_interval = \"1s\"\n\
+         [logical]\nslot = \"{slot}\"\npublication = \"{slot}_pub\"\n\
+         heartbeat_interval = \"500ms\"\nstatus_interval = \"200ms\"\n"
+    )
+}
+
+/// The replication slots of the test's database.
+async fn slots(db: &TestDb) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database() \
+         ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await?)
+}
+
+/// The publications of the test's database.
+async fn publications(db: &TestDb) -> Result<Vec<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT pubname::text FROM pg_publication ORDER BY 1")
+            .fetch_all(&db.pool)
+            .await?,
+    )
+}
+
+/// `schema.table` of every member of `publication`.
+async fn members(db: &TestDb, publication: &str) -> Result<BTreeSet<String>> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+    )
+    .bind(publication)
+    .fetch_all(&db.pool)
+    .await?;
+    Ok(rows.into_iter().map(|(s, t)| format!("{s}.{t}")).collect())
+}
+
+/// Waits until `table` is a member of `publication`.
+async fn wait_member(db: &TestDb, publication: &str, table: &str) -> Result<()> {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let m = members(db, publication).await?;
+        if m.contains(table) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{table} never joined {publication}: {m:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the slot is streamed to (its walsender active).
+async fn wait_slot_active(db: &TestDb, slot: &str) -> Result<()> {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let active: Option<bool> =
+            sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(slot)
+                .fetch_optional(&db.pool)
+                .await?;
+        if active == Some(true) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("slot {slot} never became active");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `records` with their keys prefixed by their table (`schema.table/agg-0`), found from the ids
+/// `written` (keyed the same way): the aggregate ids are the same in every table.
+fn keyed_by_table(records: &[Consumed], written: &BTreeMap<String, Vec<Uuid>>) -> Vec<Consumed> {
+    let table_of: BTreeMap<Uuid, &str> = written
+        .iter()
+        .flat_map(|(k, ids)| {
+            let t = k.split('/').next().unwrap_or_default();
+            ids.iter().map(move |id| (*id, t))
+        })
+        .collect();
+    records
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            let t = table_of.get(&r.event_id()).copied().unwrap_or_default();
+            r.key = Some(format!("{t}/{}", r.key.clone().unwrap_or_default()));
+            r
+        })
+        .collect()
+}
+
+/// Three `[[outbox]]` tables with their own topics, written concurrently on ten aggregates each:
+/// every event reaches its table's topic exactly once and in per-aggregate order, through one slot
+/// and one publication `FOR TABLE` the three; metrics and status are per table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listed_tables_share_one_slot_and_arrive_exactly_once_in_order() -> Result<()> {
+    let db = TestDb::create("mtl_list").await?;
+    let tag = unique("mtl");
+    let slot = unique("mtl_slot");
+    let tables = ["billing.outbox", "shipping.outbox", "audit.outbox"];
+    for t in tables {
+        migrate_table(&db, t).await?;
+    }
+    let topics: Vec<String> = ["billing", "shipping", "audit"]
+        .iter()
+        .map(|t| format!("{tag}.{t}.Acct"))
+        .collect();
+    for t in &topics {
+        create_topic(t, 3).await?;
+    }
+    let mut toml = logical_toml(&slot);
+    for (t, short) in tables.iter().zip(["billing", "shipping", "audit"]) {
+        toml.push_str(&format!(
+            "[[outbox]]\ntable = \"{t}\"\n[outbox.route]\ntopic = \"{tag}.{short}.{{aggregatetype}}\"\n"
+        ));
+    }
+    let (relay, addr, _) = start_relay(&db, &toml, &[("OUTBOX_BATCH_SIZE", "50")]).await?;
+    wait_slot_active(&db, &slot).await?;
+
+    let (a, b, c) = tokio::try_join!(
+        write_events(&db, tables[0], "Acct", 10, 20),
+        write_events(&db, tables[1], "Acct", 10, 20),
+        write_events(&db, tables[2], "Acct", 10, 20),
+    )?;
+    let written = [a, b, c];
+    for t in tables {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+    for (i, topic) in topics.iter().enumerate() {
+        let records = consume(&[topic.as_str()], 200, QUIET, LONG).await?;
+        check_exact_and_ordered(&records, &written[i], topic)?;
+    }
+
+    // One slot, one publication, every table in it.
+    assert_eq!(slots(&db).await?, vec![slot.clone()]);
+    let publication = format!("{slot}_pub");
+    assert_eq!(publications(&db).await?, vec![publication.clone()]);
+    assert_eq!(
+        members(&db, &publication).await?,
+        tables.iter().map(|t| (*t).to_owned()).collect()
+    );
+
+    // Per-table figures and status.
+    let (code, scrape) = http_get(&addr, "/metrics").await?;
+    assert_eq!(code, 200, "{scrape}");
+    for t in tables {
+        assert_eq!(
+            table_metric(&scrape, "outbox_relay_events_published_total", t),
+            Some(200.0),
+            "{t}\n{scrape}"
+        );
+    }
+    let (code, body) = http_get(&addr, "/status").await?;
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(status["tables"].as_array().map(Vec::len), Some(3), "{body}");
+    for t in status["tables"].as_array().unwrap() {
+        assert_eq!(t["role"], "active", "{body}");
+        assert_eq!(t["published_by_this_instance"], 200, "{body}");
+    }
+    let log = stop_cleanly(relay).await?;
+    assert!(log.contains("opening the slot for every table"), "{log}");
+    // A clean stop made the slot's position durable: nothing is sent again by the next start.
+    let (relay, _, _) = start_relay(&db, &toml, &[]).await?;
+    wait_slot_active(&db, &slot).await?;
+    tokio::time::sleep(QUIET).await;
+    for (i, topic) in topics.iter().enumerate() {
+        let records = consume(&[topic.as_str()], 200, QUIET, LONG).await?;
+        check_exact_and_ordered(&records, &written[i], topic)?;
+    }
+    stop_cleanly(relay).await?;
+    Ok(())
+}
+
+/// A `tenant_*.outbox` pattern: the tenants' tables share one slot; a tenant created while the
+/// relay runs joins the publication at the next re-scan and its events are relayed; the relay is
+/// SIGKILLed in the middle of the writes and started again: every event of every table arrives,
+/// each aggregate's first in write order, and the duplicates stay within what was in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_adds_a_new_tenant_to_the_publication_and_a_kill_loses_nothing() -> Result<()> {
+    let db = TestDb::create("mtl_pattern").await?;
+    let tag = unique("mtlp");
+    let slot = unique("mtlp_slot");
+    let publication = format!("{slot}_pub");
+    for t in ["tenant_a.outbox", "tenant_b.outbox", "other.outbox"] {
+        migrate_table(&db, t).await?;
+    }
+    let topic = format!("{tag}.Acct");
+    create_topic(&topic, 3).await?;
+    let toml = format!(
+        "tables = \"tenant_*.outbox\"\n{}[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n",
+        logical_toml(&slot)
+    );
+    let env = [("OUTBOX_BATCH_SIZE", "20"), ("OUTBOX_LEADER_LEASE", "2s")];
+    let (relay, _, config) = start_relay(&db, &toml, &env).await?;
+    wait_slot_active(&db, &slot).await?;
+    assert_eq!(
+        members(&db, &publication).await?,
+        ["tenant_a.outbox", "tenant_b.outbox"]
+            .map(str::to_owned)
+            .into()
+    );
+
+    let mut written: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
+    let mut merge = |table: &str, w: BTreeMap<String, Vec<Uuid>>| {
+        for (k, v) in w {
+            written.entry(format!("{table}/{k}")).or_default().extend(v);
+        }
+    };
+    let (a, b) = tokio::try_join!(
+        write_rounds(&db, "tenant_a.outbox", "Acct", 5, 1..=10),
+        write_rounds(&db, "tenant_b.outbox", "Acct", 5, 1..=10),
+    )?;
+    merge("tenant_a.outbox", a);
+    merge("tenant_b.outbox", b);
+
+    // A new tenant: picked up by the re-scan, added to the publication, relayed.
+    migrate_table(&db, "tenant_c.outbox").await?;
+    wait_member(&db, &publication, "tenant_c.outbox").await?;
+    relay
+        .wait_for_log("added to the slot's publication", LONG)
+        .await?;
+    let c = write_rounds(&db, "tenant_c.outbox", "Acct", 5, 1..=10).await?;
+    merge("tenant_c.outbox", c);
+    for t in ["tenant_a.outbox", "tenant_b.outbox", "tenant_c.outbox"] {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+
+    // SIGKILL while the three tenants write; a new relay on the same slot finishes the job.
+    let writers = async {
+        tokio::try_join!(
+            write_rounds(&db, "tenant_a.outbox", "Acct", 5, 11..=60),
+            write_rounds(&db, "tenant_b.outbox", "Acct", 5, 11..=60),
+            write_rounds(&db, "tenant_c.outbox", "Acct", 5, 11..=60),
+        )
+    };
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        relay.kill9().await
+    };
+    let (written_late, killed_log) = tokio::join!(writers, kill);
+    let (a, b, c) = written_late?;
+    let killed_log = killed_log?;
+    merge("tenant_a.outbox", a);
+    merge("tenant_b.outbox", b);
+    merge("tenant_c.outbox", c);
+    let relay = start_with_config(&db, &config, &env).await?;
+    wait_admin(&relay).await?;
+    for t in ["tenant_a.outbox", "tenant_b.outbox", "tenant_c.outbox"] {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+    let total: usize = written.values().map(Vec::len).sum();
+    assert_eq!(total, 3 * 5 * 60);
+    let records = consume(&[topic.as_str()], total, QUIET, LONG).await?;
+    let keyed = keyed_by_table(&records, &written);
+    check_complete_and_ordered(&keyed, &written, &topic)?;
+    let unique_ids: BTreeSet<Uuid> = records.iter().map(Consumed::event_id).collect();
+    ensure!(
+        unique_ids.len() == total,
+        "{} distinct events for {total} written",
+        unique_ids.len()
+    );
+    let duplicates = records.len() - total;
+    // What was in flight at the kill: the hub's window (batch × (batches in flight + 1) ×
+    // tables) plus one status interval of acknowledged events.
+    ensure!(
+        duplicates <= 3 * 20 * 5 + 200,
+        "{duplicates} duplicates after one SIGKILL"
+    );
+    eprintln!("duplicates after the SIGKILL: {duplicates} of {total} events");
+    assert_eq!(slots(&db).await?, vec![slot.clone()]);
+    assert_eq!(publications(&db).await?, vec![publication.clone()]);
+    assert!(
+        !members(&db, &publication).await?.contains("other.outbox"),
+        "a table outside the pattern is not published"
+    );
+    drop(killed_log);
+    stop_cleanly(relay).await?;
+    Ok(())
+}
+
+/// The slot is the unit of leadership: a second relay with the same configuration stands by for
+/// the slot (it opens nothing), and when the first is SIGKILLed it takes over every table; every
+/// event written meanwhile arrives, each aggregate's in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_relay_takes_over_the_slot_of_a_killed_one() -> Result<()> {
+    let db = TestDb::create("mtl_standby").await?;
+    let tag = unique("mtls");
+    let slot = unique("mtls_slot");
+    let tables = ["t_one.outbox", "t_two.outbox"];
+    for t in tables {
+        migrate_table(&db, t).await?;
+    }
+    let topic = format!("{tag}.Acct");
+    create_topic(&topic, 3).await?;
+    let toml = format!(
+        "tables = \"t_*.outbox\"\n{}[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n",
+        logical_toml(&slot)
+    );
+    let env = [("OUTBOX_LEADER_LEASE", "2s")];
+    let (first, _, config) = start_relay(&db, &toml, &env).await?;
+    wait_slot_active(&db, &slot).await?;
+    let second = start_with_config(&db, &config, &env).await?;
+    let second_addr = wait_admin(&second).await?;
+    tokio::time::sleep(QUIET).await;
+    assert!(
+        !second.log().contains("opening the slot"),
+        "the standby opened the slot:\n{}",
+        second.log()
+    );
+    let (_, body) = http_get(&second_addr, "/status").await?;
+    let status: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(status["tables"].as_array().map(Vec::len), Some(0), "{body}");
+
+    first.kill9().await?;
+    let mut written = BTreeMap::new();
+    for t in tables {
+        for (k, v) in write_events(&db, t, "Acct", 3, 10).await? {
+            written.insert(format!("{t}/{k}"), v);
+        }
+    }
+    for t in tables {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+    second
+        .wait_for_log("holding the slot's leader lock", LONG)
+        .await?;
+    let records = consume(&[topic.as_str()], 60, QUIET, LONG).await?;
+    let keyed = keyed_by_table(&records, &written);
+    check_exact_and_ordered(&keyed, &written, &topic)?;
+    assert_eq!(slots(&db).await?, vec![slot.clone()]);
+    stop_cleanly(second).await?;
+    Ok(())
+}
+
+/// A table removed from the publication behind the relay's back would silently stop being
+/// relayed: the relay stops with an error naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_leaving_the_publication_stops_the_relay_naming_it() -> Result<()> {
+    let db = TestDb::create("mtl_gone").await?;
+    let tag = unique("mtlg");
+    let slot = unique("mtlg_slot");
+    for t in ["one.outbox", "two.outbox"] {
+        migrate_table(&db, t).await?;
+    }
+    let topic = format!("{tag}.Acct");
+    create_topic(&topic, 1).await?;
+    let toml = format!(
+        "{}[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n\
+         [[outbox]]\ntable = \"one.outbox\"\n[[outbox]]\ntable = \"two.outbox\"\n",
+        logical_toml(&slot)
+    );
+    let (relay, _, _) = start_relay(&db, &toml, &[]).await?;
+    wait_slot_active(&db, &slot).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER PUBLICATION \"{slot}_pub\" DROP TABLE two.outbox"
+    )))
+    .execute(&db.pool)
+    .await?;
+    let (code, log) = relay.wait_exit(LONG).await?;
+    assert_ne!(code, 0, "{log}");
+    assert!(
+        log.contains("two.outbox") && log.contains("is no longer a member of publication"),
+        "{log}"
+    );
+    Ok(())
+}
+
+/// The configuration refusal of several tables with the logical source is gone; events written
+/// as logical messages (which name no table) are still refused, naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_tables_with_the_logical_source_pass_validation() -> Result<()> {
+    for text in [
+        "source = \"logical\"\n[[outbox]]\ntable = \"a.outbox\"\n[[outbox]]\ntable = \"b.outbox\"\n",
+        "source = \"logical\"\ntables = \"tenant_*.outbox\"\n",
+    ] {
+        let path = config_file(text)?;
+        let out = relay_cli(
+            &[
+                "config",
+                "validate",
+                "--config",
+                path.to_str().context("utf-8")?,
+            ],
+            &[],
+        )
+        .await?;
+        assert_eq!(out.code, 0, "{text}: {}", out.text());
+    }
+    let path = config_file(
+        "source = \"logical\"\n[[outbox]]\ntable = \"a\"\nwrite_mode = \"logical_message\"\n\
+         [[outbox]]\ntable = \"b\"\n",
+    )?;
+    let out = relay_cli(
+        &[
+            "config",
+            "validate",
+            "--config",
+            path.to_str().context("utf-8")?,
+        ],
+        &[],
+    )
+    .await?;
+    assert_eq!(out.code, 2, "{}", out.text());
+    assert!(
+        out.stderr.contains("`outbox[0].write_mode`") && out.stderr.contains("names no table"),
+        "{}",
+        out.stderr
+    );
+    Ok(())
+}
