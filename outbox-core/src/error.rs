@@ -48,6 +48,25 @@ pub enum Error {
     #[cfg(feature = "diesel-async")]
     #[error("database error (diesel): {0}")]
     Diesel(#[from] diesel::result::Error),
+    /// sqlx 0.8 refused a statement (feature `sqlx-08`).
+    #[cfg(feature = "sqlx-08")]
+    #[error("database error (sqlx 0.8): {0}")]
+    Sqlx08(#[from] sqlx08::Error),
+    /// sea-orm refused a statement or could not open or commit the migration's transaction
+    /// (feature `sea-orm`).
+    #[cfg(feature = "sea-orm")]
+    #[error("database error (sea-orm): {0}")]
+    SeaOrm(#[from] sea_orm::DbErr),
+    /// A sea-orm connection or transaction is to another database than PostgreSQL, which has no
+    /// outbox here (feature `sea-orm`). Nothing was written.
+    #[cfg(feature = "sea-orm")]
+    #[error(
+        "the sea-orm connection is to {backend}, not PostgreSQL: the outbox is a PostgreSQL table"
+    )]
+    UnsupportedBackend {
+        /// The backend of the connection, as sea-orm names it.
+        backend: String,
+    },
     /// An event was to be written on a connection that is not inside a transaction, where it
     /// would have been committed apart from the business data. Nothing was written. The sqlx
     /// path knows a transaction by sqlx's own bookkeeping (`pool.begin()`, `conn.begin()`,

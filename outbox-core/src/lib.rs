@@ -41,6 +41,8 @@
 //! | sqlx 0.9 | (default) | [`Outbox::publish`]`(&mut *tx, &event)` |
 //! | tokio-postgres, deadpool-postgres, bb8-postgres | `tokio-postgres` | `Outbox::publish_tokio_postgres(&tx, &event)` |
 //! | diesel-async (`AsyncPgConnection`) | `diesel-async` | `Outbox::publish_diesel_async(conn, &event)` inside `conn.transaction(…)` |
+//! | sqlx 0.8 | `sqlx-08` | `Outbox::publish_sqlx08(&mut tx, &event)` on a `Transaction<'_, Postgres>` |
+//! | sea-orm 2 | `sea-orm` | `Outbox::publish_sea_orm(&tx, &event)` on a `DatabaseTransaction` |
 //! | any other | (none) | [`Outbox::prepare_write`], then run its statements on your transaction |
 //!
 //! Every layer runs the same statements ([`OutboxWrite`]), so the rows are the same whichever
@@ -76,6 +78,10 @@ mod error;
 mod event;
 pub mod inbox;
 mod migrate;
+#[cfg(feature = "sea-orm")]
+mod sea_orm_pg;
+#[cfg(feature = "sqlx-08")]
+mod sqlx08_pg;
 mod statement;
 mod stored;
 mod table;

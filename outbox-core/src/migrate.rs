@@ -5,7 +5,8 @@
 //! steps of one run happen in one transaction under an advisory lock, so concurrent service
 //! instances and relays can all call [`migrate`] at start-up. The statements are built once here
 //! ([`MigrationRun`], [`pending_steps`]) and run by each database driver: sqlx in [`migrate`],
-//! `tokio-postgres` in `Outbox::migrate_tokio_postgres` (feature `tokio-postgres`).
+//! `tokio-postgres` in `Outbox::migrate_tokio_postgres` (feature `tokio-postgres`), and likewise
+//! `migrate_diesel_async`, `migrate_sqlx08` and `migrate_sea_orm`.
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 

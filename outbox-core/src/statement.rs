@@ -2,8 +2,8 @@
 //!
 //! [`Outbox::prepare_write`](crate::Outbox::prepare_write) turns events into an [`OutboxWrite`]:
 //! the statements to run, in order, on the caller's transaction. The sqlx path
-//! ([`Outbox::publish_new`](crate::Outbox::publish_new)) and the `tokio-postgres` adapter run
-//! exactly these statements, so every database layer writes the same rows; an adapter for another
+//! ([`Outbox::publish_new`](crate::Outbox::publish_new)) and every adapter (`tokio-postgres`,
+//! `diesel-async`, `sqlx-08`, `sea-orm`) run exactly these statements, so every database layer writes the same rows; an adapter for another
 //! layer only has to bind each [`SqlParam`] to its driver's type and execute.
 
 use uuid::Uuid;

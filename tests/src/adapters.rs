@@ -4,13 +4,14 @@
 //! `test_decoding` slot.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use anyhow::Result;
-use outbox_core::{NewEvent, StoredEvent};
+use anyhow::{Context, Result};
+use outbox_core::{NewEvent, Outbox, StoredEvent};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::{Consumed, TestDb, unique};
+use crate::{Consumed, RelayProcess, TestDb, consume, unique, wait_drained};
 
 /// The trace context the first event of [`order_events`] carries.
 pub const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -199,5 +200,124 @@ pub async fn assert_logical_modes_decoded(
         .bind(slot)
         .execute(&db.pool)
         .await?;
+    Ok(())
+}
+
+/// Writes the events of `order` ([`order_events`]) through the sqlx path, the reference every
+/// adapter is compared with, in one committed transaction; returns their ids in write order.
+pub async fn write_order_with_sqlx(
+    db: &TestDb,
+    outbox: &Outbox,
+    aggregate_type: &str,
+    order: &str,
+) -> Result<Vec<Uuid>> {
+    let (placed, batch) = order_events(aggregate_type, order);
+    let mut tx = db.pool.begin().await?;
+    let mut ids = outbox.publish_new(&mut tx, vec![placed]).await?;
+    ids.extend(outbox.publish_new(&mut tx, batch).await?);
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// Checks that the rows `adapter` wrote for the events of [`order_events`] (`adapter_ids`) are
+/// exactly those the sqlx path wrote for the same events (`sqlx_ids`), column by column, and
+/// carry what the events set.
+pub async fn assert_stored_like_sqlx(
+    db: &TestDb,
+    adapter: &str,
+    adapter_ids: &[Uuid],
+    sqlx_ids: &[Uuid],
+) -> Result<()> {
+    let adapter_rows = stored_rows(db, adapter_ids).await?;
+    let sqlx_rows = stored_rows(db, sqlx_ids).await?;
+    assert_eq!(adapter_rows.len(), 4, "{adapter_rows:#?}");
+    assert_eq!(
+        adapter_rows, sqlx_rows,
+        "the {adapter} adapter stored other rows than sqlx"
+    );
+    assert_eq!(adapter_rows[0]["tracingspancontext"], TRACEPARENT);
+    assert_eq!(adapter_rows[0]["headers"]["tenant"], "acme");
+    assert_eq!(adapter_rows[0]["schema_version"], 2);
+    assert_eq!(adapter_rows[0]["aggregate_seq"], 1);
+    assert_eq!(adapter_rows[2]["payload"], Value::Null);
+    assert_eq!(adapter_rows[3]["payload"]["parcels"], json!([1, 2]));
+    Ok(())
+}
+
+/// Runs the real relay process on `db` until the outbox is drained and checks what reached
+/// `topic`: exactly `expected` records (the committed events of the test); none of `rolled_back`;
+/// every event of `adapter_ids` (the events of [`order_events`] for `order`, written by the
+/// adapter) relayed with the key, value and headers of its sqlx twin in `sqlx_ids`.
+pub async fn assert_relayed_like_sqlx(
+    db: &TestDb,
+    topic: &str,
+    expected: usize,
+    rolled_back: &[Uuid],
+    adapter_ids: &[Uuid],
+    sqlx_ids: &[Uuid],
+    order: &str,
+) -> Result<()> {
+    const QUIET: Duration = Duration::from_millis(1500);
+    const LONG: Duration = Duration::from_secs(60);
+    let relay = RelayProcess::start(db, &[], &[]).await?;
+    relay.wait_for_log("this relay is active", LONG).await?;
+    wait_drained(&db.pool, LONG).await?;
+    let records = consume(&[topic], expected, QUIET, LONG).await?;
+    let (code, log) = relay.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, 0, "{log}");
+    let by_id: BTreeMap<Uuid, &Consumed> = records.iter().map(|r| (r.event_id(), r)).collect();
+    assert_eq!(
+        records.len(),
+        expected,
+        "one record per committed event: {records:#?}"
+    );
+    for id in rolled_back {
+        assert!(
+            !by_id.contains_key(id),
+            "an event of the rolled-back transaction was relayed"
+        );
+    }
+    for (adapter_id, sqlx_id) in adapter_ids.iter().zip(sqlx_ids) {
+        let adapter = by_id
+            .get(adapter_id)
+            .with_context(|| format!("the adapter's event {adapter_id} was not relayed"))?;
+        let sqlx = by_id
+            .get(sqlx_id)
+            .with_context(|| format!("the sqlx event {sqlx_id} was not relayed"))?;
+        assert_eq!(adapter.topic, topic);
+        assert_eq!(adapter.key, sqlx.key, "keys differ");
+        assert_eq!(adapter.value, sqlx.value, "values differ");
+        assert_eq!(
+            headers_but_identity(adapter),
+            headers_but_identity(sqlx),
+            "headers differ"
+        );
+    }
+    let placed = by_id[&adapter_ids[0]];
+    assert_eq!(placed.key.as_deref(), Some("customer-7"));
+    assert_eq!(placed.header("tenant"), Some("acme"));
+    assert_eq!(placed.header("traceparent"), Some(TRACEPARENT));
+    assert_eq!(by_id[&adapter_ids[1]].key.as_deref(), Some(order));
+    Ok(())
+}
+
+/// Checks that the migration `migrated` ran on a fresh `db` created the same schema as the sqlx
+/// migration on `reference` (every step applied, recorded in the shared history).
+pub async fn assert_migrated_like_sqlx(
+    db: &TestDb,
+    reference: &TestDb,
+    migrated: &outbox_core::MigrationReport,
+) -> Result<()> {
+    let all: Vec<i32> = (1..=outbox_core::SCHEMA_VERSION).collect();
+    assert_eq!(migrated.applied, all);
+    assert_eq!(migrated.version, outbox_core::SCHEMA_VERSION);
+    let table = outbox_core::OutboxTable::default();
+    let version = outbox_core::schema_version(&mut db.connect().await?, &table).await?;
+    assert_eq!(version, Some(outbox_core::SCHEMA_VERSION));
+    assert_eq!(
+        schema_description(db, "public").await?,
+        schema_description(reference, "public").await?,
+        "the adapter's migration created another schema than the sqlx one"
+    );
     Ok(())
 }
