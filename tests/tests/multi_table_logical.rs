@@ -429,3 +429,128 @@ async fn several_tables_with_the_logical_source_pass_validation() -> Result<()> 
     );
     Ok(())
 }
+
+/// Rows pending in three `[[outbox]]` tables before the relay's first start in logical mode (a
+/// switch from polling with a backlog): the new slot does not stream them, each table's feed
+/// re-publishes them from the table first and holds its streamed events meanwhile. With writes
+/// continuing after the start, every event of every table arrives exactly once (streamed copies
+/// of re-published rows are skipped) and in per-aggregate order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_pending_before_the_slot_exists_are_re_published_first_in_order() -> Result<()> {
+    let db = TestDb::create("mtl_backlog").await?;
+    let tag = unique("mtlb");
+    let slot = unique("mtlb_slot");
+    let tables = ["billing.outbox", "shipping.outbox", "audit.outbox"];
+    let shorts = ["billing", "shipping", "audit"];
+    for t in tables {
+        migrate_table(&db, t).await?;
+    }
+    let topics: Vec<String> = shorts.iter().map(|s| format!("{tag}.{s}.Acct")).collect();
+    for t in &topics {
+        create_topic(t, 3).await?;
+    }
+    let mut written: Vec<BTreeMap<String, Vec<Uuid>>> = Vec::new();
+    for t in tables {
+        written.push(write_rounds(&db, t, "Acct", 8, 1..=15).await?);
+    }
+    let mut toml = logical_toml(&slot);
+    for (t, short) in tables.iter().zip(shorts) {
+        toml.push_str(&format!(
+            "[[outbox]]\ntable = \"{t}\"\n[outbox.route]\ntopic = \"{tag}.{short}.{{aggregatetype}}\"\n"
+        ));
+    }
+    let (relay, addr, _) = start_relay(&db, &toml, &[("OUTBOX_BATCH_SIZE", "25")]).await?;
+    // More writes while the backlog is re-published: they are streamed, and held behind it.
+    let (a, b, c) = tokio::try_join!(
+        write_rounds(&db, tables[0], "Acct", 8, 16..=40),
+        write_rounds(&db, tables[1], "Acct", 8, 16..=40),
+        write_rounds(&db, tables[2], "Acct", 8, 16..=40),
+    )?;
+    for (w, late) in written.iter_mut().zip([a, b, c]) {
+        for (k, v) in late {
+            w.entry(k).or_default().extend(v);
+        }
+    }
+    for t in tables {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+    for (i, topic) in topics.iter().enumerate() {
+        let records = consume(&[topic.as_str()], 8 * 40, QUIET, LONG).await?;
+        check_exact_and_ordered(&records, &written[i], topic)?;
+    }
+    let (code, scrape) = http_get(&addr, "/metrics").await?;
+    assert_eq!(code, 200, "{scrape}");
+    let log = stop_cleanly(relay).await?;
+    assert!(
+        log.contains("re-publishing the table's unpublished rows"),
+        "{log}"
+    );
+    assert_eq!(slots(&db).await?, vec![slot]);
+    Ok(())
+}
+
+/// A tenant's table that already holds events (several aggregates, several transactions) when
+/// it starts matching the pattern — created as `staging_c.outbox`, written to, then its schema
+/// renamed to `tenant_c` — with writes going on while the re-scan adds it to the publication:
+/// the rows committed before the `ALTER PUBLICATION` are re-published from the table before its
+/// streamed events, so every event arrives exactly once and each aggregate's in write order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_written_to_before_the_rescan_adds_it_loses_nothing() -> Result<()> {
+    let db = TestDb::create("mtl_early").await?;
+    let tag = unique("mtle");
+    let slot = unique("mtle_slot");
+    let publication = format!("{slot}_pub");
+    migrate_table(&db, "tenant_a.outbox").await?;
+    let topic = format!("{tag}.Acct");
+    create_topic(&topic, 3).await?;
+    let toml = format!(
+        "tables = \"tenant_*.outbox\"\n{}[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n",
+        logical_toml(&slot)
+    );
+    let (relay, _, _) = start_relay(&db, &toml, &[("OUTBOX_BATCH_SIZE", "20")]).await?;
+    wait_slot_active(&db, &slot).await?;
+
+    let mut written: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
+    let mut merge = |table: &str, w: BTreeMap<String, Vec<Uuid>>| {
+        for (k, v) in w {
+            written.entry(format!("{table}/{k}")).or_default().extend(v);
+        }
+    };
+    // Written before the table matches: no re-scan can add it yet.
+    migrate_table(&db, "staging_c.outbox").await?;
+    let early = write_rounds(&db, "staging_c.outbox", "Acct", 6, 1..=10).await?;
+    merge("tenant_c.outbox", early);
+    sqlx::query("ALTER SCHEMA staging_c RENAME TO tenant_c")
+        .execute(&db.pool)
+        .await?;
+    // Writes go on across the re-scan that adds it.
+    let (a, c) = tokio::try_join!(
+        write_rounds(&db, "tenant_a.outbox", "Acct", 6, 1..=40),
+        async {
+            let mut all: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
+            for round in 0..6 {
+                let first = 11 + round * 5;
+                let w = write_rounds(&db, "tenant_c.outbox", "Acct", 6, first..=first + 4).await?;
+                for (k, v) in w {
+                    all.entry(k).or_default().extend(v);
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            anyhow::Ok(all)
+        },
+    )?;
+    merge("tenant_a.outbox", a);
+    merge("tenant_c.outbox", c);
+    wait_member(&db, &publication, "tenant_c.outbox").await?;
+    for t in ["tenant_a.outbox", "tenant_c.outbox"] {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+    let total: usize = written.values().map(Vec::len).sum();
+    assert_eq!(total, 6 * 40 * 2);
+    let records = consume(&[topic.as_str()], total, QUIET, LONG).await?;
+    let keyed = keyed_by_table(&records, &written);
+    check_exact_and_ordered(&keyed, &written, &topic)?;
+    let log = stop_cleanly(relay).await?;
+    assert!(log.contains("added to the slot's publication"), "{log}");
+    Ok(())
+}

@@ -118,7 +118,10 @@ impl Group<'_> {
         self.stop_all = shutdown.child_token();
         let mut started = Ok(());
         for (tag, e) in entries.into_iter().enumerate() {
-            let feed = handle.feed(tag as u16);
+            // Every generation backfills its `table`-mode tables (after the slot was opened):
+            // rows committed before a table joined the stream, or re-published by a generation
+            // that ended before they were acknowledged, are unpublished and only there.
+            let feed = handle.feed(tag as u16, backfill_of(&e.cfg, &e.key)?);
             if let Err(err) = self.start(e.key, e.cfg, e.from_pattern, Some(feed)) {
                 started = Err(err);
                 break;
@@ -275,7 +278,13 @@ impl Group<'_> {
                 .await
                 .map_err(|e| source_error(e, &key))?;
             tracing::info!(table = %key, "a new table matches the pattern: added to the slot's publication");
-            self.start(key, cfg, true, Some(handle.feed(tag)))?;
+            if cfg.write_mode == WriteMode::InsertDelete {
+                warn_inserts_before_join(registry, &table, &key).await;
+            }
+            // After the ALTER PUBLICATION committed: its backfill's snapshot sees every row
+            // committed before the table joined the stream.
+            let backfill = backfill_of(&cfg, &key)?;
+            self.start(key, cfg, true, Some(handle.feed(tag, backfill)))?;
         }
         Ok(())
     }
@@ -344,6 +353,35 @@ fn slot_lock(config: &RelayConfig) -> Result<OutboxTable, RelayError> {
     OutboxTable::new(Some("outbox_relay_slot"), &config.logical.slot).map_err(|e| {
         crate::config::ConfigError::new("logical.slot", format!("cannot name its lock: {e}")).into()
     })
+}
+
+/// The table a feed re-publishes unpublished rows from when it joins the stream: only in
+/// `table` mode (in `insert_delete` mode rows are deleted as they are written).
+fn backfill_of(cfg: &RelayConfig, key: &str) -> Result<Option<OutboxTable>, RelayError> {
+    if cfg.write_mode != WriteMode::Table {
+        return Ok(None);
+    }
+    OutboxTable::parse(key)
+        .map(Some)
+        .map_err(|e| crate::config::ConfigError::new("tables", e.to_string()).into())
+}
+
+/// In `insert_delete` mode events written into a table before it joined the publication were
+/// never decoded and are gone: says so loudly when PostgreSQL counted inserts into it already.
+async fn warn_inserts_before_join(registry: &TableRegistry, table: &OutboxTable, key: &str) {
+    match registry.inserts_counted(table).await {
+        Ok(n) if n > 0 => tracing::error!(
+            table = %key,
+            inserts = n,
+            "write_mode = \"insert_delete\": the table saw inserts before it joined the slot's \
+             publication; those events were not relayed and cannot be (see docs/operations.md, \
+             \"Many tables per relay\")"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(table = %key, error = %Report(&e), "cannot count the inserts into a new table")
+        }
+    }
 }
 
 /// Events written as logical messages cannot be attributed to a table.

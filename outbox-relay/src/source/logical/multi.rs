@@ -26,19 +26,33 @@
 //!   publication, so their first streamed insert already has a feed waiting.
 //! - **A table dropped or removed from the publication is loud**: [`TableRegistry::check`] fails
 //!   naming it (the group stops the relay), rather than letting its events silently stop.
+//! - **No loss of rows committed before a table joined the stream (`table` mode).** A feed made
+//!   with a table to backfill ([`HubHandle::feed`]: every table of a generation, after the slot
+//!   was opened, and a table added by a re-scan, after its `ALTER PUBLICATION` committed) first
+//!   re-publishes the table's unpublished rows, read in one snapshot taken after the table
+//!   joined, in `seq` order, with the single-table source's page reader (`RowPages`, in the
+//!   private `republication` module); the table's streamed events are held meanwhile (they
+//!   stay in the hub's window, so the slot confirms nothing past them) and returned after
+//!   the last re-published row, so per-aggregate order holds. A streamed event committed before
+//!   the snapshot whose row was re-published is a duplicate: it is not returned but
+//!   acknowledged to the hub once everything before it in the feed was acknowledged (its
+//!   re-published copy marked). Re-published rows are durable by their missing
+//!   `published_at` only, so every generation backfills again: a crash mid-backfill repeats it,
+//!   and a row can be delivered twice only across a crash or a failed delivery (as for streamed
+//!   events).
 //!
 //! # Limits (documented decisions)
 //!
 //! - The slot decodes inserts (`insert_delete`-style); in `table` mode each feed marks its rows
 //!   published before acknowledging them to the hub (per batch, not deferred like the
 //!   single-table source's `settle`).
-//! - No re-publication from the tables: rows committed before the slot was created, or before a
-//!   table was added to the publication, are not streamed; a lost slot is fatal. Drain the
-//!   tables with the polling source before switching, and migrate a new tenant's table before
-//!   its writers start (see docs/operations.md).
+//! - In `insert_delete` mode there is nothing to re-publish (rows are deleted as they are
+//!   written): events written into a table before it joined the publication are gone. A table
+//!   added by a re-scan that already saw inserts is logged as an error ([`TableRegistry::add`]
+//!   returns how many PostgreSQL counted). A lost slot is fatal.
 //! - `logical_message` mode cannot be attributed to a table and is refused with several tables.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -48,12 +62,14 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::republication::RowPages;
 use super::slot::{self, PublicationName, ResolvedTable};
 use super::{LogicalError, LogicalSource};
 use crate::config::RowAcknowledgement;
 use crate::failure::ErrorKind;
 use crate::leader::{Leadership, Lease};
-use crate::source::{Source, SourceError, SourceEvent};
+use crate::source::{Position, Source, SourceError, SourceEvent};
+use crate::stats::LogicalMetrics;
 
 /// How often the hub looks for new events while its window is not empty (acknowledgements wake
 /// it at once).
@@ -128,6 +144,27 @@ impl TableRegistry {
         Ok(tag as u16)
     }
 
+    /// How many rows PostgreSQL's cumulative statistics counted inserted into `table` (0 when
+    /// it has no statistics yet; approximate: the statistics lag a little).
+    pub async fn inserts_counted(&self, table: &OutboxTable) -> Result<i64, LogicalError> {
+        let Some((pool, _)) = &self.db else {
+            return Ok(0);
+        };
+        let resolved = slot::resolve_table(pool, table).await?;
+        sqlx::query_scalar::<_, i64>(
+            "SELECT coalesce((SELECT n_tup_ins FROM pg_stat_user_tables \
+             WHERE schemaname = $1 AND relname = $2), 0)",
+        )
+        .bind(&resolved.schema)
+        .bind(&resolved.name)
+        .fetch_one(pool)
+        .await
+        .map_err(|source| LogicalError::Database {
+            context: "counting the inserts into a new table",
+            source,
+        })
+    }
+
     /// Fails with [`LogicalError::Publication`] naming the first table that was dropped or is no
     /// longer a member of the publication.
     pub async fn check(&self) -> Result<(), LogicalError> {
@@ -147,6 +184,38 @@ pub struct Feed {
     state: Mutex<FeedState>,
     notify: Notify,
     acks: mpsc::UnboundedSender<(u16, usize)>,
+    /// The re-publication of the table's unpublished rows (`table` mode), until it was read to
+    /// the end.
+    backfill: tokio::sync::Mutex<Option<Backfill>>,
+    metrics: Arc<LogicalMetrics>,
+}
+
+/// A table's re-publication when it joins the stream: [`RowPages`] opened on first use (and
+/// again, after the last row read, when a read failed).
+struct Backfill {
+    options: sqlx::postgres::PgConnectOptions,
+    table: OutboxTable,
+    pages: Option<RowPages>,
+    after: i64,
+}
+
+impl std::fmt::Debug for Backfill {
+    // The connect options hold the password: left out.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backfill")
+            .field("table", &self.table)
+            .field("pages", &self.pages)
+            .field("after", &self.after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The rows a feed's backfill re-published, and the WAL position after its snapshot: a streamed
+/// event committed before that position whose id is here is a duplicate.
+#[derive(Debug, Default)]
+struct Dedupe {
+    ids: HashSet<uuid::Uuid>,
+    until: u64,
 }
 
 #[derive(Debug, Default)]
@@ -157,6 +226,12 @@ struct FeedState {
     returned: VecDeque<SourceEvent>,
     /// Why the hub stopped feeding this table.
     ended: Option<String>,
+    /// The backfill is not read to the end: streamed events wait in `held`.
+    backfilling: bool,
+    held: VecDeque<SourceEvent>,
+    dedupe: Option<Dedupe>,
+    /// Duplicates skipped (and acknowledged to the hub).
+    skipped: u64,
 }
 
 impl Feed {
@@ -165,8 +240,88 @@ impl Feed {
     }
 
     fn push(&self, events: impl IntoIterator<Item = SourceEvent>) {
-        self.state().pending.extend(events);
+        {
+            let mut s = self.state();
+            if s.backfilling {
+                s.held.extend(events);
+            } else {
+                s.pending.extend(events);
+            }
+        }
         self.notify.notify_one();
+    }
+
+    /// While the backfill is not read to the end and nothing is pending: reads its next page
+    /// into `pending` (an empty page ends it and releases the held streamed events behind the
+    /// last re-published row).
+    async fn fill(&self, max: usize, bytes: usize) -> Result<(), SourceError> {
+        {
+            let s = self.state();
+            if !s.backfilling || !s.pending.is_empty() {
+                return Ok(());
+            }
+        }
+        let mut guard = self.backfill.lock().await;
+        let Some(b) = guard.as_mut() else {
+            return Ok(());
+        };
+        let fail = |e: LogicalError| {
+            let kind = e.kind();
+            SourceError::new("logical", kind, e)
+        };
+        if b.pages.is_none() {
+            let (mut pages, rows) = RowPages::open(&b.options, b.table.clone(), None, b.after)
+                .await
+                .map_err(fail)?;
+            let until = pages.position().await.map_err(fail)?;
+            let mut s = self.state();
+            let d = s.dedupe.get_or_insert_with(Dedupe::default);
+            d.until = d.until.max(until);
+            drop(s);
+            if rows > 0 {
+                tracing::warn!(
+                    table = %b.table,
+                    rows,
+                    "re-publishing the table's unpublished rows before its streamed ones"
+                );
+            }
+            b.pages = Some(pages);
+        }
+        let pages = b.pages.as_mut().expect("opened above");
+        let page = match pages.next(max, bytes).await {
+            Ok(page) => page,
+            Err(e) => {
+                // The next attempt reads on, in a new snapshot, after the last row read.
+                b.after = pages.after();
+                b.pages = None;
+                return Err(fail(e));
+            }
+        };
+        b.after = pages.after();
+        let (rows, pages_read) = (pages.rows, pages.pages);
+        let mut s = self.state();
+        if page.is_empty() {
+            tracing::info!(
+                table = %b.table,
+                rows,
+                pages = pages_read,
+                held = s.held.len(),
+                "re-publication of the table's unpublished rows read to the end; its streamed events follow"
+            );
+            *guard = None;
+            s.backfilling = false;
+            let held = std::mem::take(&mut s.held);
+            s.pending.extend(held);
+        } else {
+            self.metrics.backfill_pages.inc_by(1);
+            self.metrics.rows_backfilled.inc_by(page.len() as u64);
+            let d = s.dedupe.get_or_insert_with(Dedupe::default);
+            d.ids.extend(page.iter().map(|e| e.event.id));
+            s.pending.extend(page);
+        }
+        drop(s);
+        self.notify.notify_one();
+        Ok(())
     }
 
     fn end(&self, reason: String) {
@@ -184,7 +339,8 @@ impl Feed {
 
     /// Up to `max` pending events, cut at `bytes` of payload (at least one when any is pending).
     fn take(&self, max: usize, bytes: usize) -> Result<Vec<SourceEvent>, SourceError> {
-        let mut s = self.state();
+        let mut guard = self.state();
+        let s = &mut *guard;
         if s.pending.is_empty() {
             if let Some(reason) = &s.ended {
                 return Err(SourceError::new(
@@ -197,17 +353,56 @@ impl Feed {
         }
         let mut n = 0;
         let mut size = 0usize;
-        for e in s.pending.iter().take(max.max(1)) {
-            if n > 0 && size >= bytes {
+        let mut skipped = 0;
+        loop {
+            if n >= max.max(1) || (n > 0 && size >= bytes) {
                 break;
             }
+            let Some(e) = s.pending.get(n) else {
+                break;
+            };
+            match duplicate(&mut s.dedupe, e) {
+                Some(true) if n == 0 && s.returned.is_empty() => {
+                    // Everything before it in this feed, its re-published copy included, is
+                    // acknowledged: the hub may confirm past it.
+                    s.pending.pop_front();
+                    skipped += 1;
+                    continue;
+                }
+                // Returned once what is in flight is acknowledged.
+                Some(true) => break,
+                _ => {}
+            }
+            let e = &s.pending[n];
             size += e.event.payload.as_ref().map_or(0, String::len);
             n += 1;
+        }
+        if skipped > 0 {
+            s.skipped += skipped as u64;
+            tracing::debug!(
+                skipped,
+                "streamed events already re-published from the table skipped"
+            );
+            let _ = self.acks.send((self.tag, skipped));
         }
         let batch: Vec<SourceEvent> = s.pending.drain(..n).collect();
         s.returned.extend(batch.iter().cloned());
         Ok(batch)
     }
+}
+
+/// Whether `e` is a streamed duplicate of a re-published row (`Some(true)`); forgets the
+/// re-published ids once the stream passed the backfill's snapshot.
+fn duplicate(dedupe: &mut Option<Dedupe>, e: &SourceEvent) -> Option<bool> {
+    let d = dedupe.as_ref()?;
+    let Position::Wal { commit_lsn, .. } = e.position else {
+        return Some(false);
+    };
+    if commit_lsn >= d.until {
+        *dedupe = None;
+        return None;
+    }
+    Some(d.ids.contains(&e.event.id))
 }
 
 /// How a [`FeedSource`] acknowledges its rows in `table` mode.
@@ -268,6 +463,7 @@ impl Source for FeedSource {
     ) -> Result<Vec<SourceEvent>, SourceError> {
         loop {
             let notified = self.feed.notify.notified();
+            self.feed.fill(max, self.batch_bytes).await?;
             let batch = self.feed.take(max, self.batch_bytes)?;
             if !batch.is_empty() {
                 return Ok(batch);
@@ -280,6 +476,7 @@ impl Source for FeedSource {
     }
 
     async fn poll_batch(&mut self, max: usize) -> Result<Vec<SourceEvent>, SourceError> {
+        self.feed.fill(max, self.batch_bytes).await?;
         match self.feed.take(max, self.batch_bytes) {
             Err(_) => Ok(Vec::new()),
             ok => ok,
@@ -332,8 +529,17 @@ impl Source for FeedSource {
             .map_err(|e| SourceError::database("logical", e))?;
         }
         self.feed.state().returned.drain(..delivered.len());
+        // Only streamed events are in the hub's window (re-published rows are not).
+        let streamed = delivered
+            .iter()
+            .filter(|d| !matches!(d.position, Position::Row))
+            .count();
         // The hub may be gone (the relay is stopping): the slot then streams them again.
-        let _ = self.feed.acks.send((self.feed.tag, delivered.len()));
+        if streamed > 0 {
+            let _ = self.feed.acks.send((self.feed.tag, streamed));
+        }
+        // A skipped duplicate may be waiting for this acknowledgement.
+        self.feed.notify.notify_one();
         Ok(())
     }
 
@@ -344,20 +550,45 @@ impl Source for FeedSource {
 }
 
 /// The group's handle on a running [`Hub`]: makes the feeds of new tables.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HubHandle {
     acks: mpsc::UnboundedSender<(u16, usize)>,
     feeds: mpsc::UnboundedSender<Arc<Feed>>,
+    options: sqlx::postgres::PgConnectOptions,
+    metrics: Arc<LogicalMetrics>,
+}
+
+impl std::fmt::Debug for HubHandle {
+    // The connect options hold the password: left out.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubHandle").finish_non_exhaustive()
+    }
 }
 
 impl HubHandle {
     /// The feed of the table with `tag` ([`TableRegistry::add`]), registered with the hub.
-    pub fn feed(&self, tag: u16) -> Arc<Feed> {
+    ///
+    /// With `backfill` (the table, in `table` mode; call this only once the table joined the
+    /// stream: after the slot was opened, or after [`TableRegistry::add`]), the feed first
+    /// re-publishes every row of the table unpublished in a snapshot taken at its first read,
+    /// and holds the table's streamed events until then (see the [module docs](self)).
+    pub fn feed(&self, tag: u16, backfill: Option<OutboxTable>) -> Arc<Feed> {
+        let backfilling = backfill.is_some();
         let feed = Arc::new(Feed {
             tag,
-            state: Mutex::default(),
+            state: Mutex::new(FeedState {
+                backfilling,
+                ..FeedState::default()
+            }),
             notify: Notify::new(),
             acks: self.acks.clone(),
+            backfill: tokio::sync::Mutex::new(backfill.map(|table| Backfill {
+                options: self.options.clone(),
+                table,
+                pages: None,
+                after: i64::MIN,
+            })),
+            metrics: self.metrics.clone(),
         });
         let _ = self.feeds.send(feed.clone());
         feed
@@ -399,6 +630,8 @@ impl Hub {
         let handle = HubHandle {
             acks: ack_tx,
             feeds: feed_tx,
+            options: (*hub.source.pool.connect_options()).clone(),
+            metrics: hub.source.metrics.clone(),
         };
         (hub, handle)
     }

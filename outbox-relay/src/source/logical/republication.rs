@@ -9,6 +9,8 @@
 //! interruption before that repeats the re-publication. At most one page (bounded by count and
 //! by [`PAGE_MAX_BYTES`]) is held at a time.
 
+use outbox_core::OutboxTable;
+
 use super::lifecycle::marker_slot;
 use super::{LogicalError, LogicalSource, slot};
 use crate::source::{Position, SourceEvent};
@@ -20,24 +22,191 @@ use crate::table::{self, ReadError};
 const PAGE_MAX_BYTES: usize = 8 << 20;
 
 /// A re-publication from the table in progress: unpublished rows read in keyset pages
-/// (`seq > after ORDER BY seq`), the next page only once the previous one was handed on.
+/// ([`RowPages`]), the next page only once the previous one was handed on.
 pub(super) struct Republication {
-    /// A connection of its own, inside a `REPEATABLE READ` transaction that imported the new
-    /// slot's exported snapshot (or, without one, took its own at the start). Closed once the
-    /// table was read to the end.
-    pub(super) conn: Option<sqlx::PgConnection>,
+    /// The pages; their connection is closed once the table was read to the end.
+    pub(super) pages: RowPages,
     /// Reads see exactly the rows committed before the slot's consistent point.
     pub(super) consistent: bool,
-    /// `seq` of the last row read.
-    pub(super) after: i64,
     /// The table was read to the end (an empty page came back).
     pub(super) done: bool,
+}
+
+/// Keyset pages of a table's unpublished rows (`seq > after ORDER BY seq`), every page read in
+/// the same snapshot: the reading behind both the single-table re-publication
+/// ([`Republication`]) and a multi-table slot's per-table backfill
+/// ([`super::multi`]).
+///
+/// Guarantee: every row unpublished in the snapshot is returned once, in `seq` order, as a
+/// [`Position::Row`] event (a malformed row too, with its defect, to be parked); a page holds
+/// at most [`PAGE_MAX_BYTES`] of payload past its first row.
+pub(super) struct RowPages {
+    /// A connection of its own, inside a `REPEATABLE READ` transaction; closed at the end.
+    conn: Option<sqlx::PgConnection>,
+    table: OutboxTable,
+    /// `seq` of the last row read.
+    after: i64,
     /// Mean payload of the last page, to ask for fewer rows when payloads are large.
-    pub(super) mean_payload: usize,
+    mean_payload: usize,
     pub(super) rows: u64,
     pub(super) pages: u64,
     pub(super) largest_page_rows: usize,
     pub(super) largest_page_bytes: usize,
+}
+
+impl std::fmt::Debug for RowPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowPages")
+            .field("table", &self.table)
+            .field("after", &self.after)
+            .field("rows", &self.rows)
+            .field("done", &self.conn.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RowPages {
+    /// Opens a session of its own with `options` and starts its snapshot: the exported
+    /// `snapshot` of a just-created slot when given (`name` validated by the caller: hex digits
+    /// and `-`), else a new one taken now. Reads start after `seq` `after`. Returns the reader
+    /// and how many rows are unpublished in the snapshot.
+    pub(super) async fn open(
+        options: &sqlx::postgres::PgConnectOptions,
+        table: OutboxTable,
+        snapshot: Option<&str>,
+        after: i64,
+    ) -> Result<(Self, i64), LogicalError> {
+        let db = |source| LogicalError::Database {
+            context: "starting the re-publication of unpublished rows",
+            source,
+        };
+        let mut conn = {
+            use sqlx::ConnectOptions;
+            options.connect().await.map_err(db)?
+        };
+        // The keyset read must be an ordered scan of the unpublished-rows index, never a sort of
+        // the whole backlog (see `RELAY_PLANNER_SETTINGS`).
+        for (name, value) in crate::source::row_marks::RELAY_PLANNER_SETTINGS {
+            sqlx::query(sqlx::AssertSqlSafe(format!("SET {name} = {value}")))
+                .execute(&mut conn)
+                .await
+                .map_err(db)?;
+        }
+        // One transaction until the table was read to the end: every page reads the same rows.
+        let begin = match snapshot {
+            Some(name) => format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{name}'"
+            ),
+            None => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".to_owned(),
+        };
+        sqlx::raw_sql(sqlx::AssertSqlSafe(begin))
+            .execute(&mut conn)
+            .await
+            .map_err(db)?;
+        let rows = table::unpublished_count(&mut conn, &table)
+            .await
+            .map_err(db)?;
+        let pages = Self {
+            conn: Some(conn),
+            table,
+            after,
+            mean_payload: 0,
+            rows: 0,
+            pages: 0,
+            largest_page_rows: 0,
+            largest_page_bytes: 0,
+        };
+        Ok((pages, rows))
+    }
+
+    /// The WAL insert position now, read in the snapshot's session: every row the snapshot
+    /// sees was committed before it.
+    pub(super) async fn position(&mut self) -> Result<u64, LogicalError> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(0);
+        };
+        let lsn: i64 =
+            sqlx::query_scalar("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8")
+                .fetch_one(conn)
+                .await
+                .map_err(|source| LogicalError::Database {
+                    context: "reading the WAL position of a re-publication's snapshot",
+                    source,
+                })?;
+        Ok(u64::try_from(lsn).unwrap_or(0))
+    }
+
+    /// `seq` of the last row read.
+    pub(super) fn after(&self) -> i64 {
+        self.after
+    }
+
+    /// The next page: the rows after the last one read, at most `max` of them and, past the
+    /// first, only while their payloads stay under `bytes` (at most [`PAGE_MAX_BYTES`]). An
+    /// empty page means the table was read to the end: the transaction ends and the session
+    /// closes.
+    pub(super) async fn next(
+        &mut self,
+        max: usize,
+        bytes: usize,
+    ) -> Result<Vec<SourceEvent>, LogicalError> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let bytes = bytes.min(PAGE_MAX_BYTES);
+        let rows = match self.mean_payload {
+            0 => max,
+            mean => max.min(bytes / mean + 1),
+        }
+        .max(1);
+        let page = table::unpublished_page(
+            conn,
+            &self.table,
+            self.after,
+            i64::try_from(rows).unwrap_or(i64::MAX),
+            i64::try_from(bytes).unwrap_or(i64::MAX),
+        )
+        .await
+        .map_err(|error| match error {
+            ReadError::Database(source) => LogicalError::Database {
+                context: "re-publishing unpublished rows",
+                source,
+            },
+            ReadError::Unreadable { error: source, .. } => LogicalError::Database {
+                context: "reading an unpublished row",
+                source,
+            },
+        })?;
+        let mut page_bytes = 0;
+        let n = page.len();
+        let mut events = Vec::with_capacity(n);
+        for row in page {
+            self.after = row.seq;
+            // A malformed row is handed on too: the relay parks it with its reason.
+            let event = SourceEvent::decoded(row.event, Position::Row);
+            page_bytes += event.event.payload.as_ref().map_or(0, String::len);
+            events.push(event);
+        }
+        if n > 0 {
+            self.pages += 1;
+            self.rows += n as u64;
+            self.mean_payload = page_bytes / n;
+            self.largest_page_rows = self.largest_page_rows.max(n);
+            self.largest_page_bytes = self.largest_page_bytes.max(page_bytes);
+            tracing::debug!(
+                rows = n,
+                bytes = page_bytes,
+                after_seq = self.after,
+                "re-publication page read"
+            );
+            return Ok(events);
+        }
+        if let Some(mut conn) = self.conn.take() {
+            let _ = sqlx::raw_sql("COMMIT").execute(&mut conn).await;
+            let _ = sqlx::Connection::close(conn).await;
+        }
+        Ok(events)
+    }
 }
 
 impl LogicalSource {
@@ -70,46 +239,13 @@ impl LogicalSource {
         };
         let options: sqlx::postgres::PgConnectOptions =
             self.cfg.database_url.expose().parse().map_err(db)?;
-        let mut conn = {
-            use sqlx::ConnectOptions;
-            options.connect().await.map_err(db)?
-        };
-        // The keyset read must be an ordered scan of the unpublished-rows index, never a sort of
-        // the whole backlog (see `RELAY_PLANNER_SETTINGS`).
-        for (name, value) in crate::source::row_marks::RELAY_PLANNER_SETTINGS {
-            sqlx::query(sqlx::AssertSqlSafe(format!("SET {name} = {value}")))
-                .execute(&mut conn)
-                .await
-                .map_err(db)?;
-        }
-        // One transaction until the table was read to the end: every page reads the same rows —
-        // those committed before the slot's consistent point when the exported snapshot is
-        // imported (`name` was validated, hex digits and `-`, when the slot was created), else
-        // those committed before this start (rows committed later arrive through the stream
-        // only, as with a single read).
-        let begin = match snapshot {
-            Some(name) => format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{name}'"
-            ),
-            None => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".to_owned(),
-        };
-        sqlx::raw_sql(sqlx::AssertSqlSafe(begin))
-            .execute(&mut conn)
-            .await
-            .map_err(db)?;
-        let rows = table::unpublished_count(&mut conn, &outbox)
-            .await
-            .map_err(db)?;
+        // Rows committed after the snapshot (the slot's consistent point when it is imported,
+        // else this start) arrive through the stream only, as with a single read.
+        let (pages, rows) = RowPages::open(&options, outbox, snapshot, i64::MIN).await?;
         self.republication = Some(Republication {
-            conn: Some(conn),
+            pages,
             consistent: snapshot.is_some(),
-            after: i64::MIN,
             done: false,
-            mean_payload: 0,
-            rows: 0,
-            pages: 0,
-            largest_page_rows: 0,
-            largest_page_bytes: 0,
         });
         self.backfill_due = true;
         if rows == 0 {
@@ -130,71 +266,30 @@ impl LogicalSource {
     /// byte bound (at most [`PAGE_MAX_BYTES`]). An empty page ends the re-publication: its
     /// transaction ends, and the marker slot goes once every row is acknowledged too.
     pub(super) async fn next_page(&mut self, max: usize) -> Result<(), LogicalError> {
-        let (Some(t), Some(r)) = (&self.table, self.republication.as_mut()) else {
+        if self.table.is_none() {
             return Ok(());
-        };
-        let Some(conn) = r.conn.as_mut() else {
-            return Ok(());
-        };
-        let bytes = self.batch_bytes.min(PAGE_MAX_BYTES);
-        let rows = match r.mean_payload {
-            0 => max,
-            mean => max.min(bytes / mean + 1),
         }
-        .max(1);
-        let page = table::unpublished_page(
-            conn,
-            &t.table,
-            r.after,
-            i64::try_from(rows).unwrap_or(i64::MAX),
-            i64::try_from(bytes).unwrap_or(i64::MAX),
-        )
-        .await
-        .map_err(|error| match error {
-            ReadError::Database(source) => LogicalError::Database {
-                context: "re-publishing unpublished rows",
-                source,
-            },
-            ReadError::Unreadable { error: source, .. } => LogicalError::Database {
-                context: "reading an unpublished row",
-                source,
-            },
-        })?;
-        let mut page_bytes = 0;
+        let Some(r) = self.republication.as_mut() else {
+            return Ok(());
+        };
+        if r.done {
+            return Ok(());
+        }
+        let page = r.pages.next(max, self.batch_bytes).await?;
         let n = page.len();
-        for row in page {
-            r.after = row.seq;
-            // A malformed row is handed on too: the relay parks it with its reason.
-            let event = SourceEvent::decoded(row.event, Position::Row);
-            page_bytes += event.event.payload.as_ref().map_or(0, String::len);
-            self.ready.push_back(event);
-        }
         if n > 0 {
-            r.pages += 1;
-            r.rows += n as u64;
-            r.mean_payload = page_bytes / n;
-            r.largest_page_rows = r.largest_page_rows.max(n);
-            r.largest_page_bytes = r.largest_page_bytes.max(page_bytes);
             self.metrics.backfill_pages.inc_by(1);
             self.metrics.rows_backfilled.inc_by(n as u64);
-            tracing::debug!(
-                rows = n,
-                bytes = page_bytes,
-                after_seq = r.after,
-                "re-publication page read"
-            );
+            self.ready.extend(page);
             return Ok(());
         }
         r.done = true;
-        if let Some(mut conn) = r.conn.take() {
-            let _ = sqlx::raw_sql("COMMIT").execute(&mut conn).await;
-            let _ = sqlx::Connection::close(conn).await;
-        }
+        let p = &r.pages;
         tracing::info!(
-            rows = r.rows,
-            pages = r.pages,
-            largest_page_rows = r.largest_page_rows,
-            largest_page_bytes = r.largest_page_bytes,
+            rows = p.rows,
+            pages = p.pages,
+            largest_page_rows = p.largest_page_rows,
+            largest_page_bytes = p.largest_page_bytes,
             consistent_snapshot = r.consistent,
             "re-publication from the outbox table read to the end; streaming follows"
         );
