@@ -141,6 +141,67 @@ impl<T: HeaderValue> HeaderValue for Option<T> {
     }
 }
 
+/// A value usable as an aggregate sequence: the type of an `#[outbox(sequence)]` field.
+///
+/// Implemented for the integer types that fit in the `aggregate_seq` column (`bigint`) without
+/// loss: `i8`…`i64`, `u8`…`u32`, their `NonZero` forms, and references to these. Implement it
+/// for your own version type (e.g. a newtype over `i64`) to mark it as the sequence.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be an outbox aggregate sequence",
+    label = "not convertible to i64 without loss",
+    note = "an #[outbox(sequence)] field is stored in the bigint column aggregate_seq: it must \
+            be an integer of at most 64 signed or 32 unsigned bits, or implement \
+            outbox_core::SequenceValue"
+)]
+pub trait SequenceValue {
+    /// The sequence as stored in `aggregate_seq`.
+    fn to_sequence(&self) -> i64;
+}
+
+macro_rules! sequence_value_via_from {
+    ($($ty:ty),* $(,)?) => {$(
+        impl SequenceValue for $ty {
+            fn to_sequence(&self) -> i64 {
+                i64::from(*self)
+            }
+        }
+    )*};
+}
+
+sequence_value_via_from!(i8, i16, i32, i64, u8, u16, u32);
+
+macro_rules! sequence_value_via_get {
+    ($($ty:ty),* $(,)?) => {$(
+        impl SequenceValue for $ty {
+            fn to_sequence(&self) -> i64 {
+                i64::from(self.get())
+            }
+        }
+    )*};
+}
+
+sequence_value_via_get!(
+    std::num::NonZeroI8,
+    std::num::NonZeroI16,
+    std::num::NonZeroI32,
+    std::num::NonZeroI64,
+    std::num::NonZeroU8,
+    std::num::NonZeroU16,
+    std::num::NonZeroU32,
+);
+
+impl<T: SequenceValue + ?Sized> SequenceValue for &T {
+    fn to_sequence(&self) -> i64 {
+        (**self).to_sequence()
+    }
+}
+
+impl<T: SequenceValue + ?Sized> SequenceValue for Box<T> {
+    fn to_sequence(&self) -> i64 {
+        (**self).to_sequence()
+    }
+}
+
 /// A value usable as an event id: the type of an `#[outbox(id)]` field.
 ///
 /// Implemented for [`Uuid`] and `Option<Uuid>` (`None`: the outbox draws a UUIDv7).

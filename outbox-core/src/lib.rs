@@ -93,7 +93,8 @@ mod write;
 
 pub use error::{Error, IdentifierError, Result};
 pub use event::{
-    DecodeError, DecodeEvent, EventIdValue, HeaderValue, KEY_HEADER, OutboxEvent, UpcastError,
+    DecodeError, DecodeEvent, EventIdValue, HeaderValue, KEY_HEADER, OutboxEvent, SequenceValue,
+    UpcastError,
 };
 pub use inbox::{
     Delivered, EnvelopeError, EventHandler, EventMetadata, HEADER_AGGREGATE_ID, HandlerError,

@@ -48,6 +48,48 @@ struct SessionStarted {
     user_agent: String,
 }
 
+/// The service's own version type as the sequence, through `SequenceValue`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct Version(u32);
+
+impl outbox_core::SequenceValue for Version {
+    fn to_sequence(&self) -> i64 {
+        i64::from(self.0)
+    }
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize, OutboxEvent)]
+#[outbox(aggregate_type = "account")]
+struct EmailChanged {
+    #[outbox(aggregate_id)]
+    account_id: Uuid,
+    #[outbox(sequence)]
+    version: Version,
+}
+
+#[derive(Debug, PartialEq, Serialize, Deserialize, OutboxEvent)]
+#[outbox(aggregate_type = "account")]
+struct AccountFrozen {
+    #[outbox(aggregate_id)]
+    account_id: Uuid,
+    #[outbox(sequence)]
+    version: std::num::NonZeroI64,
+}
+
+#[test]
+fn a_sequence_can_be_the_services_own_version_type_or_a_non_zero_integer() {
+    let changed = EmailChanged {
+        account_id: ACCOUNT,
+        version: Version(4_000_000_000),
+    };
+    assert_eq!(changed.aggregate_sequence(), Some(4_000_000_000));
+    let frozen = AccountFrozen {
+        account_id: ACCOUNT,
+        version: std::num::NonZeroI64::new(-7).unwrap(),
+    };
+    assert_eq!(frozen.aggregate_sequence(), Some(-7));
+}
+
 fn opened() -> AccountOpened {
     AccountOpened {
         account_id: ACCOUNT,

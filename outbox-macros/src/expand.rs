@@ -62,8 +62,6 @@ fn expand_struct(input: &Struct<'_>) -> Result<TokenStream> {
         let member = field.ident;
         let value = sequence_from_field(field, quote!(&self.#member));
         quote! {
-            // `From<i64> for i64` is a no-op for `i64` fields.
-            #[allow(clippy::useless_conversion)]
             fn aggregate_sequence(&self) -> ::core::option::Option<i64> {
                 ::core::option::Option::Some(#value)
             }
@@ -437,8 +435,6 @@ fn expand_enum(input: &Enum<'_>) -> Result<TokenStream> {
         .collect::<Result<Vec<_>>>()?;
     let sequence = any_sequence.then(|| {
         quote! {
-            // `From<i64> for i64` is a no-op for `i64` fields.
-            #[allow(clippy::useless_conversion)]
             fn aggregate_sequence(&self) -> ::core::option::Option<i64> {
                 match self {
                     #(#sequence_arms)*
@@ -583,19 +579,19 @@ fn bind(variant: &Variant<'_>, access: Access<'_>) -> (TokenStream, TokenStream)
     }
 }
 
-/// `i64` from a sequence field of known type, borrowed by `place`; a type without
-/// `From<T> for i64` is reported at the field's type.
+/// `i64` from a sequence field of known type, borrowed by `place`; a type that is not a
+/// `SequenceValue` is reported at the field's type.
 fn sequence_from_field(field: &Field<'_>, place: TokenStream) -> TokenStream {
     let ty = field.ty;
     quote_spanned! {ty.span()=>
-        <i64 as ::core::convert::From<#ty>>::from(::core::clone::Clone::clone(#place))
+        <#ty as ::outbox_core::SequenceValue>::to_sequence(#place)
     }
 }
 
 /// `i64` from the sequence field `member` of a newtype variant's inner value.
 fn sequence_from_inner(member: &Ident) -> TokenStream {
     quote_spanned! {member.span()=>
-        ::core::convert::Into::<i64>::into(::core::clone::Clone::clone(&__outbox_field.#member))
+        ::outbox_core::SequenceValue::to_sequence(&__outbox_field.#member)
     }
 }
 
