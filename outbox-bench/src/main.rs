@@ -105,8 +105,9 @@ enum Section {
     /// One backlog (quick: 30k, full: 200k events over 1000 aggregates) drained by 1, 2 and 3
     /// relay processes on one table with shards = 16, and by one relay with shards unset.
     Shards,
-    /// One relay relaying the same backlog spread over 1, 10, 50 and 100 tables (not in the
-    /// default set; `--only tables`): drain, CPU, RSS and sessions per table.
+    /// One relay relaying the same backlog spread over 1, 10, 50 and 100 tables, with each
+    /// `--source` (not in the default set; `--only tables`): drain, CPU, RSS and sessions per
+    /// table.
     Tables,
     /// `InboxConsumer` throughput: 1 and 8 partitions at concurrency 1 and 8, then batches.
     Consumer,
@@ -332,6 +333,7 @@ async fn run(args: &Args, ctx: &mut Ctx) -> Result<bool> {
         let plan = tables::Plan {
             events: ctx.events,
             tables: vec![1, 10, 50, 100],
+            sources: sources.iter().map(|s| s.name()).collect(),
         };
         match tables::run(ctx, &plan).await {
             Ok(t) => many_tables = Some(t),

@@ -6,8 +6,9 @@
 //!   Grafana dashboard `deploy/grafana/outbox-relay.json` use is one the relay exports, every
 //!   query of both is valid PromQL, and the dashboard is well formed (ids, layout, data source
 //!   and job variables) with each panel described in `docs/operations.md`;
-//! - the annotated `relay.toml` of `docs/operations.md` is valid and names every setting, and the
-//!   Kubernetes example's configuration loads with its secret files;
+//! - the annotated `relay.toml` of `docs/operations.md` is valid and names every setting, the
+//!   Kubernetes example's configuration loads with its secret files, and the sharded example's
+//!   loads with the shards, replicas and grace period it describes;
 //! - the Dockerfile passes hadolint and builds the relay with `otel`; with the `docker` feature,
 //!   `docker build` succeeds and the image's relay accepts tracing;
 //! - the Helm chart `deploy/helm/outbox-relay` passes Helm's lint rules and renders, with its
@@ -848,6 +849,215 @@ async fn the_kubernetes_example_config_loads_with_its_secret_files_and_fits_the_
     assert!(
         Duration::from_secs(grace) > timeout,
         "terminationGracePeriodSeconds ({grace}s) must exceed shutdown_timeout ({timeout:?})"
+    );
+    Ok(())
+}
+
+/// The YAML document of the manifest's one object of `kind`.
+fn manifest_object<'a>(manifest: &'a str, kind: &str) -> Result<&'a str> {
+    let line = format!("kind: {kind}");
+    let found: Vec<&str> = manifest
+        .split("\n---\n")
+        .filter(|d| d.lines().any(|l| l == line))
+        .collect();
+    ensure!(
+        found.len() == 1,
+        "{} {kind} objects in the manifest",
+        found.len()
+    );
+    Ok(found[0])
+}
+
+/// The `- name: …` / `value: …` pairs of a manifest object's container environment.
+fn manifest_env(object: &str) -> Vec<(String, String)> {
+    let lines: Vec<&str> = object.lines().map(str::trim).collect();
+    lines
+        .windows(2)
+        .filter_map(|w| {
+            let name = w[0].strip_prefix("- name: ")?;
+            let value = w[1].strip_prefix("value: ")?;
+            Some((name.to_owned(), value.trim_matches('"').to_owned()))
+        })
+        .collect()
+}
+
+/// The ConfigMap a manifest object mounts as its `relay-config` volume.
+fn relay_config_volume(object: &str) -> Option<String> {
+    let lines: Vec<&str> = object.lines().map(str::trim).collect();
+    lines.windows(3).find_map(|w| {
+        (w[0] == "- name: relay-config" && w[1] == "configMap:")
+            .then(|| w[2].strip_prefix("name: ").map(str::to_owned))
+            .flatten()
+    })
+}
+
+/// The value of the top-level `key` of a relay.toml (before its first section), unquoted.
+fn toml_top_level(toml: &str, key: &str) -> Option<String> {
+    toml.lines()
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().trim_matches('"').to_owned())
+        })
+}
+
+/// `outbox-relay config print` with `toml` as the mounted relay.toml, the `OUTBOX_*` variables
+/// of `env` (the manifest's mount paths moved into a scratch directory) and the Secret's files
+/// faked there; its output.
+async fn print_manifest_config(toml: &str, env: &[(String, String)]) -> Result<String> {
+    let dir = std::env::temp_dir().join(unique("dep_k8s_sharded"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("relay.toml"), toml)?;
+    for (file, content) in [
+        (
+            "database-url",
+            "postgres://account_relay:db-s3cret@db:5432/accounts\n",
+        ),
+        ("kafka-sasl-password", "sasl-s3cret"),
+        ("admin-token", "s3cret-0123456789abcdef0123456789abcdef"),
+    ] {
+        std::fs::write(dir.join(file), content)?;
+    }
+    let dir_str = dir.to_str().context("temp dir")?.to_owned();
+    let local: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("OUTBOX_"))
+        .map(|(k, v)| {
+            let v = v
+                .replace("/etc/outbox", &dir_str)
+                .replace("/var/run/secrets/outbox", &dir_str);
+            (k.clone(), v)
+        })
+        .collect();
+    let pairs: Vec<(&str, &str)> = local
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (code, out, err) = relay_cli(&["config", "print"], &pairs).await?;
+    std::fs::remove_dir_all(&dir)?;
+    ensure!(
+        code == 0,
+        "the relay refuses the sharded manifest's configuration:\n{err}"
+    );
+    ensure!(!err.contains("ignoring"), "unrecognised variables: {err}");
+    ensure!(
+        !out.contains("s3cret") && !err.contains("s3cret"),
+        "a secret was printed:\n{out}{err}"
+    );
+    Ok(out)
+}
+
+/// `deploy/kubernetes/outbox-relay-sharded.yaml`: its ConfigMap's relay.toml loads with the
+/// relay's own loader, both with the relay Deployment's environment and with the migrate Job's
+/// (which mount that same ConfigMap), and sets the sharding the manifest describes: `shards` as
+/// its header says, the same for the relays and the Job, more than one replica and no more than
+/// shards, the grace period above `shutdown_timeout`, a rollout that adds a member before one
+/// leaves. Instances need no identity of their own (membership is their lock sessions), so no
+/// setting may ask for one without the manifest setting it per pod.
+#[tokio::test]
+async fn the_sharded_kubernetes_example_loads_and_shards_its_replicas_as_it_says() -> Result<()> {
+    let manifest = repo_file("deploy/kubernetes/outbox-relay-sharded.yaml")?;
+    let configmap = manifest_object(&manifest, "ConfigMap")?;
+    let deployment = manifest_object(&manifest, "Deployment")?;
+    let job = manifest_object(&manifest, "Job")?;
+    let pdb = manifest_object(&manifest, "PodDisruptionBudget")?;
+    let toml = configmap_toml(configmap)?;
+    let configmap_name = configmap
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("name: "))
+        .context("the ConfigMap has no name")?;
+    for (kind, object) in [("Deployment", deployment), ("Job", job)] {
+        assert_eq!(
+            relay_config_volume(object).as_deref(),
+            Some(configmap_name),
+            "the {kind} must mount the ConfigMap {configmap_name} as relay-config"
+        );
+    }
+    let args = |object: &str| {
+        object
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("args: "))
+            .map(str::to_owned)
+    };
+    assert_eq!(args(deployment).as_deref(), Some("[\"run\"]"));
+    let job_args = args(job).context("the Job has no args")?;
+    assert!(
+        job_args.starts_with("[\"migrate\"") && !job_args.contains("--shards"),
+        "the Job must migrate with the ConfigMap's shards: {job_args}"
+    );
+
+    let relay_env = manifest_env(deployment);
+    let printed = print_manifest_config(&toml, &relay_env).await?;
+    for want in [
+        "database_url = \"<redacted>\"",
+        "\"sasl.password\" = \"<redacted>\"",
+        "admin_addr = \"0.0.0.0:9187\"",
+        "token = \"<redacted>\"",
+    ] {
+        assert!(printed.contains(want), "no `{want}` in:\n{printed}");
+    }
+    assert_eq!(
+        toml_top_level(&printed, "source").as_deref(),
+        Some("polling"),
+        "sharding needs the polling source:\n{printed}"
+    );
+    let shards: u64 = toml_top_level(&printed, "shards")
+        .with_context(|| format!("the relays' configuration sets no shards:\n{printed}"))?
+        .parse()?;
+    assert!(shards > 1, "shards = {shards} does not share the table");
+    assert!(
+        manifest.contains(&format!("relay.toml with shards = {shards}")),
+        "the manifest's header names another shard count than its relay.toml ({shards})"
+    );
+    let migrate = print_manifest_config(&toml, &manifest_env(job)).await?;
+    assert_eq!(
+        toml_top_level(&migrate, "shards"),
+        Some(shards.to_string()),
+        "the migrate Job must build the index for the relays' shards:\n{migrate}"
+    );
+
+    let replicas = yaml_number(deployment, "replicas:").context("no replicas")?;
+    assert!(
+        (2..=shards).contains(&replicas),
+        "{replicas} replicas for {shards} shards: more than one, and not more than the shards"
+    );
+    let (fewest, most) = (shards / replicas, shards.div_ceil(replicas));
+    let split = if fewest == most {
+        format!("{replicas} relays, each owning {most} of the {shards} shards")
+    } else {
+        format!("{replicas} relays, each owning {fewest} or {most} of the {shards} shards")
+    };
+    assert!(manifest.contains(&split), "the header must say `{split}`");
+    assert_eq!(
+        yaml_number(deployment, "maxUnavailable:"),
+        Some(0),
+        "a rollout adds a member before one leaves"
+    );
+    let disruptions = yaml_number(pdb, "maxUnavailable:").context("no PDB maxUnavailable")?;
+    assert!(
+        disruptions < replicas,
+        "the PDB lets every relay go at once"
+    );
+
+    let timeout = toml_top_level(&printed, "shutdown_timeout")
+        .map(|v| outbox_relay::config::duration::parse(&v))
+        .context("no shutdown_timeout")?
+        .map_err(anyhow::Error::msg)?;
+    let grace = yaml_number(deployment, "terminationGracePeriodSeconds:")
+        .context("no terminationGracePeriodSeconds")?;
+    assert!(
+        Duration::from_secs(grace) > timeout,
+        "terminationGracePeriodSeconds ({grace}s) must exceed shutdown_timeout ({timeout:?})"
+    );
+
+    let identities: Vec<String> = outbox_relay::config::load::known_keys()
+        .into_iter()
+        .filter(|k| k.contains("instance") || k.contains("member"))
+        .collect();
+    assert!(
+        identities.is_empty(),
+        "the relay has per-instance settings {identities:?}: the sharded manifest must give \
+         each pod its own (e.g. from metadata.name)"
     );
     Ok(())
 }
