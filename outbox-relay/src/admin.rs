@@ -11,7 +11,9 @@
 //! A multi-table relay ([`crate::RelayGroup`]) serves one endpoint for all its tables
 //! ([`AdminTables::multi`]): `/readyz` is ready only when every table's pipeline is, and names
 //! each table that is not; `/status` answers `{"tables": [...], "status_age_seconds": …}`;
-//! every per-table metric carries a `table` label. A single-table relay answers as before.
+//! every per-table metric carries a `table` label. With the logical source, the figures of the
+//! one slot the tables share (its sessions, heartbeats, confirmed LSN, `wal_status`, lag) are
+//! exported once, unlabelled. A single-table relay answers as before.
 //!
 //! Guarantees:
 //! - **Bounded database load.** `/status` and `/metrics` share one reading of the outbox status,
@@ -44,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
 use crate::metrics::Registry;
-use crate::stats::RelayStats;
+use crate::stats::{LogicalMetrics, RelayStats};
 use crate::status::OutboxStatus;
 
 /// One reading of the outbox status of every table and when it was taken.
@@ -79,6 +81,8 @@ pub struct AdminTable {
 #[derive(Debug)]
 pub struct AdminTables {
     labelled: bool,
+    /// The figures of the replication slot every table of a multi-table logical relay shares.
+    slot: Option<Arc<LogicalMetrics>>,
     entries: std::sync::RwLock<std::collections::BTreeMap<String, AdminTable>>,
 }
 
@@ -87,6 +91,7 @@ impl AdminTables {
     pub fn single(table: AdminTable) -> Arc<Self> {
         let tables = Self {
             labelled: false,
+            slot: None,
             entries: Default::default(),
         };
         tables.insert(table);
@@ -97,8 +102,26 @@ impl AdminTables {
     pub fn multi() -> Arc<Self> {
         Arc::new(Self {
             labelled: true,
+            slot: None,
             entries: Default::default(),
         })
+    }
+
+    /// An empty set for a multi-table relay with the logical source: `slot` holds the figures
+    /// of the one replication slot its tables share, exported once, unlabelled, beside the
+    /// tables' own ([`crate::metrics::register_tables`]).
+    pub fn multi_logical(slot: Arc<LogicalMetrics>) -> Arc<Self> {
+        Arc::new(Self {
+            labelled: true,
+            slot: Some(slot),
+            entries: Default::default(),
+        })
+    }
+
+    /// The slot's figures of a multi-table logical relay ([`Self::multi_logical`]): the group
+    /// hands them to every opening of its slot.
+    pub fn slot_metrics(&self) -> Option<Arc<LogicalMetrics>> {
+        self.slot.clone()
     }
 
     /// Adds (or replaces) a table, keyed by its configured name.
@@ -199,13 +222,16 @@ pub async fn serve(
     let refresh = config.admin.status_refresh;
     let registry = if tables.labelled {
         let listed = tables.clone();
-        Arc::new(crate::metrics::tables_registry(Arc::new(move || {
-            listed
-                .snapshot()
-                .into_iter()
-                .map(|(name, t)| (name, t.stats))
-                .collect()
-        })))
+        Arc::new(crate::metrics::tables_registry(
+            Arc::new(move || {
+                listed
+                    .snapshot()
+                    .into_iter()
+                    .map(|(name, t)| (name, t.stats))
+                    .collect()
+            }),
+            tables.slot.as_ref(),
+        ))
     } else {
         let stats = tables
             .snapshot()

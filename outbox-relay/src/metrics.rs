@@ -23,7 +23,7 @@ pub use prometheus_client::registry::Registry;
 
 use crate::config::SourceKind;
 use crate::stats::{LogicalMetrics, RelayStats};
-use crate::status::OutboxStatus;
+use crate::status::{OutboxStatus, SlotStatus};
 
 /// The prefix of every metric name of the relay (`outbox_relay_events_read_total`, …).
 pub const PREFIX: &str = "outbox_relay";
@@ -146,34 +146,71 @@ type TableLabel<'a> = [(&'static str, &'a str); 1];
 /// [`register`], each series labelled `table="<schema>.<table>"` (one HELP and TYPE per name,
 /// one sample per table). For a multi-table relay ([`crate::config::RelayConfig::is_multi_table`]);
 /// a single-table relay keeps the unlabelled names of [`register`].
-pub fn register_tables(registry: &mut Registry, tables: TableList) {
-    registry
-        .sub_registry_with_prefix(PREFIX)
-        .register_collector(Box::new(TableFigures(tables)));
+///
+/// With `slot` (the figures of the one replication slot of a multi-table relay with the logical
+/// source) the logical-replication figures are registered too, under the names of a
+/// single-table relay: what each table's feed counts (events streamed, rows and pages
+/// re-published) labelled per table from its [`RelayStats::logical`], the slot's own figures
+/// (sessions, heartbeats, confirmed LSN, `wal_status`, …) once, unlabelled, from `slot`. Without
+/// it (a polling relay) there are no logical series.
+pub fn register_tables(
+    registry: &mut Registry,
+    tables: TableList,
+    slot: Option<&Arc<LogicalMetrics>>,
+) {
+    let r = registry.sub_registry_with_prefix(PREFIX);
+    r.register_collector(Box::new(TableFigures {
+        tables,
+        logical: slot.is_some(),
+    }));
+    if let Some(slot) = slot {
+        register_slot_figures(r, slot);
+    }
 }
 
 /// The admin endpoint's registry for a multi-table relay ([`register_tables`]).
-pub fn tables_registry(tables: TableList) -> Registry {
+pub fn tables_registry(tables: TableList, slot: Option<&Arc<LogicalMetrics>>) -> Registry {
     let mut registry = Registry::default();
-    register_tables(&mut registry, tables);
+    register_tables(&mut registry, tables, slot);
     registry
 }
 
-struct TableFigures(TableList);
+struct TableFigures {
+    tables: TableList,
+    /// Whether each table's logical-replication figures ([`logical_per_table`]) are encoded too.
+    logical: bool,
+}
 
 impl std::fmt::Debug for TableFigures {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TableFigures")
+        f.debug_struct("TableFigures")
+            .field("logical", &self.logical)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TableFigures {
+    /// The registered figures of one table: [`figures`], then the logical ones if wanted.
+    fn of(&self, s: &RelayStats) -> Vec<(&'static str, &'static str, Figure)> {
+        let mut all = figures(s).to_vec();
+        if self.logical {
+            all.extend(
+                logical_per_table(&s.logical)
+                    .into_iter()
+                    .map(|(name, help, c)| (name, help, Figure::Counter(c))),
+            );
+        }
+        all
     }
 }
 
 impl Collector for TableFigures {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let tables = (self.0)();
+        let tables = (self.tables)();
         if tables.is_empty() {
             return Ok(());
         }
-        let per_table: Vec<_> = tables.iter().map(|(t, s)| (t, figures(s))).collect();
+        let per_table: Vec<_> = tables.iter().map(|(t, s)| (t, self.of(s))).collect();
         for k in 0..per_table[0].1.len() {
             let (name, help, first) = &per_table[0].1[k];
             let mut metric =
@@ -204,13 +241,42 @@ impl Collector for TableFigures {
     }
 }
 
-/// The logical-replication source's figures (already under the relay's prefix).
+/// The logical-replication source's figures (already under the relay's prefix): one series
+/// each, for a single-table relay.
 fn register_logical(r: &mut Registry, m: &LogicalMetrics) {
-    r.register(
-        "logical_events_streamed",
-        "Events decoded from the replication stream",
-        m.events_streamed.clone(),
-    );
+    for (name, help, counter) in logical_per_table(m) {
+        r.register(name, help, counter);
+    }
+    register_slot_figures(r, m);
+}
+
+/// The logical-replication figures a multi-table relay counts per table (per feed of the slot,
+/// labelled `table`): name (after the prefix), help, counter.
+fn logical_per_table(m: &LogicalMetrics) -> [(&'static str, &'static str, Counter); 3] {
+    [
+        (
+            "logical_events_streamed",
+            "Events decoded from the replication stream",
+            m.events_streamed.clone(),
+        ),
+        (
+            "logical_rows_backfilled",
+            "Rows re-published from the table while creating or recovering a slot, or as the \
+             table joins a slot shared by several tables",
+            m.rows_backfilled.clone(),
+        ),
+        (
+            "logical_backfill_pages",
+            "Pages read from the table by re-publications (each at most one batch)",
+            m.backfill_pages.clone(),
+        ),
+    ]
+}
+
+/// The logical-replication figures of the slot itself (its sessions, heartbeats, confirmed
+/// position and `wal_status`): one series each, unlabelled, in a multi-table relay too (one slot
+/// carries every table).
+fn register_slot_figures(r: &mut Registry, m: &LogicalMetrics) {
     r.register(
         "logical_heartbeats",
         "Idle heartbeats written so the slot keeps advancing",
@@ -220,16 +286,6 @@ fn register_logical(r: &mut Registry, m: &LogicalMetrics) {
         "logical_slot_recoveries",
         "Lost replication slots recovered from the table",
         m.slot_recoveries.clone(),
-    );
-    r.register(
-        "logical_rows_backfilled",
-        "Rows re-published from the table while creating or recovering a slot",
-        m.rows_backfilled.clone(),
-    );
-    r.register(
-        "logical_backfill_pages",
-        "Pages read from the table by re-publications (each at most one batch)",
-        m.backfill_pages.clone(),
     );
     r.register(
         "logical_messages_refused",
@@ -394,24 +450,31 @@ pub fn status_registry(
         ConstGauge::new(st.parked_events),
     );
     if let Some(slot) = &st.slot {
-        r.register(
-            "slot_lag_bytes",
-            "WAL bytes between the server's position and the slot's confirmed flush LSN",
-            ConstGauge::new(slot.lag_bytes.unwrap_or(0)),
-        );
-        r.register(
-            "slot_lost",
-            "1 when the slot's wal_status is lost",
-            ConstGauge::new(i64::from(slot.wal_status.as_deref() == Some("lost"))),
-        );
+        register_slot_status(&mut r, slot);
     }
     r
+}
+
+/// The replication slot's gauges of a status reading (unlabelled: a relay reads one slot).
+fn register_slot_status(r: &mut Registry, slot: &SlotStatus) {
+    r.register(
+        "slot_lag_bytes",
+        "WAL bytes between the server's position and the slot's confirmed flush LSN",
+        ConstGauge::new(slot.lag_bytes.unwrap_or(0)),
+    );
+    r.register(
+        "slot_lost",
+        "1 when the slot's wal_status is lost",
+        ConstGauge::new(i64::from(slot.wal_status.as_deref() == Some("lost"))),
+    );
 }
 
 /// [`status_registry`] for a multi-table relay: the reading's own figures unlabelled,
 /// `outbox_relay_database_up` 1 only when every table's reading succeeded, and the pending,
 /// oldest-pending-age and parked figures once per table that was read, labelled
-/// `table="<schema>.<table>"`.
+/// `table="<schema>.<table>"`. With the logical source the slot's lag and `lost` gauges come
+/// once, unlabelled (every table is read from the one slot; from the first table whose
+/// reading found it).
 pub fn tables_status_registry(
     readings: &[(String, Result<OutboxStatus, String>)],
     age_seconds: f64,
@@ -438,6 +501,9 @@ pub fn tables_status_registry(
         .iter()
         .filter_map(|(t, s)| s.as_ref().ok().map(|s| (t.clone(), s.clone())))
         .collect();
+    if let Some(slot) = read.iter().find_map(|(_, s)| s.slot.as_ref()) {
+        register_slot_status(&mut r, slot);
+    }
     r.register_collector(Box::new(TableStatus(read)));
     r
 }
@@ -485,6 +551,7 @@ impl Collector for TableStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::WAL_STATUSES;
 
     /// Every line of `text` that starts with `prefix`.
     fn lines<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
@@ -588,9 +655,11 @@ mod tests {
         b.published.inc_by(5);
         b.active.store(true, Ordering::Relaxed);
         let list = vec![("s1.outbox".to_owned(), a), ("s2.outbox".to_owned(), b)];
-        let registry = tables_registry(Arc::new(move || list.clone()));
+        let registry = tables_registry(Arc::new(move || list.clone()), None);
         let mut out = String::new();
         encode(&mut out, &registry);
+        // A polling relay: no logical series.
+        assert!(!out.contains("logical"), "{out}");
         assert_eq!(
             lines(&out, "outbox_relay_events_published_total"),
             [
@@ -640,6 +709,105 @@ mod tests {
             ["outbox_relay_pending_events{table=\"s1.outbox\"} 3"],
             "{out}"
         );
+    }
+
+    #[test]
+    fn a_multi_table_logical_relay_labels_each_feeds_figures_and_shows_the_slots_once() {
+        let a = Arc::new(RelayStats::default());
+        let b = Arc::new(RelayStats::default());
+        a.logical.rows_backfilled.inc_by(7);
+        a.logical.backfill_pages.inc_by(2);
+        a.logical.events_streamed.inc_by(1);
+        b.logical.events_streamed.inc_by(4);
+        let slot = Arc::new(LogicalMetrics::default());
+        slot.sessions.inc();
+        slot.heartbeats.inc_by(3);
+        slot.confirmed_lsn.set(99);
+        slot.record_slot(Some(1), Some(2), Some("reserved"));
+        // The slot's reader counts every table's events too: not exported in a multi-table relay.
+        slot.events_streamed.inc_by(5);
+        let list = vec![("s1.outbox".to_owned(), a), ("s2.outbox".to_owned(), b)];
+        let tables = tables_registry(Arc::new(move || list.clone()), Some(&slot));
+        let mut out = String::new();
+        encode(&mut out, &tables);
+        for (name, one, two) in [
+            ("outbox_relay_logical_events_streamed_total", 1, 4),
+            ("outbox_relay_logical_rows_backfilled_total", 7, 0),
+            ("outbox_relay_logical_backfill_pages_total", 2, 0),
+        ] {
+            assert_eq!(
+                lines(&out, name),
+                [
+                    format!("{name}{{table=\"s1.outbox\"}} {one}"),
+                    format!("{name}{{table=\"s2.outbox\"}} {two}"),
+                ],
+                "{out}"
+            );
+        }
+        for (name, value) in [
+            ("outbox_relay_logical_sessions_total", 1),
+            ("outbox_relay_logical_heartbeats_total", 3),
+            ("outbox_relay_logical_confirmed_lsn", 99),
+            ("outbox_relay_logical_slot_recoveries_total", 0),
+            ("outbox_relay_logical_messages_refused_total", 0),
+        ] {
+            assert_eq!(lines(&out, name), [format!("{name} {value}")], "{out}");
+        }
+        let states = lines(&out, "outbox_relay_logical_slot_wal_status{");
+        assert_eq!(states.len(), WAL_STATUSES.len(), "{out}");
+        assert!(
+            states.contains(&"outbox_relay_logical_slot_wal_status{status=\"reserved\"} 1"),
+            "{out}"
+        );
+        let mut described = std::collections::BTreeSet::new();
+        for l in lines(&out, "# TYPE ") {
+            assert!(described.insert(l), "{l} twice in\n{out}");
+        }
+        // Names and HELP as a single-table logical relay's.
+        let one = Arc::new(RelayStats::default());
+        one.logical.record_slot(None, None, Some("reserved"));
+        let mut single = String::new();
+        encode(&mut single, &registry(&one, SourceKind::Logical));
+        let help = lines(&single, "# HELP outbox_relay_logical_");
+        assert_eq!(help.len(), 9, "{single}");
+        for l in help {
+            assert!(out.contains(&format!("{l}\n")), "{l} missing from\n{out}");
+        }
+
+        // The status gauges: the slot's once, unlabelled, the tables' labelled.
+        let slot_status = crate::status::SlotStatus {
+            name: "s".to_owned(),
+            plugin: None,
+            database: None,
+            active: true,
+            wal_status: Some("lost".to_owned()),
+            confirmed_flush_lsn: None,
+            lag_bytes: Some(123),
+        };
+        let reading = |pending| {
+            Ok(OutboxStatus {
+                pending_events: pending,
+                slot: Some(slot_status.clone()),
+                ..OutboxStatus::default()
+            })
+        };
+        let readings = vec![
+            ("s1.outbox".to_owned(), reading(1)),
+            ("s2.outbox".to_owned(), reading(2)),
+        ];
+        let mut out = String::new();
+        encode(&mut out, &tables_status_registry(&readings, 0.0, 1));
+        assert_eq!(
+            lines(&out, "outbox_relay_slot_lag_bytes"),
+            ["outbox_relay_slot_lag_bytes 123"],
+            "{out}"
+        );
+        assert_eq!(
+            lines(&out, "outbox_relay_slot_lost"),
+            ["outbox_relay_slot_lost 1"],
+            "{out}"
+        );
+        assert_eq!(lines(&out, "outbox_relay_pending_events").len(), 2, "{out}");
     }
 
     #[test]

@@ -82,7 +82,10 @@ pub struct RelayStats {
     /// Event creation → Kafka acknowledgement.
     pub commit_to_ack: DurationHistogram,
     /// The logical-replication source's figures: handed to every logical source the relay
-    /// opens, so they survive its reopening and are readable before the first one opens.
+    /// opens, so they survive its reopening and are readable before the first one opens. For a
+    /// table of a multi-table relay (whose slot is the group's) only this table's share: the
+    /// events its feed was handed and the rows its backfill re-published; the slot's own figures
+    /// are the group's ([`crate::admin::AdminTables::slot_metrics`]).
     pub logical: Arc<LogicalMetrics>,
 }
 
@@ -111,6 +114,11 @@ impl Default for RelayStats {
 
 /// Live figures of the logical-replication source, for metrics and health endpoints. The
 /// source only adds to them; whoever opens it owns the `Arc` and reads them.
+///
+/// A multi-table relay keeps one for its slot (every figure but the per-table ones, which its
+/// slot's reader counts for all tables together and which are not exported) and one per table
+/// ([`RelayStats::logical`]), where the table's feed counts [`Self::events_streamed`],
+/// [`Self::rows_backfilled`] and [`Self::backfill_pages`] (the other figures stay 0 there).
 #[derive(Debug, Default)]
 pub struct LogicalMetrics {
     /// Last LSN confirmed to the slot (as u64).
@@ -126,7 +134,8 @@ pub struct LogicalMetrics {
     pub wal_status_set: Family<WalStatusLabel, Gauge>,
     /// Events decoded from the stream.
     pub events_streamed: Counter,
-    /// Rows re-published from the table during slot creation/recovery.
+    /// Rows re-published from the table during slot creation/recovery (and, for a table of a
+    /// multi-table relay, when it joins the slot's stream).
     pub rows_backfilled: Counter,
     /// Pages read from the table by re-publications (each at most a batch, by count and bytes).
     pub backfill_pages: Counter,

@@ -230,3 +230,23 @@ pub fn check_complete_and_ordered(
     }
     Ok(())
 }
+
+/// Every sample line of the metric `name` in a scrape (`name value` or `name{labels} value`).
+pub fn metric_samples<'a>(scrape: &'a str, name: &str) -> Vec<&'a str> {
+    scrape
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .collect()
+}
+
+/// The unlabelled sample `name value` of a scrape.
+pub fn unlabelled_metric(scrape: &str, name: &str) -> Option<f64> {
+    let prefix = format!("{name} ");
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}

@@ -554,3 +554,158 @@ async fn a_tenant_written_to_before_the_rescan_adds_it_loses_nothing() -> Result
     assert!(log.contains("added to the slot's publication"), "{log}");
     Ok(())
 }
+
+/// The logical source's figures of a two-table relay: what each table's feed counted (events
+/// streamed, rows and pages re-published when it joined the stream) labelled with its table,
+/// with the right values per table (rows committed before the first start are re-published,
+/// the later ones streamed); the one slot's figures (sessions, heartbeats, confirmed LSN,
+/// `wal_status`, lag) exactly once, without a `table` label, under a single-table relay's names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slots_figures_are_exported_once_and_each_tables_with_its_label() -> Result<()> {
+    let db = TestDb::create("mtl_metrics").await?;
+    let tag = unique("mtlm");
+    let slot = unique("mtlm_slot");
+    let tables = ["north.outbox", "south.outbox"];
+    // (aggregates, rounds before the start, rounds after it) per table: different figures.
+    let shapes = [(4usize, 5i64, 6i64), (3, 3, 4)];
+    for t in tables {
+        migrate_table(&db, t).await?;
+    }
+    let topic = format!("{tag}.Acct");
+    create_topic(&topic, 1).await?;
+    for (t, (aggregates, before, _)) in tables.iter().zip(shapes) {
+        write_rounds(&db, t, "Acct", aggregates, 1..=before).await?;
+    }
+    let mut toml = format!(
+        "{}[route]\ntopic = \"{tag}.{{aggregatetype}}\"\n",
+        logical_toml(&slot)
+    );
+    for t in tables {
+        toml.push_str(&format!("[[outbox]]\ntable = \"{t}\"\n"));
+    }
+    const BATCH: usize = 5;
+    let batch = BATCH.to_string();
+    let (relay, addr, _) =
+        start_relay(&db, &toml, &[("OUTBOX_BATCH_SIZE", batch.as_str())]).await?;
+    // The backlog is re-published and marked first; only then the later rows are written, so
+    // they are streamed (and not in any backfill's snapshot).
+    for t in tables {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+    for (t, (aggregates, before, after)) in tables.iter().zip(shapes) {
+        write_rounds(&db, t, "Acct", aggregates, before + 1..=before + after).await?;
+    }
+    for t in tables {
+        wait_table_drained(&db, t, LONG).await?;
+    }
+
+    let streamed = "outbox_relay_logical_events_streamed_total";
+    let backfilled = "outbox_relay_logical_rows_backfilled_total";
+    let pages = "outbox_relay_logical_backfill_pages_total";
+    let wal_status = "outbox_relay_logical_slot_wal_status";
+    // Counted before the rows were marked, so settled now but for the slot's own upkeep (its
+    // first status check, its first confirmation).
+    let settled = |scrape: &str| {
+        tables
+            .iter()
+            .zip(shapes)
+            .all(|(t, (aggregates, _, after))| {
+                table_metric(scrape, streamed, t).unwrap_or(0.0)
+                    >= (aggregates as i64 * after) as f64
+            })
+            && unlabelled_metric(scrape, "outbox_relay_logical_confirmed_lsn").unwrap_or(0.0) > 0.0
+            && metric_samples(scrape, wal_status)
+                .iter()
+                .any(|l| l.ends_with(" 1"))
+            && unlabelled_metric(scrape, "outbox_relay_slot_lag_bytes").is_some()
+    };
+    let deadline = Instant::now() + LONG / 3;
+    let scrape = loop {
+        let (code, scrape) = http_get(&addr, "/metrics").await?;
+        ensure!(code == 200, "{scrape}");
+        if settled(&scrape) || Instant::now() > deadline {
+            break scrape;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // Per table: labelled, one series per table, the table's own figures.
+    for name in [streamed, backfilled, pages] {
+        let samples = metric_samples(&scrape, name);
+        ensure!(
+            samples.len() == tables.len()
+                && tables
+                    .iter()
+                    .all(|t| table_metric(&scrape, name, t).is_some()),
+            "{name}: one series per table wanted, got {samples:?}\n{scrape}"
+        );
+    }
+    for (t, (aggregates, before, after)) in tables.iter().zip(shapes) {
+        let rows_before = (aggregates as i64 * before) as f64;
+        let rows_after = (aggregates as i64 * after) as f64;
+        assert_eq!(
+            table_metric(&scrape, backfilled, t),
+            Some(rows_before),
+            "{t}: the rows committed before the start are re-published\n{scrape}"
+        );
+        let read = table_metric(&scrape, pages, t).unwrap_or(0.0);
+        assert!(
+            read >= (rows_before / BATCH as f64).ceil() && read <= rows_before,
+            "{t}: {read} pages for {rows_before} rows in batches of {BATCH}\n{scrape}"
+        );
+        let got = table_metric(&scrape, streamed, t).unwrap_or(0.0);
+        assert!(
+            got >= rows_after,
+            "{t}: {got} events streamed for {rows_after} written after the start\n{scrape}"
+        );
+    }
+
+    // The slot's: once each, no table label, the names a single-table relay uses.
+    for name in [
+        "outbox_relay_logical_sessions_total",
+        "outbox_relay_logical_heartbeats_total",
+        "outbox_relay_logical_confirmed_lsn",
+        "outbox_relay_logical_slot_recoveries_total",
+        "outbox_relay_logical_messages_refused_total",
+        "outbox_relay_slot_lag_bytes",
+        "outbox_relay_slot_lost",
+    ] {
+        let samples = metric_samples(&scrape, name);
+        ensure!(
+            samples.len() == 1 && unlabelled_metric(&scrape, name).is_some(),
+            "{name}: one unlabelled series wanted, got {samples:?}\n{scrape}"
+        );
+    }
+    assert!(
+        unlabelled_metric(&scrape, "outbox_relay_logical_sessions_total").unwrap_or(0.0) >= 1.0,
+        "{scrape}"
+    );
+    assert!(
+        unlabelled_metric(&scrape, "outbox_relay_logical_confirmed_lsn").unwrap_or(0.0) > 0.0,
+        "{scrape}"
+    );
+    let states = metric_samples(&scrape, wal_status);
+    ensure!(
+        states.len() == 5
+            && states.iter().all(|l| !l.contains("table="))
+            && states.iter().filter(|l| l.ends_with(" 1")).count() == 1,
+        "{wal_status}: one series per status, one of them 1, wanted: {states:?}\n{scrape}"
+    );
+    let mut described = BTreeSet::new();
+    for l in scrape.lines().filter(|l| l.starts_with("# TYPE ")) {
+        ensure!(described.insert(l), "{l} twice in\n{scrape}");
+    }
+
+    // `/status` shows the slot with every table.
+    let (code, body) = http_get(&addr, "/status").await?;
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body)?;
+    let listed = status["tables"].as_array().context("tables")?;
+    assert_eq!(listed.len(), tables.len(), "{body}");
+    for t in listed {
+        assert_eq!(t["slot"]["name"], slot.as_str(), "{body}");
+        assert!(t["slot"]["lag_bytes"].is_i64(), "{body}");
+    }
+    stop_cleanly(relay).await?;
+    Ok(())
+}

@@ -47,6 +47,7 @@ use crate::config::{ConfigError, RelayConfig, SourceKind, TablePattern};
 use crate::failure::Report;
 use crate::sink::select::SharedClient;
 use crate::source::logical::multi::Feed;
+use crate::stats::LogicalMetrics;
 use crate::table::matching_tables;
 
 mod logical;
@@ -70,6 +71,10 @@ struct Running {
     /// Whether the pattern found it (it may disappear) rather than an `[[outbox]]` section.
     from_pattern: bool,
 }
+
+/// Makes a table's [`Feed`] of the group's slot, counting into the given figures (its
+/// pipeline's [`crate::stats::RelayStats::logical`]).
+type MakeFeed<'a> = &'a dyn Fn(Arc<LogicalMetrics>) -> Arc<Feed>;
 
 /// What a pipeline task returns: its resolved table and how it ended.
 type Ended = (String, Result<(), RelayError>);
@@ -102,7 +107,11 @@ impl RelayGroup {
         }
         let mut group = Group {
             config: &self.config,
-            tables: AdminTables::multi(),
+            tables: match self.config.source {
+                // The slot's figures outlive its openings: one set for the relay's life.
+                SourceKind::Logical => AdminTables::multi_logical(Arc::default()),
+                SourceKind::Polling => AdminTables::multi(),
+            },
             running: BTreeMap::new(),
             tasks: JoinSet::new(),
             stop_all: shutdown.child_token(),
@@ -231,7 +240,7 @@ impl Group<'_> {
     }
 
     /// Starts the pipeline of a table the pattern found.
-    fn start_matched(&mut self, key: String, feed: Option<Arc<Feed>>) -> Result<(), RelayError> {
+    fn start_matched(&mut self, key: String, feed: Option<MakeFeed<'_>>) -> Result<(), RelayError> {
         let cfg = self.matched_config(&key)?;
         self.start(key, cfg, true, feed)
     }
@@ -243,19 +252,21 @@ impl Group<'_> {
         Ok(self.config.pattern_table_config(&table)?)
     }
 
-    /// Starts a table's pipeline; with `feed`, it reads its share of the group's slot.
+    /// Starts a table's pipeline; with `feed`, it reads its share of the group's slot (the feed
+    /// made for it counts into the pipeline's figures).
     fn start(
         &mut self,
         key: String,
         cfg: RelayConfig,
         from_pattern: bool,
-        feed: Option<Arc<Feed>>,
+        feed: Option<MakeFeed<'_>>,
     ) -> Result<(), RelayError> {
         let table =
             OutboxTable::parse(&cfg.table).map_err(|e| ConfigError::new("table", e.to_string()))?;
         let name = cfg.table.clone();
         let mut relay = Relay::sharing(cfg.clone(), self.shared.clone(), self.sink.clone())?;
-        if let Some(feed) = feed {
+        if let Some(make) = feed {
+            let feed = make(relay.stats().logical.clone());
             relay = relay.with_feed(feed);
         }
         self.tables.insert(AdminTable {

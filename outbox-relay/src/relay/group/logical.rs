@@ -31,6 +31,7 @@ use crate::relay::backoff::Backoff;
 use crate::source::SourceError;
 use crate::source::logical::multi::{Hub, HubHandle, TableRegistry};
 use crate::source::logical::{LogicalConfig, LogicalError, LogicalSource};
+use crate::stats::LogicalMetrics;
 
 /// How often the slot's lease is checked between the re-scans.
 const LEASE_CHECK: Duration = Duration::from_secs(1);
@@ -107,7 +108,8 @@ impl Group<'_> {
                 _ = tokio::time::sleep(self.config.tables_rescan_interval) => {}
             }
         };
-        let source = open_slot(self.config, &entries).await?;
+        let metrics = self.tables.slot_metrics().unwrap_or_default();
+        let source = open_slot(self.config, &entries, metrics).await?;
         let max_window = self.config.batch_size.max(1)
             * (self.config.max_in_flight_batches.max(1) + 1)
             * entries.len().min(16);
@@ -121,8 +123,10 @@ impl Group<'_> {
             // Every generation backfills its `table`-mode tables (after the slot was opened):
             // rows committed before a table joined the stream, or re-published by a generation
             // that ended before they were acknowledged, are unpublished and only there.
-            let feed = handle.feed(tag as u16, backfill_of(&e.cfg, &e.key)?);
-            if let Err(err) = self.start(e.key, e.cfg, e.from_pattern, Some(feed)) {
+            let backfill = backfill_of(&e.cfg, &e.key)?;
+            let feed =
+                |counts: Arc<LogicalMetrics>| handle.feed(tag as u16, backfill.clone(), counts);
+            if let Err(err) = self.start(e.key, e.cfg, e.from_pattern, Some(&feed)) {
                 started = Err(err);
                 break;
             }
@@ -284,7 +288,8 @@ impl Group<'_> {
             // After the ALTER PUBLICATION committed: its backfill's snapshot sees every row
             // committed before the table joined the stream.
             let backfill = backfill_of(&cfg, &key)?;
-            self.start(key, cfg, true, Some(handle.feed(tag, backfill)))?;
+            let feed = |counts: Arc<LogicalMetrics>| handle.feed(tag, backfill.clone(), counts);
+            self.start(key, cfg, true, Some(&feed))?;
         }
         Ok(())
     }
@@ -397,8 +402,13 @@ fn check_mode(cfg: &RelayConfig, key: &str) -> Result<(), RelayError> {
     Ok(())
 }
 
-/// Opens the slot for every table of `entries` (a multi-table [`LogicalSource`]).
-async fn open_slot(config: &RelayConfig, entries: &[Entry]) -> Result<LogicalSource, RelayError> {
+/// Opens the slot for every table of `entries` (a multi-table [`LogicalSource`]), counting
+/// into `metrics` (the slot's figures, kept across its openings).
+async fn open_slot(
+    config: &RelayConfig,
+    entries: &[Entry],
+    metrics: Arc<LogicalMetrics>,
+) -> Result<LogicalSource, RelayError> {
     let tables = entries
         .iter()
         .map(|e| {
@@ -411,7 +421,7 @@ async fn open_slot(config: &RelayConfig, entries: &[Entry]) -> Result<LogicalSou
     cfg.write_mode = WriteMode::InsertDelete;
     cfg.recover_lost_slot = false;
     cfg.tables = tables;
-    LogicalSource::open(cfg, None, Arc::default())
+    LogicalSource::open(cfg, None, metrics)
         .await
         .map_err(|e| source_error(e, ""))
 }

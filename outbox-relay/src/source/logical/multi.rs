@@ -7,6 +7,11 @@
 //! table's pipeline reads its feed through a [`FeedSource`], with its own routing, write mode,
 //! parking and metrics, exactly like a table of a polling group.
 //!
+//! Figures: the slot's reader counts the slot's own [`LogicalMetrics`] (sessions, heartbeats,
+//! confirmed LSN, `wal_status`; the group keeps them across its openings of the slot), and each
+//! feed counts its table's share into the table's own (events handed to it, rows and pages its
+//! backfill re-published), so `/metrics` shows them per table ([`HubHandle::feed`]).
+//!
 //! # Guarantees
 //!
 //! - **Per-table, per-aggregate order.** The hub hands events on in the slot's order (commit
@@ -187,7 +192,9 @@ pub struct Feed {
     /// The re-publication of the table's unpublished rows (`table` mode), until it was read to
     /// the end.
     backfill: tokio::sync::Mutex<Option<Backfill>>,
-    metrics: Arc<LogicalMetrics>,
+    /// The table's share of the slot's figures: the events handed to this feed, the rows and
+    /// pages its backfill re-published (the table's [`crate::stats::RelayStats::logical`]).
+    counts: Arc<LogicalMetrics>,
 }
 
 /// A table's re-publication when it joins the stream: [`RowPages`] opened on first use (and
@@ -313,8 +320,8 @@ impl Feed {
             let held = std::mem::take(&mut s.held);
             s.pending.extend(held);
         } else {
-            self.metrics.backfill_pages.inc_by(1);
-            self.metrics.rows_backfilled.inc_by(page.len() as u64);
+            self.counts.backfill_pages.inc_by(1);
+            self.counts.rows_backfilled.inc_by(page.len() as u64);
             let d = s.dedupe.get_or_insert_with(Dedupe::default);
             d.ids.extend(page.iter().map(|e| e.event.id));
             s.pending.extend(page);
@@ -555,7 +562,6 @@ pub struct HubHandle {
     acks: mpsc::UnboundedSender<(u16, usize)>,
     feeds: mpsc::UnboundedSender<Arc<Feed>>,
     options: sqlx::postgres::PgConnectOptions,
-    metrics: Arc<LogicalMetrics>,
 }
 
 impl std::fmt::Debug for HubHandle {
@@ -572,7 +578,17 @@ impl HubHandle {
     /// stream: after the slot was opened, or after [`TableRegistry::add`]), the feed first
     /// re-publishes every row of the table unpublished in a snapshot taken at its first read,
     /// and holds the table's streamed events until then (see the [module docs](self)).
-    pub fn feed(&self, tag: u16, backfill: Option<OutboxTable>) -> Arc<Feed> {
+    ///
+    /// The feed counts the table's share of the slot's figures into `counts` (the table's
+    /// pipeline's [`crate::stats::RelayStats::logical`]): the events the hub hands it
+    /// ([`LogicalMetrics::events_streamed`]) and what its backfill re-published
+    /// ([`LogicalMetrics::rows_backfilled`], [`LogicalMetrics::backfill_pages`]).
+    pub fn feed(
+        &self,
+        tag: u16,
+        backfill: Option<OutboxTable>,
+        counts: Arc<LogicalMetrics>,
+    ) -> Arc<Feed> {
         let backfilling = backfill.is_some();
         let feed = Arc::new(Feed {
             tag,
@@ -588,7 +604,7 @@ impl HubHandle {
                 pages: None,
                 after: i64::MIN,
             })),
-            metrics: self.metrics.clone(),
+            counts,
         });
         let _ = self.feeds.send(feed.clone());
         feed
@@ -631,7 +647,6 @@ impl Hub {
             acks: ack_tx,
             feeds: feed_tx,
             options: (*hub.source.pool.connect_options()).clone(),
-            metrics: hub.source.metrics.clone(),
         };
         (hub, handle)
     }
@@ -757,6 +772,7 @@ impl Hub {
             if !events.is_empty()
                 && let Some(Some(feed)) = self.feeds.get(i)
             {
+                feed.counts.events_streamed.inc_by(events.len() as u64);
                 feed.push(events);
             }
         }
