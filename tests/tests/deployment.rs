@@ -538,8 +538,9 @@ fn by_clauses(query: &str) -> Vec<Vec<String>> {
 /// alert rule over such a metric keeps the tables apart (so one stuck table shows, and fires, on
 /// its own), and the dashboard's `$table` filter is applied to exactly those metrics (a filter on
 /// a process-wide metric would blank its panel whenever one table is picked).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_and_the_alert_rules_keep_the_tables_of_a_relay_apart() -> Result<()> {
+/// The metric names a two-table relay on `source` labels with `table` (histograms by their base
+/// name), from one scrape after both tables have a leader and one of them published an event.
+async fn names_labelled_per_table(source: &str) -> Result<BTreeSet<String>> {
     let db = TestDb::create("dep_tables").await?;
     let mut conn = db.connect().await?;
     for schema in ["dep_t1", "dep_t2"] {
@@ -552,12 +553,14 @@ async fn the_dashboard_and_the_alert_rules_keep_the_tables_of_a_relay_apart() ->
         )
         .await?;
     }
+    let slot = unique("dep_tables");
     let relay = RelayProcess::start(
         &db,
-        &["--log-format", "json"],
+        &["--log-format", "json", "--source", source],
         &[
             ("OUTBOX_ADMIN_ADDR", "127.0.0.1:0"),
             ("OUTBOX_TABLES", "dep_t*.outbox"),
+            ("OUTBOX_SLOT", &slot),
         ],
     )
     .await?;
@@ -580,24 +583,44 @@ async fn the_dashboard_and_the_alert_rules_keep_the_tables_of_a_relay_apart() ->
             && scrape.contains("outbox_relay_pending_events{table=\"dep_t1.outbox\"} 0")
             && scrape.contains("outbox_relay_seconds_since_last_event{table=\"dep_t1.outbox\"}")
         {
-            break scrape;
+            break Ok(scrape);
         }
-        ensure!(
-            Instant::now() < deadline,
-            "the two-table relay never reported both tables; log:\n{log}"
-        );
+        if Instant::now() > deadline {
+            break Err(anyhow::anyhow!(
+                "the two-table {source} relay never reported both tables; log:\n{log}"
+            ));
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let (code, _) = relay.terminate(Duration::from_secs(30)).await?;
-    assert_eq!(code, 0);
-    // The names a multi-table relay labels with `table` (histograms by their base name).
-    let per_table: BTreeSet<String> = scrape
+    // A replication slot outlives the database's connections: dropped whatever happened.
+    sqlx::query(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(&slot)
+    .execute(&mut conn)
+    .await?;
+    let scrape = scrape?;
+    assert_eq!(code, 0, "the {source} relay's exit code");
+    Ok(scrape
         .lines()
         .filter(|l| !l.starts_with('#') && l.contains("table=\"dep_t1.outbox\""))
         .filter_map(|l| l.split(['{', ' ']).next())
         .map(|n| n.to_owned())
-        .collect();
-    ensure!(per_table.len() >= 10, "labelled per table: {per_table:?}");
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_the_alert_rules_keep_the_tables_of_a_relay_apart() -> Result<()> {
+    // The names a multi-table relay labels with `table`, on either source.
+    let polling = names_labelled_per_table("polling").await?;
+    ensure!(polling.len() >= 10, "labelled per table: {polling:?}");
+    let logical = names_labelled_per_table("logical").await?;
+    ensure!(
+        logical.contains("outbox_relay_logical_events_streamed_total"),
+        "a two-table logical relay labels its tables' streamed events: {logical:?}"
+    );
+    let per_table: BTreeSet<String> = polling.union(&logical).cloned().collect();
     let is_per_table = |name: &str| {
         per_table.contains(name)
             || ["_bucket", "_sum", "_count"]
