@@ -1332,6 +1332,75 @@ async fn ping(
 mod tests {
     use super::*;
 
+    /// A server that answers every command `+OK` (`PING`: `+PONG`) and counts the connections it
+    /// accepted.
+    async fn answering_server() -> (String, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (read, mut write) = socket.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let Some(n) = line.strip_prefix('*').and_then(|n| n.parse::<usize>().ok())
+                        else {
+                            continue;
+                        };
+                        let mut first = String::new();
+                        for i in 0..2 * n {
+                            match lines.next_line().await {
+                                Ok(Some(l)) if i == 1 => first = l,
+                                Ok(Some(_)) => {}
+                                _ => return,
+                            }
+                        }
+                        let reply: &[u8] = if first.eq_ignore_ascii_case("PING") {
+                            b"+PONG\r\n"
+                        } else {
+                            b"+OK\r\n"
+                        };
+                        if write.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_failed_shared_connection_is_replaced_once_whoever_reports_it() {
+        let (url, accepted) = answering_server().await;
+        let shared = SharedConnection::new(RedisSettings {
+            url: crate::config::Secret::new(url),
+            ..Default::default()
+        })
+        .unwrap();
+        let wait = Duration::from_secs(5);
+        let (first, _) = shared.get(wait).await.unwrap();
+        let (again, _) = shared.get(wait).await.unwrap();
+        assert_eq!((first, again), (1, 1), "one connection for every caller");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Every table that saw generation 1 fail reports it; only the first report counts.
+        shared.replace(first).await;
+        let (second, _) = shared.get(wait).await.unwrap();
+        shared.replace(first).await;
+        shared.replace(first).await;
+        let (still, _) = shared.get(wait).await.unwrap();
+        assert_eq!((second, still), (2, 2));
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "one reconnect, however many tables reported the failure"
+        );
+    }
+
     fn record(headers: &[(&str, &str)], payload: Option<&str>) -> OutboundRecord {
         OutboundRecord {
             topic: "outbox.event.Account".into(),
