@@ -29,9 +29,7 @@
 //! are answered (rather than replacing the producer) before it re-sends or releases its leader
 //! lock; only when they stay unanswered (a broker out of reach) does it drop the producer's
 //! queue, and the other tables then re-send their queued records in order too (see
-//! [`crate::sink::kafka`]). NATS, RabbitMQ and Redis share one connection the same way (RabbitMQ:
-//! one confirm channel per table on it); a failure that makes the connection unusable replaces it
-//! once for every table ([`crate::sink::select::SharedClient`]).
+//! [`crate::sink::kafka`]). NATS, RabbitMQ and Redis keep a client per table.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
