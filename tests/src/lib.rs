@@ -21,7 +21,6 @@ pub mod in_process;
 pub mod ledger;
 pub mod relay_process;
 pub mod services;
-pub mod sink_connections;
 pub mod sinks;
 pub mod tables;
 pub mod writers;

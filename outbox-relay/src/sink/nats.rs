@@ -42,26 +42,6 @@
 //!   the fix ([`NO_STREAM_FIX`]). A permissions violation on publish stops it too. Timeouts and
 //!   lost connections are retried for as long as it takes.
 //!
-//! One connection for many tables: the tables of one relay ([`crate::RelayGroup`]) publish over
-//! one client ([`SharedConnection`], the client is multiplexed), each through a sink of its own
-//! that keeps its own in-flight count, its own stop after a failure and its own connection
-//! *generation*. A table keeps the generation it published on until it is recreated, so none
-//! of its records goes out on a newer connection ahead of the ones it is about to re-send.
-//! What changes with sharing:
-//! - a table recreated after a failure that says the connection itself is unusable (lost, no
-//!   acknowledgement in time, no connection) asks for its generation to be replaced: the first
-//!   such request closes that connection for every table and opens the next one, the others
-//!   (whose batches on the old connection then fail and are re-sent in order, as after any
-//!   failure) find the new one; after any other failure it goes on over the same connection,
-//!   where its re-sent events follow everything it sent before;
-//! - fencing proves the server has read the table's publishes with a round trip on the shared
-//!   connection, and closes it (for every table) only when that round trip fails;
-//! - the idle probe of each table asks JetStream on the shared connection (opening it anew when
-//!   it was lost), so the relay holds one connection to NATS whatever the number of tables.
-//!
-//! A single-table relay keeps a connection of its own, replaced at every recreate, and a probe
-//! connection.
-//!
 //! Residual risk, documented rather than hidden: if the server refuses one message with a
 //! transient error while it stores the next one of the same subject (a storage failure in the
 //! middle of a pipelined batch), the re-sent earlier event lands after the later one.
@@ -70,7 +50,7 @@
 
 use crate::sink::{published_within, record_probe};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -312,84 +292,6 @@ struct Link {
     /// acknowledgements fail at once instead of at the deadline.
     lost: CancellationToken,
     streams: Arc<Mutex<HashMap<String, StreamFacts>>>,
-    /// Which connection of a [`SharedConnection`] this is (0 for a connection of its own).
-    generation: u64,
-}
-
-/// One NATS connection for every table of a relay: see the [module docs](self). Cheap to share
-/// (`Arc`).
-pub struct SharedConnection {
-    settings: NatsSettings,
-    /// The last error the server reported on the current connection.
-    server_error: Arc<Mutex<Option<String>>>,
-    /// The current connection (none before the first table connects) and the last generation
-    /// opened. Held while a connection is opened, so tables asking at once wait for that one.
-    state: tokio::sync::Mutex<(u64, Option<Link>)>,
-}
-
-impl SharedConnection {
-    /// Checks the settings (no connection is made yet).
-    pub fn new(settings: NatsSettings) -> Result<Arc<Self>, SinkError> {
-        settings.validate().map_err(|e| SinkError::Config {
-            broker: NATS,
-            key: e.key,
-            reason: e.reason,
-        })?;
-        Ok(Arc::new(Self {
-            settings,
-            server_error: Arc::new(Mutex::new(None)),
-            state: tokio::sync::Mutex::new((0, None)),
-        }))
-    }
-
-    /// A sink for one table, publishing over this connection.
-    pub fn sink(self: &Arc<Self>) -> NatsSink {
-        NatsSink {
-            settings: self.settings.clone(),
-            link: Arc::new(Mutex::new(None)),
-            broken: Arc::new(AtomicBool::new(false)),
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            server_error: self.server_error.clone(),
-            shared: Some(self.clone()),
-            condemned: Arc::new(AtomicBool::new(false)),
-            stale: AtomicU64::new(0),
-        }
-    }
-
-    /// The current connection, unless it was lost or is generation `stale` (one a table saw
-    /// fail): then that one is closed (every table publishing on it sees it lost) and a new one
-    /// is opened, once however many tables ask.
-    async fn link(&self, stale: u64) -> Result<Link, Failure> {
-        let mut state = self.state.lock().await;
-        if let Some(link) = &state.1 {
-            if !link.lost.is_cancelled() && link.generation != stale {
-                return Ok(link.clone());
-            }
-            link.lost.cancel();
-            tracing::warn!(
-                generation = link.generation,
-                "the shared NATS connection failed: the relay's tables continue on a new one"
-            );
-            state.1 = None;
-        }
-        let mut link = open(&self.settings, Some(self.server_error.clone())).await?;
-        if let Ok(mut e) = self.server_error.lock() {
-            *e = None;
-        }
-        state.0 += 1;
-        link.generation = state.0;
-        state.1 = Some(link.clone());
-        Ok(link)
-    }
-}
-
-/// Whether a failure says the connection itself is unusable, so a table of a
-/// [`SharedConnection`] has it replaced for every table.
-fn condemns(failure: &Failure) -> bool {
-    matches!(
-        failure,
-        Failure::Connect(_) | Failure::TimedOut | Failure::Disconnected
-    )
 }
 
 /// The NATS JetStream sink. See the [module docs](self).
@@ -402,12 +304,6 @@ pub struct NatsSink {
     broken: Arc<AtomicBool>,
     in_flight: Arc<AtomicUsize>,
     server_error: Arc<Mutex<Option<String>>>,
-    /// The connection this sink shares with the other tables of its relay, if it does.
-    shared: Option<Arc<SharedConnection>>,
-    /// Set with `broken` when the failure was the connection's own ([`condemns`]).
-    condemned: Arc<AtomicBool>,
-    /// The generation of the shared connection to replace at the next connect (0: none).
-    stale: AtomicU64,
 }
 
 impl NatsSink {
@@ -425,9 +321,6 @@ impl NatsSink {
             broken: Arc::new(AtomicBool::new(false)),
             in_flight: Arc::new(AtomicUsize::new(0)),
             server_error: Arc::new(Mutex::new(None)),
-            shared: None,
-            condemned: Arc::new(AtomicBool::new(false)),
-            stale: AtomicU64::new(0),
         })
     }
 
@@ -447,11 +340,7 @@ impl NatsSink {
             }
             return Ok(link);
         }
-        let opened = match &self.shared {
-            Some(shared) => shared.link(self.stale.swap(0, Ordering::AcqRel)).await,
-            None => open(&self.settings, Some(self.server_error.clone())).await,
-        };
-        match opened {
+        match open(&self.settings, Some(self.server_error.clone())).await {
             Ok(link) => {
                 if let Ok(mut slot) = self.link.lock() {
                     *slot = Some(link.clone());
@@ -544,7 +433,6 @@ impl NatsSink {
             lost: CancellationToken::new(),
             server_error: None,
             broken: None,
-            condemned: None,
         }
     }
 }
@@ -722,7 +610,6 @@ async fn open(
         js,
         lost,
         streams: Arc::new(Mutex::new(HashMap::new())),
-        generation: 0,
     })
 }
 
@@ -748,8 +635,6 @@ pub struct Pending {
     server_error: Option<Arc<Mutex<Option<String>>>>,
     /// The sink's [`NatsSink::broken`] flag, set at the first failure.
     broken: Option<Arc<AtomicBool>>,
-    /// The sink's [`NatsSink::condemned`] flag, set when that failure was the connection's.
-    condemned: Option<Arc<AtomicBool>>,
 }
 
 #[async_trait::async_trait]
@@ -782,7 +667,6 @@ impl PendingBatch for Pending {
             lost,
             server_error,
             broken,
-            condemned,
         } = *self;
         let mut out = Vec::with_capacity(slots.len());
         let mut first_failure: Option<DeliveryFault> = None;
@@ -817,11 +701,6 @@ impl PendingBatch for Pending {
                 Err(failure) => {
                     if let Some(broken) = &broken {
                         broken.store(true, Ordering::Release);
-                    }
-                    if let Some(condemned) = &condemned
-                        && condemns(&failure)
-                    {
-                        condemned.store(true, Ordering::Release);
                     }
                     let f = fault(&failure);
                     first_failure = Some(DeliveryFault {
@@ -897,12 +776,7 @@ impl Sink for NatsSink {
     async fn enqueue(&self, records: &[OutboundRecord]) -> Box<dyn PendingBatch> {
         let link = match self.connected().await {
             Ok(link) => link,
-            Err(failure) => {
-                if condemns(&failure) {
-                    self.condemned.store(true, Ordering::Release);
-                }
-                return Box::new(Self::failed_batch(records, &failure));
-            }
+            Err(failure) => return Box::new(Self::failed_batch(records, &failure)),
         };
         let deadline = tokio::time::Instant::now() + self.settings.delivery_timeout;
         let max_payload = link.client.server_info().max_payload;
@@ -934,9 +808,6 @@ impl Sink for NatsSink {
                         poisoned.push((&r.topic, &r.key, i));
                         slots.push(Slot::Done(Outcome::Rejected(f)));
                     } else {
-                        if condemns(&failure) {
-                            self.condemned.store(true, Ordering::Release);
-                        }
                         stopped = Some(f.clone());
                         slots.push(Slot::Done(Outcome::Failed(f)));
                     }
@@ -944,7 +815,6 @@ impl Sink for NatsSink {
                 }
             };
             if link.lost.is_cancelled() {
-                self.condemned.store(true, Ordering::Release);
                 let f = fault(&Failure::Disconnected);
                 stopped = Some(f.clone());
                 slots.push(Slot::Done(Outcome::Failed(f)));
@@ -970,9 +840,6 @@ impl Sink for NatsSink {
                         poisoned.push((&r.topic, &r.key, i));
                         slots.push(Slot::Done(Outcome::Rejected(f)));
                     } else {
-                        if condemns(&failure) {
-                            self.condemned.store(true, Ordering::Release);
-                        }
                         stopped = Some(f.clone());
                         slots.push(Slot::Done(Outcome::Failed(f)));
                     }
@@ -988,7 +855,6 @@ impl Sink for NatsSink {
             lost: link.lost.clone(),
             server_error: Some(self.server_error.clone()),
             broken: Some(self.broken.clone()),
-            condemned: Some(self.condemned.clone()),
         })
     }
 
@@ -1001,43 +867,27 @@ impl Sink for NatsSink {
     }
 
     /// Drops the connection; the next batch opens a new one (so the relay's re-sent events
-    /// follow everything the old connection carried). A table of a [`SharedConnection`] has the
-    /// shared connection replaced only when its failure was the connection's own (see the
-    /// [module docs](self)); otherwise its next batch follows its earlier ones on the same one.
+    /// follow everything the old connection carried).
     async fn recreate(&mut self) -> Result<(), SinkError> {
-        let old = self.link.lock().ok().and_then(|mut slot| slot.take());
-        let condemned = self.condemned.swap(false, Ordering::AcqRel);
-        match (&self.shared, old) {
-            (Some(_), Some(old)) => {
-                if condemned || old.lost.is_cancelled() {
-                    self.stale.store(old.generation, Ordering::Release);
-                }
-            }
-            (Some(_), None) => {}
-            (None, old) => {
-                if let Some(old) = old {
-                    old.lost.cancel();
-                }
-                if let Ok(mut e) = self.server_error.lock() {
-                    *e = None;
-                }
-            }
+        if let Ok(mut slot) = self.link.lock()
+            && let Some(old) = slot.take()
+        {
+            old.lost.cancel();
+        }
+        if let Ok(mut e) = self.server_error.lock() {
+            *e = None;
         }
         self.broken.store(false, Ordering::Release);
         Ok(())
     }
 
-    /// Drops the connection at once; returns how many publishes were unanswered. A table of a
-    /// [`SharedConnection`] closes the shared connection only when publishes of its own are
-    /// still unanswered on it.
+    /// Drops the connection at once; returns how many publishes were unanswered.
     fn purge(&self) -> usize {
         let held = self.in_flight();
         self.broken.store(true, Ordering::Release);
         if let Ok(mut slot) = self.link.lock()
             && let Some(old) = slot.take()
-            && (self.shared.is_none() || held > 0)
         {
-            self.stale.store(old.generation, Ordering::Release);
             old.lost.cancel();
         }
         held
@@ -1046,8 +896,7 @@ impl Sink for NatsSink {
     /// Waits up to `wait` for a round trip on the connection (the server answers it after it
     /// has read every publish sent before it), then drops the connection. A publish the server
     /// read but had not stored yet may still be stored afterwards: a duplicate at most, dropped
-    /// by `Nats-Msg-Id` when the next leader re-sends it first. A table of a
-    /// [`SharedConnection`] closes the shared connection only when the round trip fails.
+    /// by `Nats-Msg-Id` when the next leader re-sends it first.
     async fn fence(&self, wait: Duration) -> Fenced {
         let held = self.in_flight();
         self.broken.store(true, Ordering::Release);
@@ -1057,17 +906,13 @@ impl Sink for NatsSink {
             // Always, even with no acknowledgement awaited: publishes of an abandoned window may
             // still sit in the client's write buffer, and the answer proves the server has read
             // them before the relay lets go of its source.
-            let answered = matches!(
+            if !matches!(
                 tokio::time::timeout(wait, account_info(&link)).await,
                 Ok(Ok(_))
-            );
-            if !answered {
+            ) {
                 unanswered = held;
             }
-            if self.shared.is_none() || !answered {
-                self.stale.store(link.generation, Ordering::Release);
-                link.lost.cancel();
-            }
+            link.lost.cancel();
         }
         Fenced { held, unanswered }
     }
@@ -1077,9 +922,6 @@ impl Sink for NatsSink {
         stats: Arc<crate::stats::RelayStats>,
         shutdown: CancellationToken,
     ) -> Result<Option<tokio::task::JoinHandle<()>>, SinkError> {
-        if let Some(shared) = &self.shared {
-            return Ok(Some(watch_shared(shared.clone(), stats, shutdown)));
-        }
         Ok(Some(watch_server(self.settings.clone(), stats, shutdown)))
     }
 }
@@ -1242,45 +1084,6 @@ pub fn watch_server(
             record_probe(
                 &stats,
                 &settings.redacted_urls(),
-                answer,
-                "NATS server does not answer: reporting not ready until it does",
-                "NATS server answers again",
-            );
-        }
-    })
-}
-
-/// [`watch_server`] for a table of a relay sharing one connection ([`SharedConnection`]): the
-/// JetStream account request goes over the shared connection (opened anew when it was lost).
-fn watch_shared(
-    shared: Arc<SharedConnection>,
-    stats: Arc<crate::stats::RelayStats>,
-    shutdown: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(SERVER_PROBE_INTERVAL) => {}
-            }
-            let answer: Result<(), String> = if published_within(&stats, SERVER_PROBE_INTERVAL) {
-                Ok(())
-            } else {
-                match tokio::time::timeout(SERVER_PROBE_TIMEOUT, shared.link(0)).await {
-                    Err(_) | Ok(Err(_)) => Err("cannot connect".to_owned()),
-                    Ok(Ok(link)) => {
-                        match tokio::time::timeout(SERVER_PROBE_TIMEOUT, account_info(&link)).await
-                        {
-                            Ok(Ok(())) => Ok(()),
-                            Ok(Err(e)) => Err(e.to_string()),
-                            Err(_) => Err("no answer".to_owned()),
-                        }
-                    }
-                }
-            };
-            record_probe(
-                &stats,
-                &shared.settings.redacted_urls(),
                 answer,
                 "NATS server does not answer: reporting not ready until it does",
                 "NATS server answers again",

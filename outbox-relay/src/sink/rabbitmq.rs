@@ -36,20 +36,6 @@
 //! can go out on a new connection ahead of the failed ones. The delivery offset reported is the
 //! publish's sequence number on its channel (partition 0).
 //!
-//! **One connection for many tables.** The tables of one relay ([`crate::RelayGroup`]) share
-//! one AMQP connection ([`SharedConnection`]) and each publishes on a confirm-mode channel of
-//! its own: publish order and publisher confirms are per channel, so each table's order, its
-//! confirms and its in-flight count stay its own. After a failure a table closes its *channel*
-//! in order (its outstanding confirms awaited, then `channel.close`, which RabbitMQ answers once
-//! the channel handled what was published on it) and publishes on a new channel; the
-//! connection is replaced only when it is lost, or when a table's channel cannot be closed in
-//! time (then that table asks for its connection *generation* to be replaced: the first such
-//! request closes it, failing every table's unconfirmed records, which each re-sends in order,
-//! and opens the next one, which the other tables find). The idle probe of each table opens
-//! and closes a channel on the shared connection instead of a connection of its own, so the
-//! relay holds one connection to RabbitMQ whatever the number of tables. A single-table relay
-//! keeps its own connection, replaced at every recreate, and its probe connection.
-//!
 //! **Health.** [`Sink::watch`] opens (and closes) a connection every second while the relay is
 //! idle, so `/readyz` reports a broker that stopped answering.
 //!
@@ -370,145 +356,10 @@ pub fn message(
 
 /// A connection and its channel in confirm mode.
 struct Link {
-    connection: Arc<Connection>,
+    connection: Connection,
     channel: Channel,
     /// Publishes on this channel so far (the last delivery tag).
     published: Arc<std::sync::atomic::AtomicU64>,
-    /// Which connection of a [`SharedConnection`] this is on (0 for a connection of its own).
-    generation: u64,
-}
-
-/// One AMQP connection for every table of a relay, each table on a channel of its own: see the
-/// [module docs](self). Cheap to share (`Arc`).
-pub struct SharedConnection {
-    settings: RabbitmqSettings,
-    /// The current connection (none before the first table connects) and the last generation
-    /// opened. Held while a connection is opened, so tables asking at once wait for that one.
-    state: tokio::sync::Mutex<(u64, Option<Arc<Connection>>)>,
-}
-
-impl SharedConnection {
-    /// Checks the settings; no connection is made yet.
-    pub fn new(settings: RabbitmqSettings) -> Result<Arc<Self>, SinkError> {
-        settings.validate().map_err(|e| SinkError::Config {
-            broker: RABBITMQ,
-            key: e.key,
-            reason: e.reason,
-        })?;
-        Ok(Arc::new(Self {
-            settings,
-            state: tokio::sync::Mutex::new((0, None)),
-        }))
-    }
-
-    /// A sink for one table, publishing on a channel of this connection.
-    pub fn sink(self: &Arc<Self>) -> RabbitmqSink {
-        RabbitmqSink {
-            settings: self.settings.clone(),
-            link: tokio::sync::Mutex::new(None),
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            failed: std::sync::Mutex::new(None),
-            shared: Some(self.clone()),
-            stale: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// The current connection and its generation, unless it is lost or is generation `stale`
-    /// (one a table could not close its channel on): then that one is closed and a new one
-    /// opened, once however many tables ask.
-    async fn connection(&self, stale: u64) -> Result<(u64, Arc<Connection>), RabbitError> {
-        let mut state = self.state.lock().await;
-        if let Some(current) = &state.1 {
-            if current.status().connected() && state.0 != stale {
-                return Ok((state.0, current.clone()));
-            }
-            tracing::warn!(
-                generation = state.0,
-                "the shared RabbitMQ connection failed: the relay's tables continue on a new one"
-            );
-            if let Some(old) = state.1.take() {
-                // Fails every table's unconfirmed records on it (they re-send them in order).
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        old.close(200, "outbox-relay replaces the connection".into()),
-                    )
-                    .await;
-                });
-            }
-        }
-        let connection = Arc::new(open_connection(&self.settings).await?);
-        state.0 += 1;
-        state.1 = Some(connection.clone());
-        Ok((state.0, connection))
-    }
-}
-
-/// Opens a connection within the connect timeout.
-async fn open_connection(settings: &RabbitmqSettings) -> Result<Connection, RabbitError> {
-    let attempt = async {
-        let properties =
-            lapin::ConnectionProperties::default().with_connection_name("outbox-relay".into());
-        if settings.tls() {
-            let cert_chain = match &settings.ca_path {
-                Some(path) => Some(
-                    std::fs::read_to_string(path)
-                        .map_err(|e| RabbitError::Connect(format!("{}: {e}", path.display())))?,
-                ),
-                None => None,
-            };
-            let tls = lapin::tcp::OwnedTLSConfig {
-                identity: None,
-                cert_chain,
-            };
-            let runtime = lapin::runtime::default_runtime().map_err(RabbitError::Client)?;
-            Connection::connect_with_config(settings.url.expose(), properties, tls, runtime).await
-        } else {
-            Connection::connect(settings.url.expose(), properties).await
-        }
-        .map_err(RabbitError::Client)
-    };
-    match tokio::time::timeout(settings.connect_timeout, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(connect_timed_out(settings)),
-    }
-}
-
-fn connect_timed_out(settings: &RabbitmqSettings) -> RabbitError {
-    RabbitError::Connect(format!(
-        "no answer within rabbitmq.connect_timeout ({})",
-        crate::config::duration::format(&settings.connect_timeout)
-    ))
-}
-
-/// Opens a channel on `connection` in confirm mode, declaring the exchange if configured.
-async fn open_channel(
-    connection: &Connection,
-    settings: &RabbitmqSettings,
-) -> Result<Channel, RabbitError> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(RabbitError::Client)?;
-    if settings.declare_exchange && !settings.exchange.is_empty() {
-        channel
-            .exchange_declare(
-                settings.exchange.as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(RabbitError::Client)?;
-    }
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(RabbitError::Client)?;
-    Ok(channel)
 }
 
 /// The RabbitMQ sink. See the [module docs](self).
@@ -520,10 +371,6 @@ pub struct RabbitmqSink {
     /// the relay has not handled it, no later record may go out (over a new connection, it
     /// would overtake the failed ones the relay sends again).
     failed: std::sync::Mutex<Option<RabbitError>>,
-    /// The connection this sink shares with the other tables of its relay, if it does.
-    shared: Option<Arc<SharedConnection>>,
-    /// The generation of the shared connection to replace at the next connect (0: none).
-    stale: std::sync::atomic::AtomicU64,
 }
 
 /// Counts a published record as in flight until its outcome is known (or it is dropped).
@@ -571,8 +418,6 @@ impl RabbitmqSink {
             link: tokio::sync::Mutex::new(None),
             in_flight: Arc::new(AtomicUsize::new(0)),
             failed: std::sync::Mutex::new(None),
-            shared: None,
-            stale: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -582,56 +427,76 @@ impl RabbitmqSink {
     }
 
     /// Opens a connection and a channel in confirm mode (declaring the exchange if configured),
-    /// within the connect timeout; a table of a [`SharedConnection`] opens only the channel, on
-    /// the shared connection.
+    /// within the connect timeout.
     async fn connect(&self) -> Result<Link, RabbitError> {
         let settings = &self.settings;
         let attempt = async {
-            let (generation, connection) = match &self.shared {
-                Some(shared) => {
-                    shared
-                        .connection(self.stale.swap(0, Ordering::AcqRel))
-                        .await?
-                }
-                None => (0, Arc::new(open_connection(settings).await?)),
-            };
-            let channel = open_channel(&connection, settings).await?;
+            let properties =
+                lapin::ConnectionProperties::default().with_connection_name("outbox-relay".into());
+            let connection = if settings.tls() {
+                let cert_chain =
+                    match &settings.ca_path {
+                        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                            RabbitError::Connect(format!("{}: {e}", path.display()))
+                        })?),
+                        None => None,
+                    };
+                let tls = lapin::tcp::OwnedTLSConfig {
+                    identity: None,
+                    cert_chain,
+                };
+                let runtime = lapin::runtime::default_runtime().map_err(RabbitError::Client)?;
+                Connection::connect_with_config(settings.url.expose(), properties, tls, runtime)
+                    .await
+            } else {
+                Connection::connect(settings.url.expose(), properties).await
+            }
+            .map_err(RabbitError::Client)?;
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(RabbitError::Client)?;
+            if settings.declare_exchange && !settings.exchange.is_empty() {
+                channel
+                    .exchange_declare(
+                        settings.exchange.as_str().into(),
+                        ExchangeKind::Topic,
+                        ExchangeDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(RabbitError::Client)?;
+            }
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(RabbitError::Client)?;
             Ok(Link {
                 connection,
                 channel,
                 published: Arc::default(),
-                generation,
             })
         };
         match tokio::time::timeout(settings.connect_timeout, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(connect_timed_out(settings)),
+            Err(_) => Err(RabbitError::Connect(format!(
+                "no answer within rabbitmq.connect_timeout ({})",
+                crate::config::duration::format(&settings.connect_timeout)
+            ))),
         }
     }
 
     /// Closes `link` in order: waits up to `wait` for its outstanding confirms, then closes the
-    /// connection — only the channel, for a table of a [`SharedConnection`] — (RabbitMQ answers
-    /// once the channel handled everything published on it) within the rest of `wait`. Returns
-    /// whether everything was answered; a table of a [`SharedConnection`] that could not close
-    /// its channel in time has the shared connection replaced at its next connect.
-    async fn close(&self, link: Link, wait: Duration) -> bool {
+    /// connection (RabbitMQ answers once its channel handled everything published on it) within
+    /// the rest of `wait`. Returns whether everything was answered.
+    async fn close(link: Link, wait: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
         let confirmed = tokio::time::timeout_at(deadline, link.channel.wait_for_confirms())
             .await
             .is_ok();
-        if self.shared.is_some() {
-            let closed = tokio::time::timeout_at(
-                deadline,
-                link.channel.close(200, "outbox-relay closes".into()),
-            )
-            .await
-            .is_ok_and(|r| r.is_ok());
-            let answered = confirmed && (closed || !link.channel.status().connected());
-            if !answered || !link.connection.status().connected() {
-                self.stale.store(link.generation, Ordering::Release);
-            }
-            return answered;
-        }
         let closed = tokio::time::timeout_at(
             deadline,
             link.connection.close(200, "outbox-relay closes".into()),
@@ -899,7 +764,7 @@ impl Sink for RabbitmqSink {
         }
         if let Some(link) = self.link.get_mut().take() {
             let wait = self.settings.delivery_timeout.min(Duration::from_secs(5));
-            if !self.close(link, wait).await {
+            if !Self::close(link, wait).await {
                 tracing::warn!(
                     servers = %self.servers(),
                     "the old RabbitMQ connection did not close in time: it is abandoned"
@@ -922,7 +787,7 @@ impl Sink for RabbitmqSink {
         let held = self.in_flight();
         let link = self.link.lock().await.take();
         let answered = match link {
-            Some(link) => self.close(link, wait).await,
+            Some(link) => Self::close(link, wait).await,
             None => true,
         };
         Fenced {
@@ -936,9 +801,6 @@ impl Sink for RabbitmqSink {
         stats: Arc<crate::stats::RelayStats>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Option<tokio::task::JoinHandle<()>>, SinkError> {
-        if let Some(shared) = &self.shared {
-            return Ok(Some(watch_shared(shared.clone(), stats, shutdown)));
-        }
         let probe = RabbitmqSink::new(RabbitmqSettings {
             connect_timeout: PROBE_TIMEOUT,
             declare_exchange: false,
@@ -975,51 +837,6 @@ impl Sink for RabbitmqSink {
             }
         })))
     }
-}
-
-/// The idle probe of a table of a relay sharing one connection ([`SharedConnection`]): every
-/// [`PROBE_INTERVAL`] without a published event, a channel opened and closed on the shared
-/// connection (opened anew when it was lost) must answer within [`PROBE_TIMEOUT`].
-fn watch_shared(
-    shared: Arc<SharedConnection>,
-    stats: Arc<crate::stats::RelayStats>,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let servers = redact_url(shared.settings.url.expose());
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-            }
-            let answer = if published_within(&stats, PROBE_INTERVAL) {
-                Ok(())
-            } else {
-                let round_trip = async {
-                    let (_, connection) = shared.connection(0).await?;
-                    let channel = connection
-                        .create_channel()
-                        .await
-                        .map_err(RabbitError::Client)?;
-                    channel
-                        .close(200, "probe".into())
-                        .await
-                        .map_err(RabbitError::Client)
-                };
-                match tokio::time::timeout(PROBE_TIMEOUT, round_trip).await {
-                    Ok(answer) => answer,
-                    Err(_) => Err(RabbitError::TimedOut),
-                }
-            };
-            record_probe(
-                &stats,
-                &servers,
-                answer,
-                "RabbitMQ does not answer: reporting not ready until it does",
-                "RabbitMQ answers again",
-            );
-        }
-    })
 }
 
 /// `topics ensure --sink rabbitmq`: declares the exchange (durable, type `topic`, unless
@@ -1085,7 +902,7 @@ pub async fn ensure_queues(
             }
         }
     }
-    let _ = sink.close(link, settings.connect_timeout).await;
+    let _ = RabbitmqSink::close(link, settings.connect_timeout).await;
     match failed {
         None => Ok(lines),
         Some((destination, error)) => Err(SinkError::Refused {

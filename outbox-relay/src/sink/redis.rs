@@ -93,23 +93,6 @@
 //! redis-rs's `ConnectionManager`: the relay's own [`Sink::recreate`] is the reconnect.
 //! Redis Cluster is not supported (one server, or a primary with replicas through `WAIT`).
 //! The relay's connections are named `outbox-relay-<pid>` (`CLIENT LIST` shows them).
-//!
-//! # One connection for many tables
-//! The tables of one relay ([`crate::RelayGroup`]) share one multiplexed connection
-//! ([`SharedConnection`]): each table keeps its own writer task, which sends that table's
-//! batches one at a time as above, so a table's order and its stop after a failure are its own.
-//! A pipeline is written to the connection as one unit and its replies come back in order, and
-//! every record is one atomic `EVALSHA`, so the tables' batches may be interleaved on the
-//! connection without touching each other's records. The writer takes the current connection
-//! for each batch. When a batch fails for the connection's sake (I/O, no reply in time, a reply
-//! it cannot read), its writer asks for that connection (its *generation*) to be replaced:
-//! the first such request drops it, and the next batch of any table opens the new one (the
-//! others wait for it rather than open their own). The batches the other tables still have on
-//! the old connection are answered or fail there, and those tables re-send from their first
-//! unacknowledged event as after any failure. The idle probe of each table pings on the shared
-//! connection (and asks for it to be replaced when the ping fails), so the relay holds one
-//! connection to Redis whatever the number of tables. A single-table relay keeps a connection
-//! of its own, opened anew after each failure, and a probe connection.
 
 use crate::sink::{published_within, record_probe};
 use std::collections::HashMap;
@@ -408,8 +391,6 @@ struct WriterSetup {
     script_sha: String,
     closed: Arc<AtomicBool>,
     epoch: Arc<AtomicU64>,
-    /// The relay's shared connection, when this sink is a table of a group.
-    shared: Option<Arc<SharedConnection>>,
 }
 
 impl Writer {
@@ -445,40 +426,16 @@ async fn run_writer(setup: WriterSetup, mut jobs: mpsc::UnboundedReceiver<Job>) 
         };
         let results = match unsent {
             Some(error) => vec![Err(error); n],
-            None => match &setup.shared {
-                None => {
-                    let results = send(&setup, &mut connection, job.calls, job.deadline).await;
-                    if let Some(Err(error)) = results.iter().find(|r| r.is_err()) {
-                        broken = Some(error.to_string());
-                        if matches!(error, SendError::Connection { .. } | SendError::Timeout(_)) {
-                            connection = None;
-                        }
+            None => {
+                let results = send(&setup, &mut connection, job.calls, job.deadline).await;
+                if let Some(Err(error)) = results.iter().find(|r| r.is_err()) {
+                    broken = Some(error.to_string());
+                    if matches!(error, SendError::Connection { .. } | SendError::Timeout(_)) {
+                        connection = None;
                     }
-                    results
                 }
-                Some(shared) => {
-                    let left = job.deadline.saturating_duration_since(Instant::now());
-                    let results = match shared.get(setup.settings.connect_timeout.min(left)).await {
-                        Err(e) => vec![Err(e); n],
-                        Ok((generation, c)) => {
-                            let mut borrowed = Some(c);
-                            let results =
-                                send(&setup, &mut borrowed, job.calls, job.deadline).await;
-                            if results
-                                .iter()
-                                .any(|r| r.as_ref().is_err_and(SharedConnection::condemns))
-                            {
-                                shared.replace(generation).await;
-                            }
-                            results
-                        }
-                    };
-                    if let Some(Err(error)) = results.iter().find(|r| r.is_err()) {
-                        broken = Some(error.to_string());
-                    }
-                    results
-                }
-            },
+                results
+            }
         };
         if broken.is_some() {
             // Nothing further goes out on this connection; close it now.
@@ -651,123 +608,6 @@ pub struct RedisSink {
     epoch: Arc<AtomicU64>,
     /// The server's `proto-max-bulk-len` as read by [`RedisSink::check_connection`].
     server_limit: Arc<AtomicUsize>,
-    /// The connection this sink shares with the other tables of its relay, if it does.
-    shared: Option<Arc<SharedConnection>>,
-}
-
-/// One multiplexed Redis connection for every table of a relay: see the [module
-/// docs](self#one-connection-for-many-tables). Cheap to share (`Arc`).
-pub struct SharedConnection {
-    settings: RedisSettings,
-    client: redis::Client,
-    /// The current connection (none before the first batch and after a replacement) and its
-    /// generation, bumped each time one is opened. Held while a connection is opened, so the
-    /// tables asking at once wait for that one instead of opening their own.
-    current: tokio::sync::Mutex<(u64, Option<MultiplexedConnection>)>,
-    /// The server's `proto-max-bulk-len`, read once for every table.
-    server_limit: Arc<AtomicUsize>,
-}
-
-impl SharedConnection {
-    /// Checks the settings and prepares the client (no connection is made yet).
-    pub fn new(settings: RedisSettings) -> Result<Arc<Self>, SinkError> {
-        settings.validate().map_err(|e| SinkError::Config {
-            broker: REDIS,
-            key: e.key,
-            reason: e.reason,
-        })?;
-        let client = client_for(&settings)?;
-        Ok(Arc::new(Self {
-            settings,
-            client,
-            current: tokio::sync::Mutex::new((0, None)),
-            server_limit: Arc::new(AtomicUsize::new(REDIS_MAX_BULK)),
-        }))
-    }
-
-    /// A sink for one table, writing on this connection.
-    pub fn sink(self: &Arc<Self>) -> RedisSink {
-        RedisSink {
-            script_sha: redis::Script::new(APPEND_SCRIPT).get_hash().to_owned(),
-            settings: self.settings.clone(),
-            client: self.client.clone(),
-            writer: Mutex::new(None),
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            epoch: Arc::new(AtomicU64::new(0)),
-            server_limit: self.server_limit.clone(),
-            shared: Some(self.clone()),
-        }
-    }
-
-    /// The current connection and its generation, opened (within `timeout`) when there is none.
-    async fn get(&self, timeout: Duration) -> Result<(u64, MultiplexedConnection), SendError> {
-        let mut current = self.current.lock().await;
-        if let Some(c) = &current.1 {
-            return Ok((current.0, c.clone()));
-        }
-        let c = connect(&self.client, &self.settings, timeout).await?;
-        current.0 += 1;
-        current.1 = Some(c.clone());
-        if current.0 > 1 {
-            tracing::info!(
-                generation = current.0,
-                "opened a new shared Redis connection for the relay's tables"
-            );
-        }
-        Ok((current.0, c))
-    }
-
-    /// Drops the connection of `generation` if it is still the current one (the first table
-    /// that saw it fail); the next [`SharedConnection::get`] opens a new one. A request for an
-    /// older generation does nothing: that connection was replaced already.
-    async fn replace(&self, generation: u64) {
-        let mut current = self.current.lock().await;
-        if current.0 == generation && current.1.take().is_some() {
-            tracing::warn!(
-                generation,
-                "the shared Redis connection failed: the relay's tables continue on a new one"
-            );
-        }
-    }
-
-    /// Whether a batch's error says the connection itself is unusable (rather than the server
-    /// refusing a record), so it is replaced for every table.
-    fn condemns(error: &SendError) -> bool {
-        matches!(
-            error,
-            SendError::Connection { .. } | SendError::Timeout(_) | SendError::Reply(_)
-        )
-    }
-}
-
-/// The client of `settings` (its URL, and its CA when `redis.ca_path` is set).
-fn client_for(settings: &RedisSettings) -> Result<redis::Client, SinkError> {
-    match &settings.ca_path {
-        None => redis::Client::open(settings.url.expose()),
-        Some(ca) => {
-            let root_cert = std::fs::read(ca).map_err(|e| SinkError::Config {
-                broker: REDIS,
-                key: "redis.ca_path".into(),
-                reason: format!("cannot read {}: {e}", ca.display()),
-            })?;
-            redis::Client::build_with_tls(
-                settings.url.expose(),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                },
-            )
-        }
-    }
-    .map_err(|e| SinkError::Config {
-        broker: REDIS,
-        key: if settings.ca_path.is_some() {
-            "redis.ca_path".into()
-        } else {
-            "redis.url".into()
-        },
-        reason: settings.scrub(&e.to_string()),
-    })
 }
 
 /// A batch handed to the sink whose outcomes are not all known yet.
@@ -885,7 +725,32 @@ impl RedisSink {
             key: e.key,
             reason: e.reason,
         })?;
-        let client = client_for(&settings)?;
+        let client = match &settings.ca_path {
+            None => redis::Client::open(settings.url.expose()),
+            Some(ca) => {
+                let root_cert = std::fs::read(ca).map_err(|e| SinkError::Config {
+                    broker: REDIS,
+                    key: "redis.ca_path".into(),
+                    reason: format!("cannot read {}: {e}", ca.display()),
+                })?;
+                redis::Client::build_with_tls(
+                    settings.url.expose(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )
+            }
+        }
+        .map_err(|e| SinkError::Config {
+            broker: REDIS,
+            key: if settings.ca_path.is_some() {
+                "redis.ca_path".into()
+            } else {
+                "redis.url".into()
+            },
+            reason: settings.scrub(&e.to_string()),
+        })?;
         Ok(Self {
             script_sha: redis::Script::new(APPEND_SCRIPT).get_hash().to_owned(),
             settings,
@@ -894,7 +759,6 @@ impl RedisSink {
             in_flight: Arc::new(AtomicUsize::new(0)),
             epoch: Arc::new(AtomicU64::new(0)),
             server_limit: Arc::new(AtomicUsize::new(REDIS_MAX_BULK)),
-            shared: None,
         })
     }
 
@@ -925,30 +789,20 @@ impl RedisSink {
                 detail: e.to_string(),
             },
         };
-        let (generation, mut conn) = match &self.shared {
-            Some(shared) => shared.get(s.connect_timeout).await.map_err(refused)?,
-            None => (
-                0,
-                connect(&self.client, s, s.connect_timeout)
-                    .await
-                    .map_err(refused)?,
-            ),
-        };
+        let mut conn = connect(&self.client, s, s.connect_timeout)
+            .await
+            .map_err(refused)?;
         let ping = tokio::time::timeout(
             s.connect_timeout,
             redis::cmd("PING").query_async::<String>(&mut conn),
         )
         .await;
-        let failed = match ping {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(SendError::from_client(&e, s)),
-            Err(_) => Some(SendError::Timeout(s.connect_timeout)),
-        };
-        if let Some(e) = failed {
-            if let Some(shared) = &self.shared {
-                shared.replace(generation).await;
+        match ping {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(refused(SendError::from_client(&e, s))),
+            Err(_) => {
+                return Err(refused(SendError::Timeout(s.connect_timeout)));
             }
-            return Err(refused(e));
         }
         let config = |name: &'static str| {
             let mut conn = conn.clone();
@@ -1128,7 +982,6 @@ impl RedisSink {
                         script_sha: self.script_sha.clone(),
                         closed: Arc::new(AtomicBool::new(false)),
                         epoch: self.epoch.clone(),
-                        shared: self.shared.clone(),
                     })
                 });
                 // A send error drops the job, and with it the reply: the batch fails unsent.
@@ -1209,9 +1062,6 @@ impl Sink for RedisSink {
         stats: Arc<crate::stats::RelayStats>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Option<tokio::task::JoinHandle<()>>, SinkError> {
-        if let Some(shared) = &self.shared {
-            return Ok(Some(watch_shared(shared.clone(), stats, shutdown)));
-        }
         Ok(Some(watch_server(
             self.client.clone(),
             self.settings.clone(),
@@ -1262,54 +1112,6 @@ pub fn watch_server(
     })
 }
 
-/// [`watch_server`] for a table of a relay sharing one connection ([`SharedConnection`]): the
-/// `PING` goes over the shared connection (opened when there is none), and a failed one has it
-/// replaced, so the next probe or batch opens a new one.
-fn watch_shared(
-    shared: Arc<SharedConnection>,
-    stats: Arc<crate::stats::RelayStats>,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-            }
-            let answer = if published_within(&stats, PROBE_INTERVAL) {
-                Ok(())
-            } else {
-                match shared.get(PROBE_TIMEOUT).await {
-                    Err(e) => Err(e),
-                    Ok((generation, mut c)) => {
-                        let pong = tokio::time::timeout(
-                            PROBE_TIMEOUT,
-                            redis::cmd("PING").query_async::<String>(&mut c),
-                        )
-                        .await;
-                        let answer = match pong {
-                            Ok(Ok(_)) => Ok(()),
-                            Ok(Err(e)) => Err(SendError::from_client(&e, &shared.settings)),
-                            Err(_) => Err(SendError::Timeout(PROBE_TIMEOUT)),
-                        };
-                        if answer.is_err() {
-                            shared.replace(generation).await;
-                        }
-                        answer
-                    }
-                }
-            };
-            record_probe(
-                &stats,
-                &shared.settings.shown_url().to_string(),
-                answer,
-                "Redis does not answer: reporting not ready until it does",
-                "Redis answers again",
-            );
-        }
-    })
-}
-
 async fn ping(
     client: &redis::Client,
     settings: &RedisSettings,
@@ -1331,75 +1133,6 @@ async fn ping(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A server that answers every command `+OK` (`PING`: `+PONG`) and counts the connections it
-    /// accepted.
-    async fn answering_server() -> (String, Arc<AtomicUsize>) {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("redis://{}", listener.local_addr().unwrap());
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((socket, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let (read, mut write) = socket.into_split();
-                    let mut lines = BufReader::new(read).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        let Some(n) = line.strip_prefix('*').and_then(|n| n.parse::<usize>().ok())
-                        else {
-                            continue;
-                        };
-                        let mut first = String::new();
-                        for i in 0..2 * n {
-                            match lines.next_line().await {
-                                Ok(Some(l)) if i == 1 => first = l,
-                                Ok(Some(_)) => {}
-                                _ => return,
-                            }
-                        }
-                        let reply: &[u8] = if first.eq_ignore_ascii_case("PING") {
-                            b"+PONG\r\n"
-                        } else {
-                            b"+OK\r\n"
-                        };
-                        if write.write_all(reply).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        (url, accepted)
-    }
-
-    #[tokio::test]
-    async fn a_failed_shared_connection_is_replaced_once_whoever_reports_it() {
-        let (url, accepted) = answering_server().await;
-        let shared = SharedConnection::new(RedisSettings {
-            url: crate::config::Secret::new(url),
-            ..Default::default()
-        })
-        .unwrap();
-        let wait = Duration::from_secs(5);
-        let (first, _) = shared.get(wait).await.unwrap();
-        let (again, _) = shared.get(wait).await.unwrap();
-        assert_eq!((first, again), (1, 1), "one connection for every caller");
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
-        // Every table that saw generation 1 fail reports it; only the first report counts.
-        shared.replace(first).await;
-        let (second, _) = shared.get(wait).await.unwrap();
-        shared.replace(first).await;
-        shared.replace(first).await;
-        let (still, _) = shared.get(wait).await.unwrap();
-        assert_eq!((second, still), (2, 2));
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            2,
-            "one reconnect, however many tables reported the failure"
-        );
-    }
 
     fn record(headers: &[(&str, &str)], payload: Option<&str>) -> OutboundRecord {
         OutboundRecord {
