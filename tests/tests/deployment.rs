@@ -928,23 +928,46 @@ fn toml_top_level(toml: &str, key: &str) -> Option<String> {
 /// of `env` (the manifest's mount paths moved into a scratch directory) and the Secret's files
 /// faked there; its output.
 async fn print_manifest_config(toml: &str, env: &[(String, String)]) -> Result<String> {
-    let dir = std::env::temp_dir().join(unique("dep_k8s_sharded"));
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("relay.toml"), toml)?;
-    for (file, content) in [
+    let env: Vec<_> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("OUTBOX_"))
+        .cloned()
+        .collect();
+    let secrets = [
         (
             "database-url",
             "postgres://account_relay:db-s3cret@db:5432/accounts\n",
         ),
         ("kafka-sasl-password", "sasl-s3cret"),
         ("admin-token", "s3cret-0123456789abcdef0123456789abcdef"),
-    ] {
+    ];
+    let (out, err) = print_mounted_config(toml, &secrets, &env, "the sharded manifest's").await?;
+    ensure!(
+        !out.contains("s3cret") && !err.contains("s3cret"),
+        "a secret was printed:\n{out}{err}"
+    );
+    Ok(out)
+}
+
+/// `outbox-relay config print` as a pod would run it: `toml` as the mounted relay.toml and
+/// `secrets` (file name → content) as the mounted Secret, both in a scratch directory that the
+/// mount paths (`/etc/outbox`, `/var/run/secrets/outbox`) in `env` are moved to; its output and
+/// log. Fails when the relay refuses `what` configuration or ignores a variable.
+async fn print_mounted_config(
+    toml: &str,
+    secrets: &[(&str, &str)],
+    env: &[(String, String)],
+    what: &str,
+) -> Result<(String, String)> {
+    let dir = std::env::temp_dir().join(unique("dep_mounted"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("relay.toml"), toml)?;
+    for (file, content) in secrets {
         std::fs::write(dir.join(file), content)?;
     }
     let dir_str = dir.to_str().context("temp dir")?.to_owned();
     let local: Vec<(String, String)> = env
         .iter()
-        .filter(|(k, _)| k.starts_with("OUTBOX_"))
         .map(|(k, v)| {
             let v = v
                 .replace("/etc/outbox", &dir_str)
@@ -958,16 +981,9 @@ async fn print_manifest_config(toml: &str, env: &[(String, String)]) -> Result<S
         .collect();
     let (code, out, err) = relay_cli(&["config", "print"], &pairs).await?;
     std::fs::remove_dir_all(&dir)?;
-    ensure!(
-        code == 0,
-        "the relay refuses the sharded manifest's configuration:\n{err}"
-    );
+    ensure!(code == 0, "the relay refuses {what} configuration:\n{err}");
     ensure!(!err.contains("ignoring"), "unrecognised variables: {err}");
-    ensure!(
-        !out.contains("s3cret") && !err.contains("s3cret"),
-        "a secret was printed:\n{out}{err}"
-    );
-    Ok(out)
+    Ok((out, err))
 }
 
 /// `deploy/kubernetes/outbox-relay-sharded.yaml`: its ConfigMap's relay.toml loads with the
@@ -1596,8 +1612,6 @@ async fn relay_loads_rendered_config(
     env: &[(String, String)],
     secrets: &[(&str, &str)],
 ) -> Result<String> {
-    let dir = std::env::temp_dir().join(unique("dep_helm"));
-    std::fs::create_dir_all(&dir)?;
     let configmap = objects
         .iter()
         .find(|o| {
@@ -1607,33 +1621,13 @@ async fn relay_loads_rendered_config(
     let toml = configmap["data"]["relay.toml"]
         .as_str()
         .context("no relay.toml in the ConfigMap")?;
-    std::fs::write(dir.join("relay.toml"), toml)?;
-    for (file, content) in secrets {
-        std::fs::write(dir.join(file), content)?;
-    }
-    let dir_str = dir.to_str().context("temp dir")?.to_owned();
-    let local: Vec<(String, String)> = env
+    // A relay built without `otel` refuses tracing; the image has it (checked above).
+    let env: Vec<_> = env
         .iter()
-        .map(|(k, v)| {
-            let v = v
-                .replace("/etc/outbox", &dir_str)
-                .replace("/var/run/secrets/outbox", &dir_str);
-            (k.clone(), v)
-        })
-        // A relay built without `otel` refuses tracing; the image has it (checked above).
         .filter(|(k, _)| k != "OUTBOX_TELEMETRY__ENABLED")
+        .cloned()
         .collect();
-    let pairs: Vec<(&str, &str)> = local
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let (code, out, err) = relay_cli(&["config", "print"], &pairs).await?;
-    std::fs::remove_dir_all(&dir)?;
-    ensure!(
-        code == 0,
-        "the relay refuses the rendered configuration:\n{err}"
-    );
-    ensure!(!err.contains("ignoring"), "unrecognised variables: {err}");
+    let (out, _) = print_mounted_config(toml, secrets, &env, "the rendered").await?;
     Ok(out)
 }
 
