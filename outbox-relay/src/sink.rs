@@ -21,6 +21,7 @@ pub mod nats;
 pub mod rabbitmq;
 pub mod redis;
 pub mod select;
+pub mod shared;
 pub mod traced;
 
 pub use crate::config::SinkKind;

@@ -29,7 +29,8 @@
 //! are answered (rather than replacing the producer) before it re-sends or releases its leader
 //! lock; only when they stay unanswered (a broker out of reach) does it drop the producer's
 //! queue, and the other tables then re-send their queued records in order too (see
-//! [`crate::sink::kafka`]). NATS, RabbitMQ and Redis keep a client per table.
+//! [`crate::sink::kafka`]). NATS and Redis share one connection the same way (one failure
+//! replaces it once; [`crate::sink::shared`]); RabbitMQ keeps a connection per table.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

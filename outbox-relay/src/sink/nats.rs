@@ -33,6 +33,16 @@
 //! - A connection is never resumed: the client does not reconnect by itself (its queued
 //!   publishes would overtake those the lost connection dropped), a lost connection fails the
 //!   batches in flight at once, and no new connection is opened before [`Sink::recreate`].
+//! - Many tables, one connection: the tables of one relay publish on one connection
+//!   ([`NatsConnection`], see [`crate::sink::shared`]); each keeps its own order, in-flight count
+//!   and failure flag. A table whose publish fails replaces the connection when it is
+//!   recreated — once, however many tables saw the failure — which fails the acknowledgements
+//!   every other table awaits on it at once; each of them then re-sends from its first
+//!   unacknowledged event on the new connection, as after a lost connection. A table with
+//!   nothing in flight moves to the new connection without failing anything (all it sent was
+//!   acknowledged, so nothing can be overtaken). The idle probes of a shared connection ask
+//!   JetStream on it rather than on connections of their own. A single-table relay has a
+//!   connection of its own of the same kind, so the failure path is the same code.
 //! - Refusals known before sending (subject, headers, larger than the server's
 //!   `max_payload` or the stream's `max_msg_size`) are [`Outcome::Rejected`] at enqueue time
 //!   and the later records of the same subject and key are [`Outcome::Held`], never sent. A
@@ -61,6 +71,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NatsSettings;
 use crate::config::nats::subject_problem;
 use crate::route::OutboundRecord;
+use crate::sink::shared::{Generation, SharedConnection};
 use crate::sink::{
     Delivered, DeliveryFault, ErrorClass, Fenced, Outcome, PendingBatch, Sink, SinkError, SinkKind,
 };
@@ -294,10 +305,59 @@ struct Link {
     streams: Arc<Mutex<HashMap<String, StreamFacts>>>,
 }
 
+/// The connection the tables of one relay publish on (see [`crate::sink::shared`]): opened by
+/// the first table that publishes, replaced once when a table sees it fail, and the last error
+/// the server reported on it.
+pub struct NatsConnection {
+    settings: NatsSettings,
+    connection: SharedConnection<Link>,
+    server_error: Arc<Mutex<Option<String>>>,
+}
+
+impl NatsConnection {
+    /// A connection for tables publishing with `settings` (nothing connects yet).
+    pub fn new(settings: NatsSettings) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            connection: SharedConnection::default(),
+            server_error: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// A sink for one table, publishing on this connection.
+    pub fn sink(self: &Arc<Self>) -> Result<NatsSink, SinkError> {
+        NatsSink::build(self.clone(), true)
+    }
+
+    /// The current connection, or a new one (replacing a lost one).
+    async fn link(&self) -> Result<Generation<Link>, Failure> {
+        self.connection
+            .get_or_open(
+                |l: &Link| l.lost.is_cancelled(),
+                || open(&self.settings, Some(self.server_error.clone())),
+            )
+            .await
+    }
+
+    /// Drops generation `number` when it is still the current one and fails what is pending
+    /// on it at once (every table using it re-sends in order on the next connection).
+    fn retire(&self, number: u64) {
+        if let Some(old) = self.connection.retire(number) {
+            old.lost.cancel();
+        }
+    }
+}
+
 /// The NATS JetStream sink. See the [module docs](self).
 pub struct NatsSink {
     settings: NatsSettings,
-    link: Arc<Mutex<Option<Link>>>,
+    connection: Arc<NatsConnection>,
+    /// Whether other tables publish on [`NatsSink::connection`] too (then the idle probe uses it
+    /// rather than a connection of its own).
+    shared: bool,
+    /// The generation of the connection this table publishes on, taken at its first publish
+    /// after `new` or [`Sink::recreate`].
+    generation: Mutex<Option<u64>>,
     /// Set once a record could not be sent or acknowledged (or the connection was lost, purged
     /// or fenced): nothing more is published until [`Sink::recreate`], so no later batch can
     /// reach the stream ahead of the records the relay is about to re-send.
@@ -310,6 +370,11 @@ impl NatsSink {
     /// Builds the sink (no connection is made yet; see [`Sink::check_connection`]). Fails for
     /// settings the relay cannot use.
     pub fn new(settings: NatsSettings) -> Result<Self, SinkError> {
+        Self::build(NatsConnection::new(settings), false)
+    }
+
+    fn build(connection: Arc<NatsConnection>, shared: bool) -> Result<Self, SinkError> {
+        let settings = connection.settings.clone();
         settings.validate().map_err(|e| SinkError::Config {
             broker: NATS,
             key: e.key,
@@ -317,40 +382,63 @@ impl NatsSink {
         })?;
         Ok(Self {
             settings,
-            link: Arc::new(Mutex::new(None)),
+            server_error: connection.server_error.clone(),
+            connection,
+            shared,
+            generation: Mutex::new(None),
             broken: Arc::new(AtomicBool::new(false)),
             in_flight: Arc::new(AtomicUsize::new(0)),
-            server_error: Arc::new(Mutex::new(None)),
         })
     }
 
-    /// The connection to publish on: the current one, or a new one when there is none (at
-    /// start and after [`Sink::recreate`]). A lost connection is never replaced here: records
-    /// published on a new connection while the relay has not yet re-sent what the lost one
-    /// dropped would overtake them.
+    /// The connection to publish on: the one this table took, or the shared one when it has
+    /// none (at start and after [`Sink::recreate`]). A lost connection is never replaced here
+    /// while this table may have records on it: records published on a new connection while
+    /// the relay has not yet re-sent what the lost one dropped would overtake them. A table
+    /// with nothing in flight follows a replacement another table made at once (everything it
+    /// sent before was acknowledged, so nothing can be overtaken).
     async fn connected(&self) -> Result<Link, Failure> {
         if self.broken.load(Ordering::Acquire) {
             return Err(Failure::Disconnected);
         }
-        let current = self.link.lock().ok().and_then(|l| l.clone());
-        if let Some(link) = current {
-            if link.lost.is_cancelled() {
-                self.broken.store(true, Ordering::Release);
-                return Err(Failure::Disconnected);
-            }
-            return Ok(link);
-        }
-        match open(&self.settings, Some(self.server_error.clone())).await {
-            Ok(link) => {
-                if let Ok(mut slot) = self.link.lock() {
-                    *slot = Some(link.clone());
+        let held = self.generation.lock().ok().and_then(|g| *g);
+        if let Some(number) = held {
+            match self.connection.connection.current() {
+                Some(current) if current.number == number => {
+                    if current.connection.lost.is_cancelled() {
+                        self.broken.store(true, Ordering::Release);
+                        return Err(Failure::Disconnected);
+                    }
+                    return Ok(current.connection);
                 }
-                Ok(link)
+                _ if self.in_flight() > 0 => {
+                    self.broken.store(true, Ordering::Release);
+                    return Err(Failure::Disconnected);
+                }
+                _ => {}
+            }
+        }
+        match self.connection.link().await {
+            Ok(generation) => {
+                if let Ok(mut held) = self.generation.lock() {
+                    *held = Some(generation.number);
+                }
+                Ok(generation.connection)
             }
             Err(failure) => {
                 self.broken.store(true, Ordering::Release);
                 Err(failure)
             }
+        }
+    }
+
+    /// Lets go of this table's connection; `retire` also replaces it (for every table).
+    fn detach(&self, retire: bool) {
+        let held = self.generation.lock().ok().and_then(|mut g| g.take());
+        if let Some(number) = held
+            && retire
+        {
+            self.connection.retire(number);
         }
     }
 
@@ -692,6 +780,13 @@ impl PendingBatch for Pending {
                 _ = lost.cancelled() => Err(Failure::Disconnected),
                 _ = tokio::time::sleep_until(deadline) => Err(Failure::TimedOut),
             };
+            // A failure marks the sink broken before the record stops counting in flight, so
+            // the sink never takes "nothing in flight" for "everything acknowledged".
+            if answer.is_err()
+                && let Some(broken) = &broken
+            {
+                broken.store(true, Ordering::Release);
+            }
             drop(guard);
             let outcome = match answer {
                 Ok(ack) => Outcome::Delivered(Delivered {
@@ -699,9 +794,6 @@ impl PendingBatch for Pending {
                     offset: i64::try_from(ack.sequence).unwrap_or(i64::MAX),
                 }),
                 Err(failure) => {
-                    if let Some(broken) = &broken {
-                        broken.store(true, Ordering::Release);
-                    }
                     let f = fault(&failure);
                     first_failure = Some(DeliveryFault {
                         class: if f.class == ErrorClass::Record {
@@ -866,14 +958,11 @@ impl Sink for NatsSink {
         self.settings.delivery_timeout
     }
 
-    /// Drops the connection; the next batch opens a new one (so the relay's re-sent events
-    /// follow everything the old connection carried).
+    /// Drops the connection (replacing it for every table that shares it, once however many
+    /// of them fail); the next batch publishes on a new one, so the relay's re-sent events
+    /// follow everything the old connection carried.
     async fn recreate(&mut self) -> Result<(), SinkError> {
-        if let Ok(mut slot) = self.link.lock()
-            && let Some(old) = slot.take()
-        {
-            old.lost.cancel();
-        }
+        self.detach(true);
         if let Ok(mut e) = self.server_error.lock() {
             *e = None;
         }
@@ -881,38 +970,43 @@ impl Sink for NatsSink {
         Ok(())
     }
 
-    /// Drops the connection at once; returns how many publishes were unanswered.
+    /// Stops publishing at once; returns how many publishes were unanswered. With publishes
+    /// unanswered the connection is dropped (for every table sharing it: they re-send theirs
+    /// in order), so none of them can still go out.
     fn purge(&self) -> usize {
         let held = self.in_flight();
         self.broken.store(true, Ordering::Release);
-        if let Ok(mut slot) = self.link.lock()
-            && let Some(old) = slot.take()
-        {
-            old.lost.cancel();
-        }
+        self.detach(held > 0);
         held
     }
 
     /// Waits up to `wait` for a round trip on the connection (the server answers it after it
-    /// has read every publish sent before it), then drops the connection. A publish the server
-    /// read but had not stored yet may still be stored afterwards: a duplicate at most, dropped
-    /// by `Nats-Msg-Id` when the next leader re-sends it first.
+    /// has read every publish sent before it, this table's and the others'), then lets go of
+    /// the connection; when no answer came, the connection is dropped (for every table sharing
+    /// it), so nothing left in the client's buffer can go out later. A publish the server read
+    /// but had not stored yet may still be stored afterwards: a duplicate at most, dropped by
+    /// `Nats-Msg-Id` when the next leader re-sends it first.
     async fn fence(&self, wait: Duration) -> Fenced {
         let held = self.in_flight();
         self.broken.store(true, Ordering::Release);
-        let link = self.link.lock().ok().and_then(|mut l| l.take());
+        let number = self.generation.lock().ok().and_then(|mut g| g.take());
+        let link = self
+            .connection
+            .connection
+            .current()
+            .filter(|g| Some(g.number) == number);
         let mut unanswered = 0;
-        if let Some(link) = link {
+        if let Some(generation) = link {
             // Always, even with no acknowledgement awaited: publishes of an abandoned window may
             // still sit in the client's write buffer, and the answer proves the server has read
             // them before the relay lets go of its source.
             if !matches!(
-                tokio::time::timeout(wait, account_info(&link)).await,
+                tokio::time::timeout(wait, account_info(&generation.connection)).await,
                 Ok(Ok(_))
             ) {
                 unanswered = held;
+                self.connection.retire(generation.number);
             }
-            link.lost.cancel();
         }
         Fenced { held, unanswered }
     }
@@ -922,6 +1016,9 @@ impl Sink for NatsSink {
         stats: Arc<crate::stats::RelayStats>,
         shutdown: CancellationToken,
     ) -> Result<Option<tokio::task::JoinHandle<()>>, SinkError> {
+        if self.shared {
+            return Ok(Some(watch_shared(self.connection.clone(), stats, shutdown)));
+        }
         Ok(Some(watch_server(self.settings.clone(), stats, shutdown)))
     }
 }
@@ -1084,6 +1181,46 @@ pub fn watch_server(
             record_probe(
                 &stats,
                 &settings.redacted_urls(),
+                answer,
+                "NATS server does not answer: reporting not ready until it does",
+                "NATS server answers again",
+            );
+        }
+    })
+}
+
+/// [`watch_server`] for a table sharing its connection: the probe asks JetStream on the shared
+/// connection (opening it when no table has yet), so the relay holds one connection to the
+/// server however many tables it relays.
+fn watch_shared(
+    connection: Arc<NatsConnection>,
+    stats: Arc<crate::stats::RelayStats>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(SERVER_PROBE_INTERVAL) => {}
+            }
+            let answer: Result<(), String> = if published_within(&stats, SERVER_PROBE_INTERVAL) {
+                Ok(())
+            } else {
+                match tokio::time::timeout(SERVER_PROBE_TIMEOUT, async {
+                    let generation = connection.link().await.map_err(|f| fault(&f).detail)?;
+                    account_info(&generation.connection)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                {
+                    Ok(answer) => answer,
+                    Err(_) => Err("no answer".to_owned()),
+                }
+            };
+            record_probe(
+                &stats,
+                &connection.settings.redacted_urls(),
                 answer,
                 "NATS server does not answer: reporting not ready until it does",
                 "NATS server answers again",

@@ -52,6 +52,19 @@
 //! connections send the same records in the same order, and each record is appended once, at
 //! its first execution.
 //!
+//! # Many tables, one connection
+//! The tables of one relay send on one multiplexed connection ([`RedisConnection`], see
+//! [`crate::sink::shared`]). Each table has its own writer task, so its batches still go out one
+//! at a time, each after the previous one was answered in full, and its failure flag, in-flight
+//! count and purge epoch are its own. A batch that fails for the connection's sake (I/O, no
+//! reply within the delivery timeout, a reply the sink cannot read) replaces the connection —
+//! once, however many tables see it — and the next batch of every table goes out on the new one;
+//! a refusal by the server (`OOM`, `WRONGTYPE`, too few replicas) fails only that table's batch
+//! and leaves the connection in place. The argument above holds across tables: what a table
+//! re-sends is appended once, whichever connection carries it. The start-up check and the idle
+//! probes of a shared connection use it rather than connections of their own. A single-table
+//! relay has a connection of its own of the same kind, so the failure path is the same code.
+//!
 //! # Durability
 //! A record counts as delivered once the script's reply arrived (and, with
 //! `redis.wait_replicas > 0`, once `WAIT <n> <redis.wait_timeout>` after the batch reported at
@@ -108,6 +121,7 @@ use tokio::time::Instant;
 use crate::config::RedisSettings;
 use crate::config::redis::REDIS_MAX_BULK;
 use crate::route::OutboundRecord;
+use crate::sink::shared::{Generation, SharedConnection};
 use crate::sink::{
     Delivered, DeliveryError, DeliveryFault, ErrorClass, Fenced, PendingBatch, Sink, SinkError,
     SinkKind,
@@ -147,7 +161,7 @@ return {1, id}
 pub const HEADER_FIELD_PREFIX: &str = "h:";
 
 /// How long a batch's waiter gives the connection beyond the delivery timeout before it stops
-/// waiting and closes the connection itself.
+/// waiting and stops the table's writer itself.
 const WAIT_GRACE: Duration = Duration::from_secs(1);
 
 /// Why a record was not delivered, before it is classified ([`classify`]).
@@ -386,7 +400,7 @@ struct Writer {
 
 /// What the writer task needs besides its jobs.
 struct WriterSetup {
-    client: redis::Client,
+    connection: Arc<RedisConnection>,
     settings: RedisSettings,
     script_sha: String,
     closed: Arc<AtomicBool>,
@@ -402,10 +416,10 @@ impl Writer {
     }
 }
 
-/// The writer task: sends each batch as one pipeline on its connection (opened when the first
-/// batch comes), one batch at a time, and answers it; after any failure it sends nothing more.
+/// The writer task of one table: sends each batch as one pipeline on the shared connection
+/// (opened when the first batch of any table comes), one batch at a time, and answers it; after
+/// any failure it sends nothing more (the relay recreates the sink, which starts a new writer).
 async fn run_writer(setup: WriterSetup, mut jobs: mpsc::UnboundedReceiver<Job>) {
-    let mut connection: Option<MultiplexedConnection> = None;
     let mut broken: Option<String> = None;
     while let Some(job) = jobs.recv().await {
         let n = job.calls.len();
@@ -427,20 +441,25 @@ async fn run_writer(setup: WriterSetup, mut jobs: mpsc::UnboundedReceiver<Job>) 
         let results = match unsent {
             Some(error) => vec![Err(error); n],
             None => {
-                let results = send(&setup, &mut connection, job.calls, job.deadline).await;
+                let (results, generation) = send(&setup, job.calls, job.deadline).await;
                 if let Some(Err(error)) = results.iter().find(|r| r.is_err()) {
                     broken = Some(error.to_string());
-                    if matches!(error, SendError::Connection { .. } | SendError::Timeout(_)) {
-                        connection = None;
+                    // A connection that failed (rather than a server that refused a command on
+                    // it) is replaced, once, for every table sharing it.
+                    if let Some(number) = generation
+                        && matches!(
+                            error,
+                            SendError::Connection { .. }
+                                | SendError::Timeout(_)
+                                | SendError::Reply(_)
+                        )
+                    {
+                        setup.connection.retire(number);
                     }
                 }
                 results
             }
         };
-        if broken.is_some() {
-            // Nothing further goes out on this connection; close it now.
-            connection = None;
-        }
         let _ = job.reply.send(results);
     }
 }
@@ -488,25 +507,27 @@ async fn connect(
 }
 
 /// Sends one batch as a pipeline (`SCRIPT LOAD`, one `EVALSHA` per record, `WAIT` when
-/// configured) and reads one result per record from the replies.
+/// configured) on the current shared connection and reads one result per record from the
+/// replies; also returns the connection's generation (none when no connection could be made).
 async fn send(
     setup: &WriterSetup,
-    connection: &mut Option<MultiplexedConnection>,
     calls: Vec<Cmd>,
     deadline: Instant,
-) -> Vec<Result<Delivered, SendError>> {
+) -> (Vec<Result<Delivered, SendError>>, Option<u64>) {
     let n = calls.len();
     let settings = &setup.settings;
-    if connection.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match connect(&setup.client, settings, settings.connect_timeout.min(left)).await {
-            Ok(c) => *connection = Some(c),
-            Err(e) => return vec![Err(e); n],
-        }
-    }
-    let Some(conn) = connection.as_mut() else {
-        return vec![Err(SendError::NotSent("no connection".into())); n];
+    let left = deadline.saturating_duration_since(Instant::now());
+    let generation = match setup
+        .connection
+        .get(settings.connect_timeout.min(left))
+        .await
+    {
+        Ok(g) => g,
+        Err(e) => return (vec![Err(e); n], None),
     };
+    let number = Some(generation.number);
+    let mut conn = generation.connection;
+    let conn = &mut conn;
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     pipe.cmd("SCRIPT").arg("LOAD").arg(APPEND_SCRIPT);
@@ -522,15 +543,21 @@ async fn send(
     let replies: Vec<Value> = match tokio::time::timeout_at(deadline, pipe.query_async(conn)).await
     {
         Ok(Ok(replies)) => replies,
-        Ok(Err(e)) => return vec![Err(SendError::from_client(&e, settings)); n],
-        Err(_) => return vec![Err(SendError::Timeout(settings.delivery_timeout)); n],
+        Ok(Err(e)) => return (vec![Err(SendError::from_client(&e, settings)); n], number),
+        Err(_) => {
+            return (
+                vec![Err(SendError::Timeout(settings.delivery_timeout)); n],
+                number,
+            );
+        }
     };
-    read_replies(
+    let results = read_replies(
         replies,
         n,
         wait.then_some(settings.wait_replicas),
         &setup.script_sha,
-    )
+    );
+    (results, number)
 }
 
 /// The per-record results of a batch's replies: `[SCRIPT LOAD, EVALSHA × n, (WAIT)]`.
@@ -596,12 +623,84 @@ fn read_replies(
     results
 }
 
+/// The connection the tables of one relay send on (see [`crate::sink::shared`]): opened by the
+/// first batch of any table, replaced once when a batch on it fails for the connection's sake
+/// (I/O, no reply in time); every table's writer takes the current one for each batch.
+pub struct RedisConnection {
+    settings: RedisSettings,
+    client: redis::Client,
+    connection: SharedConnection<MultiplexedConnection>,
+}
+
+impl RedisConnection {
+    /// Checks the settings and prepares the client (nothing connects yet).
+    pub fn new(settings: RedisSettings) -> Result<Arc<Self>, SinkError> {
+        settings.validate().map_err(|e| SinkError::Config {
+            broker: REDIS,
+            key: e.key,
+            reason: e.reason,
+        })?;
+        let client = match &settings.ca_path {
+            None => redis::Client::open(settings.url.expose()),
+            Some(ca) => {
+                let root_cert = std::fs::read(ca).map_err(|e| SinkError::Config {
+                    broker: REDIS,
+                    key: "redis.ca_path".into(),
+                    reason: format!("cannot read {}: {e}", ca.display()),
+                })?;
+                redis::Client::build_with_tls(
+                    settings.url.expose(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )
+            }
+        }
+        .map_err(|e| SinkError::Config {
+            broker: REDIS,
+            key: if settings.ca_path.is_some() {
+                "redis.ca_path".into()
+            } else {
+                "redis.url".into()
+            },
+            reason: settings.scrub(&e.to_string()),
+        })?;
+        Ok(Arc::new(Self {
+            settings,
+            client,
+            connection: SharedConnection::default(),
+        }))
+    }
+
+    /// A sink for one table, sending on this connection.
+    pub fn sink(self: &Arc<Self>) -> RedisSink {
+        RedisSink::build(self.clone(), true)
+    }
+
+    /// The current connection, or a new one within `timeout`.
+    async fn get(&self, timeout: Duration) -> Result<Generation<MultiplexedConnection>, SendError> {
+        self.connection
+            .get_or_open(|_| false, || connect(&self.client, &self.settings, timeout))
+            .await
+    }
+
+    /// Drops generation `number` when it is still the current one (the next batch of any table
+    /// opens a new connection); the old one closes once the batches on it are answered.
+    fn retire(&self, number: u64) {
+        self.connection.retire(number);
+    }
+}
+
 /// The Redis Streams sink. See the [module docs](self).
 pub struct RedisSink {
     settings: RedisSettings,
-    client: redis::Client,
+    connection: Arc<RedisConnection>,
+    /// Whether other tables send on [`RedisSink::connection`] too (then the start-up check and
+    /// the idle probe use it rather than connections of their own).
+    shared: bool,
     script_sha: String,
-    /// The writer of the current connection, started by the first batch after `new` or
+    /// The writer of this table, started by the first batch after `new` or
     /// [`RedisSink::recreate`].
     writer: Mutex<Option<Writer>>,
     in_flight: Arc<AtomicUsize>,
@@ -646,8 +745,8 @@ impl Pending {
     }
 
     /// Waits for Redis's verdict on every record: one outcome per record, in order. A batch
-    /// not answered within `redis.delivery_timeout` fails as a whole (and its connection is
-    /// closed, so nothing later is sent on it).
+    /// not answered within `redis.delivery_timeout` fails as a whole (and the table's writer is
+    /// stopped, so nothing later of it is sent).
     pub async fn wait(self) -> Vec<Outcome> {
         let Pending {
             slots,
@@ -720,46 +819,20 @@ impl RedisSink {
     /// Checks the settings and prepares the client (no connection is made yet; see
     /// [`RedisSink::check_connection`]).
     pub fn new(settings: RedisSettings) -> Result<Self, SinkError> {
-        settings.validate().map_err(|e| SinkError::Config {
-            broker: REDIS,
-            key: e.key,
-            reason: e.reason,
-        })?;
-        let client = match &settings.ca_path {
-            None => redis::Client::open(settings.url.expose()),
-            Some(ca) => {
-                let root_cert = std::fs::read(ca).map_err(|e| SinkError::Config {
-                    broker: REDIS,
-                    key: "redis.ca_path".into(),
-                    reason: format!("cannot read {}: {e}", ca.display()),
-                })?;
-                redis::Client::build_with_tls(
-                    settings.url.expose(),
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(root_cert),
-                    },
-                )
-            }
-        }
-        .map_err(|e| SinkError::Config {
-            broker: REDIS,
-            key: if settings.ca_path.is_some() {
-                "redis.ca_path".into()
-            } else {
-                "redis.url".into()
-            },
-            reason: settings.scrub(&e.to_string()),
-        })?;
-        Ok(Self {
+        Ok(Self::build(RedisConnection::new(settings)?, false))
+    }
+
+    fn build(connection: Arc<RedisConnection>, shared: bool) -> Self {
+        Self {
             script_sha: redis::Script::new(APPEND_SCRIPT).get_hash().to_owned(),
-            settings,
-            client,
+            settings: connection.settings.clone(),
+            connection,
+            shared,
             writer: Mutex::new(None),
             in_flight: Arc::new(AtomicUsize::new(0)),
             epoch: Arc::new(AtomicU64::new(0)),
             server_limit: Arc::new(AtomicUsize::new(REDIS_MAX_BULK)),
-        })
+        }
     }
 
     /// The largest record sent: `redis.max_record_bytes`, capped by the server's
@@ -789,9 +862,17 @@ impl RedisSink {
                 detail: e.to_string(),
             },
         };
-        let mut conn = connect(&self.client, s, s.connect_timeout)
-            .await
-            .map_err(refused)?;
+        let mut conn = if self.shared {
+            self.connection
+                .get(s.connect_timeout)
+                .await
+                .map_err(refused)?
+                .connection
+        } else {
+            connect(&self.connection.client, s, s.connect_timeout)
+                .await
+                .map_err(refused)?
+        };
         let ping = tokio::time::timeout(
             s.connect_timeout,
             redis::cmd("PING").query_async::<String>(&mut conn),
@@ -857,7 +938,7 @@ impl RedisSink {
             servers: s.shown_url(),
             detail: e.to_string(),
         };
-        let mut conn = connect(&self.client, s, s.connect_timeout)
+        let mut conn = connect(&self.connection.client, s, s.connect_timeout)
             .await
             .map_err(unreachable)?;
         let mut pipe = redis::pipe();
@@ -873,9 +954,9 @@ impl RedisSink {
         Ok(names.iter().cloned().zip(types).collect())
     }
 
-    /// Starts a new connection for the batches that follow; the old connection sends nothing
-    /// more (batches still queued for it fail unsent) and is closed once its batch on the wire
-    /// is answered.
+    /// Starts a new writer for the batches that follow; the old writer sends nothing more
+    /// (batches still queued for it fail unsent). A connection that failed was replaced already
+    /// by the writer that saw it fail; a healthy one (after a refusal by the server) is kept.
     pub fn recreate(&self) {
         if let Ok(mut writer) = self.writer.lock()
             && let Some(old) = writer.take()
@@ -894,8 +975,8 @@ impl RedisSink {
     }
 
     /// Fences the sink before the relay lets go of its source: drops the batches not yet
-    /// written, waits up to `wait` for the one on the wire to be answered, then closes the
-    /// connection so nothing else is sent on it.
+    /// written, waits up to `wait` for the one on the wire to be answered, then stops this
+    /// table's writer so nothing else of it is sent (other tables sharing the connection go on).
     pub async fn fence(&self, wait: Duration) -> Fenced {
         let held = self.purge();
         let deadline = Instant::now() + wait;
@@ -977,7 +1058,7 @@ impl RedisSink {
             Ok(mut writer) => {
                 let writer = writer.get_or_insert_with(|| {
                     Writer::spawn(WriterSetup {
-                        client: self.client.clone(),
+                        connection: self.connection.clone(),
                         settings: self.settings.clone(),
                         script_sha: self.script_sha.clone(),
                         closed: Arc::new(AtomicBool::new(false)),
@@ -1062,8 +1143,11 @@ impl Sink for RedisSink {
         stats: Arc<crate::stats::RelayStats>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Option<tokio::task::JoinHandle<()>>, SinkError> {
+        if self.shared {
+            return Ok(Some(watch_shared(self.connection.clone(), stats, shutdown)));
+        }
         Ok(Some(watch_server(
-            self.client.clone(),
+            self.connection.client.clone(),
             self.settings.clone(),
             stats,
             shutdown,
@@ -1104,6 +1188,55 @@ pub fn watch_server(
             record_probe(
                 &stats,
                 &settings.shown_url().to_string(),
+                answer,
+                "Redis does not answer: reporting not ready until it does",
+                "Redis answers again",
+            );
+        }
+    })
+}
+
+/// [`watch_server`] for a table sharing its connection: the `PING` goes on the shared
+/// connection (opening it when no table has yet; one that does not answer is replaced), so the
+/// relay holds one connection to the server however many tables it relays.
+fn watch_shared(
+    connection: Arc<RedisConnection>,
+    stats: Arc<crate::stats::RelayStats>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            }
+            let answer = if published_within(&stats, PROBE_INTERVAL) {
+                Ok(())
+            } else {
+                match connection.get(PROBE_TIMEOUT).await {
+                    Err(e) => Err(e),
+                    Ok(generation) => {
+                        let mut conn = generation.connection;
+                        let pong = tokio::time::timeout(
+                            PROBE_TIMEOUT,
+                            redis::cmd("PING").query_async::<String>(&mut conn),
+                        )
+                        .await;
+                        let answer = match pong {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err(e)) => Err(SendError::from_client(&e, &connection.settings)),
+                            Err(_) => Err(SendError::Timeout(PROBE_TIMEOUT)),
+                        };
+                        if answer.is_err() {
+                            connection.retire(generation.number);
+                        }
+                        answer
+                    }
+                }
+            };
+            record_probe(
+                &stats,
+                &connection.settings.shown_url().to_string(),
                 answer,
                 "Redis does not answer: reporting not ready until it does",
                 "Redis answers again",

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use crate::config::RelayConfig;
 use crate::sink::kafka::{KafkaSink, SharedProducer};
-use crate::sink::nats::NatsSink;
+use crate::sink::nats::{NatsConnection, NatsSink};
 use crate::sink::rabbitmq::RabbitmqSink;
-use crate::sink::redis::RedisSink;
+use crate::sink::redis::{RedisConnection, RedisSink};
 use crate::sink::traced::Traced;
 use crate::sink::{Sink, SinkError, SinkKind};
 
@@ -19,16 +19,27 @@ pub fn from_config(config: &RelayConfig) -> Result<Box<dyn Sink>, SinkError> {
 
 /// A broker client the tables of one relay share ([`crate::RelayGroup`]).
 ///
-/// Kafka: one idempotent producer and one idle probe for every table
-/// ([`SharedProducer`]). The NATS, RabbitMQ and Redis sinks keep a client per table: each fences
-/// and replaces its own connection after a failure, and sharing one would need the per-table
-/// accounting the Kafka sink has (see docs/operations.md, "Many tables per relay").
+/// - Kafka: one idempotent producer and one idle probe for every table ([`SharedProducer`]).
+/// - NATS and Redis: one connection for every table ([`NatsConnection`], [`RedisConnection`],
+///   see [`crate::sink::shared`]), the idle probes included. Each table keeps its own order,
+///   in-flight count and failure flag; a failure any table sees replaces the connection once,
+///   and every table with records on the old one fails them and re-sends them in order on the
+///   new one (a table with nothing in flight just moves over).
+/// - RabbitMQ keeps a connection per table: its re-send order relies on closing the failed
+///   table's own connection, which the broker answers only once that connection's channel has
+///   routed everything published on it (see [`crate::sink::rabbitmq`]).
+///
+/// See docs/operations.md, "Many tables per relay".
 #[derive(Clone)]
 pub enum SharedClient {
     /// Nothing shared: every table builds its own client.
     None,
     /// One Kafka producer.
     Kafka(Arc<SharedProducer>),
+    /// One NATS connection.
+    Nats(Arc<NatsConnection>),
+    /// One Redis connection.
+    Redis(Arc<RedisConnection>),
 }
 
 impl SharedClient {
@@ -36,7 +47,9 @@ impl SharedClient {
     pub fn for_config(config: &RelayConfig) -> Result<Self, SinkError> {
         Ok(match config.sink {
             SinkKind::Kafka => SharedClient::Kafka(SharedProducer::new(config.kafka.clone())?),
-            SinkKind::Nats | SinkKind::Redis | SinkKind::Rabbitmq => SharedClient::None,
+            SinkKind::Nats => SharedClient::Nats(NatsConnection::new(config.nats.clone())),
+            SinkKind::Redis => SharedClient::Redis(RedisConnection::new(config.redis.clone())?),
+            SinkKind::Rabbitmq => SharedClient::None,
         })
     }
 }
@@ -49,7 +62,9 @@ pub fn from_config_sharing(
     let sink: Box<dyn Sink> = match (config.sink, shared) {
         (SinkKind::Kafka, SharedClient::Kafka(producer)) => Box::new(producer.sink()),
         (SinkKind::Kafka, _) => Box::new(KafkaSink::new(config.kafka.clone())?),
+        (SinkKind::Nats, SharedClient::Nats(connection)) => Box::new(connection.sink()?),
         (SinkKind::Nats, _) => Box::new(NatsSink::new(config.nats.clone())?),
+        (SinkKind::Redis, SharedClient::Redis(connection)) => Box::new(connection.sink()),
         (SinkKind::Redis, _) => Box::new(RedisSink::new(config.redis.clone())?),
         (SinkKind::Rabbitmq, _) => Box::new(RabbitmqSink::new(config.rabbitmq.clone())?),
     };
