@@ -709,3 +709,169 @@ async fn the_slots_figures_are_exported_once_and_each_tables_with_its_label() ->
     stop_cleanly(relay).await?;
     Ok(())
 }
+
+/// How many of `ids` in `table` are not marked published.
+async fn unmarked_in(db: &TestDb, table: &str, ids: &[Uuid]) -> Result<i64> {
+    // `table` is one of the test's own constant names.
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {table} WHERE id = ANY($1) AND published_at IS NULL"
+    )))
+    .bind(ids)
+    .fetch_one(&db.pool)
+    .await?)
+}
+
+/// Reads `n` events from `feed`.
+async fn read_feed(
+    feed: &mut outbox_relay::source::logical::multi::FeedSource,
+    n: usize,
+) -> Result<Vec<outbox_relay::source::SourceEvent>> {
+    use outbox_relay::source::Source;
+    let token = tokio_util::sync::CancellationToken::new();
+    let mut events = Vec::new();
+    while events.len() < n {
+        let batch = tokio::time::timeout(LONG, feed.next_batch(7, &token))
+            .await
+            .context("the feed's events never came")??;
+        events.extend(batch);
+    }
+    Ok(events)
+}
+
+/// Lets `feed` wait for events (as its pipeline does once caught up) until every row of `ids`
+/// in `table` is marked published.
+async fn until_feed_marked(
+    feed: &mut outbox_relay::source::logical::multi::FeedSource,
+    db: &TestDb,
+    table: &str,
+    ids: &[Uuid],
+) -> Result<()> {
+    use outbox_relay::source::Source;
+    let token = tokio_util::sync::CancellationToken::new();
+    let deadline = Instant::now() + LONG;
+    loop {
+        if let Ok(batch) =
+            tokio::time::timeout(Duration::from_millis(200), feed.next_batch(7, &token)).await
+        {
+            ensure!(batch?.is_empty(), "nothing more was written");
+        }
+        let left = unmarked_in(db, table, ids).await?;
+        if left == 0 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{left} acknowledged rows of {table} never marked published"
+        );
+    }
+}
+
+/// The row marks of the multi-table path (`table` mode, `acknowledgement = "mark"`, deferred
+/// like the single-table source's): a table's rows are marked only once its pipeline
+/// acknowledged them (after Kafka did), exactly the acknowledged ones, and every acknowledged
+/// row ends up marked without a flush once the feed is caught up — also the rows acknowledged
+/// through an opening of the feed that was dropped (a pipeline restarted after a failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feeds_rows_are_marked_only_after_acknowledgement_and_all_of_them() -> Result<()> {
+    use std::sync::Arc;
+
+    use outbox_core::{OutboxTable, WriteMode};
+    use outbox_relay::config::RowAcknowledgement;
+    use outbox_relay::source::Source;
+    use outbox_relay::source::logical::multi::{FeedMarks, FeedSource, Hub};
+    use outbox_relay::source::logical::{LogicalConfig, LogicalSource, PublicationName, SlotName};
+    use outbox_relay::stats::LogicalMetrics;
+
+    let db = TestDb::create("mtl_marks").await?;
+    let slot = unique("mtlm_slot");
+    let tables = ["billing.outbox", "shipping.outbox"];
+    for t in tables {
+        migrate_table(&db, t).await?;
+    }
+    let parsed: Vec<OutboxTable> = tables
+        .iter()
+        .map(|t| OutboxTable::parse(t))
+        .collect::<Result<_, _>>()?;
+    // The slot as a multi-table relay opens it: it marks nothing itself, its feeds do.
+    let mut cfg = LogicalConfig::new(db.url.clone(), parsed[0].clone(), WriteMode::InsertDelete);
+    cfg.slot = SlotName::parse(&slot)?;
+    cfg.publication = PublicationName::parse(&format!("{slot}_pub"))?;
+    cfg.tables = parsed.clone();
+    cfg.recover_lost_slot = false;
+    cfg.heartbeat_interval = Duration::from_millis(200);
+    cfg.status_interval = Duration::from_millis(100);
+    let source = LogicalSource::open(cfg, None, Arc::new(LogicalMetrics::default())).await?;
+    let (hub, handle) = Hub::new(source, 50, 10_000);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let hub_task = tokio::spawn(hub.run(stop.clone()));
+    let marks = |i: usize| FeedMarks {
+        pool: db.pool.clone(),
+        table: parsed[i].clone(),
+        how: RowAcknowledgement::Mark,
+    };
+    let feeds: Vec<_> = (0..2)
+        .map(|i| handle.feed(i as u16, None, Arc::new(LogicalMetrics::default())))
+        .collect();
+    let mut a = FeedSource::open(feeds[0].clone(), None, Some(marks(0)));
+    let mut b = FeedSource::open(feeds[1].clone(), None, Some(marks(1)));
+
+    let ids = |w: BTreeMap<String, Vec<Uuid>>| -> Vec<Uuid> { w.into_values().flatten().collect() };
+    let a_ids = ids(write_rounds(&db, tables[0], "Acct", 4, 1..=10).await?);
+    let b_ids = ids(write_rounds(&db, tables[1], "Acct", 4, 1..=10).await?);
+    let a_events = read_feed(&mut a, a_ids.len()).await?;
+    let b_events = read_feed(&mut b, b_ids.len()).await?;
+
+    // Delivered to the pipelines, not acknowledged: nothing is marked, even after a flush.
+    a.flush().await?;
+    b.flush().await?;
+    assert_eq!(
+        unmarked_in(&db, tables[0], &a_ids).await?,
+        a_ids.len() as i64
+    );
+    assert_eq!(
+        unmarked_in(&db, tables[1], &b_ids).await?,
+        b_ids.len() as i64
+    );
+
+    // Half of a's acknowledged: exactly those rows are marked, once flushed.
+    let half = a_events.len() / 2;
+    a.acknowledge(&a_events[..half]).await?;
+    a.flush().await?;
+    let marked: BTreeSet<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT id FROM {} WHERE published_at IS NOT NULL",
+        tables[0]
+    )))
+    .fetch_all(&db.pool)
+    .await?
+    .into_iter()
+    .collect();
+    let acknowledged: BTreeSet<Uuid> = a_events[..half].iter().map(|e| e.event.id).collect();
+    assert_eq!(
+        marked, acknowledged,
+        "marked rows are exactly the acknowledged ones"
+    );
+    assert_eq!(
+        unmarked_in(&db, tables[1], &b_ids).await?,
+        b_ids.len() as i64
+    );
+
+    // b's rows acknowledged, then its pipeline restarts: the next opening marks them.
+    b.acknowledge(&b_events).await?;
+    drop(b);
+    let mut b = FeedSource::open(feeds[1].clone(), None, Some(marks(1)));
+    until_feed_marked(&mut b, &db, tables[1], &b_ids).await?;
+
+    // The rest of a's: marked once the feed is caught up, without a flush.
+    a.acknowledge(&a_events[half..]).await?;
+    until_feed_marked(&mut a, &db, tables[0], &a_ids).await?;
+
+    drop((a, b));
+    stop.cancel();
+    hub_task.await??;
+    for t in tables {
+        let mut conn = db.pool.acquire().await?;
+        let backlog = outbox_relay::table::backlog(&mut conn, &OutboxTable::parse(t)?).await?;
+        assert_eq!(backlog.pending_events, 0, "{t}: {backlog:?}");
+    }
+    Ok(())
+}

@@ -19,14 +19,18 @@
 //!   them; after a rewind (a failed delivery) a feed returns its unacknowledged events again, in
 //!   the same order, before anything newer.
 //! - **The slot confirms only what every table acknowledged.** The hub keeps every event it
-//!   handed on in one window, in slot order. A table's acknowledgement (after its rows were
-//!   marked, in `table` mode) counts for that table's oldest events; the hub acknowledges to the
+//!   handed on in one window, in slot order. A table's acknowledgement (once Kafka acknowledged
+//!   its events; see [`FeedSource`] for its row marks in `table` mode) counts for that table's
+//!   oldest events; the hub acknowledges to the
 //!   slot the longest prefix of its window whose events are all acknowledged, so the confirmed
 //!   LSN never passes an event of any table that Kafka has not acknowledged. A slow table holds
 //!   the slot back (WAL is retained) but not the other tables' delivery, up to the hub's window
 //!   bound ([`Hub::new`]).
 //! - **Crash safety** is the slot's: after a crash or a lost leadership everything not confirmed
-//!   is streamed again (duplicates bounded by the hub's window plus one status interval).
+//!   is streamed again (duplicates bounded by the hub's window plus one status interval). In
+//!   `table` mode with deferred marks, rows delivered but not yet marked (at most 500,000 per
+//!   table, or 10 s of a busy table's rows) are published again by the next generation's
+//!   backfill.
 //! - **Tables added while running** ([`TableRegistry::add`]) are tagged before they join the
 //!   publication, so their first streamed insert already has a feed waiting.
 //! - **A table dropped or removed from the publication is loud**: [`TableRegistry::check`] fails
@@ -48,9 +52,12 @@
 //!
 //! # Limits (documented decisions)
 //!
-//! - The slot decodes inserts (`insert_delete`-style); in `table` mode each feed marks its rows
-//!   published before acknowledging them to the hub (per batch, not deferred like the
-//!   single-table source's `settle`).
+//! - The slot decodes inserts (`insert_delete`-style). In `table` mode with `acknowledgement =
+//!   "mark"` each feed defers its streamed rows' marks like the single-table source (its private
+//!   `settle` module, one per table) but without its recovery round: a mark lost with the
+//!   process is redone by publishing the row again (the next generation's backfill), not by
+//!   marking it without a re-send. Re-published rows and deletions are acknowledged per batch,
+//!   before the hub may confirm past them.
 //! - In `insert_delete` mode there is nothing to re-publish (rows are deleted as they are
 //!   written): events written into a table before it joined the publication are gone. A table
 //!   added by a re-scan that already saw inserts is logged as an error ([`TableRegistry::add`]
@@ -68,17 +75,23 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::republication::RowPages;
+use super::settle::Settle;
 use super::slot::{self, PublicationName, ResolvedTable};
-use super::{LogicalError, LogicalSource};
+use super::{LogicalError, LogicalSource, Lsn};
 use crate::config::RowAcknowledgement;
 use crate::failure::ErrorKind;
 use crate::leader::{Leadership, Lease};
+use crate::source::row_marks::RowKeys;
 use crate::source::{Position, Source, SourceError, SourceEvent};
 use crate::stats::LogicalMetrics;
 
 /// How often the hub looks for new events while its window is not empty (acknowledgements wake
 /// it at once).
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
+
+/// How often a waiting feed looks at its deferred row marks while some are recorded or running
+/// (to start them once due, and to collect a finished or failed one).
+const SETTLE_TICK: Duration = Duration::from_millis(250);
 
 /// The tables one slot decodes, by tag; shared between the source (which tags each insert) and
 /// the group (which adds tables). Cloning shares it.
@@ -195,6 +208,10 @@ pub struct Feed {
     /// The table's share of the slot's figures: the events handed to this feed, the rows and
     /// pages its backfill re-published (the table's [`crate::stats::RelayStats::logical`]).
     counts: Arc<LogicalMetrics>,
+    /// The deferred row marks of the table's streamed rows (`table` mode, `mark`), kept here
+    /// between the openings of its [`FeedSource`] (a pipeline restarted after a failure still
+    /// marks what its previous opening recorded); taken by the open one.
+    settle: Mutex<Option<Settle>>,
 }
 
 /// A table's re-publication when it joins the stream: [`RowPages`] opened on first use (and
@@ -239,6 +256,12 @@ struct FeedState {
     dedupe: Option<Dedupe>,
     /// Duplicates skipped (and acknowledged to the hub).
     skipped: u64,
+    /// The PostgreSQL instance the latest streamed events came from ([`slot::instance`]).
+    instance: Option<Arc<str>>,
+    /// Events handed on before the stream moved to another instance and not yet acknowledged:
+    /// their rows are not recorded for a deferred mark (a `seq` may name another row there);
+    /// they stay unpublished, so the next generation's backfill publishes and marks them.
+    from_old_instance: usize,
 }
 
 impl Feed {
@@ -246,9 +269,17 @@ impl Feed {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push(&self, events: impl IntoIterator<Item = SourceEvent>) {
+    fn push(&self, events: impl IntoIterator<Item = SourceEvent>, instance: Option<&str>) {
         {
             let mut s = self.state();
+            if let Some(new) = instance
+                && s.instance.as_deref() != Some(new)
+            {
+                if s.instance.is_some() {
+                    s.from_old_instance = s.pending.len() + s.returned.len() + s.held.len();
+                }
+                s.instance = Some(Arc::from(new));
+            }
             if s.backfilling {
                 s.held.extend(events);
             } else {
@@ -426,8 +457,18 @@ pub struct FeedMarks {
 /// The [`Source`] of one table of a multi-table slot: the events the [`Hub`] handed to its
 /// [`Feed`]. Honours the source contract per table: committed only, per-aggregate order, no loss
 /// (an unacknowledged event is returned again after a rewind or a reopening), acknowledgement is
-/// a prefix. In `table` mode a delivered batch's rows are marked (or deleted) before the hub may
-/// confirm past them.
+/// a prefix.
+///
+/// Row acknowledgements in `table` mode: with `acknowledgement = "mark"` the rows of a batch of
+/// streamed events are recorded when Kafka acknowledged them and marked later, in large
+/// background statements, exactly as the single-table source does (the private `settle`
+/// module: when the feed is idle, when 250,000 rows wait, or after 10 s; fenced by the table's
+/// lease): the hub may confirm past them at once, the confirmed slot position being their
+/// durable record of delivery. A row is never marked before its acknowledgement; a recorded row
+/// whose mark is lost (a crash, a lost lease, a failed stop) is still unpublished, so the next
+/// generation's backfill publishes it again and marks it (a duplicate, never a row left
+/// unmarked). Batches holding re-published rows, and `acknowledgement = "delete"`, are marked
+/// (or deleted) before the hub may confirm past them.
 #[derive(Debug)]
 pub struct FeedSource {
     feed: Arc<Feed>,
@@ -438,6 +479,8 @@ pub struct FeedSource {
     leader: Option<Leadership>,
     lease: Option<Lease>,
     marks: Option<FeedMarks>,
+    /// The feed's deferred row marks while this opening holds them (handed back on drop).
+    settle: Option<Settle>,
     batch_bytes: usize,
 }
 
@@ -447,14 +490,91 @@ impl FeedSource {
     /// marks with its lease.
     pub fn open(feed: Arc<Feed>, leader: Option<Leadership>, marks: Option<FeedMarks>) -> Self {
         feed.rewind();
+        let lease = leader.as_ref().map(Leadership::lease);
+        let settle = marks
+            .as_ref()
+            .filter(|m| m.how == RowAcknowledgement::Mark)
+            .map(|m| {
+                let kept = feed.settle.lock().unwrap_or_else(|p| p.into_inner()).take();
+                match kept {
+                    Some(mut settle) => {
+                        settle.set_lease(lease.clone());
+                        settle
+                    }
+                    None => Settle::new(m.pool.clone(), m.table.clone(), lease.clone()),
+                }
+            });
         Self {
-            lease: leader.as_ref().map(Leadership::lease),
+            lease,
             feed,
             leader,
             marks,
+            settle,
             batch_bytes: usize::MAX,
         }
     }
+
+    /// Starts the deferred row marks that are due (all of them when the feed is idle: nothing
+    /// pending, in flight or held back by a backfill) and collects a finished one.
+    async fn poll_settle(&mut self) -> Result<(), SourceError> {
+        let Some(settle) = self.settle.as_mut() else {
+            return Ok(());
+        };
+        let (idle, instance) = {
+            let s = self.feed.state();
+            (
+                s.pending.is_empty() && s.returned.is_empty() && !s.backfilling,
+                s.instance.clone(),
+            )
+        };
+        settle
+            .poll(Lsn::ZERO, instance.as_deref(), idle)
+            .await
+            .map_err(fail)
+    }
+
+    /// Records the rows of the streamed events `delivered` (just acknowledged by Kafka) for a
+    /// deferred mark; those handed on before the stream moved to another instance are left to
+    /// the next generation's backfill.
+    async fn record(&mut self, delivered: &[SourceEvent]) -> Result<(), SourceError> {
+        let Some(settle) = self.settle.as_mut() else {
+            return Ok(());
+        };
+        let (skip, instance) = {
+            let mut s = self.feed.state();
+            let skip = s.from_old_instance.min(delivered.len());
+            s.from_old_instance -= skip;
+            (skip, s.instance.clone())
+        };
+        if skip > 0 {
+            tracing::warn!(
+                rows = skip,
+                "rows streamed before PostgreSQL restarted or failed over are not marked now; \
+                 the next generation's backfill publishes them again"
+            );
+        }
+        settle
+            .record(
+                RowKeys::of(delivered[skip..].iter().map(|d| &d.event)),
+                instance.as_deref(),
+            )
+            .await
+            .map_err(fail)
+    }
+}
+
+impl Drop for FeedSource {
+    fn drop(&mut self) {
+        // The next opening of the feed marks what this one recorded.
+        if let Some(settle) = self.settle.take() {
+            *self.feed.settle.lock().unwrap_or_else(|p| p.into_inner()) = Some(settle);
+        }
+    }
+}
+
+fn fail(e: LogicalError) -> SourceError {
+    let kind = e.kind();
+    SourceError::new("logical", kind, e)
 }
 
 #[async_trait]
@@ -468,16 +588,21 @@ impl Source for FeedSource {
         max: usize,
         shutdown: &CancellationToken,
     ) -> Result<Vec<SourceEvent>, SourceError> {
+        let feed = self.feed.clone();
         loop {
-            let notified = self.feed.notify.notified();
-            self.feed.fill(max, self.batch_bytes).await?;
-            let batch = self.feed.take(max, self.batch_bytes)?;
+            let notified = feed.notify.notified();
+            feed.fill(max, self.batch_bytes).await?;
+            let batch = feed.take(max, self.batch_bytes)?;
             if !batch.is_empty() {
                 return Ok(batch);
             }
+            // Caught up: the rows recorded so far are marked now.
+            self.poll_settle().await?;
+            let tick = self.settle.as_ref().is_some_and(Settle::busy);
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(Vec::new()),
                 _ = notified => {}
+                _ = tokio::time::sleep(SETTLE_TICK), if tick => {}
             }
         }
     }
@@ -515,7 +640,13 @@ impl Source for FeedSource {
                 ));
             }
         }
-        if let Some(m) = &self.marks {
+        let streamed_only = delivered
+            .iter()
+            .all(|d| matches!(d.position, Position::Wal { .. }));
+        if self.settle.is_some() && streamed_only {
+            // Deferred: the hub's confirmation is the rows' durable record until their mark.
+            self.record(delivered).await?;
+        } else if let Some(m) = &self.marks {
             if let Some(lease) = &self.lease {
                 lease
                     .check()
@@ -547,7 +678,14 @@ impl Source for FeedSource {
         }
         // A skipped duplicate may be waiting for this acknowledgement.
         self.feed.notify.notify_one();
-        Ok(())
+        self.poll_settle().await
+    }
+
+    async fn flush(&mut self) -> Result<(), SourceError> {
+        match self.settle.as_mut() {
+            Some(settle) => settle.flush().await.map_err(fail),
+            None => Ok(()),
+        }
     }
 
     async fn rewind(&mut self) -> Result<(), SourceError> {
@@ -605,6 +743,7 @@ impl HubHandle {
                 after: i64::MIN,
             })),
             counts,
+            settle: Mutex::new(None),
         });
         let _ = self.feeds.send(feed.clone());
         feed
@@ -760,9 +899,10 @@ impl Hub {
         for (event, tag) in batch.into_iter().zip(tags) {
             let i = usize::from(tag);
             self.wait_for_feed(i).await?;
-            let mut light = event.clone();
-            light.event.payload = None;
-            self.window.push_back((tag, light));
+            let mut event = event;
+            let payload = event.event.payload.take();
+            self.window.push_back((tag, event.clone()));
+            event.event.payload = payload;
             if per_feed.len() <= i {
                 per_feed.resize_with(i + 1, Vec::new);
             }
@@ -773,7 +913,7 @@ impl Hub {
                 && let Some(Some(feed)) = self.feeds.get(i)
             {
                 feed.counts.events_streamed.inc_by(events.len() as u64);
-                feed.push(events);
+                feed.push(events, self.source.instance.as_deref());
             }
         }
         Ok(())

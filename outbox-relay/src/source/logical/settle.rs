@@ -117,6 +117,18 @@ impl Settle {
         }
     }
 
+    /// Fences the statements from now on with `lease` (a new leader term of the same process:
+    /// rows it recorded under the previous term were delivered and are still marked).
+    pub(super) fn set_lease(&mut self, lease: Option<Lease>) {
+        self.lease = lease;
+    }
+
+    /// Whether recorded rows wait for their mark or a mark is running: the owner should call
+    /// [`Settle::poll`] again soon.
+    pub(super) fn busy(&self) -> bool {
+        self.running.is_some() || !self.unsettled_is_empty()
+    }
+
     /// Records delivered rows, streamed from `instance`; their transactions' LSNs may be
     /// confirmed at once. Waits for the running mark while [`MAX_UNSETTLED`] rows wait.
     pub(super) async fn record(
