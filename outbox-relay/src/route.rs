@@ -436,6 +436,34 @@ impl Router {
     /// The record for an event.
     pub fn route(&self, event: &StoredEvent) -> Result<OutboundRecord, RouteError> {
         let topic = self.topic_for(event)?;
+        self.record(event, topic, None)
+    }
+
+    /// [`Router::route`], moving the payload into the record instead of copying it where the
+    /// record carries it unchanged (no value schema, not structured CloudEvents): the event's
+    /// `payload` is then `None` afterwards. An event that cannot be routed is left as it was
+    /// (its payload still there, to be parked with it).
+    pub fn route_moving_payload(
+        &self,
+        event: &mut StoredEvent,
+    ) -> Result<OutboundRecord, RouteError> {
+        let topic = self.topic_for(event)?;
+        let structured = self.cloudevents && self.cloudevents_mode == CloudEventsMode::Structured;
+        if structured || self.has_value_schema(&event.event_type) {
+            return self.record(event, topic, None);
+        }
+        let payload = event.payload.take().map(String::into_bytes);
+        self.record(event, topic, Some(payload))
+    }
+
+    /// The record for `event` bound for `topic`; `given` is its value when the caller moved it
+    /// out of the event (only where it is sent unchanged, see [`Router::route_moving_payload`]).
+    fn record(
+        &self,
+        event: &StoredEvent,
+        topic: String,
+        given: Option<Option<Vec<u8>>>,
+    ) -> Result<OutboundRecord, RouteError> {
         let id = event.id.to_string();
         let mut headers: Vec<(String, Vec<u8>)> = Vec::with_capacity(12 + event.headers.len());
         headers.push(("id".into(), id.clone().into_bytes()));
@@ -453,12 +481,11 @@ impl Router {
         let source = self
             .cloudevents_source
             .replace("{aggregatetype}", &event.aggregate_type);
-        let time = event
-            .created_at
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+        let time = event.created_at.map(rfc3339_micros);
         let mut content_type: &[u8] = b"application/json";
-        let mut payload = match &event.payload {
-            Some(p) => match self.encode_value(event, &topic, p) {
+        let mut payload = match (given, &event.payload) {
+            (Some(given), _) => given,
+            (None, Some(p)) => match self.encode_value(event, &topic, p) {
                 Some(encoded) => {
                     let (value, format) = encoded?;
                     content_type = format.content_type().as_bytes();
@@ -466,7 +493,7 @@ impl Router {
                 }
                 None => Some(p.clone().into_bytes()),
             },
-            None => None,
+            (None, None) => None,
         };
         match (self.cloudevents, self.cloudevents_mode) {
             (false, _) => {}
@@ -544,9 +571,75 @@ impl Router {
     }
 }
 
+/// `t` as RFC 3339 in UTC with microseconds (`2024-05-01T12:00:00.123456Z`), exactly as
+/// `chrono`'s `to_rfc3339_opts(SecondsFormat::Micros, true)` writes it, without its formatting
+/// machinery (the CloudEvents `ce_time` of every record); years outside 0–9999 and leap seconds
+/// go through `chrono`.
+fn rfc3339_micros(t: chrono::DateTime<chrono::Utc>) -> String {
+    use chrono::{Datelike, Timelike};
+    let (year, nanos) = (t.year(), t.nanosecond());
+    let Ok(year) = u32::try_from(year) else {
+        return t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    };
+    if year > 9999 || nanos >= 1_000_000_000 {
+        return t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    }
+    fn digits(out: &mut [u8], mut n: u32) {
+        for d in out.iter_mut().rev() {
+            *d = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    }
+    let mut text = *b"0000-00-00T00:00:00.000000Z";
+    digits(&mut text[0..4], year);
+    digits(&mut text[5..7], t.month());
+    digits(&mut text[8..10], t.day());
+    digits(&mut text[11..13], t.hour());
+    digits(&mut text[14..16], t.minute());
+    digits(&mut text[17..19], t.second());
+    digits(&mut text[20..26], nanos / 1000);
+    text.iter().map(|&b| char::from(b)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ce_time_is_written_as_chrono_writes_it() {
+        use chrono::{TimeZone, Utc};
+        let mut instants = vec![
+            Utc.timestamp_opt(0, 0).unwrap(),
+            Utc.timestamp_opt(1_700_000_000, 123_456_789).unwrap(),
+            Utc.timestamp_opt(1_700_000_000, 999_999_999).unwrap(),
+            Utc.timestamp_opt(1_700_000_000, 1_000).unwrap(),
+            Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap(),
+            Utc.with_ymd_and_hms(10_000, 1, 1, 0, 0, 0).unwrap(),
+            Utc.with_ymd_and_hms(1, 2, 3, 4, 5, 6).unwrap(),
+            Utc.with_ymd_and_hms(-1, 2, 3, 4, 5, 6).unwrap(),
+            // A leap second as chrono represents it.
+            Utc.timestamp_opt(1_483_228_799, 1_500_000_000).unwrap(),
+        ];
+        // Pseudo-random instants across years 1900–2300, to the nanosecond.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let secs = (x % 12_600_000_000) as i64 - 2_208_988_800;
+            instants.push(
+                Utc.timestamp_opt(secs, (x >> 34) as u32 % 1_000_000_000)
+                    .unwrap(),
+            );
+        }
+        for t in instants {
+            assert_eq!(
+                rfc3339_micros(t),
+                t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "{t:?}"
+            );
+        }
+    }
 
     fn event(aggregate_type: &str, event_type: &str) -> StoredEvent {
         StoredEvent {
@@ -619,6 +712,27 @@ mod tests {
         let rec = r.route(&e).unwrap();
         assert_eq!(rec.key, "42");
         assert!(header(&rec, outbox_core::HEADER_AGGREGATE_ID).is_empty());
+    }
+
+    #[test]
+    fn moving_the_payload_gives_the_record_route_gives() {
+        let binary = Router::new(&RouteSettings::default()).unwrap();
+        let mut e = event("acct", "Opened");
+        let expected = binary.route(&e).unwrap();
+        assert_eq!(binary.route_moving_payload(&mut e).unwrap(), expected);
+        assert_eq!(e.payload, None, "moved, not copied");
+        // Unroutable: the event is left whole, to be parked with its payload.
+        let mut bad = event("orders/eu", "Opened");
+        assert!(binary.route_moving_payload(&mut bad).is_err());
+        assert_eq!(bad.payload.as_deref(), Some(r#"{"a": 1}"#));
+        // Structured CloudEvents wrap the payload: the event keeps it.
+        let mut s = RouteSettings::default();
+        s.cloudevents_mode = CloudEventsMode::Structured;
+        let structured = Router::new(&s).unwrap();
+        let mut e = event("acct", "Opened");
+        let expected = structured.route(&e).unwrap();
+        assert_eq!(structured.route_moving_payload(&mut e).unwrap(), expected);
+        assert_eq!(e.payload.as_deref(), Some(r#"{"a": 1}"#));
     }
 
     #[test]

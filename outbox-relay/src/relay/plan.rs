@@ -29,21 +29,22 @@ pub(super) enum Plan {
 /// a malformed event, or one that cannot be routed, is parked for its own reason and — with
 /// `hold` — blocks its aggregate in `blocked` for the rest of the batch and the caller's later
 /// batches. So an aggregate never overtakes an event of its own that was parked. (`hold` is off
-/// only in the `park_without_blocking` mutant.)
+/// only in the `park_without_blocking` mutant.) A sent event's payload moves into its record
+/// where the record carries it unchanged ([`Router::route_moving_payload`]).
 pub(super) fn plan_batch(
     router: &Router,
-    batch: &[SourceEvent],
+    batch: &mut [SourceEvent],
     blocked: &mut HashMap<AggregateKey, Uuid>,
     hold: bool,
 ) -> (Vec<Plan>, Vec<OutboundRecord>) {
     let mut plan: Vec<Plan> = Vec::with_capacity(batch.len());
     let mut records = Vec::with_capacity(batch.len());
+    let key_of = |e: &SourceEvent| (e.event.aggregate_type.clone(), e.event.aggregate_id.clone());
     for e in batch {
-        let key = (e.event.aggregate_type.clone(), e.event.aggregate_id.clone());
         if let Some(defect) = &e.defect {
             // Malformed: never published; parked like a poison event, its aggregate held.
             if hold {
-                blocked.entry(key).or_insert(e.event.id);
+                blocked.entry(key_of(e)).or_insert(e.event.id);
             }
             plan.push(Plan::Park(Box::new(ParkRequest {
                 event: e.event.clone(),
@@ -52,7 +53,13 @@ pub(super) fn plan_batch(
             })));
             continue;
         }
-        if let Some(&first) = blocked.get(&key) {
+        // Nothing blocked (the usual case): no key to build.
+        let first = if blocked.is_empty() {
+            None
+        } else {
+            blocked.get(&key_of(e)).copied()
+        };
+        if let Some(first) = first {
             plan.push(Plan::Park(Box::new(ParkRequest {
                 event: e.event.clone(),
                 reason: format!("held behind parked event {first} of the same aggregate"),
@@ -60,14 +67,15 @@ pub(super) fn plan_batch(
             })));
             continue;
         }
-        match router.route(&e.event) {
+        // The record takes the payload where it is sent unchanged; an unroutable event keeps it.
+        match router.route_moving_payload(&mut e.event) {
             Ok(record) => {
                 plan.push(Plan::Send(records.len()));
                 records.push(record);
             }
             Err(error) => {
                 if hold {
-                    blocked.insert(key, e.event.id);
+                    blocked.insert(key_of(e), e.event.id);
                 }
                 plan.push(Plan::Park(Box::new(ParkRequest {
                     event: e.event.clone(),
@@ -254,8 +262,8 @@ mod tests {
 
     #[test]
     fn routable_events_are_sent_in_order() {
-        let batch = [event("orders", "1"), event("payments", "2")];
-        let (plan, records) = plan_batch(&router(), &batch, &mut HashMap::new(), true);
+        let mut batch = [event("orders", "1"), event("payments", "2")];
+        let (plan, records) = plan_batch(&router(), &mut batch, &mut HashMap::new(), true);
         assert_eq!(sends(&plan), [Some(0), Some(1)]);
         assert_eq!(records[0].topic, "outbox.event.orders");
         assert_eq!(records[1].topic, "outbox.event.payments");
@@ -266,8 +274,8 @@ mod tests {
     fn a_blocked_aggregate_is_parked_behind_its_first_parked_event() {
         let first = Uuid::new_v4();
         let mut blocked = HashMap::from([(("orders".to_owned(), "1".to_owned()), first)]);
-        let batch = [event("orders", "1"), event("orders", "2")];
-        let (plan, records) = plan_batch(&router(), &batch, &mut blocked, true);
+        let mut batch = [event("orders", "1"), event("orders", "2")];
+        let (plan, records) = plan_batch(&router(), &mut batch, &mut blocked, true);
         assert_eq!(sends(&plan), [None, Some(0)]);
         assert_eq!(records.len(), 1);
         assert_eq!(park(&plan[0]).blocked_by, Some(first));
@@ -277,7 +285,7 @@ mod tests {
 
     #[test]
     fn a_malformed_or_unroutable_event_is_parked_and_holds_its_aggregate() {
-        let batch = [
+        let mut batch = [
             malformed("1"),
             event("orders", "1"),
             event("orders/eu", "2"),
@@ -285,7 +293,7 @@ mod tests {
             event("orders", "3"),
         ];
         let mut blocked = HashMap::new();
-        let (plan, records) = plan_batch(&router(), &batch, &mut blocked, true);
+        let (plan, records) = plan_batch(&router(), &mut batch, &mut blocked, true);
         assert_eq!(sends(&plan), [None, None, None, None, Some(0)]);
         assert_eq!(records.len(), 1);
         assert_eq!(park(&plan[0]).blocked_by, None);
@@ -302,10 +310,24 @@ mod tests {
     }
 
     #[test]
+    fn a_sent_events_payload_moves_into_its_record_and_a_parked_one_keeps_it() {
+        let mut batch = [event("orders", "1"), event("orders/eu", "2")];
+        let (plan, records) = plan_batch(&router(), &mut batch, &mut HashMap::new(), true);
+        assert_eq!(sends(&plan), [Some(0), None]);
+        assert_eq!(records[0].payload.as_deref(), Some(&br#"{"of":"1"}"#[..]));
+        assert_eq!(batch[0].event.payload, None, "one copy: the record's");
+        assert_eq!(
+            park(&plan[1]).event.payload.as_deref(),
+            Some(r#"{"of":"2"}"#)
+        );
+        assert_eq!(batch[1].event.payload.as_deref(), Some(r#"{"of":"2"}"#));
+    }
+
+    #[test]
     fn without_hold_a_parked_event_does_not_block_its_aggregate() {
-        let batch = [malformed("1"), event("orders", "1")];
+        let mut batch = [malformed("1"), event("orders", "1")];
         let mut blocked = HashMap::new();
-        let (plan, _) = plan_batch(&router(), &batch, &mut blocked, false);
+        let (plan, _) = plan_batch(&router(), &mut batch, &mut blocked, false);
         assert_eq!(sends(&plan), [None, Some(0)]);
         assert!(blocked.is_empty());
     }
@@ -349,7 +371,7 @@ mod tests {
             malformed("2"),
             event("orders", "3"),
         ];
-        let (plan, records) = plan_batch(&router(), &batch, &mut HashMap::new(), true);
+        let (plan, records) = plan_batch(&router(), &mut batch, &mut HashMap::new(), true);
         assert_eq!(sends(&plan), [Some(0), Some(1), None, Some(2)]);
         // The pump keeps a sent event's payload only in its record.
         for (e, p) in batch.iter_mut().zip(&plan) {

@@ -160,15 +160,17 @@ impl Pump<'_> {
             .router
             .wait_for_schemas(batch.iter().map(|e| &e.event))
             .await;
-        let (plan, mut records) = plan_batch(&self.relay.router, &batch, &mut blocked, hold);
+        // Before planning: a sent event's payload moves into its record.
         let bytes = batch
             .iter()
             .map(|e| e.event.payload.as_ref().map_or(0, String::len))
             .sum::<usize>();
-        // One copy of a payload in the relay: the record's. The event keeps only what
-        // acknowledging and parking need (a parked record gets its payload back from the
-        // record, see `parks_in`). A schema'd event keeps its JSON: its record holds the
-        // encoded value, which is not what the outbox table stores.
+        let (plan, mut records) = plan_batch(&self.relay.router, &mut batch, &mut blocked, hold);
+        // One copy of a payload in the relay: the record's (moved there by the router where it
+        // is sent unchanged). The event keeps only what acknowledging and parking need (a parked
+        // record gets its payload back from the record, see `parks_in`). A schema'd event keeps
+        // its JSON: its record holds the encoded value, which is not what the outbox table
+        // stores.
         for (e, p) in batch.iter_mut().zip(&plan) {
             if matches!(p, Plan::Send(_))
                 && !self.relay.router.has_value_schema(&e.event.event_type)

@@ -617,6 +617,10 @@ mod tests {
         let rec = router.route(&event).unwrap();
         // Magic byte, id 21, then the zig-zag varint of 5.
         assert_eq!(rec.payload.as_deref(), Some(&[0, 0, 0, 0, 21, 10][..]));
+        // The record holds the encoding: the event keeps its JSON (what the table stores).
+        let mut moved = event.clone();
+        assert_eq!(router.route_moving_payload(&mut moved).unwrap(), rec);
+        assert_eq!(moved.payload, event.payload);
         assert!(
             rec.headers
                 .iter()
