@@ -28,8 +28,8 @@
 //!   bound ([`Hub::new`]).
 //! - **Crash safety** is the slot's: after a crash or a lost leadership everything not confirmed
 //!   is streamed again (duplicates bounded by the hub's window plus one status interval). In
-//!   `table` mode with deferred marks, rows delivered but not yet marked (at most 500,000 per
-//!   table, or 10 s of a busy table's rows) are published again by the next generation's
+//!   `table` mode with deferred marks, rows delivered but not yet marked (at most 60,000 per
+//!   table, about 1 s of a busy table's rows) are published again by the next generation's
 //!   backfill.
 //! - **Tables added while running** ([`TableRegistry::add`]) are tagged before they join the
 //!   publication, so their first streamed insert already has a feed waiting.
@@ -75,7 +75,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::republication::RowPages;
-use super::settle::Settle;
+use super::settle::{Settle, SettleLimits};
 use super::slot::{self, PublicationName, ResolvedTable};
 use super::{LogicalError, LogicalSource, Lsn};
 use crate::config::RowAcknowledgement;
@@ -88,6 +88,18 @@ use crate::stats::LogicalMetrics;
 /// How often the hub looks for new events while its window is not empty (acknowledgements wake
 /// it at once).
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
+
+/// When a feed's deferred row marks start while its table is busy. Tighter than the
+/// single-table source's (250,000 rows or 10 s): this path has no recovery round, so rows
+/// recorded but not yet marked when the process dies are published again by the next
+/// generation's backfill. At most `max_unsettled` rows plus one running mark of `rows` are
+/// exposed; with a mark due after 1 s, that is about one status interval of a table's events, the
+/// same order as what the slot itself streams again after a crash.
+const FEED_SETTLE_LIMITS: SettleLimits = SettleLimits {
+    rows: 20_000,
+    delay: Duration::from_secs(1),
+    max_unsettled: 40_000,
+};
 
 /// How often a waiting feed looks at its deferred row marks while some are recorded or running
 /// (to start them once due, and to collect a finished or failed one).
@@ -462,7 +474,7 @@ pub struct FeedMarks {
 /// Row acknowledgements in `table` mode: with `acknowledgement = "mark"` the rows of a batch of
 /// streamed events are recorded when Kafka acknowledged them and marked later, in large
 /// background statements, exactly as the single-table source does (the private `settle`
-/// module: when the feed is idle, when 250,000 rows wait, or after 10 s; fenced by the table's
+/// module: when the feed is idle, when 20,000 rows wait, or after 1 s; fenced by the table's
 /// lease): the hub may confirm past them at once, the confirmed slot position being their
 /// durable record of delivery. A row is never marked before its acknowledgement; a recorded row
 /// whose mark is lost (a crash, a lost lease, a failed stop) is still unpublished, so the next
@@ -501,7 +513,12 @@ impl FeedSource {
                         settle.set_lease(lease.clone());
                         settle
                     }
-                    None => Settle::new(m.pool.clone(), m.table.clone(), lease.clone()),
+                    None => Settle::with_limits(
+                        m.pool.clone(),
+                        m.table.clone(),
+                        lease.clone(),
+                        FEED_SETTLE_LIMITS,
+                    ),
                 }
             });
         Self {

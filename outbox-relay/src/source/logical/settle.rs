@@ -59,6 +59,28 @@ const MARK_SESSIONS: usize = crate::source::row_marks::MAX_PENDING_ACKNOWLEDGEME
 const STATEMENT_ROWS: usize = 10_000;
 /// The pause after a failed mark before the next one starts.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// When recorded rows start a mark while the source is busy, and how many may wait: the
+/// single-table source's defaults are [`SETTLE_ROWS`], [`SETTLE_DELAY`] and [`MAX_UNSETTLED`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SettleLimits {
+    /// Rows waiting that start a mark even while the source is busy.
+    pub rows: usize,
+    /// The longest a recorded row waits for its mark while the source is busy.
+    pub delay: Duration,
+    /// Rows waiting beyond which [`Settle::record`] waits for the running mark.
+    pub max_unsettled: usize,
+}
+
+impl Default for SettleLimits {
+    fn default() -> Self {
+        Self {
+            rows: SETTLE_ROWS,
+            delay: SETTLE_DELAY,
+            max_unsettled: MAX_UNSETTLED,
+        }
+    }
+}
+
 /// Unpublished rows one recovery round reads; a full round is followed by another.
 const RECOVERY_ROWS: i64 = 100_000;
 
@@ -87,6 +109,7 @@ pub(super) struct Settle {
     pool: PgPool,
     table: OutboxTable,
     lease: Option<Lease>,
+    limits: SettleLimits,
     /// Delivered rows not yet marked, and the instance they were streamed from.
     unsettled: RowKeys,
     unsettled_instance: Option<String>,
@@ -103,10 +126,22 @@ pub(super) struct Settle {
 impl Settle {
     /// Marks rows of `table` over connections of `pool`, fenced by `lease` when one is given.
     pub(super) fn new(pool: PgPool, table: OutboxTable, lease: Option<Lease>) -> Self {
+        Self::with_limits(pool, table, lease, SettleLimits::default())
+    }
+
+    /// [`Settle::new`] with other [`SettleLimits`] (the multi-table path keeps fewer rows
+    /// waiting, for it has no recovery round: see [`super::multi`]).
+    pub(super) fn with_limits(
+        pool: PgPool,
+        table: OutboxTable,
+        lease: Option<Lease>,
+        limits: SettleLimits,
+    ) -> Self {
         Self {
             pool,
             table,
             lease,
+            limits,
             unsettled: RowKeys::default(),
             unsettled_instance: None,
             since: None,
@@ -148,7 +183,7 @@ impl Settle {
         self.since.get_or_insert_with(Instant::now);
         self.unsettled.seqs.extend(keys.seqs);
         self.unsettled.ids.extend(keys.ids);
-        while self.unsettled_len() >= MAX_UNSETTLED && self.running.is_some() {
+        while self.unsettled_len() >= self.limits.max_unsettled && self.running.is_some() {
             self.wait_running().await;
         }
         Ok(())
@@ -233,8 +268,8 @@ impl Settle {
             return Ok(());
         }
         let due = idle
-            || self.unsettled_len() >= SETTLE_ROWS
-            || self.since.is_some_and(|s| s.elapsed() >= SETTLE_DELAY);
+            || self.unsettled_len() >= self.limits.rows
+            || self.since.is_some_and(|s| s.elapsed() >= self.limits.delay);
         if due && !self.unsettled_is_empty() {
             let keys = std::mem::take(&mut self.unsettled);
             self.since = None;
@@ -250,7 +285,7 @@ impl Settle {
         if self.recovery.is_none()
             && let Some((on, since)) = &self.recovery_due
             && instance == Some(on.as_str())
-            && (idle || since.elapsed() >= SETTLE_DELAY)
+            && (idle || since.elapsed() >= self.limits.delay)
         {
             let on = on.clone();
             if let Err(e) = self.recover(&on).await {
