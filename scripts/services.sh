@@ -87,6 +87,12 @@ tansu_alive() { [ -n "${TANSU_PID:-}" ] && kill -0 "$TANSU_PID" 2>/dev/null; }
 
 load_env() {
   PGDATA_DIR='' TANSU_PID='' PG_BIN=''
+  # State comes from this directory's env file only: a shell that sourced another directory's
+  # env (the shared services, while the bench runs its own in .services/bench) must not make
+  # `up` adopt those servers and `down` stop them.
+  unset SERVICES_PGDATA SERVICES_PG_PORT SERVICES_TANSU_PID SERVICES_NATS_PID SERVICES_NATS_PORT \
+    SERVICES_REDIS_PID SERVICES_REDIS_PORT SERVICES_RABBITMQ_PID SERVICES_RABBITMQ_PORT \
+    SERVICES_RABBITMQ_BASE
   # shellcheck disable=SC1090
   [ -f "$envfile" ] && . "$envfile"
   PGDATA_DIR=${SERVICES_PGDATA:-} TANSU_PID=${SERVICES_TANSU_PID:-} PG_BIN=${SERVICES_PG_BIN:-}
