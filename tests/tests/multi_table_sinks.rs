@@ -1,8 +1,9 @@
 //! Many tables, one broker connection: a relay of six `[[outbox]]` tables holds exactly one
-//! connection to NATS and one to Redis, counted from the server's side (NATS's `/connz`
-//! monitoring, Redis's `CLIENT LIST`), and every table's events still arrive in per-aggregate
-//! order when Redis cuts that one connection. See `outbox_relay::sink::shared` and
-//! docs/operations.md, "Many tables per relay". (RabbitMQ keeps a connection per table.)
+//! connection to NATS, one to Redis and one to RabbitMQ, counted from the server's side
+//! (NATS's `/connz` monitoring, Redis's `CLIENT LIST`, `rabbitmqctl list_connections`), and
+//! every table's events still arrive in per-aggregate order when Redis or RabbitMQ cuts that
+//! one connection. See `outbox_relay::sink::shared` and docs/operations.md, "Many tables per
+//! relay".
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use outbox_tests::sinks::nats as nats_broker;
+use outbox_tests::sinks::rabbitmq as rabbit_broker;
 use outbox_tests::sinks::redis as redis_broker;
 use outbox_tests::tables::*;
 use outbox_tests::*;
@@ -293,6 +295,113 @@ async fn nats_tables_share_one_connection() -> Result<()> {
             .iter()
             .filter(|n| n.as_str() == "outbox-relay")
             .count())
+    })
+    .await?;
+    stop_cleanly(relay).await?;
+    Ok(())
+}
+
+/// The server-side process ids (`rabbitmqctl list_connections pid`, what `close_connection`
+/// takes) of the AMQP connections of the relay process `pid`, told apart by their `connection_name` client property
+/// (`outbox-relay-<pid>`).
+async fn rabbit_connections(pid: u32) -> Result<Vec<String>> {
+    let bin = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+    let out = tokio::process::Command::new(&bin)
+        .args(["list_connections", "pid", "client_properties", "-q"])
+        .output()
+        .await
+        .with_context(|| format!("running {bin} (set RABBITMQCTL)"))?;
+    ensure!(
+        out.status.success(),
+        "{bin} list_connections: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One `<pid>\t<client properties>` line per connection after a header line; the properties
+    // print as Erlang terms, the name as `<<"outbox-relay-<pid>">>`.
+    let name = format!("\"outbox-relay-{pid}\"");
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter(|l| l.contains(&name))
+        .filter_map(|l| l.split('\t').next())
+        .map(str::to_owned)
+        .collect())
+}
+
+struct RabbitAt;
+
+impl AsyncConsume for &RabbitAt {
+    async fn consume(&self, destination: &str, at_least: usize) -> Result<Vec<Consumed>> {
+        rabbit_broker::consume(destination, at_least, QUIET, LONG).await
+    }
+}
+
+/// Six tables on RabbitMQ: the broker lists one connection of the relay for all of them (one
+/// confirm channel per table), the idle probes included; when the broker closes it while the
+/// tables publish, every table's events still arrive in per-aggregate order, over one new
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_tables_share_one_connection_and_survive_its_loss() -> Result<()> {
+    let db = TestDb::create("mts_rabbit").await?;
+    let tag = unique("mts");
+    let (toml, tables) = six_tables(&db, &tag).await?;
+    for (_, destination) in &tables {
+        rabbit_broker::prepare(destination).await?;
+    }
+    let env = rabbit_broker::relay_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (relay, _addr, _config) = start_relay(&db, &toml, &env).await?;
+    let pid = relay.child.pid();
+    let mut written = BTreeMap::new();
+    all_arrive(&db, &tables, 1..=20, &mut written, &RabbitAt).await?;
+    settles_at(1, "RabbitMQ connections of a 6-table relay", || async {
+        Ok(rabbit_connections(pid).await?.len())
+    })
+    .await?;
+
+    // The broker closes the one connection while the tables are publishing.
+    let writes = async {
+        let mut written = BTreeMap::new();
+        for (table, _) in &tables {
+            written.insert(
+                table.clone(),
+                write_rounds(&db, table, "Acct", 3, 21..=120).await?,
+            );
+        }
+        anyhow::Ok(written)
+    };
+    let cut = async {
+        let deadline = Instant::now() + LONG;
+        while pending(&db, &tables[0].0).await? == 0 {
+            ensure!(Instant::now() < deadline, "no events were written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let names = rabbit_connections(pid).await?;
+        for name in &names {
+            let out = tokio::process::Command::new("rabbitmqctl")
+                .args(["close_connection", name, "test cuts the relay's connection"])
+                .output()
+                .await?;
+            ensure!(
+                out.status.success(),
+                "rabbitmqctl close_connection {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        anyhow::Ok(names.len())
+    };
+    let (w, cut) = tokio::join!(writes, cut);
+    let cut = cut?;
+    ensure!(cut == 1, "cut {cut} connections of the relay");
+    for (table, w) in w? {
+        let all = written.entry(table).or_default();
+        for (aggregate, ids) in w {
+            all.entry(aggregate).or_default().extend(ids);
+        }
+    }
+    all_arrive(&db, &tables, 121..=130, &mut written, &RabbitAt).await?;
+    settles_at(1, "RabbitMQ connections after the cut", || async {
+        Ok(rabbit_connections(pid).await?.len())
     })
     .await?;
     stop_cleanly(relay).await?;

@@ -30,7 +30,8 @@
 //! lock; only when they stay unanswered (a broker out of reach) does it drop the producer's
 //! queue, and the other tables then re-send their queued records in order too (see
 //! [`crate::sink::kafka`]). NATS and Redis share one connection the same way (one failure
-//! replaces it once; [`crate::sink::shared`]); RabbitMQ keeps a connection per table.
+//! replaces it once; [`crate::sink::shared`]); RabbitMQ shares one connection with a confirm
+//! channel per table, replaced only when it is dead ([`crate::sink::rabbitmq`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

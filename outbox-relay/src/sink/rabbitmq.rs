@@ -1,4 +1,5 @@
-//! The RabbitMQ sink: AMQP 0-9-1 through [`lapin`], one channel in publisher-confirm mode.
+//! The RabbitMQ sink: AMQP 0-9-1 through [`lapin`], one channel in publisher-confirm mode per
+//! table, the tables of a relay sharing one connection.
 //!
 //! **Client.** `lapin` is the AMQP 0-9-1 client of the Rust ecosystem that is maintained and
 //! complete (publisher confirms, `basic.return`, TLS, connection-blocked notices); `amiquip` is
@@ -26,18 +27,35 @@
 //! (`NO_ROUTE`) before its ack: that stops the relay loudly ("declare a queue bound to the
 //! exchange"), because acknowledging it would lose it.
 //!
-//! **Order.** One connection with one channel: RabbitMQ keeps a channel's publish order into
-//! every queue, and records are published in the relay's order. After a failure the relay
-//! [`Sink::recreate`]s the sink: the old channel's outstanding confirms are awaited (bounded by
-//! the delivery timeout), the old connection is closed — RabbitMQ answers the close only once
-//! its channel has handled what was published on it — and the next records go over a new
-//! connection, from the first unconfirmed event. Once a batch failed at enqueue time (a closed
-//! channel, no connection), nothing more is published until that recreate, so no later record
-//! can go out on a new connection ahead of the failed ones. The delivery offset reported is the
-//! publish's sequence number on its channel (partition 0).
+//! **Order.** Each table publishes on a channel of its own: RabbitMQ keeps a channel's publish
+//! order into every queue, and a table's records are published in the relay's order. After a
+//! failure the relay [`Sink::recreate`]s the table's sink: the old channel's outstanding
+//! confirms are awaited (bounded by the delivery timeout), the old channel is closed —
+//! RabbitMQ answers the close only once the channel has handled what was published on it —
+//! and the next records go over a new channel, from the first unconfirmed event. Once a batch
+//! failed at enqueue time (a closed channel, no connection), nothing more is published until
+//! that recreate, so no later record can go out on a new channel ahead of the failed ones. The
+//! delivery offset reported is the publish's sequence number on its channel (partition 0).
+//! Every wait on the broker (publish, confirm, channel open and close) is bounded by the
+//! delivery or connect timeout, so a dead connection the client has not noticed yet fails the
+//! records rather than holding them.
 //!
-//! **Health.** [`Sink::watch`] opens (and closes) a connection every second while the relay is
-//! idle, so `/readyz` reports a broker that stopped answering.
+//! **Many tables, one connection.** The tables of one relay share one AMQP connection
+//! ([`RabbitmqConnection`], see [`crate::sink::shared`]), each with its own confirm channel,
+//! order, in-flight count and failure flag. The connection is replaced (retired, then reopened
+//! by the next table that needs it) only when it is dead, or when a table's channel close went
+//! unanswered: a channel-level error of one table (a body above the broker's limit, a missing
+//! exchange) closes that table's channel only and leaves the others publishing. A table whose
+//! channel belongs to a retired connection fails what it would publish while records of it are
+//! still in flight there (their confirms fail or time out on their own), and after its
+//! recreate opens a channel on the new connection; with nothing in flight it moves over at
+//! once. A single-table relay has a connection of its own of the same kind, so the failure
+//! path is the same code whatever the number of tables. The connection is named
+//! [`connection_name`] (`outbox-relay-<pid>`).
+//!
+//! **Health.** [`Sink::watch`] opens (and closes) a channel on the shared connection every
+//! second while the relay is idle (opening the connection when there is none), so `/readyz`
+//! reports a broker that stopped answering.
 //!
 //! **Duplicates.** RabbitMQ does not deduplicate: a record re-sent after a failure whose first
 //! copy was routed is delivered twice, with the same `message_id` (the event id), by which a
@@ -52,10 +70,11 @@
 //! with the operator's fix; a closed connection or channel, a missed heartbeat or a timed-out
 //! confirm is retried.
 //!
-//! **Residual risk.** When the broker does not answer the close of a failed connection (a
-//! resource alarm blocks the connection), the old connection is abandoned after the delivery
-//! timeout; records it had handed to the kernel may then still be routed after the new
-//! connection's (duplicates that can arrive out of order). A connection cut from under the
+//! **Residual risk.** When the broker does not answer the close of a failed channel (a
+//! resource alarm blocks the connection), its connection is retired and abandoned after the
+//! delivery timeout (for every table: they move to the new one as after a lost connection);
+//! records it had handed to the kernel may then still be routed after the new connection's
+//! (duplicates that can arrive out of order). A connection cut from under the
 //! relay cannot be closed in order at all: what the broker had already read from it is routed
 //! by its channel while the relay backs off (at least 200 ms) before it reconnects. A `basic.nack` of one record while a
 //! later one of the channel is acked (an internal queue error) lets the later one through
@@ -73,6 +92,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind, Pu
 
 use crate::config::{RabbitmqSettings, redact_url};
 use crate::route::OutboundRecord;
+use crate::sink::shared::{Generation, SharedConnection};
 use crate::sink::{
     Delivered, DeliveryError, DeliveryFault, ErrorClass, Fenced, PendingBatch, Sink, SinkError,
     SinkKind,
@@ -126,6 +146,11 @@ pub enum RabbitError {
         /// Its length.
         len: usize,
     },
+    /// The channel's connection was replaced (after it died, or was abandoned) while records
+    /// of this table were still in flight on it: later records wait for the relay to re-send
+    /// those first.
+    #[error("the shared connection was replaced while records were in flight on it")]
+    Replaced,
     /// Confirm mode was off (never expected: the sink turns it on before publishing).
     #[error("the channel is not in confirm mode")]
     NotConfirmed,
@@ -166,6 +191,7 @@ pub fn classify(error: &RabbitError) -> ErrorClass {
         RabbitError::Nack
         | RabbitError::TimedOut
         | RabbitError::Connect(_)
+        | RabbitError::Replaced
         | RabbitError::NotConfirmed => ErrorClass::Retry,
         e if is_broker_too_large(e) => ErrorClass::Record,
         RabbitError::Client(e) => classify_client(e),
@@ -233,6 +259,7 @@ pub fn error_name(error: &RabbitError) -> String {
         RabbitError::TooLarge { .. } => "MESSAGE_TOO_LARGE".into(),
         RabbitError::TooLong { .. } => "NAME_TOO_LONG".into(),
         RabbitError::NotConfirmed => "NOT_CONFIRMED".into(),
+        RabbitError::Replaced => "CONNECTION_REPLACED".into(),
         RabbitError::Client(e) => match (reply(e), e.kind()) {
             (Some((kind, _)), _) => reply_name(kind).into(),
             (None, lapin::ErrorKind::IOError(_)) => "IO_ERROR".into(),
@@ -354,21 +381,210 @@ pub fn message(
     Ok((routing_key, properties))
 }
 
-/// A connection and its channel in confirm mode.
+/// The name the relay's AMQP connections carry (`connection_name` client property):
+/// `outbox-relay-<pid>`.
+pub fn connection_name() -> String {
+    format!("outbox-relay-{}", std::process::id())
+}
+
+/// One table's channel in confirm mode on a generation of the shared connection.
 struct Link {
-    connection: Connection,
+    /// The generation of [`RabbitmqConnection`] the channel belongs to.
+    generation: u64,
+    connection: Arc<Connection>,
     channel: Channel,
     /// Publishes on this channel so far (the last delivery tag).
     published: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// The RabbitMQ sink. See the [module docs](self).
+impl Link {
+    /// Whether the channel and its connection are both open (as far as the client knows).
+    fn open(&self) -> bool {
+        self.channel.status().connected() && self.connection.status().connected()
+    }
+}
+
+/// The AMQP connection the tables of one relay publish on (see [`crate::sink::shared`]), each
+/// on a confirm channel of its own: opened by the first table that needs it, and replaced only
+/// when it is dead (a channel-level error of one table closes that table's channel and leaves
+/// the others alone). A single-table relay has one of its own, so the failure path is the same
+/// code whatever the number of tables.
+pub struct RabbitmqConnection {
+    settings: RabbitmqSettings,
+    connection: SharedConnection<Arc<Connection>>,
+}
+
+impl RabbitmqConnection {
+    /// A connection for tables publishing with `settings` (nothing connects yet); fails for
+    /// settings the relay cannot use.
+    pub fn new(settings: RabbitmqSettings) -> Result<Arc<Self>, SinkError> {
+        settings.validate().map_err(|e| SinkError::Config {
+            broker: RABBITMQ,
+            key: e.key,
+            reason: e.reason,
+        })?;
+        Ok(Arc::new(Self {
+            settings,
+            connection: SharedConnection::default(),
+        }))
+    }
+
+    /// A sink for one table, publishing on its own channel of this connection.
+    pub fn sink(self: &Arc<Self>) -> RabbitmqSink {
+        RabbitmqSink {
+            settings: self.settings.clone(),
+            shared: self.clone(),
+            link: tokio::sync::Mutex::new(None),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            failed: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Where the sink connects, without credentials.
+    fn servers(&self) -> String {
+        redact_url(self.settings.url.expose())
+    }
+
+    /// The current connection, or a new one when there is none or the current one is dead
+    /// (it is then retired first). Bounded by the connect timeout.
+    async fn current(&self) -> Result<Generation<Arc<Connection>>, RabbitError> {
+        self.connection
+            .get_or_open(
+                |c: &Arc<Connection>| !c.status().connected(),
+                || async { open_connection(&self.settings).await.map(Arc::new) },
+            )
+            .await
+    }
+
+    /// Whether generation `number` is still the connection tables are given.
+    fn is_current(&self, number: u64) -> bool {
+        self.connection
+            .current()
+            .is_some_and(|g| g.number == number)
+    }
+
+    /// Retires generation `number` if it is still the current one; a connection retired while
+    /// still open is closed (in the background, bounded by the connect timeout), so nothing
+    /// more goes out on it and every table with a channel on it moves to the next one.
+    fn retire(&self, number: u64) {
+        if let Some(old) = self.connection.retire(number)
+            && old.status().connected()
+        {
+            let wait = self.settings.connect_timeout;
+            tokio::spawn(async move {
+                let _ =
+                    tokio::time::timeout(wait, old.close(200, "outbox-relay retires".into())).await;
+            });
+        }
+    }
+
+    /// A new confirm channel for one table on the current connection (opening or replacing
+    /// the connection when needed), the exchange declared if configured; within the connect
+    /// timeout.
+    async fn channel(&self) -> Result<Link, RabbitError> {
+        let settings = &self.settings;
+        let generation = self.current().await?;
+        let attempt = async {
+            let channel = generation
+                .connection
+                .create_channel()
+                .await
+                .map_err(RabbitError::Client)?;
+            if settings.declare_exchange && !settings.exchange.is_empty() {
+                channel
+                    .exchange_declare(
+                        settings.exchange.as_str().into(),
+                        ExchangeKind::Topic,
+                        ExchangeDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(RabbitError::Client)?;
+            }
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(RabbitError::Client)?;
+            Ok(channel)
+        };
+        let channel = match tokio::time::timeout(settings.connect_timeout, attempt).await {
+            Ok(result) => result?,
+            Err(_) => return Err(no_answer(settings)),
+        };
+        Ok(Link {
+            generation: generation.number,
+            connection: generation.connection,
+            channel,
+            published: Arc::default(),
+        })
+    }
+
+    /// A round trip on the current connection (a channel opened and closed), for the idle
+    /// probe of every table sharing it.
+    async fn probe(&self) -> Result<(), RabbitError> {
+        let generation = self.current().await?;
+        let channel = generation
+            .connection
+            .create_channel()
+            .await
+            .map_err(RabbitError::Client)?;
+        channel
+            .close(200, "probe".into())
+            .await
+            .map_err(RabbitError::Client)
+    }
+}
+
+/// The error of an attempt that outlived `rabbitmq.connect_timeout`.
+fn no_answer(settings: &RabbitmqSettings) -> RabbitError {
+    RabbitError::Connect(format!(
+        "no answer within rabbitmq.connect_timeout ({})",
+        crate::config::duration::format(&settings.connect_timeout)
+    ))
+}
+
+/// Opens a connection named [`connection_name`] within the connect timeout.
+async fn open_connection(settings: &RabbitmqSettings) -> Result<Connection, RabbitError> {
+    let attempt = async {
+        let properties =
+            lapin::ConnectionProperties::default().with_connection_name(connection_name().into());
+        if settings.tls() {
+            let cert_chain = match &settings.ca_path {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| RabbitError::Connect(format!("{}: {e}", path.display())))?,
+                ),
+                None => None,
+            };
+            let tls = lapin::tcp::OwnedTLSConfig {
+                identity: None,
+                cert_chain,
+            };
+            let runtime = lapin::runtime::default_runtime().map_err(RabbitError::Client)?;
+            Connection::connect_with_config(settings.url.expose(), properties, tls, runtime).await
+        } else {
+            Connection::connect(settings.url.expose(), properties).await
+        }
+        .map_err(RabbitError::Client)
+    };
+    match tokio::time::timeout(settings.connect_timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(no_answer(settings)),
+    }
+}
+
+/// The RabbitMQ sink of one table: its own confirm channel on the relay's shared
+/// [`RabbitmqConnection`]. See the [module docs](self).
 pub struct RabbitmqSink {
     settings: RabbitmqSettings,
+    shared: Arc<RabbitmqConnection>,
     link: tokio::sync::Mutex<Option<Link>>,
     in_flight: Arc<AtomicUsize>,
     /// The failure a batch was refused with at enqueue time, until [`Sink::recreate`]: while
-    /// the relay has not handled it, no later record may go out (over a new connection, it
+    /// the relay has not handled it, no later record may go out (over a new channel, it
     /// would overtake the failed ones the relay sends again).
     failed: std::sync::Mutex<Option<RabbitError>>,
 }
@@ -406,104 +622,52 @@ pub struct Pending {
 }
 
 impl RabbitmqSink {
-    /// Checks the settings; no connection is made yet (see [`Sink::check_connection`]).
+    /// A sink with a connection of its own (a single-table relay); checks the settings, no
+    /// connection is made yet (see [`Sink::check_connection`]).
     pub fn new(settings: RabbitmqSettings) -> Result<Self, SinkError> {
-        settings.validate().map_err(|e| SinkError::Config {
-            broker: RABBITMQ,
-            key: e.key,
-            reason: e.reason,
-        })?;
-        Ok(Self {
-            settings,
-            link: tokio::sync::Mutex::new(None),
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            failed: std::sync::Mutex::new(None),
-        })
+        Ok(RabbitmqConnection::new(settings)?.sink())
     }
 
     /// Where the sink connects, without credentials.
     fn servers(&self) -> String {
-        redact_url(self.settings.url.expose())
+        self.shared.servers()
     }
 
-    /// Opens a connection and a channel in confirm mode (declaring the exchange if configured),
-    /// within the connect timeout.
-    async fn connect(&self) -> Result<Link, RabbitError> {
-        let settings = &self.settings;
-        let attempt = async {
-            let properties =
-                lapin::ConnectionProperties::default().with_connection_name("outbox-relay".into());
-            let connection = if settings.tls() {
-                let cert_chain =
-                    match &settings.ca_path {
-                        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
-                            RabbitError::Connect(format!("{}: {e}", path.display()))
-                        })?),
-                        None => None,
-                    };
-                let tls = lapin::tcp::OwnedTLSConfig {
-                    identity: None,
-                    cert_chain,
-                };
-                let runtime = lapin::runtime::default_runtime().map_err(RabbitError::Client)?;
-                Connection::connect_with_config(settings.url.expose(), properties, tls, runtime)
-                    .await
-            } else {
-                Connection::connect(settings.url.expose(), properties).await
-            }
-            .map_err(RabbitError::Client)?;
-            let channel = connection
-                .create_channel()
-                .await
-                .map_err(RabbitError::Client)?;
-            if settings.declare_exchange && !settings.exchange.is_empty() {
-                channel
-                    .exchange_declare(
-                        settings.exchange.as_str().into(),
-                        ExchangeKind::Topic,
-                        ExchangeDeclareOptions {
-                            durable: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(RabbitError::Client)?;
-            }
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(RabbitError::Client)?;
-            Ok(Link {
-                connection,
-                channel,
-                published: Arc::default(),
-            })
-        };
-        match tokio::time::timeout(settings.connect_timeout, attempt).await {
-            Ok(result) => result,
-            Err(_) => Err(RabbitError::Connect(format!(
-                "no answer within rabbitmq.connect_timeout ({})",
-                crate::config::duration::format(&settings.connect_timeout)
-            ))),
-        }
-    }
-
-    /// Closes `link` in order: waits up to `wait` for its outstanding confirms, then closes the
-    /// connection (RabbitMQ answers once its channel handled everything published on it) within
-    /// the rest of `wait`. Returns whether everything was answered.
-    async fn close(link: Link, wait: Duration) -> bool {
+    /// Closes this table's channel in order: waits up to `wait` for its outstanding confirms,
+    /// then closes the channel (RabbitMQ answers once the channel handled everything published
+    /// on it) within the rest of `wait`. Returns whether everything was answered: a channel the
+    /// broker or a dead connection closed already counts as answered, since the broker closes a
+    /// channel only after what was published on it before. Every await is bounded by `wait`.
+    async fn close(link: &Link, wait: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
         let confirmed = tokio::time::timeout_at(deadline, link.channel.wait_for_confirms())
             .await
             .is_ok();
         let closed = tokio::time::timeout_at(
             deadline,
-            link.connection.close(200, "outbox-relay closes".into()),
+            link.channel.close(200, "outbox-relay closes".into()),
         )
         .await
         .is_ok_and(|r| r.is_ok());
-        confirmed && (closed || !link.connection.status().connected())
+        confirmed && (closed || !link.open())
+    }
+
+    /// Closes this table's channel in order ([`RabbitmqSink::close`]); the connection is
+    /// retired when it is dead, or when the channel's close was not answered in time (the old
+    /// connection is then abandoned, see "Residual risk" in the [module docs](self)). Returns
+    /// whether everything was answered.
+    async fn close_link(&self, link: Link, wait: Duration) -> bool {
+        let answered = Self::close(&link, wait).await;
+        if !link.connection.status().connected() {
+            self.shared.retire(link.generation);
+        } else if !answered {
+            tracing::warn!(
+                servers = %self.servers(),
+                "the old RabbitMQ channel did not close in time: its connection is abandoned"
+            );
+            self.shared.retire(link.generation);
+        }
+        answered
     }
 
     /// Records published and not yet answered (or dropped).
@@ -540,22 +704,38 @@ impl RabbitmqSink {
                     continue;
                 }
             };
-            // A channel the broker closed while nothing of it is in flight (after a record it
-            // refused was sent alone) is replaced at once: no earlier record can follow the
-            // new channel's. With records in flight, or records that failed at enqueue time
-            // (`stopped`, kept until the relay recreates the sink), it is not.
+            // A channel that is closed, or whose connection is dead or was replaced, while
+            // nothing of it is in flight (after a record it refused was sent alone, or another
+            // table replaced the dead connection) is replaced at once: no earlier record can
+            // follow the new channel's. With records in flight, or records that failed at
+            // enqueue time (`stopped`, kept until the relay recreates the sink), it is not:
+            // the records fail, and the relay recreates the sink first.
             if guard
                 .as_ref()
-                .is_some_and(|l| !l.channel.status().connected())
-                && self.in_flight() == 0
+                .is_some_and(|l| !l.open() || !self.shared.is_current(l.generation))
             {
-                *guard = None;
+                if self.in_flight() == 0 {
+                    *guard = None;
+                } else {
+                    let error = match guard.as_ref() {
+                        Some(l) if l.open() => RabbitError::Replaced,
+                        _ => RabbitError::Client(
+                            lapin::ErrorKind::InvalidConnectionState(
+                                lapin::ConnectionState::Closed,
+                            )
+                            .into(),
+                        ),
+                    };
+                    slots.push(Slot::Done(Outcome::Failed(error.clone())));
+                    stopped = Some(error);
+                    continue;
+                }
             }
             if guard.is_none() {
-                match self.connect().await {
+                match self.shared.channel().await {
                     Ok(link) => *guard = Some(link),
                     Err(error) => {
-                        tracing::warn!(servers = %self.servers(), %error, "cannot connect to RabbitMQ");
+                        tracing::warn!(servers = %self.servers(), %error, "cannot open a RabbitMQ channel");
                         slots.push(Slot::Done(Outcome::Failed(error.clone())));
                         stopped = Some(error);
                         continue;
@@ -566,9 +746,11 @@ impl RabbitmqSink {
                 continue;
             };
             let body = r.payload.as_deref().unwrap_or_default();
-            let published = link
-                .channel
-                .basic_publish(
+            // Bounded: on a connection the client has not yet found dead, handing the frames
+            // to its I/O loop may never complete.
+            let published = tokio::time::timeout_at(
+                deadline,
+                link.channel.basic_publish(
                     self.settings.exchange.as_str().into(),
                     routing_key,
                     BasicPublishOptions {
@@ -577,8 +759,12 @@ impl RabbitmqSink {
                     },
                     body,
                     properties,
-                )
-                .await;
+                ),
+            )
+            .await
+            .map_or(Err(RabbitError::TimedOut), |r| {
+                r.map_err(RabbitError::Client)
+            });
             match published {
                 Ok(confirm) => {
                     let tag = link.published.fetch_add(1, Ordering::Relaxed) + 1;
@@ -590,7 +776,6 @@ impl RabbitmqSink {
                     });
                 }
                 Err(error) => {
-                    let error = RabbitError::Client(error);
                     if classify(&error) == ErrorClass::Record {
                         poisoned.push((&r.topic, &r.key, i));
                         slots.push(Slot::Done(Outcome::Rejected(error)));
@@ -719,11 +904,11 @@ impl Sink for RabbitmqSink {
         let mut guard = self.link.lock().await;
         if guard
             .as_ref()
-            .is_some_and(|l| l.connection.status().connected())
+            .is_some_and(|l| l.open() && self.shared.is_current(l.generation))
         {
             return Ok(());
         }
-        match self.connect().await {
+        match self.shared.channel().await {
             Ok(link) => {
                 *guard = Some(link);
                 Ok(())
@@ -756,20 +941,18 @@ impl Sink for RabbitmqSink {
         self.settings.delivery_timeout
     }
 
+    /// Closes this table's channel in order (its outstanding confirms awaited, then the
+    /// close answered, all within the delivery timeout and at most 5 s); the connection is
+    /// replaced only when it is dead or that close went unanswered. The next enqueue opens a
+    /// new channel; a broker out of reach then fails those records (and the relay backs off),
+    /// rather than failing the relay here.
     async fn recreate(&mut self) -> Result<(), SinkError> {
-        // The next enqueue connects anew; a broker out of reach then fails those records (and
-        // the relay backs off), rather than failing the relay here.
         if let Ok(failed) = self.failed.get_mut() {
             *failed = None;
         }
         if let Some(link) = self.link.get_mut().take() {
             let wait = self.settings.delivery_timeout.min(Duration::from_secs(5));
-            if !Self::close(link, wait).await {
-                tracing::warn!(
-                    servers = %self.servers(),
-                    "the old RabbitMQ connection did not close in time: it is abandoned"
-                );
-            }
+            self.close_link(link, wait).await;
         }
         Ok(())
     }
@@ -777,7 +960,7 @@ impl Sink for RabbitmqSink {
     fn purge(&self) -> usize {
         let held = self.in_flight();
         if let Ok(mut guard) = self.link.try_lock() {
-            // Dropping the connection closes it: nothing more is published on it.
+            // Dropping the channel closes it: nothing more of this table is published on it.
             guard.take();
         }
         held
@@ -787,7 +970,7 @@ impl Sink for RabbitmqSink {
         let held = self.in_flight();
         let link = self.link.lock().await.take();
         let answered = match link {
-            Some(link) => Self::close(link, wait).await,
+            Some(link) => self.close_link(link, wait).await,
             None => true,
         };
         Fenced {
@@ -801,11 +984,7 @@ impl Sink for RabbitmqSink {
         stats: Arc<crate::stats::RelayStats>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<Option<tokio::task::JoinHandle<()>>, SinkError> {
-        let probe = RabbitmqSink::new(RabbitmqSettings {
-            connect_timeout: PROBE_TIMEOUT,
-            declare_exchange: false,
-            ..self.settings.clone()
-        })?;
+        let probe = self.shared.clone();
         Ok(Some(tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -815,17 +994,9 @@ impl Sink for RabbitmqSink {
                 let answer = if published_within(&stats, PROBE_INTERVAL) {
                     Ok(())
                 } else {
-                    match probe.connect().await {
-                        Ok(link) => {
-                            let _ = tokio::time::timeout(
-                                PROBE_TIMEOUT,
-                                link.connection.close(200, "probe".into()),
-                            )
-                            .await;
-                            Ok(())
-                        }
-                        Err(e) => Err(e),
-                    }
+                    tokio::time::timeout(PROBE_TIMEOUT, probe.probe())
+                        .await
+                        .unwrap_or(Err(RabbitError::TimedOut))
                 };
                 record_probe(
                     &stats,
@@ -850,19 +1021,21 @@ pub async fn ensure_queues(
     destinations: &[String],
 ) -> Result<Vec<String>, SinkError> {
     use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-    let sink = RabbitmqSink::new(settings.clone())?;
+    let shared = RabbitmqConnection::new(settings.clone())?;
     let unreachable = |error: RabbitError| SinkError::Unreachable {
         broker: RABBITMQ,
-        servers: sink.servers(),
+        servers: shared.servers(),
         detail: error.to_string(),
     };
-    let link = sink.connect().await.map_err(unreachable)?;
+    // Opening the relay's channel declares the exchange as the relay does.
+    let link = shared.channel().await.map_err(unreachable)?;
+    let connection = link.connection.clone();
     let mut lines = Vec::with_capacity(destinations.len());
     let mut failed: Option<(String, RabbitError)> = None;
     for destination in destinations {
         // A failed declaration closes the channel: each queue gets a channel of its own.
         let declared = async {
-            let channel = link.connection.create_channel().await?;
+            let channel = connection.create_channel().await?;
             channel
                 .queue_declare(
                     destination.as_str().into(),
@@ -902,7 +1075,11 @@ pub async fn ensure_queues(
             }
         }
     }
-    let _ = RabbitmqSink::close(link, settings.connect_timeout).await;
+    let _ = tokio::time::timeout(
+        settings.connect_timeout,
+        connection.close(200, "outbox-relay closes".into()),
+    )
+    .await;
     match failed {
         None => Ok(lines),
         Some((destination, error)) => Err(SinkError::Refused {

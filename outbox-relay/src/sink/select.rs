@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::config::RelayConfig;
 use crate::sink::kafka::{KafkaSink, SharedProducer};
 use crate::sink::nats::{NatsConnection, NatsSink};
-use crate::sink::rabbitmq::RabbitmqSink;
+use crate::sink::rabbitmq::{RabbitmqConnection, RabbitmqSink};
 use crate::sink::redis::{RedisConnection, RedisSink};
 use crate::sink::traced::Traced;
 use crate::sink::{Sink, SinkError, SinkKind};
@@ -25,9 +25,12 @@ pub fn from_config(config: &RelayConfig) -> Result<Box<dyn Sink>, SinkError> {
 ///   in-flight count and failure flag; a failure any table sees replaces the connection once,
 ///   and every table with records on the old one fails them and re-sends them in order on the
 ///   new one (a table with nothing in flight just moves over).
-/// - RabbitMQ keeps a connection per table: its re-send order relies on closing the failed
-///   table's own connection, which the broker answers only once that connection's channel has
-///   routed everything published on it (see [`crate::sink::rabbitmq`]).
+/// - RabbitMQ: one AMQP connection for every table ([`RabbitmqConnection`]), each table on a
+///   confirm channel of its own, the idle probes included. A failed table closes its own
+///   channel in order (the broker answers the close only once the channel has routed
+///   everything published on it) before it re-sends; the connection is replaced only when it
+///   is dead, so one table's channel-level error does not disturb the others (see
+///   [`crate::sink::rabbitmq`]).
 ///
 /// See docs/operations.md, "Many tables per relay".
 #[derive(Clone)]
@@ -40,6 +43,8 @@ pub enum SharedClient {
     Nats(Arc<NatsConnection>),
     /// One Redis connection.
     Redis(Arc<RedisConnection>),
+    /// One RabbitMQ connection.
+    Rabbitmq(Arc<RabbitmqConnection>),
 }
 
 impl SharedClient {
@@ -49,7 +54,9 @@ impl SharedClient {
             SinkKind::Kafka => SharedClient::Kafka(SharedProducer::new(config.kafka.clone())?),
             SinkKind::Nats => SharedClient::Nats(NatsConnection::new(config.nats.clone())),
             SinkKind::Redis => SharedClient::Redis(RedisConnection::new(config.redis.clone())?),
-            SinkKind::Rabbitmq => SharedClient::None,
+            SinkKind::Rabbitmq => {
+                SharedClient::Rabbitmq(RabbitmqConnection::new(config.rabbitmq.clone())?)
+            }
         })
     }
 }
@@ -66,6 +73,7 @@ pub fn from_config_sharing(
         (SinkKind::Nats, _) => Box::new(NatsSink::new(config.nats.clone())?),
         (SinkKind::Redis, SharedClient::Redis(connection)) => Box::new(connection.sink()),
         (SinkKind::Redis, _) => Box::new(RedisSink::new(config.redis.clone())?),
+        (SinkKind::Rabbitmq, SharedClient::Rabbitmq(connection)) => Box::new(connection.sink()),
         (SinkKind::Rabbitmq, _) => Box::new(RabbitmqSink::new(config.rabbitmq.clone())?),
     };
     Ok(Traced::wrap(sink, config.telemetry.enabled))

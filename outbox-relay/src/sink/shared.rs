@@ -10,8 +10,10 @@
 //! flight, be recreated, re-send in order) onto the new one.
 //!
 //! The NATS sink ([`crate::sink::nats`]) and the Redis sink ([`crate::sink::redis`]) share their
-//! connection this way; a single-table relay uses a `SharedConnection` of its own, so the
-//! failure path is the same code whatever the number of tables.
+//! connection this way; so does the RabbitMQ sink ([`crate::sink::rabbitmq`]), each table on a
+//! channel of its own, retiring the connection only when it is dead. A single-table relay uses
+//! a `SharedConnection` of its own, so the failure path is the same code whatever the number of
+//! tables.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
