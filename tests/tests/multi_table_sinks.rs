@@ -97,6 +97,46 @@ async fn all_arrive(
     Ok(())
 }
 
+/// Writes rounds `21..=120` into every table and, once the first table has rows waiting, runs
+/// `cut` (which cuts the relay's broker connections and returns how many); the rows written join
+/// `written`. Returns what `cut` returned.
+async fn cut_while_writing<Fut>(
+    db: &TestDb,
+    tables: &[(String, String)],
+    written: &mut BTreeMap<String, BTreeMap<String, Vec<Uuid>>>,
+    cut: impl FnOnce() -> Fut,
+) -> Result<usize>
+where
+    Fut: std::future::Future<Output = Result<usize>>,
+{
+    let writes = async {
+        let mut written = BTreeMap::new();
+        for (table, _) in tables {
+            written.insert(
+                table.clone(),
+                write_rounds(db, table, "Acct", 3, 21..=120).await?,
+            );
+        }
+        anyhow::Ok(written)
+    };
+    let cut = async {
+        let deadline = Instant::now() + LONG;
+        while pending(db, &tables[0].0).await? == 0 {
+            ensure!(Instant::now() < deadline, "no events were written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cut().await
+    };
+    let (w, cut) = tokio::join!(writes, cut);
+    for (table, w) in w? {
+        let all = written.entry(table).or_default();
+        for (aggregate, ids) in w {
+            all.entry(aggregate).or_default().extend(ids);
+        }
+    }
+    cut
+}
+
 /// Reads a destination back from the broker under test.
 trait AsyncConsume {
     async fn consume(&self, destination: &str, at_least: usize) -> Result<Vec<Consumed>>;
@@ -143,22 +183,7 @@ async fn redis_tables_share_one_connection_and_survive_its_loss() -> Result<()> 
     .await?;
 
     // Redis cuts the one connection while the tables are publishing.
-    let writes = async {
-        let mut written = BTreeMap::new();
-        for (table, _) in &tables {
-            written.insert(
-                table.clone(),
-                write_rounds(&db, table, "Acct", 3, 21..=120).await?,
-            );
-        }
-        anyhow::Ok(written)
-    };
-    let cut = async {
-        let deadline = Instant::now() + LONG;
-        while pending(&db, &tables[0].0).await? == 0 {
-            ensure!(Instant::now() < deadline, "no events were written");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    let killed = cut_while_writing(&db, &tables, &mut written, || async {
         let mut conn = redis_broker::connection().await?;
         let mut killed = 0;
         for id in redis_connections(pid).await? {
@@ -170,17 +195,10 @@ async fn redis_tables_share_one_connection_and_survive_its_loss() -> Result<()> 
                 .await?;
             killed += n;
         }
-        anyhow::Ok(killed)
-    };
-    let (w, killed) = tokio::join!(writes, cut);
-    let killed = killed?;
+        Ok(usize::try_from(killed)?)
+    })
+    .await?;
     ensure!(killed == 1, "killed {killed} connections of the relay");
-    for (table, w) in w? {
-        let all = written.entry(table).or_default();
-        for (aggregate, ids) in w {
-            all.entry(aggregate).or_default().extend(ids);
-        }
-    }
     all_arrive(&db, &tables, 121..=130, &mut written, &at).await?;
     settles_at(1, "Redis connections after the cut", || async {
         Ok(redis_connections(pid).await?.len())
@@ -360,22 +378,7 @@ async fn rabbitmq_tables_share_one_connection_and_survive_its_loss() -> Result<(
     .await?;
 
     // The broker closes the one connection while the tables are publishing.
-    let writes = async {
-        let mut written = BTreeMap::new();
-        for (table, _) in &tables {
-            written.insert(
-                table.clone(),
-                write_rounds(&db, table, "Acct", 3, 21..=120).await?,
-            );
-        }
-        anyhow::Ok(written)
-    };
-    let cut = async {
-        let deadline = Instant::now() + LONG;
-        while pending(&db, &tables[0].0).await? == 0 {
-            ensure!(Instant::now() < deadline, "no events were written");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    let cut = cut_while_writing(&db, &tables, &mut written, || async {
         let names = rabbit_connections(pid).await?;
         for name in &names {
             let out = tokio::process::Command::new("rabbitmqctl")
@@ -388,17 +391,10 @@ async fn rabbitmq_tables_share_one_connection_and_survive_its_loss() -> Result<(
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        anyhow::Ok(names.len())
-    };
-    let (w, cut) = tokio::join!(writes, cut);
-    let cut = cut?;
+        Ok(names.len())
+    })
+    .await?;
     ensure!(cut == 1, "cut {cut} connections of the relay");
-    for (table, w) in w? {
-        let all = written.entry(table).or_default();
-        for (aggregate, ids) in w {
-            all.entry(aggregate).or_default().extend(ids);
-        }
-    }
     all_arrive(&db, &tables, 121..=130, &mut written, &RabbitAt).await?;
     settles_at(1, "RabbitMQ connections after the cut", || async {
         Ok(rabbit_connections(pid).await?.len())

@@ -75,7 +75,9 @@ const VISIBILITY_WAIT: Duration = Duration::from_secs(3);
 /// enough for the relay to produce the event and come back to mark it. A mark that found no row
 /// would leave it unpublished for good. So rows by `seq` that the statement did not reach are
 /// looked for again, with growing pauses, for up to [`VISIBILITY_WAIT`]; a row already marked
-/// (re-delivered after a failure) counts as found. In `delete` mode an already deleted row looks
+/// (re-delivered after a failure) counts as found, and one that became visible between the
+/// mark statement's snapshot and the look-up is marked by the next round (it is unmarked, so it
+/// is not taken for found). In `delete` mode an already deleted row looks
 /// like a missing one, so re-delivered rows cost that wait once per batch.
 pub(crate) async fn acknowledge_keys(
     conn: &mut PgConnection,
@@ -95,7 +97,7 @@ pub(crate) async fn acknowledge_keys(
                 if n as usize == due.len() {
                     Vec::new()
                 } else {
-                    table::seqs_not_in_table(&mut *conn, table, &due).await?
+                    table::seqs_not_marked(&mut *conn, table, &due).await?
                 }
             }
             RowAcknowledgement::Delete => {
