@@ -648,16 +648,14 @@ pub async fn delete(
     rows.iter().map(|row| row.try_get(0)).collect()
 }
 
-/// Those of `seqs` that no marked row of the table (visible to this session) has: rows not
-/// visible yet, and rows that became visible after the last mark statement's snapshot (so the
-/// caller marks them next, rather than taking them for marked).
-pub async fn seqs_not_marked(
+/// Those of `seqs` that no row of the table (visible to this session) has.
+pub async fn seqs_not_in_table(
     conn: &mut PgConnection,
     table: &OutboxTable,
     seqs: &[i64],
 ) -> Result<Vec<i64>, sqlx::Error> {
     let sql = "SELECT s FROM unnest($1::int8[]) AS s \
-               WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE seq = s AND published_at IS NOT NULL)";
+               WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE seq = s)";
     sqlx::query_scalar(statement(table, sql))
         .bind(seqs)
         .fetch_all(conn)

@@ -97,7 +97,22 @@ pub(crate) async fn acknowledge_keys(
                 if n as usize == due.len() {
                     Vec::new()
                 } else {
-                    table::seqs_not_marked(&mut *conn, table, &due).await?
+                    let missing = table::seqs_not_in_table(&mut *conn, table, &due).await?;
+                    // Rows visible now were either marked already (re-delivered) or became
+                    // visible after the UPDATE's snapshot: mark the latter before taking them
+                    // for found (visibility only grows, so this statement sees them all).
+                    let absent: std::collections::HashSet<i64> = missing.iter().copied().collect();
+                    let visible: Vec<i64> = due
+                        .iter()
+                        .copied()
+                        .filter(|s| !absent.contains(s))
+                        .collect();
+                    if !visible.is_empty() {
+                        affected +=
+                            table::mark_published(&mut *conn, table, table::Keys::Seqs(&visible))
+                                .await?;
+                    }
+                    missing
                 }
             }
             RowAcknowledgement::Delete => {
