@@ -56,22 +56,6 @@ where
     Ok(())
 }
 
-/// The connections Redis lists for the relay process `pid` (named `outbox-relay-<pid>`).
-async fn redis_connections(pid: u32) -> Result<Vec<String>> {
-    let mut conn = redis_broker::connection().await?;
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(&mut conn)
-        .await?;
-    let name = format!("name=outbox-relay-{pid} ");
-    Ok(list
-        .lines()
-        .filter(|l| l.contains(&name))
-        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
-        .map(str::to_owned)
-        .collect())
-}
-
 /// Writes `rounds` events for each of 3 aggregates into every table and checks each table's
 /// destination receives them (re-sent copies allowed) with every aggregate in write order.
 async fn all_arrive(
@@ -178,30 +162,19 @@ async fn redis_tables_share_one_connection_and_survive_its_loss() -> Result<()> 
     let mut written = BTreeMap::new();
     all_arrive(&db, &tables, 1..=20, &mut written, &at).await?;
     settles_at(1, "Redis connections of a 6-table relay", || async {
-        Ok(redis_connections(pid).await?.len())
+        Ok(redis_broker::relay_connections(pid).await?.len())
     })
     .await?;
 
     // Redis cuts the one connection while the tables are publishing.
-    let killed = cut_while_writing(&db, &tables, &mut written, || async {
-        let mut conn = redis_broker::connection().await?;
-        let mut killed = 0;
-        for id in redis_connections(pid).await? {
-            let n: i64 = redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("ID")
-                .arg(&id)
-                .query_async(&mut conn)
-                .await?;
-            killed += n;
-        }
-        Ok(usize::try_from(killed)?)
+    let killed = cut_while_writing(&db, &tables, &mut written, || {
+        redis_broker::kill_relay_connections(pid)
     })
     .await?;
     ensure!(killed == 1, "killed {killed} connections of the relay");
     all_arrive(&db, &tables, 121..=130, &mut written, &at).await?;
     settles_at(1, "Redis connections after the cut", || async {
-        Ok(redis_connections(pid).await?.len())
+        Ok(redis_broker::relay_connections(pid).await?.len())
     })
     .await?;
     stop_cleanly(relay).await?;

@@ -193,34 +193,6 @@ async fn wrong_credentials_stop_the_relay_at_start_with_the_fix_and_never_show_t
     Ok(())
 }
 
-/// Kills every connection of the relay process `pid` (by its name) from the server side.
-async fn cut_connections(pid: u32) -> Result<usize> {
-    let mut conn = broker::connection().await?;
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(&mut conn)
-        .await?;
-    let name = format!("name=outbox-relay-{pid} ");
-    let mut killed = 0;
-    for line in list.lines().filter(|l| l.contains(&name)) {
-        let Some(id) = line
-            .split(' ')
-            .find_map(|f| f.strip_prefix("id="))
-            .map(str::to_owned)
-        else {
-            continue;
-        };
-        let n: i64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("ID")
-            .arg(&id)
-            .query_async(&mut conn)
-            .await?;
-        killed += usize::try_from(n)?;
-    }
-    Ok(killed)
-}
-
 async fn connections_cut(logical: bool) -> Result<()> {
     let db = TestDb::migrated("redis_cut").await?;
     let work = Workload::create(&db, "redis_cut", 8, 1).await?;
@@ -238,7 +210,7 @@ async fn connections_cut(logical: bool) -> Result<()> {
     let deadline = Instant::now() + LONG;
     while (!writers.is_finished() || cuts < 3) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(150)).await;
-        cuts += cut_connections(relay.child.pid()).await?;
+        cuts += broker::kill_relay_connections(relay.child.pid()).await?;
     }
     writers.await??;
     ensure!(cuts >= 3, "only {cuts} connections were cut");

@@ -52,6 +52,40 @@ pub async fn connection_to(url: &str) -> Result<redis::aio::MultiplexedConnectio
         .with_context(|| format!("connecting to Redis at {url}"))
 }
 
+/// The ids of the connections Redis lists (`CLIENT LIST`) for the relay process `pid`, which
+/// names its connections `outbox-relay-<pid>`.
+pub async fn relay_connections(pid: u32) -> Result<Vec<String>> {
+    let mut conn = connection().await?;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await?;
+    let name = format!("name=outbox-relay-{pid} ");
+    Ok(list
+        .lines()
+        .filter(|l| l.contains(&name))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Kills every connection of the relay process `pid` from the server side (`CLIENT KILL ID`);
+/// returns how many Redis killed.
+pub async fn kill_relay_connections(pid: u32) -> Result<usize> {
+    let mut conn = connection().await?;
+    let mut killed = 0;
+    for id in relay_connections(pid).await? {
+        let n: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(&id)
+            .query_async(&mut conn)
+            .await?;
+        killed += usize::try_from(n)?;
+    }
+    Ok(killed)
+}
+
 /// Nothing to create: a stream appears with its first entry. Removes a stream left under the
 /// same name (names are unique per test run, so normally there is none).
 pub async fn prepare(destination: &str) -> Result<()> {
