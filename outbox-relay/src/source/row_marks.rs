@@ -74,11 +74,11 @@ const VISIBILITY_WAIT: Duration = Duration::from_secs(3);
 /// transaction visible to others, and on a loaded machine that gap lasts milliseconds — long
 /// enough for the relay to produce the event and come back to mark it. A mark that found no row
 /// would leave it unpublished for good. So rows by `seq` that the statement did not reach are
-/// looked for again, with growing pauses, for up to [`VISIBILITY_WAIT`]; a row already marked
-/// (re-delivered after a failure) counts as found, and one that became visible between the
-/// mark statement's snapshot and the look-up is marked by the next round (it is unmarked, so it
-/// is not taken for found). In `delete` mode an already deleted row looks
-/// like a missing one, so re-delivered rows cost that wait once per batch.
+/// looked for again, with growing pauses, for up to [`VISIBILITY_WAIT`]. Rows the look-up finds
+/// are marked again before they count as found: a row already marked (re-delivered after a
+/// failure) is skipped by that statement, and one that became visible after the first
+/// statement's snapshot is marked by it. In `delete` mode an already deleted row looks like a
+/// missing one, so re-delivered rows cost that wait once per batch.
 pub(crate) async fn acknowledge_keys(
     conn: &mut PgConnection,
     table: &OutboxTable,
