@@ -312,6 +312,141 @@ async fn sigterm_under_sustained_load_exits_promptly_and_duplicates_nothing_logi
     sigterm_under_load("logical").await
 }
 
+/// With a broker that answers every request a second late, an event committed while the batch
+/// before it awaits the broker's verdict is produced at once, behind that batch: delivered about
+/// one round trip after its commit, not after the rest of the earlier round trip plus its own
+/// (which is what holding it back until the verdict costs, at every rate, on every broker).
+async fn read_behind_the_verdict(source: &str) -> Result<()> {
+    use outbox_core::WriteMode;
+    const RTT: Duration = Duration::from_millis(1000);
+    const LATER: Duration = Duration::from_millis(200);
+    let db = TestDb::migrated(&format!("pipe_behind_{source}")).await?;
+    let slot = unique("behindslot");
+    let mock = rdkafka::mocking::MockCluster::new(1)?;
+    let topic = unique("pipe_behind");
+    mock.create_topic(&topic, 1, 1)?;
+    let mut config = match source {
+        "logical" => logical_common::logical_config(&db, WriteMode::Table, &slot),
+        _ => relay_config(&db),
+    };
+    config.kafka.bootstrap_servers = mock.bootstrap_servers();
+    config.kafka.delivery_timeout = Duration::from_secs(20);
+    config.route.topic = topic.clone();
+    let relay = InProcessRelay::start(config)?;
+    if source == "logical" {
+        logical_common::wait_slot_active(&db.pool, &slot, LONG).await?;
+    }
+    let mut ledger = warmed_up(&db).await?;
+    mock.broker_round_trip_time(1, RTT)?;
+    let before = relay.stats.published.get();
+
+    publish(&db, &mut ledger, NewEvent::new("acct", "first", "E", None)).await?;
+    tokio::time::sleep(LATER).await;
+    publish(&db, &mut ledger, NewEvent::new("acct", "second", "E", None)).await?;
+    let committed = std::time::Instant::now();
+    while relay.stats.published.get() < before + 2 {
+        anyhow::ensure!(committed.elapsed() < LONG, "not delivered after {LONG:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = committed.elapsed();
+    // Held back until the first event's verdict it would take RTT - LATER + RTT (1.8 s).
+    assert!(
+        took < RTT + RTT / 2,
+        "{source}: the second event was delivered {took:?} after its commit with a broker round \
+         trip of {RTT:?}: it waited for the verdict on the batch before it"
+    );
+
+    mock.broker_round_trip_time(1, Duration::ZERO)?;
+    let records =
+        consume_committed(&mock.bootstrap_servers(), &[&topic], &ledger, QUIET, LONG).await?;
+    relay.stop().await?;
+    let v = Verdict::check(&ledger, &records);
+    v.assert_safe();
+    assert_eq!(v.duplicates, 0, "{v:?}");
+    if source == "logical" {
+        logical_common::drop_slots(&db.pool, &slot).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_committed_while_a_batch_awaits_its_verdict_is_sent_behind_it_logical()
+-> Result<()> {
+    read_behind_the_verdict("logical").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_committed_while_a_batch_awaits_its_verdict_is_sent_behind_it_polling()
+-> Result<()> {
+    read_behind_the_verdict("polling").await
+}
+
+/// The confirmed position the logical source last recorded in its state table for `slot`.
+async fn recorded_position(db: &TestDb, slot: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT (confirmed_lsn - '0/0'::pg_lsn)::int8 FROM outbox_relay_state WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_one(&db.pool)
+    .await?)
+}
+
+/// Reading behind the batch in flight must not starve the logical source's periodic slot check
+/// (every 30 s: the slot's `wal_status` and lag, and the confirmed position recorded in
+/// `outbox_relay_state`). With a broker answering 200 ms late and an event every 20 ms, the
+/// window is never empty, so the check runs only because the source stops reading ahead once
+/// it is due and lets the window drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_steady_stream_does_not_starve_the_logical_slot_check() -> Result<()> {
+    use outbox_core::WriteMode;
+    const CHECK: Duration = Duration::from_secs(30);
+    let db = TestDb::migrated("pipe_check").await?;
+    let slot = unique("checkslot");
+    let mock = rdkafka::mocking::MockCluster::new(1)?;
+    let topic = unique("pipe_check");
+    mock.create_topic(&topic, 1, 1)?;
+    let mut config = logical_common::logical_config(&db, WriteMode::Table, &slot);
+    config.kafka.bootstrap_servers = mock.bootstrap_servers();
+    config.kafka.delivery_timeout = Duration::from_secs(20);
+    config.route.topic = topic.clone();
+    let opened = std::time::Instant::now();
+    let relay = InProcessRelay::start(config)?;
+    logical_common::wait_slot_active(&db.pool, &slot, LONG).await?;
+    let mut ledger = warmed_up(&db).await?;
+    mock.broker_round_trip_time(1, Duration::from_millis(200))?;
+    let before = recorded_position(&db, &slot).await?;
+
+    let mut n = 0;
+    while opened.elapsed() < CHECK + Duration::from_secs(8) {
+        let aggregate = format!("a{}", n % 10);
+        publish(
+            &db,
+            &mut ledger,
+            NewEvent::new("acct", &aggregate, "E", None),
+        )
+        .await?;
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let during = recorded_position(&db, &slot).await?;
+    assert!(
+        during > before,
+        "{n} events over {:?} of steady writes, and the position recorded in outbox_relay_state \
+         never moved ({before}): the slot check did not run",
+        opened.elapsed()
+    );
+
+    mock.broker_round_trip_time(1, Duration::ZERO)?;
+    let records =
+        consume_committed(&mock.bootstrap_servers(), &[&topic], &ledger, QUIET, LONG).await?;
+    relay.stop().await?;
+    let v = Verdict::check(&ledger, &records);
+    v.assert_safe();
+    assert_eq!(v.duplicates, 0, "{v:?}");
+    logical_common::drop_slots(&db.pool, &slot).await?;
+    Ok(())
+}
+
 /// A relay on the polling source against a fresh mock cluster with one topic (1 partition).
 async fn mock_relay(
     prefix: &str,
