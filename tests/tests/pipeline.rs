@@ -312,97 +312,39 @@ async fn sigterm_under_sustained_load_exits_promptly_and_duplicates_nothing_logi
     sigterm_under_load("logical").await
 }
 
-/// A warmed-up in-process relay on `source` (logical: `table` mode on its own slot) against a
-/// fresh mock cluster whose broker can be slowed down.
-struct SlowBroker {
-    db: TestDb,
-    slot: Option<String>,
-    mock: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    topic: String,
-    relay: InProcessRelay,
-    ledger: Ledger,
-}
-
-impl SlowBroker {
-    async fn start(prefix: &str, source: &str) -> Result<Self> {
-        use outbox_core::WriteMode;
-        let db = TestDb::migrated(prefix).await?;
-        let slot = (source == "logical").then(|| unique("slowslot"));
-        let mock = rdkafka::mocking::MockCluster::new(1)?;
-        let topic = unique(prefix);
-        mock.create_topic(&topic, 1, 1)?;
-        let mut config = match &slot {
-            Some(slot) => logical_common::logical_config(&db, WriteMode::Table, slot),
-            None => relay_config(&db),
-        };
-        config.kafka.bootstrap_servers = mock.bootstrap_servers();
-        config.kafka.delivery_timeout = Duration::from_secs(20);
-        config.route.topic = topic.clone();
-        let relay = InProcessRelay::start(config)?;
-        if let Some(slot) = &slot {
-            logical_common::wait_slot_active(&db.pool, slot, LONG).await?;
-        }
-        let ledger = warmed_up(&db).await?;
-        Ok(Self {
-            db,
-            slot,
-            mock,
-            topic,
-            relay,
-            ledger,
-        })
-    }
-
-    /// Every broker request answered `rtt` late from now on.
-    fn answer_after(&self, rtt: Duration) -> Result<()> {
-        Ok(self.mock.broker_round_trip_time(1, rtt)?)
-    }
-
-    /// Publishes one event for `aggregate` in its own transaction.
-    async fn publish(&mut self, aggregate: &str) -> Result<()> {
-        let event = NewEvent::new("acct", aggregate, "E", None);
-        publish(&self.db, &mut self.ledger, event).await?;
-        Ok(())
-    }
-
-    /// At full speed again: every committed event delivered exactly once, in order.
-    async fn finish(self) -> Result<()> {
-        self.answer_after(Duration::ZERO)?;
-        let records = consume_committed(
-            &self.mock.bootstrap_servers(),
-            &[&self.topic],
-            &self.ledger,
-            QUIET,
-            LONG,
-        )
-        .await?;
-        self.relay.stop().await?;
-        let v = Verdict::check(&self.ledger, &records);
-        v.assert_safe();
-        assert_eq!(v.duplicates, 0, "{v:?}");
-        if let Some(slot) = &self.slot {
-            logical_common::drop_slots(&self.db.pool, slot).await?;
-        }
-        Ok(())
-    }
-}
-
 /// With a broker that answers every request a second late, an event committed while the batch
 /// before it awaits the broker's verdict is produced at once, behind that batch: delivered about
 /// one round trip after its commit, not after the rest of the earlier round trip plus its own
 /// (which is what holding it back until the verdict costs, at every rate, on every broker).
 async fn read_behind_the_verdict(source: &str) -> Result<()> {
+    use outbox_core::WriteMode;
     const RTT: Duration = Duration::from_millis(1000);
     const LATER: Duration = Duration::from_millis(200);
-    let mut run = SlowBroker::start(&format!("pipe_behind_{source}"), source).await?;
-    run.answer_after(RTT)?;
-    let before = run.relay.stats.published.get();
+    let db = TestDb::migrated(&format!("pipe_behind_{source}")).await?;
+    let slot = unique("behindslot");
+    let mock = rdkafka::mocking::MockCluster::new(1)?;
+    let topic = unique("pipe_behind");
+    mock.create_topic(&topic, 1, 1)?;
+    let mut config = match source {
+        "logical" => logical_common::logical_config(&db, WriteMode::Table, &slot),
+        _ => relay_config(&db),
+    };
+    config.kafka.bootstrap_servers = mock.bootstrap_servers();
+    config.kafka.delivery_timeout = Duration::from_secs(20);
+    config.route.topic = topic.clone();
+    let relay = InProcessRelay::start(config)?;
+    if source == "logical" {
+        logical_common::wait_slot_active(&db.pool, &slot, LONG).await?;
+    }
+    let mut ledger = warmed_up(&db).await?;
+    mock.broker_round_trip_time(1, RTT)?;
+    let before = relay.stats.published.get();
 
-    run.publish("first").await?;
+    publish(&db, &mut ledger, NewEvent::new("acct", "first", "E", None)).await?;
     tokio::time::sleep(LATER).await;
-    run.publish("second").await?;
+    publish(&db, &mut ledger, NewEvent::new("acct", "second", "E", None)).await?;
     let committed = std::time::Instant::now();
-    while run.relay.stats.published.get() < before + 2 {
+    while relay.stats.published.get() < before + 2 {
         anyhow::ensure!(committed.elapsed() < LONG, "not delivered after {LONG:?}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -413,7 +355,18 @@ async fn read_behind_the_verdict(source: &str) -> Result<()> {
         "{source}: the second event was delivered {took:?} after its commit with a broker round \
          trip of {RTT:?}: it waited for the verdict on the batch before it"
     );
-    run.finish().await
+
+    mock.broker_round_trip_time(1, Duration::ZERO)?;
+    let records =
+        consume_committed(&mock.bootstrap_servers(), &[&topic], &ledger, QUIET, LONG).await?;
+    relay.stop().await?;
+    let v = Verdict::check(&ledger, &records);
+    v.assert_safe();
+    assert_eq!(v.duplicates, 0, "{v:?}");
+    if source == "logical" {
+        logical_common::drop_slots(&db.pool, &slot).await?;
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -445,27 +398,53 @@ async fn recorded_position(db: &TestDb, slot: &str) -> Result<i64> {
 /// it is due and lets the window drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_steady_stream_does_not_starve_the_logical_slot_check() -> Result<()> {
+    use outbox_core::WriteMode;
     const CHECK: Duration = Duration::from_secs(30);
+    let db = TestDb::migrated("pipe_check").await?;
+    let slot = unique("checkslot");
+    let mock = rdkafka::mocking::MockCluster::new(1)?;
+    let topic = unique("pipe_check");
+    mock.create_topic(&topic, 1, 1)?;
+    let mut config = logical_common::logical_config(&db, WriteMode::Table, &slot);
+    config.kafka.bootstrap_servers = mock.bootstrap_servers();
+    config.kafka.delivery_timeout = Duration::from_secs(20);
+    config.route.topic = topic.clone();
     let opened = std::time::Instant::now();
-    let mut run = SlowBroker::start("pipe_check", "logical").await?;
-    let slot = run.slot.clone().expect("a logical relay");
-    run.answer_after(Duration::from_millis(200))?;
-    let before = recorded_position(&run.db, &slot).await?;
+    let relay = InProcessRelay::start(config)?;
+    logical_common::wait_slot_active(&db.pool, &slot, LONG).await?;
+    let mut ledger = warmed_up(&db).await?;
+    mock.broker_round_trip_time(1, Duration::from_millis(200))?;
+    let before = recorded_position(&db, &slot).await?;
 
     let mut n = 0;
     while opened.elapsed() < CHECK + Duration::from_secs(8) {
-        run.publish(&format!("a{}", n % 10)).await?;
+        let aggregate = format!("a{}", n % 10);
+        publish(
+            &db,
+            &mut ledger,
+            NewEvent::new("acct", &aggregate, "E", None),
+        )
+        .await?;
         n += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let during = recorded_position(&run.db, &slot).await?;
+    let during = recorded_position(&db, &slot).await?;
     assert!(
         during > before,
         "{n} events over {:?} of steady writes, and the position recorded in outbox_relay_state \
          never moved ({before}): the slot check did not run",
         opened.elapsed()
     );
-    run.finish().await
+
+    mock.broker_round_trip_time(1, Duration::ZERO)?;
+    let records =
+        consume_committed(&mock.bootstrap_servers(), &[&topic], &ledger, QUIET, LONG).await?;
+    relay.stop().await?;
+    let v = Verdict::check(&ledger, &records);
+    v.assert_safe();
+    assert_eq!(v.duplicates, 0, "{v:?}");
+    logical_common::drop_slots(&db.pool, &slot).await?;
+    Ok(())
 }
 
 /// A relay on the polling source against a fresh mock cluster with one topic (1 partition).

@@ -475,13 +475,6 @@ impl Run<'_> {
             pause(g).await;
             self.mark_fault(writers, None);
             let leads_before = self.leads();
-            // Counted before the pause: the new leader may stream within milliseconds of
-            // winning the lock (once the paused walsender timed out), before it is seen winning.
-            let streams_before: Vec<usize> = self
-                .members
-                .iter()
-                .map(|m| m.log().matches(STREAMS).count())
-                .collect();
             let mut paused = self.relay.take().context("leader")?;
             paused.signal("STOP").await?;
             let stopped = Instant::now();
@@ -489,7 +482,7 @@ impl Run<'_> {
             let streams = match next {
                 Some(k) => {
                     let mut leader = self.members.remove(k);
-                    let n = streams_before.get(k).copied().unwrap_or(0) + 1;
+                    let n = leader.log().matches(STREAMS).count() + 1;
                     let ok = self
                         .expect_log(
                             &mut leader,
