@@ -355,7 +355,7 @@ pub struct RelayConfig {
     /// Most events per claim/produce/acknowledge round.
     pub batch_size: usize,
     /// How many batches may be produced ahead while the oldest awaits Kafka's verdict (1 turns
-    /// pipelining off): events committed during that wait are produced at once, behind it. After a delivery failure everything in flight is produced again, so
+    /// pipelining off). After a delivery failure everything in flight is produced again, so
     /// this bounds the duplicates a failure can cause: `batch_size × max_in_flight_batches`.
     pub max_in_flight_batches: usize,
     /// Most payload bytes in flight (default 64 MiB): each batch is cut at

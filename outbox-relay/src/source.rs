@@ -150,16 +150,6 @@ pub trait Source: Send {
         Ok(Vec::new())
     }
 
-    /// Waits until [`Source::poll_batch`] has events to hand over, so the relay can produce
-    /// them while the oldest batch in flight is still awaiting the broker's verdict instead of
-    /// after it. Cancel-safe: the relay drops this wait whenever that verdict comes first, and
-    /// nothing read while waiting is lost (it is handed over by the next `poll_batch` or
-    /// `next_batch`). Sources that cannot tell keep the default, which never resolves: the
-    /// relay then reads the next events only after the verdict.
-    async fn readable(&mut self) -> Result<(), SourceError> {
-        std::future::pending().await
-    }
-
     /// Asks the source to cut each batch once its payloads reach about `bytes` (always
     /// returning at least one event). Called once, before the first batch; a source that cannot
     /// cut by size keeps the default and the relay bounds its window by bytes on its own.

@@ -72,9 +72,6 @@ pub(super) struct Rounds {
     /// Events still to be sent one per round, alone: after a produce request was refused with a
     /// record-level error, to find the record at fault.
     isolate: usize,
-    /// Payload bytes of the oldest batch while its verdict is awaited (it has left `window`
-    /// then, but still counts against the window's bounds and keeps `local_blocked` alive).
-    awaited: Option<usize>,
     /// Failed rounds in a row caused by an error the relay does not know, with nothing
     /// delivered in between.
     unlisted_rounds: u32,
@@ -103,36 +100,6 @@ impl Pump<'_> {
         }
     }
 
-    /// Batches in flight: the window and the one whose verdict is awaited.
-    fn in_flight(&self) -> usize {
-        self.rounds.window.len() + usize::from(self.rounds.awaited.is_some())
-    }
-
-    /// Whether another batch may join the window: fewer than `depth` in flight and, unless
-    /// nothing is, one of up to `batch_bytes` still fits in `max_in_flight_bytes` and no
-    /// shutdown was requested.
-    fn has_room(&self, depth: usize) -> bool {
-        let config = &self.relay.config;
-        let in_flight = self.in_flight();
-        let bytes = self.rounds.window.iter().map(|w| w.bytes).sum::<usize>()
-            + self.rounds.awaited.unwrap_or(0);
-        in_flight < depth
-            && (in_flight == 0
-                || (bytes + self.relay.batch_bytes() <= config.max_in_flight_bytes
-                    && !self.shutdown.is_cancelled()))
-    }
-
-    /// How many events a batch may hold and how many batches may be in flight: one and one
-    /// while suspects are sent alone.
-    fn limits(&self) -> (usize, usize) {
-        let config = &self.relay.config;
-        if self.rounds.isolate > 0 {
-            (1, 1)
-        } else {
-            (config.batch_size, config.max_in_flight_batches.max(1))
-        }
-    }
-
     /// Fills the window: waits for events only when nothing is in flight; another batch only
     /// while one of up to `batch_bytes` still fits in `max_in_flight_bytes`.
     ///
@@ -143,9 +110,20 @@ impl Pump<'_> {
     /// decoded (the rest of a transaction, a re-publication from the table), so its slot can be
     /// confirmed past them and the next start repeats none of them.
     async fn fill(&mut self) -> Result<(), RelayError> {
-        let (limit, depth) = self.limits();
-        while self.has_room(depth) {
-            let batch = if self.in_flight() == 0 {
+        let config = &self.relay.config;
+        let (limit, depth) = if self.rounds.isolate > 0 {
+            (1, 1)
+        } else {
+            (config.batch_size, config.max_in_flight_batches.max(1))
+        };
+        while self.rounds.window.len() < depth
+            && (self.rounds.window.is_empty()
+                || self.rounds.window.iter().map(|w| w.bytes).sum::<usize>()
+                    + self.relay.batch_bytes()
+                    <= config.max_in_flight_bytes)
+            && (self.rounds.window.is_empty() || !self.shutdown.is_cancelled())
+        {
+            let batch = if self.rounds.window.is_empty() {
                 self.rounds.local_blocked.clear();
                 self.source.next_batch(limit, self.shutdown).await?
             } else {
@@ -243,9 +221,7 @@ impl Pump<'_> {
         Ok(())
     }
 
-    /// Waits for the broker's verdict on every record of `flight`; meanwhile, while the window
-    /// has room, produces the events the source gets behind it (see [`Source::readable`]), so an
-    /// event committed during the wait is not held back until the verdict.
+    /// Waits for the broker's verdict on every record of `flight`.
     async fn await_verdict(&mut self, flight: InFlight) -> Result<Answered, RelayError> {
         let InFlight {
             batch,
@@ -253,22 +229,9 @@ impl Pump<'_> {
             records,
             pending,
             started,
-            bytes,
+            ..
         } = flight;
-        self.rounds.awaited = Some(bytes);
-        let mut verdict = pending.wait();
-        let mut sent = loop {
-            let room = self.has_room(self.limits().1);
-            tokio::select! {
-                biased;
-                sent = &mut verdict => break sent,
-                ready = self.source.readable(), if room => {
-                    ready?;
-                    self.fill().await?;
-                }
-            }
-        };
-        self.rounds.awaited = None;
+        let mut sent = pending.wait().await;
         if self.rounds.isolate > 0 {
             // Sent alone: a record-level refusal is this record's own.
             for o in &mut sent {

@@ -563,16 +563,6 @@ impl Source for PollingSource {
         self.claim(max).await
     }
 
-    /// One tick of the adaptive pace (or a wake-up notification, where enabled), after which
-    /// `poll_batch` claims again: while rows keep coming, an event committed as an earlier batch
-    /// awaits the broker's verdict is claimed within a few milliseconds, not after the verdict.
-    /// Cancel-safe: it only sleeps or waits for a notification, which is a wake-up and nothing
-    /// more (a missed one costs one pace tick).
-    async fn readable(&mut self) -> Result<(), SourceError> {
-        self.wait_for_wakeup(&CancellationToken::new()).await;
-        Ok(())
-    }
-
     fn limit_batch_bytes(&mut self, bytes: usize) {
         self.max_batch_bytes = i64::try_from(bytes).unwrap_or(i64::MAX).max(1);
     }

@@ -374,17 +374,6 @@ impl Feed {
         Ok(())
     }
 
-    /// Whether [`Feed::take`] would return an event now: one is pending and it is not a
-    /// duplicate held back until what is in flight is acknowledged.
-    fn returnable(&self) -> bool {
-        let mut guard = self.state();
-        let s = &mut *guard;
-        let Some(head) = s.pending.front() else {
-            return false;
-        };
-        duplicate(&mut s.dedupe, head) != Some(true) || s.returned.is_empty()
-    }
-
     fn end(&self, reason: String) {
         self.state().ended = Some(reason);
         self.notify.notify_one();
@@ -640,18 +629,6 @@ impl Source for FeedSource {
         match self.feed.take(max, self.batch_bytes) {
             Err(_) => Ok(Vec::new()),
             ok => ok,
-        }
-    }
-
-    /// Until the hub has handed this table an event [`Source::poll_batch`] would return.
-    /// Cancel-safe (it only waits for the feed's notification).
-    async fn readable(&mut self) -> Result<(), SourceError> {
-        loop {
-            let notified = self.feed.notify.notified();
-            if self.feed.returnable() {
-                return Ok(());
-            }
-            notified.await;
         }
     }
 
@@ -979,64 +956,5 @@ impl Hub {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use outbox_core::StoredEvent;
-    use uuid::Uuid;
-
-    use super::*;
-
-    fn feed() -> Feed {
-        let (acks, _) = mpsc::unbounded_channel();
-        Feed {
-            tag: 0,
-            state: Mutex::new(FeedState::default()),
-            notify: Notify::new(),
-            acks,
-            backfill: tokio::sync::Mutex::new(None),
-            counts: Arc::new(LogicalMetrics::default()),
-            settle: Mutex::new(None),
-        }
-    }
-
-    fn streamed(n: u128, commit_lsn: u64) -> SourceEvent {
-        let event = StoredEvent::new(Uuid::from_u128(n), "order", "a", "Created");
-        let position = Position::Wal {
-            commit_lsn,
-            end_lsn: commit_lsn + 10,
-            last_in_transaction: true,
-        };
-        SourceEvent::new(event, position)
-    }
-
-    /// The relay reads behind a batch in flight only when the feed has an event to return:
-    /// never for an empty feed, nor for a duplicate of a re-published row held back until
-    /// what is in flight is acknowledged (the wait would resolve at once and return nothing,
-    /// over and over).
-    #[test]
-    fn a_feed_is_returnable_only_when_take_would_return_an_event() {
-        let f = feed();
-        assert!(!f.returnable(), "an empty feed");
-        f.push([streamed(1, 100)], None);
-        assert!(f.returnable(), "a streamed event");
-        assert_eq!(f.take(10, usize::MAX).unwrap().len(), 1);
-        assert!(!f.returnable(), "everything taken");
-
-        // Event 2 was re-published from the table before the stream reached it.
-        f.state().dedupe = Some(Dedupe {
-            ids: [Uuid::from_u128(2)].into(),
-            until: 500,
-        });
-        f.push([streamed(2, 200)], None);
-        assert!(!f.returnable(), "a duplicate behind an event in flight");
-        assert!(f.take(10, usize::MAX).unwrap().is_empty());
-        f.state().returned.clear();
-        assert!(
-            f.returnable(),
-            "with nothing in flight the duplicate is skipped by take"
-        );
     }
 }

@@ -89,15 +89,8 @@ impl LogicalSource {
         // in-place restart per call (a lost slot is detected and, in table mode, recovered by
         // it), then errors go to the relay.
         let mut restarted = false;
-        while self.ready.is_empty() || self.slot_check_due() {
-            // A due slot check runs first even while events are ready (a steady stream would
-            // otherwise always win the step's race against its timer).
-            let stepped = if self.slot_check_due() {
-                self.heartbeat_or_check().await.map(|()| false)
-            } else {
-                self.step(shutdown).await
-            };
-            match stepped {
+        while self.ready.is_empty() {
+            match self.step(shutdown).await {
                 Ok(true) => {
                     self.close().await?;
                     return Ok(Vec::new());
@@ -159,7 +152,7 @@ impl Source for LogicalSource {
     /// Whatever complete transactions are already buffered, without waiting; lets the relay
     /// produce the next batch while earlier ones are in flight.
     async fn poll_batch(&mut self, max: usize) -> Result<Vec<SourceEvent>, SourceError> {
-        if self.stopped || self.slot_check_due() {
+        if self.stopped {
             return Ok(Vec::new());
         }
         self.release_marks(false).await?;
@@ -172,34 +165,6 @@ impl Source for LogicalSource {
             return Ok(Vec::new());
         }
         Ok(self.take_batch(max))
-    }
-
-    /// Decodes what the replication session delivers until a complete transaction is ready,
-    /// while the relay awaits the broker's verdict on earlier batches: a commit is produced as
-    /// soon as it arrives instead of after the batch in flight. Cancel-safe (the only await is
-    /// the session's receive; a received message is decoded into the ready queue at once).
-    /// Never resolves during a re-publication (its pages are read by `poll_batch`), without a
-    /// session, after the session failed (the error is met again, and handled, by the next
-    /// `next_batch`), or while the slot check is due.
-    async fn readable(&mut self) -> Result<(), SourceError> {
-        if self.slot_check_due() {
-            return std::future::pending().await;
-        }
-        while self.ready.is_empty() || self.stopped {
-            let streaming = !self.stopped && self.republication.is_none();
-            let Some(session) = self.session.as_mut().filter(|_| streaming) else {
-                return std::future::pending().await;
-            };
-            match session.recv().await {
-                Ok(Some(ev)) => self.handle(ev)?,
-                Ok(None) => return std::future::pending().await,
-                Err(e) => {
-                    tracing::debug!(error = %Report(&e), "replication session failed while a batch was in flight");
-                    return std::future::pending().await;
-                }
-            }
-        }
-        Ok(())
     }
 
     async fn acknowledge(&mut self, delivered: &[SourceEvent]) -> Result<(), SourceError> {

@@ -14,15 +14,6 @@ use tokio::time::Instant;
 use super::{LogicalError, LogicalSource, slot, state};
 
 impl LogicalSource {
-    /// Whether the periodic slot check is due (while streaming). While it is, the source reads
-    /// nothing ahead (`poll_batch` and `readable` hold back), so the relay's window drains and
-    /// the next `next_batch` runs the check first: under a steady stream the window would
-    /// otherwise never be empty, and the check (and the confirmed position it records in the
-    /// relay state table) would never run.
-    pub(super) fn slot_check_due(&self) -> bool {
-        self.session.is_some() && !self.republishing() && Instant::now() >= self.next_slot_check
-    }
-
     /// Writes a heartbeat when one is due and nothing is in flight, and checks the slot when its
     /// check is due (recording the confirmed position in the relay state table).
     pub(super) async fn heartbeat_or_check(&mut self) -> Result<(), LogicalError> {
